@@ -1,0 +1,283 @@
+/* atomicfile.c: sibling temp file, fsync, rename, fsync the folder. */
+#define _GNU_SOURCE
+#include "atomicfile.h"
+#include "alloc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = mlu_malloc(n);
+    if (p != NULL)
+        memcpy(p, s, n);
+    return p;
+}
+
+/* The folder part of `path` ("." when there is none), new buffer. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char *d;
+    size_t n;
+
+    if (slash == NULL)
+        return dup_str(".");
+    n = (slash == path) ? 1 : (size_t)(slash - path);
+    d = mlu_malloc(n + 1);
+    if (d != NULL) {
+        memcpy(d, path, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+static mode_t current_umask(void)
+{
+    /* umask can only be read by setting it; done once per open, which is
+     * cheap next to the fsync that follows. */
+    mode_t m = umask(022);
+    umask(m);
+    return m;
+}
+
+mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
+{
+    mlu_status st = MLU_ENOMEM;
+    const char *base = strrchr(target, '/');
+    char *dir = NULL;
+    size_t n;
+
+    f->fd = -1;
+    f->target = NULL;
+    f->tmp = NULL;
+    f->written = 0;
+    base = base ? base + 1 : target;
+    if (*base == '\0') {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "path '%s' names a folder, not a file", target);
+        goto error;
+    }
+    dir = dir_of(target);
+    f->target = dup_str(target);
+    if (dir == NULL || f->target == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
+        goto error;
+    }
+    n = strlen(dir) + strlen(base) + 32;
+    f->tmp = mlu_malloc(n);
+    if (f->tmp == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
+        goto error;
+    }
+    snprintf(f->tmp, n, "%s/.%s.XXXXXX.tmp", dir, base);
+    f->fd = mkostemps(f->tmp, 4, O_CLOEXEC);
+    if (f->fd < 0) {
+        st = mlu_error_errno(err, errno, "cannot create a temporary file beside '%s'", target);
+        mlu_free(f->tmp);
+        f->tmp = NULL;
+        goto error;
+    }
+    if (fchmod(f->fd, 0666 & ~current_umask()) != 0) {
+        st = mlu_error_errno(err, errno, "cannot set the mode of '%s'", f->tmp);
+        goto error;
+    }
+    st = MLU_OK;
+    goto done;
+error:
+    mlu_afile_abort(f);
+done:
+    mlu_free(dir);
+    return st;
+}
+
+mlu_status mlu_afile_write(mlu_afile *f, const void *p, size_t n, mlu_error *err)
+{
+    const char *c = p;
+
+    while (n > 0) {
+        size_t chunk = n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n;
+        ssize_t w = write(f->fd, c, chunk);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return mlu_error_errno(err, errno, "cannot write '%s'", f->target);
+        }
+        c += w;
+        n -= (size_t)w;
+        f->written += (uint64_t)w;
+    }
+    return MLU_OK;
+}
+
+mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err)
+{
+    mlu_status st = MLU_EIO;
+    char *dir = NULL;
+    int dfd = -1;
+
+    if (f->fd < 0 || f->tmp == NULL) {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "atomic file is not open");
+        goto error;
+    }
+    if (fsync(f->fd) != 0) {
+        st = mlu_error_errno(err, errno, "cannot flush '%s' to disk", f->target);
+        goto error;
+    }
+    if (close(f->fd) != 0) {
+        f->fd = -1;
+        st = mlu_error_errno(err, errno, "cannot close '%s'", f->target);
+        goto error;
+    }
+    f->fd = -1;
+    if (rename(f->tmp, f->target) != 0) {
+        st = mlu_error_errno(err, errno, "cannot move the new file over '%s'", f->target);
+        goto error;
+    }
+    mlu_free(f->tmp);
+    f->tmp = NULL;
+    /* Make the rename itself durable.  Some filesystems refuse to fsync a
+     * folder (EINVAL): the data is already safe then, so only real I/O
+     * errors count. */
+    dir = dir_of(f->target);
+    if (dir == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
+        goto error;
+    }
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0 && fsync(dfd) != 0 && errno == EIO) {
+        st = mlu_error_errno(err, errno, "cannot flush the folder of '%s'", f->target);
+        goto error;
+    }
+    st = MLU_OK;
+error:
+    if (dfd >= 0)
+        close(dfd);
+    mlu_free(dir);
+    mlu_afile_abort(f);
+    return st;
+}
+
+void mlu_afile_abort(mlu_afile *f)
+{
+    if (f->fd >= 0) {
+        close(f->fd);
+        f->fd = -1;
+    }
+    if (f->tmp != NULL) {
+        unlink(f->tmp);
+        mlu_free(f->tmp);
+        f->tmp = NULL;
+    }
+    mlu_free(f->target);
+    f->target = NULL;
+}
+
+mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, mlu_error *err)
+{
+    mlu_afile f;
+    mlu_status st = mlu_afile_open(&f, path, err);
+
+    if (st != MLU_OK)
+        return st;
+    st = mlu_afile_write(&f, p, n, err);
+    if (st != MLU_OK) {
+        mlu_afile_abort(&f);
+        return st;
+    }
+    return mlu_afile_commit(&f, err);
+}
+
+mlu_status mlu_read_file(const char *path, char **data, size_t *len, mlu_error *err)
+{
+    mlu_status st = MLU_EIO;
+    int fd = -1;
+    struct stat sb;
+    char *p = NULL;
+    size_t size, got = 0;
+
+    *data = NULL;
+    *len = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        st = mlu_error_errno(err, errno, "cannot open '%s'", path);
+        goto error;
+    }
+    if (fstat(fd, &sb) != 0) {
+        st = mlu_error_errno(err, errno, "cannot stat '%s'", path);
+        goto error;
+    }
+    if (S_ISDIR(sb.st_mode)) {
+        st = mlu_error_errno(err, EISDIR, "'%s' is a folder", path);
+        goto error;
+    }
+    if (sb.st_size < 0 || (uint64_t)sb.st_size >= (uint64_t)SIZE_MAX) {
+        st = mlu_error_set(err, MLU_EOVERFLOW, -1, "'%s' is too large to read", path);
+        goto error;
+    }
+    size = (size_t)sb.st_size;
+    p = mlu_malloc(size + 1);
+    if (p == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading '%s'", path);
+        goto error;
+    }
+    /* Read to EOF, growing if the file grew meanwhile (or is a pipe). */
+    for (;;) {
+        ssize_t r;
+        if (got == size) {
+            char *q;
+            size_t ns;
+            if (mlu_mul_overflow_size(size ? size : 4096, 2, &ns) || ns == SIZE_MAX) {
+                st = mlu_error_set(err, MLU_EOVERFLOW, -1, "'%s' is too large to read", path);
+                goto error;
+            }
+            /* Probe for EOF first so a regular file costs no realloc. */
+            {
+                char probe;
+                r = read(fd, &probe, 1);
+                if (r == 0)
+                    break;
+                if (r < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    st = mlu_error_errno(err, errno, "cannot read '%s'", path);
+                    goto error;
+                }
+                q = mlu_realloc(p, ns + 1);
+                if (q == NULL) {
+                    st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading '%s'", path);
+                    goto error;
+                }
+                p = q;
+                p[got++] = probe;
+                size = ns;
+                continue;
+            }
+        }
+        r = read(fd, p + got, size - got);
+        if (r == 0)
+            break;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            st = mlu_error_errno(err, errno, "cannot read '%s'", path);
+            goto error;
+        }
+        got += (size_t)r;
+    }
+    p[got] = '\0';
+    *data = p;
+    *len = got;
+    p = NULL;
+    st = MLU_OK;
+error:
+    if (fd >= 0)
+        close(fd);
+    mlu_free(p);
+    return st;
+}

@@ -1,0 +1,598 @@
+/* json.c: json_dumps / json_loads / truncate_json / write_file_atomic.
+ *
+ * The writer walks Python objects and emits text straight into a core
+ * buffer (no intermediate jansson tree); the reader parses with jansson
+ * (core/json.c) and converts the tree. */
+#include "npy.h"
+
+#include <math.h>
+
+#include "../core/alloc.h"
+#include "../core/atomicfile.h"
+#include "../core/buf.h"
+#include "../core/json.h"
+
+/* ------------------------------------------------------------------ writer */
+
+/* A step of the path from the root to the value being written, kept on the
+ * C stack so an error can say where it happened. */
+typedef struct path_step {
+    const struct path_step *parent;
+    PyObject *container;  /* borrowed */
+    PyObject *key;        /* borrowed: the dict key, or NULL for a sequence */
+    Py_ssize_t index;
+} path_step;
+
+typedef struct encoder {
+    mlu_buf buf;
+    mlu_error err;
+    int truncate;
+    int pretty;
+    int depth;
+} encoder;
+
+#define CYCLE_CHECK_DEPTH 64
+
+/* New ref: "data['a'][3]" for the step chain ending at `at`. */
+static PyObject *path_string(const path_step *at)
+{
+    PyObject *parts = PyList_New(0), *res = NULL, *item = NULL;
+    const path_step *p;
+
+    if (parts == NULL)
+        return NULL;
+    for (p = at; p != NULL && p->parent != NULL; p = p->parent) {
+        if (p->key != NULL)
+            item = PyUnicode_FromFormat("[%R]", p->key);
+        else
+            item = PyUnicode_FromFormat("[%zd]", p->index);
+        if (item == NULL || PyList_Insert(parts, 0, item) < 0)
+            goto done;
+        Py_CLEAR(item);
+    }
+    item = PyUnicode_FromString("data");
+    if (item == NULL || PyList_Insert(parts, 0, item) < 0)
+        goto done;
+    Py_CLEAR(item);
+    item = PyUnicode_FromString("");
+    if (item != NULL)
+        res = PyUnicode_Join(item, parts);
+done:
+    Py_XDECREF(item);
+    Py_DECREF(parts);
+    return res;
+}
+
+static int fail_at(PyObject *exc, const path_step *at, const char *what, PyObject *obj)
+{
+    PyObject *where = path_string(at);
+    if (where == NULL)
+        return -1;
+    if (obj != NULL)
+        PyErr_Format(exc, "%s %s at %U", what, Py_TYPE(obj)->tp_name, where);
+    else
+        PyErr_Format(exc, "%s at %U", what, where);
+    Py_DECREF(where);
+    return -1;
+}
+
+static int core_fail(encoder *e)
+{
+    mlu_raise(NULL, &e->err, NULL);
+    return -1;
+}
+
+static int put(encoder *e, const char *s, size_t n)
+{
+    return mlu_buf_append(&e->buf, s, n, &e->err) == MLU_OK ? 0 : core_fail(e);
+}
+
+static int newline_indent(encoder *e)
+{
+    size_t n = 1 + 4 * (size_t)e->depth;
+    if (mlu_buf_reserve(&e->buf, n, &e->err) != MLU_OK)
+        return core_fail(e);
+    e->buf.data[e->buf.len++] = '\n';
+    memset(e->buf.data + e->buf.len, ' ', n - 1);
+    e->buf.len += n - 1;
+    return 0;
+}
+
+static int put_str(encoder *e, PyObject *s, const path_step *at)
+{
+    Py_ssize_t n;
+    const char *p = PyUnicode_AsUTF8AndSize(s, &n);
+    if (p == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            PyErr_Clear();
+            return fail_at(PyExc_ValueError, at, "string with a lone surrogate (not valid UTF-8)", NULL);
+        }
+        return -1;
+    }
+    return mlu_json_put_string(&e->buf, p, (size_t)n, &e->err) == MLU_OK ? 0 : core_fail(e);
+}
+
+static int put_double(encoder *e, double d)
+{
+    char *r;
+    int rc;
+
+    if (isnan(d))
+        return put(e, "NaN", 3);
+    if (isinf(d))
+        return d > 0 ? put(e, "Infinity", 8) : put(e, "-Infinity", 9);
+    r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (r == NULL)
+        return -1;
+    rc = mlu_json_put_number(&e->buf, r, strlen(r), e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
+    PyMem_Free(r);
+    return rc;
+}
+
+static int put_long(encoder *e, PyObject *o, const path_step *at)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    char tmp[32];
+    int n;
+
+    if (overflow)
+        return fail_at(PyExc_OverflowError, at, "integer does not fit in 64 bits (signed)", NULL);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    n = snprintf(tmp, sizeof(tmp), "%lld", v);
+    return put(e, tmp, (size_t)n);
+}
+
+static int encode(encoder *e, PyObject *o, const path_step *at);
+
+/* Dict keys become strings the way json.dumps does it. */
+static int put_key(encoder *e, PyObject *k, const path_step *at)
+{
+    int rc;
+
+    if (PyUnicode_Check(k))
+        return put_str(e, k, at);
+    if (k == Py_True)
+        return put(e, "\"true\"", 6);
+    if (k == Py_False)
+        return put(e, "\"false\"", 7);
+    if (k == Py_None)
+        return put(e, "\"null\"", 6);
+    if (PyLong_Check(k) || PyFloat_Check(k)) {
+        int saved = e->truncate;
+        if (put(e, "\"", 1) < 0)
+            return -1;
+        e->truncate = 0;
+        rc = PyLong_Check(k) ? put_long(e, k, at) : put_double(e, PyFloat_AS_DOUBLE(k));
+        e->truncate = saved;
+        return rc < 0 ? -1 : put(e, "\"", 1);
+    }
+    {
+        PyObject *where = path_string(at);
+        if (where != NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "keys must be str, int, float, bool or None, not %s (at %U)",
+                         Py_TYPE(k)->tp_name, where);
+            Py_DECREF(where);
+        }
+    }
+    return -1;
+}
+
+static int check_cycle(encoder *e, PyObject *o, const path_step *at)
+{
+    const path_step *p;
+
+    if (e->depth < CYCLE_CHECK_DEPTH)
+        return 0;
+    for (p = at; p != NULL; p = p->parent)
+        if (p->container == o)
+            return fail_at(PyExc_ValueError, at, "circular reference detected", NULL);
+    return 0;
+}
+
+static int encode_dict(encoder *e, PyObject *d, const path_step *at)
+{
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    int rc = -1;
+
+    if (PyDict_GET_SIZE(d) == 0)
+        return put(e, "{}", 2);
+    if (check_cycle(e, d, at) < 0)
+        return -1;
+    if (put(e, "{", 1) < 0)
+        return -1;
+    e->depth++;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        path_step step = {at, d, k, i};
+        Py_INCREF(k);
+        Py_INCREF(v);
+        rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
+        if (rc == 0 && e->pretty)
+            rc = newline_indent(e);
+        if (rc == 0)
+            rc = put_key(e, k, &step);
+        if (rc == 0)
+            rc = put(e, ": ", 2);
+        if (rc == 0)
+            rc = encode(e, v, &step);
+        Py_DECREF(k);
+        Py_DECREF(v);
+        if (rc < 0)
+            goto done;
+        i++;
+    }
+    e->depth--;
+    if (e->pretty && newline_indent(e) < 0)
+        goto done;
+    rc = put(e, "}", 1);
+done:
+    return rc;
+}
+
+static int encode_seq(encoder *e, PyObject *s, const path_step *at)
+{
+    int is_list = PyList_Check(s);
+    Py_ssize_t i;
+    int rc = 0;
+
+    if (Py_SIZE(s) == 0)
+        return put(e, "[]", 2);
+    if (check_cycle(e, s, at) < 0)
+        return -1;
+    if (put(e, "[", 1) < 0)
+        return -1;
+    e->depth++;
+    for (i = 0; i < Py_SIZE(s); i++) {
+        PyObject *item = is_list ? PyList_GET_ITEM(s, i) : PyTuple_GET_ITEM(s, i);
+        path_step step = {at, s, NULL, i};
+        Py_INCREF(item);
+        rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
+        if (rc == 0 && e->pretty)
+            rc = newline_indent(e);
+        if (rc == 0)
+            rc = encode(e, item, &step);
+        Py_DECREF(item);
+        if (rc < 0)
+            return -1;
+    }
+    e->depth--;
+    if (e->pretty && newline_indent(e) < 0)
+        return -1;
+    return put(e, "]", 1);
+}
+
+/* numpy scalars and arrays: converted to the Python values they stand for. */
+static int encode_numpy(encoder *e, PyObject *o, const path_step *at, int *handled)
+{
+    PyObject *conv = NULL;
+    int rc = -1;
+
+    *handled = 1;
+    if (PyArray_IsScalar(o, Bool)) {
+        return put(e, PyObject_IsTrue(o) ? "true" : "false", PyObject_IsTrue(o) ? 4 : 5);
+    } else if (PyArray_IsScalar(o, Integer)) {
+        conv = PyNumber_Index(o);
+    } else if (PyArray_IsScalar(o, Floating)) {
+        conv = PyNumber_Float(o);
+    } else if (PyArray_Check(o)) {
+        /* as lists; an element that is not JSON (complex, bytes) fails below */
+        conv = PyArray_ToList((PyArrayObject *)o);
+    } else {
+        *handled = 0;
+        return 0;
+    }
+    if (conv == NULL)
+        return -1;
+    rc = encode(e, conv, at);
+    Py_DECREF(conv);
+    return rc;
+}
+
+static int encode(encoder *e, PyObject *o, const path_step *at)
+{
+    int rc, handled;
+
+    if (o == Py_None)
+        return put(e, "null", 4);
+    if (o == Py_True)
+        return put(e, "true", 4);
+    if (o == Py_False)
+        return put(e, "false", 5);
+    if (PyUnicode_Check(o))
+        return put_str(e, o, at);
+    if (PyLong_Check(o))
+        return put_long(e, o, at);
+    if (PyFloat_Check(o))
+        return put_double(e, PyFloat_AS_DOUBLE(o));
+    if (PyDict_Check(o) || PyList_Check(o) || PyTuple_Check(o)) {
+        if (Py_EnterRecursiveCall(" while encoding JSON"))
+            return -1;
+        rc = PyDict_Check(o) ? encode_dict(e, o, at) : encode_seq(e, o, at);
+        Py_LeaveRecursiveCall();
+        return rc;
+    }
+    rc = encode_numpy(e, o, at, &handled);
+    if (handled)
+        return rc;
+    return fail_at(PyExc_TypeError, at, "cannot serialise object of type", o);
+}
+
+/* json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes */
+static PyObject *py_json_dumps(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"obj", "truncate", "pretty", "raw", NULL};
+    PyObject *obj, *res = NULL;
+    int truncate = 0, pretty = 0, raw = 0;
+    encoder e;
+    path_step root = {NULL, NULL, NULL, 0};
+
+    (void)m;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ppp:json_dumps", kwlist, &obj, &truncate,
+                                     &pretty, &raw))
+        return NULL;
+    memset(&e, 0, sizeof(e));
+    mlu_error_clear(&e.err);
+    e.truncate = truncate;
+    e.pretty = pretty;
+    if (encode(&e, obj, &root) == 0) {
+        const char *p = e.buf.data ? e.buf.data : "";
+        res = raw ? PyBytes_FromStringAndSize(p, (Py_ssize_t)e.buf.len)
+                  : PyUnicode_DecodeUTF8(p, (Py_ssize_t)e.buf.len, "strict");
+    }
+    mlu_buf_free(&e.buf);
+    return res;
+}
+
+/* ------------------------------------------------------------------ reader */
+
+static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err);
+
+static PyObject *convert_string(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+{
+    const char *s;
+    size_t n;
+    double number;
+    char *tmp = NULL;
+    PyObject *res;
+    int r = mlu_json_string_value(doc, j, &s, &n, &number, &tmp, err);
+
+    if (r < 0)
+        return mlu_raise(NULL, err, NULL);
+    if (r == 1)
+        return PyFloat_FromDouble(number);
+    res = PyUnicode_DecodeUTF8(s, (Py_ssize_t)n, "strict");
+    mlu_free(tmp);
+    return res;
+}
+
+static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+{
+    PyObject *res = NULL, *k = NULL, *v = NULL;
+
+    switch (json_typeof(j)) {
+    case JSON_NULL:
+        Py_RETURN_NONE;
+    case JSON_TRUE:
+        Py_RETURN_TRUE;
+    case JSON_FALSE:
+        Py_RETURN_FALSE;
+    case JSON_INTEGER:
+        return PyLong_FromLongLong((long long)json_integer_value(j));
+    case JSON_REAL:
+        return PyFloat_FromDouble(json_real_value(j));
+    case JSON_STRING:
+        return convert_string(doc, j, err);
+    case JSON_ARRAY: {
+        size_t i, n = json_array_size(j);
+        res = PyList_New((Py_ssize_t)n);
+        if (res == NULL)
+            return NULL;
+        for (i = 0; i < n; i++) {
+            v = convert(doc, json_array_get(j, i), err);
+            if (v == NULL) {
+                Py_DECREF(res);
+                return NULL;
+            }
+            PyList_SET_ITEM(res, (Py_ssize_t)i, v); /* steals v */
+        }
+        return res;
+    }
+    case JSON_OBJECT: {
+        const char *key;
+        size_t klen;
+        json_t *val;
+        res = PyDict_New();
+        if (res == NULL)
+            return NULL;
+        json_object_keylen_foreach(j, key, klen, val) {
+            json_t *tmpkey = json_stringn_nocheck(key, klen);
+            if (tmpkey == NULL) {
+                PyErr_NoMemory();
+                goto obj_error;
+            }
+            k = convert_string(doc, tmpkey, err);
+            json_decref(tmpkey);
+            if (k == NULL)
+                goto obj_error;
+            if (PyFloat_Check(k)) {
+                /* a key "\u0000NaN" can only be a rewritten user key */
+                Py_CLEAR(k);
+                k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
+                if (k == NULL)
+                    goto obj_error;
+            }
+            v = convert(doc, val, err);
+            if (v == NULL || PyDict_SetItem(res, k, v) < 0)
+                goto obj_error;
+            Py_CLEAR(k);
+            Py_CLEAR(v);
+        }
+        return res;
+    obj_error:
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        Py_DECREF(res);
+        return NULL;
+    }
+    default:
+        PyErr_SetString(PyExc_SystemError, "unknown JSON value type");
+        return NULL;
+    }
+}
+
+/* json_loads(str | bytes | bytearray | memoryview) -> object */
+static PyObject *py_json_loads(PyObject *m, PyObject *arg)
+{
+    mlu_state *st = mlu_get_state(m);
+    const char *text;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    int have_view = 0;
+    mlu_json_doc doc = {NULL, 0};
+    mlu_error err;
+    mlu_status rc;
+    PyObject *res = NULL;
+
+    mlu_error_clear(&err);
+    if (PyUnicode_Check(arg)) {
+        text = PyUnicode_AsUTF8AndSize(arg, &n);
+        if (text == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "JSON text holds a lone surrogate (not valid UTF-8)");
+            }
+            return NULL;
+        }
+    } else if (PyObject_CheckBuffer(arg)) {
+        if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        have_view = 1;
+        text = view.buf;
+        n = view.len;
+    } else {
+        return PyErr_Format(PyExc_TypeError, "JSON text must be str or bytes, not %s",
+                            Py_TYPE(arg)->tp_name);
+    }
+    if (n > 0 && (unsigned char)text[0] == 0xEF && n >= 3 && (unsigned char)text[1] == 0xBB &&
+        (unsigned char)text[2] == 0xBF) {
+        /* A UTF-8 byte order mark: json.loads(bytes) accepts it. */
+        text += 3;
+        n -= 3;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_json_parse(text, (size_t)n, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
+    Py_END_ALLOW_THREADS
+    if (rc == MLU_EFORMAT) {
+        /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
+        PyObject *s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
+        if (s != NULL) {
+            PyObject *head = PyUnicode_DecodeUTF8(text, (Py_ssize_t)err.offset, "replace");
+            if (head != NULL) {
+                PyObject *exc = PyObject_CallFunction(st->JSONDecodeError, "sOn", err.text, s,
+                                                      PyUnicode_GET_LENGTH(head));
+                if (exc != NULL) {
+                    PyErr_SetObject(st->JSONDecodeError, exc);
+                    Py_DECREF(exc);
+                }
+                Py_DECREF(head);
+            }
+            Py_DECREF(s);
+        }
+        goto done;
+    }
+    if (rc != MLU_OK) {
+        mlu_raise(st, &err, NULL);
+        goto done;
+    }
+    res = convert(&doc, doc.root, &err);
+done:
+    mlu_json_doc_free(&doc);
+    if (have_view)
+        PyBuffer_Release(&view);
+    return res;
+}
+
+/* truncate_json(str | bytes) -> same type */
+static PyObject *py_truncate_json(PyObject *m, PyObject *arg)
+{
+    const char *text;
+    Py_ssize_t n;
+    int is_str = PyUnicode_Check(arg);
+    mlu_buf out = MLU_BUF_INIT;
+    mlu_error err;
+    mlu_status rc;
+    PyObject *res = NULL;
+
+    if (is_str) {
+        text = PyUnicode_AsUTF8AndSize(arg, &n);
+        if (text == NULL)
+            return NULL;
+    } else if (PyBytes_Check(arg)) {
+        text = PyBytes_AS_STRING(arg);
+        n = PyBytes_GET_SIZE(arg);
+    } else {
+        return PyErr_Format(PyExc_TypeError, "truncate_json takes str or bytes, not %s",
+                            Py_TYPE(arg)->tp_name);
+    }
+    mlu_error_clear(&err);
+    rc = mlu_json_truncate_text(text, (size_t)n, &out, &err);
+    if (rc != MLU_OK) {
+        mlu_raise(mlu_get_state(m), &err, NULL);
+        goto done;
+    }
+    res = is_str ? PyUnicode_DecodeUTF8(out.data ? out.data : "", (Py_ssize_t)out.len, "strict")
+                 : PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
+done:
+    mlu_buf_free(&out);
+    return res;
+}
+
+/* write_file_atomic(path, data): temp file beside path, fsync, rename, fsync folder. */
+static PyObject *py_write_file_atomic(PyObject *m, PyObject *args)
+{
+    PyObject *path = NULL, *res = NULL;
+    Py_buffer view;
+    mlu_error err;
+    mlu_status rc;
+
+    if (!PyArg_ParseTuple(args, "O&y*:write_file_atomic", PyUnicode_FSConverter, &path, &view))
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_write_file_atomic(PyBytes_AS_STRING(path), view.buf, (size_t)view.len, &err);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (rc != MLU_OK) {
+        if (rc == MLU_EIO) {
+            PyObject *fn = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(path));
+            errno = err.sys_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, fn);
+            Py_XDECREF(fn);
+        } else {
+            mlu_raise(mlu_get_state(m), &err, NULL);
+        }
+        goto done;
+    }
+    res = Py_NewRef(Py_None);
+done:
+    Py_DECREF(path);
+    return res;
+}
+
+int mlu_json_module_init(PyObject *m)
+{
+    static PyMethodDef methods[] = {
+        {"json_dumps", (PyCFunction)(void (*)(void))py_json_dumps, METH_VARARGS | METH_KEYWORDS,
+         "json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes"},
+        {"json_loads", py_json_loads, METH_O, "json_loads(text) -> object"},
+        {"truncate_json", py_truncate_json, METH_O,
+         "truncate_json(text) -> text with numbers of 8+ fractional digits rounded to 4"},
+        {"write_file_atomic", py_write_file_atomic, METH_VARARGS,
+         "write_file_atomic(path, data): replace path with data atomically (fsynced)."},
+        {NULL, NULL, 0, NULL},
+    };
+    return PyModule_AddFunctions(m, methods);
+}

@@ -1,0 +1,225 @@
+/* module.c: mlutils._core.  Wires the areas together: module state,
+ * exceptions, the features set; each area adds itself in its own file. */
+#include "module.h"
+
+#define PY_ARRAY_UNIQUE_SYMBOL MLU_ARRAY_API
+#define NPY_NO_DEPRECATED_API NPY_1_20_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <jansson.h>
+
+#include "../cuda/mlu_cuda.h"
+
+#ifndef MLU_VERSION
+#error "MLU_VERSION must be defined by the build (setup.py reads mlutils/_version.py)"
+#endif
+
+mlu_state *mlu_get_state(PyObject *module)
+{
+    return (mlu_state *)PyModule_GetState(module);
+}
+
+mlu_state *mlu_state_from_type(PyTypeObject *type)
+{
+    PyObject *m = PyType_GetModuleByDef(type, &mlu_module_def); /* borrowed */
+    return m == NULL ? NULL : mlu_get_state(m);
+}
+
+/* New exception class `name` with the given bases; stored in *slot and added
+ * to the module.  Returns 0 or -1. */
+static int add_exception(PyObject *m, PyObject **slot, const char *name,
+                         PyObject *bases, const char *doc)
+{
+    char qualname[128];
+    PyObject *exc;
+
+    snprintf(qualname, sizeof(qualname), "mlutils.%s", name);
+    exc = PyErr_NewExceptionWithDoc(qualname, doc, bases, NULL); /* new ref */
+    if (exc == NULL)
+        return -1;
+    *slot = exc;
+    return PyModule_AddObjectRef(m, name, exc);
+}
+
+static int add_exceptions(PyObject *m, mlu_state *st)
+{
+    int rc = -1;
+    PyObject *json = NULL, *pickle = NULL, *jde = NULL, *upe = NULL, *bases = NULL;
+
+    json = PyImport_ImportModule("json");
+    pickle = PyImport_ImportModule("pickle");
+    if (json == NULL || pickle == NULL)
+        goto done;
+    jde = PyObject_GetAttrString(json, "JSONDecodeError");
+    upe = PyObject_GetAttrString(pickle, "UnpicklingError");
+    if (jde == NULL || upe == NULL)
+        goto done;
+    if (add_exception(m, &st->MlutilsError, "MlutilsError", NULL,
+                      "Base class of every error mlutils raises.") < 0)
+        goto done;
+#define ADD(slot, name, doc, ...)                                   \
+    do {                                                            \
+        bases = PyTuple_Pack(__VA_ARGS__);                          \
+        if (bases == NULL || add_exception(m, &st->slot, name, bases, doc) < 0) \
+            goto done;                                              \
+        Py_CLEAR(bases);                                            \
+    } while (0)
+    ADD(JSONDecodeError, "JSONDecodeError",
+        "Invalid JSON text; also a json.JSONDecodeError (lineno, colno, pos).",
+        2, st->MlutilsError, jde);
+    ADD(SafetensorsError, "SafetensorsError",
+        "A malformed or unsupported safetensors file (also a ValueError).",
+        2, st->MlutilsError, PyExc_ValueError);
+    ADD(TorchFormatError, "TorchFormatError",
+        "A malformed or unsupported PyTorch .pt file (also a ValueError).",
+        2, st->MlutilsError, PyExc_ValueError);
+    ADD(UnsafePickleError, "UnsafePickleError",
+        "A pickle asks for a global or operation outside the weights-only allowlist.",
+        2, st->TorchFormatError, upe);
+    ADD(SamplerStateError, "SamplerStateError",
+        "A sampler state of another kind, length or version (also a ValueError).",
+        2, st->MlutilsError, PyExc_ValueError);
+    ADD(PatternError, "PatternError",
+        "An invalid pattern provider or input (also a ValueError).",
+        2, st->MlutilsError, PyExc_ValueError);
+#undef ADD
+    rc = 0;
+done:
+    Py_XDECREF(bases);
+    Py_XDECREF(jde);
+    Py_XDECREF(upe);
+    Py_XDECREF(json);
+    Py_XDECREF(pickle);
+    return rc;
+}
+
+/* A frozenset of what this build carries; mlutils.features extends it with
+ * what is usable at run time. */
+static int add_build_features(PyObject *m)
+{
+    int rc = -1;
+    PyObject *set = PySet_New(NULL), *item = NULL;
+    const char *names[8];
+    int i, n = 0;
+
+    if (set == NULL)
+        return -1;
+    names[n++] = "json";
+    if (mlu_cuda_built())
+        names[n++] = "cuda";
+#if defined(__SANITIZE_ADDRESS__)
+    names[n++] = "asan";
+#endif
+    for (i = 0; i < n; i++) {
+        item = PyUnicode_FromString(names[i]);
+        if (item == NULL || PySet_Add(set, item) < 0)
+            goto done;
+        Py_CLEAR(item);
+    }
+    item = PyFrozenSet_New(set);
+    if (item == NULL || PyModule_AddObjectRef(m, "build_features", item) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(item);
+    Py_DECREF(set);
+    return rc;
+}
+
+static int mlu_exec(PyObject *m)
+{
+    mlu_state *st = mlu_get_state(m);
+
+    if (_import_array() < 0)
+        return -1;
+    if (PyModule_AddStringConstant(m, "__version__", MLU_VERSION) < 0)
+        return -1;
+    if (PyModule_AddStringConstant(m, "jansson_version", JANSSON_VERSION) < 0)
+        return -1;
+    if (add_exceptions(m, st) < 0)
+        return -1;
+    if (add_build_features(m) < 0)
+        return -1;
+    if (mlu_cuda_module_init(m) < 0)
+        return -1;
+    if (mlu_json_module_init(m) < 0)
+        return -1;
+    if (mlu_testing_module_init(m) < 0)
+        return -1;
+    if (mlu_safetensors_module_init(m) < 0)
+        return -1;
+    if (mlu_ptload_module_init(m) < 0)
+        return -1;
+    if (mlu_ptsave_module_init(m) < 0)
+        return -1;
+    if (mlu_sampler_module_init(m) < 0)
+        return -1;
+    if (mlu_pattern_module_init(m) < 0)
+        return -1;
+    return 0;
+}
+
+static int mlu_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    mlu_state *st = mlu_get_state(m);
+    size_t i;
+
+    if (st == NULL)
+        return 0;
+    Py_VISIT(st->MlutilsError);
+    Py_VISIT(st->JSONDecodeError);
+    Py_VISIT(st->SafetensorsError);
+    Py_VISIT(st->TorchFormatError);
+    Py_VISIT(st->UnsafePickleError);
+    Py_VISIT(st->SamplerStateError);
+    Py_VISIT(st->PatternError);
+    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
+        Py_VISIT(st->area_objects[i]);
+    return 0;
+}
+
+static int mlu_clear(PyObject *m)
+{
+    mlu_state *st = mlu_get_state(m);
+    size_t i;
+
+    if (st == NULL)
+        return 0;
+    Py_CLEAR(st->MlutilsError);
+    Py_CLEAR(st->JSONDecodeError);
+    Py_CLEAR(st->SafetensorsError);
+    Py_CLEAR(st->TorchFormatError);
+    Py_CLEAR(st->UnsafePickleError);
+    Py_CLEAR(st->SamplerStateError);
+    Py_CLEAR(st->PatternError);
+    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
+        Py_CLEAR(st->area_objects[i]);
+    return 0;
+}
+
+static void mlu_free_module(void *m)
+{
+    mlu_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot mlu_slots[] = {
+    {Py_mod_exec, (void *)mlu_exec},
+    {0, NULL},
+};
+
+PyModuleDef mlu_module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mlutils._core",
+    .m_doc = "The C core of mlutils (JSON, state-dict IO, samplers, patterns, CUDA).",
+    .m_size = sizeof(mlu_state),
+    .m_methods = NULL,
+    .m_slots = mlu_slots,
+    .m_traverse = mlu_traverse,
+    .m_clear = mlu_clear,
+    .m_free = mlu_free_module,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    return PyModuleDef_Init(&mlu_module_def);
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the extension with AddressSanitizer + UndefinedBehaviorSanitizer and
+# runs the test suite under it (Python itself is not instrumented, so the
+# runtime is preloaded).  Leaves a normal build behind when it is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+asan_lib=$(gcc -print-file-name=libasan.so)
+ubsan_lib=$(gcc -print-file-name=libubsan.so)
+rm -rf build/asan
+MLUTILS_SANITIZE=1 MLUTILS_WERROR=1 MLUTILS_CUDA=0 python3 setup.py -q build_ext --inplace --build-temp build/asan --force
+make -s ctest-asan
+status=0
+# torch's own libraries are not built for ASan: its tests run in the normal job.
+LD_PRELOAD="$asan_lib $ubsan_lib" \
+ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+MLUTILS_NO_TORCH=1 \
+  python3 -m pytest -q -p no:cacheprovider "$@" || status=$?
+# back to the normal build
+MLUTILS_WERROR=1 python3 setup.py -q build_ext --inplace --force
+exit $status

@@ -1,0 +1,27 @@
+/* mlu_test.h: a tiny test harness for the pure-C core (no Python). */
+#ifndef MLU_TEST_H
+#define MLU_TEST_H
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int mlu_test_failures = 0;
+static int mlu_test_checks = 0;
+
+#define CHECK(cond)                                                              \
+    do {                                                                         \
+        mlu_test_checks++;                                                       \
+        if (!(cond)) {                                                           \
+            mlu_test_failures++;                                                 \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                        \
+    } while (0)
+
+#define CHECK_STR(a, b) CHECK(strcmp((a), (b)) == 0)
+
+/* Prints the plain closing line and returns the exit status. */
+#define TEST_DONE(name)                                                           \
+    (printf("%s: %d passed, %d failed\n", (name), mlu_test_checks - mlu_test_failures, \
+            mlu_test_failures),                                                   \
+     mlu_test_failures ? 1 : 0)
+#endif

@@ -1,0 +1,145 @@
+#define _GNU_SOURCE
+/* Unit tests of the shared core pieces: buffer, JSON helpers, atomic files,
+ * checksum, allocation-failure injection. */
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mlu_test.h"
+#include "core/alloc.h"
+#include "core/atomicfile.h"
+#include "core/buf.h"
+#include "core/checksum.h"
+#include "core/json.h"
+
+static void test_put_string(void)
+{
+    mlu_buf b = MLU_BUF_INIT;
+    mlu_error err;
+    mlu_error_clear(&err);
+    CHECK(mlu_json_put_string(&b, "a\"b\\c\n\x01\x7f/\xc3\xa9", 11, &err) == MLU_OK);
+    CHECK(b.len == strlen("\"a\\\"b\\\\c\\n\\u0001\x7f/\xc3\xa9\""));
+    CHECK(memcmp(b.data, "\"a\\\"b\\\\c\\n\\u0001\x7f/\xc3\xa9\"", b.len) == 0);
+    mlu_buf_free(&b);
+}
+
+static void check_trunc(const char *in, const char *want)
+{
+    mlu_buf b = MLU_BUF_INIT;
+    mlu_error err;
+    mlu_error_clear(&err);
+    CHECK(mlu_json_truncate_text(in, strlen(in), &b, &err) == MLU_OK);
+    CHECK(b.len == strlen(want) && memcmp(b.data, want, b.len) == 0);
+    if (!(b.len == strlen(want) && memcmp(b.data, want, b.len) == 0))
+        fprintf(stderr, "  got '%.*s' want '%s'\n", (int)b.len, b.data ? b.data : "", want);
+    mlu_buf_free(&b);
+}
+
+static void test_truncate(void)
+{
+    check_trunc("[0.123456789, 0.1234567, -2.000000005, 1.23456789e-05]",
+                "[0.1235, 0.1234567, -2.0000, 1.2346e-05]");
+    check_trunc("{\"k0.123456789\": \"0.123456789\", \"v\": 12.999999999}",
+                "{\"k0.123456789\": \"0.123456789\", \"v\": 13.0000}");
+    check_trunc("\"unterminated 0.123456789", "\"unterminated 0.123456789");
+}
+
+static void test_parse(void)
+{
+    mlu_json_doc doc;
+    mlu_error err;
+    const char *bad = "{\"a\": 1,\n \"b\": ]}";
+    const char *dup = "{\"a\": 1, \"a\": 2}";
+    const char *nf = "[NaN, \"\\u0000x\", -Infinity]";
+    const char *s;
+    size_t n;
+    double d = 0;
+    char *tmp = NULL;
+
+    mlu_error_clear(&err);
+    CHECK(mlu_json_parse(bad, strlen(bad), 0, &doc, &err) == MLU_EFORMAT);
+    CHECK(err.line == 2);
+    CHECK(err.offset == 7 + 8);
+    mlu_error_clear(&err);
+    CHECK(mlu_json_parse(dup, strlen(dup), 0, &doc, &err) == MLU_EFORMAT);
+    mlu_error_clear(&err);
+    CHECK(mlu_json_parse(nf, strlen(nf), 0, &doc, &err) == MLU_EFORMAT);
+    mlu_error_clear(&err);
+    CHECK(mlu_json_parse(nf, strlen(nf), MLU_JSON_ALLOW_NONFINITE, &doc, &err) == MLU_OK);
+    CHECK(json_array_size(doc.root) == 3);
+    CHECK(mlu_json_string_value(&doc, json_array_get(doc.root, 0), &s, &n, &d, &tmp, &err) == 1);
+    CHECK(d != d);
+    CHECK(mlu_json_string_value(&doc, json_array_get(doc.root, 1), &s, &n, &d, &tmp, &err) == 0);
+    CHECK(n == 2 && s[0] == '\0' && s[1] == 'x');
+    mlu_free(tmp);
+    mlu_json_doc_free(&doc);
+}
+
+static void test_atomic(void)
+{
+    char dir[] = "/tmp/mlu_test_XXXXXX";
+    char path[256];
+    char *data = NULL;
+    size_t len = 0;
+    mlu_error err;
+    mlu_afile f;
+
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/out.json", dir);
+    mlu_error_clear(&err);
+    CHECK(mlu_write_file_atomic(path, "old", 3, &err) == MLU_OK);
+    /* an aborted write leaves the old file and no temp file behind */
+    CHECK(mlu_afile_open(&f, path, &err) == MLU_OK);
+    CHECK(mlu_afile_write(&f, "new!", 4, &err) == MLU_OK);
+    mlu_afile_abort(&f);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 3 && memcmp(data, "old", 3) == 0);
+    mlu_free(data);
+    CHECK(mlu_write_file_atomic(path, "new!", 4, &err) == MLU_OK);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 4 && memcmp(data, "new!", 4) == 0);
+    mlu_free(data);
+    unlink(path);
+    rmdir(dir);
+    mlu_error_clear(&err);
+    CHECK(mlu_read_file("/nonexistent/x", &data, &len, &err) == MLU_EIO);
+    CHECK(err.sys_errno != 0);
+}
+
+static void test_alloc_failures(void)
+{
+    /* Every allocation of a parse-and-escape round fails in turn: each must
+     * report ENOMEM (or succeed), never crash or leak. */
+    long n;
+    for (n = 0; n < 64; n++) {
+        mlu_buf b = MLU_BUF_INIT;
+        mlu_error err;
+        mlu_status st;
+        mlu_error_clear(&err);
+        mlu_alloc_fail_after(n);
+        st = mlu_json_truncate_text("[NaN, 0.123456789]", 18, &b, &err);
+        if (st == MLU_OK)
+            st = mlu_json_put_string(&b, "x\ny", 3, &err);
+        CHECK(st == MLU_OK || st == MLU_ENOMEM);
+        mlu_alloc_fail_after(-1);
+        mlu_buf_free(&b);
+    }
+}
+
+static void test_checksum(void)
+{
+    unsigned char b[3] = {1, 2, 3};
+    CHECK(mlu_checksum64(b, 3) == 1 * 1 + 2 * 3 + 3 * 5);
+    CHECK(mlu_checksum64(b, 0) == 0);
+}
+
+int main(void)
+{
+    test_put_string();
+    test_truncate();
+    test_parse();
+    test_atomic();
+    test_alloc_failures();
+    test_checksum();
+    return TEST_DONE("test_core");
+}

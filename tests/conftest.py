@@ -1,0 +1,27 @@
+"""Shared fixtures.  Tests that need PyTorch use the `torch` fixture (or
+`pytest.importorskip`); MLUTILS_NO_TORCH=1 (the sanitizer run) skips them."""
+import os
+
+import pytest
+
+import mlutils  # noqa: F401  (fails loudly if the extension is missing: no silent fallback)
+
+
+def _torch():
+    if os.environ.get("MLUTILS_NO_TORCH") == "1":
+        pytest.skip("MLUTILS_NO_TORCH=1 (sanitizer run)")
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def torch():
+    return _torch()
+
+
+@pytest.fixture
+def fail_alloc():
+    """Call fail_alloc(n) to make the core's (n+1)th allocation fail; reset after the test."""
+    from mlutils import _core
+
+    yield _core._fail_alloc_after
+    _core._fail_alloc_after(-1)
