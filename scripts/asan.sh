@@ -10,6 +10,9 @@ rm -rf build/asan
 MLUTILS_SANITIZE=1 MLUTILS_WERROR=1 MLUTILS_CUDA=0 python3 setup.py -q build_ext --inplace --build-temp build/asan --force
 make -s ctest-asan
 status=0
+# refuse to pass with an uninstrumented extension
+LD_PRELOAD="$asan_lib $ubsan_lib" ASAN_OPTIONS=detect_leaks=0 \
+  python3 -c 'import mlutils, sys; sys.exit(0 if "asan" in mlutils.features else "extension is not the sanitizer build")'
 # torch's own libraries are not built for ASan: its tests run in the normal job.
 LD_PRELOAD="$asan_lib $ubsan_lib" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \

@@ -25,6 +25,6 @@ pyver_torch="torch==2.13.0"
 pip_q="python3 -m pip install -q --disable-pip-version-check"
 # torch is pinned so pip takes the CPU wheel the machines already carry.
 case ",$extras," in *,torch,*) python3 -c 'import torch' 2>/dev/null || $pip_q "$pyver_torch";; esac
-$pip_q "setuptools>=64" wheel "numpy>=1.23"
+$pip_q "setuptools>=77" wheel "numpy>=1.23"
 $pip_q --no-build-isolation -e ".[${extras}]"
 python3 -c 'import mlutils; print("setup: mlutils", mlutils.__version__, "features:", sorted(mlutils.features))'

@@ -5,5 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MLUTILS_WERROR=1 python3 setup.py -q build_ext --inplace
+# nvcc present and CUDA not switched off: the build must carry CUDA (checked by a test).
+if [ "${MLUTILS_CUDA:-}" != 0 ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+  export MLUTILS_EXPECT_CUDA=1
+fi
 make -s ctest
 python3 -m pytest -q "$@"

@@ -165,6 +165,15 @@ mlu_status mlu_json_parse(const char *text, size_t n, int flags, mlu_json_doc *d
 
     doc->root = NULL;
     doc->nonfinite = 0;
+    {
+        /* A raw NUL is never valid JSON; jansson would stop reading at it. */
+        const char *nul = memchr(text, '\0', n);
+        if (nul != NULL) {
+            set_parse_error(text, n, (size_t)(nul - text), "NUL byte in JSON text", err);
+            st = MLU_EFORMAT;
+            goto done;
+        }
+    }
     if ((flags & MLU_JSON_ALLOW_NONFINITE) && scan_nonfinite(text, n, NULL, NULL, &st, err)) {
         size_t cap;
         if (mlu_add_overflow_size(n, n / 2 + 64, &cap)) {
@@ -383,6 +392,58 @@ mlu_status mlu_json_put_number(mlu_buf *b, const char *tok, size_t n, int trunca
         }
     }
     return st;
+}
+
+mlu_status mlu_json_put_int(mlu_buf *b, long long v, mlu_error *err)
+{
+    char tmp[24];
+    char *end = tmp + sizeof(tmp), *p = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+
+    do {
+        *--p = (char)('0' + (u % 10));
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        *--p = '-';
+    return mlu_buf_append(b, p, (size_t)(end - p), err);
+}
+
+mlu_status mlu_json_put_fixed4(mlu_buf *b, double v, mlu_error *err)
+{
+    double a = fabs(v), scaled = a * 1e4, fl;
+    char out[400];
+    int w;
+
+    /* Fast path: the product is exact to within 2^-12 below 2^40, so when it
+     * is not near a tie, rounding it gives the correctly rounded result. */
+    if (scaled < 1099511627776.0) {
+        fl = floor(scaled);
+        if (fabs(scaled - fl - 0.5) > 1e-3) {
+            unsigned long long r = (unsigned long long)fl + (scaled - fl > 0.5 ? 1 : 0);
+            char tmp[40];
+            char *end = tmp + sizeof(tmp), *p = end;
+            unsigned long long ip = r / 10000, fp = r % 10000;
+            int k;
+            for (k = 0; k < 4; k++) {
+                *--p = (char)('0' + fp % 10);
+                fp /= 10;
+            }
+            *--p = '.';
+            do {
+                *--p = (char)('0' + ip % 10);
+                ip /= 10;
+            } while (ip != 0);
+            if (signbit(v))
+                *--p = '-';
+            return mlu_buf_append(b, p, (size_t)(end - p), err);
+        }
+    }
+    snprintf(out, sizeof(out), "%.17g", v);
+    w = format_4f(out, out, sizeof(out));
+    if (w < 0)
+        return mlu_error_set(err, MLU_EOVERFLOW, -1, "number too long to format");
+    return mlu_buf_append(b, out, (size_t)w, err);
 }
 
 mlu_status mlu_json_truncate_text(const char *t, size_t n, mlu_buf *out, mlu_error *err)

@@ -43,6 +43,13 @@ mlu_status mlu_json_put_string(mlu_buf *b, const char *s, size_t n, mlu_error *e
 mlu_status mlu_json_put_number(mlu_buf *b, const char *tok, size_t n, int truncate,
                                mlu_error *err);
 
+/* Appends a signed 64-bit integer in decimal. */
+mlu_status mlu_json_put_int(mlu_buf *b, long long v, mlu_error *err);
+
+/* Appends v with exactly 4 fractional digits, correctly rounded (as
+ * "%.4f" / Python's "{:.4f}" would print it). */
+mlu_status mlu_json_put_fixed4(mlu_buf *b, double v, mlu_error *err);
+
 /* truncate_json over JSON text: number tokens outside strings are truncated
  * as by mlu_json_put_number; strings and everything else are copied. */
 mlu_status mlu_json_truncate_text(const char *text, size_t n, mlu_buf *out, mlu_error *err);

@@ -124,6 +124,16 @@ static int put_double(encoder *e, double d)
     r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (r == NULL)
         return -1;
+    if (e->truncate && strchr(r, 'e') == NULL) {
+        /* Without an exponent the repr is the whole value: 8+ fractional
+         * digits means "print d with 4" (no reparse of the text needed). */
+        const char *dot = strchr(r, '.');
+        if (dot != NULL && strlen(dot + 1) >= 8) {
+            rc = mlu_json_put_fixed4(&e->buf, d, &e->err) == MLU_OK ? 0 : core_fail(e);
+            PyMem_Free(r);
+            return rc;
+        }
+    }
     rc = mlu_json_put_number(&e->buf, r, strlen(r), e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
     PyMem_Free(r);
     return rc;
@@ -133,15 +143,12 @@ static int put_long(encoder *e, PyObject *o, const path_step *at)
 {
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-    char tmp[32];
-    int n;
 
     if (overflow)
         return fail_at(PyExc_OverflowError, at, "integer does not fit in 64 bits (signed)", NULL);
     if (v == -1 && PyErr_Occurred())
         return -1;
-    n = snprintf(tmp, sizeof(tmp), "%lld", v);
-    return put(e, tmp, (size_t)n);
+    return mlu_json_put_int(&e->buf, v, &e->err) == MLU_OK ? 0 : core_fail(e);
 }
 
 static int encode(encoder *e, PyObject *o, const path_step *at);
@@ -408,22 +415,10 @@ static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err)
         if (res == NULL)
             return NULL;
         json_object_keylen_foreach(j, key, klen, val) {
-            json_t *tmpkey = json_stringn_nocheck(key, klen);
-            if (tmpkey == NULL) {
-                PyErr_NoMemory();
-                goto obj_error;
-            }
-            k = convert_string(doc, tmpkey, err);
-            json_decref(tmpkey);
+            /* jansson refuses NUL in keys, so a key is never a sentinel */
+            k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
             if (k == NULL)
                 goto obj_error;
-            if (PyFloat_Check(k)) {
-                /* a key "\u0000NaN" can only be a rewritten user key */
-                Py_CLEAR(k);
-                k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
-                if (k == NULL)
-                    goto obj_error;
-            }
             v = convert(doc, val, err);
             if (v == NULL || PyDict_SetItem(res, k, v) < 0)
                 goto obj_error;

@@ -1,0 +1,362 @@
+"""JSON helpers against the standard library's json on a varied corpus."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mlutils
+from mlutils.io import json_parse, json_read, json_stringify, json_write
+from mlutils.utils import truncate_json
+
+CORPUS = [
+    None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 1.5, -0.0, 1e-300, 1.7976931348623157e308,
+    5e-324, 0.1, 1e16, 1e22, 123456789.123, "", "plain", "é ü ß 漢字 🎉", "quote \" backslash \\ slash /",
+    "controls \x00 \x01 \x1f \x7f \b\f\n\r\t", "\u2028\u2029", [], {}, [[]], [{}],
+    {"nested": {"list": [1, 2.0, "3", None, True, {"deep": [[[[[]]]]]}]}},
+    {"metrics": {"loss": 0.123456789012, "acc": 0.99, "lr": 3e-4, "step": 1000}, "tags": ["a", "b"]},
+    [1, [2, [3, [4, [5]]]]],
+    {"unicode-key-é": 1, "": 2, "k\nnl": 3},
+]
+
+
+@pytest.mark.parametrize("value", CORPUS, ids=lambda v: repr(v)[:40])
+def test_stringify_matches_stdlib(value):
+    assert json_stringify(value) == json.dumps(value, ensure_ascii=False)
+    assert json_stringify(value, pretty=True) == json.dumps(value, ensure_ascii=False, indent=4)
+    assert json_stringify(value, raw=True) == json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", CORPUS, ids=lambda v: repr(v)[:40])
+def test_parse_matches_stdlib(value):
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False), json.dumps(value, indent=2)):
+        got = json_parse(text)
+        assert got == json.loads(text)
+        assert type(got) is type(json.loads(text))
+        assert json_parse(text.encode("utf-8")) == json.loads(text)
+
+
+def test_parse_unicode_escapes_and_surrogate_pairs():
+    text = r'["\u00e9", "\ud83c\udf89", "\u0000", "\/", "\b\f\n\r\t"]'
+    assert json_parse(text) == json.loads(text)
+
+
+def test_nonfinite_follow_stdlib():
+    value = [float("nan"), float("inf"), -float("inf"), {"x": float("nan")}]
+    text = json_stringify(value)
+    assert text == json.dumps(value)
+    back = json_parse(text)
+    assert math.isnan(back[0]) and back[1] == math.inf and back[2] == -math.inf and math.isnan(back[3]["x"])
+    # strings that look like the tokens, and NUL-bearing strings, are untouched
+    text = '["NaN", "\\u0000NaN", "\\u0000", "a\\u0000\\u0000b", {"Inf": NaN, "Infinity": -Infinity}]'
+    got = json_parse(text)
+    std = json.loads(text)
+    assert got[:4] == std[:4]
+    assert list(got[4].keys()) == list(std[4].keys())
+    assert math.isnan(got[4]["Inf"]) and got[4]["Infinity"] == -math.inf
+
+
+def test_nul_in_keys_is_a_clear_error():
+    # jansson stores keys as C strings: a key holding U+0000 is refused, not truncated.
+    with pytest.raises(ValueError, match="NUL"):
+        json_parse('{"a\\u0000b": 1}')
+
+
+def test_nonfinite_error_position_is_mapped_back():
+    text = '[NaN, "\\u0000", 1,\n  ]'
+    with pytest.raises(json.JSONDecodeError) as ei:
+        json_parse(text)
+    assert ei.value.lineno == 2
+    assert ei.value.pos == text.index("]")
+
+
+def test_deep_nesting():
+    depth = 500
+    value = []
+    for _ in range(depth):
+        value = [value]
+    text = json_stringify(value)
+    assert text == json.dumps(value)
+    assert json_parse(text) == value
+    d = {}
+    cur = d
+    for i in range(300):
+        cur["k"] = {}
+        cur = cur["k"]
+    assert json_parse(json_stringify(d)) == d
+
+
+def test_depth_cap():
+    with pytest.raises(ValueError, match="depth"):
+        json_parse("[" * 5000 + "]" * 5000)
+
+
+def test_big_numbers():
+    for n in (2**63 - 1, -(2**63), 10**18, -(10**18)):
+        assert json_parse(json_stringify(n)) == n
+    for n in (2**63, -(2**63) - 1, 2**64, 10**30):
+        with pytest.raises(OverflowError, match="64 bits"):
+            json_stringify({"a": [1, n]})
+        with pytest.raises(ValueError):
+            json_parse(str(n))
+    assert json_parse("1e308") == 1e308
+    assert json_parse("-1.5e-7") == -1.5e-7
+
+
+def test_numpy_values():
+    data = {
+        "i": np.int64(7), "u": np.uint8(255), "f32": np.float32(0.5), "f16": np.float16(1.5),
+        "b": np.bool_(True), "arr": np.arange(4, dtype=np.int32), "m": np.eye(2),
+        "big": np.uint64(2**63 - 1),
+    }
+    got = json_parse(json_stringify(data))
+    assert got == {"i": 7, "u": 255, "f32": 0.5, "f16": 1.5, "b": True, "arr": [0, 1, 2, 3],
+                   "m": [[1.0, 0.0], [0.0, 1.0]], "big": 2**63 - 1}
+    with pytest.raises(OverflowError):
+        json_stringify(np.uint64(2**64 - 1))
+
+
+def test_type_errors_name_type_and_path():
+    with pytest.raises(TypeError, match=r"set at data\['a'\]\[2\]"):
+        json_stringify({"a": [1, 2, {3}]})
+    with pytest.raises(TypeError, match=r"bytes at data\[0\]\['k'\]"):
+        json_stringify([{"k": b"x"}])
+    with pytest.raises(TypeError, match="complex"):
+        json_stringify([np.array([1 + 2j])])
+    with pytest.raises(TypeError, match="keys must be"):
+        json_stringify({(1, 2): 3})
+    with pytest.raises(TypeError, match="object"):
+        json_stringify(object())
+
+
+def test_non_string_keys_like_stdlib():
+    data = {1: "a", 2.5: "b", True: "c", None: "d"}
+    assert json_stringify(data) == json.dumps(data)
+
+
+def test_tuples_and_subclasses():
+    from collections import OrderedDict
+    import enum
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    data = OrderedDict([("t", (1, 2)), ("e", Color.RED), ("s", "x")])
+    assert json_stringify(data) == json.dumps(data)
+
+
+def test_circular_reference():
+    a = []
+    a.append(a)
+    with pytest.raises((ValueError, RecursionError)):
+        json_stringify(a)
+    d = {}
+    d["self"] = d
+    with pytest.raises((ValueError, RecursionError)):
+        json_stringify(d)
+
+
+def test_lone_surrogate_is_value_error():
+    with pytest.raises(ValueError):
+        json_stringify(["\ud800"])
+
+
+def test_parse_errors_have_line_and_column():
+    cases = ['{"a": 1,}', "[1, 2", "{'a': 1}", '{"a" 1}', "", "tru", '[1] x', '"\\x"']
+    for text in cases:
+        with pytest.raises(ValueError) as ei:
+            json_parse(text)
+        err = ei.value
+        assert isinstance(err, json.JSONDecodeError)
+        assert isinstance(err, mlutils.JSONDecodeError)
+        assert err.lineno >= 1 and err.colno >= 1
+        assert re.search(r"line \d+ column \d+", str(err))
+    with pytest.raises(json.JSONDecodeError) as ei:
+        json_parse('{\n  "a": 1,\n  "b": @\n}')
+    assert ei.value.lineno == 3 and ei.value.colno == 8
+
+
+def test_duplicate_keys_rejected():
+    with pytest.raises(ValueError, match="duplicate"):
+        json_parse('{"a": 1, "a": 2}')
+
+
+def test_parse_type_errors():
+    with pytest.raises(TypeError):
+        json_parse(12)
+    with pytest.raises(ValueError):
+        json_parse(b"\xff\xfe")
+    assert json_parse(bytearray(b"[1]")) == [1]
+    assert json_parse(memoryview(b'{"a": 2}')) == {"a": 2}
+    assert json_parse(b'\xef\xbb\xbf{"bom": 1}') == {"bom": 1}
+
+
+def test_truncate_while_writing_matches_original_regex():
+    def original(text):
+        return re.sub(r"\d+\.\d{8,}", lambda m: "{:.4f}".format(float(m.group())), text)
+
+    values = [0.123456789, 1.23456789e-05, 123456.123456789, -2.000000005, 0.5, 3.0, 1e-10,
+              12.99999999, 0.1 + 0.2, 1 / 3, 2 / 3, 100.00005, 1e300 / 7]
+    data = {"metrics": values, "n": 12345678901, "name": "run"}
+    ours = json_stringify(data, truncate=True)
+    assert ours == original(json.dumps(data, ensure_ascii=False))
+    assert json_stringify(data, truncate=True, pretty=True) == original(json.dumps(data, ensure_ascii=False, indent=4))
+
+
+def test_truncate_leaves_strings_alone():
+    data = {"s": "v0.123456789", "x": 0.123456789}
+    assert json_parse(json_stringify(data, truncate=True)) == {"s": "v0.123456789", "x": 0.1235}
+    text = json.dumps(data)
+    assert truncate_json(text) == '{"s": "v0.123456789", "x": 0.1235}'
+    assert truncate_json(text.encode()) == b'{"s": "v0.123456789", "x": 0.1235}'
+    with pytest.raises(TypeError):
+        truncate_json(1.5)
+
+
+def test_truncate_is_locale_independent():
+    code = (
+        "import locale\n"
+        "for name in ('de_DE.UTF-8', 'fr_FR.UTF-8', 'C.UTF-8'):\n"
+        "    try:\n        locale.setlocale(locale.LC_ALL, name); break\n"
+        "    except locale.Error: pass\n"
+        "from mlutils.io import json_stringify\n"
+        "print(json_stringify([0.123456789], truncate=True))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0.1235]"
+
+
+def test_json_read_write(tmp_path):
+    p = tmp_path / "x.json"
+    assert json_read(p) is None
+    assert json_read(p, default={"d": 1}) == {"d": 1}
+    json_write({"a": [1, 2]}, p)
+    assert json.loads(p.read_text()) == {"a": [1, 2]}
+    json_write({"a": 0.123456789}, str(p), truncate=True, pretty=True)
+    assert p.read_text() == json.dumps({"a": 0.1235}, indent=4)
+    assert json_read(p) == {"a": 0.1235}
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_json_write_is_atomic_on_failure(tmp_path):
+    p = tmp_path / "keep.json"
+    json_write({"old": True}, p)
+    with pytest.raises(TypeError):
+        json_write({"bad": object()}, p)
+    assert json_read(p) == {"old": True}
+    with pytest.raises(OSError):
+        json_write({"a": 1}, tmp_path / "missing-dir" / "x.json")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["keep.json"]
+
+
+def test_json_write_respects_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        json_write([1], tmp_path / "m.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_json_write_kill_leaves_old_file(tmp_path):
+    """A writer killed mid-loop never leaves a half-written file."""
+    p = tmp_path / "big.json"
+    json_write({"gen": -1, "payload": []}, p)
+    code = (
+        "import sys\nfrom mlutils.io import json_write\n"
+        "p = sys.argv[1]\npayload = list(range(200000))\ni = 0\n"
+        "while True:\n    json_write({'gen': i, 'payload': payload}, p); i += 1\n"
+        "    if i == 2: print('ready', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(p)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    import time
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    data = json_read(p)
+    assert data["gen"] >= 1 and len(data["payload"]) == 200000
+
+
+def test_alloc_failures_raise_memory_error(fail_alloc):
+    text = '[NaN, "\\u0000", 0.123456789]'
+    for n in range(12):
+        fail_alloc(n)
+        try:
+            json_parse(text)
+            json_stringify([0.123456789, "x"], truncate=True)
+        except MemoryError:
+            pass
+        fail_alloc(-1)
+    assert json_parse(text)[2] == 0.123456789
+
+
+# ---- hypothesis: arbitrary JSON values round-trip exactly like the stdlib
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8).filter(lambda k: '\x00' not in k), children, max_size=5),
+    max_leaves=30,
+)
+
+
+def _no_surrogates(v):
+    if isinstance(v, str):
+        return not any(0xD800 <= ord(c) <= 0xDFFF for c in v)
+    if isinstance(v, list):
+        return all(_no_surrogates(x) for x in v)
+    if isinstance(v, dict):
+        return all(_no_surrogates(k) and _no_surrogates(x) for k, x in v.items())
+    return True
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(json_values)
+def test_hypothesis_roundtrip(value):
+    if not _no_surrogates(value):
+        with pytest.raises(ValueError):
+            json_stringify(value)
+        return
+    text = json_stringify(value)
+    assert text == json.dumps(value, ensure_ascii=False)
+    assert json_parse(text) == json.loads(text)
+    assert json_parse(json.dumps(value)) == value
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=64) | st.text(alphabet='{}[]",:0123456789.eE+-nultrfaseNIy\\ \n\x00', max_size=40))
+def test_hypothesis_parser_never_crashes(data):
+    """Arbitrary input: either the stdlib's answer (when both accept it) or a ValueError."""
+    try:
+        got = json_parse(data)
+    except ValueError:
+        return
+    try:
+        want = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        pytest.fail(f"accepted text the stdlib rejects: {data!r}")
+    if isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got)
+    else:
+        assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+def _original_truncate(text):
+    return re.sub(r"\d+\.\d{8,}", lambda m: "{:.4f}".format(float(m.group())), text)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False)
+       | st.integers(-10**9, 10**9).map(lambda i: i / 10000 + 0.00005)
+       | st.integers(-10**12, 10**12).map(lambda i: i * 1e-8))
+def test_hypothesis_truncate_matches_original(x):
+    data = [x, {"v": x}]
+    assert json_stringify(data, truncate=True) == _original_truncate(json.dumps(data))
+    assert truncate_json(json.dumps(data)) == _original_truncate(json.dumps(data))
