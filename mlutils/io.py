@@ -3,15 +3,24 @@
 Same names and contracts as the original helpers:
 
 * :func:`json_stringify` / :func:`json_parse` / :func:`json_read` / :func:`json_write`
+* :func:`torch_save` / :func:`torch_load`: safetensors (``.safetensors``,
+  ``.safetensor``, ``.sft``) or PyTorch ``.pt`` by suffix, read and written by
+  our own C code; torch is only needed for torch tensors.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Union
+from typing import Any, Mapping, Optional, Union
 
 from . import _core
 
-__all__ = ["json_stringify", "json_parse", "json_read", "json_write"]
+__all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
+           "is_safetensors_path"]
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".safetensor", ".sft")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,3 +65,117 @@ def json_write(data: Any, path: PathLike, **kwargs: Any) -> None:
     kwargs.pop("raw", None)
     text = _core.json_dumps(data, raw=True, **kwargs)
     _core.write_file_atomic(os.fspath(path), text)
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def is_safetensors_path(path: PathLike) -> bool:
+    """True when the suffix says safetensors (``.safetensors``, ``.safetensor``, ``.sft``)."""
+    return os.fspath(path).lower().endswith(SAFETENSORS_SUFFIXES)
+
+
+def _is_tensor(v: Any) -> bool:
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return True
+    t = type(v)
+    return t.__module__.startswith("torch") and hasattr(v, "untyped_storage")
+
+
+def _is_tensor_dict(v: Any) -> bool:
+    return isinstance(v, Mapping) and len(v) > 0 and all(isinstance(k, str) and _is_tensor(x) for k, x in v.items())
+
+
+def _split_checkpoint(data: Mapping[str, Any], module_key: Optional[str]):
+    """(tensors, metadata) the way the original helpers split a checkpoint."""
+    if _is_tensor_dict(data):
+        return data, {}
+    if module_key is not None:
+        if module_key not in data:
+            raise ValueError(f"torch_save: module_key {module_key!r} is not in the checkpoint "
+                             f"(keys: {sorted(map(str, data))})")
+        key = module_key
+        if not _is_tensor_dict(data[key]):
+            raise ValueError(f"torch_save: data[{key!r}] is not a dict of tensors")
+    else:
+        key = next((k for k, v in data.items() if _is_tensor_dict(v)), None)
+        if key is None:
+            raise ValueError("torch_save: no dict of tensors found in the checkpoint to write as safetensors")
+    metadata = {}
+    for k, v in data.items():
+        if k == key or v is None:
+            continue
+        if not isinstance(k, str):
+            raise TypeError(f"torch_save: safetensors metadata keys must be str, not {type(k).__name__}")
+        metadata[k] = v if isinstance(v, str) else json_stringify(v)
+    return data[key], metadata
+
+
+def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None) -> None:
+    """Save a state dict or checkpoint; the suffix picks the format.
+
+    safetensors: a flat dict of tensors is written as is; otherwise the tensors
+    under ``module_key`` (or the first value that is a dict of tensors) are
+    written and every other top-level entry becomes metadata (non-strings as
+    JSON text, ``None`` dropped).  Anything else: a ``.pt`` file that
+    ``torch.load(weights_only=True)`` reads.  Both writes are atomic.
+    """
+    path = os.fspath(path)
+    if is_safetensors_path(path):
+        from . import _safetensors
+
+        if not isinstance(data, Mapping):
+            raise TypeError(f"torch_save: a safetensors file holds a dict, not {type(data).__name__}")
+        tensors, metadata = _split_checkpoint(data, module_key)
+        metadata.setdefault("format", "pt")
+        _safetensors.save_file(tensors, path, metadata=metadata)
+    else:
+        from . import _ptsave
+
+        _ptsave.save(data, path)
+
+
+def torch_load(
+    path: PathLike,
+    device: str = "cpu",
+    framework: str = "pt",
+    unsafe: bool = False,
+    load_metadata: bool = True,
+    module_key: str = "module",
+) -> Any:
+    """Load what :func:`torch_save` (or ``torch.save`` / ``safetensors``) wrote.
+
+    safetensors: with ``load_metadata`` the result is ``{module_key: tensors,
+    **metadata}`` with each metadata value JSON-parsed when it parses (the
+    ``format`` marker is dropped), else just the tensors.  ``.pt``: our own
+    restricted unpickler, which accepts only what
+    ``torch.load(weights_only=True)`` accepts; ``unsafe=True`` is the explicit
+    opt-in that hands the file to ``torch.load(weights_only=False)`` (it warns:
+    that can run any code the file holds).  ``framework="np"`` gives numpy
+    arrays; ``"pt"`` torch tensors when torch is installed.
+    """
+    path = os.fspath(path)
+    if is_safetensors_path(path):
+        from . import _safetensors
+
+        tensors = _safetensors.load_file(path, framework=framework, device=device)
+        if not load_metadata:
+            return tensors
+        metadata, _entries = _safetensors.read_header(path)
+        metadata = metadata or {}
+        out = {module_key: tensors}
+        for k, v in metadata.items():
+            if k == "format" and v == "pt":
+                continue
+            try:
+                out[k] = json_parse(v)
+            except ValueError:
+                out[k] = v
+        return out
+    from . import _ptload
+
+    if unsafe:
+        return _ptload.load_unsafe(path, device=device)
+    return _ptload.load(path, device=device, framework=framework)

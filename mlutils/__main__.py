@@ -1,0 +1,137 @@
+"""Command line: ``python -m mlutils`` (or ``mlutils``).
+
+    mlutils inspect FILE [--json]   names, dtypes, shapes, sizes and metadata
+    mlutils convert IN OUT          .pt <-> .safetensors (by suffix)
+    mlutils verify FILE             full validation of an untrusted file
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, List, Optional, Sequence
+
+from . import __version__
+from .io import is_safetensors_path, json_stringify
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(path: str) -> dict:
+    """{"format", "tensors": [{name, dtype, shape, nbytes}], "metadata"} for a file (validated)."""
+    if is_safetensors_path(path):
+        from . import _safetensors
+
+        metadata, entries = _safetensors.read_header(path)
+        tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]),
+                    "nbytes": e["data_offsets"][1] - e["data_offsets"][0]} for e in entries]
+        return {"format": "safetensors", "tensors": tensors, "metadata": metadata}
+    from . import _ptload
+
+    tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "nbytes": e["nbytes"]}
+               for e in _ptload.read_index(path)]
+    return {"format": "pt", "tensors": tensors, "metadata": None}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.file)
+    info["file"] = args.file
+    info["file_size"] = os.path.getsize(args.file)
+    if args.json:
+        print(json_stringify(info, pretty=True))
+        return 0
+    rows = [(t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _human(t["nbytes"]))
+            for t in info["tensors"]]
+    head = ("name", "dtype", "shape", "size")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(f"{args.file}: {info['format']}, {len(rows)} tensors, "
+          f"{_human(sum(t['nbytes'] for t in info['tensors']))} of tensor data, file {_human(info['file_size'])}")
+    print(line.format(*head))
+    for r in rows:
+        print(line.format(*r))
+    if info["metadata"]:
+        print("metadata:")
+        for k in sorted(info["metadata"]):
+            print(f"  {k}: {info['metadata'][k]}")
+    return 0
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=total < (64 << 20) or not sys.stderr.isatty())
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .io import torch_load, torch_save
+
+    src, dst = args.input, args.output
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError("convert: input and output are the same file")
+    if is_safetensors_path(src) == is_safetensors_path(dst):
+        raise ValueError("convert: one side must be .pt/.pth and the other .safetensors/.sft")
+    bar = _progress(os.path.getsize(src), f"{os.path.basename(src)} -> {os.path.basename(dst)}")
+    # numpy arrays over a private mapping of the input: tensors stream from the
+    # page cache into the output without a second copy in memory.
+    data: Any = torch_load(src, framework="np", module_key=args.module_key)
+    if is_safetensors_path(src) and len(data) == 1:
+        data = data[args.module_key]  # plain tensors, no checkpoint metadata
+    torch_save(data, dst, module_key=args.module_key if is_safetensors_path(dst) else None)
+    if bar is not None:
+        bar.update(os.path.getsize(src))
+        bar.close()
+    print(f"wrote {dst} ({_human(os.path.getsize(dst))})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if is_safetensors_path(args.file):
+        from . import _safetensors as mod
+    else:
+        from . import _ptload as mod
+    mod.verify(args.file)
+    info = describe(args.file)
+    print(f"{args.file}: OK ({info['format']}, {len(info['tensors'])} tensors)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlutils", description="Inspect, convert and verify state-dict files.")
+    ap.add_argument("--version", action="version", version=f"mlutils {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list tensors and metadata")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("convert", help=".pt <-> .safetensors")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--module-key", default="module", help="checkpoint key holding the tensors (default: module)")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("verify", help="fully validate an untrusted file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_verify)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"mlutils {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
