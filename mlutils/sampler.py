@@ -34,7 +34,8 @@ The generator (C core, ``csrc/core/sampler.h``)
 starts at ``s0 = mix64(mix64(mix64(seed) ^ stream) + epoch)`` and round key
 ``i`` is the high 32 bits of the ``(i+1)``-th SplitMix64 output from ``s0``.
 
-The bijection: a 6-round balanced Feistel network on ``[0, 4**h)``, ``4**h``
+The bijection: a balanced Feistel network (12 rounds when ``n <= 65536``,
+6 above) on ``[0, 4**h)``, ``4**h``
 the smallest power of four ``>= n``, with ``h``-bit halves; each round xors
 one half with ``hash32(other half ^ key_i)`` (a 32-bit multiply-xorshift
 avalanche hash) masked to ``h`` bits.  Cycle walking (re-applying the network

@@ -230,18 +230,19 @@ def _hash32(x):
 def reference_perm(n, seed, stream, epoch):
     """The bijection exactly as the module docstring and sampler.h document it."""
     s = _mix64((_mix64(_mix64(seed) ^ stream) + epoch) & U64)
-    keys = []
-    for _ in range(6):
-        s = (s + 0x9E3779B97F4A7C15) & U64
-        keys.append(_mix64(s) >> 32)
     h = 0
     while 4 ** h < n:
         h += 1
+    rounds = 12 if h <= 8 else 6
+    keys = []
+    for _ in range(rounds):
+        s = (s + 0x9E3779B97F4A7C15) & U64
+        keys.append(_mix64(s) >> 32)
     mask = (1 << h) - 1
 
     def once(x):
         lo, hi = x & mask, x >> h
-        for i in range(0, 6, 2):
+        for i in range(0, rounds, 2):
             hi ^= _hash32(lo ^ keys[i]) & mask
             lo ^= _hash32(hi ^ keys[i + 1]) & mask
         return (hi << h) | lo

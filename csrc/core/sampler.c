@@ -54,7 +54,8 @@ void mlu_perm_init(mlu_perm *p, uint64_t n, uint64_t seed, uint64_t stream, uint
     p->n = n;
     p->half = h;
     p->mask = h == 32 ? 0xFFFFFFFFU : (uint32_t)(((uint64_t)1 << h) - 1);
-    for (i = 0; i < MLU_PERM_ROUNDS; i++) {
+    p->rounds = h <= MLU_PERM_SMALL_HALF ? MLU_PERM_ROUNDS_SMALL : MLU_PERM_ROUNDS_LARGE;
+    for (i = 0; i < (int)p->rounds; i++) {
         s += GOLDEN;
         p->keys[i] = (uint32_t)(mlu_mix64(s) >> 32);
     }
@@ -66,7 +67,7 @@ static inline uint64_t feistel(const mlu_perm *p, uint64_t x)
     uint32_t l = (uint32_t)(x >> p->half), r = (uint32_t)(x & p->mask);
     int i;
 
-    for (i = 0; i < MLU_PERM_ROUNDS; i += 2) {
+    for (i = 0; i < (int)p->rounds; i += 2) {
         l ^= hash32(r ^ p->keys[i]) & p->mask;
         r ^= hash32(l ^ p->keys[i + 1]) & p->mask;
     }
@@ -97,7 +98,7 @@ MLU_VECTOR_LOOP static void feistel_block(const mlu_perm *p, uint64_t *xs, size_
         l[j] = (uint32_t)(xs[j] >> half);
         r[j] = (uint32_t)(xs[j] & mask);
     }
-    for (i = 0; i < MLU_PERM_ROUNDS; i += 2) {
+    for (i = 0; i < (int)p->rounds; i += 2) {
         const uint32_t k0 = p->keys[i], k1 = p->keys[i + 1];
         for (j = 0; j < count; j++)
             l[j] ^= hash32(r[j] ^ k0) & mask;

@@ -17,7 +17,7 @@
  *    domain [0, 4^h), 4^h the smallest power of 4 >= n, with h-bit halves
  *    (h <= 32).  A value x splits into L = x >> h and R = x & (2^h - 1);
  *    round i does L ^= F(R ^ key_i) & mask, the next round R ^= F(L ^ key_i+1)
- *    & mask, alternating, MLU_PERM_ROUNDS rounds in all.  F is a 32-bit
+ *    & mask, alternating: 12 rounds when h <= 8 (n <= 65536), else 6.  F is a 32-bit
  *    avalanche hash:  x ^= x>>16; x *= 0x7FEB352D; x ^= x>>15;
  *    x *= 0x846CA68B; x ^= x>>16.  A Feistel network is a bijection of the
  *    domain whatever F is; cycle walking (apply again while the result is
@@ -43,7 +43,12 @@
 
 #include "../mlu.h"
 
-#define MLU_PERM_ROUNDS 6
+/* Rounds of the Feistel network: small halves need more of them to look
+ * random (a round function on a few bits has few choices). */
+#define MLU_PERM_ROUNDS_SMALL 12  /* halves of at most MLU_PERM_SMALL_HALF bits (n <= 65536) */
+#define MLU_PERM_ROUNDS_LARGE 6   /* larger halves */
+#define MLU_PERM_SMALL_HALF 8
+#define MLU_PERM_MAX_ROUNDS MLU_PERM_ROUNDS_SMALL
 /* Largest length a sampler accepts (positions and items fit in int64). */
 #define MLU_SAMPLER_MAX_N ((uint64_t)INT64_MAX)
 #define MLU_SAMPLER_MAX_WORLD ((uint64_t)1 << 31)
@@ -56,7 +61,8 @@ typedef struct mlu_perm {
     uint64_t n;       /* the bijection permutes [0, n) */
     unsigned half;    /* bits per Feistel half; the domain is 4^half >= n */
     uint32_t mask;    /* 2^half - 1 */
-    uint32_t keys[MLU_PERM_ROUNDS];
+    unsigned rounds;  /* even: MLU_PERM_ROUNDS_SMALL or MLU_PERM_ROUNDS_LARGE */
+    uint32_t keys[MLU_PERM_MAX_ROUNDS];
 } mlu_perm;
 
 void mlu_perm_init(mlu_perm *p, uint64_t n, uint64_t seed, uint64_t stream, uint64_t epoch);
