@@ -389,6 +389,13 @@ class PoolSampler(_Sharded):
         it = itertools.islice(c, c.count - c.index)
         return map(self.global_pool.__getitem__, it) if self.global_pool is not None else it
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """As for every sampler; a round found finished (elastic resume) is refilled at once, as sample() does."""
+        super().load_state_dict(state)
+        c = self._cursor
+        if c.index >= c.count and self._n > 0:
+            c.seek(c.epoch + 1, 0, 0)
+
     def take(self, n: int) -> Any:
         """The next `n` draws (indices) as an int64 array, refilling the bag as sample() does."""
         return self._cursor.take(_length_arg(n, "n"))

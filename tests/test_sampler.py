@@ -607,3 +607,24 @@ def test_allocation_failure_is_memory_error(fail_alloc):
         _core.batch_pack(np.ones(10), 3.0, 0, True, False)
     fail_alloc(-1)
     assert len(_core.batch_pack(np.ones(10), 3.0, 0, True, False)) == 5
+
+
+def test_pool_elastic_resume_at_the_end_of_a_round():
+    # 4 ranks drew a whole round (2 x 4 = 8 of 8); 3 ranks continue with the next round
+    four = [PoolSampler(range(8), seed=2, rank=r, world_size=4) for r in range(4)]
+    for s in four:
+        s.take(1)
+    state = four[0].state_dict()
+    state = dict(state, index=2, base=0, epoch=0)  # as saved just before the refill
+    three = [PoolSampler(range(8), seed=2, rank=r, world_size=3) for r in range(3)]
+    for s in three:
+        s.load_state_dict(state)
+        assert s.epoch == 1 and s.index() == 0
+    got = [s.sample() for s in three for _ in range(3)]
+    assert set(got) == set(range(8)) and len(got) == 9  # the new round, one padding repeat
+    # and a bare cursor left at the end of a round by a seek starts the next one too
+    c = _core.SamplerCursor(8, seed=2, stream=2, shuffle=True, eager=True, world_size=2, rank=0)
+    c.seek(0, 8, 0)
+    assert c.count == 0 and next(c) in range(8) and c.epoch == 1
+    c.seek(0, 8, 0)
+    assert len(c.take(5)) == 5 and c.epoch == 2

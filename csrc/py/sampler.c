@@ -114,7 +114,9 @@ static PyObject *cursor_next(PyObject *op)
     int64_t item;
 
     if (self->c.k >= self->c.shard.count) {
-        if (!self->eager || self->c.shard.count == 0)
+        /* an eager cursor only stands at the end of a segment after a seek
+         * (an elastic resume that found the round done): start the next round */
+        if (!self->eager || self->c.shard.n == 0)
             return NULL;
         if (next_epoch(self) < 0 || self->c.shard.count == 0)
             return NULL;
@@ -304,6 +306,9 @@ static PyObject *cursor_take(PyObject *op, PyObject *arg)
         self->c.k += m;
     } else {
         npy_intp dims[1] = {(npy_intp)want};
+        if (want > 0 && self->c.k >= self->c.shard.count && self->c.shard.n > 0 &&
+            next_epoch(self) < 0)
+            goto done;
         if (want > 0 && self->c.shard.count == 0) {
             PyErr_SetString(PyExc_ValueError, "this rank's share of the pool is empty: nothing to draw");
             goto done;
