@@ -38,16 +38,23 @@ static int get_u64(PyObject *o, const char *what, uint64_t *out)
         PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(o)->tp_name);
         return -1;
     }
-    if (_PyLong_Sign(o) < 0) {
-        PyErr_Format(PyExc_ValueError, "%s must be >= 0, got %R", what, o);
-        return -1;
-    }
     v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+    if (v == (unsigned long long)-1 && PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        /* negative, or 2**64 and above */
+        int ovf = 0;
+        long long s;
         PyErr_Clear();
+        s = PyLong_AsLongLongAndOverflow(o, &ovf);
+        PyErr_Clear();
+        if (ovf < 0 || (ovf == 0 && s < 0)) {
+            PyErr_Format(PyExc_ValueError, "%s must be >= 0, got %R", what, o);
+            return -1;
+        }
         PyErr_Format(PyExc_ValueError, "%s does not fit in 64 bits: %R", what, o);
         return -1;
     }
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
     *out = (uint64_t)v;
     return 0;
 }
