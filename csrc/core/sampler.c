@@ -12,7 +12,7 @@
  * also emit an AVX2 version picked at load time (results are identical: it
  * is the same 32-bit integer arithmetic). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MLU_VECTOR_LOOP __attribute__((optimize("O3"), target_clones("avx2", "default")))
+#define MLU_VECTOR_LOOP __attribute__((optimize("O3"), target_clones("avx512f", "avx2", "default")))
 #elif defined(__GNUC__) && !defined(__clang__)
 #define MLU_VECTOR_LOOP __attribute__((optimize("O3")))
 #else
@@ -122,19 +122,26 @@ void mlu_perm_apply_many(const mlu_perm *p, uint64_t *xs, size_t count)
         m = count - off < BLOCK ? count - off : BLOCK;
         feistel_block(p, x, m);
         /* cycle walking, still by blocks: gather what fell outside [0, n),
-         * pass it through the network again, scatter back, until none is left */
-        for (;;) {
-            w = 0;
-            for (j = 0; j < m; j++) {
-                walk[w] = x[j];
-                where[w] = (uint32_t)j;
-                w += x[j] >= p->n;
-            }
-            if (w == 0)
-                break;
+         * pass it through the network again, write every result back and
+         * keep only those still outside, until none is left */
+        w = 0;
+        for (j = 0; j < m; j++) {
+            walk[w] = x[j];
+            where[w] = (uint32_t)j;
+            w += x[j] >= p->n;
+        }
+        while (w > 0) {
+            size_t kept = 0;
             feistel_block(p, walk, w);
-            for (j = 0; j < w; j++)
-                x[where[j]] = walk[j];
+            for (j = 0; j < w; j++) {
+                const uint64_t v = walk[j];
+                const uint32_t at = where[j];
+                x[at] = v;
+                walk[kept] = v;
+                where[kept] = at;
+                kept += v >= p->n;
+            }
+            w = kept;
         }
     }
 }
@@ -214,11 +221,9 @@ mlu_status mlu_cursor_seek(mlu_cursor *c, uint64_t epoch, uint64_t base, uint64_
     return MLU_OK;
 }
 
-void mlu_cursor_fill(const mlu_cursor *c, uint64_t k0, size_t count, int64_t *out)
+/* Positions [k0, k0 + count) of the shard into u. */
+static void fill_positions(const mlu_shard *s, uint64_t k0, size_t count, uint64_t *u)
 {
-    const mlu_shard *s = &c->shard;
-    uint64_t *u = (uint64_t *)out;
-
     uint64_t q, left;
     size_t j = 0, run;
 
@@ -230,8 +235,20 @@ void mlu_cursor_fill(const mlu_cursor *c, uint64_t k0, size_t count, int64_t *ou
         for (; run > 0; run--, j++, q += s->world)
             u[j] = q;
     }
-    if (c->shuffle)
-        mlu_perm_apply_many(&c->perm, u, count);
+}
+
+void mlu_cursor_fill(const mlu_cursor *c, uint64_t k0, size_t count, int64_t *out)
+{
+    uint64_t *u = (uint64_t *)out;
+    size_t off, m;
+
+    /* block by block, so the permutation works on positions still in L1 */
+    for (off = 0; off < count; off += m) {
+        m = count - off < BLOCK ? count - off : BLOCK;
+        fill_positions(&c->shard, k0 + off, m, u + off);
+        if (c->shuffle)
+            mlu_perm_apply_many(&c->perm, u + off, m);
+    }
 }
 
 uint64_t mlu_cursor_consumed(const mlu_cursor *c)
