@@ -628,3 +628,15 @@ def test_pool_elastic_resume_at_the_end_of_a_round():
     assert c.count == 0 and next(c) in range(8) and c.epoch == 1
     c.seek(0, 8, 0)
     assert len(c.take(5)) == 5 and c.epoch == 2
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_pickle_and_deepcopy_keep_the_position(kind):
+    import copy
+    import pickle
+
+    s = FACTORIES[kind](rank=1, world_size=2)
+    draws(s, 7)
+    for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert clone.state_dict() == s.state_dict()
+        assert draws(clone, 30) == draws(copy.deepcopy(s), 30)

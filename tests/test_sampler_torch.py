@@ -41,7 +41,9 @@ def test_dataloader_sampler_and_resume(torch, workers):
     flat = [v for b in first for v in b]
     assert sorted(flat) == sorted(i * i for i in range(n))
     assert flat == [i * i for i in RandomSampler(n, seed=3).take(n).tolist()]
+    assert s.epoch == 0 and s.index() == n  # the sampler ran in the main process
     second = [v for b in dl for v in b.tolist()]  # the next epoch: another order
+    assert s.epoch == 1
     assert sorted(second) == sorted(flat) and second != flat
     # resume mid-epoch from a state taken with the loader in the main process
     t = RandomSampler(n, seed=3)

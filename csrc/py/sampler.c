@@ -253,11 +253,12 @@ static PyArrayObject *fill_array(CursorObject *self, uint64_t k0, size_t m)
 {
     npy_intp dims[1] = {(npy_intp)m};
     PyArrayObject *arr = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
+    mlu_cursor snap = self->c; /* the GIL is released below: work on a copy */
 
     if (arr == NULL)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    mlu_cursor_fill(&self->c, k0, m, (int64_t *)PyArray_DATA(arr));
+    mlu_cursor_fill(&snap, k0, m, (int64_t *)PyArray_DATA(arr));
     Py_END_ALLOW_THREADS
     return arr;
 }
@@ -324,11 +325,13 @@ static PyObject *cursor_take(PyObject *op, PyObject *arg)
         if (arr == NULL)
             goto done;
         while (done < (size_t)want) {
-            left = self->c.shard.count - self->c.k;
+            mlu_cursor snap = self->c; /* the GIL is released below: work on a copy */
+            left = snap.shard.count - snap.k;
             m = (size_t)((uint64_t)(want - done) < left ? (want - done) : left);
             Py_BEGIN_ALLOW_THREADS
-            mlu_cursor_fill(&self->c, self->c.k, m, (int64_t *)PyArray_DATA(arr) + done);
+            mlu_cursor_fill(&snap, snap.k, m, (int64_t *)PyArray_DATA(arr) + done);
             Py_END_ALLOW_THREADS
+            self->c.k = snap.k;
             self->c.k += m;
             done += m;
             if (self->c.k == self->c.shard.count && next_epoch(self) < 0)
@@ -386,6 +389,31 @@ static PyObject *get_u64_field(PyObject *op, void *which)
     return PyLong_FromUnsignedLongLong(v);
 }
 
+/* __reduce__ -> (type, constructor args, (epoch, base, index)): pickling and
+ * copy.deepcopy keep the exact position. */
+static PyObject *cursor_reduce(PyObject *op, PyObject *unused)
+{
+    CursorObject *self = (CursorObject *)op;
+    (void)unused;
+    return Py_BuildValue("(O(KKKiiKKiO)(KKK))", (PyObject *)Py_TYPE(op),
+                         (unsigned long long)self->c.shard.n, (unsigned long long)self->c.seed,
+                         (unsigned long long)self->c.stream, self->c.shuffle,
+                         self->c.shard.drop_last, (unsigned long long)self->c.shard.world,
+                         (unsigned long long)self->c.shard.rank, self->eager,
+                         self->offsets != NULL ? (PyObject *)self->offsets : Py_None,
+                         (unsigned long long)self->c.epoch, (unsigned long long)self->c.shard.base,
+                         (unsigned long long)self->c.k);
+}
+
+static PyObject *cursor_setstate(PyObject *op, PyObject *state)
+{
+    if (!PyTuple_Check(state)) {
+        PyErr_SetString(PyExc_TypeError, "SamplerCursor state must be a tuple (epoch, base, index)");
+        return NULL;
+    }
+    return cursor_seek(op, state);
+}
+
 static PyGetSetDef cursor_getset[] = {
     {"n", get_u64_field, NULL, "length of the epoch's order", (void *)0},
     {"seed", get_u64_field, NULL, "seed (mod 2**64)", (void *)1},
@@ -406,6 +434,8 @@ static PyMethodDef cursor_methods[] = {
     {"seek", cursor_seek, METH_VARARGS, "seek(epoch, base, index): move within the epochs."},
     {"take", cursor_take, METH_O, "take(n) -> int64 array: the next n draws."},
     {"peek", cursor_peek, METH_VARARGS, "peek(k0, n) -> int64 array: draws [k0, k0+n) without moving."},
+    {"__reduce__", cursor_reduce, METH_NOARGS, "Pickle support (keeps the position)."},
+    {"__setstate__", cursor_setstate, METH_O, "Pickle support: seek to (epoch, base, index)."},
     {NULL, NULL, 0, NULL},
 };
 
