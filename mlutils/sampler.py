@@ -23,10 +23,22 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   epoch's order (``consumed = base + index * world_size`` positions).  Loaded
   by the same world size, each rank continues exactly where it stood.  Loaded
   by another world size, the rest of the epoch (positions ``consumed`` to
-  ``n``) is dealt among the new ranks.  When ranks saved at different
-  positions, pass all their states to :func:`resume_state`: it returns the
-  earliest one, so no item is skipped and the items the ranks ahead had
-  already drawn beyond the slowest rank are drawn again.
+  ``n``) is dealt among the new ranks, padded or dropped as above; every new
+  rank must then load the same state.  In synchronous training all ranks
+  save at the same step, so any rank's state will do.  When ranks saved at
+  different positions, pass all their states to :func:`resume_state`: it
+  returns the earliest one, so no item is skipped and the items the ranks
+  ahead had already drawn beyond the slowest rank are drawn again.
+* **Fast paths.**  Iteration runs in C (a C iterator yielding ints);
+  ``take(n)`` returns the next draws as an int64 array.  ``take`` stays in
+  the current epoch (an empty array at its end); ``iter()`` and
+  ``set_epoch`` move to the next one.
+* **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
+  ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
+  ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
+  ``DataLoader(batch_sampler=...)``.  A DataLoader with workers prefetches:
+  the sampler (which runs in the main process) is then ahead of the batches
+  the training loop consumed by the prefetched ones.
 
 The generator (C core, ``csrc/core/sampler.h``)
 ------------------------------------------------

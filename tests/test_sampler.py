@@ -640,3 +640,36 @@ def test_pickle_and_deepcopy_keep_the_position(kind):
     for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
         assert clone.state_dict() == s.state_dict()
         assert draws(clone, 30) == draws(copy.deepcopy(s), 30)
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    @settings(max_examples=150, deadline=None)
+    @given(n=st.integers(0, 300), w=st.integers(1, 6), m=st.integers(1, 6), frac=st.floats(0, 1),
+           drop_last=st.booleans(), seed=st.integers(0, U64))
+    def test_elastic_resume_property(n, w, m, frac, drop_last, seed):
+        """Any world size continues any other's save: nothing skipped, repeats only as padding."""
+        old = [RandomSampler(n, seed=seed, rank=r, world_size=w, drop_last=drop_last) for r in range(w)]
+        steps = int(frac * len(old[0]))
+        seen = [i for s in old for i in s.take(steps).tolist()]
+        state = roundtrip(old[0].state_dict())
+        new = [RandomSampler(n, seed=seed, rank=r, world_size=m, drop_last=drop_last) for r in range(m)]
+        for s in new:
+            s.load_state_dict(state)
+        parts = [s.take(10**6).tolist() for s in new]  # the rest of this epoch only
+        assert len({len(p) for p in parts}) == 1
+        rest = [i for p in parts for i in p]
+        consumed = min(w * steps, n)
+        left = n - consumed
+        assert len(parts[0]) == (left // m if drop_last else -(-left // m))
+        everything = seen + rest
+        if drop_last:
+            assert len(set(everything)) == len(everything)  # nothing twice
+            assert len(everything) >= n - (w - 1) - (m - 1)  # only uneven tails are dropped
+        else:
+            assert set(everything) == set(range(n))  # nothing skipped
+            assert len(rest) - left == (len(parts[0]) * m - left)  # repeats are only padding
