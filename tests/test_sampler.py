@@ -207,6 +207,8 @@ def test_huge_sampler_is_instant():
     assert time.perf_counter() - t0 < 1.0
     assert a.dtype == np.int64 and len(set(a.tolist())) == 1000
     assert a.min() >= 0 and a.max() < 10**12
+    with pytest.raises(ValueError, match="too large"):
+        PoolSampler(range(10)).take(1 << 62)  # a pool never runs dry: this would be 32 EiB
     it = iter(s)
     assert [next(it) for _ in range(3)] == RandomSampler(10**12, seed=5).take(1003)[1000:].tolist()
 
@@ -319,6 +321,7 @@ def test_take_advances_like_iteration(kind):
         assert got == draws(b, n)
         assert a.state_dict() == b.state_dict()
         assert len(a.take(3)) == 0  # the epoch is done: take never starts the next one
+        assert len(a.take(1 << 62)) == 0
         assert draws(a, 3) == draws(b, 3)  # iteration does
 
 

@@ -301,11 +301,13 @@ static PyObject *cursor_take(PyObject *op, PyObject *arg)
 
     if (get_u64(arg, "n", &want) < 0)
         return NULL;
+    left = self->c.shard.count - self->c.k;
+    if (!self->eager && want > left)
+        want = left; /* the rest of the epoch */
     if (want > (uint64_t)NPY_MAX_INTP / 8) {
         PyErr_Format(PyExc_ValueError, "n is too large: %R", arg);
         return NULL;
     }
-    left = self->c.shard.count - self->c.k;
     if (!self->eager) {
         m = (size_t)(want < left ? want : left);
         arr = fill_array(self, self->c.k, m);
