@@ -80,7 +80,7 @@ def random_iter(n=10**6):
 
 
 def take_rate(n=10**7):
-    t = best(lambda: RandomSampler(n, seed=1).take(n))
+    t = best(lambda: RandomSampler(n, seed=1).take(n), repeat=7)
     if torch is not None:
         g = torch.Generator().manual_seed(0)
         row("RandomSampler, 1e7 indices as an array", "torch.randperm", best(lambda: torch.randperm(n, generator=g)),
