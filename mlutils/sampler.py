@@ -12,7 +12,9 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   ``[0, n)`` chosen by ``(seed, e)``; nothing uses Python's, numpy's or
   torch's global generators, so a seed gives the same order everywhere.
   ``set_epoch(e)`` moves to the start of epoch ``e`` (a no-op when the sampler
-  is already in epoch ``e``, so a resumed epoch is not restarted).
+  is already in epoch ``e``, so a resumed epoch is not restarted).  The
+  default seed is 0, as in ``DistributedSampler``: every rank must use the
+  same seed, or the shards overlap; pass another seed for another order.
 * **Ranks.**  ``rank`` / ``world_size`` (default: the ``RANK`` and
   ``WORLD_SIZE`` environment variables) deal the epoch's order round-robin
   like ``torch.utils.data.DistributedSampler``: rank ``r`` gets positions

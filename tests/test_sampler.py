@@ -676,3 +676,29 @@ if given is not None:
         else:
             assert set(everything) == set(range(n))  # nothing skipped
             assert len(rest) - left == (len(parts[0]) * m - left)  # repeats are only padding
+
+if given is not None:
+    _json = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=5),
+                         lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+                         max_leaves=8)
+
+    @settings(max_examples=300, deadline=None)
+    @given(kind=st.sampled_from(sorted(FACTORIES)), changes=st.dictionaries(
+        st.sampled_from(["kind", "version", "length", "seed", "epoch", "world_size", "rank", "drop_last",
+                         "base", "index", "consumed", "items", "shuffle", "fingerprint", "other"]), _json, max_size=3),
+        drop=st.lists(st.sampled_from(["version", "length", "seed", "epoch", "world_size", "base", "index",
+                                       "drop_last"]), max_size=2))
+    def test_corrupt_states_are_refused_or_exact(kind, changes, drop):
+        """A state with any fields changed or missing is refused with SamplerStateError, or loads fully."""
+        s = FACTORIES[kind](rank=1, world_size=3)
+        draws(s, 5)
+        state = dict(s.state_dict(), **changes)
+        for key in drop:
+            state.pop(key, None)
+        before = s.state_dict()
+        try:
+            s.load_state_dict(state)
+        except SamplerStateError:
+            assert s.state_dict() == before  # refused: nothing changed
+        else:
+            draws(s, 10)  # loaded: it works
