@@ -1,0 +1,100 @@
+"""The samplers in torch's DataLoader, and without torch."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlutils.sampler import BatchedOrderedSampler, OrderedSampler, PoolSampler, RandomSampler
+
+
+class Squares:
+    """A map-style dataset (picklable for worker processes)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i * i
+
+
+def test_samplers_are_torch_samplers(torch):
+    from torch.utils.data import Sampler
+
+    for s in (RandomSampler(5), OrderedSampler(5), PoolSampler(range(5)),
+              BatchedOrderedSampler({"a": [("x", 1.0)] * 5}, max_batch_size=2)):
+        assert isinstance(s, Sampler)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_sampler_and_resume(torch, workers):
+    from torch.utils.data import DataLoader
+
+    n = 40
+    s = RandomSampler(n, seed=3)
+    dl = DataLoader(Squares(n), batch_size=4, sampler=s, num_workers=workers)
+    assert len(dl) == 10
+    first = [b.tolist() for b in dl]
+    flat = [v for b in first for v in b]
+    assert sorted(flat) == sorted(i * i for i in range(n))
+    assert flat == [i * i for i in RandomSampler(n, seed=3).take(n).tolist()]
+    assert s.epoch == 0 and s.index() == n  # the sampler ran in the main process
+    second = [v for b in dl for v in b.tolist()]  # the next epoch: another order
+    assert s.epoch == 1
+    assert sorted(second) == sorted(flat) and second != flat
+    # resume mid-epoch from a state taken with the loader in the main process
+    t = RandomSampler(n, seed=3)
+    it = iter(DataLoader(Squares(n), batch_size=4, sampler=t, num_workers=0))
+    head = [next(it).tolist() for _ in range(3)]
+    state = t.state_dict()
+    u = RandomSampler(n, seed=99)
+    u.load_state_dict(state)
+    tail = [b.tolist() for b in DataLoader(Squares(n), batch_size=4, sampler=u, num_workers=workers)]
+    assert head + tail == first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_batch_sampler(torch, workers):
+    from torch.utils.data import DataLoader
+
+    buckets = {"short": [(f"s{i}", 1.0 + i / 10) for i in range(12)],
+               "long": [(f"l{i}", 5.0 + i) for i in range(6)]}
+    bs = BatchedOrderedSampler(buckets, max_duration=12, shuffle=True, seed=4, drop_last=False)
+    dl = DataLoader(Squares(18), batch_sampler=bs, num_workers=workers)
+    got = [b.tolist() for b in dl]
+    want_batches = BatchedOrderedSampler(buckets, max_duration=12, shuffle=True, seed=4, drop_last=False)
+    assert got == [[i * i for i in b] for b in want_batches]
+    assert len(dl) == len(bs)
+
+
+def test_dataloader_distributed_shards(torch):
+    from torch.utils.data import DataLoader
+
+    n, world = 30, 4
+    seen = []
+    for rank in range(world):
+        s = RandomSampler(n, seed=1, rank=rank, world_size=world)
+        seen.append([v for b in DataLoader(Squares(n), batch_size=3, sampler=s) for v in b.tolist()])
+    assert len({len(x) for x in seen}) == 1
+    assert {v for x in seen for v in x} == {i * i for i in range(n)}
+
+
+def test_without_torch():
+    code = (
+        "import sys\n"
+        "from mlutils.sampler import RandomSampler, BatchedOrderedSampler, PoolSampler, _Sharded\n"
+        "s = RandomSampler(10, seed=1)\n"
+        "assert _Sharded.__bases__ == (object,) and 'torch' not in sys.modules\n"
+        "assert sorted(s) == list(range(10))\n"
+        "b = BatchedOrderedSampler({'a': [('x', 1.0)] * 5}, max_batch_size=2, drop_last=False)\n"
+        "assert list(b) == [[0, 1], [2, 3], [4]]\n"
+        "print(RandomSampler(10, seed=1).take(10).tolist())\n"
+    )
+    env = dict(os.environ, MLUTILS_NO_TORCH="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    # the same order with and without torch
+    assert out.stdout.strip() == str(RandomSampler(10, seed=1).take(10).tolist())
