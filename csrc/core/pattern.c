@@ -88,14 +88,19 @@ mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error
     return MLU_OK;
 }
 
+static mlu_status too_large(mlu_error *err)
+{
+    return mlu_error_set(err, MLU_EINVAL, -1,
+                         "pattern too large: more than %lld steps or coordinates",
+                         (long long)MLU_PATTERN_MAX_ENTRIES);
+}
+
 /* Fails unless `steps` more steps and `coords` more coordinates fit. */
 static mlu_status check_room(const mlu_pattern *p, int64_t steps, int64_t coords, mlu_error *err)
 {
     if (steps < 0 || coords < 0 || steps > MLU_PATTERN_MAX_ENTRIES - p->n_steps ||
         coords > MLU_PATTERN_MAX_ENTRIES - p->n_coords)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "pattern too large: more than %lld steps or coordinates",
-                             (long long)MLU_PATTERN_MAX_ENTRIES);
+        return too_large(err);
     return MLU_OK;
 }
 
@@ -296,7 +301,7 @@ mlu_status mlu_pattern_delayed(mlu_pattern *p, const int64_t *delays, int64_t fl
     if (end > ff) {
         st = check_room(p, end - ff, 0, err);
         if (st == MLU_OK && (end - ff) > MLU_PATTERN_MAX_ENTRIES / K)
-            st = check_room(p, 0, MLU_PATTERN_MAX_ENTRIES, err);
+            st = too_large(err);
         for (t = ff; st == MLU_OK && t < end; t++) {
             st = mlu_pattern_add_step(p, err);
             for (q = 0; st == MLU_OK && q < K; q++)
@@ -367,7 +372,7 @@ mlu_status mlu_pattern_unrolled(mlu_pattern *p, const int64_t *flattening, const
         total >= (uint64_t)MLU_PATTERN_MAX_ENTRIES ||
         mlu_mul_overflow_u64((uint64_t)maxT, (uint64_t)K, &total) ||
         total >= (uint64_t)MLU_PATTERN_MAX_ENTRIES) {
-        st = check_room(p, MLU_PATTERN_MAX_ENTRIES, 0, err);
+        st = too_large(err);
         goto done;
     }
     /* Entries are sorted by (key, coordinates): at one key, the empty inner
@@ -455,7 +460,7 @@ mlu_status mlu_pattern_coarse_first(mlu_pattern *p, const int64_t *delays, mlu_e
     end = T + delays[K - 2];
     st = check_room(p, 1 + T + (end > 0 ? end : 0), 0, err);
     if (st == MLU_OK && end > 0 && end > MLU_PATTERN_MAX_ENTRIES / K)
-        st = check_room(p, 0, MLU_PATTERN_MAX_ENTRIES, err);
+        st = too_large(err);
     if (st == MLU_OK)
         st = mlu_pattern_add_step(p, err);
     for (t = 0; st == MLU_OK && t < T; t++) {
@@ -493,7 +498,7 @@ mlu_status mlu_pattern_musiclm(mlu_pattern *p, int64_t group_by, mlu_error *err)
     if (mlu_mul_overflow_u64((uint64_t)n_off, (uint64_t)T, &total) ||
         (group_by > 0 && mlu_mul_overflow_u64(total, (uint64_t)group_by, &total)) ||
         total >= (uint64_t)MLU_PATTERN_MAX_ENTRIES)
-        return check_room(p, MLU_PATTERN_MAX_ENTRIES, 0, err);
+        return too_large(err);
     st = mlu_pattern_add_step(p, err);
     for (off = 0; st == MLU_OK && group_by > 0 && off < K; off += group_by)
         for (t = 0; st == MLU_OK && t < T; t++)

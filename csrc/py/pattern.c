@@ -18,8 +18,6 @@ typedef struct {
 
 static PyObject *raise_err(mlu_state *st, const mlu_error *err)
 {
-    if (err->code == MLU_EINVAL)
-        return mlu_raise(st, err, st->PatternError);
     return mlu_raise(st, err, NULL);
 }
 
@@ -28,7 +26,7 @@ static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
 {
     if (err->code == MLU_EINVAL)
         err->code = MLU_EFORMAT;
-    return raise_err(st, err);
+    return mlu_raise(st, err, st->PatternError);
 }
 
 /* ------------------------------------------------------------------- type */
