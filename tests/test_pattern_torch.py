@@ -63,6 +63,9 @@ def test_layouts_and_properties_match_reference(ref):
             a = ours.get_pattern(T)
             assert plain(a.layout) == plain(b.layout), (ours, T)
             assert plain(a.valid_layout) == plain(b.valid_layout)
+            # the providers' layouts pass the full check of a hand-made Pattern too
+            again = P.Pattern(a.layout, timesteps=T, n_q=ours.n_q)
+            assert again == a and again.max_delay == a.max_delay
             assert (a.max_delay, a.num_sequence_steps, a.starts_with_special_token()) == \
                 (b.max_delay, b.num_sequence_steps, b.starts_with_special_token())
             for t in range(T + 1):

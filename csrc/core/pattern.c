@@ -95,6 +95,41 @@ static mlu_status too_large(mlu_error *err)
                          (long long)MLU_PATTERN_MAX_ENTRIES);
 }
 
+/* a * b, or more than the entry limit when it does not fit (a, b >= 0). */
+static int64_t mul_cap(int64_t a, int64_t b)
+{
+    int64_t r;
+
+    if (a < 0 || b < 0)
+        return 0;
+    if (mlu_mul_overflow_i64(a, b, &r) || r > MLU_PATTERN_MAX_ENTRIES)
+        return MLU_PATTERN_MAX_ENTRIES + 1;
+    return r;
+}
+
+/* Makes room for `steps` more steps and `coords` more coordinates at once,
+ * so that the providers append without growing. */
+static mlu_status reserve(mlu_pattern *p, int64_t steps, int64_t coords, mlu_error *err)
+{
+    mlu_status st;
+    int64_t cap_t = p->cap_coords, cap_q = p->cap_coords;
+
+    if (steps < 0 || coords < 0 || steps > MLU_PATTERN_MAX_ENTRIES - p->n_steps - 1 ||
+        coords > MLU_PATTERN_MAX_ENTRIES - p->n_coords)
+        return too_large(err);
+    st = grow(&p->step_start, &p->cap_steps, p->n_steps + steps + 1, err);
+    if (st == MLU_OK && coords > 0)
+        st = grow(&p->t, &cap_t, p->n_coords + coords, err);
+    if (st == MLU_OK && coords > 0)
+        st = grow(&p->q, &cap_q, p->n_coords + coords, err);
+    if (st == MLU_OK) {
+        p->cap_coords = cap_t < cap_q ? cap_t : cap_q;
+        if (p->n_steps == 0)
+            p->step_start[0] = 0;
+    }
+    return st;
+}
+
 /* Fails unless `steps` more steps and `coords` more coordinates fit. */
 static mlu_status check_room(const mlu_pattern *p, int64_t steps, int64_t coords, mlu_error *err)
 {
@@ -257,6 +292,46 @@ static mlu_status check_timesteps(const mlu_pattern *p, mlu_error *err)
 }
 
 /* ---------------------------------------------------------------- providers */
+/* Appends after reserve(): no capacity checks. */
+static inline void put_step(mlu_pattern *p)
+{
+    p->n_steps++;
+    p->step_start[p->n_steps] = p->n_coords;
+}
+
+static inline void put_coord(mlu_pattern *p, int64_t t, int64_t q)
+{
+    p->t[p->n_coords] = t;
+    p->q[p->n_coords] = q;
+    p->n_coords++;
+    p->step_start[p->n_steps] = p->n_coords;
+}
+
+/* mlu_pattern_finish for layouts valid by construction (codebooks in
+ * [0, n_q), timesteps >= 0 and rising per codebook, one entry per codebook
+ * and step): only computes max_delay and valid_steps.  Tests compare it
+ * with the full check. */
+static mlu_status finish_trusted(mlu_pattern *p, mlu_error *err)
+{
+    int64_t i, maxt = 0, vs;
+
+    if (p->n_steps <= 0)
+        return mlu_pattern_finish(p, err);
+    for (i = p->step_start[1]; i < p->n_coords; i++)
+        if (p->t[i] + 1 > maxt)
+            maxt = p->t[i] + 1;
+    p->max_delay = maxt - p->timesteps;
+    vs = p->n_steps - p->max_delay;
+    if (vs < 0)
+        vs += p->n_steps;
+    if (vs < 0)
+        vs = 0;
+    if (vs > p->n_steps)
+        vs = p->n_steps;
+    p->valid_steps = vs;
+    return MLU_OK;
+}
+
 
 mlu_status mlu_pattern_delayed(mlu_pattern *p, const int64_t *delays, int64_t flatten_first,
                                int64_t empty_initial, mlu_error *err)
@@ -271,47 +346,37 @@ mlu_status mlu_pattern_delayed(mlu_pattern *p, const int64_t *delays, int64_t fl
         return st;
     if (ff < -ARG_LIMIT || ff > ARG_LIMIT || empty_initial < -ARG_LIMIT || empty_initial > ARG_LIMIT)
         return mlu_error_set(err, MLU_EINVAL, -1, "flatten_first or empty_initial is out of range");
+    {
+        int64_t lim = ff > 0 ? (T < ff ? T : ff) : 0, tail = T + delays[K - 1] - ff;
+        int64_t flat_n = mul_cap(lim, K), tail_n = tail > 0 ? tail : 0;
+        st = reserve(p, (empty_initial >= 0) + (empty_initial > 0 ? empty_initial : 0) + flat_n + tail_n,
+                     flat_n + mul_cap(tail_n, K), err);
+        if (st != MLU_OK)
+            return st;
+    }
     /* empty_initial < 0: no leading special step */
-    if (empty_initial >= 0) {
-        st = mlu_pattern_add_step(p, err);
-        if (st != MLU_OK)
-            return st;
-    }
-    if (empty_initial > 0) {
-        st = check_room(p, empty_initial, 0, err);
-        for (n = 0; st == MLU_OK && n < empty_initial; n++)
-            st = mlu_pattern_add_step(p, err);
-        if (st != MLU_OK)
-            return st;
-    }
+    if (empty_initial >= 0)
+        put_step(p);
+    for (n = 0; n < empty_initial; n++)
+        put_step(p);
     if (ff > 0) {
         int64_t lim = T < ff ? T : ff;
-        st = check_room(p, lim * K, lim * K, err);
-        for (t = 0; st == MLU_OK && t < lim; t++)
-            for (q = 0; st == MLU_OK && q < K; q++) {
-                st = mlu_pattern_add_step(p, err);
-                if (st == MLU_OK)
-                    st = mlu_pattern_add_coord(p, t, q, err);
+        for (t = 0; t < lim; t++)
+            for (q = 0; q < K; q++) {
+                put_step(p);
+                put_coord(p, t, q);
             }
-        if (st != MLU_OK)
-            return st;
     }
     maxd = delays[K - 1];
     end = T + maxd;
-    if (end > ff) {
-        st = check_room(p, end - ff, 0, err);
-        if (st == MLU_OK && (end - ff) > MLU_PATTERN_MAX_ENTRIES / K)
-            st = too_large(err);
-        for (t = ff; st == MLU_OK && t < end; t++) {
-            st = mlu_pattern_add_step(p, err);
-            for (q = 0; st == MLU_OK && q < K; q++)
-                if (t - delays[q] >= ff)
-                    st = mlu_pattern_add_coord(p, t - delays[q], q, err);
-        }
-        if (st != MLU_OK)
-            return st;
+    for (t = ff; t < end; t++) {
+        put_step(p);
+        for (q = 0; q < K; q++)
+            if (t - delays[q] >= ff)
+                put_coord(p, t - delays[q], q);
     }
-    return mlu_pattern_finish(p, err);
+    /* flatten_first >= 0 keeps every codebook's timesteps >= 0 and rising */
+    return ff >= 0 ? finish_trusted(p, err) : mlu_pattern_finish(p, err);
 }
 
 typedef struct unrolled_group {
@@ -375,6 +440,9 @@ mlu_status mlu_pattern_unrolled(mlu_pattern *p, const int64_t *flattening, const
         st = too_large(err);
         goto done;
     }
+    st = reserve(p, 1 + mul_cap(maxT, E + G), mul_cap(maxT, K), err);
+    if (st != MLU_OK)
+        goto done;
     /* Entries are sorted by (key, coordinates): at one key, the empty inner
      * steps first, then the groups by their timestep t = key - delay
      * ascending (larger delays first), then by codebook. */
@@ -412,31 +480,24 @@ mlu_status mlu_pattern_unrolled(mlu_pattern *p, const int64_t *flattening, const
         if (k < spans[i].lo)
             k = spans[i].lo;
         for (; k < spans[i].hi; k++) {
-            if (k == -1) {
-                st = mlu_pattern_add_step(p, err);
-                if (st != MLU_OK)
-                    goto done;
-            }
+            if (k == -1)
+                put_step(p);
             if (k >= 0 && k < maxT)
-                for (e = 0; e < E; e++) {
-                    st = mlu_pattern_add_step(p, err);
-                    if (st != MLU_OK)
-                        goto done;
-                }
+                for (e = 0; e < E; e++)
+                    put_step(p);
             for (j = 0; j < G; j++) {
                 const unrolled_group *g = &groups[order[j]];
                 int64_t t = k - g->delay, q;
                 if (t < 0 || t >= maxT)
                     continue;
-                st = mlu_pattern_add_step(p, err);
-                for (q = g->q0; st == MLU_OK && q < g->q0 + g->count; q++)
-                    st = mlu_pattern_add_coord(p, t, q, err);
-                if (st != MLU_OK)
-                    goto done;
+                put_step(p);
+                for (q = g->q0; q < g->q0 + g->count; q++)
+                    put_coord(p, t, q);
             }
         }
     }
-    st = mlu_pattern_finish(p, err);
+    /* each codebook appears once per timestep, ordered by t + its delay */
+    st = finish_trusted(p, err);
 done:
     mlu_free(groups);
     mlu_free(order);
@@ -462,21 +523,21 @@ mlu_status mlu_pattern_coarse_first(mlu_pattern *p, const int64_t *delays, mlu_e
     if (st == MLU_OK && end > 0 && end > MLU_PATTERN_MAX_ENTRIES / K)
         st = too_large(err);
     if (st == MLU_OK)
-        st = mlu_pattern_add_step(p, err);
-    for (t = 0; st == MLU_OK && t < T; t++) {
-        st = mlu_pattern_add_step(p, err);
-        if (st == MLU_OK)
-            st = mlu_pattern_add_coord(p, t, 0, err);
-    }
-    for (t = 0; st == MLU_OK && t < end; t++) {
-        st = mlu_pattern_add_step(p, err);
-        for (q = 0; st == MLU_OK && q < K - 1; q++)
-            if (t - delays[q] >= 0)
-                st = mlu_pattern_add_coord(p, t - delays[q], q + 1, err);
-    }
+        st = reserve(p, 1 + T + (end > 0 ? end : 0), T + mul_cap(end > 0 ? end : 0, K - 1), err);
     if (st != MLU_OK)
         return st;
-    return mlu_pattern_finish(p, err);
+    put_step(p);
+    for (t = 0; t < T; t++) {
+        put_step(p);
+        put_coord(p, t, 0);
+    }
+    for (t = 0; t < end; t++) {
+        put_step(p);
+        for (q = 0; q < K - 1; q++)
+            if (t - delays[q] >= 0)
+                put_coord(p, t - delays[q], q + 1);
+    }
+    return finish_trusted(p, err);
 }
 
 mlu_status mlu_pattern_musiclm(mlu_pattern *p, int64_t group_by, mlu_error *err)
@@ -499,17 +560,18 @@ mlu_status mlu_pattern_musiclm(mlu_pattern *p, int64_t group_by, mlu_error *err)
         (group_by > 0 && mlu_mul_overflow_u64(total, (uint64_t)group_by, &total)) ||
         total >= (uint64_t)MLU_PATTERN_MAX_ENTRIES)
         return too_large(err);
-    st = mlu_pattern_add_step(p, err);
-    for (off = 0; st == MLU_OK && group_by > 0 && off < K; off += group_by)
-        for (t = 0; st == MLU_OK && t < T; t++)
-            for (q = off; st == MLU_OK && q < off + group_by; q++) {
-                st = mlu_pattern_add_step(p, err);
-                if (st == MLU_OK)
-                    st = mlu_pattern_add_coord(p, t, q, err);
-            }
+    st = reserve(p, 1 + (int64_t)total, (int64_t)total, err);
     if (st != MLU_OK)
         return st;
-    return mlu_pattern_finish(p, err);
+    put_step(p);
+    for (off = 0; group_by > 0 && off < K; off += group_by)
+        for (t = 0; t < T; t++)
+            for (q = off; q < off + group_by; q++) {
+                put_step(p);
+                put_coord(p, t, q);
+            }
+    /* a last group that runs past n_q is refused by the full check */
+    return (group_by > 0 && K % group_by == 0) ? finish_trusted(p, err) : mlu_pattern_finish(p, err);
 }
 
 /* ------------------------------------------------------------- index tables */
