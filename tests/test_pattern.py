@@ -217,6 +217,9 @@ def test_large_pattern_is_lazy():
     (lambda: Pattern([[], [LayoutCoord(0, 2)]], timesteps=2, n_q=2), "outside"),
     (lambda: Pattern([[], [LayoutCoord(-1, 0)]], timesteps=2, n_q=1), "Past timesteps"),
     (lambda: UnrolledPatternProvider(2, delays=[0, 1 << 39]).get_pattern(1 << 30), "too large"),
+    (lambda: DelayedPatternProvider(1, [-(1 << 40)], flatten_first=-(1 << 40)).get_pattern(5), "too large"),
+    (lambda: CoarseFirstPattern(3, [-(1 << 40), 0]).get_pattern(3), "too large"),
+    (lambda: Pattern([[], [LayoutCoord(1 << 33, 0)]], timesteps=1, n_q=1), "out of range"),
 ])
 def test_bad_providers_raise_pattern_error(make, match):
     with pytest.raises(PatternError, match=match) as info:

@@ -20,16 +20,17 @@ void mlu_pattern_free(mlu_pattern *p)
     mlu_free(p->step_start);
     mlu_free(p->t);
     mlu_free(p->q);
-    p->step_start = p->t = p->q = NULL;
+    p->step_start = NULL;
+    p->t = p->q = NULL;
     p->n_steps = p->n_coords = p->cap_steps = p->cap_coords = 0;
 }
 
-/* Grows *arr (of *cap int64) to hold at least need entries. */
-static mlu_status grow(int64_t **arr, int64_t *cap, int64_t need, mlu_error *err)
+/* Grows *arr (of *cap entries of elsize bytes) to hold at least need entries. */
+static mlu_status grow(void **arr, int64_t *cap, int64_t need, size_t elsize, mlu_error *err)
 {
     int64_t ncap = *cap ? *cap : 64;
     size_t bytes;
-    int64_t *np;
+    void *np;
 
     if (need <= *cap)
         return MLU_OK;
@@ -39,7 +40,9 @@ static mlu_status grow(int64_t **arr, int64_t *cap, int64_t need, mlu_error *err
                              (long long)MLU_PATTERN_MAX_ENTRIES);
     while (ncap < need)
         ncap *= 2;
-    if (mlu_mul_overflow_size((size_t)ncap, sizeof(int64_t), &bytes))
+    if (ncap > MLU_PATTERN_MAX_ENTRIES + 1)
+        ncap = MLU_PATTERN_MAX_ENTRIES + 1;
+    if (mlu_mul_overflow_size((size_t)ncap, elsize, &bytes))
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "pattern table size overflows");
     np = mlu_realloc(*arr, bytes);
     if (np == NULL)
@@ -55,7 +58,7 @@ mlu_status mlu_pattern_add_step(mlu_pattern *p, mlu_error *err)
     mlu_status st;
 
     /* step_start holds n_steps + 1 entries */
-    st = grow(&p->step_start, &p->cap_steps, p->n_steps + 2, err);
+    st = grow((void **)&p->step_start, &p->cap_steps, p->n_steps + 2, sizeof(int64_t), err);
     if (st != MLU_OK)
         return st;
     if (p->n_steps == 0)
@@ -72,17 +75,24 @@ mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error
 
     if (p->n_steps == 0)
         return mlu_error_set(err, MLU_EINVAL, -1, "a coordinate outside of any step");
+    if (q < 0 || q > INT32_MAX || q >= p->n_q)
+        return mlu_error_set(err, MLU_EINVAL, -1,
+                             "codebook %lld at step %lld is outside [0, n_q=%lld)",
+                             (long long)q, (long long)(p->n_steps - 1), (long long)p->n_q);
+    if (t < INT32_MIN || t > INT32_MAX)
+        return mlu_error_set(err, MLU_EINVAL, -1, "timestep %lld at step %lld is out of range",
+                             (long long)t, (long long)(p->n_steps - 1));
     if (p->n_coords + 1 > p->cap_coords) {
-        st = grow(&p->t, &cap_t, p->n_coords + 1, err);
+        st = grow((void **)&p->t, &cap_t, p->n_coords + 1, sizeof(int32_t), err);
         if (st != MLU_OK)
             return st;
-        st = grow(&p->q, &cap_q, p->n_coords + 1, err);
+        st = grow((void **)&p->q, &cap_q, p->n_coords + 1, sizeof(int32_t), err);
         if (st != MLU_OK)
             return st;
         p->cap_coords = cap_t < cap_q ? cap_t : cap_q;
     }
-    p->t[p->n_coords] = t;
-    p->q[p->n_coords] = q;
+    p->t[p->n_coords] = (int32_t)t;
+    p->q[p->n_coords] = (int32_t)q;
     p->n_coords++;
     p->step_start[p->n_steps] = p->n_coords;
     return MLU_OK;
@@ -117,11 +127,11 @@ static mlu_status reserve(mlu_pattern *p, int64_t steps, int64_t coords, mlu_err
     if (steps < 0 || coords < 0 || steps > MLU_PATTERN_MAX_ENTRIES - p->n_steps - 1 ||
         coords > MLU_PATTERN_MAX_ENTRIES - p->n_coords)
         return too_large(err);
-    st = grow(&p->step_start, &p->cap_steps, p->n_steps + steps + 1, err);
+    st = grow((void **)&p->step_start, &p->cap_steps, p->n_steps + steps + 1, sizeof(int64_t), err);
     if (st == MLU_OK && coords > 0)
-        st = grow(&p->t, &cap_t, p->n_coords + coords, err);
+        st = grow((void **)&p->t, &cap_t, p->n_coords + coords, sizeof(int32_t), err);
     if (st == MLU_OK && coords > 0)
-        st = grow(&p->q, &cap_q, p->n_coords + coords, err);
+        st = grow((void **)&p->q, &cap_q, p->n_coords + coords, sizeof(int32_t), err);
     if (st == MLU_OK) {
         p->cap_coords = cap_t < cap_q ? cap_t : cap_q;
         if (p->n_steps == 0)
@@ -166,6 +176,7 @@ mlu_status mlu_pattern_finish(mlu_pattern *p, mlu_error *err)
         int dup = 0;
         for (i = p->step_start[s]; i < p->step_start[s + 1]; i++) {
             int64_t q = p->q[i], t = p->t[i];
+            /* (add_coord refuses q outside [0, n_q) already; kept for safety) */
             if (q < 0 || q >= p->n_q) {
                 st = mlu_error_set(err, MLU_EINVAL, -1,
                                    "codebook %lld at step %lld is outside [0, n_q=%lld)",
@@ -301,8 +312,8 @@ static inline void put_step(mlu_pattern *p)
 
 static inline void put_coord(mlu_pattern *p, int64_t t, int64_t q)
 {
-    p->t[p->n_coords] = t;
-    p->q[p->n_coords] = q;
+    p->t[p->n_coords] = (int32_t)t;
+    p->q[p->n_coords] = (int32_t)q;
     p->n_coords++;
     p->step_start[p->n_steps] = p->n_coords;
 }
@@ -318,8 +329,8 @@ static mlu_status finish_trusted(mlu_pattern *p, mlu_error *err)
     if (p->n_steps <= 0)
         return mlu_pattern_finish(p, err);
     for (i = p->step_start[1]; i < p->n_coords; i++)
-        if (p->t[i] + 1 > maxt)
-            maxt = p->t[i] + 1;
+        if ((int64_t)p->t[i] + 1 > maxt)
+            maxt = (int64_t)p->t[i] + 1;
     p->max_delay = maxt - p->timesteps;
     vs = p->n_steps - p->max_delay;
     if (vs < 0)
@@ -370,6 +381,10 @@ mlu_status mlu_pattern_delayed(mlu_pattern *p, const int64_t *delays, int64_t fl
     maxd = delays[K - 1];
     end = T + maxd;
     for (t = ff; t < end; t++) {
+        if (t == ff && (ff < INT32_MIN || end - 1 - delays[0] > INT32_MAX)) {
+            p->n_steps = p->n_coords = 0;
+            return too_large(err);
+        }
         put_step(p);
         for (q = 0; q < K; q++)
             if (t - delays[q] >= ff)
@@ -524,6 +539,8 @@ mlu_status mlu_pattern_coarse_first(mlu_pattern *p, const int64_t *delays, mlu_e
         st = too_large(err);
     if (st == MLU_OK)
         st = reserve(p, 1 + T + (end > 0 ? end : 0), T + mul_cap(end > 0 ? end : 0, K - 1), err);
+    if (st == MLU_OK && end > 0 && end - 1 - delays[0] > INT32_MAX)
+        st = too_large(err);
     if (st != MLU_OK)
         return st;
     put_step(p);
@@ -602,8 +619,8 @@ mlu_status mlu_pattern_build_indexes(const mlu_pattern *p, int64_t t_in, int64_t
     for (s = 0; s < L; s++)
         for (i = p->step_start[s]; i < p->step_start[s + 1]; i++)
             if (p->t[i] < t_in) {
-                indexes[p->q[i] * L + s] = p->t[i] + p->q[i] * t_in;
-                mask[p->q[i] * L + s] = 1;
+                indexes[(int64_t)p->q[i] * L + s] = p->t[i] + (int64_t)p->q[i] * t_in;
+                mask[(int64_t)p->q[i] * L + s] = 1;
             }
     return MLU_OK;
 }
@@ -632,8 +649,8 @@ mlu_status mlu_pattern_revert_indexes(const mlu_pattern *p, int64_t s_in, int64_
     for (s = 0; s < s_in && s + start < L; s++)
         for (i = p->step_start[s + start]; i < p->step_start[s + start + 1]; i++)
             if (p->t[i] < T) {
-                indexes[p->q[i] * T + p->t[i]] = s + p->q[i] * s_in;
-                mask[p->q[i] * T + p->t[i]] = 1;
+                indexes[(int64_t)p->q[i] * T + p->t[i]] = s + (int64_t)p->q[i] * s_in;
+                mask[(int64_t)p->q[i] * T + p->t[i]] = 1;
             }
     return MLU_OK;
 }

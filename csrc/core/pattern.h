@@ -13,8 +13,9 @@
 
 #include "../mlu.h"
 
-/* The most coordinates plus steps one pattern may hold. */
-#define MLU_PATTERN_MAX_ENTRIES ((int64_t)1 << 31)
+/* The most coordinates (or steps) one pattern may hold; timesteps and
+ * codebooks are stored as int32. */
+#define MLU_PATTERN_MAX_ENTRIES (((int64_t)1 << 31) - 1)
 
 typedef struct mlu_pattern {
     int64_t n_q;
@@ -22,8 +23,8 @@ typedef struct mlu_pattern {
     int64_t n_steps;      /* len(layout) */
     int64_t n_coords;
     int64_t *step_start;  /* owned: [n_steps + 1] */
-    int64_t *t;           /* owned: [n_coords] */
-    int64_t *q;           /* owned: [n_coords] */
+    int32_t *t;           /* owned: [n_coords] timesteps (every one fits int32) */
+    int32_t *q;           /* owned: [n_coords] codebooks */
     int64_t cap_steps;    /* allocated entries of step_start (builder) */
     int64_t cap_coords;   /* allocated entries of t and q (builder) */
     /* set by mlu_pattern_finish */
@@ -35,7 +36,8 @@ typedef struct mlu_pattern {
 void mlu_pattern_init(mlu_pattern *p, int64_t n_q, int64_t timesteps);
 void mlu_pattern_free(mlu_pattern *p);
 
-/* Builder: open a new (empty) step; add a coordinate to the last step. */
+/* Builder: open a new (empty) step; add a coordinate to the last step (t
+ * and q outside int32 are refused: no valid pattern holds them). */
 mlu_status mlu_pattern_add_step(mlu_pattern *p, mlu_error *err);
 mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error *err);
 

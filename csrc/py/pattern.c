@@ -157,8 +157,8 @@ static PyObject *table_equals(PyObject *self, PyObject *other)
          a->n_coords == b->n_coords &&
          memcmp(a->step_start, b->step_start, sizeof(int64_t) * (size_t)(a->n_steps + 1)) == 0 &&
          (a->n_coords == 0 ||
-          (memcmp(a->t, b->t, sizeof(int64_t) * (size_t)a->n_coords) == 0 &&
-           memcmp(a->q, b->q, sizeof(int64_t) * (size_t)a->n_coords) == 0));
+          (memcmp(a->t, b->t, sizeof(int32_t) * (size_t)a->n_coords) == 0 &&
+           memcmp(a->q, b->q, sizeof(int32_t) * (size_t)a->n_coords) == 0));
     return PyBool_FromLong(eq);
 }
 
