@@ -2,6 +2,7 @@
 
 Run: python3 bench/bench_pattern.py   (prints a markdown table of ratios measured in this run)
 """
+import gc
 import os
 import statistics
 import sys
@@ -16,6 +17,19 @@ import ref_pattern as R  # noqa: E402
 from mlutils import pattern as P  # noqa: E402
 
 K = 8
+
+
+def time_construction(make, T, repeat):
+    """Median time of a pattern construction: get_pattern(T + i) on one provider, each a cache miss."""
+    provider = make()
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        provider.get_pattern(T + i)
+        times.append(time.perf_counter() - t0)
+    del provider
+    gc.collect()
+    return statistics.median(times)
 
 
 def timeit(fn, repeat):
@@ -47,8 +61,8 @@ def construction_rows():
     for T in (1500, 100000):
         for name, make in providers:
             ref_rep = 5 if T == 1500 else 1
-            ref = timeit(lambda: make(R).get_pattern(T), ref_rep)
-            ours = timeit(lambda: make(P).get_pattern(T), 20 if T == 1500 else 5)
+            ref = time_construction(lambda: make(R), T, ref_rep)
+            ours = time_construction(lambda: make(P), T, 200 if T == 1500 else 9)
             rows.append((f"construct {name}, K={K}, T={T}", ref, ours))
     return rows
 
