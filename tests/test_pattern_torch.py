@@ -142,7 +142,7 @@ def test_random_custom_layouts_match_reference(torch, ref):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16",
-                                   "float32", "float64", "bool"])
+                                   "float32", "float64", "bool", "complex128"])
 @pytest.mark.parametrize("special", [3, -1.5, 1000])
 def test_torch_dtypes_and_special_promotion(torch, ref, dtype, special):
     dt = getattr(torch, dtype)
@@ -229,3 +229,12 @@ def test_cuda_matches_cpu(torch):
         assert gpu[0].is_cuda and torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
         back = p.revert_pattern_sequence(gpu[0], 7)
         assert torch.equal(back[0].cpu(), p.revert_pattern_sequence(cpu[0], 7)[0])
+
+
+def test_cuda_gather_without_a_device_is_a_clean_error():
+    if _core.cuda_built() and _core.cuda_device_count()[0] > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError):
+        _core.cuda_pattern_gather(8, 1, 8, 1, 1, b"\0" * 8, 8)
+    if _core.cuda_built():  # nothing to do is not an error, even without a device
+        _core.cuda_pattern_gather(8, 0, 8, 1, 1, b"\0" * 8, 8)
