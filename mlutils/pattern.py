@@ -96,7 +96,7 @@ _special_cache: dict = {}
 
 def _special_torch(src_dtype: tp.Any, special: tp.Any) -> tuple:
     """(result dtype, bytes of one element) of ``zeros(dtype) + special``, as the reference appends it."""
-    key = (src_dtype, type(special), special)
+    key = (src_dtype, type(special), _special_key(special))
     hit = _special_cache.get(key)
     if hit is None:
         torch = _torch_module()
@@ -109,7 +109,7 @@ def _special_torch(src_dtype: tp.Any, special: tp.Any) -> tuple:
 
 
 def _special_numpy(src_dtype: np.dtype, special: tp.Any) -> tuple:
-    key = ("np", src_dtype, type(special), special)
+    key = ("np", src_dtype, type(special), _special_key(special))
     hit = _special_cache.get(key)
     if hit is None:
         try:
@@ -123,10 +123,13 @@ def _special_numpy(src_dtype: np.dtype, special: tp.Any) -> tuple:
     return hit
 
 
+def _special_key(special: tp.Any) -> tp.Any:
+    # floats by their bits, so that -0.0 and 0.0 (equal as keys) stay apart
+    return special.hex() if isinstance(special, float) else special
+
+
 def _check_special(special: tp.Any) -> tp.Any:
-    if isinstance(special, (bool, np.bool_)):
-        return int(special)
-    if isinstance(special, (int, float, np.integer, np.floating)):
+    if isinstance(special, (int, float, np.bool_, np.integer, np.floating)):
         return special.item() if isinstance(special, np.generic) else special
     if _is_torch(special) and special.numel() == 1:
         return special.item()
@@ -294,7 +297,10 @@ class Pattern:
     def _tables(self, key: tuple) -> _Tables:
         tab = self._cache.get(key)
         if tab is not None:
-            self._cache.move_to_end(key)
+            try:
+                self._cache.move_to_end(key)
+            except KeyError:  # evicted meanwhile by another thread: still valid
+                pass
             return tab
         kind, n, k, valid, model_output = key
         if kind == "build":

@@ -143,7 +143,7 @@ def test_random_custom_layouts_match_reference(torch, ref):
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16",
                                    "float32", "float64", "bool", "complex128"])
-@pytest.mark.parametrize("special", [3, -1.5, 1000])
+@pytest.mark.parametrize("special", [3, -1.5, 1000, True, 0.0, -0.0])
 def test_torch_dtypes_and_special_promotion(torch, ref, dtype, special):
     dt = getattr(torch, dtype)
     ours = P.DelayedPatternProvider(3, [0, 1, 3]).get_pattern(5)
