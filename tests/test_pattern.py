@@ -283,3 +283,36 @@ def test_numpy_dispatch():
     assert _dispatch(np.zeros(1)) == "numpy"
     with pytest.raises(TypeError):
         _dispatch([1, 2])
+
+
+def test_arbitrary_layouts_never_crash():
+    from hypothesis import given, settings, strategies as st
+
+    atom = st.one_of(st.integers(-3, 6), st.integers(-(1 << 70), 1 << 70), st.none(), st.text(max_size=2),
+                     st.floats(allow_nan=True))
+    coord = st.one_of(st.tuples(atom, atom), st.lists(atom, max_size=3), atom)
+    layouts = st.one_of(st.lists(st.lists(coord, max_size=4), max_size=6), atom)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(layouts, st.integers(-2, 5), st.integers(-1, 4))
+    def check(layout, timesteps, n_q):
+        try:
+            p = Pattern(layout, timesteps=timesteps, n_q=n_q)
+        except (ValueError, TypeError, OverflowError):
+            return
+        # a valid layout: every step's coordinates are back in the same order
+        assert plain(p._table.layout(LayoutCoord)) == [[(int(c[0]), int(c[1])) for c in s] for s in layout]
+        if p.timesteps >= 0:
+            z = np.arange(2 * n_q * max(timesteps, 0), dtype=np.int32).reshape(2, n_q, max(timesteps, 0))
+            values, indexes, mask = p.build_pattern_sequence(z, -1)
+            assert values.tobytes() == numpy_oracle(z, indexes, -1, (2,)).tobytes()
+            for valid in (False, True):
+                S = len(p.valid_layout if valid else p.layout)
+                s = np.arange(3 * n_q * S, dtype=np.float32).reshape(3, n_q, S)
+                values, indexes, mask = p.revert_pattern_sequence(s, 0.5, valid)
+                assert values.tobytes() == numpy_oracle(s, indexes, 0.5, (3,)).tobytes()
+        else:
+            with pytest.raises(PatternError):
+                p.revert_pattern_sequence(np.zeros((1, n_q, 1)), 0)
+
+    check()

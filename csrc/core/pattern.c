@@ -639,6 +639,9 @@ mlu_status mlu_pattern_revert_indexes(const mlu_pattern *p, int64_t s_in, int64_
         return mlu_error_set(err, MLU_EINVAL, -1,
                              "sequence to revert is longer than the defined pattern: %lld > %lld",
                              (long long)s_in, (long long)L);
+    if (T < 0)
+        return mlu_error_set(err, MLU_EINVAL, -1, "cannot revert to a negative number of timesteps (%lld)",
+                             (long long)T);
     if (mlu_mul_overflow_i64(k, s_in, &fill) || mlu_mul_overflow_i64(k, T, &n))
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "pattern index table size overflows");
     if (model_output && p->n_steps > 0 && p->step_start[1] == p->step_start[0])

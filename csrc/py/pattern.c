@@ -289,7 +289,7 @@ static PyObject *table_revert_indexes(PyObject *self, PyObject *args)
         !PyArg_ParseTuple(args, "LLpp:revert_indexes", &s_in, &k, &valid, &model_output))
         return NULL;
     mlu_error_clear(&err);
-    if (k != p->n_q || s_in < 0 || s_in > mlu_pattern_ref_steps(p, valid)) {
+    if (k != p->n_q || s_in < 0 || s_in > mlu_pattern_ref_steps(p, valid) || p->timesteps < 0) {
         rc = mlu_pattern_revert_indexes(p, s_in, k, valid, model_output, NULL, NULL, &err);
         return raise_pattern(st, &err);
     }
