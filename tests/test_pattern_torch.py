@@ -238,3 +238,18 @@ def test_cuda_gather_without_a_device_is_a_clean_error():
         _core.cuda_pattern_gather(8, 1, 8, 1, 1, b"\0" * 8, 8)
     if _core.cuda_built():  # nothing to do is not an error, even without a device
         _core.cuda_pattern_gather(8, 0, 8, 1, 1, b"\0" * 8, 8)
+
+
+def test_build_keeps_autograd_and_inference_mode_works(torch, ref):
+    ours = P.UnrolledPatternProvider(2, [0, 1], [0, 1]).get_pattern(5)
+    theirs = ref.RefUnrolled(2, [0, 1], [0, 1]).get_pattern(5)
+    z1 = torch.randn(3, 2, 5, requires_grad=True)
+    z2 = z1.detach().clone().requires_grad_(True)
+    v1 = ours.build_pattern_sequence(z1, 0.0)[0]
+    v2 = theirs.build_pattern_sequence(z2, 0.0)[0]
+    v1.pow(2).sum().backward()
+    v2.pow(2).sum().backward()
+    assert torch.equal(z1.grad, z2.grad)
+    with torch.inference_mode():
+        z = torch.randint(0, 9, (2, 2, 5))
+        check_same(torch, ours.build_pattern_sequence(z, 9), theirs.build_pattern_sequence(z, 9))
