@@ -175,6 +175,8 @@ def _gather(x: tp.Any, tab: _Tables, special: tp.Any, outer_shape: tuple, out_ta
         return flat[..., idx.view(-1)].view(outer_shape + out_tail)
     dtype, spec = _special_torch(x.dtype, special)
     src = x.detach()
+    if src.is_complex():  # the C and CUDA gathers copy memory: apply lazy conjugation first
+        src = src.resolve_conj().resolve_neg()
     if src.dtype != dtype:
         src = src.to(dtype)
     src = src.contiguous()

@@ -253,3 +253,11 @@ def test_build_keeps_autograd_and_inference_mode_works(torch, ref):
     with torch.inference_mode():
         z = torch.randint(0, 9, (2, 2, 5))
         check_same(torch, ours.build_pattern_sequence(z, 9), theirs.build_pattern_sequence(z, 9))
+
+
+def test_lazy_conjugate_views_are_resolved(torch, ref):
+    ours = P.DelayedPatternProvider(2).get_pattern(3)
+    theirs = ref.RefDelayed(2).get_pattern(3)
+    z = torch.randn(2, 2, 3, dtype=torch.complex64).conj()
+    assert z.is_conj()
+    check_same(torch, ours.build_pattern_sequence(z, 0), theirs.build_pattern_sequence(z.resolve_conj(), 0))
