@@ -77,6 +77,16 @@ class BuildExt(build_ext):
     def build_extensions(self):
         ext = self.extensions[0]
         nvcc = getattr(ext, "_mlu_nvcc", None)
+        # Switching CUDA or the sanitizers on or off changes the sources and
+        # flags, which setuptools' timestamp check does not see: rebuild then.
+        config = repr((ext._mlu_config, sorted(ext.sources)))
+        stamp = self.get_ext_fullpath(ext.name) + ".config"
+        try:
+            with open(stamp) as f:
+                if f.read() != config:
+                    self.force = True
+        except OSError:
+            self.force = True
         if nvcc:
             objects = []
             os.makedirs(self.build_temp, exist_ok=True)
@@ -94,6 +104,9 @@ class BuildExt(build_ext):
                 objects.append(obj)
             ext.extra_objects = objects + ext.extra_objects
         build_ext.build_extensions(self)
+        os.makedirs(os.path.dirname(stamp) or ".", exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
 
 
 def make_extension():
@@ -148,6 +161,7 @@ def make_extension():
         language="c",
     )
     ext._mlu_nvcc = nvcc
+    ext._mlu_config = (bool(nvcc), extra_compile, extra_link)
     return ext
 
 
