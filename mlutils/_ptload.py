@@ -107,7 +107,10 @@ class _TorchHooks:
         dt = getattr(torch, name)
         isz = _ITEMSIZE[name]
         n = base.numel() - base.numel() % isz
-        flat = (base if n == base.numel() else base[:n]).view(dt)
+        if n == 0:
+            flat = torch.empty(0, dtype=dt, device=base.device)
+        else:
+            flat = (base if n == base.numel() else base[:n]).view(dt)
         t = flat.as_strided(shape, stride, offset)
         if is_parameter:
             return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
