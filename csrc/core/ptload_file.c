@@ -433,7 +433,7 @@ void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
     }
 }
 
-mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int release_source, mlu_error *err)
+mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int fd, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     const mlu_pt_storage_src *s = &pt->src[i];
@@ -443,18 +443,23 @@ mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int r
         st = mlu_zip_extract(&pt->zip, s->entry, dst, err);
         if (st != MLU_OK)
             return st;
+    } else if (ps->nbytes > 0 && fd >= 0) {
+        /* read(2) into the destination: no page faults on the source mapping */
+        size_t done = 0, n = (size_t)ps->nbytes;
+        while (done < n) {
+            size_t chunk = n - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : n - done;
+            ssize_t r = pread(fd, dst + done, chunk, (off_t)(s->offset + done));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0)
+                return mlu_error_errno(err, errno, "cannot read storage '%.*s'", (int)ps->key_len, ps->key);
+            if (r == 0)
+                return mlu_error_set(err, MLU_EFORMAT, (int64_t)(s->offset + done), "file shrank while reading storage '%.*s'",
+                                     (int)ps->key_len, ps->key);
+            done += (size_t)r;
+        }
     } else if (ps->nbytes > 0) {
         memcpy(dst, pt->data + s->offset, (size_t)ps->nbytes);
-        if (release_source) {
-            long pg = sysconf(_SC_PAGESIZE);
-            uintptr_t a = (uintptr_t)(pt->data + s->offset), b = a + (size_t)ps->nbytes;
-            if (pg > 0) {
-                a = (a + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
-                b &= ~((uintptr_t)pg - 1);
-                if (b > a)
-                    (void)madvise((void *)a, b - a, MADV_DONTNEED);
-            }
-        }
     }
     if (pt->big_endian && ps->swap_unit > 1)
         mlu_pt_byteswap(dst, (size_t)ps->nbytes, ps->swap_unit);

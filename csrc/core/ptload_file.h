@@ -41,9 +41,9 @@ void mlu_pt_close(mlu_pt *pt);
 int mlu_pt_storage_in_place(const mlu_pt *pt, uint32_t i, size_t align);
 
 /* Writes storage i's bytes (vm.storages[i].nbytes) into dst, inflating and
- * byte-swapping as needed.  With release_source, the file pages read are
- * dropped from memory afterwards (madvise) when the data is a private mapping. */
-mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int release_source, mlu_error *err);
+ * byte-swapping as needed.  With fd >= 0 (the same file) stored and raw
+ * bytes are read with pread instead of copied from the mapping. */
+mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int fd, mlu_error *err);
 
 /* Byte-swaps n bytes in place in units of `unit` bytes (1, 2, 4 or 8). */
 void mlu_pt_byteswap(uint8_t *p, size_t n, int unit);

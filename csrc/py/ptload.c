@@ -10,6 +10,8 @@
 #include "npy.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include "../core/alloc.h"
 #include "../core/ptload_file.h"
@@ -314,7 +316,7 @@ fail:
 }
 
 /* Makes the uint8 array of every storage. */
-static int make_storages(conv *c, PyObject *capsule, mlu_file_map *map, int mode)
+static int make_storages(conv *c, PyObject *capsule, mlu_file_map *map, int mode, int fd)
 {
     const mlu_pt *pt = c->pt;
     uint32_t i;
@@ -350,7 +352,7 @@ static int make_storages(conv *c, PyObject *capsule, mlu_file_map *map, int mode
             if (arr == NULL)
                 return -1;
             Py_BEGIN_ALLOW_THREADS
-            rc = mlu_pt_storage_fill(pt, i, (uint8_t *)PyArray_BYTES((PyArrayObject *)arr), mode == MODE_COPY, &err);
+            rc = mlu_pt_storage_fill(pt, i, (uint8_t *)PyArray_BYTES((PyArrayObject *)arr), fd, &err);
             Py_END_ALLOW_THREADS
             if (rc != MLU_OK) {
                 Py_DECREF(arr);
@@ -369,7 +371,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     PyObject *path_bytes = NULL, *capsule = NULL, *res = NULL, *coll = NULL;
     mlu_file_map *map = NULL;
     mlu_pt pt;
-    int pt_open = 0, mode, i;
+    int pt_open = 0, mode, i, fd = -1;
     mlu_error err;
     mlu_status rc;
     conv c;
@@ -447,7 +449,16 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         PyErr_NoMemory();
         goto done;
     }
-    if (make_storages(&c, capsule, map, mode) < 0)
+    if (mode == MODE_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        fd = open(PyBytes_AS_STRING(path_bytes), O_RDONLY | O_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd < 0) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+            goto done;
+        }
+    }
+    if (make_storages(&c, capsule, map, mode, fd) < 0)
         goto done;
     res = convert(&c, pt.root, 0);
 done:
@@ -467,6 +478,8 @@ done:
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
     Py_XDECREF(coll);
+    if (fd >= 0)
+        close(fd);
     if (pt_open)
         mlu_pt_close(&pt);
     Py_XDECREF(capsule);  /* unmaps unless an array still views the mapping */

@@ -99,7 +99,7 @@ static void test_good(void)
     CHECK(t->ndim == 2 && t->shape[0] == 2 && t->stride[0] == 2 && t->end_bytes == 16);
     CHECK(strcmp(mlu_pk_dtypes[t->dtype].name, "float32") == 0);
     CHECK(mlu_pt_storage_in_place(&pt, 0, 1) == 1);
-    CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, 0, &err) == MLU_OK);
+    CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, -1, &err) == MLU_OK);
     CHECK(memcmp(out, VALUES, sizeof(out)) == 0);
     mlu_pt_close(&pt);
 }

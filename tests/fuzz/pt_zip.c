@@ -41,7 +41,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 uint8_t *buf = mlu_malloc(n ? (size_t)n : 1);
                 if (buf != NULL) {
                     mlu_error_clear(&err);
-                    (void)mlu_pt_storage_fill(&pt, s, buf, 0, &err);
+                    (void)mlu_pt_storage_fill(&pt, s, buf, -1, &err);
                     mlu_free(buf);
                 }
             }
