@@ -52,14 +52,16 @@ LOADERS = {
 }
 
 RSS_SCRIPT = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from mlutils import _ptload
 p = {path!r}
-def rss():
+def status(field):
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
+def rss():
+    return status('VmRSS:')
 base = rss()
 obj = {expr}
 # touch every tensor byte, so a lazy (mmap) load is measured fully loaded too
@@ -69,7 +71,7 @@ for v in obj.values():
         n += int(v.reshape(-1).view(torch.uint8)[::4096].sum())
     else:
         n += int(v.reshape(-1).view('u1')[::4096].sum())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM:')  # this process's own peak (ru_maxrss would include the parent's, across exec)
 print(peak - base)
 """
 
