@@ -112,10 +112,13 @@ class _TorchHooks:
         else:
             flat = (base if n == base.numel() else base[:n]).view(dt)
         t = flat.as_strided(shape, stride, offset)
-        if is_parameter:
-            return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
-        if requires_grad:
-            t.requires_grad_(True)
+        try:
+            if is_parameter:
+                return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
+            if requires_grad:
+                t.requires_grad_(True)
+        except RuntimeError as e:  # e.g. requires_grad on an integer tensor
+            raise TorchFormatError(f"tensor over storage {key!r}: {e}") from e
         return t
 
     def dtype(self, name: str) -> Any:
@@ -177,31 +180,33 @@ def _index_hooks() -> tuple:
     return (tensor, str, tuple, _NumpyHooks.device)
 
 
-def _walk(obj: Any, prefix: str, out: list, active: set) -> None:
-    if isinstance(obj, _TensorInfo):
-        out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
-                    "storage": obj.key})
-        return
-    if isinstance(obj, dict):
-        items: Any = ((str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        items = ((str(i), v) for i, v in enumerate(obj))
-    else:
-        return
-    if id(obj) in active:
-        return
-    active.add(id(obj))
-    for k, v in items:
-        _walk(v, f"{prefix}.{k}" if prefix else k, out, active)
-    active.discard(id(obj))
+def _walk(root: Any) -> list:
+    """Tensors of the object with dotted paths, depth first in container order (iterative: no recursion limit)."""
+    out: list = []
+    stack: list = [(root, "", frozenset())]
+    while stack:
+        obj, prefix, active = stack.pop()
+        if isinstance(obj, _TensorInfo):
+            out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
+                        "storage": obj.key})
+            continue
+        if isinstance(obj, dict):
+            items = [(str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(obj)]
+        else:
+            continue
+        if id(obj) in active:  # a container that holds itself
+            continue
+        inner = active | {id(obj)}
+        for k, v in reversed(items):
+            stack.append((v, f"{prefix}.{k}" if prefix else k, inner))
+    return out
 
 
 def read_index(path: PathLike) -> list[dict]:
     """One dict per tensor {"name", "dtype" (torch name, e.g. "float32"), "shape", "nbytes", "storage"}; reads no tensor data."""
-    root = _core._pt_load(os.fspath(path), _MODE_INDEX, _index_hooks())
-    out: list[dict] = []
-    _walk(root, "", out, set())
-    return out
+    return _walk(_core._pt_load(os.fspath(path), _MODE_INDEX, _index_hooks()))
 
 
 def verify(path: PathLike) -> None:

@@ -470,3 +470,66 @@ def test_alloc_failures(tmp_path, fail_alloc):
             np.testing.assert_array_equal(sd["w"].reshape(-1)[:12], F32)
             break
         assert n > 3  # the injection really hit several allocations
+
+
+CORPUS = os.path.join(os.path.dirname(__file__), "fuzz", "corpus_pt_zip")
+LEGACY_SEEDS = os.path.join(os.path.dirname(__file__), "fuzz", "corpus_pt_pickle")
+
+
+def torch_written_files():
+    files = [os.path.join(CORPUS, f) for f in sorted(os.listdir(CORPUS))]
+    files += [os.path.join(LEGACY_SEEDS, f) for f in sorted(os.listdir(LEGACY_SEEDS)) if f.endswith(".legacy")]
+    return files
+
+
+@pytest.mark.parametrize("path", torch_written_files(), ids=os.path.basename)
+def test_torch_written_seed_files_without_torch(path):
+    """Files written by torch.save (kept in the fuzz corpus) load with NumPy only."""
+    for mmap in (True, False):
+        obj = _ptload.load(path, framework="np", mmap=mmap)
+        assert obj is not None
+    idx = _ptload.read_index(path)
+    assert idx and all(e["nbytes"] >= 0 and e["name"] for e in idx)
+    _ptload.verify(path)
+
+
+@pytest.mark.parametrize("path", torch_written_files()[:6], ids=os.path.basename)
+def test_mutated_torch_files_fail_cleanly(tmp_path, path):
+    data = open(path, "rb").read()
+    rng = np.random.default_rng(len(data))
+    q = tmp_path / "m.pt"
+    for _ in range(150):
+        m = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(0, len(m)))
+            m[i] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            m = m[: int(rng.integers(1, len(m)))]
+        q.write_bytes(bytes(m))
+        for fn in (lambda: _ptload.load(q, framework="np"), lambda: _ptload.read_index(q)):
+            try:
+                fn()
+            except (TorchFormatError, MemoryError):
+                pass
+
+
+def test_pt_without_torch_falls_back_to_numpy(tmp_path, monkeypatch):
+    p = write(tmp_path, simple_file())
+    monkeypatch.setattr(_ptload, "_import_torch", lambda: None)
+    sd = _ptload.load(p)  # framework "pt" by default
+    assert isinstance(sd["w"], np.ndarray)
+    np.testing.assert_array_equal(sd["w"], F32.reshape(3, 4))
+    with pytest.raises(ValueError, match="torch"):
+        _ptload.load(p, device="cuda")
+
+
+def test_read_index_deep_and_cyclic(tmp_path):
+    # 900 nested lists around one tensor, plus a list that holds itself
+    t = H.tensor_v2("torch.FloatStorage", "0", 12, 0, (12,), (1,))
+    body = H.proto() + b"]" * 900 + t + b"a" * 900 + H.STOP
+    p = write(tmp_path, H.pt_file(body, {"0": F32.tobytes()}))
+    idx = _ptload.read_index(p)
+    assert len(idx) == 1 and idx[0]["name"] == ".".join(["0"] * 900)
+    body = H.proto() + b"]q\x00(h\x00" + t + b"e" + H.STOP
+    p = write(tmp_path, H.pt_file(body, {"0": F32.tobytes()}), "c.pt")
+    assert [e["name"] for e in _ptload.read_index(p)] == ["1"]

@@ -294,3 +294,15 @@ def test_large_file(torch, tmp_path):
                                ref[k].view(torch.uint8) if ref[k].dtype != torch.int16 else ref[k])
         del ours
     _ptload.verify(p)
+
+
+def test_requires_grad_on_integer_tensor_is_a_format_error(torch, tmp_path):
+    pkl = H.proto() + b"}" + H.ustr("i") + H.tensor_v2("torch.LongStorage", "0", 2, 0, (2,), (1,),
+                                                       requires_grad=True) + b"s" + H.STOP
+    p = tmp_path / "i.pt"
+    p.write_bytes(H.pt_file(pkl, {"0": np.array([1, 2], "<i8").tobytes()}))
+    with pytest.raises(TorchFormatError, match="storage '0'"):
+        _ptload.load(p)
+    with pytest.raises(Exception):
+        torch.load(p, weights_only=True)  # torch refuses it too
+    assert list(_ptload.load(p, framework="np")["i"]) == [1, 2]

@@ -449,7 +449,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         PyErr_NoMemory();
         goto done;
     }
-    if (mode == MODE_COPY) {
+    if (mode == MODE_COPY || mode == MODE_MMAP) {
         Py_BEGIN_ALLOW_THREADS
         fd = open(PyBytes_AS_STRING(path_bytes), O_RDONLY | O_CLOEXEC);
         Py_END_ALLOW_THREADS
