@@ -306,3 +306,32 @@ def test_requires_grad_on_integer_tensor_is_a_format_error(torch, tmp_path):
     with pytest.raises(Exception):
         torch.load(p, weights_only=True)  # torch refuses it too
     assert list(_ptload.load(p, framework="np")["i"]) == [1, 2]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tensor_python_attributes(torch, tmp_path, fmt):
+    t = torch.ones(2)
+    t.foo = {"a": 1}
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.bar = 3
+    path = save(torch, {"t": t, "p": p}, tmp_path / "a.pt", fmt)
+    ref = torch.load(path, weights_only=True)
+    ours = _ptload.load(path)
+    assert_same(torch, ours, ref)
+    assert ours["t"].foo == ref["t"].foo == {"a": 1} and ours["p"].bar == ref["p"].bar == 3
+    # NumPy arrays cannot hold attributes: the values load, the attributes are dropped
+    npv = _ptload.load(path, framework="np")
+    np.testing.assert_array_equal(npv["t"], [1, 1])
+
+
+def test_attribute_that_cannot_be_set(torch, tmp_path):
+    state = b"}" + H.ustr("requires_grad") + H.ustr("yes") + b"s"
+    pkl = (H.proto() + b"}" + H.ustr("t") + H.glob("torch._tensor", "_rebuild_from_type_v2") + b"(" +
+           H.glob("torch._utils", "_rebuild_tensor_v2") + H.glob("torch", "Tensor") +
+           b"(" + H.pid("torch.FloatStorage", "0", 2) + H.pint(0) + H.ints((2,)) + H.ints((1,)) + H.FALSE +
+           H.odict() + b"t" + state + b"tR" + b"s" + H.STOP)
+    p = tmp_path / "s.pt"
+    p.write_bytes(H.pt_file(pkl, {"0": np.ones(2, "<f4").tobytes()}))
+    with pytest.raises(TorchFormatError, match="requires_grad") as ei:
+        _ptload.load(p)
+    assert ei.value.__cause__ is not None

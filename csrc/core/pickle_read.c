@@ -543,8 +543,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
         if (N(vm, v[2])->kind != MLU_PK_DICT || N(vm, v[2])->len != 0)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
-        if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state is not supported", at);
+        if (n == 4 && N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
         if ((node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
             goto nomem;
         /* a new tensor record: same view, marked as a parameter */
@@ -554,6 +554,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         vm->tensors[vm->n_tensors].is_parameter = 1;
         vm->tensors[vm->n_tensors].requires_grad = rg;
         N(vm, node)->u.ref = vm->n_tensors++;
+        if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
+            N(vm, node)->attrs = v[3];
         break;
     case G_REBUILD_FROM_TYPE_V2: {
         int tg;
@@ -563,8 +565,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         tg = N(vm, v[1])->sub;
         if (tg != G_TENSOR && tg != G_PARAMETER)
             return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
-        if (!is_empty_dict_or_none(vm, v[3]))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor subclass state is not supported", at);
+        if (N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
         if (depth > 4)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
         st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
@@ -572,6 +574,13 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
             return st;
         if (N(vm, node)->kind != MLU_PK_TENSOR)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
+        if (tg == G_PARAMETER)
+            vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
+        if (!is_empty_dict_or_none(vm, v[3])) {
+            if (N(vm, node)->attrs != MLU_PK_NONE_ID)
+                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
+            N(vm, node)->attrs = v[3];
+        }
         break;
     }
     default:

@@ -58,7 +58,8 @@ typedef struct mlu_pk_node {
     uint8_t flags;
     uint16_t sub;
     uint32_t len, cap;  /* items of containers */
-    uint32_t attrs;     /* DICT: node id of the BUILD state (OrderedDict attributes) or MLU_PK_NONE_ID */
+    uint32_t attrs;     /* DICT: node id of the BUILD state (OrderedDict attributes); TENSOR: dict of
+                           Python attributes (_rebuild_from_type_v2 / _with_state); else MLU_PK_NONE_ID */
     union {
         int64_t i;
         double f;

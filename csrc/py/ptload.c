@@ -144,6 +144,53 @@ static int fill_dict(conv *c, PyObject *obj, const mlu_pk_node *n, int depth)
     return 0;
 }
 
+/* Sets the str-keyed items of dict node `attrs` as attributes of obj: into
+ * its __dict__ when `into_dict` (OrderedDict BUILD, as inst.__dict__.update),
+ * else with setattr (tensor state, as torch's _set_obj_state).  A failure
+ * other than MemoryError becomes TorchFormatError with the cause chained. */
+static int set_attrs(conv *c, PyObject *obj, uint32_t attrs, int depth, int into_dict)
+{
+    const mlu_pk_node *a = &c->pt->vm.nodes[attrs];
+    PyObject *d = NULL;
+    uint32_t i;
+    int res = -1;
+
+    if (into_dict && (d = PyObject_GetAttrString(obj, "__dict__")) == NULL)
+        return -1;
+    for (i = 0; i + 1 < a->len; i += 2) {
+        PyObject *k = convert(c, a->u.items[i], depth + 1), *v = NULL;
+        int rc = -1;
+        if (k != NULL && !PyUnicode_Check(k))
+            fmt_error(c, "attribute name is a %s, not a str", Py_TYPE(k)->tp_name);
+        else if (k != NULL && (v = convert(c, a->u.items[i + 1], depth + 1)) != NULL) {
+            rc = d != NULL ? PyDict_SetItem(d, k, v) : PyObject_SetAttr(obj, k, v);
+            if (rc < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError) &&
+                !PyErr_ExceptionMatches(c->st->TorchFormatError)) {
+                PyObject *t1, *cause, *tb1, *t2, *exc, *tb2;
+                PyErr_Fetch(&t1, &cause, &tb1);
+                PyErr_NormalizeException(&t1, &cause, &tb1);
+                fmt_error(c, "cannot set attribute %R from the pickle: %S", k, cause);
+                PyErr_Fetch(&t2, &exc, &tb2);
+                PyErr_NormalizeException(&t2, &exc, &tb2);
+                if (exc != NULL && cause != NULL)
+                    PyException_SetCause(exc, Py_NewRef(cause)); /* steals the new ref */
+                PyErr_Restore(t2, exc, tb2);
+                Py_XDECREF(t1);
+                Py_XDECREF(cause);
+                Py_XDECREF(tb1);
+            }
+        }
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0)
+            goto done;
+    }
+    res = 0;
+done:
+    Py_XDECREF(d);
+    return res;
+}
+
 /* New ref. */
 static PyObject *convert(conv *c, uint32_t id, int depth)
 {
@@ -268,21 +315,8 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         c->memo[id] = Py_NewRef(o);
         if (fill_dict(c, o, n, depth) < 0)
             goto fail;
-        if (n->attrs != MLU_PK_NONE_ID) {
-            const mlu_pk_node *a = &c->pt->vm.nodes[n->attrs];
-            for (i = 0; i + 1 < a->len; i += 2) {
-                PyObject *k = convert(c, a->u.items[i], depth + 1), *v = NULL;
-                int rc = -1;
-                if (k != NULL && !PyUnicode_Check(k))
-                    fmt_error(c, "OrderedDict attribute name is a %s, not a str", Py_TYPE(k)->tp_name);
-                else if (k != NULL && (v = convert(c, a->u.items[i + 1], depth + 1)) != NULL)
-                    rc = PyObject_GenericSetAttr(o, k, v);
-                Py_XDECREF(k);
-                Py_XDECREF(v);
-                if (rc < 0)
-                    goto fail;
-            }
-        }
+        if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
+            goto fail;
         return o;
     case MLU_PK_DEVICE: {
         PyObject *s = make_str(c, n);
@@ -300,6 +334,9 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         break;
     case MLU_PK_TENSOR:
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
+        /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
+        if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
+            goto fail;
         break;
     case MLU_PK_STORAGE:
         return fmt_error(c, "a bare storage (not inside a tensor) is not supported");
