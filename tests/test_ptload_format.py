@@ -533,3 +533,18 @@ def test_read_index_deep_and_cyclic(tmp_path):
     body = H.proto() + b"]q\x00(h\x00" + t + b"e" + H.STOP
     p = write(tmp_path, H.pt_file(body, {"0": F32.tobytes()}), "c.pt")
     assert [e["name"] for e in _ptload.read_index(p)] == ["1"]
+
+
+def test_parameter_forms_and_unsupported_calls(tmp_path):
+    t = H.tensor_v2("torch.FloatStorage", "0", 12, 0, (12,), (1,))
+    pkl = (H.proto() + b"(" + H.glob("torch.nn.parameter", "Parameter") + H.tup(t, H.FALSE) + H.REDUCE +
+           H.glob("torch.nn.parameter", "Parameter") + H.tup(t) + b"\x81" +
+           H.glob("torch._utils", "_rebuild_parameter") + H.tup(t, H.TRUE, H.odict()) + H.REDUCE + b"t" + H.STOP)
+    p = write(tmp_path, H.pt_file(pkl, {"0": F32.tobytes()}))
+    a, b, c = _ptload.load(p, framework="np")
+    for x in (a, b, c):
+        np.testing.assert_array_equal(x, F32)
+    assert [e["name"] for e in _ptload.read_index(p)] == ["0", "1", "2"]
+    e = expect(tmp_path, H.pt_file(H.proto() + H.glob("torch", "Tensor") + H.tup() + H.REDUCE + H.STOP),
+               TorchFormatError, "not supported")
+    assert not isinstance(e, UnsafePickleError)

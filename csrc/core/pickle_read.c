@@ -583,8 +583,21 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         }
         break;
     }
-    default:
-        return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: calling this global is not allowed", at);
+    case G_PARAMETER: /* torch.nn.Parameter(tensor[, requires_grad]) */
+        rg = 1;
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
+        if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
+            (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
+            goto nomem;
+        vm->tensors[vm->n_tensors] = vm->tensors[N(vm, v[0])->u.ref];
+        vm->tensors[vm->n_tensors].is_parameter = 1;
+        vm->tensors[vm->n_tensors].requires_grad = rg;
+        N(vm, node)->u.ref = vm->n_tensors++;
+        break;
+    default: /* torch.Tensor(...), storage classes: allowed by torch, not built here */
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: calling this torch class is allowed by torch but not "
+                       "supported by this loader", at);
     }
     *out = node;
     return st;
