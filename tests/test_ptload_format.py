@@ -548,3 +548,11 @@ def test_parameter_forms_and_unsupported_calls(tmp_path):
     e = expect(tmp_path, H.pt_file(H.proto() + H.glob("torch", "Tensor") + H.tup() + H.REDUCE + H.STOP),
                TorchFormatError, "not supported")
     assert not isinstance(e, UnsafePickleError)
+
+
+def test_mark_hides_outer_frames(tmp_path):
+    # APPENDS right after two MARKs has no list in its own frame (Python's pickle agrees)
+    body = H.proto() + b"](" + b"(" + H.pint(1) + b"e" + H.STOP
+    with pytest.raises(Exception):
+        pickle.loads(body)
+    expect(tmp_path, H.pt_file(body), TorchFormatError, "underflow")

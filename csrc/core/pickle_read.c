@@ -922,7 +922,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             }
             k = vm->n_stack - base;
             if (op != 't') {
-                if (base == 0) {
+                size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
+                if (base <= outer) {
                     VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode '%c' at byte %zu has no target", op, at);
                     goto error;
                 }
