@@ -556,3 +556,35 @@ def test_mark_hides_outer_frames(tmp_path):
     with pytest.raises(Exception):
         pickle.loads(body)
     expect(tmp_path, H.pt_file(body), TorchFormatError, "underflow")
+
+
+def _plain_values():
+    from hypothesis import strategies as st
+
+    leaf = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 100), max_value=2 ** 100)
+            | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(min_size=1, max_size=20)
+            | st.builds(bytearray, st.binary(max_size=8)) | st.complex_numbers(allow_nan=False))
+    return st.recursive(
+        leaf,
+        lambda kids: (st.lists(kids, max_size=5) | st.tuples(kids, kids) | st.dictionaries(st.text(max_size=5), kids,
+                                                                                            max_size=5)
+                      | st.frozensets(st.integers(), max_size=4).map(set)),
+        max_leaves=25)
+
+
+def test_plain_pickles_match_python_unpickler(tmp_path):
+    """Differential: any protocol-2 pickle of plain data loads exactly as pickle.loads reads it."""
+    from hypothesis import given, settings, HealthCheck
+
+    path = tmp_path / "h.pt"
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_plain_values())
+    def check(value):
+        data = pickle.dumps(value, protocol=2)
+        path.write_bytes(H.pt_file(data))
+        ours = _ptload.load(path, framework="np")
+        assert ours == pickle.loads(data)
+        assert type(ours) is type(value)
+
+    check()
