@@ -181,11 +181,14 @@ def _index_hooks() -> tuple:
 
 
 def _walk(root: Any) -> list:
-    """Tensors of the object with dotted paths, depth first in container order (iterative: no recursion limit)."""
+    """Tensors of the object with dotted paths, depth first in container order.  Iterative (no
+    recursion limit); a container reached twice (shared through the pickle memo, or holding itself)
+    is listed under its first path only, so a crafted DAG cannot make the walk exponential."""
     out: list = []
-    stack: list = [(root, "", frozenset())]
+    seen: set = set()
+    stack: list = [(root, "")]
     while stack:
-        obj, prefix, active = stack.pop()
+        obj, prefix = stack.pop()
         if isinstance(obj, _TensorInfo):
             out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
                         "storage": obj.key})
@@ -196,11 +199,11 @@ def _walk(root: Any) -> list:
             items = [(str(i), v) for i, v in enumerate(obj)]
         else:
             continue
-        if id(obj) in active:  # a container that holds itself
+        if id(obj) in seen:
             continue
-        inner = active | {id(obj)}
+        seen.add(id(obj))
         for k, v in reversed(items):
-            stack.append((v, f"{prefix}.{k}" if prefix else k, inner))
+            stack.append((v, f"{prefix}.{k}" if prefix else k))
     return out
 
 

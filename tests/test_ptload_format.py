@@ -588,3 +588,19 @@ def test_plain_pickles_match_python_unpickler(tmp_path):
         assert type(ours) is type(value)
 
     check()
+
+
+def test_read_index_shared_containers_stay_linear(tmp_path):
+    # t0 = (tensor,), t_{k+1} = (t_k, t_k): 2**60 paths, 61 containers
+    t = H.tensor_v2("torch.FloatStorage", "0", 12, 0, (12,), (1,))
+    body = H.proto() + t + b"\x85q\x00"
+    for k in range(60):
+        body += b"h" + bytes([k]) + b"h" + bytes([k]) + b"\x86q" + bytes([k + 1])
+    body += H.STOP
+    # each pair is left on the stack above the previous ones; STOP returns the last one
+    p = write(tmp_path, H.pt_file(body, {"0": F32.tobytes()}))
+    idx = _ptload.read_index(p)
+    assert [e["name"] for e in idx] == [".".join(["0"] * 61)]
+    _ptload.verify(p)
+    obj = _ptload.load(p, framework="np")
+    assert obj[0] is obj[1]
