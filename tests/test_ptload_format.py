@@ -604,3 +604,10 @@ def test_read_index_shared_containers_stay_linear(tmp_path):
     _ptload.verify(p)
     obj = _ptload.load(p, framework="np")
     assert obj[0] is obj[1]
+
+
+def test_quadratic_copies_are_refused(tmp_path):
+    # one list of 20000 ints, then 20000 OrderedDict(list-of-pairs)/set(list) copies of it
+    pairs = b"](" + (H.tup(H.pint(1), H.pint(2))) * 20000 + b"eq\x00"
+    body = H.proto() + pairs + b"]" + b"(" + (H.glob("__builtin__", "set") + b"h\x00\x85R") * 20000 + b"e" + H.STOP
+    expect(tmp_path, H.pt_file(body), TorchFormatError, "expands")

@@ -251,9 +251,17 @@ static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
     return vm->n_nodes++;
 }
 
+/* Items are capped by a budget proportional to the input, so that copies
+ * made by REDUCE (OrderedDict(list), set(list), ...) of one large memoised
+ * list cannot grow quadratically. */
 static int add_item(mlu_pk_vm *vm, uint32_t node, uint32_t item)
 {
     mlu_pk_node *n = &vm->nodes[node];
+    if (vm->budget == 0) {
+        vm->over_budget = 1;
+        return -1;
+    }
+    vm->budget--;
     if (n->len >= UINT32_MAX - 2 || grow((void **)&n->u.items, &n->cap, (uint64_t)n->len + 1, sizeof(uint32_t)) < 0)
         return -1;
     n->u.items[n->len++] = item;
@@ -602,6 +610,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
     *out = node;
     return st;
 nomem:
+    if (vm->over_budget)
+        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
     return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
 }
 
@@ -730,7 +740,10 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
 #define TOP(k) (vm->stack[vm->n_stack - (k)])
 #define OOM()                                                                                           \
     do {                                                                                                \
-        VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");                                    \
+        if (vm->over_budget)                                                                            \
+            VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);                 \
+        else                                                                                            \
+            VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");                                \
         goto error;                                                                                     \
     } while (0)
 #define PUSH(id)                                                                                        \
@@ -756,6 +769,11 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     vm->data = data;
     vm->size = size;
     vm->legacy = legacy;
+    vm->over_budget = 0;
+    {
+        uint64_t extra = 4 * (uint64_t)(size - pos) + 4096;
+        vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
+    }
     vm->n_stack = 0;
     vm->n_marks = 0;
     mlu_free(vm->memo);

@@ -120,7 +120,8 @@ typedef struct mlu_pk_vm {
     uint32_t *stack; size_t n_stack, cap_stack;
     size_t *marks; size_t n_marks, cap_marks;
     uint32_t *memo; size_t n_memo;
-    uint64_t budget;      /* nodes + items allowed (bounded by the input size) */
+    uint64_t budget;      /* container items still allowed (grows with the input size) */
+    int over_budget;      /* set when an item was refused for the budget */
 } mlu_pk_vm;
 
 void mlu_pk_vm_init(mlu_pk_vm *vm);
