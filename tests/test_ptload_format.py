@@ -611,3 +611,38 @@ def test_quadratic_copies_are_refused(tmp_path):
     pairs = b"](" + (H.tup(H.pint(1), H.pint(2))) * 20000 + b"eq\x00"
     body = H.proto() + pairs + b"]" + b"(" + (H.glob("__builtin__", "set") + b"h\x00\x85R") * 20000 + b"e" + H.STOP
     expect(tmp_path, H.pt_file(body), TorchFormatError, "expands")
+
+
+SNIPPETS = [
+    H.NONE, H.TRUE, H.FALSE, H.pint(0), H.pint(2), H.pint(300), H.pint(-1), H.pint(2 ** 70), H.pfloat(1.5),
+    b")", b"]", b"}", b"\x8f", b"(", b"t", b"a", b"e", b"s", b"u", b"\x85", b"\x86", b"\x87", b"q\x00", b"q\x01",
+    b"h\x00", b"h\x01", b"R", b"b", b"Q", b"\x81", H.ustr("storage"), H.ustr("0"), H.ustr("cpu"), H.ustr("k"),
+    H.ustr("latin1"), H.glob("collections", "OrderedDict"), H.glob("collections", "Counter"),
+    H.glob("torch._utils", "_rebuild_tensor_v2"), H.glob("torch._utils", "_rebuild_tensor_v3"),
+    H.glob("torch._utils", "_rebuild_parameter"), H.glob("torch._tensor", "_rebuild_from_type_v2"),
+    H.glob("torch", "FloatStorage"), H.glob("torch.storage", "UntypedStorage"), H.glob("torch", "Size"),
+    H.glob("torch", "device"), H.glob("torch", "bfloat16"), H.glob("torch", "Tensor"), H.glob("_codecs", "encode"),
+    H.glob("builtins", "set"), H.glob("builtins", "bytearray"), H.glob("builtins", "complex"),
+    H.glob("torch.nn.parameter", "Parameter"), H.pid("torch.FloatStorage", "0", 2),
+    H.tensor_v2("torch.FloatStorage", "0", 2, 0, (2,), (1,)), H.odict(),
+]
+
+
+def test_random_opcode_sequences_fail_cleanly(tmp_path):
+    """Any sequence of allowed opcodes either loads or raises TorchFormatError: never another error or a crash."""
+    from hypothesis import given, settings, HealthCheck, strategies as st
+
+    path = tmp_path / "r.pt"
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.sampled_from(SNIPPETS), max_size=30))
+    def check(parts):
+        path.write_bytes(H.pt_file(H.proto() + b"".join(parts) + H.STOP, {"0": b"\0" * 8}))
+        for fn in (lambda: _ptload.load(path, framework="np"), lambda: _ptload.read_index(path),
+                   lambda: _ptload.verify(path)):
+            try:
+                fn()
+            except TorchFormatError:
+                pass
+
+    check()
