@@ -62,7 +62,8 @@ def assert_same(torch, ours, ref, path="root"):
 def all_dtypes(torch):
     names = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
              "complex64", "complex128", "uint16", "uint32", "uint64", "float8_e5m2", "float8_e4m3fn",
-             "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu"]
+             "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu", "complex32", "float4_e2m1fn_x2", "bits8",
+             "bits16"]
     return [getattr(torch, n) for n in names if hasattr(torch, n)]
 
 
