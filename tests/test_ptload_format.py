@@ -646,3 +646,39 @@ def test_random_opcode_sequences_fail_cleanly(tmp_path):
                 pass
 
     check()
+
+
+def _payload_offset(data, name):
+    h = data.index(name.encode()) - 30  # first occurrence: the local header
+    n, m = struct.unpack_from("<HH", data, h + 26)
+    return h + 30 + n + m
+
+
+@pytest.mark.parametrize("deflate", [(), ("data/0",)])
+def test_verify_checks_crc(tmp_path, deflate):
+    good = simple_file(deflate=deflate)
+    _ptload.verify(write(tmp_path, good, "g.pt"))
+    bad = bytearray(good)
+    if deflate:  # corrupt the stored CRC instead of the (compressed) payload
+        c = bad.index(b"PK\x01\x02" )
+        while bad[c + 46:c + 46 + 14] != b"archive/data/0":
+            c = bad.index(b"PK\x01\x02", c + 4)
+        struct.pack_into("<I", bad, c + 16, 0x12345678)
+    else:
+        bad[_payload_offset(good, "archive/data/0") + 5] ^= 0x40
+    p = write(tmp_path, bytes(bad))
+    with pytest.raises(TorchFormatError, match="CRC-32 mismatch in record 'archive/data/0'"):
+        _ptload.verify(p)
+    _ptload.load(p, framework="np")  # like torch.load, loading does not check CRCs
+
+
+def test_verify_accepts_crc_zero(tmp_path):
+    bad = bytearray(simple_file())
+    c = bad.index(b"PK\x01\x02")
+    while c >= 0:
+        struct.pack_into("<I", bad, c + 16, 0)
+        nxt = bad.find(b"PK\x01\x02", c + 4)
+        c = nxt
+    p = write(tmp_path, bytes(bad))
+    _ptload.verify(p)
+    np.testing.assert_array_equal(_ptload.load(p, framework="np")["w"], F32.reshape(3, 4))

@@ -58,7 +58,7 @@ static int parse_version(const char *s, unsigned long *out)
     return 0;
 }
 
-static mlu_status open_zip(mlu_pt *pt, int check_deflated, mlu_error *err)
+static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
     const mlu_zip_entry *e0, *pk, *ver, *dver, *bo;
@@ -148,6 +148,9 @@ static mlu_status open_zip(mlu_pt *pt, int check_deflated, mlu_error *err)
         mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
         goto done;
     }
+    if (verify && (st = mlu_zip_check(&pt->zip, pk, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
     if (pk->method == 0) {
         pickle = pt->data + pk->data_offset;
     } else {
@@ -200,7 +203,7 @@ static mlu_status open_zip(mlu_pt *pt, int check_deflated, mlu_error *err)
         pt->src[i].kind = e->method == 0 ? MLU_PT_SRC_STORED : MLU_PT_SRC_DEFLATED;
         pt->src[i].offset = e->data_offset;
         pt->src[i].entry = e;
-        if (check_deflated && e->method != 0 && (st = mlu_zip_check(&pt->zip, e, err)) != MLU_OK)
+        if (verify && (st = mlu_zip_check(&pt->zip, e, err)) != MLU_OK)
             goto done;
         st = MLU_EFORMAT;
     }
@@ -363,7 +366,7 @@ done:
     return st;
 }
 
-mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int check_deflated, mlu_error *err)
+mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int verify, mlu_error *err)
 {
     mlu_status st;
 
@@ -373,7 +376,7 @@ mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int check_d
     pt->size = size;
     if (size >= 4 && memcmp(data, "PK\x03\x04", 4) == 0) {
         pt->is_zip = 1;
-        st = open_zip(pt, check_deflated, err);
+        st = open_zip(pt, verify, err);
     } else {
         st = open_legacy(pt, err);
     }

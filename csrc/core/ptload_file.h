@@ -31,9 +31,10 @@ typedef struct mlu_pt {
     mlu_pt_storage_src *src;     /* owned: one per vm.storages entry */
 } mlu_pt;
 
-/* Parses and validates everything but the storage bytes themselves (deflated
- * records are inflated only when `check_deflated` is set). */
-mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int check_deflated, mlu_error *err);
+/* Parses and validates everything but the storage bytes themselves.  With
+ * `verify`, data.pkl and every storage record are also checked in full
+ * (deflate streams inflated, CRC-32 compared unless the file stores 0). */
+mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int verify, mlu_error *err);
 void mlu_pt_close(mlu_pt *pt);
 
 /* 1 when storage i can be used in place (stored, native byte order, and its

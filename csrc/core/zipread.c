@@ -298,9 +298,12 @@ const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len
     return NULL;
 }
 
-/* Inflates e into dst (capacity e->usize) or, when dst is NULL, into a scratch buffer. */
-static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, mlu_error *err)
+/* Inflates e into dst (capacity e->usize) or, when dst is NULL, into a
+ * scratch buffer; the CRC-32 of the output goes to *crc_out when not NULL. */
+static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, uint32_t *crc_out,
+                                mlu_error *err)
 {
+    uLong crc = crc32(0L, Z_NULL, 0);
     mlu_status st = MLU_EFORMAT;
     z_stream s;
     uint8_t scratch[16384];
@@ -340,6 +343,8 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
         }
         s.avail_out = chunk_out;
         rc = inflate(&s, Z_NO_FLUSH);
+        if (crc_out != NULL && chunk_out > s.avail_out && !out_probe)
+            crc = crc32(crc, s.next_out - (chunk_out - s.avail_out), chunk_out - s.avail_out);
         out_total += chunk_out - s.avail_out;
         if (out_probe && s.avail_out == 0) {
             st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates past its declared %llu bytes (zip bomb?)",
@@ -363,6 +368,8 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
                            (int)e->name_len, e->name, (unsigned long long)out_total, (unsigned long long)e->usize);
         goto done;
     }
+    if (crc_out != NULL)
+        *crc_out = (uint32_t)crc;
     st = MLU_OK;
 done:
     if (inited)
@@ -377,12 +384,30 @@ mlu_status mlu_zip_extract(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *ds
             memcpy(dst, z->data + e->data_offset, (size_t)e->usize);
         return MLU_OK;
     }
-    return inflate_entry(z, e, dst, err);
+    return inflate_entry(z, e, dst, NULL, err);
 }
 
 mlu_status mlu_zip_check(const mlu_zip *z, const mlu_zip_entry *e, mlu_error *err)
 {
-    if (e->method == 0)
-        return MLU_OK;
-    return inflate_entry(z, e, NULL, err);
+    mlu_status st = MLU_OK;
+    uint32_t crc = 0;
+
+    if (e->method == 0) {
+        uLong c = crc32(0L, Z_NULL, 0);
+        uint64_t done = 0;
+        while (done < e->usize) {
+            uInt chunk = e->usize - done > (1u << 30) ? (1u << 30) : (uInt)(e->usize - done);
+            c = crc32(c, z->data + e->data_offset + done, chunk);
+            done += chunk;
+        }
+        crc = (uint32_t)c;
+    } else {
+        st = inflate_entry(z, e, NULL, &crc, err);
+        if (st != MLU_OK)
+            return st;
+    }
+    if (e->crc != 0 && crc != e->crc)
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "CRC-32 mismatch in record '%.*s': the file is corrupt",
+                           (int)e->name_len, e->name);
+    return st;
 }

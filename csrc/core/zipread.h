@@ -41,8 +41,10 @@ const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len
  * e->usize bytes (never more is written). */
 mlu_status mlu_zip_extract(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, mlu_error *err);
 
-/* Inflates a deflated record into nothing, checking that it decompresses to
- * exactly e->usize bytes (stored records: no-op). */
+/* Checks a record without keeping its bytes: a deflated one must decompress
+ * to exactly e->usize bytes; and the CRC-32 of the uncompressed bytes must
+ * match the directory's unless that CRC is 0 (torch can write files with
+ * CRCs turned off, and then stores 0). */
 mlu_status mlu_zip_check(const mlu_zip *z, const mlu_zip_entry *e, mlu_error *err);
 
 #endif
