@@ -76,10 +76,9 @@ class _NumpyHooks:
 
     @staticmethod
     def dtype(name: str) -> Any:
-        try:
-            return numpy_dtype(name) if name in _NP_NATIVE or name in _ML_DTYPES else name
-        except KeyError:  # pragma: no cover - every name is in _ITEMSIZE
-            return name
+        """A torch dtype value as a NumPy dtype where NumPy (or ml_dtypes) has one, else its torch name."""
+        dt = numpy_dtype(name)
+        return dt if name in _NP_NATIVE or dt.name == name else name
 
     @staticmethod
     def device(kind: str, index: Any) -> str:
