@@ -88,3 +88,10 @@ def pattern_from_layout(layout: Any, n_q: int, timesteps: int) -> PatternTable: 
 def pattern_gather(runs: Any, src: Any, outer: int, n_in: int, n_out: int, special: bytes, dst: Any) -> None: ...
 def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: int, special: bytes, dst: int,
                         stream: int = 0) -> None: ...
+
+# --- ptload ---
+# mode 0: storages view the file's private mapping when stored and aligned (else copies);
+# 1: storages are copies (pread); 2: no storage data (index); 3: like 2, deflated records checked.
+# hooks = (tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
+#          dtype(name), size(tuple), device(type, index_or_None))
+def _pt_load(path: Any, mode: int, hooks: tuple[Any, Any, Any, Any]) -> Any: ...

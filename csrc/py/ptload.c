@@ -1,8 +1,537 @@
-/* ptload.c: the Python face of PyTorch .pt loading. */
-#include "module.h"
+/* ptload.c: the Python face of PyTorch .pt loading.
+ *
+ * _pt_load(path, mode, hooks) maps the file, runs the core parser
+ * (core/ptload_file.c: zip or legacy, restricted pickle VM, storage checks),
+ * makes one uint8 NumPy array per storage (a view of the private mapping when
+ * the record is stored and aligned, else a copy) and converts the node tree
+ * to Python objects.  Torch-specific values go through `hooks`, a tuple of
+ * callables (tensor, dtype, size, device) supplied by mlutils/_ptload.py, so
+ * this file never imports torch. */
+#include "npy.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "../core/alloc.h"
+#include "../core/ptload_file.h"
+
+enum { MODE_MMAP = 0, MODE_COPY = 1, MODE_INDEX = 2, MODE_VERIFY = 3 };
+#define MAX_DEPTH 1000
+#define MAPPING_CAPSULE "mlutils._ptload.mapping"
+
+typedef struct conv {
+    mlu_state *st;
+    const mlu_pt *pt;
+    PyObject **memo;      /* owned refs, one slot per node */
+    PyObject **storages;  /* owned refs: uint8 arrays (or Py_None in index mode) */
+    PyObject *keys;       /* owned: list of storage key strings */
+    PyObject *hooks[4];   /* borrowed: tensor, dtype, size, device */
+    PyObject *odict;      /* owned: collections.OrderedDict */
+    PyObject *counter;    /* owned: collections.Counter */
+} conv;
+
+static void mapping_destructor(PyObject *cap)
+{
+    mlu_file_map *m = PyCapsule_GetPointer(cap, MAPPING_CAPSULE);
+    if (m != NULL) {
+        mlu_file_map_close(m);
+        mlu_free(m);
+    }
+}
+
+static PyObject *fmt_error(conv *c, const char *fmt, ...)
+{
+    va_list ap;
+    PyObject *msg;
+    va_start(ap, fmt);
+    msg = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (msg != NULL) {
+        PyErr_SetObject(c->st->TorchFormatError, msg);
+        Py_DECREF(msg);
+    }
+    return NULL;
+}
+
+static PyObject *convert(conv *c, uint32_t id, int depth);
+
+/* New ref: a str from pickle bytes. */
+static PyObject *make_str(conv *c, const mlu_pk_node *n)
+{
+    PyObject *s = PyUnicode_DecodeUTF8(n->u.s.p, (Py_ssize_t)n->u.s.n, "surrogatepass");
+    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear();
+        return fmt_error(c, "string in the pickle is not valid UTF-8");
+    }
+    return s;
+}
+
+static PyObject *make_bigint(const mlu_pk_node *n)
+{
+    PyObject *b = NULL, *args = NULL, *kw = NULL, *fn = NULL, *res = NULL;
+
+    b = PyBytes_FromStringAndSize(n->u.s.p, (Py_ssize_t)n->u.s.n);
+    fn = PyObject_GetAttrString((PyObject *)&PyLong_Type, "from_bytes");
+    kw = Py_BuildValue("{s:O}", "signed", Py_True);
+    if (b == NULL || fn == NULL || kw == NULL)
+        goto done;
+    args = Py_BuildValue("(Os)", b, "little");
+    if (args == NULL)
+        goto done;
+    res = PyObject_Call(fn, args, kw);
+done:
+    Py_XDECREF(b);
+    Py_XDECREF(args);
+    Py_XDECREF(kw);
+    Py_XDECREF(fn);
+    return res;
+}
+
+static PyObject *int_tuple(const int64_t *v, int n)
+{
+    PyObject *t = PyTuple_New(n);
+    int i;
+    if (t == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *x = PyLong_FromLongLong(v[i]);
+        if (x == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
+
+/* New ref: hooks.tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter). */
+static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
+{
+    uint32_t s = c->pt->vm.pids[t->pid].storage;
+    PyObject *shape = int_tuple(t->shape, t->ndim), *stride = int_tuple(t->stride, t->ndim), *res = NULL;
+
+    if (shape != NULL && stride != NULL)
+        res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
+                                    mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
+                                    t->requires_grad, t->is_parameter);
+    Py_XDECREF(shape);
+    Py_XDECREF(stride);
+    return res;
+}
+
+/* Fills a dict-like `obj` from node n's key/value items. */
+static int fill_dict(conv *c, PyObject *obj, const mlu_pk_node *n, int depth)
+{
+    uint32_t i;
+    for (i = 0; i + 1 < n->len; i += 2) {
+        PyObject *k = convert(c, n->u.items[i], depth + 1), *v = NULL;
+        int rc = -1;
+        if (k != NULL)
+            v = convert(c, n->u.items[i + 1], depth + 1);
+        if (v != NULL) {
+            rc = PyObject_SetItem(obj, k, v);
+            if (rc < 0 && PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                fmt_error(c, "dict key of type %s in the pickle is not hashable", Py_TYPE(k)->tp_name);
+            }
+        }
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Sets the str-keyed items of dict node `attrs` as attributes of obj: into
+ * its __dict__ when `into_dict` (OrderedDict BUILD, as inst.__dict__.update),
+ * else with setattr (tensor state, as torch's _set_obj_state).  A failure
+ * other than MemoryError becomes TorchFormatError with the cause chained. */
+static int set_attrs(conv *c, PyObject *obj, uint32_t attrs, int depth, int into_dict)
+{
+    const mlu_pk_node *a = &c->pt->vm.nodes[attrs];
+    PyObject *d = NULL;
+    uint32_t i;
+    int res = -1;
+
+    if (into_dict && (d = PyObject_GetAttrString(obj, "__dict__")) == NULL)
+        return -1;
+    for (i = 0; i + 1 < a->len; i += 2) {
+        PyObject *k = convert(c, a->u.items[i], depth + 1), *v = NULL;
+        int rc = -1;
+        if (k != NULL && !PyUnicode_Check(k))
+            fmt_error(c, "attribute name is a %s, not a str", Py_TYPE(k)->tp_name);
+        else if (k != NULL && (v = convert(c, a->u.items[i + 1], depth + 1)) != NULL) {
+            rc = d != NULL ? PyDict_SetItem(d, k, v) : PyObject_SetAttr(obj, k, v);
+            if (rc < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError) &&
+                !PyErr_ExceptionMatches(c->st->TorchFormatError)) {
+                PyObject *t1, *cause, *tb1, *t2, *exc, *tb2;
+                PyErr_Fetch(&t1, &cause, &tb1);
+                PyErr_NormalizeException(&t1, &cause, &tb1);
+                fmt_error(c, "cannot set attribute %R from the pickle: %S", k, cause);
+                PyErr_Fetch(&t2, &exc, &tb2);
+                PyErr_NormalizeException(&t2, &exc, &tb2);
+                if (exc != NULL && cause != NULL)
+                    PyException_SetCause(exc, Py_NewRef(cause)); /* steals the new ref */
+                PyErr_Restore(t2, exc, tb2);
+                Py_XDECREF(t1);
+                Py_XDECREF(cause);
+                Py_XDECREF(tb1);
+            }
+        }
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0)
+            goto done;
+    }
+    res = 0;
+done:
+    Py_XDECREF(d);
+    return res;
+}
+
+/* New ref. */
+static PyObject *convert(conv *c, uint32_t id, int depth)
+{
+    const mlu_pk_node *n = &c->pt->vm.nodes[id];
+    PyObject *o = NULL, *items = NULL;
+    uint32_t i;
+
+    if (c->memo[id] != NULL) {
+        Py_INCREF(c->memo[id]);
+        return c->memo[id];
+    }
+    if (depth > MAX_DEPTH)
+        return fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+    switch (n->kind) {
+    case MLU_PK_NONE:
+        o = Py_NewRef(Py_None);
+        break;
+    case MLU_PK_BOOL:
+        o = PyBool_FromLong((long)n->u.i);
+        break;
+    case MLU_PK_INT:
+        o = PyLong_FromLongLong(n->u.i);
+        break;
+    case MLU_PK_BIGINT:
+        o = make_bigint(n);
+        break;
+    case MLU_PK_FLOAT:
+        o = PyFloat_FromDouble(n->u.f);
+        break;
+    case MLU_PK_COMPLEX:
+        o = PyComplex_FromDoubles(n->u.c.re, n->u.c.im);
+        break;
+    case MLU_PK_STR:
+        o = make_str(c, n);
+        break;
+    case MLU_PK_BYTES: {
+        PyObject *s = make_str(c, n);
+        if (s == NULL)
+            break;
+        o = PyUnicode_AsLatin1String(s);
+        Py_DECREF(s);
+        if (o == NULL && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            PyErr_Clear();
+            fmt_error(c, "_codecs.encode argument holds code points above 255");
+        }
+        break;
+    }
+    case MLU_PK_BYTEARRAY:
+        if (n->len == 0) {
+            o = PyByteArray_FromStringAndSize("", 0);
+        } else {
+            PyObject *b = convert(c, n->u.items[0], depth + 1);
+            if (b != NULL)
+                o = PyByteArray_FromObject(b);
+            Py_XDECREF(b);
+        }
+        break;
+    case MLU_PK_TUPLE:
+    case MLU_PK_SIZE:
+        items = PyTuple_New(n->len);
+        if (items == NULL)
+            break;
+        for (i = 0; i < n->len; i++) {
+            PyObject *x = convert(c, n->u.items[i], depth + 1);
+            if (x == NULL)
+                goto fail;
+            PyTuple_SET_ITEM(items, i, x);
+        }
+        if (n->kind == MLU_PK_TUPLE) {
+            if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
+                Py_DECREF(items);
+                Py_INCREF(c->memo[id]);
+                return c->memo[id];
+            }
+            o = items;
+            items = NULL;
+        } else {
+            o = PyObject_CallOneArg(c->hooks[2], items);
+        }
+        break;
+    case MLU_PK_LIST:
+        o = PyList_New(0);
+        if (o == NULL)
+            break;
+        c->memo[id] = Py_NewRef(o);
+        for (i = 0; i < n->len; i++) {
+            PyObject *x = convert(c, n->u.items[i], depth + 1);
+            if (x == NULL || PyList_Append(o, x) < 0) {
+                Py_XDECREF(x);
+                goto fail;
+            }
+            Py_DECREF(x);
+        }
+        return o;
+    case MLU_PK_SET:
+        o = PySet_New(NULL);
+        if (o == NULL)
+            break;
+        c->memo[id] = Py_NewRef(o);
+        for (i = 0; i < n->len; i++) {
+            PyObject *x = convert(c, n->u.items[i], depth + 1);
+            int rc = x != NULL ? PySet_Add(o, x) : -1;
+            Py_XDECREF(x);
+            if (rc < 0) {
+                if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                    PyErr_Clear();
+                    fmt_error(c, "set item in the pickle is not hashable");
+                }
+                goto fail;
+            }
+        }
+        return o;
+    case MLU_PK_DICT:
+        if (n->flags & MLU_PK_F_ORDERED)
+            o = PyObject_CallNoArgs(c->odict);
+        else if (n->flags & MLU_PK_F_COUNTER)
+            o = PyObject_CallNoArgs(c->counter);
+        else
+            o = PyDict_New();
+        if (o == NULL)
+            break;
+        c->memo[id] = Py_NewRef(o);
+        if (fill_dict(c, o, n, depth) < 0)
+            goto fail;
+        if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
+            goto fail;
+        return o;
+    case MLU_PK_DEVICE: {
+        PyObject *s = make_str(c, n);
+        if (s == NULL)
+            break;
+        if (n->u.s.index >= 0)
+            o = PyObject_CallFunction(c->hooks[3], "Oi", s, (int)n->u.s.index);
+        else
+            o = PyObject_CallFunction(c->hooks[3], "OO", s, Py_None);
+        Py_DECREF(s);
+        break;
+    }
+    case MLU_PK_DTYPE:
+        o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
+        break;
+    case MLU_PK_TENSOR:
+        o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
+        /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
+        if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
+            goto fail;
+        break;
+    case MLU_PK_STORAGE:
+        return fmt_error(c, "a bare storage (not inside a tensor) is not supported");
+    default:
+        return fmt_error(c, "a bare %s global cannot be returned as a value", mlu_pk_kind_name(n->kind));
+    }
+    if (o != NULL && c->memo[id] == NULL)
+        c->memo[id] = Py_NewRef(o);
+    return o;
+fail:
+    Py_XDECREF(items);
+    Py_XDECREF(o);
+    return NULL;
+}
+
+/* Makes the uint8 array of every storage. */
+static int make_storages(conv *c, PyObject *capsule, mlu_file_map *map, int mode, int fd)
+{
+    const mlu_pt *pt = c->pt;
+    uint32_t i;
+
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        const mlu_pk_storage *s = &pt->vm.storages[i];
+        npy_intp dim = (npy_intp)s->nbytes;
+        PyObject *key = PyUnicode_DecodeUTF8(s->key, (Py_ssize_t)s->key_len, "surrogatepass"), *arr = NULL;
+
+        if (key == NULL || PyList_Append(c->keys, key) < 0) {
+            Py_XDECREF(key);
+            return -1;
+        }
+        Py_DECREF(key);
+        if (mode == MODE_INDEX || mode == MODE_VERIFY) {
+            c->storages[i] = Py_NewRef(Py_None);
+            continue;
+        }
+        if (mode == MODE_MMAP && mlu_pt_storage_in_place(pt, i, 16)) {
+            arr = PyArray_New(&PyArray_Type, 1, &dim, NPY_UINT8, NULL, (void *)(map->data + pt->src[i].offset), 0,
+                              NPY_ARRAY_CARRAY, NULL);
+            if (arr == NULL)
+                return -1;
+            if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(capsule)) < 0) {
+                Py_DECREF(arr);
+                return -1;
+            }
+        } else {
+            mlu_error err;
+            mlu_status rc;
+            mlu_error_clear(&err);
+            arr = PyArray_SimpleNew(1, &dim, NPY_UINT8);
+            if (arr == NULL)
+                return -1;
+            Py_BEGIN_ALLOW_THREADS
+            rc = mlu_pt_storage_fill(pt, i, (uint8_t *)PyArray_BYTES((PyArrayObject *)arr), fd, &err);
+            Py_END_ALLOW_THREADS
+            if (rc != MLU_OK) {
+                Py_DECREF(arr);
+                mlu_raise(c->st, &err, c->st->TorchFormatError);
+                return -1;
+            }
+        }
+        c->storages[i] = arr;
+    }
+    return 0;
+}
+
+static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    mlu_state *st = mlu_get_state(m);
+    PyObject *path_bytes = NULL, *capsule = NULL, *res = NULL, *coll = NULL;
+    mlu_file_map *map = NULL;
+    mlu_pt pt;
+    int pt_open = 0, mode, i, fd = -1;
+    mlu_error err;
+    mlu_status rc;
+    conv c;
+
+    memset(&c, 0, sizeof(c));
+    memset(&pt, 0, sizeof(pt));
+    mlu_error_clear(&err);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_pt_load(path, mode, hooks) takes 3 arguments");
+        return NULL;
+    }
+    mode = (int)PyLong_AsLong(args[1]);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    if (mode < MODE_MMAP || mode > MODE_VERIFY) {
+        PyErr_SetString(PyExc_ValueError, "_pt_load: mode must be 0..3");
+        return NULL;
+    }
+    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must be a tuple of 4 callables");
+        return NULL;
+    }
+    if (!PyUnicode_FSConverter(args[0], &path_bytes))
+        return NULL;
+    map = mlu_calloc(1, sizeof(*map));
+    if (map == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_file_map_open(map, PyBytes_AS_STRING(path_bytes), &err);
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK) {
+        mlu_free(map);
+        map = NULL;
+        if (err.code == MLU_EIO) {
+            errno = err.sys_errno;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+        } else {
+            mlu_raise(st, &err, st->TorchFormatError);
+        }
+        goto done;
+    }
+    /* the capsule owns the mapping from here on */
+    capsule = PyCapsule_New(map, MAPPING_CAPSULE, mapping_destructor);
+    if (capsule == NULL) {
+        mlu_file_map_close(map);
+        mlu_free(map);
+        map = NULL;
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_pt_open(&pt, map->data, map->size, mode == MODE_VERIFY, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK) {
+        mlu_raise(st, &err, st->TorchFormatError);
+        goto done;
+    }
+    pt_open = 1;
+    c.st = st;
+    c.pt = &pt;
+    for (i = 0; i < 4; i++)
+        c.hooks[i] = PyTuple_GET_ITEM(args[2], i);
+    coll = PyImport_ImportModule("collections");
+    if (coll == NULL)
+        goto done;
+    c.odict = PyObject_GetAttrString(coll, "OrderedDict");
+    c.counter = PyObject_GetAttrString(coll, "Counter");
+    c.keys = PyList_New(0);
+    c.memo = PyMem_Calloc(pt.vm.n_nodes ? pt.vm.n_nodes : 1, sizeof(PyObject *));
+    c.storages = PyMem_Calloc(pt.vm.n_storages ? pt.vm.n_storages : 1, sizeof(PyObject *));
+    if (c.odict == NULL || c.counter == NULL || c.keys == NULL)
+        goto done;
+    if (c.memo == NULL || c.storages == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (mode == MODE_COPY || mode == MODE_MMAP) {
+        Py_BEGIN_ALLOW_THREADS
+        fd = open(PyBytes_AS_STRING(path_bytes), O_RDONLY | O_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd < 0) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+            goto done;
+        }
+    }
+    if (make_storages(&c, capsule, map, mode, fd) < 0)
+        goto done;
+    res = convert(&c, pt.root, 0);
+done:
+    if (c.memo != NULL) {
+        uint32_t k;
+        for (k = 0; k < pt.vm.n_nodes; k++)
+            Py_XDECREF(c.memo[k]);
+        PyMem_Free(c.memo);
+    }
+    if (c.storages != NULL) {
+        uint32_t k;
+        for (k = 0; k < pt.vm.n_storages; k++)
+            Py_XDECREF(c.storages[k]);
+        PyMem_Free(c.storages);
+    }
+    Py_XDECREF(c.keys);
+    Py_XDECREF(c.odict);
+    Py_XDECREF(c.counter);
+    Py_XDECREF(coll);
+    if (fd >= 0)
+        close(fd);
+    if (pt_open)
+        mlu_pt_close(&pt);
+    Py_XDECREF(capsule);  /* unmaps unless an array still views the mapping */
+    Py_XDECREF(path_bytes);
+    return res;
+}
 
 int mlu_ptload_module_init(PyObject *m)
 {
-    (void)m;
-    return 0;
+    static PyMethodDef methods[] = {
+        {"_pt_load", (PyCFunction)(void (*)(void))py_pt_load, METH_FASTCALL,
+         "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
+         "mode 0: storages map the file where possible; 1: storages are copies; 2: no storages (index);\n"
+         "3: like 2, and deflated records are inflated to check them.  hooks = (tensor, dtype, size, device) callables."},
+        {NULL, NULL, 0, NULL},
+    };
+    return PyModule_AddFunctions(m, methods);
 }

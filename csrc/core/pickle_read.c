@@ -1,0 +1,1219 @@
+/* pickle_read.c: the restricted pickle VM (see pickle_read.h). */
+#include "pickle_read.h"
+#include "alloc.h"
+
+#include <string.h>
+
+/* ------------------------------------------------------------------ dtypes */
+
+const mlu_pk_dtype_info mlu_pk_dtypes[] = {
+    {"float64", "DoubleStorage", 8, 8},
+    {"float32", "FloatStorage", 4, 4},
+    {"float16", "HalfStorage", 2, 2},
+    {"bfloat16", "BFloat16Storage", 2, 2},
+    {"int64", "LongStorage", 8, 8},
+    {"int32", "IntStorage", 4, 4},
+    {"int16", "ShortStorage", 2, 2},
+    {"int8", "CharStorage", 1, 1},
+    {"uint8", "ByteStorage", 1, 1},
+    {"bool", "BoolStorage", 1, 1},
+    {"complex64", "ComplexFloatStorage", 8, 4},
+    {"complex128", "ComplexDoubleStorage", 16, 8},
+    {"complex32", NULL, 4, 2},
+    {"float8_e5m2", NULL, 1, 1},
+    {"float8_e4m3fn", NULL, 1, 1},
+    {"float8_e5m2fnuz", NULL, 1, 1},
+    {"float8_e4m3fnuz", NULL, 1, 1},
+    {"float8_e8m0fnu", NULL, 1, 1},
+    {"float4_e2m1fn_x2", NULL, 1, 1},
+    {"uint16", NULL, 2, 2},
+    {"uint32", NULL, 4, 4},
+    {"uint64", NULL, 8, 8},
+    {"bits8", NULL, 1, 1},
+    {"bits16", NULL, 2, 2},
+    {"bits1x8", NULL, 1, 1},
+    {"bits2x4", NULL, 1, 1},
+    {"bits4x2", NULL, 1, 1},
+};
+const int mlu_pk_dtype_count = (int)(sizeof(mlu_pk_dtypes) / sizeof(mlu_pk_dtypes[0]));
+
+/* torch's dtype aliases are the same objects as the canonical names */
+static const struct { const char *alias, *name; } dtype_aliases[] = {
+    {"float", "float32"}, {"double", "float64"}, {"half", "float16"}, {"long", "int64"},
+    {"int", "int32"}, {"short", "int16"}, {"cfloat", "complex64"}, {"cdouble", "complex128"},
+    {"chalf", "complex32"},
+};
+
+static int name_eq(const char *p, size_t n, const char *lit)
+{
+    return strlen(lit) == n && memcmp(p, lit, n) == 0;
+}
+
+int mlu_pk_dtype_find(const char *name, size_t len)
+{
+    int i;
+    size_t a;
+
+    for (a = 0; a < sizeof(dtype_aliases) / sizeof(dtype_aliases[0]); a++) {
+        if (name_eq(name, len, dtype_aliases[a].alias)) {
+            name = dtype_aliases[a].name;
+            len = strlen(name);
+            break;
+        }
+    }
+    for (i = 0; i < mlu_pk_dtype_count; i++)
+        if (name_eq(name, len, mlu_pk_dtypes[i].name))
+            return i;
+    return -1;
+}
+
+static int storage_class_find(const char *name, size_t len)
+{
+    int i;
+    for (i = 0; i < mlu_pk_dtype_count; i++)
+        if (mlu_pk_dtypes[i].storage_class != NULL && name_eq(name, len, mlu_pk_dtypes[i].storage_class))
+            return i;
+    return -1;
+}
+
+/* ----------------------------------------------------------------- globals */
+
+enum pk_global {
+    G_ORDERED_DICT = 1, G_COUNTER, G_PARAMETER, G_TENSOR, G_SIZE, G_DEVICE, G_CODECS_ENCODE,
+    G_BYTEARRAY, G_SET, G_COMPLEX, G_REBUILD_TENSOR, G_REBUILD_V2, G_REBUILD_V3, G_REBUILD_PARAM,
+    G_REBUILD_PARAM_STATE, G_REBUILD_FROM_TYPE_V2, G_UNTYPED_STORAGE, G_STORAGE_CLASS,
+};
+
+static const struct { const char *module, *name; int id; } allowed_globals[] = {
+    {"collections", "OrderedDict", G_ORDERED_DICT},
+    {"collections", "Counter", G_COUNTER},
+    {"torch.nn.parameter", "Parameter", G_PARAMETER},
+    {"torch", "Tensor", G_TENSOR},
+    {"torch", "Size", G_SIZE},
+    {"torch", "device", G_DEVICE},
+    {"_codecs", "encode", G_CODECS_ENCODE},
+    {"builtins", "bytearray", G_BYTEARRAY},
+    {"builtins", "set", G_SET},
+    {"builtins", "complex", G_COMPLEX},
+    {"torch._utils", "_rebuild_tensor", G_REBUILD_TENSOR},
+    {"torch._utils", "_rebuild_tensor_v2", G_REBUILD_V2},
+    {"torch._utils", "_rebuild_tensor_v3", G_REBUILD_V3},
+    {"torch._utils", "_rebuild_parameter", G_REBUILD_PARAM},
+    {"torch._utils", "_rebuild_parameter_with_state", G_REBUILD_PARAM_STATE},
+    {"torch._tensor", "_rebuild_from_type_v2", G_REBUILD_FROM_TYPE_V2},
+    {"torch.storage", "UntypedStorage", G_UNTYPED_STORAGE},
+};
+
+/* On torch's weights_only allowlist, but not something this loader builds. */
+static const struct { const char *module, *name; } allowed_unsupported[] = {
+    {"torch.serialization", "_get_layout"},
+    {"torch._utils", "_rebuild_qtensor"},
+    {"torch._utils", "_rebuild_sparse_tensor"},
+    {"torch._utils", "_rebuild_nested_tensor"},
+    {"torch._utils", "_rebuild_meta_tensor_no_storage"},
+    {"torch._utils", "_rebuild_wrapper_subclass"},
+    {"torch._utils", "_rebuild_device_tensor_from_cpu_tensor"},
+    {"torch._utils", "_rebuild_device_tensor_from_numpy"},
+    {"torch.storage", "TypedStorage"},
+};
+
+static int ends_with(const char *p, size_t n, const char *suffix)
+{
+    size_t k = strlen(suffix);
+    return n >= k && memcmp(p + n - k, suffix, k) == 0;
+}
+
+/* torch.<name> values on torch's allowlist that this loader does not build:
+ * legacy tensor and quantized storage classes, qschemes, quantized and
+ * sub-byte dtypes. */
+static int torch_allowed_unsupported(const char *name, size_t nl)
+{
+    static const char *exact[] = {
+        "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "per_tensor_affine", "per_channel_affine",
+        "per_tensor_symmetric", "per_channel_symmetric", "per_channel_affine_float_qparams",
+        "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
+        "int1", "int2", "int3", "int4", "int5", "int6", "int7",
+    };
+    size_t i;
+    for (i = 0; i < sizeof(exact) / sizeof(exact[0]); i++)
+        if (name_eq(name, nl, exact[i]))
+            return 1;
+    return (nl > 7 && ends_with(name, nl, "Storage")) || (nl > 6 && ends_with(name, nl, "Tensor") &&
+                                                          !name_eq(name, nl, "Tensor"));
+}
+
+/* Python 2 module names as protocol 2 writes them (a subset of _compat_pickle). */
+static void compat_module(const char **mod, size_t *len)
+{
+    if (name_eq(*mod, *len, "__builtin__")) {
+        *mod = "builtins";
+        *len = 8;
+    } else if (name_eq(*mod, *len, "copy_reg")) {
+        *mod = "copyreg";
+        *len = 7;
+    }
+}
+
+/* ----------------------------------------------------------------- helpers */
+
+#define VM_FAIL(code, off, ...) (st = mlu_error_set(err, (code), (int64_t)(off), __VA_ARGS__))
+
+static const char *kind_names[MLU_PK_KIND_COUNT] = {
+    "None", "bool", "int", "int", "float", "complex", "str", "bytes", "bytearray", "tuple", "list",
+    "dict", "set", "torch.Size", "torch.device", "torch.dtype", "global", "storage", "tensor",
+};
+
+const char *mlu_pk_kind_name(int kind)
+{
+    return kind >= 0 && kind < MLU_PK_KIND_COUNT ? kind_names[kind] : "?";
+}
+
+static int is_container(uint8_t k)
+{
+    return k == MLU_PK_TUPLE || k == MLU_PK_LIST || k == MLU_PK_DICT || k == MLU_PK_SET || k == MLU_PK_SIZE ||
+           k == MLU_PK_BYTEARRAY;
+}
+
+void mlu_pk_vm_init(mlu_pk_vm *vm)
+{
+    memset(vm, 0, sizeof(*vm));
+}
+
+void mlu_pk_vm_free(mlu_pk_vm *vm)
+{
+    uint32_t i;
+    for (i = 0; i < vm->n_nodes; i++)
+        if (is_container(vm->nodes[i].kind))
+            mlu_free(vm->nodes[i].u.items);
+    mlu_free(vm->nodes);
+    mlu_free(vm->pids);
+    mlu_free(vm->tensors);
+    mlu_free(vm->storages);
+    mlu_free(vm->stack);
+    mlu_free(vm->marks);
+    mlu_free(vm->memo);
+    memset(vm, 0, sizeof(*vm));
+}
+
+/* Grows an array of `elem`-sized items to hold `need`; returns 0 or -1. */
+static int grow(void **arr, uint32_t *cap, uint64_t need, size_t elem)
+{
+    uint64_t c = *cap ? *cap : 16;
+    void *p;
+    size_t bytes;
+
+    if (need <= *cap)
+        return 0;
+    while (c < need)
+        c *= 2;
+    if (c > UINT32_MAX - 1)
+        c = UINT32_MAX - 1;
+    if (c < need || mlu_mul_overflow_size((size_t)c, elem, &bytes))
+        return -1;
+    p = mlu_realloc(*arr, bytes);
+    if (p == NULL)
+        return -1;
+    *arr = p;
+    *cap = (uint32_t)c;
+    return 0;
+}
+
+static int grow_size(void **arr, size_t *cap, size_t need, size_t elem)
+{
+    size_t c = *cap ? *cap : 64, bytes;
+    void *p;
+
+    if (need <= *cap)
+        return 0;
+    while (c < need)
+        c *= 2;
+    if (mlu_mul_overflow_size(c, elem, &bytes))
+        return -1;
+    p = mlu_realloc(*arr, bytes);
+    if (p == NULL)
+        return -1;
+    *arr = p;
+    *cap = c;
+    return 0;
+}
+
+/* New node id, or MLU_PK_NONE_ID when out of memory. */
+static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
+{
+    mlu_pk_node *n;
+    if (vm->n_nodes >= UINT32_MAX - 2 ||
+        grow((void **)&vm->nodes, &vm->cap_nodes, (uint64_t)vm->n_nodes + 1, sizeof(*vm->nodes)) < 0)
+        return MLU_PK_NONE_ID;
+    n = &vm->nodes[vm->n_nodes];
+    memset(n, 0, sizeof(*n));
+    n->kind = kind;
+    n->attrs = MLU_PK_NONE_ID;
+    return vm->n_nodes++;
+}
+
+/* Items are capped by a budget proportional to the input, so that copies
+ * made by REDUCE (OrderedDict(list), set(list), ...) of one large memoised
+ * list cannot grow quadratically. */
+static int add_item(mlu_pk_vm *vm, uint32_t node, uint32_t item)
+{
+    mlu_pk_node *n = &vm->nodes[node];
+    if (vm->budget == 0) {
+        vm->over_budget = 1;
+        return -1;
+    }
+    vm->budget--;
+    if (n->len >= UINT32_MAX - 2 || grow((void **)&n->u.items, &n->cap, (uint64_t)n->len + 1, sizeof(uint32_t)) < 0)
+        return -1;
+    n->u.items[n->len++] = item;
+    return 0;
+}
+
+static int push(mlu_pk_vm *vm, uint32_t id)
+{
+    if (grow_size((void **)&vm->stack, &vm->cap_stack, vm->n_stack + 1, sizeof(uint32_t)) < 0)
+        return -1;
+    vm->stack[vm->n_stack++] = id;
+    return 0;
+}
+
+static mlu_pk_node *N(mlu_pk_vm *vm, uint32_t id) { return &vm->nodes[id]; }
+
+static int as_int(mlu_pk_vm *vm, uint32_t id, int64_t *out)
+{
+    mlu_pk_node *n = N(vm, id);
+    if (n->kind == MLU_PK_INT || n->kind == MLU_PK_BOOL) {
+        *out = n->u.i;
+        return 0;
+    }
+    return -1;
+}
+
+/* Reads an int tuple (TUPLE, LIST or SIZE of ints >= 0) into v; returns count or -1. */
+static int int_tuple(mlu_pk_vm *vm, uint32_t id, int64_t *v)
+{
+    mlu_pk_node *n = N(vm, id);
+    uint32_t i;
+    if (n->kind != MLU_PK_TUPLE && n->kind != MLU_PK_SIZE && n->kind != MLU_PK_LIST)
+        return -1;
+    if (n->len > MLU_PK_MAX_NDIM)
+        return -1;
+    for (i = 0; i < n->len; i++) {
+        if (N(vm, n->u.items[i])->kind != MLU_PK_INT)
+            return -1;
+        v[i] = N(vm, n->u.items[i])->u.i;
+        if (v[i] < 0)
+            return -1;
+    }
+    return (int)n->len;
+}
+
+static int is_empty_dict_or_none(mlu_pk_vm *vm, uint32_t id)
+{
+    mlu_pk_node *n = N(vm, id);
+    return n->kind == MLU_PK_NONE || (n->kind == MLU_PK_DICT && n->len == 0 && n->attrs == MLU_PK_NONE_ID);
+}
+
+/* ------------------------------------------------------------ tensor build */
+
+static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32_t offset_n, uint32_t size_n,
+                              uint32_t stride_n, int rg, int dtype, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    mlu_pk_tensor t;
+    const mlu_pk_pid *pid;
+    int64_t off;
+    uint64_t last = 0, end, tmp, isz;
+    int nd, ns, i, empty = 0;
+    uint32_t node;
+
+    memset(&t, 0, sizeof(t));
+    if (N(vm, storage)->kind != MLU_PK_STORAGE)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage argument is a %s, not a storage", at,
+                       mlu_pk_kind_name(N(vm, storage)->kind));
+    pid = &vm->pids[N(vm, storage)->u.ref];
+    if (dtype < 0)
+        dtype = pid->dtype;
+    if (dtype < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: an untyped storage needs _rebuild_tensor_v3", at);
+    if (as_int(vm, offset_n, &off) < 0 || off < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage offset is not an int >= 0", at);
+    nd = int_tuple(vm, size_n, t.shape);
+    ns = int_tuple(vm, stride_n, t.stride);
+    if (nd < 0 || ns < 0 || nd != ns)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: size and stride must be tuples of equal length "
+                       "(<= %d) of ints >= 0", at, MLU_PK_MAX_NDIM);
+    isz = mlu_pk_dtypes[dtype].itemsize;
+    for (i = 0; i < nd; i++)
+        if (t.shape[i] == 0)
+            empty = 1;
+    if (!empty) {
+        for (i = 0; i < nd; i++) {
+            if (mlu_mul_overflow_u64((uint64_t)(t.shape[i] - 1), (uint64_t)t.stride[i], &tmp) ||
+                mlu_add_overflow_u64(last, tmp, &last))
+                return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
+        }
+        if (mlu_add_overflow_u64(last, (uint64_t)off, &last) || mlu_add_overflow_u64(last, 1, &end) ||
+            mlu_mul_overflow_u64(end, isz, &end))
+            return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
+        if (end > pid->nbytes)
+            return VM_FAIL(MLU_EFORMAT, at, "tensor view at byte %zu is out of bounds: it needs %llu bytes of storage "
+                           "'%.*s' which holds %llu", at, (unsigned long long)end, (int)pid->key_len, pid->key,
+                           (unsigned long long)pid->nbytes);
+        t.end_bytes = end;
+    } else if (mlu_mul_overflow_u64((uint64_t)off, isz, &tmp)) {
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage offset overflows", at);
+    }
+    t.pid = N(vm, storage)->u.ref;
+    t.dtype = dtype;
+    t.ndim = nd;
+    t.offset = (uint64_t)off;
+    t.requires_grad = rg;
+    if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
+        (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
+        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+    vm->tensors[vm->n_tensors] = t;
+    N(vm, node)->u.ref = vm->n_tensors++;
+    *out = node;
+    return st;
+}
+
+static int bool_arg(mlu_pk_vm *vm, uint32_t id, int *out)
+{
+    mlu_pk_node *n = N(vm, id);
+    if (n->kind == MLU_PK_BOOL || (n->kind == MLU_PK_INT && (n->u.i == 0 || n->u.i == 1))) {
+        *out = (int)n->u.i;
+        return 0;
+    }
+    return -1;
+}
+
+/* Applies the allowed callable `gid` (a GLOBAL node `fn`) to the args tuple. */
+static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, uint32_t *out, int depth,
+                        mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    mlu_pk_node *a = N(vm, args);
+    uint32_t n = a->len, *v = a->u.items, node, i;
+    int gid = N(vm, fn)->sub, rg = 0;
+
+    if (a->kind != MLU_PK_TUPLE)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: arguments are a %s, not a tuple", at, mlu_pk_kind_name(a->kind));
+    switch (gid) {
+    case G_ORDERED_DICT:
+    case G_COUNTER:
+        if ((node = new_node(vm, MLU_PK_DICT)) == MLU_PK_NONE_ID)
+            goto nomem;
+        a = N(vm, args);
+        v = a->u.items;
+        N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
+        if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PK_DICT) {
+            uint32_t src = v[0];
+            for (i = 0; i < N(vm, src)->len; i++)
+                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
+                    goto nomem;
+        } else if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
+            uint32_t src = v[0];
+            for (i = 0; i < N(vm, src)->len; i++) {
+                uint32_t pair = N(vm, src)->u.items[i];
+                if ((N(vm, pair)->kind != MLU_PK_TUPLE && N(vm, pair)->kind != MLU_PK_LIST) || N(vm, pair)->len != 2)
+                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
+                if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
+                    goto nomem;
+            }
+        } else if (n != 0) {
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to %s", at,
+                           gid == G_ORDERED_DICT ? "OrderedDict" : "Counter");
+        }
+        break;
+    case G_SET:
+        if ((node = new_node(vm, MLU_PK_SET)) == MLU_PK_NONE_ID)
+            goto nomem;
+        v = N(vm, args)->u.items;
+        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
+            uint32_t src = v[0];
+            for (i = 0; i < N(vm, src)->len; i++)
+                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
+                    goto nomem;
+        } else if (n != 0) {
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: set() takes a list", at);
+        }
+        break;
+    case G_SIZE:
+        if ((node = new_node(vm, MLU_PK_SIZE)) == MLU_PK_NONE_ID)
+            goto nomem;
+        v = N(vm, args)->u.items;
+        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_TUPLE || N(vm, v[0])->kind == MLU_PK_LIST)) {
+            uint32_t src = v[0];
+            for (i = 0; i < N(vm, src)->len; i++) {
+                uint32_t it = N(vm, src)->u.items[i];
+                if (N(vm, it)->kind != MLU_PK_INT)
+                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes ints", at);
+                if (add_item(vm, node, it) < 0)
+                    goto nomem;
+            }
+        } else if (n != 0) {
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes one tuple", at);
+        }
+        break;
+    case G_DEVICE: {
+        int64_t idx = -1;
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_STR ||
+            (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
+        if ((node = new_node(vm, MLU_PK_DEVICE)) == MLU_PK_NONE_ID)
+            goto nomem;
+        v = N(vm, args)->u.items;
+        N(vm, node)->u.s = N(vm, v[0])->u.s;
+        N(vm, node)->u.s.index = (int32_t)idx;
+        break;
+    }
+    case G_CODECS_ENCODE:
+        if (n != 2 || N(vm, v[0])->kind != MLU_PK_STR || N(vm, v[1])->kind != MLU_PK_STR ||
+            !(name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
+              name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
+        if ((node = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
+            goto nomem;
+        N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
+        break;
+    case G_BYTEARRAY:
+        if (n == 0) {
+            if ((node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
+                goto nomem;
+        } else if ((n == 1 && N(vm, v[0])->kind == MLU_PK_BYTES) ||
+                   (n == 2 && N(vm, v[0])->kind == MLU_PK_STR && N(vm, v[1])->kind == MLU_PK_STR &&
+                    (name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
+                     name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))) {
+            uint32_t b;
+            if ((node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
+                goto nomem;
+            if ((b = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
+                goto nomem;
+            N(vm, b)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
+            if (add_item(vm, node, b) < 0)
+                goto nomem;
+        } else {
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to bytearray", at);
+        }
+        break;
+    case G_COMPLEX: {
+        double p[2] = {0, 0};
+        for (i = 0; i < n && i < 2; i++) {
+            mlu_pk_node *x = N(vm, v[i]);
+            if (x->kind == MLU_PK_FLOAT)
+                p[i] = x->u.f;
+            else if (x->kind == MLU_PK_INT)
+                p[i] = (double)x->u.i;
+            else
+                n = 99;
+        }
+        if (n > 2)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: complex takes two numbers", at);
+        if ((node = new_node(vm, MLU_PK_COMPLEX)) == MLU_PK_NONE_ID)
+            goto nomem;
+        N(vm, node)->u.c.re = p[0];
+        N(vm, node)->u.c.im = p[1];
+        break;
+    }
+    case G_REBUILD_TENSOR:
+        if (n != 4)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor takes 4 arguments, got %u", at, n);
+        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], 0, -1, &node, err);
+        if (st != MLU_OK)
+            return st;
+        break;
+    case G_REBUILD_V2:
+    case G_REBUILD_V3: {
+        uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
+        int dt = -1;
+        if (n != want && n != want + 1)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v%d takes %u or %u arguments, got %u", at,
+                           gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
+        if (bool_arg(vm, v[4], &rg) < 0)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
+        if (N(vm, v[5])->kind != MLU_PK_DICT || N(vm, v[5])->len != 0)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
+        if (gid == G_REBUILD_V3) {
+            if (N(vm, v[6])->kind != MLU_PK_DTYPE)
+                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
+            dt = N(vm, v[6])->sub;
+        }
+        if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
+        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, &node, err);
+        if (st != MLU_OK)
+            return st;
+        break;
+    }
+    case G_REBUILD_PARAM:
+    case G_REBUILD_PARAM_STATE:
+        if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PK_TENSOR || bool_arg(vm, v[1], &rg) < 0)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
+        if (N(vm, v[2])->kind != MLU_PK_DICT || N(vm, v[2])->len != 0)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
+        if (n == 4 && N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
+        if ((node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
+            goto nomem;
+        /* a new tensor record: same view, marked as a parameter */
+        if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0)
+            goto nomem;
+        vm->tensors[vm->n_tensors] = vm->tensors[N(vm, N(vm, args)->u.items[0])->u.ref];
+        vm->tensors[vm->n_tensors].is_parameter = 1;
+        vm->tensors[vm->n_tensors].requires_grad = rg;
+        N(vm, node)->u.ref = vm->n_tensors++;
+        if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
+            N(vm, node)->attrs = v[3];
+        break;
+    case G_REBUILD_FROM_TYPE_V2: {
+        int tg;
+        if (n != 4 || N(vm, v[0])->kind != MLU_PK_GLOBAL || N(vm, v[1])->kind != MLU_PK_GLOBAL ||
+            N(vm, v[2])->kind != MLU_PK_TUPLE)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
+        tg = N(vm, v[1])->sub;
+        if (tg != G_TENSOR && tg != G_PARAMETER)
+            return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
+        if (N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
+        if (depth > 4)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
+        st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
+        if (st != MLU_OK)
+            return st;
+        if (N(vm, node)->kind != MLU_PK_TENSOR)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
+        if (tg == G_PARAMETER)
+            vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
+        if (!is_empty_dict_or_none(vm, v[3])) {
+            if (N(vm, node)->attrs != MLU_PK_NONE_ID)
+                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
+            N(vm, node)->attrs = v[3];
+        }
+        break;
+    }
+    case G_PARAMETER: /* torch.nn.Parameter(tensor[, requires_grad]) */
+        rg = 1;
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
+        if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
+            (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
+            goto nomem;
+        vm->tensors[vm->n_tensors] = vm->tensors[N(vm, v[0])->u.ref];
+        vm->tensors[vm->n_tensors].is_parameter = 1;
+        vm->tensors[vm->n_tensors].requires_grad = rg;
+        N(vm, node)->u.ref = vm->n_tensors++;
+        break;
+    default: /* torch.Tensor(...), storage classes: allowed by torch, not built here */
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: calling this torch class is allowed by torch but not "
+                       "supported by this loader", at);
+    }
+    *out = node;
+    return st;
+nomem:
+    if (vm->over_budget)
+        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
+    return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+}
+
+/* ------------------------------------------------------------ persistent id */
+
+static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    mlu_pk_node *t = N(vm, tup);
+    uint32_t want = vm->legacy ? 6 : 5, *v, node;
+    mlu_pk_pid pid;
+    int64_t numel;
+    uint64_t isz;
+
+    if (t->kind != MLU_PK_TUPLE || t->len < 1)
+        return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id is a %s, not a tuple", at, mlu_pk_kind_name(t->kind));
+    v = t->u.items;
+    if (N(vm, v[0])->kind != MLU_PK_STR || !name_eq(N(vm, v[0])->u.s.p, N(vm, v[0])->u.s.n, "storage"))
+        return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id typename is not 'storage'", at);
+    if (t->len != want)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: persistent id has %u fields, expected %u", at, t->len, want);
+    memset(&pid, 0, sizeof(pid));
+    if (N(vm, v[1])->kind != MLU_PK_GLOBAL ||
+        (N(vm, v[1])->sub != G_STORAGE_CLASS && N(vm, v[1])->sub != G_UNTYPED_STORAGE))
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage type is not a storage class", at);
+    pid.dtype = N(vm, v[1])->sub == G_STORAGE_CLASS ? (int)N(vm, v[1])->u.i : -1;
+    if (N(vm, v[2])->kind != MLU_PK_STR || N(vm, v[3])->kind != MLU_PK_STR)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key and location must be strings", at);
+    if (as_int(vm, v[4], &numel) < 0 || numel < 0 || N(vm, v[4])->kind != MLU_PK_INT)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size is not an int >= 0", at);
+    if (vm->legacy && N(vm, v[5])->kind != MLU_PK_NONE)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: legacy storage views (view_metadata) are not supported", at);
+    isz = pid.dtype >= 0 ? mlu_pk_dtypes[pid.dtype].itemsize : 1;
+    if (mlu_mul_overflow_u64((uint64_t)numel, isz, &pid.nbytes) || pid.nbytes > (uint64_t)INT64_MAX)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size overflows", at);
+    pid.numel = (uint64_t)numel;
+    pid.key = N(vm, v[2])->u.s.p;
+    pid.key_len = N(vm, v[2])->u.s.n;
+    pid.location = N(vm, v[3])->u.s.p;
+    pid.location_len = N(vm, v[3])->u.s.n;
+    if (pid.key_len == 0 || memchr(pid.key, '/', pid.key_len) != NULL || memchr(pid.key, '\0', pid.key_len) != NULL)
+        return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key '%.*s' is not a plain name", at,
+                       (int)pid.key_len, pid.key);
+    if (grow((void **)&vm->pids, &vm->cap_pids, (uint64_t)vm->n_pids + 1, sizeof(*vm->pids)) < 0 ||
+        (node = new_node(vm, MLU_PK_STORAGE)) == MLU_PK_NONE_ID)
+        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+    pid.storage = (uint32_t)at; /* byte offset until mlu_pk_finish resolves it */
+    vm->pids[vm->n_pids] = pid;
+    N(vm, node)->u.ref = vm->n_pids++;
+    *out = node;
+    return st;
+}
+
+/* ------------------------------------------------------------------- run */
+
+static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml, const char *name, size_t nl,
+                            uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    size_t i;
+    int gid = 0, dt = -1, kind = MLU_PK_GLOBAL;
+    uint32_t node;
+    const char *m0 = mod;
+    size_t ml0 = ml;
+
+    compat_module(&mod, &ml);
+    for (i = 0; i < sizeof(allowed_globals) / sizeof(allowed_globals[0]); i++)
+        if (name_eq(mod, ml, allowed_globals[i].module) && name_eq(name, nl, allowed_globals[i].name))
+            gid = allowed_globals[i].id;
+    if (gid == 0 && name_eq(mod, ml, "torch")) {
+        if ((dt = mlu_pk_dtype_find(name, nl)) >= 0) {
+            kind = MLU_PK_DTYPE;
+        } else if ((dt = storage_class_find(name, nl)) >= 0) {
+            gid = G_STORAGE_CLASS;
+        } else if (torch_allowed_unsupported(name, nl)) {
+            return VM_FAIL(MLU_EFORMAT, at, "GLOBAL torch.%.*s at byte %zu is allowed by torch but not supported by this loader",
+                           (int)nl, name, at);
+        }
+    }
+    if (gid == 0 && kind == MLU_PK_GLOBAL) {
+        for (i = 0; i < sizeof(allowed_unsupported) / sizeof(allowed_unsupported[0]); i++)
+            if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
+                return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
+                               (int)ml, mod, (int)nl, name, at);
+        return VM_FAIL(MLU_EUNSAFE, at, "unsupported global: GLOBAL %.*s.%.*s at byte %zu is not on the weights-only allowlist",
+                       (int)ml0, m0, (int)nl, name, at);
+    }
+    if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
+        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+    N(vm, node)->sub = (uint16_t)(kind == MLU_PK_DTYPE ? dt : gid);
+    N(vm, node)->u.i = dt;
+    *out = node;
+    return st;
+}
+
+/* Reads a '\n'-terminated line for GLOBAL. */
+static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p, size_t *n)
+{
+    const uint8_t *nl;
+    if (*pos >= size)
+        return -1;
+    nl = memchr(d + *pos, '\n', size - *pos);
+    if (nl == NULL)
+        return -1;
+    *p = (const char *)d + *pos;
+    *n = (size_t)(nl - (d + *pos));
+    *pos += *n + 1;
+    return 0;
+}
+
+#define NEED(k)                                                                                         \
+    do {                                                                                                \
+        if (size - pos < (size_t)(k)) {                                                                 \
+            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", op, at, \
+                    (size_t)(k));                                                                       \
+            goto error;                                                                                 \
+        }                                                                                               \
+    } while (0)
+#define POPN(k)                                                                                         \
+    do {                                                                                                \
+        if (vm->n_stack < (size_t)(k) + base) {                                                         \
+            VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode 0x%02x ('%c') at byte %zu", op, op >= 32 && op < 127 ? op : '?', at); \
+            goto error;                                                                                 \
+        }                                                                                               \
+    } while (0)
+#define TOP(k) (vm->stack[vm->n_stack - (k)])
+#define OOM()                                                                                           \
+    do {                                                                                                \
+        if (vm->over_budget)                                                                            \
+            VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);                 \
+        else                                                                                            \
+            VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");                                \
+        goto error;                                                                                     \
+    } while (0)
+#define PUSH(id)                                                                                        \
+    do {                                                                                                \
+        uint32_t id_ = (id);                                                                            \
+        if (id_ == MLU_PK_NONE_ID || push(vm, id_) < 0)                                                 \
+            OOM();                                                                                      \
+    } while (0)
+
+static uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *ppos, int legacy, uint32_t *root,
+                      mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    size_t pos = *ppos, at = pos, base = 0;
+    uint8_t op = 0;
+    uint32_t node;
+
+    vm->data = data;
+    vm->size = size;
+    vm->legacy = legacy;
+    vm->over_budget = 0;
+    {
+        uint64_t extra = 4 * (uint64_t)(size - pos) + 4096;
+        vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
+    }
+    vm->n_stack = 0;
+    vm->n_marks = 0;
+    mlu_free(vm->memo);
+    vm->memo = NULL;
+    vm->n_memo = 0;
+    for (;;) {
+        at = pos;
+        if (pos >= size) {
+            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: no STOP opcode before byte %zu", at);
+            goto error;
+        }
+        op = data[pos++];
+        base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
+        switch (op) {
+        case 0x80: /* PROTO */
+            NEED(1);
+            if (data[pos] > 5) {
+                VM_FAIL(MLU_EFORMAT, at, "unsupported pickle protocol %u at byte %zu", data[pos], at);
+                goto error;
+            }
+            pos += 1;
+            break;
+        case '.': /* STOP */
+            base = 0;
+            POPN(1);
+            *root = TOP(1);
+            *ppos = pos;
+            st = MLU_OK;
+            goto done;
+        case 'N':
+            PUSH(new_node(vm, MLU_PK_NONE));
+            break;
+        case 0x88: /* NEWTRUE */
+        case 0x89: /* NEWFALSE */
+            node = new_node(vm, MLU_PK_BOOL);
+            if (node == MLU_PK_NONE_ID)
+                OOM();
+            N(vm, node)->u.i = op == 0x88;
+            PUSH(node);
+            break;
+        case 'K':
+        case 'M':
+        case 'J': {
+            size_t k = op == 'K' ? 1 : op == 'M' ? 2 : 4;
+            int64_t v;
+            NEED(k);
+            if (op == 'K')
+                v = data[pos];
+            else if (op == 'M')
+                v = data[pos] | (data[pos + 1] << 8);
+            else
+                v = (int32_t)rd32(data + pos);
+            pos += k;
+            node = new_node(vm, MLU_PK_INT);
+            if (node == MLU_PK_NONE_ID)
+                OOM();
+            N(vm, node)->u.i = v;
+            PUSH(node);
+            break;
+        }
+        case 0x8a: { /* LONG1 */
+            size_t k, j;
+            NEED(1);
+            k = data[pos++];
+            NEED(k);
+            if (k <= 8) {
+                uint64_t u = 0;
+                for (j = 0; j < k; j++)
+                    u |= (uint64_t)data[pos + j] << (8 * j);
+                if (k > 0 && k < 8 && (data[pos + k - 1] & 0x80))
+                    u |= ~(uint64_t)0 << (8 * k);
+                node = new_node(vm, MLU_PK_INT);
+                if (node == MLU_PK_NONE_ID)
+                    OOM();
+                N(vm, node)->u.i = (int64_t)u;
+            } else {
+                node = new_node(vm, MLU_PK_BIGINT);
+                if (node == MLU_PK_NONE_ID)
+                    OOM();
+                N(vm, node)->u.s.p = (const char *)data + pos;
+                N(vm, node)->u.s.n = (uint32_t)k;
+            }
+            pos += k;
+            PUSH(node);
+            break;
+        }
+        case 'G': { /* BINFLOAT, big-endian */
+            uint64_t u = 0;
+            size_t j;
+            double d;
+            NEED(8);
+            for (j = 0; j < 8; j++)
+                u = (u << 8) | data[pos + j];
+            memcpy(&d, &u, 8);
+            pos += 8;
+            node = new_node(vm, MLU_PK_FLOAT);
+            if (node == MLU_PK_NONE_ID)
+                OOM();
+            N(vm, node)->u.f = d;
+            PUSH(node);
+            break;
+        }
+        case 'X':   /* BINUNICODE */
+        case 'U': { /* SHORT_BINSTRING */
+            uint32_t n;
+            if (op == 'X') {
+                NEED(4);
+                n = rd32(data + pos);
+                pos += 4;
+            } else {
+                NEED(1);
+                n = data[pos++];
+            }
+            NEED(n);
+            node = new_node(vm, MLU_PK_STR);
+            if (node == MLU_PK_NONE_ID)
+                OOM();
+            N(vm, node)->u.s.p = (const char *)data + pos;
+            N(vm, node)->u.s.n = n;
+            pos += n;
+            PUSH(node);
+            break;
+        }
+        case ')':
+            PUSH(new_node(vm, MLU_PK_TUPLE));
+            break;
+        case ']':
+            PUSH(new_node(vm, MLU_PK_LIST));
+            break;
+        case '}':
+            PUSH(new_node(vm, MLU_PK_DICT));
+            break;
+        case 0x8f: /* EMPTY_SET */
+            PUSH(new_node(vm, MLU_PK_SET));
+            break;
+        case '(': /* MARK */
+            if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
+                OOM();
+            vm->marks[vm->n_marks++] = vm->n_stack;
+            break;
+        case 0x85:
+        case 0x86:
+        case 0x87: { /* TUPLE1..3 */
+            size_t k = (size_t)(op - 0x84), j;
+            POPN(k);
+            node = new_node(vm, MLU_PK_TUPLE);
+            if (node == MLU_PK_NONE_ID)
+                OOM();
+            for (j = k; j > 0; j--)
+                if (add_item(vm, node, TOP(j)) < 0)
+                    OOM();
+            vm->n_stack -= k;
+            PUSH(node);
+            break;
+        }
+        case 't':   /* TUPLE */
+        case 'e':   /* APPENDS */
+        case 'u': { /* SETITEMS */
+            size_t j, k;
+            uint32_t target = 0;
+            if (vm->n_marks == 0) {
+                VM_FAIL(MLU_EFORMAT, at, "opcode '%c' at byte %zu without a MARK", op, at);
+                goto error;
+            }
+            k = vm->n_stack - base;
+            if (op != 't') {
+                size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
+                if (base <= outer) {
+                    VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode '%c' at byte %zu has no target", op, at);
+                    goto error;
+                }
+                target = vm->stack[base - 1];
+                if (op == 'e' && N(vm, target)->kind != MLU_PK_LIST) {
+                    VM_FAIL(MLU_EUNSAFE, at, "APPENDS at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
+                    goto error;
+                }
+                if (op == 'u' && N(vm, target)->kind != MLU_PK_DICT) {
+                    VM_FAIL(MLU_EUNSAFE, at, "SETITEMS at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
+                    goto error;
+                }
+                if (op == 'u' && (k % 2) != 0) {
+                    VM_FAIL(MLU_EFORMAT, at, "SETITEMS at byte %zu with an odd number of items", at);
+                    goto error;
+                }
+            } else {
+                target = new_node(vm, MLU_PK_TUPLE);
+                if (target == MLU_PK_NONE_ID)
+                    OOM();
+            }
+            for (j = 0; j < k; j++)
+                if (add_item(vm, target, vm->stack[base + j]) < 0)
+                    OOM();
+            vm->n_stack = base;
+            vm->n_marks--;
+            if (op == 't')
+                PUSH(target);
+            break;
+        }
+        case 'a':   /* APPEND */
+        case 's': { /* SETITEM */
+            size_t k = op == 'a' ? 1 : 2, j;
+            uint32_t target;
+            POPN(k + 1);
+            target = TOP(k + 1);
+            if (op == 'a' && N(vm, target)->kind != MLU_PK_LIST) {
+                VM_FAIL(MLU_EUNSAFE, at, "APPEND at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
+                goto error;
+            }
+            if (op == 's' && N(vm, target)->kind != MLU_PK_DICT) {
+                VM_FAIL(MLU_EUNSAFE, at, "SETITEM at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
+                goto error;
+            }
+            for (j = k; j > 0; j--)
+                if (add_item(vm, target, TOP(j)) < 0)
+                    OOM();
+            vm->n_stack -= k;
+            break;
+        }
+        case 'q':
+        case 'r': { /* BINPUT, LONG_BINPUT */
+            size_t idx;
+            NEED(op == 'q' ? 1 : 4);
+            idx = op == 'q' ? data[pos] : rd32(data + pos);
+            pos += op == 'q' ? 1 : 4;
+            POPN(1);
+            if (idx > size) {
+                VM_FAIL(MLU_EFORMAT, at, "memo index %zu at byte %zu is larger than the pickle", idx, at);
+                goto error;
+            }
+            if (idx >= vm->n_memo) {
+                size_t cap = vm->n_memo, j;
+                if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0)
+                    OOM();
+                for (j = vm->n_memo; j < cap; j++)
+                    vm->memo[j] = MLU_PK_NONE_ID;
+                vm->n_memo = cap;
+            }
+            vm->memo[idx] = TOP(1);
+            break;
+        }
+        case 'h':
+        case 'j': { /* BINGET, LONG_BINGET */
+            size_t idx;
+            NEED(op == 'h' ? 1 : 4);
+            idx = op == 'h' ? data[pos] : rd32(data + pos);
+            pos += op == 'h' ? 1 : 4;
+            if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
+                VM_FAIL(MLU_EFORMAT, at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, at);
+                goto error;
+            }
+            PUSH(vm->memo[idx]);
+            break;
+        }
+        case 'c': { /* GLOBAL */
+            const char *mod, *name;
+            size_t ml, nl;
+            if (read_line(data, size, &pos, &mod, &ml) < 0 || read_line(data, size, &pos, &name, &nl) < 0) {
+                VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: GLOBAL at byte %zu", at);
+                goto error;
+            }
+            if (do_global(vm, at, mod, ml, name, nl, &node, err) != MLU_OK)
+                goto error;
+            PUSH(node);
+            break;
+        }
+        case 'R': { /* REDUCE */
+            uint32_t fn, args;
+            POPN(2);
+            fn = TOP(2);
+            args = TOP(1);
+            if (N(vm, fn)->kind != MLU_PK_GLOBAL) {
+                VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu calls a %s, not an allowed global", at, mlu_pk_kind_name(N(vm, fn)->kind));
+                goto error;
+            }
+            if (apply(vm, at, fn, args, &node, 0, err) != MLU_OK)
+                goto error;
+            vm->n_stack -= 2;
+            PUSH(node);
+            break;
+        }
+        case 0x81: { /* NEWOBJ */
+            uint32_t cls, args, *v;
+            int rg = 1;
+            POPN(2);
+            cls = TOP(2);
+            args = TOP(1);
+            if (N(vm, cls)->kind != MLU_PK_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
+                VM_FAIL(MLU_EUNSAFE, at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", at,
+                        mlu_pk_kind_name(N(vm, cls)->kind));
+                goto error;
+            }
+            v = N(vm, args)->u.items;
+            if (N(vm, args)->kind != MLU_PK_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
+                N(vm, v[0])->kind != MLU_PK_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
+                VM_FAIL(MLU_EFORMAT, at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", at);
+                goto error;
+            }
+            if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
+                (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
+                OOM();
+            vm->tensors[vm->n_tensors] = vm->tensors[N(vm, N(vm, args)->u.items[0])->u.ref];
+            vm->tensors[vm->n_tensors].is_parameter = 1;
+            vm->tensors[vm->n_tensors].requires_grad = rg;
+            N(vm, node)->u.ref = vm->n_tensors++;
+            vm->n_stack -= 2;
+            PUSH(node);
+            break;
+        }
+        case 'b': { /* BUILD */
+            uint32_t inst, state;
+            POPN(2);
+            inst = TOP(2);
+            state = TOP(1);
+            if (N(vm, inst)->kind != MLU_PK_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
+                if (N(vm, inst)->kind == MLU_PK_TENSOR) {
+                    VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: tensor state is not supported by this loader", at);
+                    goto error;
+                }
+                VM_FAIL(MLU_EUNSAFE, at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", at, mlu_pk_kind_name(N(vm, inst)->kind));
+                goto error;
+            }
+            if (N(vm, state)->kind != MLU_PK_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
+                VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: OrderedDict state must be one dict", at);
+                goto error;
+            }
+            N(vm, inst)->attrs = state;
+            vm->n_stack -= 1;
+            break;
+        }
+        case 'Q': { /* BINPERSID */
+            POPN(1);
+            if (persistent_load(vm, at, TOP(1), &node, err) != MLU_OK)
+                goto error;
+            vm->n_stack -= 1;
+            PUSH(node);
+            break;
+        }
+        default:
+            VM_FAIL(MLU_EUNSAFE, at, "unsupported opcode 0x%02x ('%c') at byte %zu: not allowed in a weights-only pickle",
+                    op, op >= 32 && op < 127 ? op : '?', at);
+            goto error;
+        }
+    }
+error:
+    if (st == MLU_OK || err == NULL || err->code == MLU_OK)
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "malformed pickle at byte %zu", at);
+    else
+        st = err->code;
+done:
+    return st;
+}
+
+/* ------------------------------------------------------------------ finish */
+
+static int key_cmp(const mlu_pk_pid *a, const mlu_pk_pid *b)
+{
+    size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
+    int c = memcmp(a->key, b->key, n);
+    if (c != 0)
+        return c;
+    return a->key_len < b->key_len ? -1 : a->key_len > b->key_len;
+}
+
+static void sift_pids(const mlu_pk_pid *p, uint32_t *v, size_t root, size_t n)
+{
+    for (;;) {
+        size_t c = 2 * root + 1, big = root;
+        uint32_t t;
+        if (c < n && key_cmp(&p[v[c]], &p[v[big]]) > 0)
+            big = c;
+        if (c + 1 < n && key_cmp(&p[v[c + 1]], &p[v[big]]) > 0)
+            big = c + 1;
+        if (big == root)
+            return;
+        t = v[root]; v[root] = v[big]; v[big] = t;
+        root = big;
+    }
+}
+
+mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t *order = NULL, i, j, t;
+    size_t k;
+
+    mlu_free(vm->storages);
+    vm->storages = NULL;
+    vm->n_storages = 0;
+    if (vm->n_pids == 0)
+        goto done;
+    order = mlu_calloc(vm->n_pids, sizeof(uint32_t));
+    vm->storages = mlu_calloc(vm->n_pids, sizeof(*vm->storages));
+    if (order == NULL || vm->storages == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %u storages", vm->n_pids);
+        goto done;
+    }
+    for (i = 0; i < vm->n_pids; i++)
+        order[i] = i;
+    /* stable merge not needed: the first pid (lowest byte offset) is found by scanning each group */
+    for (k = vm->n_pids / 2; k-- > 0;)
+        sift_pids(vm->pids, order, k, vm->n_pids);
+    for (k = vm->n_pids; k-- > 1;) {
+        t = order[0]; order[0] = order[k]; order[k] = t;
+        sift_pids(vm->pids, order, 0, k);
+    }
+    for (i = 0; i < vm->n_pids; i = j) {
+        mlu_pk_pid *first = &vm->pids[order[i]];
+        mlu_pk_storage *s = &vm->storages[vm->n_storages];
+        for (j = i; j < vm->n_pids && key_cmp(&vm->pids[order[j]], first) == 0; j++) {
+            mlu_pk_pid *p = &vm->pids[order[j]];
+            if (p->nbytes != first->nbytes) {
+                st = mlu_error_set(err, MLU_EFORMAT, (int64_t)p->storage, "storage '%.*s' is declared with %llu bytes at byte %u and %llu bytes at byte %u",
+                                   (int)p->key_len, p->key, (unsigned long long)first->nbytes, first->storage,
+                                   (unsigned long long)p->nbytes, p->storage);
+                goto done;
+            }
+            if (order[j] < order[i])
+                first = p;
+        }
+        s->key = first->key;
+        s->key_len = first->key_len;
+        s->nbytes = first->nbytes;
+        s->legacy_numel = first->numel;
+        s->dtype = first->dtype;
+        s->first_offset = first->storage;
+        s->swap_unit = first->dtype >= 0 ? mlu_pk_dtypes[first->dtype].swap_unit : 0;
+        for (k = i; k < j; k++)
+            vm->pids[order[k]].storage = vm->n_storages;
+        vm->n_storages++;
+    }
+    /* untyped storages byte-swap by the element of the first tensor that views them */
+    for (i = 0; i < vm->n_tensors; i++) {
+        mlu_pk_storage *s = &vm->storages[vm->pids[vm->tensors[i].pid].storage];
+        int unit = mlu_pk_dtypes[vm->tensors[i].dtype].swap_unit;
+        if (s->swap_unit == 0)
+            s->swap_unit = unit;
+        else if (s->dtype < 0 && s->swap_unit != unit)
+            s->swap_unit = -1; /* conflicting views: only a problem for big-endian files */
+    }
+done:
+    mlu_free(order);
+    return st;
+}

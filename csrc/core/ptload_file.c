@@ -1,0 +1,514 @@
+/* ptload_file.c: PyTorch checkpoint structure (see ptload_file.h). */
+#define _DEFAULT_SOURCE
+#include "ptload_file.h"
+#include "alloc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAX_RECORD_NAME 4096
+#define MAX_VERSION 0xA
+
+static const uint8_t legacy_magic[10] = {0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19};
+
+/* Finds prefix + "/" + rest. */
+static const mlu_zip_entry *find_record(const mlu_pt *pt, const char *prefix, size_t pl, const char *rest, size_t rl)
+{
+    char name[MAX_RECORD_NAME];
+    if (pl + 1 + rl > sizeof(name))
+        return NULL;
+    memcpy(name, prefix, pl);
+    name[pl] = '/';
+    memcpy(name + pl + 1, rest, rl);
+    return mlu_zip_find(&pt->zip, name, pl + 1 + rl);
+}
+
+/* Small text record (version, byteorder) into buf (NUL-terminated). */
+static mlu_status small_record(const mlu_pt *pt, const mlu_zip_entry *e, char *buf, size_t cap, mlu_error *err)
+{
+    if (e->usize >= cap)
+        return mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%.*s' is too large (%llu bytes)",
+                             (int)e->name_len, e->name, (unsigned long long)e->usize);
+    if (mlu_zip_extract(&pt->zip, e, (uint8_t *)buf, err) != MLU_OK)
+        return err->code;
+    buf[e->usize] = '\0';
+    return MLU_OK;
+}
+
+static int parse_version(const char *s, unsigned long *out)
+{
+    unsigned long v = 0;
+    size_t i = 0;
+    if (s[0] < '0' || s[0] > '9')
+        return -1;
+    for (; s[i] >= '0' && s[i] <= '9'; i++) {
+        v = v * 10 + (unsigned long)(s[i] - '0');
+        if (v > 1000000)
+            return -1;
+    }
+    for (; s[i] == '\n' || s[i] == '\r' || s[i] == ' '; i++)
+        ;
+    if (s[i] != '\0')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo;
+    const char *prefix, *slash;
+    size_t pl, i, ppos = 0;
+    const uint8_t *pickle;
+    char small[64];
+    unsigned long version = 0;
+
+    st = mlu_zip_open(&pt->zip, pt->data, pt->size, err);
+    if (st != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    e0 = &pt->zip.entries[0];
+    prefix = e0->name;
+    slash = memchr(prefix, '/', e0->name_len);
+    if (slash == NULL || slash == prefix) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)e0->lfh_offset, "file in archive is not in a subdirectory: '%.*s'",
+                      (int)e0->name_len, e0->name);
+        goto done;
+    }
+    pl = (size_t)(slash - prefix);
+    for (i = 0; i < pt->zip.count; i++) {
+        const mlu_zip_entry *e = &pt->zip.entries[i];
+        if (e->name_len <= pl + 1 || memcmp(e->name, prefix, pl + 1) != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' is outside the archive prefix '%.*s/'",
+                          (int)e->name_len, e->name, (int)pl, prefix);
+            goto done;
+        }
+        if (e->name_len >= pl + 6 && memcmp(e->name + pl + 1, "code/", 5) == 0) {
+            st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)e->lfh_offset,
+                               "TorchScript archive (record '%.*s'): refusing to load it as weights", (int)e->name_len, e->name);
+            goto done;
+        }
+    }
+    if (find_record(pt, prefix, pl, "constants.pkl", 13) != NULL) {
+        st = mlu_error_set(err, MLU_EUNSAFE, -1, "TorchScript archive (record 'constants.pkl'): refusing to load it as weights");
+        goto done;
+    }
+    dver = find_record(pt, prefix, pl, ".data/version", 13);
+    ver = find_record(pt, prefix, pl, "version", 7);
+    if (dver != NULL) {
+        if ((st = small_record(pt, dver, small, sizeof(small), err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        if (parse_version(small, &version) < 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)dver->lfh_offset, "record '.data/version' is not a number");
+            goto done;
+        }
+        if (version >= 6) {
+            st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)dver->lfh_offset,
+                               "TorchScript archive ('.data/version' = %lu): refusing to load it as weights", version);
+            goto done;
+        }
+    }
+    if (ver != NULL && dver == NULL) {
+        if ((st = small_record(pt, ver, small, sizeof(small), err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        if (parse_version(small, &version) < 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)ver->lfh_offset, "record 'version' is not a number");
+            goto done;
+        }
+    }
+    if (ver == NULL && dver == NULL) {
+        mlu_error_set(err, MLU_EFORMAT, -1, "failed locating file version: the archive has no 'version' record");
+        goto done;
+    }
+    if (version < 1 || version > MAX_VERSION) {
+        mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
+        goto done;
+    }
+    bo = find_record(pt, prefix, pl, "byteorder", 9);
+    if (bo != NULL) {
+        if ((st = small_record(pt, bo, small, sizeof(small), err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        if (strcmp(small, "big") == 0) {
+            pt->big_endian = 1;
+        } else if (strcmp(small, "little") != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)bo->lfh_offset, "record 'byteorder' must be 'little' or 'big'");
+            goto done;
+        }
+    }
+    pk = find_record(pt, prefix, pl, "data.pkl", 8);
+    if (pk == NULL) {
+        mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
+        goto done;
+    }
+    if (verify && (st = mlu_zip_check(&pt->zip, pk, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    if (pk->method == 0) {
+        pickle = pt->data + pk->data_offset;
+    } else {
+        pt->pickle_owned = mlu_malloc(pk->usize ? (size_t)pk->usize : 1);
+        if (pt->pickle_owned == NULL) {
+            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for data.pkl (%llu bytes)", (unsigned long long)pk->usize);
+            goto done;
+        }
+        if ((st = mlu_zip_extract(&pt->zip, pk, pt->pickle_owned, err)) != MLU_OK)
+            goto done;
+        pickle = pt->pickle_owned;
+    }
+    if ((st = mlu_pk_run(&pt->vm, pickle, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
+        goto done;
+    if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    pt->src = mlu_calloc(pt->vm.n_storages ? pt->vm.n_storages : 1, sizeof(*pt->src));
+    if (pt->src == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for storages");
+        goto done;
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        const mlu_pk_storage *s = &pt->vm.storages[i];
+        char rest[MAX_RECORD_NAME];
+        const mlu_zip_entry *e;
+        if (s->key_len + 5 > sizeof(rest)) {
+            mlu_error_set(err, MLU_EFORMAT, -1, "storage key is too long");
+            goto done;
+        }
+        memcpy(rest, "data/", 5);
+        memcpy(rest + 5, s->key, s->key_len);
+        e = find_record(pt, prefix, pl, rest, 5 + s->key_len);
+        if (e == NULL) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)s->first_offset, "storage '%.*s' has no record 'data/%.*s' in the archive",
+                          (int)s->key_len, s->key, (int)s->key_len, s->key);
+            goto done;
+        }
+        if (e->usize != s->nbytes) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record size %llu of 'data/%.*s' mismatch with dst size %llu "
+                          "(numel x element size from the pickle)", (unsigned long long)e->usize, (int)s->key_len, s->key,
+                          (unsigned long long)s->nbytes);
+            goto done;
+        }
+        if (pt->big_endian && s->swap_unit < 0) {
+            mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage '%.*s' is viewed with element sizes that disagree",
+                          (int)s->key_len, s->key);
+            goto done;
+        }
+        pt->src[i].kind = e->method == 0 ? MLU_PT_SRC_STORED : MLU_PT_SRC_DEFLATED;
+        pt->src[i].offset = e->data_offset;
+        pt->src[i].entry = e;
+        if (verify && (st = mlu_zip_check(&pt->zip, e, err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+    }
+    st = MLU_OK;
+done:
+    return st;
+}
+
+static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id) { return &pt->vm.nodes[id]; }
+
+/* The string value of dict node d under key, or NULL. */
+static const mlu_pk_node *dict_get(const mlu_pt *pt, uint32_t d, const char *key)
+{
+    const mlu_pk_node *n = node(pt, d);
+    uint32_t i;
+    for (i = 0; i + 1 < n->len; i += 2) {
+        const mlu_pk_node *k = node(pt, n->u.items[i]);
+        if (k->kind == MLU_PK_STR && k->u.s.n == strlen(key) && memcmp(k->u.s.p, key, k->u.s.n) == 0)
+            return node(pt, n->u.items[i + 1]);
+    }
+    return NULL;
+}
+
+static int64_t rd64le(const uint8_t *p)
+{
+    uint64_t v = 0;
+    int i;
+    for (i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return (int64_t)v;
+}
+
+static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
+{
+    uint32_t lo = 0, hi = pt->vm.n_storages;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        const mlu_pk_storage *s = &pt->vm.storages[mid];
+        size_t n = s->key_len < len ? s->key_len : len;
+        int c = memcmp(s->key, key, n);
+        if (c == 0)
+            c = s->key_len < len ? -1 : s->key_len > len;
+        if (c == 0)
+            return mid;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return UINT32_MAX;
+}
+
+static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    size_t pos = 0, i;
+    uint32_t magic, proto, info, keys;
+    const mlu_pk_node *n, *le;
+    uint64_t *seen = NULL;
+
+    if (pt->size < 2 || pt->data[0] != 0x80) {
+        mlu_error_set(err, MLU_EFORMAT, 0, "not a PyTorch file: neither a zip archive nor a pickle stream");
+        goto done;
+    }
+    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &magic, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    n = node(pt, magic);
+    if (n->kind != MLU_PK_BIGINT || n->u.s.n != 10 || memcmp(n->u.s.p, legacy_magic, 10) != 0) {
+        mlu_error_set(err, MLU_EFORMAT, 0, "invalid magic number: not a PyTorch legacy file");
+        goto done;
+    }
+    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &proto, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    if (node(pt, proto)->kind != MLU_PK_INT || node(pt, proto)->u.i != 1001) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "invalid protocol version in a legacy PyTorch file");
+        goto done;
+    }
+    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &info, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    if (node(pt, info)->kind != MLU_PK_DICT) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy sys_info is not a dict");
+        goto done;
+    }
+    le = dict_get(pt, info, "little_endian");
+    if (le != NULL && le->kind == MLU_PK_BOOL)
+        pt->big_endian = le->u.i == 0;
+    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &pt->root, err)) != MLU_OK)
+        goto done;
+    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &keys, err)) != MLU_OK)
+        goto done;
+    if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
+        goto done;
+    st = MLU_EFORMAT;
+    n = node(pt, keys);
+    if (n->kind != MLU_PK_LIST) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list is not a list");
+        goto done;
+    }
+    pt->src = mlu_calloc(pt->vm.n_storages ? pt->vm.n_storages : 1, sizeof(*pt->src));
+    seen = mlu_calloc(pt->vm.n_storages ? pt->vm.n_storages : 1, sizeof(*seen));
+    if (pt->src == NULL || seen == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for storages");
+        goto done;
+    }
+    for (i = 0; i < n->len; i++) {
+        const mlu_pk_node *k = node(pt, n->u.items[i]);
+        uint32_t s;
+        int64_t count;
+        uint64_t nbytes;
+        const mlu_pk_storage *ps;
+        if (k->kind != MLU_PK_STR) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list holds a %s", mlu_pk_kind_name(k->kind));
+            goto done;
+        }
+        s = find_storage(pt, k->u.s.p, k->u.s.n);
+        if (s == UINT32_MAX || seen[s]) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key '%.*s' is %s", (int)k->u.s.n, k->u.s.p,
+                          s == UINT32_MAX ? "not used by the object" : "listed twice");
+            goto done;
+        }
+        ps = &pt->vm.storages[s];
+        if (pt->size - pos < 8) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s'", (int)k->u.s.n, k->u.s.p);
+            goto done;
+        }
+        count = rd64le(pt->data + pos);
+        if (count < 0 || (uint64_t)count != ps->legacy_numel) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage '%.*s' holds %lld elements, the pickle says %llu",
+                          (int)k->u.s.n, k->u.s.p, (long long)count, (unsigned long long)ps->legacy_numel);
+            goto done;
+        }
+        pos += 8;
+        nbytes = ps->nbytes;
+        if (pt->size - pos < nbytes) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s'", (int)k->u.s.n, k->u.s.p);
+            goto done;
+        }
+        if (pt->big_endian && ps->swap_unit < 0) {
+            mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage is viewed with element sizes that disagree");
+            goto done;
+        }
+        pt->src[s].kind = MLU_PT_SRC_RAW;
+        pt->src[s].offset = pos;
+        seen[s] = 1;
+        pos += (size_t)nbytes;
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        if (!seen[i]) {
+            mlu_error_set(err, MLU_EFORMAT, -1, "legacy storage '%.*s' has no data", (int)pt->vm.storages[i].key_len,
+                          pt->vm.storages[i].key);
+            goto done;
+        }
+    }
+    st = MLU_OK;
+done:
+    mlu_free(seen);
+    return st;
+}
+
+mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int verify, mlu_error *err)
+{
+    mlu_status st;
+
+    memset(pt, 0, sizeof(*pt));
+    mlu_pk_vm_init(&pt->vm);
+    pt->data = data;
+    pt->size = size;
+    if (size >= 4 && memcmp(data, "PK\x03\x04", 4) == 0) {
+        pt->is_zip = 1;
+        st = open_zip(pt, verify, err);
+    } else {
+        st = open_legacy(pt, err);
+    }
+    if (st != MLU_OK)
+        mlu_pt_close(pt);
+    return st;
+}
+
+void mlu_pt_close(mlu_pt *pt)
+{
+    mlu_zip_close(&pt->zip);
+    mlu_pk_vm_free(&pt->vm);
+    mlu_free(pt->pickle_owned);
+    mlu_free(pt->src);
+    pt->pickle_owned = NULL;
+    pt->src = NULL;
+}
+
+int mlu_pt_storage_in_place(const mlu_pt *pt, uint32_t i, size_t align)
+{
+    const mlu_pt_storage_src *s = &pt->src[i];
+    if (s->kind != MLU_PT_SRC_STORED || !pt->is_zip)
+        return 0;
+    if (pt->big_endian && pt->vm.storages[i].swap_unit > 1)
+        return 0;
+    return align == 0 || ((uintptr_t)(pt->data + s->offset) % align) == 0;
+}
+
+void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
+{
+    size_t i;
+    uint8_t t;
+    switch (unit) {
+    case 2:
+        for (i = 0; i + 2 <= n; i += 2) {
+            t = p[i]; p[i] = p[i + 1]; p[i + 1] = t;
+        }
+        break;
+    case 4:
+        for (i = 0; i + 4 <= n; i += 4) {
+            uint32_t v;
+            memcpy(&v, p + i, 4);
+            v = __builtin_bswap32(v);
+            memcpy(p + i, &v, 4);
+        }
+        break;
+    case 8:
+        for (i = 0; i + 8 <= n; i += 8) {
+            uint64_t v;
+            memcpy(&v, p + i, 8);
+            v = __builtin_bswap64(v);
+            memcpy(p + i, &v, 8);
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int fd, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_pt_storage_src *s = &pt->src[i];
+    const mlu_pk_storage *ps = &pt->vm.storages[i];
+
+    if (s->kind == MLU_PT_SRC_DEFLATED) {
+        st = mlu_zip_extract(&pt->zip, s->entry, dst, err);
+        if (st != MLU_OK)
+            return st;
+    } else if (ps->nbytes > 0 && fd >= 0) {
+        /* read(2) into the destination: no page faults on the source mapping */
+        size_t done = 0, n = (size_t)ps->nbytes;
+        while (done < n) {
+            size_t chunk = n - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : n - done;
+            ssize_t r = pread(fd, dst + done, chunk, (off_t)(s->offset + done));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0)
+                return mlu_error_errno(err, errno, "cannot read storage '%.*s'", (int)ps->key_len, ps->key);
+            if (r == 0)
+                return mlu_error_set(err, MLU_EFORMAT, (int64_t)(s->offset + done), "file shrank while reading storage '%.*s'",
+                                     (int)ps->key_len, ps->key);
+            done += (size_t)r;
+        }
+    } else if (ps->nbytes > 0) {
+        memcpy(dst, pt->data + s->offset, (size_t)ps->nbytes);
+    }
+    if (pt->big_endian && ps->swap_unit > 1)
+        mlu_pt_byteswap(dst, (size_t)ps->nbytes, ps->swap_unit);
+    return st;
+}
+
+mlu_status mlu_file_map_open(mlu_file_map *m, const char *path, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    struct stat sb;
+    int fd;
+    void *p;
+
+    m->data = NULL;
+    m->size = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return mlu_error_errno(err, errno, "cannot open %s", path);
+    if (fstat(fd, &sb) < 0) {
+        st = mlu_error_errno(err, errno, "cannot stat %s", path);
+        goto done;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "%s is not a regular file", path);
+        goto done;
+    }
+    if (sb.st_size == 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", path);
+        goto done;
+    }
+    p = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+        st = mlu_error_errno(err, errno, "cannot map %s", path);
+        goto done;
+    }
+    m->data = p;
+    m->size = (size_t)sb.st_size;
+done:
+    close(fd);
+    return st;
+}
+
+void mlu_file_map_close(mlu_file_map *m)
+{
+    if (m->data != NULL)
+        munmap(m->data, m->size);
+    m->data = NULL;
+    m->size = 0;
+}

@@ -1,0 +1,413 @@
+/* zipread.c: zip central directory reader (see zipread.h). */
+#include "zipread.h"
+#include "alloc.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#define EOCD_SIZE 22u
+#define EOCD64_MIN 56u
+#define LOCATOR_SIZE 20u
+#define CDH_SIZE 46u
+#define LFH_SIZE 30u
+/* DEFLATE cannot expand beyond about 1032:1; a declared size above this is a bomb. */
+#define DEFLATE_MAX_RATIO 1032u
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
+
+/* Reads the zip64 extra (id 1) of a central entry: only the fields whose
+ * 32-bit value is saturated are present, in the order usize, csize, offset. */
+static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t where, mlu_zip_entry *e,
+                                   int need_u, int need_c, int need_o, mlu_error *err)
+{
+    size_t pos = 0;
+
+    while (pos + 4 <= ex_len) {
+        uint16_t id = rd16(ex + pos), len = rd16(ex + pos + 2);
+        const uint8_t *f = ex + pos + 4;
+        size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
+
+        if (pos + 4 + len > ex_len)
+            return mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry");
+        if (id == 0x0001) {
+            if (len < need)
+                return mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short");
+            if (need_u) { e->usize = rd64(f + k); k += 8; }
+            if (need_c) { e->csize = rd64(f + k); k += 8; }
+            if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
+            return MLU_OK;
+        }
+        pos += 4 + (size_t)len;
+    }
+    if (need_u || need_c || need_o)
+        return mlu_error_set(err, MLU_EFORMAT, where, "zip entry needs a zip64 extra field but has none");
+    return MLU_OK;
+}
+
+static int cmp_names(const mlu_zip *z, size_t a, size_t b)
+{
+    const mlu_zip_entry *x = &z->entries[a], *y = &z->entries[b];
+    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
+    int c = memcmp(x->name, y->name, n);
+    if (c != 0)
+        return c;
+    return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
+}
+
+/* Heap sort of the index array (no global state, so no qsort_r needed). */
+static void sift(const mlu_zip *z, size_t *v, size_t root, size_t n)
+{
+    for (;;) {
+        size_t child = 2 * root + 1, big = root, t;
+        if (child < n && cmp_names(z, v[child], v[big]) > 0)
+            big = child;
+        if (child + 1 < n && cmp_names(z, v[child + 1], v[big]) > 0)
+            big = child + 1;
+        if (big == root)
+            return;
+        t = v[root]; v[root] = v[big]; v[big] = t;
+        root = big;
+    }
+}
+
+static void sort_names(const mlu_zip *z, size_t *v, size_t n)
+{
+    size_t i, t;
+    for (i = n / 2; i-- > 0;)
+        sift(z, v, i, n);
+    for (i = n; i-- > 1;) {
+        t = v[0]; v[0] = v[i]; v[i] = t;
+        sift(z, v, 0, i);
+    }
+}
+
+mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    uint64_t cd_off, cd_size, count, pos, cd_end;
+    size_t eocd = 0, i, lo;
+    int found = 0;
+
+    memset(z, 0, sizeof(*z));
+    z->data = data;
+    z->size = size;
+    if (size < EOCD_SIZE) {
+        st = mlu_error_set(err, MLU_EFORMAT, 0, "not a zip archive: %zu bytes is too short (truncated file?)", size);
+        goto error;
+    }
+    /* The EOCD is within the last 22 + 65535 bytes; scan backwards. */
+    lo = size > EOCD_SIZE + 0xFFFFu ? size - EOCD_SIZE - 0xFFFFu : 0;
+    for (i = size - EOCD_SIZE + 1; i-- > lo;) {
+        if (data[i] == 'P' && data[i + 1] == 'K' && data[i + 2] == 5 && data[i + 3] == 6 &&
+            i + EOCD_SIZE + rd16(data + i + 20) <= size) {
+            eocd = i;
+            found = 1;
+            break;
+        }
+    }
+    if (!found) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)size,
+                           "failed finding central directory: no end-of-central-directory record (truncated file?)");
+        goto error;
+    }
+    if (rd16(data + eocd + 4) != 0 || rd16(data + eocd + 6) != 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "multi-disk zip archives are not supported");
+        goto error;
+    }
+    count = rd16(data + eocd + 10);
+    cd_size = rd32(data + eocd + 12);
+    cd_off = rd32(data + eocd + 16);
+    if (eocd >= LOCATOR_SIZE && memcmp(data + eocd - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
+        const uint8_t *loc = data + eocd - LOCATOR_SIZE;
+        uint64_t off64 = rd64(loc + 8);
+        const uint8_t *e64;
+        if (off64 > size - LOCATOR_SIZE - EOCD_SIZE || size - off64 < EOCD64_MIN ||
+            off64 + EOCD64_MIN > eocd - LOCATOR_SIZE) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(eocd - LOCATOR_SIZE), "zip64 locator points outside the file");
+            goto error;
+        }
+        e64 = data + off64;
+        if (memcmp(e64, "PK\x06\x06", 4) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing");
+            goto error;
+        }
+        count = rd64(e64 + 32);
+        cd_size = rd64(e64 + 40);
+        cd_off = rd64(e64 + 48);
+        if (rd64(e64 + 24) != count) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
+            goto error;
+        }
+        cd_end = off64;
+    } else {
+        if (count == 0xFFFF || cd_size == 0xFFFFFFFFu || cd_off == 0xFFFFFFFFu) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip needs zip64 records but has none");
+            goto error;
+        }
+        cd_end = eocd;
+    }
+    if (mlu_add_overflow_u64(cd_off, cd_size, &pos) || pos > cd_end) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory lies outside the file (truncated file?)");
+        goto error;
+    }
+    /* each entry takes at least 46 bytes: never allocate from the count alone */
+    if (count > cd_size / CDH_SIZE) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory claims %llu entries in %llu bytes",
+                           (unsigned long long)count, (unsigned long long)cd_size);
+        goto error;
+    }
+    if (count == 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip archive has no entries");
+        goto error;
+    }
+    z->entries = mlu_calloc((size_t)count, sizeof(*z->entries));
+    z->sorted = mlu_calloc((size_t)count, sizeof(*z->sorted));
+    if (z->entries == NULL || z->sorted == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %llu zip entries", (unsigned long long)count);
+        goto error;
+    }
+    cd_end = cd_off + cd_size;
+    pos = cd_off;
+    for (i = 0; i < (size_t)count; i++) {
+        const uint8_t *h = data + pos;
+        mlu_zip_entry *e = &z->entries[i];
+        uint32_t c32, u32, o32;
+        size_t nl, xl, cl;
+        const uint8_t *lfh;
+        uint64_t end;
+
+        if (cd_end - pos < CDH_SIZE || memcmp(h, "PK\x01\x02", 4) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "central directory entry %zu is corrupt", i);
+            goto error;
+        }
+        e->flags = rd16(h + 8);
+        e->method = rd16(h + 10);
+        e->crc = rd32(h + 16);
+        c32 = rd32(h + 20);
+        u32 = rd32(h + 24);
+        nl = rd16(h + 28);
+        xl = rd16(h + 30);
+        cl = rd16(h + 32);
+        o32 = rd32(h + 42);
+        if (cd_end - pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "central directory entry %zu runs past the directory", i);
+            goto error;
+        }
+        e->name = (const char *)h + CDH_SIZE;
+        e->name_len = nl;
+        e->csize = c32;
+        e->usize = u32;
+        e->lfh_offset = o32;
+        st = read_zip64_extra(h + CDH_SIZE + nl, xl, (int64_t)pos, e, u32 == 0xFFFFFFFFu, c32 == 0xFFFFFFFFu,
+                              o32 == 0xFFFFFFFFu, err);
+        if (st != MLU_OK)
+            goto error;
+        if (e->flags & 1u) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' is encrypted", (int)nl, e->name);
+            goto error;
+        }
+        if (e->method != 0 && e->method != 8) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' uses compression method %u (only stored and deflated are supported)",
+                               (int)nl, e->name, e->method);
+            goto error;
+        }
+        if (e->method == 0 && e->csize != e->usize) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "stored zip entry '%.*s' has different compressed and uncompressed sizes",
+                               (int)nl, e->name);
+            goto error;
+        }
+        if (e->method == 8 && e->usize / DEFLATE_MAX_RATIO > e->csize + 64) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "deflated zip entry '%.*s' declares %llu bytes from %llu: impossible ratio (zip bomb?)",
+                               (int)nl, e->name, (unsigned long long)e->usize, (unsigned long long)e->csize);
+            goto error;
+        }
+        /* the local header must be in the file before the directory and name the same record */
+        if (e->lfh_offset > cd_off || cd_off - e->lfh_offset < LFH_SIZE) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' has its local header outside the file", (int)nl, e->name);
+            goto error;
+        }
+        lfh = data + e->lfh_offset;
+        if (memcmp(lfh, "PK\x03\x04", 4) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header", (int)nl, e->name);
+            goto error;
+        }
+        e->data_offset = e->lfh_offset + LFH_SIZE + rd16(lfh + 26) + rd16(lfh + 28);
+        if (rd16(lfh + 26) != nl || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, nl) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
+                               (int)nl, e->name);
+            goto error;
+        }
+        if (mlu_add_overflow_u64(e->data_offset, e->csize, &end) || end > cd_off) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "zip entry '%.*s' runs past the end of the data (truncated file?)",
+                               (int)nl, e->name);
+            goto error;
+        }
+        z->sorted[i] = i;
+        pos += CDH_SIZE + nl + xl + cl;
+    }
+    z->count = (size_t)count;
+    sort_names(z, z->sorted, z->count);
+    for (i = 1; i < z->count; i++) {
+        if (cmp_names(z, z->sorted[i - 1], z->sorted[i]) == 0) {
+            const mlu_zip_entry *e = &z->entries[z->sorted[i]];
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip holds two records named '%.*s'", (int)e->name_len, e->name);
+            goto error;
+        }
+    }
+    st = MLU_OK;
+    goto done;
+error:
+    mlu_zip_close(z);
+done:
+    return st;
+}
+
+void mlu_zip_close(mlu_zip *z)
+{
+    mlu_free(z->entries);
+    mlu_free(z->sorted);
+    z->entries = NULL;
+    z->sorted = NULL;
+    z->count = 0;
+}
+
+const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len)
+{
+    size_t lo = 0, hi = z->count;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const mlu_zip_entry *e = &z->entries[z->sorted[mid]];
+        size_t n = e->name_len < len ? e->name_len : len;
+        int c = memcmp(e->name, name, n);
+        if (c == 0)
+            c = e->name_len < len ? -1 : e->name_len > len;
+        if (c == 0)
+            return e;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+/* Inflates e into dst (capacity e->usize) or, when dst is NULL, into a
+ * scratch buffer; the CRC-32 of the output goes to *crc_out when not NULL. */
+static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, uint32_t *crc_out,
+                                mlu_error *err)
+{
+    uLong crc = crc32(0L, Z_NULL, 0);
+    mlu_status st = MLU_EFORMAT;
+    z_stream s;
+    uint8_t scratch[16384];
+    uint64_t in_left = e->csize, out_total = 0;
+    const uint8_t *in = z->data + e->data_offset;
+    int rc = Z_OK, inited = 0;
+
+    memset(&s, 0, sizeof(s));
+    if (inflateInit2(&s, -MAX_WBITS) != Z_OK) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "zlib inflateInit failed");
+        goto done;
+    }
+    inited = 1;
+    while (rc != Z_STREAM_END) {
+        uint64_t out_left = e->usize - out_total;
+        unsigned chunk_in, chunk_out;
+        int out_probe = 0;
+
+        if (s.avail_in == 0) {
+            chunk_in = in_left > (1u << 30) ? (1u << 30) : (unsigned)in_left;
+            s.next_in = (Bytef *)(uintptr_t)in;
+            s.avail_in = chunk_in;
+            in += chunk_in;
+            in_left -= chunk_in;
+        }
+        if (dst != NULL && out_left > 0) {
+            chunk_out = out_left > (1u << 30) ? (1u << 30) : (unsigned)out_left;
+            s.next_out = dst + out_total;
+        } else {
+            /* scratch output: a bounded window; output past usize means the record lies */
+            chunk_out = out_left > sizeof(scratch) ? (unsigned)sizeof(scratch) : (unsigned)out_left;
+            if (chunk_out == 0) {
+                chunk_out = 1;
+                out_probe = 1;
+            }
+            s.next_out = scratch;
+        }
+        s.avail_out = chunk_out;
+        rc = inflate(&s, Z_NO_FLUSH);
+        if (crc_out != NULL && chunk_out > s.avail_out && !out_probe)
+            crc = crc32(crc, s.next_out - (chunk_out - s.avail_out), chunk_out - s.avail_out);
+        out_total += chunk_out - s.avail_out;
+        if (out_probe && s.avail_out == 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates past its declared %llu bytes (zip bomb?)",
+                               (int)e->name_len, e->name, (unsigned long long)e->usize);
+            goto done;
+        }
+        if (rc == Z_STREAM_END)
+            break;
+        if (rc == Z_BUF_ERROR && s.avail_in == 0 && in_left == 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is truncated", (int)e->name_len, e->name);
+            goto done;
+        }
+        if (rc != Z_OK && rc != Z_BUF_ERROR) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is corrupt: %s",
+                               (int)e->name_len, e->name, s.msg ? s.msg : "zlib error");
+            goto done;
+        }
+    }
+    if (out_total != e->usize) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates to %llu bytes, declared %llu",
+                           (int)e->name_len, e->name, (unsigned long long)out_total, (unsigned long long)e->usize);
+        goto done;
+    }
+    if (crc_out != NULL)
+        *crc_out = (uint32_t)crc;
+    st = MLU_OK;
+done:
+    if (inited)
+        inflateEnd(&s);
+    return st;
+}
+
+mlu_status mlu_zip_extract(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, mlu_error *err)
+{
+    if (e->method == 0) {
+        if (e->usize > 0)
+            memcpy(dst, z->data + e->data_offset, (size_t)e->usize);
+        return MLU_OK;
+    }
+    return inflate_entry(z, e, dst, NULL, err);
+}
+
+mlu_status mlu_zip_check(const mlu_zip *z, const mlu_zip_entry *e, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t crc = 0;
+
+    if (e->method == 0) {
+        uLong c = crc32(0L, Z_NULL, 0);
+        uint64_t done = 0;
+        while (done < e->usize) {
+            uInt chunk = e->usize - done > (1u << 30) ? (1u << 30) : (uInt)(e->usize - done);
+            c = crc32(c, z->data + e->data_offset + done, chunk);
+            done += chunk;
+        }
+        crc = (uint32_t)c;
+    } else {
+        st = inflate_entry(z, e, NULL, &crc, err);
+        if (st != MLU_OK)
+            return st;
+    }
+    if (e->crc != 0 && crc != e->crc)
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "CRC-32 mismatch in record '%.*s': the file is corrupt",
+                           (int)e->name_len, e->name);
+    return st;
+}

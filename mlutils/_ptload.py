@@ -1,0 +1,216 @@
+"""Reading PyTorch ``.pt``/``.pth`` checkpoints without running pickle code.
+
+The file is parsed in C (zip or legacy format) by a restricted unpickler that
+accepts only what ``torch.load(weights_only=True)`` accepts; tensors are NumPy
+arrays over the file's private mapping (or copies when the record is
+deflated, misaligned, big-endian or legacy), turned into torch tensors when
+torch is importable and ``framework="pt"``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+
+from . import _core
+from ._core import TorchFormatError, UnsafePickleError
+
+__all__ = ["load", "load_unsafe", "read_index", "verify", "TorchFormatError", "UnsafePickleError"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_MODE_MMAP, _MODE_COPY, _MODE_INDEX, _MODE_VERIFY = 0, 1, 2, 3
+
+_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "complex32": 4,
+    "float8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2fnuz": 1, "float8_e4m3fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+}
+_NP_NATIVE = {
+    "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
+    "int8": "i1", "uint8": "u1", "bool": "?", "complex64": "<c8", "complex128": "<c16",
+    "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
+}
+_ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu")
+_RAW = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8", 16: "<c16"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """NumPy dtype for a torch dtype name: native, ml_dtypes when installed, else a same-size unsigned view."""
+    if name in _NP_NATIVE:
+        return np.dtype(_NP_NATIVE[name])
+    if name in _ML_DTYPES:
+        try:
+            import ml_dtypes
+
+            return np.dtype(getattr(ml_dtypes, name))
+        except (ImportError, AttributeError):
+            pass
+    return np.dtype(_RAW[_ITEMSIZE[name]])
+
+
+def _np_array(storage: np.ndarray, name: str, offset: int, shape: tuple, stride: tuple) -> np.ndarray:
+    dt = numpy_dtype(name)
+    isz = dt.itemsize
+    return np.ndarray(shape, dtype=dt, buffer=storage, offset=offset * isz,
+                      strides=tuple(s * isz for s in stride))
+
+
+class _NumpyHooks:
+    """Builds NumPy values (framework "np", or "pt" without torch)."""
+
+    def __init__(self) -> None:
+        self.hooks = (self.tensor, self.dtype, tuple, self.device)
+
+    @staticmethod
+    def tensor(storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
+               requires_grad: int, is_parameter: int) -> np.ndarray:
+        return _np_array(storage, name, offset, shape, stride)
+
+    @staticmethod
+    def dtype(name: str) -> Any:
+        """A torch dtype value as a NumPy dtype where NumPy (or ml_dtypes) has one, else its torch name."""
+        dt = numpy_dtype(name)
+        return dt if name in _NP_NATIVE or dt.name == name else name
+
+    @staticmethod
+    def device(kind: str, index: Any) -> str:
+        return kind if index is None else f"{kind}:{index}"
+
+
+class _TorchHooks:
+    """Builds torch values: one uint8 tensor per storage, tensors are strided views of it."""
+
+    def __init__(self, torch: Any, device: str) -> None:
+        self.torch = torch
+        self.device = torch.device(device)
+        self.bases: dict[str, Any] = {}
+        self.hooks = (self.tensor, self.dtype, torch.Size, self.make_device)
+
+    def tensor(self, storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
+               requires_grad: int, is_parameter: int) -> Any:
+        torch = self.torch
+        base = self.bases.get(key)
+        if base is None:
+            base = torch.from_numpy(storage)
+            if self.device.type != "cpu":
+                base = base.to(self.device)
+            self.bases[key] = base
+        dt = getattr(torch, name)
+        isz = _ITEMSIZE[name]
+        n = base.numel() - base.numel() % isz
+        if n == 0:
+            flat = torch.empty(0, dtype=dt, device=base.device)
+        else:
+            flat = (base if n == base.numel() else base[:n]).view(dt)
+        t = flat.as_strided(shape, stride, offset)
+        try:
+            if is_parameter:
+                return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
+            if requires_grad:
+                t.requires_grad_(True)
+        except RuntimeError as e:  # e.g. requires_grad on an integer tensor
+            raise TorchFormatError(f"tensor over storage {key!r}: {e}") from e
+        return t
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.torch, name)
+
+    def make_device(self, kind: str, index: Any) -> Any:
+        return self.torch.device(kind) if index is None else self.torch.device(kind, index)
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
+    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"."""
+    if framework not in ("pt", "np"):
+        raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
+    mode = _MODE_MMAP if mmap else _MODE_COPY
+    torch = _import_torch() if framework == "pt" else None
+    if torch is None:
+        if framework == "pt":
+            log.info("torch is not installed: loading %s as NumPy arrays", path)
+        if str(device) != "cpu":
+            raise ValueError(f"device {device!r} needs torch (NumPy arrays live on the CPU)")
+        return _core._pt_load(os.fspath(path), mode, _NumpyHooks().hooks)
+    return _core._pt_load(os.fspath(path), mode, _TorchHooks(torch, device).hooks)
+
+
+def load_unsafe(path: PathLike, device: str = "cpu") -> Any:
+    """Load any pickle with torch.load(weights_only=False): this runs code from the file; trusted files only."""
+    warnings.warn(
+        f"load_unsafe({os.fspath(path)!r}) runs torch.load(weights_only=False): the file can execute arbitrary code",
+        stacklevel=2,
+    )
+    import torch
+
+    return torch.load(os.fspath(path), map_location=device, weights_only=False)
+
+
+class _TensorInfo(NamedTuple):
+    key: str
+    dtype: str
+    shape: tuple
+    nbytes: int
+
+
+def _index_hooks() -> tuple:
+    def tensor(storage: Any, key: str, name: str, offset: int, shape: tuple, stride: tuple,
+               requires_grad: int, is_parameter: int) -> _TensorInfo:
+        numel = 1
+        for s in shape:
+            numel *= s
+        return _TensorInfo(key, name, tuple(shape), numel * _ITEMSIZE[name])
+
+    return (tensor, str, tuple, _NumpyHooks.device)
+
+
+def _walk(root: Any) -> list:
+    """Tensors of the object with dotted paths, depth first in container order.  Iterative (no
+    recursion limit); a container reached twice (shared through the pickle memo, or holding itself)
+    is listed under its first path only, so a crafted DAG cannot make the walk exponential."""
+    out: list = []
+    seen: set = set()
+    stack: list = [(root, "")]
+    while stack:
+        obj, prefix = stack.pop()
+        if isinstance(obj, _TensorInfo):
+            out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
+                        "storage": obj.key})
+            continue
+        if isinstance(obj, dict):
+            items = [(str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(obj)]
+        else:
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for k, v in reversed(items):
+            stack.append((v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def read_index(path: PathLike) -> list[dict]:
+    """One dict per tensor {"name", "dtype" (torch name, e.g. "float32"), "shape", "nbytes", "storage"}; reads no tensor data."""
+    return _walk(_core._pt_load(os.fspath(path), _MODE_INDEX, _index_hooks()))
+
+
+def verify(path: PathLike) -> None:
+    """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0); raise on any problem."""
+    _core._pt_load(os.fspath(path), _MODE_VERIFY, _index_hooks())

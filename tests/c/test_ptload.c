@@ -1,0 +1,198 @@
+/* test_ptload.c: the zip reader, the restricted pickle VM and the checkpoint
+ * resolver, on small archives built here byte by byte. */
+#include "mlu_test.h"
+
+#include "core/alloc.h"
+#include "core/pickle_read.h"
+#include "core/ptload_file.h"
+#include "core/zipread.h"
+
+typedef struct {
+    uint8_t data[8192];
+    size_t len;
+} bytes;
+
+static void put(bytes *b, const void *p, size_t n)
+{
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+}
+static void put16(bytes *b, unsigned v)
+{
+    uint8_t x[2] = {(uint8_t)v, (uint8_t)(v >> 8)};
+    put(b, x, 2);
+}
+static void put32(bytes *b, uint32_t v)
+{
+    put16(b, v & 0xFFFF);
+    put16(b, v >> 16);
+}
+
+typedef struct {
+    const char *name;
+    const void *data;
+    size_t len;
+} rec;
+
+/* A stored zip of the records (no data descriptors, CRC 0 as torch allows). */
+static void build_zip(bytes *z, const rec *r, int n)
+{
+    size_t off[16], cd, cd_size;
+    int i;
+    z->len = 0;
+    for (i = 0; i < n; i++) {
+        off[i] = z->len;
+        put32(z, 0x04034B50); put16(z, 20); put16(z, 0); put16(z, 0); put32(z, 0); put32(z, 0);
+        put32(z, (uint32_t)r[i].len); put32(z, (uint32_t)r[i].len); put16(z, (unsigned)strlen(r[i].name)); put16(z, 0);
+        put(z, r[i].name, strlen(r[i].name));
+        put(z, r[i].data, r[i].len);
+    }
+    cd = z->len;
+    for (i = 0; i < n; i++) {
+        put32(z, 0x02014B50); put16(z, 20); put16(z, 20); put16(z, 0); put16(z, 0); put32(z, 0); put32(z, 0);
+        put32(z, (uint32_t)r[i].len); put32(z, (uint32_t)r[i].len); put16(z, (unsigned)strlen(r[i].name));
+        put16(z, 0); put16(z, 0); put16(z, 0); put16(z, 0); put32(z, 0); put32(z, (uint32_t)off[i]);
+        put(z, r[i].name, strlen(r[i].name));
+    }
+    cd_size = z->len - cd;
+    put32(z, 0x06054B50); put16(z, 0); put16(z, 0); put16(z, (unsigned)n); put16(z, (unsigned)n);
+    put32(z, (uint32_t)cd_size); put32(z, (uint32_t)cd); put16(z, 0);
+}
+
+#define S(lit) lit, sizeof(lit) - 1
+
+/* {'w': _rebuild_tensor_v2(('storage', FloatStorage, '0', 'cpu', 4), 0, (2, 2), (2, 1), False, OrderedDict())} */
+static const char PICKLE[] =
+    "\x80\x02}q\x00X\x01\x00\x00\x00wq\x01" "ctorch._utils\n_rebuild_tensor_v2\nq\x02"
+    "((X\x07\x00\x00\x00storageq\x03" "ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x00" "0q\x05X\x03\x00\x00\x00" "cpuq\x06K\x04tq\x07Q"
+    "K\x00K\x02K\x02\x86q\x08K\x02K\x01\x86q\x09\x89" "ccollections\nOrderedDict\nq\x0a)Rq\x0btq\x0cRq\x0ds.";
+
+static const float VALUES[4] = {1.0f, 2.0f, -3.0f, 0.5f};
+
+static mlu_status open_pickle(bytes *z, const char *pkl, size_t pkl_len, const void *d0, size_t d0_len, mlu_pt *pt,
+                              mlu_error *err)
+{
+    rec r[3] = {{"a/data.pkl", pkl, pkl_len}, {"a/data/0", d0, d0_len}, {"a/version", "3\n", 2}};
+    build_zip(z, r, 3);
+    mlu_error_clear(err);
+    return mlu_pt_open(pt, z->data, z->len, 1, err);
+}
+
+static void test_good(void)
+{
+    static bytes z;
+    mlu_pt pt;
+    mlu_error err;
+    const mlu_pk_node *root;
+    const mlu_pk_tensor *t;
+    float out[4];
+
+    CHECK(open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
+    if (err.code != MLU_OK) {
+        fprintf(stderr, "%s\n", err.text);
+        return;
+    }
+    root = &pt.vm.nodes[pt.root];
+    CHECK(root->kind == MLU_PK_DICT && root->len == 2);
+    CHECK(pt.vm.n_tensors == 1 && pt.vm.n_storages == 1);
+    t = &pt.vm.tensors[0];
+    CHECK(t->ndim == 2 && t->shape[0] == 2 && t->stride[0] == 2 && t->end_bytes == 16);
+    CHECK(strcmp(mlu_pk_dtypes[t->dtype].name, "float32") == 0);
+    CHECK(mlu_pt_storage_in_place(&pt, 0, 1) == 1);
+    CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, -1, &err) == MLU_OK);
+    CHECK(memcmp(out, VALUES, sizeof(out)) == 0);
+    mlu_pt_close(&pt);
+}
+
+static void expect_fail(const char *pkl, size_t len, mlu_status code, const char *word)
+{
+    static bytes z;
+    mlu_pt pt;
+    mlu_error err;
+    mlu_status st = open_pickle(&z, pkl, len, VALUES, sizeof(VALUES), &pt, &err);
+    CHECK(st == code);
+    CHECK(strstr(err.text, word) != NULL);
+    if (st != code || strstr(err.text, word) == NULL)
+        fprintf(stderr, "  got %s: %s (wanted '%s')\n", mlu_status_name(st), err.text, word);
+    if (st == MLU_OK)
+        mlu_pt_close(&pt);
+}
+
+static void test_rejections(void)
+{
+    expect_fail(S("\x80\x02" "cos\nsystem\nX\x02\x00\x00\x00ls\x85R."), MLU_EUNSAFE, "os.system");
+    expect_fail(S("\x80\x02" "c__builtin__\neval\n."), MLU_EUNSAFE, "__builtin__.eval");
+    expect_fail(S("\x80\x02]K\x01K\x02s."), MLU_EUNSAFE, "SETITEM");
+    expect_fail(S("\x80\x02}K\x01" "a."), MLU_EUNSAFE, "APPEND");
+    expect_fail(S("\x80\x02}}b."), MLU_EUNSAFE, "BUILD");
+    expect_fail(S("\x80\x02N\x95."), MLU_EUNSAFE, "opcode 0x95");
+    expect_fail(S("\x80\x02h\x03."), MLU_EFORMAT, "memo");
+    expect_fail(S("\x80\x02R."), MLU_EFORMAT, "underflow");
+    expect_fail(S("\x80\x02N"), MLU_EFORMAT, "truncated");
+    /* the view needs 5 floats of a 4-float storage */
+    expect_fail(S("\x80\x02" "ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+                  "X\x01\x00\x00\x00" "0X\x03\x00\x00\x00" "cpuK\x04tQK\x01K\x04\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)RtR."),
+                MLU_EFORMAT, "out of bounds");
+    /* the storage claims 8 floats, the record holds 4 */
+    expect_fail(S("\x80\x02" "ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+                  "X\x01\x00\x00\x00" "0X\x03\x00\x00\x00" "cpuK\x08tQK\x00K\x04\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)RtR."),
+                MLU_EFORMAT, "mismatch");
+}
+
+static void test_zip_damage(void)
+{
+    static bytes z;
+    mlu_pt pt;
+    mlu_error err;
+    size_t cut;
+
+    CHECK(open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
+    mlu_pt_close(&pt);
+    for (cut = 0; cut < z.len; cut += 7) {
+        mlu_error_clear(&err);
+        CHECK(mlu_pt_open(&pt, z.data, cut, 1, &err) != MLU_OK);
+        CHECK(err.text[0] != '\0');
+    }
+}
+
+static void test_alloc_failures(void)
+{
+    static bytes z;
+    long n;
+    int ok = 0;
+    for (n = 0; n < 400 && !ok; n++) {
+        mlu_pt pt;
+        mlu_error err;
+        mlu_status st;
+        mlu_alloc_fail_after(n);
+        st = open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err);
+        mlu_alloc_fail_after(-1);
+        if (st == MLU_OK) {
+            ok = 1;
+            mlu_pt_close(&pt);
+        } else {
+            CHECK(st == MLU_ENOMEM);
+            if (st != MLU_ENOMEM) fprintf(stderr, "  n=%ld %s: %s\n", n, mlu_status_name(st), err.text);
+        }
+    }
+    CHECK(ok && n > 3);
+}
+
+static void test_byteswap(void)
+{
+    uint8_t b[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    mlu_pt_byteswap(b, 8, 4);
+    CHECK(b[0] == 4 && b[3] == 1 && b[4] == 8);
+    mlu_pt_byteswap(b, 8, 2);
+    CHECK(b[0] == 3 && b[1] == 4);
+}
+
+int main(void)
+{
+    test_good();
+    test_rejections();
+    test_zip_damage();
+    test_alloc_failures();
+    test_byteswap();
+    return TEST_DONE("test_ptload");
+}
