@@ -2,7 +2,7 @@
 PY ?= python3
 CC ?= gcc
 CFLAGS_CORE = -std=c11 -Wall -Wextra -Werror -Wno-missing-field-initializers -UNDEBUG -g -O1 -Icsrc $(shell pkg-config --cflags jansson 2>/dev/null)
-LIBS_CORE = $(shell pkg-config --libs jansson 2>/dev/null || echo -ljansson) -lm -lpthread
+LIBS_CORE = $(shell pkg-config --libs jansson 2>/dev/null || echo -ljansson) -lz -lm -lpthread
 CORE_SRC = $(wildcard csrc/core/*.c)
 CTESTS = $(patsubst tests/c/%.c,tests/c/bin/%,$(wildcard tests/c/test_*.c))
 CTESTS_ASAN = $(patsubst tests/c/%.c,tests/c/bin/asan_%,$(wildcard tests/c/test_*.c))

@@ -103,7 +103,7 @@ def make_extension():
     define_macros = [("MLU_VERSION", '"%s"' % read_version())]
     extra_compile = ["-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
                      "-UNDEBUG", "-fvisibility=hidden"] + cflags
-    extra_link = list(libs)
+    extra_link = list(libs) + ["-lz"]
     if env_flag("MLUTILS_WERROR", False):
         extra_compile.append("-Werror")
     if env_flag("MLUTILS_DEBUG", False):
