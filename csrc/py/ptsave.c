@@ -92,7 +92,7 @@ typedef struct storage_rec {
     const char *data;     /* NumPy: the bytes (kept alive by owner); torch: NULL */
     uint64_t nbytes;
     int is_torch;
-    int sdtype;           /* dtype index for legacy storages, -1 for untyped ones */
+    int sdtype;           /* dtype index the storage is typed as (uint8 for untyped ones, as torch) */
 } storage_rec;
 
 typedef struct path_step {
@@ -327,7 +327,16 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
                     PyLong_AsSsize_t(nbits));
             goto done;
         }
-        bytes = PyObject_CallMethod(o, "to_bytes", "nsO", nb, "little", Py_True);
+        {
+            PyObject *meth = PyObject_GetAttrString(o, "to_bytes");
+            PyObject *a = Py_BuildValue("(ns)", nb, "little");
+            PyObject *kw = Py_BuildValue("{sO}", "signed", Py_True);
+            if (meth != NULL && a != NULL && kw != NULL)
+                bytes = PyObject_Call(meth, a, kw);
+            Py_XDECREF(meth);
+            Py_XDECREF(a);
+            Py_XDECREF(kw);
+        }
         if (bytes == NULL)
             goto done;
         b = (const unsigned char *)PyBytes_AS_STRING(bytes);
@@ -345,27 +354,36 @@ done:
     return rc;
 }
 
-/* Python's _batch_setitems over a list of (key, value) pairs. */
-static int save_items(saver *s, PyObject *items, PyObject *container, const path_step *at, int attr)
+/* SETITEM(S) batches over a list of (key, value) pairs, the way the C
+ * pickler does it: `exact` for a real dict (batch_dict_exact: one item alone
+ * uses SETITEM, otherwise MARK ... SETITEMS per 1000, with an empty batch
+ * after an exact multiple of 1000), else for the items iterator an
+ * OrderedDict's __reduce__ returns (batch_dict: a lone item in any batch uses
+ * SETITEM). */
+static int save_items(saver *s, PyObject *items, const path_step *at, int attr, int exact)
 {
     Py_ssize_t n = PyList_GET_SIZE(items), i = 0;
 
-    while (i < n) {
+    if (n == 0)
+        return 0;
+    for (;;) {
         Py_ssize_t batch = n - i < MLU_PK_BATCH ? n - i : MLU_PK_BATCH, j;
-        if (batch > 1 && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
+        int single = exact ? n == 1 : batch == 1;
+        if (!exact && batch == 0)
+            break;
+        if (!single && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
             return -1;
         for (j = i; j < i + batch; j++) {
             PyObject *kv = PyList_GET_ITEM(items, j);
             PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
             path_step step = {at, k, j, attr};
-            (void)container;
             if (save_obj(s, k, &step) < 0 || save_obj(s, v, &step) < 0)
                 return -1;
         }
-        if (PK(mlu_pkw_op(&s->pk, batch > 1 ? MLU_PK_SETITEMS : MLU_PK_SETITEM, &s->err)) < 0)
+        if (PK(mlu_pkw_op(&s->pk, single ? MLU_PK_SETITEM : MLU_PK_SETITEMS, &s->err)) < 0)
             return -1;
         i += batch;
-        if (batch < MLU_PK_BATCH)
+        if (single || batch < MLU_PK_BATCH)
             break;
     }
     return 0;
@@ -381,7 +399,7 @@ static int save_dict(saver *s, PyObject *d, const path_step *at, int attr)
     items = PyDict_Items(d);
     if (items == NULL)
         return -1;
-    rc = save_items(s, items, d, at, attr);
+    rc = save_items(s, items, at, attr, 1);
     Py_DECREF(items);
     return rc;
 }
@@ -395,7 +413,7 @@ static int save_odict(saver *s, PyObject *d, const path_step *at)
         || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0 || memo_put(s, d) < 0)
         goto done;
     items = PyMapping_Items(d);
-    if (items == NULL || save_items(s, items, d, at, 0) < 0)
+    if (items == NULL || save_items(s, items, at, 0, 0) < 0)
         goto done;
     /* Attributes (a state dict's _metadata) travel as BUILD state, as
      * OrderedDict.__reduce__ gives them to pickle. */
@@ -416,38 +434,36 @@ done:
     return rc;
 }
 
+/* The C pickler's batch_list_exact: one item alone uses APPEND, otherwise
+ * MARK ... APPENDS per 1000 items. */
 static int save_list(saver *s, PyObject *l, const path_step *at)
 {
-    Py_ssize_t n, i = 0;
+    Py_ssize_t i = 0;
+    int single;
 
     if (PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_LIST, &s->err)) < 0 || memo_put(s, l) < 0)
         return -1;
-    for (;;) {
-        Py_ssize_t batch, j;
-        n = PyList_GET_SIZE(l);
-        if (i >= n)
-            break;
-        batch = n - i < MLU_PK_BATCH ? n - i : MLU_PK_BATCH;
-        if (batch > 1 && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
+    if (PyList_GET_SIZE(l) == 0)
+        return 0;
+    single = PyList_GET_SIZE(l) == 1;
+    while (i < PyList_GET_SIZE(l)) {
+        Py_ssize_t batch = 0;
+        if (!single && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
             return -1;
-        for (j = i; j < i + batch; j++) {
-            PyObject *item;
-            path_step step = {at, NULL, j, 0};
+        while (i < PyList_GET_SIZE(l) && batch < MLU_PK_BATCH) {
+            PyObject *item = PyList_GET_ITEM(l, i);
+            path_step step = {at, NULL, i, 0};
             int rc;
-            if (j >= PyList_GET_SIZE(l))
-                return fail_at(PyExc_RuntimeError, at, "list changed size while saving");
-            item = PyList_GET_ITEM(l, j);
             Py_INCREF(item);
             rc = save_obj(s, item, &step);
             Py_DECREF(item);
             if (rc < 0)
                 return -1;
+            i++;
+            batch++;
         }
-        if (PK(mlu_pkw_op(&s->pk, batch > 1 ? MLU_PK_APPENDS : MLU_PK_APPEND, &s->err)) < 0)
+        if (PK(mlu_pkw_op(&s->pk, single ? MLU_PK_APPEND : MLU_PK_APPENDS, &s->err)) < 0)
             return -1;
-        i += batch;
-        if (batch < MLU_PK_BATCH)
-            break;
     }
     return 0;
 }
@@ -517,8 +533,7 @@ static Py_ssize_t find_storage(saver *s, PyObject *map, PyObject *ident, PyObjec
         if (r->sdtype != sdtype) {
             fail_at(PyExc_ValueError, at,
                     "cannot save tensors that view the same storage as different types (%s and %s)",
-                    r->sdtype < 0 ? "untyped" : DTYPES[r->sdtype].name,
-                    sdtype < 0 ? "untyped" : DTYPES[sdtype].name);
+                    DTYPES[r->sdtype].name, DTYPES[sdtype].name);
             return -1;
         }
         return i;
@@ -747,7 +762,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
             goto done;
         }
         d.storage = find_storage(s, s->tmap, PyTuple_GET_ITEM(desc, 6), PyTuple_GET_ITEM(desc, 7), NULL,
-                                 nbytes, 1, di->storage != NULL ? d.dt : -1, at);
+                                 nbytes, 1, di->storage != NULL ? d.dt : dtype_index("uint8"), at);
         if (d.storage < 0)
             goto done;
         if (s->st[d.storage].nbytes != nbytes) {
@@ -836,7 +851,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
             return -1;
         root = copy;
     } else {
-        while (PyArray_Check(PyArray_BASE(root)))
+        while (PyArray_BASE(root) != NULL && PyArray_Check(PyArray_BASE(root)))
             root = (PyArrayObject *)PyArray_BASE(root);
     }
     d.ndim = PyArray_NDIM(a);
@@ -873,7 +888,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
             if (ident == NULL)
                 goto done;
             d.storage = find_storage(s, s->nmap, ident, (PyObject *)root, base, nbytes, 0,
-                                     DTYPES[d.dt].storage != NULL ? d.dt : -1, at);
+                                     DTYPES[d.dt].storage != NULL ? d.dt : dtype_index("uint8"), at);
             if (d.storage < 0)
                 goto done;
             break;
