@@ -277,7 +277,7 @@ def test_numpy_arrays(torch, tmp_path):
             assert got[k].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() == native.tobytes()
         ptr = got["f32"].untyped_storage().data_ptr()
         assert got["view"].untyped_storage().data_ptr() == ptr and got["t"].untyped_storage().data_ptr() == ptr
-        assert got["view"].stride() == (16, 2) and got["view"].storage_offset() == 8
+        assert got["view"].stride() == (8, 2) and got["view"].storage_offset() == 8
         assert got["raw"].untyped_storage().data_ptr() == got["f8"].untyped_storage().data_ptr()
         assert got["f8b"].untyped_storage().data_ptr() == got["f8"].untyped_storage().data_ptr()
         assert got["f8"].storage_offset() == 3
