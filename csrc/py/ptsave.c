@@ -1008,9 +1008,45 @@ static mlu_status sink_file(void *ctx, const void *p, size_t n, mlu_error *err)
     return mlu_afile_write(&((file_sink *)ctx)->f, p, n, err);
 }
 
-static mlu_status sink_buf(void *ctx, const void *p, size_t n, mlu_error *err)
+/* A bytes object sized from archive_bound, filled in place. */
+typedef struct bytes_sink {
+    char *p;     /* borrowed: the bytes object's buffer */
+    size_t len, cap;
+} bytes_sink;
+
+static mlu_status sink_bytes(void *ctx, const void *p, size_t n, mlu_error *err)
 {
-    return mlu_buf_append((mlu_buf *)ctx, p, n, err);
+    bytes_sink *b = ctx;
+
+    if (n > b->cap - b->len)
+        return mlu_error_set(err, MLU_EOVERFLOW, -1, "archive outgrew its computed size");
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return MLU_OK;
+}
+
+/* An upper bound of the archive's size (records, headers, padding, central
+ * directory, end records); -1 with OverflowError when it does not fit. */
+static int archive_bound(const saver *s, size_t prefix_len, size_t *out)
+{
+    /* local header + name + zip64 extra + FB field and padding + descriptor
+     * + central header + name + zip64 extra, for a name of up to 32 bytes */
+    size_t per = 30 + (prefix_len + 32) + 28 + 4 + 255 + 24 + 46 + (prefix_len + 32) + 28;
+    size_t total = 98 + 6 * per + 16, add;
+    Py_ssize_t i;
+    int bad = mlu_add_overflow_size(total, s->pk.buf.len, &total);
+
+    for (i = 0; i < s->nst && !bad; i++) {
+        bad |= s->st[i].nbytes > (uint64_t)SIZE_MAX;
+        bad |= mlu_add_overflow_size((size_t)s->st[i].nbytes, per, &add);
+        bad |= mlu_add_overflow_size(total, add, &total);
+    }
+    if (bad || total > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "the archive is too large to build in memory");
+        return -1;
+    }
+    *out = total;
+    return 0;
 }
 
 /* Writes the whole archive through zw.  storage_bytes(storage) -> (keepalive,
@@ -1142,7 +1178,8 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     saver s;
     mlu_zipw zw;
     file_sink fs;
-    mlu_buf mem = MLU_BUF_INIT;
+    bytes_sink mem = {NULL, 0, 0};
+    PyObject *out = NULL;
     int have_file = 0, have_zip = 0;
     path_step root = {NULL, NULL, 0, 0};
     mlu_status st;
@@ -1176,8 +1213,17 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
             goto done;
         }
         have_file = 1;
+    } else {
+        size_t bound;
+        if (archive_bound(&s, strlen(archive) + 1, &bound) < 0)
+            goto done;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+        if (out == NULL)
+            goto done;
+        mem.p = PyBytes_AS_STRING(out);
+        mem.cap = bound;
     }
-    if (mlu_zipw_init(&zw, archive, have_file ? sink_file : sink_buf,
+    if (mlu_zipw_init(&zw, archive, have_file ? sink_file : sink_bytes,
                       have_file ? (void *)&fs : (void *)&mem, &s.err) != MLU_OK) {
         core_fail(&s);
         goto done;
@@ -1197,7 +1243,10 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
         }
         res = Py_NewRef(Py_None);
     } else {
-        res = PyBytes_FromStringAndSize(mem.data ? mem.data : "", (Py_ssize_t)mem.len);
+        if (_PyBytes_Resize(&out, (Py_ssize_t)mem.len) < 0)
+            goto done; /* out was freed */
+        res = out;
+        out = NULL;
     }
     goto done;
 error_core:
@@ -1208,7 +1257,7 @@ done:
         mlu_afile_abort(&fs.f);
     if (have_zip)
         mlu_zipw_free(&zw);
-    mlu_buf_free(&mem);
+    Py_XDECREF(out);
     saver_free(&s);
     return res;
 }
