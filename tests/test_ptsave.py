@@ -580,3 +580,51 @@ def test_sigkill_mid_save_keeps_a_complete_file(torch, tmp_path):
             if name != "ckpt.pt":
                 assert name.startswith(".ckpt.pt.") and name.endswith(".tmp")
                 os.unlink(tmp_path / name)  # the killed writer's temp file
+
+
+# ----------------------------------------------------------------- a real zip64 file
+
+@pytest.mark.slow
+def test_real_file_over_4gib_matches_torch(torch, tmp_path):
+    """A 4 GiB + 4 KiB record and a record past 4 GiB: torch reads both, and
+    every byte outside the big payload equals torch.save's."""
+    import shutil
+
+    big_n = 2**32 + 4096
+    if shutil.disk_usage(tmp_path).free < 3 * big_n:
+        pytest.skip("needs about 13 GB of free disk")
+    big = torch.zeros(big_n, dtype=torch.uint8)  # calloc'd: untouched pages cost no memory
+    marks = [0, 1, 2**31, 2**32 - 1, 2**32, big_n - 1]
+    for i, m in enumerate(marks):
+        big[m] = i + 1
+    obj = {"a": torch.arange(5, dtype=torch.int16), "big": big, "c": torch.arange(7, dtype=torch.float64)}
+    ours = our_file(obj, tmp_path, "huge.pt")
+
+    z = zipfile.ZipFile(ours)
+    infos = {i.filename: i for i in z.infolist()}
+    assert infos["huge/data/1"].file_size == big_n
+    assert infos["huge/data/2"].header_offset > 2**32
+    assert z.read("huge/data/2") == obj["c"].numpy().tobytes()
+    with z.open("huge/data/0") as f:
+        assert f.read() == obj["a"].numpy().tobytes()
+    for got in load_all_ways(torch, ours):
+        assert got["big"].shape == (big_n,)
+        assert [int(got["big"][m]) for m in marks] == [1, 2, 3, 4, 5, 6]
+        assert torch.equal(got["a"], obj["a"]) and torch.equal(got["c"], obj["c"])
+        del got
+
+    theirs = tmp_path / "torch" / "huge.pt"
+    theirs.parent.mkdir(exist_ok=True)
+    ours_size = ours.stat().st_size
+    start = infos["huge/data/1"].header_offset
+    head = start + 30 + len("huge/data/1") + struct.unpack("<H", open(ours, "rb").read(start + 30)[start + 28:])[0]
+    torch.save(obj, theirs)
+    del big, obj
+    tz = zipfile.ZipFile(theirs)
+    cut = tz.infolist()[-1].header_offset
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        assert a.read(head) == b.read(head)          # records before, and the zip64 local header
+        a.seek(head + big_n)
+        b.seek(head + big_n)
+        assert a.read(cut - head - big_n) == b.read(cut - head - big_n)  # descriptor and the rest
+    assert ours_size < theirs.stat().st_size
