@@ -16,6 +16,7 @@
 #include "../core/atomicfile.h"
 #include "../core/buf.h"
 #include "../core/pickle_write.h"
+#include "../core/ptsave_id.h"
 #include "../core/zipwrite.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -1049,6 +1050,45 @@ static int archive_bound(const saver *s, size_t prefix_len, size_t *out)
     return 0;
 }
 
+/* The `.data/serialization_id` record torch.save ends with. */
+static int add_serialization_id(saver *s, mlu_zipw *zw)
+{
+    const char **names = mlu_malloc((zw->count ? zw->count : 1) * sizeof(char *));
+    uint32_t *crcs = mlu_malloc((zw->count ? zw->count : 1) * sizeof(uint32_t));
+    uint64_t *sizes = mlu_malloc((zw->count ? zw->count : 1) * sizeof(uint64_t));
+    char id[41];
+    size_t i;
+    mlu_status st = MLU_ENOMEM;
+    int rc = -1;
+
+    if (names == NULL || crcs == NULL || sizes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < zw->count; i++) {
+        names[i] = zw->entries[i].name + zw->prefix_len;
+        crcs[i] = zw->entries[i].crc;
+        sizes[i] = zw->entries[i].size;
+    }
+    st = mlu_pt_serialization_id(names, crcs, sizes, zw->count, id, &s->err);
+    if (st == MLU_ENOTSUP) {
+        /* optional for readers: left out past what the id computation covers */
+        mlu_error_clear(&s->err);
+        rc = 0;
+        goto done;
+    }
+    if (st != MLU_OK) {
+        core_fail(s);
+        goto done;
+    }
+    rc = PK(mlu_zipw_record(zw, ".data/serialization_id", id, 40, &s->err));
+done:
+    mlu_free(names);
+    mlu_free(crcs);
+    mlu_free(sizes);
+    return rc;
+}
+
 /* Writes the whole archive through zw.  storage_bytes(storage) -> (keepalive,
  * address, nbytes) gives a torch storage's CPU bytes (copied off a device). */
 static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
@@ -1106,6 +1146,8 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
             return core_fail(s);
     }
     if (PK(mlu_zipw_record(zw, "version", "3\n", 2, &s->err)) < 0)
+        return -1;
+    if (add_serialization_id(s, zw) < 0)
         return -1;
     st = MLU_OK;
     Py_BEGIN_ALLOW_THREADS

@@ -7,6 +7,7 @@
 #include "core/alloc.h"
 #include "core/buf.h"
 #include "core/pickle_write.h"
+#include "core/ptsave_id.h"
 #include "core/zipwrite.h"
 
 static uint16_t rd16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
@@ -280,8 +281,30 @@ static void test_misuse_and_failures(void)
     CHECK(ok && failures > 2 && n < 100);
 }
 
+static void test_serialization_id(void)
+{
+    /* A real torch.save of a two-tensor state dict to model.pt. */
+    const char *names[] = {"data.pkl", ".format_version", ".storage_alignment", "byteorder",
+                           "data/0", "data/1", "version"};
+    const uint32_t crcs[] = {813731512u, 2212294583u, 3916527423u, 434322821u, 775923062u,
+                             1334598860u, 1432854225u};
+    const uint64_t sizes[] = {297, 1, 2, 6, 8, 24, 2};
+    char id[41];
+    mlu_error err;
+
+    mlu_error_clear(&err);
+    CHECK(mlu_pt_serialization_id(names, crcs, sizes, 7, id, &err) == MLU_OK);
+    CHECK_STR(id, "0561108523619670529412909474344076269002");
+    CHECK(mlu_pt_serialization_id(names, crcs, sizes, 0, id, &err) == MLU_OK);
+    CHECK_STR(id, "0000000000000000000000000000000000000000");
+    /* the CRC half is c10::hash_combine over the CRCs of non-empty records */
+    CHECK(mlu_pt_hash_combine(0, 5) == 5 + 0x9e3779b9u);
+    CHECK(mlu_pt_string_hash("", 0) != mlu_pt_string_hash("a", 1));
+}
+
 int main(void)
 {
+    test_serialization_id();
     test_ints();
     test_ops_and_memo();
     test_padding_and_crc();
