@@ -1,10 +1,10 @@
 """Writing PyTorch ``.pt`` files (torch.save's zip format) without needing torch.
 
-The archive has the same records, order, names, alignment and bytes as
-``torch.save`` writes for the same object and file name (only the optional
-``.data/serialization_id`` record is left out), so ``torch.load`` reads it with
-``weights_only=True``, with ``mmap=True``, and with torch's computed storage
-offsets.  Accepted values: dicts, ``collections.OrderedDict`` (attributes such
+The archive is byte for byte what ``torch.save`` (torch >= 2.7 on Linux)
+writes for the same object and file name: same records in the same order,
+names, 64-byte alignment, zip64 rules, CRCs and ``.data/serialization_id``.
+So ``torch.load`` reads it with ``weights_only=True``, with ``mmap=True`` and
+with torch's computed storage offsets.  Accepted values: dicts, ``collections.OrderedDict`` (attributes such
 as a state dict's ``_metadata`` included), lists, tuples, str, int, float,
 bool, None, NumPy scalars (written as Python values), NumPy arrays and torch
 tensors (written as CPU tensors; storage sharing is kept).

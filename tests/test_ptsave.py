@@ -344,6 +344,7 @@ class Custom:
     ([np.array([object()], dtype=object)], r"obj\[0\]", "object"),
     ([np.zeros(2, dtype="U3")], r"obj\[0\]", "<U3"),
     ({"k": collections.namedtuple("P", "x")(1)}, r"obj\['k'\]", "P"),
+    ({"m": np.ma.masked_array([1, 2], mask=[0, 1])}, r"obj\['m'\]", "MaskedArray"),
 ])
 def test_unsupported_types_name_type_and_path(bad, where, what, tmp_path):
     with pytest.raises(TypeError, match=where) as ei:
@@ -627,3 +628,58 @@ def test_real_file_over_4gib_matches_torch(torch, tmp_path):
     torch.save(obj, theirs)
     del big, obj
     assert filecmp.cmp(ours, theirs, shallow=False)  # zip64 headers, descriptors, id: all the same
+
+
+def test_memmap_arrays_are_saved(torch, tmp_path):
+    mm = np.memmap(tmp_path / "raw.bin", dtype=np.float32, mode="w+", shape=(4, 4))
+    mm[:] = np.arange(16, dtype=np.float32).reshape(4, 4)
+    got = torch.load(io.BytesIO(_ptsave.save_bytes({"mm": mm, "row": mm[2]})), weights_only=True)
+    assert got["mm"].tolist() == mm.tolist() and got["row"].tolist() == mm[2].tolist()
+    assert got["row"].untyped_storage().data_ptr() == got["mm"].untyped_storage().data_ptr()
+
+
+def test_gil_released_and_no_copy_of_tensor_data(tmp_path):
+    """Another thread runs while the bytes are written, and peak memory does
+    not grow by the tensor's size (its memory goes straight to the file)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import resource, sys, threading, numpy as np
+sys.path.insert(0, sys.argv[2])
+from mlutils import _ptsave
+big = np.ones(256 * 2**20 // 4, dtype=np.float32)
+view = big[::2]                      # non-contiguous: the whole buffer is written as is
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ticks = 0
+t = threading.Thread(target=_ptsave.save, args=({"big": big, "view": view}, sys.argv[1]))
+t.start()
+while t.is_alive():
+    ticks += 1
+t.join()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(ticks, (after - before) // 1024)
+"""
+    root = os.path.dirname(os.path.dirname(_core.__file__))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.pt"), root], check=True,
+                         capture_output=True, text=True).stdout.split()
+    ticks, grew_mib = int(out[0]), int(out[1])
+    assert ticks > 1000
+    assert grew_mib < 64
+    assert (tmp_path / "g.pt").stat().st_size > 256 * 2**20
+
+
+@pytest.mark.skipif(os.environ.get("MLUTILS_NO_TORCH") == "1", reason="sanitizer run")
+def test_cuda_tensors_are_written_as_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base = torch.arange(24, dtype=torch.float32, device="cuda")
+    obj = {"m": base.view(4, 6), "t": base.view(4, 6).t(), "p": torch.nn.Parameter(torch.ones(3, device="cuda"))}
+    path = our_file(obj, tmp_path, "gpu.pt")
+    m_cpu = base.cpu().view(4, 6)
+    cpu = {"m": m_cpu, "t": m_cpu.t(), "p": torch.nn.Parameter(torch.ones(3))}
+    theirs = torch_file(torch, cpu, tmp_path, "gpu.pt")
+    assert_layout_identical(path.read_bytes(), theirs)  # location "cpu", storage shared once
+    for got in load_all_ways(torch, path):
+        assert_same(got, cpu)

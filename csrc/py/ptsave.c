@@ -963,8 +963,13 @@ static int save_obj_inner(saver *s, PyObject *o, const path_step *at)
         if (r)
             return save_torch(s, o, at);
     }
-    if (PyArray_Check(o))
+    if (PyArray_Check(o)) {
+        /* np.memmap is an ndarray with a file behind it; other subclasses
+         * (masked arrays, matrices) carry meaning a tensor would lose. */
+        if (!PyArray_CheckExact(o) && strcmp(tp->tp_name, "memmap") != 0)
+            return fail_at(PyExc_TypeError, at, "cannot save an ndarray subclass %s", tp->tp_name);
         return save_array(s, (PyArrayObject *)o, at);
+    }
     if (PyUnicode_Check(o) || PyArray_IsScalar(o, Generic)) {
         /* NumPy scalars (and str subclasses) become plain Python values. */
         PyObject *plain = NULL;
