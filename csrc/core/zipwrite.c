@@ -2,6 +2,7 @@
 #include "zipwrite.h"
 #include "alloc.h"
 
+#include <pthread.h>
 #include <string.h>
 #include <zlib.h>
 
@@ -234,6 +235,45 @@ mlu_status mlu_zipw_data(mlu_zipw *w, const void *p, size_t n, mlu_error *err)
         w->remaining -= chunk;
     }
     return MLU_OK;
+}
+
+typedef struct crc_job {
+    const void *p;
+    size_t n;
+    uint32_t crc;
+} crc_job;
+
+static void *crc_thread(void *arg)
+{
+    crc_job *job = arg;
+    job->crc = mlu_crc32(0, job->p, job->n);
+    return NULL;
+}
+
+#define PARALLEL_CRC_MIN ((size_t)8 << 20)
+
+mlu_status mlu_zipw_payload(mlu_zipw *w, const void *p, size_t n, mlu_error *err)
+{
+    crc_job job = {p, n, 0};
+    pthread_t th;
+    const char *c = p;
+    mlu_status st = MLU_OK;
+
+    if (!w->open || (uint64_t)n != w->remaining || w->crc != 0 || n < PARALLEL_CRC_MIN
+        || pthread_create(&th, NULL, crc_thread, &job) != 0)
+        return mlu_zipw_data(w, p, n, err);
+    while (n > 0 && st == MLU_OK) {
+        size_t chunk = n > ((size_t)1 << 24) ? ((size_t)1 << 24) : n;
+        st = emit(w, c, chunk, err);
+        c += chunk;
+        n -= chunk;
+    }
+    pthread_join(th, NULL);
+    if (st == MLU_OK) {
+        w->remaining = 0;
+        w->crc = job.crc;
+    }
+    return st;
 }
 
 mlu_status mlu_zipw_end(mlu_zipw *w, mlu_error *err)

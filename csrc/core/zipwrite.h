@@ -63,6 +63,10 @@ mlu_status mlu_zipw_init(mlu_zipw *w, const char *archive, mlu_zipw_sink sink, v
                          mlu_error *err);
 mlu_status mlu_zipw_begin(mlu_zipw *w, const char *name, uint64_t size, mlu_error *err);
 mlu_status mlu_zipw_data(mlu_zipw *w, const void *p, size_t n, mlu_error *err);
+/* The whole payload of the open record in one call; for large payloads the
+ * CRC is computed on a second thread while the bytes go to the sink (the
+ * sink then must not touch what the thread reads, which it never does). */
+mlu_status mlu_zipw_payload(mlu_zipw *w, const void *p, size_t n, mlu_error *err);
 mlu_status mlu_zipw_end(mlu_zipw *w, mlu_error *err);
 mlu_status mlu_zipw_record(mlu_zipw *w, const char *name, const void *p, size_t n, mlu_error *err);
 mlu_status mlu_zipw_finish(mlu_zipw *w, mlu_error *err);

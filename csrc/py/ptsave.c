@@ -1161,7 +1161,7 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
         Py_BEGIN_ALLOW_THREADS
         st = mlu_zipw_begin(zw, name, n, &s->err);
         if (st == MLU_OK && n > 0)
-            st = mlu_zipw_data(zw, data, (size_t)n, &s->err);
+            st = mlu_zipw_payload(zw, data, (size_t)n, &s->err);
         if (st == MLU_OK)
             st = mlu_zipw_end(zw, &s->err);
         Py_END_ALLOW_THREADS

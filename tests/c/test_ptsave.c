@@ -302,8 +302,43 @@ static void test_serialization_id(void)
     CHECK(mlu_pt_string_hash("", 0) != mlu_pt_string_hash("a", 1));
 }
 
+static void test_parallel_crc(void)
+{
+    size_t n = ((size_t)20 << 20) + 13, i;
+    unsigned char *p = malloc(n);
+    mlu_buf b = MLU_BUF_INIT;
+    mlu_zipw w;
+    mlu_error err;
+    uint32_t x = 12345;
+
+    CHECK(p != NULL);
+    if (p == NULL)
+        return;
+    for (i = 0; i < n; i++) {
+        x = x * 1103515245u + 12345u;
+        p[i] = (unsigned char)(x >> 16);
+    }
+    mlu_error_clear(&err);
+    CHECK(mlu_zipw_init(&w, "a", to_buf, &b, &err) == MLU_OK);
+    CHECK(mlu_zipw_begin(&w, "big", n, &err) == MLU_OK);
+    CHECK(mlu_zipw_payload(&w, p, n, &err) == MLU_OK);
+    CHECK(mlu_zipw_end(&w, &err) == MLU_OK);
+    CHECK(w.entries[0].crc == mlu_crc32(0, p, n));
+    CHECK(b.len > n && memcmp(b.data + 64, p, n) == 0);
+    /* after some bytes went through mlu_zipw_data it falls back to the serial path */
+    CHECK(mlu_zipw_begin(&w, "big2", n, &err) == MLU_OK);
+    CHECK(mlu_zipw_data(&w, p, 5, &err) == MLU_OK);
+    CHECK(mlu_zipw_payload(&w, p + 5, n - 5, &err) == MLU_OK);
+    CHECK(mlu_zipw_end(&w, &err) == MLU_OK);
+    CHECK(w.entries[1].crc == mlu_crc32(0, p, n));
+    mlu_zipw_free(&w);
+    mlu_buf_free(&b);
+    free(p);
+}
+
 int main(void)
 {
+    test_parallel_crc();
     test_serialization_id();
     test_ints();
     test_ops_and_memo();
