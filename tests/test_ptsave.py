@@ -442,8 +442,16 @@ def test_hypothesis_matches_python_pickle():
     st = hypothesis.strategies
     leaves = st.none() | st.booleans() | st.integers(min_value=-(2**600), max_value=2**600) | st.floats() | st.text(max_size=20)
     keys = st.text(max_size=8) | st.integers() | st.booleans() | st.none()
+    def odict(items, meta):
+        od = collections.OrderedDict(items)
+        if meta is not None:
+            od._metadata = meta
+        return od
+
     values = st.recursive(leaves, lambda c: st.lists(c, max_size=5) | st.dictionaries(keys, c, max_size=5)
-                          | st.tuples(c) | st.tuples(c, c, c, c), max_leaves=30)
+                          | st.tuples(c) | st.tuples(c, c, c, c)
+                          | st.builds(odict, st.lists(st.tuples(keys, c), max_size=4), st.none() | c),
+                          max_leaves=30)
 
     @hypothesis.settings(max_examples=300, deadline=None)
     @hypothesis.given(values)

@@ -118,7 +118,6 @@ typedef struct saver {
     int64_t gmemo[G_COUNT]; /* memo index of each global, -1 before its first use */
     PyObject *s_storage;    /* owned, interned "storage" */
     PyObject *s_cpu;        /* owned, interned "cpu" */
-    PyObject *s_dict;       /* owned, interned "__dict__" */
     PyObject *odict_type;   /* owned: collections.OrderedDict */
     PyObject *tensor_type;  /* borrowed: torch.Tensor, or NULL when torch is not loaded */
     PyObject *describe;     /* borrowed */
@@ -1198,7 +1197,6 @@ static void saver_free(saver *s)
     Py_CLEAR(s->nmap);
     Py_CLEAR(s->s_storage);
     Py_CLEAR(s->s_cpu);
-    Py_CLEAR(s->s_dict);
     Py_CLEAR(s->odict_type);
 }
 
@@ -1220,14 +1218,13 @@ static int saver_init(saver *s, PyObject *tensor_type, PyObject *describe)
     s->nmap = PyDict_New();
     s->s_storage = PyUnicode_InternFromString("storage");
     s->s_cpu = PyUnicode_InternFromString("cpu");
-    s->s_dict = PyUnicode_InternFromString("__dict__");
     collections = PyImport_ImportModule("collections");
     if (collections != NULL) {
         s->odict_type = PyObject_GetAttrString(collections, "OrderedDict");
         Py_DECREF(collections);
     }
     if (s->memo == NULL || s->keep == NULL || s->tmap == NULL || s->nmap == NULL
-        || s->s_storage == NULL || s->s_cpu == NULL || s->s_dict == NULL || s->odict_type == NULL)
+        || s->s_storage == NULL || s->s_cpu == NULL || s->odict_type == NULL)
         return -1;
     return 0;
 }
