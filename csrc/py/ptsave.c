@@ -343,7 +343,7 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
         if (bytes == NULL)
             goto done;
         b = (const unsigned char *)PyBytes_AS_STRING(bytes);
-        if (v < 0 && nb > 1 && b[nb - 1] == 0xff && (b[nb - 2] & 0x80) != 0)
+        if (overflow < 0 && nb > 1 && b[nb - 1] == 0xff && (b[nb - 2] & 0x80) != 0)
             nb--;
         if (nb > 255) {
             fail_at(PyExc_OverflowError, at, "integer is too large for the weights-only format");
