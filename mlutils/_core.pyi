@@ -95,3 +95,9 @@ def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: in
 # hooks = (tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
 #          dtype(name), size(tuple), device(type, index_or_None))
 def _pt_load(path: Any, mode: int, hooks: tuple[Any, Any, Any, Any]) -> Any: ...
+
+# --- ptsave ---
+def _ptsave_write(obj: Any, path: Union[bytes, None], archive: str, tensor_type: Any, describe: Any,
+                  storage_bytes: Any, zip64_limit: int = 0xFFFFFFFF) -> Union[bytes, None]: ...
+def _ptsave_padding(offset: int, name_len: int, size: int, alignment: int = 64,
+                    zip64_limit: int = 0xFFFFFFFF) -> int: ...

@@ -1,0 +1,94 @@
+"""Writing PyTorch ``.pt`` files (torch.save's zip format) without needing torch.
+
+The archive is byte for byte what ``torch.save`` (torch >= 2.7 on Linux)
+writes for the same object and file name: same records in the same order,
+names, 64-byte alignment, zip64 rules, CRCs and ``.data/serialization_id``.
+So ``torch.load`` reads it with ``weights_only=True``, with ``mmap=True`` and
+with torch's computed storage offsets.  Accepted values: dicts, ``collections.OrderedDict`` (attributes such
+as a state dict's ``_metadata`` included), lists, tuples, str, int, float,
+bool, None, NumPy scalars (written as Python values), NumPy arrays and torch
+tensors (written as CPU tensors; storage sharing is kept).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional, Tuple, Union
+
+from . import _core
+
+__all__ = ["save", "save_bytes"]
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+_ZIP64_LIMIT = 0xFFFFFFFF
+
+
+def _describe(t: Any) -> tuple:
+    """How the C writer should pickle torch tensor ``t`` (what torch.save records)."""
+    import torch
+
+    if isinstance(t, torch.nn.Parameter):
+        if type(t) is not torch.nn.Parameter or torch._utils._get_obj_state(t):
+            raise TypeError(f"{type(t).__qualname__} with Python attributes cannot be saved")
+        return ("param", t.data, bool(t.requires_grad))
+    if type(t) is not torch.Tensor:
+        raise TypeError(f"tensor subclass {type(t).__module__}.{type(t).__qualname__} cannot be saved")
+    if t.layout is not torch.strided:
+        raise TypeError(f"tensors with layout {t.layout} cannot be saved")
+    if t.is_quantized or t.is_nested:
+        raise TypeError("quantized and nested tensors cannot be saved")
+    if t.device.type == "meta":
+        raise TypeError("meta tensors have no data to save")
+    if torch._utils._get_obj_state(t):
+        raise TypeError("a tensor with Python attributes cannot be saved")
+    storage = t.untyped_storage()
+    metadata = torch._utils.get_tensor_metadata(t) or None
+    return ("tensor", str(t.dtype)[len("torch."):], tuple(t.shape), t.stride(), t.storage_offset(),
+            bool(t.requires_grad), storage._cdata, storage, storage.nbytes(), metadata)
+
+
+def _storage_bytes(storage: Any) -> Tuple[Any, int, int]:
+    """(object keeping the bytes alive, address, size) of a storage's bytes on the CPU."""
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    return storage, storage.data_ptr(), storage.nbytes()
+
+
+def _tensor_type() -> Optional[type]:
+    # Without torch imported there can be no torch tensor in the object.
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None) if torch is not None else None
+
+
+def archive_name(path: PathLike) -> str:
+    """The record folder torch.save uses for ``path``: its basename without the last extension."""
+    name = os.fsdecode(os.fspath(path))
+    try:
+        name.encode("ascii")
+    except UnicodeEncodeError:
+        return "archive"
+    start = max(name.rfind("/"), name.rfind("\\")) + 1
+    base = name[start:]
+    dot = base.rfind(".")
+    if dot >= 0:
+        base = base[:dot]
+    return base or "archive"
+
+
+def _write(obj: Any, path: Optional[bytes], archive: str, zip64_limit: int) -> Optional[bytes]:
+    return _core._ptsave_write(obj, path, archive, _tensor_type(), _describe, _storage_bytes,
+                               zip64_limit)
+
+
+def save(obj: Any, path: PathLike, *, _zip64_limit: int = _ZIP64_LIMIT) -> None:
+    """Write ``obj`` to ``path`` as torch.save would, atomically (temp file, fsync, rename)."""
+    fspath = os.fspath(path)
+    _write(obj, os.fsencode(fspath), archive_name(fspath), _zip64_limit)
+
+
+def save_bytes(obj: Any, *, _zip64_limit: int = _ZIP64_LIMIT) -> bytes:
+    """The bytes ``torch.save(obj, io.BytesIO())`` would produce (archive name ``archive``)."""
+    data = _write(obj, None, "archive", _zip64_limit)
+    assert data is not None
+    return data
