@@ -52,6 +52,20 @@ def jansson_flags():
     return cflags or [], libs or ["-ljansson"]
 
 
+def check_zlib():
+    """zlib (CRC-32 and inflate for .pt archives) is linked from the system."""
+    dirs = ["/usr/include", "/usr/local/include"]
+    if shutil.which("pkg-config"):
+        try:
+            out = subprocess.check_output(["pkg-config", "--cflags", "zlib"], text=True, stderr=subprocess.DEVNULL)
+            dirs += [f[2:] for f in out.split() if f.startswith("-I")]
+        except subprocess.CalledProcessError:
+            pass
+    if not any(os.path.exists(os.path.join(d, "zlib.h")) for d in dirs):
+        sys.exit("error: zlib headers not found: install the zlib development package "
+                 "(Debian/Ubuntu: apt-get install zlib1g-dev; Fedora: zlib-devel)")
+
+
 def find_nvcc():
     cands = []
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
@@ -111,6 +125,7 @@ class BuildExt(build_ext):
 
 def make_extension():
     cflags, libs = jansson_flags()
+    check_zlib()
     sources = sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/py/*.c"))
     depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*/*.h"))
     define_macros = [("MLU_VERSION", '"%s"' % read_version())]
