@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -143,6 +144,11 @@ def _framework(framework: str) -> str:
 
 # ---------------------------------------------------------------- writing
 
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _torch_bounds(t: Any, esize: int) -> Tuple[int, int]:
     """[start, stop) bytes a torch tensor touches."""
     if t.numel() == 0:
@@ -189,7 +195,7 @@ def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
             complete = t.flags.c_contiguous and (start, stop) == (rstart, rstop) and root.flags.c_contiguous
             key: Any = "numpy"
         else:
-            if getattr(t, "is_sparse", False) or t.layout != _torch_strided(t):
+            if t.layout != _torch_strided():
                 raise SafetensorsError(f"tensor {name!r} is not dense (layout {t.layout}): cannot be saved")
             if t.device.type == "meta":
                 raise SafetensorsError(f"tensor {name!r} is on the meta device: it holds no data")
@@ -203,7 +209,7 @@ def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
     return groups
 
 
-def _torch_strided(t: Any) -> Any:
+def _torch_strided() -> Any:
     import torch
 
     return torch.strided
@@ -318,12 +324,18 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str: key {k!r} has a {type(v).__name__} value")
         metadata = dict(metadata)
-    for name in tensors:
+    checked: Dict[str, Any] = {}
+    for name, t in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, not {type(name).__name__}")
         if name == "__metadata__":
             raise SafetensorsError("'__metadata__' is reserved for the header's metadata and cannot name a tensor")
-    tensors, metadata = _dedupe(tensors, metadata, dedupe)
+        if isinstance(t, np.generic):
+            t = np.asarray(t)
+        if not isinstance(t, (RawTensor, np.ndarray)) and not _is_torch_tensor(t):
+            raise TypeError(f"tensor {name!r}: expected a NumPy array or torch tensor, not {type(t).__name__}")
+        checked[name] = t
+    tensors, metadata = _dedupe(checked, metadata, dedupe)
     _, np_codes = _np_dtypes()
     torch_codes: Optional[Dict[Any, str]] = None
     entries = []
@@ -334,14 +346,10 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
             entries.append((name, t.dtype, tuple(int(d) for d in t.shape), t.data))
         elif isinstance(t, np.ndarray):
             entries.append(_np_entry(name, t, np_codes))
-        elif isinstance(t, np.generic):
-            entries.append(_np_entry(name, np.asarray(t), np_codes))
-        elif type(t).__module__.startswith("torch") or hasattr(t, "untyped_storage"):
+        else:
             if torch_codes is None:
                 torch_codes = _torch_codes()
             entries.append(_torch_entry(name, t, torch_codes))
-        else:
-            raise TypeError(f"tensor {name!r}: expected a NumPy array or torch tensor, not {type(t).__name__}")
     return entries, metadata
 
 

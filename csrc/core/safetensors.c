@@ -305,7 +305,13 @@ static mlu_status check_layout(mlu_st_header *h, uint64_t size, mlu_error *err)
         const mlu_st_tensor *t = &h->tensors[i];
         uint64_t nelem = 1, nbits;
         unsigned bits = mlu_st_dtype_bits(t->dtype);
-        if (t->begin != prev_end || t->end < t->begin)
+        if (t->begin == prev_end && t->end < t->begin)
+            return mlu_error_set(err, MLU_EFORMAT, (int64_t)h->data_start,
+                                 "tensor '%.*s%s': invalid data_offsets [%" PRIu64 ", %" PRIu64
+                                 "]: the end comes before the beginning",
+                                 SHOW(t->name, t->name_len), ELLIPSIS(t->name_len), t->begin,
+                                 t->end);
+        if (t->begin != prev_end)
             return mlu_error_set(err, MLU_EFORMAT, (int64_t)h->data_start,
                                  "tensor '%.*s%s': invalid data_offsets [%" PRIu64 ", %" PRIu64
                                  "]: expected it to begin at %" PRIu64
