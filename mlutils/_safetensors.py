@@ -267,7 +267,7 @@ def _dedupe(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]], dedu
 
 def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
     dt = a.dtype
-    if dt.byteorder == ">":
+    if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
         a = a.astype(dt.newbyteorder("<"))
         dt = a.dtype
     code = codes.get(dt)
@@ -288,7 +288,7 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tu
     code = codes.get(t.dtype)
     if code is None:
         raise TypeError(f"tensor {name!r}: torch dtype {t.dtype} has no safetensors equivalent")
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.to("cpu")
     t = t.contiguous()

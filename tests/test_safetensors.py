@@ -398,3 +398,29 @@ def test_shared_numpy_memory():
 def _header_of(blob):
     n = struct.unpack("<Q", blob[:8])[0]
     return json.loads(blob[8:8 + n])
+
+
+def _rss_file():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_safe_open_reads_only_what_is_asked(tmp_path):
+    big = np.random.default_rng(1).standard_normal((4096, 2048)).astype(np.float32)  # 32 MiB
+    p = tmp_path / "lazy.safetensors"
+    S.save_file({"big": big, "small": np.arange(10, dtype=np.int64)}, p)
+    gc.collect()
+    before = _rss_file()
+    with S.safe_open(p) as f:
+        row = f.get_slice("big")[5]
+        small = f.get_tensor("small")
+        t = f.get_tensor("big")  # mapped, not read
+        after = _rss_file()
+    np.testing.assert_array_equal(row, big[5])
+    assert small.tolist() == list(range(10))
+    assert after - before < 4 << 20  # far less than the 32 MiB tensor
+    assert float(t[-1, -1]) == float(big[-1, -1])

@@ -223,10 +223,9 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     uint64_t nbytes;
     PyObject *arr = NULL;
 
-    if (st == NULL)
-        return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "nO&|p:array", kwlist, &index,
-                                     PyArray_DescrConverter, &descr, &copy_unaligned))
+    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|p:array", kwlist, &index,
+                                                   PyArray_DescrConverter, &descr,
+                                                   &copy_unaligned))
         return NULL;
     /* from here descr is a new reference */
     if (index < 0 || (size_t)index >= m->hdr.ntensors) {
@@ -273,14 +272,16 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     align = (npy_intp)PyDataType_ALIGNMENT(descr);
     aligned = align <= 1 || ((uintptr_t)ptr % (uintptr_t)align) == 0;
     if (!aligned && copy_unaligned) {
+        /* a copy of our own, aligned by NumPy's allocator */
         arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, NULL, 0, NULL);
         descr = NULL; /* stolen */
         if (arr == NULL)
             goto error;
         if (nbytes > 0)
             memcpy(PyArray_DATA((PyArrayObject *)arr), ptr, (size_t)nbytes);
-        return arr;
+        goto done;
     }
+    /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
     arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr,
                                NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE |
                                    (aligned ? NPY_ARRAY_ALIGNED : 0),
@@ -289,14 +290,14 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     if (arr == NULL)
         goto error;
     Py_INCREF(self);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, self) < 0) { /* steals self */
-        Py_DECREF(arr);
-        return NULL;
-    }
-    return arr;
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, self) < 0) /* steals self, even on failure */
+        goto error;
+    goto done;
 error:
     Py_XDECREF(descr);
-    return NULL;
+    Py_CLEAR(arr);
+done:
+    return arr;
 }
 
 static PyObject *stmap_get_size(PyObject *self, void *closure)
