@@ -3,7 +3,10 @@
     python3 bench/bench_safetensors.py [--mib 1024] [--repeat 3]
 
 A state dict of a few hundred tensors of mixed sizes and dtypes (~1 GiB) is
-saved and loaded by both; times are the best of --repeat.  "load + touch"
+saved and loaded by both; times are the best of --repeat.  Our save_file
+writes a temporary file, fsyncs it, renames it and fsyncs the folder; the
+library renames without any fsync, so a second save row adds an fsync to
+theirs for a like-for-like durable save.  "load + touch"
 reads one byte per page of every array, since our load maps the file and
 reads nothing until asked.  Peak resident memory of a full load (every page
 touched) is measured in a fresh subprocess for each.  Files live in /tmp and
@@ -52,10 +55,12 @@ def make_state_dict(total_mib):
     return sd
 
 
-def best(fn, repeat):
+def best(fn, repeat, flush=False):
     times = []
     for _ in range(repeat):
         gc.collect()
+        if flush:  # earlier writes' background writeback must not land in this timing
+            os.sync()
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
@@ -133,8 +138,18 @@ def main():
     ours_p, theirs_p = os.path.join(tmp, "ours.safetensors"), os.path.join(tmp, "theirs.safetensors")
     rows = []
     try:
-        t_save_ours = best(lambda: S.save_file(sd, ours_p), args.repeat)
-        t_save_theirs = best(lambda: stn.save_file(sd, theirs_p), args.repeat)
+        t_save_ours = best(lambda: S.save_file(sd, ours_p), args.repeat, flush=True)
+        t_save_theirs = best(lambda: stn.save_file(sd, theirs_p), args.repeat, flush=True)
+
+        def theirs_durable():
+            stn.save_file(sd, theirs_p)
+            fd = os.open(theirs_p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        t_save_theirs_sync = best(theirs_durable, args.repeat, flush=True)
         with open(ours_p, "rb") as f, open(theirs_p, "rb") as g:
             identical = f.read() == g.read()
         size = os.path.getsize(ours_p)
@@ -147,7 +162,10 @@ def main():
         peak_ours, base_ours = peak_rss("ours", ours_p)
         peak_theirs, base_theirs = peak_rss("theirs", ours_p)
         rows = [
-            ("save_file", f"{t_save_ours * 1e3:.1f} ms", f"{t_save_theirs * 1e3:.1f} ms", t_save_ours / t_save_theirs),
+            ("save_file (ours fsyncs, theirs does not)", f"{t_save_ours * 1e3:.1f} ms", f"{t_save_theirs * 1e3:.1f} ms",
+             t_save_ours / t_save_theirs),
+            ("save_file, both durable (theirs + fsync)", f"{t_save_ours * 1e3:.1f} ms",
+             f"{t_save_theirs_sync * 1e3:.1f} ms", t_save_ours / t_save_theirs_sync),
             ("load_file to numpy", f"{t_load_ours * 1e3:.1f} ms", f"{t_load_theirs * 1e3:.1f} ms", t_load_ours / t_load_theirs),
             ("load_file + touch every page", f"{t_touch_ours * 1e3:.1f} ms", f"{t_touch_theirs * 1e3:.1f} ms", t_touch_ours / t_touch_theirs),
             ("peak RSS of a full load", f"{peak_ours / 2**20:.0f} MiB", f"{peak_theirs / 2**20:.0f} MiB", peak_ours / peak_theirs),
