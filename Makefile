@@ -44,7 +44,8 @@ fuzz-st-libfuzzer:
 	@mkdir -p tests/fuzz/bin
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DMLU_LIBFUZZER -Icsrc $(shell pkg-config --cflags jansson 2>/dev/null) \
 	  -o tests/fuzz/bin/st_header_libfuzzer tests/fuzz/st_header.c $(CORE_SRC) $(LIBS_CORE)
-	tests/fuzz/bin/st_header_libfuzzer -max_total_time=60 tests/fuzz/corpus_st_header
+	@mkdir -p tests/fuzz/bin/new_st_header
+	tests/fuzz/bin/st_header_libfuzzer -max_total_time=60 tests/fuzz/bin/new_st_header tests/fuzz/corpus_st_header
 
 clean:
 	rm -rf build tests/c/bin tests/fuzz/bin mlutils/*.so
