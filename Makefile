@@ -7,7 +7,7 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CTESTS = $(patsubst tests/c/%.c,tests/c/bin/%,$(wildcard tests/c/test_*.c))
 CTESTS_ASAN = $(patsubst tests/c/%.c,tests/c/bin/asan_%,$(wildcard tests/c/test_*.c))
 
-.PHONY: setup build test asan ctest ctest-asan bench demo clean
+.PHONY: setup build test asan ctest ctest-asan bench demo clean fuzz-replay-st fuzz-st-libfuzzer
 
 setup:
 	bash scripts/setup.sh
@@ -33,6 +33,19 @@ ctest: $(CTESTS)
 	@for t in $(CTESTS); do $$t || exit 1; done
 ctest-asan: $(CTESTS_ASAN)
 	@for t in $(CTESTS_ASAN); do ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
+
+# Fuzz harness of the safetensors header parser: replay its seeds under ASan/UBSan.
+tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+	@mkdir -p tests/fuzz/bin
+	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
+fuzz-replay-st: tests/fuzz/bin/st_header
+	ASAN_OPTIONS=detect_leaks=1 tests/fuzz/bin/st_header tests/fuzz/corpus_st_header
+fuzz-st-libfuzzer:
+	@mkdir -p tests/fuzz/bin
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -DMLU_LIBFUZZER -Icsrc $(shell pkg-config --cflags jansson 2>/dev/null) \
+	  -o tests/fuzz/bin/st_header_libfuzzer tests/fuzz/st_header.c $(CORE_SRC) $(LIBS_CORE)
+	@mkdir -p tests/fuzz/bin/new_st_header
+	tests/fuzz/bin/st_header_libfuzzer -max_total_time=60 tests/fuzz/bin/new_st_header tests/fuzz/corpus_st_header
 
 clean:
 	rm -rf build tests/c/bin tests/fuzz/bin mlutils/*.so

@@ -1,8 +1,592 @@
-/* safetensors.c: the Python face of safetensors reading and writing. */
-#include "module.h"
+/* safetensors.c: the Python face of safetensors reading and writing.
+ *
+ *   st_open(path) -> SafetensorsMap        the file mapped privately, header validated
+ *   st_from_bytes(data) -> SafetensorsMap  a private copy of bytes, header validated
+ *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False)
+ *   st_serialize(entries, metadata, path=None) -> bytes | None
+ *
+ * Arrays made by .array() point into the mapping and hold a reference to the
+ * SafetensorsMap, which unmaps when the last of them (and itself) goes. */
+#include "npy.h"
+
+#include <string.h>
+
+#include "../core/alloc.h"
+#include "../core/safetensors.h"
+
+#define MAP_SLOT MLU_SLOT_SAFETENSORS_0
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *base;      /* owned mapping (mlu_st_unmap) */
+    size_t len;
+    mlu_st_header hdr;  /* owned */
+} StMap;
+
+static void stmap_dealloc(PyObject *self)
+{
+    StMap *m = (StMap *)self;
+    PyTypeObject *tp = Py_TYPE(self);
+
+    mlu_st_header_free(&m->hdr);
+    mlu_st_unmap(m->base, m->len);
+    m->base = NULL;
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* A new, empty StMap (new ref). */
+static StMap *stmap_new(PyObject *module)
+{
+    mlu_state *st = mlu_get_state(module);
+    PyTypeObject *tp = (PyTypeObject *)st->area_objects[MAP_SLOT];
+    StMap *m = (StMap *)tp->tp_alloc(tp, 0);
+
+    if (m != NULL) {
+        m->base = NULL;
+        m->len = 0;
+        memset(&m->hdr, 0, sizeof(m->hdr));
+    }
+    return m;
+}
+
+static PyObject *format_exc_of(PyObject *module)
+{
+    return mlu_get_state(module)->SafetensorsError;
+}
+
+/* st_open(path) -> SafetensorsMap */
+static PyObject *py_st_open(PyObject *module, PyObject *arg)
+{
+    PyObject *path = NULL;
+    StMap *m = NULL;
+    PyObject *res = NULL;
+    mlu_error err;
+    mlu_status rc;
+
+    if (!PyUnicode_FSConverter(arg, &path))
+        goto error;
+    m = stmap_new(module);
+    if (m == NULL)
+        goto error;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_st_map_file(PyBytes_AS_STRING(path), &m->base, &m->len, &err);
+    if (rc == MLU_OK)
+        rc = mlu_st_parse(m->base, (uint64_t)m->len, &m->hdr, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK) {
+        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        goto error;
+    }
+    res = (PyObject *)m;
+    m = NULL;
+    goto done;
+error:
+    Py_XDECREF(m);
+done:
+    Py_XDECREF(path);
+    return res;
+}
+
+/* st_from_bytes(data) -> SafetensorsMap over a private copy of data. */
+static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    int have_view = 0;
+    StMap *m = NULL;
+    PyObject *res = NULL;
+    mlu_error err;
+    mlu_status rc;
+
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        goto error;
+    have_view = 1;
+    m = stmap_new(module);
+    if (m == NULL)
+        goto error;
+    mlu_error_clear(&err);
+    /* Validate first (no copy of a bad input), then copy. */
+    rc = mlu_st_parse(view.buf, (uint64_t)view.len, &m->hdr, &err);
+    if (rc == MLU_OK) {
+        rc = mlu_st_map_anon((size_t)view.len, &m->base, &err);
+        if (rc == MLU_OK) {
+            m->len = (size_t)view.len;
+            memcpy(m->base, view.buf, m->len);
+        }
+    }
+    if (rc != MLU_OK) {
+        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        goto error;
+    }
+    res = (PyObject *)m;
+    m = NULL;
+    goto done;
+error:
+    Py_XDECREF(m);
+done:
+    if (have_view)
+        PyBuffer_Release(&view);
+    return res;
+}
+
+/* metadata() -> dict[str, str] | None */
+static PyObject *stmap_metadata(PyObject *self, PyObject *unused)
+{
+    StMap *m = (StMap *)self;
+    PyObject *d = NULL, *k = NULL, *v = NULL;
+    size_t i;
+
+    (void)unused;
+    if (!m->hdr.has_metadata)
+        Py_RETURN_NONE;
+    d = PyDict_New();
+    if (d == NULL)
+        goto error;
+    for (i = 0; i < m->hdr.nmeta; i++) {
+        const mlu_st_meta *e = &m->hdr.meta[i];
+        k = PyUnicode_DecodeUTF8(e->key, (Py_ssize_t)e->key_len, "strict");
+        v = PyUnicode_DecodeUTF8(e->value, (Py_ssize_t)e->value_len, "strict");
+        if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0)
+            goto error;
+        Py_CLEAR(k);
+        Py_CLEAR(v);
+    }
+    return d;
+error:
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+/* entries() -> list of (name, dtype, shape, begin, end), in offset order. */
+static PyObject *stmap_entries(PyObject *self, PyObject *unused)
+{
+    StMap *m = (StMap *)self;
+    PyObject *list = NULL, *shape = NULL, *item = NULL;
+    size_t i, k;
+
+    (void)unused;
+    list = PyList_New((Py_ssize_t)m->hdr.ntensors);
+    if (list == NULL)
+        goto error;
+    for (i = 0; i < m->hdr.ntensors; i++) {
+        const mlu_st_tensor *t = &m->hdr.tensors[i];
+        shape = PyTuple_New((Py_ssize_t)t->ndim);
+        if (shape == NULL)
+            goto error;
+        for (k = 0; k < t->ndim; k++) {
+            PyObject *d = PyLong_FromUnsignedLongLong(t->shape[k]);
+            if (d == NULL)
+                goto error;
+            PyTuple_SET_ITEM(shape, (Py_ssize_t)k, d); /* steals d */
+        }
+        item = Py_BuildValue("(s#sOKK)", t->name, (Py_ssize_t)t->name_len,
+                             mlu_st_dtype_name(t->dtype), shape,
+                             (unsigned long long)t->begin, (unsigned long long)t->end);
+        if (item == NULL)
+            goto error;
+        Py_CLEAR(shape);
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item); /* steals item */
+        item = NULL;
+    }
+    return list;
+error:
+    Py_XDECREF(shape);
+    Py_XDECREF(item);
+    Py_XDECREF(list);
+    return NULL;
+}
+
+/* array(index, dtype, copy_unaligned=False) -> ndarray
+ *
+ * dtype: a NumPy dtype whose item size is the tensor's element size, or any
+ * 1-byte dtype for the sub-byte types (F4, F6_*), whose shape becomes the
+ * header's with the last dimension scaled by bits/8 when that is whole, else
+ * one dimension of the packed byte count.  The array points into the mapping
+ * (writable, copy-on-write) unless it is misaligned for dtype and
+ * copy_unaligned is set, in which case it is a copy. */
+static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"index", "dtype", "copy_unaligned", NULL};
+    StMap *m = (StMap *)self;
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self));
+    Py_ssize_t index;
+    PyArray_Descr *descr = NULL;
+    int copy_unaligned = 0, nd, aligned, k;
+    npy_intp dims[NPY_MAXDIMS];
+    const mlu_st_tensor *t;
+    unsigned bits;
+    npy_intp elsize, align;
+    uint8_t *ptr;
+    uint64_t nbytes;
+    PyObject *arr = NULL;
+
+    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|p:array", kwlist, &index,
+                                                   PyArray_DescrConverter, &descr,
+                                                   &copy_unaligned))
+        return NULL;
+    /* from here descr is a new reference */
+    if (index < 0 || (size_t)index >= m->hdr.ntensors) {
+        PyErr_SetString(PyExc_IndexError, "tensor index out of range");
+        goto error;
+    }
+    t = &m->hdr.tensors[index];
+    bits = mlu_st_dtype_bits(t->dtype);
+    elsize = (npy_intp)PyDataType_ELSIZE(descr);
+    nbytes = t->end - t->begin;
+    if (t->ndim > NPY_MAXDIMS) {
+        PyErr_Format(st->SafetensorsError, "tensor '%s' has %zu dimensions, NumPy allows %d",
+                     t->name, t->ndim, NPY_MAXDIMS);
+        goto error;
+    }
+    nd = (int)t->ndim;
+    for (k = 0; k < nd; k++) {
+        if (t->shape[k] > (uint64_t)NPY_MAX_INTP) {
+            PyErr_Format(st->SafetensorsError, "tensor '%s': dimension %d is too large", t->name, k);
+            goto error;
+        }
+        dims[k] = (npy_intp)t->shape[k];
+    }
+    if (bits % 8 == 0) {
+        if ((uint64_t)elsize * 8 != bits) {
+            PyErr_Format(PyExc_ValueError, "tensor '%s' is %s: a %u-byte dtype is needed, not %R",
+                         t->name, mlu_st_dtype_name(t->dtype), bits / 8, (PyObject *)descr);
+            goto error;
+        }
+    } else {
+        if (elsize != 1) {
+            PyErr_Format(PyExc_ValueError, "tensor '%s' is %s: a 1-byte dtype is needed, not %R",
+                         t->name, mlu_st_dtype_name(t->dtype), (PyObject *)descr);
+            goto error;
+        }
+        if (nd >= 1 && ((uint64_t)dims[nd - 1] * bits) % 8 == 0) {
+            dims[nd - 1] = (npy_intp)(((uint64_t)dims[nd - 1] * bits) / 8);
+        } else {
+            nd = 1;
+            dims[0] = (npy_intp)nbytes;
+        }
+    }
+    ptr = m->base + m->hdr.data_start + t->begin;
+    align = (npy_intp)PyDataType_ALIGNMENT(descr);
+    aligned = align <= 1 || ((uintptr_t)ptr % (uintptr_t)align) == 0;
+    if (!aligned && copy_unaligned) {
+        /* a copy of our own, aligned by NumPy's allocator */
+        arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, NULL, 0, NULL);
+        descr = NULL; /* stolen */
+        if (arr == NULL)
+            goto error;
+        if (nbytes > 0)
+            memcpy(PyArray_DATA((PyArrayObject *)arr), ptr, (size_t)nbytes);
+        goto done;
+    }
+    /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
+    arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr,
+                               NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE |
+                                   (aligned ? NPY_ARRAY_ALIGNED : 0),
+                               NULL);
+    descr = NULL; /* stolen */
+    if (arr == NULL)
+        goto error;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, self) < 0) /* steals self, even on failure */
+        goto error;
+    goto done;
+error:
+    Py_XDECREF(descr);
+    Py_CLEAR(arr);
+done:
+    return arr;
+}
+
+static PyObject *stmap_get_size(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(((StMap *)self)->len);
+}
+
+static PyObject *stmap_get_data_start(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(((StMap *)self)->hdr.data_start);
+}
+
+static PyMethodDef stmap_methods[] = {
+    {"metadata", stmap_metadata, METH_NOARGS,
+     "metadata() -> dict[str, str] | None: the header's __metadata__."},
+    {"entries", stmap_entries, METH_NOARGS,
+     "entries() -> list[(name, dtype, shape, begin, end)] in offset order."},
+    {"array", (PyCFunction)(void (*)(void))stmap_array, METH_VARARGS | METH_KEYWORDS,
+     "array(index, dtype, copy_unaligned=False) -> ndarray over the mapped bytes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef stmap_getset[] = {
+    {"size", stmap_get_size, NULL, "file size in bytes", NULL},
+    {"data_start", stmap_get_data_start, NULL, "file offset of the data buffer", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot stmap_slots[] = {
+    {Py_tp_dealloc, (void *)stmap_dealloc},
+    {Py_tp_methods, stmap_methods},
+    {Py_tp_getset, stmap_getset},
+    {Py_tp_doc, (void *)"A validated safetensors file mapped privately; arrays keep it alive."},
+    {0, NULL},
+};
+
+static PyType_Spec stmap_spec = {
+    .name = "mlutils._core.SafetensorsMap",
+    .basicsize = sizeof(StMap),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = stmap_slots,
+};
+
+/* ------------------------------------------------------------------ writing */
+
+typedef struct {
+    size_t n;
+    mlu_st_entry *entries;  /* owned (mlu_free) */
+    uint64_t *dims;         /* owned: every entry's shape, back to back */
+    Py_buffer *views;       /* owned (PyMem_Free); nviews of them held */
+    size_t nviews;
+    size_t nmeta;
+    mlu_st_kv *meta;        /* owned (mlu_free) */
+} ser_job;
+
+static void ser_job_release(ser_job *j)
+{
+    size_t i;
+
+    for (i = 0; i < j->nviews; i++)
+        PyBuffer_Release(&j->views[i]);
+    PyMem_Free(j->views);
+    mlu_free(j->entries);
+    mlu_free(j->dims);
+    mlu_free(j->meta);
+    memset(j, 0, sizeof(*j));
+}
+
+/* Fills j from the sequence `seq` of (name, dtype, shape, buffer) tuples. */
+static int ser_collect(ser_job *j, PyObject *seq)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k;
+    size_t total_dims = 0, d = 0;
+    PyObject *shape;
+
+    j->n = (size_t)n;
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 ||
+            !PyTuple_Check(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError, "entries must be (name, dtype, shape tuple, buffer)");
+            return -1;
+        }
+        total_dims += (size_t)PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 2));
+    }
+    j->entries = mlu_calloc(j->n, sizeof(mlu_st_entry));
+    j->dims = mlu_calloc(total_dims, sizeof(uint64_t));
+    j->views = PyMem_Calloc(j->n ? j->n : 1, sizeof(Py_buffer));
+    if (j->entries == NULL || j->dims == NULL || j->views == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        mlu_st_entry *e = &j->entries[i];
+        Py_ssize_t len;
+        const char *s;
+        s = PyUnicode_Check(PyTuple_GET_ITEM(item, 0))
+                ? PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 0), &len) : NULL;
+        if (s == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "tensor names must be str, not %.100s",
+                             Py_TYPE(PyTuple_GET_ITEM(item, 0))->tp_name);
+            return -1;
+        }
+        e->name = s;
+        e->name_len = (size_t)len;
+        s = PyUnicode_Check(PyTuple_GET_ITEM(item, 1))
+                ? PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 1), &len) : NULL;
+        if (s == NULL || (e->dtype = mlu_st_dtype_from_name(s, (size_t)len)) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "tensor '%U': unknown dtype %R",
+                             PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1));
+            return -1;
+        }
+        shape = PyTuple_GET_ITEM(item, 2);
+        e->ndim = (size_t)PyTuple_GET_SIZE(shape);
+        e->shape = j->dims + d;
+        for (k = 0; k < PyTuple_GET_SIZE(shape); k++) {
+            unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(shape, k));
+            if (v == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            j->dims[d++] = v;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 3), &j->views[i], PyBUF_C_CONTIGUOUS) < 0)
+            return -1;
+        j->nviews++;
+        e->data = j->views[i].buf;
+        e->nbytes = (uint64_t)j->views[i].len;
+    }
+    return 0;
+}
+
+static int ser_metadata(ser_job *j, PyObject *meta)
+{
+    Py_ssize_t pos = 0, len;
+    PyObject *k, *v;
+    size_t i = 0;
+
+    j->nmeta = (size_t)PyDict_GET_SIZE(meta);
+    j->meta = mlu_calloc(j->nmeta, sizeof(mlu_st_kv));
+    if (j->meta == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (PyDict_Next(meta, &pos, &k, &v)) { /* borrowed k, v */
+        if (!PyUnicode_Check(k) || !PyUnicode_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "metadata must map str to str: key %R has a %.100s value",
+                         k, Py_TYPE(v)->tp_name);
+            return -1;
+        }
+        if ((j->meta[i].key = PyUnicode_AsUTF8AndSize(k, &len)) == NULL)
+            return -1;
+        j->meta[i].key_len = (size_t)len;
+        if ((j->meta[i].value = PyUnicode_AsUTF8AndSize(v, &len)) == NULL)
+            return -1;
+        j->meta[i].value_len = (size_t)len;
+        i++;
+    }
+    return 0;
+}
+
+/* st_serialize(entries, metadata, path=None) -> bytes (no path) or None. */
+static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"entries", "metadata", "path", NULL};
+    PyObject *entries, *meta, *pathobj = Py_None, *path = NULL, *seq = NULL, *res = NULL;
+    ser_job j;
+    mlu_buf hdr = MLU_BUF_INIT;
+    uint64_t data_len = 0, total;
+    mlu_error err;
+    mlu_status rc;
+    size_t i;
+
+    memset(&j, 0, sizeof(j));
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:st_serialize", kwlist, &entries, &meta,
+                                     &pathobj))
+        return NULL;
+    if (meta != Py_None && !PyDict_Check(meta)) {
+        PyErr_Format(PyExc_TypeError, "metadata must be a dict or None, not %.100s",
+                     Py_TYPE(meta)->tp_name);
+        goto error;
+    }
+    if (pathobj != Py_None && !PyUnicode_FSConverter(pathobj, &path))
+        goto error;
+    seq = PySequence_Fast(entries, "entries must be a sequence"); /* new ref */
+    if (seq == NULL || ser_collect(&j, seq) < 0)
+        goto error;
+    if (meta != Py_None && ser_metadata(&j, meta) < 0)
+        goto error;
+    mlu_error_clear(&err);
+    rc = mlu_st_build_header(j.entries, j.n, j.meta, j.nmeta, meta != Py_None, &hdr, &data_len,
+                             &err);
+    if (rc != MLU_OK) {
+        /* A tensor or header the format cannot hold is the format's error. */
+        if (err.code == MLU_EINVAL)
+            err.code = MLU_EFORMAT;
+        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        goto error;
+    }
+    if (path != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = mlu_st_write_file(PyBytes_AS_STRING(path), hdr.data, hdr.len, j.entries, j.n, &err);
+        Py_END_ALLOW_THREADS
+        if (rc != MLU_OK) {
+            mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+            goto error;
+        }
+        res = Py_NewRef(Py_None);
+    } else {
+        char *out;
+        if (mlu_add_overflow_u64(data_len, (uint64_t)hdr.len, &total) ||
+            total > (uint64_t)PY_SSIZE_T_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "the tensors are too large for one bytes object");
+            goto error;
+        }
+        res = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (res == NULL)
+            goto error;
+        out = PyBytes_AS_STRING(res);
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(out, hdr.data, hdr.len);
+        out += hdr.len;
+        for (i = 0; i < j.n; i++) {
+            if (j.entries[i].nbytes > 0)
+                memcpy(out, j.entries[i].data, (size_t)j.entries[i].nbytes);
+            out += j.entries[i].nbytes;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    goto done;
+error:
+    Py_CLEAR(res);
+done:
+    ser_job_release(&j);
+    mlu_buf_free(&hdr);
+    Py_XDECREF(seq);
+    Py_XDECREF(path);
+    return res;
+}
+
+/* st_dtypes() -> tuple of (name, bits) in the format's declaration order. */
+static PyObject *py_st_dtypes(PyObject *module, PyObject *unused)
+{
+    PyObject *t;
+    int i;
+
+    (void)module;
+    (void)unused;
+    t = PyTuple_New(MLU_ST_DTYPE_COUNT);
+    if (t == NULL)
+        return NULL;
+    for (i = 0; i < MLU_ST_DTYPE_COUNT; i++) {
+        PyObject *item = Py_BuildValue("(sI)", mlu_st_dtype_name(i), mlu_st_dtype_bits(i));
+        if (item == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, item); /* steals item */
+    }
+    return t;
+}
 
 int mlu_safetensors_module_init(PyObject *m)
 {
-    (void)m;
-    return 0;
+    static PyMethodDef methods[] = {
+        {"st_open", py_st_open, METH_O,
+         "st_open(path) -> SafetensorsMap: map the file privately and validate its header."},
+        {"st_from_bytes", py_st_from_bytes, METH_O,
+         "st_from_bytes(data) -> SafetensorsMap: validate, then copy data into private memory."},
+        {"st_serialize", (PyCFunction)(void (*)(void))py_st_serialize,
+         METH_VARARGS | METH_KEYWORDS,
+         "st_serialize(entries, metadata, path=None) -> bytes | None: write safetensors "
+         "(atomically to path, or to bytes); entries are (name, dtype, shape, buffer)."},
+        {"st_dtypes", py_st_dtypes, METH_NOARGS,
+         "st_dtypes() -> tuple[(name, bits)]: the safetensors dtypes in declaration order."},
+        {NULL, NULL, 0, NULL},
+    };
+    mlu_state *st = mlu_get_state(m);
+    PyObject *tp;
+
+    tp = PyType_FromModuleAndSpec(m, &stmap_spec, NULL); /* new ref */
+    if (tp == NULL)
+        return -1;
+    st->area_objects[MAP_SLOT] = tp; /* owned by the state */
+    if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
+        return -1;
+    return PyModule_AddFunctions(m, methods);
 }

@@ -1,0 +1,532 @@
+"""safetensors reading and writing over the C core.
+
+Files written here are byte-for-byte those the ``safetensors`` library writes
+for the same tensors and metadata (tensors ordered by dtype descending then
+name, compact JSON, space padding to a multiple of 8; metadata keys sorted,
+where the library's order is only fixed for one key).  Reading validates the
+header as the library does (plus: duplicate keys are an error) and returns
+NumPy arrays that point into a private copy-on-write mapping of the file:
+writable, zero-copy, and the file itself never changes.
+
+dtypes on the NumPy side
+    BOOL U8 I8 U16 I16 U32 I32 U64 I64 F16 F32 F64 C64 are NumPy's own.
+    BF16 and the F8 types are ``ml_dtypes`` types when it is installed, else
+    raw-bits views (BF16 as uint16, F8_* as uint8).
+    F4, F6_E2M3 and F6_E3M2 pack several elements per byte and load as raw
+    uint8 bytes: the header's shape with the last dimension scaled by
+    bits/8 (F4: halved, F6: times 3/4) when that is a whole number, else one
+    dimension holding all the packed bytes (``get_slice(name).get_shape()``
+    and :func:`read_header` give the logical shape).  To write raw bytes as
+    any dtype, pass a :class:`RawTensor`.
+dtypes on the torch side
+    torch's own dtypes; F4 is ``torch.float4_e2m1fn_x2`` whose last dimension
+    is half the file's (as the library does); F6 has no torch dtype.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._core import SafetensorsError
+
+__all__ = [
+    "RawTensor",
+    "SafetensorsError",
+    "load",
+    "load_file",
+    "read_header",
+    "safe_open",
+    "save",
+    "save_file",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: (name, bits) in the format's declaration order.
+DTYPES: Tuple[Tuple[str, int], ...] = _core.st_dtypes()
+_BITS = dict(DTYPES)
+_SUBBYTE = frozenset(name for name, bits in DTYPES if bits % 8)
+
+_NATIVE = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+}
+# ml_dtypes names of the types NumPy lacks.
+_ML_NAMES = {
+    "BF16": "bfloat16",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+# Same-size raw views: what the file holds, bit for bit.
+_RAW = dict(_NATIVE)
+_RAW.update({name: np.dtype("<u2") if _BITS[name] == 16 else np.dtype(np.uint8) for name in _ML_NAMES})
+_RAW.update({name: np.dtype(np.uint8) for name in _SUBBYTE})
+
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1fn_x2",
+}
+
+
+class RawTensor(NamedTuple):
+    """Raw little-endian bytes written as ``dtype`` (a format code such as
+    ``"F6_E2M3"`` or ``"BF16"``) with the logical ``shape``."""
+
+    dtype: str
+    shape: Tuple[int, ...]
+    data: Any  # any C-contiguous buffer holding exactly the packed bytes
+
+
+def _np_table() -> Dict[str, np.dtype]:
+    """The NumPy dtype each format code loads as."""
+    table = dict(_RAW)
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes is a test dependency
+        return table
+    for code, name in _ML_NAMES.items():
+        dt = getattr(ml_dtypes, name, None)
+        if dt is not None:
+            table[code] = np.dtype(dt)
+    return table
+
+
+_np_table_cache: Optional[Dict[str, np.dtype]] = None
+_np_code_cache: Optional[Dict[np.dtype, str]] = None
+
+
+def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
+    global _np_table_cache, _np_code_cache
+    if _np_table_cache is None:
+        table = _np_table()
+        codes = {dt: code for code, dt in _NATIVE.items()}
+        for code in _ML_NAMES:
+            if table[code] != _RAW[code]:
+                codes[table[code]] = code
+        _np_table_cache, _np_code_cache = table, codes
+    assert _np_code_cache is not None
+    return _np_table_cache, _np_code_cache
+
+
+def _framework(framework: str) -> str:
+    if framework in ("np", "numpy"):
+        return "np"
+    if framework in ("pt", "torch"):
+        return "pt"
+    raise ValueError(f"framework must be 'np' or 'pt' ('numpy'/'torch'), not {framework!r}")
+
+
+# ---------------------------------------------------------------- writing
+
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _torch_bounds(t: Any, esize: int) -> Tuple[int, int]:
+    """[start, stop) bytes a torch tensor touches."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        ext = (size - 1) * stride
+        lo += min(0, ext)
+        hi += max(0, ext)
+    return t.data_ptr() + lo * esize, t.data_ptr() + (hi + 1) * esize
+
+
+def _np_bounds(a: np.ndarray) -> Tuple[int, int]:
+    if a.size == 0:
+        p = a.__array_interface__["data"][0]
+        return p, p
+    lo, hi = np.lib.array_utils.byte_bounds(a) if hasattr(np.lib, "array_utils") else np.byte_bounds(a)
+    return lo, hi
+
+
+def _np_root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+class _Area(NamedTuple):
+    start: int
+    stop: int
+    name: str
+    complete: bool
+
+
+def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
+    """Memory areas of every tensor, grouped by device (the key)."""
+    groups: Dict[Any, List[_Area]] = {}
+    for name, t in tensors.items():
+        if isinstance(t, RawTensor):
+            continue
+        if isinstance(t, np.ndarray):
+            start, stop = _np_bounds(t)
+            root = _np_root(t)
+            rstart, rstop = _np_bounds(root)
+            complete = t.flags.c_contiguous and (start, stop) == (rstart, rstop) and root.flags.c_contiguous
+            key: Any = "numpy"
+        else:
+            if t.layout != _torch_strided():
+                raise SafetensorsError(f"tensor {name!r} is not dense (layout {t.layout}): cannot be saved")
+            if t.device.type == "meta":
+                raise SafetensorsError(f"tensor {name!r} is on the meta device: it holds no data")
+            storage = t.untyped_storage()
+            if storage.data_ptr() == 0 or storage.nbytes() == 0:
+                continue
+            start, stop = _torch_bounds(t, t.element_size())
+            complete = t.data_ptr() == storage.data_ptr() and t.numel() * t.element_size() == storage.nbytes()
+            key = ("torch", str(t.device))
+        groups.setdefault(key, []).append(_Area(start, stop, name, complete))
+    return groups
+
+
+def _torch_strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
+def _shared_groups(tensors: Mapping[str, Any]) -> List[List[_Area]]:
+    """Groups (two or more names) of tensors whose memory overlaps."""
+    out: List[List[_Area]] = []
+    for areas in _areas(tensors).values():
+        areas = sorted(a for a in areas if a.stop > a.start)
+        cur: List[_Area] = []
+        stop = -1
+        for a in areas:
+            if cur and a.start < stop:
+                cur.append(a)
+                stop = max(stop, a.stop)
+            else:
+                if len(cur) > 1:
+                    out.append(cur)
+                cur, stop = [a], a.stop
+        if len(cur) > 1:
+            out.append(cur)
+    return out
+
+
+def _dedupe(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]], dedupe: bool
+            ) -> Tuple[Mapping[str, Any], Optional[Dict[str, str]]]:
+    groups = _shared_groups(tensors)
+    if not groups:
+        return tensors, metadata
+    if not dedupe:
+        names = "; ".join(", ".join(repr(a.name) for a in sorted(g, key=lambda a: a.name)) for g in groups)
+        raise SafetensorsError(
+            f"some tensors share memory ({names}): a file would store the data twice and lose the tie. "
+            "Pass dedupe=True to keep one name per storage (the dropped names are recorded in the "
+            "metadata as {dropped: kept}), or save clones (tensor.clone() / array.copy())."
+        )
+    kept = dict(tensors)
+    meta = dict(metadata) if metadata is not None else {}
+    for g in groups:
+        complete = sorted(a.name for a in g if a.complete)
+        if not complete:
+            raise SafetensorsError(
+                f"tensors {sorted(a.name for a in g)} share memory but none covers the whole storage: "
+                "cannot choose one to keep; save clones instead"
+            )
+        keep = complete[0]
+        for a in sorted(g, key=lambda a: a.name):
+            if a.name != keep:
+                meta.setdefault(a.name, keep)
+                del kept[a.name]
+                log.debug("safetensors: %r shares memory with %r, not written", a.name, keep)
+    return kept, meta
+
+
+def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+    dt = a.dtype
+    if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
+        a = a.astype(dt.newbyteorder("<"))
+        dt = a.dtype
+    code = codes.get(dt)
+    if code is None:
+        raise TypeError(
+            f"tensor {name!r}: NumPy dtype {dt} has no safetensors equivalent "
+            "(wrap raw bytes in RawTensor to write F4/F6 or other packed types)"
+        )
+    shape = tuple(a.shape)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return name, code, shape, a.reshape(-1).view(np.uint8)
+
+
+def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+    import torch
+
+    code = codes.get(t.dtype)
+    if code is None:
+        raise TypeError(f"tensor {name!r}: torch dtype {t.dtype} has no safetensors equivalent")
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    shape = tuple(t.shape)
+    if code == "F4":
+        if not shape:
+            raise SafetensorsError(f"tensor {name!r}: a float4_e2m1fn_x2 scalar cannot be saved")
+        shape = shape[:-1] + (shape[-1] * 2,)
+    flat = t.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return name, code, shape, flat.numpy()
+
+
+def _torch_codes() -> Dict[Any, str]:
+    import torch
+
+    out = {}
+    for code, tname in _TORCH_NAMES.items():
+        dt = getattr(torch, tname, None)
+        if dt is not None:
+            out[dt] = code
+    return out
+
+
+def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], dedupe: bool):
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to arrays or tensors, not {type(tensors).__name__}")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping of str to str, not {type(metadata).__name__}")
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata must map str to str: key {k!r} has a {type(v).__name__} value")
+        metadata = dict(metadata)
+    checked: Dict[str, Any] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, not {type(name).__name__}")
+        if name == "__metadata__":
+            raise SafetensorsError("'__metadata__' is reserved for the header's metadata and cannot name a tensor")
+        if isinstance(t, np.generic):
+            t = np.asarray(t)
+        if not isinstance(t, (RawTensor, np.ndarray)) and not _is_torch_tensor(t):
+            raise TypeError(f"tensor {name!r}: expected a NumPy array or torch tensor, not {type(t).__name__}")
+        checked[name] = t
+    tensors, metadata = _dedupe(checked, metadata, dedupe)
+    _, np_codes = _np_dtypes()
+    torch_codes: Optional[Dict[Any, str]] = None
+    entries = []
+    for name, t in tensors.items():
+        if isinstance(t, RawTensor):
+            if t.dtype not in _BITS:
+                raise ValueError(f"tensor {name!r}: unknown safetensors dtype {t.dtype!r}")
+            entries.append((name, t.dtype, tuple(int(d) for d in t.shape), t.data))
+        elif isinstance(t, np.ndarray):
+            entries.append(_np_entry(name, t, np_codes))
+        else:
+            if torch_codes is None:
+                torch_codes = _torch_codes()
+            entries.append(_torch_entry(name, t, torch_codes))
+    return entries, metadata
+
+
+def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
+              *, dedupe: bool = False) -> None:
+    """Write ``tensors`` (NumPy arrays / torch tensors on any device) to
+    ``path`` atomically, byte-identical to the ``safetensors`` library.
+
+    Tensors that share memory raise :class:`SafetensorsError` unless
+    ``dedupe``: then one name per storage is kept (the alphabetically smallest
+    that covers the whole storage, as ``safetensors.torch.save_model`` does)
+    and each dropped name is recorded in the metadata as ``{dropped: kept}``.
+    """
+    entries, meta = _entries(tensors, metadata, dedupe)
+    _core.st_serialize(entries, meta, os.fspath(path))
+
+
+def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:
+    """The bytes :func:`save_file` would write."""
+    entries, meta = _entries(tensors, metadata, dedupe)
+    return _core.st_serialize(entries, meta)
+
+
+# ---------------------------------------------------------------- reading
+
+def _torch_dtype(code: str, name: str) -> Any:
+    import torch
+
+    tname = _TORCH_NAMES.get(code)
+    dt = getattr(torch, tname, None) if tname else None
+    if dt is None:
+        raise SafetensorsError(f"tensor {name!r}: dtype {code} has no torch equivalent in torch {torch.__version__}")
+    return dt
+
+
+def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str) -> Any:
+    import torch
+
+    dt = _torch_dtype(code, name)
+    if code == "F4" and (not shape or shape[-1] % 2):
+        raise SafetensorsError(
+            f"tensor {name!r}: F4 shape {list(shape)} has an odd last dimension: torch's float4_e2m1fn_x2 holds pairs"
+        )
+    t = torch.from_numpy(arr)
+    if t.dtype != dt:
+        t = t.view(dt)
+    if device != "cpu":
+        t = t.to(device)
+    return t
+
+
+class _Reader:
+    """Shared reading logic over one SafetensorsMap."""
+
+    def __init__(self, m: Any, framework: str, device: str = "cpu") -> None:
+        self.map = m
+        self.framework = _framework(framework)
+        self.device = str(device)
+        if self.framework == "np" and self.device != "cpu":
+            raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")
+        self.entries = m.entries()
+        self.index = {e[0]: i for i, e in enumerate(self.entries)}
+        self.table = _np_dtypes()[0] if self.framework == "np" else _RAW
+
+    def raw(self, i: int) -> np.ndarray:
+        """A zero-copy array (the torch path copies misaligned tensors)."""
+        code = self.entries[i][1]
+        return self.map.array(i, self.table[code], self.framework == "pt")
+
+    def convert(self, arr: np.ndarray, i: int) -> Any:
+        if self.framework == "np":
+            return arr
+        name, code, shape = self.entries[i][:3]
+        return _to_torch(arr, code, shape, name, self.device)
+
+    def tensor(self, i: int) -> Any:
+        return self.convert(self.raw(i), i)
+
+    def all(self) -> Dict[str, Any]:
+        return {e[0]: self.tensor(i) for i, e in enumerate(self.entries)}
+
+
+def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
+    """Every tensor of the file, in offset order: NumPy arrays over a private
+    mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``."""
+    return _Reader(_core.st_open(os.fspath(path)), framework, device).all()
+
+
+def load(data: bytes, framework: str = "np") -> Dict[str, Any]:
+    """Like :func:`load_file` over the bytes of a file (copied once)."""
+    return _Reader(_core.st_from_bytes(data), framework).all()
+
+
+class _Slice:
+    """A tensor not read yet: index it to read only that part."""
+
+    def __init__(self, reader: _Reader, i: int) -> None:
+        self._reader = reader
+        self._i = i
+
+    def get_shape(self) -> List[int]:
+        return list(self._reader.entries[self._i][2])
+
+    def get_dtype(self) -> str:
+        return self._reader.entries[self._i][1]
+
+    def __getitem__(self, index: Any) -> Any:
+        r = self._reader
+        full = r.map.array(self._i, r.table[self.get_dtype()], False)  # no bytes read yet
+        part = np.array(full[index], copy=True, order="C")  # reads only the selected pages
+        return r.convert(part, self._i)
+
+    def __repr__(self) -> str:
+        return f"<safetensors slice {self._reader.entries[self._i][0]!r} {self.get_dtype()} {self.get_shape()}>"
+
+
+class safe_open:
+    """``with safe_open(path, framework="np", device="cpu") as f``: a lazy
+    view of a file; only the tensors (or slices) asked for are read."""
+
+    def __init__(self, filename: PathLike, framework: str = "np", device: str = "cpu") -> None:
+        self._reader: Optional[_Reader] = _Reader(_core.st_open(os.fspath(filename)), framework, device)
+
+    def __enter__(self) -> "safe_open":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the file; tensors already returned stay valid."""
+        self._reader = None
+
+    def _r(self) -> _Reader:
+        if self._reader is None:
+            raise SafetensorsError("the file is closed")
+        return self._reader
+
+    def _at(self, name: str) -> int:
+        r = self._r()
+        try:
+            return r.index[name]
+        except KeyError:
+            raise SafetensorsError(f"no tensor named {name!r} in the file") from None
+
+    def keys(self) -> List[str]:
+        """Tensor names, sorted."""
+        return sorted(self._r().index)
+
+    def offset_keys(self) -> List[str]:
+        """Tensor names in file (offset) order."""
+        return [e[0] for e in self._r().entries]
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        """The ``__metadata__`` dict, or None when the file has none."""
+        return self._r().map.metadata()
+
+    def get_tensor(self, name: str) -> Any:
+        return self._r().tensor(self._at(name))
+
+    def get_slice(self, name: str) -> _Slice:
+        return _Slice(self._r(), self._at(name))
+
+
+# ---------------------------------------------------------------- inspection
+
+def read_header(path: PathLike) -> Tuple[Optional[Dict[str, str]], List[Dict[str, Any]]]:
+    """Validated header: (metadata or None, entries in offset order, each
+    ``{"name", "dtype", "shape", "data_offsets"}``)."""
+    m = _core.st_open(os.fspath(path))
+    entries = [
+        {"name": name, "dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+        for name, dtype, shape, begin, end in m.entries()
+    ]
+    return m.metadata(), entries
+
+
+def verify(path: PathLike) -> None:
+    """Raise :class:`SafetensorsError` unless ``path`` is a valid safetensors file."""
+    _core.st_open(os.fspath(path))
