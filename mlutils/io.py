@@ -109,7 +109,14 @@ def _split_checkpoint(data: Mapping[str, Any], module_key: Optional[str]):
             continue
         if not isinstance(k, str):
             raise TypeError(f"torch_save: safetensors metadata keys must be str, not {type(k).__name__}")
-        metadata[k] = v if isinstance(v, str) else json_stringify(v)
+        if _is_tensor(v) or _is_tensor_dict(v):
+            raise ValueError(f"torch_save: a safetensors file holds one dict of tensors ({key!r}); "
+                             f"{k!r} holds tensors too: save it in its own file, or use .pt")
+        try:
+            metadata[k] = v if isinstance(v, str) else json_stringify(v)
+        except (TypeError, OverflowError) as exc:
+            raise type(exc)(f"torch_save: checkpoint entry {k!r} cannot be safetensors metadata "
+                            f"(only JSON values can): {exc}") from exc
     return data[key], metadata
 
 

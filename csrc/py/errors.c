@@ -1,6 +1,8 @@
 /* errors.c: turning a core status into a Python exception. */
 #include "module.h"
 
+#include <string.h>
+
 PyObject *mlu_raise(mlu_state *st, const mlu_error *err, PyObject *format_exc)
 {
     PyObject *exc = NULL;
@@ -23,7 +25,15 @@ PyObject *mlu_raise(mlu_state *st, const mlu_error *err, PyObject *format_exc)
         exc = PyExc_OverflowError;
         break;
     case MLU_EIO: {
-        PyObject *args = Py_BuildValue("(is)", err->sys_errno, text);
+        /* OSError(errno, "what we did: why"): the errno picks the subclass
+         * (FileNotFoundError, PermissionError, ...). */
+        char msg[MLU_ERROR_TEXT + 128];
+        PyObject *args;
+        if (err->sys_errno != 0)
+            PyOS_snprintf(msg, sizeof(msg), "%s: %s", text, strerror(err->sys_errno));
+        else
+            PyOS_snprintf(msg, sizeof(msg), "%s", text);
+        args = Py_BuildValue("(is)", err->sys_errno, msg);
         if (args != NULL) {
             PyErr_SetObject(PyExc_OSError, args);
             Py_DECREF(args);

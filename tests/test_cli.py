@@ -1,0 +1,100 @@
+"""python -m mlutils inspect / convert / verify."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlutils.__main__ import main
+from mlutils.io import torch_load, torch_save
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlutils", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+@pytest.fixture
+def files(tmp_path):
+    tensors = {"enc.w": np.arange(12, dtype=np.float32).reshape(3, 4), "enc.b": np.zeros(3, np.float16),
+               "ids": np.arange(5, dtype=np.int64)}
+    ck = {"module": tensors, "step": 9, "cfg": {"dim": 4}}
+    torch_save(ck, tmp_path / "ck.pt")
+    torch_save(ck, tmp_path / "ck.sft")
+    return tmp_path, tensors
+
+
+def test_inspect_table_and_json(files):
+    tmp, tensors = files
+    out = run_cli("inspect", tmp / "ck.sft")
+    assert out.returncode == 0, out.stderr
+    assert "safetensors, 3 tensors" in out.stdout
+    assert "enc.w" in out.stdout and "F32" in out.stdout and "[3, 4]" in out.stdout
+    assert "step: 9" in out.stdout
+    out = run_cli("inspect", "--json", tmp / "ck.pt")
+    info = json.loads(out.stdout)
+    assert info["format"] == "pt"
+    got = {t["name"]: t for t in info["tensors"]}
+    assert got["module.enc.w"]["shape"] == [3, 4] and got["module.enc.w"]["nbytes"] == 48
+    assert got["module.enc.b"]["dtype"] == "float16"
+
+
+def test_convert_both_ways(files):
+    tmp, tensors = files
+    assert main(["convert", str(tmp / "ck.pt"), str(tmp / "out.safetensors")]) == 0
+    back = torch_load(tmp / "out.safetensors", framework="np")
+    assert back["step"] == 9 and back["cfg"] == {"dim": 4}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back["module"][k], v)
+    assert main(["convert", str(tmp / "out.safetensors"), str(tmp / "again.pt")]) == 0
+    again = torch_load(tmp / "again.pt", framework="np")
+    assert again["step"] == 9 and again["cfg"] == {"dim": 4}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(again["module"][k], v)
+
+
+def test_convert_plain_safetensors_gives_a_flat_state_dict(tmp_path, torch):
+    from safetensors.torch import save_file
+
+    sd = {"a": torch.randn(2, 2), "b": torch.ones(3, dtype=torch.bfloat16)}
+    save_file(sd, tmp_path / "plain.safetensors")
+    assert main(["convert", str(tmp_path / "plain.safetensors"), str(tmp_path / "plain.pt")]) == 0
+    got = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert set(got) == {"a", "b"}
+    for k, v in sd.items():
+        assert torch.equal(got[k], v) and got[k].dtype == v.dtype
+
+
+def test_convert_refuses_same_format_and_same_file(files, capsys):
+    tmp, _ = files
+    assert main(["convert", str(tmp / "ck.pt"), str(tmp / "x.pt")]) == 1
+    assert "one side must be" in capsys.readouterr().err
+    assert main(["convert", str(tmp / "ck.sft"), str(tmp / "ck.sft")]) == 1
+
+
+def test_verify_ok_and_broken(files):
+    tmp, _ = files
+    for name in ("ck.pt", "ck.sft"):
+        out = run_cli("verify", tmp / name)
+        assert out.returncode == 0 and "OK" in out.stdout
+        data = bytearray((tmp / name).read_bytes())
+        bad = tmp / ("bad" + os.path.splitext(name)[1])
+        bad.write_bytes(bytes(data[: len(data) - 7]))  # truncated download
+        out = run_cli("verify", bad)
+        assert out.returncode == 1
+        assert "error" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("verify", tmp / "missing.sft")
+    assert out.returncode == 1 and "No such file" in out.stderr
+
+
+def test_console_script_and_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("mlutils ")
+    import importlib.metadata as md
+
+    eps = [e for e in md.entry_points(group="console_scripts") if e.name == "mlutils"]
+    assert eps and eps[0].value == "mlutils.__main__:main"
