@@ -14,9 +14,10 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 from . import _core
+from ._safetensors import load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
 
 __all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
-           "is_safetensors_path"]
+           "is_safetensors_path", "safe_open", "save_file", "load_file"]
 
 log = logging.getLogger(__name__)
 
