@@ -1,5 +1,6 @@
 """Shared fixtures.  Tests that need PyTorch use the `torch` fixture (or
-`pytest.importorskip`); MLUTILS_NO_TORCH=1 (the sanitizer run) skips them."""
+`pytest.importorskip`); MLUTILS_NO_TORCH=1 skips them (and makes the
+library behave as if torch were not installed where it checks)."""
 import os
 
 import pytest
