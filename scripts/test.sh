@@ -11,3 +11,5 @@ if [ "${MLUTILS_CUDA:-}" != 0 ] && { command -v nvcc >/dev/null || [ -x /usr/loc
 fi
 make -s ctest
 python3 -m pytest -q "$@"
+# again as on a machine without torch (numpy-only paths; torch tests skip)
+MLUTILS_NO_TORCH=1 python3 -m pytest -q -p no:cacheprovider "$@"
