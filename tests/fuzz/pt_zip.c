@@ -12,10 +12,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     mlu_zip z;
     mlu_pt pt;
     mlu_error err;
+    mlu_rd rd;
     size_t i;
 
     mlu_error_clear(&err);
-    if (mlu_zip_open(&z, data, size, &err) == MLU_OK) {
+    mlu_rd_mem(&rd, data, size);
+    if (mlu_zip_open(&z, &rd, &err) == MLU_OK) {
         for (i = 0; i < z.count; i++) {
             const mlu_zip_entry *e = &z.entries[i];
             mlu_error_clear(&err);
@@ -33,7 +35,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         mlu_zip_close(&z);
     }
     mlu_error_clear(&err);
-    if (mlu_pt_open(&pt, data, size, 1, &err) == MLU_OK) {
+    if (mlu_pt_open(&pt, &rd, 1, &err) == MLU_OK) {
         uint32_t s;
         for (s = 0; s < pt.vm.n_storages; s++) {
             uint64_t n = pt.vm.storages[s].nbytes;
@@ -41,7 +43,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 uint8_t *buf = mlu_malloc(n ? (size_t)n : 1);
                 if (buf != NULL) {
                     mlu_error_clear(&err);
-                    (void)mlu_pt_storage_fill(&pt, s, buf, -1, &err);
+                    (void)mlu_pt_storage_fill(&pt, s, buf, &err);
                     mlu_free(buf);
                 }
             }
