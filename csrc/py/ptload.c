@@ -63,7 +63,7 @@ static PyObject *make_str(conv *c, const mlu_pk_node *n)
     PyObject *s = PyUnicode_DecodeUTF8(n->u.s.p, (Py_ssize_t)n->u.s.n, "surrogatepass");
     if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
         PyErr_Clear();
-        return fmt_error(c, "string in the pickle is not valid UTF-8");
+        fmt_error(c, "string in the pickle is not valid UTF-8");
     }
     return s;
 }
@@ -89,20 +89,22 @@ done:
     return res;
 }
 
+/* New ref: a tuple of n ints. */
 static PyObject *int_tuple(const int64_t *v, int n)
 {
     PyObject *t = PyTuple_New(n);
     int i;
     if (t == NULL)
-        return NULL;
+        goto done;
     for (i = 0; i < n; i++) {
         PyObject *x = PyLong_FromLongLong(v[i]);
         if (x == NULL) {
-            Py_DECREF(t);
-            return NULL;
+            Py_CLEAR(t);
+            goto done;
         }
-        PyTuple_SET_ITEM(t, i, x);
+        PyTuple_SET_ITEM(t, i, x);  /* steals x */
     }
+done:
     return t;
 }
 
@@ -200,11 +202,13 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
     uint32_t i;
 
     if (c->memo[id] != NULL) {
-        Py_INCREF(c->memo[id]);
-        return c->memo[id];
+        o = Py_NewRef(c->memo[id]);
+        goto done;
     }
-    if (depth > MAX_DEPTH)
-        return fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+    if (depth > MAX_DEPTH) {
+        fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+        goto done;
+    }
     switch (n->kind) {
     case MLU_PK_NONE:
         o = Py_NewRef(Py_None);
@@ -257,19 +261,18 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         for (i = 0; i < n->len; i++) {
             PyObject *x = convert(c, n->u.items[i], depth + 1);
             if (x == NULL)
-                goto fail;
-            PyTuple_SET_ITEM(items, i, x);
+                goto error;
+            PyTuple_SET_ITEM(items, i, x);  /* steals x */
         }
         if (n->kind == MLU_PK_TUPLE) {
             if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
-                Py_DECREF(items);
-                Py_INCREF(c->memo[id]);
-                return c->memo[id];
+                o = Py_NewRef(c->memo[id]);
+                goto done;
             }
             o = items;
             items = NULL;
         } else {
-            o = PyObject_CallOneArg(c->hooks[2], items);
+            o = PyObject_CallOneArg(c->hooks[2], items);  /* items is released at done */
         }
         break;
     case MLU_PK_LIST:
@@ -281,11 +284,11 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             PyObject *x = convert(c, n->u.items[i], depth + 1);
             if (x == NULL || PyList_Append(o, x) < 0) {
                 Py_XDECREF(x);
-                goto fail;
+                goto error;
             }
             Py_DECREF(x);
         }
-        return o;
+        break;
     case MLU_PK_SET:
         o = PySet_New(NULL);
         if (o == NULL)
@@ -300,10 +303,10 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                     PyErr_Clear();
                     fmt_error(c, "set item in the pickle is not hashable");
                 }
-                goto fail;
+                goto error;
             }
         }
-        return o;
+        break;
     case MLU_PK_DICT:
         if (n->flags & MLU_PK_F_ORDERED)
             o = PyObject_CallNoArgs(c->odict);
@@ -315,10 +318,10 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             break;
         c->memo[id] = Py_NewRef(o);
         if (fill_dict(c, o, n, depth) < 0)
-            goto fail;
+            goto error;
         if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
-            goto fail;
-        return o;
+            goto error;
+        break;
     case MLU_PK_DEVICE: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
@@ -337,20 +340,24 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
         /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
         if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
-            goto fail;
+            goto error;
         break;
     case MLU_PK_STORAGE:
-        return fmt_error(c, "a bare storage (not inside a tensor) is not supported");
+        fmt_error(c, "a bare storage (not inside a tensor) is not supported");
+        break;
     default:
-        return fmt_error(c, "a bare %s global cannot be returned as a value", mlu_pk_kind_name(n->kind));
+        fmt_error(c, "a bare %s global cannot be returned as a value", mlu_pk_kind_name(n->kind));
+        break;
     }
+    /* containers put themselves in the memo before their items (cycles) */
     if (o != NULL && c->memo[id] == NULL)
         c->memo[id] = Py_NewRef(o);
-    return o;
-fail:
+    goto done;
+error:
+    Py_CLEAR(o);
+done:
     Py_XDECREF(items);
-    Py_XDECREF(o);
-    return NULL;
+    return o;
 }
 
 /* 1 when some storage will view the mapping (mode 0). */
