@@ -173,7 +173,9 @@ def test_zip_rejections(tmp_path):
     cd = z64.index(b"PK\x01\x02")
     short = bytearray(z64)
     struct.pack_into("<H", short, cd + 46 + len(b"archive/data.pkl") + 2, 8)  # zip64 extra shorter than needed
-    check(tmp_path, bytes(short), TorchFormatError, ["zip64 extra field is too short"])
+    check(tmp_path, bytes(short), TorchFormatError, ["zip64 extra field is too short", "byte"])
+    struct.pack_into("<H", short, cd + 46 + len(b"archive/data.pkl") + 2, 100)  # past the entry's extra bytes
+    check(tmp_path, bytes(short), TorchFormatError, ["zip extra field runs past its entry", "byte"])
     # classic end record saying "look in zip64" without the zip64 records
     e = good.rindex(b"PK\x05\x06")
     b = bytearray(good)

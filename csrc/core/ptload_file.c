@@ -30,13 +30,18 @@ static const mlu_zip_entry *find_record(const mlu_pt *pt, const char *prefix, si
 /* Small text record (version, byteorder) into buf (NUL-terminated). */
 static mlu_status small_record(const mlu_pt *pt, const mlu_zip_entry *e, char *buf, size_t cap, mlu_error *err)
 {
-    if (e->usize >= cap)
-        return mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%.*s' is too large (%llu bytes)",
-                             (int)e->name_len, e->name, (unsigned long long)e->usize);
-    if (mlu_zip_extract(&pt->zip, e, (uint8_t *)buf, err) != MLU_OK)
-        return err->code;
+    mlu_status st;
+
+    if (e->usize >= cap) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%.*s' is too large (%llu bytes)",
+                           (int)e->name_len, e->name, (unsigned long long)e->usize);
+        goto done;
+    }
+    if ((st = mlu_zip_extract(&pt->zip, e, (uint8_t *)buf, err)) != MLU_OK)
+        goto done;
     buf[e->usize] = '\0';
-    return MLU_OK;
+done:
+    return st;
 }
 
 static int parse_version(const char *s, unsigned long *out)

@@ -30,6 +30,7 @@ static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)r
 static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t where, mlu_zip_entry *e,
                                    int need_u, int need_c, int need_o, mlu_error *err)
 {
+    mlu_status st = MLU_OK;
     size_t pos = 0;
 
     while (pos + 4 <= ex_len) {
@@ -37,21 +38,27 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
         const uint8_t *f = ex + pos + 4;
         size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
 
-        if (pos + 4 + len > ex_len)
-            return mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry");
+        if (pos + 4 + len > ex_len) {
+            st = mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry at byte %lld", (long long)where);
+            goto done;
+        }
         if (id == 0x0001) {
-            if (len < need)
-                return mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short");
+            if (len < need) {
+                st = mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short at byte %lld", (long long)where);
+                goto done;
+            }
             if (need_u) { e->usize = rd64(f + k); k += 8; }
             if (need_c) { e->csize = rd64(f + k); k += 8; }
             if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
-            return MLU_OK;
+            goto done;
         }
         pos += 4 + (size_t)len;
     }
     if (need_u || need_c || need_o)
-        return mlu_error_set(err, MLU_EFORMAT, where, "zip entry needs a zip64 extra field but has none");
-    return MLU_OK;
+        st = mlu_error_set(err, MLU_EFORMAT, where, "zip entry at byte %lld needs a zip64 extra field but has none",
+                           (long long)where);
+done:
+    return st;
 }
 
 static int cmp_names(const mlu_zip *z, size_t a, size_t b)
