@@ -145,8 +145,7 @@ def _import_torch() -> Any:
 
 
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
-    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np";
-    mmap=False copies tensor bytes (safe against the file being cut while the tensors live)."""
+    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes."""
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = _MODE_MMAP if mmap else _MODE_COPY
