@@ -490,7 +490,13 @@ def test_torch_written_seed_files_without_torch(path):
         assert obj is not None
     idx = _ptload.read_index(path)
     assert idx and all(e["nbytes"] >= 0 and e["name"] for e in idx)
-    _ptload.verify(path)
+    if path.endswith(".zip64.pt") and len({e["storage"] for e in idx}) > 1:
+        # re-zipped in another order but still carrying .format_version: torch's computed offsets
+        # would read other bytes, so verify() refuses it (load() reads each record where it is)
+        with pytest.raises(TorchFormatError, match=r"record 'data/\d+' starts at byte \d+, but torch computes"):
+            _ptload.verify(path)
+    else:
+        _ptload.verify(path)
 
 
 @pytest.mark.parametrize("path", torch_written_files()[:6], ids=os.path.basename)

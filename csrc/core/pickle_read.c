@@ -1185,6 +1185,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     }
     for (i = 0; i < vm->n_pids; i = j) {
         mlu_pk_pid *first = &vm->pids[order[i]];
+        uint32_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
         mlu_pk_storage *s = &vm->storages[vm->n_storages];
         for (j = i; j < vm->n_pids && key_cmp(&vm->pids[order[j]], first) == 0; j++) {
             mlu_pk_pid *p = &vm->pids[order[j]];
@@ -1194,8 +1195,10 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
                                    (unsigned long long)p->nbytes, p->storage);
                 goto done;
             }
-            if (order[j] < order[i])
+            if (order[j] < first_idx) {
                 first = p;
+                first_idx = order[j];
+            }
         }
         s->key = first->key;
         s->key_len = first->key_len;

@@ -2,8 +2,10 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "zipwrite.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -61,6 +63,96 @@ static int parse_version(const char *s, unsigned long *out)
         return -1;
     *out = v;
     return 0;
+}
+
+typedef struct first_use {
+    size_t at;     /* byte offset of the storage's first persistent id */
+    uint32_t idx;  /* storage index */
+} first_use;
+
+static int cmp_first_use(const void *a, const void *b)
+{
+    const first_use *x = a, *y = b;
+    return x->at < y->at ? -1 : x->at > y->at;
+}
+
+/* torch >= 2.7 with calculate_storage_offsets (used by mmap=True and meta
+ * loads) does not look data/1.. up: on a file with .format_version >= "1" it
+ * computes each record's offset from data/0's, in first-use order, assuming
+ * torch's own layout (local header, padding to .storage_alignment, 16- or
+ * 24-byte descriptor).  A file whose records lie elsewhere loads differently
+ * there (another tensor's bytes, silently), so verify() refuses it. */
+static mlu_status check_computed_offsets(mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *fv, *al;
+    first_use *order = NULL;  /* owned */
+    unsigned long align = 64;
+    uint64_t cur = 0, lfh;
+    char small[64];
+    uint32_t i;
+
+    fv = find_record(pt, prefix, pl, ".format_version", 15);
+    if (fv == NULL || pt->vm.n_storages == 0)
+        goto done;
+    if ((st = small_record(pt, fv, small, sizeof(small), err)) != MLU_OK)
+        goto done;
+    if (strcmp(small, "1") < 0)  /* torch compares the bytes with b"1" */
+        goto done;
+    al = find_record(pt, prefix, pl, ".storage_alignment", 18);
+    if (al != NULL) {
+        if ((st = small_record(pt, al, small, sizeof(small), err)) != MLU_OK)
+            goto done;
+        if (parse_version(small, &align) < 0 || align == 0 || align > 0xFFFFu)
+            goto done;  /* torch itself fails on it: nothing silent */
+    }
+    for (i = 0; i < pt->vm.n_storages; i++)
+        if (pt->src[i].kind != MLU_PT_SRC_STORED)
+            goto done;  /* a deflated record cannot be used in place at all */
+    order = mlu_calloc(pt->vm.n_storages, sizeof(*order));
+    if (order == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %u storages", pt->vm.n_storages);
+        goto done;
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        order[i].at = pt->vm.storages[i].first_offset;
+        order[i].idx = i;
+    }
+    qsort(order, pt->vm.n_storages, sizeof(*order), cmp_first_use);
+    {
+        const mlu_pk_storage *s0 = &pt->vm.storages[order[0].idx];
+        if (s0->key_len != 1 || s0->key[0] != '0')
+            goto done;  /* torch asserts that the first storage is '0': nothing silent */
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        const mlu_pk_storage *s = &pt->vm.storages[order[i].idx];
+        const mlu_zip_entry *e = pt->src[order[i].idx].entry;
+        uint64_t want;
+        if (i == 0) {
+            lfh = e->lfh_offset;
+            want = e->data_offset;
+        } else {
+            size_t full = pl + 1 + 5 + s->key_len;  /* "<prefix>/data/<key>" */
+            uint64_t extra = 4;
+            lfh = cur;
+            if (s->nbytes >= MLU_ZIP64_LIMIT || cur >= MLU_ZIP64_LIMIT)
+                extra += 4 + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
+            want = cur + 30 + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
+            if (want != e->data_offset) {
+                st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset,
+                                   "record 'data/%.*s' starts at byte %llu, but torch computes byte %llu from "
+                                   "'.format_version' (calculate_storage_offsets would read other bytes)",
+                                   (int)s->key_len, s->key, (unsigned long long)e->data_offset, (unsigned long long)want);
+                goto done;
+            }
+        }
+        cur = want + s->nbytes;
+        if (s->nbytes > 0)
+            cur += (lfh >= MLU_ZIP64_LIMIT || s->nbytes >= MLU_ZIP64_LIMIT) ? 24 : 16;
+    }
+done:
+    mlu_free(order);
+    return st;
 }
 
 static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
@@ -214,6 +306,8 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
             goto done;
         st = MLU_EFORMAT;
     }
+    if (verify && (st = check_computed_offsets(pt, prefix, pl, err)) != MLU_OK)
+        goto done;
     st = MLU_OK;
 done:
     return st;
