@@ -221,5 +221,5 @@ def read_index(path: PathLike) -> list[dict]:
 
 
 def verify(path: PathLike) -> None:
-    """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0); raise on any problem."""
+    """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0, the storage offsets torch computes from .format_version); raise on any problem."""
     _core._pt_load(os.fspath(path), _MODE_VERIFY, _index_hooks())
