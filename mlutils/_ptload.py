@@ -5,6 +5,15 @@ accepts only what ``torch.load(weights_only=True)`` accepts; tensors are NumPy
 arrays over the file's private mapping (or copies when the record is
 deflated, misaligned, big-endian or legacy), turned into torch tensors when
 torch is importable and ``framework="pt"``.
+
+Everything but tensor bytes (end records, central directory, local headers,
+data.pkl, small records, legacy pickles) is read with pread and checked
+against the size fstat reported, so a file truncated by another process
+during the load raises TorchFormatError, never SIGBUS.  The one hazard left
+is the same as ``torch.load(mmap=True)``'s: with ``mmap=True`` (the default)
+tensors view the file's pages, and if the file is cut while they are alive,
+touching the vanished pages raises SIGBUS.  ``mmap=False`` copies the tensor
+bytes with pread and has no such hazard.
 """
 from __future__ import annotations
 
@@ -136,7 +145,7 @@ def _import_torch() -> Any:
 
 
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
-    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"."""
+    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes."""
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = _MODE_MMAP if mmap else _MODE_COPY
@@ -212,5 +221,5 @@ def read_index(path: PathLike) -> list[dict]:
 
 
 def verify(path: PathLike) -> None:
-    """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0); raise on any problem."""
+    """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0, the storage offsets torch computes from .format_version); raise on any problem."""
     _core._pt_load(os.fspath(path), _MODE_VERIFY, _index_hooks())

@@ -8,6 +8,23 @@ with torch's computed storage offsets.  Accepted values: dicts, ``collections.Or
 as a state dict's ``_metadata`` included), lists, tuples, str, int, float,
 bool, None, NumPy scalars (written as Python values), NumPy arrays and torch
 tensors (written as CPU tensors; storage sharing is kept).
+
+Older readers (torch 2.1-2.6) load these files too.  They find every record
+by name through the zip directory, so the numeric ``data/`` order (older
+writers used lexicographic order) does not matter to them; they read only
+``data.pkl``, ``version`` (``3``, within every reader's supported range),
+``byteorder`` and ``data/<key>`` (size checked against numel x element
+size), and ignore ``.format_version``, ``.storage_alignment`` and
+``.data/serialization_id``.  ``.format_version`` changes how a reader works
+only in torch >= 2.7 with ``calculate_storage_offsets`` on, and the layout
+reproduces torch's exactly for that case.  With ``mmap=True`` (2.1+) each
+record is used at its local header's offset + 30 + name + extra, which is
+64-byte aligned here.  The pickle uses only protocol-2 opcodes and the
+globals weights_only has accepted since 1.13 (``_rebuild_tensor_v2``, the
+legacy ``torch.*Storage`` classes, ``collections.OrderedDict``), except for
+dtypes that only exist in newer torch (float8, uint16/32/64, ...), which
+need ``_rebuild_tensor_v3`` as torch itself writes them.  Checked by
+tests/test_ptsave_compat.py with an emulation of those readers.
 """
 from __future__ import annotations
 

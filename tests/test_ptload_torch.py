@@ -183,6 +183,19 @@ def test_parameters_and_requires_grad(torch, tmp_path, fmt):
     assert not ours["frozen"].requires_grad
 
 
+def computed_offsets_agree(torch, path, ref):
+    """Whether torch.load(mmap=True) with calculate_storage_offsets reads `ref` from path."""
+    from torch.utils.serialization import config
+
+    old = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        got = torch.load(path, weights_only=True, mmap=True)
+    finally:
+        config.load.calculate_storage_offsets = old
+    return all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_zip_variants_load_like_torch(torch, tmp_path):
     """Deflated records, reversed record order (old lexicographic writers), zip64 entries, big endian."""
     sd = {"w": torch.randn(4, 5), "i": torch.arange(7, dtype=torch.int32), "c": torch.randn(3, dtype=torch.complex64),
@@ -202,10 +215,16 @@ def test_zip_variants_load_like_torch(torch, tmp_path):
 
     variants = [build("defl.pt", deflate=True), build("rev.pt", order=lambda r: r[::-1]),
                 build("z64.pt", zip64=True)]
+    assert not computed_offsets_agree(torch, variants[1], ref)  # the reversed order fools torch
     for v in variants:
         assert_same(torch, torch.load(v, weights_only=True), ref)  # torch reads them too
         assert_same(torch, _ptload.load(v), ref)
-        _ptload.verify(v)
+        # verify() refuses exactly the files that torch's computed offsets (.format_version) misread
+        if v.name != "defl.pt" and not computed_offsets_agree(torch, v, ref):
+            with pytest.raises(TorchFormatError, match="torch computes byte"):
+                _ptload.verify(v)
+        else:
+            _ptload.verify(v)
     # big endian: swap every storage by its element size and say so in 'byteorder'
     sizes = {}
     for k, t in ref.items():
@@ -336,3 +355,33 @@ def test_attribute_that_cannot_be_set(torch, tmp_path):
     with pytest.raises(TorchFormatError, match="requires_grad") as ei:
         _ptload.load(p)
     assert ei.value.__cause__ is not None
+
+
+def test_format_version_layout_that_fools_computed_offsets(torch, tmp_path):
+    """A torch.save file re-zipped in another record order keeps .format_version: torch's
+    calculate_storage_offsets then silently reads other bytes for data/1.., our load() reads
+    each record where it is, and verify() refuses the file, naming the record and both offsets."""
+    from torch.utils.serialization import config
+
+    sd = collections.OrderedDict((f"w{i}", torch.arange(16, dtype=torch.float32) + 100 * i) for i in range(3))
+    src = tmp_path / "src.pt"
+    torch.save(sd, src)
+    _ptload.verify(src)  # torch's own layout agrees with its computed offsets
+    z = zipfile.ZipFile(src)
+    recs = [(i.filename, z.read(i), 0) for i in z.infolist()]
+    data = [r for r in recs if "/data/" in r[0]]
+    other = [r for r in recs if "/data/" not in r[0]]
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(H.zip_build(other[:1] + data[::-1] + other[1:], align=64))  # data/2, data/1, data/0
+    ours = _ptload.load(moved)
+    for k in sd:
+        assert torch.equal(ours[k], sd[k])
+    old = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        fooled = torch.load(moved, weights_only=True, mmap=True)
+    finally:
+        config.load.calculate_storage_offsets = old
+    assert not all(torch.equal(fooled[k], sd[k]) for k in sd)  # the hazard is real
+    with pytest.raises(TorchFormatError, match=r"record 'data/1' starts at byte \d+, but torch computes byte \d+"):
+        _ptload.verify(moved)

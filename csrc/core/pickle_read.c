@@ -725,6 +725,7 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
 #define NEED(k)                                                                                         \
     do {                                                                                                \
         if (size - pos < (size_t)(k)) {                                                                 \
+            vm->truncated = 1;                                                                          \
             VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", op, at, \
                     (size_t)(k));                                                                       \
             goto error;                                                                                 \
@@ -770,6 +771,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     vm->size = size;
     vm->legacy = legacy;
     vm->over_budget = 0;
+    vm->truncated = 0;
     {
         uint64_t extra = 4 * (uint64_t)(size - pos) + 4096;
         vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
@@ -782,6 +784,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     for (;;) {
         at = pos;
         if (pos >= size) {
+            vm->truncated = 1;
             VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: no STOP opcode before byte %zu", at);
             goto error;
         }
@@ -1031,6 +1034,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             const char *mod, *name;
             size_t ml, nl;
             if (read_line(data, size, &pos, &mod, &ml) < 0 || read_line(data, size, &pos, &name, &nl) < 0) {
+                vm->truncated = 1;
                 VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: GLOBAL at byte %zu", at);
                 goto error;
             }
@@ -1181,6 +1185,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     }
     for (i = 0; i < vm->n_pids; i = j) {
         mlu_pk_pid *first = &vm->pids[order[i]];
+        uint32_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
         mlu_pk_storage *s = &vm->storages[vm->n_storages];
         for (j = i; j < vm->n_pids && key_cmp(&vm->pids[order[j]], first) == 0; j++) {
             mlu_pk_pid *p = &vm->pids[order[j]];
@@ -1190,8 +1195,10 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
                                    (unsigned long long)p->nbytes, p->storage);
                 goto done;
             }
-            if (order[j] < order[i])
+            if (order[j] < first_idx) {
                 first = p;
+                first_idx = order[j];
+            }
         }
         s->key = first->key;
         s->key_len = first->key_len;

@@ -122,6 +122,7 @@ typedef struct mlu_pk_vm {
     uint32_t *memo; size_t n_memo;
     uint64_t budget;      /* container items still allowed (grows with the input size) */
     int over_budget;      /* set when an item was refused for the budget */
+    int truncated;        /* set when the last run stopped for want of input bytes */
 } mlu_pk_vm;
 
 void mlu_pk_vm_init(mlu_pk_vm *vm);

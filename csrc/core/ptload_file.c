@@ -2,8 +2,10 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "zipwrite.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -30,13 +32,18 @@ static const mlu_zip_entry *find_record(const mlu_pt *pt, const char *prefix, si
 /* Small text record (version, byteorder) into buf (NUL-terminated). */
 static mlu_status small_record(const mlu_pt *pt, const mlu_zip_entry *e, char *buf, size_t cap, mlu_error *err)
 {
-    if (e->usize >= cap)
-        return mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%.*s' is too large (%llu bytes)",
-                             (int)e->name_len, e->name, (unsigned long long)e->usize);
-    if (mlu_zip_extract(&pt->zip, e, (uint8_t *)buf, err) != MLU_OK)
-        return err->code;
+    mlu_status st;
+
+    if (e->usize >= cap) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%.*s' is too large (%llu bytes)",
+                           (int)e->name_len, e->name, (unsigned long long)e->usize);
+        goto done;
+    }
+    if ((st = mlu_zip_extract(&pt->zip, e, (uint8_t *)buf, err)) != MLU_OK)
+        goto done;
     buf[e->usize] = '\0';
-    return MLU_OK;
+done:
+    return st;
 }
 
 static int parse_version(const char *s, unsigned long *out)
@@ -58,6 +65,96 @@ static int parse_version(const char *s, unsigned long *out)
     return 0;
 }
 
+typedef struct first_use {
+    size_t at;     /* byte offset of the storage's first persistent id */
+    uint32_t idx;  /* storage index */
+} first_use;
+
+static int cmp_first_use(const void *a, const void *b)
+{
+    const first_use *x = a, *y = b;
+    return x->at < y->at ? -1 : x->at > y->at;
+}
+
+/* torch >= 2.7 with calculate_storage_offsets (used by mmap=True and meta
+ * loads) does not look data/1.. up: on a file with .format_version >= "1" it
+ * computes each record's offset from data/0's, in first-use order, assuming
+ * torch's own layout (local header, padding to .storage_alignment, 16- or
+ * 24-byte descriptor).  A file whose records lie elsewhere loads differently
+ * there (another tensor's bytes, silently), so verify() refuses it. */
+static mlu_status check_computed_offsets(mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *fv, *al;
+    first_use *order = NULL;  /* owned */
+    unsigned long align = 64;
+    uint64_t cur = 0, lfh;
+    char small[64];
+    uint32_t i;
+
+    fv = find_record(pt, prefix, pl, ".format_version", 15);
+    if (fv == NULL || pt->vm.n_storages == 0)
+        goto done;
+    if ((st = small_record(pt, fv, small, sizeof(small), err)) != MLU_OK)
+        goto done;
+    if (strcmp(small, "1") < 0)  /* torch compares the bytes with b"1" */
+        goto done;
+    al = find_record(pt, prefix, pl, ".storage_alignment", 18);
+    if (al != NULL) {
+        if ((st = small_record(pt, al, small, sizeof(small), err)) != MLU_OK)
+            goto done;
+        if (parse_version(small, &align) < 0 || align == 0 || align > 0xFFFFu)
+            goto done;  /* torch itself fails on it: nothing silent */
+    }
+    for (i = 0; i < pt->vm.n_storages; i++)
+        if (pt->src[i].kind != MLU_PT_SRC_STORED)
+            goto done;  /* a deflated record cannot be used in place at all */
+    order = mlu_calloc(pt->vm.n_storages, sizeof(*order));
+    if (order == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %u storages", pt->vm.n_storages);
+        goto done;
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        order[i].at = pt->vm.storages[i].first_offset;
+        order[i].idx = i;
+    }
+    qsort(order, pt->vm.n_storages, sizeof(*order), cmp_first_use);
+    {
+        const mlu_pk_storage *s0 = &pt->vm.storages[order[0].idx];
+        if (s0->key_len != 1 || s0->key[0] != '0')
+            goto done;  /* torch asserts that the first storage is '0': nothing silent */
+    }
+    for (i = 0; i < pt->vm.n_storages; i++) {
+        const mlu_pk_storage *s = &pt->vm.storages[order[i].idx];
+        const mlu_zip_entry *e = pt->src[order[i].idx].entry;
+        uint64_t want;
+        if (i == 0) {
+            lfh = e->lfh_offset;
+            want = e->data_offset;
+        } else {
+            size_t full = pl + 1 + 5 + s->key_len;  /* "<prefix>/data/<key>" */
+            uint64_t extra = 4;
+            lfh = cur;
+            if (s->nbytes >= MLU_ZIP64_LIMIT || cur >= MLU_ZIP64_LIMIT)
+                extra += 4 + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
+            want = cur + 30 + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
+            if (want != e->data_offset) {
+                st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset,
+                                   "record 'data/%.*s' starts at byte %llu, but torch computes byte %llu from "
+                                   "'.format_version' (calculate_storage_offsets would read other bytes)",
+                                   (int)s->key_len, s->key, (unsigned long long)e->data_offset, (unsigned long long)want);
+                goto done;
+            }
+        }
+        cur = want + s->nbytes;
+        if (s->nbytes > 0)
+            cur += (lfh >= MLU_ZIP64_LIMIT || s->nbytes >= MLU_ZIP64_LIMIT) ? 24 : 16;
+    }
+done:
+    mlu_free(order);
+    return st;
+}
+
 static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
@@ -68,7 +165,7 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     char small[64];
     unsigned long version = 0;
 
-    st = mlu_zip_open(&pt->zip, pt->data, pt->size, err);
+    st = mlu_zip_open(&pt->zip, &pt->rd, err);
     if (st != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
@@ -151,18 +248,20 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     if (verify && (st = mlu_zip_check(&pt->zip, pk, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (pk->method == 0) {
-        pickle = pt->data + pk->data_offset;
-    } else {
-        pt->pickle_owned = mlu_malloc(pk->usize ? (size_t)pk->usize : 1);
-        if (pt->pickle_owned == NULL) {
-            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for data.pkl (%llu bytes)", (unsigned long long)pk->usize);
-            goto done;
-        }
-        if ((st = mlu_zip_extract(&pt->zip, pk, pt->pickle_owned, err)) != MLU_OK)
-            goto done;
-        pickle = pt->pickle_owned;
+    /* an owned copy: the pickle's strings point into it */
+    if (pk->usize > SIZE_MAX - 1) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)pk->lfh_offset, "record 'data.pkl' is too large (%llu bytes)",
+                      (unsigned long long)pk->usize);
+        goto done;
     }
+    pt->pickle_owned = mlu_malloc(pk->usize ? (size_t)pk->usize : 1);
+    if (pt->pickle_owned == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for data.pkl (%llu bytes)", (unsigned long long)pk->usize);
+        goto done;
+    }
+    if ((st = mlu_zip_extract(&pt->zip, pk, pt->pickle_owned, err)) != MLU_OK)
+        goto done;
+    pickle = pt->pickle_owned;
     if ((st = mlu_pk_run(&pt->vm, pickle, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
         goto done;
     if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
@@ -207,6 +306,8 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
             goto done;
         st = MLU_EFORMAT;
     }
+    if (verify && (st = check_computed_offsets(pt, prefix, pl, err)) != MLU_OK)
+        goto done;
     st = MLU_OK;
 done:
     return st;
@@ -256,19 +357,16 @@ static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
     return UINT32_MAX;
 }
 
-static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
+/* The five pickles of a legacy file, run over head[0..len): magic, protocol,
+ * sys_info, the object (pt->root) and the key list (*keys).  *pos ends past
+ * the last STOP. */
+static mlu_status legacy_pickles(mlu_pt *pt, const uint8_t *head, size_t len, size_t *pos, uint32_t *keys, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    size_t pos = 0, i;
-    uint32_t magic, proto, info, keys;
+    uint32_t magic, proto, info;
     const mlu_pk_node *n, *le;
-    uint64_t *seen = NULL;
 
-    if (pt->size < 2 || pt->data[0] != 0x80) {
-        mlu_error_set(err, MLU_EFORMAT, 0, "not a PyTorch file: neither a zip archive nor a pickle stream");
-        goto done;
-    }
-    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &magic, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &magic, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
     n = node(pt, magic);
@@ -276,30 +374,76 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         mlu_error_set(err, MLU_EFORMAT, 0, "invalid magic number: not a PyTorch legacy file");
         goto done;
     }
-    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &proto, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &proto, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
     if (node(pt, proto)->kind != MLU_PK_INT || node(pt, proto)->u.i != 1001) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "invalid protocol version in a legacy PyTorch file");
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "invalid protocol version in a legacy PyTorch file");
         goto done;
     }
-    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &info, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &info, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
     if (node(pt, info)->kind != MLU_PK_DICT) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy sys_info is not a dict");
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "legacy sys_info is not a dict");
         goto done;
     }
     le = dict_get(pt, info, "little_endian");
     if (le != NULL && le->kind == MLU_PK_BOOL)
         pt->big_endian = le->u.i == 0;
-    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &pt->root, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &pt->root, err)) != MLU_OK)
         goto done;
-    if ((st = mlu_pk_run(&pt->vm, pt->data, pt->size, &pos, 1, &keys, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, keys, err)) != MLU_OK)
         goto done;
-    if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
+    st = mlu_pk_finish(&pt->vm, err);
+done:
+    return st;
+}
+
+/* The legacy pickles are read from the file's head; a head that ends
+ * inside them is read again twice as long (up to the whole file). */
+#define LEGACY_FIRST_READ ((size_t)1 << 20)
+
+static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    uint64_t size = pt->rd.size, pos = 0;
+    size_t i, len, ppos;
+    uint32_t keys = 0;
+    const mlu_pk_node *n;
+    uint64_t *seen = NULL;  /* owned */
+    uint8_t first = 0;
+
+    if (size >= 2 && (st = mlu_rd_read(&pt->rd, 0, &first, 1, "the first byte", err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
+    if (size < 2 || first != 0x80) {
+        mlu_error_set(err, MLU_EFORMAT, 0, "not a PyTorch file: neither a zip archive nor a pickle stream");
+        goto done;
+    }
+    len = size > LEGACY_FIRST_READ ? LEGACY_FIRST_READ : (size_t)size;
+    for (;;) {
+        uint8_t *head = mlu_realloc(pt->pickle_owned, len);
+        if (head == NULL) {
+            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for the legacy pickles (%zu bytes)", len);
+            goto done;
+        }
+        pt->pickle_owned = head;
+        if ((st = mlu_rd_read(&pt->rd, 0, head, len, "the legacy pickles", err)) != MLU_OK)
+            goto done;
+        ppos = 0;
+        mlu_pk_vm_free(&pt->vm);
+        mlu_pk_vm_init(&pt->vm);
+        st = legacy_pickles(pt, head, len, &ppos, &keys, err);
+        if (st == MLU_OK)
+            break;
+        if (!(pt->vm.truncated || pt->vm.over_budget) || len == size)
+            goto done;
+        len = len > size / 2 ? (size_t)size : 2 * len;
+        mlu_error_clear(err);
+    }
+    st = MLU_EFORMAT;
+    pos = ppos;
     n = node(pt, keys);
     if (n->kind != MLU_PK_LIST) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list is not a list");
@@ -316,6 +460,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         uint32_t s;
         int64_t count;
         uint64_t nbytes;
+        uint8_t cbuf[8];
         const mlu_pk_storage *ps;
         if (k->kind != MLU_PK_STR) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list holds a %s", mlu_pk_kind_name(k->kind));
@@ -328,11 +473,15 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
             goto done;
         }
         ps = &pt->vm.storages[s];
-        if (pt->size - pos < 8) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s'", (int)k->u.s.n, k->u.s.p);
+        if (size - pos < 8) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s' at byte %llu",
+                          (int)k->u.s.n, k->u.s.p, (unsigned long long)pos);
             goto done;
         }
-        count = rd64le(pt->data + pos);
+        if ((st = mlu_rd_read(&pt->rd, pos, cbuf, 8, "a legacy storage count", err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        count = rd64le(cbuf);
         if (count < 0 || (uint64_t)count != ps->legacy_numel) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage '%.*s' holds %lld elements, the pickle says %llu",
                           (int)k->u.s.n, k->u.s.p, (long long)count, (unsigned long long)ps->legacy_numel);
@@ -340,8 +489,9 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         }
         pos += 8;
         nbytes = ps->nbytes;
-        if (pt->size - pos < nbytes) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s'", (int)k->u.s.n, k->u.s.p);
+        if (size - pos < nbytes) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s' at byte %llu",
+                          (int)k->u.s.n, k->u.s.p, (unsigned long long)pos);
             goto done;
         }
         if (pt->big_endian && ps->swap_unit < 0) {
@@ -351,7 +501,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         pt->src[s].kind = MLU_PT_SRC_RAW;
         pt->src[s].offset = pos;
         seen[s] = 1;
-        pos += (size_t)nbytes;
+        pos += nbytes;
     }
     for (i = 0; i < pt->vm.n_storages; i++) {
         if (!seen[i]) {
@@ -366,25 +516,27 @@ done:
     return st;
 }
 
-mlu_status mlu_pt_open(mlu_pt *pt, const uint8_t *data, size_t size, int verify, mlu_error *err)
+mlu_status mlu_pt_open(mlu_pt *pt, const mlu_rd *rd, int verify, mlu_error *err)
 {
     mlu_status st;
+    uint8_t magic[4];
 
     memset(pt, 0, sizeof(*pt));
     mlu_pk_vm_init(&pt->vm);
-    pt->data = data;
-    pt->size = size;
-    if (size >= 4 && memcmp(data, "PK\x03\x04", 4) == 0) {
+    pt->rd = *rd;
+    if (rd->size >= 4 && (st = mlu_rd_read(rd, 0, magic, 4, "the file magic", err)) != MLU_OK)
+        goto done;
+    if (rd->size >= 4 && memcmp(magic, "PK\x03\x04", 4) == 0) {
         pt->is_zip = 1;
         st = open_zip(pt, verify, err);
     } else {
         st = open_legacy(pt, err);
     }
+done:
     if (st != MLU_OK)
         mlu_pt_close(pt);
     return st;
 }
-
 void mlu_pt_close(mlu_pt *pt)
 {
     mlu_zip_close(&pt->zip);
@@ -402,7 +554,7 @@ int mlu_pt_storage_in_place(const mlu_pt *pt, uint32_t i, size_t align)
         return 0;
     if (pt->big_endian && pt->vm.storages[i].swap_unit > 1)
         return 0;
-    return align == 0 || ((uintptr_t)(pt->data + s->offset) % align) == 0;
+    return align == 0 || s->offset % align == 0;
 }
 
 void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
@@ -436,72 +588,79 @@ void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
     }
 }
 
-mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, int fd, mlu_error *err)
+mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, mlu_error *err)
 {
-    mlu_status st = MLU_OK;
+    mlu_status st;
     const mlu_pt_storage_src *s = &pt->src[i];
     const mlu_pk_storage *ps = &pt->vm.storages[i];
 
-    if (s->kind == MLU_PT_SRC_DEFLATED) {
-        st = mlu_zip_extract(&pt->zip, s->entry, dst, err);
-        if (st != MLU_OK)
-            return st;
-    } else if (ps->nbytes > 0 && fd >= 0) {
-        /* read(2) into the destination: no page faults on the source mapping */
-        size_t done = 0, n = (size_t)ps->nbytes;
-        while (done < n) {
-            size_t chunk = n - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : n - done;
-            ssize_t r = pread(fd, dst + done, chunk, (off_t)(s->offset + done));
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0)
-                return mlu_error_errno(err, errno, "cannot read storage '%.*s'", (int)ps->key_len, ps->key);
-            if (r == 0)
-                return mlu_error_set(err, MLU_EFORMAT, (int64_t)(s->offset + done), "file shrank while reading storage '%.*s'",
-                                     (int)ps->key_len, ps->key);
-            done += (size_t)r;
-        }
-    } else if (ps->nbytes > 0) {
-        memcpy(dst, pt->data + s->offset, (size_t)ps->nbytes);
+    if (ps->nbytes > SIZE_MAX) {
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "storage '%.*s' is too large", (int)ps->key_len, ps->key);
+        goto done;
     }
-    if (pt->big_endian && ps->swap_unit > 1)
+    if (s->kind == MLU_PT_SRC_DEFLATED)
+        st = mlu_zip_extract(&pt->zip, s->entry, dst, err);
+    else
+        st = mlu_rd_read(&pt->rd, s->offset, dst, (size_t)ps->nbytes, "storage bytes", err);
+    if (st == MLU_OK && pt->big_endian && ps->swap_unit > 1)
         mlu_pt_byteswap(dst, (size_t)ps->nbytes, ps->swap_unit);
+done:
     return st;
 }
 
-mlu_status mlu_file_map_open(mlu_file_map *m, const char *path, mlu_error *err)
+mlu_status mlu_file_open_ro(const char *path, int *fd, uint64_t *size, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     struct stat sb;
-    int fd;
+    int f;
+
+    *fd = -1;
+    *size = 0;
+    f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0) {
+        st = mlu_error_errno(err, errno, "cannot open %s", path);
+        goto done;
+    }
+    if (fstat(f, &sb) < 0) {
+        st = mlu_error_errno(err, errno, "cannot stat %s", path);
+        goto error;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "%s is not a regular file", path);
+        goto error;
+    }
+    if (sb.st_size == 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", path);
+        goto error;
+    }
+    *fd = f;
+    *size = (uint64_t)sb.st_size;
+    goto done;
+error:
+    close(f);
+done:
+    return st;
+}
+
+mlu_status mlu_file_map_fd(mlu_file_map *m, int fd, uint64_t size, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
     void *p;
 
     m->data = NULL;
     m->size = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mlu_error_errno(err, errno, "cannot open %s", path);
-    if (fstat(fd, &sb) < 0) {
-        st = mlu_error_errno(err, errno, "cannot stat %s", path);
+    if (size == 0 || size > SIZE_MAX) {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "cannot map a file of %llu bytes", (unsigned long long)size);
         goto done;
     }
-    if (!S_ISREG(sb.st_mode)) {
-        st = mlu_error_set(err, MLU_EINVAL, -1, "%s is not a regular file", path);
-        goto done;
-    }
-    if (sb.st_size == 0) {
-        st = mlu_error_set(err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", path);
-        goto done;
-    }
-    p = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
-        st = mlu_error_errno(err, errno, "cannot map %s", path);
+        st = mlu_error_errno(err, errno, "cannot map the file");
         goto done;
     }
     m->data = p;
-    m->size = (size_t)sb.st_size;
+    m->size = (size_t)size;
 done:
-    close(fd);
     return st;
 }
 

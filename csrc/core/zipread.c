@@ -1,9 +1,13 @@
 /* zipread.c: zip central directory reader (see zipread.h). */
+#define _DEFAULT_SOURCE
 #include "zipread.h"
 #include "alloc.h"
 
+#include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #define EOCD_SIZE 22u
@@ -26,6 +30,7 @@ static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)r
 static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t where, mlu_zip_entry *e,
                                    int need_u, int need_c, int need_o, mlu_error *err)
 {
+    mlu_status st = MLU_OK;
     size_t pos = 0;
 
     while (pos + 4 <= ex_len) {
@@ -33,21 +38,27 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
         const uint8_t *f = ex + pos + 4;
         size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
 
-        if (pos + 4 + len > ex_len)
-            return mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry");
+        if (pos + 4 + len > ex_len) {
+            st = mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry at byte %lld", (long long)where);
+            goto done;
+        }
         if (id == 0x0001) {
-            if (len < need)
-                return mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short");
+            if (len < need) {
+                st = mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short at byte %lld", (long long)where);
+                goto done;
+            }
             if (need_u) { e->usize = rd64(f + k); k += 8; }
             if (need_c) { e->csize = rd64(f + k); k += 8; }
             if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
-            return MLU_OK;
+            goto done;
         }
         pos += 4 + (size_t)len;
     }
     if (need_u || need_c || need_o)
-        return mlu_error_set(err, MLU_EFORMAT, where, "zip entry needs a zip64 extra field but has none");
-    return MLU_OK;
+        st = mlu_error_set(err, MLU_EFORMAT, where, "zip entry at byte %lld needs a zip64 extra field but has none",
+                           (long long)where);
+done:
+    return st;
 }
 
 static int cmp_names(const mlu_zip *z, size_t a, size_t b)
@@ -87,103 +98,183 @@ static void sort_names(const mlu_zip *z, size_t *v, size_t n)
     }
 }
 
-mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error *err)
+void mlu_rd_mem(mlu_rd *r, const uint8_t *data, size_t size)
+{
+    r->mem = data;
+    r->fd = -1;
+    r->size = size;
+}
+
+void mlu_rd_fd(mlu_rd *r, int fd, uint64_t size)
+{
+    r->mem = NULL;
+    r->fd = fd;
+    r->size = size;
+}
+
+mlu_status mlu_rd_read(const mlu_rd *r, uint64_t off, void *dst, size_t n, const char *what, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint64_t end;
+    size_t done = 0;
+
+    if (mlu_add_overflow_u64(off, n, &end) || end > r->size) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off, "%s at byte %llu runs past the end of the file (%llu bytes; truncated file?)",
+                           what, (unsigned long long)off, (unsigned long long)r->size);
+        goto done;
+    }
+    if (r->mem != NULL) {
+        if (n > 0)
+            memcpy(dst, r->mem + off, n);
+        goto done;
+    }
+    while (done < n) {
+        size_t chunk = n - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : n - done;
+        ssize_t got = pread(r->fd, (uint8_t *)dst + done, chunk, (off_t)(off + done));
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            st = mlu_error_errno(err, errno, "cannot read %s at byte %llu", what, (unsigned long long)(off + done));
+            goto done;
+        }
+        if (got == 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(off + done),
+                               "file shrank while reading %s: no byte %llu (truncated by another process?)", what,
+                               (unsigned long long)(off + done));
+            goto done;
+        }
+        done += (size_t)got;
+    }
+done:
+    return st;
+}
+
+/* The EOCD is within the last 22 + 65535 bytes, and a zip64 locator right
+ * before it: this many tail bytes hold both. */
+#define TAIL_MAX (EOCD_SIZE + 0xFFFFu + LOCATOR_SIZE)
+
+mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    uint64_t cd_off, cd_size, count, pos, cd_end;
-    size_t eocd = 0, i, lo;
+    uint64_t cd_off, cd_size, count, pos, cd_end, size = rd->size, tail_start, eocd = 0;
+    uint8_t *tail = NULL, *lfh = NULL, e64[EOCD64_MIN];
+    size_t tail_len, i, lo;
     int found = 0;
 
     memset(z, 0, sizeof(*z));
-    z->data = data;
-    z->size = size;
+    z->rd = *rd;
     if (size < EOCD_SIZE) {
-        st = mlu_error_set(err, MLU_EFORMAT, 0, "not a zip archive: %zu bytes is too short (truncated file?)", size);
+        st = mlu_error_set(err, MLU_EFORMAT, 0, "not a zip archive: %llu bytes is too short (truncated file?)",
+                           (unsigned long long)size);
         goto error;
     }
-    /* The EOCD is within the last 22 + 65535 bytes; scan backwards. */
-    lo = size > EOCD_SIZE + 0xFFFFu ? size - EOCD_SIZE - 0xFFFFu : 0;
-    for (i = size - EOCD_SIZE + 1; i-- > lo;) {
-        if (data[i] == 'P' && data[i + 1] == 'K' && data[i + 2] == 5 && data[i + 3] == 6 &&
-            i + EOCD_SIZE + rd16(data + i + 20) <= size) {
-            eocd = i;
+    tail_len = size > TAIL_MAX ? TAIL_MAX : (size_t)size;
+    tail_start = size - tail_len;
+    if ((tail = mlu_malloc(tail_len)) == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for the zip end records");
+        goto error;
+    }
+    if ((st = mlu_rd_read(rd, tail_start, tail, tail_len, "the zip end records", err)) != MLU_OK)
+        goto error;
+    st = MLU_EFORMAT;
+    /* scan backwards for the EOCD whose comment ends within the file */
+    lo = tail_len > EOCD_SIZE + 0xFFFFu ? tail_len - EOCD_SIZE - 0xFFFFu : 0;
+    for (i = tail_len - EOCD_SIZE + 1; i-- > lo;) {
+        if (tail[i] == 'P' && tail[i + 1] == 'K' && tail[i + 2] == 5 && tail[i + 3] == 6 &&
+            i + EOCD_SIZE + rd16(tail + i + 20) <= tail_len) {
+            eocd = tail_start + i;
             found = 1;
             break;
         }
     }
     if (!found) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)size,
-                           "failed finding central directory: no end-of-central-directory record (truncated file?)");
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)size,
+                      "failed finding central directory: no end-of-central-directory record (truncated file?)");
         goto error;
     }
-    if (rd16(data + eocd + 4) != 0 || rd16(data + eocd + 6) != 0) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "multi-disk zip archives are not supported");
-        goto error;
-    }
-    count = rd16(data + eocd + 10);
-    cd_size = rd32(data + eocd + 12);
-    cd_off = rd32(data + eocd + 16);
-    if (eocd >= LOCATOR_SIZE && memcmp(data + eocd - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
-        const uint8_t *loc = data + eocd - LOCATOR_SIZE;
-        uint64_t off64 = rd64(loc + 8);
-        const uint8_t *e64;
-        if (off64 > size - LOCATOR_SIZE - EOCD_SIZE || size - off64 < EOCD64_MIN ||
-            off64 + EOCD64_MIN > eocd - LOCATOR_SIZE) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(eocd - LOCATOR_SIZE), "zip64 locator points outside the file");
+    {
+        const uint8_t *ep = tail + (eocd - tail_start);
+        if (rd16(ep + 4) != 0 || rd16(ep + 6) != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "multi-disk zip archives are not supported");
             goto error;
         }
-        e64 = data + off64;
+        count = rd16(ep + 10);
+        cd_size = rd32(ep + 12);
+        cd_off = rd32(ep + 16);
+    }
+    /* the locator, when present, lies in the tail (TAIL_MAX leaves room for it) */
+    if (eocd >= tail_start + LOCATOR_SIZE && memcmp(tail + (eocd - tail_start) - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
+        uint64_t loc_at = eocd - LOCATOR_SIZE;
+        uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
+        if (off64 > loc_at || loc_at - off64 < EOCD64_MIN) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "zip64 locator at byte %llu points outside the file",
+                          (unsigned long long)loc_at);
+            goto error;
+        }
+        if ((st = mlu_rd_read(rd, off64, e64, EOCD64_MIN, "the zip64 end record", err)) != MLU_OK)
+            goto error;
+        st = MLU_EFORMAT;
         if (memcmp(e64, "PK\x06\x06", 4) != 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing");
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
+                          (unsigned long long)off64);
             goto error;
         }
         count = rd64(e64 + 32);
         cd_size = rd64(e64 + 40);
         cd_off = rd64(e64 + 48);
         if (rd64(e64 + 24) != count) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
             goto error;
         }
         cd_end = off64;
     } else {
         if (count == 0xFFFF || cd_size == 0xFFFFFFFFu || cd_off == 0xFFFFFFFFu) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip needs zip64 records but has none");
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip needs zip64 records but has none");
             goto error;
         }
         cd_end = eocd;
     }
     if (mlu_add_overflow_u64(cd_off, cd_size, &pos) || pos > cd_end) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory lies outside the file (truncated file?)");
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory lies outside the file (truncated file?)");
         goto error;
     }
     /* each entry takes at least 46 bytes: never allocate from the count alone */
     if (count > cd_size / CDH_SIZE) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory claims %llu entries in %llu bytes",
-                           (unsigned long long)count, (unsigned long long)cd_size);
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory claims %llu entries in %llu bytes",
+                      (unsigned long long)count, (unsigned long long)cd_size);
         goto error;
     }
     if (count == 0) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip archive has no entries");
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip archive has no entries");
         goto error;
     }
+    if (cd_size > SIZE_MAX - 1) {
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory is too large");
+        goto error;
+    }
+    /* cd_size <= the file size (checked above): a copy no larger than the input */
+    z->cd = mlu_malloc((size_t)cd_size);
     z->entries = mlu_calloc((size_t)count, sizeof(*z->entries));
     z->sorted = mlu_calloc((size_t)count, sizeof(*z->sorted));
-    if (z->entries == NULL || z->sorted == NULL) {
+    lfh = mlu_malloc(LFH_SIZE + 0xFFFFu);
+    if (z->cd == NULL || z->entries == NULL || z->sorted == NULL || lfh == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %llu zip entries", (unsigned long long)count);
         goto error;
     }
-    cd_end = cd_off + cd_size;
-    pos = cd_off;
+    if ((st = mlu_rd_read(rd, cd_off, z->cd, (size_t)cd_size, "the central directory", err)) != MLU_OK)
+        goto error;
+    st = MLU_EFORMAT;
+    pos = 0; /* from here on relative to cd_off */
     for (i = 0; i < (size_t)count; i++) {
-        const uint8_t *h = data + pos;
+        const uint8_t *h = z->cd + pos;
         mlu_zip_entry *e = &z->entries[i];
+        uint64_t at = cd_off + pos, end;
         uint32_t c32, u32, o32;
         size_t nl, xl, cl;
-        const uint8_t *lfh;
-        uint64_t end;
 
-        if (cd_end - pos < CDH_SIZE || memcmp(h, "PK\x01\x02", 4) != 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "central directory entry %zu is corrupt", i);
+        if (cd_size - pos < CDH_SIZE || memcmp(h, "PK\x01\x02", 4) != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu at byte %llu is corrupt", i,
+                          (unsigned long long)at);
             goto error;
         }
         e->flags = rd16(h + 8);
@@ -195,8 +286,8 @@ mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error 
         xl = rd16(h + 30);
         cl = rd16(h + 32);
         o32 = rd32(h + 42);
-        if (cd_end - pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "central directory entry %zu runs past the directory", i);
+        if (cd_size - pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu runs past the directory", i);
             goto error;
         }
         e->name = (const char *)h + CDH_SIZE;
@@ -204,48 +295,52 @@ mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error 
         e->csize = c32;
         e->usize = u32;
         e->lfh_offset = o32;
-        st = read_zip64_extra(h + CDH_SIZE + nl, xl, (int64_t)pos, e, u32 == 0xFFFFFFFFu, c32 == 0xFFFFFFFFu,
+        st = read_zip64_extra(h + CDH_SIZE + nl, xl, (int64_t)at, e, u32 == 0xFFFFFFFFu, c32 == 0xFFFFFFFFu,
                               o32 == 0xFFFFFFFFu, err);
         if (st != MLU_OK)
             goto error;
+        st = MLU_EFORMAT;
         if (e->flags & 1u) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' is encrypted", (int)nl, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", (int)nl, e->name);
             goto error;
         }
         if (e->method != 0 && e->method != 8) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' uses compression method %u (only stored and deflated are supported)",
-                               (int)nl, e->name, e->method);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' uses compression method %u (only stored and deflated are supported)",
+                          (int)nl, e->name, e->method);
             goto error;
         }
         if (e->method == 0 && e->csize != e->usize) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "stored zip entry '%.*s' has different compressed and uncompressed sizes",
-                               (int)nl, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "stored zip entry '%.*s' has different compressed and uncompressed sizes",
+                          (int)nl, e->name);
             goto error;
         }
         if (e->method == 8 && e->usize / DEFLATE_MAX_RATIO > e->csize + 64) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "deflated zip entry '%.*s' declares %llu bytes from %llu: impossible ratio (zip bomb?)",
-                               (int)nl, e->name, (unsigned long long)e->usize, (unsigned long long)e->csize);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "deflated zip entry '%.*s' declares %llu bytes from %llu: impossible ratio (zip bomb?)",
+                          (int)nl, e->name, (unsigned long long)e->usize, (unsigned long long)e->csize);
             goto error;
         }
         /* the local header must be in the file before the directory and name the same record */
-        if (e->lfh_offset > cd_off || cd_off - e->lfh_offset < LFH_SIZE) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "zip entry '%.*s' has its local header outside the file", (int)nl, e->name);
+        if (e->lfh_offset > cd_off || cd_off - e->lfh_offset < LFH_SIZE + (uint64_t)nl) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' has its local header outside the file", (int)nl, e->name);
             goto error;
         }
-        lfh = data + e->lfh_offset;
+        if ((st = mlu_rd_read(rd, e->lfh_offset, lfh, LFH_SIZE + nl, "a local file header", err)) != MLU_OK)
+            goto error;
+        st = MLU_EFORMAT;
         if (memcmp(lfh, "PK\x03\x04", 4) != 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header", (int)nl, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header at byte %llu", (int)nl,
+                          e->name, (unsigned long long)e->lfh_offset);
             goto error;
         }
         e->data_offset = e->lfh_offset + LFH_SIZE + rd16(lfh + 26) + rd16(lfh + 28);
         if (rd16(lfh + 26) != nl || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, nl) != 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
-                               (int)nl, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
+                          (int)nl, e->name);
             goto error;
         }
         if (mlu_add_overflow_u64(e->data_offset, e->csize, &end) || end > cd_off) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "zip entry '%.*s' runs past the end of the data (truncated file?)",
-                               (int)nl, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "zip entry '%.*s' runs past the end of the data (truncated file?)",
+                          (int)nl, e->name);
             goto error;
         }
         z->sorted[i] = i;
@@ -256,7 +351,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error 
     for (i = 1; i < z->count; i++) {
         if (cmp_names(z, z->sorted[i - 1], z->sorted[i]) == 0) {
             const mlu_zip_entry *e = &z->entries[z->sorted[i]];
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip holds two records named '%.*s'", (int)e->name_len, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip holds two records named '%.*s'", (int)e->name_len, e->name);
             goto error;
         }
     }
@@ -265,11 +360,15 @@ mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error 
 error:
     mlu_zip_close(z);
 done:
+    mlu_free(tail);
+    mlu_free(lfh);
     return st;
 }
 
 void mlu_zip_close(mlu_zip *z)
 {
+    mlu_free(z->cd);
+    z->cd = NULL;
     mlu_free(z->entries);
     mlu_free(z->sorted);
     z->entries = NULL;
@@ -298,8 +397,11 @@ const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len
     return NULL;
 }
 
+#define IN_CHUNK ((size_t)1 << 16)
+
 /* Inflates e into dst (capacity e->usize) or, when dst is NULL, into a
- * scratch buffer; the CRC-32 of the output goes to *crc_out when not NULL. */
+ * scratch buffer; the CRC-32 of the output goes to *crc_out when not NULL.
+ * Compressed bytes come from memory or, for a file, through a pread buffer. */
 static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, uint32_t *crc_out,
                                 mlu_error *err)
 {
@@ -307,11 +409,15 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
     mlu_status st = MLU_EFORMAT;
     z_stream s;
     uint8_t scratch[16384];
-    uint64_t in_left = e->csize, out_total = 0;
-    const uint8_t *in = z->data + e->data_offset;
+    uint8_t *inbuf = NULL;  /* owned: file input window */
+    uint64_t in_left = e->csize, in_pos = e->data_offset, out_total = 0;
     int rc = Z_OK, inited = 0;
 
     memset(&s, 0, sizeof(s));
+    if (z->rd.mem == NULL && (inbuf = mlu_malloc(IN_CHUNK)) == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory inflating '%.*s'", (int)e->name_len, e->name);
+        goto done;
+    }
     if (inflateInit2(&s, -MAX_WBITS) != Z_OK) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "zlib inflateInit failed");
         goto done;
@@ -322,11 +428,19 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
         unsigned chunk_in, chunk_out;
         int out_probe = 0;
 
-        if (s.avail_in == 0) {
-            chunk_in = in_left > (1u << 30) ? (1u << 30) : (unsigned)in_left;
-            s.next_in = (Bytef *)(uintptr_t)in;
+        if (s.avail_in == 0 && in_left > 0) {
+            if (inbuf == NULL) {
+                chunk_in = in_left > (1u << 30) ? (1u << 30) : (unsigned)in_left;
+                s.next_in = (Bytef *)(uintptr_t)(z->rd.mem + in_pos);
+            } else {
+                chunk_in = in_left > IN_CHUNK ? (unsigned)IN_CHUNK : (unsigned)in_left;
+                if ((st = mlu_rd_read(&z->rd, in_pos, inbuf, chunk_in, "a deflated record", err)) != MLU_OK)
+                    goto done;
+                st = MLU_EFORMAT;
+                s.next_in = inbuf;
+            }
             s.avail_in = chunk_in;
-            in += chunk_in;
+            in_pos += chunk_in;
             in_left -= chunk_in;
         }
         if (dst != NULL && out_left > 0) {
@@ -347,25 +461,25 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
             crc = crc32(crc, s.next_out - (chunk_out - s.avail_out), chunk_out - s.avail_out);
         out_total += chunk_out - s.avail_out;
         if (out_probe && s.avail_out == 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates past its declared %llu bytes (zip bomb?)",
-                               (int)e->name_len, e->name, (unsigned long long)e->usize);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates past its declared %llu bytes (zip bomb?)",
+                          (int)e->name_len, e->name, (unsigned long long)e->usize);
             goto done;
         }
         if (rc == Z_STREAM_END)
             break;
         if (rc == Z_BUF_ERROR && s.avail_in == 0 && in_left == 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is truncated", (int)e->name_len, e->name);
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is truncated", (int)e->name_len, e->name);
             goto done;
         }
         if (rc != Z_OK && rc != Z_BUF_ERROR) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is corrupt: %s",
-                               (int)e->name_len, e->name, s.msg ? s.msg : "zlib error");
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' is corrupt: %s",
+                          (int)e->name_len, e->name, s.msg ? s.msg : "zlib error");
             goto done;
         }
     }
     if (out_total != e->usize) {
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates to %llu bytes, declared %llu",
-                           (int)e->name_len, e->name, (unsigned long long)out_total, (unsigned long long)e->usize);
+        mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "deflated record '%.*s' inflates to %llu bytes, declared %llu",
+                      (int)e->name_len, e->name, (unsigned long long)out_total, (unsigned long long)e->usize);
         goto done;
     }
     if (crc_out != NULL)
@@ -374,40 +488,59 @@ static mlu_status inflate_entry(const mlu_zip *z, const mlu_zip_entry *e, uint8_
 done:
     if (inited)
         inflateEnd(&s);
+    mlu_free(inbuf);
     return st;
 }
 
 mlu_status mlu_zip_extract(const mlu_zip *z, const mlu_zip_entry *e, uint8_t *dst, mlu_error *err)
 {
-    if (e->method == 0) {
-        if (e->usize > 0)
-            memcpy(dst, z->data + e->data_offset, (size_t)e->usize);
-        return MLU_OK;
-    }
-    return inflate_entry(z, e, dst, NULL, err);
+    mlu_status st;
+
+    if (e->method == 0)
+        st = mlu_rd_read(&z->rd, e->data_offset, dst, (size_t)e->usize, "a stored record", err);
+    else
+        st = inflate_entry(z, e, dst, NULL, err);
+    return st;
 }
+
+#define CRC_CHUNK ((size_t)1 << 20)
 
 mlu_status mlu_zip_check(const mlu_zip *z, const mlu_zip_entry *e, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     uint32_t crc = 0;
+    uint8_t *buf = NULL;  /* owned: file read window */
 
     if (e->method == 0) {
         uLong c = crc32(0L, Z_NULL, 0);
         uint64_t done = 0;
+        if (z->rd.mem == NULL && (buf = mlu_malloc(CRC_CHUNK)) == NULL) {
+            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory checking '%.*s'", (int)e->name_len, e->name);
+            goto done;
+        }
         while (done < e->usize) {
-            uInt chunk = e->usize - done > (1u << 30) ? (1u << 30) : (uInt)(e->usize - done);
-            c = crc32(c, z->data + e->data_offset + done, chunk);
+            size_t chunk = e->usize - done > CRC_CHUNK ? CRC_CHUNK : (size_t)(e->usize - done);
+            const uint8_t *p;
+            if (buf != NULL) {
+                if ((st = mlu_rd_read(&z->rd, e->data_offset + done, buf, chunk, "a stored record", err)) != MLU_OK)
+                    goto done;
+                p = buf;
+            } else {
+                p = z->rd.mem + e->data_offset + done;
+            }
+            c = crc32(c, p, (uInt)chunk);
             done += chunk;
         }
         crc = (uint32_t)c;
     } else {
         st = inflate_entry(z, e, NULL, &crc, err);
         if (st != MLU_OK)
-            return st;
+            goto done;
     }
     if (e->crc != 0 && crc != e->crc)
         st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "CRC-32 mismatch in record '%.*s': the file is corrupt",
                            (int)e->name_len, e->name);
+done:
+    mlu_free(buf);
     return st;
 }

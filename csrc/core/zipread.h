@@ -1,15 +1,34 @@
-/* zipread.h: a reader of zip central directories over bytes in memory.
+/* zipread.h: a reader of zip central directories.
  *
  * Knows zip64 (EOCD64, locator and the 0x0001 extra), stored and deflated
- * records.  Every offset and size read from the file is bounds-checked against
- * the buffer; deflated output is capped at the declared size. */
+ * records.  The input is either bytes in memory or a file descriptor read
+ * with pread (never through a mapping: a file truncated by another process
+ * while it is read gives an error, not SIGBUS).  Every offset and size read
+ * from the file is bounds-checked against the input size (fstat's, for a
+ * file); a short read is reported as a truncated file; deflated output is
+ * capped at the declared size. */
 #ifndef MLU_ZIPREAD_H
 #define MLU_ZIPREAD_H
 
 #include "../mlu.h"
 
+/* Where bytes come from: memory, or a file read with pread. */
+typedef struct mlu_rd {
+    const uint8_t *mem;    /* borrowed: the whole input, or NULL to read fd */
+    int fd;                /* borrowed: used when mem is NULL */
+    uint64_t size;         /* input size (for a file: what fstat reported) */
+} mlu_rd;
+
+void mlu_rd_mem(mlu_rd *r, const uint8_t *data, size_t size);
+void mlu_rd_fd(mlu_rd *r, int fd, uint64_t size);
+
+/* Copies bytes [off, off + n) into dst.  Bytes past r->size, or a file that
+ * has become shorter (a short pread), give MLU_EFORMAT naming `what` and the
+ * byte offset; a failing read gives MLU_EIO. */
+mlu_status mlu_rd_read(const mlu_rd *r, uint64_t off, void *dst, size_t n, const char *what, mlu_error *err);
+
 typedef struct mlu_zip_entry {
-    const char *name;      /* borrowed: points into the input buffer (not NUL-terminated) */
+    const char *name;      /* borrowed: points into the directory copy z->cd (not NUL-terminated) */
     size_t name_len;
     uint64_t lfh_offset;   /* local file header offset */
     uint64_t data_offset;  /* first byte of the (compressed) payload */
@@ -21,16 +40,18 @@ typedef struct mlu_zip_entry {
 } mlu_zip_entry;
 
 typedef struct mlu_zip {
-    const uint8_t *data;     /* borrowed: the whole file */
-    size_t size;
+    mlu_rd rd;               /* the input (borrows its memory or fd) */
+    uint8_t *cd;             /* owned: a copy of the central directory */
     mlu_zip_entry *entries;  /* owned: in central-directory order */
     size_t count;
     size_t *sorted;          /* owned: entry indices sorted by name */
 } mlu_zip;
 
-/* Parses the end records and the central directory of data[0..size).  On
- * failure *z holds nothing to free.  Duplicate names are rejected. */
-mlu_status mlu_zip_open(mlu_zip *z, const uint8_t *data, size_t size, mlu_error *err);
+/* Parses the end records, the central directory and every local header of
+ * the input (all copied into owned buffers; *rd is copied and its memory or
+ * fd must outlive z).  On failure *z holds nothing to free.  Duplicate names
+ * are rejected. */
+mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err);
 void mlu_zip_close(mlu_zip *z);
 
 /* Borrowed entry named name[0..len), or NULL. */

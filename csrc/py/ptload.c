@@ -1,16 +1,17 @@
 /* ptload.c: the Python face of PyTorch .pt loading.
  *
- * _pt_load(path, mode, hooks) maps the file, runs the core parser
- * (core/ptload_file.c: zip or legacy, restricted pickle VM, storage checks),
- * makes one uint8 NumPy array per storage (a view of the private mapping when
- * the record is stored and aligned, else a copy) and converts the node tree
- * to Python objects.  Torch-specific values go through `hooks`, a tuple of
+ * _pt_load(path, mode, hooks) opens the file, runs the core parser over it
+ * with pread (core/ptload_file.c: zip or legacy, restricted pickle VM,
+ * storage checks; no metadata is read through a mapping), makes one uint8
+ * NumPy array per storage (in mode 0 a view of a private mapping of the file
+ * when the record is stored and aligned, else a copy read with pread) and
+ * converts the node tree to Python objects.  Torch-specific values go through `hooks`, a tuple of
  * callables (tensor, dtype, size, device) supplied by mlutils/_ptload.py, so
  * this file never imports torch. */
 #include "npy.h"
 
 #include <errno.h>
-#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../core/alloc.h"
@@ -62,7 +63,7 @@ static PyObject *make_str(conv *c, const mlu_pk_node *n)
     PyObject *s = PyUnicode_DecodeUTF8(n->u.s.p, (Py_ssize_t)n->u.s.n, "surrogatepass");
     if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
         PyErr_Clear();
-        return fmt_error(c, "string in the pickle is not valid UTF-8");
+        fmt_error(c, "string in the pickle is not valid UTF-8");
     }
     return s;
 }
@@ -88,20 +89,22 @@ done:
     return res;
 }
 
+/* New ref: a tuple of n ints. */
 static PyObject *int_tuple(const int64_t *v, int n)
 {
     PyObject *t = PyTuple_New(n);
     int i;
     if (t == NULL)
-        return NULL;
+        goto done;
     for (i = 0; i < n; i++) {
         PyObject *x = PyLong_FromLongLong(v[i]);
         if (x == NULL) {
-            Py_DECREF(t);
-            return NULL;
+            Py_CLEAR(t);
+            goto done;
         }
-        PyTuple_SET_ITEM(t, i, x);
+        PyTuple_SET_ITEM(t, i, x);  /* steals x */
     }
+done:
     return t;
 }
 
@@ -199,11 +202,13 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
     uint32_t i;
 
     if (c->memo[id] != NULL) {
-        Py_INCREF(c->memo[id]);
-        return c->memo[id];
+        o = Py_NewRef(c->memo[id]);
+        goto done;
     }
-    if (depth > MAX_DEPTH)
-        return fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+    if (depth > MAX_DEPTH) {
+        fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+        goto done;
+    }
     switch (n->kind) {
     case MLU_PK_NONE:
         o = Py_NewRef(Py_None);
@@ -256,19 +261,18 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         for (i = 0; i < n->len; i++) {
             PyObject *x = convert(c, n->u.items[i], depth + 1);
             if (x == NULL)
-                goto fail;
-            PyTuple_SET_ITEM(items, i, x);
+                goto error;
+            PyTuple_SET_ITEM(items, i, x);  /* steals x */
         }
         if (n->kind == MLU_PK_TUPLE) {
             if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
-                Py_DECREF(items);
-                Py_INCREF(c->memo[id]);
-                return c->memo[id];
+                o = Py_NewRef(c->memo[id]);
+                goto done;
             }
             o = items;
             items = NULL;
         } else {
-            o = PyObject_CallOneArg(c->hooks[2], items);
+            o = PyObject_CallOneArg(c->hooks[2], items);  /* items is released at done */
         }
         break;
     case MLU_PK_LIST:
@@ -280,11 +284,11 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             PyObject *x = convert(c, n->u.items[i], depth + 1);
             if (x == NULL || PyList_Append(o, x) < 0) {
                 Py_XDECREF(x);
-                goto fail;
+                goto error;
             }
             Py_DECREF(x);
         }
-        return o;
+        break;
     case MLU_PK_SET:
         o = PySet_New(NULL);
         if (o == NULL)
@@ -299,10 +303,10 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                     PyErr_Clear();
                     fmt_error(c, "set item in the pickle is not hashable");
                 }
-                goto fail;
+                goto error;
             }
         }
-        return o;
+        break;
     case MLU_PK_DICT:
         if (n->flags & MLU_PK_F_ORDERED)
             o = PyObject_CallNoArgs(c->odict);
@@ -314,10 +318,10 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             break;
         c->memo[id] = Py_NewRef(o);
         if (fill_dict(c, o, n, depth) < 0)
-            goto fail;
+            goto error;
         if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
-            goto fail;
-        return o;
+            goto error;
+        break;
     case MLU_PK_DEVICE: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
@@ -336,79 +340,165 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
         /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
         if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
-            goto fail;
+            goto error;
         break;
     case MLU_PK_STORAGE:
-        return fmt_error(c, "a bare storage (not inside a tensor) is not supported");
+        fmt_error(c, "a bare storage (not inside a tensor) is not supported");
+        break;
     default:
-        return fmt_error(c, "a bare %s global cannot be returned as a value", mlu_pk_kind_name(n->kind));
+        fmt_error(c, "a bare %s global cannot be returned as a value", mlu_pk_kind_name(n->kind));
+        break;
     }
+    /* containers put themselves in the memo before their items (cycles) */
     if (o != NULL && c->memo[id] == NULL)
         c->memo[id] = Py_NewRef(o);
-    return o;
-fail:
+    goto done;
+error:
+    Py_CLEAR(o);
+done:
     Py_XDECREF(items);
-    Py_XDECREF(o);
-    return NULL;
+    return o;
 }
 
-/* Makes the uint8 array of every storage. */
-static int make_storages(conv *c, PyObject *capsule, mlu_file_map *map, int mode, int fd)
+/* 1 when some storage will view the mapping (mode 0). */
+static int any_in_place(const mlu_pt *pt)
+{
+    uint32_t i;
+    for (i = 0; i < pt->vm.n_storages; i++)
+        if (pt->vm.storages[i].nbytes > 0 && mlu_pt_storage_in_place(pt, i, 16))
+            return 1;
+    return 0;
+}
+
+/* Makes the uint8 array of every storage.  capsule (borrowed) owns map, or
+ * both are NULL when nothing is viewed in place. */
+static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, int mode)
 {
     const mlu_pt *pt = c->pt;
     uint32_t i;
+    int res = -1;
 
     for (i = 0; i < pt->vm.n_storages; i++) {
         const mlu_pk_storage *s = &pt->vm.storages[i];
         npy_intp dim = (npy_intp)s->nbytes;
         PyObject *key = PyUnicode_DecodeUTF8(s->key, (Py_ssize_t)s->key_len, "surrogatepass"), *arr = NULL;
+        int rc;
 
-        if (key == NULL || PyList_Append(c->keys, key) < 0) {
-            Py_XDECREF(key);
-            return -1;
-        }
+        if (key == NULL)
+            goto done;
+        rc = PyList_Append(c->keys, key);
         Py_DECREF(key);
+        if (rc < 0)
+            goto done;
         if (mode == MODE_INDEX || mode == MODE_VERIFY) {
             c->storages[i] = Py_NewRef(Py_None);
             continue;
         }
-        if (mode == MODE_MMAP && mlu_pt_storage_in_place(pt, i, 16)) {
+        if (s->nbytes > (uint64_t)NPY_MAX_INTP) {
+            fmt_error(c, "storage %R is too large for this machine", PyList_GET_ITEM(c->keys, i));
+            goto done;
+        }
+        if (map != NULL && mode == MODE_MMAP && mlu_pt_storage_in_place(pt, i, 16)) {
             arr = PyArray_New(&PyArray_Type, 1, &dim, NPY_UINT8, NULL, (void *)(map->data + pt->src[i].offset), 0,
                               NPY_ARRAY_CARRAY, NULL);
             if (arr == NULL)
-                return -1;
+                goto done;
+            /* steals the new ref to the capsule, even on failure */
             if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(capsule)) < 0) {
                 Py_DECREF(arr);
-                return -1;
+                goto done;
             }
         } else {
             mlu_error err;
-            mlu_status rc;
+            mlu_status st;
             mlu_error_clear(&err);
             arr = PyArray_SimpleNew(1, &dim, NPY_UINT8);
             if (arr == NULL)
-                return -1;
+                goto done;
             Py_BEGIN_ALLOW_THREADS
-            rc = mlu_pt_storage_fill(pt, i, (uint8_t *)PyArray_BYTES((PyArrayObject *)arr), fd, &err);
+            st = mlu_pt_storage_fill(pt, i, (uint8_t *)PyArray_BYTES((PyArrayObject *)arr), &err);
             Py_END_ALLOW_THREADS
-            if (rc != MLU_OK) {
+            if (st != MLU_OK) {
                 Py_DECREF(arr);
                 mlu_raise(c->st, &err, c->st->TorchFormatError);
-                return -1;
+                goto done;
             }
         }
-        c->storages[i] = arr;
+        c->storages[i] = arr;  /* owned by c */
     }
-    return 0;
+    res = 0;
+done:
+    return res;
+}
+
+/* Raises the right exception for a core error about `path` (borrowed). */
+static void raise_core(mlu_state *st, const mlu_error *err, PyObject *path)
+{
+    if (err->code == MLU_EIO) {
+        errno = err->sys_errno;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    } else {
+        mlu_raise(st, err, st->TorchFormatError);
+    }
+}
+
+/* New ref: a capsule owning a private mapping of fd's first `size` bytes,
+ * after checking that the file still has them. */
+static PyObject *map_file(mlu_state *st, int fd, uint64_t size, PyObject *path)
+{
+    PyObject *capsule = NULL;
+    mlu_file_map *map = NULL;
+    struct stat sb;
+    mlu_error err;
+    mlu_status rc;
+    int frc;
+
+    mlu_error_clear(&err);
+    map = mlu_calloc(1, sizeof(*map));
+    if (map == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_file_map_fd(map, fd, size, &err);
+    frc = rc == MLU_OK ? fstat(fd, &sb) : 0;
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK) {
+        raise_core(st, &err, path);
+        goto error;
+    }
+    if (frc < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        goto error;
+    }
+    /* pages past a shrunken end would raise SIGBUS when touched */
+    if ((uint64_t)sb.st_size < size) {
+        PyErr_Format(st->TorchFormatError, "file shrank from %llu to %llu bytes while it was loaded (truncated by another process?)",
+                     (unsigned long long)size, (unsigned long long)sb.st_size);
+        goto error;
+    }
+    /* the capsule owns the mapping from here on */
+    capsule = PyCapsule_New(map, MAPPING_CAPSULE, mapping_destructor);
+    if (capsule == NULL)
+        goto error;
+    goto done;
+error:
+    if (map != NULL) {
+        mlu_file_map_close(map);
+        mlu_free(map);
+    }
+done:
+    return capsule;
 }
 
 static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     mlu_state *st = mlu_get_state(m);
     PyObject *path_bytes = NULL, *capsule = NULL, *res = NULL, *coll = NULL;
-    mlu_file_map *map = NULL;
     mlu_pt pt;
-    int pt_open = 0, mode, i, fd = -1;
+    mlu_rd rd;
+    int pt_open = 0, mode = 0, i, fd = -1;
+    uint64_t size = 0;
     mlu_error err;
     mlu_status rc;
     conv c;
@@ -418,56 +508,39 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     mlu_error_clear(&err);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "_pt_load(path, mode, hooks) takes 3 arguments");
-        return NULL;
+        goto done;
     }
     mode = (int)PyLong_AsLong(args[1]);
     if (mode == -1 && PyErr_Occurred())
-        return NULL;
+        goto done;
     if (mode < MODE_MMAP || mode > MODE_VERIFY) {
         PyErr_SetString(PyExc_ValueError, "_pt_load: mode must be 0..3");
-        return NULL;
+        goto done;
     }
     if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 4) {
         PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must be a tuple of 4 callables");
-        return NULL;
+        goto done;
     }
     if (!PyUnicode_FSConverter(args[0], &path_bytes))
-        return NULL;
-    map = mlu_calloc(1, sizeof(*map));
-    if (map == NULL) {
-        PyErr_NoMemory();
         goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
-    rc = mlu_file_map_open(map, PyBytes_AS_STRING(path_bytes), &err);
+    rc = mlu_file_open_ro(PyBytes_AS_STRING(path_bytes), &fd, &size, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_free(map);
-        map = NULL;
-        if (err.code == MLU_EIO) {
-            errno = err.sys_errno;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
-        } else {
-            mlu_raise(st, &err, st->TorchFormatError);
-        }
+        raise_core(st, &err, args[0]);
         goto done;
     }
-    /* the capsule owns the mapping from here on */
-    capsule = PyCapsule_New(map, MAPPING_CAPSULE, mapping_destructor);
-    if (capsule == NULL) {
-        mlu_file_map_close(map);
-        mlu_free(map);
-        map = NULL;
-        goto done;
-    }
+    mlu_rd_fd(&rd, fd, size);
     Py_BEGIN_ALLOW_THREADS
-    rc = mlu_pt_open(&pt, map->data, map->size, mode == MODE_VERIFY, &err);
+    rc = mlu_pt_open(&pt, &rd, mode == MODE_VERIFY, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, st->TorchFormatError);
+        raise_core(st, &err, args[0]);
         goto done;
     }
     pt_open = 1;
+    if (mode == MODE_MMAP && any_in_place(&pt) && (capsule = map_file(st, fd, size, args[0])) == NULL)
+        goto done;
     c.st = st;
     c.pt = &pt;
     for (i = 0; i < 4; i++)
@@ -486,16 +559,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         PyErr_NoMemory();
         goto done;
     }
-    if (mode == MODE_COPY || mode == MODE_MMAP) {
-        Py_BEGIN_ALLOW_THREADS
-        fd = open(PyBytes_AS_STRING(path_bytes), O_RDONLY | O_CLOEXEC);
-        Py_END_ALLOW_THREADS
-        if (fd < 0) {
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
-            goto done;
-        }
-    }
-    if (make_storages(&c, capsule, map, mode, fd) < 0)
+    if (make_storages(&c, capsule, capsule != NULL ? PyCapsule_GetPointer(capsule, MAPPING_CAPSULE) : NULL, mode) < 0)
         goto done;
     res = convert(&c, pt.root, 0);
 done:
@@ -515,10 +579,10 @@ done:
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
     Py_XDECREF(coll);
-    if (fd >= 0)
-        close(fd);
     if (pt_open)
         mlu_pt_close(&pt);
+    if (fd >= 0)
+        close(fd);  /* the mapping, if any, stays valid without it */
     Py_XDECREF(capsule);  /* unmaps unless an array still views the mapping */
     Py_XDECREF(path_bytes);
     return res;

@@ -1117,18 +1117,19 @@ done:
 static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
 {
     static const char order[] = MLU_HOST_BYTEORDER;
+    PyObject *got = NULL;  /* owned: the current torch storage's (keepalive, address, nbytes) */
     Py_ssize_t i;
     mlu_status st;
     char name[48];
+    int rc = -1;
 
     if (PK(mlu_zipw_record(zw, "data.pkl", s->pk.buf.data, s->pk.buf.len, &s->err)) < 0
         || PK(mlu_zipw_record(zw, ".format_version", "1", 1, &s->err)) < 0
         || PK(mlu_zipw_record(zw, ".storage_alignment", "64", 2, &s->err)) < 0
         || PK(mlu_zipw_record(zw, "byteorder", order, sizeof(order) - 1, &s->err)) < 0)
-        return -1;
+        goto done;
     for (i = 0; i < s->nst; i++) {
         storage_rec *r = &s->st[i];
-        PyObject *got = NULL;
         const char *data = r->data;
         uint64_t n = r->nbytes;
 
@@ -1136,23 +1137,19 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
             unsigned long long addr, nb;
             got = PyObject_CallOneArg(storage_bytes, r->owner);
             if (got == NULL)
-                return -1;
+                goto done;
             if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 3) {
-                Py_DECREF(got);
                 PyErr_SetString(PyExc_SystemError, "ptsave: bad storage bytes");
-                return -1;
+                goto done;
             }
             addr = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 1));
             nb = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 2));
-            if (PyErr_Occurred()) {
-                Py_DECREF(got);
-                return -1;
-            }
+            if (PyErr_Occurred())
+                goto done;
             if (nb != n) {
-                Py_DECREF(got);
                 PyErr_Format(PyExc_ValueError, "storage %zd changed size while saving (%llu bytes, then %llu)",
                              i, (unsigned long long)n, nb);
-                return -1;
+                goto done;
             }
             data = (const char *)(uintptr_t)addr;
         }
@@ -1164,19 +1161,27 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
         if (st == MLU_OK)
             st = mlu_zipw_end(zw, &s->err);
         Py_END_ALLOW_THREADS
-        Py_XDECREF(got);
-        if (st != MLU_OK)
-            return core_fail(s);
+        Py_CLEAR(got);
+        if (st != MLU_OK) {
+            core_fail(s);
+            goto done;
+        }
     }
     if (PK(mlu_zipw_record(zw, "version", "3\n", 2, &s->err)) < 0)
-        return -1;
+        goto done;
     if (add_serialization_id(s, zw) < 0)
-        return -1;
-    st = MLU_OK;
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     st = mlu_zipw_finish(zw, &s->err);
     Py_END_ALLOW_THREADS
-    return st == MLU_OK ? 0 : core_fail(s);
+    if (st != MLU_OK) {
+        core_fail(s);
+        goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(got);
+    return rc;
 }
 
 static void saver_free(saver *s)

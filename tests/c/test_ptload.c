@@ -1,6 +1,10 @@
 /* test_ptload.c: the zip reader, the restricted pickle VM and the checkpoint
  * resolver, on small archives built here byte by byte. */
+#define _DEFAULT_SOURCE
 #include "mlu_test.h"
+
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "core/alloc.h"
 #include "core/pickle_read.h"
@@ -73,9 +77,11 @@ static mlu_status open_pickle(bytes *z, const char *pkl, size_t pkl_len, const v
                               mlu_error *err)
 {
     rec r[3] = {{"a/data.pkl", pkl, pkl_len}, {"a/data/0", d0, d0_len}, {"a/version", "3\n", 2}};
+    mlu_rd rd;
     build_zip(z, r, 3);
     mlu_error_clear(err);
-    return mlu_pt_open(pt, z->data, z->len, 1, err);
+    mlu_rd_mem(&rd, z->data, z->len);
+    return mlu_pt_open(pt, &rd, 1, err);
 }
 
 static void test_good(void)
@@ -99,7 +105,7 @@ static void test_good(void)
     CHECK(t->ndim == 2 && t->shape[0] == 2 && t->stride[0] == 2 && t->end_bytes == 16);
     CHECK(strcmp(mlu_pk_dtypes[t->dtype].name, "float32") == 0);
     CHECK(mlu_pt_storage_in_place(&pt, 0, 1) == 1);
-    CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, -1, &err) == MLU_OK);
+    CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err) == MLU_OK);
     CHECK(memcmp(out, VALUES, sizeof(out)) == 0);
     mlu_pt_close(&pt);
 }
@@ -149,10 +155,73 @@ static void test_zip_damage(void)
     CHECK(open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
     mlu_pt_close(&pt);
     for (cut = 0; cut < z.len; cut += 7) {
+        mlu_rd rd;
+        mlu_rd_mem(&rd, z.data, cut);
         mlu_error_clear(&err);
-        CHECK(mlu_pt_open(&pt, z.data, cut, 1, &err) != MLU_OK);
+        CHECK(mlu_pt_open(&pt, &rd, 1, &err) != MLU_OK);
         CHECK(err.text[0] != '\0');
     }
+}
+
+/* A file cut by another process after fstat: the parser is given the old
+ * size, reads with pread and must report the short read, never fault. */
+static void test_truncated_after_open(void)
+{
+    static bytes z;
+    char path[] = "/tmp/mlu_test_ptload_XXXXXX";
+    mlu_pt pt;
+    mlu_error err;
+    size_t cut;
+    int fd = mkstemp(path), ok_parse = 0;
+    float out[4];
+
+    CHECK(fd >= 0);
+    if (fd < 0)
+        return;
+    unlink(path);
+    CHECK(open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
+    mlu_pt_close(&pt);
+    for (cut = 0; cut < z.len; cut++) {
+        mlu_rd rd;
+        mlu_status st;
+        CHECK(ftruncate(fd, 0) == 0);
+        CHECK(pwrite(fd, z.data, z.len, 0) == (ssize_t)z.len);
+        mlu_rd_fd(&rd, fd, z.len);  /* the size fstat gave before the cut */
+        CHECK(ftruncate(fd, (off_t)cut) == 0);
+        mlu_error_clear(&err);
+        st = mlu_pt_open(&pt, &rd, cut & 1, &err);
+        if (st == MLU_OK) {
+            /* the cut only took storage bytes: filling the storage reports it */
+            ok_parse++;
+            mlu_error_clear(&err);
+            st = mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err);
+            mlu_pt_close(&pt);
+        }
+        CHECK(st == MLU_EFORMAT);
+        CHECK(strstr(err.text, "truncated") != NULL || strstr(err.text, "shrank") != NULL);
+        if (st != MLU_EFORMAT)
+            fprintf(stderr, "  cut %zu: %s: %s\n", cut, mlu_status_name(st), err.text);
+    }
+    /* with the real size, an intact file still loads from the descriptor */
+    {
+        mlu_rd rd;
+        CHECK(ftruncate(fd, 0) == 0);
+        CHECK(pwrite(fd, z.data, z.len, 0) == (ssize_t)z.len);
+        mlu_rd_fd(&rd, fd, z.len);
+        mlu_error_clear(&err);
+        CHECK(mlu_pt_open(&pt, &rd, 1, &err) == MLU_OK);
+        if (err.code == MLU_OK) {
+            CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err) == MLU_OK);
+            CHECK(memcmp(out, VALUES, sizeof(out)) == 0);
+            /* cut inside the storage after the parse: the copy reports it */
+            CHECK(ftruncate(fd, 40) == 0);
+            CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err) == MLU_EFORMAT);
+            CHECK(strstr(err.text, "shrank") != NULL);
+            mlu_pt_close(&pt);
+        }
+    }
+    CHECK(ok_parse == 0);  /* this archive's storage lies before its directory: any cut breaks the parse */
+    close(fd);
 }
 
 static void test_alloc_failures(void)
@@ -192,6 +261,7 @@ int main(void)
     test_good();
     test_rejections();
     test_zip_damage();
+    test_truncated_after_open();
     test_alloc_failures();
     test_byteswap();
     return TEST_DONE("test_ptload");

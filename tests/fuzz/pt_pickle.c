@@ -31,8 +31,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         mlu_pk_vm_free(&vm);
     }
     mlu_error_clear(&err);
-    if (mlu_pt_open(&pt, data, size, 1, &err) == MLU_OK)
-        mlu_pt_close(&pt);
+    {
+        mlu_rd rd;
+        mlu_rd_mem(&rd, data, size);
+        if (mlu_pt_open(&pt, &rd, 1, &err) == MLU_OK)
+            mlu_pt_close(&pt);
+    }
     return 0;
 }
 
