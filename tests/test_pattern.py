@@ -316,3 +316,22 @@ def test_arbitrary_layouts_never_crash():
                 p.revert_pattern_sequence(np.zeros((1, n_q, 1)), 0)
 
     check()
+
+
+def test_layout_mutated_by_index_callback_is_an_error_not_a_crash():
+    # __index__ of a coordinate empties the layout (and a list coordinate)
+    # while the C side is reading them: it works on snapshots.
+    layout = []
+
+    class Shrinks:
+        def __index__(self):
+            layout.clear()
+            coord.clear()
+            return 0
+
+    coord = [Shrinks(), 0]
+    layout.extend([[coord], [LayoutCoord(0, 0)], [LayoutCoord(1, 0)]] +
+                  [[LayoutCoord(i, 0)] for i in range(2, 64)])
+    p = Pattern(layout, timesteps=64, n_q=1)
+    expected = Pattern([[LayoutCoord(0, 0)]] + [[LayoutCoord(i, 0)] for i in range(64)], timesteps=64, n_q=1)
+    assert len(p) == 65 and p == expected

@@ -362,12 +362,12 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
 
     *out = NULL;
     *n = 0;
-    seq = PySequence_Fast(obj, "must be a sequence of ints"); /* new ref */
+    seq = PySequence_Tuple(obj); /* new ref: a snapshot __index__ cannot mutate */
     if (seq == NULL) {
         PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
         return -1;
     }
-    len = PySequence_Fast_GET_SIZE(seq);
+    len = PyTuple_GET_SIZE(seq);
     arr = mlu_calloc((size_t)len + 1, sizeof(int64_t));
     if (arr == NULL) {
         Py_DECREF(seq);
@@ -375,7 +375,7 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
         return -1;
     }
     for (i = 0; i < len; i++) {
-        item = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, i)); /* new ref */
+        item = PyNumber_Index(PyTuple_GET_ITEM(seq, i)); /* new ref */
         if (item == NULL) {
             PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int", what, i);
             goto error;
@@ -593,25 +593,27 @@ static PyObject *py_musiclm(PyObject *m, PyObject *args)
     return table_or_raise(st, tab, rc, &err);
 }
 
-/* Reads one coordinate (a (t, q) pair: LayoutCoord or any 2-sequence). */
+/* Reads one coordinate (a (t, q) pair: LayoutCoord or any 2-sequence).
+ * Works on a tuple snapshot: an __index__ that mutates a list coordinate
+ * cannot pull items from under us. */
 static int read_coord(PyObject *c, Py_ssize_t s, long long *t, long long *q)
 {
-    PyObject *seq = PySequence_Fast(c, "coordinate"), *a, *b; /* new ref */
+    PyObject *seq = PySequence_Tuple(c), *a, *b; /* new ref */
     int rc = -1;
 
-    if (seq == NULL || PySequence_Fast_GET_SIZE(seq) != 2) {
+    if (seq == NULL || PyTuple_GET_SIZE(seq) != 2) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "layout step %zd holds %R, not a (t, q) coordinate", s, c);
         goto done;
     }
-    a = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, 0));
+    a = PyNumber_Index(PyTuple_GET_ITEM(seq, 0));
     if (a == NULL)
         goto bad;
     *t = PyLong_AsLongLong(a);
     Py_DECREF(a);
     if (*t == -1 && PyErr_Occurred())
         goto bad;
-    b = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, 1));
+    b = PyNumber_Index(PyTuple_GET_ITEM(seq, 1));
     if (b == NULL)
         goto bad;
     *q = PyLong_AsLongLong(b);
@@ -642,22 +644,29 @@ static PyObject *py_from_layout(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OLL:pattern_from_layout", &layout, &n_q, &T))
         return NULL;
     mlu_error_clear(&err);
-    seq = PySequence_Fast(layout, "the layout must be a list of lists of LayoutCoord");
-    if (seq == NULL)
+    /* Tuple snapshots (new refs) of the layout and of each step: the
+     * coordinates' __index__ runs Python code that may mutate the lists. */
+    seq = PySequence_Tuple(layout);
+    if (seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "the layout must be a list of lists of LayoutCoord");
+        }
         return NULL;
+    }
     tab = table_new(st, n_q, T);
     if (tab == NULL)
         goto done;
-    n = PySequence_Fast_GET_SIZE(seq);
+    n = PyTuple_GET_SIZE(seq);
     for (s = 0; s < n && rc == MLU_OK; s++) {
-        step = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, s), "step");
+        step = PySequence_Tuple(PyTuple_GET_ITEM(seq, s));
         if (step == NULL) {
             PyErr_Format(PyExc_TypeError, "layout step %zd is not a list of coordinates", s);
             goto done;
         }
         rc = mlu_pattern_add_step(&tab->pat, &err);
-        for (i = 0; rc == MLU_OK && i < PySequence_Fast_GET_SIZE(step); i++) {
-            if (read_coord(PySequence_Fast_GET_ITEM(step, i), s, &t, &q) < 0)
+        for (i = 0; rc == MLU_OK && i < PyTuple_GET_SIZE(step); i++) {
+            if (read_coord(PyTuple_GET_ITEM(step, i), s, &t, &q) < 0)
                 goto done;
             rc = mlu_pattern_add_coord(&tab->pat, t, q, &err);
         }
