@@ -424,3 +424,22 @@ def test_safe_open_reads_only_what_is_asked(tmp_path):
     assert small.tolist() == list(range(10))
     assert after - before < 4 << 20  # far less than the 32 MiB tensor
     assert float(t[-1, -1]) == float(big[-1, -1])
+
+
+def test_raw_tensor_shape_must_hold_ints():
+    # int() used to truncate a float dimension (2.9 -> 2) and take True for 1
+    with pytest.raises(TypeError, match="holds a float"):
+        S.save({"a": S.RawTensor("U8", (2.9,), b"ab")})
+    with pytest.raises(TypeError, match="holds a bool"):
+        S.save({"a": S.RawTensor("U8", (True, 2), b"ab")})
+    with pytest.raises(mlutils.SafetensorsError, match="outside"):
+        S.save({"a": S.RawTensor("U8", (-1,), b"ab")})
+    with pytest.raises(mlutils.SafetensorsError, match="outside"):
+        S.save({"a": S.RawTensor("U8", (2**64, 0), b"")})
+    with pytest.raises(TypeError, match="sequence of ints"):
+        S.save({"a": S.RawTensor("U8", 2, b"ab")})
+    with pytest.raises(ValueError, match="unknown safetensors dtype"):
+        S.save({"a": S.RawTensor(["U8"], (2,), b"ab")})
+    # numpy integers are integers
+    out = S.load(S.save({"a": S.RawTensor("U8", (np.int64(2), np.uint8(1)), b"ab")}))
+    assert out["a"].shape == (2, 1) and out["a"].tobytes() == b"ab"
