@@ -232,6 +232,34 @@ def test_truncate_is_locale_independent():
     assert out.stdout.strip() == "[0.1235]"
 
 
+def test_truncate_with_a_decimal_comma_locale(tmp_path):
+    # a locale with a decimal comma, compiled for this test when the machine has none
+    import shutil
+
+    if shutil.which("localedef") is None or not os.path.exists("/usr/share/i18n/locales/de_DE"):
+        pytest.skip("no localedef / de_DE locale source to build a decimal-comma locale")
+    subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8", str(tmp_path / "de_DE.UTF-8")],
+                   check=False, capture_output=True)
+    if not (tmp_path / "de_DE.UTF-8").exists():
+        pytest.skip("localedef could not build de_DE.UTF-8")
+    # near-ties and values past 2**40 / 1e4 take the exact (printf) path
+    values = [0.12345000000001, 123456789.123456789, 2.00005000001, 0.123456789, -7.99995000001]
+    code = (
+        "import locale, json\n"
+        "locale.setlocale(locale.LC_ALL, 'de_DE.UTF-8')\n"
+        "assert locale.localeconv()['decimal_point'] == ','\n"
+        "from mlutils.io import json_stringify\n"
+        "from mlutils.utils import truncate_json\n"
+        f"v = {values!r}\n"
+        "print(json_stringify(v, truncate=True))\n"
+        "print(truncate_json(json.dumps(v)))\n"
+    )
+    env = dict(os.environ, LOCPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    want = "[" + ", ".join("{:.4f}".format(v) for v in values) + "]"
+    assert out.stdout.split("\n")[:2] == [want, want]
+
+
 def test_json_read_write(tmp_path):
     p = tmp_path / "x.json"
     assert json_read(p) is None
