@@ -292,6 +292,39 @@ def test_json_write_respects_umask(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_json_write_leaves_the_umask_of_other_threads_alone(tmp_path):
+    # reading the umask by setting it let files of other threads be created
+    # 0644 under a 077 umask while an atomic write ran
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    code = (
+        "import os, sys, tempfile, threading, time\n"
+        "from mlutils.io import json_write\n"
+        f"d = tempfile.mkdtemp(dir={base!r})\n"
+        "os.umask(0o077)\n"
+        "stop, bad = [], []\n"
+        "def writer(k):\n"
+        "    while not stop:\n"
+        "        json_write([k], os.path.join(d, 'w%d.json' % k))\n"
+        "def creator():\n"
+        "    deadline = time.time() + 2\n"
+        "    while time.time() < deadline and not bad:\n"
+        "        p = os.path.join(d, 'c')\n"
+        "        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o666)\n"
+        "        mode = os.fstat(fd).st_mode & 0o777\n"
+        "        os.close(fd); os.unlink(p)\n"
+        "        if mode != 0o600: bad.append(oct(mode))\n"
+        "    stop.append(1)\n"
+        "ts = [threading.Thread(target=writer, args=(k,)) for k in range(3)] + [threading.Thread(target=creator)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "modes = {oct(os.stat(os.path.join(d, f)).st_mode & 0o777) for f in os.listdir(d)}\n"
+        "for f in os.listdir(d): os.unlink(os.path.join(d, f))\n"
+        "os.rmdir(d)\n"
+        "print(bad[:1], sorted(modes))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] ['0o600']"
+
+
 def test_json_write_kill_leaves_old_file(tmp_path):
     """A writer killed mid-loop never leaves a half-written file."""
     p = tmp_path / "big.json"

@@ -40,10 +40,29 @@ static char *dir_of(const char *path)
 
 static mode_t current_umask(void)
 {
-    /* umask can only be read by setting it; done once per open, which is
-     * cheap next to the fsync that follows. */
-    mode_t m = umask(022);
-    umask(m);
+    /* Read it where Linux reports it (>= 4.7): umask() can only read it by
+     * setting it, which would change it meanwhile for every thread (a file
+     * another thread creates then gets 0644 under a 077 umask). */
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[256];
+    unsigned int v;
+    mode_t m = 0;
+    int found = 0;
+
+    if (f != NULL) {
+        while (!found && fgets(line, sizeof(line), f) != NULL) {
+            if (strncmp(line, "Umask:", 6) == 0 && sscanf(line + 6, "%o", &v) == 1) {
+                m = (mode_t)(v & 0777);
+                found = 1;
+            }
+        }
+        fclose(f);
+    }
+    if (!found) {
+        /* older kernels: the racy way is the only one */
+        m = umask(022);
+        umask(m);
+    }
     return m;
 }
 
