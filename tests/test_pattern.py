@@ -335,3 +335,33 @@ def test_layout_mutated_by_index_callback_is_an_error_not_a_crash():
     p = Pattern(layout, timesteps=64, n_q=1)
     expected = Pattern([[LayoutCoord(0, 0)]] + [[LayoutCoord(i, 0)] for i in range(64)], timesteps=64, n_q=1)
     assert len(p) == 65 and p == expected
+
+
+def test_layout_callback_errors_propagate():
+    # an exception raised by the layout's own code is not replaced by a TypeError
+    class Boom(Exception):
+        pass
+
+    class BadIndex:
+        def __index__(self):
+            raise Boom("from __index__")
+
+    class BadStep:
+        def __iter__(self):
+            raise Boom("from __iter__")
+
+    with pytest.raises(Boom, match="__index__"):
+        Pattern([[], [LayoutCoord(BadIndex(), 0)]], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__iter__"):
+        Pattern([[], BadStep()], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__iter__"):
+        Pattern([[], [BadStep()]], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__index__"):
+        _core.pattern_check_delayed(1, [BadIndex()])
+    # plain bad values still name the step
+    with pytest.raises(TypeError, match="layout step 1 holds"):
+        Pattern([[], [("x", 0)]], timesteps=1, n_q=1)
+    with pytest.raises(OverflowError, match="layout step 1 .* 64 bits"):
+        Pattern([[], [(2**70, 0)]], timesteps=1, n_q=1)
+    with pytest.raises(TypeError, match="layout step 1 is not a list"):
+        Pattern([[], 5], timesteps=1, n_q=1)

@@ -364,7 +364,8 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
     *n = 0;
     seq = PySequence_Tuple(obj); /* new ref: a snapshot __index__ cannot mutate */
     if (seq == NULL) {
-        PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
+        if (PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
         return -1;
     }
     len = PyTuple_GET_SIZE(seq);
@@ -377,7 +378,8 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
     for (i = 0; i < len; i++) {
         item = PyNumber_Index(PyTuple_GET_ITEM(seq, i)); /* new ref */
         if (item == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int", what, i);
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int", what, i);
             goto error;
         }
         arr[i] = (int64_t)PyLong_AsLongLong(item);
@@ -602,6 +604,9 @@ static int read_coord(PyObject *c, Py_ssize_t s, long long *t, long long *q)
     int rc = -1;
 
     if (seq == NULL || PyTuple_GET_SIZE(seq) != 2) {
+        /* an error of the coordinate's own code (its __iter__) goes through */
+        if (seq == NULL && !PyErr_ExceptionMatches(PyExc_TypeError))
+            goto done;
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "layout step %zd holds %R, not a (t, q) coordinate", s, c);
         goto done;
@@ -623,8 +628,15 @@ static int read_coord(PyObject *c, Py_ssize_t s, long long *t, long long *q)
     rc = 0;
     goto done;
 bad:
-    PyErr_Clear();
-    PyErr_Format(PyExc_TypeError, "layout step %zd holds %R: t and q must be ints", s, c);
+    /* not an int, or too big: say where; anything else (raised by an
+     * __index__) goes through as it is */
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "layout step %zd holds %R: t and q must be ints", s, c);
+    } else if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_OverflowError, "layout step %zd holds %R: t and q must fit in 64 bits", s, c);
+    }
 done:
     Py_XDECREF(seq);
     return rc;
@@ -661,7 +673,8 @@ static PyObject *py_from_layout(PyObject *m, PyObject *args)
     for (s = 0; s < n && rc == MLU_OK; s++) {
         step = PySequence_Tuple(PyTuple_GET_ITEM(seq, s));
         if (step == NULL) {
-            PyErr_Format(PyExc_TypeError, "layout step %zd is not a list of coordinates", s);
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError, "layout step %zd is not a list of coordinates", s);
             goto done;
         }
         rc = mlu_pattern_add_step(&tab->pat, &err);
