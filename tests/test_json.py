@@ -325,6 +325,15 @@ def test_json_write_leaves_the_umask_of_other_threads_alone(tmp_path):
     assert out.stdout.strip() == "[] ['0o600']"
 
 
+def test_json_write_to_a_long_file_name(tmp_path):
+    # the temporary file beside it must not exceed the name limit where the target does not
+    p = tmp_path / ("a" * 250 + ".json")
+    p.write_text("{}")
+    json_write({"a": 1}, p)
+    assert json_read(p) == {"a": 1}
+    assert os.listdir(tmp_path) == [p.name]
+
+
 def test_json_write_kill_leaves_old_file(tmp_path):
     """A writer killed mid-loop never leaves a half-written file."""
     p = tmp_path / "big.json"

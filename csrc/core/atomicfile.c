@@ -66,6 +66,8 @@ static mode_t current_umask(void)
     return m;
 }
 
+#define TMP_BASE 200
+
 mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
 {
     mlu_status st = MLU_ENOMEM;
@@ -94,7 +96,9 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
         goto error;
     }
-    snprintf(f->tmp, n, "%s/.%s.XXXXXX.tmp", dir, base);
+    /* The temp name adds 12 bytes to the target's: a name near the
+     * filesystem's limit (255) keeps only its first TMP_BASE bytes there. */
+    snprintf(f->tmp, n, "%s/.%.*s.XXXXXX.tmp", dir, TMP_BASE, base);
     f->fd = mkostemps(f->tmp, 4, O_CLOEXEC);
     if (f->fd < 0) {
         st = mlu_error_errno(err, errno, "cannot create a temporary file beside '%s'", target);
