@@ -182,6 +182,18 @@ def test_parse_errors_have_line_and_column():
     assert ei.value.lineno == 3 and ei.value.colno == 8
 
 
+def test_parse_error_quoting_part_of_a_utf8_sequence():
+    # jansson quotes the bytes near an invalid escape and may cut a character
+    # in two: still a JSONDecodeError (it was a UnicodeDecodeError)
+    for text in ['"\\u\u20ac"', '["\\u12\u00e9"]', '"\\u0000nInfinity\\u\u20a9-true]']:
+        for arg in (text, text.encode()):
+            with pytest.raises(mlutils.JSONDecodeError) as ei:
+                json_parse(arg)
+            assert ei.value.doc == text and 0 <= ei.value.pos <= len(text)
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(text)
+
+
 def test_duplicate_keys_rejected():
     with pytest.raises(ValueError, match="duplicate"):
         json_parse('{"a": 1, "a": 2}')
