@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlutils
-from mlutils import _safetensors as S
+from mlutils import _core, _safetensors as S
 
 safetensors = pytest.importorskip("safetensors")
 stn = pytest.importorskip("safetensors.numpy")
@@ -443,3 +443,31 @@ def test_raw_tensor_shape_must_hold_ints():
     # numpy integers are integers
     out = S.load(S.save({"a": S.RawTensor("U8", (np.int64(2), np.uint8(1)), b"ab")}))
     assert out["a"].shape == (2, 1) and out["a"].tobytes() == b"ab"
+
+
+def test_load_from_bytes_releases_the_gil():
+    # validating and copying a big blob is pure C: another thread keeps running
+    import threading
+    import time
+
+    blob = S.save({"a": np.zeros(32 * 2**20, np.float32)})  # 128 MiB
+    calls, done = [], threading.Event()
+
+    def work():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            _core.st_from_bytes(blob)
+        calls.append((time.perf_counter() - t0) / 3)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    widest = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        widest = max(widest, now - last)
+        last = now
+    t.join()
+    call = calls[0]
+    assert widest < call / 2, f"the main thread stalled {widest * 1e3:.0f} ms during {call * 1e3:.0f} ms calls"

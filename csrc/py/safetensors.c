@@ -106,7 +106,9 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     if (m == NULL)
         goto error;
     mlu_error_clear(&err);
-    /* Validate first (no copy of a bad input), then copy. */
+    /* Validate first (no copy of a bad input), then copy; pure C on memory
+     * the view pins (its size cannot change), so without the GIL. */
+    Py_BEGIN_ALLOW_THREADS
     rc = mlu_st_parse(view.buf, (uint64_t)view.len, &m->hdr, &err);
     if (rc == MLU_OK) {
         rc = mlu_st_map_anon((size_t)view.len, &m->base, &err);
@@ -115,6 +117,7 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
             memcpy(m->base, view.buf, m->len);
         }
     }
+    Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
         mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
         goto error;
@@ -277,8 +280,12 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         descr = NULL; /* stolen */
         if (arr == NULL)
             goto error;
-        if (nbytes > 0)
-            memcpy(PyArray_DATA((PyArrayObject *)arr), ptr, (size_t)nbytes);
+        if (nbytes > 0) {
+            void *dst = PyArray_DATA((PyArrayObject *)arr);
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(dst, ptr, (size_t)nbytes);
+            Py_END_ALLOW_THREADS
+        }
         goto done;
     }
     /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
