@@ -304,6 +304,21 @@ def test_json_write_respects_umask(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_json_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    p = tmp_path / "secret.json"
+    p.write_text("{}")
+    os.chmod(p, 0o600)
+    old = os.umask(0o022)
+    try:
+        json_write({"token": "x"}, p)
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o600 and json_read(p) == {"token": "x"}
+    os.chmod(p, 0o664)
+    json_write([1], p)
+    assert p.stat().st_mode & 0o777 == 0o664
+
+
 def test_json_write_leaves_the_umask_of_other_threads_alone(tmp_path):
     # reading the umask by setting it let files of other threads be created
     # 0644 under a 077 umask while an atomic write ran

@@ -74,6 +74,8 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
     const char *base = strrchr(target, '/');
     char *dir = NULL;
     size_t n;
+    struct stat sb;
+    mode_t mode;
 
     f->fd = -1;
     f->target = NULL;
@@ -106,7 +108,13 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
         f->tmp = NULL;
         goto error;
     }
-    if (fchmod(f->fd, 0666 & ~current_umask()) != 0) {
+    /* Replacing a file keeps its permissions (a private 0600 file must not
+     * come back 0644); a new one gets what open() would give it. */
+    if (stat(target, &sb) == 0 && S_ISREG(sb.st_mode))
+        mode = sb.st_mode & 0777;
+    else
+        mode = 0666 & ~current_umask();
+    if (fchmod(f->fd, mode) != 0) {
         st = mlu_error_errno(err, errno, "cannot set the mode of '%s'", f->tmp);
         goto error;
     }
