@@ -319,6 +319,18 @@ def test_json_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
     assert p.stat().st_mode & 0o777 == 0o664
 
 
+def test_json_write_through_a_symlink(tmp_path):
+    # as open(path, "w") does: the link stays, the file it points to is replaced
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "metrics.json"
+    real.write_text("[0]")
+    link = tmp_path / "latest.json"
+    link.symlink_to(os.path.join("runs", "metrics.json"))
+    json_write([1, 2], link)
+    assert link.is_symlink() and json_read(real) == [1, 2] and json_read(link) == [1, 2]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["metrics.json"]
+
+
 def test_json_write_leaves_the_umask_of_other_threads_alone(tmp_path):
     # reading the umask by setting it let files of other threads be created
     # 0644 under a 077 umask while an atomic write ran

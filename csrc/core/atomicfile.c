@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,7 +73,7 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
 {
     mlu_status st = MLU_ENOMEM;
     const char *base = strrchr(target, '/');
-    char *dir = NULL;
+    char *dir = NULL, *resolved = NULL;
     size_t n;
     struct stat sb;
     mode_t mode;
@@ -85,6 +86,20 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
     if (*base == '\0') {
         st = mlu_error_set(err, MLU_EINVAL, -1, "path '%s' names a folder, not a file", target);
         goto error;
+    }
+    /* A symbolic link is written through, as open() would: the new file
+     * replaces the one it points to (renaming over the link itself would
+     * leave that file stale).  A dangling link is replaced. */
+    if (lstat(target, &sb) == 0 && S_ISLNK(sb.st_mode)) {
+        resolved = mlu_malloc(PATH_MAX);
+        if (resolved == NULL) {
+            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
+            goto error;
+        }
+        if (realpath(target, resolved) != NULL) {
+            target = resolved;
+            base = strrchr(target, '/') + 1; /* realpath gives an absolute path */
+        }
     }
     dir = dir_of(target);
     f->target = dup_str(target);
@@ -124,6 +139,7 @@ error:
     mlu_afile_abort(f);
 done:
     mlu_free(dir);
+    mlu_free(resolved);
     return st;
 }
 
