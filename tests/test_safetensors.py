@@ -471,3 +471,12 @@ def test_load_from_bytes_releases_the_gil():
     t.join()
     call = calls[0]
     assert widest < call / 2, f"the main thread stalled {widest * 1e3:.0f} ms during {call * 1e3:.0f} ms calls"
+
+
+def test_map_array_refuses_dtypes_holding_objects():
+    # file bytes read as object pointers crashed on first use
+    m = _core.st_from_bytes(S.save({"a": np.arange(3, dtype=np.float64) + 12345.0}))
+    for dt in (np.dtype(object), np.dtype([("x", object)]), np.dtype([("x", "i4"), ("y", object)])[["y"]]):
+        with pytest.raises(TypeError, match="holds Python objects"):
+            m.array(0, dt)
+    assert m.array(0, np.float64).tolist() == [12345.0, 12346.0, 12347.0]

@@ -235,6 +235,12 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_IndexError, "tensor index out of range");
         goto error;
     }
+    if (PyDataType_FLAGCHK(descr, NPY_ITEM_REFCOUNT)) {
+        /* file bytes taken for object pointers would crash the reader */
+        PyErr_Format(PyExc_TypeError, "a tensor cannot be read as %R: it holds Python objects",
+                     (PyObject *)descr);
+        goto error;
+    }
     t = &m->hdr.tensors[index];
     bits = mlu_st_dtype_bits(t->dtype);
     elsize = (npy_intp)PyDataType_ELSIZE(descr);
