@@ -365,3 +365,18 @@ def test_layout_callback_errors_propagate():
         Pattern([[], [(2**70, 0)]], timesteps=1, n_q=1)
     with pytest.raises(TypeError, match="layout step 1 is not a list"):
         Pattern([[], 5], timesteps=1, n_q=1)
+
+
+def test_gather_refuses_object_buffers():
+    # bytes written into object pointers crashed
+    runs = np.array([[0, 4]], dtype=np.int64)
+    src = np.arange(4, dtype=np.int64)
+    for dst in (np.empty(4, dtype=object), np.empty(4, dtype=[("x", object)])):
+        with pytest.raises(TypeError, match="not Python objects"):
+            _core.pattern_gather(runs, src, 1, 4, 4, b"\0" * 8, dst)
+    with pytest.raises(TypeError, match="not Python objects"):
+        _core.pattern_gather(runs, np.array([1, 2, 3, 4], dtype=object), 1, 4, 4, b"\0" * 8,
+                             np.empty(4, np.int64))
+    out = np.empty(4, np.int64)
+    _core.pattern_gather(runs, src, 1, 4, 4, b"\0" * 8, out)
+    assert out.tolist() == [0, 1, 2, 3]

@@ -719,6 +719,12 @@ static int check_runs(const int64_t *runs, int64_t n_runs, int64_t n_in, int64_t
     return 0;
 }
 
+/* 1 when a buffer's items are (or contain) Python object references. */
+static int holds_objects(const Py_buffer *view)
+{
+    return view->format != NULL && strchr(view->format, 'O') != NULL;
+}
+
 /* pattern_gather(runs, src, outer, n_in, n_out, special, dst) -> None
  * src and dst are C-contiguous buffers; special is one element's bytes. */
 static PyObject *py_gather(PyObject *m, PyObject *args)
@@ -753,10 +759,15 @@ static PyObject *py_gather(PyObject *m, PyObject *args)
     n_runs = (int64_t)PyArray_DIM(runs, 0);
     if (check_runs((const int64_t *)PyArray_DATA(runs), n_runs, n_in, n_out) < 0)
         goto done;
-    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         goto done;
-    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
         goto done;
+    if (holds_objects(&src) || holds_objects(&dst)) {
+        /* copied bytes are not references: object pointers would crash */
+        PyErr_SetString(PyExc_TypeError, "pattern_gather copies plain bytes, not Python objects");
+        goto done;
+    }
     if (mlu_mul_overflow_i64(outer, n_in, &need_in) || mlu_mul_overflow_i64(need_in, (int64_t)es, &need_in) ||
         mlu_mul_overflow_i64(outer, n_out, &need_out) ||
         mlu_mul_overflow_i64(need_out, (int64_t)es, &need_out)) {
