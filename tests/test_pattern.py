@@ -380,3 +380,10 @@ def test_gather_refuses_object_buffers():
     out = np.empty(4, np.int64)
     _core.pattern_gather(runs, src, 1, 4, 4, b"\0" * 8, out)
     assert out.tolist() == [0, 1, 2, 3]
+
+
+def test_table_is_a_gc_heap_type():
+    import gc
+
+    t = DelayedPatternProvider(2).get_pattern(3)._table
+    assert gc.is_tracked(t) and type(t) in gc.get_referents(t)

@@ -480,3 +480,9 @@ def test_map_array_refuses_dtypes_holding_objects():
         with pytest.raises(TypeError, match="holds Python objects"):
             m.array(0, dt)
     assert m.array(0, np.float64).tolist() == [12345.0, 12346.0, 12347.0]
+
+
+def test_map_is_a_gc_heap_type():
+    # an instance is tracked and reports the reference to its heap type
+    m = _core.st_from_bytes(S.save({"a": np.zeros(2)}))
+    assert gc.is_tracked(m) and type(m) in gc.get_referents(m)

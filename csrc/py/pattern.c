@@ -31,10 +31,18 @@ static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
 
 /* ------------------------------------------------------------------- type */
 
+/* GC support: the only reference an instance holds is to its (heap) type. */
+static int table_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
 static void table_dealloc(PyObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
 
+    PyObject_GC_UnTrack(self);
     mlu_pattern_free(&((PatternTableObject *)self)->pat);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -336,6 +344,7 @@ static PyMethodDef table_methods[] = {
 
 static PyType_Slot table_slots[] = {
     {Py_tp_dealloc, table_dealloc},
+    {Py_tp_traverse, table_traverse},
     {Py_tp_getset, table_getset},
     {Py_tp_methods, table_methods},
     {Py_tp_doc, "The C tables of one codebook pattern (layout as compressed rows)."},
@@ -346,7 +355,8 @@ static PyType_Spec table_spec = {
     .name = "mlutils._core.PatternTable",
     .basicsize = sizeof(PatternTableObject),
     .itemsize = 0,
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION |
+             Py_TPFLAGS_HAVE_GC,
     .slots = table_slots,
 };
 

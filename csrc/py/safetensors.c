@@ -23,11 +23,19 @@ typedef struct {
     mlu_st_header hdr;  /* owned */
 } StMap;
 
+/* GC support: the only reference an instance holds is to its (heap) type. */
+static int stmap_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
 static void stmap_dealloc(PyObject *self)
 {
     StMap *m = (StMap *)self;
     PyTypeObject *tp = Py_TYPE(self);
 
+    PyObject_GC_UnTrack(self);
     mlu_st_header_free(&m->hdr);
     mlu_st_unmap(m->base, m->len);
     m->base = NULL;
@@ -343,6 +351,7 @@ static PyGetSetDef stmap_getset[] = {
 
 static PyType_Slot stmap_slots[] = {
     {Py_tp_dealloc, (void *)stmap_dealloc},
+    {Py_tp_traverse, (void *)stmap_traverse},
     {Py_tp_methods, stmap_methods},
     {Py_tp_getset, stmap_getset},
     {Py_tp_doc, (void *)"A validated safetensors file mapped privately; arrays keep it alive."},
@@ -353,7 +362,8 @@ static PyType_Spec stmap_spec = {
     .name = "mlutils._core.SafetensorsMap",
     .basicsize = sizeof(StMap),
     .itemsize = 0,
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
     .slots = stmap_slots,
 };
 
