@@ -272,6 +272,33 @@ def test_truncate_with_a_decimal_comma_locale(tmp_path):
     assert out.stdout.split("\n")[:2] == [want, want]
 
 
+def test_truncate_json_releases_the_gil():
+    # rewriting a big text is pure C: another thread keeps running
+    import threading
+    import time
+
+    text = "[" + ", ".join(["1.123456789"] * 1000000) + "]"
+    calls, done = [], threading.Event()
+
+    def work():
+        t0 = time.perf_counter()
+        for _ in range(2):
+            truncate_json(text)
+        calls.append((time.perf_counter() - t0) / 2)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    widest = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        widest = max(widest, now - last)
+        last = now
+    t.join()
+    assert widest < calls[0] / 2, f"the main thread stalled {widest * 1e3:.0f} ms during {calls[0] * 1e3:.0f} ms calls"
+
+
 def test_json_read_write(tmp_path):
     p = tmp_path / "x.json"
     assert json_read(p) is None

@@ -533,7 +533,10 @@ static PyObject *py_truncate_json(PyObject *m, PyObject *arg)
                             Py_TYPE(arg)->tp_name);
     }
     mlu_error_clear(&err);
+    /* pure C over the immutable text of arg (kept alive by the caller) */
+    Py_BEGIN_ALLOW_THREADS
     rc = mlu_json_truncate_text(text, (size_t)n, &out, &err);
+    Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
         mlu_raise(mlu_get_state(m), &err, NULL);
         goto done;

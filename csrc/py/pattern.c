@@ -180,14 +180,19 @@ static PyObject *table_find(PyObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "L|L:find", &t, &q))
         return NULL;
+    /* two passes over an immutable pattern: no Python object touched */
+    Py_BEGIN_ALLOW_THREADS
     n = mlu_pattern_find(p, t, q, NULL, NULL, 0);
+    Py_END_ALLOW_THREADS
     steps = mlu_calloc((size_t)n + 1, sizeof(int64_t));
     coords = mlu_calloc((size_t)n + 1, sizeof(int64_t));
     if (steps == NULL || coords == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    Py_BEGIN_ALLOW_THREADS
     mlu_pattern_find(p, t, q, steps, coords, n);
+    Py_END_ALLOW_THREADS
     res = PyList_New((Py_ssize_t)n);
     if (res == NULL)
         goto done;
