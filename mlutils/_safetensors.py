@@ -25,6 +25,7 @@ dtypes on the torch side
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
@@ -341,9 +342,9 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
     entries = []
     for name, t in tensors.items():
         if isinstance(t, RawTensor):
-            if t.dtype not in _BITS:
+            if not isinstance(t.dtype, str) or t.dtype not in _BITS:
                 raise ValueError(f"tensor {name!r}: unknown safetensors dtype {t.dtype!r}")
-            entries.append((name, t.dtype, tuple(int(d) for d in t.shape), t.data))
+            entries.append((name, t.dtype, _raw_shape(name, t.shape), t.data))
         elif isinstance(t, np.ndarray):
             entries.append(_np_entry(name, t, np_codes))
         else:
@@ -351,6 +352,26 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
                 torch_codes = _torch_codes()
             entries.append(_torch_entry(name, t, torch_codes))
     return entries, metadata
+
+
+def _raw_shape(name: str, shape: Any) -> Tuple[int, ...]:
+    """A RawTensor's shape as ints in [0, 2**64): no float truncated, no bool taken for 0/1."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"tensor {name!r}: shape must be a sequence of ints, not {type(shape).__name__}") from None
+    out = []
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)):
+            raise TypeError(f"tensor {name!r}: shape {dims!r} holds a bool, not an int")
+        try:
+            v = operator.index(d)
+        except TypeError:
+            raise TypeError(f"tensor {name!r}: shape {dims!r} holds a {type(d).__name__}, not an int") from None
+        if v < 0 or v >= 1 << 64:
+            raise SafetensorsError(f"tensor {name!r}: shape {dims!r} has a dimension outside [0, 2**64)")
+        out.append(v)
+    return tuple(out)
 
 
 def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, str]] = None,

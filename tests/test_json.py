@@ -182,6 +182,18 @@ def test_parse_errors_have_line_and_column():
     assert ei.value.lineno == 3 and ei.value.colno == 8
 
 
+def test_parse_error_quoting_part_of_a_utf8_sequence():
+    # jansson quotes the bytes near an invalid escape and may cut a character
+    # in two: still a JSONDecodeError (it was a UnicodeDecodeError)
+    for text in ['"\\u\u20ac"', '["\\u12\u00e9"]', '"\\u0000nInfinity\\u\u20a9-true]']:
+        for arg in (text, text.encode()):
+            with pytest.raises(mlutils.JSONDecodeError) as ei:
+                json_parse(arg)
+            assert ei.value.doc == text and 0 <= ei.value.pos <= len(text)
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(text)
+
+
 def test_duplicate_keys_rejected():
     with pytest.raises(ValueError, match="duplicate"):
         json_parse('{"a": 1, "a": 2}')
@@ -232,6 +244,61 @@ def test_truncate_is_locale_independent():
     assert out.stdout.strip() == "[0.1235]"
 
 
+def test_truncate_with_a_decimal_comma_locale(tmp_path):
+    # a locale with a decimal comma, compiled for this test when the machine has none
+    import shutil
+
+    if shutil.which("localedef") is None or not os.path.exists("/usr/share/i18n/locales/de_DE"):
+        pytest.skip("no localedef / de_DE locale source to build a decimal-comma locale")
+    subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8", str(tmp_path / "de_DE.UTF-8")],
+                   check=False, capture_output=True)
+    if not (tmp_path / "de_DE.UTF-8").exists():
+        pytest.skip("localedef could not build de_DE.UTF-8")
+    # near-ties and values past 2**40 / 1e4 take the exact (printf) path
+    values = [0.12345000000001, 123456789.123456789, 2.00005000001, 0.123456789, -7.99995000001]
+    code = (
+        "import locale, json\n"
+        "locale.setlocale(locale.LC_ALL, 'de_DE.UTF-8')\n"
+        "assert locale.localeconv()['decimal_point'] == ','\n"
+        "from mlutils.io import json_stringify\n"
+        "from mlutils.utils import truncate_json\n"
+        f"v = {values!r}\n"
+        "print(json_stringify(v, truncate=True))\n"
+        "print(truncate_json(json.dumps(v)))\n"
+    )
+    env = dict(os.environ, LOCPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    want = "[" + ", ".join("{:.4f}".format(v) for v in values) + "]"
+    assert out.stdout.split("\n")[:2] == [want, want]
+
+
+def test_truncate_json_releases_the_gil():
+    # rewriting a big text is pure C: another thread keeps running
+    import threading
+    import time
+
+    text = "[" + ", ".join(["1.123456789"] * 1000000) + "]"
+    calls, done = [], threading.Event()
+
+    def work():
+        t0 = time.perf_counter()
+        for _ in range(2):
+            truncate_json(text)
+        calls.append((time.perf_counter() - t0) / 2)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    widest = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        widest = max(widest, now - last)
+        last = now
+    t.join()
+    assert widest < calls[0] / 2, f"the main thread stalled {widest * 1e3:.0f} ms during {calls[0] * 1e3:.0f} ms calls"
+
+
 def test_json_read_write(tmp_path):
     p = tmp_path / "x.json"
     assert json_read(p) is None
@@ -262,6 +329,75 @@ def test_json_write_respects_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_json_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    p = tmp_path / "secret.json"
+    p.write_text("{}")
+    os.chmod(p, 0o600)
+    old = os.umask(0o022)
+    try:
+        json_write({"token": "x"}, p)
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o600 and json_read(p) == {"token": "x"}
+    os.chmod(p, 0o664)
+    json_write([1], p)
+    assert p.stat().st_mode & 0o777 == 0o664
+
+
+def test_json_write_through_a_symlink(tmp_path):
+    # as open(path, "w") does: the link stays, the file it points to is replaced
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "metrics.json"
+    real.write_text("[0]")
+    link = tmp_path / "latest.json"
+    link.symlink_to(os.path.join("runs", "metrics.json"))
+    json_write([1, 2], link)
+    assert link.is_symlink() and json_read(real) == [1, 2] and json_read(link) == [1, 2]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["metrics.json"]
+
+
+def test_json_write_leaves_the_umask_of_other_threads_alone(tmp_path):
+    # reading the umask by setting it let files of other threads be created
+    # 0644 under a 077 umask while an atomic write ran
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    code = (
+        "import os, sys, tempfile, threading, time\n"
+        "from mlutils.io import json_write\n"
+        f"d = tempfile.mkdtemp(dir={base!r})\n"
+        "os.umask(0o077)\n"
+        "stop, bad = [], []\n"
+        "def writer(k):\n"
+        "    while not stop:\n"
+        "        json_write([k], os.path.join(d, 'w%d.json' % k))\n"
+        "def creator():\n"
+        "    deadline = time.time() + 2\n"
+        "    while time.time() < deadline and not bad:\n"
+        "        p = os.path.join(d, 'c')\n"
+        "        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o666)\n"
+        "        mode = os.fstat(fd).st_mode & 0o777\n"
+        "        os.close(fd); os.unlink(p)\n"
+        "        if mode != 0o600: bad.append(oct(mode))\n"
+        "    stop.append(1)\n"
+        "ts = [threading.Thread(target=writer, args=(k,)) for k in range(3)] + [threading.Thread(target=creator)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "modes = {oct(os.stat(os.path.join(d, f)).st_mode & 0o777) for f in os.listdir(d)}\n"
+        "for f in os.listdir(d): os.unlink(os.path.join(d, f))\n"
+        "os.rmdir(d)\n"
+        "print(bad[:1], sorted(modes))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] ['0o600']"
+
+
+def test_json_write_to_a_long_file_name(tmp_path):
+    # the temporary file beside it must not exceed the name limit where the target does not
+    p = tmp_path / ("a" * 250 + ".json")
+    p.write_text("{}")
+    json_write({"a": 1}, p)
+    assert json_read(p) == {"a": 1}
+    assert os.listdir(tmp_path) == [p.name]
 
 
 def test_json_write_kill_leaves_old_file(tmp_path):

@@ -316,3 +316,74 @@ def test_arbitrary_layouts_never_crash():
                 p.revert_pattern_sequence(np.zeros((1, n_q, 1)), 0)
 
     check()
+
+
+def test_layout_mutated_by_index_callback_is_an_error_not_a_crash():
+    # __index__ of a coordinate empties the layout (and a list coordinate)
+    # while the C side is reading them: it works on snapshots.
+    layout = []
+
+    class Shrinks:
+        def __index__(self):
+            layout.clear()
+            coord.clear()
+            return 0
+
+    coord = [Shrinks(), 0]
+    layout.extend([[coord], [LayoutCoord(0, 0)], [LayoutCoord(1, 0)]] +
+                  [[LayoutCoord(i, 0)] for i in range(2, 64)])
+    p = Pattern(layout, timesteps=64, n_q=1)
+    expected = Pattern([[LayoutCoord(0, 0)]] + [[LayoutCoord(i, 0)] for i in range(64)], timesteps=64, n_q=1)
+    assert len(p) == 65 and p == expected
+
+
+def test_layout_callback_errors_propagate():
+    # an exception raised by the layout's own code is not replaced by a TypeError
+    class Boom(Exception):
+        pass
+
+    class BadIndex:
+        def __index__(self):
+            raise Boom("from __index__")
+
+    class BadStep:
+        def __iter__(self):
+            raise Boom("from __iter__")
+
+    with pytest.raises(Boom, match="__index__"):
+        Pattern([[], [LayoutCoord(BadIndex(), 0)]], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__iter__"):
+        Pattern([[], BadStep()], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__iter__"):
+        Pattern([[], [BadStep()]], timesteps=1, n_q=1)
+    with pytest.raises(Boom, match="__index__"):
+        _core.pattern_check_delayed(1, [BadIndex()])
+    # plain bad values still name the step
+    with pytest.raises(TypeError, match="layout step 1 holds"):
+        Pattern([[], [("x", 0)]], timesteps=1, n_q=1)
+    with pytest.raises(OverflowError, match="layout step 1 .* 64 bits"):
+        Pattern([[], [(2**70, 0)]], timesteps=1, n_q=1)
+    with pytest.raises(TypeError, match="layout step 1 is not a list"):
+        Pattern([[], 5], timesteps=1, n_q=1)
+
+
+def test_gather_refuses_object_buffers():
+    # bytes written into object pointers crashed
+    runs = np.array([[0, 4]], dtype=np.int64)
+    src = np.arange(4, dtype=np.int64)
+    for dst in (np.empty(4, dtype=object), np.empty(4, dtype=[("x", object)])):
+        with pytest.raises(TypeError, match="not Python objects"):
+            _core.pattern_gather(runs, src, 1, 4, 4, b"\0" * 8, dst)
+    with pytest.raises(TypeError, match="not Python objects"):
+        _core.pattern_gather(runs, np.array([1, 2, 3, 4], dtype=object), 1, 4, 4, b"\0" * 8,
+                             np.empty(4, np.int64))
+    out = np.empty(4, np.int64)
+    _core.pattern_gather(runs, src, 1, 4, 4, b"\0" * 8, out)
+    assert out.tolist() == [0, 1, 2, 3]
+
+
+def test_table_is_a_gc_heap_type():
+    import gc
+
+    t = DelayedPatternProvider(2).get_pattern(3)._table
+    assert gc.is_tracked(t) and type(t) in gc.get_referents(t)

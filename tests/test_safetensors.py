@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlutils
-from mlutils import _safetensors as S
+from mlutils import _core, _safetensors as S
 
 safetensors = pytest.importorskip("safetensors")
 stn = pytest.importorskip("safetensors.numpy")
@@ -424,3 +424,65 @@ def test_safe_open_reads_only_what_is_asked(tmp_path):
     assert small.tolist() == list(range(10))
     assert after - before < 4 << 20  # far less than the 32 MiB tensor
     assert float(t[-1, -1]) == float(big[-1, -1])
+
+
+def test_raw_tensor_shape_must_hold_ints():
+    # int() used to truncate a float dimension (2.9 -> 2) and take True for 1
+    with pytest.raises(TypeError, match="holds a float"):
+        S.save({"a": S.RawTensor("U8", (2.9,), b"ab")})
+    with pytest.raises(TypeError, match="holds a bool"):
+        S.save({"a": S.RawTensor("U8", (True, 2), b"ab")})
+    with pytest.raises(mlutils.SafetensorsError, match="outside"):
+        S.save({"a": S.RawTensor("U8", (-1,), b"ab")})
+    with pytest.raises(mlutils.SafetensorsError, match="outside"):
+        S.save({"a": S.RawTensor("U8", (2**64, 0), b"")})
+    with pytest.raises(TypeError, match="sequence of ints"):
+        S.save({"a": S.RawTensor("U8", 2, b"ab")})
+    with pytest.raises(ValueError, match="unknown safetensors dtype"):
+        S.save({"a": S.RawTensor(["U8"], (2,), b"ab")})
+    # numpy integers are integers
+    out = S.load(S.save({"a": S.RawTensor("U8", (np.int64(2), np.uint8(1)), b"ab")}))
+    assert out["a"].shape == (2, 1) and out["a"].tobytes() == b"ab"
+
+
+def test_load_from_bytes_releases_the_gil():
+    # validating and copying a big blob is pure C: another thread keeps running
+    import threading
+    import time
+
+    blob = S.save({"a": np.zeros(32 * 2**20, np.float32)})  # 128 MiB
+    calls, done = [], threading.Event()
+
+    def work():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            _core.st_from_bytes(blob)
+        calls.append((time.perf_counter() - t0) / 3)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    widest = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        widest = max(widest, now - last)
+        last = now
+    t.join()
+    call = calls[0]
+    assert widest < call / 2, f"the main thread stalled {widest * 1e3:.0f} ms during {call * 1e3:.0f} ms calls"
+
+
+def test_map_array_refuses_dtypes_holding_objects():
+    # file bytes read as object pointers crashed on first use
+    m = _core.st_from_bytes(S.save({"a": np.arange(3, dtype=np.float64) + 12345.0}))
+    for dt in (np.dtype(object), np.dtype([("x", object)]), np.dtype([("x", "i4"), ("y", object)])[["y"]]):
+        with pytest.raises(TypeError, match="holds Python objects"):
+            m.array(0, dt)
+    assert m.array(0, np.float64).tolist() == [12345.0, 12346.0, 12347.0]
+
+
+def test_map_is_a_gc_heap_type():
+    # an instance is tracked and reports the reference to its heap type
+    m = _core.st_from_bytes(S.save({"a": np.zeros(2)}))
+    assert gc.is_tracked(m) and type(m) in gc.get_referents(m)

@@ -702,3 +702,16 @@ if given is not None:
             assert s.state_dict() == before  # refused: nothing changed
         else:
             draws(s, 10)  # loaded: it works
+
+
+def test_cursor_keeps_its_own_copy_of_the_batch_offsets():
+    # the offsets are validated once; a later change to the caller's array
+    # (or to the one __reduce__ hands out) must not reach the cursor
+    offsets = np.array([0, 2, 5], dtype=np.int64)
+    c = _core.SamplerCursor(2, offsets=offsets)
+    offsets[2] = -5
+    offsets[1] = 100
+    assert [list(b) for b in c] == [[0, 1], [2, 3, 4]]
+    _, args, _ = c.__reduce__()
+    with pytest.raises(ValueError):
+        args[-1][1] = 7

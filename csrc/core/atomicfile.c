@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,19 +41,42 @@ static char *dir_of(const char *path)
 
 static mode_t current_umask(void)
 {
-    /* umask can only be read by setting it; done once per open, which is
-     * cheap next to the fsync that follows. */
-    mode_t m = umask(022);
-    umask(m);
+    /* Read it where Linux reports it (>= 4.7): umask() can only read it by
+     * setting it, which would change it meanwhile for every thread (a file
+     * another thread creates then gets 0644 under a 077 umask). */
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[256];
+    unsigned int v;
+    mode_t m = 0;
+    int found = 0;
+
+    if (f != NULL) {
+        while (!found && fgets(line, sizeof(line), f) != NULL) {
+            if (strncmp(line, "Umask:", 6) == 0 && sscanf(line + 6, "%o", &v) == 1) {
+                m = (mode_t)(v & 0777);
+                found = 1;
+            }
+        }
+        fclose(f);
+    }
+    if (!found) {
+        /* older kernels: the racy way is the only one */
+        m = umask(022);
+        umask(m);
+    }
     return m;
 }
+
+#define TMP_BASE 200
 
 mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
 {
     mlu_status st = MLU_ENOMEM;
     const char *base = strrchr(target, '/');
-    char *dir = NULL;
+    char *dir = NULL, *resolved = NULL;
     size_t n;
+    struct stat sb;
+    mode_t mode;
 
     f->fd = -1;
     f->target = NULL;
@@ -62,6 +86,20 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
     if (*base == '\0') {
         st = mlu_error_set(err, MLU_EINVAL, -1, "path '%s' names a folder, not a file", target);
         goto error;
+    }
+    /* A symbolic link is written through, as open() would: the new file
+     * replaces the one it points to (renaming over the link itself would
+     * leave that file stale).  A dangling link is replaced. */
+    if (lstat(target, &sb) == 0 && S_ISLNK(sb.st_mode)) {
+        resolved = mlu_malloc(PATH_MAX);
+        if (resolved == NULL) {
+            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
+            goto error;
+        }
+        if (realpath(target, resolved) != NULL) {
+            target = resolved;
+            base = strrchr(target, '/') + 1; /* realpath gives an absolute path */
+        }
     }
     dir = dir_of(target);
     f->target = dup_str(target);
@@ -75,7 +113,9 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
         goto error;
     }
-    snprintf(f->tmp, n, "%s/.%s.XXXXXX.tmp", dir, base);
+    /* The temp name adds 12 bytes to the target's: a name near the
+     * filesystem's limit (255) keeps only its first TMP_BASE bytes there. */
+    snprintf(f->tmp, n, "%s/.%.*s.XXXXXX.tmp", dir, TMP_BASE, base);
     f->fd = mkostemps(f->tmp, 4, O_CLOEXEC);
     if (f->fd < 0) {
         st = mlu_error_errno(err, errno, "cannot create a temporary file beside '%s'", target);
@@ -83,7 +123,13 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
         f->tmp = NULL;
         goto error;
     }
-    if (fchmod(f->fd, 0666 & ~current_umask()) != 0) {
+    /* Replacing a file keeps its permissions (a private 0600 file must not
+     * come back 0644); a new one gets what open() would give it. */
+    if (stat(target, &sb) == 0 && S_ISREG(sb.st_mode))
+        mode = sb.st_mode & 0777;
+    else
+        mode = 0666 & ~current_umask();
+    if (fchmod(f->fd, mode) != 0) {
         st = mlu_error_errno(err, errno, "cannot set the mode of '%s'", f->tmp);
         goto error;
     }
@@ -93,6 +139,7 @@ error:
     mlu_afile_abort(f);
 done:
     mlu_free(dir);
+    mlu_free(resolved);
     return st;
 }
 

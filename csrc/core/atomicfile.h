@@ -3,6 +3,7 @@
  *
  *   mlu_afile f;
  *   mlu_afile_open(&f, "ckpt.pt", &err);      sibling temp file, mode 0666 & ~umask
+ *                                              (a replaced file's own permissions)
  *   mlu_afile_write(&f, p, n, &err) ...        (or pwrite through f.fd)
  *   mlu_afile_commit(&f, &err);                fsync, rename over the target, fsync the folder
  *   mlu_afile_abort(&f);                       on any failure: close and unlink the temp file

@@ -320,17 +320,18 @@ static void make_c_locale(void)
     c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
 }
 
-/* "%.4f" of the decimal text s, in the C locale.  Returns the length or -1. */
-static int format_4f(const char *s, char *out, size_t cap)
+/* "%.4f" of the decimal text s (or, when s is NULL, of v), in the C locale.
+ * Returns the length or -1. */
+static int format_4f(const char *s, double v, char *out, size_t cap)
 {
     locale_t old = (locale_t)0;
-    double v;
     int w;
 
     pthread_once(&c_locale_once, make_c_locale);
     if (c_locale != (locale_t)0)
         old = uselocale(c_locale);
-    v = strtod(s, NULL);
+    if (s != NULL)
+        v = strtod(s, NULL);
     w = snprintf(out, cap, "%.4f", v);
     if (c_locale != (locale_t)0)
         uselocale(old);
@@ -378,7 +379,7 @@ mlu_status mlu_json_put_number(mlu_buf *b, const char *tok, size_t n, int trunca
             } else {
                 memcpy(tmp, tok + start, len);
                 tmp[len] = '\0';
-                w = format_4f(tmp, out, sizeof(out));
+                w = format_4f(tmp, 0.0, out, sizeof(out));
                 if (w < 0)
                     return mlu_error_set(err, MLU_EOVERFLOW, -1, "number too long to truncate");
                 if ((st = mlu_buf_append(b, out, (size_t)w, err)) != MLU_OK)
@@ -439,8 +440,9 @@ mlu_status mlu_json_put_fixed4(mlu_buf *b, double v, mlu_error *err)
             return mlu_buf_append(b, p, (size_t)(end - p), err);
         }
     }
-    snprintf(out, sizeof(out), "%.17g", v);
-    w = format_4f(out, out, sizeof(out));
+    /* v itself, not a text round trip: printing it would follow the
+     * process locale (a decimal comma) and the C-locale reparse stop there. */
+    w = format_4f(NULL, v, out, sizeof(out));
     if (w < 0)
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "number too long to format");
     return mlu_buf_append(b, out, (size_t)w, err);

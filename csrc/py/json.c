@@ -482,20 +482,20 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
     Py_END_ALLOW_THREADS
     if (rc == MLU_EFORMAT) {
         /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
-        PyObject *s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
-        if (s != NULL) {
-            PyObject *head = PyUnicode_DecodeUTF8(text, (Py_ssize_t)err.offset, "replace");
-            if (head != NULL) {
-                PyObject *exc = PyObject_CallFunction(st->JSONDecodeError, "sOn", err.text, s,
-                                                      PyUnicode_GET_LENGTH(head));
-                if (exc != NULL) {
-                    PyErr_SetObject(st->JSONDecodeError, exc);
-                    Py_DECREF(exc);
-                }
-                Py_DECREF(head);
-            }
-            Py_DECREF(s);
-        }
+        PyObject *s = NULL, *head = NULL, *msg = NULL, *exc = NULL;
+        s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
+        head = s ? PyUnicode_DecodeUTF8(text, (Py_ssize_t)err.offset, "replace") : NULL;
+        /* jansson quotes the bytes near the problem, which may be cut
+         * inside a UTF-8 sequence: decode them leniently too */
+        msg = head ? PyUnicode_DecodeUTF8(err.text, (Py_ssize_t)strlen(err.text), "replace") : NULL;
+        if (msg != NULL)
+            exc = PyObject_CallFunction(st->JSONDecodeError, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
+        if (exc != NULL)
+            PyErr_SetObject(st->JSONDecodeError, exc);
+        Py_XDECREF(exc);
+        Py_XDECREF(msg);
+        Py_XDECREF(head);
+        Py_XDECREF(s);
         goto done;
     }
     if (rc != MLU_OK) {
@@ -533,7 +533,10 @@ static PyObject *py_truncate_json(PyObject *m, PyObject *arg)
                             Py_TYPE(arg)->tp_name);
     }
     mlu_error_clear(&err);
+    /* pure C over the immutable text of arg (kept alive by the caller) */
+    Py_BEGIN_ALLOW_THREADS
     rc = mlu_json_truncate_text(text, (size_t)n, &out, &err);
+    Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
         mlu_raise(mlu_get_state(m), &err, NULL);
         goto done;

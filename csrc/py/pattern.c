@@ -31,10 +31,18 @@ static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
 
 /* ------------------------------------------------------------------- type */
 
+/* GC support: the only reference an instance holds is to its (heap) type. */
+static int table_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
 static void table_dealloc(PyObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
 
+    PyObject_GC_UnTrack(self);
     mlu_pattern_free(&((PatternTableObject *)self)->pat);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -172,14 +180,19 @@ static PyObject *table_find(PyObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "L|L:find", &t, &q))
         return NULL;
+    /* two passes over an immutable pattern: no Python object touched */
+    Py_BEGIN_ALLOW_THREADS
     n = mlu_pattern_find(p, t, q, NULL, NULL, 0);
+    Py_END_ALLOW_THREADS
     steps = mlu_calloc((size_t)n + 1, sizeof(int64_t));
     coords = mlu_calloc((size_t)n + 1, sizeof(int64_t));
     if (steps == NULL || coords == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    Py_BEGIN_ALLOW_THREADS
     mlu_pattern_find(p, t, q, steps, coords, n);
+    Py_END_ALLOW_THREADS
     res = PyList_New((Py_ssize_t)n);
     if (res == NULL)
         goto done;
@@ -336,6 +349,7 @@ static PyMethodDef table_methods[] = {
 
 static PyType_Slot table_slots[] = {
     {Py_tp_dealloc, table_dealloc},
+    {Py_tp_traverse, table_traverse},
     {Py_tp_getset, table_getset},
     {Py_tp_methods, table_methods},
     {Py_tp_doc, "The C tables of one codebook pattern (layout as compressed rows)."},
@@ -346,7 +360,8 @@ static PyType_Spec table_spec = {
     .name = "mlutils._core.PatternTable",
     .basicsize = sizeof(PatternTableObject),
     .itemsize = 0,
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION |
+             Py_TPFLAGS_HAVE_GC,
     .slots = table_slots,
 };
 
@@ -362,12 +377,13 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
 
     *out = NULL;
     *n = 0;
-    seq = PySequence_Fast(obj, "must be a sequence of ints"); /* new ref */
+    seq = PySequence_Tuple(obj); /* new ref: a snapshot __index__ cannot mutate */
     if (seq == NULL) {
-        PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
+        if (PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_Format(PyExc_TypeError, "%s must be a sequence of ints", what);
         return -1;
     }
-    len = PySequence_Fast_GET_SIZE(seq);
+    len = PyTuple_GET_SIZE(seq);
     arr = mlu_calloc((size_t)len + 1, sizeof(int64_t));
     if (arr == NULL) {
         Py_DECREF(seq);
@@ -375,9 +391,10 @@ static int int_list(PyObject *obj, const char *what, int64_t **out, int64_t *n)
         return -1;
     }
     for (i = 0; i < len; i++) {
-        item = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, i)); /* new ref */
+        item = PyNumber_Index(PyTuple_GET_ITEM(seq, i)); /* new ref */
         if (item == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int", what, i);
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int", what, i);
             goto error;
         }
         arr[i] = (int64_t)PyLong_AsLongLong(item);
@@ -593,25 +610,30 @@ static PyObject *py_musiclm(PyObject *m, PyObject *args)
     return table_or_raise(st, tab, rc, &err);
 }
 
-/* Reads one coordinate (a (t, q) pair: LayoutCoord or any 2-sequence). */
+/* Reads one coordinate (a (t, q) pair: LayoutCoord or any 2-sequence).
+ * Works on a tuple snapshot: an __index__ that mutates a list coordinate
+ * cannot pull items from under us. */
 static int read_coord(PyObject *c, Py_ssize_t s, long long *t, long long *q)
 {
-    PyObject *seq = PySequence_Fast(c, "coordinate"), *a, *b; /* new ref */
+    PyObject *seq = PySequence_Tuple(c), *a, *b; /* new ref */
     int rc = -1;
 
-    if (seq == NULL || PySequence_Fast_GET_SIZE(seq) != 2) {
+    if (seq == NULL || PyTuple_GET_SIZE(seq) != 2) {
+        /* an error of the coordinate's own code (its __iter__) goes through */
+        if (seq == NULL && !PyErr_ExceptionMatches(PyExc_TypeError))
+            goto done;
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "layout step %zd holds %R, not a (t, q) coordinate", s, c);
         goto done;
     }
-    a = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, 0));
+    a = PyNumber_Index(PyTuple_GET_ITEM(seq, 0));
     if (a == NULL)
         goto bad;
     *t = PyLong_AsLongLong(a);
     Py_DECREF(a);
     if (*t == -1 && PyErr_Occurred())
         goto bad;
-    b = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, 1));
+    b = PyNumber_Index(PyTuple_GET_ITEM(seq, 1));
     if (b == NULL)
         goto bad;
     *q = PyLong_AsLongLong(b);
@@ -621,8 +643,15 @@ static int read_coord(PyObject *c, Py_ssize_t s, long long *t, long long *q)
     rc = 0;
     goto done;
 bad:
-    PyErr_Clear();
-    PyErr_Format(PyExc_TypeError, "layout step %zd holds %R: t and q must be ints", s, c);
+    /* not an int, or too big: say where; anything else (raised by an
+     * __index__) goes through as it is */
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "layout step %zd holds %R: t and q must be ints", s, c);
+    } else if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_OverflowError, "layout step %zd holds %R: t and q must fit in 64 bits", s, c);
+    }
 done:
     Py_XDECREF(seq);
     return rc;
@@ -642,22 +671,30 @@ static PyObject *py_from_layout(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OLL:pattern_from_layout", &layout, &n_q, &T))
         return NULL;
     mlu_error_clear(&err);
-    seq = PySequence_Fast(layout, "the layout must be a list of lists of LayoutCoord");
-    if (seq == NULL)
+    /* Tuple snapshots (new refs) of the layout and of each step: the
+     * coordinates' __index__ runs Python code that may mutate the lists. */
+    seq = PySequence_Tuple(layout);
+    if (seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "the layout must be a list of lists of LayoutCoord");
+        }
         return NULL;
+    }
     tab = table_new(st, n_q, T);
     if (tab == NULL)
         goto done;
-    n = PySequence_Fast_GET_SIZE(seq);
+    n = PyTuple_GET_SIZE(seq);
     for (s = 0; s < n && rc == MLU_OK; s++) {
-        step = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, s), "step");
+        step = PySequence_Tuple(PyTuple_GET_ITEM(seq, s));
         if (step == NULL) {
-            PyErr_Format(PyExc_TypeError, "layout step %zd is not a list of coordinates", s);
+            if (PyErr_ExceptionMatches(PyExc_TypeError))
+                PyErr_Format(PyExc_TypeError, "layout step %zd is not a list of coordinates", s);
             goto done;
         }
         rc = mlu_pattern_add_step(&tab->pat, &err);
-        for (i = 0; rc == MLU_OK && i < PySequence_Fast_GET_SIZE(step); i++) {
-            if (read_coord(PySequence_Fast_GET_ITEM(step, i), s, &t, &q) < 0)
+        for (i = 0; rc == MLU_OK && i < PyTuple_GET_SIZE(step); i++) {
+            if (read_coord(PyTuple_GET_ITEM(step, i), s, &t, &q) < 0)
                 goto done;
             rc = mlu_pattern_add_coord(&tab->pat, t, q, &err);
         }
@@ -697,6 +734,12 @@ static int check_runs(const int64_t *runs, int64_t n_runs, int64_t n_in, int64_t
     return 0;
 }
 
+/* 1 when a buffer's items are (or contain) Python object references. */
+static int holds_objects(const Py_buffer *view)
+{
+    return view->format != NULL && strchr(view->format, 'O') != NULL;
+}
+
 /* pattern_gather(runs, src, outer, n_in, n_out, special, dst) -> None
  * src and dst are C-contiguous buffers; special is one element's bytes. */
 static PyObject *py_gather(PyObject *m, PyObject *args)
@@ -731,10 +774,15 @@ static PyObject *py_gather(PyObject *m, PyObject *args)
     n_runs = (int64_t)PyArray_DIM(runs, 0);
     if (check_runs((const int64_t *)PyArray_DATA(runs), n_runs, n_in, n_out) < 0)
         goto done;
-    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         goto done;
-    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
         goto done;
+    if (holds_objects(&src) || holds_objects(&dst)) {
+        /* copied bytes are not references: object pointers would crash */
+        PyErr_SetString(PyExc_TypeError, "pattern_gather copies plain bytes, not Python objects");
+        goto done;
+    }
     if (mlu_mul_overflow_i64(outer, n_in, &need_in) || mlu_mul_overflow_i64(need_in, (int64_t)es, &need_in) ||
         mlu_mul_overflow_i64(outer, n_out, &need_out) ||
         mlu_mul_overflow_i64(need_out, (int64_t)es, &need_out)) {

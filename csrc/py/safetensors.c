@@ -23,11 +23,19 @@ typedef struct {
     mlu_st_header hdr;  /* owned */
 } StMap;
 
+/* GC support: the only reference an instance holds is to its (heap) type. */
+static int stmap_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
 static void stmap_dealloc(PyObject *self)
 {
     StMap *m = (StMap *)self;
     PyTypeObject *tp = Py_TYPE(self);
 
+    PyObject_GC_UnTrack(self);
     mlu_st_header_free(&m->hdr);
     mlu_st_unmap(m->base, m->len);
     m->base = NULL;
@@ -106,7 +114,9 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     if (m == NULL)
         goto error;
     mlu_error_clear(&err);
-    /* Validate first (no copy of a bad input), then copy. */
+    /* Validate first (no copy of a bad input), then copy; pure C on memory
+     * the view pins (its size cannot change), so without the GIL. */
+    Py_BEGIN_ALLOW_THREADS
     rc = mlu_st_parse(view.buf, (uint64_t)view.len, &m->hdr, &err);
     if (rc == MLU_OK) {
         rc = mlu_st_map_anon((size_t)view.len, &m->base, &err);
@@ -115,6 +125,7 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
             memcpy(m->base, view.buf, m->len);
         }
     }
+    Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
         mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
         goto error;
@@ -232,6 +243,12 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_IndexError, "tensor index out of range");
         goto error;
     }
+    if (PyDataType_FLAGCHK(descr, NPY_ITEM_REFCOUNT)) {
+        /* file bytes taken for object pointers would crash the reader */
+        PyErr_Format(PyExc_TypeError, "a tensor cannot be read as %R: it holds Python objects",
+                     (PyObject *)descr);
+        goto error;
+    }
     t = &m->hdr.tensors[index];
     bits = mlu_st_dtype_bits(t->dtype);
     elsize = (npy_intp)PyDataType_ELSIZE(descr);
@@ -277,8 +294,12 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         descr = NULL; /* stolen */
         if (arr == NULL)
             goto error;
-        if (nbytes > 0)
-            memcpy(PyArray_DATA((PyArrayObject *)arr), ptr, (size_t)nbytes);
+        if (nbytes > 0) {
+            void *dst = PyArray_DATA((PyArrayObject *)arr);
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(dst, ptr, (size_t)nbytes);
+            Py_END_ALLOW_THREADS
+        }
         goto done;
     }
     /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
@@ -330,6 +351,7 @@ static PyGetSetDef stmap_getset[] = {
 
 static PyType_Slot stmap_slots[] = {
     {Py_tp_dealloc, (void *)stmap_dealloc},
+    {Py_tp_traverse, (void *)stmap_traverse},
     {Py_tp_methods, stmap_methods},
     {Py_tp_getset, stmap_getset},
     {Py_tp_doc, (void *)"A validated safetensors file mapped privately; arrays keep it alive."},
@@ -340,7 +362,8 @@ static PyType_Spec stmap_spec = {
     .name = "mlutils._core.SafetensorsMap",
     .basicsize = sizeof(StMap),
     .itemsize = 0,
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
     .slots = stmap_slots,
 };
 

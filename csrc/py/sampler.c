@@ -169,10 +169,13 @@ static PyObject *cursor_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (offsets_o != Py_None) {
         const int64_t *off;
         npy_intp i, len;
+        /* A private, read-only copy: the caller's array (or the one
+         * __reduce__ hands out) changing later must not bypass the checks. */
         offsets = (PyArrayObject *)PyArray_FROMANY(offsets_o, NPY_INT64, 1, 1,
-                                                   NPY_ARRAY_IN_ARRAY); /* new ref */
+                                                   NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY); /* new ref */
         if (offsets == NULL)
             return NULL;
+        PyArray_CLEARFLAGS(offsets, NPY_ARRAY_WRITEABLE);
         len = PyArray_DIM(offsets, 0);
         off = (const int64_t *)PyArray_DATA(offsets);
         if ((uint64_t)len != n + 1 || off[0] != 0) {
