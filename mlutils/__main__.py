@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import __version__
 from .io import is_safetensors_path, json_stringify
@@ -63,13 +63,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=total < (64 << 20) or not sys.stderr.isatty())
+class _WriteProgress:
+    """A progress bar for a large atomic write: a thread follows the size of the
+    temporary file the writer fills beside the target (the writers release the
+    GIL while they copy tensor data)."""
+
+    def __init__(self, target: str, total: int) -> None:
+        import threading
+
+        self.target, self.total = target, total
+        self.bar = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        folder = os.path.dirname(os.path.abspath(self.target))
+        prefix = "." + os.path.basename(self.target) + "."
+        best = 0
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name.startswith(prefix) and e.name.endswith(".tmp"):
+                        best = max(best, e.stat().st_size)
+        except OSError:
+            pass
+        return best
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            self.bar.update(max(0, min(self._size(), self.total) - self.bar.n))
+
+    def __enter__(self) -> "_WriteProgress":
+        if self.total >= (64 << 20) and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=os.path.basename(self.target))
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.stop.set()
+            self.thread.join()
+            if exc[0] is None:
+                self.bar.update(self.total - self.bar.n)
+            self.bar.close()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -80,16 +119,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError("convert: input and output are the same file")
     if is_safetensors_path(src) == is_safetensors_path(dst):
         raise ValueError("convert: one side must be .pt/.pth and the other .safetensors/.sft")
-    bar = _progress(os.path.getsize(src), f"{os.path.basename(src)} -> {os.path.basename(dst)}")
+    total = sum(t["nbytes"] for t in describe(src)["tensors"])
     # numpy arrays over a private mapping of the input: tensors stream from the
-    # page cache into the output without a second copy in memory.
+    # page cache into the output file, never all in memory at once.
     data: Any = torch_load(src, framework="np", module_key=args.module_key)
     if is_safetensors_path(src) and len(data) == 1:
         data = data[args.module_key]  # plain tensors, no checkpoint metadata
-    torch_save(data, dst, module_key=args.module_key if is_safetensors_path(dst) else None)
-    if bar is not None:
-        bar.update(os.path.getsize(src))
-        bar.close()
+    with _WriteProgress(dst, total):
+        torch_save(data, dst, module_key=args.module_key if is_safetensors_path(dst) else None)
     print(f"wrote {dst} ({_human(os.path.getsize(dst))})")
     return 0
 

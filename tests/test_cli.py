@@ -98,3 +98,32 @@ def test_console_script_and_version():
 
     eps = [e for e in md.entry_points(group="console_scripts") if e.name == "mlutils"]
     assert eps and eps[0].value == "mlutils.__main__:main"
+
+
+def test_convert_progress_follows_the_temporary_file(tmp_path, monkeypatch):
+    import io
+
+    from mlutils import __main__ as cli
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    seen = []
+    real_size = cli._WriteProgress._size
+
+    def spy(self):
+        n = real_size(self)
+        seen.append(n)
+        return n
+
+    err = TTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(cli._WriteProgress, "_size", spy)
+    tensors = {f"w{i}": np.full((1024, 1024 * 2), i, np.float32) for i in range(10)}  # 80 MiB
+    torch_save(tensors, tmp_path / "big.pt")
+    assert cli.main(["convert", str(tmp_path / "big.pt"), str(tmp_path / "big.sft")]) == 0
+    assert "100%" in err.getvalue()
+    assert seen and max(seen) <= os.path.getsize(tmp_path / "big.sft")
+    back = torch_load(tmp_path / "big.sft", framework="np")["module"]
+    assert all(back[k][0, 0] == int(k[1:]) for k in tensors)
