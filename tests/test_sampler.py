@@ -715,3 +715,11 @@ def test_cursor_keeps_its_own_copy_of_the_batch_offsets():
     _, args, _ = c.__reduce__()
     with pytest.raises(ValueError):
         args[-1][1] = 7
+
+
+def test_batch_pack_refuses_negative_sizes_at_the_c_boundary():
+    from mlutils import _core
+
+    with pytest.raises(ValueError, match="max_batch_size"):
+        _core.batch_pack([1.0, 2.0], 0.0, -1, True, False)
+    assert _core.batch_pack([1.0, 2.0], 0.0, 1, True, False).tolist() == [0, 1, 2]

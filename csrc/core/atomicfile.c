@@ -170,21 +170,21 @@ mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err)
 
     if (f->fd < 0 || f->tmp == NULL) {
         st = mlu_error_set(err, MLU_EINVAL, -1, "atomic file is not open");
-        goto error;
+        goto done;
     }
     if (fsync(f->fd) != 0) {
         st = mlu_error_errno(err, errno, "cannot flush '%s' to disk", f->target);
-        goto error;
+        goto done;
     }
     if (close(f->fd) != 0) {
         f->fd = -1;
         st = mlu_error_errno(err, errno, "cannot close '%s'", f->target);
-        goto error;
+        goto done;
     }
     f->fd = -1;
     if (rename(f->tmp, f->target) != 0) {
         st = mlu_error_errno(err, errno, "cannot move the new file over '%s'", f->target);
-        goto error;
+        goto done;
     }
     mlu_free(f->tmp);
     f->tmp = NULL;
@@ -194,15 +194,17 @@ mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err)
     dir = dir_of(f->target);
     if (dir == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
-        goto error;
+        goto done;
     }
     dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0 && fsync(dfd) != 0 && errno == EIO) {
         st = mlu_error_errno(err, errno, "cannot flush the folder of '%s'", f->target);
-        goto error;
+        goto done;
     }
     st = MLU_OK;
-error:
+done:
+    /* always: close the folder, and release the handle (unlinks the
+     * temporary file when the rename did not happen) */
     if (dfd >= 0)
         close(dfd);
     mlu_free(dir);
@@ -231,13 +233,14 @@ mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, mlu_
     mlu_status st = mlu_afile_open(&f, path, err);
 
     if (st != MLU_OK)
-        return st;
+        goto done; /* open released everything it took */
     st = mlu_afile_write(&f, p, n, err);
-    if (st != MLU_OK) {
+    if (st == MLU_OK)
+        st = mlu_afile_commit(&f, err); /* releases f either way */
+    else
         mlu_afile_abort(&f);
-        return st;
-    }
-    return mlu_afile_commit(&f, err);
+done:
+    return st;
 }
 
 mlu_status mlu_read_file(const char *path, char **data, size_t *len, mlu_error *err)

@@ -357,81 +357,97 @@ static PyObject *py_json_dumps(PyObject *m, PyObject *args, PyObject *kw)
 
 static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err);
 
+/* New ref: a JSON string, or the float a NaN/Infinity sentinel stands for. */
 static PyObject *convert_string(const mlu_json_doc *doc, json_t *j, mlu_error *err)
 {
     const char *s;
     size_t n;
     double number;
-    char *tmp = NULL;
-    PyObject *res;
+    char *tmp = NULL; /* owned */
+    PyObject *res = NULL;
     int r = mlu_json_string_value(doc, j, &s, &n, &number, &tmp, err);
 
     if (r < 0)
-        return mlu_raise(NULL, err, NULL);
-    if (r == 1)
-        return PyFloat_FromDouble(number);
-    res = PyUnicode_DecodeUTF8(s, (Py_ssize_t)n, "strict");
+        mlu_raise(NULL, err, NULL);
+    else if (r == 1)
+        res = PyFloat_FromDouble(number);
+    else
+        res = PyUnicode_DecodeUTF8(s, (Py_ssize_t)n, "strict");
     mlu_free(tmp);
     return res;
 }
 
+/* New ref: the Python value of a JSON array. */
+static PyObject *convert_array(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+{
+    size_t i, n = json_array_size(j);
+    PyObject *res = PyList_New((Py_ssize_t)n), *v;
+
+    if (res == NULL)
+        goto error;
+    for (i = 0; i < n; i++) {
+        v = convert(doc, json_array_get(j, i), err); /* new ref */
+        if (v == NULL)
+            goto error;
+        PyList_SET_ITEM(res, (Py_ssize_t)i, v); /* steals v */
+    }
+    goto done;
+error:
+    Py_CLEAR(res);
+done:
+    return res;
+}
+
+/* New ref: the Python dict of a JSON object, in the text's key order. */
+static PyObject *convert_object(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+{
+    PyObject *res = PyDict_New(), *k = NULL, *v = NULL;
+    const char *key;
+    size_t klen;
+    json_t *val;
+
+    if (res == NULL)
+        goto error;
+    json_object_keylen_foreach(j, key, klen, val) {
+        /* jansson refuses NUL in keys, so a key is never a sentinel */
+        k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
+        if (k == NULL)
+            goto error;
+        v = convert(doc, val, err);
+        if (v == NULL || PyDict_SetItem(res, k, v) < 0)
+            goto error;
+        Py_CLEAR(k);
+        Py_CLEAR(v);
+    }
+    goto done;
+error:
+    Py_CLEAR(res);
+done:
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return res;
+}
+
+/* New ref: the Python value of any JSON value (no acquisitions here). */
 static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err)
 {
-    PyObject *res = NULL, *k = NULL, *v = NULL;
-
     switch (json_typeof(j)) {
     case JSON_NULL:
-        Py_RETURN_NONE;
+        return Py_NewRef(Py_None);
     case JSON_TRUE:
-        Py_RETURN_TRUE;
+        return Py_NewRef(Py_True);
     case JSON_FALSE:
-        Py_RETURN_FALSE;
+        return Py_NewRef(Py_False);
     case JSON_INTEGER:
         return PyLong_FromLongLong((long long)json_integer_value(j));
     case JSON_REAL:
         return PyFloat_FromDouble(json_real_value(j));
     case JSON_STRING:
         return convert_string(doc, j, err);
-    case JSON_ARRAY: {
-        size_t i, n = json_array_size(j);
-        res = PyList_New((Py_ssize_t)n);
-        if (res == NULL)
-            return NULL;
-        for (i = 0; i < n; i++) {
-            v = convert(doc, json_array_get(j, i), err);
-            if (v == NULL) {
-                Py_DECREF(res);
-                return NULL;
-            }
-            PyList_SET_ITEM(res, (Py_ssize_t)i, v); /* steals v */
-        }
-        return res;
-    }
-    case JSON_OBJECT: {
-        const char *key;
-        size_t klen;
-        json_t *val;
-        res = PyDict_New();
-        if (res == NULL)
-            return NULL;
-        json_object_keylen_foreach(j, key, klen, val) {
-            /* jansson refuses NUL in keys, so a key is never a sentinel */
-            k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
-            if (k == NULL)
-                goto obj_error;
-            v = convert(doc, val, err);
-            if (v == NULL || PyDict_SetItem(res, k, v) < 0)
-                goto obj_error;
-            Py_CLEAR(k);
-            Py_CLEAR(v);
-        }
-        return res;
-    obj_error:
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        Py_DECREF(res);
-        return NULL;
-    }
+    case JSON_ARRAY:
+        return convert_array(doc, j, err);
+    case JSON_OBJECT:
+        return convert_object(doc, j, err);
     default:
         PyErr_SetString(PyExc_SystemError, "unknown JSON value type");
         return NULL;

@@ -473,6 +473,7 @@ static PyObject *py_batch_pack(PyObject *m, PyObject *args)
     PyObject *dur_o, *res = NULL;
     PyArrayObject *dur = NULL, *out = NULL;
     double max_duration;
+    PyObject *max_batch_o;
     unsigned long long max_batch_size;
     int use_max_size, drop_last;
     int64_t *off = NULL;
@@ -481,9 +482,16 @@ static PyObject *py_batch_pack(PyObject *m, PyObject *args)
     mlu_status st;
     npy_intp dims[1];
 
-    if (!PyArg_ParseTuple(args, "OdKpp:batch_pack", &dur_o, &max_duration, &max_batch_size,
-                          &use_max_size, &drop_last))
+    if (!PyArg_ParseTuple(args, "OdO!pp:batch_pack", &dur_o, &max_duration, &PyLong_Type,
+                          &max_batch_o, &use_max_size, &drop_last))
         return NULL;
+    /* "K" would wrap a negative size to "no limit": refuse it instead */
+    max_batch_size = PyLong_AsUnsignedLongLong(max_batch_o);
+    if (max_batch_size == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_ValueError, "max_batch_size must be in [0, 2**64), got %R",
+                            max_batch_o);
+    }
     dur = (PyArrayObject *)PyArray_FROMANY(dur_o, NPY_FLOAT64, 1, 1, NPY_ARRAY_IN_ARRAY); /* new ref */
     if (dur == NULL)
         goto done;
