@@ -7,7 +7,7 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CTESTS = $(patsubst tests/c/%.c,tests/c/bin/%,$(wildcard tests/c/test_*.c))
 CTESTS_ASAN = $(patsubst tests/c/%.c,tests/c/bin/asan_%,$(wildcard tests/c/test_*.c))
 
-.PHONY: setup build test asan ctest ctest-asan bench demo clean fuzz-replay-st fuzz-st-libfuzzer
+.PHONY: setup build test asan ctest ctest-asan bench demo clean fuzz fuzz-replay-st fuzz-replay-json fuzz-st-libfuzzer
 
 setup:
 	bash scripts/setup.sh
@@ -40,6 +40,18 @@ tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(CORE_SRC) $(wildcard csrc/*.h
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-st: tests/fuzz/bin/st_header
 	ASAN_OPTIONS=detect_leaks=1 tests/fuzz/bin/st_header tests/fuzz/corpus_st_header
+# JSON reader / truncate_json harness: replay its seeds (plus mutations) under ASan/UBSan.
+tests/fuzz/bin/json_parse: tests/fuzz/json_parse.c tests/fuzz/pt_replay.h $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+	@mkdir -p tests/fuzz/bin
+	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
+fuzz-replay-json: tests/fuzz/bin/json_parse
+	ASAN_OPTIONS=detect_leaks=1 PT_MUTATE=300 tests/fuzz/bin/json_parse tests/fuzz/corpus_json_parse
+
+# Coverage-guided libFuzzer run of every harness (clang installed when missing);
+# FUZZ_SECONDS per harness, default 30.
+fuzz:
+	bash scripts/fuzz.sh
+
 fuzz-st-libfuzzer:
 	@mkdir -p tests/fuzz/bin
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DMLU_LIBFUZZER -Icsrc $(shell pkg-config --cflags jansson 2>/dev/null) \
