@@ -40,12 +40,15 @@ tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(CORE_SRC) $(wildcard csrc/*.h
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-st: tests/fuzz/bin/st_header
 	ASAN_OPTIONS=detect_leaks=1 tests/fuzz/bin/st_header tests/fuzz/corpus_st_header
-# JSON reader / truncate_json harness: replay its seeds (plus mutations) under ASan/UBSan.
-tests/fuzz/bin/json_parse: tests/fuzz/json_parse.c tests/fuzz/pt_replay.h $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+# The other harnesses (json_parse, sampler_pack, pattern_layout, pt_*): replay
+# their seeds plus PT_MUTATE deterministic mutations under ASan/UBSan, e.g.
+# make fuzz-replay-json_parse.
+tests/fuzz/bin/%: tests/fuzz/%.c tests/fuzz/pt_replay.h $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
 	@mkdir -p tests/fuzz/bin
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
-fuzz-replay-json: tests/fuzz/bin/json_parse
-	ASAN_OPTIONS=detect_leaks=1 PT_MUTATE=300 tests/fuzz/bin/json_parse tests/fuzz/corpus_json_parse
+fuzz-replay-%: tests/fuzz/bin/%
+	ASAN_OPTIONS=detect_leaks=1 PT_MUTATE=$${PT_MUTATE:-300} tests/fuzz/bin/$* tests/fuzz/corpus_$*
+fuzz-replay-json: fuzz-replay-json_parse
 
 # Coverage-guided libFuzzer run of every harness (clang installed when missing);
 # FUZZ_SECONDS per harness, default 30.
