@@ -15,7 +15,7 @@
 
 #include "core/alloc.h"
 
-static long fuzz_oom_pick(const uint8_t *data, size_t size, long count)
+static inline long fuzz_oom_pick(const uint8_t *data, size_t size, long count)
 {
     uint64_t h = 1469598103934665603ull;
     size_t i;

@@ -5,9 +5,10 @@
 
 #include "core/alloc.h"
 #include "core/ptload_file.h"
+#include "fuzz_oom.h"
 #include "core/zipread.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+static void run(const uint8_t *data, size_t size, int reliable)
 {
     mlu_zip z;
     mlu_pt pt;
@@ -48,6 +49,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         mlu_pt_close(&pt);
     }
+    (void)reliable;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    FUZZ_WITH_OOM(run, data, size);
     return 0;
 }
 
