@@ -35,7 +35,7 @@ ctest-asan: $(CTESTS_ASAN)
 	@for t in $(CTESTS_ASAN); do ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 
 # Fuzz harness of the safetensors header parser: replay its seeds under ASan/UBSan.
-tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(wildcard tests/fuzz/*.h) $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
 	@mkdir -p tests/fuzz/bin
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-st: tests/fuzz/bin/st_header
@@ -43,7 +43,7 @@ fuzz-replay-st: tests/fuzz/bin/st_header
 # The other harnesses (json_parse, sampler_pack, pattern_layout, pt_*): replay
 # their seeds plus PT_MUTATE deterministic mutations under ASan/UBSan, e.g.
 # make fuzz-replay-json_parse.
-tests/fuzz/bin/%: tests/fuzz/%.c tests/fuzz/pt_replay.h $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+tests/fuzz/bin/%: tests/fuzz/%.c $(wildcard tests/fuzz/*.h) $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
 	@mkdir -p tests/fuzz/bin
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-%: tests/fuzz/bin/%
