@@ -7,7 +7,7 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CTESTS = $(patsubst tests/c/%.c,tests/c/bin/%,$(wildcard tests/c/test_*.c))
 CTESTS_ASAN = $(patsubst tests/c/%.c,tests/c/bin/asan_%,$(wildcard tests/c/test_*.c))
 
-.PHONY: setup build test asan ctest ctest-asan bench demo clean fuzz-replay-st fuzz-st-libfuzzer
+.PHONY: setup build test asan ctest ctest-asan bench demo clean fuzz fuzz-replay-st fuzz-replay-json fuzz-st-libfuzzer
 
 setup:
 	bash scripts/setup.sh
@@ -35,11 +35,26 @@ ctest-asan: $(CTESTS_ASAN)
 	@for t in $(CTESTS_ASAN); do ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 
 # Fuzz harness of the safetensors header parser: replay its seeds under ASan/UBSan.
-tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(wildcard tests/fuzz/*.h) $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
 	@mkdir -p tests/fuzz/bin
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-st: tests/fuzz/bin/st_header
 	ASAN_OPTIONS=detect_leaks=1 tests/fuzz/bin/st_header tests/fuzz/corpus_st_header
+# The other harnesses (json_parse, sampler_pack, pattern_layout, pt_*): replay
+# their seeds plus PT_MUTATE deterministic mutations under ASan/UBSan, e.g.
+# make fuzz-replay-json_parse.
+tests/fuzz/bin/%: tests/fuzz/%.c $(wildcard tests/fuzz/*.h) $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
+	@mkdir -p tests/fuzz/bin
+	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
+fuzz-replay-%: tests/fuzz/bin/%
+	ASAN_OPTIONS=detect_leaks=1 PT_MUTATE=$${PT_MUTATE:-300} tests/fuzz/bin/$* tests/fuzz/corpus_$*
+fuzz-replay-json: fuzz-replay-json_parse
+
+# Coverage-guided libFuzzer run of every harness (clang installed when missing);
+# FUZZ_SECONDS per harness, default 30.
+fuzz:
+	bash scripts/fuzz.sh
+
 fuzz-st-libfuzzer:
 	@mkdir -p tests/fuzz/bin
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DMLU_LIBFUZZER -Icsrc $(shell pkg-config --cflags jansson 2>/dev/null) \

@@ -192,7 +192,9 @@ mlu_status mlu_json_parse(const char *text, size_t n, int flags, mlu_json_doc *d
     doc->root = json_loadb(src, srclen, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL,
                            &jerr);
     if (doc->root == NULL) {
-        if (json_error_code(&jerr) == json_error_out_of_memory) {
+        /* jansson returns NULL without any message when one of its own
+         * allocations fails (lexer buffers, new objects and arrays). */
+        if (json_error_code(&jerr) == json_error_out_of_memory || jerr.text[0] == '\0') {
             st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory parsing JSON");
             goto done;
         }

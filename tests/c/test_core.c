@@ -126,6 +126,34 @@ static void test_alloc_failures(void)
     }
 }
 
+static void test_parse_out_of_memory(void)
+{
+    /* jansson's own allocations fail in turn.  It says nothing at all when
+     * some of them fail: that must come out as ENOMEM with a message, never
+     * as a silent format error.  (When it fails to copy a string it reports
+     * a syntax error itself; that one keeps its message.) */
+    const char *text = "{\"a\": [1, {\"b\": NaN}], \"c\": \"x\"}";
+    long n;
+    int nomem = 0;
+    json_set_alloc_funcs(mlu_malloc, mlu_free);
+    for (n = 0; n < 64; n++) {
+        mlu_json_doc doc;
+        mlu_error err;
+        mlu_status st;
+        mlu_error_clear(&err);
+        mlu_alloc_fail_after(n);
+        st = mlu_json_parse(text, strlen(text), MLU_JSON_ALLOW_NONFINITE, &doc, &err);
+        mlu_alloc_fail_after(-1);
+        CHECK(st == MLU_OK || st == MLU_ENOMEM || st == MLU_EFORMAT);
+        CHECK(st == MLU_OK || err.text[0] != '\0');
+        nomem += st == MLU_ENOMEM;
+        if (st == MLU_OK)
+            mlu_json_doc_free(&doc);
+    }
+    CHECK(nomem >= 10);
+    json_set_alloc_funcs(malloc, free);
+}
+
 static void test_checksum(void)
 {
     unsigned char b[3] = {1, 2, 3};
@@ -140,6 +168,7 @@ int main(void)
     test_parse();
     test_atomic();
     test_alloc_failures();
+    test_parse_out_of_memory();
     test_checksum();
     return TEST_DONE("test_core");
 }

@@ -5,8 +5,9 @@
 
 #include "core/pickle_read.h"
 #include "core/ptload_file.h"
+#include "fuzz_oom.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+static void run(const uint8_t *data, size_t size, int reliable)
 {
     int legacy;
     mlu_error err;
@@ -37,6 +38,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (mlu_pt_open(&pt, &rd, 1, &err) == MLU_OK)
             mlu_pt_close(&pt);
     }
+    (void)reliable;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    FUZZ_WITH_OOM(run, data, size);
     return 0;
 }
 

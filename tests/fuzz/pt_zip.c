@@ -9,6 +9,7 @@
 
 #include "core/alloc.h"
 #include "core/ptload_file.h"
+#include "fuzz_oom.h"
 #include "core/zipread.h"
 
 /* The same input read from a file with pread: once intact, once cut to half
@@ -47,7 +48,7 @@ static void from_file(const uint8_t *data, size_t size)
     }
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+static void run(const uint8_t *data, size_t size, int reliable)
 {
     mlu_zip z;
     mlu_pt pt;
@@ -91,6 +92,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         mlu_pt_close(&pt);
     }
     from_file(data, size);
+    (void)reliable;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    FUZZ_WITH_OOM(run, data, size);
     return 0;
 }
 

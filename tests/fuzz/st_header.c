@@ -17,6 +17,7 @@
 #include "core/alloc.h"
 #include "core/buf.h"
 #include "core/safetensors.h"
+#include "fuzz_oom.h"
 
 static void check_accepted(const uint8_t *data, size_t size, const mlu_st_header *h)
 {
@@ -94,7 +95,7 @@ done:
     mlu_free(meta);
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+static void run(const uint8_t *data, size_t size, int reliable)
 {
     mlu_st_header h;
     mlu_error err;
@@ -108,6 +109,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else if (err.text[0] == '\0') {
         abort(); /* every refusal says why */
     }
+    (void)reliable;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+#ifdef MLU_LIBFUZZER
+    FUZZ_WITH_OOM(run, data, size);
+#else
+    run(data, size, 1); /* the replay main below fails allocations itself */
+#endif
     return 0;
 }
 
