@@ -4,6 +4,7 @@
  * buffer (no intermediate jansson tree); the reader parses with jansson
  * (core/json.c) and converts the tree. */
 #include "npy.h"
+#include "path.h"
 
 #include <math.h>
 
@@ -14,14 +15,7 @@
 
 /* ------------------------------------------------------------------ writer */
 
-/* A step of the path from the root to the value being written, kept on the
- * C stack so an error can say where it happened. */
-typedef struct path_step {
-    const struct path_step *parent;
-    PyObject *container;  /* borrowed */
-    PyObject *key;        /* borrowed: the dict key, or NULL for a sequence */
-    Py_ssize_t index;
-} path_step;
+typedef mlu_path path_step; /* see path.h */
 
 typedef struct encoder {
     mlu_buf buf;
@@ -33,47 +27,11 @@ typedef struct encoder {
 
 #define CYCLE_CHECK_DEPTH 64
 
-/* New ref: "data['a'][3]" for the step chain ending at `at`. */
-static PyObject *path_string(const path_step *at)
-{
-    PyObject *parts = PyList_New(0), *res = NULL, *item = NULL;
-    const path_step *p;
-
-    if (parts == NULL)
-        return NULL;
-    for (p = at; p != NULL && p->parent != NULL; p = p->parent) {
-        if (p->key != NULL)
-            item = PyUnicode_FromFormat("[%R]", p->key);
-        else
-            item = PyUnicode_FromFormat("[%zd]", p->index);
-        if (item == NULL || PyList_Insert(parts, 0, item) < 0)
-            goto done;
-        Py_CLEAR(item);
-    }
-    item = PyUnicode_FromString("data");
-    if (item == NULL || PyList_Insert(parts, 0, item) < 0)
-        goto done;
-    Py_CLEAR(item);
-    item = PyUnicode_FromString("");
-    if (item != NULL)
-        res = PyUnicode_Join(item, parts);
-done:
-    Py_XDECREF(item);
-    Py_DECREF(parts);
-    return res;
-}
-
 static int fail_at(PyObject *exc, const path_step *at, const char *what, PyObject *obj)
 {
-    PyObject *where = path_string(at);
-    if (where == NULL)
-        return -1;
     if (obj != NULL)
-        PyErr_Format(exc, "%s %s at %U", what, Py_TYPE(obj)->tp_name, where);
-    else
-        PyErr_Format(exc, "%s at %U", what, where);
-    Py_DECREF(where);
-    return -1;
+        return mlu_path_fail(exc, "data", at, "%s %s", what, Py_TYPE(obj)->tp_name);
+    return mlu_path_fail(exc, "data", at, "%s", what);
 }
 
 static int core_fail(encoder *e)
@@ -175,16 +133,8 @@ static int put_key(encoder *e, PyObject *k, const path_step *at)
         e->truncate = saved;
         return rc < 0 ? -1 : put(e, "\"", 1);
     }
-    {
-        PyObject *where = path_string(at);
-        if (where != NULL) {
-            PyErr_Format(PyExc_TypeError,
-                         "keys must be str, int, float, bool or None, not %s (at %U)",
-                         Py_TYPE(k)->tp_name, where);
-            Py_DECREF(where);
-        }
-    }
-    return -1;
+    return mlu_path_fail(PyExc_TypeError, "data", at,
+                         "keys must be str, int, float, bool or None, not %s", Py_TYPE(k)->tp_name);
 }
 
 static int check_cycle(encoder *e, PyObject *o, const path_step *at)
@@ -213,7 +163,7 @@ static int encode_dict(encoder *e, PyObject *d, const path_step *at)
         return -1;
     e->depth++;
     while (PyDict_Next(d, &pos, &k, &v)) {
-        path_step step = {at, d, k, i};
+        path_step step = {at, k, i, 0, d};
         Py_INCREF(k);
         Py_INCREF(v);
         rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
@@ -254,7 +204,7 @@ static int encode_seq(encoder *e, PyObject *s, const path_step *at)
     e->depth++;
     for (i = 0; i < Py_SIZE(s); i++) {
         PyObject *item = is_list ? PyList_GET_ITEM(s, i) : PyTuple_GET_ITEM(s, i);
-        path_step step = {at, s, NULL, i};
+        path_step step = {at, NULL, i, 0, s};
         Py_INCREF(item);
         rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
         if (rc == 0 && e->pretty)
@@ -334,7 +284,7 @@ static PyObject *py_json_dumps(PyObject *m, PyObject *args, PyObject *kw)
     PyObject *obj, *res = NULL;
     int truncate = 0, pretty = 0, raw = 0;
     encoder e;
-    path_step root = {NULL, NULL, NULL, 0};
+    path_step root = {NULL, NULL, 0, 0, NULL};
 
     (void)m;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ppp:json_dumps", kwlist, &obj, &truncate,

@@ -12,6 +12,7 @@
  * needs torch to be importable. */
 #define _GNU_SOURCE
 #include "npy.h"
+#include "path.h"
 
 #include <fcntl.h>
 
@@ -99,12 +100,7 @@ typedef struct storage_rec {
     int sdtype;           /* dtype index the storage is typed as (uint8 for untyped ones, as torch) */
 } storage_rec;
 
-typedef struct path_step {
-    const struct path_step *parent;
-    PyObject *key;        /* borrowed: the dict key / attribute name, or NULL for an index */
-    Py_ssize_t index;
-    int attr;             /* key is an attribute name */
-} path_step;
+typedef mlu_path path_step; /* see path.h */
 
 typedef struct saver {
     mlu_pkw pk;
@@ -124,57 +120,6 @@ typedef struct saver {
 } saver;
 
 /* ------------------------------------------------------------------ errors */
-
-/* New ref: "obj['a'][3]" for the chain ending at `at`. */
-static PyObject *path_string(const path_step *at)
-{
-    PyObject *parts = PyList_New(0), *res = NULL, *item = NULL;
-    const path_step *p;
-
-    if (parts == NULL)
-        return NULL;
-    for (p = at; p != NULL && p->parent != NULL; p = p->parent) {
-        if (p->attr)
-            item = PyUnicode_FromFormat(".%S", p->key);
-        else if (p->key != NULL)
-            item = PyUnicode_FromFormat("[%R]", p->key);
-        else
-            item = PyUnicode_FromFormat("[%zd]", p->index);
-        if (item == NULL || PyList_Insert(parts, 0, item) < 0)
-            goto done;
-        Py_CLEAR(item);
-    }
-    item = PyUnicode_FromString("obj");
-    if (item == NULL || PyList_Insert(parts, 0, item) < 0)
-        goto done;
-    Py_CLEAR(item);
-    item = PyUnicode_FromString("");
-    if (item != NULL)
-        res = PyUnicode_Join(item, parts);
-done:
-    Py_XDECREF(item);
-    Py_DECREF(parts);
-    return res;
-}
-
-/* Raises exc with "<text> at <path>"; returns -1. */
-static int fail_at(PyObject *exc, const path_step *at, const char *fmt, ...)
-{
-    PyObject *where = path_string(at), *msg;
-    va_list ap;
-
-    if (where == NULL)
-        return -1;
-    va_start(ap, fmt);
-    msg = PyUnicode_FromFormatV(fmt, ap);
-    va_end(ap);
-    if (msg != NULL) {
-        PyErr_Format(exc, "%U at %U", msg, where);
-        Py_DECREF(msg);
-    }
-    Py_DECREF(where);
-    return -1;
-}
 
 static int core_fail(saver *s)
 {
@@ -326,7 +271,7 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
         Py_ssize_t nb = (PyLong_AsSsize_t(nbits) >> 3) + 1;
         const unsigned char *b;
         if (nb > 256) {
-            fail_at(PyExc_OverflowError, at, "integer of %zd bits is too large for the weights-only format",
+            mlu_path_fail(PyExc_OverflowError, "obj", at, "integer of %zd bits is too large for the weights-only format",
                     PyLong_AsSsize_t(nbits));
             goto done;
         }
@@ -346,7 +291,7 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
         if (overflow < 0 && nb > 1 && b[nb - 1] == 0xff && (b[nb - 2] & 0x80) != 0)
             nb--;
         if (nb > 255) {
-            fail_at(PyExc_OverflowError, at, "integer is too large for the weights-only format");
+            mlu_path_fail(PyExc_OverflowError, "obj", at, "integer is too large for the weights-only format");
             goto done;
         }
         rc = PK(mlu_pkw_long_bytes(&s->pk, b, (size_t)nb, &s->err));
@@ -490,7 +435,7 @@ static int save_tuple(saver *s, PyObject *t, const path_step *at)
     if (r < 0)
         return -1;
     if (r > 0)
-        return fail_at(PyExc_ValueError, at,
+        return mlu_path_fail(PyExc_ValueError, "obj", at,
                        "a tuple that contains itself cannot be written in the weights-only format");
     if (PK(mlu_pkw_op(&s->pk, n > 3 ? MLU_PK_TUPLE : small[n], &s->err)) < 0)
         return -1;
@@ -534,7 +479,7 @@ static Py_ssize_t find_storage(saver *s, PyObject *map, PyObject *ident, PyObjec
             return -1;
         r = &s->st[i];
         if (r->sdtype != sdtype) {
-            fail_at(PyExc_ValueError, at,
+            mlu_path_fail(PyExc_ValueError, "obj", at,
                     "cannot save tensors that view the same storage as different types (%s and %s)",
                     DTYPES[r->sdtype].name, DTYPES[sdtype].name);
             return -1;
@@ -663,7 +608,7 @@ static int add_path(const path_step *at)
 
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
-    where = path_string(at);
+    where = mlu_path_string("obj", at);
     if (where != NULL && value != NULL
         && (PyErr_GivenExceptionMatches(type, PyExc_TypeError)
             || PyErr_GivenExceptionMatches(type, PyExc_ValueError))) {
@@ -735,7 +680,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
         goto done;
     d.dt = dtype_index(dname);
     if (d.dt < 0) {
-        fail_at(PyExc_TypeError, at, "tensors of dtype torch.%s cannot be saved", dname);
+        mlu_path_fail(PyExc_TypeError, "obj", at, "tensors of dtype torch.%s cannot be saved", dname);
         goto done;
     }
     d.size = int_array(PyTuple_GET_ITEM(desc, 2), &d.ndim);
@@ -760,7 +705,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
         if (nbytes == (unsigned long long)-1 && PyErr_Occurred())
             goto done;
         if (di->storage != NULL && nbytes % (unsigned long long)di->elsize != 0) {
-            fail_at(PyExc_ValueError, at, "storage of %llu bytes is not a whole number of %s elements",
+            mlu_path_fail(PyExc_ValueError, "obj", at, "storage of %llu bytes is not a whole number of %s elements",
                     nbytes, di->name);
             goto done;
         }
@@ -769,7 +714,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
         if (d.storage < 0)
             goto done;
         if (s->st[d.storage].nbytes != nbytes) {
-            fail_at(PyExc_ValueError, at, "a shared storage changed size while saving");
+            mlu_path_fail(PyExc_ValueError, "obj", at, "a shared storage changed size while saving");
             goto done;
         }
     }
@@ -837,7 +782,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
     if (d.dt < 0) {
         PyObject *dn = PyObject_Str((PyObject *)descr);
         if (dn != NULL) {
-            fail_at(PyExc_TypeError, at, "NumPy arrays of dtype %U have no torch equivalent", dn);
+            mlu_path_fail(PyExc_TypeError, "obj", at, "NumPy arrays of dtype %U have no torch equivalent", dn);
             Py_DECREF(dn);
         }
         return -1;
@@ -969,7 +914,7 @@ static int save_obj_inner(saver *s, PyObject *o, const path_step *at)
         /* np.memmap is an ndarray with a file behind it; other subclasses
          * (masked arrays, matrices) carry meaning a tensor would lose. */
         if (!PyArray_CheckExact(o) && strcmp(tp->tp_name, "memmap") != 0)
-            return fail_at(PyExc_TypeError, at, "cannot save an ndarray subclass %s", tp->tp_name);
+            return mlu_path_fail(PyExc_TypeError, "obj", at, "cannot save an ndarray subclass %s", tp->tp_name);
         return save_array(s, (PyArrayObject *)o, at);
     }
     if (PyUnicode_Check(o) || PyArray_IsScalar(o, Generic)) {
@@ -984,14 +929,14 @@ static int save_obj_inner(saver *s, PyObject *o, const path_step *at)
         else if (PyArray_IsScalar(o, Floating) || scalar_is_ml_float(o))
             plain = PyNumber_Float(o);
         else
-            return fail_at(PyExc_TypeError, at, "cannot save an object of type %s", tp->tp_name);
+            return mlu_path_fail(PyExc_TypeError, "obj", at, "cannot save an object of type %s", tp->tp_name);
         if (plain == NULL)
             return -1;
         r = save_obj(s, plain, at);
         Py_DECREF(plain);
         return r;
     }
-    return fail_at(PyExc_TypeError, at, "cannot save an object of type %s", tp->tp_name);
+    return mlu_path_fail(PyExc_TypeError, "obj", at, "cannot save an object of type %s", tp->tp_name);
 }
 
 static int save_obj(saver *s, PyObject *o, const path_step *at)
