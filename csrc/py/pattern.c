@@ -425,45 +425,41 @@ static PyObject *table_or_raise(mlu_state *st, PatternTableObject *tab, mlu_stat
     return (PyObject *)tab;
 }
 
-/* pattern_check_delayed(n_q, delays) -> None */
-static PyObject *py_check_delayed(PyObject *m, PyObject *args)
+typedef mlu_status (*delays_check)(int64_t n_q, const int64_t *delays, int64_t n_delays,
+                                   mlu_error *err);
+
+/* (n_q, delays) -> None, or PatternError with the reason `check` gives. */
+static PyObject *check_delays(PyObject *m, PyObject *args, const char *format, delays_check check)
 {
     long long n_q;
     PyObject *delays_obj, *res = NULL;
-    int64_t *delays = NULL, nd;
+    int64_t *delays = NULL, nd; /* delays: owned */
     mlu_error err;
 
-    if (!PyArg_ParseTuple(args, "LO:pattern_check_delayed", &n_q, &delays_obj))
-        return NULL;
+    if (!PyArg_ParseTuple(args, format, &n_q, &delays_obj))
+        goto done;
     if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        return NULL;
+        goto done;
     mlu_error_clear(&err);
-    if (mlu_pattern_check_delayed(n_q, delays, nd, &err) != MLU_OK)
+    if (check(n_q, delays, nd, &err) != MLU_OK)
         raise_pattern(mlu_get_state(m), &err);
     else
         res = Py_NewRef(Py_None);
+done:
     mlu_free(delays);
     return res;
 }
 
+/* pattern_check_delayed(n_q, delays) -> None */
+static PyObject *py_check_delayed(PyObject *m, PyObject *args)
+{
+    return check_delays(m, args, "LO:pattern_check_delayed", mlu_pattern_check_delayed);
+}
+
+/* pattern_check_coarse_first(n_q, delays) -> None */
 static PyObject *py_check_coarse_first(PyObject *m, PyObject *args)
 {
-    long long n_q;
-    PyObject *delays_obj, *res = NULL;
-    int64_t *delays = NULL, nd;
-    mlu_error err;
-
-    if (!PyArg_ParseTuple(args, "LO:pattern_check_coarse_first", &n_q, &delays_obj))
-        return NULL;
-    if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        return NULL;
-    mlu_error_clear(&err);
-    if (mlu_pattern_check_coarse_first(n_q, delays, nd, &err) != MLU_OK)
-        raise_pattern(mlu_get_state(m), &err);
-    else
-        res = Py_NewRef(Py_None);
-    mlu_free(delays);
-    return res;
+    return check_delays(m, args, "LO:pattern_check_coarse_first", mlu_pattern_check_coarse_first);
 }
 
 static PyObject *py_check_unrolled(PyObject *m, PyObject *args)
