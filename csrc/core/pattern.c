@@ -149,11 +149,25 @@ static mlu_status check_room(const mlu_pattern *p, int64_t steps, int64_t coords
     return MLU_OK;
 }
 
+/* len(layout[:n_steps - max_delay]) with Python's slice rules. */
+static int64_t valid_steps(int64_t n_steps, int64_t max_delay)
+{
+    int64_t vs = n_steps - max_delay;
+
+    if (vs < 0)
+        vs += n_steps;
+    if (vs < 0)
+        vs = 0;
+    if (vs > n_steps)
+        vs = n_steps;
+    return vs;
+}
+
 mlu_status mlu_pattern_finish(mlu_pattern *p, mlu_error *err)
 {
     mlu_status st = MLU_EINVAL;
     int64_t *last = NULL, *seen = NULL;
-    int64_t s, i, maxt = 0, vs;
+    int64_t s, i, maxt = 0;
 
     if (p->n_steps <= 0) {
         st = mlu_error_set(err, MLU_EINVAL, -1, "the pattern layout is empty (it needs at least one step)");
@@ -204,15 +218,7 @@ mlu_status mlu_pattern_finish(mlu_pattern *p, mlu_error *err)
         }
     }
     p->max_delay = maxt - p->timesteps;
-    /* len(layout[:n_steps - max_delay]) with Python's slice rules */
-    vs = p->n_steps - p->max_delay;
-    if (vs < 0)
-        vs += p->n_steps;
-    if (vs < 0)
-        vs = 0;
-    if (vs > p->n_steps)
-        vs = p->n_steps;
-    p->valid_steps = vs;
+    p->valid_steps = valid_steps(p->n_steps, p->max_delay);
     st = MLU_OK;
 done:
     mlu_free(last);
@@ -324,7 +330,7 @@ static inline void put_coord(mlu_pattern *p, int64_t t, int64_t q)
  * with the full check. */
 static mlu_status finish_trusted(mlu_pattern *p, mlu_error *err)
 {
-    int64_t i, maxt = 0, vs;
+    int64_t i, maxt = 0;
 
     if (p->n_steps <= 0)
         return mlu_pattern_finish(p, err);
@@ -332,14 +338,7 @@ static mlu_status finish_trusted(mlu_pattern *p, mlu_error *err)
         if ((int64_t)p->t[i] + 1 > maxt)
             maxt = (int64_t)p->t[i] + 1;
     p->max_delay = maxt - p->timesteps;
-    vs = p->n_steps - p->max_delay;
-    if (vs < 0)
-        vs += p->n_steps;
-    if (vs < 0)
-        vs = 0;
-    if (vs > p->n_steps)
-        vs = p->n_steps;
-    p->valid_steps = vs;
+    p->valid_steps = valid_steps(p->n_steps, p->max_delay);
     return MLU_OK;
 }
 
