@@ -7,6 +7,7 @@ Environment switches:
   MLUTILS_DEBUG=1      -O0 -g
 """
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -88,13 +89,30 @@ CUDA_ARCH_FLAGS = [
 class BuildExt(build_ext):
     """Compiles csrc/cuda/*.cu with nvcc first, then the C extension."""
 
+    def config_stamp_path(self, ext):
+        """Where the build configuration of `ext`'s output file is recorded.
+
+        One file per output path (in place or build/lib..., whatever the
+        --build-temp), kept under the build base folder: never next to the
+        extension, where bdist_wheel would pack it into the wheel.
+        """
+        target = os.path.abspath(self.get_ext_fullpath(ext.name))
+        # Stamps of older builds lay next to the extension: drop them so that
+        # no wheel made from an old build/lib carries one.
+        legacy = target + ".config"
+        if os.path.exists(legacy):
+            os.remove(legacy)
+        base = self.get_finalized_command("build").build_base
+        key = hashlib.sha256(target.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return os.path.join(base, "config-stamps", "%s-%s" % (ext.name, key))
+
     def build_extensions(self):
         ext = self.extensions[0]
         nvcc = getattr(ext, "_mlu_nvcc", None)
         # Switching CUDA or the sanitizers on or off changes the sources and
         # flags, which setuptools' timestamp check does not see: rebuild then.
         config = repr((ext._mlu_config, sorted(ext.sources)))
-        stamp = self.get_ext_fullpath(ext.name) + ".config"
+        stamp = self.config_stamp_path(ext)
         try:
             with open(stamp) as f:
                 if f.read() != config:
