@@ -100,3 +100,34 @@ def test_cuda_checksum_matches_cpu(torch):
     xd = x.cuda()
     got = _core.cuda_checksum64(xd.data_ptr(), xd.numel(), torch.cuda.current_stream().cuda_stream)
     assert got == want
+
+
+def test_sdist_carries_every_source_the_build_needs(tmp_path):
+    """The sdist holds all of csrc/ (.cu and stub.c whatever the build config),
+    the license, and no build product; its metadata states license and Python."""
+    import shutil
+    import tarfile
+
+    want = {"LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
+            "mlutils/_version.py", "mlutils/py.typed", "mlutils/_core.pyi"}
+    for d, _dirs, files in os.walk(os.path.join(ROOT, "csrc")):
+        want |= {os.path.relpath(os.path.join(d, f), ROOT) for f in files if f.endswith((".c", ".h", ".cu"))}
+    assert any(f.endswith(".cu") for f in want) and "csrc/cuda/stub.c" in want
+    # CUDA off dropped the .cu files, CUDA on dropped stub.c: check both configurations.
+    configs = ["0"] + (["1"] if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") else [])
+    for cuda in configs:
+        out = tmp_path / f"cuda{cuda}"
+        out.mkdir()
+        r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
+                            "sdist", "--dist-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "MLUTILS_CUDA": cuda}, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (sdist,) = out.glob("mlutils-*.tar.gz")
+        with tarfile.open(sdist) as tf:
+            names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+            pkg_info = tf.extractfile(f"{sdist.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
+        assert not want - names, f"MLUTILS_CUDA={cuda}: the sdist lacks {sorted(want - names)}"
+        junk = sorted(n for n in names if n.endswith((".so", ".o", ".config", ".pyc")))
+        assert not junk, f"MLUTILS_CUDA={cuda}: the sdist carries build products {junk}"
+        assert "License-Expression: MIT" in pkg_info and "License-File: LICENSE" in pkg_info
+        assert "Requires-Python: >=3.11" in pkg_info
