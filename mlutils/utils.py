@@ -855,6 +855,9 @@ def offload_model(model: Any, policy: Optional[Mapping[str, Any]] = None) -> Any
     plan is kept in ``model.offload_plan`` as ``{module name: device}``.
     """
     plan = get_model_offload_policy(model, policy=policy)
+    for handle in getattr(model, "_mlutils_offload_hooks", ()):  # offloading again replaces the hooks
+        handle.remove()
+    handles: List[Any] = []
     where: Dict[str, str] = {}
     for device in plan:
         for name in device["modules"]:
@@ -875,10 +878,8 @@ def offload_model(model: Any, policy: Optional[Mapping[str, Any]] = None) -> Any
             back = getattr(mod, "_mlutils_input_device", None)
             return output if back is None else _move_tensors(output, back)
 
-        m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        m.register_forward_hook(post_hook)
-    try:
-        model.offload_plan = where
-    except AttributeError:  # pragma: no cover - a module with a read-only attribute of that name
-        pass
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook))
+    model._mlutils_offload_hooks = handles
+    model.offload_plan = where
     return model

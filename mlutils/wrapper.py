@@ -46,14 +46,9 @@ __all__ = [
     "compile_model",
     "enable_activation_offload",
     "apply_optimizations",
-    # selected by the current configuration, resolved on access
-    "Linear",
-    "Embedding",
-    "Adam",
-    "AdamW",
-    "SGD",
-    "Adagrad",
 ]
+# Linear, Embedding, Adam, AdamW, SGD and Adagrad are resolved on access (module
+# __getattr__) and left out of __all__ so that `import *` works without torch.
 
 log = logging.getLogger(__name__)
 

@@ -558,3 +558,14 @@ def test_offload_model_all_cpu_keeps_outputs(torch):
     loss = model(x).sum()
     loss.backward()
     assert model.scale.grad is not None and net.layers[0].weight.grad is not None
+
+
+def test_offload_model_twice_replaces_hooks(torch):
+    net = _stack(torch)
+    x = torch.randn(2, 10)
+    expected = net(x)
+    policy = {"devices": [{"name": "cpu", "free": 10 ** 9}]}
+    u.offload_model(net, policy)
+    u.offload_model(net, policy)
+    assert len(net.layers[0]._forward_pre_hooks) == 1 and len(net.layers[0]._forward_hooks) == 1
+    assert torch.equal(net(x), expected)
