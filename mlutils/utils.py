@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from typing import (
@@ -186,15 +185,21 @@ class timer:
     On exit the elapsed seconds go to ``callback(elapsed)`` when one is given,
     and a line ``"<msg> <seconds>s"`` is logged at INFO on ``mlutils.utils``
     (the original printed it; pass ``print_fn=print`` for that).  The last
-    measurement stays in ``.elapsed``.
+    measurement stays in ``.elapsed``.  Decorate with ``@timer`` or
+    ``@timer("msg", callback)``.
     """
 
     def __init__(
         self,
-        msg: str = "Elapsed time:",
+        msg: Union[str, Callable[..., Any]] = "Elapsed time:",
         callback: Optional[Callable[[float], Any]] = None,
         print_fn: Optional[Callable[[str], Any]] = None,
     ) -> None:
+        self._fn: Optional[Callable[..., Any]] = None
+        if callable(msg):  # used bare: @timer
+            self._fn = msg
+            functools.update_wrapper(self, msg)
+            msg = f"{getattr(msg, '__qualname__', 'function')}:"
         self.msg = msg
         self.callback = callback
         self.print_fn = print_fn
@@ -216,8 +221,14 @@ class timer:
         if self.callback is not None:
             self.callback(self.elapsed)
 
-    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Use as ``@timer("msg")``: every call of fn is timed."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """As ``@timer("msg")`` it wraps a function; as ``@timer`` it is the timed function."""
+        if self._fn is not None:
+            with timer(self.msg, self.callback, self.print_fn):
+                return self._fn(*args, **kwargs)
+        if len(args) != 1 or kwargs or not callable(args[0]):
+            raise TypeError("timer(...) decorates one function")
+        fn = args[0]
 
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> Any:

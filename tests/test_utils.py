@@ -2,7 +2,6 @@
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import random
@@ -125,6 +124,19 @@ def test_timer_decorator_and_print_fn():
     assert f(3) == 6 and f(4) == 8
     assert len(got) == 2 and all(g >= 0.01 for g in got)
     assert len(lines) == 2 and lines[0].startswith("f: ")
+
+
+def test_timer_bare_decorator(caplog):
+    @u.timer
+    def g(x, y=1):
+        return x + y
+
+    with caplog.at_level(logging.INFO, logger="mlutils.utils"):
+        assert g(1, y=2) == 3
+    assert g.__name__ == "g"
+    assert any(r.getMessage().startswith("test_timer_bare_decorator.<locals>.g: ") for r in caplog.records)
+    with pytest.raises(TypeError):
+        u.timer("x")(1, 2)
 
 
 def test_timer_reports_even_when_the_block_raises():
