@@ -38,6 +38,7 @@ from ._core import SafetensorsError
 __all__ = [
     "RawTensor",
     "SafetensorsError",
+    "TorchNotInstalledError",
     "load",
     "load_file",
     "read_header",
@@ -133,6 +134,22 @@ def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
         _np_table_cache, _np_code_cache = table, codes
     assert _np_code_cache is not None
     return _np_table_cache, _np_code_cache
+
+
+class TorchNotInstalledError(ModuleNotFoundError):
+    """torch tensors were asked for (``framework="pt"``) but torch cannot be
+    imported; ``framework="np"`` gives numpy arrays without it."""
+
+
+def require_torch(what: str) -> Any:
+    """The torch module, or :class:`TorchNotInstalledError` saying what needed it."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise TorchNotInstalledError(
+            f"{what} returns torch tensors, and torch is not installed ({exc}): install torch, "
+            "or pass framework='np' for numpy arrays", name="torch") from exc
+    return torch
 
 
 def _framework(framework: str) -> str:
@@ -298,7 +315,9 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tu
         if not shape:
             raise SafetensorsError(f"tensor {name!r}: a float4_e2m1fn_x2 scalar cannot be saved")
         shape = shape[:-1] + (shape[-1] * 2,)
-    flat = t.reshape(-1)
+    # Contiguous means dense, but a size-1 or empty dimension may carry any
+    # stride (t[::2][:1], x.expand(1)): restride to the plain flat view.
+    flat = t.as_strided((t.numel(),), (1,))
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return name, code, shape, flat.numpy()
@@ -428,6 +447,8 @@ class _Reader:
     def __init__(self, m: Any, framework: str, device: str = "cpu") -> None:
         self.map = m
         self.framework = _framework(framework)
+        if self.framework == "pt":
+            require_torch("reading safetensors with framework='pt'")
         self.device = str(device)
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")
