@@ -4,7 +4,10 @@ Files written here are byte-for-byte those the ``safetensors`` library writes
 for the same tensors and metadata (tensors ordered by dtype descending then
 name, compact JSON, space padding to a multiple of 8; metadata keys sorted,
 where the library's order is only fixed for one key).  Reading validates the
-header as the library does (plus: duplicate keys are an error) and returns
+header as the library does (its number grammar and limits included: integers
+in [0, 2^64-1], header at most 100,000,000 bytes, nesting at most 127; plus:
+duplicate keys are an error, and names holding NUL are refused on read and
+write, since jansson cannot hold them) and returns
 NumPy arrays that point into a private copy-on-write mapping of the file:
 writable, zero-copy, and the file itself never changes.
 

@@ -310,14 +310,16 @@ static mlu_status scan_numbers(const uint8_t *text, size_t n, uint8_t **copy, nu
                     put_marker(*copy + start, end - start, 1);
                 } else {
                     if (nums->nbig == nums->cap) {
-                        size_t cap = nums->cap ? nums->cap * 2 : 16;
-                        big_int *b = mlu_realloc(nums->big, cap * sizeof(big_int));
+                        size_t cap = nums->cap ? nums->cap : 16, bytes;
+                        big_int *b = NULL;
+                        if (!mlu_mul_overflow_size(cap, 2 * sizeof(big_int), &bytes))
+                            b = mlu_realloc(nums->big, bytes);
                         if (b == NULL) {
                             st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading the header");
                             goto error;
                         }
                         nums->big = b;
-                        nums->cap = cap;
+                        nums->cap = cap * 2;
                     }
                     nums->big[nums->nbig].value = v;
                     nums->big[nums->nbig].too_big = over;
