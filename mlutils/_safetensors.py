@@ -479,7 +479,8 @@ class _Reader:
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
     """Every tensor of the file, in offset order: NumPy arrays over a private
-    mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``."""
+    mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``
+    (without torch, "pt" raises :class:`TorchNotInstalledError`)."""
     return _Reader(_core.st_open(os.fspath(path)), framework, device).all()
 
 

@@ -336,6 +336,18 @@ def test_header_size_limit_both_sides_like_the_library(tmp_path):
         S.save({"a": empty}, metadata={"k": value + "v"})
     with pytest.raises(Exception, match="(?i)too large"):
         stn.save({"a": empty}, metadata={"k": value + "v"})
+    # the same limit reached through a tensor's name
+    arr = np.zeros(1, np.uint8)
+    name_base = len(b'{"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}')
+    name = "n" * (limit - name_base)
+    ours = S.save({name: arr})
+    assert ours == stn.save({name: arr}) and struct.unpack("<Q", ours[:8])[0] == limit
+    assert _ours_accepts(ours) == {name: [1]}
+    del ours
+    with pytest.raises(mlutils.SafetensorsError, match="header too large"):
+        S.save({name + "n": arr})
+    with pytest.raises(Exception, match="(?i)too large"):
+        stn.save({name + "n": arr})
     # the reader: N = limit + 1 (whitespace after the JSON is valid) is refused by both
     blob = _blob('{}')
     text = b"{}" + b" " * (limit + 1 - 2)
