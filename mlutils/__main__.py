@@ -1,7 +1,7 @@
 """Command line: ``python -m mlutils`` (or ``mlutils``).
 
     mlutils inspect FILE [--json]   names, dtypes, shapes, sizes and metadata
-    mlutils convert IN OUT          .pt <-> .safetensors (by suffix)
+    mlutils convert IN OUT          .pt <-> .safetensors (by suffix) [--module-key K] [--drop K]
     mlutils verify FILE             full validation of an untrusted file
 """
 from __future__ import annotations
@@ -112,7 +112,9 @@ class _WriteProgress:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .io import torch_load, torch_save
+    from collections.abc import Mapping
+
+    from .io import DEFAULT_MODULE_KEY, _split_checkpoint, torch_load, torch_save
 
     src, dst = args.input, args.output
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -120,13 +122,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if is_safetensors_path(src) == is_safetensors_path(dst):
         raise ValueError("convert: one side must be .pt/.pth and the other .safetensors/.sft")
     total = sum(t["nbytes"] for t in describe(src)["tensors"])
+    load_key = args.module_key or DEFAULT_MODULE_KEY
     # numpy arrays over a private mapping of the input: tensors stream from the
     # page cache into the output file, never all in memory at once.
-    data: Any = torch_load(src, framework="np", module_key=args.module_key)
+    data: Any = torch_load(src, framework="np", module_key=load_key)
     if is_safetensors_path(src) and len(data) == 1:
-        data = data[args.module_key]  # plain tensors, no checkpoint metadata
+        data = data[load_key]  # plain tensors, no checkpoint metadata
+    if args.drop:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"convert: --drop needs a checkpoint dict, {src} holds a {type(data).__name__}")
+        missing = [k for k in args.drop if k not in data]
+        if missing:
+            raise ValueError(f"convert: --drop {', '.join(missing)}: not in the checkpoint "
+                             f"(keys: {', '.join(sorted(map(str, data)))})")
+        data = {k: v for k, v in data.items() if k not in args.drop}
+    save_key = args.module_key if is_safetensors_path(dst) else None
+    if is_safetensors_path(dst):
+        if not isinstance(data, Mapping):
+            raise ValueError(f"convert: {src} holds a {type(data).__name__}, not a dict: it cannot be safetensors")
+        try:
+            key, _tensors, metadata = _split_checkpoint(data, save_key)
+        except ValueError as exc:
+            if "holds tensors" in str(exc):
+                raise ValueError(f"{exc}; with convert, --drop KEY leaves an entry out") from exc
+            raise
+        if key is not None:
+            print(f"tensors: checkpoint entry {key!r}; metadata: "
+                  f"{', '.join(sorted(metadata)) if metadata else 'none'}")
     with _WriteProgress(dst, total):
-        torch_save(data, dst, module_key=args.module_key if is_safetensors_path(dst) else None)
+        torch_save(data, dst, module_key=save_key)
     print(f"wrote {dst} ({_human(os.path.getsize(dst))})")
     return 0
 
@@ -153,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help=".pt <-> .safetensors")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--module-key", default="module", help="checkpoint key holding the tensors (default: module)")
+    p.add_argument("--module-key", default=None,
+                   help="checkpoint entry holding the tensors (default: .pt -> safetensors, the first dict "
+                        "of tensors; safetensors -> .pt, 'module')")
+    p.add_argument("--drop", action="append", default=[], metavar="KEY",
+                   help="leave this checkpoint entry out (repeatable), e.g. an optimizer state")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="fully validate an untrusted file")
     p.add_argument("file")

@@ -4,7 +4,10 @@ Files written here are byte-for-byte those the ``safetensors`` library writes
 for the same tensors and metadata (tensors ordered by dtype descending then
 name, compact JSON, space padding to a multiple of 8; metadata keys sorted,
 where the library's order is only fixed for one key).  Reading validates the
-header as the library does (plus: duplicate keys are an error) and returns
+header as the library does (its number grammar and limits included: integers
+in [0, 2^64-1], header at most 100,000,000 bytes, nesting at most 127; plus:
+duplicate keys are an error, and names holding NUL are refused on read and
+write, since jansson cannot hold them) and returns
 NumPy arrays that point into a private copy-on-write mapping of the file:
 writable, zero-copy, and the file itself never changes.
 
@@ -38,6 +41,7 @@ from ._core import SafetensorsError
 __all__ = [
     "RawTensor",
     "SafetensorsError",
+    "TorchNotInstalledError",
     "load",
     "load_file",
     "read_header",
@@ -133,6 +137,22 @@ def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
         _np_table_cache, _np_code_cache = table, codes
     assert _np_code_cache is not None
     return _np_table_cache, _np_code_cache
+
+
+class TorchNotInstalledError(ModuleNotFoundError):
+    """torch tensors were asked for (``framework="pt"``) but torch cannot be
+    imported; ``framework="np"`` gives numpy arrays without it."""
+
+
+def require_torch(what: str) -> Any:
+    """The torch module, or :class:`TorchNotInstalledError` saying what needed it."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise TorchNotInstalledError(
+            f"{what} returns torch tensors, and torch is not installed ({exc}): install torch, "
+            "or pass framework='np' for numpy arrays", name="torch") from exc
+    return torch
 
 
 def _framework(framework: str) -> str:
@@ -298,7 +318,9 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tu
         if not shape:
             raise SafetensorsError(f"tensor {name!r}: a float4_e2m1fn_x2 scalar cannot be saved")
         shape = shape[:-1] + (shape[-1] * 2,)
-    flat = t.reshape(-1)
+    # Contiguous means dense, but a size-1 or empty dimension may carry any
+    # stride (t[::2][:1], x.expand(1)): restride to the plain flat view.
+    flat = t.as_strided((t.numel(),), (1,))
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return name, code, shape, flat.numpy()
@@ -428,6 +450,8 @@ class _Reader:
     def __init__(self, m: Any, framework: str, device: str = "cpu") -> None:
         self.map = m
         self.framework = _framework(framework)
+        if self.framework == "pt":
+            require_torch("reading safetensors with framework='pt'")
         self.device = str(device)
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")
@@ -455,7 +479,8 @@ class _Reader:
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
     """Every tensor of the file, in offset order: NumPy arrays over a private
-    mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``."""
+    mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``
+    (without torch, "pt" raises :class:`TorchNotInstalledError`)."""
     return _Reader(_core.st_open(os.fspath(path)), framework, device).all()
 
 

@@ -14,14 +14,17 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 from . import _core
-from ._safetensors import load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
+from ._safetensors import TorchNotInstalledError, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
 
 __all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
-           "is_safetensors_path", "safe_open", "save_file", "load_file"]
+           "is_safetensors_path", "safe_open", "save_file", "load_file", "TorchNotInstalledError"]
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".safetensor", ".sft")
+
+#: The key torch_load puts a safetensors file's tensors under by default.
+DEFAULT_MODULE_KEY = "module"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -89,10 +92,33 @@ def _is_tensor_dict(v: Any) -> bool:
     return isinstance(v, Mapping) and len(v) > 0 and all(isinstance(k, str) and _is_tensor(x) for k, x in v.items())
 
 
+def _tensor_path(v: Any, where: str, depth: int = 0) -> Optional[str]:
+    """Where the first tensor nested in ``v`` is (``where['state'][0]``), or None."""
+    if _is_tensor(v):
+        return where
+    if depth > 64:
+        return None
+    if isinstance(v, Mapping):
+        items: Any = v.items()
+    elif isinstance(v, (list, tuple)):
+        items = enumerate(v)
+    else:
+        return None
+    for k, x in items:
+        found = _tensor_path(x, f"{where}[{k!r}]", depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _split_checkpoint(data: Mapping[str, Any], module_key: Optional[str]):
-    """(tensors, metadata) the way the original helpers split a checkpoint."""
+    """(tensors key or None, tensors, metadata) the way the original helpers split a checkpoint.
+
+    Metadata never takes the name the tensors come back under: an entry named
+    ``"module"`` (torch_load's default ``module_key``) or ``module_key`` is an
+    error, since torch_load would have to choose between it and the tensors."""
     if _is_tensor_dict(data):
-        return data, {}
+        return None, data, {}
     if module_key is not None:
         if module_key not in data:
             raise ValueError(f"torch_save: module_key {module_key!r} is not in the checkpoint "
@@ -104,21 +130,34 @@ def _split_checkpoint(data: Mapping[str, Any], module_key: Optional[str]):
         key = next((k for k, v in data.items() if _is_tensor_dict(v)), None)
         if key is None:
             raise ValueError("torch_save: no dict of tensors found in the checkpoint to write as safetensors")
+    reserved = {DEFAULT_MODULE_KEY, key}
     metadata = {}
     for k, v in data.items():
         if k == key or v is None:
             continue
         if not isinstance(k, str):
             raise TypeError(f"torch_save: safetensors metadata keys must be str, not {type(k).__name__}")
+        if k in reserved:
+            raise ValueError(
+                f"torch_save: checkpoint entry {k!r} would become safetensors metadata named like the "
+                f"tensors: torch_load returns the tensors (data[{key!r}]) under module_key "
+                f"({DEFAULT_MODULE_KEY!r} by default), so {k!r} would collide with them; rename the "
+                "entry, or save as .pt")
         if _is_tensor(v) or _is_tensor_dict(v):
             raise ValueError(f"torch_save: a safetensors file holds one dict of tensors ({key!r}); "
                              f"{k!r} holds tensors too: save it in its own file, or use .pt")
+        nested = _tensor_path(v, k)
+        if nested is not None:
+            raise ValueError(f"torch_save: checkpoint entry {k!r} holds tensors ({nested}) and "
+                             "safetensors metadata is JSON text only: save that entry in a .pt file "
+                             f"(e.g. an optimizer state beside the model), leave {k!r} out, or use .pt "
+                             "for the whole checkpoint")
         try:
             metadata[k] = v if isinstance(v, str) else json_stringify(v)
         except (TypeError, OverflowError) as exc:
             raise type(exc)(f"torch_save: checkpoint entry {k!r} cannot be safetensors metadata "
                             f"(only JSON values can): {exc}") from exc
-    return data[key], metadata
+    return key, data[key], metadata
 
 
 def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None) -> None:
@@ -136,7 +175,7 @@ def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None) -> N
 
         if not isinstance(data, Mapping):
             raise TypeError(f"torch_save: a safetensors file holds a dict, not {type(data).__name__}")
-        tensors, metadata = _split_checkpoint(data, module_key)
+        _key, tensors, metadata = _split_checkpoint(data, module_key)
         metadata.setdefault("format", "pt")
         _safetensors.save_file(tensors, path, metadata=metadata)
     else:
@@ -151,28 +190,40 @@ def torch_load(
     framework: str = "pt",
     unsafe: bool = False,
     load_metadata: bool = True,
-    module_key: str = "module",
+    module_key: str = DEFAULT_MODULE_KEY,
 ) -> Any:
     """Load what :func:`torch_save` (or ``torch.save`` / ``safetensors``) wrote.
 
     safetensors: with ``load_metadata`` the result is ``{module_key: tensors,
     **metadata}`` with each metadata value JSON-parsed when it parses (the
-    ``format`` marker is dropped), else just the tensors.  ``.pt``: our own
-    restricted unpickler, which accepts only what
+    ``format`` marker is dropped), else just the tensors; a metadata key equal
+    to ``module_key`` raises :class:`SafetensorsError` (it would replace the
+    tensors).  ``.pt``: our own restricted unpickler, which accepts only what
     ``torch.load(weights_only=True)`` accepts; ``unsafe=True`` is the explicit
     opt-in that hands the file to ``torch.load(weights_only=False)`` (it warns:
-    that can run any code the file holds).  ``framework="np"`` gives numpy
-    arrays; ``"pt"`` torch tensors when torch is installed.
+    that can run any code the file holds).
+
+    ``framework="pt"`` (the default) gives torch tensors and needs torch: without
+    it both formats raise :class:`TorchNotInstalledError` (an ImportError);
+    ``framework="np"`` gives numpy arrays and never imports torch.
     """
     path = os.fspath(path)
-    if is_safetensors_path(path):
-        from . import _safetensors
+    from . import _safetensors
 
-        tensors = _safetensors.load_file(path, framework=framework, device=device)
+    fw = _safetensors._framework(framework)
+    if fw == "pt":
+        _safetensors.require_torch("torch_load(framework='pt')")
+    if is_safetensors_path(path):
+        tensors = _safetensors.load_file(path, framework=fw, device=device)
         if not load_metadata:
             return tensors
         metadata, _entries = _safetensors.read_header(path)
         metadata = metadata or {}
+        if module_key in metadata:
+            raise _safetensors.SafetensorsError(
+                f"{path}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
+                f"tensors under: it would replace them. Pass another module_key, or "
+                "load_metadata=False for the tensors alone (safe_open(path).metadata() reads the metadata)")
         out = {module_key: tensors}
         for k, v in metadata.items():
             if k == "format" and v == "pt":
@@ -185,5 +236,6 @@ def torch_load(
     from . import _ptload
 
     if unsafe:
+        _safetensors.require_torch("torch_load(unsafe=True)")
         return _ptload.load_unsafe(path, device=device)
-    return _ptload.load(path, device=device, framework=framework)
+    return _ptload.load(path, device=device, framework=fw)

@@ -126,3 +126,37 @@ def test_convert_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     assert "100%" in err.getvalue() and "big.sft" in err.getvalue()
     back = torch_load(tmp_path / "big.sft", framework="np")["module"]
     assert all(back[k][0, 0] == int(k[1:]) for k in tensors)
+
+
+def test_convert_checkpoint_without_module_key(tmp_path, torch):
+    """An ordinary training checkpoint: the first dict of tensors becomes the tensors, and the CLI says so."""
+    from safetensors import safe_open
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "step": 7, "arch": "mlp"}, tmp_path / "plain.pt")
+    out = run_cli("convert", tmp_path / "plain.pt", tmp_path / "plain.safetensors")
+    assert out.returncode == 0, out.stderr
+    assert "tensors: checkpoint entry 'model'" in out.stdout and "arch, step" in out.stdout
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "7", "arch": "mlp"}
+        for k, v in model.state_dict().items():
+            assert torch.equal(f.get_tensor(k), v)
+    # with the optimizer: its tensors cannot be metadata, the advice says what to do, no file
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, tmp_path / "ck.pt")
+    out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "'optimizer' holds tensors" in out.stderr and ".pt" in out.stderr and "--drop" in out.stderr
+    assert not (tmp_path / "ck.safetensors").exists()
+    out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors", "--drop", "optimizer")
+    assert out.returncode == 0, out.stderr
+    back = torch_load(tmp_path / "ck.safetensors")
+    assert back["step"] == 7 and "optimizer" not in back
+    assert all(torch.equal(back["module"][k], v) for k, v in model.state_dict().items())
+    # an explicit --module-key still picks the entry, and a wrong one is a clear error
+    out = run_cli("convert", tmp_path / "plain.pt", tmp_path / "k.safetensors", "--module-key", "nope")
+    assert out.returncode == 1 and "module_key 'nope' is not in the checkpoint" in out.stderr
+    out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "k.safetensors", "--drop", "optim")
+    assert out.returncode == 1 and "--drop optim: not in the checkpoint" in out.stderr

@@ -182,3 +182,87 @@ def test_kill_mid_save_keeps_previous_file(tmp_path, suffix):
             assert v.shape == (256, 1024) and v[0, 0] == v[-1, -1] == int(k[1:])
     leftovers = [f for f in os.listdir(tmp_path) if f != path.name]
     assert all(f.startswith("." + path.name) and f.endswith(".tmp") for f in leftovers)
+
+
+def test_metadata_named_like_the_tensors_key_is_refused_on_save(tmp_path):
+    sd = {"w": np.ones(2, np.float32)}
+    path = tmp_path / "c.safetensors"
+    # the tensors come back under "module" (torch_load's default): a "module" entry would replace them
+    with pytest.raises(ValueError, match="'module'"):
+        torch_save({"model": sd, "module": "resnet18"}, path)
+    with pytest.raises(ValueError, match="'module'"):
+        torch_save({"model": sd, "module": "resnet18"}, path, module_key="model")
+    assert not path.exists()
+    # the .pt path keeps such a checkpoint as it is
+    torch_save({"model": sd, "module": "resnet18"}, tmp_path / "c.pt")
+    assert torch_load(tmp_path / "c.pt", framework="np")["module"] == "resnet18"
+    # any other name is metadata as before, and the tensors survive
+    torch_save({"model": sd, "arch": "resnet18"}, path)
+    back = torch_load(path, framework="np")
+    assert back["arch"] == "resnet18" and set(back["module"]) == {"w"}
+
+
+def test_metadata_never_replaces_the_tensors_on_load(tmp_path):
+    """A file (written by anyone) whose metadata has the module_key's name."""
+    from safetensors.numpy import save_file as lib_save_file
+
+    path = tmp_path / "hostile.safetensors"
+    lib_save_file({"w": np.ones(2, np.float32)}, str(path), metadata={"module": "x", "weights": "[1]"})
+    with pytest.raises(mlutils.SafetensorsError, match="'module'") as e:
+        torch_load(path, framework="np")
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(mlutils.SafetensorsError, match="'weights'"):
+        torch_load(path, framework="np", module_key="weights")
+    back = torch_load(path, framework="np", module_key="tensors")
+    assert back["module"] == "x" and back["weights"] == [1] and set(back["tensors"]) == {"w"}
+    assert set(torch_load(path, framework="np", load_metadata=False)) == {"w"}
+
+
+NO_TORCH_CODE = r'''
+import sys, numpy as np
+import mlutils.io as io
+assert sys.modules.get("torch") is None
+ck = {"module": {"w": np.arange(3, dtype=np.float32)}, "step": 2}
+for name in ("c.pt", "c.sft"):
+    io.torch_save(ck, name)
+    try:
+        io.torch_load(name)
+    except io.TorchNotInstalledError as exc:
+        assert isinstance(exc, ImportError) and exc.name == "torch", exc
+        assert "install torch" in str(exc) and "framework='np'" in str(exc), exc
+        print(name, "raised")
+    else:
+        raise AssertionError(name + ": no error without torch")
+    back = io.torch_load(name, framework="np")
+    assert back["step"] == 2 and back["module"]["w"].tolist() == [0.0, 1.0, 2.0]
+for call in (lambda: io.safe_open("c.sft", framework="pt"), lambda: io.load_file("c.sft", framework="pt")):
+    try:
+        call()
+    except io.TorchNotInstalledError:
+        print("st raised")
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+'''
+
+
+def test_without_torch_both_formats_say_so(tmp_path):
+    """framework='pt' without torch: one clear ImportError for .pt and .sft alike; 'np' works."""
+    env = dict(os.environ, MLUTILS_NO_TORCH="1")
+    code = "import sys; sys.modules['torch'] = None  # as conftest does under MLUTILS_NO_TORCH=1\n" + NO_TORCH_CODE
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == ["c.pt raised", "c.sft raised", "st raised", "st raised"]
+
+
+@pytest.mark.skipif(os.environ.get("MLUTILS_NO_TORCH") != "1", reason="runs under MLUTILS_NO_TORCH=1 only")
+def test_without_torch_under_the_suite_switch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(NO_TORCH_CODE, "no_torch", "exec"), {})
+
+
+def test_without_torch_suite_switch_runs(tmp_path):
+    env = dict(os.environ, MLUTILS_NO_TORCH="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_io_state.py::test_without_torch_under_the_suite_switch"],
+                         capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr

@@ -118,10 +118,25 @@ def test_empty_with_empty_metadata():
 
 
 def test_nul_in_names():
+    """jansson cannot hold NUL in object keys, so our reader refuses such names; the
+    writer refuses them too (it never writes what it cannot read back), where the
+    library writes and reads them."""
     blob = stn.save({"a\x00b": np.zeros(1, np.uint8)})
-    assert S.save({"a\x00b": np.zeros(1, np.uint8)}) == blob  # written as the library does
+    assert list(stn.load(blob)) == ["a\x00b"]
     with pytest.raises(mlutils.SafetensorsError, match="NUL byte in object key"):
-        S.load(blob)  # but refused on read (a jansson limit)
+        S.load(blob)
+    with pytest.raises(mlutils.SafetensorsError, match="NUL character"):
+        S.save({"a\x00b": np.zeros(1, np.uint8)})
+    with pytest.raises(mlutils.SafetensorsError, match="metadata key"):
+        S.save({"a": np.zeros(1, np.uint8)}, metadata={"k\x00": "v"})
+    # NUL in a metadata value is fine both ways
+    blob = S.save({"a": np.zeros(1, np.uint8)}, metadata={"k": "v\x00w"})
+    assert blob == stn.save({"a": np.zeros(1, np.uint8)}, metadata={"k": "v\x00w"})
+    assert _meta_of(blob) == {"k": "v\x00w"}
+
+
+def _meta_of(blob):
+    return _core.st_from_bytes(blob).metadata()
 
 
 # ---------------------------------------------------------------- hypothesis
@@ -213,3 +228,131 @@ def test_fuzz_corpus_replays_clean_under_sanitizers(tmp_path):
     r = subprocess.run(["make", "-s", "fuzz-replay-st"], cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "st_header: replayed" in r.stdout
+
+
+# ---------------------------------------------------------------- the reference's grammar and limits
+
+def _blob(text, data=b""):
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _lib_accepts(blob, tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(blob)
+    try:
+        with safetensors.safe_open(str(path), "np") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception:  # the library's SafetensorsError is not exported the same way everywhere
+        return None
+
+
+def _ours_accepts(blob):
+    try:
+        m = _core.st_from_bytes(blob)
+    except mlutils.SafetensorsError:
+        return None
+    return {e[0]: list(e[2]) for e in m.entries()}
+
+
+NUMBER_TOKENS = ["0", "1", "-0", "-1", "00", "01", "-01", "+1", "1.0", "0.0", "-0.0", "1e0", "1E0", "1e+0",
+                 "9223372036854775807", "9223372036854775808", "18446744073709551615",
+                 "18446744073709551616", "99999999999999999999999", "1e400", "0x1", "1_0", " 1", "1 "]
+
+
+@pytest.mark.parametrize("tok", NUMBER_TOKENS)
+@pytest.mark.parametrize("where", ["dim", "begin", "end", "ignored"])
+def test_integer_grammar_matches_the_library(tok, where, tmp_path):
+    """Every integer field (shape, data_offsets) reads numbers exactly as the library's serde u64."""
+    shape, offs, extra = "[0,0]", "[0,0]", ""
+    if where == "dim":
+        shape = "[0,%s]" % tok
+    elif where == "begin":
+        offs = "[%s,0]" % tok
+    elif where == "end":
+        offs = "[0,%s]" % tok
+    else:
+        extra = ',"x":%s' % tok
+    blob = _blob('{"a":{"dtype":"U8","shape":%s,"data_offsets":%s%s}}' % (shape, offs, extra))
+    assert _ours_accepts(blob) == _lib_accepts(blob, tmp_path)
+
+
+@pytest.mark.parametrize("dim", [2**63 - 1, 2**63, 2**64 - 1])
+def test_largest_dimensions_written_and_read_like_the_library(dim, tmp_path):
+    """Dimensions up to 2**64-1 (in an empty tensor): our writer, our reader and the library agree."""
+    blob = S.save({"e": S.RawTensor("U8", (0, dim), b"")})
+    assert _ours_accepts(blob) == _lib_accepts(blob, tmp_path) == {"e": [0, dim]}
+    assert S.read_header(tmp_path / "x.safetensors")[1][0]["shape"] == [0, dim]
+    # materialising it is the frameworks' limit (int64 sizes), not the file's: a clear error
+    if dim >= 2**63:
+        with safetensors.safe_open(str(tmp_path / "x.safetensors"), "np") as f, pytest.raises(ValueError):
+            f.get_tensor("e")
+        with pytest.raises(mlutils.SafetensorsError, match="at most 2\\^63-1"):
+            S.load(blob)
+    else:
+        with safetensors.safe_open(str(tmp_path / "x.safetensors"), "np") as f:
+            assert f.get_tensor("e").shape == (0, dim)
+        assert S.load(blob)["e"].shape == (0, dim)
+    # one past: refused by our writer, and the same text refused by both readers
+    with pytest.raises(mlutils.SafetensorsError, match="outside"):
+        S.save({"e": S.RawTensor("U8", (0, 2**64), b"")})
+    past = _blob('{"e":{"dtype":"U8","shape":[0,18446744073709551616],"data_offsets":[0,0]}}')
+    assert _ours_accepts(past) is None and _lib_accepts(past, tmp_path) is None
+
+
+def test_nesting_limit_matches_the_library(tmp_path):
+    for depth, ok in ((125, True), (126, False)):  # + root and tensor objects: 127 read, 128 refused
+        blob = _blob('{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0],"x":%s}}' % ("[" * depth + "]" * depth))
+        want = {"a": [0]} if ok else None
+        assert _ours_accepts(blob) == _lib_accepts(blob, tmp_path) == want, depth
+
+
+def test_null_metadata_is_no_metadata(tmp_path):
+    blob = _blob('{"__metadata__":null,"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\x07")
+    assert _ours_accepts(blob) == _lib_accepts(blob, tmp_path) == {"a": [1]}
+    with safetensors.safe_open(str(tmp_path / "x.safetensors"), "np") as f:
+        assert f.metadata() is None
+    assert S.read_header(tmp_path / "x.safetensors")[0] is None
+
+
+def test_header_size_limit_both_sides_like_the_library(tmp_path):
+    """N = 100,000,000 is the largest header: written by both writers byte for byte,
+    read by both readers; one more byte (8 more for the padded writers) is refused."""
+    limit = 100_000_000
+    empty = np.zeros(0, np.uint8)
+    base = len(b'{"__metadata__":{"k":""},"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}')
+    value = "v" * (limit - base)
+    ours = S.save({"a": empty}, metadata={"k": value})
+    assert struct.unpack("<Q", ours[:8])[0] == limit and len(ours) == 8 + limit
+    assert ours == stn.save({"a": empty}, metadata={"k": value})
+    assert _ours_accepts(ours) == {"a": [0]}
+    path = tmp_path / "max.safetensors"
+    path.write_bytes(ours)
+    with safetensors.safe_open(str(path), "np") as f:
+        assert f.metadata()["k"] == value
+    del ours
+    with pytest.raises(mlutils.SafetensorsError, match="header too large"):
+        S.save({"a": empty}, metadata={"k": value + "v"})
+    with pytest.raises(Exception, match="(?i)too large"):
+        stn.save({"a": empty}, metadata={"k": value + "v"})
+    # the same limit reached through a tensor's name
+    arr = np.zeros(1, np.uint8)
+    name_base = len(b'{"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}')
+    name = "n" * (limit - name_base)
+    ours = S.save({name: arr})
+    assert ours == stn.save({name: arr}) and struct.unpack("<Q", ours[:8])[0] == limit
+    assert _ours_accepts(ours) == {name: [1]}
+    del ours
+    with pytest.raises(mlutils.SafetensorsError, match="header too large"):
+        S.save({name + "n": arr})
+    with pytest.raises(Exception, match="(?i)too large"):
+        stn.save({name + "n": arr})
+    # the reader: N = limit + 1 (whitespace after the JSON is valid) is refused by both
+    blob = _blob('{}')
+    text = b"{}" + b" " * (limit + 1 - 2)
+    past = struct.pack("<Q", limit + 1) + text
+    assert _ours_accepts(past) is None and _lib_accepts(past, tmp_path) is None
+    at = struct.pack("<Q", limit) + text[:-1]
+    assert _ours_accepts(at) == _lib_accepts(at, tmp_path) == {}
+    assert _ours_accepts(blob) == {}

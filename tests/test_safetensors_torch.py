@@ -187,3 +187,34 @@ def test_device_argument(torch, tmp_path):
         g = S.load_file(p, framework="pt", device="cuda:0")["a"]
         assert g.device.type == "cuda" and torch.equal(g.cpu(), torch.ones(3))
         assert S.save({"a": g}) == S.save({"a": torch.ones(3)})
+
+
+def _size1_views(torch):
+    """Dense tensors whose size-1 or empty dimensions carry odd strides."""
+    return {
+        "step2_first": torch.arange(10.0)[::2][:1],
+        "expanded_scalar": torch.tensor(2.5).expand(1),
+        "expanded_2d": torch.tensor(1.0, dtype=torch.float64).expand(1, 1),
+        "empty_step3": torch.arange(10.0)[::3][:0],
+        "empty_odd": torch.empty_strided((0, 3), (7, 5), dtype=torch.int16),
+        "zero_stride": torch.empty_strided((1,), (0,)).fill_(3.0),
+        "row_of_matrix": torch.arange(6, dtype=torch.int16).reshape(2, 3)[1:, ::2][:, 1:],
+        "bf16_step": torch.arange(8.0).to(torch.bfloat16)[::4][:1],
+        "u8_step": torch.arange(6, dtype=torch.uint8)[1::3][:1],
+    }
+
+
+def test_size1_strided_views_save_like_the_library(torch, tmp_path):
+    from safetensors.torch import load_file as lib_load_file
+    from safetensors.torch import save as lib_save
+
+    views = _size1_views(torch)
+    for name, t in views.items():
+        assert t.is_contiguous() and (t.numel() <= 1 or t.dim() > 1), name
+        assert S.save({name: t}) == lib_save({name: t}), name
+    # all together, through a file, and back through both readers
+    assert S.save(views) == lib_save(views)
+    S.save_file(views, tmp_path / "v.safetensors")
+    for got in (S.load_file(tmp_path / "v.safetensors", framework="pt"), lib_load_file(tmp_path / "v.safetensors")):
+        for name, t in views.items():
+            assert got[name].shape == t.shape and torch.equal(got[name], t), name

@@ -154,6 +154,8 @@ static mlu_status parse_metadata(json_t *obj, mlu_st_header *h, mlu_error *err)
     size_t klen;
     json_t *val;
 
+    if (json_is_null(obj))
+        return MLU_OK;  /* the reference reads it as an absent __metadata__ (an Option) */
     if (!json_is_object(obj))
         return mlu_error_set(err, MLU_EFORMAT, -1,
                              "__metadata__ must be an object of strings, found %s", json_kind(obj));
@@ -184,26 +186,200 @@ static mlu_status parse_metadata(json_t *obj, mlu_st_header *h, mlu_error *err)
     return st;
 }
 
-/* A JSON value that must be a non-negative integer (serde's u64/usize). */
-static int get_uint(const json_t *v, uint64_t *out)
+/* ------------------------------------------------------------------ numbers
+ *
+ * The reference parses the header with serde_json and reads shape and
+ * data_offsets as u64: an integer token is an unsigned integer when it fits
+ * in 64 bits, while "-0" and any integer beyond 2^64-1 are floats (so wrong
+ * there, but fine in an ignored field).  jansson's integers are int64 and
+ * "-0" is 0 to it.  So before jansson sees the header, a same-length copy is
+ * made in which, outside strings:
+ *   - every negative integer token (including "-0") becomes "-1" plus spaces;
+ *   - every integer token above INT64_MAX becomes "-k" plus spaces, k >= 2,
+ *     where big[k - 2] keeps its value (or that it exceeds 2^64-1).
+ * Tokens that are not JSON integers (reals, "01", "+1") are left for jansson
+ * to read or reject.  Offsets in the text are unchanged, so jansson's error
+ * positions still speak of the file.  The same pass enforces the reference's
+ * nesting limit. */
+
+/* serde_json's recursion limit: the reference rejects a header whose arrays
+ * and objects nest deeper than this (checked against safetensors 0.8). */
+#define MAX_NESTING 127
+
+typedef struct big_int {
+    uint64_t value;
+    int too_big;      /* the token is above 2^64-1: serde reads it as a float */
+} big_int;
+
+typedef struct numbers {
+    big_int *big;     /* owned */
+    size_t nbig;
+    size_t cap;
+} numbers;
+
+static int is_digit(uint8_t c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static int is_number_char(uint8_t c)
+{
+    return is_digit(c) || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
+}
+
+static int is_word_char(uint8_t c)
+{
+    return is_number_char(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+/* Writes "-k" at p and pads the token's other bytes with spaces. */
+static void put_marker(uint8_t *p, size_t len, uint64_t k)
+{
+    char tmp[24];
+    int w = snprintf(tmp, sizeof(tmp), "-%" PRIu64, k);
+    size_t i;
+
+    for (i = 0; i < len; i++)
+        p[i] = i < (size_t)w ? (uint8_t)tmp[i] : ' ';
+}
+
+/* Scans the n header bytes at `text`.  When a token needs rewriting, *copy
+ * receives a rewritten copy (owned, mlu_free) and nums the big values. */
+static mlu_status scan_numbers(const uint8_t *text, size_t n, uint8_t **copy, numbers *nums,
+                               mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    size_t i = 0, depth = 0;
+
+    *copy = NULL;
+    while (i < n) {
+        uint8_t c = text[i];
+        if (c == '"') {
+            i++;
+            while (i < n && text[i] != '"')
+                i += text[i] == '\\' ? 2 : 1;
+            i++;
+            continue;
+        }
+        if (c == '[' || c == '{') {
+            if (++depth > MAX_NESTING) {
+                st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(8 + i),
+                                   "header nests arrays and objects deeper than %d levels "
+                                   "(byte offset %" PRIu64 "), the reference's limit",
+                                   MAX_NESTING, (uint64_t)(8 + i));
+                goto error;
+            }
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            depth--;
+        }
+        if ((c == '-' || is_digit(c)) && (i == 0 || !is_word_char(text[i - 1]))) {
+            size_t start = i, end = i, digits;
+            int neg = c == '-', integer;
+            uint64_t v = 0;
+            int over = 0;
+            if (neg)
+                end++;
+            while (end < n && is_digit(text[end]))
+                end++;
+            digits = end - start - (size_t)neg;
+            /* a JSON integer: -?(0|[1-9][0-9]*), not followed by more of a number */
+            integer = digits > 0 && !(digits > 1 && text[start + neg] == '0') &&
+                      (end == n || !is_number_char(text[end]));
+            if (!integer) {
+                while (end < n && is_number_char(text[end]))
+                    end++;
+                i = end;
+                continue;
+            }
+            if (!neg) {
+                size_t k;
+                for (k = start; k < end && !over; k++)
+                    over = mlu_mul_overflow_u64(v, 10, &v) ||
+                           mlu_add_overflow_u64(v, (uint64_t)(text[k] - '0'), &v);
+            }
+            if (neg || over || v > (uint64_t)INT64_MAX) {
+                if (*copy == NULL) {
+                    *copy = mlu_malloc(n);
+                    if (*copy == NULL) {
+                        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading the header");
+                        goto error;
+                    }
+                    memcpy(*copy, text, n);
+                }
+                if (neg) {
+                    put_marker(*copy + start, end - start, 1);
+                } else {
+                    if (nums->nbig == nums->cap) {
+                        size_t cap = nums->cap ? nums->cap : 16, bytes;
+                        big_int *b = NULL;
+                        if (!mlu_mul_overflow_size(cap, 2 * sizeof(big_int), &bytes))
+                            b = mlu_realloc(nums->big, bytes);
+                        if (b == NULL) {
+                            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading the header");
+                            goto error;
+                        }
+                        nums->big = b;
+                        nums->cap = cap * 2;
+                    }
+                    nums->big[nums->nbig].value = v;
+                    nums->big[nums->nbig].too_big = over;
+                    /* 19+ digits always hold "-k" for the k < 10^17 a header can reach */
+                    put_marker(*copy + start, end - start, (uint64_t)nums->nbig + 2);
+                    nums->nbig++;
+                }
+            }
+            i = end;
+            continue;
+        }
+        i++;
+    }
+    goto done;
+error:
+    mlu_free(*copy);
+    *copy = NULL;
+done:
+    return st;
+}
+
+/* What get_uint found. */
+enum { UINT_OK, UINT_NOT_INTEGER, UINT_NEGATIVE, UINT_TOO_BIG };
+
+/* A JSON value that must be an unsigned 64-bit integer (serde's u64/usize). */
+static int get_uint(const json_t *v, const numbers *nums, uint64_t *out)
 {
     json_int_t i;
 
     if (!json_is_integer(v))
-        return 0;
+        return UINT_NOT_INTEGER;
     i = json_integer_value(v);
-    if (i < 0)
-        return 0;
-    *out = (uint64_t)i;
-    return 1;
+    if (i >= 0) {
+        *out = (uint64_t)i;
+        return UINT_OK;
+    }
+    if (i == -1 || (uint64_t)(-(i + 2)) >= nums->nbig)
+        return UINT_NEGATIVE;
+    if (nums->big[-(i + 2)].too_big)
+        return UINT_TOO_BIG;
+    *out = nums->big[-(i + 2)].value;
+    return UINT_OK;
 }
 
-static mlu_status parse_tensor(const char *name, size_t nlen, json_t *obj, mlu_st_tensor *t,
-                               mlu_error *err)
+static const char *uint_problem(int why, const json_t *v)
+{
+    switch (why) {
+    case UINT_NEGATIVE: return "a negative integer";
+    case UINT_TOO_BIG: return "an integer above 2^64-1";
+    default: return json_kind(v);
+    }
+}
+
+static mlu_status parse_tensor(const char *name, size_t nlen, json_t *obj, const numbers *nums,
+                               mlu_st_tensor *t, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
     json_t *dtype, *shape, *offs;
     size_t i;
+    int why;
 
     if (!json_is_object(obj)) {
         st = mlu_error_set(err, MLU_EFORMAT, -1,
@@ -249,21 +425,29 @@ static mlu_status parse_tensor(const char *name, size_t nlen, json_t *obj, mlu_s
     }
     for (i = 0; i < t->ndim; i++) {
         json_t *d = json_array_get(shape, i);
-        if (!get_uint(d, &t->shape[i])) {
+        if ((why = get_uint(d, nums, &t->shape[i])) != UINT_OK) {
             st = mlu_error_set(err, MLU_EFORMAT, -1,
                                "tensor '%.*s%s': shape[%zu] must be a non-negative integer, found %s",
-                               SHOW(name, nlen), ELLIPSIS(nlen), i,
-                               json_is_integer(d) ? "a negative integer" : json_kind(d));
+                               SHOW(name, nlen), ELLIPSIS(nlen), i, uint_problem(why, d));
             goto error;
         }
     }
-    if (!json_is_array(offs) || json_array_size(offs) != 2 ||
-        !get_uint(json_array_get(offs, 0), &t->begin) ||
-        !get_uint(json_array_get(offs, 1), &t->end)) {
+    if (!json_is_array(offs) || json_array_size(offs) != 2) {
         st = mlu_error_set(err, MLU_EFORMAT, -1,
                            "tensor '%.*s%s': data_offsets must be [begin, end] with non-negative integers",
                            SHOW(name, nlen), ELLIPSIS(nlen));
         goto error;
+    }
+    for (i = 0; i < 2; i++) {
+        json_t *o = json_array_get(offs, i);
+        if ((why = get_uint(o, nums, i == 0 ? &t->begin : &t->end)) != UINT_OK) {
+            st = mlu_error_set(err, MLU_EFORMAT, -1,
+                               "tensor '%.*s%s': data_offsets must be [begin, end] with non-negative "
+                               "integers, found %s as %s",
+                               SHOW(name, nlen), ELLIPSIS(nlen), uint_problem(why, o),
+                               i == 0 ? "begin" : "end");
+            goto error;
+        }
     }
     t->name = dup_bytes(name, nlen);
     if (t->name == NULL) {
@@ -356,6 +540,8 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
 {
     mlu_status st = MLU_EFORMAT;
     mlu_json_doc doc = {NULL, 0};
+    numbers nums = {NULL, 0, 0};
+    uint8_t *copy = NULL;        /* the header with numbers rewritten, when it had to be */
     uint64_t n = 0;
     size_t bad, i, cap;
     const char *key;
@@ -394,7 +580,10 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
                            (uint64_t)(8 + bad));
         goto error;
     }
-    if ((st = mlu_json_parse((const char *)data + 8, (size_t)n, 0, &doc, err)) != MLU_OK) {
+    if ((st = scan_numbers(data + 8, (size_t)n, &copy, &nums, err)) != MLU_OK)
+        goto error;
+    if ((st = mlu_json_parse(copy != NULL ? (const char *)copy : (const char *)data + 8, (size_t)n, 0,
+                             &doc, err)) != MLU_OK) {
         if (err != NULL && st == MLU_EFORMAT) {
             /* Make the message and offset speak of the file. */
             char why[200];
@@ -426,7 +615,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
         if (klen == 12 && memcmp(key, "__metadata__", 12) == 0) {
             st = parse_metadata(val, h, err);
         } else {
-            st = parse_tensor(key, klen, val, &h->tensors[h->ntensors], err);
+            st = parse_tensor(key, klen, val, &nums, &h->tensors[h->ntensors], err);
             if (st == MLU_OK) {
                 h->ntensors++;
             } else {
@@ -447,6 +636,8 @@ error:
     mlu_st_header_free(h);
 done:
     mlu_json_doc_free(&doc);
+    mlu_free(copy);
+    mlu_free(nums.big);
     return st;
 }
 
@@ -485,6 +676,11 @@ static mlu_status check_entry(const mlu_st_entry *e, mlu_error *err)
     if (bits == 0)
         return mlu_error_set(err, MLU_EINVAL, -1, "tensor '%.*s%s': invalid dtype code %d",
                              SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), e->dtype);
+    if (e->name_len > 0 && memchr(e->name, '\0', e->name_len) != NULL)
+        return mlu_error_set(err, MLU_EINVAL, -1,
+                             "tensor '%.*s%s': a name holding a NUL character cannot be read back "
+                             "(JSON object keys here cannot hold \\u0000)",
+                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len));
     if (e->name_len == 12 && memcmp(e->name, "__metadata__", 12) == 0)
         return mlu_error_set(err, MLU_EINVAL, -1,
                              "'__metadata__' is reserved for the header's metadata and cannot name a tensor");
@@ -516,7 +712,7 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
                                mlu_error *err)
 {
     mlu_status st = MLU_OK;
-    uint64_t off = 0, json_len;
+    uint64_t off = 0, json_len, total;
     size_t i, k, start;
     int first = 1;
 
@@ -531,6 +727,15 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
     /* The length is patched in once known. */
     if ((st = mlu_buf_append(out, "\0\0\0\0\0\0\0\0{", 9, err)) != MLU_OK)
         goto error;
+    for (k = 0; k < nmeta && has_metadata; k++) {
+        if (meta[k].key_len > 0 && memchr(meta[k].key, '\0', meta[k].key_len) != NULL) {
+            st = mlu_error_set(err, MLU_EINVAL, -1,
+                               "metadata key '%.*s%s': a key holding a NUL character cannot be read "
+                               "back (JSON object keys here cannot hold \\u0000)",
+                               SHOW(meta[k].key, meta[k].key_len), ELLIPSIS(meta[k].key_len));
+            goto error;
+        }
+    }
     if (has_metadata) {
         if (nmeta > 1)
             qsort(meta, nmeta, sizeof(mlu_st_kv), kv_cmp);
@@ -584,6 +789,14 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
                            "header too large: %" PRIu64 " bytes, the format's limit is %u (too many "
                            "tensors, or metadata too long)",
                            json_len, MLU_ST_MAX_HEADER);
+        goto error;
+    }
+    /* The reader adds the data's end to 8 + N; so does this check. */
+    if (mlu_add_overflow_u64(8 + json_len, off, &total)) {
+        st = mlu_error_set(err, MLU_EOVERFLOW, -1,
+                           "the file would have more than 2^64-1 bytes (%" PRIu64
+                           " bytes of tensor data after a %" PRIu64 "-byte header)",
+                           off, 8 + json_len);
         goto error;
     }
     for (k = 0; k < 8; k++)

@@ -261,7 +261,10 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     nd = (int)t->ndim;
     for (k = 0; k < nd; k++) {
         if (t->shape[k] > (uint64_t)NPY_MAX_INTP) {
-            PyErr_Format(st->SafetensorsError, "tensor '%s': dimension %d is too large", t->name, k);
+            PyErr_Format(st->SafetensorsError,
+                         "tensor '%s': dimension %d is %llu, NumPy and torch allow at most 2^63-1 "
+                         "(the header is valid: its shapes are in read_header / get_slice().get_shape())",
+                         t->name, k, (unsigned long long)t->shape[k]);
             goto error;
         }
         dims[k] = (npy_intp)t->shape[k];

@@ -93,6 +93,172 @@ static void test_parse_invalid(void)
     expect_error("{\"__metadata__\":{\"a\":null}}", 0, "must be a string, found null");
 }
 
+
+/* Parses json (padded) + dlen zero bytes; returns the status, h filled on success. */
+static mlu_status parse_json(const char *json, size_t dlen, mlu_st_header *h, mlu_error *err)
+{
+    static uint8_t zeros[64];
+    size_t size;
+    uint8_t *f = make_file(json, zeros, dlen, &size);
+    mlu_status st;
+
+    mlu_error_clear(err);
+    st = mlu_st_parse(f, size, h, err);
+    free(f);
+    return st;
+}
+
+/* The reference's number grammar for shape and data_offsets (serde u64). */
+static void test_parse_numbers(void)
+{
+    mlu_st_header h;
+    mlu_error err;
+
+    /* the whole u64 range, as the reference: a 0-element tensor may have any dimension */
+    CHECK(parse_json("{\"a\":{\"dtype\":\"U8\",\"shape\":[0,18446744073709551615,9223372036854775808,"
+                     "9223372036854775807],\"data_offsets\":[0,0]}}", 0, &h, &err) == MLU_OK);
+    CHECK(h.ntensors == 1 && h.tensors[0].ndim == 4);
+    if (h.ntensors == 1 && h.tensors[0].ndim == 4) {
+        CHECK(h.tensors[0].shape[1] == UINT64_MAX);
+        CHECK(h.tensors[0].shape[2] == (uint64_t)1 << 63);
+        CHECK(h.tensors[0].shape[3] == (uint64_t)INT64_MAX);
+    }
+    mlu_st_header_free(&h);
+    /* one past: a float to the reference */
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0,18446744073709551616],\"data_offsets\":[0,0]}}", 0,
+                 "shape[1] must be a non-negative integer, found an integer above 2^64-1");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0,99999999999999999999999],\"data_offsets\":[0,0]}}", 0,
+                 "found an integer above 2^64-1");
+    /* -0 is the float -0.0 to the reference */
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[-0],\"data_offsets\":[0,0]}}", 0, "found a negative integer");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[-0,0]}}", 0, "negative integer as begin");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,-0]}}", 0, "negative integer as end");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,-00]}}", 0, "not valid JSON");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[01],\"data_offsets\":[0,1]}}", 1, "not valid JSON");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[+1],\"data_offsets\":[0,1]}}", 1, "not valid JSON");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[1e0],\"data_offsets\":[0,1]}}", 1, "found a real number");
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[1.0],\"data_offsets\":[0,1]}}", 1, "found a real number");
+    /* a negative number in the file can never stand for a rewritten big one */
+    expect_error("{\"a\":{\"dtype\":\"U8\",\"shape\":[0,-2],\"data_offsets\":[0,0],"
+                 "\"x\":18446744073709551615}}", 0, "shape[1] must be a non-negative integer, found a negative");
+    /* in a field the reference ignores, any JSON number is fine */
+    CHECK(parse_json("{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1],"
+                     "\"x\":[-0,-7,18446744073709551616,18446744073709551615,1.5e3,\"-0\"]}}", 1, &h, &err) == MLU_OK);
+    CHECK(h.ntensors == 1 && h.tensors[0].shape[0] == 1 && h.tensors[0].end == 1);
+    mlu_st_header_free(&h);
+    /* and the text of strings is never touched */
+    CHECK(parse_json("{\"__metadata__\":{\"-0\":\"-0 18446744073709551616\"}}", 0, &h, &err) == MLU_OK);
+    CHECK(h.nmeta == 1 && strcmp(h.meta[0].key, "-0") == 0 && strcmp(h.meta[0].value, "-0 18446744073709551616") == 0);
+    mlu_st_header_free(&h);
+}
+
+static void test_parse_nesting_and_null_metadata(void)
+{
+    char json[1024];
+    mlu_st_header h;
+    mlu_error err;
+    int depth;
+
+    /* 2 levels (root, tensor) + 125 in an ignored field = 127: the most the reference reads */
+    for (depth = 125; depth <= 126; depth++) {
+        int k, n = snprintf(json, sizeof(json), "{\"a\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,0],\"x\":");
+        for (k = 0; k < depth; k++)
+            json[n++] = '[';
+        for (k = 0; k < depth; k++)
+            json[n++] = ']';
+        json[n++] = '}';
+        json[n++] = '}';
+        json[n] = '\0';
+        if (depth == 125) {
+            CHECK(parse_json(json, 0, &h, &err) == MLU_OK);
+            mlu_st_header_free(&h);
+        } else {
+            expect_error(json, 0, "deeper than 127 levels");
+        }
+    }
+    /* null metadata is an absent one to the reference */
+    CHECK(parse_json("{\"__metadata__\":null,\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1,
+                     &h, &err) == MLU_OK);
+    CHECK(h.has_metadata == 0 && h.nmeta == 0 && h.ntensors == 1);
+    mlu_st_header_free(&h);
+}
+
+/* The writer produces nothing its reader refuses: the same limits on both sides. */
+static void test_write_limits_match_reader(void)
+{
+    uint64_t shape[2] = {0, UINT64_MAX};
+    uint8_t d[1] = {0};
+    mlu_st_entry e = {"a", 1, MLU_ST_U8, 2, shape, d, 0, 0};
+    mlu_buf out = MLU_BUF_INIT;
+    uint64_t dlen = 0;
+    mlu_st_header h;
+    mlu_error err;
+
+    /* the largest dimension: written, and read back as written */
+    mlu_error_clear(&err);
+    CHECK(mlu_st_build_header(&e, 1, NULL, 0, 0, &out, &dlen, &err) == MLU_OK);
+    CHECK(mlu_st_parse((const uint8_t *)out.data, out.len, &h, &err) == MLU_OK);
+    CHECK(h.ntensors == 1 && h.tensors[0].shape[1] == UINT64_MAX);
+    mlu_st_header_free(&h);
+    mlu_buf_free(&out);
+    /* a name holding NUL: the reader cannot take it back, so the writer refuses it */
+    {
+        mlu_st_entry nul = {"a\0b", 3, MLU_ST_U8, 2, shape, d, 0, 0};
+        mlu_st_kv kv = {"k\0", 2, "v", 1};
+        mlu_error_clear(&err);
+        CHECK(mlu_st_build_header(&nul, 1, NULL, 0, 0, &out, &dlen, &err) == MLU_EINVAL);
+        CHECK(strstr(err.text, "NUL") != NULL);
+        mlu_buf_free(&out);
+        mlu_error_clear(&err);
+        CHECK(mlu_st_build_header(&e, 1, &kv, 1, 1, &out, &dlen, &err) == MLU_EINVAL);
+        CHECK(strstr(err.text, "metadata key") != NULL);
+        mlu_buf_free(&out);
+    }
+    /* total size: 8 + N + data must fit in 64 bits, as the reader computes it.  The
+     * bytes are never read by mlu_st_build_header, only counted. */
+    {
+        uint64_t big = ((uint64_t)1 << 61) - 1, s[8][1], header_total = 0, rest = 1;
+        mlu_st_entry many[8];
+        int k, round;
+        for (k = 0; k < 8; k++) {
+            s[k][0] = big;
+            many[k] = (mlu_st_entry){"t0", 2, MLU_ST_U8, 1, s[k], d, big, 0};
+        }
+        /* 7 of the largest tensors and one sized so the file is exactly 2^64-1 bytes */
+        for (round = 0; round < 4; round++) {
+            const char *names[8] = {"t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"};
+            for (k = 0; k < 8; k++) {
+                many[k].name = names[k];
+                many[k].begin = 0;
+            }
+            if (round > 0)
+                rest = UINT64_MAX - 7 * big - header_total;
+            s[7][0] = rest;
+            many[7].nbytes = rest;
+            mlu_error_clear(&err);
+            /* a failure here (the header grew) still leaves the header's size in out.len */
+            if (mlu_st_build_header(many, 8, NULL, 0, 0, &out, &dlen, &err) == MLU_OK && round > 0 &&
+                header_total == out.len)
+                break;
+            header_total = out.len; /* the header grew or shrank with the digits: again */
+            mlu_buf_free(&out);
+        }
+        CHECK(header_total == out.len && (uint64_t)out.len + dlen == UINT64_MAX);
+        mlu_buf_free(&out);
+        /* one byte more: refused */
+        for (k = 0; k < 8; k++)
+            many[k].begin = 0;
+        s[7][0] = rest + 1;
+        for (k = 0; k < 8; k++)
+            if (strcmp(many[k].name, "t7") == 0)
+                many[k].nbytes = rest + 1, many[k].shape = s[7];
+        mlu_error_clear(&err);
+        CHECK(mlu_st_build_header(many, 8, NULL, 0, 0, &out, &dlen, &err) == MLU_EOVERFLOW);
+        CHECK(strstr(err.text, "more than 2^64-1 bytes") != NULL);
+        mlu_buf_free(&out);
+    }
+}
+
 static void test_write_format_example(void)
 {
     uint64_t shape[3] = {1, 2, 3};
@@ -201,6 +367,9 @@ int main(void)
     test_dtypes();
     test_parse_valid();
     test_parse_invalid();
+    test_parse_numbers();
+    test_parse_nesting_and_null_metadata();
+    test_write_limits_match_reader();
     test_write_format_example();
     test_write_order_and_metadata();
     test_alloc_failures();
