@@ -373,3 +373,236 @@ def test_rank_that_never_arrives_times_out(tmp_path, rank):
     assert 4.0 <= elapsed <= 15.0, line
     assert "timeout of 5 s" in line and f"rank {rank} of 2" in line
     assert "frame #" not in out.stdout  # no C++ stack trace in the message
+
+
+# ---------------------------------------------------------------- NCCL (run-time loaded)
+
+FAKE_SRC = os.path.join(ROOT, "tests", "c", "fake_nccl.c")
+CUDA_BUILT = "cuda" in mlutils.features
+
+
+@pytest.fixture
+def fake_nccl(tmp_path):
+    """fake_nccl(*defines, name=...) builds tests/c/fake_nccl.c into a shared object; returns its path."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the fake NCCL library")
+
+    def build(*defines, name="fake.so", where=None):
+        out = (where or tmp_path) / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(out), FAKE_SRC, *defines],
+                       check=True, capture_output=True, timeout=120)
+        return str(out)
+
+    return build
+
+
+@pytest.fixture
+def nccl_env(monkeypatch):
+    """No library loaded before or after; MLUTILS_NCCL_PATH and CUDA_HOME cleared."""
+    from mlutils import _core
+
+    monkeypatch.delenv("MLUTILS_NCCL_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    _core._nccl_unload()
+    yield monkeypatch
+    _core._nccl_unload()
+
+
+def test_nccl_loads_a_library_at_run_time(nccl_env, fake_nccl):
+    path = fake_nccl()
+    nccl_env.setenv("MLUTILS_NCCL_PATH", path)
+    assert D.nccl_library() == (path, 22103)
+    assert D.nccl_library() == (path, 22103)  # loaded once
+    a, b = D.Communicator.unique_id(), D.Communicator.unique_id()
+    assert len(a) == len(b) == 128
+    assert a[1:] == bytes(i ^ 0x5A for i in range(1, 128))  # what the library wrote
+    assert a[0] != b[0]
+
+
+def test_nccl_directory_in_env(nccl_env, fake_nccl, tmp_path):
+    path = fake_nccl(name="libnccl.so.2", where=tmp_path / "lib")
+    nccl_env.setenv("MLUTILS_NCCL_PATH", str(tmp_path / "lib"))
+    assert D.nccl_library()[0] == path
+
+
+def test_nccl_too_old_is_refused(nccl_env, fake_nccl):
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl("-DFAKE_VERSION=21703"))
+    with pytest.raises(D.NcclUnavailableError) as info:
+        D.nccl_library()
+    msg = str(info.value)
+    assert "NCCL 2.17.3 is too old" in msg and "2.18.0 or later" in msg
+    assert "pip install nvidia-nccl-cu13" in msg
+    assert isinstance(info.value, ImportError) and isinstance(info.value, mlutils.MlutilsError)
+
+
+def test_nccl_missing_required_symbol(nccl_env, fake_nccl):
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl("-DFAKE_OMIT_ALLREDUCE"))
+    with pytest.raises(D.NcclUnavailableError, match="lacks the required symbol ncclAllReduce"):
+        D.nccl_library()
+
+
+def test_nccl_explicit_path_missing_names_it(nccl_env, tmp_path):
+    nccl_env.setenv("MLUTILS_NCCL_PATH", str(tmp_path / "nope" / "libnccl.so.2"))
+    with pytest.raises(D.NcclUnavailableError, match="MLUTILS_NCCL_PATH: .*nope/libnccl.so.2: not found"):
+        D.nccl_library()
+
+
+def test_nccl_missing_everywhere_lists_every_place(nccl_env, tmp_path):
+    nccl_env.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    nccl_env.setattr(D, "_nccl_wheel_dirs", lambda: [str(tmp_path / "wheel")])
+    try:
+        D.nccl_library()
+    except D.NcclUnavailableError as e:
+        msg = str(e)
+    else:
+        pytest.skip("this machine has NCCL on its system path")
+    for place in ("already in this process", f"{tmp_path}/wheel/libnccl.so.2: not found",
+                  f"CUDA_HOME: {tmp_path}/cuda/lib64/libnccl.so.2", "/usr/local/cuda/lib64/libnccl.so.2",
+                  "system library path", "pip install nvidia-nccl-cu13", "MLUTILS_NCCL_PATH"):
+        assert place in msg, (place, msg)
+
+
+def test_nccl_found_in_pip_wheel_layout(fake_nccl, tmp_path):
+    # nvidia-nccl-cu13 installs nvidia/nccl/lib/libnccl.so.2 (a namespace package "nvidia")
+    site = tmp_path / "site"
+    path = fake_nccl(name="libnccl.so.2", where=site / "nvidia" / "nccl" / "lib")
+    code = "import mlutils.distributed as D; print(D.nccl_library()[0])"
+    env = _child_env()
+    env.pop("MLUTILS_NCCL_PATH", None)
+    env["PYTHONPATH"] = str(site) + os.pathsep + ROOT
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip()
+    if "already loaded" in loaded:
+        pytest.skip("an NCCL is already in the process")
+    assert loaded == path
+
+
+def test_nccl_dtype_and_op_names():
+    torch = pytest.importorskip("torch")
+    assert D._torch_dtype_code(torch, torch.bfloat16) == 9
+    assert D._torch_dtype_code(torch, torch.float8_e4m3fn) == 10
+    assert D._torch_dtype_code(torch, torch.float8_e5m2) == 11
+    assert D._torch_dtype_code(torch, torch.float16) == 6
+    with pytest.raises(TypeError, match="torch.bool"):
+        D._torch_dtype_code(torch, torch.bool)
+    assert D._op_code("AVG") == 4 and D._op_code(torch.distributed.ReduceOp.MAX) == 2
+    with pytest.raises(ValueError, match="unknown reduction"):
+        D._op_code("median")
+
+
+def test_nccl_comm_init_failure_carries_nccl_text(nccl_env, fake_nccl):
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl())
+    uid = D.Communicator.unique_id()
+    with pytest.raises(D.DistributedError) as info:
+        D.Communicator.from_unique_id(uid, 0, 1)
+    if CUDA_BUILT:
+        assert "ncclCommInitRank failed (NCCL result 3): fake internal error: fake last error" in str(info.value)
+    else:
+        assert "built without CUDA" in str(info.value)
+    with pytest.raises(ValueError, match="128 bytes"):
+        from mlutils import _core
+        _core.nccl_comm_init(1, b"short", 0)
+
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="the communicator needs a CUDA build")
+def test_nccl_comm_checks_arguments_before_nccl(nccl_env, fake_nccl):
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl("-DFAKE_WORKING"))
+    comm = D.Communicator.from_unique_id(D.Communicator.unique_id(), 1, 2)
+    h = comm.handle
+    assert (comm.rank, comm.size, comm.closed) == (1, 2, False)
+    h.all_reduce(0, 0, 4, D.NCCL_DTYPES["float32"], D.NCCL_OPS["sum"], 0)
+    with pytest.raises(ValueError, match="float8 needs NCCL 2.24"):
+        h.all_reduce(0, 0, 4, D.NCCL_DTYPES["float8_e4m3fn"], 0, 0)
+    with pytest.raises(ValueError, match="unknown NCCL reduction 9"):
+        h.all_reduce(0, 0, 4, 7, 9, 0)
+    with pytest.raises(ValueError, match="unknown NCCL data type 12"):
+        h.broadcast(0, 0, 4, 12, 0, 0)
+    with pytest.raises(ValueError, match="root 2 is not a rank"):
+        h.broadcast(0, 0, 4, 7, 2, 0)
+    with pytest.raises(ValueError, match="peer -1 is not a rank"):
+        h.send(0, 4, 7, -1, 0)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        h.recv(0, -1, 7, 0, 0)
+    assert comm.handle.async_error() == (0, "")
+    comm.abort()
+    comm.abort()
+    assert comm.closed
+    with pytest.raises(ValueError, match="aborted or destroyed"):
+        h.all_gather(0, 0, 4, 7, 0)
+    from mlutils import _core
+    with pytest.raises(RuntimeError, match="still use the library"):
+        _core._nccl_unload()
+    del comm, h
+
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="the communicator needs a CUDA build")
+def test_nccl_timeout_aborts_a_communicator_that_never_forms(nccl_env, fake_nccl):
+    import time
+
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl("-DFAKE_HANG"))
+    start = time.monotonic()
+    with pytest.raises(D.DistributedTimeoutError, match="within the timeout of 0.5 s; the communicator was aborted"):
+        D.Communicator.from_unique_id(D.Communicator.unique_id(), 0, 2, timeout=0.5)
+    assert time.monotonic() - start < 5
+
+
+EXCHANGE = textwrap.dedent("""
+    import json, os, sys
+    import mlutils.distributed as D
+    out_dir = sys.argv[1]
+    D.init_distributed(timeout=90)
+    rank = D.global_rank()
+    res = {"rank": rank}
+    try:
+        res["library"] = D.nccl_library()
+    except D.NcclUnavailableError as e:
+        res["unavailable"] = str(e)
+    else:
+        res["uid"] = D.Communicator.exchange_unique_id().hex()
+        try:
+            D.Communicator.from_process_group()
+        except D.DistributedError as e:
+            res["init_error"] = str(e)
+    D.cleanup_distributed()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+""")
+
+
+@pytest.mark.parametrize("which", ["fake", "real"])
+def test_unique_id_exchange_over_gloo(tmp_path, fake_nccl, which):
+    """The id made on rank 0 reaches rank 1 through torch.distributed (2 processes, gloo)."""
+    pytest.importorskip("torch")
+    script = tmp_path / "exchange.py"
+    script.write_text(EXCHANGE)
+    env = _child_env()
+    if which == "fake":
+        env["MLUTILS_NCCL_PATH"] = fake_nccl()
+    else:
+        env.pop("MLUTILS_NCCL_PATH", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(D.get_free_port()), str(script), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    if which == "real" and "unavailable" in r0:
+        pytest.skip("no NCCL here: " + r0["unavailable"].splitlines()[0])
+    uid0, uid1 = bytes.fromhex(r0["uid"]), bytes.fromhex(r1["uid"])
+    assert len(uid0) == 128 and uid0 == uid1
+    if which == "fake":
+        assert uid0[1:] == bytes(i ^ 0x5A for i in range(1, 128))
+    # No GPU here: joining fails, with NCCL's (or the build's) own words, on both ranks.
+    for r in (r0, r1):
+        if "init_error" not in r:
+            continue  # a machine with GPUs forms the communicator
+        if not CUDA_BUILT:
+            assert "built without CUDA" in r["init_error"]
+        elif which == "fake":
+            assert "fake internal error" in r["init_error"]
+        else:
+            assert "ncclCommInitRank failed" in r["init_error"]

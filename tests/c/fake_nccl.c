@@ -3,7 +3,10 @@
  * few the tests call.  Build switches:
  *   -DFAKE_VERSION=n     what ncclGetVersion reports (default 22103, "2.21.3")
  *   -DFAKE_OMIT_ALLREDUCE  leave out the required ncclAllReduce
- *   -DFAKE_NO_LASTERROR  leave out the optional ncclGetLastError */
+ *   -DFAKE_NO_LASTERROR  leave out the optional ncclGetLastError
+ *   -DFAKE_WORKING       communicators initialise and every call succeeds
+ *   -DFAKE_HANG          non-blocking initialisation never completes
+ *                        (ncclCommGetAsyncError keeps answering ncclInProgress) */
 #include <stddef.h>
 #include <string.h>
 
@@ -45,6 +48,46 @@ EXPORT const char *ncclGetLastError(void *comm)
 }
 #endif
 
+#if defined(FAKE_WORKING) || defined(FAKE_HANG)
+static int fake_comm_storage;
+#ifdef FAKE_WORKING
+#define INIT_RESULT 0
+#else
+#define INIT_RESULT 7
+#endif
+EXPORT int ncclCommInitRank(void **comm, int nranks, char id[128], int rank)
+{
+    (void)nranks, (void)id, (void)rank;
+    *comm = &fake_comm_storage;
+    return INIT_RESULT;
+}
+EXPORT int ncclCommInitRankConfig(void **comm, int nranks, char id[128], int rank, void *config)
+{
+    (void)nranks, (void)id, (void)rank, (void)config;
+    *comm = &fake_comm_storage;
+    return INIT_RESULT;
+}
+EXPORT int ncclCommGetAsyncError(void *comm, int *result)
+{
+    (void)comm;
+    *result = INIT_RESULT;
+    return 0;
+}
+#define OK_STUB(name) EXPORT int name(void) { return 0; }
+OK_STUB(ncclCommDestroy)
+OK_STUB(ncclCommAbort)
+OK_STUB(ncclCommFinalize)
+OK_STUB(ncclCommCount)
+OK_STUB(ncclCommUserRank)
+OK_STUB(ncclAllReduce)
+OK_STUB(ncclBroadcast)
+OK_STUB(ncclAllGather)
+OK_STUB(ncclReduceScatter)
+OK_STUB(ncclSend)
+OK_STUB(ncclRecv)
+OK_STUB(ncclGroupStart)
+OK_STUB(ncclGroupEnd)
+#else
 FAIL_STUB(ncclCommInitRank)
 FAIL_STUB(ncclCommInitRankConfig)
 FAIL_STUB(ncclCommDestroy)
@@ -63,3 +106,4 @@ FAIL_STUB(ncclSend)
 FAIL_STUB(ncclRecv)
 FAIL_STUB(ncclGroupStart)
 FAIL_STUB(ncclGroupEnd)
+#endif
