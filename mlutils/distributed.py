@@ -444,7 +444,6 @@ def ddp_model(model: Any, **kwargs: Any) -> Any:
     dist = _dist_if_initialized()
     if dist is None or dist.get_world_size() == 1:
         return model
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     if _on_cuda(dist):
@@ -621,7 +620,7 @@ class Communicator:
     @staticmethod
     def exchange_unique_id(group: Any = None) -> bytes:
         """Make an id on the group's first rank and return it on every rank of ``group``."""
-        torch, dist = _import_torch_dist("Communicator")
+        _torch, dist = _import_torch_dist("Communicator")
         if not dist.is_initialized():
             raise DistributedError("Communicator.from_process_group: torch.distributed is not initialised; "
                                    "call mlutils.distributed.init_distributed() first")
@@ -638,7 +637,7 @@ class Communicator:
     @classmethod
     def from_process_group(cls, group: Any = None, timeout: Union[float, timedelta, None] = None) -> "Communicator":
         """One communicator over the ranks of a torch.distributed ``group`` (default: the world)."""
-        torch, dist = _import_torch_dist("Communicator")
+        _torch, dist = _import_torch_dist("Communicator")
         uid = cls.exchange_unique_id(group)
         return cls.from_unique_id(uid, dist.get_rank(group), dist.get_world_size(group), timeout=timeout)
 

@@ -189,7 +189,7 @@ static PyObject *py_nccl_comm_init(PyObject *m, PyObject *args)
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
         Py_DECREF(self);
-        if (st == MLU_EDEVICE && strstr(err.text, "timeout") != NULL) {
+        if (st == MLU_EDEVICE && strstr(err.text, "did not complete within the timeout") != NULL) {
             PyErr_SetString(PyExc_TimeoutError, err.text);
             return NULL;
         }
