@@ -66,8 +66,10 @@ enum mlu_nccl_op {
     MLU_NCCL_OP_COUNT = 5
 };
 
-/* The communicator configuration as NCCL 2.14 first defined it (the struct is
- * versioned: NCCL reads only the fields of the version it is given). */
+/* The communicator configuration as NCCL 2.14 first defined it.  The struct
+ * is versioned: NCCL starts from its own defaults, copies `size` bytes over
+ * them, checks `magic`, and resets every field newer than `version` to its
+ * default, so this prefix with version 2.14 sets `blocking` alone. */
 typedef struct mlu_nccl_config_v21400 {
     size_t size;
     unsigned int magic;
