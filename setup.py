@@ -145,11 +145,13 @@ def make_extension():
     cflags, libs = jansson_flags()
     check_zlib()
     sources = sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/py/*.c"))
+    # NCCL is loaded at run time: the loader is plain C (dlfcn) in every build.
+    sources.append("csrc/cuda/nccl_loader.c")
     depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*/*.h"))
     define_macros = [("MLU_VERSION", '"%s"' % read_version())]
     extra_compile = ["-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
                      "-UNDEBUG", "-fvisibility=hidden"] + cflags
-    extra_link = list(libs) + ["-lz"]
+    extra_link = list(libs) + ["-lz", "-ldl"]
     if env_flag("MLUTILS_WERROR", False):
         extra_compile.append("-Werror")
     if env_flag("MLUTILS_DEBUG", False):
@@ -178,6 +180,7 @@ def make_extension():
             sys.exit("error: nvcc found at %s but libcudart_static.a is missing" % nvcc)
         extra_link += ["-lcudart_static", "-ldl", "-lrt", "-lpthread", "-lstdc++"]
         define_macros.append(("MLU_WITH_CUDA", "1"))
+        sources.append("csrc/cuda/nccl_comm.c")
     else:
         sources.append("csrc/cuda/stub.c")
     import numpy

@@ -40,3 +40,126 @@ mlu_status mlu_cuda_pattern_gather(const void *src, int64_t outer, int64_t n_in,
     (void)stream;
     return mlu_error_set(err, MLU_ENOTSUP, -1, "mlutils was built without CUDA");
 }
+
+/* The NCCL communicator (nccl_comm.h): the library may load, but without
+ * CUDA code there is nothing to communicate from. */
+#include "nccl_comm.h"
+
+#define MLU_NO_CUDA(err) mlu_error_set((err), MLU_ENOTSUP, -1, "mlutils was built without CUDA")
+
+mlu_status mlu_nccl_comm_init(const mlu_nccl_lib *lib, int nranks, const mlu_nccl_unique_id *id,
+                              int rank, double timeout_s, mlu_nccl_comm **out, mlu_error *err)
+{
+    (void)lib;
+    (void)nranks;
+    (void)id;
+    (void)rank;
+    (void)timeout_s;
+    *out = NULL;
+    return MLU_NO_CUDA(err);
+}
+
+int mlu_nccl_comm_rank(const mlu_nccl_comm *c)
+{
+    (void)c;
+    return -1;
+}
+
+int mlu_nccl_comm_size(const mlu_nccl_comm *c)
+{
+    (void)c;
+    return 0;
+}
+
+int mlu_nccl_comm_closed(const mlu_nccl_comm *c)
+{
+    (void)c;
+    return 1;
+}
+
+int mlu_nccl_comm_timed_out(const mlu_nccl_comm *c)
+{
+    (void)c;
+    return 0;
+}
+
+mlu_status mlu_nccl_comm_all_reduce(mlu_nccl_comm *c, const void *send, void *recv, size_t count,
+                                    int dtype, int op, void *stream, mlu_error *err)
+{
+    (void)c, (void)send, (void)recv, (void)count, (void)dtype, (void)op, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_broadcast(mlu_nccl_comm *c, const void *send, void *recv, size_t count,
+                                   int dtype, int root, void *stream, mlu_error *err)
+{
+    (void)c, (void)send, (void)recv, (void)count, (void)dtype, (void)root, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_all_gather(mlu_nccl_comm *c, const void *send, void *recv,
+                                    size_t sendcount, int dtype, void *stream, mlu_error *err)
+{
+    (void)c, (void)send, (void)recv, (void)sendcount, (void)dtype, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_reduce_scatter(mlu_nccl_comm *c, const void *send, void *recv,
+                                        size_t recvcount, int dtype, int op, void *stream,
+                                        mlu_error *err)
+{
+    (void)c, (void)send, (void)recv, (void)recvcount, (void)dtype, (void)op, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_send(mlu_nccl_comm *c, const void *buf, size_t count, int dtype,
+                              int peer, void *stream, mlu_error *err)
+{
+    (void)c, (void)buf, (void)count, (void)dtype, (void)peer, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_recv(mlu_nccl_comm *c, void *buf, size_t count, int dtype, int peer,
+                              void *stream, mlu_error *err)
+{
+    (void)c, (void)buf, (void)count, (void)dtype, (void)peer, (void)stream;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_group_start(mlu_nccl_comm *c, mlu_error *err)
+{
+    (void)c;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_group_end(mlu_nccl_comm *c, mlu_error *err)
+{
+    (void)c;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_async_error(mlu_nccl_comm *c, int *result, mlu_error *err)
+{
+    (void)c;
+    *result = 0;
+    return MLU_NO_CUDA(err);
+}
+
+mlu_status mlu_nccl_comm_abort(mlu_nccl_comm *c, mlu_error *err)
+{
+    (void)c;
+    (void)err;
+    return MLU_OK;
+}
+
+mlu_status mlu_nccl_comm_destroy(mlu_nccl_comm *c, mlu_error *err)
+{
+    (void)c;
+    (void)err;
+    return MLU_OK;
+}
+
+void mlu_nccl_comm_free(mlu_nccl_comm *c)
+{
+    (void)c;
+}

@@ -15,6 +15,7 @@ enum mlu_slot {
     MLU_SLOT_PTSAVE_0, MLU_SLOT_PTSAVE_1, MLU_SLOT_PTSAVE_2, MLU_SLOT_PTSAVE_3,
     MLU_SLOT_SAMPLER_0, MLU_SLOT_SAMPLER_1, MLU_SLOT_SAMPLER_2, MLU_SLOT_SAMPLER_3,
     MLU_SLOT_PATTERN_0, MLU_SLOT_PATTERN_1, MLU_SLOT_PATTERN_2, MLU_SLOT_PATTERN_3,
+    MLU_SLOT_NCCL_0,
     MLU_SLOT_COUNT
 };
 
@@ -54,5 +55,6 @@ int mlu_ptload_module_init(PyObject *m);
 int mlu_ptsave_module_init(PyObject *m);
 int mlu_sampler_module_init(PyObject *m);
 int mlu_pattern_module_init(PyObject *m);
+int mlu_nccl_module_init(PyObject *m);
 
 #endif

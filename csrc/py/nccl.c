@@ -1,0 +1,491 @@
+/* nccl.c: the Python face of the NCCL loader and communicator
+ * (csrc/cuda/nccl_loader.c, nccl_comm.c): nccl_load, nccl_unique_id and the
+ * NcclComm type.  Buffers and streams arrive as integer addresses. */
+#include "module.h"
+
+#include "../cuda/nccl_comm.h"
+
+#define COMM_TYPE(st) ((PyTypeObject *)(st)->area_objects[MLU_SLOT_NCCL_0])
+#define REPORT_CAP 8192
+
+/* The loaded library is process-wide (dlopen handles are), so it lives here
+ * rather than in the module state; the GIL serialises every access. */
+static mlu_nccl_lib nccl_lib;
+static Py_ssize_t nccl_live_comms; /* NcclComm objects borrowing nccl_lib */
+
+typedef struct {
+    PyObject_HEAD
+    mlu_nccl_comm *comm; /* owned; NULL only while being built */
+} CommObject;
+
+/* Raises for a failed call: TimeoutError after a timeout, else by status. */
+static PyObject *comm_raise(PyObject *any, const mlu_nccl_comm *comm, const mlu_error *err)
+{
+    mlu_state *st = PyModule_Check(any) ? mlu_get_state(any) : mlu_state_from_type(Py_TYPE(any));
+
+    if (comm != NULL && mlu_nccl_comm_timed_out(comm) && err->code == MLU_EDEVICE) {
+        PyErr_SetString(PyExc_TimeoutError, err->text);
+        return NULL;
+    }
+    return mlu_raise(st, err, NULL);
+}
+
+static int need_loaded(void)
+{
+    if (nccl_lib.handle == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "NCCL is not loaded: call nccl_load() first");
+        return -1;
+    }
+    return 0;
+}
+
+/* nccl_load(dirs=()) -> (path, version): loads libnccl.so.2 once. */
+static PyObject *py_nccl_load(PyObject *m, PyObject *args)
+{
+    PyObject *dirs_obj = NULL, *seq = NULL, *result = NULL;
+    const char **dirs = NULL;
+    char *report = NULL;
+    Py_ssize_t n = 0, i;
+    mlu_error err;
+    mlu_status st;
+
+    (void)m;
+    if (!PyArg_ParseTuple(args, "|O:nccl_load", &dirs_obj))
+        return NULL;
+    if (nccl_lib.handle != NULL)
+        return Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+    if (dirs_obj != NULL) {
+        seq = PySequence_Fast(dirs_obj, "nccl_load: dirs must be a sequence of str"); /* new ref */
+        if (seq == NULL)
+            goto done;
+        n = PySequence_Fast_GET_SIZE(seq);
+    }
+    dirs = PyMem_Calloc(n > 0 ? (size_t)n : 1, sizeof(*dirs));
+    report = PyMem_Calloc(REPORT_CAP, 1);
+    if (dirs == NULL || report == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        if (!PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "nccl_load: dirs[%zd] must be str, not %.80s", i,
+                         Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        dirs[i] = PyUnicode_AsUTF8(item); /* borrowed from item */
+        if (dirs[i] == NULL)
+            goto done;
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_nccl_open(&nccl_lib, dirs, (size_t)n, report, REPORT_CAP, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK) {
+        PyErr_Format(PyExc_ImportError,
+                     "%s. Looked in:\n%sInstall it with `pip install nvidia-nccl-cu13` "
+                     "(nvidia-nccl-cu12 for CUDA 12), or set MLUTILS_NCCL_PATH to a "
+                     "libnccl.so.2 (2.18 or later)",
+                     err.text, report);
+        goto done;
+    }
+    result = Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+done:
+    PyMem_Free(report);
+    PyMem_Free(dirs);
+    Py_XDECREF(seq);
+    return result;
+}
+
+/* nccl_loaded() -> (path, version) or None */
+static PyObject *py_nccl_loaded(PyObject *m, PyObject *unused)
+{
+    (void)m;
+    (void)unused;
+    if (nccl_lib.handle == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+}
+
+/* _nccl_unload(): forget the library (tests load several fakes in turn). */
+static PyObject *py_nccl_unload(PyObject *m, PyObject *unused)
+{
+    (void)m;
+    (void)unused;
+    if (nccl_live_comms > 0) {
+        PyErr_Format(PyExc_RuntimeError, "%zd NCCL communicator(s) still use the library",
+                     nccl_live_comms);
+        return NULL;
+    }
+    mlu_nccl_close(&nccl_lib);
+    Py_RETURN_NONE;
+}
+
+/* nccl_unique_id() -> bytes (128): a new id from ncclGetUniqueId. */
+static PyObject *py_nccl_unique_id(PyObject *m, PyObject *unused)
+{
+    mlu_nccl_unique_id id;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    if (need_loaded() < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_nccl_unique_id_new(&nccl_lib, &id, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return comm_raise(m, NULL, &err);
+    return PyBytes_FromStringAndSize(id.internal, sizeof(id.internal));
+}
+
+/* nccl_dtype_supported(dtype) -> bool for the loaded library. */
+static PyObject *py_nccl_dtype_supported(PyObject *m, PyObject *arg)
+{
+    long dtype;
+
+    (void)m;
+    if (need_loaded() < 0)
+        return NULL;
+    dtype = PyLong_AsLong(arg);
+    if (dtype == -1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(dtype >= 0 && dtype < MLU_NCCL_DTYPE_COUNT &&
+                           mlu_nccl_dtype_supported(&nccl_lib, (int)dtype));
+}
+
+/* nccl_comm_init(nranks, unique_id, rank, timeout=0.0) -> NcclComm */
+static PyObject *py_nccl_comm_init(PyObject *m, PyObject *args)
+{
+    int nranks, rank;
+    double timeout = 0.0;
+    Py_buffer uid;
+    mlu_nccl_unique_id id;
+    mlu_nccl_comm *comm = NULL;
+    CommObject *self = NULL;
+    PyTypeObject *type = COMM_TYPE(mlu_get_state(m));
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "iy*i|d:nccl_comm_init", &nranks, &uid, &rank, &timeout))
+        return NULL;
+    if (uid.len != MLU_NCCL_UNIQUE_ID_BYTES) {
+        PyErr_Format(PyExc_ValueError, "an NCCL unique id is %d bytes, got %zd",
+                     MLU_NCCL_UNIQUE_ID_BYTES, uid.len);
+        PyBuffer_Release(&uid);
+        return NULL;
+    }
+    memcpy(id.internal, uid.buf, sizeof(id.internal));
+    PyBuffer_Release(&uid);
+    if (need_loaded() < 0)
+        return NULL;
+    self = (CommObject *)type->tp_alloc(type, 0); /* new ref */
+    if (self == NULL)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_nccl_comm_init(&nccl_lib, nranks, &id, rank, timeout, &comm, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK) {
+        Py_DECREF(self);
+        if (st == MLU_EDEVICE && strstr(err.text, "did not complete within the timeout") != NULL) {
+            PyErr_SetString(PyExc_TimeoutError, err.text);
+            return NULL;
+        }
+        return comm_raise(m, NULL, &err);
+    }
+    self->comm = comm;
+    nccl_live_comms++;
+    return (PyObject *)self;
+}
+
+static void comm_dealloc(PyObject *op)
+{
+    CommObject *self = (CommObject *)op;
+    PyTypeObject *tp = Py_TYPE(op);
+
+    if (self->comm != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        mlu_nccl_comm_free(self->comm);
+        Py_END_ALLOW_THREADS
+        self->comm = NULL;
+        nccl_live_comms--;
+    }
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+/* The collectives share one shape: parse, release the GIL, call, raise. */
+#define RUN(call)                                  \
+    do {                                           \
+        mlu_error_clear(&err);                     \
+        Py_BEGIN_ALLOW_THREADS                     \
+        st = (call);                               \
+        Py_END_ALLOW_THREADS                       \
+        if (st != MLU_OK)                          \
+            return comm_raise(op, self->comm, &err); \
+        Py_RETURN_NONE;                            \
+    } while (0)
+
+#define PTR(x) ((void *)(uintptr_t)(x))
+
+static int check_count(Py_ssize_t count)
+{
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* all_reduce(send, recv, count, dtype, op, stream) */
+static PyObject *comm_all_reduce(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype, red;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KKniiK:all_reduce", &send, &recv, &count, &dtype, &red, &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_all_reduce(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
+                                 PTR(stream), &err));
+}
+
+/* broadcast(send, recv, count, dtype, root, stream) */
+static PyObject *comm_broadcast(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype, root;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KKniiK:broadcast", &send, &recv, &count, &dtype, &root, &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_broadcast(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, root,
+                                PTR(stream), &err));
+}
+
+/* all_gather(send, recv, sendcount, dtype, stream) */
+static PyObject *comm_all_gather(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KKniK:all_gather", &send, &recv, &count, &dtype, &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_all_gather(self->comm, PTR(send), PTR(recv), (size_t)count, dtype,
+                                 PTR(stream), &err));
+}
+
+/* reduce_scatter(send, recv, recvcount, dtype, op, stream) */
+static PyObject *comm_reduce_scatter(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype, red;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KKniiK:reduce_scatter", &send, &recv, &count, &dtype, &red,
+                          &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_reduce_scatter(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
+                                     PTR(stream), &err));
+}
+
+/* send(buf, count, dtype, peer, stream) */
+static PyObject *comm_send(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long buf, stream;
+    Py_ssize_t count;
+    int dtype, peer;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KniiK:send", &buf, &count, &dtype, &peer, &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_send(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
+}
+
+/* recv(buf, count, dtype, peer, stream) */
+static PyObject *comm_recv(PyObject *op, PyObject *args)
+{
+    CommObject *self = (CommObject *)op;
+    unsigned long long buf, stream;
+    Py_ssize_t count;
+    int dtype, peer;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KniiK:recv", &buf, &count, &dtype, &peer, &stream) ||
+        check_count(count) < 0)
+        return NULL;
+    RUN(mlu_nccl_comm_recv(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
+}
+
+static PyObject *comm_group_start(PyObject *op, PyObject *unused)
+{
+    CommObject *self = (CommObject *)op;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    RUN(mlu_nccl_comm_group_start(self->comm, &err));
+}
+
+static PyObject *comm_group_end(PyObject *op, PyObject *unused)
+{
+    CommObject *self = (CommObject *)op;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    RUN(mlu_nccl_comm_group_end(self->comm, &err));
+}
+
+static PyObject *comm_abort(PyObject *op, PyObject *unused)
+{
+    CommObject *self = (CommObject *)op;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    RUN(mlu_nccl_comm_abort(self->comm, &err));
+}
+
+static PyObject *comm_destroy(PyObject *op, PyObject *unused)
+{
+    CommObject *self = (CommObject *)op;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    RUN(mlu_nccl_comm_destroy(self->comm, &err));
+}
+#undef RUN
+
+/* async_error() -> (code, text): ncclCommGetAsyncError, 0 when none. */
+static PyObject *comm_async_error(PyObject *op, PyObject *unused)
+{
+    CommObject *self = (CommObject *)op;
+    int result = 0;
+    const char *text = "";
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    mlu_error_clear(&err);
+    st = mlu_nccl_comm_async_error(self->comm, &result, &err);
+    if (st != MLU_OK)
+        return comm_raise(op, self->comm, &err);
+    if (result != MLU_NCCL_SUCCESS && result != MLU_NCCL_IN_PROGRESS) {
+        mlu_error_clear(&err);
+        (void)mlu_nccl_fail(&nccl_lib, NULL, "the communicator", result, &err);
+        text = err.text;
+    }
+    return Py_BuildValue("(is)", result, text);
+}
+
+static PyObject *comm_get(PyObject *op, void *which)
+{
+    CommObject *self = (CommObject *)op;
+
+    switch ((int)(intptr_t)which) {
+    case 0:
+        return PyLong_FromLong(mlu_nccl_comm_rank(self->comm));
+    case 1:
+        return PyLong_FromLong(mlu_nccl_comm_size(self->comm));
+    case 2:
+        return PyBool_FromLong(mlu_nccl_comm_closed(self->comm));
+    default:
+        return PyBool_FromLong(mlu_nccl_comm_timed_out(self->comm));
+    }
+}
+
+static PyGetSetDef comm_getset[] = {
+    {"rank", comm_get, NULL, "this rank", (void *)0},
+    {"size", comm_get, NULL, "ranks in the communicator", (void *)1},
+    {"closed", comm_get, NULL, "True once aborted or destroyed", (void *)2},
+    {"timed_out", comm_get, NULL, "True when a timeout aborted it", (void *)3},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef comm_methods[] = {
+    {"all_reduce", comm_all_reduce, METH_VARARGS,
+     "all_reduce(send, recv, count, dtype, op, stream): ncclAllReduce."},
+    {"broadcast", comm_broadcast, METH_VARARGS,
+     "broadcast(send, recv, count, dtype, root, stream): ncclBroadcast."},
+    {"all_gather", comm_all_gather, METH_VARARGS,
+     "all_gather(send, recv, sendcount, dtype, stream): ncclAllGather."},
+    {"reduce_scatter", comm_reduce_scatter, METH_VARARGS,
+     "reduce_scatter(send, recv, recvcount, dtype, op, stream): ncclReduceScatter."},
+    {"send", comm_send, METH_VARARGS, "send(buf, count, dtype, peer, stream): ncclSend."},
+    {"recv", comm_recv, METH_VARARGS, "recv(buf, count, dtype, peer, stream): ncclRecv."},
+    {"group_start", comm_group_start, METH_NOARGS, "ncclGroupStart."},
+    {"group_end", comm_group_end, METH_NOARGS, "ncclGroupEnd."},
+    {"async_error", comm_async_error, METH_NOARGS,
+     "async_error() -> (code, text): ncclCommGetAsyncError."},
+    {"abort", comm_abort, METH_NOARGS, "abort(): ncclCommAbort (again: nothing)."},
+    {"destroy", comm_destroy, METH_NOARGS, "destroy(): ncclCommDestroy (again: nothing)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot comm_slots[] = {
+    {Py_tp_dealloc, comm_dealloc},
+    {Py_tp_methods, comm_methods},
+    {Py_tp_getset, comm_getset},
+    {Py_tp_doc, "An NCCL communicator (made by nccl_comm_init)."},
+    {0, NULL},
+};
+
+static PyType_Spec comm_spec = {
+    .name = "mlutils._core.NcclComm",
+    .basicsize = sizeof(CommObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = comm_slots,
+};
+
+int mlu_nccl_module_init(PyObject *m)
+{
+    static PyMethodDef methods[] = {
+        {"nccl_load", py_nccl_load, METH_VARARGS,
+         "nccl_load(dirs=()) -> (path, version): load libnccl.so.2 (ImportError naming every "
+         "place tried)."},
+        {"nccl_loaded", py_nccl_loaded, METH_NOARGS, "nccl_loaded() -> (path, version) or None."},
+        {"_nccl_unload", py_nccl_unload, METH_NOARGS, "_nccl_unload(): forget the library (tests)."},
+        {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS,
+         "nccl_unique_id() -> bytes: ncclGetUniqueId (128 bytes)."},
+        {"nccl_dtype_supported", py_nccl_dtype_supported, METH_O,
+         "nccl_dtype_supported(dtype) -> bool for the loaded NCCL."},
+        {"nccl_comm_init", py_nccl_comm_init, METH_VARARGS,
+         "nccl_comm_init(nranks, unique_id, rank, timeout=0.0) -> NcclComm."},
+        {NULL, NULL, 0, NULL},
+    };
+    mlu_state *st = mlu_get_state(m);
+    PyObject *type;
+
+    if (PyModule_AddFunctions(m, methods) < 0)
+        return -1;
+    type = PyType_FromModuleAndSpec(m, &comm_spec, NULL); /* new ref */
+    if (type == NULL)
+        return -1;
+    st->area_objects[MLU_SLOT_NCCL_0] = type; /* owned by the state */
+    return PyModule_AddObjectRef(m, "NcclComm", type);
+}
