@@ -343,3 +343,23 @@ def test_fsync_file_then_rename_then_fsync_folder(tmp_path):
         sync = first(rf"f(data)?sync\(\d+<{tmp}>\) += 0", lock)
         move = first(rf"rename(at2?)?\(.*\"{tmp}\", .*\"{re.escape(folder + '/' + name)}\"", sync)
         first(rf"fsync\(\d+<{re.escape(folder)}>\) += 0", move)
+
+
+def test_concurrent_writers_of_one_target_all_succeed(tmp_path):
+    """Writers of the same target reap around each other all the time: none
+    may lose its temporary file to another (its rename would fail)."""
+    target = tmp_path / "shared.json"
+    code = (
+        "import sys\nfrom mlutils.io import json_write\n"
+        "k = int(sys.argv[2])\n"
+        "for i in range(150):\n    json_write({'writer': k, 'i': i, 'pad': 'x' * 4096}, sys.argv[1])\n"
+        "print('done', flush=True)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), str(k)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for k in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == b"done", err.decode()[-2000:]
+    assert os.listdir(tmp_path) == ["shared.json"]
+    got = json_read(target)
+    assert got["i"] == 149 and got["writer"] in range(4)
