@@ -168,33 +168,43 @@ while True:
 """
 
 
+def _wait_for_temp(proc, folder, name, exclude=()):
+    """The name of a temporary file of `name` not in `exclude` once it holds
+    over 1 MiB (the writer is in the middle of its save), or None when the
+    process ended first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        for t in temps(folder, name):
+            try:
+                if t not in exclude and os.stat(os.path.join(folder, t)).st_size > (1 << 20):
+                    return t
+            except FileNotFoundError:
+                pass
+        time.sleep(0.0005)
+    return None
+
+
 @pytest.mark.parametrize("name", ["ck.pt", "ck.safetensors"])
 def test_killed_saves_leave_one_temporary_at_most(tmp_path, name):
     """Each save reaps the temporary files killed saves of the same target left."""
     path = tmp_path / name
     seen = []
-    for _round in range(5):
+    rounds = 0
+    # kill savers mid-write until four of them have left a temporary file (a
+    # kill that lands between two saves of a loaded machine leaves none)
+    while len(seen) < 4:
+        rounds += 1
+        assert rounds <= 15, f"only {len(seen)} of {rounds} kills landed mid-write"
         proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(path)], stdout=subprocess.PIPE)
         try:
             assert proc.stdout.readline().strip() == b"ready"
-            # kill it mid-write: once its own temporary file has some MiB in it
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                mine = [t for t in temps(tmp_path, name) if t not in seen]
-                try:
-                    if mine and os.stat(tmp_path / mine[0]).st_size > (1 << 20):
-                        break
-                except FileNotFoundError:
-                    pass
-                time.sleep(0.0005)
-            else:
-                pytest.fail("the saver never wrote a temporary file")
+            assert _wait_for_temp(proc, tmp_path, name, seen) is not None, "the saver never wrote a temporary file"
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         left = temps(tmp_path, name)
-        # the killed save's temporary is there; every earlier one was reaped
-        assert len(left) == 1 and left[0] not in seen, (left, seen)
+        # the killed save's temporary may be there; every earlier one was reaped
+        assert len(left) <= 1 and not set(left) & set(seen), (left, seen)
         seen += left
     # one more save reaps the last one
     torch_save({"module": {"x": np.ones(3, np.float32)}}, path)
@@ -213,31 +223,33 @@ print('saved', flush=True)
 
 
 def test_a_live_writers_temporary_is_not_reaped(tmp_path):
-    """A save stopped mid-write keeps its temporary file through another save
+    """A save stopped mid-write keeps its temporary file through other saves
     of the same target, and completes once it runs again."""
     path = tmp_path / "ck.pt"
-    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_SAVER, str(path)], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline().strip() == b"ready"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            t = temps(tmp_path, "ck.pt")
-            if t and os.stat(tmp_path / t[0]).st_size > (1 << 20):
-                break
-            time.sleep(0.0005)
-        else:
-            pytest.fail("the saver never wrote a temporary file")
-        proc.send_signal(signal.SIGSTOP)
-        held = os.stat(tmp_path / t[0])
-        torch_save({"module": {"x": np.ones(2, np.float32)}, "who": "us"}, path)
-        json_write([1], tmp_path / "ck.pt")  # another writer of the same target
-        assert temps(tmp_path, "ck.pt") == t
-        assert os.stat(tmp_path / t[0]).st_ino == held.st_ino
-        assert json_read(path) == [1]
-    finally:
-        proc.send_signal(signal.SIGCONT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and out.strip() == b"saved"
+    for _attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_SAVER, str(path)], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"ready"
+            t = _wait_for_temp(proc, tmp_path, "ck.pt")
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                held = os.stat(tmp_path / t) if t else None
+            except FileNotFoundError:
+                held = None  # it finished its save before it was stopped: again
+            if held is not None:
+                torch_save({"module": {"x": np.ones(2, np.float32)}, "who": "us"}, path)
+                json_write([1], path)  # another writer of the same target
+                assert temps(tmp_path, "ck.pt") == [t]
+                assert os.stat(tmp_path / t).st_ino == held.st_ino
+                assert json_read(path) == [1]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == b"saved"
+        if held is not None:
+            break
+    else:
+        pytest.fail("the saver never could be stopped mid-write")
     assert os.listdir(tmp_path) == ["ck.pt"]
     back = torch_load(path, framework="np")
     assert back["who"] == "stopped" and len(back["module"]) == 64
