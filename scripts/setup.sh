@@ -12,6 +12,7 @@ need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v strace >/dev/null || need+=(strace)   # tests/test_atomicfile.py watches the fsync calls
 [ -f /usr/include/jansson.h ] || need+=(libjansson-dev)
 [ -f /usr/include/zlib.h ] || need+=(zlib1g-dev)
 python3 -c 'import sysconfig,os,sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")) else 1)' || need+=(python3-dev)

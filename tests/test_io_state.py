@@ -144,13 +144,13 @@ def test_unsafe_is_explicit_and_warns(tmp_path, torch):
 def test_device_and_framework(tmp_path, torch):
     torch_save({"x": torch.ones(2)}, tmp_path / "d.pt")
     torch_save({"x": torch.ones(2)}, tmp_path / "d.sft")
-    for p in ("d.pt", "d.sft"):
-        got = torch_load(tmp_path / p, device="cpu")
-        x = got["x"] if "x" in got else got["module"]["x"]
-        assert isinstance(x, torch.Tensor) and x.device.type == "cpu"
-        got = torch_load(tmp_path / p, framework="np")
-        x = got["x"] if "x" in got else got["module"]["x"]
+    # .pt gives back the object saved; safetensors puts the tensors under module_key
+    for p, where in (("d.pt", lambda got: got["x"]), ("d.sft", lambda got: got["module"]["x"])):
+        x = where(torch_load(tmp_path / p, device="cpu"))
+        assert isinstance(x, torch.Tensor) and x.device.type == "cpu" and torch.equal(x, torch.ones(2))
+        x = where(torch_load(tmp_path / p, framework="np"))
         assert isinstance(x, np.ndarray)
+        np.testing.assert_array_equal(x, np.ones(2, np.float32))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".sft"])
@@ -180,8 +180,12 @@ def test_kill_mid_save_keeps_previous_file(tmp_path, suffix):
         assert len(got["module"]) == 32
         for k, v in got["module"].items():
             assert v.shape == (256, 1024) and v[0, 0] == v[-1, -1] == int(k[1:])
+    # each save reaps what the killed one before it left: one temporary file
+    # at most (the last killed save's), and the next save takes it
     leftovers = [f for f in os.listdir(tmp_path) if f != path.name]
-    assert all(f.startswith("." + path.name) and f.endswith(".tmp") for f in leftovers)
+    assert len(leftovers) <= 1 and all(f.startswith("." + path.name) and f.endswith(".tmp") for f in leftovers)
+    torch_save({"module": {"x": np.ones(1, np.float32)}, "gen": -1}, path)
+    assert os.listdir(tmp_path) == [path.name]
 
 
 def test_metadata_named_like_the_tensors_key_is_refused_on_save(tmp_path):

@@ -131,7 +131,7 @@ def test_type_errors_name_type_and_path():
         json_stringify([np.array([1 + 2j])])
     with pytest.raises(TypeError, match="keys must be"):
         json_stringify({(1, 2): 3})
-    with pytest.raises(TypeError, match="object"):
+    with pytest.raises(TypeError, match=r"^cannot serialise object of type object at data$"):
         json_stringify(object())
 
 
@@ -152,14 +152,179 @@ def test_tuples_and_subclasses():
 
 
 def test_circular_reference():
+    # json.dumps raises ValueError too ("Circular reference detected")
     a = []
     a.append(a)
-    with pytest.raises((ValueError, RecursionError)):
+    with pytest.raises(ValueError, match=r"^circular reference detected at data(\[0\])+$"):
         json_stringify(a)
     d = {}
     d["self"] = d
-    with pytest.raises((ValueError, RecursionError)):
+    with pytest.raises(ValueError, match=r"^circular reference detected at data(\['self'\])+$"):
         json_stringify(d)
+
+
+# ---- every walk over nested Python values: deep or self-referencing input
+# raises RecursionError / ValueError, never overflows the C stack.  Each case
+# runs in its own interpreter so that a crash fails the test (not the run).
+
+_WALK_PRELUDE = """
+import collections, os, sys, tempfile
+import numpy as np
+N = 200000
+def obj0d(v):
+    a = np.empty((), dtype=object); a[()] = v; return a
+def obj1d(v):
+    a = np.empty(1, dtype=object); a[0] = v; return a
+def chain(wrap):
+    x = 1
+    for _ in range(N):
+        x = wrap(x)
+    return x
+"""
+
+_WALK_RUN = """
+for name, call in sorted(CALLS.items()):
+    d = tempfile.mkdtemp()
+    try:
+        call(x, d)
+        result = 'no error'
+    except (RecursionError, ValueError) as exc:
+        result = type(exc).__name__ + ' ' + str(exc)[:60]
+    print(name, '|', result, '|', sorted(os.listdir(d)), flush=True)
+# numpy frees nested object arrays recursively (no trashcan): a 200000-deep
+# chain of them overflows numpy's own stack at exit, so skip the teardown
+os._exit(0)
+"""
+
+_DEEP = {
+    "list": "x = chain(lambda v: [v])",
+    "dict": "x = chain(lambda v: {'k': v})",
+    "tuple": "x = chain(lambda v: (v,))",
+    "array0d": "x = chain(obj0d)",
+    "array1d": "x = chain(obj1d)",
+    "array0d_list": "x = chain(lambda v: obj0d([v]))",
+    "dict_array1d": "x = chain(lambda v: {'a': obj1d(v)})",
+}
+_SELF = {
+    "list": "x = []; x.append(x)",
+    "dict": "x = {}; x['self'] = x",
+    "tuple_list": "l = []; x = (l,); l.append(x)",
+    "array0d": "x = np.empty((), dtype=object); x[()] = x",
+    "array1d": "x = np.empty(2, dtype=object); x[0] = 1; x[1] = x",
+    "array0d_pair": "x = np.empty((), dtype=object); y = np.empty((), dtype=object); x[()] = y; y[()] = x",
+    "array_list": "x = np.empty(1, dtype=object); x[0] = [x]",
+    "dict_array0d": "x = {}; x['a'] = obj0d(x)",
+}
+_JSON_CALLS = """
+from mlutils.io import json_stringify, json_write, torch_save
+CALLS = {
+    'stringify': lambda x, d: json_stringify(x),
+    'pretty_truncate': lambda x, d: json_stringify({'a': [x]}, pretty=True, truncate=True),
+    'json_write': lambda x, d: json_write(x, os.path.join(d, 'x.json')),
+    'sft_metadata': lambda x, d: torch_save({'m': {'w': np.zeros(2, np.float32)}, 'meta': [x]},
+                                            os.path.join(d, 'x.sft')),
+}
+"""
+
+
+def _walk(build, calls):
+    """{call name: its exception, as 'Type message'}, after checking that no
+    call left a file behind."""
+    code = _WALK_PRELUDE + build + "\n" + calls + "\n" + _WALK_RUN
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"exit status {out.returncode}: {out.stderr[-2000:]}"
+    results = {}
+    for line in out.stdout.strip().split("\n"):
+        name, result, files = line.split(" | ")
+        assert files == "[]", f"{name} left {files}"  # nothing written, no temporary file left
+        results[name] = result
+    return results
+
+
+@pytest.mark.parametrize("shape", sorted(_DEEP))
+def test_deep_values_raise_recursion_error(shape):
+    results = _walk(_DEEP[shape], _JSON_CALLS)
+    assert results == dict.fromkeys(["json_write", "pretty_truncate", "sft_metadata", "stringify"],
+                                    "RecursionError maximum recursion depth exceeded while encoding JSON")
+
+
+@pytest.mark.parametrize("shape", sorted(_SELF))
+def test_self_references_raise_value_error(shape):
+    results = _walk(_SELF[shape], _JSON_CALLS)
+    assert len(results) == 4
+    for name, result in results.items():
+        assert result.startswith("ValueError circular reference detected at data"), (name, result)
+
+
+def test_circular_reference_names_where(tmp_path):
+    a = np.empty((), dtype=object)
+    a[()] = a
+    with pytest.raises(ValueError, match=r"^circular reference detected at data$"):
+        json_stringify(a)
+    b = np.empty(1, dtype=object)
+    b[0] = b
+    with pytest.raises(ValueError, match=r"^circular reference detected at data(\[0\])+$"):
+        json_stringify(b)
+    # shallow object arrays still write as the lists they hold
+    c = np.empty(2, dtype=object)
+    c[0] = np.arange(2)
+    c[1] = {"k": np.empty((), dtype=object)}
+    c[1]["k"][()] = (1.5, "s")
+    assert json_stringify(c) == json.dumps([[0, 1], {"k": [1.5, "s"]}])
+
+
+_PT_DEEP = {
+    "list": "x = chain(lambda v: [v])",
+    "dict": "x = chain(lambda v: {'k': v})",
+    "tuple": "x = chain(lambda v: (v,))",
+    "odict": "x = chain(lambda v: collections.OrderedDict(k=v))",
+    "odict_attr": "def od(v):\n    o = collections.OrderedDict(); o._metadata = {'m': v}; return o\nx = chain(od)",
+    "np_scalar_list": "x = chain(lambda v: [np.float32(0.5), v])",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_PT_DEEP))
+def test_pt_writer_deep_values_raise_recursion_error(shape):
+    calls = "from mlutils.io import torch_save\nCALLS = {'pt': lambda x, d: torch_save({'a': x}, os.path.join(d, 'x.pt'))}"
+    assert _walk(_PT_DEEP[shape], calls)["pt"].startswith("RecursionError maximum recursion depth exceeded")
+
+
+def test_pt_writer_self_references(tmp_path, torch):
+    from collections import OrderedDict
+
+    from mlutils.io import torch_save
+
+    t = ([],)
+    t[0].append(t)
+    with pytest.raises(ValueError, match="tuple that contains itself"):
+        torch_save(t, tmp_path / "t.pt")
+    a = np.empty((), dtype=object)
+    a[()] = a
+    with pytest.raises(TypeError, match="dtype object"):
+        torch_save({"a": a}, tmp_path / "a.pt")
+    assert os.listdir(tmp_path) == []
+    # what pickle can express (a list or dict holding itself, attributes
+    # pointing back) is written, and torch reads the same shape back
+    lst = [1]
+    lst.append(lst)
+    d = {"x": 2}
+    d["self"] = d
+    od = OrderedDict(w=torch.ones(2))
+    od._metadata = OrderedDict(parent=od)
+    torch_save({"l": lst, "d": d, "od": od}, tmp_path / "ok.pt")
+    back = torch.load(tmp_path / "ok.pt", weights_only=True)
+    assert back["l"][0] == 1 and back["l"][1] is back["l"]
+    assert back["d"]["x"] == 2 and back["d"]["self"] is back["d"]
+    assert torch.equal(back["od"]["w"], torch.ones(2)) and back["od"]._metadata["parent"] is back["od"]
+
+
+def test_truncate_json_deep_text():
+    # a text scanner, no recursion: any depth is rewritten exactly
+    for text in ("[" * 200000 + "0.123456789" + "]" * 200000,
+                 '{"a": ' * 200000 + "1" + "}" * 200000):
+        assert truncate_json(text) == text.replace("0.123456789", "0.1235")
+    with pytest.raises(ValueError, match="depth"):
+        json_parse("[" * 200000 + "]" * 200000)
 
 
 def test_lone_surrogate_is_value_error():
@@ -168,15 +333,23 @@ def test_lone_surrogate_is_value_error():
 
 
 def test_parse_errors_have_line_and_column():
-    cases = ['{"a": 1,}', "[1, 2", "{'a': 1}", '{"a" 1}', "", "tru", '[1] x', '"\\x"']
+    # the position is the stdlib's, except inside a bad token where jansson
+    # points at the character it stopped on
+    cases = ['{"a": 1,}', "[1, 2", "{'a': 1}", '{"a" 1}', "", "tru", '[1] x', '"\\x"', '[1,\n 2,\n\n  x]']
     for text in cases:
         with pytest.raises(ValueError) as ei:
             json_parse(text)
         err = ei.value
         assert isinstance(err, json.JSONDecodeError)
         assert isinstance(err, mlutils.JSONDecodeError)
-        assert err.lineno >= 1 and err.colno >= 1
-        assert re.search(r"line \d+ column \d+", str(err))
+        with pytest.raises(json.JSONDecodeError) as std:
+            json.loads(text)
+        if text in ("tru", '"\\x"'):
+            assert std.value.pos < err.pos <= std.value.pos + 2
+        else:
+            assert (err.pos, err.lineno, err.colno) == (std.value.pos, std.value.lineno, std.value.colno), text
+        assert err.doc == text
+        assert f"line {err.lineno} column {err.colno} (char {err.pos})" in str(err)
     with pytest.raises(json.JSONDecodeError) as ei:
         json_parse('{\n  "a": 1,\n  "b": @\n}')
     assert ei.value.lineno == 3 and ei.value.colno == 8
@@ -401,17 +574,43 @@ def test_json_write_kill_leaves_old_file(tmp_path):
     assert data["gen"] >= 1 and len(data["payload"]) == 200000
 
 
-def test_alloc_failures_raise_memory_error(fail_alloc):
-    text = '[NaN, "\\u0000", 0.123456789]'
-    for n in range(12):
+def _until_no_memory_error(fail_alloc, call):
+    """Runs call() with the 1st, 2nd, ... core allocation failing until it
+    succeeds; returns (its result, how many runs raised MemoryError)."""
+    n = 0
+    while True:
         fail_alloc(n)
         try:
-            json_parse(text)
-            json_stringify([0.123456789, "x"], truncate=True)
+            return call(), n
         except MemoryError:
-            pass
-        fail_alloc(-1)
-    assert json_parse(text)[2] == 0.123456789
+            n += 1
+        finally:
+            fail_alloc(-1)
+
+
+def test_alloc_failures_raise_memory_error(fail_alloc, tmp_path):
+    text = '[NaN, "\\u0000", 0.123456789, {"k": [1, "x"]}]'
+    got, failures = _until_no_memory_error(fail_alloc, lambda: json_parse(text))
+    assert failures >= 1
+    assert json.dumps(got) == json.dumps(json.loads(text))
+    value = [0.123456789, "x" * 300, {"k": [1, 2.5]}]
+    got, failures = _until_no_memory_error(fail_alloc, lambda: json_stringify(value, truncate=True))
+    assert failures >= 1 and got == json.dumps([0.1235, "x" * 300, {"k": [1, 2.5]}])
+    big = json.dumps([0.123456789] * 1000)
+    got, failures = _until_no_memory_error(fail_alloc, lambda: truncate_json(big))
+    assert failures >= 1 and got == json.dumps([0.1235] * 1000)
+    # an atomic write that runs out of memory leaves the old file alone
+    p = tmp_path / "m.json"
+    p.write_text("[0]")
+
+    def write():
+        try:
+            json_write(value, p)
+        finally:
+            assert os.listdir(tmp_path) == ["m.json"]
+
+    _, failures = _until_no_memory_error(fail_alloc, write)
+    assert failures >= 1 and json_read(p) == [0.123456789, "x" * 300, {"k": [1, 2.5]}]
 
 
 # ---- hypothesis: arbitrary JSON values round-trip exactly like the stdlib

@@ -4,11 +4,37 @@
  *   mlu_afile f;
  *   mlu_afile_open(&f, "ckpt.pt", &err);      sibling temp file, mode 0666 & ~umask
  *                                              (a replaced file's own permissions)
- *   mlu_afile_write(&f, p, n, &err) ...        (or pwrite through f.fd)
+ *   mlu_afile_write(&f, p, n, &err) ...        (or pwrite through f.fd, unless f.direct)
  *   mlu_afile_commit(&f, &err);                fsync, rename over the target, fsync the folder
  *   mlu_afile_abort(&f);                       on any failure: close and unlink the temp file
  *
- * commit and abort are each safe to call once; abort after commit is a no-op. */
+ * commit and abort are each safe to call once; abort after commit is a no-op.
+ *
+ * What is replaced.  Only a regular file (or a missing one) is replaced
+ * atomically.  A symbolic link is followed, as open() follows it.  A FIFO or
+ * a device (character or block) is written in place, as open(path, "w")
+ * writes it: no temp file, nothing renamed over the node, no atomicity
+ * (f.direct is 1; pwrite may not work there).  A socket cannot be opened and
+ * a folder cannot be replaced: both are errors before anything is written.
+ *
+ * Temporary files and their reaping.  The temp file of target "dir/name" is
+ * "dir/.NAME.XXXXXX.tmp": NAME is name cut to its first 200 bytes and
+ * XXXXXX six characters of [A-Za-z0-9] (mkstemp's).  The writer holds an
+ * exclusive flock() on its temp file from creation until the rename or the
+ * unlink (a killed writer's lock goes with it), and checks once it holds the
+ * lock that the name still is its file (else it starts again with a new
+ * name).  mlu_afile_open first reaps the stale temp files of the same target:
+ * every entry of the folder with exactly that name pattern that is a regular
+ * file (not a link) owned by the same user, on which a non-blocking flock()
+ * succeeds, and whose name still refers to the file locked, is unlinked.  So
+ * a live writer's temp file is never taken (it holds the lock, or loses its
+ * name before it has written anything and starts again), and a killed save
+ * costs disk space only until the next save of the same target.  Where
+ * flock() is refused (some network filesystems) nothing is reaped.  Two
+ * targets whose names agree on their first 200 bytes share the pattern (a
+ * stale file of either is reaped by both).  Writers that do not take the
+ * lock (versions before it) can lose their temp file to a reaper: their
+ * save then fails, it never lands half-written. */
 #ifndef MLU_ATOMICFILE_H
 #define MLU_ATOMICFILE_H
 
@@ -17,7 +43,8 @@
 typedef struct mlu_afile {
     int fd;             /* -1 when closed */
     char *target;       /* owned */
-    char *tmp;          /* owned; NULL once renamed or removed */
+    char *tmp;          /* owned; NULL once renamed or removed, and when direct */
+    int direct;         /* 1: a FIFO or device written in place (no temp file) */
     uint64_t written;   /* bytes written through mlu_afile_write */
 } mlu_afile;
 

@@ -17,14 +17,26 @@
 
 typedef mlu_path path_step; /* see path.h */
 
+/* A NumPy array whose tolist() is being written: arrays hold no path step
+ * of their own (their items are numbered in the list they become), so the
+ * cycle check finds them through this chain on the C stack. */
+typedef struct array_frame {
+    const struct array_frame *parent;
+    PyObject *array; /* borrowed */
+} array_frame;
+
 typedef struct encoder {
     mlu_buf buf;
     mlu_error err;
     int truncate;
     int pretty;
-    int depth;
+    int depth;                  /* indentation level */
+    int nest;                   /* containers and arrays being written */
+    const array_frame *arrays;  /* innermost array being written, or NULL */
 } encoder;
 
+/* Below this nesting the recursion limit is the only guard (a cycle needs
+ * the walk up the chain, which shallow data need not pay for). */
 #define CYCLE_CHECK_DEPTH 64
 
 static int fail_at(PyObject *exc, const path_step *at, const char *what, PyObject *obj)
@@ -140,11 +152,15 @@ static int put_key(encoder *e, PyObject *k, const path_step *at)
 static int check_cycle(encoder *e, PyObject *o, const path_step *at)
 {
     const path_step *p;
+    const array_frame *a;
 
-    if (e->depth < CYCLE_CHECK_DEPTH)
+    if (e->nest < CYCLE_CHECK_DEPTH)
         return 0;
     for (p = at; p != NULL; p = p->parent)
         if (p->container == o)
+            return fail_at(PyExc_ValueError, at, "circular reference detected", NULL);
+    for (a = e->arrays; a != NULL; a = a->parent)
+        if (a->array == o)
             return fail_at(PyExc_ValueError, at, "circular reference detected", NULL);
     return 0;
 }
@@ -221,10 +237,13 @@ static int encode_seq(encoder *e, PyObject *s, const path_step *at)
     return put(e, "]", 1);
 }
 
-/* numpy scalars and arrays: converted to the Python values they stand for. */
+/* numpy scalars and arrays: converted to the Python values they stand for.
+ * An object array's tolist() holds its items as they are: other arrays, or
+ * (0-d) the array itself, so this recurses through encode like a list. */
 static int encode_numpy(encoder *e, PyObject *o, const path_step *at, int *handled)
 {
     PyObject *conv = NULL;
+    array_frame frame = {e->arrays, o};
     int rc = -1;
 
     *handled = 1;
@@ -236,15 +255,18 @@ static int encode_numpy(encoder *e, PyObject *o, const path_step *at, int *handl
         conv = PyNumber_Float(o);
     } else if (PyArray_Check(o)) {
         /* as lists; an element that is not JSON (complex, bytes) fails below */
+        if (check_cycle(e, o, at) < 0)
+            return -1;
         conv = PyArray_ToList((PyArrayObject *)o);
+        e->arrays = &frame;
     } else {
         *handled = 0;
         return 0;
     }
-    if (conv == NULL)
-        return -1;
-    rc = encode(e, conv, at);
-    Py_DECREF(conv);
+    if (conv != NULL)
+        rc = encode(e, conv, at);
+    e->arrays = frame.parent;
+    Py_XDECREF(conv);
     return rc;
 }
 
@@ -264,17 +286,23 @@ static int encode(encoder *e, PyObject *o, const path_step *at)
         return put_long(e, o, at);
     if (PyFloat_Check(o))
         return put_double(e, PyFloat_AS_DOUBLE(o));
-    if (PyDict_Check(o) || PyList_Check(o) || PyTuple_Check(o)) {
-        if (Py_EnterRecursiveCall(" while encoding JSON"))
-            return -1;
-        rc = PyDict_Check(o) ? encode_dict(e, o, at) : encode_seq(e, o, at);
-        Py_LeaveRecursiveCall();
-        return rc;
+    /* Every path below may come back here: each level counts against the
+     * recursion limit (RecursionError, never a C stack overflow). */
+    if (Py_EnterRecursiveCall(" while encoding JSON"))
+        return -1;
+    e->nest++;
+    if (PyDict_Check(o))
+        rc = encode_dict(e, o, at);
+    else if (PyList_Check(o) || PyTuple_Check(o))
+        rc = encode_seq(e, o, at);
+    else {
+        rc = encode_numpy(e, o, at, &handled);
+        if (!handled)
+            rc = fail_at(PyExc_TypeError, at, "cannot serialise object of type", o);
     }
-    rc = encode_numpy(e, o, at, &handled);
-    if (handled)
-        return rc;
-    return fail_at(PyExc_TypeError, at, "cannot serialise object of type", o);
+    e->nest--;
+    Py_LeaveRecursiveCall();
+    return rc;
 }
 
 /* json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes */

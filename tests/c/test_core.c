@@ -1,7 +1,10 @@
 #define _GNU_SOURCE
 /* Unit tests of the shared core pieces: buffer, JSON helpers, atomic files,
  * checksum, allocation-failure injection. */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -106,6 +109,79 @@ static void test_atomic(void)
     CHECK(err.sys_errno != 0);
 }
 
+static int exists(const char *dir, const char *name)
+{
+    char p[512];
+    struct stat sb;
+
+    snprintf(p, sizeof(p), "%s/%s", dir, name);
+    return lstat(p, &sb) == 0;
+}
+
+static void touch(const char *dir, const char *name)
+{
+    char p[512];
+    FILE *f;
+
+    snprintf(p, sizeof(p), "%s/%s", dir, name);
+    f = fopen(p, "w");
+    CHECK(f != NULL);
+    if (f != NULL)
+        fclose(f);
+}
+
+/* Stale temp files of the target are reaped, a locked one and other names
+ * are not; FIFOs and devices are written in place (atomicfile.h). */
+static void test_atomic_reap_and_special(void)
+{
+    char dir[] = "/tmp/mlu_test_XXXXXX";
+    char path[256], fifo[256], held[256], buf[16];
+    mlu_error err;
+    struct stat sb;
+    int rfd, hfd;
+    ssize_t got;
+
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/out.json", dir);
+    touch(dir, ".out.json.aB3xY9.tmp");
+    touch(dir, ".out.json.aB3xY.tmp");
+    touch(dir, ".out.jsonX.aB3xY9.tmp");
+    touch(dir, ".out.json.hEld00.tmp");
+    snprintf(held, sizeof(held), "%s/.out.json.hEld00.tmp", dir);
+    hfd = open(held, O_RDONLY);
+    CHECK(hfd >= 0 && flock(hfd, LOCK_EX) == 0);
+    mlu_error_clear(&err);
+    CHECK(mlu_write_file_atomic(path, "new", 3, &err) == MLU_OK);
+    CHECK(!exists(dir, ".out.json.aB3xY9.tmp"));
+    CHECK(exists(dir, ".out.json.aB3xY.tmp") && exists(dir, ".out.jsonX.aB3xY9.tmp"));
+    CHECK(exists(dir, ".out.json.hEld00.tmp"));
+    close(hfd);
+    CHECK(mlu_write_file_atomic(path, "new", 3, &err) == MLU_OK);
+    CHECK(!exists(dir, ".out.json.hEld00.tmp"));
+
+    /* a FIFO with a reader: written into, still a FIFO */
+    snprintf(fifo, sizeof(fifo), "%s/pipe", dir);
+    CHECK(mkfifo(fifo, 0600) == 0);
+    rfd = open(fifo, O_RDONLY | O_NONBLOCK);
+    CHECK(rfd >= 0);
+    CHECK(mlu_write_file_atomic(fifo, "fifo!", 5, &err) == MLU_OK);
+    got = read(rfd, buf, sizeof(buf));
+    CHECK(got == 5 && memcmp(buf, "fifo!", 5) == 0);
+    CHECK(lstat(fifo, &sb) == 0 && S_ISFIFO(sb.st_mode));
+    close(rfd);
+    /* a folder is refused before anything is written */
+    mlu_error_clear(&err);
+    CHECK(mlu_write_file_atomic(dir, "x", 1, &err) == MLU_EIO && err.sys_errno == EISDIR);
+
+    unlink(fifo);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/.out.json.aB3xY.tmp", dir);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/.out.jsonX.aB3xY9.tmp", dir);
+    unlink(path);
+    CHECK(rmdir(dir) == 0);
+}
+
 static void test_alloc_failures(void)
 {
     /* Every allocation of a parse-and-escape round fails in turn: each must
@@ -167,6 +243,7 @@ int main(void)
     test_truncate();
     test_parse();
     test_atomic();
+    test_atomic_reap_and_special();
     test_alloc_failures();
     test_parse_out_of_memory();
     test_checksum();
