@@ -59,7 +59,7 @@ random sampler is therefore ``(seed, epoch, position)``: O(1), whatever ``n``.
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import math
 import operator
@@ -228,8 +228,7 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
         e = _int_arg(epoch, "epoch")
         if e < 0 or e > _U64:
             raise ValueError(f"epoch must be in [0, 2**64), got {e}")
-        if e != self._cursor.epoch:
-            self._cursor.seek(e, 0, 0)
+        self._cursor.set_epoch(e)  # check and move in one step (threads)
 
     def index(self) -> int:
         """Draws this rank made so far in the current epoch (since the resume point after an elastic resume)."""
@@ -237,7 +236,8 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
     def remaining(self) -> int:
         """Draws this rank has left in the current epoch."""
-        return self._cursor.count - self._cursor.index
+        _seed, _epoch, _base, index, count, _consumed = self._cursor.position()
+        return count - index
 
     def __len__(self) -> int:
         """Draws per rank in a full epoch (the length itself with one rank)."""
@@ -246,10 +246,7 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch; an exhausted sampler starts the next epoch."""
-        c = self._cursor
-        if c.index >= c.count:
-            c.seek(c.epoch + 1, 0, 0)
-        return c
+        return self._cursor.restart()  # check and move in one step (threads)
 
     def take(self, n: int) -> Any:
         """The next `n` draws of the current epoch (fewer at its end) as an int64 array, advancing as iteration does."""
@@ -258,19 +255,20 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
     # ---- state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly: a small JSON-serialisable dict."""
-        c = self._cursor
+        # one read of the position: consistent while other threads draw
+        seed, epoch, base, index, _count, consumed = self._cursor.position()
         state: Dict[str, Any] = {
             "kind": self._kind,
             "version": STATE_VERSION,
             "length": self._n,
-            "seed": c.seed,
-            "epoch": c.epoch,
+            "seed": seed,
+            "epoch": epoch,
             "world_size": self._world,
             "rank": self._rank,
             "drop_last": self._drop_last,
-            "base": c.base,
-            "index": c.index,
-            "consumed": c.consumed,
+            "base": base,
+            "index": index,
+            "consumed": consumed,
         }
         state.update(self._extra_state())
         return state
@@ -313,7 +311,11 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
                 cursor.seek(epoch, consumed, 0)
         except ValueError as exc:
             raise SamplerStateError(f"sampler state does not fit this {self._kind}: {exc}") from exc
-        self._cursor = cursor
+        self._ready(cursor)
+        self._cursor = cursor  # published whole: other threads see the old or the new one
+
+    def _ready(self, cursor: Any) -> None:
+        """Last touches to a loaded cursor before other threads can see it."""
 
     def get_state(self) -> Dict[str, Any]:
         """Alias of state_dict() (the original's name)."""
@@ -400,15 +402,15 @@ class PoolSampler(_Sharded):
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current round: samples until the bag is empty (it is then refilled)."""
         c = self._cursor
-        it = itertools.islice(c, c.count - c.index)
+        # bound to the round, not to a count: threads iterating together
+        # stop when the round is used up, whoever drew its last item
+        it = iter(functools.partial(c.next_in, c.epoch), None)
         return map(self.global_pool.__getitem__, it) if self.global_pool is not None else it
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """As for every sampler; a round found finished (elastic resume) is refilled at once, as sample() does."""
-        super().load_state_dict(state)
-        c = self._cursor
-        if c.index >= c.count and self._n > 0:
-            c.seek(c.epoch + 1, 0, 0)
+    def _ready(self, cursor: Any) -> None:
+        # a round found finished (elastic resume) is refilled at once, as sample() does
+        if cursor.index >= cursor.count and self._n > 0:
+            cursor.seek(cursor.epoch + 1, 0, 0)
 
     def take(self, n: int) -> Any:
         """The next `n` draws (indices) as an int64 array, refilling the bag as sample() does."""
