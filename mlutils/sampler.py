@@ -123,6 +123,30 @@ def _length_arg(value: Any, name: str = "length") -> int:
     return n
 
 
+def _source_length(value: Any) -> int:
+    """The length of a sampler's data: an int, or len() of a sized data source (torch's habit).
+
+    ValueError naming the problem for a bool, a string, a negative or huge
+    length or an object without ``__len__``."""
+    if isinstance(value, bool):
+        raise ValueError(f"length must be an integer or a sized data source, got the bool {value!r}")
+    if isinstance(value, (str, bytes, bytearray)):
+        raise ValueError(f"length must be an integer or a sized data source, got a {type(value).__name__} "
+                         f"({value!r}): convert it with int() if it is a number")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        try:
+            n = len(value)
+        except TypeError:
+            raise ValueError(f"length must be an integer or a sized data source (with __len__), "
+                             f"got {type(value).__name__}") from None
+        except (ValueError, OverflowError) as exc:  # __len__ returned a negative or huge number
+            raise ValueError(f"length of the data source ({type(value).__name__}) is invalid: {exc}") from None
+        return _length_arg(n, f"len() of the data source ({type(value).__name__})")
+    return _length_arg(n)
+
+
 def _env_int(var: str, default: int) -> int:
     raw = os.environ.get(var)
     if raw is None or raw.strip() == "":
@@ -331,13 +355,15 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
 
 class OrderedSampler(_Sharded):
-    """Yields 0..length-1 in order (this rank's share); an exhausted sampler restarts on the next iter()."""
+    """Yields 0..length-1 in order (this rank's share); an exhausted sampler restarts on the next iter().
+
+    `length` is an int or a sized data source (its ``len()``)."""
 
     _kind = "OrderedSampler"
 
-    def __init__(self, length: int, *, rank: Optional[int] = None, world_size: Optional[int] = None,
+    def __init__(self, length: Any, *, rank: Optional[int] = None, world_size: Optional[int] = None,
                  drop_last: bool = False) -> None:
-        self._setup(_length_arg(length), seed=0, shuffle=False, drop_last=drop_last,
+        self._setup(_source_length(length), seed=0, shuffle=False, drop_last=drop_last,
                     rank=rank, world_size=world_size)
 
     @property
@@ -346,13 +372,16 @@ class OrderedSampler(_Sharded):
 
 
 class RandomSampler(_Sharded):
-    """Yields a random permutation of 0..length-1 (this rank's share), a fresh one each epoch, in O(1) memory."""
+    """Yields a random permutation of 0..length-1 (this rank's share), a fresh one each epoch, in O(1) memory.
+
+    `length` is an int or, as for torch's ``RandomSampler(data_source)``, a
+    sized data source (its ``len()``)."""
 
     _kind = "RandomSampler"
 
-    def __init__(self, length: int, *, seed: int = 0, rank: Optional[int] = None,
+    def __init__(self, length: Any, *, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, drop_last: bool = False) -> None:
-        self._setup(_length_arg(length), seed=seed, shuffle=True, drop_last=drop_last,
+        self._setup(_source_length(length), seed=seed, shuffle=True, drop_last=drop_last,
                     rank=rank, world_size=world_size)
 
     @property

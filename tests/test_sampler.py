@@ -533,11 +533,60 @@ def test_state_errors():
 
 # ------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("bad", [-1, 2.5, 3.0, "7", None, True, 1 << 63])
+@pytest.mark.parametrize("bad", [-1, 2.5, 3.0, "7", b"7", None, True, False, 1 << 63, object(),
+                                 iter(range(3)), np.zeros(())])
 def test_bad_lengths(bad):
     for cls in (RandomSampler, OrderedSampler):
-        with pytest.raises(ValueError, match="length"):
+        with pytest.raises(ValueError, match="length") as info:
             cls(bad)
+        msg = str(info.value)
+        if isinstance(bad, bool):
+            assert "bool" in msg
+        elif isinstance(bad, (str, bytes)):
+            assert type(bad).__name__ in msg and "int()" in msg
+        elif not isinstance(bad, int):
+            assert "sized data source" in msg and type(bad).__name__ in msg
+
+
+class Sized:
+    """A map-style data source: only __len__ (and __getitem__) like a torch Dataset."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+@pytest.mark.parametrize("source", [Sized(37), list(range(37)), range(37), np.arange(37), tuple(range(37)),
+                                    {i: i for i in range(37)}])
+def test_sized_data_source_as_length(source):
+    # torch's habit: RandomSampler(dataset); the length is len(dataset)
+    for cls, kw in ((RandomSampler, {"seed": 4}), (OrderedSampler, {})):
+        s, t = cls(source, **kw), cls(37, **kw)
+        assert len(s) == 37 and s.length == 37
+        assert s.state_dict() == t.state_dict()
+        assert s.take(37).tolist() == t.take(37).tolist()
+    assert list(OrderedSampler(Sized(5), rank=1, world_size=2)) == [1, 3, 0]  # padded like torch
+    assert len(RandomSampler(Sized(0))) == 0
+
+
+def test_bad_sized_data_sources():
+    class Negative:
+        def __len__(self):
+            return -3
+
+    class Huge:
+        def __len__(self):
+            return 1 << 63
+
+    with pytest.raises(ValueError, match="Negative"):
+        RandomSampler(Negative())
+    with pytest.raises(ValueError, match="Huge"):
+        OrderedSampler(Huge())
 
 
 def test_bad_arguments():

@@ -191,8 +191,8 @@ def test_state_dict_while_threads_draw(kind):
     drawn = [x for p in parts for x in p]
     assert len(set(drawn)) == len(drawn)
     full = as_items(make(kind).take(n))
+    t = make(kind)
     for st in states:
-        t = make(kind)
         t.load_state_dict(st)
         assert t.epoch == 0
         # the state's position: what an uninterrupted run yields from there on
