@@ -49,6 +49,9 @@ def test_exceptions_mix_in_builtins():
     assert issubclass(mlutils.UnsafePickleError, pickle.UnpicklingError)
     assert issubclass(mlutils.SamplerStateError, ValueError)
     assert issubclass(mlutils.PatternError, ValueError)
+    # the reference validates with assert: code catching AssertionError keeps working
+    assert issubclass(mlutils.PatternError, AssertionError)
+    assert issubclass(mlutils.PatternError, mlutils.MlutilsError)
 
 
 def test_import_without_torch_and_without_gpu():

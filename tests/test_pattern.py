@@ -225,6 +225,13 @@ def test_bad_providers_raise_pattern_error(make, match):
     with pytest.raises(PatternError, match=match) as info:
         make()
     assert isinstance(info.value, ValueError) and isinstance(info.value, mlutils.MlutilsError)
+    # code written against the reference's asserts keeps working
+    with pytest.raises(AssertionError, match=match):
+        make()
+    try:
+        make()
+    except AssertionError as exc:
+        assert type(exc) is PatternError
 
 
 def test_bad_inputs_raise_pattern_error():

@@ -98,3 +98,14 @@ def test_without_torch():
     assert out.returncode == 0, out.stderr
     # the same order with and without torch
     assert out.stdout.strip() == str(RandomSampler(10, seed=1).take(10).tolist())
+
+
+def test_sampler_of_a_dataset_like_torch(torch):
+    # torch's habit: the sampler is built from the dataset itself
+    from torch.utils.data import DataLoader
+
+    ds = Squares(30)
+    got = [v for b in DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, seed=2)) for v in b.tolist()]
+    assert got == [i * i for i in RandomSampler(30, seed=2).take(30).tolist()]
+    assert [v for b in DataLoader(ds, batch_size=7, sampler=OrderedSampler(ds)) for v in b.tolist()] == \
+        [i * i for i in range(30)]
