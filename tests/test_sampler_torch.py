@@ -109,3 +109,21 @@ def test_sampler_of_a_dataset_like_torch(torch):
     assert got == [i * i for i in RandomSampler(30, seed=2).take(30).tolist()]
     assert [v for b in DataLoader(ds, batch_size=7, sampler=OrderedSampler(ds)) for v in b.tolist()] == \
         [i * i for i in range(30)]
+
+
+def test_workers_leave_the_sampler_ahead_of_the_loop(torch):
+    # what the README says next to the DataLoader example: with workers the
+    # sampler's state is ahead of the consumed batches by the prefetched ones
+    from torch.utils.data import DataLoader
+
+    n, bs = 200, 4
+    for workers, ahead in ((0, False), (2, True)):
+        s = RandomSampler(n, seed=1)
+        it = iter(DataLoader(Squares(n), batch_size=bs, sampler=s, num_workers=workers, prefetch_factor=2
+                             if workers else None))
+        for _ in range(3):
+            next(it)
+        assert (s.index() > 3 * bs) == ahead, (workers, s.index())
+        del it
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    assert "num_workers > 0" in readme and "prefetch" in readme
