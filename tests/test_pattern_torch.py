@@ -1,16 +1,12 @@
-"""mlutils.pattern against a faithful torch rendering of the public reference
-(bench/ref_pattern.py) over a grid of providers, arguments and dtypes."""
+"""mlutils.pattern against the reference's documented behaviour
+(tests/ref_pattern.py) over a grid of providers, arguments and dtypes."""
 import itertools
-import os
-import sys
 
 import numpy as np
 import pytest
 
 from mlutils import _core
 from mlutils import pattern as P
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "bench"))
 
 pytestmark = pytest.mark.torch
 

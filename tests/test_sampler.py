@@ -20,9 +20,7 @@ from mlutils.sampler import (
     resume_state,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
-import seed_sampler  # noqa: E402  (the original samplers, re-implemented: the reference)
+import seed_sampler  # noqa: E402  (tests/seed_sampler.py: the original samplers, re-implemented)
 
 U64 = (1 << 64) - 1
 
