@@ -221,3 +221,11 @@ def test_load_state_dict_while_threads_draw(kind):
     t = make(kind)
     t.load_state_dict(s.state_dict())
     assert as_items(t.take(20)) == as_items(s.take(20))
+
+
+def test_take_still_runs_without_the_gil():
+    # the range is reserved with the GIL held; the draws are computed without it
+    from _gil import assert_releases_gil
+
+    for s in (RandomSampler(10**12, seed=1), PoolSampler(range(10**6), seed=1)):
+        assert_releases_gil(lambda: s.take(4_000_000), calls=2)
