@@ -35,6 +35,11 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   ``take(n)`` returns the next draws as an int64 array.  ``take`` stays in
   the current epoch (an empty array at its end); ``iter()`` and
   ``set_epoch`` move to the next one.
+* **Threads.**  One sampler can be shared by threads: ``take``, iteration,
+  ``sample``, ``set_epoch``, ``state_dict`` and ``load_state_dict`` move or
+  read the position in one step (``take`` reserves its range with the GIL
+  held, then computes the draws without it), so threads drawing together
+  get every draw of the epoch exactly once.
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
