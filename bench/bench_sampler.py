@@ -12,7 +12,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # seed_sampler: the original samplers
 
 import seed_sampler  # noqa: E402
 from mlutils.sampler import PoolSampler, RandomSampler  # noqa: E402

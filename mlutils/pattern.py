@@ -10,7 +10,8 @@ gathers run in C for numpy arrays and CPU tensors and in a CUDA kernel for
 CUDA tensors.  Inputs may be numpy arrays or torch tensors of any integer or
 float dtype; outputs keep the input's kind, dtype and device (promoted the
 way ``z + special_token`` promotes, as the reference's concatenation does).
-Bad providers or inputs raise :class:`mlutils.PatternError` (a ValueError).
+Bad providers or inputs raise :class:`mlutils.PatternError` (a ValueError, and an
+AssertionError as the reference's asserts were).
 """
 from __future__ import annotations
 

@@ -35,6 +35,11 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   ``take(n)`` returns the next draws as an int64 array.  ``take`` stays in
   the current epoch (an empty array at its end); ``iter()`` and
   ``set_epoch`` move to the next one.
+* **Threads.**  One sampler can be shared by threads: ``take``, iteration,
+  ``sample``, ``set_epoch``, ``state_dict`` and ``load_state_dict`` move or
+  read the position in one step (``take`` reserves its range with the GIL
+  held, then computes the draws without it), so threads drawing together
+  get every draw of the epoch exactly once.
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
@@ -59,7 +64,7 @@ random sampler is therefore ``(seed, epoch, position)``: O(1), whatever ``n``.
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import math
 import operator
@@ -121,6 +126,30 @@ def _length_arg(value: Any, name: str = "length") -> int:
     if n > (1 << 63) - 1:
         raise ValueError(f"{name} must be below 2**63, got {n}")
     return n
+
+
+def _source_length(value: Any) -> int:
+    """The length of a sampler's data: an int, or len() of a sized data source (torch's habit).
+
+    ValueError naming the problem for a bool, a string, a negative or huge
+    length or an object without ``__len__``."""
+    if isinstance(value, bool):
+        raise ValueError(f"length must be an integer or a sized data source, got the bool {value!r}")
+    if isinstance(value, (str, bytes, bytearray)):
+        raise ValueError(f"length must be an integer or a sized data source, got a {type(value).__name__} "
+                         f"({value!r}): convert it with int() if it is a number")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        try:
+            n = len(value)
+        except TypeError:
+            raise ValueError(f"length must be an integer or a sized data source (with __len__), "
+                             f"got {type(value).__name__}") from None
+        except (ValueError, OverflowError) as exc:  # __len__ returned a negative or huge number
+            raise ValueError(f"length of the data source ({type(value).__name__}) is invalid: {exc}") from None
+        return _length_arg(n, f"len() of the data source ({type(value).__name__})")
+    return _length_arg(n)
 
 
 def _env_int(var: str, default: int) -> int:
@@ -228,8 +257,7 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
         e = _int_arg(epoch, "epoch")
         if e < 0 or e > _U64:
             raise ValueError(f"epoch must be in [0, 2**64), got {e}")
-        if e != self._cursor.epoch:
-            self._cursor.seek(e, 0, 0)
+        self._cursor.set_epoch(e)  # check and move in one step (threads)
 
     def index(self) -> int:
         """Draws this rank made so far in the current epoch (since the resume point after an elastic resume)."""
@@ -237,7 +265,8 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
     def remaining(self) -> int:
         """Draws this rank has left in the current epoch."""
-        return self._cursor.count - self._cursor.index
+        _seed, _epoch, _base, index, count, _consumed = self._cursor.position()
+        return count - index
 
     def __len__(self) -> int:
         """Draws per rank in a full epoch (the length itself with one rank)."""
@@ -246,10 +275,7 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch; an exhausted sampler starts the next epoch."""
-        c = self._cursor
-        if c.index >= c.count:
-            c.seek(c.epoch + 1, 0, 0)
-        return c
+        return self._cursor.restart()  # check and move in one step (threads)
 
     def take(self, n: int) -> Any:
         """The next `n` draws of the current epoch (fewer at its end) as an int64 array, advancing as iteration does."""
@@ -258,19 +284,20 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
     # ---- state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly: a small JSON-serialisable dict."""
-        c = self._cursor
+        # one read of the position: consistent while other threads draw
+        seed, epoch, base, index, _count, consumed = self._cursor.position()
         state: Dict[str, Any] = {
             "kind": self._kind,
             "version": STATE_VERSION,
             "length": self._n,
-            "seed": c.seed,
-            "epoch": c.epoch,
+            "seed": seed,
+            "epoch": epoch,
             "world_size": self._world,
             "rank": self._rank,
             "drop_last": self._drop_last,
-            "base": c.base,
-            "index": c.index,
-            "consumed": c.consumed,
+            "base": base,
+            "index": index,
+            "consumed": consumed,
         }
         state.update(self._extra_state())
         return state
@@ -313,7 +340,11 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
                 cursor.seek(epoch, consumed, 0)
         except ValueError as exc:
             raise SamplerStateError(f"sampler state does not fit this {self._kind}: {exc}") from exc
-        self._cursor = cursor
+        self._ready(cursor)
+        self._cursor = cursor  # published whole: other threads see the old or the new one
+
+    def _ready(self, cursor: Any) -> None:
+        """Last touches to a loaded cursor before other threads can see it."""
 
     def get_state(self) -> Dict[str, Any]:
         """Alias of state_dict() (the original's name)."""
@@ -329,13 +360,15 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
 
 class OrderedSampler(_Sharded):
-    """Yields 0..length-1 in order (this rank's share); an exhausted sampler restarts on the next iter()."""
+    """Yields 0..length-1 in order (this rank's share); an exhausted sampler restarts on the next iter().
+
+    `length` is an int or a sized data source (its ``len()``)."""
 
     _kind = "OrderedSampler"
 
-    def __init__(self, length: int, *, rank: Optional[int] = None, world_size: Optional[int] = None,
+    def __init__(self, length: Any, *, rank: Optional[int] = None, world_size: Optional[int] = None,
                  drop_last: bool = False) -> None:
-        self._setup(_length_arg(length), seed=0, shuffle=False, drop_last=drop_last,
+        self._setup(_source_length(length), seed=0, shuffle=False, drop_last=drop_last,
                     rank=rank, world_size=world_size)
 
     @property
@@ -344,13 +377,16 @@ class OrderedSampler(_Sharded):
 
 
 class RandomSampler(_Sharded):
-    """Yields a random permutation of 0..length-1 (this rank's share), a fresh one each epoch, in O(1) memory."""
+    """Yields a random permutation of 0..length-1 (this rank's share), a fresh one each epoch, in O(1) memory.
+
+    `length` is an int or, as for torch's ``RandomSampler(data_source)``, a
+    sized data source (its ``len()``)."""
 
     _kind = "RandomSampler"
 
-    def __init__(self, length: int, *, seed: int = 0, rank: Optional[int] = None,
+    def __init__(self, length: Any, *, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, drop_last: bool = False) -> None:
-        self._setup(_length_arg(length), seed=seed, shuffle=True, drop_last=drop_last,
+        self._setup(_source_length(length), seed=seed, shuffle=True, drop_last=drop_last,
                     rank=rank, world_size=world_size)
 
     @property
@@ -400,15 +436,15 @@ class PoolSampler(_Sharded):
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current round: samples until the bag is empty (it is then refilled)."""
         c = self._cursor
-        it = itertools.islice(c, c.count - c.index)
+        # bound to the round, not to a count: threads iterating together
+        # stop when the round is used up, whoever drew its last item
+        it = iter(functools.partial(c.next_in, c.epoch), None)
         return map(self.global_pool.__getitem__, it) if self.global_pool is not None else it
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """As for every sampler; a round found finished (elastic resume) is refilled at once, as sample() does."""
-        super().load_state_dict(state)
-        c = self._cursor
-        if c.index >= c.count and self._n > 0:
-            c.seek(c.epoch + 1, 0, 0)
+    def _ready(self, cursor: Any) -> None:
+        # a round found finished (elastic resume) is refilled at once, as sample() does
+        if cursor.index >= cursor.count and self._n > 0:
+            cursor.seek(cursor.epoch + 1, 0, 0)
 
     def take(self, n: int) -> Any:
         """The next `n` draws (indices) as an int64 array, refilling the bag as sample() does."""

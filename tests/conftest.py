@@ -31,3 +31,50 @@ def fail_alloc():
 
     yield _core._fail_alloc_after
     _core._fail_alloc_after(-1)
+
+
+# pytest-timeout's signal method fails a hung test with its traceback and goes
+# on, but its handler runs only when the interpreter gets control back: a hang
+# inside C code (holding the GIL, or with SIGALRM blocked) would never end.
+# A faulthandler watchdog backs it up: HANG_GRACE seconds after the timeout
+# it writes every thread's traceback to stderr and ends the run (exit 1).
+HANG_GRACE = float(os.environ.get("MLUTILS_HANG_GRACE", "30"))
+
+
+def _timeout_of(item):
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    try:
+        value = item.config.getoption("timeout", None)
+        if value is None:
+            value = item.config.getini("timeout")
+        return float(value or 0)
+    except (ValueError, TypeError):
+        return 0.0
+
+
+_STDERR_FD = []  # a copy of the real stderr (fd 2 is captured while tests run)
+
+
+def pytest_configure(config):
+    _STDERR_FD.append(os.dup(2))
+
+
+def pytest_unconfigure(config):
+    while _STDERR_FD:
+        os.close(_STDERR_FD.pop())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    timeout = _timeout_of(item) if _STDERR_FD else 0.0
+    if timeout > 0:
+        faulthandler.dump_traceback_later(timeout + HANG_GRACE, exit=True, file=_STDERR_FD[0])
+    try:
+        yield
+    finally:
+        if timeout > 0:
+            faulthandler.cancel_dump_traceback_later()

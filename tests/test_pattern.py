@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import mlutils
+import ref_pattern as R  # tests/ref_pattern.py: the reference's documented behaviour (numpy tables)
 from mlutils import _core
 from mlutils.pattern import (
     CoarseFirstPattern,
@@ -20,6 +21,15 @@ from mlutils.pattern import (
 
 def plain(layout):
     return [[(c.t, c.q) for c in step] for step in layout]
+
+
+def check_tables(got, ref_tables):
+    """The (indexes, mask) a call returned are the reference's, not merely self-consistent."""
+    _, indexes, mask = got
+    want_i, want_m = ref_tables
+    assert isinstance(indexes, np.ndarray) and indexes.dtype == np.int64 and mask.dtype == bool
+    assert indexes.shape == want_i.shape and np.array_equal(indexes, want_i)
+    assert mask.shape == want_m.shape and np.array_equal(mask, want_m)
 
 
 def numpy_oracle(x, indexes, special, lead):
@@ -143,8 +153,11 @@ def test_tables_are_cached():
 # --- numpy gathers ---------------------------------------------------------------
 
 def _providers():
-    return [DelayedPatternProvider(4, [0, 1, 1, 3]), UnrolledPatternProvider(4, [0, 1, 1, 3], [0, 2, 2, 2]),
-            CoarseFirstPattern(4, [0, 1, 2]), MusicLMPattern(4), ParallelPatternProvider(4, empty_initial=-1)]
+    """(ours, the reference's) pairs."""
+    return [(DelayedPatternProvider(4, [0, 1, 1, 3]), R.RefDelayed(4, [0, 1, 1, 3])),
+            (UnrolledPatternProvider(4, [0, 1, 1, 3], [0, 2, 2, 2]), R.RefUnrolled(4, [0, 1, 1, 3], [0, 2, 2, 2])),
+            (CoarseFirstPattern(4, [0, 1, 2]), R.RefCoarseFirst(4, [0, 1, 2])), (MusicLMPattern(4), R.RefMusicLM(4)),
+            (ParallelPatternProvider(4, empty_initial=-1), R.RefParallel(4, empty_initial=-1))]
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "int32", "int64", "uint64",
@@ -156,24 +169,31 @@ def test_numpy_dtypes_match_fancy_indexing(dtype):
     else:
         dt = np.dtype(dtype)
     rng = np.random.default_rng(0)
-    for provider in _providers():
-        p = provider.get_pattern(9)
+    for provider, ref in _providers():
+        p, rp = provider.get_pattern(9), ref.get_pattern(9)
+        assert plain(p.layout) == plain(rp.layout)
         for valid in (False, True):
             z = rng.integers(0, 100, size=(3, 4, 7)).astype(dt)
-            values, indexes, mask = p.build_pattern_sequence(z, 5, valid)
+            got = p.build_pattern_sequence(z, 5, valid)
+            check_tables(got, rp.build_tables(7, 4, valid))
+            values, indexes, mask = got
             assert values.dtype == dt and values.shape == (3, 4, indexes.shape[1])
-            expect = numpy_oracle(z, indexes, 5, (3,))
+            expect = numpy_oracle(z, rp.build_tables(7, 4, valid)[0], 5, (3,))
             assert values.tobytes() == expect.tobytes()
             S = indexes.shape[1]
             s = rng.integers(0, 100, size=(3, 4, S)).astype(dt)
-            values, indexes, mask = p.revert_pattern_sequence(s, 3, valid)
+            got = p.revert_pattern_sequence(s, 3, valid)
+            check_tables(got, rp.revert_tables(S, 4, valid, False))
+            values = got[0]
             assert values.shape == (3, 4, 9) and values.dtype == dt
-            assert values.tobytes() == numpy_oracle(s, indexes, 3, (3,)).tobytes()
+            assert values.tobytes() == numpy_oracle(s, rp.revert_tables(S, 4, valid, False)[0], 3, (3,)).tobytes()
             logits = rng.standard_normal(size=(2, 3, 4, S)).astype(dt) if dt.kind == "f" or dt.name == "bfloat16" \
                 else rng.integers(0, 9, size=(2, 3, 4, S)).astype(dt)
-            values, indexes, mask = p.revert_pattern_logits(logits, 1, valid)
+            got = p.revert_pattern_logits(logits, 1, valid)
+            check_tables(got, rp.revert_tables(S, 4, valid, True))
+            values = got[0]
             assert values.shape == (2, 3, 4, 9)
-            assert values.tobytes() == numpy_oracle(logits, indexes, 1, (2, 3)).tobytes()
+            assert values.tobytes() == numpy_oracle(logits, rp.revert_tables(S, 4, valid, True)[0], 1, (2, 3)).tobytes()
 
 
 def test_numpy_promotion_and_non_contiguous():
@@ -225,6 +245,13 @@ def test_bad_providers_raise_pattern_error(make, match):
     with pytest.raises(PatternError, match=match) as info:
         make()
     assert isinstance(info.value, ValueError) and isinstance(info.value, mlutils.MlutilsError)
+    # code written against the reference's asserts keeps working
+    with pytest.raises(AssertionError, match=match):
+        make()
+    try:
+        make()
+    except AssertionError as exc:
+        assert type(exc) is PatternError
 
 
 def test_bad_inputs_raise_pattern_error():
@@ -301,16 +328,31 @@ def test_arbitrary_layouts_never_crash():
         except (ValueError, TypeError, OverflowError):
             return
         # a valid layout: every step's coordinates are back in the same order
-        assert plain(p._table.layout(LayoutCoord)) == [[(int(c[0]), int(c[1])) for c in s] for s in layout]
+        plain_layout = [[(int(c[0]), int(c[1])) for c in s] for s in layout]
+        assert plain(p._table.layout(LayoutCoord)) == plain_layout
+        # and the reference accepts it too, with the same properties
+        rp = R.RefPattern([[R.RefCoord(*c) for c in s] for s in plain_layout], timesteps=timesteps, n_q=n_q)
+        assert p.max_delay == rp.max_delay
+        assert [[(int(c[0]), int(c[1])) for c in s] for s in p.valid_layout] == plain(rp.valid_layout)
         if p.timesteps >= 0:
-            z = np.arange(2 * n_q * max(timesteps, 0), dtype=np.int32).reshape(2, n_q, max(timesteps, 0))
-            values, indexes, mask = p.build_pattern_sequence(z, -1)
-            assert values.tobytes() == numpy_oracle(z, indexes, -1, (2,)).tobytes()
             for valid in (False, True):
-                S = len(p.valid_layout if valid else p.layout)
-                s = np.arange(3 * n_q * S, dtype=np.float32).reshape(3, n_q, S)
-                values, indexes, mask = p.revert_pattern_sequence(s, 0.5, valid)
-                assert values.tobytes() == numpy_oracle(s, indexes, 0.5, (3,)).tobytes()
+                for t_in in sorted({0, timesteps}):
+                    z = np.arange(2 * n_q * t_in, dtype=np.int32).reshape(2, n_q, t_in)
+                    got = p.build_pattern_sequence(z, -1, valid)
+                    check_tables(got, rp.build_tables(t_in, n_q, valid))
+                    assert got[0].tobytes() == numpy_oracle(z, rp.build_tables(t_in, n_q, valid)[0], -1, (2,)).tobytes()
+                L = len(rp.valid_layout if valid else rp.layout)
+                for S in sorted({0, L // 2, L}):
+                    s = np.arange(3 * n_q * S, dtype=np.float32).reshape(3, n_q, S)
+                    got = p.revert_pattern_sequence(s, 0.5, valid)
+                    want = rp.revert_tables(S, n_q, valid, False)
+                    check_tables(got, want)
+                    assert got[0].tobytes() == numpy_oracle(s, want[0], 0.5, (3,)).tobytes()
+                    lg = np.arange(2 * n_q * S, dtype=np.float32).reshape(1, 2, n_q, S)
+                    got = p.revert_pattern_logits(lg, 0.25, valid)
+                    want = rp.revert_tables(S, n_q, valid, True)
+                    check_tables(got, want)
+                    assert got[0].tobytes() == numpy_oracle(lg, want[0], 0.25, (1, 2)).tobytes()
         else:
             with pytest.raises(PatternError):
                 p.revert_pattern_sequence(np.zeros((1, n_q, 1)), 0)

@@ -20,9 +20,7 @@ from mlutils.sampler import (
     resume_state,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
-import seed_sampler  # noqa: E402  (the original samplers, re-implemented: the reference)
+import seed_sampler  # noqa: E402  (tests/seed_sampler.py: the original samplers, re-implemented)
 
 U64 = (1 << 64) - 1
 
@@ -142,9 +140,18 @@ def test_pool_behaviour():
     assert isinstance(i, int) and 0 <= i < 7
     assert t.sample(pool) in pool
     assert PoolSampler(pool, seed=3).sample() == i
-    # like the original: a round draws each index once
-    ref = seed_sampler.PoolSampler(pool)
-    assert sorted(ref.sample() for _ in range(7)) == sorted(range(7))
+    # like the original: a round draws each index once, index() counts the
+    # round's draws and the bag is refilled right after its last one
+    ref, ours = seed_sampler.PoolSampler(pool), PoolSampler(pool, seed=5)
+    for _ in range(3):
+        got_ref, got_ours = [], []
+        for k in range(7):
+            assert ours.index() == ref.index() == k
+            got_ref.append(ref.sample())
+            got_ours.append(ours.sample())
+        assert sorted(got_ours) == sorted(got_ref) == list(range(7))
+        assert ours.index() == ref.index() == 0
+    assert len(ours) == len(ref) == 7
 
 
 def test_pool_empty_is_a_clear_error():
@@ -533,11 +540,60 @@ def test_state_errors():
 
 # ------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("bad", [-1, 2.5, 3.0, "7", None, True, 1 << 63])
+@pytest.mark.parametrize("bad", [-1, 2.5, 3.0, "7", b"7", None, True, False, 1 << 63, object(),
+                                 iter(range(3)), np.zeros(())])
 def test_bad_lengths(bad):
     for cls in (RandomSampler, OrderedSampler):
-        with pytest.raises(ValueError, match="length"):
+        with pytest.raises(ValueError, match="length") as info:
             cls(bad)
+        msg = str(info.value)
+        if isinstance(bad, bool):
+            assert "bool" in msg
+        elif isinstance(bad, (str, bytes)):
+            assert type(bad).__name__ in msg and "int()" in msg
+        elif not isinstance(bad, int):
+            assert "sized data source" in msg and type(bad).__name__ in msg
+
+
+class Sized:
+    """A map-style data source: only __len__ (and __getitem__) like a torch Dataset."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+@pytest.mark.parametrize("source", [Sized(37), list(range(37)), range(37), np.arange(37), tuple(range(37)),
+                                    {i: i for i in range(37)}])
+def test_sized_data_source_as_length(source):
+    # torch's habit: RandomSampler(dataset); the length is len(dataset)
+    for cls, kw in ((RandomSampler, {"seed": 4}), (OrderedSampler, {})):
+        s, t = cls(source, **kw), cls(37, **kw)
+        assert len(s) == 37 and s.length == 37
+        assert s.state_dict() == t.state_dict()
+        assert s.take(37).tolist() == t.take(37).tolist()
+    assert list(OrderedSampler(Sized(5), rank=1, world_size=2)) == [1, 3, 0]  # padded like torch
+    assert len(RandomSampler(Sized(0))) == 0
+
+
+def test_bad_sized_data_sources():
+    class Negative:
+        def __len__(self):
+            return -3
+
+    class Huge:
+        def __len__(self):
+            return 1 << 63
+
+    with pytest.raises(ValueError, match="Negative"):
+        RandomSampler(Negative())
+    with pytest.raises(ValueError, match="Huge"):
+        OrderedSampler(Huge())
 
 
 def test_bad_arguments():
@@ -701,7 +757,63 @@ if given is not None:
         except SamplerStateError:
             assert s.state_dict() == before  # refused: nothing changed
         else:
-            draws(s, 10)  # loaded: it works
+            # loaded: it continues where the state says, by the documented rules
+            want = expected_after_load(kind, state, rank=1, world=3, m=10)
+            assert as_draws(s.take(len(want))) == want, (state, before)
+
+
+_STREAM = {"ordered": 0, "random": 1, "pool": 2, "batched": 3}
+
+
+def as_draws(x):
+    return [tuple(b.tolist()) for b in x] if isinstance(x, list) else x.tolist()
+
+
+def expected_after_load(kind, state, rank, world, m):
+    """The next (up to) m draws of the segment a FACTORIES sampler continues with after
+    loading `state`, from the documented rules alone (sampler.h, reference_perm)."""
+    drop_last = kind == "batched"  # the FACTORIES samplers' own setting
+    n, seed, epoch = state["length"], state["seed"], state["epoch"]
+    base, k = state["base"], state["index"]
+    if state["world_size"] != world or state["drop_last"] != drop_last:
+        base, k = min(base + k * state["world_size"], n), 0  # elastic: the rest of the epoch re-dealt
+
+    def count(b):
+        rest = n - b
+        return rest // world + (1 if not drop_last and rest % world else 0)
+
+    if kind == "pool" and k >= count(base) and n > 0:
+        epoch, base, k = epoch + 1, 0, 0  # a finished round is refilled at once
+    order = (lambda x: x) if kind == "ordered" else reference_perm(n, seed, _STREAM[kind], epoch & U64)
+    batches = FACTORIES["batched"]().batches if kind == "batched" else None
+    out = []
+    for j in range(k, min(k + m, count(base))):
+        q = base + rank + j * world
+        if q >= n:
+            q = (q - n) % n  # padding repeats from the start of the epoch
+        item = order(q)
+        out.append(tuple(batches[item]) if batches is not None else item)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_resume_model_matches_uninterrupted_runs(kind):
+    # the model above agrees with plain uninterrupted runs (so that the
+    # corrupt-state property compares against something real)
+    for cut in (0, 3, 7):
+        s = FACTORIES[kind](rank=1, world_size=3)
+        full = FACTORIES[kind](rank=1, world_size=3)
+        whole = as_draws(full.take(len(full)))
+        s.take(cut)
+        want = expected_after_load(kind, s.state_dict(), rank=1, world=3, m=10)
+        assert want == whole[cut:cut + 10]
+    # another world size: the rest of the epoch from the saved global position
+    four = FACTORIES[kind](rank=0, world_size=4)
+    four.take(2)
+    three = FACTORIES[kind](rank=1, world_size=3)
+    three.load_state_dict(four.state_dict())
+    want = expected_after_load(kind, four.state_dict(), rank=1, world=3, m=10)
+    assert want and as_draws(three.take(len(want))) == want
 
 
 def test_cursor_keeps_its_own_copy_of_the_batch_offsets():

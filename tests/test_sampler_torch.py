@@ -98,3 +98,32 @@ def test_without_torch():
     assert out.returncode == 0, out.stderr
     # the same order with and without torch
     assert out.stdout.strip() == str(RandomSampler(10, seed=1).take(10).tolist())
+
+
+def test_sampler_of_a_dataset_like_torch(torch):
+    # torch's habit: the sampler is built from the dataset itself
+    from torch.utils.data import DataLoader
+
+    ds = Squares(30)
+    got = [v for b in DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, seed=2)) for v in b.tolist()]
+    assert got == [i * i for i in RandomSampler(30, seed=2).take(30).tolist()]
+    assert [v for b in DataLoader(ds, batch_size=7, sampler=OrderedSampler(ds)) for v in b.tolist()] == \
+        [i * i for i in range(30)]
+
+
+def test_workers_leave_the_sampler_ahead_of_the_loop(torch):
+    # what the README says next to the DataLoader example: with workers the
+    # sampler's state is ahead of the consumed batches by the prefetched ones
+    from torch.utils.data import DataLoader
+
+    n, bs = 200, 4
+    for workers, ahead in ((0, False), (2, True)):
+        s = RandomSampler(n, seed=1)
+        it = iter(DataLoader(Squares(n), batch_size=bs, sampler=s, num_workers=workers, prefetch_factor=2
+                             if workers else None))
+        for _ in range(3):
+            next(it)
+        assert (s.index() > 3 * bs) == ahead, (workers, s.index())
+        del it
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    assert "num_workers > 0" in readme and "prefetch" in readme

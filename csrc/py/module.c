@@ -79,9 +79,11 @@ static int add_exceptions(PyObject *m, mlu_state *st)
     ADD(SamplerStateError, "SamplerStateError",
         "A sampler state of another kind, length or version (also a ValueError).",
         2, st->MlutilsError, PyExc_ValueError);
+    /* also an AssertionError: the reference validates with assert, and code
+     * written against it catches AssertionError */
     ADD(PatternError, "PatternError",
-        "An invalid pattern provider or input (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
+        "An invalid pattern provider or input (also a ValueError and an AssertionError).",
+        3, st->MlutilsError, PyExc_ValueError, PyExc_AssertionError);
 #undef ADD
     rc = 0;
 done:

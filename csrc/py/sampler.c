@@ -251,18 +251,25 @@ static PyObject *cursor_seek(PyObject *op, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* New ref: a fresh int64 array of n items of the draws from k0. */
-static PyArrayObject *fill_array(CursorObject *self, uint64_t k0, size_t m)
+/* Fills out[0, m) with the draws [k0, k0 + m) of `snap` without the GIL.
+ * `snap` is a private copy of the cursor taken while the GIL was held, so
+ * other threads moving the cursor meanwhile change nothing here. */
+static void fill_unlocked(const mlu_cursor *snap, uint64_t k0, size_t m, int64_t *out)
+{
+    Py_BEGIN_ALLOW_THREADS
+    mlu_cursor_fill(snap, k0, m, out);
+    Py_END_ALLOW_THREADS
+}
+
+/* New ref: a fresh int64 array of m items of the draws of `snap` from k0. */
+static PyArrayObject *fill_array(const mlu_cursor *snap, uint64_t k0, size_t m)
 {
     npy_intp dims[1] = {(npy_intp)m};
     PyArrayObject *arr = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
-    mlu_cursor snap = self->c; /* the GIL is released below: work on a copy */
 
     if (arr == NULL)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    mlu_cursor_fill(&snap, k0, m, (int64_t *)PyArray_DATA(arr));
-    Py_END_ALLOW_THREADS
+    fill_unlocked(snap, k0, m, (int64_t *)PyArray_DATA(arr));
     return arr;
 }
 
@@ -292,15 +299,31 @@ static PyObject *batches_of(CursorObject *self, PyArrayObject *ids)
     return list;
 }
 
+/* New ref: the first m items of the fresh 1-d array arr (arr itself when it
+ * has m items). */
+static PyObject *first_items(PyArrayObject *arr, size_t m)
+{
+    if ((npy_intp)m == PyArray_DIM(arr, 0))
+        return Py_NewRef((PyObject *)arr);
+    return PySequence_GetSlice((PyObject *)arr, 0, (Py_ssize_t)m);
+}
+
 /* take(n) -> int64 array (list of arrays in batch mode): the next n draws,
- * fewer at the end of the epoch (an eager cursor crosses rounds instead). */
+ * fewer at the end of the epoch (an eager cursor crosses rounds instead).
+ *
+ * Threads: the GIL is released while the draws are computed, so every range
+ * is reserved first (the cursor moved past it, a copy of the cursor kept)
+ * with the GIL held and no Python code run in between; a thread entering
+ * meanwhile reserves the draws after it. */
 static PyObject *cursor_take(PyObject *op, PyObject *arg)
 {
     CursorObject *self = (CursorObject *)op;
     PyArrayObject *arr = NULL;
-    PyObject *res = NULL;
-    uint64_t want, left;
+    PyObject *res = NULL, *ids = NULL;
+    uint64_t want, left, k0;
     size_t m, done = 0;
+    npy_intp dims[1];
+    mlu_cursor snap;
 
     if (get_u64(arg, "n", &want) < 0)
         return NULL;
@@ -311,64 +334,136 @@ static PyObject *cursor_take(PyObject *op, PyObject *arg)
         PyErr_Format(PyExc_ValueError, "n is too large: %R", arg);
         return NULL;
     }
+    dims[0] = (npy_intp)want;
+    /* allocating can run Python code (a collection): other threads may draw
+     * meanwhile, so the position is read only after it */
+    arr = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64); /* new ref */
+    if (arr == NULL)
+        goto done;
     if (!self->eager) {
+        left = self->c.shard.count - self->c.k;
         m = (size_t)(want < left ? want : left);
-        arr = fill_array(self, self->c.k, m);
-        if (arr == NULL)
-            goto done;
-        self->c.k += m;
+        snap = self->c;
+        k0 = self->c.k;
+        self->c.k += m; /* reserved */
+        fill_unlocked(&snap, k0, m, (int64_t *)PyArray_DATA(arr));
+        done = m;
     } else {
-        npy_intp dims[1] = {(npy_intp)want};
-        if (want > 0 && self->c.k >= self->c.shard.count && self->c.shard.n > 0 &&
-            next_epoch(self) < 0)
-            goto done;
-        if (want > 0 && self->c.shard.count == 0) {
-            PyErr_SetString(PyExc_ValueError, "this rank's share of the pool is empty: nothing to draw");
-            goto done;
-        }
-        arr = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
-        if (arr == NULL)
-            goto done;
         while (done < (size_t)want) {
-            mlu_cursor snap = self->c; /* the GIL is released below: work on a copy */
-            left = snap.shard.count - snap.k;
+            if (self->c.k >= self->c.shard.count && self->c.shard.n > 0 && next_epoch(self) < 0)
+                goto done;
+            if (self->c.shard.count == 0) {
+                PyErr_SetString(PyExc_ValueError,
+                                "this rank's share of the pool is empty: nothing to draw");
+                goto done;
+            }
+            left = self->c.shard.count - self->c.k;
             m = (size_t)((uint64_t)(want - done) < left ? (want - done) : left);
-            Py_BEGIN_ALLOW_THREADS
-            mlu_cursor_fill(&snap, snap.k, m, (int64_t *)PyArray_DATA(arr) + done);
-            Py_END_ALLOW_THREADS
-            self->c.k = snap.k;
-            self->c.k += m;
-            done += m;
+            snap = self->c;
+            k0 = self->c.k;
+            self->c.k += m; /* reserved */
+            /* the last draw of a round refills the bag at once, as sample() does */
             if (self->c.k == self->c.shard.count && next_epoch(self) < 0)
                 goto done;
+            fill_unlocked(&snap, k0, m, (int64_t *)PyArray_DATA(arr) + done);
+            done += m;
         }
     }
-    self->buf_len = 0;
+    ids = first_items(arr, done); /* new ref */
+    if (ids == NULL)
+        goto done;
     if (self->offsets != NULL)
-        res = batches_of(self, arr);
+        res = batches_of(self, (PyArrayObject *)ids);
     else
-        res = Py_NewRef((PyObject *)arr);
+        res = Py_NewRef(ids);
 done:
+    Py_XDECREF(ids);
     Py_XDECREF(arr);
     return res;
 }
 
-/* positions(k0, n) -> int64 array: the items of draws [k0, k0 + n) without moving. */
+/* restart() -> self: an exhausted cursor moves to the start of the next
+ * epoch (what iter() on a sampler does); check and move are one step, so
+ * threads calling it together start one epoch, not several. */
+static PyObject *cursor_restart(PyObject *op, PyObject *unused)
+{
+    CursorObject *self = (CursorObject *)op;
+
+    (void)unused;
+    if (self->c.k >= self->c.shard.count && next_epoch(self) < 0)
+        return NULL;
+    return Py_NewRef(op);
+}
+
+/* set_epoch(e): moves to the start of epoch e unless the cursor is in it
+ * already (a resumed epoch is not restarted), in one step. */
+static PyObject *cursor_set_epoch(PyObject *op, PyObject *arg)
+{
+    CursorObject *self = (CursorObject *)op;
+    uint64_t e;
+    mlu_error err;
+
+    if (get_u64(arg, "epoch", &e) < 0)
+        return NULL;
+    if (e != self->c.epoch) {
+        mlu_error_clear(&err);
+        if (mlu_cursor_seek(&self->c, e, 0, 0, &err) != MLU_OK)
+            return mlu_raise(cursor_state(op), &err, NULL);
+        self->buf_len = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* position() -> (seed, epoch, base, index, count, consumed), read in one
+ * step: a state saved while other threads draw is a consistent one. */
+static PyObject *cursor_position(PyObject *op, PyObject *unused)
+{
+    CursorObject *self = (CursorObject *)op;
+
+    (void)unused;
+    return Py_BuildValue("(KKKKKK)", (unsigned long long)self->c.seed,
+                         (unsigned long long)self->c.epoch, (unsigned long long)self->c.shard.base,
+                         (unsigned long long)self->c.k, (unsigned long long)self->c.shard.count,
+                         (unsigned long long)mlu_cursor_consumed(&self->c));
+}
+
+/* next_in(epoch) -> the next draw while the cursor is still in `epoch` and
+ * has draws left in it, else None: a pool round's iterator stops when the
+ * round is used up, by whichever thread. */
+static PyObject *cursor_next_in(PyObject *op, PyObject *arg)
+{
+    CursorObject *self = (CursorObject *)op;
+    PyObject *res;
+    uint64_t e;
+
+    if (get_u64(arg, "epoch", &e) < 0)
+        return NULL;
+    if (e != self->c.epoch || self->c.k >= self->c.shard.count)
+        Py_RETURN_NONE;
+    res = cursor_next(op);
+    if (res == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return res;
+}
+
+/* peek(k0, n) -> int64 array: the items of draws [k0, k0 + n) without moving. */
 static PyObject *cursor_peek(PyObject *op, PyObject *args)
 {
     CursorObject *self = (CursorObject *)op;
     PyObject *k_o, *n_o;
     uint64_t k0, n;
+    mlu_cursor snap;
 
     if (!PyArg_ParseTuple(args, "OO:peek", &k_o, &n_o))
         return NULL;
     if (get_u64(k_o, "k0", &k0) < 0 || get_u64(n_o, "n", &n) < 0)
         return NULL;
-    if (k0 > self->c.shard.count || n > self->c.shard.count - k0) {
+    snap = self->c; /* the segment checked is the one filled, whatever other threads do */
+    if (k0 > snap.shard.count || n > snap.shard.count - k0) {
         PyErr_SetString(PyExc_ValueError, "peek past the end of the epoch");
         return NULL;
     }
-    return (PyObject *)fill_array(self, k0, (size_t)n);
+    return (PyObject *)fill_array(&snap, k0, (size_t)n);
 }
 
 static PyObject *get_u64_field(PyObject *op, void *which)
@@ -438,6 +533,14 @@ static PyGetSetDef cursor_getset[] = {
 static PyMethodDef cursor_methods[] = {
     {"seek", cursor_seek, METH_VARARGS, "seek(epoch, base, index): move within the epochs."},
     {"take", cursor_take, METH_O, "take(n) -> int64 array: the next n draws."},
+    {"restart", cursor_restart, METH_NOARGS,
+     "restart() -> self: an exhausted cursor starts the next epoch (one step)."},
+    {"set_epoch", cursor_set_epoch, METH_O,
+     "set_epoch(e): move to the start of epoch e unless already in it (one step)."},
+    {"position", cursor_position, METH_NOARGS,
+     "position() -> (seed, epoch, base, index, count, consumed), read in one step."},
+    {"next_in", cursor_next_in, METH_O,
+     "next_in(epoch) -> the next draw while still in that epoch with draws left, else None."},
     {"peek", cursor_peek, METH_VARARGS, "peek(k0, n) -> int64 array: draws [k0, k0+n) without moving."},
     {"__reduce__", cursor_reduce, METH_NOARGS, "Pickle support (keeps the position)."},
     {"__setstate__", cursor_setstate, METH_O, "Pickle support: seek to (epoch, base, index)."},
@@ -492,7 +595,10 @@ static PyObject *py_batch_pack(PyObject *m, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "max_batch_size must be in [0, 2**64), got %R",
                             max_batch_o);
     }
-    dur = (PyArrayObject *)PyArray_FROMANY(dur_o, NPY_FLOAT64, 1, 1, NPY_ARRAY_IN_ARRAY); /* new ref */
+    /* a private copy: the packing runs without the GIL, and another thread
+     * changing the caller's array meanwhile must not reach it */
+    dur = (PyArrayObject *)PyArray_FROMANY(dur_o, NPY_FLOAT64, 1, 1,
+                                           NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY); /* new ref */
     if (dur == NULL)
         goto done;
     mlu_error_clear(&err);
