@@ -83,7 +83,7 @@ def _is_tensor(v: Any) -> bool:
     import numpy as np
 
     if isinstance(v, np.ndarray):
-        return True
+        return not v.dtype.hasobject  # an array of Python objects is no tensor
     t = type(v)
     return t.__module__.startswith("torch") and hasattr(v, "untyped_storage")
 
