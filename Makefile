@@ -29,6 +29,33 @@ tests/c/bin/asan_%: tests/c/%.c $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)
 	@mkdir -p tests/c/bin
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 
+# The NCCL loader's test: pure C + dlfcn, against fake libraries built here.
+FAKE_NCCL = tests/c/bin/fake_nccl_ok.so tests/c/bin/fake_nccl_old.so tests/c/bin/fake_nccl_nosym.so \
+  tests/c/bin/fake_nccl_nolast.so tests/c/bin/wheel/libnccl.so.2 tests/c/bin/wheel_fp8/libnccl.so.2
+FAKE_NCCL_CC = $(CC) -shared -fPIC -O1 -Wall -Wextra -Werror -o $@ tests/c/fake_nccl.c
+tests/c/bin/fake_nccl_ok.so tests/c/bin/wheel/libnccl.so.2: tests/c/fake_nccl.c
+	@mkdir -p $(dir $@)
+	$(FAKE_NCCL_CC)
+tests/c/bin/fake_nccl_old.so: tests/c/fake_nccl.c
+	@mkdir -p tests/c/bin
+	$(FAKE_NCCL_CC) -DFAKE_VERSION=21703
+tests/c/bin/fake_nccl_nosym.so: tests/c/fake_nccl.c
+	@mkdir -p tests/c/bin
+	$(FAKE_NCCL_CC) -DFAKE_OMIT_ALLREDUCE
+tests/c/bin/fake_nccl_nolast.so: tests/c/fake_nccl.c
+	@mkdir -p tests/c/bin
+	$(FAKE_NCCL_CC) -DFAKE_NO_LASTERROR
+tests/c/bin/wheel_fp8/libnccl.so.2: tests/c/fake_nccl.c
+	@mkdir -p $(dir $@)
+	$(FAKE_NCCL_CC) -DFAKE_VERSION=22403
+NCCL_LOADER = csrc/cuda/nccl_loader.c csrc/core/error.c
+tests/c/bin/test_nccl_loader: tests/c/test_nccl_loader.c $(NCCL_LOADER) csrc/cuda/nccl_loader.h csrc/mlu.h $(FAKE_NCCL)
+	@mkdir -p tests/c/bin
+	$(CC) $(CFLAGS_CORE) -DFAKE_DIR='"$(CURDIR)/tests/c/bin"' -o $@ $< $(NCCL_LOADER) -ldl
+tests/c/bin/asan_test_nccl_loader: tests/c/test_nccl_loader.c $(NCCL_LOADER) csrc/cuda/nccl_loader.h csrc/mlu.h $(FAKE_NCCL)
+	@mkdir -p tests/c/bin
+	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -DFAKE_DIR='"$(CURDIR)/tests/c/bin"' -o $@ $< $(NCCL_LOADER) -ldl
+
 ctest: $(CTESTS)
 	@for t in $(CTESTS); do $$t || exit 1; done
 ctest-asan: $(CTESTS_ASAN)

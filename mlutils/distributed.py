@@ -1,0 +1,517 @@
+"""Distributed helpers over ``torch.distributed`` (launched by torchrun or SLURM).
+
+Ranks and world size come from the launcher's environment; collectives go
+through ``torch.distributed`` (gloo on CPU, NCCL on CUDA).  mlutils runs no
+rendezvous server, launcher or transport of its own.
+
+``import mlutils.distributed`` never imports PyTorch; a helper that needs it
+raises :class:`ImportError` only when used with more than one process.
+
+Which launcher's variables are read: the first of these that is present
+decides, and every value then comes from that launcher alone (never a mix):
+
+==========  ==================  ====================  =======================  ===========================
+launcher    present when        rank / local rank     world size               local world size
+==========  ==================  ====================  =======================  ===========================
+torchrun    any of RANK,        RANK, LOCAL_RANK      WORLD_SIZE               LOCAL_WORLD_SIZE
+            WORLD_SIZE,
+            LOCAL_RANK,
+            LOCAL_WORLD_SIZE
+SLURM       SLURM_PROCID        SLURM_PROCID,         SLURM_STEP_NUM_TASKS,    SLURM_STEP_TASKS_PER_NODE,
+                                SLURM_LOCALID         else SLURM_NTASKS        SLURM_NTASKS_PER_NODE,
+                                                                               SLURM_TASKS_PER_NODE
+Open MPI    OMPI_COMM_WORLD_    OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE     OMPI_COMM_WORLD_LOCAL_SIZE
+            RANK                ..._LOCAL_RANK
+==========  ==================  ====================  =======================  ===========================
+
+Defaults: rank 0, local rank 0, world size 1, local world size 1 (at least
+local rank + 1).  Every value is checked: not an integer, negative, a rank not
+below the world size, or a local world larger than the world raises
+:class:`ValueError` naming the variable.  Once ``torch.distributed`` is initialised,
+:func:`global_rank` and :func:`world_size` come from it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import socket
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+
+from ._core import MlutilsError
+
+__all__ = [
+    "DistributedError",
+    "DistributedTimeoutError",
+    "get_free_port",
+    "fix_unset_envs",
+    "local_rank",
+    "global_rank",
+    "world_size",
+    "local_world_size",
+    "is_local_leader",
+    "is_global_leader",
+    "local_leader_only",
+    "global_leader_only",
+    "init_distributed",
+    "distributed_initialized",
+    "cleanup_distributed",
+    "ddp_model",
+    "barrier",
+    "broadcast_object",
+    "any_rank",
+    "all_ranks",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DistributedError(MlutilsError, RuntimeError):
+    """A distributed set-up or collective failed (the cause is chained)."""
+
+
+class DistributedTimeoutError(DistributedError, TimeoutError):
+    """Ranks did not meet within the timeout given."""
+
+
+# --------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------
+
+_TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def _int_var(name: str, minimum: int) -> Optional[int]:
+    """The integer in environment variable ``name`` (None when unset or empty)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer")
+    value = int(text)
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _slurm_tasks_per_node(name: str) -> Optional[int]:
+    """This node's task count from a SLURM list such as ``4(x2),3`` (indexed by SLURM_NODEID)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    counts = []
+    for part in raw.strip().split(","):
+        m = re.fullmatch(r"\s*([0-9]+)(?:\(x([0-9]+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"environment variable {name}={raw!r} is not a SLURM task list like '4(x2),3'")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+        if len(counts) > 1_000_000:
+            raise ValueError(f"environment variable {name}={raw!r} names too many nodes")
+    node = _int_var("SLURM_NODEID", 0) or 0
+    if node >= len(counts):
+        raise ValueError(
+            f"environment variable SLURM_NODEID={node} is past the {len(counts)} node(s) of {name}={raw!r}")
+    if counts[node] < 1:
+        raise ValueError(f"environment variable {name}={raw!r} gives node {node} no task")
+    return counts[node]
+
+
+def _launcher_env() -> Tuple[str, int, int, int, int]:
+    """(launcher, rank, local_rank, world_size, local_world_size) from the environment, checked."""
+    env = os.environ
+    if any(env.get(n, "").strip() for n in _TORCHRUN):
+        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+        launcher = "torchrun"
+        rank = _int_var("RANK", 0)
+        local = _int_var("LOCAL_RANK", 0)
+        world = _int_var("WORLD_SIZE", 1)
+        local_world = _int_var("LOCAL_WORLD_SIZE", 1)
+    elif env.get("SLURM_PROCID", "").strip():
+        launcher = "SLURM"
+        rank = _int_var("SLURM_PROCID", 0)
+        local = _int_var("SLURM_LOCALID", 0)
+        world_name = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS", "").strip() else "SLURM_NTASKS"
+        world = _int_var(world_name, 1)
+        local_world = None
+        lw_name = "SLURM_TASKS_PER_NODE"
+        if env.get("SLURM_STEP_TASKS_PER_NODE", "").strip():
+            lw_name = "SLURM_STEP_TASKS_PER_NODE"
+            local_world = _slurm_tasks_per_node(lw_name)
+        elif env.get("SLURM_NTASKS_PER_NODE", "").strip():
+            lw_name = "SLURM_NTASKS_PER_NODE"
+            local_world = _int_var(lw_name, 1)
+        else:
+            local_world = _slurm_tasks_per_node(lw_name)
+        names = ("SLURM_PROCID", "SLURM_LOCALID", world_name, lw_name)
+    elif env.get("OMPI_COMM_WORLD_RANK", "").strip():
+        launcher = "Open MPI"
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+        rank = _int_var(names[0], 0)
+        local = _int_var(names[1], 0)
+        world = _int_var(names[2], 1)
+        local_world = _int_var(names[3], 1)
+    else:
+        return "none", 0, 0, 1, 1
+    n_rank, n_local, n_world, n_lw = names
+    rank = 0 if rank is None else rank
+    local = 0 if local is None else local
+    world_text = f"{n_world}={world}" if world is not None else f"{n_world} unset (1 process)"
+    world = 1 if world is None else world
+    if rank >= world:
+        raise ValueError(f"environment variable {n_rank}={rank} is not below {world_text}")
+    if local >= world:
+        raise ValueError(f"environment variable {n_local}={local} is not below {world_text}")
+    if local_world is None:
+        # Not given: at least the local ranks below this one share the node.
+        local_world = local + 1
+    else:
+        if local_world > world:
+            raise ValueError(f"environment variable {n_lw}={local_world} exceeds {world_text}")
+        if local >= local_world:
+            raise ValueError(f"environment variable {n_local}={local} is not below {n_lw}={local_world}")
+    return launcher, rank, local, world, local_world
+
+
+def _dist_if_initialized():
+    """``torch.distributed`` when a default process group exists, else None (never imports torch)."""
+    if "torch" not in sys.modules or sys.modules["torch"] is None:
+        return None
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - a broken torch install
+        return None
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def get_free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it; another process may take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def fix_unset_envs() -> None:
+    """Fill the torchrun variables for a plain ``python script.py`` run.
+
+    When no launcher variable is set (one process): RANK=0, WORLD_SIZE=1,
+    LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR=127.0.0.1 and MASTER_PORT=a
+    free port, each only when unset.  Under SLURM or Open MPI the torchrun
+    variables are filled from that launcher's values; MASTER_ADDR/MASTER_PORT
+    are then left to the job script (every rank must agree on them).
+    """
+    launcher, rank, local, world, local_world = _launcher_env()
+    values = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": local_world}
+    for name, value in values.items():
+        if not os.environ.get(name, "").strip():
+            os.environ[name] = str(value)
+    if world == 1:
+        if not os.environ.get("MASTER_ADDR", "").strip():
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        if not os.environ.get("MASTER_PORT", "").strip():
+            os.environ["MASTER_PORT"] = str(get_free_port())
+
+
+def global_rank() -> int:
+    """This process's rank among all processes (0 when not distributed)."""
+    dist = _dist_if_initialized()
+    if dist is not None:
+        return int(dist.get_rank())
+    return _launcher_env()[1]
+
+
+def local_rank() -> int:
+    """This process's rank on its node (the CUDA device it uses)."""
+    return _launcher_env()[2]
+
+
+def world_size() -> int:
+    """The number of processes in the job (1 when not distributed)."""
+    dist = _dist_if_initialized()
+    if dist is not None:
+        return int(dist.get_world_size())
+    return _launcher_env()[3]
+
+
+def local_world_size() -> int:
+    """The number of processes on this node."""
+    return _launcher_env()[4]
+
+
+def is_local_leader() -> bool:
+    """True on local rank 0 (one process per node)."""
+    return local_rank() == 0
+
+
+def is_global_leader() -> bool:
+    """True on global rank 0 (one process per job)."""
+    return global_rank() == 0
+
+
+def _leader_only(check: Callable[[], bool], name: str, fn: Optional[Callable], default: Any):
+    def decorate(f: F) -> F:
+        if not callable(f):
+            raise TypeError(f"{name} decorates a callable, got {type(f).__name__}")
+
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if check():
+                return f(*args, **kwargs)
+            return default
+
+        return wrapper  # type: ignore[return-value]
+
+    if fn is None:
+        return decorate
+    if not callable(fn):
+        raise TypeError(f"{name}: pass the default by keyword, {name}(default=...); got {fn!r}")
+    return decorate(fn)
+
+
+def local_leader_only(fn: Optional[Callable] = None, *, default: Any = None):
+    """Run the function on local rank 0 only; elsewhere return ``default``.
+
+    Usable bare (``@local_leader_only``) or as ``@local_leader_only(default=x)``.
+    The rank is checked at each call, not when decorating.
+    """
+    return _leader_only(is_local_leader, "local_leader_only", fn, default)
+
+
+def global_leader_only(fn: Optional[Callable] = None, *, default: Any = None):
+    """Run the function on global rank 0 only; elsewhere return ``default``.
+
+    Usable bare (``@global_leader_only``) or as ``@global_leader_only(default=x)``.
+    """
+    return _leader_only(is_global_leader, "global_leader_only", fn, default)
+
+
+# --------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------
+
+_STATE: Dict[str, Any] = {"ran": False, "backend": None}
+
+
+def _import_torch_dist(what: str):
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as e:
+        raise ImportError(
+            f"{what} needs PyTorch with torch.distributed for {world_size()} processes: "
+            "pip install torch") from e
+    if not dist.is_available():
+        raise ImportError(f"{what}: this PyTorch build has no torch.distributed")
+    return torch, dist
+
+
+def _as_timedelta(timeout: Union[float, int, timedelta, None]) -> Optional[timedelta]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be seconds (float) or a timedelta, got {type(timeout).__name__}")
+    else:
+        seconds = float(timeout)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    return timedelta(seconds=seconds)
+
+
+def _cuda_usable(torch) -> bool:
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - a broken driver counts as no CUDA
+        return False
+
+
+def _set_device(torch) -> None:
+    if _cuda_usable(torch):
+        count = torch.cuda.device_count()
+        lr = local_rank()
+        if lr >= count:
+            raise DistributedError(
+                f"local rank {lr} has no CUDA device: this node shows {count} device(s) "
+                "(start at most that many processes per node, or set CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_device(lr)
+
+
+def init_distributed(fn: Optional[Callable] = None, *args: Any,
+                     timeout: Union[float, timedelta, None] = None, **kwargs: Any) -> Any:
+    """Initialise ``torch.distributed`` from the launcher's environment.
+
+    Without ``fn``: one process with no MASTER_ADDR is a no-op (the collectives
+    here are then identities); otherwise the default process group is made with
+    NCCL when CUDA is usable (after ``torch.cuda.set_device(local_rank())``),
+    gloo on CPU, through ``env://`` (MASTER_ADDR, MASTER_PORT).  Already
+    initialised: nothing is done.  ``timeout`` (seconds or timedelta) bounds the
+    rendezvous and every later collective; a rank that never arrives raises
+    :class:`DistributedTimeoutError`.
+
+    With ``fn`` (e.g. ``deepspeed.init_distributed``): set the CUDA device to
+    the local rank and return ``fn(*args, **kwargs)``; a given ``timeout`` is
+    passed on as ``timeout=timedelta``.
+    """
+    td = _as_timedelta(timeout)
+    if fn is not None:
+        if not callable(fn):
+            raise TypeError(f"init_distributed: fn must be callable, got {type(fn).__name__}")
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            _set_device(torch)
+        if td is not None:
+            kwargs["timeout"] = td
+        result = fn(*args, **kwargs)
+        _STATE["ran"] = True
+        return result
+
+    if _dist_if_initialized() is not None:
+        _STATE["ran"] = True
+        return None
+    launcher, rank, _local, world, _lw = _launcher_env()
+    master_addr = os.environ.get("MASTER_ADDR", "").strip()
+    if world == 1 and not master_addr:
+        _STATE["ran"] = True
+        return None
+    torch, dist = _import_torch_dist("init_distributed")
+    if not master_addr or not os.environ.get("MASTER_PORT", "").strip():
+        raise DistributedError(
+            f"init_distributed: {world} processes ({launcher}) but MASTER_ADDR/MASTER_PORT are not set; "
+            "torchrun sets them, under SLURM export them in the job script, e.g. "
+            "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500")
+    _set_device(torch)
+    backend = "nccl" if _cuda_usable(torch) else "gloo"
+    extra = {} if td is None else {"timeout": td}
+    where = f"{master_addr}:{os.environ.get('MASTER_PORT')}"
+    start = time.monotonic()
+    try:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **extra)
+    except Exception as e:  # torch raises DistStoreError, RuntimeError, ValueError ...
+        elapsed = time.monotonic() - start
+        # torch appends a C++ stack trace to some messages: keep its first line.
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower() or (
+            td is not None and elapsed >= 0.9 * td.total_seconds())
+        if timed_out:
+            limit = f"{td.total_seconds():g} s" if td is not None else "the default timeout"
+            raise DistributedTimeoutError(
+                f"init_distributed: rank {rank} of {world} did not meet the other ranks at {where} "
+                f"within the timeout of {limit} (waited {elapsed:.1f} s; is every rank started "
+                f"with the same MASTER_ADDR/MASTER_PORT?): {text}") from e
+        raise DistributedError(
+            f"init_distributed: {backend} process group for rank {rank} of {world} at {where} failed: {text}") from e
+    _STATE["ran"] = True
+    _STATE["backend"] = backend
+    return None
+
+
+def distributed_initialized() -> bool:
+    """True when ``torch.distributed`` has a default process group now."""
+    return _dist_if_initialized() is not None
+
+
+def cleanup_distributed() -> None:
+    """Barrier, then destroy the default process group; safe to call twice or after a failed init."""
+    dist = _dist_if_initialized()
+    if dist is None:
+        return
+    try:
+        barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _STATE["backend"] = None
+
+
+def ddp_model(model: Any, **kwargs: Any) -> Any:
+    """Wrap in DistributedDataParallel when initialised with more than one process, else return ``model``."""
+    dist = _dist_if_initialized()
+    if dist is None or dist.get_world_size() == 1:
+        return model
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    if _on_cuda(dist):
+        kwargs.setdefault("device_ids", [local_rank()])
+    return DistributedDataParallel(model, **kwargs)
+
+
+def _on_cuda(dist) -> bool:
+    backend = str(dist.get_backend())
+    return backend == "nccl"
+
+
+def _group_for(what: str):
+    """``torch.distributed`` when collectives must run, None for one process; raises when world>1 but not set up."""
+    dist = _dist_if_initialized()
+    if dist is not None:
+        return dist
+    world = _launcher_env()[3]
+    if world == 1:
+        return None
+    _import_torch_dist(what)
+    raise DistributedError(
+        f"{what}: the environment says {world} processes but torch.distributed is not initialised; "
+        "call mlutils.distributed.init_distributed() first")
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op for one process)."""
+    dist = _group_for("barrier")
+    if dist is None:
+        return
+    if _on_cuda(dist):
+        import torch
+
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (pickled; identity for one process)."""
+    if isinstance(src, bool) or not isinstance(src, int):
+        raise TypeError(f"broadcast_object: src must be an int rank, got {type(src).__name__}")
+    dist = _group_for("broadcast_object")
+    world = 1 if dist is None else dist.get_world_size()
+    if not 0 <= src < world:
+        raise ValueError(f"broadcast_object: src={src} is not a rank of a world of {world}")
+    if dist is None:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
+    value = bool(flag)
+    dist = _group_for(what)
+    if dist is None:
+        return value
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist) else torch.device("cpu")
+    t = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_rank(flag: Any) -> bool:
+    """Logical OR of ``flag`` over all ranks (e.g. "some rank asked to stop")."""
+    return _reduce_flag(flag, "any_rank", True)
+
+
+def all_ranks(flag: Any) -> bool:
+    """Logical AND of ``flag`` over all ranks."""
+    return _reduce_flag(flag, "all_ranks", False)

@@ -1,0 +1,375 @@
+"""mlutils.distributed: launcher environments, leader decorators, and real
+multi-process runs over gloo on loopback launched with torchrun."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+
+import pytest
+
+import mlutils
+from mlutils import distributed as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LAUNCH_VARS = [
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+    "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID",
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+]
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A clean launcher environment; set(**vars) sets some."""
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def setter(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+
+    return setter
+
+
+def state():
+    return (D.global_rank(), D.local_rank(), D.world_size(), D.local_world_size(),
+            D.is_global_leader(), D.is_local_leader())
+
+
+# ---------------------------------------------------------------- environment
+
+def test_defaults_without_launcher(env):
+    assert state() == (0, 0, 1, 1, True, True)
+
+
+LAUNCHERS = {
+    "torchrun": dict(RANK=5, LOCAL_RANK=1, WORLD_SIZE=8, LOCAL_WORLD_SIZE=4),
+    "slurm": dict(SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NTASKS=8, SLURM_NTASKS_PER_NODE=4),
+    "slurm_tasks_per_node": dict(SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NTASKS=8,
+                                 SLURM_TASKS_PER_NODE="4(x2)", SLURM_NODEID=1),
+    "ompi": dict(OMPI_COMM_WORLD_RANK=5, OMPI_COMM_WORLD_LOCAL_RANK=1, OMPI_COMM_WORLD_SIZE=8,
+                 OMPI_COMM_WORLD_LOCAL_SIZE=4),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_variables(env, launcher):
+    env(**LAUNCHERS[launcher])
+    assert state() == (5, 1, 8, 4, False, False)
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_leaders_under_each_launcher(env, launcher):
+    values = dict(LAUNCHERS[launcher])
+    # local leader of node 1 (global rank 4), then the global leader
+    for key in values:
+        if key in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+            values[key] = 0
+        if key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+            values[key] = 4
+    env(**values)
+    assert (D.is_local_leader(), D.is_global_leader()) == (True, False)
+    calls = []
+
+    @D.local_leader_only
+    def local_fn(x):
+        calls.append(("local", x))
+        return x * 2
+
+    @D.global_leader_only(default="skipped")
+    def global_fn(x):
+        calls.append(("global", x))
+        return x * 3
+
+    assert local_fn(5) == 10
+    assert global_fn(5) == "skipped"
+    assert calls == [("local", 5)]
+
+
+def test_slurm_step_variables_win_over_allocation(env):
+    # `srun -n 2` inside an allocation of 8 tasks: the step has 2.
+    env(SLURM_PROCID=1, SLURM_LOCALID=1, SLURM_NTASKS=8, SLURM_TASKS_PER_NODE="4(x2)",
+        SLURM_STEP_NUM_TASKS=2, SLURM_STEP_TASKS_PER_NODE="2")
+    assert state()[:4] == (1, 1, 2, 2)
+
+
+def test_slurm_uneven_tasks_per_node(env):
+    env(SLURM_PROCID=8, SLURM_LOCALID=0, SLURM_NTASKS=9, SLURM_TASKS_PER_NODE="4(x2),1", SLURM_NODEID=2)
+    assert D.local_world_size() == 1
+    env(SLURM_NODEID=0, SLURM_PROCID=3, SLURM_LOCALID=3)
+    assert D.local_world_size() == 4
+
+
+def test_torchrun_variables_win_over_slurm(env):
+    # torchrun started by srun on each node: torchrun's own variables describe the worker.
+    env(RANK=3, LOCAL_RANK=3, WORLD_SIZE=8, LOCAL_WORLD_SIZE=4,
+        SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1)
+    assert state()[:4] == (3, 3, 8, 4)
+
+
+def test_no_mixing_of_launchers(env):
+    # Only SLURM_NTASKS from SLURM and RANK from torchrun: torchrun decides, world stays 1.
+    env(RANK=0, SLURM_NTASKS=4)
+    assert D.world_size() == 1
+
+
+def test_local_world_default_covers_local_rank(env):
+    env(RANK=3, LOCAL_RANK=3, WORLD_SIZE=4)
+    assert D.local_world_size() == 4
+
+
+@pytest.mark.parametrize("values, name", [
+    (dict(RANK="x", WORLD_SIZE=2), "RANK"),
+    (dict(RANK="1.5", WORLD_SIZE=2), "RANK"),
+    (dict(RANK=-1, WORLD_SIZE=2), "RANK"),
+    (dict(RANK=2, WORLD_SIZE=2), "RANK"),
+    (dict(RANK=1), "RANK"),
+    (dict(RANK=0, WORLD_SIZE=0), "WORLD_SIZE"),
+    (dict(RANK=0, WORLD_SIZE="four"), "WORLD_SIZE"),
+    (dict(RANK=0, LOCAL_RANK=-2, WORLD_SIZE=2), "LOCAL_RANK"),
+    (dict(RANK=0, LOCAL_RANK=2, WORLD_SIZE=4, LOCAL_WORLD_SIZE=2), "LOCAL_RANK"),
+    (dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=2, LOCAL_WORLD_SIZE=4), "LOCAL_WORLD_SIZE"),
+    (dict(SLURM_PROCID=4, SLURM_NTASKS=4), "SLURM_PROCID"),
+    (dict(SLURM_PROCID="a", SLURM_NTASKS=4), "SLURM_PROCID"),
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_TASKS_PER_NODE="4(x"), "SLURM_TASKS_PER_NODE"),
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=4, SLURM_TASKS_PER_NODE="2(x2)", SLURM_NODEID=2), "SLURM_NODEID"),
+    (dict(OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=-3), "OMPI_COMM_WORLD_SIZE"),
+    (dict(OMPI_COMM_WORLD_RANK=3, OMPI_COMM_WORLD_SIZE=2), "OMPI_COMM_WORLD_RANK"),
+])
+def test_bad_values_raise_naming_the_variable(env, values, name):
+    env(**values)
+    with pytest.raises(ValueError, match=name):
+        state()
+
+
+def test_get_free_port_is_bindable():
+    import socket
+
+    port = D.get_free_port()
+    assert 0 < port < 65536
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_fix_unset_envs_single_process(env):
+    D.fix_unset_envs()
+    e = os.environ
+    assert (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) == ("0", "1", "0", "1")
+    assert e["MASTER_ADDR"] == "127.0.0.1"
+    assert 0 < int(e["MASTER_PORT"]) < 65536
+    port = e["MASTER_PORT"]
+    D.fix_unset_envs()  # set values are kept
+    assert e["MASTER_PORT"] == port
+
+
+def test_fix_unset_envs_keeps_what_is_set(env):
+    env(MASTER_ADDR="10.0.0.1", MASTER_PORT=1234)
+    D.fix_unset_envs()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.1", "1234")
+
+
+def test_fix_unset_envs_from_slurm_leaves_master_to_job(env):
+    env(SLURM_PROCID=2, SLURM_LOCALID=0, SLURM_NTASKS=4, SLURM_NTASKS_PER_NODE=2)
+    D.fix_unset_envs()
+    e = os.environ
+    assert (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) == ("2", "4", "0", "2")
+    assert "MASTER_ADDR" not in e and "MASTER_PORT" not in e
+
+
+def test_decorators_keep_metadata_and_check_at_call_time(env):
+    @D.global_leader_only
+    def f(x):
+        """doc of f"""
+        return x + 1
+
+    @D.local_leader_only(default=-1)
+    def g():
+        return 1
+
+    assert f.__name__ == "f" and f.__doc__ == "doc of f" and f.__wrapped__(1) == 2
+    assert g.__name__ == "g"
+    assert f(1) == 2 and g() == 1
+    env(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2)
+    assert f(1) is None and g() == -1
+
+
+def test_decorator_default_must_be_keyword():
+    with pytest.raises(TypeError, match="default="):
+        D.global_leader_only(3)
+
+
+def test_single_process_collectives_are_identities(env):
+    assert D.init_distributed() is None  # one process, no MASTER_ADDR: no-op
+    assert not D.distributed_initialized()
+    obj = {"a": [1, 2]}
+    assert D.broadcast_object(obj) is obj
+    assert D.any_rank(True) is True and D.any_rank(0) is False
+    assert D.all_ranks(1) is True and D.all_ranks(False) is False
+    D.barrier()
+    model = object()
+    assert D.ddp_model(model) is model
+    D.cleanup_distributed()
+    D.cleanup_distributed()
+    with pytest.raises(ValueError, match="src=1"):
+        D.broadcast_object(obj, src=1)
+
+
+def test_collectives_refuse_uninitialised_world(env):
+    pytest.importorskip("torch")
+    env(RANK=0, WORLD_SIZE=2)
+    with pytest.raises(D.DistributedError, match="init_distributed"):
+        D.any_rank(True)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        D.broadcast_object(1)
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-1, ValueError), (float("nan"), ValueError),
+                                      (True, TypeError), ("5", TypeError), (timedelta(0), ValueError)])
+def test_bad_timeout(env, bad, exc):
+    with pytest.raises(exc, match="timeout"):
+        D.init_distributed(timeout=bad)
+
+
+def test_init_with_fn_calls_it_and_passes_timeout(env):
+    seen = []
+
+    def backend_init(*args, **kwargs):
+        seen.append((args, kwargs))
+        return "ok"
+
+    assert D.init_distributed(backend_init, 1, key="v", timeout=2.5) == "ok"
+    assert seen == [((1,), {"key": "v", "timeout": timedelta(seconds=2.5)})]
+
+
+def test_exceptions_mix_in_builtins():
+    assert issubclass(D.DistributedError, mlutils.MlutilsError)
+    assert issubclass(D.DistributedError, RuntimeError)
+    assert issubclass(D.DistributedTimeoutError, TimeoutError)
+
+
+def test_import_without_torch():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules['torch'] = None
+        import mlutils.distributed as D
+        assert D.world_size() == 1 and D.init_distributed() is None
+        assert D.any_rank(True) and D.broadcast_object(3) == 3
+        import os
+        os.environ.update(RANK='0', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='1')
+        for f in (D.init_distributed, lambda: D.any_rank(True), lambda: D.broadcast_object(1)):
+            try:
+                f()
+            except ImportError as e:
+                assert 'torch' in str(e), e
+            else:
+                raise AssertionError('no ImportError')
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=_child_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- real processes
+
+def _child_env(**extra):
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import torch
+    import mlutils.distributed as D
+
+    out_dir = sys.argv[1]
+    D.init_distributed(timeout=90)
+    D.init_distributed()  # already initialised: nothing happens
+    assert D.distributed_initialized()
+    rank, world = D.global_rank(), D.world_size()
+    res = {"rank": rank, "world": world, "local": D.local_rank(), "local_world": D.local_world_size(),
+           "env_rank": int(os.environ["RANK"])}
+    res["b0"] = D.broadcast_object({"from": rank, "data": list(range(5))} if rank == 0 else None)
+    res["b3"] = D.broadcast_object(("tuple", rank), src=3)
+    res["any_one"] = D.any_rank(rank == 2)
+    res["any_none"] = D.any_rank(False)
+    res["all_true"] = D.all_ranks(True)
+    res["all_but_one"] = D.all_ranks(rank != 1)
+
+    @D.global_leader_only(default="not leader")
+    def leader():
+        return "leader"
+
+    res["leader"] = leader()
+    model = torch.nn.Linear(2, 2)
+    wrapped = D.ddp_model(model)
+    res["ddp"] = type(wrapped).__name__
+    D.barrier()
+    D.cleanup_distributed()
+    D.cleanup_distributed()
+    res["after_cleanup"] = D.distributed_initialized()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+""")
+
+
+def test_four_processes_with_torchrun(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-addr", "127.0.0.1", "--master-port", str(D.get_free_port()),
+           str(script), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_child_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r, res in enumerate(results):
+        assert (res["rank"], res["world"], res["local"], res["local_world"], res["env_rank"]) == (r, 4, r, 4, r)
+        assert res["b0"] == {"from": 0, "data": [0, 1, 2, 3, 4]}
+        assert res["b3"] == ["tuple", 3]
+        assert (res["any_one"], res["any_none"], res["all_true"], res["all_but_one"]) == (True, False, True, False)
+        assert res["leader"] == ("leader" if r == 0 else "not leader")
+        assert res["ddp"] == "DistributedDataParallel"
+        assert res["after_cleanup"] is False
+
+
+MISSING_PEER = textwrap.dedent("""
+    import time
+    import torch
+    import mlutils.distributed as D
+    start = time.monotonic()
+    try:
+        D.init_distributed(timeout=5)
+    except D.DistributedTimeoutError as e:
+        D.cleanup_distributed()
+        D.cleanup_distributed()
+        print("TIMEOUT %.1f %s" % (time.monotonic() - start, e))
+    else:
+        print("INITIALISED")
+""")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_that_never_arrives_times_out(tmp_path, rank):
+    pytest.importorskip("torch")
+    script = tmp_path / "lonely.py"
+    script.write_text(MISSING_PEER)
+    env = _child_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=D.get_free_port())
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("TIMEOUT"), out.stdout + out.stderr
+    elapsed = float(line.split()[1])
+    assert 4.0 <= elapsed <= 15.0, line
+    assert "timeout of 5 s" in line and f"rank {rank} of 2" in line
+    assert "frame #" not in out.stdout  # no C++ stack trace in the message
