@@ -803,7 +803,7 @@ class _Loop:
             torch_save(state, path)
             if leader:
                 _rotate(ckdir, keep)
-            log.info("saved checkpoint %s (step %d)", folder, step)
+                log.info("saved checkpoint %s (step %d)", folder, step)
 
         if use_async:
             self.saver.submit(write)

@@ -45,7 +45,9 @@ def main() -> None:
     if world > 1:
         from mlutils import distributed
 
-        distributed.init_distributed()
+        distributed.init_distributed(timeout=60)
+        sys.stderr.write(f"PID rank {rank} {os.getpid()}\n")
+        sys.stderr.flush()
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.items, 6, generator=g)
