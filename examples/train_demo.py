@@ -240,7 +240,7 @@ def final_weights(result):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    ap.add_argument("--out", default=None, help="output folder (default: a fresh folder under ./runs)")
+    ap.add_argument("--out", default=None, help="output folder (default: a fresh temporary folder)")
     ap.add_argument("--quiet", action="store_true", help="print the summary only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
@@ -263,12 +263,7 @@ def main():
         if os.listdir(out):
             sys.exit(f"--out {out} is not empty: the demo needs a fresh folder")
     else:
-        try:
-            os.makedirs("runs", exist_ok=True)
-            out = tempfile.mkdtemp(prefix=time.strftime("demo-%Y%m%d-%H%M%S-"), dir="runs")
-        except OSError:
-            out = tempfile.mkdtemp(prefix="mlutils-demo-")
-        out = os.path.abspath(out)
+        out = tempfile.mkdtemp(prefix=time.strftime("mlutils-demo-%Y%m%d-%H%M%S-"))
     ref_dir, run_dir = os.path.join(out, "reference"), os.path.join(out, "run")
     os.makedirs(ref_dir)
     os.makedirs(run_dir)

@@ -487,20 +487,34 @@ def _rotate(checkpoint_dir: str, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _host_copy(obj: Any) -> Any:
-    """A deep copy whose tensors are detached CPU copies (the snapshot an asynchronous save writes)."""
+def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any, ...] = ()) -> Any:
+    """A deep copy whose tensors are detached CPU copies (the snapshot an asynchronous save writes).
+
+    With `cache` (a dict kept between saves), tensors are copied into the CPU
+    buffers of the previous snapshot when shape and dtype match: no new memory
+    to fault in, so the copy runs at memory speed.  The caller guarantees that
+    the previous snapshot is no longer being written."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        src = obj.detach()
+        buf = cache.get(key) if cache is not None else None
+        if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
+                or buf.layout != src.layout or not src.is_contiguous() or src.layout != torch.strided):
+            buf = src.to("cpu", copy=True)
+            if cache is not None:
+                cache[key] = buf
+        else:
+            buf.copy_(src)
+        return buf
     if isinstance(obj, np.ndarray):
         return obj.copy()
     if isinstance(obj, Mapping):
-        return {k: _host_copy(v) for k, v in obj.items()}
+        return {k: _host_copy(v, cache, key + (k,)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_host_copy(v) for v in obj]
+        return [_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_host_copy(v) for v in obj)
+        return tuple(_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj))
     return obj
 
 
@@ -703,6 +717,7 @@ class _Loop:
         self.resumed_from: Optional[str] = None
         self._held: List[str] = []
         self._skip = 0
+        self._snapshot_cache: Dict[Any, Any] = {}
         self.reader: Optional[_StdinReader] = None
 
     # ---- signals
@@ -794,8 +809,8 @@ class _Loop:
         t0 = time.perf_counter()
         state = self._state()
         use_async = self.cfg.async_save and not sync
-        if use_async:
-            state = _host_copy(state)
+        if use_async:  # the previous write is done (wait() above): its buffers can be reused
+            state = _host_copy(state, self._snapshot_cache)
 
         def write() -> None:
             os.makedirs(folder, exist_ok=True)
