@@ -518,6 +518,19 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
     return obj
 
 
+def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
+    """_host_copy on one intra-op thread: a memory-bound copy gains nothing from more, and on a busy
+    machine torch's thread pool waiting for descheduled peers made the copy several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_copy(state, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Saver:
     """Writes one checkpoint at a time in a background thread; the error of a write is raised by the next wait()."""
 
@@ -810,7 +823,7 @@ class _Loop:
         state = self._state()
         use_async = self.cfg.async_save and not sync
         if use_async:  # the previous write is done (wait() above): its buffers can be reused
-            state = _host_copy(state, self._snapshot_cache)
+            state = _snapshot(state, self._snapshot_cache)
 
         def write() -> None:
             os.makedirs(folder, exist_ok=True)
