@@ -371,3 +371,22 @@ def test_bad_arguments():
         mt.train([1], object(), config=mt.TrainConfig(read_commands=False))
     with pytest.raises(ValueError, match="no batch"):
         mt.train([], CountEngine(), config=mt.TrainConfig(read_commands=False, progress=False, iterations=3))
+
+
+def test_torch_engine_amp_scaler_state_round_trips(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        return mt.TorchEngine(m, opt, lambda mod, b: mod(b).float().pow(2).mean(), amp_dtype=torch.float16)
+
+    data = [torch.randn(8, 4) for _ in range(5)]
+    e = make()
+    e.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # a scale the fresh engine does not have
+    mt.train(data, e, config=cfg(tmp_path, iterations=3))
+    e2 = make()
+    res = mt.train(data, e2, config=cfg(tmp_path, iterations=3))
+    assert res.resumed_from == str(tmp_path / "step-00000003") and e2.global_step == 3
+    assert e2.scaler.get_scale() == e.scaler.get_scale() == 1024.0
+    for p, q in zip(e.model.parameters(), e2.model.parameters()):
+        assert torch.equal(p, q)
