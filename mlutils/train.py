@@ -1088,6 +1088,9 @@ class _Loop:
             if self.pending_rng is not None and self.batches_in_epoch == 0:
                 _set_rng_state(self.pending_rng)
                 self.pending_rng = None
+            if getattr(self.loader, "num_workers", 0) and self.saver.busy():
+                # workers are forked now: no writer thread may hold a lock (a stream's, logging's) across it
+                self.saver.wait()
             it = iter(self.loader)
             if self.pending_rng is not None:
                 _set_rng_state(self.pending_rng)
