@@ -1,6 +1,5 @@
 """mlutils.train with 2 processes (gloo, torchrun): stdin commands reach every rank, SIGTERM on one rank stops all."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
 import mlutils.train as mt  # noqa: E402
-from test_train import Run, _RUNNING, _kill_leftover_drivers, assert_same_weights  # noqa: E402,F401
+from test_train import Run, _kill_leftover_drivers, assert_same_weights  # noqa: E402,F401  (the fixture kills leftovers)
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
