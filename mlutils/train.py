@@ -1,0 +1,1138 @@
+"""A training loop over a data loader and engines: commands, signals, rotating atomic checkpoints, exact resume.
+
+``train(train_dl, engines, eval_fn, config)`` loops epochs endlessly until
+``config.iterations`` steps are done.  It knows no model and no config
+module: an *engine* (see :class:`Engine`) steps itself on a batch and returns
+its metrics; :class:`TorchEngine` is one for a plain torch model.
+
+Output.  The loop's product is one JSON line of metrics per step (floats
+truncated by :func:`mlutils.io.json_stringify`), written by the global leader
+to standard output (``TrainConfig.metrics_stdout``, through ``tqdm.write`` so
+the bar stays intact) and/or appended to ``TrainConfig.metrics_file``.
+Everything else (replies to commands, saves, resumes) goes to the
+``mlutils.train`` logger at INFO; ``train`` does not configure logging.
+
+Commands, one per line on standard input (read by the global leader at each
+step boundary without blocking: ``select`` on the descriptor; shared with
+every rank):
+``save``, ``export``, ``eval``, ``quit``, ``eval_quit``, ``lr <rate>``,
+``time [to <step>]``, ``<command>@<step>``, ``event show``, ``event clear``.
+
+Signals.  SIGTERM, SIGINT and SIGUSR1 only set a flag; at the next step
+boundary (or when ``eval_fn`` asks ``should_stop()``) all ranks agree, save a
+checkpoint and ``train`` returns normally with ``status="signal"``; the
+previous handlers are restored when it returns.  A second SIGINT raises
+KeyboardInterrupt at once.
+
+Checkpoints.  ``<checkpoint_dir>/step-<8 digits>/rank-<r>-of-<w>.pt``, one file
+per rank written atomically (temporary file, fsync, rename) by
+:func:`mlutils.io.torch_save`; a checkpoint is complete when every rank's
+file is there, so a kill at any moment leaves the previous complete one, and
+``resume="auto"`` picks the newest complete one.  Each holds the engines'
+states, the step counters, every RNG state (python, numpy, torch CPU and
+CUDA) and the data position: the sampler's state at the start of the epoch
+and the number of batches the loop consumed since, so a resume is exact even
+when DataLoader workers had prefetched ahead.  ``keep_last`` complete
+checkpoints are kept.  With ``async_save`` the step waits only for a copy of
+the state in host memory; the write runs in a background thread (one at a
+time; an error is raised at the next step boundary).  The final save is
+synchronous.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
+                    runtime_checkable)
+
+import numpy as np
+
+from .io import json_stringify, torch_load, torch_save
+
+__all__ = ["Engine", "Engines", "TorchEngine", "TrainConfig", "TrainResult", "train",
+           "find_checkpoints", "latest_checkpoint", "CheckpointError", "COMMANDS"]
+
+log = logging.getLogger(__name__)
+
+#: Format tag written into every checkpoint file.
+CHECKPOINT_FORMAT = "mlutils.train/1"
+#: The commands the loop understands (each may be scheduled as ``<command>@<step>``).
+COMMANDS = ("save", "export", "eval", "quit", "eval_quit", "lr", "time", "event")
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_RANK_FILE = re.compile(r"^rank-(\d{5,})-of-(\d{5,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit this run."""
+
+
+# ---------------------------------------------------------------- distributed
+
+
+class _OneProcess:
+    """The mlutils.distributed names this module uses, for one process (used when that module is absent)."""
+
+    @staticmethod
+    def global_rank() -> int:
+        return 0
+
+    @staticmethod
+    def world_size() -> int:
+        return 1
+
+    @staticmethod
+    def is_global_leader() -> bool:
+        return True
+
+    @staticmethod
+    def barrier() -> None:
+        pass
+
+    @staticmethod
+    def broadcast_object(obj: Any, src: int = 0) -> Any:
+        return obj
+
+    @staticmethod
+    def any_rank(flag: bool) -> bool:
+        return bool(flag)
+
+    @staticmethod
+    def all_ranks(flag: bool) -> bool:
+        return bool(flag)
+
+
+def _dist() -> Any:
+    """mlutils.distributed when it is there, else the one-process stand-in."""
+    try:
+        from . import distributed  # type: ignore[attr-defined]
+    except ImportError:
+        return _OneProcess
+    return distributed
+
+
+# ---------------------------------------------------------------- engines
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the loop needs from a trainable thing."""
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done so far (restored by load_state_dict)."""
+
+    def train_step(self, batch: Any) -> Mapping[str, Any]:
+        """One optimizer step on `batch`; returns its metrics (numbers)."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly (tensors, numbers, strings, containers)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state_dict()."""
+
+    def export(self) -> Dict[str, Any]:
+        """The weights to export: a flat dict name -> tensor."""
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate from now on."""
+
+    def quit(self) -> None:
+        """Called once when the loop ends."""
+
+
+class Engines:
+    """A named collection of engines stepped on the same batch; metrics are prefixed by name when there are several."""
+
+    def __init__(self, engines: Union[Engine, Mapping[str, Engine]]) -> None:
+        if isinstance(engines, Engines):
+            engines = engines.engines
+        if not isinstance(engines, Mapping):
+            engines = {"model": engines}
+        if not engines:
+            raise ValueError("Engines needs at least one engine")
+        for name, e in engines.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"engine names must be non-empty strings without '.', got {name!r}")
+            missing = [m for m in ("train_step", "state_dict", "load_state_dict", "export", "set_lr", "quit")
+                       if not callable(getattr(e, m, None))]
+            if missing or not hasattr(e, "global_step"):
+                raise TypeError(f"engine {name!r} ({type(e).__name__}) lacks {missing or ['global_step']} "
+                                f"of the mlutils.train.Engine protocol")
+        self.engines: Dict[str, Engine] = dict(engines)
+
+    @property
+    def global_step(self) -> int:
+        """The smallest global step of the engines."""
+        return min(int(e.global_step) for e in self.engines.values())
+
+    def train_step(self, batch: Any) -> Dict[str, Any]:
+        """Step every engine on `batch`; their metrics, prefixed by name when there are several."""
+        if len(self.engines) == 1:
+            return dict(next(iter(self.engines.values())).train_step(batch))
+        out: Dict[str, Any] = {}
+        for name, e in self.engines.items():
+            out.update({f"{name}/{k}": v for k, v in e.train_step(batch).items()})
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        """{name: engine state}."""
+        return {name: e.state_dict() for name, e in self.engines.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load every engine's state; CheckpointError when an engine is missing from `state`."""
+        missing = sorted(set(self.engines) - set(state))
+        if missing:
+            raise CheckpointError(f"the checkpoint has no state for engine(s) {missing} (it has {sorted(state)})")
+        for name, e in self.engines.items():
+            e.load_state_dict(state[name])
+
+    def export(self) -> Dict[str, Any]:
+        """The engines' weights, flat; keys prefixed with '<name>.' when there are several."""
+        if len(self.engines) == 1:
+            return dict(next(iter(self.engines.values())).export())
+        return {f"{name}.{k}": v for name, e in self.engines.items() for k, v in e.export().items()}
+
+    def set_lr(self, lr: float) -> None:
+        """Set every engine's learning rate."""
+        for e in self.engines.values():
+            e.set_lr(lr)
+
+    def quit(self) -> None:
+        """Tell every engine the loop ended."""
+        for e in self.engines.values():
+            e.quit()
+
+
+def _split_batch(batch: Any, parts: int) -> List[Any]:
+    """`batch` cut into `parts` micro-batches along dim 0 of every tensor/array (containers followed)."""
+    import torch
+
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        n = int(batch.shape[0])
+        if n < parts:
+            raise ValueError(f"a batch of {n} cannot be split into {parts} micro-batches")
+        bounds = [n * i // parts for i in range(parts + 1)]
+        return [batch[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    if isinstance(batch, Mapping):
+        cols = {k: _split_batch(v, parts) for k, v in batch.items()}
+        return [{k: cols[k][i] for k in batch} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        cols2 = [_split_batch(v, parts) for v in batch]
+        return [type(batch)(c[i] for c in cols2) if not hasattr(batch, "_fields")
+                else type(batch)(*(c[i] for c in cols2)) for i in range(parts)]
+    return [batch] * parts
+
+
+class TorchEngine:
+    """An engine for a plain torch model: loss_fn(model, batch) -> loss or (loss, metrics).
+
+    ``accumulate`` splits each batch into that many micro-batches (gradients
+    summed, weighted by size); ``clip_grad_norm`` clips the global norm;
+    ``amp_dtype`` runs the forward pass under autocast (``torch.float16``
+    adds a GradScaler); ``scheduler`` steps after every optimizer step."""
+
+    def __init__(self, model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], scheduler: Any = None, *,
+                 accumulate: int = 1, clip_grad_norm: Optional[float] = None, amp_dtype: Any = None,
+                 device: Any = None) -> None:
+        import torch
+
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scheduler = scheduler
+        self.accumulate = accumulate
+        self.clip_grad_norm = clip_grad_norm
+        self.amp_dtype = amp_dtype
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None)
+        self._step = 0
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done."""
+        return self._step
+
+    def _to_device(self, batch: Any) -> Any:
+        import torch
+
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, Mapping):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def _forward(self, batch: Any) -> Tuple[Any, Dict[str, Any]]:
+        import torch
+
+        if self.amp_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                out = self.loss_fn(self.model, batch)
+        else:
+            out = self.loss_fn(self.model, batch)
+        if isinstance(out, tuple):
+            loss, metrics = out
+            return loss, dict(metrics)
+        return out, {}
+
+    def train_step(self, batch: Any) -> Dict[str, Any]:
+        """Forward, backward (accumulated), clip, optimizer and scheduler step; returns loss, lr and the loss_fn's metrics."""
+        import torch
+
+        self.model.train()
+        parts = _split_batch(batch, self.accumulate) if self.accumulate > 1 else [batch]
+        sizes = [self._batch_size(p) for p in parts]
+        total = sum(sizes) or len(parts)
+        loss_sum = 0.0
+        extra: Dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for part, size in zip(parts, sizes):
+            loss, metrics = self._forward(self._to_device(part))
+            w = (size / total) if sum(sizes) else 1.0 / len(parts)
+            scaled = loss * w
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += float(loss.detach()) * w
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) * w
+        out: Dict[str, Any] = {"loss": loss_sum}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            out["grad_norm"] = float(norm)
+        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._step += 1
+        out.update(extra)
+        return out
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        shape = getattr(batch, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+        if isinstance(batch, Mapping) and batch:
+            return TorchEngine._batch_size(next(iter(batch.values())))
+        if isinstance(batch, (list, tuple)) and batch:
+            return TorchEngine._batch_size(batch[0])
+        return 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Model, optimizer, scheduler, scaler and the step."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "global_step": self._step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state_dict()."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self._step = int(state["global_step"])
+
+    def export(self) -> Dict[str, Any]:
+        """The model's state dict as contiguous CPU copies (no shared memory, ready for safetensors)."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+
+    def set_lr(self, lr: float) -> None:
+        """Every param group's lr (and the scheduler's base lrs, so the schedule keeps the new scale)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+            if "initial_lr" in g:
+                g["initial_lr"] = lr
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+
+    def quit(self) -> None:
+        """Nothing to release."""
+
+
+# ---------------------------------------------------------------- config and result
+
+
+@dataclass
+class TrainConfig:
+    """How the loop runs; 0 disables a frequency."""
+
+    iterations: int = 1000              # stop when the global step reaches this
+    save_frequency: int = 0             # save a checkpoint every N steps (0: only on quit/signal/end)
+    eval_frequency: int = 0             # call eval_fn every M steps (0: only on `eval`)
+    checkpoint_dir: Optional[str] = None  # None: no checkpoints at all
+    keep_last: int = 3                  # complete checkpoints kept (0: all)
+    resume: Union[str, bool, None] = "auto"  # "auto": newest complete checkpoint; a step folder; False/None: fresh
+    async_save: bool = True             # write periodic/command saves in a background thread
+    save_at_end: bool = True            # save when the loop ends (iterations reached, quit, signal)
+    export_dir: Optional[str] = None    # where `export` writes (default: checkpoint_dir)
+    metrics_stdout: bool = True         # the metrics JSON line on stdout (global leader)
+    metrics_file: Optional[str] = None  # and/or appended to this file (lines past a resumed step are dropped)
+    log_every: int = 1                  # a metrics line every N steps
+    progress: bool = True               # a tqdm bar on the global leader (stderr)
+    read_commands: bool = True          # read commands from stdin (global leader)
+    handle_signals: bool = True         # SIGTERM/SIGINT/SIGUSR1 stop the loop cleanly
+    events: List[str] = field(default_factory=list)  # commands to run as if typed first (e.g. "quit@500")
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "save_frequency", "eval_frequency", "keep_last", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if self.log_every < 1:
+            raise ValueError("TrainConfig.log_every must be >= 1")
+
+
+@dataclass
+class TrainResult:
+    """How train() ended: status is 'completed', 'quit' or 'signal'."""
+
+    status: str
+    step: int
+    signal: Optional[str] = None
+    checkpoint: Optional[str] = None
+    resumed_from: Optional[str] = None
+    last_metrics: Dict[str, Any] = field(default_factory=dict)
+    eval_metrics: Optional[Dict[str, Any]] = None
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def _rank_file(world: int, rank: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
+def _is_complete(path: str) -> bool:
+    """True when every rank's file of the checkpoint folder is there."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    worlds = {int(m.group(2)) for m in map(_RANK_FILE.match, names) if m}
+    if len(worlds) != 1:
+        return False
+    w = worlds.pop()
+    return all(_rank_file(w, r) in names for r in range(w))
+
+
+def find_checkpoints(checkpoint_dir: str, complete_only: bool = True) -> List[Tuple[int, str]]:
+    """[(step, folder)] of the checkpoints under `checkpoint_dir`, oldest first (complete ones only by default)."""
+    try:
+        names = os.listdir(checkpoint_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = _STEP_DIR.match(name)
+        path = os.path.join(checkpoint_dir, name)
+        if m and os.path.isdir(path) and (not complete_only or _is_complete(path)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
+    """The newest complete checkpoint folder under `checkpoint_dir`, or None."""
+    found = find_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rotate(checkpoint_dir: str, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` and partial ones older than the newest complete."""
+    complete = find_checkpoints(checkpoint_dir)
+    if not complete:
+        return
+    newest = complete[-1][0]
+    keep = {p for _s, p in complete[-keep_last:]} if keep_last > 0 else {p for _s, p in complete}
+    for step, path in find_checkpoints(checkpoint_dir, complete_only=False):
+        if step < newest and path not in keep:
+            log.debug("removing checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any, ...] = ()) -> Any:
+    """A deep copy whose tensors are detached CPU copies (the snapshot an asynchronous save writes).
+
+    With `cache` (a dict kept between saves), tensors are copied into the CPU
+    buffers of the previous snapshot when shape and dtype match: no new memory
+    to fault in, so the copy runs at memory speed.  The caller guarantees that
+    the previous snapshot is no longer being written."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        src = obj.detach()
+        buf = cache.get(key) if cache is not None else None
+        if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
+                or buf.layout != src.layout or not src.is_contiguous() or src.layout != torch.strided):
+            buf = src.to("cpu", copy=True)
+            if cache is not None:
+                cache[key] = buf
+        else:
+            buf.copy_(src)
+        return buf
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, Mapping):
+        return {k: _host_copy(v, cache, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj))
+    return obj
+
+
+def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
+    """_host_copy on one intra-op thread: a memory-bound copy gains nothing from more, and on a busy
+    machine torch's thread pool waiting for descheduled peers made the copy several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_copy(state, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Saver:
+    """Writes one checkpoint at a time in a background thread; the error of a write is raised by the next wait()."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise CheckpointError if it (or an earlier one) failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def check(self) -> None:
+        """Raise CheckpointError if a finished write failed."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {err}") from err
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run fn in the background after the previous write."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # surfaced by the next wait()/check()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="mlutils-checkpoint", daemon=False)
+        self._thread.start()
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Python's, numpy's, torch's CPU and (when initialised) CUDA generator states."""
+    import torch
+
+    state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what _rng_state() captured."""
+    import torch
+
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# ---------------------------------------------------------------- commands
+
+
+class _StdinReader:
+    """Command lines from standard input without blocking: select() on fd 0 and os.read, no thread.
+
+    A thread blocked in ``sys.stdin.readline()`` would hold the stream's lock
+    across the fork of DataLoader workers, which close ``sys.stdin`` when they
+    start: they would wait for that lock forever.  Reading the raw descriptor
+    from the loop avoids both the thread and the lock.  EOF, a closed or
+    unreadable stdin end the reading; training goes on."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._fd: Optional[int] = None
+        try:
+            import select  # noqa: F401
+
+            if sys.stdin is not None:
+                self._fd = sys.stdin.fileno()
+                os.fstat(self._fd)
+        except (ImportError, OSError, ValueError, AttributeError) as exc:
+            log.debug("no commands: stdin is not readable (%s)", exc)
+            self._fd = None
+
+    def poll(self) -> List[str]:
+        """The complete lines that arrived since the last call (never blocks)."""
+        import select
+
+        out: List[str] = []
+        while self._fd is not None:
+            try:
+                ready, _, _ = select.select([self._fd], [], [], 0)
+                if not ready:
+                    break
+                chunk = os.read(self._fd, 65536)
+            except (OSError, ValueError) as exc:
+                log.debug("stdin unreadable (%s): no more commands", exc)
+                chunk = b""
+            if not chunk:
+                log.debug("stdin reached EOF: no more commands")
+                self._fd = None
+                if self._buf.strip():
+                    out.append(self._buf.decode("utf-8", "replace").strip())
+                self._buf = b""
+                break
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            out.extend(t for t in (x.decode("utf-8", "replace").strip() for x in lines) if t)
+        return out
+
+
+_USAGE = ("commands: save | export | eval | quit | eval_quit | lr <rate> | time [to <step>] | "
+          "<command>@<step> | event show | event clear")
+
+
+def _parse(line: str) -> Tuple[Optional[Tuple[str, ...]], Optional[int], Optional[str]]:
+    """(command words, scheduled step or None, error message or None) for one command line."""
+    text = line.strip()
+    at: Optional[int] = None
+    if "@" in text:
+        text, _, step_text = text.rpartition("@")
+        text = text.strip()
+        try:
+            at = int(step_text.strip())
+        except ValueError:
+            return None, None, f"bad step in {line!r}: {step_text!r} is not an integer"
+        if at < 0:
+            return None, None, f"bad step in {line!r}: must be >= 0"
+    words = tuple(text.split())
+    if not words:
+        return None, None, f"empty command {line!r}; {_USAGE}"
+    cmd, args = words[0], words[1:]
+    if cmd in ("save", "export", "eval", "quit", "eval_quit") and not args:
+        pass
+    elif cmd == "lr" and len(args) == 1:
+        try:
+            rate = float(args[0])
+        except ValueError:
+            return None, None, f"lr needs a number, got {args[0]!r}"
+        if not rate >= 0 or rate == float("inf"):
+            return None, None, f"lr must be a finite number >= 0, got {args[0]!r}"
+    elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to" and args[1].isdigit())):
+        pass
+    elif cmd == "event" and len(args) == 1 and args[0] in ("show", "clear") and at is None:
+        pass
+    else:
+        return None, None, f"unknown command {line!r}; {_USAGE}"
+    return words, at, None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _stateful_sampler(loader: Any) -> Tuple[Any, int]:
+    """(the loader's mlutils-style sampler or None, sampler draws per batch)."""
+    bs = getattr(loader, "batch_sampler", None)
+    if bs is not None and callable(getattr(bs, "state_dict", None)) and callable(getattr(bs, "take", None)):
+        return bs, 1
+    s = getattr(loader, "sampler", None)
+    if s is not None and callable(getattr(s, "state_dict", None)) and callable(getattr(s, "take", None)):
+        return s, int(getattr(loader, "batch_size", None) or 1)
+    return None, 1
+
+
+class _Loop:
+    def __init__(self, loader: Iterable[Any], engines: Engines, eval_fn: Optional[Callable[..., Any]],
+                 cfg: TrainConfig) -> None:
+        self.loader = loader
+        self.engines = engines
+        self.eval_fn = eval_fn
+        self.cfg = cfg
+        self.dist = _dist()
+        self.rank = int(self.dist.global_rank())
+        self.world = int(self.dist.world_size())
+        self.leader = bool(self.dist.is_global_leader())
+        self.sampler, self.draws_per_batch = _stateful_sampler(loader)
+        self.saver = _Saver()
+        self.signal_name: Optional[str] = None
+        self._sigint_count = 0
+        self.events: List[Tuple[int, str]] = []
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.epoch_start_state: Optional[Dict[str, Any]] = None
+        self.step = 0
+        self.bar: Any = None
+        self.metrics_fh: Any = None
+        self.last_metrics: Dict[str, Any] = {}
+        self.eval_metrics: Optional[Dict[str, Any]] = None
+        self.last_saved_step = -1
+        self.last_checkpoint: Optional[str] = None
+        self.step_times: List[float] = []
+        self.pending_rng: Optional[Mapping[str, Any]] = None
+        self.resumed_from: Optional[str] = None
+        self._held: List[str] = []
+        self._skip = 0
+        self._snapshot_cache: Dict[Any, Any] = {}
+        self.reader: Optional[_StdinReader] = None
+
+    # ---- signals
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self._sigint_count += 1
+            if self._sigint_count > 1:
+                raise KeyboardInterrupt
+        if self.signal_name is None:
+            self.signal_name = name
+
+    def _install_signals(self) -> Dict[int, Any]:
+        previous: Dict[int, Any] = {}
+        if not self.cfg.handle_signals or threading.current_thread() is not threading.main_thread():
+            return previous
+        for name in _STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def should_stop(self) -> bool:
+        """True when a stop signal arrived on any rank (a collective: call it at the same points on every rank)."""
+        return bool(self.dist.any_rank(self.signal_name is not None))
+
+    # ---- output
+    def _emit(self, record: Mapping[str, Any]) -> None:
+        if not self.leader:
+            return
+        line = json_stringify(record, truncate=True)
+        if self.metrics_fh is not None:
+            self.metrics_fh.write(line + "\n")
+            self.metrics_fh.flush()
+        if self.cfg.metrics_stdout:
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(line, file=sys.stdout)
+            else:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+
+    def _open_metrics(self) -> None:
+        path = self.cfg.metrics_file
+        if not self.leader or path is None:
+            return
+        if self.step > 0 and os.path.exists(path):
+            # drop lines past the resumed step: the log reads as one uninterrupted run
+            from .io import json_parse
+            keep = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json_parse(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        elif self.step == 0 and os.path.exists(path):
+            open(path, "w").close()
+        self.metrics_fh = open(path, "a", encoding="utf-8")
+
+    # ---- checkpoints
+    def _state(self) -> Dict[str, Any]:
+        s = self.sampler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world,
+            "engines": self.engines.state_dict(),
+            "loop": {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                     "events": [[at, cmd] for at, cmd in self.events]},
+            "sampler": None if s is None else {"epoch_start": self.epoch_start_state,
+                                               "draws": self.batches_in_epoch * self.draws_per_batch},
+            "rng": _rng_state(),
+        }
+
+    def save(self, sync: bool) -> None:
+        """Checkpoint the current step (asynchronously unless `sync` or config says otherwise)."""
+        ckdir = self.cfg.checkpoint_dir
+        if ckdir is None or self.last_saved_step == self.step:
+            return
+        self.saver.wait()
+        folder = os.path.join(ckdir, f"step-{self.step:08d}")
+        path = os.path.join(folder, _rank_file(self.world, self.rank))
+        step, leader, keep = self.step, self.leader, self.cfg.keep_last
+        t0 = time.perf_counter()
+        state = self._state()
+        use_async = self.cfg.async_save and not sync
+        if use_async:  # the previous write is done (wait() above): its buffers can be reused
+            state = _snapshot(state, self._snapshot_cache)
+
+        def write() -> None:
+            os.makedirs(folder, exist_ok=True)
+            _fsync_dir(ckdir)
+            torch_save(state, path)
+            if leader:
+                _rotate(ckdir, keep)
+                log.info("saved checkpoint %s (step %d)", folder, step)
+
+        if use_async:
+            self.saver.submit(write)
+            log.debug("checkpoint step %d: snapshot in %.3f s, writing in the background",
+                      step, time.perf_counter() - t0)
+        else:
+            write()
+            self.dist.barrier()
+            if leader:
+                _rotate(ckdir, keep)
+        self.last_saved_step = step
+        self.last_checkpoint = folder
+
+    def _resume_path(self) -> Optional[str]:
+        r = self.cfg.resume
+        if r is None or r is False or self.cfg.checkpoint_dir is None and r in ("auto", True):
+            return None
+        if r in ("auto", True):
+            path = latest_checkpoint(self.cfg.checkpoint_dir) if self.leader else None
+            return self.dist.broadcast_object(path, src=0)
+        if not isinstance(r, (str, os.PathLike)):
+            raise ValueError(f"TrainConfig.resume must be 'auto', a checkpoint folder, or None; got {r!r}")
+        return os.fspath(r)
+
+    def resume(self) -> None:
+        """Load the checkpoint config.resume names (RNG states are applied once the data iterator exists)."""
+        folder = self._resume_path()
+        if folder is None:
+            return
+        if not _is_complete(folder):
+            raise CheckpointError(f"{folder} is not a complete checkpoint (a rank's file is missing)")
+        path = os.path.join(folder, _rank_file(self.world, self.rank))
+        if not os.path.exists(path):
+            have = sorted(n for n in os.listdir(folder) if _RANK_FILE.match(n))
+            raise CheckpointError(f"{folder} was saved by another number of processes ({have}); "
+                                  f"this run has {self.world}")
+        state = torch_load(path)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        self.engines.load_state_dict(state["engines"])
+        self.step = int(state["step"])
+        loop = state["loop"]
+        self.epoch = int(loop["epoch"])
+        self.batches_in_epoch = int(loop["batches_in_epoch"])
+        self.events = [(int(at), str(cmd)) for at, cmd in loop["events"]]
+        samp = state.get("sampler")
+        if self.sampler is not None and samp is not None and samp.get("epoch_start") is not None:
+            self.sampler.load_state_dict(samp["epoch_start"])
+            self.epoch_start_state = samp["epoch_start"]
+            left = int(samp["draws"])
+            while left > 0:  # the position the loop reached, not where prefetching workers were
+                got = self.sampler.take(min(left, 1 << 20))
+                if len(got) == 0:
+                    break
+                left -= len(got)
+            if self._sampler_exhausted():  # saved after the epoch's last batch: the next epoch starts
+                self.epoch += 1
+                self.batches_in_epoch = 0
+        elif self.batches_in_epoch:
+            # no sampler that can seek: the first epoch's consumed batches are read again and skipped
+            self._skip = self.batches_in_epoch
+            log.info("the data loader has no mlutils sampler: skipping %d batches to the resumed position",
+                     self._skip)
+        self.pending_rng = state["rng"]
+        self.last_saved_step = self.step
+        self.last_checkpoint = folder
+        self.resumed_from = folder
+        log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)",
+                 folder, self.step, self.epoch, self.batches_in_epoch)
+
+    # ---- commands
+    def _gather_commands(self) -> Tuple[List[str], bool]:
+        """(command lines every rank runs now, stop requested by a signal on any rank): one collective per step."""
+        if self.reader is not None:
+            self._held.extend(self.reader.poll())
+        if not self.dist.any_rank(self.signal_name is not None or bool(self._held)):
+            return [], False
+        lines = self.dist.broadcast_object(self._held if self.leader else None, src=0) or []
+        self._held = []
+        stop = bool(self.dist.any_rank(self.signal_name is not None))
+        return list(lines), stop
+
+    def _run_command(self, line: str) -> Optional[str]:
+        """Run one command now; returns 'quit' when the loop must stop."""
+        words, at, err = _parse(line)
+        if err is not None or words is None:
+            if self.leader:
+                log.warning("%s", err)
+            return None
+        if at is not None:
+            if at < self.step:
+                if self.leader:
+                    log.warning("%r: step %d is already past (now at step %d); ignored", line, at, self.step)
+                return None
+            if at > self.step:
+                if (at, " ".join(words)) not in self.events:
+                    self.events.append((at, " ".join(words)))
+                self.events.sort(key=lambda e: e[0])
+                if self.leader:
+                    log.info("scheduled %r at step %d", " ".join(words), at)
+                return None
+        cmd = words[0]
+        if cmd == "save":
+            self.save(sync=False)
+        elif cmd == "export":
+            self.export()
+        elif cmd == "eval":
+            self.evaluate()
+        elif cmd == "quit":
+            return "quit"
+        elif cmd == "eval_quit":
+            self.evaluate()
+            return "quit"
+        elif cmd == "lr":
+            self.engines.set_lr(float(words[1]))
+            if self.leader:
+                log.info("learning rate set to %s at step %d", words[1], self.step)
+        elif cmd == "time":
+            target = int(words[2]) if len(words) == 3 else self.cfg.iterations
+            self._report_time(target)
+        elif cmd == "event" and words[1] == "show":
+            if self.leader:
+                log.info("events: %s", ", ".join(f"{c}@{s}" for s, c in self.events) or "none")
+        elif cmd == "event" and words[1] == "clear":
+            self.events.clear()
+            if self.leader:
+                log.info("events cleared")
+        return None
+
+    def _report_time(self, target: int) -> None:
+        if not self.leader:
+            return
+        recent = self.step_times[-100:]
+        if not recent:
+            log.info("time: no step timed yet")
+            return
+        per = sum(recent) / len(recent)
+        left = max(target - self.step, 0)
+        log.info("time: %.3f s/step; step %d -> %d in about %.0f s (%s)", per, self.step, target, per * left,
+                 time.strftime("%H:%M:%S", time.localtime(time.time() + per * left)))
+
+    def export(self) -> None:
+        """Write the engines' weights as safetensors (global leader)."""
+        out_dir = self.cfg.export_dir or self.cfg.checkpoint_dir
+        if out_dir is None:
+            if self.leader:
+                log.warning("export: no export_dir or checkpoint_dir configured")
+            return
+        tensors = self.engines.export()
+        if self.leader:
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, f"export-{self.step:08d}.safetensors")
+            torch_save({"module": tensors, "step": self.step}, path)
+            log.info("exported %d tensors to %s", len(tensors), path)
+
+    def evaluate(self) -> None:
+        """Run eval_fn(step, should_stop) and log its metrics as a JSON line {"step", "eval": {...}}."""
+        if self.eval_fn is None:
+            if self.leader:
+                log.warning("eval: no eval_fn given to train()")
+            return
+        result = self.eval_fn(self.step, self.should_stop)
+        if result is not None:
+            self.eval_metrics = dict(result)
+            self._emit({"step": self.step, "eval": self.eval_metrics})
+
+    # ---- the loop
+    def _boundary(self) -> Optional[str]:
+        """After a step: commands, signals, saves, evaluation; 'quit', 'signal', 'completed' or None."""
+        self.saver.check()
+        lines, stop = self._gather_commands()
+        due = [cmd for at, cmd in self.events if at == self.step]
+        if due:
+            self.events = [(at, cmd) for at, cmd in self.events if at != self.step]
+        outcome: Optional[str] = None
+        for line in due + lines:
+            if outcome is None and self._run_command(line) == "quit":
+                outcome = "quit"
+        if stop:
+            return "signal"
+        if outcome is not None:
+            return outcome
+        c = self.cfg
+        if c.save_frequency and self.step % c.save_frequency == 0 and self.step < c.iterations:
+            self.save(sync=False)
+        if c.eval_frequency and self.step % c.eval_frequency == 0:
+            self.evaluate()
+            if self.should_stop():  # a signal during evaluation (collective: every rank evaluates here)
+                return "signal"
+        if self.step >= c.iterations:
+            return "completed"
+        return None
+
+    def _sampler_exhausted(self) -> bool:
+        """True when the sampler cannot give the loader another batch this epoch."""
+        left = self.sampler.remaining()
+        return left == 0 or (self.draws_per_batch > 1 and bool(getattr(self.loader, "drop_last", False))
+                             and left < self.draws_per_batch)
+
+    def _epoch_start(self) -> None:
+        """Move an exhausted sampler to its next epoch and remember its state there."""
+        s = self.sampler
+        if s is None:
+            return
+        if self.epoch_start_state is None or self.batches_in_epoch == 0:
+            if self._sampler_exhausted():
+                s.set_epoch(s.epoch + 1)
+            self.epoch_start_state = s.state_dict()
+
+    def run(self) -> TrainResult:
+        previous = self._install_signals()
+        status = "completed"
+        try:
+            if self.cfg.read_commands and self.leader:
+                self.reader = _StdinReader()
+            self.resume()
+            if self.step == 0:
+                self.step = self.engines.global_step
+            for line in self.cfg.events:
+                self._run_command(line)
+            self._open_metrics()
+            if self.leader and self.cfg.progress:
+                from tqdm import tqdm
+                self.bar = tqdm(total=self.cfg.iterations, initial=self.step, dynamic_ncols=True,
+                                file=sys.stderr, leave=False)
+            status = "completed" if self.step >= self.cfg.iterations else self._epochs()
+            if self.cfg.save_at_end:
+                self.save(sync=True)
+            self.saver.wait()
+        finally:
+            try:
+                self.saver.wait()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                if self.bar is not None:
+                    self.bar.close()
+                if self.metrics_fh is not None:
+                    self.metrics_fh.close()
+                self.engines.quit()
+        if self.leader:
+            log.info("training %s at step %d%s", status, self.step,
+                     f" ({self.signal_name})" if status == "signal" else "")
+        return TrainResult(status=status, step=self.step,
+                           signal=self.signal_name if status == "signal" else None,
+                           checkpoint=self.last_checkpoint, resumed_from=self.resumed_from,
+                           last_metrics=self.last_metrics, eval_metrics=self.eval_metrics)
+
+    def _epochs(self) -> str:
+        while True:
+            self._epoch_start()
+            # iter(DataLoader) draws a seed from torch's RNG: a mid-epoch resume restores the RNGs after
+            # that draw (the saved run had made it before the save), an epoch-boundary resume before it
+            if self.pending_rng is not None and self.batches_in_epoch == 0:
+                _set_rng_state(self.pending_rng)
+                self.pending_rng = None
+            if getattr(self.loader, "num_workers", 0) and self.saver.busy():
+                # workers are forked now: no writer thread may hold a lock (a stream's, logging's) across it
+                self.saver.wait()
+            it = iter(self.loader)
+            if self.pending_rng is not None:
+                _set_rng_state(self.pending_rng)
+                self.pending_rng = None
+            got = 0
+            for batch in it:
+                got += 1
+                if self._skip:
+                    self._skip -= 1
+                    continue
+                t0 = time.perf_counter()
+                metrics = self.engines.train_step(batch)
+                self.step += 1
+                self.batches_in_epoch += 1
+                self.step_times.append(time.perf_counter() - t0)
+                del self.step_times[:-1000]
+                self.last_metrics = dict(metrics)
+                if self.step % self.cfg.log_every == 0:
+                    self._emit({"step": self.step, "epoch": self.epoch, **metrics})
+                if self.bar is not None:
+                    self.bar.update(1)
+                    if "loss" in metrics:
+                        self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+                outcome = self._boundary()
+                if outcome is not None:
+                    return outcome
+            if got == 0 and self.batches_in_epoch == 0:
+                raise ValueError("the data loader yielded no batch in a whole epoch: nothing to train on")
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+
+def train(train_dl: Iterable[Any], engines: Union[Engine, Engines, Mapping[str, Engine]],
+          eval_fn: Optional[Callable[[int, Callable[[], bool]], Optional[Mapping[str, Any]]]] = None,
+          config: Optional[TrainConfig] = None) -> TrainResult:
+    """Train until config.iterations (or quit / a stop signal); saves, evaluates, obeys commands; see the module doc.
+
+    ``eval_fn(step, should_stop)`` returns a dict of metrics (or None); it
+    should return early when ``should_stop()`` is true (a collective when
+    distributed: call it at the same points on every rank)."""
+    cfg = config if config is not None else TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, not {type(cfg).__name__}")
+    eng = engines if isinstance(engines, Engines) else Engines(engines)
+    return _Loop(train_dl, eng, eval_fn, cfg).run()
