@@ -54,5 +54,6 @@ int mlu_ptload_module_init(PyObject *m);
 int mlu_ptsave_module_init(PyObject *m);
 int mlu_sampler_module_init(PyObject *m);
 int mlu_pattern_module_init(PyObject *m);
+int mlu_offload_module_init(PyObject *m);
 
 #endif
