@@ -11,7 +11,9 @@
 
 #include "mlu_cuda_internal.h"
 #include "mlu_cuda_offload.h"
+extern "C" {
 #include "../core/alloc.h"
+}
 
 namespace {
 
