@@ -608,3 +608,16 @@ def test_gpu_bench_exits_cleanly_without_gpu(torch):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "no GPU" in out.stdout
+
+
+def test_pool_fuzz_corpus_replays_clean_under_sanitizers():
+    import shutil
+
+    if shutil.which("make") is None or shutil.which("gcc") is None:
+        pytest.skip("make and gcc are needed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    r = subprocess.run(["make", "-s", "fuzz-replay-offload_pool"], cwd=root, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "replayed 6 inputs" in r.stdout + r.stderr

@@ -26,7 +26,7 @@ struct record {
     int mode;
     int loaded;         // a load was issued
     int released;       // the caller let go; reclaim when the copies are done
-    uint32_t gen;       // bumps on every reuse, part of the handle
+    uint32_t gen;       // bumps on every reuse (31 bits), part of the handle
     cudaEvent_t saved;  // after the device-to-host copy (owned)
     cudaEvent_t done;   // after the load (owned)
     int64_t next_free;
@@ -460,7 +460,7 @@ extern "C" mlu_status mlu_cuda_offload_save(mlu_cuda_offload *e, const void *src
     r->mode = mode;
     r->loaded = 0;
     r->released = 0;
-    r->gen++;
+    r->gen = (r->gen + 1) & 0x7fffffffu;  // handles stay non-negative
     e->live++;
     block = -1;
     // the copy stream sees every kernel queued on the caller's stream so far;
