@@ -222,7 +222,7 @@ def speed(torch, args, dev):
             t = timed(torch, step, args.steps)
             peak = torch.cuda.max_memory_allocated(dev) - base
             results[way] = (t, peak)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             results[way] = (float("nan"), float("nan"))
             torch.cuda.empty_cache()
     print(f"\n{args.layers} blocks, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, bf16")
