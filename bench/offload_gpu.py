@@ -136,8 +136,26 @@ def check_correctness(torch, args, dev):
         print(f"compress {str(dtype):<15} {comp}: GPU vs CPU max diff {diff:.2e}, "
               f"rms rel error {err['rms_rel']:.2e}  {'ok' if good else 'FAIL'}")
 
-    # pool reuse, no growth of pinned or device memory over check_steps steps
+    # stream ordering: the copy sees the kernel that made its source, the source's
+    # memory is not handed out again before the copy read it, and a reload is
+    # complete for the kernels queued after it
     eng = offload.get_engine(dev)
+    worst = 0.0
+    for _ in range(20):
+        a = torch.randn(4096, 4096, device=dev)
+        x = a @ a
+        h = eng.offload(x)
+        ref = x.clone()
+        del x
+        junk = torch.full((4096, 4096), 7.0, device=dev)  # likely the freed block of x
+        back = h.reload()
+        worst = max(worst, (back - ref).abs().max().item())
+        del junk, h
+    good = worst == 0.0
+    ok &= good
+    print(f"stream ordering over 20 offload/reload rounds: max diff {worst}  {'ok' if good else 'FAIL'}")
+
+    # pool reuse, no growth of pinned or device memory over check_steps steps
     pinned, device_mem = [], []
     for step in range(args.check_steps):
         blocks.zero_grad(set_to_none=True)
