@@ -96,7 +96,7 @@ class OffloadHandle:
     (or garbage collection) returns its host buffer to the pool."""
 
     __slots__ = ("engine", "shape", "dtype", "device", "nbytes", "mode", "kept", "key",
-                 "prefetched", "seq", "__weakref__")
+                 "prefetched", "reloaded", "seq", "__weakref__")
 
     def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
         self.engine = engine
@@ -108,6 +108,7 @@ class OffloadHandle:
         self.key = key          # the engine's handle (int) or the CPU pool's (id, buffer); None when kept
         self.kept = kept        # the tensor itself when it stayed on its device
         self.prefetched = None  # the reloaded tensor while a prefetch is outstanding
+        self.reloaded = False   # reload() handed the tensor back at least once
         self.seq = 0
 
     @property
@@ -289,6 +290,7 @@ class OffloadEngine:
         self.prefetch(handle)
         with self._lock:
             out, handle.prefetched = handle.prefetched, None
+            handle.reloaded = True
             if out is None:  # pragma: no cover - a concurrent reload took it
                 raise RuntimeError("reload: the handle was reloaded concurrently")
             if self._cuda is not None:
@@ -647,7 +649,7 @@ class _SavedTensorOffload:
     def pack(self, tensor: Any) -> Any:
         torch = self.torch
         if (tensor.device.type not in ("cuda", "cpu") or tensor.numel() * tensor.element_size() < self.min_bytes
-                or tensor.layout != torch.strided or tensor.is_sparse or isinstance(tensor, torch.nn.Parameter)):
+                or tensor.layout != torch.strided or tensor.is_sparse or _is_parameter(torch, tensor)):
             return tensor
         if tensor.device.type == "cuda" and not _core.cuda_built():
             return tensor
@@ -662,12 +664,26 @@ class _SavedTensorOffload:
         if not isinstance(packed, OffloadHandle):
             return packed
         out = packed.reload()
-        # start the next reloads in backward order (earlier saved tensors)
-        for k in range(packed.seq - 1, max(-1, packed.seq - 1 - self.prefetch_depth), -1):
+        # start the next reloads in backward order: the nearest earlier saved
+        # tensors that are neither reloaded nor on their way yet
+        started, k = 0, packed.seq - 1
+        while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
             h = self.order[k]()
-            if h is not None and not h.released:
+            if h is not None and not h.released and not h.reloaded and h.prefetched is None:
                 h.prefetch()
+                started += 1
+            k -= 1
         return out
+
+
+def _is_parameter(torch: Any, tensor: Any) -> bool:
+    """A parameter, or a view of one (the weight.t() a linear saves): those stay on the device."""
+    t = tensor
+    while t is not None:
+        if isinstance(t, torch.nn.Parameter):
+            return True
+        t = t._base
+    return False
 
 
 @contextlib.contextmanager

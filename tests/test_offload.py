@@ -380,14 +380,14 @@ def test_checkpoint_releases_buffers_and_prefetches(off, torch, monkeypatch):
     blocks = _blocks(torch, "mlp")
     x = torch.randn(4, 64, 32, requires_grad=True)
     eng = off.get_engine("cpu")
-    prefetched = []
-    orig = off.OffloadEngine.prefetch
+    reloads = []
+    orig = off.OffloadEngine.reload
 
     def spy(self, handle):
-        prefetched.append(handle.seq)
+        reloads.append((handle.seq, handle.prefetched is not None))
         return orig(self, handle)
 
-    monkeypatch.setattr(off.OffloadEngine, "prefetch", spy)
+    monkeypatch.setattr(off.OffloadEngine, "reload", spy)
     before = eng.stats()
     h = x
     for blk in blocks:
@@ -396,9 +396,10 @@ def test_checkpoint_releases_buffers_and_prefetches(off, torch, monkeypatch):
     assert mid["in_use"] - before["in_use"] >= 3 * x.numel() * 4
     h.sum().backward()
     assert eng.stats()["in_use"] == before["in_use"]
-    # backward of block k started the reload of block k-1 before it was needed
-    seqs = sorted(set(prefetched))
-    assert len(seqs) == 3 and prefetched[:2] == [seqs[2], seqs[1]]
+    # backward runs last block first; each earlier block's input was already
+    # on its way back (prefetched by the backward of the block after it)
+    assert [seq for seq, _ in reloads] == sorted((seq for seq, _ in reloads), reverse=True)
+    assert [was for _, was in reloads] == [False, True, True]
 
 
 def test_checkpoint_no_grad_mode_just_calls(off, torch):
@@ -566,6 +567,32 @@ def test_offload_saved_tensors_matches_plain(off, torch, compress):
     tol = {} if compress is None else {"rtol": 3e-2, "atol": 3e-3}
     for p, r in zip(blocks.parameters(), ref):
         torch.testing.assert_close(p.grad, r, **tol)
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_offload_saved_tensors_prefetches_the_next(off, torch, monkeypatch, depth):
+    reloads = []
+    orig = off.OffloadEngine.reload
+
+    def spy(self, handle):
+        reloads.append(handle.prefetched is not None)
+        return orig(self, handle)
+
+    monkeypatch.setattr(off.OffloadEngine, "reload", spy)
+    blocks = _blocks(torch, "mlp")
+    x = torch.randn(4, 64, 32, requires_grad=True)
+    with off.offload_saved_tensors(min_bytes=1024, prefetch=depth):
+        h = x
+        for blk in blocks:
+            h = blk(h)
+    h.sum().backward()
+    # 3 per block (inputs of both linears and of gelu); the weights (views of
+    # parameters) stay where they are
+    assert len(reloads) == 9
+    if depth:
+        assert not reloads[0] and all(reloads[1:])
+    else:
+        assert not any(reloads)
 
 
 def test_offload_saved_tensors_arguments(off, torch):
