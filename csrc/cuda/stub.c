@@ -2,6 +2,8 @@
 #include "mlu_cuda.h"
 #include "mlu_cuda_pattern.h"
 
+#include <string.h>
+
 int mlu_cuda_built(void)
 {
     return 0;
@@ -162,4 +164,77 @@ mlu_status mlu_nccl_comm_destroy(mlu_nccl_comm *c, mlu_error *err)
 void mlu_nccl_comm_free(mlu_nccl_comm *c)
 {
     (void)c;
+}
+
+/* The activation-offload engine (offload.cu). */
+#include "mlu_cuda_offload.h"
+
+#define MLU_NO_CUDA_OFFLOAD(err) mlu_error_set((err), MLU_ENOTSUP, -1, "mlutils was built without CUDA: the CUDA offload engine is not available")
+
+mlu_status mlu_cuda_offload_new(int device, size_t cap, mlu_cuda_offload **out, mlu_error *err)
+{
+    (void)device;
+    (void)cap;
+    (void)out;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+void mlu_cuda_offload_destroy(mlu_cuda_offload *eng)
+{
+    (void)eng;
+}
+
+mlu_status mlu_cuda_offload_streams(mlu_cuda_offload *eng, void **d2h, void **h2d, mlu_error *err)
+{
+    (void)eng;
+    *d2h = *h2d = NULL;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_save(mlu_cuda_offload *eng, const void *src, size_t nbytes, int mode,
+                                 void *scratch, void *stream, int64_t *handle, mlu_error *err)
+{
+    (void)eng, (void)src, (void)nbytes, (void)mode, (void)scratch, (void)stream, (void)handle;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_load(mlu_cuda_offload *eng, int64_t handle, void *dst, size_t nbytes,
+                                 void *scratch, void *stream, mlu_error *err)
+{
+    (void)eng, (void)handle, (void)dst, (void)nbytes, (void)scratch, (void)stream;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_wait(mlu_cuda_offload *eng, int64_t handle, void *stream, mlu_error *err)
+{
+    (void)eng, (void)handle, (void)stream;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_sync(mlu_cuda_offload *eng, int64_t handle, mlu_error *err)
+{
+    (void)eng, (void)handle;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_release(mlu_cuda_offload *eng, int64_t handle, mlu_error *err)
+{
+    (void)eng, (void)handle;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *eng, mlu_pool_stats *out, int64_t *handles,
+                                  mlu_error *err)
+{
+    (void)eng;
+    memset(out, 0, sizeof(*out));
+    *handles = 0;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
+mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *eng, uint64_t *freed, mlu_error *err)
+{
+    (void)eng;
+    *freed = 0;
+    return MLU_NO_CUDA_OFFLOAD(err);
 }

@@ -160,6 +160,8 @@ static int mlu_exec(PyObject *m)
         return -1;
     if (mlu_nccl_module_init(m) < 0)
         return -1;
+    if (mlu_offload_module_init(m) < 0)
+        return -1;
     return 0;
 }
 

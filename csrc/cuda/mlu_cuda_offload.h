@@ -1,0 +1,87 @@
+/* mlu_cuda_offload.h: the C ABI of the activation-offload engine (offload.cu).
+ *
+ * An engine belongs to one device.  It owns a pool of pinned host buffers
+ * (csrc/core/offload_pool.h), one device-to-host and one host-to-device copy
+ * stream, and a table of handles.  Ordering, with `stream` the caller's:
+ *  - save: the copy stream waits for an event recorded on `stream` (so the
+ *    copy sees the finished source), then packs (when compressing) and copies;
+ *    `stream` itself never waits.  The caller keeps the source (and scratch)
+ *    alive for the copy stream (record_stream) until the copy is done.
+ *  - load: the copy stream waits for the save's copy and for an event on
+ *    `stream` (dst and scratch were just allocated on it), copies, expands.
+ *  - wait: `stream` waits for the load (cudaStreamWaitEvent): any kernel
+ *    queued on it after this call sees the reloaded data.
+ *  - release: the pinned buffer goes back to the pool once every copy that
+ *    reads or writes it has finished (checked without blocking, later).
+ * Every call returns a status; CUDA failures carry cudaGetErrorString's text. */
+#ifndef MLU_CUDA_OFFLOAD_H
+#define MLU_CUDA_OFFLOAD_H
+
+#include "../mlu.h"
+#include "../core/offload_pool.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* How a tensor travels: as it is, or packed by a kernel before the copy. */
+enum mlu_offload_mode {
+    MLU_OFFLOAD_RAW = 0,        /* nbytes copied as they are */
+    MLU_OFFLOAD_F32_BF16 = 1,   /* float32 -> bfloat16 (round to nearest even) */
+    MLU_OFFLOAD_F16_E4M3 = 2,   /* float16 -> float8 e4m3, per-tensor scale 448/amax */
+    MLU_OFFLOAD_BF16_E4M3 = 3,  /* bfloat16 -> float8 e4m3, per-tensor scale 448/amax */
+    MLU_OFFLOAD_MODES
+};
+
+/* Bytes of the packed form of nelem elements (the scratch and host size):
+ * bf16: 2 per element; e4m3: 1 per element, padded to 16, then a float32
+ * amax.  0 for a bad mode or an overflow. */
+static inline size_t mlu_offload_packed_size(int mode, size_t nelem)
+{
+    size_t n;
+    switch (mode) {
+    case MLU_OFFLOAD_F32_BF16:
+        return mlu_mul_overflow_size(nelem, 2, &n) ? 0 : n;
+    case MLU_OFFLOAD_F16_E4M3:
+    case MLU_OFFLOAD_BF16_E4M3:
+        if (mlu_add_overflow_size(nelem, 15 + 16, &n))
+            return 0;
+        return n / 16 * 16;
+    default:
+        return 0;
+    }
+}
+
+typedef struct mlu_cuda_offload mlu_cuda_offload;
+
+/* A new engine on `device` with a pinned pool capped at `cap` bytes
+ * (SIZE_MAX: none).  *out set on success only. */
+mlu_status mlu_cuda_offload_new(int device, size_t cap, mlu_cuda_offload **out, mlu_error *err);
+/* Waits for its copies, frees its pinned memory, streams and events (NULL is fine). */
+void mlu_cuda_offload_destroy(mlu_cuda_offload *eng);
+/* Its copy streams (cudaStream_t), for the caller's record_stream. */
+mlu_status mlu_cuda_offload_streams(mlu_cuda_offload *eng, void **d2h, void **h2d, mlu_error *err);
+/* Starts the copy of a device tensor to pinned memory; *handle names it.
+ * RAW: nbytes at src.  Packed modes: nelem = nbytes / element size, and
+ * scratch is device memory of mlu_offload_packed_size(mode, nelem) bytes. */
+mlu_status mlu_cuda_offload_save(mlu_cuda_offload *eng, const void *src, size_t nbytes, int mode,
+                                 void *scratch, void *stream, int64_t *handle, mlu_error *err);
+/* Starts the copy of `handle` back into dst (nbytes, as saved); scratch as for save. */
+mlu_status mlu_cuda_offload_load(mlu_cuda_offload *eng, int64_t handle, void *dst, size_t nbytes,
+                                 void *scratch, void *stream, mlu_error *err);
+/* Makes `stream` wait for the load of `handle`. */
+mlu_status mlu_cuda_offload_wait(mlu_cuda_offload *eng, int64_t handle, void *stream, mlu_error *err);
+/* Blocks the calling thread until the save (and load, if any) of handle finished. */
+mlu_status mlu_cuda_offload_sync(mlu_cuda_offload *eng, int64_t handle, mlu_error *err);
+/* Forgets `handle`; its buffer returns to the pool when its copies are done. */
+mlu_status mlu_cuda_offload_release(mlu_cuda_offload *eng, int64_t handle, mlu_error *err);
+/* The pool's counters and the number of live handles (released ones still copying included). */
+mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *eng, mlu_pool_stats *out, int64_t *handles,
+                                  mlu_error *err);
+/* Frees cached pinned buffers (after finishing pending releases); *freed bytes. */
+mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *eng, uint64_t *freed, mlu_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,535 @@
+/* offload.c: the Python face of the activation-offload engine.
+ *
+ * HostPool: the offload pool over malloc'd memory (the CPU engine of
+ * mlutils.offload and the pool's Python tests).  CudaOffloadEngine: the
+ * CUDA engine of csrc/cuda/offload.cu (raises RuntimeError "built without
+ * CUDA" on builds without nvcc).  Both are private to mlutils.offload. */
+#include "module.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/offload_pool.h"
+#include "../cuda/mlu_cuda_offload.h"
+
+/* The counters as a dict; `handles` (live engine handles) only when >= 0. */
+static PyObject *stats_dict(const mlu_pool_stats *s, int64_t handles)
+{
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "cap", (unsigned long long)s->cap,
+                         "reserved", (unsigned long long)s->reserved,
+                         "in_use", (unsigned long long)s->in_use,
+                         "requested", (unsigned long long)s->requested,
+                         "peak_reserved", (unsigned long long)s->peak_reserved,
+                         "blocks", (unsigned long long)s->blocks,
+                         "acquires", (unsigned long long)s->acquires,
+                         "reuses", (unsigned long long)s->reuses,
+                         "allocs", (unsigned long long)s->allocs,
+                         "frees", (unsigned long long)s->frees);
+    PyObject *h;
+
+    if (d == NULL || handles < 0)
+        return d;
+    h = PyLong_FromLongLong(handles);
+    if (h == NULL || PyDict_SetItemString(d, "handles", h) < 0) {
+        Py_XDECREF(h);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(h);
+    return d;
+}
+
+/* max_bytes: None (no cap) or an int >= 0 -> *cap. */
+static int parse_cap(PyObject *obj, size_t *cap)
+{
+    if (obj == NULL || obj == Py_None) {
+        *cap = SIZE_MAX;
+        return 0;
+    }
+    *cap = PyLong_AsSize_t(obj);
+    if (*cap == (size_t)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "max_bytes must be None or an int >= 0");
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ HostPool */
+
+typedef struct {
+    PyObject_HEAD
+    mlu_offload_pool *pool; /* owned */
+} HostPoolObject;
+
+static void *host_alloc(void *ctx, size_t n, mlu_error *err)
+{
+    void *p = malloc(n);
+    (void)ctx;
+    if (p == NULL)
+        mlu_error_set(err, MLU_ENOMEM, -1, "malloc of %zu bytes failed", n);
+    return p;
+}
+
+static void host_free(void *ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+}
+
+static PyObject *HostPool_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_bytes", NULL};
+    mlu_pool_allocator a = {host_alloc, host_free, NULL, "host memory"};
+    PyObject *cap_obj = Py_None;
+    HostPoolObject *self = NULL;
+    size_t cap;
+    mlu_error err;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:HostPool", kwlist, &cap_obj))
+        return NULL;
+    if (parse_cap(cap_obj, &cap) < 0)
+        return NULL;
+    self = (HostPoolObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    mlu_error_clear(&err);
+    if (mlu_offload_pool_new(&a, cap, &self->pool, &err) != MLU_OK) {
+        Py_DECREF(self);
+        return mlu_raise(NULL, &err, NULL);
+    }
+    return (PyObject *)self;
+}
+
+static void HostPool_dealloc(HostPoolObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+
+    mlu_offload_pool_free(self->pool);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* acquire(nbytes) -> (id, memoryview): the view is writable, nbytes long, and
+ * valid until release(id). */
+static PyObject *HostPool_acquire(HostPoolObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    int64_t id;
+    void *ptr;
+    size_t size;
+    mlu_error err;
+    PyObject *view, *res;
+
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n <= 0) {
+        PyErr_Format(PyExc_ValueError, "HostPool.acquire: nbytes must be > 0, got %zd", n);
+        return NULL;
+    }
+    mlu_error_clear(&err);
+    if (mlu_offload_pool_acquire(self->pool, (size_t)n, &id, &ptr, &size, &err) != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    view = PyMemoryView_FromMemory((char *)ptr, n, PyBUF_WRITE);
+    if (view == NULL) {
+        mlu_offload_pool_release(self->pool, id, NULL);
+        return NULL;
+    }
+    res = Py_BuildValue("(LN)", (long long)id, view); /* steals view */
+    if (res == NULL)
+        mlu_offload_pool_release(self->pool, id, NULL);
+    return res;
+}
+
+static PyObject *HostPool_release(HostPoolObject *self, PyObject *arg)
+{
+    long long id = PyLong_AsLongLong(arg);
+    mlu_error err;
+
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    mlu_error_clear(&err);
+    if (mlu_offload_pool_release(self->pool, (int64_t)id, &err) != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *HostPool_trim(HostPoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(mlu_offload_pool_trim(self->pool));
+}
+
+static PyObject *HostPool_stats(HostPoolObject *self, PyObject *unused)
+{
+    mlu_pool_stats s;
+
+    (void)unused;
+    mlu_offload_pool_stats(self->pool, &s);
+    return stats_dict(&s, -1);
+}
+
+static PyObject *HostPool_set_cap(HostPoolObject *self, PyObject *arg)
+{
+    size_t cap;
+
+    if (parse_cap(arg, &cap) < 0)
+        return NULL;
+    mlu_offload_pool_set_cap(self->pool, cap);
+    Py_RETURN_NONE;
+}
+
+static PyObject *HostPool_check(HostPoolObject *self, PyObject *unused)
+{
+    mlu_error err;
+
+    (void)unused;
+    mlu_error_clear(&err);
+    if (mlu_offload_pool_check(self->pool, &err) != MLU_OK) {
+        PyErr_Format(PyExc_AssertionError, "offload pool invariant broken: %s", err.text);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef HostPool_methods[] = {
+    {"acquire", (PyCFunction)HostPool_acquire, METH_O,
+     "acquire(nbytes) -> (id, memoryview): a pooled buffer, valid until release(id)."},
+    {"release", (PyCFunction)HostPool_release, METH_O, "release(id): back to the pool."},
+    {"trim", (PyCFunction)HostPool_trim, METH_NOARGS, "trim() -> int: frees cached buffers, returns bytes."},
+    {"stats", (PyCFunction)HostPool_stats, METH_NOARGS, "stats() -> dict of the pool's counters."},
+    {"set_cap", (PyCFunction)HostPool_set_cap, METH_O, "set_cap(max_bytes or None)."},
+    {"check", (PyCFunction)HostPool_check, METH_NOARGS, "check(): AssertionError when an invariant is broken."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot HostPool_slots[] = {
+    {Py_tp_new, (void *)HostPool_new},
+    {Py_tp_dealloc, (void *)HostPool_dealloc},
+    {Py_tp_methods, HostPool_methods},
+    {Py_tp_doc, "HostPool(max_bytes=None): size-classed, capped pool of host buffers."},
+    {0, NULL},
+};
+
+static PyType_Spec HostPool_spec = {
+    .name = "mlutils._core.HostPool",
+    .basicsize = sizeof(HostPoolObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = HostPool_slots,
+};
+
+/* --------------------------------------------------------- CudaOffloadEngine */
+
+typedef struct {
+    PyObject_HEAD
+    mlu_cuda_offload *eng; /* owned; NULL after close() */
+    int device;
+} EngineObject;
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"device", "max_bytes", NULL};
+    PyObject *cap_obj = Py_None;
+    EngineObject *self = NULL;
+    int device = 0;
+    size_t cap;
+    mlu_error err;
+    mlu_status st;
+    mlu_cuda_offload *eng = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iO:CudaOffloadEngine", kwlist, &device, &cap_obj))
+        return NULL;
+    if (parse_cap(cap_obj, &cap) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_new(device, cap, &eng, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    self = (EngineObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        mlu_cuda_offload_destroy(eng);
+        return NULL;
+    }
+    self->eng = eng;
+    self->device = device;
+    return (PyObject *)self;
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+
+    mlu_cuda_offload_destroy(self->eng);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int engine_open(EngineObject *self)
+{
+    if (self->eng == NULL) {
+        PyErr_SetString(PyExc_ValueError, "CudaOffloadEngine is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_streams(EngineObject *self, PyObject *unused)
+{
+    void *d2h = NULL, *h2d = NULL;
+    mlu_error err;
+
+    (void)unused;
+    if (engine_open(self) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    if (mlu_cuda_offload_streams(self->eng, &d2h, &h2d, &err) != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)d2h, (unsigned long long)(uintptr_t)h2d);
+}
+
+/* save(ptr, nbytes, mode=0, scratch=0, stream=0) -> handle */
+static PyObject *Engine_save(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ptr", "nbytes", "mode", "scratch", "stream", NULL};
+    unsigned long long ptr = 0, scratch = 0, stream = 0;
+    Py_ssize_t nbytes = 0;
+    int mode = 0;
+    int64_t handle = -1;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kn|iKK:save", kwlist, &ptr, &nbytes, &mode, &scratch, &stream))
+        return NULL;
+    if (engine_open(self) < 0)
+        return NULL;
+    if (nbytes <= 0) {
+        PyErr_Format(PyExc_ValueError, "save: nbytes must be > 0, got %zd", nbytes);
+        return NULL;
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_save(self->eng, (const void *)(uintptr_t)ptr, (size_t)nbytes, mode,
+                               (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &handle, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    return PyLong_FromLongLong(handle);
+}
+
+/* load(handle, ptr, nbytes, scratch=0, stream=0) */
+static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"handle", "ptr", "nbytes", "scratch", "stream", NULL};
+    unsigned long long ptr = 0, scratch = 0, stream = 0;
+    long long handle = -1;
+    Py_ssize_t nbytes = 0;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LKn|KK:load", kwlist, &handle, &ptr, &nbytes, &scratch, &stream))
+        return NULL;
+    if (engine_open(self) < 0)
+        return NULL;
+    if (nbytes <= 0) {
+        PyErr_Format(PyExc_ValueError, "load: nbytes must be > 0, got %zd", nbytes);
+        return NULL;
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_load(self->eng, (int64_t)handle, (void *)(uintptr_t)ptr, (size_t)nbytes,
+                               (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+/* wait(handle, stream=0) */
+static PyObject *Engine_wait(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"handle", "stream", NULL};
+    unsigned long long stream = 0;
+    long long handle = -1;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|K:wait", kwlist, &handle, &stream))
+        return NULL;
+    if (engine_open(self) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_wait(self->eng, (int64_t)handle, (void *)(uintptr_t)stream, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+/* sync(handle) / release(handle): one handle argument. */
+static PyObject *engine_handle_call(EngineObject *self, PyObject *arg,
+                                    mlu_status (*fn)(mlu_cuda_offload *, int64_t, mlu_error *))
+{
+    long long handle = PyLong_AsLongLong(arg);
+    mlu_error err;
+    mlu_status st;
+
+    if (handle == -1 && PyErr_Occurred())
+        return NULL;
+    if (engine_open(self) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = fn(self->eng, (int64_t)handle, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_sync(EngineObject *self, PyObject *arg)
+{
+    return engine_handle_call(self, arg, mlu_cuda_offload_sync);
+}
+
+static PyObject *Engine_release(EngineObject *self, PyObject *arg)
+{
+    return engine_handle_call(self, arg, mlu_cuda_offload_release);
+}
+
+static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
+{
+    mlu_pool_stats s;
+    int64_t handles = 0;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    if (engine_open(self) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_stats(self->eng, &s, &handles, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    return stats_dict(&s, handles);
+}
+
+static PyObject *Engine_trim(EngineObject *self, PyObject *unused)
+{
+    uint64_t freed = 0;
+    mlu_error err;
+    mlu_status st;
+
+    (void)unused;
+    if (engine_open(self) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_trim(self->eng, &freed, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return mlu_raise(NULL, &err, NULL);
+    return PyLong_FromUnsignedLongLong(freed);
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *unused)
+{
+    mlu_cuda_offload *eng = self->eng;
+
+    (void)unused;
+    self->eng = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    mlu_cuda_offload_destroy(eng);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"streams", (PyCFunction)Engine_streams, METH_NOARGS, "streams() -> (d2h, h2d) cudaStream_t values."},
+    {"save", (PyCFunction)(void (*)(void))Engine_save, METH_VARARGS | METH_KEYWORDS,
+     "save(ptr, nbytes, mode=0, scratch=0, stream=0) -> handle: start a device-to-host copy."},
+    {"load", (PyCFunction)(void (*)(void))Engine_load, METH_VARARGS | METH_KEYWORDS,
+     "load(handle, ptr, nbytes, scratch=0, stream=0): start the copy back into ptr."},
+    {"wait", (PyCFunction)(void (*)(void))Engine_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(handle, stream=0): stream waits for the load of handle."},
+    {"sync", (PyCFunction)Engine_sync, METH_O, "sync(handle): block until handle's copies are done."},
+    {"release", (PyCFunction)Engine_release, METH_O, "release(handle): forget it; its buffer returns to the pool."},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "stats() -> dict of the pinned pool's counters."},
+    {"trim", (PyCFunction)Engine_trim, METH_NOARGS, "trim() -> int: free cached pinned buffers."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "close(): wait for copies and free everything."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_new, (void *)Engine_new},
+    {Py_tp_dealloc, (void *)Engine_dealloc},
+    {Py_tp_methods, Engine_methods},
+    {Py_tp_doc, "CudaOffloadEngine(device=0, max_bytes=None): pinned pool, copy streams, events."},
+    {0, NULL},
+};
+
+static PyType_Spec Engine_spec = {
+    .name = "mlutils._core.CudaOffloadEngine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Engine_slots,
+};
+
+/* offload_packed_size(mode, nelem) -> int: host bytes of a packed tensor. */
+static PyObject *py_offload_packed_size(PyObject *m, PyObject *args)
+{
+    int mode;
+    Py_ssize_t nelem;
+    size_t n;
+
+    (void)m;
+    if (!PyArg_ParseTuple(args, "in:offload_packed_size", &mode, &nelem))
+        return NULL;
+    if (nelem < 0) {
+        PyErr_SetString(PyExc_ValueError, "offload_packed_size: nelem must be >= 0");
+        return NULL;
+    }
+    n = mlu_offload_packed_size(mode, (size_t)nelem);
+    if (n == 0) {
+        PyErr_Format(PyExc_ValueError, "offload_packed_size: bad mode %d or size", mode);
+        return NULL;
+    }
+    return PyLong_FromSize_t(n);
+}
+
+static int add_type(PyObject *m, PyType_Spec *spec)
+{
+    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL);
+    int rc;
+
+    if (type == NULL)
+        return -1;
+    rc = PyModule_AddObjectRef(m, strrchr(spec->name, '.') + 1, type);
+    Py_DECREF(type);
+    return rc;
+}
+
+int mlu_offload_module_init(PyObject *m)
+{
+    static PyMethodDef methods[] = {
+        {"offload_packed_size", py_offload_packed_size, METH_VARARGS,
+         "offload_packed_size(mode, nelem) -> int: bytes of a packed (compressed) tensor."},
+        {NULL, NULL, 0, NULL},
+    };
+
+    if (add_type(m, &HostPool_spec) < 0 || add_type(m, &Engine_spec) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "OFFLOAD_RAW", MLU_OFFLOAD_RAW) < 0 ||
+        PyModule_AddIntConstant(m, "OFFLOAD_F32_BF16", MLU_OFFLOAD_F32_BF16) < 0 ||
+        PyModule_AddIntConstant(m, "OFFLOAD_F16_E4M3", MLU_OFFLOAD_F16_E4M3) < 0 ||
+        PyModule_AddIntConstant(m, "OFFLOAD_BF16_E4M3", MLU_OFFLOAD_BF16_E4M3) < 0)
+        return -1;
+    return PyModule_AddFunctions(m, methods);
+}

@@ -1,0 +1,704 @@
+"""Activation offload: offloaded gradient checkpointing and saved-tensor offload.
+
+The engine is C/CUDA (``csrc/cuda/offload.cu``): pinned host buffers from a
+size-classed, capped pool reused across steps, one device-to-host and one
+host-to-device copy stream, and events that order the copies against the
+caller's stream (an offload never makes the compute stream wait; a reload is
+complete before any kernel queued after it on the caller's stream reads it).
+CPU tensors go through the same Python logic with a CPU engine that copies
+into pooled host buffers, so everything here also runs without a GPU.
+
+* :func:`offload_checkpoint` / :class:`OffloadedCheckpoint`: the original's
+  offloaded gradient checkpointing (forward keeps only an offloaded copy of
+  the hidden states, backward reloads them, prefetching the previous block's,
+  recomputes with RNG and autocast state restored, and backpropagates).
+* :func:`enable_offloaded_gradient_checkpointing`: installs it as a Hugging
+  Face style model's checkpointing function.
+* :func:`offload_saved_tensors`: a context manager offloading every tensor
+  autograd saves (the shape of ``torch.autograd.graph.save_on_cpu``).
+
+PyTorch is imported when a function needs it, never at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from . import _core
+from .utils import _torch
+
+__all__ = [
+    "OffloadEngine",
+    "OffloadHandle",
+    "OffloadPoolFullError",
+    "get_engine",
+    "offload_checkpoint",
+    "enable_offloaded_gradient_checkpointing",
+    "disable_offloaded_gradient_checkpointing",
+    "offload_saved_tensors",
+    "compression_error",
+    "DEFAULT_MIN_BYTES",
+]
+
+#: Tensors smaller than this stay on their device (offloading them costs more than it saves).
+DEFAULT_MIN_BYTES = 1 << 20
+
+_MODES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "fp8", "e4m3": "fp8"}
+_E4M3_MAX = 448.0
+
+CudaOffloadEngine = _core.CudaOffloadEngine  # the raw-pointer engine: save(ptr, nbytes, mode, scratch, stream)
+HostPool = _core.HostPool
+
+
+class OffloadPoolFullError(MemoryError):
+    """The offload pool's byte cap (``max_bytes``) was reached."""
+
+
+def _check_compress(compress: Optional[str]) -> Optional[str]:
+    if compress is None:
+        return None
+    if not isinstance(compress, str) or compress.lower() not in _MODES:
+        raise ValueError(f"compress must be None, 'bf16' or 'fp8', got {compress!r}")
+    return _MODES[compress.lower()]
+
+
+def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
+    """The engine mode for a tensor of `dtype`: float32 -> bf16 under either
+    compression, float16/bfloat16 -> e4m3 under 'fp8', everything else raw."""
+    if compress is None:
+        return _core.OFFLOAD_RAW
+    if dtype == torch.float32:
+        return _core.OFFLOAD_F32_BF16
+    if compress == "fp8" and dtype == torch.float16:
+        return _core.OFFLOAD_F16_E4M3
+    if compress == "fp8" and dtype == torch.bfloat16:
+        return _core.OFFLOAD_BF16_E4M3
+    return _core.OFFLOAD_RAW
+
+
+def _raise_pool_error(e: MemoryError) -> None:
+    if "is full" in str(e):
+        raise OffloadPoolFullError(str(e)) from e
+    raise e
+
+
+# ---------------------------------------------------------------------------
+# handles and engines
+
+
+class OffloadHandle:
+    """An offloaded tensor.  ``reload()`` gives it back (a new tensor of the same
+    shape, dtype and device); ``prefetch()`` starts that copy early; ``release()``
+    (or garbage collection) returns its host buffer to the pool."""
+
+    __slots__ = ("engine", "shape", "dtype", "device", "nbytes", "mode", "kept", "key",
+                 "prefetched", "reloaded", "seq", "__weakref__")
+
+    def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
+        self.engine = engine
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.mode = mode
+        self.key = key          # the engine's handle (int) or the CPU pool's (id, buffer); None when kept
+        self.kept = kept        # the tensor itself when it stayed on its device
+        self.prefetched = None  # the reloaded tensor while a prefetch is outstanding
+        self.reloaded = False   # reload() handed the tensor back at least once
+        self.seq = 0
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the tensor was copied out (False: small, it stayed where it was)."""
+        return self.kept is None
+
+    @property
+    def released(self) -> bool:
+        return self.kept is None and self.key is None
+
+    def prefetch(self) -> None:
+        self.engine.prefetch(self)
+
+    def reload(self) -> Any:
+        return self.engine.reload(self)
+
+    def release(self) -> None:
+        self.engine.release(self)
+
+    def __del__(self) -> None:
+        try:
+            if self.key is not None:
+                self.engine.release(self)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        state = "kept" if self.kept is not None else ("released" if self.key is None else "offloaded")
+        return f"OffloadHandle({state}, shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class OffloadEngine:
+    """Offloads tensors of one device: ``offload`` -> handle, ``prefetch``,
+    ``reload``, ``release``.  CUDA devices use the C/CUDA engine (pinned pool,
+    copy streams, events); the CPU device copies into pooled host buffers.
+
+    max_bytes caps the host pool (None: no cap; hitting it raises
+    :class:`OffloadPoolFullError`); tensors under min_bytes stay on the device.
+    """
+
+    def __init__(self, device: Any = None, max_bytes: Optional[int] = None, min_bytes: int = 0):
+        torch = _torch("mlutils.offload")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if _cuda_usable(torch) else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"OffloadEngine: device {device} is neither cuda nor cpu")
+        if not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"OffloadEngine: min_bytes must be an int >= 0, got {min_bytes!r}")
+        self.device = device
+        self.min_bytes = min_bytes
+        self._lock = threading.RLock()  # handles may be released by GC while it is held
+        self._cuda = None
+        self._pool = None
+        if device.type == "cuda":
+            if not _core.cuda_built():
+                raise RuntimeError("mlutils was built without CUDA: reinstall it with nvcc available "
+                                   "(MLUTILS_CUDA=1) to offload CUDA tensors")
+            self._cuda = _core.CudaOffloadEngine(device.index, max_bytes)
+            d2h, h2d = self._cuda.streams()
+            self.d2h_stream = torch.cuda.ExternalStream(d2h, device=device)
+            self.h2d_stream = torch.cuda.ExternalStream(h2d, device=device)
+        else:
+            self._pool = _core.HostPool(max_bytes)
+
+    # -- offload
+
+    def offload(self, tensor: Any, compress: Optional[str] = None, min_bytes: Optional[int] = None) -> OffloadHandle:
+        """Start copying `tensor` off its device; returns its handle.  The
+        caller's stream never waits for the copy."""
+        torch = _torch("mlutils.offload")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"offload: expected a tensor, got {type(tensor).__name__}")
+        if tensor.device != self.device:
+            raise ValueError(f"offload: tensor on {tensor.device}, engine on {self.device}")
+        compress = _check_compress(compress)
+        limit = self.min_bytes if min_bytes is None else min_bytes
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0 or nbytes < limit or tensor.layout != torch.strided or tensor.is_sparse:
+            return OffloadHandle(self, tensor, _core.OFFLOAD_RAW, None, kept=tensor)
+        mode = _mode_for(torch, tensor.dtype, compress)
+        src = tensor.detach()
+        if not src.is_contiguous():
+            src = src.contiguous()
+        try:
+            if self._cuda is not None:
+                key = self._save_cuda(torch, src, nbytes, mode)
+            else:
+                key = self._save_cpu(torch, src, nbytes, mode)
+        except MemoryError as e:
+            _raise_pool_error(e)
+        return OffloadHandle(self, tensor, mode, key)
+
+    def _save_cuda(self, torch: Any, src: Any, nbytes: int, mode: int) -> int:
+        stream = torch.cuda.current_stream(self.device)
+        scratch = None
+        if mode != _core.OFFLOAD_RAW:
+            packed = _core.offload_packed_size(mode, src.numel())
+            scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
+        handle = self._cuda.save(src.data_ptr(), nbytes, mode,
+                                 scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
+        # the caching allocator must not hand these to anyone before the copy stream is done
+        src.record_stream(self.d2h_stream)
+        if scratch is not None:
+            scratch.record_stream(self.d2h_stream)
+        return handle
+
+    def _save_cpu(self, torch: Any, src: Any, nbytes: int, mode: int) -> Tuple[int, Any]:
+        flat = src.reshape(-1)
+        if mode == _core.OFFLOAD_RAW:
+            bid, view = self._pool.acquire(nbytes)
+            buf = torch.frombuffer(view, dtype=torch.uint8)
+            buf.view(src.dtype).copy_(flat)
+            return bid, buf
+        n = flat.numel()
+        packed = _core.offload_packed_size(mode, n)
+        bid, view = self._pool.acquire(packed)
+        buf = torch.frombuffer(view, dtype=torch.uint8)
+        if mode == _core.OFFLOAD_F32_BF16:
+            buf.view(torch.bfloat16).copy_(flat)
+        else:
+            amax = flat.abs().max().float() if n else torch.zeros((), dtype=torch.float32)
+            amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
+            buf[packed - 16:packed - 12].view(torch.float32).copy_(amax.reshape(1))
+            scale = _e4m3_scale(torch, amax)
+            buf[:n].view(torch.float8_e4m3fn).copy_(
+                (flat.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn))
+        return bid, buf
+
+    # -- reload
+
+    def prefetch(self, handle: OffloadHandle) -> None:
+        """Start the copy back now (on the caller's current stream's device)."""
+        torch = _torch("mlutils.offload")
+        with self._lock:
+            if handle.kept is not None or handle.prefetched is not None:
+                return
+            if handle.key is None:
+                raise ValueError("prefetch: the handle was released")
+            out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            if self._cuda is not None:
+                stream = torch.cuda.current_stream(self.device)
+                scratch = None
+                if handle.mode != _core.OFFLOAD_RAW:
+                    packed = _core.offload_packed_size(handle.mode, out.numel())
+                    scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
+                self._cuda.load(handle.key, out.data_ptr(), handle.nbytes,
+                                scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
+                out.record_stream(self.h2d_stream)
+                if scratch is not None:
+                    scratch.record_stream(self.h2d_stream)
+            else:
+                self._load_cpu(torch, handle, out)
+            handle.prefetched = out
+
+    def _load_cpu(self, torch: Any, handle: OffloadHandle, out: Any) -> None:
+        _bid, buf = handle.key
+        flat = out.view(-1)
+        if handle.mode == _core.OFFLOAD_RAW:
+            flat.copy_(buf.view(handle.dtype))
+        elif handle.mode == _core.OFFLOAD_F32_BF16:
+            flat.copy_(buf.view(torch.bfloat16))
+        else:
+            n = flat.numel()
+            packed = buf.numel()
+            amax = buf[packed - 16:packed - 12].view(torch.float32)[0]
+            inv = 1.0 / _e4m3_scale(torch, amax)
+            flat.copy_(buf[:n].view(torch.float8_e4m3fn).float() * inv)
+
+    def reload(self, handle: OffloadHandle) -> Any:
+        """The tensor back on its device; on CUDA, ready for every kernel queued
+        on the caller's current stream from now on."""
+        torch = _torch("mlutils.offload")
+        if handle.kept is not None:
+            return handle.kept
+        self.prefetch(handle)
+        with self._lock:
+            out, handle.prefetched = handle.prefetched, None
+            handle.reloaded = True
+            if out is None:  # pragma: no cover - a concurrent reload took it
+                raise RuntimeError("reload: the handle was reloaded concurrently")
+            if self._cuda is not None:
+                self._cuda.wait(handle.key, torch.cuda.current_stream(self.device).cuda_stream)
+        return out
+
+    def release(self, handle: OffloadHandle) -> None:
+        """Forget the offloaded copy (its buffer returns to the pool)."""
+        with self._lock:
+            handle.kept = None
+            handle.prefetched = None
+            key, handle.key = handle.key, None
+            if key is None:
+                return
+            if self._cuda is not None:
+                self._cuda.release(key)
+            else:
+                self._pool.release(key[0])
+
+    def stats(self) -> Dict[str, int]:
+        """The host pool's counters (bytes reserved, in use, reuses, ...)."""
+        with self._lock:
+            return self._cuda.stats() if self._cuda is not None else self._pool.stats()
+
+    def trim(self) -> int:
+        """Free the cached host buffers; returns the bytes freed."""
+        with self._lock:
+            return self._cuda.trim() if self._cuda is not None else self._pool.trim()
+
+
+def _e4m3_scale(torch: Any, amax: Any) -> Any:
+    amax = amax.float()
+    ok = torch.isfinite(amax) & (amax > 0)
+    return torch.where(ok, _E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax)), torch.ones_like(amax))
+
+
+def _cuda_usable(torch: Any) -> bool:
+    return bool(torch.cuda.is_available())
+
+
+_engines: Dict[str, OffloadEngine] = {}
+_engines_lock = threading.Lock()
+_pool_limit: Optional[int] = None
+
+
+def get_engine(device: Any) -> OffloadEngine:
+    """The shared engine of `device` (one per device, created on first use)."""
+    torch = _torch("mlutils.offload")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    with _engines_lock:
+        eng = _engines.get(key)
+        if eng is None:
+            eng = OffloadEngine(device, max_bytes=_pool_limit)
+            _engines[key] = eng
+        return eng
+
+
+def set_pool_limit(max_bytes: Optional[int]) -> None:
+    """Cap the host pool of every engine created from now on (None: no cap)."""
+    global _pool_limit
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}")
+    with _engines_lock:
+        _pool_limit = max_bytes
+        _engines.clear()
+
+
+def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
+    """The error of offloading `tensor` with `compress` (the same rounding as the
+    CUDA kernels, done here with torch ops): max and RMS absolute error, and the
+    RMS error relative to the tensor's RMS."""
+    torch = _torch("mlutils.offload")
+    eng = OffloadEngine("cpu")
+    x = tensor.detach().cpu()
+    h = eng.offload(x, compress=compress)
+    y = h.reload()
+    h.release()
+    d = (y.double() - x.double())
+    rms = x.double().pow(2).mean().sqrt().item()
+    out = {"max_abs": d.abs().max().item(), "rms_abs": d.pow(2).mean().sqrt().item()}
+    out["rms_rel"] = out["rms_abs"] / rms if rms else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------
+# offloaded gradient checkpointing
+
+_seq = itertools.count(1)
+_live_lock = threading.Lock()
+_live: "Dict[int, weakref.ref]" = {}  # seq -> handle of a checkpoint waiting for its backward
+
+
+def _register(handle: OffloadHandle) -> None:
+    handle.seq = next(_seq)
+    with _live_lock:
+        _live[handle.seq] = weakref.ref(handle)
+
+
+def _unregister_and_prefetch_previous(handle: OffloadHandle) -> None:
+    """Forget `handle` and start the reload of the checkpoint saved just before
+    it (the one whose backward comes next)."""
+    prev = None
+    with _live_lock:
+        _live.pop(handle.seq, None)
+        for seq in sorted(_live, reverse=True):
+            h = _live[seq]()
+            if h is None or h.released:
+                del _live[seq]
+                continue
+            if seq < handle.seq and h.engine is handle.engine:
+                prev = h
+                break
+    if prev is not None:
+        prev.prefetch()
+
+
+def _autocast_state(torch: Any) -> List[Tuple[str, bool, Any]]:
+    out = []
+    for dev in ("cuda", "cpu"):
+        try:
+            out.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        except (RuntimeError, AttributeError):  # pragma: no cover - older torch
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def _restored_autocast(torch: Any, state: List[Tuple[str, bool, Any]], cache: bool) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for dev, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device_type=dev, enabled=enabled, dtype=dtype, cache_enabled=cache))
+        yield
+
+
+def _cuda_devices(torch: Any, tensors: List[Any]) -> List[int]:
+    return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
+
+
+def _function_class() -> Any:
+    torch = _torch("mlutils.offload")
+
+    class OffloadedCheckpoint(torch.autograd.Function):
+        """forward(ctx, forward_function, options, hidden_states, *args): runs
+        forward_function(hidden_states, *args) without a graph, keeping only an
+        offloaded copy of hidden_states; backward reloads it, reruns the
+        function with gradients (same RNG and autocast state) and backpropagates."""
+
+        @staticmethod
+        def forward(ctx: Any, forward_function: Callable, options: Dict[str, Any], hidden_states: Any, *args: Any) -> Any:
+            ctx.forward_function = forward_function
+            ctx.options = options
+            ctx.hs_requires_grad = hidden_states.requires_grad
+            eng = get_engine(hidden_states.device)
+            ctx.handle = eng.offload(hidden_states, compress=options["compress"], min_bytes=options["min_bytes"])
+            _register(ctx.handle)
+            tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            ctx.tensor_idx = tensor_idx
+            ctx.others = [None if i in tensor_idx else a for i, a in enumerate(args)]
+            ctx.save_for_backward(*[args[i] for i in tensor_idx])
+            ctx.autocast = _autocast_state(torch)
+            ctx.autocast_cache = torch.is_autocast_cache_enabled()
+            ctx.rng = None
+            if options["preserve_rng_state"]:
+                devs = _cuda_devices(torch, [hidden_states] + [args[i] for i in tensor_idx])
+                ctx.rng = (torch.get_rng_state(), devs, [torch.cuda.get_rng_state(d) for d in devs])
+            with torch.no_grad():
+                out = forward_function(hidden_states, *args)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            if not torch.autograd._is_checkpoint_valid():
+                raise RuntimeError("offload_checkpoint does not support torch.autograd.grad(); "
+                                   "use .backward() (or torch.utils.checkpoint with use_reentrant=False)")
+            handle = ctx.handle
+            if handle is None:
+                raise RuntimeError("offload_checkpoint: backward ran twice through the same checkpoint; "
+                                   "retain_graph=True is not supported")
+            hidden = handle.reload()
+            ctx.handle = None
+            _unregister_and_prefetch_previous(handle)
+            handle.release()
+            hidden = hidden.detach().requires_grad_(ctx.hs_requires_grad)
+            saved = ctx.saved_tensors
+            args = list(ctx.others)
+            for i, t in zip(ctx.tensor_idx, saved):
+                args[i] = t.detach().requires_grad_(t.requires_grad)
+            rng = ctx.rng
+            devs = rng[1] if rng is not None else []
+            with torch.random.fork_rng(devices=devs, enabled=rng is not None):
+                if rng is not None:
+                    torch.set_rng_state(rng[0])
+                    for d, s in zip(devs, rng[2]):
+                        torch.cuda.set_rng_state(s, d)
+                with torch.enable_grad(), _restored_autocast(torch, ctx.autocast, ctx.autocast_cache):
+                    out = ctx.forward_function(hidden, *args)
+            outs = out if isinstance(out, tuple) else (out,)
+            tensors, grad_tensors = [], []
+            for o, g in zip(outs, grads):
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
+                    tensors.append(o)
+                    grad_tensors.append(g)
+            if tensors:
+                torch.autograd.backward(tensors, grad_tensors)
+            arg_grads = [None] * len(args)
+            for i in ctx.tensor_idx:
+                arg_grads[i] = args[i].grad if args[i].requires_grad else None
+            ctx.forward_function = None
+            return (None, None, hidden.grad if ctx.hs_requires_grad else None, *arg_grads)
+
+    return OffloadedCheckpoint
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint_class() -> Any:
+    return _function_class()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OffloadedCheckpoint":
+        return _checkpoint_class()
+    raise AttributeError(f"module 'mlutils.offload' has no attribute {name!r}")
+
+
+def _kwargs_call(fn: Callable, nargs: int, keys: Tuple[str, ...]) -> Callable:
+    """fn taking (hidden, *args, *kwarg values) as fn(hidden, *args, **kwargs)."""
+    def call(hidden: Any, *rest: Any) -> Any:
+        return fn(hidden, *rest[:nargs], **dict(zip(keys, rest[nargs:])))
+    return call
+
+
+def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
+                       min_bytes: int = 0, compress: Optional[str] = None,
+                       preserve_rng_state: bool = True, use_reentrant: Any = None, **kwargs: Any) -> Any:
+    """function(hidden_states, *args, **kwargs), keeping only an offloaded copy of
+    hidden_states for the backward pass, which recomputes the function.
+
+    Tensor args and kwargs get their gradients; parameters used inside get
+    theirs even when no input requires grad.  Without grad mode it just calls
+    the function.  `use_reentrant` is accepted (and ignored) so that this can
+    stand in for torch.utils.checkpoint.checkpoint.
+    """
+    torch = _torch("mlutils.offload_checkpoint")
+    del use_reentrant
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"offload_checkpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
+    compress = _check_compress(compress)
+    if not torch.is_grad_enabled():
+        return function(hidden_states, *args, **kwargs)
+    keys = tuple(kwargs)
+    fn = _kwargs_call(function, len(args), keys) if keys else function
+    rest = list(args) + [kwargs[k] for k in keys]
+    options = {"compress": compress, "min_bytes": min_bytes, "preserve_rng_state": preserve_rng_state}
+    anchor = []
+    if not (hidden_states.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad for a in rest)):
+        # an input that requires grad makes autograd call backward, so the
+        # parameters inside get their gradients (the original lost them)
+        anchor = [torch.empty(0, requires_grad=True)]
+        inner = fn
+        fn = lambda h, *r: inner(h, *r[:-1])  # noqa: E731
+    return _checkpoint_class().apply(fn, options, hidden_states, *rest, *anchor)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face style models
+
+
+def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
+    def gradient_checkpointing_func(function: Callable, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("use_reentrant", None)
+        kwargs.pop("preserve_rng_state", None)
+        if not args:
+            raise TypeError("offloaded gradient checkpointing: the layer got no hidden states")
+        return offload_checkpoint(function, *args, min_bytes=min_bytes, compress=compress, **kwargs)
+    gradient_checkpointing_func.mlutils_offload = True  # type: ignore[attr-defined]
+    return gradient_checkpointing_func
+
+
+def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, compress: Optional[str] = None) -> Any:
+    """Make `model` (a Hugging Face style model) checkpoint its layers with
+    :func:`offload_checkpoint`; returns the model.
+
+    Uses ``model.gradient_checkpointing_enable`` and installs our function on
+    every submodule that has ``gradient_checkpointing`` (via
+    ``_set_gradient_checkpointing(..., gradient_checkpointing_func=...)`` when the
+    model has it).  TypeError when the model has no gradient checkpointing.
+    """
+    _torch("mlutils.offload.enable_offloaded_gradient_checkpointing")
+    compress = _check_compress(compress)
+    if not getattr(model, "supports_gradient_checkpointing", True) or not (
+            hasattr(model, "gradient_checkpointing_enable") or hasattr(model, "_set_gradient_checkpointing")):
+        raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
+                        "(no gradient_checkpointing_enable / _set_gradient_checkpointing, "
+                        "or supports_gradient_checkpointing is False)")
+    func = _hf_checkpoint_func(min_bytes, compress)
+    if hasattr(model, "gradient_checkpointing_enable"):
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        except TypeError:  # older signature without kwargs
+            model.gradient_checkpointing_enable()
+    _install(model, func)
+    model.mlutils_offloaded_checkpointing = True
+    return model
+
+
+def _install(model: Any, func: Optional[Callable] = None) -> None:
+    """Install `func` (default: offload_checkpoint) as the checkpointing function of model's layers."""
+    func = func if func is not None else _hf_checkpoint_func(0, None)
+    if hasattr(model, "_set_gradient_checkpointing"):
+        try:
+            model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+        except TypeError:  # an older signature: the loop below does it
+            pass
+    found = 0
+    for module in model.modules() if hasattr(model, "modules") else [model]:
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = func
+            module.gradient_checkpointing = True
+            found += 1
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no module with a gradient_checkpointing attribute: "
+                        "nothing to install offloaded checkpointing on")
+    model.mlutils_offloaded_checkpointing = True
+
+
+def disable_offloaded_gradient_checkpointing(model: Any) -> Any:
+    """Turn gradient checkpointing off again; returns the model."""
+    if hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    for module in model.modules() if hasattr(model, "modules") else [model]:
+        if getattr(getattr(module, "_gradient_checkpointing_func", None), "mlutils_offload", False):
+            module.gradient_checkpointing = False
+    model.mlutils_offloaded_checkpointing = False
+    return model
+
+
+# ---------------------------------------------------------------------------
+# every saved tensor
+
+
+class _SavedTensorOffload:
+    """The pack/unpack hooks of offload_saved_tensors: handles in pack order,
+    and a prefetch of the next ones (in backward order) at each unpack."""
+
+    def __init__(self, torch: Any, min_bytes: int, compress: Optional[str], prefetch: int):
+        self.torch = torch
+        self.min_bytes = min_bytes
+        self.compress = compress
+        self.prefetch_depth = prefetch
+        self.order: List["weakref.ref"] = []
+        self.index: Dict[int, int] = {}
+
+    def pack(self, tensor: Any) -> Any:
+        torch = self.torch
+        if (tensor.device.type not in ("cuda", "cpu") or tensor.numel() * tensor.element_size() < self.min_bytes
+                or tensor.layout != torch.strided or tensor.is_sparse or _is_parameter(torch, tensor)):
+            return tensor
+        if tensor.device.type == "cuda" and not _core.cuda_built():
+            return tensor
+        handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
+        if not handle.offloaded:
+            return tensor
+        handle.seq = len(self.order)
+        self.order.append(weakref.ref(handle))
+        return handle
+
+    def unpack(self, packed: Any) -> Any:
+        if not isinstance(packed, OffloadHandle):
+            return packed
+        out = packed.reload()
+        # start the next reloads in backward order: the nearest earlier saved
+        # tensors that are neither reloaded nor on their way yet
+        started, k = 0, packed.seq - 1
+        while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
+            h = self.order[k]()
+            if h is not None and not h.released and not h.reloaded and h.prefetched is None:
+                h.prefetch()
+                started += 1
+            k -= 1
+        return out
+
+
+def _is_parameter(torch: Any, tensor: Any) -> bool:
+    """A parameter, or a view of one (the weight.t() a linear saves): those stay on the device."""
+    t = tensor
+    while t is not None:
+        if isinstance(t, torch.nn.Parameter):
+            return True
+        t = t._base
+    return False
+
+
+@contextlib.contextmanager
+def offload_saved_tensors(min_bytes: int = DEFAULT_MIN_BYTES, compress: Optional[str] = None,
+                          prefetch: int = 1) -> Iterator[None]:
+    """Within this block, every tensor autograd saves for backward (of at least
+    min_bytes, parameters excepted) is offloaded through the engine and
+    reloaded when backward needs it, with the next `prefetch` ones started
+    early.  Host buffers return to the pool when the graph is freed."""
+    torch = _torch("mlutils.offload.offload_saved_tensors")
+    compress = _check_compress(compress)
+    if not isinstance(min_bytes, int) or min_bytes < 0:
+        raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    hooks = _SavedTensorOffload(torch, min_bytes, compress, prefetch)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        yield

@@ -1,0 +1,68 @@
+"""The original names of the offloaded gradient checkpointing (``unsloth``).
+
+``Unsloth_Offloaded_Gradient_Checkpointer`` keeps the original contract,
+``forward(ctx, forward_function, hidden_states, *args)`` / ``backward``,
+running on :mod:`mlutils.offload`'s engine; the monkey patch installs
+:func:`mlutils.offload.offload_checkpoint` as the checkpointing function of
+Hugging Face models (``transformers`` needed for the patch only).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+from . import offload as _offload
+from .utils import _torch
+
+__all__ = ["Unsloth_Offloaded_Gradient_Checkpointer", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch"]
+
+_OPTIONS = {"compress": None, "min_bytes": 0, "preserve_rng_state": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _class() -> Any:
+    torch = _torch("mlutils.unsloth")
+    base = _offload._checkpoint_class()
+
+    class Unsloth_Offloaded_Gradient_Checkpointer(torch.autograd.Function):
+        """forward(ctx, forward_function, hidden_states, *args): the original's
+        signature over mlutils.offload's OffloadedCheckpoint."""
+
+        @staticmethod
+        def forward(ctx: Any, forward_function: Any, hidden_states: Any, *args: Any) -> Any:
+            return base.forward(ctx, forward_function, dict(_OPTIONS), hidden_states, *args)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return base.backward(ctx, *grads)[1:]
+
+    return Unsloth_Offloaded_Gradient_Checkpointer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Unsloth_Offloaded_Gradient_Checkpointer":
+        return _class()
+    raise AttributeError(f"module 'mlutils.unsloth' has no attribute {name!r}")
+
+
+def apply_unsloth_offloaded_gradient_checkpoint_monkey_patch() -> None:
+    """Make every ``transformers.PreTrainedModel.gradient_checkpointing_enable``
+    install the offloaded checkpointing (ImportError without transformers)."""
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError as e:
+        raise ImportError("apply_unsloth_offloaded_gradient_checkpoint_monkey_patch needs transformers: "
+                          "pip install transformers (or call "
+                          "mlutils.offload.enable_offloaded_gradient_checkpointing(model))") from e
+    cls = transformers.modeling_utils.PreTrainedModel
+    if getattr(cls.gradient_checkpointing_enable, "__mlutils_original__", None) is None:
+        original = cls.gradient_checkpointing_enable
+
+        @functools.wraps(original)
+        def gradient_checkpointing_enable(self: Any, gradient_checkpointing_kwargs: Any = None) -> None:
+            original(self, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            _offload._install(self)
+
+        gradient_checkpointing_enable.__mlutils_original__ = original  # type: ignore[attr-defined]
+        cls.gradient_checkpointing_enable = gradient_checkpointing_enable
