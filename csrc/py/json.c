@@ -11,6 +11,7 @@
 #include "../core/alloc.h"
 #include "../core/atomicfile.h"
 #include "../core/buf.h"
+#include "../core/dtoa.h"
 #include "../core/json.h"
 
 /* ------------------------------------------------------------------ writer */
@@ -72,29 +73,22 @@ static int put_str(encoder *e, PyObject *s, const path_step *at)
 
 static int put_double(encoder *e, double d)
 {
-    char *r;
-    int rc;
+    char r[MLU_DTOA_BUFSIZE];
+    size_t n;
 
     if (isnan(d))
         return put(e, "NaN", 3);
     if (isinf(d))
         return d > 0 ? put(e, "Infinity", 8) : put(e, "-Infinity", 9);
-    r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (r == NULL)
-        return -1;
-    if (e->truncate && strchr(r, 'e') == NULL) {
+    n = mlu_dtoa(d, r); /* repr(d) */
+    if (e->truncate && memchr(r, 'e', n) == NULL) {
         /* Without an exponent the repr is the whole value: 8+ fractional
          * digits means "print d with 4" (no reparse of the text needed). */
-        const char *dot = strchr(r, '.');
-        if (dot != NULL && strlen(dot + 1) >= 8) {
-            rc = mlu_json_put_fixed4(&e->buf, d, &e->err) == MLU_OK ? 0 : core_fail(e);
-            PyMem_Free(r);
-            return rc;
-        }
+        const char *dot = memchr(r, '.', n);
+        if (dot != NULL && (size_t)(r + n - (dot + 1)) >= 8)
+            return mlu_json_put_fixed4(&e->buf, d, &e->err) == MLU_OK ? 0 : core_fail(e);
     }
-    rc = mlu_json_put_number(&e->buf, r, strlen(r), e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
-    PyMem_Free(r);
-    return rc;
+    return mlu_json_put_number(&e->buf, r, n, e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
 }
 
 static int put_long(encoder *e, PyObject *o, const path_step *at)
