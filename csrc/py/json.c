@@ -80,6 +80,12 @@ static int put_double(encoder *e, double d)
         return put(e, "NaN", 3);
     if (isinf(d))
         return d > 0 ? put(e, "Infinity", 8) : put(e, "-Infinity", 9);
+    if (!e->truncate) {
+        if (mlu_buf_reserve(&e->buf, MLU_DTOA_BUFSIZE, &e->err) != MLU_OK)
+            return core_fail(e);
+        e->buf.len += mlu_dtoa(d, e->buf.data + e->buf.len); /* repr(d) */
+        return 0;
+    }
     n = mlu_dtoa(d, r); /* repr(d) */
     if (e->truncate && memchr(r, 'e', n) == NULL) {
         /* Without an exponent the repr is the whole value: 8+ fractional
@@ -271,28 +277,58 @@ static int encode(encoder *e, PyObject *o, const path_step *at)
     return fail_at(PyExc_TypeError, at, "cannot serialise object of type", o);
 }
 
-/* json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes */
-static PyObject *py_json_dumps(PyObject *m, PyObject *args, PyObject *kw)
+/* Output of a typical call (a metrics dict) fits without regrowing. */
+#define DUMPS_FIRST_RESERVE 512
+
+/* json_dumps(data, truncate=False, pretty=False, raw=False) -> str | bytes
+ *
+ * Vectorcall with its own argument parsing: this is called once per log line,
+ * and PyArg_ParseTupleAndKeywords would cost as much as writing a small dict. */
+static PyObject *py_json_dumps(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *kwlist[] = {"obj", "truncate", "pretty", "raw", NULL};
-    PyObject *obj, *res = NULL;
-    int truncate = 0, pretty = 0, raw = 0;
+    static const char *const names[] = {"data", "truncate", "pretty", "raw"};
+    PyObject *given[4] = {NULL, NULL, NULL, NULL}; /* borrowed */
+    PyObject *res = NULL;
+    Py_ssize_t i, j, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    int flags[3] = {0, 0, 0}; /* truncate, pretty, raw */
     encoder e;
     path_step root = {NULL, NULL, 0, 0, NULL};
 
     (void)m;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ppp:json_dumps", kwlist, &obj, &truncate,
-                                     &pretty, &raw))
-        return NULL;
+    if (nargs > 4)
+        return PyErr_Format(PyExc_TypeError, "json_dumps() takes at most 4 arguments (%zd given)", nargs);
+    for (i = 0; i < nargs; i++)
+        given[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
+        for (j = 0; j < 4; j++)
+            if (PyUnicode_CompareWithASCIIString(name, names[j]) == 0)
+                break;
+        if (j == 4)
+            return PyErr_Format(PyExc_TypeError, "json_dumps() got an unexpected keyword argument '%U'", name);
+        if (given[j] != NULL)
+            return PyErr_Format(PyExc_TypeError, "json_dumps() got multiple values for argument '%s'", names[j]);
+        given[j] = args[nargs + i];
+    }
+    if (given[0] == NULL)
+        return PyErr_Format(PyExc_TypeError, "json_dumps() missing required argument 'data'");
+    for (j = 0; j < 3; j++) {
+        if (given[j + 1] != NULL && (flags[j] = PyObject_IsTrue(given[j + 1])) < 0)
+            return NULL;
+    }
     memset(&e, 0, sizeof(e));
     mlu_error_clear(&e.err);
-    e.truncate = truncate;
-    e.pretty = pretty;
-    if (encode(&e, obj, &root) == 0) {
-        const char *p = e.buf.data ? e.buf.data : "";
-        res = raw ? PyBytes_FromStringAndSize(p, (Py_ssize_t)e.buf.len)
-                  : PyUnicode_DecodeUTF8(p, (Py_ssize_t)e.buf.len, "strict");
+    e.truncate = flags[0];
+    e.pretty = flags[1];
+    if (mlu_buf_reserve(&e.buf, DUMPS_FIRST_RESERVE, &e.err) != MLU_OK) {
+        core_fail(&e);
+        goto done;
     }
+    if (encode(&e, given[0], &root) == 0) {
+        res = flags[2] ? PyBytes_FromStringAndSize(e.buf.data, (Py_ssize_t)e.buf.len)
+                       : PyUnicode_DecodeUTF8(e.buf.data, (Py_ssize_t)e.buf.len, "strict");
+    }
+done:
     mlu_buf_free(&e.buf);
     return res;
 }
@@ -543,8 +579,11 @@ done:
 int mlu_json_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
-        {"json_dumps", (PyCFunction)(void (*)(void))py_json_dumps, METH_VARARGS | METH_KEYWORDS,
-         "json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes"},
+        {"json_dumps", (PyCFunction)(void (*)(void))py_json_dumps, METH_FASTCALL | METH_KEYWORDS,
+         "json_dumps(data, truncate=False, pretty=False, raw=False)\n--\n\n"
+         "Serialise data to JSON text (bytes when raw): the text json.dumps(data,\n"
+         "ensure_ascii=False) writes (indent=4 when pretty); numpy scalars and arrays\n"
+         "as numbers and lists; truncate rounds numbers with 8+ fractional digits to 4."},
         {"json_loads", py_json_loads, METH_O, "json_loads(text) -> object"},
         {"truncate_json", py_truncate_json, METH_O,
          "truncate_json(text) -> text with numbers of 8+ fractional digits rounded to 4"},
