@@ -51,11 +51,9 @@ def json_parse(string: Union[str, bytes, bytearray, memoryview]) -> Any:
 def json_read(path: PathLike, default: Any = None) -> Any:
     """Parse the JSON file at ``path``; a missing file returns ``default``."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return _core.json_read_file(path)  # one read, parsed without the GIL
     except FileNotFoundError:
         return default
-    return _core.json_loads(data)
 
 
 def json_write(data: Any, path: PathLike, **kwargs: Any) -> None:
