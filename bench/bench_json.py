@@ -68,7 +68,7 @@ def small_files(folder, n):
     for i in range(n):
         obj = {"id": "utt-%06d" % i, "speaker": "spk-%03d" % rng.randrange(500), "duration": rng.random() * 20,
                "sample_rate": 24000, "lang": "fr", "text": "le chat est sur le tapis %d" % i,
-               "phonemes": [rng.randrange(80) for _ in range(24)], "snr": rng.random() * 40,
+               "phonemes": [rng.randrange(80) for _ in range(50)], "snr": rng.random() * 40,
                "stats": {"rms": rng.random(), "peak": rng.random(), "clipped": i % 50 == 0}, "note": None}
         p = os.path.join(folder, "%06d.json" % i)
         with open(p, "w") as f:
