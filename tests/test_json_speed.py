@@ -94,3 +94,30 @@ def test_read_errors(tmp_path):
 def test_parse_only_hook_is_jansson_alone():
     assert _core._json_parse_only(b'{"a": [1, 2.5, "x"]}') is True
     assert _core._json_parse_only(b'{"a": ') is False
+
+
+def test_read_non_regular_and_empty_files(tmp_path):
+    # a regular file is read up to its fstat size in one call; anything else
+    # (a pipe here) is still read to EOF.  The open blocks until the writer
+    # thread opens the pipe: this only finishes because the read runs
+    # without the GIL.
+    import threading
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    big = {"k": ["x" * 1000] * 300}  # more than one pipe buffer
+
+    def writer():
+        with open(fifo, "w") as f:
+            json.dump(big, f)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert json_read(fifo) == big
+    finally:
+        t.join()
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    with pytest.raises(mlutils.JSONDecodeError):
+        json_read(empty)
