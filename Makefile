@@ -67,7 +67,7 @@ tests/fuzz/bin/st_header: tests/fuzz/st_header.c $(wildcard tests/fuzz/*.h) $(CO
 	$(CC) $(CFLAGS_CORE) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(CORE_SRC) $(LIBS_CORE)
 fuzz-replay-st: tests/fuzz/bin/st_header
 	ASAN_OPTIONS=detect_leaks=1 tests/fuzz/bin/st_header tests/fuzz/corpus_st_header
-# The other harnesses (json_parse, sampler_pack, pattern_layout, pt_*): replay
+# The other harnesses (json_parse, sampler_pack, pattern_layout, dtoa, pt_*): replay
 # their seeds plus PT_MUTATE deterministic mutations under ASan/UBSan, e.g.
 # make fuzz-replay-json_parse.
 tests/fuzz/bin/%: tests/fuzz/%.c $(wildcard tests/fuzz/*.h) $(CORE_SRC) $(wildcard csrc/*.h csrc/core/*.h)

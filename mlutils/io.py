@@ -29,17 +29,16 @@ DEFAULT_MODULE_KEY = "module"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def json_stringify(data: Any, truncate: bool = False, pretty: bool = False, raw: bool = False) -> Union[str, bytes]:
-    """Serialise ``data`` to JSON text (``bytes`` when ``raw``).
-
-    The text is what ``json.dumps(data, ensure_ascii=False)`` writes (with
-    ``indent=4`` when ``pretty``).  numpy scalars and arrays are written as the
-    numbers and lists they hold.  With ``truncate`` every number with 8 or more
-    fractional digits is rounded to 4.  Anything else raises TypeError naming
-    the type and where it is (``data['a'][3]``); integers outside 64 bits raise
-    OverflowError.
-    """
-    return _core.json_dumps(data, truncate, pretty, raw)
+# json_stringify(data, truncate=False, pretty=False, raw=False) -> str | bytes
+# is the C function itself: it is called once per log line, and a Python
+# wrapper would add a tenth to the cost of writing a small metrics dict.
+# Contract: the text json.dumps(data, ensure_ascii=False) writes (indent=4
+# when pretty; bytes when raw); numpy scalars and arrays are written as the
+# numbers and lists they hold; with truncate every number with 8 or more
+# fractional digits is rounded to 4.  Anything else raises TypeError naming
+# the type and where it is (data['a'][3]); integers outside 64 bits raise
+# OverflowError.
+json_stringify = _core.json_dumps
 
 
 def json_parse(string: Union[str, bytes, bytearray, memoryview]) -> Any:
@@ -55,11 +54,9 @@ def json_parse(string: Union[str, bytes, bytearray, memoryview]) -> Any:
 def json_read(path: PathLike, default: Any = None) -> Any:
     """Parse the JSON file at ``path``; a missing file returns ``default``."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return _core.json_read_file(path)  # one read, parsed without the GIL
     except FileNotFoundError:
         return default
-    return _core.json_loads(data)
 
 
 def json_write(data: Any, path: PathLike, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("harness", ["json_parse", "sampler_pack", "pattern_layout"])
+@pytest.mark.parametrize("harness", ["json_parse", "sampler_pack", "pattern_layout", "dtoa"])
 def test_fuzz_corpus_replays_clean_under_sanitizers(harness):
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.skip("gcc/make not installed")

@@ -453,9 +453,13 @@ mlu_status mlu_read_file(const char *path, char **data, size_t *len, mlu_error *
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading '%s'", path);
         goto error;
     }
-    /* Read to EOF, growing if the file grew meanwhile (or is a pipe). */
+    /* A regular file is read up to the size fstat gave (one read call for
+     * small files); anything else (a pipe, /proc, a file fstat says is
+     * empty) to EOF, growing the buffer. */
     for (;;) {
         ssize_t r;
+        if (got == size && got > 0 && S_ISREG(sb.st_mode) && got == (size_t)sb.st_size)
+            break;
         if (got == size) {
             char *q;
             size_t ns;

@@ -56,7 +56,8 @@ void mlu_afile_abort(mlu_afile *f);
 /* Whole-file helpers. */
 mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, mlu_error *err);
 /* Reads a whole file into a new buffer (free with mlu_free); a NUL is added
- * after the data but not counted in *len. */
+ * after the data but not counted in *len.  A regular file is read up to the
+ * size fstat gives (open, fstat, read, close); other files to EOF. */
 mlu_status mlu_read_file(const char *path, char **data, size_t *len, mlu_error *err);
 
 #endif

@@ -11,6 +11,7 @@
 #include "../core/alloc.h"
 #include "../core/atomicfile.h"
 #include "../core/buf.h"
+#include "../core/dtoa.h"
 #include "../core/json.h"
 
 /* ------------------------------------------------------------------ writer */
@@ -84,29 +85,28 @@ static int put_str(encoder *e, PyObject *s, const path_step *at)
 
 static int put_double(encoder *e, double d)
 {
-    char *r;
-    int rc;
+    char r[MLU_DTOA_BUFSIZE];
+    size_t n;
 
     if (isnan(d))
         return put(e, "NaN", 3);
     if (isinf(d))
         return d > 0 ? put(e, "Infinity", 8) : put(e, "-Infinity", 9);
-    r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (r == NULL)
-        return -1;
-    if (e->truncate && strchr(r, 'e') == NULL) {
+    if (!e->truncate) {
+        if (mlu_buf_reserve(&e->buf, MLU_DTOA_BUFSIZE, &e->err) != MLU_OK)
+            return core_fail(e);
+        e->buf.len += mlu_dtoa(d, e->buf.data + e->buf.len); /* repr(d) */
+        return 0;
+    }
+    n = mlu_dtoa(d, r); /* repr(d) */
+    if (e->truncate && memchr(r, 'e', n) == NULL) {
         /* Without an exponent the repr is the whole value: 8+ fractional
          * digits means "print d with 4" (no reparse of the text needed). */
-        const char *dot = strchr(r, '.');
-        if (dot != NULL && strlen(dot + 1) >= 8) {
-            rc = mlu_json_put_fixed4(&e->buf, d, &e->err) == MLU_OK ? 0 : core_fail(e);
-            PyMem_Free(r);
-            return rc;
-        }
+        const char *dot = memchr(r, '.', n);
+        if (dot != NULL && (size_t)(r + n - (dot + 1)) >= 8)
+            return mlu_json_put_fixed4(&e->buf, d, &e->err) == MLU_OK ? 0 : core_fail(e);
     }
-    rc = mlu_json_put_number(&e->buf, r, strlen(r), e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
-    PyMem_Free(r);
-    return rc;
+    return mlu_json_put_number(&e->buf, r, n, e->truncate, &e->err) == MLU_OK ? 0 : core_fail(e);
 }
 
 static int put_long(encoder *e, PyObject *o, const path_step *at)
@@ -305,48 +305,141 @@ static int encode(encoder *e, PyObject *o, const path_step *at)
     return rc;
 }
 
-/* json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes */
-static PyObject *py_json_dumps(PyObject *m, PyObject *args, PyObject *kw)
+/* Output of a typical call (a metrics dict) fits without regrowing. */
+#define DUMPS_FIRST_RESERVE 512
+
+/* json_dumps(data, truncate=False, pretty=False, raw=False) -> str | bytes
+ *
+ * Vectorcall with its own argument parsing: this is called once per log line,
+ * and PyArg_ParseTupleAndKeywords would cost as much as writing a small dict. */
+static PyObject *py_json_dumps(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *kwlist[] = {"obj", "truncate", "pretty", "raw", NULL};
-    PyObject *obj, *res = NULL;
-    int truncate = 0, pretty = 0, raw = 0;
+    static const char *const names[] = {"data", "truncate", "pretty", "raw"};
+    PyObject *given[4] = {NULL, NULL, NULL, NULL}; /* borrowed */
+    PyObject *res = NULL;
+    Py_ssize_t i, j, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    int flags[3] = {0, 0, 0}; /* truncate, pretty, raw */
     encoder e;
     path_step root = {NULL, NULL, 0, 0, NULL};
 
     (void)m;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ppp:json_dumps", kwlist, &obj, &truncate,
-                                     &pretty, &raw))
-        return NULL;
+    if (nargs > 4)
+        return PyErr_Format(PyExc_TypeError, "json_dumps() takes at most 4 arguments (%zd given)", nargs);
+    for (i = 0; i < nargs; i++)
+        given[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
+        for (j = 0; j < 4; j++)
+            if (PyUnicode_CompareWithASCIIString(name, names[j]) == 0)
+                break;
+        if (j == 4)
+            return PyErr_Format(PyExc_TypeError, "json_dumps() got an unexpected keyword argument '%U'", name);
+        if (given[j] != NULL)
+            return PyErr_Format(PyExc_TypeError, "json_dumps() got multiple values for argument '%s'", names[j]);
+        given[j] = args[nargs + i];
+    }
+    if (given[0] == NULL)
+        return PyErr_Format(PyExc_TypeError, "json_dumps() missing required argument 'data'");
+    for (j = 0; j < 3; j++) {
+        if (given[j + 1] != NULL && (flags[j] = PyObject_IsTrue(given[j + 1])) < 0)
+            return NULL;
+    }
     memset(&e, 0, sizeof(e));
     mlu_error_clear(&e.err);
-    e.truncate = truncate;
-    e.pretty = pretty;
-    if (encode(&e, obj, &root) == 0) {
-        const char *p = e.buf.data ? e.buf.data : "";
-        res = raw ? PyBytes_FromStringAndSize(p, (Py_ssize_t)e.buf.len)
-                  : PyUnicode_DecodeUTF8(p, (Py_ssize_t)e.buf.len, "strict");
+    e.truncate = flags[0];
+    e.pretty = flags[1];
+    if (mlu_buf_reserve(&e.buf, DUMPS_FIRST_RESERVE, &e.err) != MLU_OK) {
+        core_fail(&e);
+        goto done;
     }
+    if (encode(&e, given[0], &root) == 0) {
+        res = flags[2] ? PyBytes_FromStringAndSize(e.buf.data, (Py_ssize_t)e.buf.len)
+                       : PyUnicode_DecodeUTF8(e.buf.data, (Py_ssize_t)e.buf.len, "strict");
+    }
+done:
     mlu_buf_free(&e.buf);
     return res;
 }
 
 /* ------------------------------------------------------------------ reader */
 
-static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err);
+/* One conversion of a parsed document.  Object keys repeat (a list of
+ * records has the same few keys thousands of times): each distinct key text
+ * becomes one str, looked up by its bytes in a small cache, so its object and
+ * hash are made once per conversion instead of once per occurrence. */
+#define KEY_CACHE_SIZE 64 /* power of two */
+#define KEY_CACHE_MAX_LEN 64
+
+typedef struct key_slot {
+    const char *text; /* borrowed from the document */
+    size_t len;
+    PyObject *str;    /* owned; NULL when the slot is empty */
+} key_slot;
+
+typedef struct converter {
+    const mlu_json_doc *doc;
+    mlu_error *err;
+    key_slot keys[KEY_CACHE_SIZE];
+} converter;
+
+static void converter_clear(converter *c)
+{
+    size_t i;
+
+    for (i = 0; i < KEY_CACHE_SIZE; i++)
+        Py_CLEAR(c->keys[i].str);
+}
+
+/* New ref: the str of an object key (jansson's keys are valid UTF-8 without
+ * NUL).  One pass over the bytes gives the hash and whether they are ASCII;
+ * ASCII keys are copied straight into a new str. */
+static PyObject *convert_key(converter *c, const char *key, size_t len)
+{
+    uint32_t h = 2166136261u;
+    unsigned char high = 0;
+    size_t i;
+    key_slot *slot = NULL;
+    PyObject *k;
+
+    for (i = 0; i < len; i++) {
+        unsigned char b = (unsigned char)key[i];
+        high |= b;
+        h = (h ^ b) * 16777619u;
+    }
+    if (len <= KEY_CACHE_MAX_LEN) {
+        slot = &c->keys[(h ^ (h >> 16) ^ (uint32_t)len) & (KEY_CACHE_SIZE - 1)];
+        if (slot->str != NULL && slot->len == len && memcmp(slot->text, key, len) == 0)
+            return Py_NewRef(slot->str);
+    }
+    if (high < 0x80) {
+        k = PyUnicode_New((Py_ssize_t)len, 127);
+        if (k != NULL)
+            memcpy(PyUnicode_DATA(k), key, len);
+    } else {
+        k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)len, "strict");
+    }
+    if (k != NULL && slot != NULL) {
+        Py_XSETREF(slot->str, Py_NewRef(k));
+        slot->text = key;
+        slot->len = len;
+    }
+    return k;
+}
+
+static PyObject *convert(converter *c, json_t *j);
 
 /* New ref: a JSON string, or the float a NaN/Infinity sentinel stands for. */
-static PyObject *convert_string(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+static PyObject *convert_string(converter *c, json_t *j)
 {
     const char *s;
     size_t n;
     double number;
     char *tmp = NULL; /* owned */
     PyObject *res = NULL;
-    int r = mlu_json_string_value(doc, j, &s, &n, &number, &tmp, err);
+    int r = mlu_json_string_value(c->doc, j, &s, &n, &number, &tmp, c->err);
 
     if (r < 0)
-        mlu_raise(NULL, err, NULL);
+        mlu_raise(NULL, c->err, NULL);
     else if (r == 1)
         res = PyFloat_FromDouble(number);
     else
@@ -356,7 +449,7 @@ static PyObject *convert_string(const mlu_json_doc *doc, json_t *j, mlu_error *e
 }
 
 /* New ref: the Python value of a JSON array. */
-static PyObject *convert_array(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+static PyObject *convert_array(converter *c, json_t *j)
 {
     size_t i, n = json_array_size(j);
     PyObject *res = PyList_New((Py_ssize_t)n), *v;
@@ -364,7 +457,7 @@ static PyObject *convert_array(const mlu_json_doc *doc, json_t *j, mlu_error *er
     if (res == NULL)
         goto error;
     for (i = 0; i < n; i++) {
-        v = convert(doc, json_array_get(j, i), err); /* new ref */
+        v = convert(c, json_array_get(j, i)); /* new ref */
         if (v == NULL)
             goto error;
         PyList_SET_ITEM(res, (Py_ssize_t)i, v); /* steals v */
@@ -377,7 +470,7 @@ done:
 }
 
 /* New ref: the Python dict of a JSON object, in the text's key order. */
-static PyObject *convert_object(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+static PyObject *convert_object(converter *c, json_t *j)
 {
     PyObject *res = PyDict_New(), *k = NULL, *v = NULL;
     const char *key;
@@ -388,10 +481,10 @@ static PyObject *convert_object(const mlu_json_doc *doc, json_t *j, mlu_error *e
         goto error;
     json_object_keylen_foreach(j, key, klen, val) {
         /* jansson refuses NUL in keys, so a key is never a sentinel */
-        k = PyUnicode_DecodeUTF8(key, (Py_ssize_t)klen, "strict");
+        k = convert_key(c, key, klen);
         if (k == NULL)
             goto error;
-        v = convert(doc, val, err);
+        v = convert(c, val);
         if (v == NULL || PyDict_SetItem(res, k, v) < 0)
             goto error;
         Py_CLEAR(k);
@@ -407,7 +500,7 @@ done:
 }
 
 /* New ref: the Python value of any JSON value (no acquisitions here). */
-static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err)
+static PyObject *convert(converter *c, json_t *j)
 {
     switch (json_typeof(j)) {
     case JSON_NULL:
@@ -421,15 +514,57 @@ static PyObject *convert(const mlu_json_doc *doc, json_t *j, mlu_error *err)
     case JSON_REAL:
         return PyFloat_FromDouble(json_real_value(j));
     case JSON_STRING:
-        return convert_string(doc, j, err);
+        return convert_string(c, j);
     case JSON_ARRAY:
-        return convert_array(doc, j, err);
+        return convert_array(c, j);
     case JSON_OBJECT:
-        return convert_object(doc, j, err);
+        return convert_object(c, j);
     default:
         PyErr_SetString(PyExc_SystemError, "unknown JSON value type");
         return NULL;
     }
+}
+
+/* New ref: the Python value of a parsed document. */
+static PyObject *convert_doc(const mlu_json_doc *doc, mlu_error *err)
+{
+    converter c;
+    PyObject *res;
+
+    memset(&c, 0, sizeof(c));
+    c.doc = doc;
+    c.err = err;
+    res = convert(&c, doc->root);
+    converter_clear(&c);
+    return res;
+}
+
+/* Sets mlutils.JSONDecodeError for a parse failure of text[0:n]. */
+static void raise_decode_error(mlu_state *st, const char *text, size_t n, const mlu_error *err)
+{
+    /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
+    PyObject *s = NULL, *head = NULL, *msg = NULL, *exc = NULL;
+
+    s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
+    head = s ? PyUnicode_DecodeUTF8(text, (Py_ssize_t)err->offset, "replace") : NULL;
+    /* jansson quotes the bytes near the problem, which may be cut
+     * inside a UTF-8 sequence: decode them leniently too */
+    msg = head ? PyUnicode_DecodeUTF8(err->text, (Py_ssize_t)strlen(err->text), "replace") : NULL;
+    if (msg != NULL)
+        exc = PyObject_CallFunction(st->JSONDecodeError, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
+    if (exc != NULL)
+        PyErr_SetObject(st->JSONDecodeError, exc);
+    Py_XDECREF(exc);
+    Py_XDECREF(msg);
+    Py_XDECREF(head);
+    Py_XDECREF(s);
+}
+
+/* A UTF-8 byte order mark: json.loads(bytes) accepts it. */
+static size_t bom_length(const char *text, size_t n)
+{
+    return (n >= 3 && (unsigned char)text[0] == 0xEF && (unsigned char)text[1] == 0xBB &&
+            (unsigned char)text[2] == 0xBF) ? 3 : 0;
 }
 
 /* json_loads(str | bytes | bytearray | memoryview) -> object */
@@ -444,6 +579,7 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
     mlu_error err;
     mlu_status rc;
     PyObject *res = NULL;
+    size_t bom;
 
     mlu_error_clear(&err);
     if (PyUnicode_Check(arg)) {
@@ -465,42 +601,69 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
         return PyErr_Format(PyExc_TypeError, "JSON text must be str or bytes, not %s",
                             Py_TYPE(arg)->tp_name);
     }
-    if (n > 0 && (unsigned char)text[0] == 0xEF && n >= 3 && (unsigned char)text[1] == 0xBB &&
-        (unsigned char)text[2] == 0xBF) {
-        /* A UTF-8 byte order mark: json.loads(bytes) accepts it. */
-        text += 3;
-        n -= 3;
-    }
+    bom = bom_length(text, (size_t)n);
+    text += bom;
+    n -= (Py_ssize_t)bom;
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_json_parse(text, (size_t)n, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
     Py_END_ALLOW_THREADS
     if (rc == MLU_EFORMAT) {
-        /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
-        PyObject *s = NULL, *head = NULL, *msg = NULL, *exc = NULL;
-        s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
-        head = s ? PyUnicode_DecodeUTF8(text, (Py_ssize_t)err.offset, "replace") : NULL;
-        /* jansson quotes the bytes near the problem, which may be cut
-         * inside a UTF-8 sequence: decode them leniently too */
-        msg = head ? PyUnicode_DecodeUTF8(err.text, (Py_ssize_t)strlen(err.text), "replace") : NULL;
-        if (msg != NULL)
-            exc = PyObject_CallFunction(st->JSONDecodeError, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
-        if (exc != NULL)
-            PyErr_SetObject(st->JSONDecodeError, exc);
-        Py_XDECREF(exc);
-        Py_XDECREF(msg);
-        Py_XDECREF(head);
-        Py_XDECREF(s);
+        raise_decode_error(st, text, (size_t)n, &err);
         goto done;
     }
     if (rc != MLU_OK) {
         mlu_raise(st, &err, NULL);
         goto done;
     }
-    res = convert(&doc, doc.root, &err);
+    res = convert_doc(&doc, &err);
 done:
     mlu_json_doc_free(&doc);
     if (have_view)
         PyBuffer_Release(&view);
+    return res;
+}
+
+/* json_read_file(path) -> object: one open, fstat and read of the whole file
+ * and the parse, all without the GIL; OSError (FileNotFoundError, ...) names
+ * the path. */
+static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
+{
+    mlu_state *st = mlu_get_state(m);
+    PyObject *path = NULL, *res = NULL; /* path: new ref (bytes) */
+    char *data = NULL;                  /* owned (mlu_free) */
+    size_t len = 0, bom = 0;
+    mlu_json_doc doc = {NULL, 0};
+    mlu_error err;
+    mlu_status rc;
+
+    if (!PyUnicode_FSConverter(arg, &path))
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_read_file(PyBytes_AS_STRING(path), &data, &len, &err);
+    if (rc == MLU_OK) {
+        bom = bom_length(data, len);
+        rc = mlu_json_parse(data + bom, len - bom, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc == MLU_EIO) {
+        errno = err.sys_errno;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        goto done;
+    }
+    if (rc == MLU_EFORMAT) {
+        raise_decode_error(st, data + bom, len - bom, &err);
+        goto done;
+    }
+    if (rc != MLU_OK) {
+        mlu_raise(st, &err, NULL);
+        goto done;
+    }
+    res = convert_doc(&doc, &err);
+done:
+    mlu_json_doc_free(&doc);
+    mlu_free(data);
+    Py_DECREF(path);
     return res;
 }
 
@@ -577,9 +740,14 @@ done:
 int mlu_json_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
-        {"json_dumps", (PyCFunction)(void (*)(void))py_json_dumps, METH_VARARGS | METH_KEYWORDS,
-         "json_dumps(obj, truncate=False, pretty=False, raw=False) -> str | bytes"},
+        {"json_dumps", (PyCFunction)(void (*)(void))py_json_dumps, METH_FASTCALL | METH_KEYWORDS,
+         "json_dumps(data, truncate=False, pretty=False, raw=False)\n--\n\n"
+         "Serialise data to JSON text (bytes when raw): the text json.dumps(data,\n"
+         "ensure_ascii=False) writes (indent=4 when pretty); numpy scalars and arrays\n"
+         "as numbers and lists; truncate rounds numbers with 8+ fractional digits to 4."},
         {"json_loads", py_json_loads, METH_O, "json_loads(text) -> object"},
+        {"json_read_file", py_json_read_file, METH_O,
+         "json_read_file(path) -> object: the parsed JSON file; OSError when it cannot be read."},
         {"truncate_json", py_truncate_json, METH_O,
          "truncate_json(text) -> text with numbers of 8+ fractional digits rounded to 4"},
         {"write_file_atomic", py_write_file_atomic, METH_VARARGS,

@@ -2,6 +2,7 @@
 #include "module.h"
 
 #include "../core/alloc.h"
+#include "../core/json.h"
 
 static PyObject *py_fail_alloc_after(PyObject *m, PyObject *arg)
 {
@@ -21,11 +22,32 @@ static PyObject *py_alloc_count(PyObject *m, PyObject *unused)
     return PyLong_FromLong(mlu_alloc_count());
 }
 
+/* _json_parse_only(bytes): jansson's parse alone (as json_loads and
+ * json_read run it, the tree freed, no Python objects made), so a benchmark
+ * can show the floor under the conversion.  True when the text parsed. */
+static PyObject *py_json_parse_only(PyObject *m, PyObject *arg)
+{
+    mlu_json_doc doc = {NULL, 0};
+    mlu_error err;
+    mlu_status rc;
+
+    (void)m;
+    if (!PyBytes_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "_json_parse_only takes bytes, not %s", Py_TYPE(arg)->tp_name);
+    mlu_error_clear(&err);
+    rc = mlu_json_parse(PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), MLU_JSON_ALLOW_NONFINITE,
+                        &doc, &err);
+    mlu_json_doc_free(&doc);
+    return PyBool_FromLong(rc == MLU_OK);
+}
+
 int mlu_testing_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
         {"_fail_alloc_after", py_fail_alloc_after, METH_O,
          "_fail_alloc_after(n): the core's (n+1)th allocation from now fails; n < 0 stops it."},
+        {"_json_parse_only", py_json_parse_only, METH_O,
+         "_json_parse_only(bytes) -> bool: jansson's parse alone (benchmarks)."},
         {"_alloc_count", py_alloc_count, METH_NOARGS,
          "_alloc_count() -> int: core allocations since the last _fail_alloc_after."},
         {NULL, NULL, 0, NULL},
