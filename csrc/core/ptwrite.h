@@ -31,7 +31,6 @@
 #define MLU_PTWRITE_H
 
 #include "../mlu.h"
-#include "pickle_write.h"
 #include "zipwrite.h"
 #include "atomicfile.h"
 
@@ -64,8 +63,10 @@ typedef struct mlu_ptw_storage {
     const void *data;     /* borrowed, or NULL: the bytes come with mlu_ptw_archive_storage */
 } mlu_ptw_storage;
 
+struct mlu_pkw; /* pickle_write.h; kept out of this header, whose users may also read pickles */
+
 typedef struct mlu_ptw {
-    mlu_pkw pk;                /* owned: data.pkl */
+    struct mlu_pkw *pk;        /* owned: data.pkl so far */
     int64_t gmemo[MLU_PTW_GLOBALS]; /* memo index of each global, -1 before its first use */
     mlu_ptw_storage *st;       /* owned */
     size_t nst, cap;
@@ -156,6 +157,8 @@ mlu_status mlu_ptw_param_end(mlu_ptw *w, int requires_grad, uint32_t *memo, mlu_
 
 /* STOP: the pickle is complete. */
 mlu_status mlu_ptw_pickle_end(mlu_ptw *w, mlu_error *err);
+/* The pickle's bytes so far (borrowed; valid until the next pickling call). */
+const char *mlu_ptw_pickle(const mlu_ptw *w, size_t *len);
 
 /* ------------------------------------------------------------------ archive */
 
