@@ -1,4 +1,4 @@
-"""Replays the seeds of the JSON, sampler and pattern fuzz harnesses (plus
+"""Replays the seeds of the JSON, sampler, pattern and .pt writer fuzz harnesses (plus
 deterministic mutations of them) through tests/fuzz/<name>.c built with gcc +
 AddressSanitizer/UBSan: the core must neither crash, leak, nor break the
 properties each harness checks (see the comment at the top of each)."""
@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("harness", ["json_parse", "sampler_pack", "pattern_layout", "dtoa"])
+@pytest.mark.parametrize("harness", ["json_parse", "sampler_pack", "pattern_layout", "dtoa", "pt_write"])
 def test_fuzz_corpus_replays_clean_under_sanitizers(harness):
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.skip("gcc/make not installed")

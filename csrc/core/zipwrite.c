@@ -1,21 +1,22 @@
 /* zipwrite.c: torch-layout zip writer (see zipwrite.h for the layout). */
 #include "zipwrite.h"
 #include "alloc.h"
+#include "zipfmt.h"
 
 #include <pthread.h>
 #include <string.h>
 #include <zlib.h>
 
-#define LFH_SIG 0x04034b50u
-#define CDH_SIG 0x02014b50u
-#define DD_SIG 0x08074b50u
-#define EOCD64_SIG 0x06064b50u
-#define LOC64_SIG 0x07064b50u
-#define EOCD_SIG 0x06054b50u
-#define FLAG_DESCRIPTOR 0x0008u
-#define FLAG_UTF8 0x0800u
-#define LFH_SIZE 30u
-#define CDH_SIZE 46u
+#define LFH_SIG MLU_ZIP_LFH_SIG
+#define CDH_SIG MLU_ZIP_CDH_SIG
+#define DD_SIG MLU_ZIP_DD_SIG
+#define EOCD64_SIG MLU_ZIP_EOCD64_SIG
+#define LOC64_SIG MLU_ZIP_LOC64_SIG
+#define EOCD_SIG MLU_ZIP_EOCD_SIG
+#define FLAG_DESCRIPTOR MLU_ZIP_FLAG_DESCRIPTOR
+#define FLAG_UTF8 MLU_ZIP_FLAG_UTF8
+#define LFH_SIZE MLU_ZIP_LFH_SIZE
+#define CDH_SIZE MLU_ZIP_CDH_SIZE
 
 uint32_t mlu_crc32(uint32_t crc, const void *p, size_t n)
 {

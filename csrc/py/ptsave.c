@@ -1,117 +1,44 @@
 /* ptsave.c: the Python face of PyTorch .pt saving.
  *
  * _ptsave_write walks a Python object (dicts, OrderedDicts with their
- * attributes, lists, tuples, plain values, torch tensors and NumPy arrays),
- * pickles it the way torch.save does (core/pickle_write.c, with the same memo
- * decisions as Python's pickler, so data.pkl comes out byte for byte the
- * same), then writes the zip (core/zipwrite.c) with every storage's bytes
- * handed straight from the tensor's memory to the file, GIL released.
+ * attributes, lists, tuples, plain values, torch tensors and NumPy arrays)
+ * and hands the format writer (core/ptwrite.c) plain descriptors: containers
+ * and their item counts, strings, numbers, tensors (dtype, shape, strides,
+ * offset, storage) and storages.  The writer owns every rule of the format
+ * (opcodes, batches, the tensor's persistent id, the dtype table, the archive
+ * layout); this file keeps what only Python knows: which objects are the
+ * same (pickle's memo is by identity), where a storage's bytes are, and the
+ * path to name in an error.  Every storage's bytes go straight from the
+ * tensor's memory to the file, GIL released.
  *
  * What is torch-specific to ask of a tensor is asked through two Python
  * callables from mlutils._ptsave (describe, storage_bytes), so nothing here
  * needs torch to be importable. */
-#define _GNU_SOURCE
 #include "npy.h"
 #include "path.h"
 
-#include <fcntl.h>
-
 #include "../core/alloc.h"
-#include "../core/atomicfile.h"
-#include "../core/buf.h"
-#include "../core/pickle_write.h"
-#include "../core/ptsave_id.h"
-#include "../core/zipwrite.h"
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define MLU_HOST_BYTEORDER "big"
-#else
-#define MLU_HOST_BYTEORDER "little"
-#endif
-
-/* ------------------------------------------------------------------ dtypes */
-
-typedef struct dtype_info {
-    const char *name;     /* torch's name: torch.<name> */
-    const char *storage;  /* legacy storage class (torch.<storage>), NULL: UntypedStorage + v3 */
-    int elsize;
-} dtype_info;
-
-static const dtype_info DTYPES[] = {
-    {"float64", "DoubleStorage", 8},
-    {"float32", "FloatStorage", 4},
-    {"float16", "HalfStorage", 2},
-    {"bfloat16", "BFloat16Storage", 2},
-    {"int64", "LongStorage", 8},
-    {"int32", "IntStorage", 4},
-    {"int16", "ShortStorage", 2},
-    {"int8", "CharStorage", 1},
-    {"uint8", "ByteStorage", 1},
-    {"bool", "BoolStorage", 1},
-    {"complex64", "ComplexFloatStorage", 8},
-    {"complex128", "ComplexDoubleStorage", 16},
-    {"uint16", NULL, 2},
-    {"uint32", NULL, 4},
-    {"uint64", NULL, 8},
-    {"float8_e4m3fn", NULL, 1},
-    {"float8_e5m2", NULL, 1},
-    {"float8_e4m3fnuz", NULL, 1},
-    {"float8_e5m2fnuz", NULL, 1},
-    {"float8_e8m0fnu", NULL, 1},
-    {"float4_e2m1fn_x2", NULL, 1},
-    {"complex32", NULL, 4},
-    {"bits8", NULL, 1},
-    {"bits16", NULL, 2},
-    {"bits1x8", NULL, 1},
-    {"bits2x4", NULL, 1},
-    {"bits4x2", NULL, 1},
-};
-#define N_DTYPES ((int)(sizeof(DTYPES) / sizeof(DTYPES[0])))
-
-static int dtype_index(const char *name)
-{
-    int i;
-    for (i = 0; i < N_DTYPES; i++)
-        if (strcmp(DTYPES[i].name, name) == 0)
-            return i;
-    return -1;
-}
-
-/* Globals the pickle can name; each is memoized once, as pickle does. */
-enum {
-    G_ODICT = 0,
-    G_REBUILD_V2,
-    G_REBUILD_V3,
-    G_REBUILD_PARAM,
-    G_UNTYPED,
-    G_STORAGE0,                      /* + dtype index: torch.<X>Storage */
-    G_DTYPE0 = G_STORAGE0 + N_DTYPES, /* + dtype index: torch.<dtype> */
-    G_COUNT = G_DTYPE0 + N_DTYPES
-};
+#include "../core/ptwrite.h"
 
 /* ------------------------------------------------------------------ state */
 
 typedef struct storage_rec {
-    PyObject *key;        /* owned: the key string ("0", "1", ...) */
+    PyObject *key;        /* owned: the key string ("0", "1", ...), memoized by identity as pickle does */
     PyObject *owner;      /* owned: torch storage, or the NumPy array holding the bytes */
-    const char *data;     /* NumPy: the bytes (kept alive by owner); torch: NULL */
-    uint64_t nbytes;
     int is_torch;
-    int sdtype;           /* dtype index the storage is typed as (uint8 for untyped ones, as torch) */
 } storage_rec;
 
 typedef mlu_path path_step; /* see path.h */
 
 typedef struct saver {
-    mlu_pkw pk;
+    mlu_ptw w;              /* owned: the format writer (pickle, storages, archive) */
     mlu_error err;
     PyObject *memo;         /* owned dict: id(obj) -> memo index */
     PyObject *keep;         /* owned list: every memoized object, so ids stay unique */
     PyObject *tmap;         /* owned dict: torch storage identity -> storage index */
     PyObject *nmap;         /* owned dict: id(NumPy root) -> storage index */
-    storage_rec *st;        /* owned */
+    storage_rec *st;        /* owned; st[i] goes with the writer's storage i */
     Py_ssize_t nst, cap;
-    int64_t gmemo[G_COUNT]; /* memo index of each global, -1 before its first use */
     PyObject *s_storage;    /* owned, interned "storage" */
     PyObject *s_cpu;        /* owned, interned "cpu" */
     PyObject *odict_type;   /* owned: collections.OrderedDict */
@@ -129,17 +56,22 @@ static int core_fail(saver *s)
 
 #define PK(call) ((call) == MLU_OK ? 0 : core_fail(s))
 
+/* A refusal of the format writer (MLU_EINVAL) as a ValueError naming the path. */
+static int core_fail_at(saver *s, const path_step *at)
+{
+    if (s->err.code == MLU_EINVAL)
+        return mlu_path_fail(PyExc_ValueError, "obj", at, "%s", s->err.text);
+    return core_fail(s);
+}
+
 /* ------------------------------------------------------------------ memo */
 
-/* Puts the next memo index and records obj under it. */
-static int memo_put(saver *s, PyObject *obj)
+/* Records obj under the memo index the writer just put. */
+static int memo_record(saver *s, PyObject *obj, uint32_t idx)
 {
-    uint32_t idx;
     PyObject *key = NULL, *val = NULL;
     int rc = -1;
 
-    if (PK(mlu_pkw_put(&s->pk, &idx, &s->err)) < 0)
-        return -1;
     key = PyLong_FromVoidPtr(obj);
     val = PyLong_FromUnsignedLong(idx);
     if (key == NULL || val == NULL)
@@ -153,11 +85,11 @@ done:
     return rc;
 }
 
-/* 1 and a BINGET written when obj was memoized, 0 when not, -1 on error. */
-static int memo_get(saver *s, PyObject *obj)
+/* 1 and *idx when obj was memoized, 0 when not, -1 on error. */
+static int memo_lookup(saver *s, PyObject *obj, uint32_t *idx)
 {
     PyObject *key = PyLong_FromVoidPtr(obj), *val;
-    unsigned long idx;
+    unsigned long v;
 
     if (key == NULL)
         return -1;
@@ -165,50 +97,22 @@ static int memo_get(saver *s, PyObject *obj)
     Py_DECREF(key);
     if (val == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    idx = PyLong_AsUnsignedLong(val);
-    if (idx == (unsigned long)-1 && PyErr_Occurred())
+    v = PyLong_AsUnsignedLong(val);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
         return -1;
-    return PK(mlu_pkw_get(&s->pk, (uint32_t)idx, &s->err)) < 0 ? -1 : 1;
+    *idx = (uint32_t)v;
+    return 1;
 }
 
-static int put_global(saver *s, int g)
+/* 1 and a BINGET written when obj was memoized, 0 when not, -1 on error. */
+static int memo_get(saver *s, PyObject *obj)
 {
     uint32_t idx;
-    const char *module = "torch", *name;
+    int r = memo_lookup(s, obj, &idx);
 
-    if (s->gmemo[g] >= 0)
-        return PK(mlu_pkw_get(&s->pk, (uint32_t)s->gmemo[g], &s->err));
-    switch (g) {
-    case G_ODICT:
-        module = "collections";
-        name = "OrderedDict";
-        break;
-    case G_REBUILD_V2:
-        module = "torch._utils";
-        name = "_rebuild_tensor_v2";
-        break;
-    case G_REBUILD_V3:
-        module = "torch._utils";
-        name = "_rebuild_tensor_v3";
-        break;
-    case G_REBUILD_PARAM:
-        module = "torch._utils";
-        name = "_rebuild_parameter";
-        break;
-    case G_UNTYPED:
-        module = "torch.storage";
-        name = "UntypedStorage";
-        break;
-    default:
-        name = g < G_DTYPE0 ? DTYPES[g - G_STORAGE0].storage : DTYPES[g - G_DTYPE0].name;
-        break;
-    }
-    if (PK(mlu_pkw_global(&s->pk, module, name, &s->err)) < 0)
-        return -1;
-    if (PK(mlu_pkw_put(&s->pk, &idx, &s->err)) < 0)
-        return -1;
-    s->gmemo[g] = idx;
-    return 0;
+    if (r <= 0)
+        return r;
+    return PK(mlu_ptw_get(&s->w, idx, &s->err)) < 0 ? -1 : 1;
 }
 
 /* ------------------------------------------------------------------ values */
@@ -220,6 +124,7 @@ static int save_str(saver *s, PyObject *o, const path_step *at)
     Py_ssize_t n;
     const char *p;
     PyObject *enc = NULL;
+    uint32_t idx = 0;
     int rc;
 
     (void)at;
@@ -235,20 +140,11 @@ static int save_str(saver *s, PyObject *o, const path_step *at)
         p = PyBytes_AS_STRING(enc);
         n = PyBytes_GET_SIZE(enc);
     }
-    rc = PK(mlu_pkw_unicode(&s->pk, p, (size_t)n, &s->err));
+    rc = PK(mlu_ptw_str(&s->w, p, (size_t)n, &idx, &s->err));
     Py_XDECREF(enc);
     if (rc == 0)
-        rc = memo_put(s, o);
+        rc = memo_record(s, o, idx);
     return rc;
-}
-
-/* A str that may already be in the memo (the synthetic 'storage', 'cpu', keys). */
-static int save_str_memo(saver *s, PyObject *o)
-{
-    int r = memo_get(s, o);
-    if (r != 0)
-        return r < 0 ? -1 : 0;
-    return save_str(s, o, NULL);
 }
 
 static int save_long(saver *s, PyObject *o, const path_step *at)
@@ -261,7 +157,7 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
     if (!overflow) {
         if (v == -1 && PyErr_Occurred())
             return -1;
-        return PK(mlu_pkw_int(&s->pk, (int64_t)v, &s->err));
+        return PK(mlu_ptw_int(&s->w, (int64_t)v, &s->err));
     }
     /* Beyond 64 bits: pickle's encode_long, minimal two's complement. */
     nbits = PyObject_CallMethod(o, "bit_length", NULL);
@@ -294,7 +190,7 @@ static int save_long(saver *s, PyObject *o, const path_step *at)
             mlu_path_fail(PyExc_OverflowError, "obj", at, "integer is too large for the weights-only format");
             goto done;
         }
-        rc = PK(mlu_pkw_long_bytes(&s->pk, b, (size_t)nb, &s->err));
+        rc = PK(mlu_ptw_long_bytes(&s->w, b, (size_t)nb, &s->err));
     }
 done:
     Py_XDECREF(nbits);
@@ -302,52 +198,36 @@ done:
     return rc;
 }
 
-/* SETITEM(S) batches over a list of (key, value) pairs, the way the C
- * pickler does it: `exact` for a real dict (batch_dict_exact: one item alone
- * uses SETITEM, otherwise MARK ... SETITEMS per 1000, with an empty batch
- * after an exact multiple of 1000), else for the items iterator an
- * OrderedDict's __reduce__ returns (batch_dict: a lone item in any batch uses
- * SETITEM). */
-static int save_items(saver *s, PyObject *items, const path_step *at, int attr, int exact)
+/* The items of a dict or OrderedDict, a list of (key, value) pairs, in the
+ * container seq the writer batches (SETITEM(S), as the pickler does). */
+static int save_items(saver *s, mlu_ptw_seq *seq, PyObject *items, const path_step *at, int attr)
 {
-    Py_ssize_t n = PyList_GET_SIZE(items), i = 0;
+    Py_ssize_t n = PyList_GET_SIZE(items), j;
 
-    if (n == 0)
-        return 0;
-    for (;;) {
-        Py_ssize_t batch = n - i < MLU_PK_BATCH ? n - i : MLU_PK_BATCH, j;
-        int single = exact ? n == 1 : batch == 1;
-        if (!exact && batch == 0)
-            break;
-        if (!single && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
+    for (j = 0; j < n; j++) {
+        PyObject *kv = PyList_GET_ITEM(items, j);
+        PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
+        path_step step = {at, k, j, attr};
+        if (PK(mlu_ptw_item(&s->w, seq, &s->err)) < 0 || save_obj(s, k, &step) < 0 || save_obj(s, v, &step) < 0)
             return -1;
-        for (j = i; j < i + batch; j++) {
-            PyObject *kv = PyList_GET_ITEM(items, j);
-            PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
-            path_step step = {at, k, j, attr};
-            if (save_obj(s, k, &step) < 0 || save_obj(s, v, &step) < 0)
-                return -1;
-        }
-        if (PK(mlu_pkw_op(&s->pk, single ? MLU_PK_SETITEM : MLU_PK_SETITEMS, &s->err)) < 0)
-            return -1;
-        i += batch;
-        if (single || batch < MLU_PK_BATCH)
-            break;
     }
-    return 0;
+    return PK(mlu_ptw_seq_end(&s->w, seq, NULL, &s->err));
 }
 
 static int save_dict(saver *s, PyObject *d, const path_step *at, int attr)
 {
-    PyObject *items;
-    int rc;
+    PyObject *items = PyDict_Items(d);
+    mlu_ptw_seq seq;
+    uint32_t idx = 0;
+    int rc = -1;
 
-    if (PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_DICT, &s->err)) < 0 || memo_put(s, d) < 0)
-        return -1;
-    items = PyDict_Items(d);
     if (items == NULL)
         return -1;
-    rc = save_items(s, items, at, attr, 1);
+    if (PK(mlu_ptw_dict_begin(&s->w, &seq, (size_t)PyList_GET_SIZE(items), &idx, &s->err)) < 0
+        || memo_record(s, d, idx) < 0)
+        goto done;
+    rc = save_items(s, &seq, items, at, attr);
+done:
     Py_DECREF(items);
     return rc;
 }
@@ -355,13 +235,17 @@ static int save_dict(saver *s, PyObject *d, const path_step *at, int attr)
 static int save_odict(saver *s, PyObject *d, const path_step *at)
 {
     PyObject *items = NULL, *state = NULL;
+    mlu_ptw_seq seq;
+    uint32_t idx = 0;
     int rc = -1;
 
-    if (put_global(s, G_ODICT) < 0 || PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_TUPLE, &s->err)) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0 || memo_put(s, d) < 0)
-        goto done;
     items = PyMapping_Items(d);
-    if (items == NULL || save_items(s, items, at, 0, 0) < 0)
+    if (items == NULL || !PyList_Check(items))
+        goto done;
+    if (PK(mlu_ptw_odict_begin(&s->w, &seq, (size_t)PyList_GET_SIZE(items), &idx, &s->err)) < 0
+        || memo_record(s, d, idx) < 0)
+        goto done;
+    if (save_items(s, &seq, items, at, 0) < 0)
         goto done;
     /* Attributes (a state dict's _metadata) travel as BUILD state, as
      * OrderedDict.__reduce__ gives them to pickle. */
@@ -372,7 +256,7 @@ static int save_odict(saver *s, PyObject *d, const path_step *at)
         int r = memo_get(s, state);
         if (r < 0 || (r == 0 && save_dict(s, state, at, 1) < 0))
             goto done;
-        if (PK(mlu_pkw_op(&s->pk, MLU_PK_BUILD, &s->err)) < 0)
+        if (PK(mlu_ptw_odict_state(&s->w, &s->err)) < 0)
             goto done;
     }
     rc = 0;
@@ -382,53 +266,46 @@ done:
     return rc;
 }
 
-/* The C pickler's batch_list_exact: one item alone uses APPEND, otherwise
- * MARK ... APPENDS per 1000 items. */
 static int save_list(saver *s, PyObject *l, const path_step *at)
 {
-    Py_ssize_t i = 0;
-    int single;
+    Py_ssize_t n = PyList_GET_SIZE(l), i;
+    mlu_ptw_seq seq;
+    uint32_t idx = 0;
 
-    if (PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_LIST, &s->err)) < 0 || memo_put(s, l) < 0)
+    if (PK(mlu_ptw_list_begin(&s->w, &seq, (size_t)n, &idx, &s->err)) < 0 || memo_record(s, l, idx) < 0)
         return -1;
-    if (PyList_GET_SIZE(l) == 0)
-        return 0;
-    single = PyList_GET_SIZE(l) == 1;
-    while (i < PyList_GET_SIZE(l)) {
-        Py_ssize_t batch = 0;
-        if (!single && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
+    for (i = 0; i < n; i++) {
+        PyObject *item;
+        path_step step = {at, NULL, i, 0};
+        int rc;
+        if (i >= PyList_GET_SIZE(l)) {
+            PyErr_SetString(PyExc_RuntimeError, "list changed size during save");
             return -1;
-        while (i < PyList_GET_SIZE(l) && batch < MLU_PK_BATCH) {
-            PyObject *item = PyList_GET_ITEM(l, i);
-            path_step step = {at, NULL, i, 0};
-            int rc;
-            Py_INCREF(item);
-            rc = save_obj(s, item, &step);
-            Py_DECREF(item);
-            if (rc < 0)
-                return -1;
-            i++;
-            batch++;
         }
-        if (PK(mlu_pkw_op(&s->pk, single ? MLU_PK_APPEND : MLU_PK_APPENDS, &s->err)) < 0)
+        item = PyList_GET_ITEM(l, i);
+        Py_INCREF(item);
+        rc = PK(mlu_ptw_item(&s->w, &seq, &s->err));
+        if (rc == 0)
+            rc = save_obj(s, item, &step);
+        Py_DECREF(item);
+        if (rc < 0)
             return -1;
     }
-    return 0;
+    return PK(mlu_ptw_seq_end(&s->w, &seq, NULL, &s->err));
 }
 
 static int save_tuple(saver *s, PyObject *t, const path_step *at)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(t), i;
-    static const int small[4] = {0, MLU_PK_TUPLE1, MLU_PK_TUPLE2, MLU_PK_TUPLE3};
+    mlu_ptw_seq seq;
+    uint32_t idx = MLU_PTW_NO_MEMO;
     int r;
 
-    if (n == 0)
-        return PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_TUPLE, &s->err));
-    if (n > 3 && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
+    if (PK(mlu_ptw_tuple_begin(&s->w, &seq, (size_t)n, &s->err)) < 0)
         return -1;
     for (i = 0; i < n; i++) {
         path_step step = {at, NULL, i, 0};
-        if (save_obj(s, PyTuple_GET_ITEM(t, i), &step) < 0)
+        if (PK(mlu_ptw_item(&s->w, &seq, &s->err)) < 0 || save_obj(s, PyTuple_GET_ITEM(t, i), &step) < 0)
             return -1;
     }
     r = memo_get(s, t);
@@ -437,51 +314,31 @@ static int save_tuple(saver *s, PyObject *t, const path_step *at)
     if (r > 0)
         return mlu_path_fail(PyExc_ValueError, "obj", at,
                        "a tuple that contains itself cannot be written in the weights-only format");
-    if (PK(mlu_pkw_op(&s->pk, n > 3 ? MLU_PK_TUPLE : small[n], &s->err)) < 0)
+    if (PK(mlu_ptw_seq_end(&s->w, &seq, &idx, &s->err)) < 0)
         return -1;
-    return memo_put(s, t);
-}
-
-/* A tuple of ints made up by the writer (size, stride): never shared. */
-static int save_int_tuple(saver *s, const int64_t *v, Py_ssize_t n)
-{
-    static const int small[4] = {0, MLU_PK_TUPLE1, MLU_PK_TUPLE2, MLU_PK_TUPLE3};
-    Py_ssize_t i;
-
-    if (n == 0)
-        return PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_TUPLE, &s->err));
-    if (n > 3 && PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0)
-        return -1;
-    for (i = 0; i < n; i++)
-        if (PK(mlu_pkw_int(&s->pk, v[i], &s->err)) < 0)
-            return -1;
-    if (PK(mlu_pkw_op(&s->pk, n > 3 ? MLU_PK_TUPLE : small[n], &s->err)) < 0)
-        return -1;
-    return PK(mlu_pkw_put(&s->pk, NULL, &s->err));
+    return idx == MLU_PTW_NO_MEMO ? 0 : memo_record(s, t, idx);
 }
 
 /* ------------------------------------------------------------------ tensors */
 
 /* Index of the storage with this identity, registering it the first time.
- * owner: borrowed (a new reference is kept). */
+ * owner: borrowed (a new reference is kept).  dtype: of the tensor viewing it. */
 static Py_ssize_t find_storage(saver *s, PyObject *map, PyObject *ident, PyObject *owner,
-                               const char *data, uint64_t nbytes, int is_torch, int sdtype,
+                               const char *data, uint64_t nbytes, int is_torch, int dtype,
                                const path_step *at)
 {
     PyObject *hit = PyDict_GetItemWithError(map, ident); /* borrowed */
-    PyObject *num = NULL, *key = NULL, *idx = NULL;
+    PyObject *num = NULL, *key = NULL;
     storage_rec *r;
+    size_t index = 0;
     Py_ssize_t i = -1;
 
     if (hit != NULL) {
         i = PyLong_AsSsize_t(hit);
         if (i < 0)
             return -1;
-        r = &s->st[i];
-        if (r->sdtype != sdtype) {
-            mlu_path_fail(PyExc_ValueError, "obj", at,
-                    "cannot save tensors that view the same storage as different types (%s and %s)",
-                    DTYPES[r->sdtype].name, DTYPES[sdtype].name);
+        if (mlu_ptw_storage_check(&s->w, (size_t)i, dtype, nbytes, &s->err) != MLU_OK) {
+            core_fail_at(s, at);
             return -1;
         }
         return i;
@@ -498,21 +355,24 @@ static Py_ssize_t find_storage(saver *s, PyObject *map, PyObject *ident, PyObjec
         s->st = n;
         s->cap = ncap;
     }
-    /* The key is str(len(...)), exactly as torch makes it. */
+    /* The key is str(len(...)), exactly as torch makes it (the writer writes
+     * the same digits; this object is what pickle's memo sees). */
     num = PyLong_FromSsize_t(s->nst);
     key = num ? PyObject_Str(num) : NULL;
-    idx = num;
-    if (key == NULL || PyDict_SetItem(map, ident, idx) < 0)
+    if (key == NULL)
+        goto done;
+    if (mlu_ptw_storage_add(&s->w, dtype, nbytes, data, &index, &s->err) != MLU_OK) {
+        core_fail_at(s, at);
+        goto done;
+    }
+    if (PyDict_SetItem(map, ident, num) < 0)
         goto done;
     r = &s->st[s->nst];
     r->key = key;
     key = NULL;
     Py_INCREF(owner);
     r->owner = owner;
-    r->data = data;
-    r->nbytes = nbytes;
     r->is_torch = is_torch;
-    r->sdtype = sdtype;
     i = s->nst++;
 done:
     Py_XDECREF(num);
@@ -521,7 +381,7 @@ done:
 }
 
 typedef struct tensor_desc {
-    int dt;                 /* dtype index */
+    int dt;                 /* dtype index (mlu_ptw_dtypes) */
     Py_ssize_t ndim;
     int64_t *size;          /* owned by the caller (ndim entries) */
     int64_t *stride;
@@ -531,44 +391,43 @@ typedef struct tensor_desc {
     PyObject *metadata;     /* borrowed dict or NULL */
 } tensor_desc;
 
-/* _rebuild_tensor_v2/v3(storage, offset, size, stride, requires_grad, hooks[, dtype][, metadata]). */
+/* Hands the tensor to the writer; the strings of its persistent id share
+ * pickle's memo with equal objects met before, as torch.save's pickler does. */
 static int emit_tensor(saver *s, PyObject *obj, const tensor_desc *d)
 {
-    const dtype_info *di = &DTYPES[d->dt];
-    const storage_rec *r = &s->st[d->storage];
-    int v3 = di->storage == NULL;
-    uint64_t numel = v3 ? r->nbytes : r->nbytes / (uint64_t)di->elsize;
+    PyObject *pid_obj[MLU_PTW_PID_COUNT];
+    uint32_t pid_memo[MLU_PTW_PID_COUNT], was[MLU_PTW_PID_COUNT], idx = 0;
+    mlu_ptw_tensor t;
+    int k;
 
-    if (put_global(s, v3 ? G_REBUILD_V3 : G_REBUILD_V2) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0
-        /* persistent id ('storage', class, key, 'cpu', numel) */
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_MARK, &s->err)) < 0
-        || save_str_memo(s, s->s_storage) < 0
-        || put_global(s, v3 ? G_UNTYPED : G_STORAGE0 + d->dt) < 0
-        || save_str_memo(s, r->key) < 0
-        || save_str_memo(s, s->s_cpu) < 0
-        || PK(mlu_pkw_int(&s->pk, (int64_t)numel, &s->err)) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_TUPLE, &s->err)) < 0
-        || PK(mlu_pkw_put(&s->pk, NULL, &s->err)) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_BINPERSID, &s->err)) < 0
-        || PK(mlu_pkw_int(&s->pk, d->offset, &s->err)) < 0
-        || save_int_tuple(s, d->size, d->ndim) < 0
-        || save_int_tuple(s, d->stride, d->ndim) < 0
-        || PK(mlu_pkw_bool(&s->pk, d->requires_grad, &s->err)) < 0
-        /* backward hooks: OrderedDict() */
-        || put_global(s, G_ODICT) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_TUPLE, &s->err)) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0
-        || PK(mlu_pkw_put(&s->pk, NULL, &s->err)) < 0)
+    pid_obj[MLU_PTW_PID_STORAGE] = s->s_storage;
+    pid_obj[MLU_PTW_PID_KEY] = s->st[d->storage].key;
+    pid_obj[MLU_PTW_PID_CPU] = s->s_cpu;
+    for (k = 0; k < MLU_PTW_PID_COUNT; k++) {
+        int r = memo_lookup(s, pid_obj[k], &pid_memo[k]);
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            pid_memo[k] = MLU_PTW_NO_MEMO;
+        was[k] = pid_memo[k];
+    }
+    t.dtype = d->dt;
+    t.ndim = (size_t)d->ndim;
+    t.shape = d->size;
+    t.stride = d->stride;
+    t.offset = d->offset;
+    t.requires_grad = d->requires_grad;
+    t.storage = (size_t)d->storage;
+    if (PK(mlu_ptw_tensor_begin(&s->w, &t, pid_memo, &s->err)) < 0)
         return -1;
-    if (v3 && put_global(s, G_DTYPE0 + d->dt) < 0)
-        return -1;
+    for (k = 0; k < MLU_PTW_PID_COUNT; k++)
+        if (was[k] == MLU_PTW_NO_MEMO && memo_record(s, pid_obj[k], pid_memo[k]) < 0)
+            return -1;
     if (d->metadata != NULL && save_obj(s, d->metadata, NULL) < 0)
         return -1;
-    if (PK(mlu_pkw_op(&s->pk, MLU_PK_TUPLE, &s->err)) < 0 || PK(mlu_pkw_put(&s->pk, NULL, &s->err)) < 0
-        || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0)
+    if (PK(mlu_ptw_tensor_end(&s->w, &idx, &s->err)) < 0)
         return -1;
-    return memo_put(s, obj);
+    return memo_record(s, obj, idx);
 }
 
 /* Reads a tuple of ints into a new array (mlu_free); NULL with an exception on error. */
@@ -656,19 +515,14 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
     if (strcmp(kind, "param") == 0) {
         /* _rebuild_parameter(data, requires_grad, OrderedDict()) */
         int rg = PyObject_IsTrue(PyTuple_GET_ITEM(desc, 2));
-        if (rg < 0 || put_global(s, G_REBUILD_PARAM) < 0)
+        uint32_t idx = 0;
+        if (rg < 0 || PK(mlu_ptw_param_begin(&s->w, &s->err)) < 0)
             goto done;
         if (save_torch(s, PyTuple_GET_ITEM(desc, 1), at) < 0)
             goto done;
-        if (PK(mlu_pkw_bool(&s->pk, rg, &s->err)) < 0 || put_global(s, G_ODICT) < 0
-            || PK(mlu_pkw_op(&s->pk, MLU_PK_EMPTY_TUPLE, &s->err)) < 0
-            || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0
-            || PK(mlu_pkw_put(&s->pk, NULL, &s->err)) < 0
-            || PK(mlu_pkw_op(&s->pk, MLU_PK_TUPLE3, &s->err)) < 0
-            || PK(mlu_pkw_put(&s->pk, NULL, &s->err)) < 0
-            || PK(mlu_pkw_op(&s->pk, MLU_PK_REDUCE, &s->err)) < 0)
+        if (PK(mlu_ptw_param_end(&s->w, rg, &idx, &s->err)) < 0)
             goto done;
-        rc = memo_put(s, t);
+        rc = memo_record(s, t, idx);
         goto done;
     }
     if (PyTuple_GET_SIZE(desc) != 10) {
@@ -678,7 +532,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
     dname = PyUnicode_AsUTF8(PyTuple_GET_ITEM(desc, 1));
     if (dname == NULL)
         goto done;
-    d.dt = dtype_index(dname);
+    d.dt = mlu_ptw_dtype_find(dname);
     if (d.dt < 0) {
         mlu_path_fail(PyExc_TypeError, "obj", at, "tensors of dtype torch.%s cannot be saved", dname);
         goto done;
@@ -701,22 +555,12 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
         goto done;
     {
         unsigned long long nbytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(desc, 8));
-        const dtype_info *di = &DTYPES[d.dt];
         if (nbytes == (unsigned long long)-1 && PyErr_Occurred())
             goto done;
-        if (di->storage != NULL && nbytes % (unsigned long long)di->elsize != 0) {
-            mlu_path_fail(PyExc_ValueError, "obj", at, "storage of %llu bytes is not a whole number of %s elements",
-                    nbytes, di->name);
-            goto done;
-        }
         d.storage = find_storage(s, s->tmap, PyTuple_GET_ITEM(desc, 6), PyTuple_GET_ITEM(desc, 7), NULL,
-                                 nbytes, 1, di->storage != NULL ? d.dt : dtype_index("uint8"), at);
+                                 nbytes, 1, d.dt, at);
         if (d.storage < 0)
             goto done;
-        if (s->st[d.storage].nbytes != nbytes) {
-            mlu_path_fail(PyExc_ValueError, "obj", at, "a shared storage changed size while saving");
-            goto done;
-        }
     }
     if (PyTuple_GET_ITEM(desc, 9) != Py_None)
         d.metadata = PyTuple_GET_ITEM(desc, 9);
@@ -743,25 +587,25 @@ static int numpy_dtype(PyArray_Descr *descr)
             return -1;
         for (i = 0; i < sizeof(ml) / sizeof(ml[0]); i++)
             if (strcmp(mod + 10, ml[i]) == 0) {
-                int k = dtype_index(ml[i]);
-                return DTYPES[k].elsize == es ? k : -1;
+                int k = mlu_ptw_dtype_find(ml[i]);
+                return k >= 0 && mlu_ptw_dtypes[k].elsize == es ? k : -1;
             }
         return -1;
     }
     switch (descr->kind) {
     case 'b':
-        return es == 1 ? dtype_index("bool") : -1;
+        return es == 1 ? mlu_ptw_dtype_find("bool") : -1;
     case 'i':
-        return es == 1 ? dtype_index("int8") : es == 2 ? dtype_index("int16")
-             : es == 4 ? dtype_index("int32") : es == 8 ? dtype_index("int64") : -1;
+        return es == 1 ? mlu_ptw_dtype_find("int8") : es == 2 ? mlu_ptw_dtype_find("int16")
+             : es == 4 ? mlu_ptw_dtype_find("int32") : es == 8 ? mlu_ptw_dtype_find("int64") : -1;
     case 'u':
-        return es == 1 ? dtype_index("uint8") : es == 2 ? dtype_index("uint16")
-             : es == 4 ? dtype_index("uint32") : es == 8 ? dtype_index("uint64") : -1;
+        return es == 1 ? mlu_ptw_dtype_find("uint8") : es == 2 ? mlu_ptw_dtype_find("uint16")
+             : es == 4 ? mlu_ptw_dtype_find("uint32") : es == 8 ? mlu_ptw_dtype_find("uint64") : -1;
     case 'f':
-        return es == 2 ? dtype_index("float16") : es == 4 ? dtype_index("float32")
-             : es == 8 ? dtype_index("float64") : -1;
+        return es == 2 ? mlu_ptw_dtype_find("float16") : es == 4 ? mlu_ptw_dtype_find("float32")
+             : es == 8 ? mlu_ptw_dtype_find("float64") : -1;
     case 'c':
-        return es == 8 ? dtype_index("complex64") : es == 16 ? dtype_index("complex128") : -1;
+        return es == 8 ? mlu_ptw_dtype_find("complex64") : es == 16 ? mlu_ptw_dtype_find("complex128") : -1;
     default:
         return -1;
     }
@@ -787,7 +631,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
         }
         return -1;
     }
-    es = DTYPES[d.dt].elsize;
+    es = mlu_ptw_dtypes[d.dt].elsize;
     if (!PyArray_ISNOTSWAPPED(a)) {
         /* Byte-swapped data: torch wants native order, so this one is copied. */
         PyArray_Descr *native = PyArray_DescrNewByteorder(descr, NPY_NATIVE); /* new ref */
@@ -835,8 +679,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
             ident = PyLong_FromVoidPtr(root);
             if (ident == NULL)
                 goto done;
-            d.storage = find_storage(s, s->nmap, ident, (PyObject *)root, base, nbytes, 0,
-                                     DTYPES[d.dt].storage != NULL ? d.dt : dtype_index("uint8"), at);
+            d.storage = find_storage(s, s->nmap, ident, (PyObject *)root, base, nbytes, 0, d.dt, at);
             if (d.storage < 0)
                 goto done;
             break;
@@ -883,13 +726,13 @@ static int save_obj_inner(saver *s, PyObject *o, const path_step *at)
     int r;
 
     if (o == Py_None)
-        return PK(mlu_pkw_op(&s->pk, MLU_PK_NONE, &s->err));
+        return PK(mlu_ptw_none(&s->w, &s->err));
     if (o == Py_True || o == Py_False)
-        return PK(mlu_pkw_bool(&s->pk, o == Py_True, &s->err));
+        return PK(mlu_ptw_bool(&s->w, o == Py_True, &s->err));
     if (PyLong_CheckExact(o))
         return save_long(s, o, at);
     if (PyFloat_Check(o))
-        return PK(mlu_pkw_float(&s->pk, PyFloat_AS_DOUBLE(o), &s->err));
+        return PK(mlu_ptw_float(&s->w, PyFloat_AS_DOUBLE(o), &s->err));
     r = memo_get(s, o);
     if (r != 0)
         return r < 0 ? -1 : 0;
@@ -952,135 +795,31 @@ static int save_obj(saver *s, PyObject *o, const path_step *at)
 
 /* ------------------------------------------------------------------ writing */
 
-typedef struct file_sink {
-    mlu_afile f;
-    uint64_t flushed;   /* bytes already handed to writeback */
-} file_sink;
-
-/* Start writeback every this many bytes, so the fsync at commit finds most
- * of the file already on its way to the disk. */
-#define WRITEBACK_STEP ((uint64_t)64 << 20)
-
-static mlu_status sink_file(void *ctx, const void *p, size_t n, mlu_error *err)
+/* Writes the archive through sink.  storage_bytes(storage) -> (keepalive,
+ * address, nbytes) gives a torch storage's CPU bytes (copied off a device);
+ * the bytes go to the sink with the GIL released. */
+static int write_zip(saver *s, const char *archive, mlu_zipw_sink sink, void *ctx, uint64_t limit,
+                     PyObject *storage_bytes)
 {
-    file_sink *fs = ctx;
-    mlu_status st = mlu_afile_write(&fs->f, p, n, err);
-
-#ifdef __linux__
-    if (st == MLU_OK && fs->f.written - fs->flushed >= WRITEBACK_STEP) {
-        /* advisory: a failure here only means the fsync does all the work */
-        (void)sync_file_range(fs->f.fd, (off64_t)fs->flushed, (off64_t)(fs->f.written - fs->flushed),
-                              SYNC_FILE_RANGE_WRITE);
-        fs->flushed = fs->f.written;
-    }
-#endif
-    return st;
-}
-
-/* A bytes object sized from archive_bound, filled in place. */
-typedef struct bytes_sink {
-    char *p;     /* borrowed: the bytes object's buffer */
-    size_t len, cap;
-} bytes_sink;
-
-static mlu_status sink_bytes(void *ctx, const void *p, size_t n, mlu_error *err)
-{
-    bytes_sink *b = ctx;
-
-    if (n > b->cap - b->len)
-        return mlu_error_set(err, MLU_EOVERFLOW, -1, "archive outgrew its computed size");
-    memcpy(b->p + b->len, p, n);
-    b->len += n;
-    return MLU_OK;
-}
-
-/* An upper bound of the archive's size (records, headers, padding, central
- * directory, end records); -1 with OverflowError when it does not fit. */
-static int archive_bound(const saver *s, size_t prefix_len, size_t *out)
-{
-    /* local header + name + zip64 extra + FB field and padding + descriptor
-     * + central header + name + zip64 extra, for a name of up to 32 bytes */
-    size_t per = 30 + (prefix_len + 32) + 28 + 4 + 255 + 24 + 46 + (prefix_len + 32) + 28;
-    size_t total = 98 + 6 * per + 16, add;
+    PyObject *got = NULL;  /* owned: the current torch storage's (keepalive, address, nbytes) */
     Py_ssize_t i;
-    int bad = mlu_add_overflow_size(total, s->pk.buf.len, &total);
-
-    for (i = 0; i < s->nst && !bad; i++) {
-        bad |= s->st[i].nbytes > (uint64_t)SIZE_MAX;
-        bad |= mlu_add_overflow_size((size_t)s->st[i].nbytes, per, &add);
-        bad |= mlu_add_overflow_size(total, add, &total);
-    }
-    if (bad || total > (size_t)PY_SSIZE_T_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "the archive is too large to build in memory");
-        return -1;
-    }
-    *out = total;
-    return 0;
-}
-
-/* The `.data/serialization_id` record torch.save ends with. */
-static int add_serialization_id(saver *s, mlu_zipw *zw)
-{
-    const char **names = mlu_malloc((zw->count ? zw->count : 1) * sizeof(char *));
-    uint32_t *crcs = mlu_malloc((zw->count ? zw->count : 1) * sizeof(uint32_t));
-    uint64_t *sizes = mlu_malloc((zw->count ? zw->count : 1) * sizeof(uint64_t));
-    char id[41];
-    size_t i;
-    mlu_status st = MLU_ENOMEM;
+    mlu_status st;
     int rc = -1;
 
-    if (names == NULL || crcs == NULL || sizes == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < zw->count; i++) {
-        names[i] = zw->entries[i].name + zw->prefix_len;
-        crcs[i] = zw->entries[i].crc;
-        sizes[i] = zw->entries[i].size;
-    }
-    st = mlu_pt_serialization_id(names, crcs, sizes, zw->count, id, &s->err);
-    if (st == MLU_ENOTSUP) {
-        /* optional for readers: left out past what the id computation covers */
-        mlu_error_clear(&s->err);
-        rc = 0;
-        goto done;
-    }
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_ptw_archive_begin(&s->w, archive, sink, ctx, limit, &s->err);
+    Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
         core_fail(s);
         goto done;
     }
-    rc = PK(mlu_zipw_record(zw, ".data/serialization_id", id, 40, &s->err));
-done:
-    mlu_free(names);
-    mlu_free(crcs);
-    mlu_free(sizes);
-    return rc;
-}
-
-/* Writes the whole archive through zw.  storage_bytes(storage) -> (keepalive,
- * address, nbytes) gives a torch storage's CPU bytes (copied off a device). */
-static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
-{
-    static const char order[] = MLU_HOST_BYTEORDER;
-    PyObject *got = NULL;  /* owned: the current torch storage's (keepalive, address, nbytes) */
-    Py_ssize_t i;
-    mlu_status st;
-    char name[48];
-    int rc = -1;
-
-    if (PK(mlu_zipw_record(zw, "data.pkl", s->pk.buf.data, s->pk.buf.len, &s->err)) < 0
-        || PK(mlu_zipw_record(zw, ".format_version", "1", 1, &s->err)) < 0
-        || PK(mlu_zipw_record(zw, ".storage_alignment", "64", 2, &s->err)) < 0
-        || PK(mlu_zipw_record(zw, "byteorder", order, sizeof(order) - 1, &s->err)) < 0)
-        goto done;
     for (i = 0; i < s->nst; i++) {
-        storage_rec *r = &s->st[i];
-        const char *data = r->data;
-        uint64_t n = r->nbytes;
+        const void *data = s->w.st[i].data;
+        uint64_t n = s->w.st[i].nbytes;
 
-        if (r->is_torch) {
+        if (s->st[i].is_torch) {
             unsigned long long addr, nb;
-            got = PyObject_CallOneArg(storage_bytes, r->owner);
+            got = PyObject_CallOneArg(storage_bytes, s->st[i].owner);
             if (got == NULL)
                 goto done;
             if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 3) {
@@ -1091,20 +830,11 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
             nb = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 2));
             if (PyErr_Occurred())
                 goto done;
-            if (nb != n) {
-                PyErr_Format(PyExc_ValueError, "storage %zd changed size while saving (%llu bytes, then %llu)",
-                             i, (unsigned long long)n, nb);
-                goto done;
-            }
-            data = (const char *)(uintptr_t)addr;
+            data = (const void *)(uintptr_t)addr;
+            n = nb;
         }
-        snprintf(name, sizeof(name), "data/%zd", i);
         Py_BEGIN_ALLOW_THREADS
-        st = mlu_zipw_begin(zw, name, n, &s->err);
-        if (st == MLU_OK && n > 0)
-            st = mlu_zipw_payload(zw, data, (size_t)n, &s->err);
-        if (st == MLU_OK)
-            st = mlu_zipw_end(zw, &s->err);
+        st = mlu_ptw_archive_storage(&s->w, (size_t)i, data, n, &s->err);
         Py_END_ALLOW_THREADS
         Py_CLEAR(got);
         if (st != MLU_OK) {
@@ -1112,12 +842,8 @@ static int write_zip(saver *s, mlu_zipw *zw, PyObject *storage_bytes)
             goto done;
         }
     }
-    if (PK(mlu_zipw_record(zw, "version", "3\n", 2, &s->err)) < 0)
-        goto done;
-    if (add_serialization_id(s, zw) < 0)
-        goto done;
     Py_BEGIN_ALLOW_THREADS
-    st = mlu_zipw_finish(zw, &s->err);
+    st = mlu_ptw_archive_finish(&s->w, &s->err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
         core_fail(s);
@@ -1140,7 +866,7 @@ static void saver_free(saver *s)
     mlu_free(s->st);
     s->st = NULL;
     s->nst = 0;
-    mlu_pkw_free(&s->pk);
+    mlu_ptw_free(&s->w);
     Py_CLEAR(s->memo);
     Py_CLEAR(s->keep);
     Py_CLEAR(s->tmap);
@@ -1153,13 +879,11 @@ static void saver_free(saver *s)
 static int saver_init(saver *s, PyObject *tensor_type, PyObject *describe)
 {
     PyObject *collections;
-    int g;
 
     memset(s, 0, sizeof(*s));
-    mlu_pkw_init(&s->pk);
     mlu_error_clear(&s->err);
-    for (g = 0; g < G_COUNT; g++)
-        s->gmemo[g] = -1;
+    if (mlu_ptw_init(&s->w, &s->err) != MLU_OK)
+        return core_fail(s);
     s->tensor_type = tensor_type == Py_None ? NULL : tensor_type;
     s->describe = describe;
     s->memo = PyDict_New();
@@ -1189,16 +913,14 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     const char *archive;
     unsigned long long limit = MLU_ZIP64_LIMIT;
     saver s;
-    mlu_zipw zw;
-    file_sink fs;
-    bytes_sink mem = {NULL, 0, 0};
+    mlu_ptw_filesink fs;
+    mlu_ptw_memsink mem = {NULL, 0, 0};
     PyObject *out = NULL;
-    int have_file = 0, have_zip = 0;
+    int have_file = 0;
     path_step root = {NULL, NULL, 0, 0};
     mlu_status st;
 
     (void)module;
-    memset(&zw, 0, sizeof(zw));
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsOOO|K:_ptsave_write", kwlist, &obj, &path,
                                      &archive, &tensor_type, &describe, &storage_bytes, &limit))
         return NULL;
@@ -1212,9 +934,9 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     }
     if (saver_init(&s, tensor_type, describe) < 0)
         goto done;
-    if (mlu_pkw_proto(&s.pk, &s.err) != MLU_OK || save_obj(&s, obj, &root) < 0)
+    if (save_obj(&s, obj, &root) < 0)
         goto error_core;
-    if (mlu_pkw_op(&s.pk, MLU_PK_STOP, &s.err) != MLU_OK)
+    if (mlu_ptw_pickle_end(&s.w, &s.err) != MLU_OK)
         goto error_core;
     if (path != Py_None) {
         const char *p = PyBytes_AS_STRING(path);
@@ -1229,22 +951,16 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
         have_file = 1;
     } else {
         size_t bound;
-        if (archive_bound(&s, strlen(archive) + 1, &bound) < 0)
-            goto done;
+        if (mlu_ptw_archive_bound(&s.w, strlen(archive), &bound, &s.err) != MLU_OK)
+            goto error_core;
         out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
         if (out == NULL)
             goto done;
         mem.p = PyBytes_AS_STRING(out);
         mem.cap = bound;
     }
-    if (mlu_zipw_init(&zw, archive, have_file ? sink_file : sink_bytes,
-                      have_file ? (void *)&fs : (void *)&mem, &s.err) != MLU_OK) {
-        core_fail(&s);
-        goto done;
-    }
-    have_zip = 1;
-    zw.zip64_limit = limit;
-    if (write_zip(&s, &zw, storage_bytes) < 0)
+    if (write_zip(&s, archive, have_file ? mlu_ptw_sink_file : mlu_ptw_sink_mem,
+                  have_file ? (void *)&fs : (void *)&mem, limit, storage_bytes) < 0)
         goto done;
     if (have_file) {
         Py_BEGIN_ALLOW_THREADS
@@ -1269,8 +985,6 @@ error_core:
 done:
     if (have_file)
         mlu_afile_abort(&fs.f);
-    if (have_zip)
-        mlu_zipw_free(&zw);
     Py_XDECREF(out);
     saver_free(&s);
     return res;
