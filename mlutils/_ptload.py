@@ -68,6 +68,8 @@ def numpy_dtype(name: str) -> np.dtype:
 def _np_array(storage: np.ndarray, name: str, offset: int, shape: tuple, stride: tuple) -> np.ndarray:
     dt = numpy_dtype(name)
     isz = dt.itemsize
+    if 0 in shape:  # an empty view may start anywhere (torch loads it); it has no bytes to view
+        offset = 0
     return np.ndarray(shape, dtype=dt, buffer=storage, offset=offset * isz,
                       strides=tuple(s * isz for s in stride))
 
@@ -177,13 +179,32 @@ class _TensorInfo(NamedTuple):
     nbytes: int
 
 
+class _IndexedTensor(_TensorInfo):
+    """A tensor as read_index/verify see it.  It takes the Python attributes of a tensor
+    (``t.note = "x"`` before torch.save) as a loaded torch tensor would: each is first set on
+    an empty torch tensor of the same dtype (and kind) when torch is importable, so that
+    verify() refuses exactly what a load would refuse."""
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        torch = _import_torch()
+        if torch is not None:
+            rg, is_param = self.__dict__.get("_flags", (0, 0))
+            probe = torch.empty(0, dtype=getattr(torch, self.dtype))
+            if is_param:
+                probe = torch.nn.Parameter(probe, requires_grad=bool(rg))
+            setattr(probe, attr, value)
+        self.__dict__[attr] = value
+
+
 def _index_hooks() -> tuple:
     def tensor(storage: Any, key: str, name: str, offset: int, shape: tuple, stride: tuple,
                requires_grad: int, is_parameter: int) -> _TensorInfo:
         numel = 1
         for s in shape:
             numel *= s
-        return _TensorInfo(key, name, tuple(shape), numel * _ITEMSIZE[name])
+        info = _IndexedTensor(key, name, tuple(shape), numel * _ITEMSIZE[name])
+        info.__dict__["_flags"] = (requires_grad, is_parameter)
+        return info
 
     return (tensor, str, tuple, _NumpyHooks.device)
 

@@ -153,6 +153,57 @@ done:
  * before it: this many tail bytes hold both. */
 #define TAIL_MAX (EOCD_SIZE + 0xFFFFu + LOCATOR_SIZE)
 
+typedef struct zip_span {
+    uint64_t start, end;  /* local header to the end of the payload */
+    size_t idx;
+} zip_span;
+
+static int cmp_span(const void *a, const void *b)
+{
+    const zip_span *x = a, *y = b;
+    if (x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+/* Refuses two records whose bytes (local header through payload) overlap:
+ * torch.load reads them into independent tensors, while views of one
+ * mapping would alias each other (a write to one changing the other). */
+static mlu_status check_overlap(const mlu_zip *z, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    zip_span *sp = NULL;  /* owned */
+    size_t i;
+
+    if (z->count < 2)
+        goto done;
+    sp = mlu_calloc(z->count, sizeof(*sp));
+    if (sp == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %zu zip entries", z->count);
+        goto done;
+    }
+    for (i = 0; i < z->count; i++) {
+        sp[i].start = z->entries[i].lfh_offset;
+        sp[i].end = z->entries[i].data_offset + z->entries[i].csize;  /* checked <= the directory offset */
+        sp[i].idx = i;
+    }
+    qsort(sp, z->count, sizeof(*sp), cmp_span);
+    for (i = 1; i < z->count; i++) {
+        if (sp[i].start < sp[i - 1].end) {
+            const mlu_zip_entry *a = &z->entries[sp[i - 1].idx], *b = &z->entries[sp[i].idx];
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)b->lfh_offset,
+                               "zip records '%.*s' (bytes %llu..%llu) and '%.*s' (from byte %llu) overlap",
+                               (int)a->name_len, a->name, (unsigned long long)sp[i - 1].start,
+                               (unsigned long long)sp[i - 1].end, (int)b->name_len, b->name,
+                               (unsigned long long)sp[i].start);
+            goto done;
+        }
+    }
+done:
+    mlu_free(sp);
+    return st;
+}
+
 mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
@@ -355,6 +406,8 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
             goto error;
         }
     }
+    if ((st = check_overlap(z, err)) != MLU_OK)
+        goto error;
     st = MLU_OK;
     goto done;
 error:
