@@ -125,6 +125,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     data: Any = torch_load(src, framework="np", module_key=args.module_key)
     if is_safetensors_path(src) and len(data) == 1:
         data = data[args.module_key]  # plain tensors, no checkpoint metadata
+    elif not is_safetensors_path(src) and not isinstance(data, dict):
+        data = {"tensor": data}  # torch.save of one tensor: safetensors holds named tensors
     with _WriteProgress(dst, total):
         torch_save(data, dst, module_key=args.module_key if is_safetensors_path(dst) else None)
     print(f"wrote {dst} ({_human(os.path.getsize(dst))})")

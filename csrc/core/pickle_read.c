@@ -467,7 +467,8 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
 /* Checks tensor t's view (dtype resolved) against its storage of `nbytes`:
  * the element count must fit int64 (torch: "numel: integer multiplication
  * overflow"), a non-empty view must lie inside the storage; an empty view
- * may have any offset (torch loads it). */
+ * may have any offset, and a stride-0 view any byte size (torch loads
+ * both). */
 static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *err)
 {
     mlu_status st = MLU_OK;
@@ -485,14 +486,15 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
             return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
                            "(torch: numel overflow)", at);
     }
-    if (empty) {
-        if (mlu_mul_overflow_u64(t->offset, isz, &tmp) || tmp > (uint64_t)INT64_MAX)
-            return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: storage offset overflows", at);
+    if (t->requires_grad && strncmp(mlu_pk_dtypes[t->dtype].name, "float", 5) != 0 &&
+        strncmp(mlu_pk_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_pk_dtypes[t->dtype].name, "complex", 7) != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
+                       "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
+                       mlu_pk_dtypes[t->dtype].name);
+    if (empty) {  /* torch loads an empty view with any offset (an int64, checked when read) */
         t->end_bytes = 0;
         return st;
     }
-    if (mlu_mul_overflow_u64((uint64_t)numel, isz, &tmp) || tmp > (uint64_t)INT64_MAX)
-        return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its size in bytes overflows", at);
     for (i = 0; i < t->ndim; i++) {
         if (mlu_mul_overflow_u64((uint64_t)(t->shape[i] - 1), (uint64_t)t->stride[i], &tmp) ||
             mlu_add_overflow_u64(last, tmp, &last))
