@@ -211,28 +211,41 @@ def _index_hooks() -> tuple:
 
 def _walk(root: Any) -> list:
     """Tensors of the object with dotted paths, depth first in container order.  Iterative (no
-    recursion limit); a container reached twice (shared through the pickle memo, or holding itself)
-    is listed under its first path only, so a crafted DAG cannot make the walk exponential."""
+    recursion limit) over one iterator per open container, so memory grows with the depth, not
+    with the number of items; a path is spelled only for a tensor.  A container reached twice
+    (shared through the pickle memo, or holding itself) is listed under its first path only, so a
+    crafted DAG cannot make the walk exponential."""
     out: list = []
-    seen: set = set()
-    stack: list = [(root, "")]
+
+    def entry(info: _TensorInfo, node: Any) -> None:
+        keys = []
+        while node is not None:
+            node, k = node
+            keys.append(str(k))
+        out.append({"name": ".".join(reversed(keys)), "dtype": info.dtype, "shape": list(info.shape),
+                    "nbytes": info.nbytes, "storage": info.key})
+
+    def children(obj: Any) -> Any:
+        return iter(obj.items()) if isinstance(obj, dict) else enumerate(obj)
+
+    if isinstance(root, _TensorInfo):
+        entry(root, None)
+        return out
+    if not isinstance(root, (dict, list, tuple)):
+        return out
+    seen = {id(root)}
+    stack: list = [(children(root), None)]
     while stack:
-        obj, prefix = stack.pop()
-        if isinstance(obj, _TensorInfo):
-            out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
-                        "storage": obj.key})
-            continue
-        if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
+        it, node = stack[-1]
+        for k, v in it:
+            if isinstance(v, _TensorInfo):
+                entry(v, (node, k))
+            elif isinstance(v, (dict, list, tuple)) and len(v) and id(v) not in seen:
+                seen.add(id(v))
+                stack.append((children(v), (node, k)))
+                break
         else:
-            continue
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        for k, v in reversed(items):
-            stack.append((v, f"{prefix}.{k}" if prefix else k))
+            stack.pop()
     return out
 
 
