@@ -243,3 +243,70 @@ def test_mmap_views_do_not_alias_across_records(torch, tmp_path):
     ours["a"] += 5
     assert torch.equal(ours["b"], torch.ones(16))
     assert torch.equal(torch.load(p, weights_only=True)["a"], torch.zeros(16))  # a private mapping
+
+
+def torch_file(torch, tmp_path):
+    p = tmp_path / "src.pt"
+    torch.save({"w": torch.arange(4, dtype=torch.float32), "b": torch.ones(2, dtype=torch.int64)}, p)
+    return p.read_bytes()
+
+
+def cd_entry(data, name):
+    i = data.index(b"PK\x01\x02")
+    while data[i + 46:i + 46 + len(name)] != name.encode():
+        i = data.index(b"PK\x01\x02", i + 4)
+    return i
+
+
+def patched(data, at, fmt, value):
+    b = bytearray(data)
+    struct.pack_into(fmt, b, at, value)
+    return bytes(b)
+
+
+def fix_crc(data, name):
+    """Rewrites the directory CRC-32 of stored record `name` to match its (edited) bytes."""
+    cd = cd_entry(data, name)
+    size, = struct.unpack_from("<I", data, cd + 24)
+    lfh, = struct.unpack_from("<I", data, cd + 42)
+    n, x = struct.unpack_from("<HH", data, lfh + 26)
+    start = lfh + 30 + n + x
+    return patched(data, cd + 16, "<I", zlib.crc32(data[start:start + size]))
+
+
+def test_zip_fields_torch_refuses(torch, tmp_path):
+    """Fields of a real torch.save file that make torch.load fail make every path here fail too
+    (found by comparing mutated files with torch.load)."""
+    data = torch_file(torch, tmp_path)
+    cd = cd_entry(data, "src/data/0")
+    cases = {
+        "disk-start": (patched(data, cd + 34, "<H", 3), "multi-disk"),
+        "masked-headers": (patched(data, cd + 8, "<H", 0x2008), "encrypted"),
+        "strong-encryption": (patched(data, cd + 8, "<H", 0x0048), "encrypted"),
+    }
+    pkl_at = data.index(b"PK\x03\x04")
+    body = data.index(b"X\x01\x00\x00\x00w", pkl_at)  # the key 'w' in data.pkl (stored record)
+    cases["pickle-utf8"] = (fix_crc(patched(data, body + 5, "B", 0xFF), "src/data.pkl"), "not valid UTF-8")
+    sid = data.find(b"src/.data/serialization_id")
+    if sid >= 0:
+        lfh = data.rindex(b"PK\x03\x04", 0, sid)
+        n, x = struct.unpack_from("<HH", data, lfh + 26)
+        cases["serialization-id"] = (fix_crc(patched(data, lfh + 30 + n + x, "B", 0xFF), "src/.data/serialization_id"),
+                                     "serialization_id")
+    for name, (bad, words) in cases.items():
+        p = write(tmp_path, bad, f"{name}.pt")
+        with pytest.raises(Exception):
+            torch.load(p, weights_only=True)
+        for fn in all_paths(p).values():
+            with pytest.raises(TorchFormatError, match=words):
+                fn()
+
+
+def test_directory_attribute_is_refused(torch, tmp_path):
+    """A record whose external attributes say "directory": torch.load hands back bytes it never
+    read for it (differing run to run); every path here refuses the file."""
+    data = torch_file(torch, tmp_path)
+    p = write(tmp_path, patched(data, cd_entry(data, "src/data/0") + 38, "<I", 0x10))
+    for name, fn in all_paths(p).items():
+        with pytest.raises(TorchFormatError, match="'src/data/0' is marked as a directory"):
+            fn()

@@ -875,6 +875,46 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
             OOM();                                                                                      \
     } while (0)
 
+/* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
+ * surrogates only with `surrogates` (Python's "surrogatepass"). */
+int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates)
+{
+    size_t i = 0, k, j;
+    uint32_t c;
+
+    while (i < n) {
+        uint8_t b = p[i];
+        if (b < 0x80) {
+            i++;
+            continue;
+        }
+        if (b >= 0xC2 && b <= 0xDF) {
+            k = 1;
+            c = b & 0x1Fu;
+        } else if (b >= 0xE0 && b <= 0xEF) {
+            k = 2;
+            c = b & 0x0Fu;
+        } else if (b >= 0xF0 && b <= 0xF4) {
+            k = 3;
+            c = b & 0x07u;
+        } else {
+            return 0;
+        }
+        if (n - i - 1 < k)
+            return 0;
+        for (j = 1; j <= k; j++) {
+            if ((p[i + j] & 0xC0) != 0x80)
+                return 0;
+            c = (c << 6) | (p[i + j] & 0x3Fu);
+        }
+        if ((k == 2 && c < 0x800) || (k == 3 && (c < 0x10000 || c > 0x10FFFF)) ||
+            (!surrogates && c >= 0xD800 && c <= 0xDFFF))
+            return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
 static uint32_t rd32(const uint8_t *p)
 {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
@@ -1008,6 +1048,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                 n = data[pos++];
             }
             NEED(n);
+            /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
+             * UTF-8 while unpickling: every string, used or not */
+            if (!mlu_pk_utf8_valid(data + pos, n, op == 'X')) {
+                VM_FAIL(MLU_EFORMAT, at, "string at byte %zu is not valid UTF-8", at);
+                goto error;
+            }
             node = new_node(vm, MLU_PK_STR);
             if (node == MLU_PK_NONE_ID)
                 OOM();

@@ -158,7 +158,7 @@ done:
 static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo;
+    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo, *sid;
     const char *prefix, *slash;
     size_t pl, i, ppos = 0;
     const uint8_t *pickle;
@@ -227,6 +227,17 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     if (version < 1 || version > MAX_VERSION) {
         mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
         goto done;
+    }
+    sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
+    if (sid != NULL) {  /* torch.load reads it as a str: it must be UTF-8 */
+        char idbuf[256];
+        if ((st = small_record(pt, sid, idbuf, sizeof(idbuf), err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        if (!mlu_pk_utf8_valid((const uint8_t *)idbuf, (size_t)sid->usize, 0)) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
+            goto done;
+        }
     }
     bo = find_record(pt, prefix, pl, "byteorder", 9);
     if (bo != NULL) {

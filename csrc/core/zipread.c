@@ -257,6 +257,10 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
     if (eocd >= tail_start + LOCATOR_SIZE && memcmp(tail + (eocd - tail_start) - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
         uint64_t loc_at = eocd - LOCATOR_SIZE;
         uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
+        if (rd32(tail + (loc_at - tail_start) + 4) != 0 || rd32(tail + (loc_at - tail_start) + 16) != 1) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "multi-disk zip archives are not supported (zip64 locator)");
+            goto error;
+        }
         if (off64 > loc_at || loc_at - off64 < EOCD64_MIN) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "zip64 locator at byte %llu points outside the file",
                           (unsigned long long)loc_at);
@@ -268,6 +272,10 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if (memcmp(e64, "PK\x06\x06", 4) != 0) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
                           (unsigned long long)off64);
+            goto error;
+        }
+        if (rd32(e64 + 16) != 0 || rd32(e64 + 20) != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "multi-disk zip archives are not supported (zip64 end record)");
             goto error;
         }
         count = rd64(e64 + 32);
@@ -351,7 +359,20 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if (st != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (e->flags & 1u) {
+        if (rd16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is on disk %u: multi-disk archives are not supported",
+                          (int)nl, e->name, rd16(h + 34));
+            goto error;
+        }
+        /* torch's miniz takes a record whose MS-DOS attributes say "directory" for one, and
+         * hands back bytes it never read: refuse it rather than differ */
+        if (rd32(h + 38) & 0x10u) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is marked as a directory (external attributes)",
+                          (int)nl, e->name);
+            goto error;
+        }
+        /* encrypted, strongly encrypted, masked local headers (refused by torch's miniz too) */
+        if (e->flags & (0x0001u | 0x0040u | 0x2000u)) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", (int)nl, e->name);
             goto error;
         }
