@@ -14,6 +14,12 @@ is the same as ``torch.load(mmap=True)``'s: with ``mmap=True`` (the default)
 tensors view the file's pages, and if the file is cut while they are alive,
 touching the vanished pages raises SIGBUS.  ``mmap=False`` copies the tensor
 bytes with pread and has no such hazard.
+
+Zip records whose bytes overlap are refused (TorchFormatError naming both
+records), never copied: so tensors viewing the mapping never alias across
+storages, as torch.load's tensors do not.  The pickle's work and memory are
+bounded by its size (a data.pkl that expands far beyond it is refused), and
+every check a load makes, verify() makes too.
 """
 from __future__ import annotations
 
@@ -147,7 +153,11 @@ def _import_torch() -> Any:
 
 
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
-    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes."""
+    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes.
+
+    Values are those of torch.load(weights_only=True), or TorchFormatError / UnsafePickleError
+    (nothing else) where torch would fail or differ; zip records that overlap are refused, not copied.
+    """
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = _MODE_MMAP if mmap else _MODE_COPY
