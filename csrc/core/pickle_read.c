@@ -280,7 +280,7 @@ static int grow_size(void **arr, size_t *cap, size_t need, size_t elem)
  * PK_COST_BASE).  Opcodes executed are bounded by the input bytes (each
  * consumes at least one), and REDUCE copies by the item charge.  Past the
  * budget the load stops with a format error ("expands beyond its size"). */
-#define PK_COST_PER_BYTE 32u
+#define PK_COST_PER_BYTE 64u
 #define PK_COST_BASE ((uint64_t)4 << 20)
 #define PK_COST_SCALAR 48u      /* C node + a small Python object and its memo slot */
 #define PK_COST_CONTAINER 128u  /* C node + an empty Python list/dict/tuple and its memo slot */
