@@ -128,6 +128,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     data: Any = torch_load(src, framework="np", module_key=load_key)
     if is_safetensors_path(src) and len(data) == 1:
         data = data[load_key]  # plain tensors, no checkpoint metadata
+    elif not is_safetensors_path(src) and not isinstance(data, Mapping):
+        data = {"tensor": data}  # torch.save of one tensor: safetensors holds named tensors
     if args.drop:
         if not isinstance(data, Mapping):
             raise ValueError(f"convert: --drop needs a checkpoint dict, {src} holds a {type(data).__name__}")

@@ -14,6 +14,12 @@ is the same as ``torch.load(mmap=True)``'s: with ``mmap=True`` (the default)
 tensors view the file's pages, and if the file is cut while they are alive,
 touching the vanished pages raises SIGBUS.  ``mmap=False`` copies the tensor
 bytes with pread and has no such hazard.
+
+Zip records whose bytes overlap are refused (TorchFormatError naming both
+records), never copied: so tensors viewing the mapping never alias across
+storages, as torch.load's tensors do not.  The pickle's work and memory are
+bounded by its size (a data.pkl that expands far beyond it is refused), and
+every check a load makes, verify() makes too.
 """
 from __future__ import annotations
 
@@ -68,6 +74,8 @@ def numpy_dtype(name: str) -> np.dtype:
 def _np_array(storage: np.ndarray, name: str, offset: int, shape: tuple, stride: tuple) -> np.ndarray:
     dt = numpy_dtype(name)
     isz = dt.itemsize
+    if 0 in shape:  # an empty view may start anywhere (torch loads it); it has no bytes to view
+        offset = 0
     return np.ndarray(shape, dtype=dt, buffer=storage, offset=offset * isz,
                       strides=tuple(s * isz for s in stride))
 
@@ -145,7 +153,11 @@ def _import_torch() -> Any:
 
 
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
-    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes."""
+    """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes.
+
+    Values are those of torch.load(weights_only=True), or TorchFormatError / UnsafePickleError
+    (nothing else) where torch would fail or differ; zip records that overlap are refused, not copied.
+    """
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = _MODE_MMAP if mmap else _MODE_COPY
@@ -177,41 +189,73 @@ class _TensorInfo(NamedTuple):
     nbytes: int
 
 
+class _IndexedTensor(_TensorInfo):
+    """A tensor as read_index/verify see it.  It takes the Python attributes of a tensor
+    (``t.note = "x"`` before torch.save) as a loaded torch tensor would: each is first set on
+    an empty torch tensor of the same dtype (and kind) when torch is importable, so that
+    verify() refuses exactly what a load would refuse."""
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        torch = _import_torch()
+        if torch is not None:
+            rg, is_param = self.__dict__.get("_flags", (0, 0))
+            probe = torch.empty(0, dtype=getattr(torch, self.dtype))
+            if is_param:
+                probe = torch.nn.Parameter(probe, requires_grad=bool(rg))
+            setattr(probe, attr, value)
+        self.__dict__[attr] = value
+
+
 def _index_hooks() -> tuple:
     def tensor(storage: Any, key: str, name: str, offset: int, shape: tuple, stride: tuple,
                requires_grad: int, is_parameter: int) -> _TensorInfo:
         numel = 1
         for s in shape:
             numel *= s
-        return _TensorInfo(key, name, tuple(shape), numel * _ITEMSIZE[name])
+        info = _IndexedTensor(key, name, tuple(shape), numel * _ITEMSIZE[name])
+        info.__dict__["_flags"] = (requires_grad, is_parameter)
+        return info
 
     return (tensor, str, tuple, _NumpyHooks.device)
 
 
 def _walk(root: Any) -> list:
     """Tensors of the object with dotted paths, depth first in container order.  Iterative (no
-    recursion limit); a container reached twice (shared through the pickle memo, or holding itself)
-    is listed under its first path only, so a crafted DAG cannot make the walk exponential."""
+    recursion limit) over one iterator per open container, so memory grows with the depth, not
+    with the number of items; a path is spelled only for a tensor.  A container reached twice
+    (shared through the pickle memo, or holding itself) is listed under its first path only, so a
+    crafted DAG cannot make the walk exponential."""
     out: list = []
-    seen: set = set()
-    stack: list = [(root, "")]
+
+    def entry(info: _TensorInfo, node: Any) -> None:
+        keys = []
+        while node is not None:
+            node, k = node
+            keys.append(str(k))
+        out.append({"name": ".".join(reversed(keys)), "dtype": info.dtype, "shape": list(info.shape),
+                    "nbytes": info.nbytes, "storage": info.key})
+
+    def children(obj: Any) -> Any:
+        return iter(obj.items()) if isinstance(obj, dict) else enumerate(obj)
+
+    if isinstance(root, _TensorInfo):
+        entry(root, None)
+        return out
+    if not isinstance(root, (dict, list, tuple)):
+        return out
+    seen = {id(root)}
+    stack: list = [(children(root), None)]
     while stack:
-        obj, prefix = stack.pop()
-        if isinstance(obj, _TensorInfo):
-            out.append({"name": prefix, "dtype": obj.dtype, "shape": list(obj.shape), "nbytes": obj.nbytes,
-                        "storage": obj.key})
-            continue
-        if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
+        it, node = stack[-1]
+        for k, v in it:
+            if isinstance(v, _TensorInfo):
+                entry(v, (node, k))
+            elif isinstance(v, (dict, list, tuple)) and len(v) and id(v) not in seen:
+                seen.add(id(v))
+                stack.append((children(v), (node, k)))
+                break
         else:
-            continue
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        for k, v in reversed(items):
-            stack.append((v, f"{prefix}.{k}" if prefix else k))
+            stack.pop()
     return out
 
 

@@ -37,30 +37,17 @@ const mlu_pk_dtype_info mlu_pk_dtypes[] = {
 };
 const int mlu_pk_dtype_count = (int)(sizeof(mlu_pk_dtypes) / sizeof(mlu_pk_dtypes[0]));
 
-/* torch's dtype aliases are the same objects as the canonical names */
-static const struct { const char *alias, *name; } dtype_aliases[] = {
-    {"float", "float32"}, {"double", "float64"}, {"half", "float16"}, {"long", "int64"},
-    {"int", "int32"}, {"short", "int16"}, {"cfloat", "complex64"}, {"cdouble", "complex128"},
-    {"chalf", "complex32"},
-};
-
 static int name_eq(const char *p, size_t n, const char *lit)
 {
     return strlen(lit) == n && memcmp(p, lit, n) == 0;
 }
 
+/* Canonical torch names only: torch's weights-only allowlist is keyed by
+ * str(dtype) ("torch.float32"), so GLOBAL torch.float or torch.half is
+ * refused there, and here. */
 int mlu_pk_dtype_find(const char *name, size_t len)
 {
     int i;
-    size_t a;
-
-    for (a = 0; a < sizeof(dtype_aliases) / sizeof(dtype_aliases[0]); a++) {
-        if (name_eq(name, len, dtype_aliases[a].alias)) {
-            name = dtype_aliases[a].name;
-            len = strlen(name);
-            break;
-        }
-    }
     for (i = 0; i < mlu_pk_dtype_count; i++)
         if (name_eq(name, len, mlu_pk_dtypes[i].name))
             return i;
@@ -104,7 +91,11 @@ static const struct { const char *module, *name; int id; } allowed_globals[] = {
     {"torch.storage", "UntypedStorage", G_UNTYPED_STORAGE},
 };
 
-/* On torch's weights_only allowlist, but not something this loader builds. */
+/* On torch's weights_only allowlist (torch._weights_only_unpickler.
+ * _get_allowed_globals), but not something this loader builds: a GLOBAL of
+ * one of these is a TorchFormatError, any other unknown GLOBAL is unsafe.
+ * Exact names only: tests/test_ptload_allowlist.py compares this table and
+ * the ones above with torch's, both ways. */
 static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch.serialization", "_get_layout"},
     {"torch._utils", "_rebuild_qtensor"},
@@ -115,31 +106,76 @@ static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch._utils", "_rebuild_device_tensor_from_cpu_tensor"},
     {"torch._utils", "_rebuild_device_tensor_from_numpy"},
     {"torch.storage", "TypedStorage"},
+    /* quantized dtypes, qschemes, sub-byte integer dtypes */
+    {"torch", "qint8"}, {"torch", "quint8"}, {"torch", "qint32"}, {"torch", "quint4x2"}, {"torch", "quint2x4"},
+    {"torch", "per_tensor_affine"}, {"torch", "per_channel_affine"}, {"torch", "per_tensor_symmetric"},
+    {"torch", "per_channel_symmetric"}, {"torch", "per_channel_affine_float_qparams"},
+    {"torch", "uint1"}, {"torch", "uint2"}, {"torch", "uint3"}, {"torch", "uint4"}, {"torch", "uint5"},
+    {"torch", "uint6"}, {"torch", "uint7"},
+    {"torch", "int1"}, {"torch", "int2"}, {"torch", "int3"}, {"torch", "int4"}, {"torch", "int5"},
+    {"torch", "int6"}, {"torch", "int7"},
+    /* quantized storage classes */
+    {"torch", "QInt32Storage"}, {"torch", "QInt8Storage"}, {"torch", "QUInt2x4Storage"},
+    {"torch", "QUInt4x2Storage"}, {"torch", "QUInt8Storage"},
+    /* legacy tensor classes */
+    {"torch", "BFloat16Tensor"}, {"torch", "BoolTensor"}, {"torch", "ByteTensor"}, {"torch", "CharTensor"},
+    {"torch", "DoubleTensor"}, {"torch", "FloatTensor"}, {"torch", "HalfTensor"}, {"torch", "IntTensor"},
+    {"torch", "LongTensor"}, {"torch", "ShortTensor"},
+    {"torch.cuda", "BFloat16Tensor"}, {"torch.cuda", "BoolTensor"}, {"torch.cuda", "ByteTensor"},
+    {"torch.cuda", "CharTensor"}, {"torch.cuda", "DoubleTensor"}, {"torch.cuda", "FloatTensor"},
+    {"torch.cuda", "HalfTensor"}, {"torch.cuda", "IntTensor"}, {"torch.cuda", "LongTensor"},
+    {"torch.cuda", "ShortTensor"},
+    {"torch.sparse", "BFloat16Tensor"}, {"torch.sparse", "ByteTensor"}, {"torch.sparse", "CharTensor"},
+    {"torch.sparse", "DoubleTensor"}, {"torch.sparse", "FloatTensor"}, {"torch.sparse", "HalfTensor"},
+    {"torch.sparse", "IntTensor"}, {"torch.sparse", "LongTensor"}, {"torch.sparse", "ShortTensor"},
+    {"torch.cuda.sparse", "BFloat16Tensor"}, {"torch.cuda.sparse", "ByteTensor"},
+    {"torch.cuda.sparse", "CharTensor"}, {"torch.cuda.sparse", "DoubleTensor"},
+    {"torch.cuda.sparse", "FloatTensor"}, {"torch.cuda.sparse", "HalfTensor"}, {"torch.cuda.sparse", "IntTensor"},
+    {"torch.cuda.sparse", "LongTensor"}, {"torch.cuda.sparse", "ShortTensor"},
+    /* CUDA storage classes (a CPU-only loader) */
+    {"torch.cuda", "BFloat16Storage"}, {"torch.cuda", "BoolStorage"}, {"torch.cuda", "ByteStorage"},
+    {"torch.cuda", "CharStorage"}, {"torch.cuda", "ComplexDoubleStorage"}, {"torch.cuda", "ComplexFloatStorage"},
+    {"torch.cuda", "DoubleStorage"}, {"torch.cuda", "FloatStorage"}, {"torch.cuda", "HalfStorage"},
+    {"torch.cuda", "IntStorage"}, {"torch.cuda", "LongStorage"}, {"torch.cuda", "ShortStorage"},
 };
 
-static int ends_with(const char *p, size_t n, const char *suffix)
-{
-    size_t k = strlen(suffix);
-    return n >= k && memcmp(p + n - k, suffix, k) == 0;
-}
+#define N_ALLOWED (sizeof(allowed_globals) / sizeof(allowed_globals[0]))
+#define N_UNSUPPORTED (sizeof(allowed_unsupported) / sizeof(allowed_unsupported[0]))
 
-/* torch.<name> values on torch's allowlist that this loader does not build:
- * legacy tensor and quantized storage classes, qschemes, quantized and
- * sub-byte dtypes. */
-static int torch_allowed_unsupported(const char *name, size_t nl)
+int mlu_pk_allowlist(size_t i, const char **module, const char **name)
 {
-    static const char *exact[] = {
-        "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "per_tensor_affine", "per_channel_affine",
-        "per_tensor_symmetric", "per_channel_symmetric", "per_channel_affine_float_qparams",
-        "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
-        "int1", "int2", "int3", "int4", "int5", "int6", "int7",
-    };
-    size_t i;
-    for (i = 0; i < sizeof(exact) / sizeof(exact[0]); i++)
-        if (name_eq(name, nl, exact[i]))
-            return 1;
-    return (nl > 7 && ends_with(name, nl, "Storage")) || (nl > 6 && ends_with(name, nl, "Tensor") &&
-                                                          !name_eq(name, nl, "Tensor"));
+    size_t k = i;
+    if (k < N_ALLOWED) {
+        *module = allowed_globals[k].module;
+        *name = allowed_globals[k].name;
+        return MLU_PK_ALLOWED;
+    }
+    k -= N_ALLOWED;
+    if (k < (size_t)mlu_pk_dtype_count) {
+        *module = "torch";
+        *name = mlu_pk_dtypes[k].name;
+        return MLU_PK_ALLOWED;
+    }
+    k -= (size_t)mlu_pk_dtype_count;
+    {
+        size_t j, seen = 0;
+        for (j = 0; j < (size_t)mlu_pk_dtype_count; j++) {
+            if (mlu_pk_dtypes[j].storage_class == NULL)
+                continue;
+            if (seen++ == k) {
+                *module = "torch";
+                *name = mlu_pk_dtypes[j].storage_class;
+                return MLU_PK_ALLOWED;
+            }
+        }
+        k -= seen;
+    }
+    if (k < N_UNSUPPORTED) {
+        *module = allowed_unsupported[k].module;
+        *name = allowed_unsupported[k].name;
+        return MLU_PK_ALLOWED_UNSUPPORTED;
+    }
+    return MLU_PK_FORBIDDEN;
 }
 
 /* Python 2 module names as protocol 2 writes them (a subset of _compat_pickle). */
@@ -237,11 +273,37 @@ static int grow_size(void **arr, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
-/* New node id, or MLU_PK_NONE_ID when out of memory. */
+/* The work and memory of a pickle are bounded by its size: every node,
+ * container item, memo slot, tensor record and string copied out of the
+ * input is charged, in bytes of memory it will cost here and in the Python
+ * objects made of it, against PK_COST_PER_BYTE per input byte (plus
+ * PK_COST_BASE).  Opcodes executed are bounded by the input bytes (each
+ * consumes at least one), and REDUCE copies by the item charge.  Past the
+ * budget the load stops with a format error ("expands beyond its size"). */
+#define PK_COST_PER_BYTE 64u
+#define PK_COST_BASE ((uint64_t)4 << 20)
+#define PK_COST_SCALAR 48u      /* C node + a small Python object and its memo slot */
+#define PK_COST_CONTAINER 128u  /* C node + an empty Python list/dict/tuple and its memo slot */
+#define PK_COST_ITEM 8u         /* an item id here, a pointer in the Python container */
+#define PK_COST_MEMO 8u         /* one memo slot */
+#define PK_COST_TENSOR (sizeof(mlu_pk_tensor) + 512u)
+
+static int charge(mlu_pk_vm *vm, uint64_t cost)
+{
+    if (vm->budget < cost) {
+        vm->over_budget = 1;
+        return -1;
+    }
+    vm->budget -= cost;
+    return 0;
+}
+
+/* New node id, or MLU_PK_NONE_ID when out of memory or over the budget. */
 static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
 {
     mlu_pk_node *n;
-    if (vm->n_nodes >= UINT32_MAX - 2 ||
+    if (charge(vm, is_container(kind) || kind == MLU_PK_DICT ? PK_COST_CONTAINER : PK_COST_SCALAR) < 0 ||
+        vm->n_nodes >= UINT32_MAX - 2 ||
         grow((void **)&vm->nodes, &vm->cap_nodes, (uint64_t)vm->n_nodes + 1, sizeof(*vm->nodes)) < 0)
         return MLU_PK_NONE_ID;
     n = &vm->nodes[vm->n_nodes];
@@ -251,17 +313,68 @@ static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
     return vm->n_nodes++;
 }
 
-/* Items are capped by a budget proportional to the input, so that copies
- * made by REDUCE (OrderedDict(list), set(list), ...) of one large memoised
- * list cannot grow quadratically. */
+/* None, True, False and () are immutable: one shared node each per VM
+ * (Python's are singletons too), so that a run of 1-byte opcodes does not
+ * allocate a node per byte. */
+static uint32_t const_node(mlu_pk_vm *vm, uint8_t kind, int64_t value)
+{
+    uint32_t *slot = kind == MLU_PK_NONE ? &vm->const_ids[0] : kind == MLU_PK_TUPLE ? &vm->const_ids[1]
+                     : value ? &vm->const_ids[2] : &vm->const_ids[3];
+    if (*slot == MLU_PK_NONE_ID || *slot == 0) {
+        uint32_t id = new_node(vm, kind);
+        if (id == MLU_PK_NONE_ID)
+            return id;
+        vm->nodes[id].u.i = value;
+        *slot = id + 1;  /* 0 means unset (the VM is zeroed at init) */
+        return id;
+    }
+    return *slot - 1;
+}
+
+/* The error for a failed allocation: over the budget, or out of memory. */
+static mlu_status fail_nomem(mlu_pk_vm *vm, size_t at, mlu_error *err)
+{
+    if (vm->over_budget)
+        return mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "pickle expands beyond its size at byte %zu", at);
+    return mlu_error_set(err, MLU_ENOMEM, (int64_t)at, "out of memory reading the pickle");
+}
+
+/* Appends a copy of *t to the tensor records and a TENSOR node for it. */
+static mlu_status new_tensor(mlu_pk_vm *vm, size_t at, const mlu_pk_tensor *t, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t node;
+    if (charge(vm, PK_COST_TENSOR) < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (too many tensor records)", at);
+    if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
+        (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID) {
+        if (vm->over_budget)
+            return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);
+        return (st = fail_nomem(vm, at, err));
+    }
+    vm->tensors[vm->n_tensors] = *t;
+    vm->nodes[node].u.ref = vm->n_tensors++;
+    *out = node;
+    return st;
+}
+
+/* A parameter made of tensor node src: a new record, the same view. */
+static mlu_status param_copy(mlu_pk_vm *vm, size_t at, uint32_t src, int rg, uint32_t *out, mlu_error *err)
+{
+    mlu_pk_tensor t = vm->tensors[vm->nodes[src].u.ref];
+    t.is_parameter = 1;
+    t.requires_grad = rg;
+    return new_tensor(vm, at, &t, out, err);
+}
+
+/* Appends item to container node (charged: REDUCE copies such as
+ * OrderedDict(list) or set(list) of one large memoised list cannot grow
+ * quadratically). */
 static int add_item(mlu_pk_vm *vm, uint32_t node, uint32_t item)
 {
     mlu_pk_node *n = &vm->nodes[node];
-    if (vm->budget == 0) {
-        vm->over_budget = 1;
+    if (charge(vm, PK_COST_ITEM) < 0)
         return -1;
-    }
-    vm->budget--;
     if (n->len >= UINT32_MAX - 2 || grow((void **)&n->u.items, &n->cap, (uint64_t)n->len + 1, sizeof(uint32_t)) < 0)
         return -1;
     n->u.items[n->len++] = item;
@@ -315,26 +428,23 @@ static int is_empty_dict_or_none(mlu_pk_vm *vm, uint32_t id)
 
 /* ------------------------------------------------------------ tensor build */
 
+/* Records a tensor rebuild.  Its dtype is the v3 argument, or -1: the
+ * dtype of the storage's FIRST declaration, as torch.load keeps one typed
+ * storage per key (resolved with the view checks in mlu_pk_finish, which
+ * every load and verify runs). */
 static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32_t offset_n, uint32_t size_n,
                               uint32_t stride_n, int rg, int dtype, uint32_t *out, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     mlu_pk_tensor t;
-    const mlu_pk_pid *pid;
     int64_t off;
-    uint64_t last = 0, end, tmp, isz;
-    int nd, ns, i, empty = 0;
+    int nd, ns;
     uint32_t node;
 
     memset(&t, 0, sizeof(t));
     if (N(vm, storage)->kind != MLU_PK_STORAGE)
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage argument is a %s, not a storage", at,
                        mlu_pk_kind_name(N(vm, storage)->kind));
-    pid = &vm->pids[N(vm, storage)->u.ref];
-    if (dtype < 0)
-        dtype = pid->dtype;
-    if (dtype < 0)
-        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: an untyped storage needs _rebuild_tensor_v3", at);
     if (as_int(vm, offset_n, &off) < 0 || off < 0)
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage offset is not an int >= 0", at);
     nd = int_tuple(vm, size_n, t.shape);
@@ -342,38 +452,62 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
     if (nd < 0 || ns < 0 || nd != ns)
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: size and stride must be tuples of equal length "
                        "(<= %d) of ints >= 0", at, MLU_PK_MAX_NDIM);
-    isz = mlu_pk_dtypes[dtype].itemsize;
-    for (i = 0; i < nd; i++)
-        if (t.shape[i] == 0)
-            empty = 1;
-    if (!empty) {
-        for (i = 0; i < nd; i++) {
-            if (mlu_mul_overflow_u64((uint64_t)(t.shape[i] - 1), (uint64_t)t.stride[i], &tmp) ||
-                mlu_add_overflow_u64(last, tmp, &last))
-                return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
-        }
-        if (mlu_add_overflow_u64(last, (uint64_t)off, &last) || mlu_add_overflow_u64(last, 1, &end) ||
-            mlu_mul_overflow_u64(end, isz, &end))
-            return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
-        if (end > pid->nbytes)
-            return VM_FAIL(MLU_EFORMAT, at, "tensor view at byte %zu is out of bounds: it needs %llu bytes of storage "
-                           "'%.*s' which holds %llu", at, (unsigned long long)end, (int)pid->key_len, pid->key,
-                           (unsigned long long)pid->nbytes);
-        t.end_bytes = end;
-    } else if (mlu_mul_overflow_u64((uint64_t)off, isz, &tmp)) {
-        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage offset overflows", at);
-    }
     t.pid = N(vm, storage)->u.ref;
     t.dtype = dtype;
     t.ndim = nd;
     t.offset = (uint64_t)off;
     t.requires_grad = rg;
-    if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
-        (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
-        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
-    vm->tensors[vm->n_tensors] = t;
-    N(vm, node)->u.ref = vm->n_tensors++;
+    t.at = at;
+    if ((st = new_tensor(vm, at, &t, &node, err)) != MLU_OK)
+        return st;
     *out = node;
+    return st;
+}
+
+/* Checks tensor t's view (dtype resolved) against its storage of `nbytes`:
+ * the element count must fit int64 (torch: "numel: integer multiplication
+ * overflow"), a non-empty view must lie inside the storage; an empty view
+ * may have any offset, and a stride-0 view any byte size (torch loads
+ * both). */
+static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_pk_pid *pid = &vm->pids[t->pid];
+    const mlu_pk_storage *s = &vm->storages[pid->storage];
+    uint64_t last = 0, end, tmp, isz = mlu_pk_dtypes[t->dtype].itemsize;
+    int64_t numel = 1;
+    int i, empty = 0;
+    size_t at = t->at;
+
+    for (i = 0; i < t->ndim; i++) {
+        if (t->shape[i] == 0)
+            empty = 1;
+        if (!empty && mlu_mul_overflow_i64(numel, t->shape[i], &numel))
+            return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
+                           "(torch: numel overflow)", at);
+    }
+    if (t->requires_grad && strncmp(mlu_pk_dtypes[t->dtype].name, "float", 5) != 0 &&
+        strncmp(mlu_pk_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_pk_dtypes[t->dtype].name, "complex", 7) != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
+                       "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
+                       mlu_pk_dtypes[t->dtype].name);
+    if (empty) {  /* torch loads an empty view with any offset (an int64, checked when read) */
+        t->end_bytes = 0;
+        return st;
+    }
+    for (i = 0; i < t->ndim; i++) {
+        if (mlu_mul_overflow_u64((uint64_t)(t->shape[i] - 1), (uint64_t)t->stride[i], &tmp) ||
+            mlu_add_overflow_u64(last, tmp, &last))
+            return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
+    }
+    if (mlu_add_overflow_u64(last, t->offset, &last) || mlu_add_overflow_u64(last, 1, &end) ||
+        mlu_mul_overflow_u64(end, isz, &end))
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
+    if (end > s->nbytes)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor view at byte %zu is out of bounds: it needs %llu bytes of storage "
+                       "'%.*s' which holds %llu", at, (unsigned long long)end, (int)s->key_len, s->key,
+                       (unsigned long long)s->nbytes);
+    t->end_bytes = end;
     return st;
 }
 
@@ -460,7 +594,7 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_STR ||
             (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
-        if ((node = new_node(vm, MLU_PK_DEVICE)) == MLU_PK_NONE_ID)
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_DEVICE)) == MLU_PK_NONE_ID)
             goto nomem;
         v = N(vm, args)->u.items;
         N(vm, node)->u.s = N(vm, v[0])->u.s;
@@ -472,7 +606,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
             !(name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
               name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
-        if ((node = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
+        /* a new bytes object per call, even of one memoised str */
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
             goto nomem;
         N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
         break;
@@ -485,7 +620,7 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
                     (name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
                      name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))) {
             uint32_t b;
-            if ((node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
+            if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
                 goto nomem;
             if ((b = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
                 goto nomem;
@@ -553,15 +688,9 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
         if (n == 4 && N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
-        if ((node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
-            goto nomem;
         /* a new tensor record: same view, marked as a parameter */
-        if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0)
-            goto nomem;
-        vm->tensors[vm->n_tensors] = vm->tensors[N(vm, N(vm, args)->u.items[0])->u.ref];
-        vm->tensors[vm->n_tensors].is_parameter = 1;
-        vm->tensors[vm->n_tensors].requires_grad = rg;
-        N(vm, node)->u.ref = vm->n_tensors++;
+        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
+            return st;
         if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
             N(vm, node)->attrs = v[3];
         break;
@@ -595,13 +724,8 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         rg = 1;
         if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
-        if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
-            (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
-            goto nomem;
-        vm->tensors[vm->n_tensors] = vm->tensors[N(vm, v[0])->u.ref];
-        vm->tensors[vm->n_tensors].is_parameter = 1;
-        vm->tensors[vm->n_tensors].requires_grad = rg;
-        N(vm, node)->u.ref = vm->n_tensors++;
+        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
+            return st;
         break;
     default: /* torch.Tensor(...), storage classes: allowed by torch, not built here */
         return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: calling this torch class is allowed by torch but not "
@@ -612,7 +736,7 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
 nomem:
     if (vm->over_budget)
         return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
-    return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+    return (st = fail_nomem(vm, at, err));
 }
 
 /* ------------------------------------------------------------ persistent id */
@@ -657,7 +781,7 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
                        (int)pid.key_len, pid.key);
     if (grow((void **)&vm->pids, &vm->cap_pids, (uint64_t)vm->n_pids + 1, sizeof(*vm->pids)) < 0 ||
         (node = new_node(vm, MLU_PK_STORAGE)) == MLU_PK_NONE_ID)
-        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+        return (st = fail_nomem(vm, at, err));
     pid.storage = (uint32_t)at; /* byte offset until mlu_pk_finish resolves it */
     vm->pids[vm->n_pids] = pid;
     N(vm, node)->u.ref = vm->n_pids++;
@@ -678,7 +802,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
     size_t ml0 = ml;
 
     compat_module(&mod, &ml);
-    for (i = 0; i < sizeof(allowed_globals) / sizeof(allowed_globals[0]); i++)
+    for (i = 0; i < N_ALLOWED; i++)
         if (name_eq(mod, ml, allowed_globals[i].module) && name_eq(name, nl, allowed_globals[i].name))
             gid = allowed_globals[i].id;
     if (gid == 0 && name_eq(mod, ml, "torch")) {
@@ -686,13 +810,10 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
             kind = MLU_PK_DTYPE;
         } else if ((dt = storage_class_find(name, nl)) >= 0) {
             gid = G_STORAGE_CLASS;
-        } else if (torch_allowed_unsupported(name, nl)) {
-            return VM_FAIL(MLU_EFORMAT, at, "GLOBAL torch.%.*s at byte %zu is allowed by torch but not supported by this loader",
-                           (int)nl, name, at);
         }
     }
     if (gid == 0 && kind == MLU_PK_GLOBAL) {
-        for (i = 0; i < sizeof(allowed_unsupported) / sizeof(allowed_unsupported[0]); i++)
+        for (i = 0; i < N_UNSUPPORTED; i++)
             if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
                 return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
                                (int)ml, mod, (int)nl, name, at);
@@ -700,7 +821,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
                        (int)ml0, m0, (int)nl, name, at);
     }
     if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
-        return VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");
+        return (st = fail_nomem(vm, at, err));
     N(vm, node)->sub = (uint16_t)(kind == MLU_PK_DTYPE ? dt : gid);
     N(vm, node)->u.i = dt;
     *out = node;
@@ -754,6 +875,46 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
             OOM();                                                                                      \
     } while (0)
 
+/* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
+ * surrogates only with `surrogates` (Python's "surrogatepass"). */
+int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates)
+{
+    size_t i = 0, k, j;
+    uint32_t c;
+
+    while (i < n) {
+        uint8_t b = p[i];
+        if (b < 0x80) {
+            i++;
+            continue;
+        }
+        if (b >= 0xC2 && b <= 0xDF) {
+            k = 1;
+            c = b & 0x1Fu;
+        } else if (b >= 0xE0 && b <= 0xEF) {
+            k = 2;
+            c = b & 0x0Fu;
+        } else if (b >= 0xF0 && b <= 0xF4) {
+            k = 3;
+            c = b & 0x07u;
+        } else {
+            return 0;
+        }
+        if (n - i - 1 < k)
+            return 0;
+        for (j = 1; j <= k; j++) {
+            if ((p[i + j] & 0xC0) != 0x80)
+                return 0;
+            c = (c << 6) | (p[i + j] & 0x3Fu);
+        }
+        if ((k == 2 && c < 0x800) || (k == 3 && (c < 0x10000 || c > 0x10FFFF)) ||
+            (!surrogates && c >= 0xD800 && c <= 0xDFFF))
+            return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
 static uint32_t rd32(const uint8_t *p)
 {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
@@ -773,7 +934,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     vm->over_budget = 0;
     vm->truncated = 0;
     {
-        uint64_t extra = 4 * (uint64_t)(size - pos) + 4096;
+        uint64_t extra = PK_COST_PER_BYTE * (uint64_t)(size - pos) + PK_COST_BASE;
         vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
     }
     vm->n_stack = 0;
@@ -807,15 +968,11 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             st = MLU_OK;
             goto done;
         case 'N':
-            PUSH(new_node(vm, MLU_PK_NONE));
+            PUSH(const_node(vm, MLU_PK_NONE, 0));
             break;
         case 0x88: /* NEWTRUE */
         case 0x89: /* NEWFALSE */
-            node = new_node(vm, MLU_PK_BOOL);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.i = op == 0x88;
-            PUSH(node);
+            PUSH(const_node(vm, MLU_PK_BOOL, op == 0x88));
             break;
         case 'K':
         case 'M':
@@ -891,6 +1048,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                 n = data[pos++];
             }
             NEED(n);
+            /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
+             * UTF-8 while unpickling: every string, used or not */
+            if (!mlu_pk_utf8_valid(data + pos, n, op == 'X')) {
+                VM_FAIL(MLU_EFORMAT, at, "string at byte %zu is not valid UTF-8", at);
+                goto error;
+            }
             node = new_node(vm, MLU_PK_STR);
             if (node == MLU_PK_NONE_ID)
                 OOM();
@@ -901,7 +1064,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             break;
         }
         case ')':
-            PUSH(new_node(vm, MLU_PK_TUPLE));
+            PUSH(const_node(vm, MLU_PK_TUPLE, 0));
             break;
         case ']':
             PUSH(new_node(vm, MLU_PK_LIST));
@@ -1008,7 +1171,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             }
             if (idx >= vm->n_memo) {
                 size_t cap = vm->n_memo, j;
-                if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0)
+                if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0 ||
+                    charge(vm, (uint64_t)(cap - vm->n_memo) * PK_COST_MEMO) < 0)
                     OOM();
                 for (j = vm->n_memo; j < cap; j++)
                     vm->memo[j] = MLU_PK_NONE_ID;
@@ -1075,13 +1239,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                 VM_FAIL(MLU_EFORMAT, at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", at);
                 goto error;
             }
-            if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
-                (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID)
-                OOM();
-            vm->tensors[vm->n_tensors] = vm->tensors[N(vm, N(vm, args)->u.items[0])->u.ref];
-            vm->tensors[vm->n_tensors].is_parameter = 1;
-            vm->tensors[vm->n_tensors].requires_grad = rg;
-            N(vm, node)->u.ref = vm->n_tensors++;
+            if (param_copy(vm, at, v[0], rg, &node, err) != MLU_OK)
+                goto error;
             vm->n_stack -= 2;
             PUSH(node);
             break;
@@ -1210,6 +1369,22 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         for (k = i; k < j; k++)
             vm->pids[order[k]].storage = vm->n_storages;
         vm->n_storages++;
+    }
+    /* torch.load keeps the first declaration of a key (one typed storage):
+     * a tensor rebuilt without a dtype of its own (not v3) takes that
+     * declaration's dtype, whatever storage class its own pid names */
+    for (i = 0; i < vm->n_tensors; i++) {
+        mlu_pk_tensor *t = &vm->tensors[i];
+        mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
+        if (t->dtype < 0)
+            t->dtype = s->dtype;
+        if (t->dtype < 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)t->at, "tensor rebuild at byte %zu: an untyped storage needs "
+                               "_rebuild_tensor_v3", t->at);
+            goto done;
+        }
+        if ((st = check_view(vm, t, err)) != MLU_OK)
+            goto done;
     }
     /* untyped storages byte-swap by the element of the first tensor that views them */
     for (i = 0; i < vm->n_tensors; i++) {

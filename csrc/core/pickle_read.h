@@ -51,7 +51,14 @@ typedef struct mlu_pk_dtype_info {
 
 extern const mlu_pk_dtype_info mlu_pk_dtypes[];
 extern const int mlu_pk_dtype_count;
-int mlu_pk_dtype_find(const char *name, size_t len);  /* id or -1 */
+int mlu_pk_dtype_find(const char *name, size_t len);  /* id of a canonical torch name, or -1 */
+
+/* The globals allowlist, entry i (0, 1, 2... until MLU_PK_FORBIDDEN): sets
+ * *module and *name (static strings) and returns MLU_PK_ALLOWED (built by
+ * this loader) or MLU_PK_ALLOWED_UNSUPPORTED (on torch's weights-only
+ * allowlist, refused here as a format error).  Every other GLOBAL is unsafe. */
+enum { MLU_PK_FORBIDDEN = 0, MLU_PK_ALLOWED = 1, MLU_PK_ALLOWED_UNSUPPORTED = 2 };
+int mlu_pk_allowlist(size_t i, const char **module, const char **name);
 
 typedef struct mlu_pk_node {
     uint8_t kind;
@@ -84,7 +91,7 @@ typedef struct mlu_pk_pid {
 
 typedef struct mlu_pk_tensor {
     uint32_t pid;         /* index in pids */
-    int dtype;
+    int dtype;            /* -1 until mlu_pk_finish: the storage's first declaration */
     int ndim;
     int requires_grad;
     int is_parameter;
@@ -92,6 +99,7 @@ typedef struct mlu_pk_tensor {
     int64_t shape[MLU_PK_MAX_NDIM];
     int64_t stride[MLU_PK_MAX_NDIM];
     uint64_t end_bytes;   /* one past the last byte the view touches (0 when empty) */
+    size_t at;            /* byte offset of the rebuild in the pickle (for errors) */
 } mlu_pk_tensor;
 
 /* A unique storage (pids that share a key share one). */
@@ -120,8 +128,9 @@ typedef struct mlu_pk_vm {
     uint32_t *stack; size_t n_stack, cap_stack;
     size_t *marks; size_t n_marks, cap_marks;
     uint32_t *memo; size_t n_memo;
-    uint64_t budget;      /* container items still allowed (grows with the input size) */
-    int over_budget;      /* set when an item was refused for the budget */
+    uint64_t budget;      /* memory (bytes) the pickle may still cost: grows with the input size */
+    int over_budget;      /* set when something was refused for the budget */
+    uint32_t const_ids[4];/* shared None, (), True, False nodes: id + 1, or 0 */
     int truncated;        /* set when the last run stopped for want of input bytes */
 } mlu_pk_vm;
 
@@ -138,6 +147,10 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
 /* Merges pids by key into vm->storages (checking that they agree) and fills
  * each pid's `storage`; checks every tensor view against its storage. */
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err);
+
+/* 1 when p[0..n) is valid UTF-8; encoded surrogates pass only with `surrogates`
+ * (Python's "surrogatepass", as torch decodes BINUNICODE). */
+int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates);
 
 /* For the global names used in errors and tests. */
 const char *mlu_pk_kind_name(int kind);

@@ -158,7 +158,7 @@ done:
 static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo;
+    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo, *sid;
     const char *prefix, *slash;
     size_t pl, i, ppos = 0;
     const uint8_t *pickle;
@@ -227,6 +227,17 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     if (version < 1 || version > MAX_VERSION) {
         mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
         goto done;
+    }
+    sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
+    if (sid != NULL) {  /* torch.load reads it as a str: it must be UTF-8 */
+        char idbuf[256];
+        if ((st = small_record(pt, sid, idbuf, sizeof(idbuf), err)) != MLU_OK)
+            goto done;
+        st = MLU_EFORMAT;
+        if (!mlu_pk_utf8_valid((const uint8_t *)idbuf, (size_t)sid->usize, 0)) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
+            goto done;
+        }
     }
     bo = find_record(pt, prefix, pl, "byteorder", 9);
     if (bo != NULL) {
@@ -315,19 +326,6 @@ done:
 
 static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id) { return &pt->vm.nodes[id]; }
 
-/* The string value of dict node d under key, or NULL. */
-static const mlu_pk_node *dict_get(const mlu_pt *pt, uint32_t d, const char *key)
-{
-    const mlu_pk_node *n = node(pt, d);
-    uint32_t i;
-    for (i = 0; i + 1 < n->len; i += 2) {
-        const mlu_pk_node *k = node(pt, n->u.items[i]);
-        if (k->kind == MLU_PK_STR && k->u.s.n == strlen(key) && memcmp(k->u.s.p, key, k->u.s.n) == 0)
-            return node(pt, n->u.items[i + 1]);
-    }
-    return NULL;
-}
-
 static int64_t rd64le(const uint8_t *p)
 {
     uint64_t v = 0;
@@ -364,7 +362,7 @@ static mlu_status legacy_pickles(mlu_pt *pt, const uint8_t *head, size_t len, si
 {
     mlu_status st = MLU_EFORMAT;
     uint32_t magic, proto, info;
-    const mlu_pk_node *n, *le;
+    const mlu_pk_node *n;
 
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &magic, err)) != MLU_OK)
         goto done;
@@ -388,9 +386,9 @@ static mlu_status legacy_pickles(mlu_pt *pt, const uint8_t *head, size_t len, si
         mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "legacy sys_info is not a dict");
         goto done;
     }
-    le = dict_get(pt, info, "little_endian");
-    if (le != NULL && le->kind == MLU_PK_BOOL)
-        pt->big_endian = le->u.i == 0;
+    /* torch's legacy reader never looks at sys_info: storage bytes are read
+     * in the machine's (little-endian) order whatever 'little_endian' says,
+     * and so are they here */
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &pt->root, err)) != MLU_OK)
         goto done;
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, keys, err)) != MLU_OK)
@@ -492,10 +490,6 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         if (size - pos < nbytes) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy file is truncated in storage '%.*s' at byte %llu",
                           (int)k->u.s.n, k->u.s.p, (unsigned long long)pos);
-            goto done;
-        }
-        if (pt->big_endian && ps->swap_unit < 0) {
-            mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage is viewed with element sizes that disagree");
             goto done;
         }
         pt->src[s].kind = MLU_PT_SRC_RAW;

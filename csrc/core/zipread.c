@@ -153,6 +153,57 @@ done:
  * before it: this many tail bytes hold both. */
 #define TAIL_MAX (EOCD_SIZE + 0xFFFFu + LOCATOR_SIZE)
 
+typedef struct zip_span {
+    uint64_t start, end;  /* local header to the end of the payload */
+    size_t idx;
+} zip_span;
+
+static int cmp_span(const void *a, const void *b)
+{
+    const zip_span *x = a, *y = b;
+    if (x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+/* Refuses two records whose bytes (local header through payload) overlap:
+ * torch.load reads them into independent tensors, while views of one
+ * mapping would alias each other (a write to one changing the other). */
+static mlu_status check_overlap(const mlu_zip *z, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    zip_span *sp = NULL;  /* owned */
+    size_t i;
+
+    if (z->count < 2)
+        goto done;
+    sp = mlu_calloc(z->count, sizeof(*sp));
+    if (sp == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %zu zip entries", z->count);
+        goto done;
+    }
+    for (i = 0; i < z->count; i++) {
+        sp[i].start = z->entries[i].lfh_offset;
+        sp[i].end = z->entries[i].data_offset + z->entries[i].csize;  /* checked <= the directory offset */
+        sp[i].idx = i;
+    }
+    qsort(sp, z->count, sizeof(*sp), cmp_span);
+    for (i = 1; i < z->count; i++) {
+        if (sp[i].start < sp[i - 1].end) {
+            const mlu_zip_entry *a = &z->entries[sp[i - 1].idx], *b = &z->entries[sp[i].idx];
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)b->lfh_offset,
+                               "zip records '%.*s' (bytes %llu..%llu) and '%.*s' (from byte %llu) overlap",
+                               (int)a->name_len, a->name, (unsigned long long)sp[i - 1].start,
+                               (unsigned long long)sp[i - 1].end, (int)b->name_len, b->name,
+                               (unsigned long long)sp[i].start);
+            goto done;
+        }
+    }
+done:
+    mlu_free(sp);
+    return st;
+}
+
 mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
@@ -206,6 +257,10 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
     if (eocd >= tail_start + LOCATOR_SIZE && memcmp(tail + (eocd - tail_start) - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
         uint64_t loc_at = eocd - LOCATOR_SIZE;
         uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
+        if (rd32(tail + (loc_at - tail_start) + 4) != 0 || rd32(tail + (loc_at - tail_start) + 16) != 1) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "multi-disk zip archives are not supported (zip64 locator)");
+            goto error;
+        }
         if (off64 > loc_at || loc_at - off64 < EOCD64_MIN) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "zip64 locator at byte %llu points outside the file",
                           (unsigned long long)loc_at);
@@ -217,6 +272,10 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if (memcmp(e64, "PK\x06\x06", 4) != 0) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
                           (unsigned long long)off64);
+            goto error;
+        }
+        if (rd32(e64 + 16) != 0 || rd32(e64 + 20) != 0) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "multi-disk zip archives are not supported (zip64 end record)");
             goto error;
         }
         count = rd64(e64 + 32);
@@ -300,7 +359,20 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if (st != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (e->flags & 1u) {
+        if (rd16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is on disk %u: multi-disk archives are not supported",
+                          (int)nl, e->name, rd16(h + 34));
+            goto error;
+        }
+        /* torch's miniz takes a record whose MS-DOS attributes say "directory" for one, and
+         * hands back bytes it never read: refuse it rather than differ */
+        if (rd32(h + 38) & 0x10u) {
+            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is marked as a directory (external attributes)",
+                          (int)nl, e->name);
+            goto error;
+        }
+        /* encrypted, strongly encrypted, masked local headers (refused by torch's miniz too) */
+        if (e->flags & (0x0001u | 0x0040u | 0x2000u)) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", (int)nl, e->name);
             goto error;
         }
@@ -355,6 +427,8 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
             goto error;
         }
     }
+    if ((st = check_overlap(z, err)) != MLU_OK)
+        goto error;
     st = MLU_OK;
     goto done;
 error:

@@ -49,8 +49,9 @@ typedef struct mlu_zip {
 
 /* Parses the end records, the central directory and every local header of
  * the input (all copied into owned buffers; *rd is copied and its memory or
- * fd must outlive z).  On failure *z holds nothing to free.  Duplicate names
- * are rejected. */
+ * fd must outlive z).  On failure *z holds nothing to free.  Duplicate names,
+ * and records whose bytes overlap (local header through payload), are
+ * rejected. */
 mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err);
 void mlu_zip_close(mlu_zip *z);
 

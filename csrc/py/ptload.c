@@ -55,6 +55,33 @@ static PyObject *fmt_error(conv *c, const char *fmt, ...)
     return NULL;
 }
 
+/* With an exception set by a hook or a setattr: anything but MemoryError and
+ * our own errors becomes TorchFormatError("<what>: <message>") with the
+ * original chained as its cause, so a load raises only our errors.  `name`
+ * (borrowed, may be NULL) is shown after `what`. */
+static void wrap_error(conv *c, const char *what, PyObject *name)
+{
+    PyObject *t1, *cause, *tb1, *t2, *exc, *tb2;
+
+    if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_MemoryError) ||
+        PyErr_ExceptionMatches(c->st->TorchFormatError) || PyErr_ExceptionMatches(c->st->UnsafePickleError))
+        return;
+    PyErr_Fetch(&t1, &cause, &tb1);
+    PyErr_NormalizeException(&t1, &cause, &tb1);
+    if (name != NULL)
+        fmt_error(c, "%s %R from the pickle: %S", what, name, cause);
+    else
+        fmt_error(c, "%s from the pickle: %S", what, cause);
+    PyErr_Fetch(&t2, &exc, &tb2);
+    PyErr_NormalizeException(&t2, &exc, &tb2);
+    if (exc != NULL && cause != NULL)
+        PyException_SetCause(exc, Py_NewRef(cause)); /* steals the new ref */
+    PyErr_Restore(t2, exc, tb2);
+    Py_XDECREF(t1);
+    Py_XDECREF(cause);
+    Py_XDECREF(tb1);
+}
+
 static PyObject *convert(conv *c, uint32_t id, int depth);
 
 /* New ref: a str from pickle bytes. */
@@ -118,6 +145,8 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
         res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
                                     mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
                                     t->requires_grad, t->is_parameter);
+    if (res == NULL)
+        wrap_error(c, "cannot build the tensor", NULL);
     Py_XDECREF(shape);
     Py_XDECREF(stride);
     return res;
@@ -167,21 +196,8 @@ static int set_attrs(conv *c, PyObject *obj, uint32_t attrs, int depth, int into
             fmt_error(c, "attribute name is a %s, not a str", Py_TYPE(k)->tp_name);
         else if (k != NULL && (v = convert(c, a->u.items[i + 1], depth + 1)) != NULL) {
             rc = d != NULL ? PyDict_SetItem(d, k, v) : PyObject_SetAttr(obj, k, v);
-            if (rc < 0 && !PyErr_ExceptionMatches(PyExc_MemoryError) &&
-                !PyErr_ExceptionMatches(c->st->TorchFormatError)) {
-                PyObject *t1, *cause, *tb1, *t2, *exc, *tb2;
-                PyErr_Fetch(&t1, &cause, &tb1);
-                PyErr_NormalizeException(&t1, &cause, &tb1);
-                fmt_error(c, "cannot set attribute %R from the pickle: %S", k, cause);
-                PyErr_Fetch(&t2, &exc, &tb2);
-                PyErr_NormalizeException(&t2, &exc, &tb2);
-                if (exc != NULL && cause != NULL)
-                    PyException_SetCause(exc, Py_NewRef(cause)); /* steals the new ref */
-                PyErr_Restore(t2, exc, tb2);
-                Py_XDECREF(t1);
-                Py_XDECREF(cause);
-                Py_XDECREF(tb1);
-            }
+            if (rc < 0)
+                wrap_error(c, "cannot set attribute", k);
         }
         Py_XDECREF(k);
         Py_XDECREF(v);
@@ -273,6 +289,8 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             items = NULL;
         } else {
             o = PyObject_CallOneArg(c->hooks[2], items);  /* items is released at done */
+            if (o == NULL)
+                wrap_error(c, "cannot build a torch.Size", NULL);
         }
         break;
     case MLU_PK_LIST:
@@ -331,10 +349,14 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         else
             o = PyObject_CallFunction(c->hooks[3], "OO", s, Py_None);
         Py_DECREF(s);
+        if (o == NULL)
+            wrap_error(c, "cannot build a torch.device", NULL);
         break;
     }
     case MLU_PK_DTYPE:
         o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
+        if (o == NULL)
+            wrap_error(c, "cannot build a torch dtype", NULL);
         break;
     case MLU_PK_TENSOR:
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);

@@ -3,6 +3,7 @@
 
 #include "../core/alloc.h"
 #include "../core/json.h"
+#include "../core/pickle_read.h"
 
 static PyObject *py_fail_alloc_after(PyObject *m, PyObject *arg)
 {
@@ -41,6 +42,34 @@ static PyObject *py_json_parse_only(PyObject *m, PyObject *arg)
     return PyBool_FromLong(rc == MLU_OK);
 }
 
+/* New ref: [(module, name, supported), ...], the .pt reader's globals allowlist. */
+static PyObject *py_pk_allowlist(PyObject *m, PyObject *unused)
+{
+    PyObject *out = PyList_New(0), *row;
+    const char *mod, *name;
+    size_t i;
+    int kind, rc;
+
+    (void)m;
+    (void)unused;
+    if (out == NULL)
+        goto done;
+    for (i = 0; (kind = mlu_pk_allowlist(i, &mod, &name)) != MLU_PK_FORBIDDEN; i++) {
+        row = Py_BuildValue("(ssO)", mod, name, kind == MLU_PK_ALLOWED ? Py_True : Py_False);
+        if (row == NULL)
+            goto error;
+        rc = PyList_Append(out, row);
+        Py_DECREF(row);
+        if (rc < 0)
+            goto error;
+    }
+    goto done;
+error:
+    Py_CLEAR(out);
+done:
+    return out;
+}
+
 int mlu_testing_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
@@ -50,6 +79,9 @@ int mlu_testing_module_init(PyObject *m)
          "_json_parse_only(bytes) -> bool: jansson's parse alone (benchmarks)."},
         {"_alloc_count", py_alloc_count, METH_NOARGS,
          "_alloc_count() -> int: core allocations since the last _fail_alloc_after."},
+        {"_pk_allowlist", py_pk_allowlist, METH_NOARGS,
+         "_pk_allowlist() -> [(module, name, supported)]: every GLOBAL the .pt reader accepts (supported) or "
+         "refuses as allowed by torch but not built here."},
         {NULL, NULL, 0, NULL},
     };
     return PyModule_AddFunctions(m, methods);

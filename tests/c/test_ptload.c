@@ -163,6 +163,102 @@ static void test_zip_damage(void)
     }
 }
 
+/* Every prefix of the archive and of the pickle, each in a heap buffer of
+ * exactly its size (so that AddressSanitizer sees a read one byte past the
+ * input): only the whole archive opens, and its storage reads back. */
+static void test_exact_buffers(void)
+{
+    static bytes z;
+    mlu_pt pt;
+    mlu_error err;
+    size_t cut;
+    float out[4];
+
+    CHECK(open_pickle(&z, S(PICKLE), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
+    mlu_pt_close(&pt);
+    for (cut = 1; cut <= z.len; cut++) {
+        uint8_t *buf = malloc(cut);
+        mlu_rd rd;
+        mlu_status st;
+        CHECK(buf != NULL);
+        if (buf == NULL)
+            return;
+        memcpy(buf, z.data, cut);
+        mlu_rd_mem(&rd, buf, cut);
+        mlu_error_clear(&err);
+        st = mlu_pt_open(&pt, &rd, 1, &err);
+        CHECK((st == MLU_OK) == (cut == z.len));
+        if (st == MLU_OK) {
+            CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err) == MLU_OK);
+            CHECK(memcmp(out, VALUES, sizeof(out)) == 0);
+            mlu_pt_close(&pt);
+        }
+        free(buf);
+    }
+    for (cut = 1; cut <= sizeof(PICKLE) - 1; cut++) {
+        uint8_t *buf = malloc(cut);
+        mlu_pk_vm vm;
+        size_t pos = 0;
+        uint32_t root;
+        mlu_status st;
+        CHECK(buf != NULL);
+        if (buf == NULL)
+            return;
+        memcpy(buf, PICKLE, cut);
+        mlu_pk_vm_init(&vm);
+        mlu_error_clear(&err);
+        st = mlu_pk_run(&vm, buf, cut, &pos, 0, &root, &err);
+        CHECK((st == MLU_OK) == (cut == sizeof(PICKLE) - 1));
+        CHECK(st == MLU_OK || strstr(err.text, "truncated") != NULL);
+        mlu_pk_vm_free(&vm);
+        free(buf);
+    }
+}
+
+/* The last record's payload ends exactly where the central directory
+ * starts: that loads; declared one byte longer (in the directory and the
+ * local header) it is refused, never read into the directory. */
+static void test_record_at_the_directory(void)
+{
+    static bytes z;
+    rec r[3] = {{"a/data.pkl", PICKLE, sizeof(PICKLE) - 1}, {"a/version", "3\n", 2}, {"a/data/0", VALUES, sizeof(VALUES)}};
+    mlu_pt pt;
+    mlu_error err;
+    mlu_rd rd;
+    size_t lfh, cd;
+    uint8_t *buf;
+
+    build_zip(&z, r, 3);
+    lfh = (30 + strlen(r[0].name) + r[0].len) + (30 + strlen(r[1].name) + r[1].len);
+    cd = lfh + 30 + strlen(r[2].name) + r[2].len;
+    CHECK(memcmp(z.data + cd, "PK\x01\x02", 4) == 0);
+    buf = malloc(z.len);
+    CHECK(buf != NULL);
+    if (buf == NULL)
+        return;
+    memcpy(buf, z.data, z.len);
+    mlu_rd_mem(&rd, buf, z.len);
+    mlu_error_clear(&err);
+    CHECK(mlu_pt_open(&pt, &rd, 1, &err) == MLU_OK);
+    if (err.code == MLU_OK)
+        mlu_pt_close(&pt);
+    /* one byte more in the local header and in the third directory entry */
+    buf[lfh + 18] = (uint8_t)(sizeof(VALUES) + 1);
+    buf[lfh + 22] = (uint8_t)(sizeof(VALUES) + 1);
+    {
+        size_t e = cd, i;
+        for (i = 0; i < 2; i++)
+            e += 46 + strlen(r[i].name);
+        CHECK(memcmp(buf + e, "PK\x01\x02", 4) == 0);
+        buf[e + 20] = (uint8_t)(sizeof(VALUES) + 1);
+        buf[e + 24] = (uint8_t)(sizeof(VALUES) + 1);
+    }
+    mlu_error_clear(&err);
+    CHECK(mlu_pt_open(&pt, &rd, 1, &err) == MLU_EFORMAT);
+    CHECK(strstr(err.text, "runs past the end of the data") != NULL);
+    free(buf);
+}
+
 /* A file cut by another process after fstat: the parser is given the old
  * size, reads with pread and must report the short read, never fault. */
 static void test_truncated_after_open(void)
@@ -262,6 +358,8 @@ int main(void)
     test_rejections();
     test_zip_damage();
     test_truncated_after_open();
+    test_exact_buffers();
+    test_record_at_the_directory();
     test_alloc_failures();
     test_byteswap();
     return TEST_DONE("test_ptload");
