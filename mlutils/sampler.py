@@ -614,6 +614,7 @@ class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
                 raise ValueError(f"tensors disagree on the first dimension: {n} and {int(shape[0])} (tensor {k})")
         self.tensors = tuple(tensors)
         self._n = int(n or 0)
+        self._has_numpy = any(isinstance(t, np.ndarray) for t in tensors)
 
     def __len__(self) -> int:
         return self._n
@@ -625,7 +626,8 @@ class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1:
             raise ValueError(f"batch indices must be one-dimensional, got shape {idx.shape}")
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._n):
+        # torch.index_select refuses indices outside [0, n) itself; np.take would wrap negative ones
+        if self._has_numpy and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._n):
             raise IndexError(f"batch index out of range for a dataset of {self._n} items")
         out = []
         tidx = None

@@ -162,3 +162,14 @@ def test_dataloader_default_collate_lists(torch):
     loader = DataLoader(data, batch_sampler=OrderedSampler(50).batches(16))
     got = [b.tolist() for b in loader]
     assert got[0] == list(range(100, 116)) and len(got) == 4 and got[-1] == [148, 149]
+
+
+def test_indexed_dataset_torch_bounds(torch):
+    ds = IndexedTensorDataset(torch.arange(10), torch.zeros(10, 3))
+    bx, by = ds.__getitems__(np.array([9, 0], dtype=np.int64))
+    assert bx.tolist() == [9, 0] and by.shape == (2, 3)
+    for bad in ([10], [-1]):
+        with pytest.raises(IndexError):
+            ds.__getitems__(np.array(bad, dtype=np.int64))
+    with pytest.raises(ValueError, match="one-dimensional"):
+        ds.__getitems__(np.zeros((2, 2), dtype=np.int64))
