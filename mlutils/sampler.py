@@ -35,6 +35,9 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   ``take(n)`` returns the next draws as an int64 array.  ``take`` stays in
   the current epoch (an empty array at its end); ``iter()`` and
   ``set_epoch`` move to the next one.
+* **Batches.**  ``sampler.batches(batch_size)`` yields the draws as int64
+  index arrays (``take(batch_size)`` each) for ``DataLoader(batch_sampler=...)``;
+  :class:`IndexedTensorDataset` fetches such a batch in one gather per tensor.
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
