@@ -97,6 +97,10 @@ def main():
     ap.add_argument("--iters", type=int, default=300)
     args = ap.parse_args()
     ranks = [int(x) for x in args.ranks.split(",")]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _harness as H
+
+    print(H.machine())
     print(f"gloo on loopback, {os.cpu_count()} CPU core(s); median (p90) per call; "
           "ratio = torch / mlutils")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,16 @@
 """Benchmark of mlutils.pattern against tests/ref_pattern.py, the reference written out from its documented behaviour.
 
-Run: python3 bench/bench_pattern.py   (prints a markdown table of ratios measured in this run)
+Run: python3 bench/bench_pattern.py [--repeat 5] [--quick]   (markdown table of ratios measured in this run)
+
+Construction is timed twice for mlutils: get_pattern(T) alone (the layout
+list is built only when asked for) and get_pattern(T).layout (materialised
+like the reference's, which always builds it).  Every figure is the median of
+--repeat interleaved repeats with its min-max spread (bench/_harness.py);
+--quick skips T = 100000.
 """
-import gc
+import argparse
+import itertools
 import os
-import statistics
 import sys
 import time
 
@@ -14,42 +20,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 import ref_pattern as R  # noqa: E402
+import _harness as H  # noqa: E402
 from mlutils import pattern as P  # noqa: E402
 
 K = 8
 
 
-def time_construction(make, T, repeat):
-    """Median time of a pattern construction: get_pattern(T + i) on one provider, each a cache miss."""
-    provider = make()
-    times = []
-    for i in range(repeat):
-        t0 = time.perf_counter()
-        provider.get_pattern(T + i)
-        times.append(time.perf_counter() - t0)
-    del provider
-    gc.collect()
-    return statistics.median(times)
+_fresh = itertools.count()
 
 
-def timeit(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def construct(make, T, layout=False):
+    """One construction on a cache miss: a fresh provider asked for a length it has not seen."""
+    def run():
+        p = make().get_pattern(T + next(_fresh) % 7)
+        if layout:
+            p.layout
+    return run
 
 
-def fmt(sec):
-    if sec >= 1:
-        return f"{sec:.2f} s"
-    if sec >= 1e-3:
-        return f"{sec * 1e3:.2f} ms"
-    return f"{sec * 1e6:.1f} µs"
-
-
-def construction_rows():
+def construction_rows(repeat, quick):
     providers = [
         ("Delayed", lambda m: m.DelayedPatternProvider(K) if m is P else R.RefDelayed(K)),
         ("Parallel", lambda m: m.ParallelPatternProvider(K) if m is P else R.RefParallel(K)),
@@ -58,16 +47,17 @@ def construction_rows():
         ("MusicLM", lambda m: m.MusicLMPattern(K) if m is P else R.RefMusicLM(K)),
     ]
     rows = []
-    for T in (1500, 100000):
+    for T in (1500,) if quick else (1500, 100000):
         for name, make in providers:
-            ref_rep = 5 if T == 1500 else 1
-            ref = time_construction(lambda: make(R), T, ref_rep)
-            ours = time_construction(lambda: make(P), T, 200 if T == 1500 else 9)
-            rows.append((f"construct {name}, K={K}, T={T}", ref, ours))
+            t = H.interleaved([("ref", construct(lambda: make(R), T)),
+                               ("ours", construct(lambda: make(P), T)),
+                               ("ours+layout", construct(lambda: make(P), T, layout=True))], repeat)
+            rows.append((f"construct {name}, K={K}, T={T}", t["ref"], t["ours"]))
+            rows.append((f"construct {name}, K={K}, T={T}, with `layout` materialised", t["ref"], t["ours+layout"]))
     return rows
 
 
-def gather_rows():
+def gather_rows(repeat):
     B, T = 16, 1500
     z = torch.randint(0, 2048, (B, K, T), dtype=torch.int64)
     rows = []
@@ -82,7 +72,7 @@ def gather_rows():
                 s = p.build_pattern_sequence(z, 2048)[0]
                 p.revert_pattern_sequence(s, 2048)
                 return time.perf_counter() - t0
-            return statistics.median(run() for _ in range(5 if name == "Delayed" else 3))
+            return [run() for _ in range(repeat)]
 
         rows.append((f"build+revert {name} [16,8,1500] int64, first call (tables built)",
                      first(make_ref), first(make_ours)))
@@ -93,25 +83,27 @@ def gather_rows():
             p.revert_pattern_sequence(s, 2048)
         steady(pr)
         steady(po)
-        rows.append((f"build+revert {name} [16,8,1500] int64, steady state (tables cached)",
-                     timeit(lambda: steady(pr), 50), timeit(lambda: steady(po), 50)))
+        t = H.interleaved([("ref", lambda: steady(pr)), ("ours", lambda: steady(po))], max(repeat, 20))
+        rows.append((f"build+revert {name} [16,8,1500] int64, steady state (tables cached)", t["ref"], t["ours"]))
         logits = torch.randn(4, 64, K, pr.build_pattern_sequence(z, 0)[0].shape[-1])
         pr.revert_pattern_logits(logits, 0.0)
         po.revert_pattern_logits(logits, 0.0)
-        rows.append((f"revert_pattern_logits {name} [4,64,8,S] float32, steady state",
-                     timeit(lambda: pr.revert_pattern_logits(logits, 0.0), 20),
-                     timeit(lambda: po.revert_pattern_logits(logits, 0.0), 20)))
+        t = H.interleaved([("ref", lambda: pr.revert_pattern_logits(logits, 0.0)),
+                           ("ours", lambda: po.revert_pattern_logits(logits, 0.0))], max(repeat, 10))
+        rows.append((f"revert_pattern_logits {name} [4,64,8,S] float32, steady state", t["ref"], t["ours"]))
     return rows
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="skip the T = 100000 constructions")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = construction_rows() + gather_rows()
-    print(f"torch {torch.__version__}, 1 thread; reference = tests/ref_pattern.py\n")
-    print("| case | reference | mlutils | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, ref, ours in rows:
-        print(f"| {name} | {fmt(ref)} | {fmt(ours)} | {ref / ours:.1f}x |")
+    rows = construction_rows(args.repeat, args.quick) + gather_rows(args.repeat)
+    H.table(["case", "reference", "mlutils", "speed-up"],
+            [(name, H.cell(ref), H.cell(ours), H.ratio(ref, ours)) for name, ref, ours in rows],
+            f"torch {torch.__version__}, 1 thread; reference = tests/ref_pattern.py", repeat=args.repeat)
 
 
 if __name__ == "__main__":

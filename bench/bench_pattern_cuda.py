@@ -79,6 +79,9 @@ def main() -> int:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / repeat * 1e3  # µs
 
+    import _harness as H
+
+    print(H.machine())
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}\n")
     print("| case | torch indexing (reference) | mlutils kernel | speed-up |")
     print("| --- | ---: | ---: | ---: |")

@@ -1,23 +1,29 @@
 """Benchmark: mlutils' .pt loader against torch.load(weights_only=True).
 
 Writes a ~1 GiB state dict (a few hundred tensors, mixed sizes and dtypes)
-with torch.save to /tmp, times each loader in this process (best of 3, page
-cache warm), measures the peak RSS of each full load in a fresh subprocess,
-prints a markdown table and deletes the file.
+with torch.save to /tmp, times each loader in this process (median of
+--repeat interleaved repeats with min-max spread, page cache warm) three ways:
+the load alone, load + touch one byte of every page, and load + copy into a
+preallocated torch model's parameters (load_state_dict), the cost a training
+script pays.  The peak RSS of each full load is VmHWM of a fresh subprocess.
+Prints markdown tables and deletes the file.
 
-    python3 bench/bench_ptload.py [--gib 1.0]
+    python3 bench/bench_ptload.py [--gib 1.0] [--repeat 5]
 """
 import argparse
 import collections
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import _harness as H  # noqa: E402
 from mlutils import _ptload  # noqa: E402
 
 
@@ -53,16 +59,8 @@ LOADERS = {
 
 RSS_SCRIPT = r"""
 import sys, torch
-sys.path.insert(0, {root!r})
 from mlutils import _ptload
-p = {path!r}
-def status(field):
-    for line in open('/proc/self/status'):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-def rss():
-    return status('VmRSS:')
-base = rss()
+p = sys.argv[1]
 obj = {expr}
 # touch every tensor byte, so a lazy (mmap) load is measured fully loaded too
 n = 0
@@ -71,8 +69,6 @@ for v in obj.values():
         n += int(v.reshape(-1).view(torch.uint8)[::4096].sum())
     else:
         n += int(v.reshape(-1).view('u1')[::4096].sum())
-peak = status('VmHWM:')  # this process's own peak (ru_maxrss would include the parent's, across exec)
-print(peak - base)
 """
 
 
@@ -87,53 +83,73 @@ def touch(obj):
     return n
 
 
-def time_load(expr, p):
-    best, best_touch = float("inf"), float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        obj = eval(expr, {"torch": torch, "_ptload": _ptload, "p": p})
-        t1 = time.perf_counter()
-        touch(obj)
-        t2 = time.perf_counter()
-        del obj
-        best = min(best, t1 - t0)
-        best_touch = min(best_touch, t2 - t0)
-    return best, best_touch
+class Model(torch.nn.Module):
+    """A module whose parameters have the state dict's names, shapes and dtypes (preallocated)."""
+
+    def __init__(self, sd):
+        super().__init__()
+        self.params = torch.nn.ParameterDict(
+            {k.replace(".", "_"): torch.nn.Parameter(torch.empty_like(v), requires_grad=False)
+             for k, v in sd.items()})
+        self.names = {k: k.replace(".", "_") for k in sd}
+
+    def load(self, obj):
+        sd = {"params." + self.names[k]: as_torch(v, self.params[self.names[k]]) for k, v in obj.items()}
+        self.load_state_dict(sd, strict=True)
 
 
-def peak_rss(expr, p):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = RSS_SCRIPT.format(root=root, path=p, expr=expr)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+def as_torch(v, like):
+    """A torch view of a loaded tensor (numpy bfloat16 has no torch dtype: viewed through its bytes)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if v.dtype.kind in "biufc":
+        return torch.from_numpy(v)
+    return torch.from_numpy(v.reshape(-1).view(np.uint8)).view(like.dtype).reshape(like.shape)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*not writable.*")
     fd, p = tempfile.mkstemp(suffix=".pt", dir="/tmp")
     os.close(fd)
     try:
         sd = make_state_dict(int(args.gib * (1 << 30)))
         n_tensors = len(sd)
         torch.save(sd, p)
+        model = Model(sd)
         del sd
         size = os.path.getsize(p)
-        rows = []
+        touch(torch.load(p, weights_only=True, mmap=True))  # page cache warm
+        cases = []
         for name, expr in LOADERS.items():
-            rows.append((name, time_load(expr, p), peak_rss(expr, p)))
-        ref, ref_touch = rows[0][1]
-        print(f"file: {size / (1 << 30):.2f} GiB, {n_tensors} tensors (float32/bfloat16/float16/int64), "
-              f"torch {torch.__version__}\n")
-        print("| loader | load (s) | load / torch.load(weights_only=True) | load + touch every page (s) | ratio "
-              "| peak RSS of a full load (GiB) | RSS / file size |")
-        print("|---|---|---|---|---|---|---|")
-        for name, (t, tt), rss in rows:
-            print(f"| {name} | {t:.3f} | {t / ref:.3f} | {tt:.3f} | {tt / ref_touch:.3f} "
-                  f"| {rss / (1 << 30):.2f} | {rss / size:.2f} |")
+            def fn(expr=expr):
+                return eval(expr, {"torch": torch, "_ptload": _ptload, "p": p})
+            cases.append((name + "|load", fn))
+            cases.append((name + "|touch", lambda fn=fn: touch(fn())))
+            cases.append((name + "|copy", lambda fn=fn: model.load(fn())))
+        times = H.interleaved(cases, args.repeat)
+        del model
+        base = H.peak_rss("import sys, torch\nfrom mlutils import _ptload", [p])
+        peaks = {name: H.peak_rss(RSS_SCRIPT.format(expr=expr), [p]) for name, expr in LOADERS.items()}
     finally:
         os.unlink(p)
+    ref = "torch.load(weights_only=True, mmap=True)"
+    rows = []
+    for name in LOADERS:
+        rows.append((name, H.cell(times[name + "|load"]), H.cell(times[name + "|touch"]),
+                     H.cell(times[name + "|copy"]), H.ratio(times[ref + "|copy"], times[name + "|copy"]),
+                     f"{peaks[name] / (1 << 30):.2f} GiB ({(peaks[name] - base) / size:.2f}x file over interpreter)"))
+    H.table(["loader", "load", "load + touch every page", "load + copy into model (load_state_dict)",
+             "copy row: torch.load(mmap=True) / this", "peak RSS, load + touch (subprocess VmHWM)"], rows,
+            f"file: {size / (1 << 30):.2f} GiB, {n_tensors} tensors (float32/bfloat16/float16/int64), "
+            f"torch {torch.__version__} (1 thread); interpreter with torch: {base / (1 << 20):.0f} MiB",
+            repeat=args.repeat)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@ the same run, on the same disk (/tmp).  Temporary files are deleted.
 from __future__ import annotations
 
 import argparse
+import filecmp
+import io
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import _harness as H  # noqa: E402
 from mlutils import _ptsave  # noqa: E402  (this checkout's build)
 
 
@@ -58,20 +63,12 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    torch.set_num_threads(1)
 
     sd = make_state_dict(args.gib)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
@@ -83,49 +80,44 @@ def main() -> None:
         ours = os.path.join(tmp, "ours", "model.pt")
         theirs = os.path.join(tmp, "theirs", "model.pt")
 
-        def fresh(path):
-            if os.path.exists(path):
-                os.unlink(path)
+        def fresh(name):
+            for path in (ours, theirs):
+                if os.path.exists(path):
+                    os.unlink(path)
+            os.sync()
 
-        def torch_save():
-            torch.save(sd, theirs)
-
-        def torch_save_fsync():
+        def torch_save_durable():
             torch.save(sd, theirs)
             fsync_path(theirs)
+            fsync_path(os.path.dirname(theirs))
 
-        def our_save():
-            _ptsave.save(sd, ours)   # atomic: temp file, fsync, rename, fsync folder
+        def ours_plain():
+            data = _ptsave.save_bytes(sd)
+            with open(ours, "wb") as f:
+                f.write(data)
 
-        writers = [("torch.save(path)", torch_save, theirs),
-                   ("torch.save(path) + fsync", torch_save_fsync, theirs),
-                   ("mlutils save(path) (atomic, fsync)", our_save, ours)]
-        times = {name: [] for name, _, _ in writers}
-        for _ in range(args.repeat):          # interleaved, each into a fresh file
-            for name, fn, path in writers:
-                fresh(path)
-                os.sync()
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        t_torch = min(times["torch.save(path)"])
-        rows = [(name, min(times[name]), min(times[name]) / t_torch) for name, _, _ in writers]
-        t_bytes_torch = best(lambda: torch.save(sd, __import__("io").BytesIO()), 1)
-        t_bytes_ours = best(lambda: _ptsave.save_bytes(sd), 1)
-        rows.append(("torch.save(BytesIO)", t_bytes_torch, t_bytes_torch / t_torch))
-        rows.append(("mlutils save_bytes", t_bytes_ours, t_bytes_ours / t_torch))
-
-        import filecmp
+        cases = [("mlutils save(path) (atomic, fsync)", lambda: _ptsave.save(sd, ours)),
+                 ("torch.save(path) + fsync of file and folder", torch_save_durable),
+                 ("mlutils save_bytes + write", ours_plain),
+                 ("torch.save(path)", lambda: torch.save(sd, theirs)),
+                 ("mlutils save_bytes", lambda: _ptsave.save_bytes(sd)),
+                 ("torch.save(BytesIO)", lambda: torch.save(sd, io.BytesIO()))]
+        times = H.interleaved(cases, args.repeat, before=fresh)
+        _ptsave.save(sd, ours)
+        torch.save(sd, theirs)
         same = filecmp.cmp(ours, theirs, shallow=False)
-        print(f"state dict: {len(sd)} tensors, {nbytes / 2**30:.2f} GiB; "
-              f"file byte-identical to torch.save's: {same}")
-        print(f"best of {args.repeat}, interleaved (save_bytes / BytesIO: 1 run)\n")
-        print("| writer | seconds | GiB/s | time vs torch.save(path) |")
-        print("|---|---:|---:|---:|")
-        for name, t, ratio in rows:
-            print(f"| {name} | {t:.3f} | {nbytes / 2**30 / t:.2f} | {ratio:.2f}x |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    pairs = [("durable (fsync of file and folder)", cases[0][0], cases[1][0]),
+             ("plain (no fsync)", cases[2][0], cases[3][0]),
+             ("in memory", cases[4][0], cases[5][0])]
+    rows = [(what, o, H.cell(times[o]), t, H.cell(times[t]), H.ratio(times[t], times[o]),
+             f"{nbytes / 2**30 / H.median(times[o]):.2f}")
+            for what, o, t in pairs]
+    H.table(["save", "mlutils", "time", "torch", "time", "torch / mlutils", "mlutils GiB/s"], rows,
+            f"state dict: {len(sd)} tensors, {nbytes / 2**30:.2f} GiB, torch {torch.__version__}; "
+            f"file byte-identical to torch.save's: {same}", repeat=args.repeat)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,39 @@
-"""mlutils safetensors vs the `safetensors` package, same run, page cache warm.
+"""mlutils safetensors vs the `safetensors` package (numpy and torch loaders, safe_open), same run.
 
-    python3 bench/bench_safetensors.py [--mib 1024] [--repeat 3]
+    python3 bench/bench_safetensors.py [--mib 1024] [--repeat 5]
 
-A state dict of a few hundred tensors of mixed sizes and dtypes (~1 GiB) is
-saved and loaded by both; times are the best of --repeat.  Our save_file
-writes a temporary file, fsyncs it, renames it and fsyncs the folder; the
-library renames without any fsync, so a second save row adds an fsync to
-theirs for a like-for-like durable save.  "load + touch"
-reads one byte per page of every array, since our load maps the file and
-reads nothing until asked.  Peak resident memory of a full load (every page
-touched) is measured in a fresh subprocess for each.  Files live in /tmp and
-are deleted at the end.  Prints a markdown table of ratios (ours / theirs:
-below 1 is faster or smaller).
+A state dict of a few hundred tensors of mixed sizes and dtypes is saved and
+loaded by both, page cache warm.  Every figure is the median of --repeat
+interleaved repeats with its min-max spread (bench/_harness.py).
+
+Saves compare like with like: durable (our save_file: temp file, fsync,
+rename, fsync of the folder) against the library's save_file followed by an
+fsync of the file and of the folder; plain (our in-memory save() written to a
+file) against the library's save_file.  Loads are timed three ways: "load"
+alone (a memory-mapped loader reads nothing yet), "load + touch" (one byte
+per page of every tensor), and "load + copy" into preallocated torch
+parameters (param.copy_ per tensor), the cost a training script pays.  Peak
+resident memory of a full load (every page touched) is VmHWM of a fresh
+subprocess for each loader.  Files live in /tmp and are deleted at the end.
 """
 import argparse
-import gc
 import os
-import subprocess
 import sys
 import tempfile
-import time
+import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 import safetensors.numpy as stn  # noqa: E402
+import safetensors.torch as stt  # noqa: E402
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
+import _harness as H  # noqa: E402
 from mlutils import _safetensors as S  # noqa: E402
 
 DTYPES = [np.float32, np.float16, np.float32, np.int64, np.uint8, np.float64, np.int32, np.float16]
@@ -55,123 +62,129 @@ def make_state_dict(total_mib):
     return sd
 
 
-def best(fn, repeat, flush=False):
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        if flush:  # earlier writes' background writeback must not land in this timing
-            os.sync()
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-        del out
-    return min(times)
-
-
 def touch(d):
-    """Reads one byte per 4 KiB page of every array."""
+    """Reads one byte per 4 KiB page of every tensor."""
     s = 0
     for a in d.values():
-        if a.nbytes:
+        if isinstance(a, torch.Tensor):
+            if a.numel():
+                s += int(a.reshape(-1).view(torch.uint8)[::4096].sum())
+        elif a.nbytes:
             s += int(a.reshape(-1).view(np.uint8)[::4096].sum())
     return s
 
 
+def copy_into(params, d):
+    """param.copy_(tensor) for every tensor: what load_state_dict does."""
+    for k, a in d.items():
+        params[k].copy_(a if isinstance(a, torch.Tensor) else torch.from_numpy(a))
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_open_all(p):
+    with safe_open(p, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+LOADERS = {
+    "mlutils load_file (np, mmap)": ("from mlutils import _safetensors as S", "S.load_file(p)"),
+    "mlutils load_file (pt, mmap)": ("from mlutils import _safetensors as S", "S.load_file(p, framework='pt')"),
+    "safetensors.numpy.load_file": ("import safetensors.numpy as stn", "stn.load_file(p)"),
+    "safetensors.torch.load_file": ("import safetensors.torch as stt", "stt.load_file(p)"),
+    "safetensors safe_open(pt) + get_tensor each": (
+        "from safetensors import safe_open\n"
+        "def so(p):\n"
+        "    with safe_open(p, framework='pt') as f:\n"
+        "        return {k: f.get_tensor(k) for k in f.keys()}", "so(p)"),
+}
+
 PEAK = r"""
 import sys
-sys.path.insert(0, {root!r})
-def hwm():
-    # VmHWM: ru_maxrss would carry the parent's peak across exec
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
 import numpy as np
-which, path = sys.argv[1], sys.argv[2]
-if which == "ours":
-    from mlutils import _safetensors as S
-    d = S.load_file(path)
-else:
-    import safetensors.numpy as stn
-    d = stn.load_file(path)
-s = 0
-for a in d.values():
-    if a.nbytes:
-        s += int(a.reshape(-1).view(np.uint8)[::4096].sum())
-print(hwm())
+import torch
+{imports}
+p = sys.argv[1]
+if sys.argv[2] == "load":
+    d = {expr}
+    s = 0
+    for a in d.values():
+        if isinstance(a, torch.Tensor):
+            if a.numel():
+                s += int(a.reshape(-1).view(torch.uint8)[::4096].sum())
+        elif a.nbytes:
+            s += int(a.reshape(-1).view(np.uint8)[::4096].sum())
 """
-
-BASE = r"""
-import sys
-sys.path.insert(0, {root!r})
-def hwm():
-    # VmHWM: ru_maxrss would carry the parent's peak across exec
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-import numpy as np
-if sys.argv[1] == "ours":
-    from mlutils import _safetensors as S
-else:
-    import safetensors.numpy as stn
-print(hwm())
-"""
-
-
-def peak_rss(which, path):
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.check_output([sys.executable, "-c", PEAK.format(root=root), which, path], text=True)
-    base = subprocess.check_output([sys.executable, "-c", BASE.format(root=root), which], text=True)
-    return int(out.strip()), int(base.strip())
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*not writable.*")
 
     sd = make_state_dict(args.mib)
     nbytes = sum(a.nbytes for a in sd.values())
+    n_tensors = len(sd)
     tmp = tempfile.mkdtemp(prefix="mlu_bench_st_", dir="/tmp")
     ours_p, theirs_p = os.path.join(tmp, "ours.safetensors"), os.path.join(tmp, "theirs.safetensors")
-    rows = []
     try:
-        t_save_ours = best(lambda: S.save_file(sd, ours_p), args.repeat, flush=True)
-        t_save_theirs = best(lambda: stn.save_file(sd, theirs_p), args.repeat, flush=True)
+        def ours_plain():
+            data = S.save(sd)
+            with open(ours_p, "wb") as f:
+                f.write(data)
 
         def theirs_durable():
             stn.save_file(sd, theirs_p)
-            fd = os.open(theirs_p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(theirs_p)
+            fsync_path(tmp)
 
-        t_save_theirs_sync = best(theirs_durable, args.repeat, flush=True)
+        def fresh(name):
+            for p in (ours_p, theirs_p):
+                if os.path.exists(p):
+                    os.remove(p)
+            os.sync()  # earlier writes' writeback must not land in this timing
+
+        save = H.interleaved([
+            ("ours durable", lambda: S.save_file(sd, ours_p)),
+            ("theirs durable", theirs_durable),
+            ("ours plain", ours_plain),
+            ("theirs plain", lambda: stn.save_file(sd, theirs_p)),
+        ], args.repeat, before=fresh)
+        S.save_file(sd, ours_p)
+        stn.save_file(sd, theirs_p)
         with open(ours_p, "rb") as f, open(theirs_p, "rb") as g:
             identical = f.read() == g.read()
         size = os.path.getsize(ours_p)
-        # warm the page cache for both readers
-        touch(S.load_file(ours_p))
-        t_load_ours = best(lambda: S.load_file(ours_p), args.repeat)
-        t_load_theirs = best(lambda: stn.load_file(ours_p), args.repeat)
-        t_touch_ours = best(lambda: touch(S.load_file(ours_p)), args.repeat)
-        t_touch_theirs = best(lambda: touch(stn.load_file(ours_p)), args.repeat)
-        peak_ours, base_ours = peak_rss("ours", ours_p)
-        peak_theirs, base_theirs = peak_rss("theirs", ours_p)
-        rows = [
-            ("save_file (ours fsyncs, theirs does not)", f"{t_save_ours * 1e3:.1f} ms", f"{t_save_theirs * 1e3:.1f} ms",
-             t_save_ours / t_save_theirs),
-            ("save_file, both durable (theirs + fsync)", f"{t_save_ours * 1e3:.1f} ms",
-             f"{t_save_theirs_sync * 1e3:.1f} ms", t_save_ours / t_save_theirs_sync),
-            ("load_file to numpy", f"{t_load_ours * 1e3:.1f} ms", f"{t_load_theirs * 1e3:.1f} ms", t_load_ours / t_load_theirs),
-            ("load_file + touch every page", f"{t_touch_ours * 1e3:.1f} ms", f"{t_touch_theirs * 1e3:.1f} ms", t_touch_ours / t_touch_theirs),
-            ("peak RSS of a full load", f"{peak_ours / 2**20:.0f} MiB", f"{peak_theirs / 2**20:.0f} MiB", peak_ours / peak_theirs),
-            ("peak RSS minus interpreter", f"{(peak_ours - base_ours) / 2**20:.0f} MiB",
-             f"{(peak_theirs - base_theirs) / 2**20:.0f} MiB", (peak_ours - base_ours) / max(1, peak_theirs - base_theirs)),
-        ]
+        del sd
+
+        fns = {
+            "mlutils load_file (np, mmap)": lambda: S.load_file(ours_p),
+            "mlutils load_file (pt, mmap)": lambda: S.load_file(ours_p, framework="pt"),
+            "safetensors.numpy.load_file": lambda: stn.load_file(ours_p),
+            "safetensors.torch.load_file": lambda: stt.load_file(ours_p),
+            "safetensors safe_open(pt) + get_tensor each": lambda: safe_open_all(ours_p),
+        }
+        params = {k: torch.empty_like(v) for k, v in stt.load_file(ours_p).items()}  # the "model"
+        touch(S.load_file(ours_p))  # page cache warm
+        cases = []
+        for name, fn in fns.items():
+            cases.append((name + "|load", fn))
+            cases.append((name + "|touch", lambda fn=fn: touch(fn())))
+            cases.append((name + "|copy", lambda fn=fn: copy_into(params, fn())))
+        load = H.interleaved(cases, args.repeat)
+        del params
+        base = H.peak_rss(PEAK.format(imports="", expr="None"), [ours_p, "base"])
+        peaks = {name: H.peak_rss(PEAK.format(imports=imp, expr=expr), [ours_p, "load"])
+                 for name, (imp, expr) in LOADERS.items()}
     finally:
         for p in (ours_p, theirs_p):
             if os.path.exists(p):
@@ -180,15 +193,29 @@ def main():
 
     import safetensors
 
-    print(f"state dict: {len(sd)} tensors, {nbytes / 2**20:.0f} MiB; file {size / 2**20:.0f} MiB; "
-          f"safetensors {safetensors.__version__}; outputs byte-identical: {identical}")
-    print(f"peak RSS of our full load / file size: {peak_ours / size:.3f} "
-          f"(interpreter alone: {base_ours / 2**20:.0f} MiB)")
-    print()
-    print("| operation | mlutils | safetensors | ratio |")
-    print("| --- | --- | --- | --- |")
-    for name, a, b, r in rows:
-        print(f"| {name} | {a} | {b} | {r:.2f} |")
+    title = (f"state dict: {n_tensors} tensors, {nbytes / 2**20:.0f} MiB; file {size / 2**20:.0f} MiB; "
+             f"safetensors {safetensors.__version__}, torch {torch.__version__} (1 thread); "
+             f"outputs byte-identical: {identical}")
+    rows = [
+        ("save, durable (fsync of file and folder)", "mlutils save_file", H.cell(save["ours durable"]),
+         "safetensors save_file + fsync", H.cell(save["theirs durable"]),
+         H.ratio(save["theirs durable"], save["ours durable"])),
+        ("save, plain (no fsync)", "mlutils save() + write", H.cell(save["ours plain"]),
+         "safetensors save_file", H.cell(save["theirs plain"]),
+         H.ratio(save["theirs plain"], save["ours plain"])),
+    ]
+    H.table(["save", "mlutils", "time", "peer", "time", "peer / mlutils"], rows, title, repeat=args.repeat)
+
+    ref = "safetensors.torch.load_file"
+    rows = []
+    for name in fns:
+        rows.append((name, H.cell(load[name + "|load"]), H.cell(load[name + "|touch"]),
+                     H.cell(load[name + "|copy"]),
+                     H.ratio(load[ref + "|copy"], load[name + "|copy"]),
+                     f"{peaks[name] / 2**20:.0f} MiB ({(peaks[name] - base) / size:.2f}x file over interpreter)"))
+    H.table(["loader", "load", "load + touch every page", "load + copy into params", f"copy row: {ref} / this",
+             "peak RSS, load + touch (subprocess VmHWM)"], rows,
+            f"interpreter with numpy + torch imported: {base / 2**20:.0f} MiB", repeat=None)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
   read the position in one step (``take`` reserves its range with the GIL
   held, then computes the draws without it), so threads drawing together
   get every draw of the epoch exactly once.
+* **Batches.**  ``sampler.batches(batch_size)`` yields the draws as int64
+  index arrays (``take(batch_size)`` each) for ``DataLoader(batch_sampler=...)``;
+  :class:`IndexedTensorDataset` fetches such a batch in one gather per tensor.
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
@@ -83,6 +86,8 @@ __all__ = [
     "RandomSampler",
     "SamplerStateError",
     "resume_state",
+    "IndexedTensorDataset",
+    "collate_batch",
     "STATE_VERSION",
 ]
 
@@ -281,6 +286,23 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
         """The next `n` draws of the current epoch (fewer at its end) as an int64 array, advancing as iteration does."""
         return self._cursor.take(_length_arg(n, "n"))
 
+    def batches(self, batch_size: int, drop_last: bool = False) -> "Batches":
+        """This sampler's draws in int64 index arrays of `batch_size`: ``DataLoader(batch_sampler=...)``.
+
+        The batches are ``take(batch_size)`` calls, so they hold exactly the
+        draws iteration would give, and the sampler's position is the batch
+        iterator's: a ``state_dict()`` taken after ``k`` batches resumes at
+        batch ``k + 1``.  With ``drop_last`` a short final batch is not
+        yielded (its draws are consumed)."""
+        return Batches(self, batch_size, drop_last)
+
+    def _batch_left(self) -> int:
+        """Draws the next batch iteration covers (starting the next epoch when this one is done)."""
+        c = self._cursor
+        if c.index >= c.count:
+            c.seek(c.epoch + 1, 0, 0)
+        return c.count - c.index
+
     # ---- state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly: a small JSON-serialisable dict."""
@@ -450,6 +472,12 @@ class PoolSampler(_Sharded):
         """The next `n` draws (indices) as an int64 array, refilling the bag as sample() does."""
         return self._cursor.take(_length_arg(n, "n"))
 
+    def _batch_left(self) -> int:
+        # the rest of the round, as iteration gives it; a finished round is refilled by take()
+        c = self._cursor
+        left = c.count - c.index
+        return left if left > 0 else c.count
+
 
 def _durations(buckets: Any) -> np.ndarray:
     if not isinstance(buckets, Mapping):
@@ -543,6 +571,120 @@ class BatchedOrderedSampler(_Sharded):
         if state.get("shuffle") is not self._shuffle:
             raise SamplerStateError(
                 f"sampler state has shuffle={state.get('shuffle')!r}, this sampler shuffle={self._shuffle}")
+
+
+class Batches:
+    """A sampler's draws in batches: an iterable of int64 index arrays with a length.
+
+    Made by ``sampler.batches(batch_size, drop_last=False)``; pass it as
+    ``DataLoader(dataset, batch_sampler=...)``.  Each ``iter()`` covers the
+    rest of the sampler's current epoch (round, for a PoolSampler), starting
+    the next one when it is finished, as iterating the sampler does.  The
+    position lives in the sampler: save and load ``sampler.state_dict()``.
+    ``len()`` is the number of batches of a full epoch on this rank."""
+
+    def __init__(self, sampler: "_Sharded", batch_size: int, drop_last: bool = False) -> None:
+        bs = _int_arg(batch_size, "batch_size")
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        self.sampler = sampler
+        self.batch_size = bs
+        self.drop_last = bool(drop_last)
+
+    def __len__(self) -> int:
+        n, bs = len(self.sampler), self.batch_size
+        return n // bs if self.drop_last else -(-n // bs)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        left = self.sampler._batch_left()
+        return self._run(left)
+
+    def _run(self, left: int) -> Iterator[np.ndarray]:
+        take = self.sampler._cursor.take
+        bs, drop = self.batch_size, self.drop_last
+        while left > 0:
+            a = take(bs if bs < left else left)
+            got = len(a)
+            if got == 0:
+                return
+            left -= got
+            if got < bs and drop:
+                return
+            yield a
+
+    def __repr__(self) -> str:
+        return f"Batches({self.sampler!r}, batch_size={self.batch_size}, drop_last={self.drop_last})"
+
+
+def _dataset_base() -> type:
+    if os.environ.get("MLUTILS_NO_TORCH") == "1":
+        return object
+    try:
+        from torch.utils.data import Dataset
+    except ImportError:
+        return object
+    return Dataset
+
+
+class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
+    """Tensors (torch or numpy) sharing their first dimension, fetched a whole batch at a time.
+
+    ``ds[i]`` is the tuple of the tensors' rows ``i``; ``ds.__getitems__(idx)``
+    (which a DataLoader calls with each batch of a ``batch_sampler``) gathers
+    the rows of every tensor at once (``torch.index_select`` / ``np.take``)
+    and returns the tuple of batch tensors.  Negative indices are refused.  Use it
+    with ``collate_fn=collate_batch`` (the batch is already collated)::
+
+        ds = IndexedTensorDataset(x, y)
+        loader = DataLoader(ds, batch_sampler=sampler.batches(256), collate_fn=collate_batch)
+    """
+
+    def __init__(self, *tensors: Any) -> None:
+        if not tensors:
+            raise ValueError("IndexedTensorDataset needs at least one tensor")
+        n = None
+        for k, t in enumerate(tensors):
+            shape = getattr(t, "shape", None)
+            if shape is None or len(shape) == 0:
+                raise ValueError(f"tensor {k} must have a first dimension, got {type(t).__name__}")
+            if n is None:
+                n = int(shape[0])
+            elif int(shape[0]) != n:
+                raise ValueError(f"tensors disagree on the first dimension: {n} and {int(shape[0])} (tensor {k})")
+        self.tensors = tuple(tensors)
+        self._n = int(n or 0)
+        self._has_numpy = any(isinstance(t, np.ndarray) for t in tensors)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> tuple:
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, indices: Any) -> tuple:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"batch indices must be one-dimensional, got shape {idx.shape}")
+        # torch.index_select refuses indices outside [0, n) itself; np.take would wrap negative ones
+        if self._has_numpy and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._n):
+            raise IndexError(f"batch index out of range for a dataset of {self._n} items")
+        out = []
+        tidx = None
+        for t in self.tensors:
+            if isinstance(t, np.ndarray):
+                out.append(np.take(t, idx, axis=0))
+            else:
+                import torch
+                if tidx is None:
+                    tidx = torch.from_numpy(idx)
+                # index_select gathers whole rows: about 3x faster than t[tidx] (advanced indexing)
+                out.append(torch.index_select(t, 0, tidx))
+        return tuple(out)
+
+
+def collate_batch(batch: Any) -> Any:
+    """The collate_fn for a batch that ``__getitems__`` already assembled: returns it unchanged."""
+    return batch
 
 
 def resume_state(states: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
