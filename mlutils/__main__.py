@@ -12,7 +12,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from . import __version__
-from .io import is_safetensors_path, json_stringify
+from .io import format_for, json_stringify
 
 
 def _human(n: int) -> str:
@@ -25,18 +25,7 @@ def _human(n: int) -> str:
 
 def describe(path: str) -> dict:
     """{"format", "tensors": [{name, dtype, shape, nbytes}], "metadata"} for a file (validated)."""
-    if is_safetensors_path(path):
-        from . import _safetensors
-
-        metadata, entries = _safetensors.read_header(path)
-        tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]),
-                    "nbytes": e["data_offsets"][1] - e["data_offsets"][0]} for e in entries]
-        return {"format": "safetensors", "tensors": tensors, "metadata": metadata}
-    from . import _ptload
-
-    tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "nbytes": e["nbytes"]}
-               for e in _ptload.read_index(path)]
-    return {"format": "pt", "tensors": tensors, "metadata": None}
+    return format_for(path).describe(path)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -119,14 +108,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = args.input, args.output
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("convert: input and output are the same file")
-    if is_safetensors_path(src) == is_safetensors_path(dst):
+    src_fmt, dst_fmt = format_for(src), format_for(dst)
+    if src_fmt is dst_fmt:
         raise ValueError("convert: one side must be .pt/.pth and the other .safetensors/.sft")
-    total = sum(t["nbytes"] for t in describe(src)["tensors"])
+    total = sum(t["nbytes"] for t in src_fmt.describe(src)["tensors"])
     load_key = args.module_key or DEFAULT_MODULE_KEY
     # numpy arrays over a private mapping of the input: tensors stream from the
     # page cache into the output file, never all in memory at once.
     data: Any = torch_load(src, framework="np", module_key=load_key)
-    if is_safetensors_path(src) and len(data) == 1:
+    if src_fmt.flat and len(data) == 1:
         data = data[load_key]  # plain tensors, no checkpoint metadata
     elif not is_safetensors_path(src) and not isinstance(data, Mapping):
         data = {"tensor": data}  # torch.save of one tensor: safetensors holds named tensors
@@ -138,8 +128,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"convert: --drop {', '.join(missing)}: not in the checkpoint "
                              f"(keys: {', '.join(sorted(map(str, data)))})")
         data = {k: v for k, v in data.items() if k not in args.drop}
-    save_key = args.module_key if is_safetensors_path(dst) else None
-    if is_safetensors_path(dst):
+    save_key = args.module_key if dst_fmt.flat else None
+    if dst_fmt.flat:
         if not isinstance(data, Mapping):
             raise ValueError(f"convert: {src} holds a {type(data).__name__}, not a dict: it cannot be safetensors")
         try:
@@ -158,12 +148,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    if is_safetensors_path(args.file):
-        from . import _safetensors as mod
-    else:
-        from . import _ptload as mod
-    mod.verify(args.file)
-    info = describe(args.file)
+    fmt = format_for(args.file)
+    fmt.verify(args.file)
+    info = fmt.describe(args.file)
     print(f"{args.file}: OK ({info['format']}, {len(info['tensors'])} tensors)")
     return 0
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from . import _core
 from ._safetensors import TorchNotInstalledError, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
 
 __all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
-           "is_safetensors_path", "safe_open", "save_file", "load_file", "TorchNotInstalledError"]
+           "is_safetensors_path", "Format", "FORMATS", "format_for", "safe_open", "save_file", "load_file", "TorchNotInstalledError"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def json_write(data: Any, path: PathLike, **kwargs: Any) -> None:
 
 def is_safetensors_path(path: PathLike) -> bool:
     """True when the suffix says safetensors (``.safetensors``, ``.safetensor``, ``.sft``)."""
-    return os.fspath(path).lower().endswith(SAFETENSORS_SUFFIXES)
+    return format_for(path) is SAFETENSORS
 
 
 def _is_tensor(v: Any) -> bool:
@@ -167,18 +168,7 @@ def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None) -> N
     ``torch.load(weights_only=True)`` reads.  Both writes are atomic.
     """
     path = os.fspath(path)
-    if is_safetensors_path(path):
-        from . import _safetensors
-
-        if not isinstance(data, Mapping):
-            raise TypeError(f"torch_save: a safetensors file holds a dict, not {type(data).__name__}")
-        _key, tensors, metadata = _split_checkpoint(data, module_key)
-        metadata.setdefault("format", "pt")
-        _safetensors.save_file(tensors, path, metadata=metadata)
-    else:
-        from . import _ptsave
-
-        _ptsave.save(data, path)
+    format_for(path).save(data, path, module_key=module_key)
 
 
 def torch_load(
@@ -204,35 +194,139 @@ def torch_load(
     it both formats raise :class:`TorchNotInstalledError` (an ImportError);
     ``framework="np"`` gives numpy arrays and never imports torch.
     """
-    path = os.fspath(path)
     from . import _safetensors
 
+    path = os.fspath(path)
     fw = _safetensors._framework(framework)
     if fw == "pt":
         _safetensors.require_torch("torch_load(framework='pt')")
-    if is_safetensors_path(path):
-        tensors = _safetensors.load_file(path, framework=fw, device=device)
-        if not load_metadata:
-            return tensors
-        metadata, _entries = _safetensors.read_header(path)
-        metadata = metadata or {}
-        if module_key in metadata:
-            raise _safetensors.SafetensorsError(
-                f"{path}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
-                f"tensors under: it would replace them. Pass another module_key, or "
-                "load_metadata=False for the tensors alone (safe_open(path).metadata() reads the metadata)")
-        out = {module_key: tensors}
-        for k, v in metadata.items():
-            if k == "format" and v == "pt":
-                continue
-            try:
-                out[k] = json_parse(v)
-            except ValueError:
-                out[k] = v
-        return out
-    from . import _ptload
+    return format_for(path).load(path, device=device, framework=fw, unsafe=unsafe,
+                                 load_metadata=load_metadata, module_key=module_key)
+
+
+# ------------------------------------------------------------ format registry
+# One entry per file format: torch_save, torch_load and the command line
+# (inspect, convert, verify) dispatch through format_for(path), so a new
+# format is one more Format in FORMATS.
+
+
+def _safetensors_save(data: Any, path: str, module_key: Optional[str] = None, **kwargs: Any) -> None:
+    from . import _safetensors
+
+    if not isinstance(data, Mapping):
+        raise TypeError(f"torch_save: a safetensors file holds a dict, not {type(data).__name__}")
+    _key, tensors, metadata = _split_checkpoint(data, module_key)
+    metadata.setdefault("format", "pt")
+    _safetensors.save_file(tensors, path, metadata=metadata, **kwargs)
+
+
+def _safetensors_load(path: str, device: str, framework: str, unsafe: bool, load_metadata: bool,
+                      module_key: str) -> Any:
+    from . import _safetensors
+
+    tensors = _safetensors.load_file(path, framework=framework, device=device)
+    if not load_metadata:
+        return tensors
+    metadata, _entries = _safetensors.read_header(path)
+    metadata = metadata or {}
+    if module_key in metadata:
+        raise _safetensors.SafetensorsError(
+            f"{path}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
+            f"tensors under: it would replace them. Pass another module_key, or "
+            "load_metadata=False for the tensors alone (safe_open(path).metadata() reads the metadata)")
+    out = {module_key: tensors}
+    for k, v in metadata.items():
+        if k == "format" and v == "pt":
+            continue
+        try:
+            out[k] = json_parse(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def _safetensors_describe(path: str) -> dict:
+    from . import _safetensors
+
+    metadata, entries = _safetensors.read_header(path)
+    tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]),
+                "nbytes": e["data_offsets"][1] - e["data_offsets"][0]} for e in entries]
+    return {"format": "safetensors", "tensors": tensors, "metadata": metadata}
+
+
+def _safetensors_verify(path: str) -> None:
+    from . import _safetensors
+
+    _safetensors.verify(path)
+
+
+def _pt_save(data: Any, path: str, module_key: Optional[str] = None, **kwargs: Any) -> None:
+    from . import _ptsave
+
+    _ptsave.save(data, path, **kwargs)
+
+
+def _pt_load(path: str, device: str, framework: str, unsafe: bool, load_metadata: bool,
+             module_key: str) -> Any:
+    from . import _ptload, _safetensors
 
     if unsafe:
         _safetensors.require_torch("torch_load(unsafe=True)")
         return _ptload.load_unsafe(path, device=device)
-    return _ptload.load(path, device=device, framework=fw)
+    return _ptload.load(path, device=device, framework=framework)
+
+
+def _pt_describe(path: str) -> dict:
+    from . import _ptload
+
+    tensors = [{"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "nbytes": e["nbytes"]}
+               for e in _ptload.read_index(path)]
+    return {"format": "pt", "tensors": tensors, "metadata": None}
+
+
+def _pt_verify(path: str) -> None:
+    from . import _ptload
+
+    _ptload.verify(path)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One file format: the suffixes that select it and what reads and writes it.
+
+    ``save(data, path, module_key=None, **kwargs)`` writes atomically;
+    ``load(path, device, framework, unsafe, load_metadata, module_key)`` is
+    torch_load's body for the format; ``describe(path)`` gives ``{"format",
+    "tensors": [{name, dtype, shape, nbytes}], "metadata"}`` from the validated
+    index alone; ``verify(path)`` fully validates an untrusted file.  ``flat``:
+    the file holds one flat dict of tensors plus string metadata (torch_load
+    returns it under ``module_key``), so a checkpoint is split on the way in.
+    """
+
+    name: str
+    suffixes: Tuple[str, ...]
+    save: Callable[..., None]
+    load: Callable[..., Any]
+    describe: Callable[[str], dict]
+    verify: Callable[[str], None]
+    flat: bool = False
+
+    def matches(self, path: PathLike) -> bool:
+        return os.fspath(path).lower().endswith(self.suffixes)
+
+
+SAFETENSORS = Format("safetensors", SAFETENSORS_SUFFIXES, _safetensors_save, _safetensors_load,
+                     _safetensors_describe, _safetensors_verify, flat=True)
+#: PyTorch's zip (or legacy) pickle format; also every suffix no other format claims.
+PT = Format("pt", (".pt", ".pth"), _pt_save, _pt_load, _pt_describe, _pt_verify)
+
+#: Every format, the one chosen by suffix first; PT (the last) takes any other suffix.
+FORMATS: Tuple[Format, ...] = (SAFETENSORS, PT)
+
+
+def format_for(path: PathLike) -> Format:
+    """The Format a path's suffix selects (case-insensitive); ``.pt`` for any suffix no format claims."""
+    for fmt in FORMATS:
+        if fmt.matches(path):
+            return fmt
+    return PT

@@ -365,7 +365,7 @@ def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
     """The error of offloading `tensor` with `compress` (the same rounding as the
     CUDA kernels, done here with torch ops): max and RMS absolute error, and the
     RMS error relative to the tensor's RMS."""
-    torch = _torch("mlutils.offload")
+    _torch("mlutils.offload")  # a clear ImportError without torch
     eng = OffloadEngine("cpu")
     x = tensor.detach().cpu()
     h = eng.offload(x, compress=compress)

@@ -160,3 +160,60 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
     assert out.returncode == 1 and "module_key 'nope' is not in the checkpoint" in out.stderr
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "k.safetensors", "--drop", "optim")
     assert out.returncode == 1 and "--drop optim: not in the checkpoint" in out.stderr
+
+
+def _npz_format():
+    """A third format (numpy .npz) built only from the public registry pieces."""
+    from mlutils.io import Format
+
+    def save(data, path, module_key=None, **kwargs):
+        with open(path, "wb") as fh:
+            np.savez(fh, **data)
+
+    def load(path, device, framework, unsafe, load_metadata, module_key):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def describe(path):
+        with np.load(path) as z:
+            tensors = [{"name": k, "dtype": str(z[k].dtype), "shape": list(z[k].shape), "nbytes": z[k].nbytes}
+                       for k in z.files]
+        return {"format": "npz", "tensors": tensors, "metadata": None}
+
+    def verify(path):
+        describe(path)
+
+    return Format("npz", (".npz",), save, load, describe, verify)
+
+
+def test_a_third_format_is_one_registry_entry(files, monkeypatch, capsys):
+    """torch_save, torch_load and inspect/convert/verify all dispatch through
+    mlutils.io.FORMATS: adding one entry is enough for a new suffix."""
+    import mlutils.io as mio
+
+    tmp, tensors = files
+    assert mio.format_for(tmp / "x.npz") is mio.PT  # unclaimed suffixes are .pt
+    monkeypatch.setattr(mio, "FORMATS", (mio.SAFETENSORS, _npz_format(), mio.PT))
+    assert mio.format_for(tmp / "X.NPZ").name == "npz"
+    torch_save(tensors, tmp / "t.npz")
+    with np.load(tmp / "t.npz") as z:  # the real numpy reads it
+        assert sorted(z.files) == sorted(tensors) and np.array_equal(z["enc.w"], tensors["enc.w"])
+    back = torch_load(tmp / "t.npz", framework="np")
+    assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
+    assert main(["inspect", str(tmp / "t.npz")]) == 0
+    assert "npz, 3 tensors" in capsys.readouterr().out
+    assert main(["verify", str(tmp / "t.npz")]) == 0
+    assert "OK (npz, 3 tensors)" in capsys.readouterr().out
+    assert main(["convert", str(tmp / "t.npz"), str(tmp / "t.safetensors")]) == 0
+    out = torch_load(tmp / "t.safetensors", framework="np", load_metadata=False)
+    assert all(np.array_equal(out[k], tensors[k]) for k in tensors)
+
+
+def test_format_for_picks_by_suffix():
+    from mlutils.io import FORMATS, PT, SAFETENSORS, format_for
+
+    assert FORMATS[-1] is PT
+    for name in ("a.safetensors", "a.SafeTensor", "dir.pt/a.sft"):
+        assert format_for(name) is SAFETENSORS
+    for name in ("a.pt", "a.PTH", "a.bin", "a.sft.pt", "a"):
+        assert format_for(name) is PT
