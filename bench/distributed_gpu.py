@@ -198,25 +198,32 @@ def bandwidth_rows(torch, dist, comm):
 
 
 def graph_check(torch, comm):
+    """One out-of-place all_reduce captured in a CUDA graph and replayed.
+
+    Out of place, with `out` reset to a sentinel before each replay, so that a
+    graph that captured nothing is caught even with one rank (where an
+    in-place sum leaves its input as it was)."""
     dev = torch.device("cuda", torch.cuda.current_device())
     n, rank = comm.size, comm.rank
     x = torch.zeros(1024, dtype=torch.float32, device=dev)
+    y = torch.zeros_like(x)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside capture on the capture stream
-        comm.all_reduce(x)
+        comm.all_reduce(x, out=y)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        comm.all_reduce(x)
+        comm.all_reduce(x, out=y)
     results = []
     for value in (1.0, 2.5):
         x.fill_(value * (rank + 1))
+        y.fill_(-1.0)
         graph.replay()
         torch.cuda.synchronize()
         expect = value * n * (n + 1) / 2
-        results.append(bool(torch.all(x == expect)))
+        results.append(bool(torch.all(y == expect)))
     t = _time(torch, graph.replay, 200)
     return all(results), t
 

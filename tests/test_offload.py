@@ -447,8 +447,19 @@ def test_unsloth_original_class(torch):
     (h.float() ** 2).mean().backward()
     for g, r in zip([p.grad for p in blocks.parameters()], ref):
         torch.testing.assert_close(g, r)
-    with pytest.raises(ImportError, match="transformers"):
-        unsloth.apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()
+
+    import sys
+
+    saved = sys.modules.get("transformers")
+    sys.modules["transformers"] = None  # as where transformers is not installed
+    try:
+        with pytest.raises(ImportError, match="transformers"):
+            unsloth.apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()
+    finally:
+        if saved is None:
+            del sys.modules["transformers"]
+        else:
+            sys.modules["transformers"] = saved
 
 
 # ---------------------------------------------------------------------------
