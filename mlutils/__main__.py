@@ -118,7 +118,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     data: Any = torch_load(src, framework="np", module_key=load_key)
     if src_fmt.flat and len(data) == 1:
         data = data[load_key]  # plain tensors, no checkpoint metadata
-    elif not is_safetensors_path(src) and not isinstance(data, Mapping):
+    elif not src_fmt.flat and dst_fmt.flat and not isinstance(data, Mapping):
         data = {"tensor": data}  # torch.save of one tensor: safetensors holds named tensors
     if args.drop:
         if not isinstance(data, Mapping):

@@ -93,15 +93,23 @@ def archive_name(path: PathLike) -> str:
     return base or "archive"
 
 
-def _write(obj: Any, path: Optional[bytes], archive: str, zip64_limit: int) -> Optional[bytes]:
+def _write(obj: Any, path: Optional[bytes], archive: str, zip64_limit: int,
+           durable: bool = True) -> Optional[bytes]:
     return _core._ptsave_write(obj, path, archive, _tensor_type(), _describe, _storage_bytes,
-                               zip64_limit)
+                               zip64_limit, durable=durable)
 
 
-def save(obj: Any, path: PathLike, *, _zip64_limit: int = _ZIP64_LIMIT) -> None:
-    """Write ``obj`` to ``path`` as torch.save would, atomically (temp file, fsync, rename)."""
+def save(obj: Any, path: PathLike, *, durable: bool = True, _zip64_limit: int = _ZIP64_LIMIT) -> None:
+    """Write ``obj`` to ``path`` as torch.save would, atomically (temp file, rename).
+
+    ``durable`` (the default) also fsyncs the file before the rename and the
+    folder after it, so the save survives a power loss; ``durable=False``
+    skips both (still atomic: a crash leaves the old file or the new one).
+    """
+    if not isinstance(durable, bool):  # "no" would read as true
+        raise TypeError(f"save: durable must be True or False, not {type(durable).__name__} {durable!r}")
     fspath = os.fspath(path)
-    _write(obj, os.fsencode(fspath), archive_name(fspath), _zip64_limit)
+    _write(obj, os.fsencode(fspath), archive_name(fspath), _zip64_limit, durable)
 
 
 def save_bytes(obj: Any, *, _zip64_limit: int = _ZIP64_LIMIT) -> bytes:

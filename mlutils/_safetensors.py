@@ -397,17 +397,24 @@ def _raw_shape(name: str, shape: Any) -> Tuple[int, ...]:
 
 
 def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
-              *, dedupe: bool = False) -> None:
+              *, dedupe: bool = False, durable: bool = True) -> None:
     """Write ``tensors`` (NumPy arrays / torch tensors on any device) to
     ``path`` atomically, byte-identical to the ``safetensors`` library.
+
+    ``durable`` (the default) fsyncs the file before renaming it over
+    ``path`` and the folder after, so the save survives a power loss;
+    ``durable=False`` skips both, as the library does (still atomic: a crash
+    or kill leaves the old file or the new one, never half of one).
 
     Tensors that share memory raise :class:`SafetensorsError` unless
     ``dedupe``: then one name per storage is kept (the alphabetically smallest
     that covers the whole storage, as ``safetensors.torch.save_model`` does)
     and each dropped name is recorded in the metadata as ``{dropped: kept}``.
     """
+    if not isinstance(durable, bool):
+        raise TypeError(f"save_file: durable must be True or False, not {type(durable).__name__} {durable!r}")
     entries, meta = _entries(tensors, metadata, dedupe)
-    _core.st_serialize(entries, meta, os.fspath(path))
+    _core.st_serialize(entries, meta, os.fspath(path), durable=durable)
 
 
 def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:

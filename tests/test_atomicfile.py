@@ -160,12 +160,22 @@ def test_socket_and_folder_targets_are_errors(tmp_path, kind):
 _KILLED_SAVER = """
 import sys, numpy as np
 from mlutils.io import torch_save
-path = sys.argv[1]
+path, durable = sys.argv[1], sys.argv[2] == 'durable'
 big = {'w%d' % i: np.full((256, 1024), i, np.float32) for i in range(32)}  # 32 MiB
 print('ready', flush=True)
+gen = 0
 while True:
-    torch_save({'module': big}, path)
+    torch_save({'module': big, 'gen': gen}, path, durable=durable)
+    gen += 1
 """
+
+
+def _assert_whole_checkpoint(path):
+    """The checkpoint at `path` is one complete save of _KILLED_SAVER's."""
+    got = torch_load(path, framework="np")
+    assert got["gen"] >= 0 and len(got["module"]) == 32
+    for k, v in got["module"].items():
+        assert v.shape == (256, 1024) and v[0, 0] == v[-1, -1] == int(k[1:])
 
 
 def _wait_for_temp(proc, folder, name, exclude=()):
@@ -184,9 +194,12 @@ def _wait_for_temp(proc, folder, name, exclude=()):
     return None
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not_durable"])
 @pytest.mark.parametrize("name", ["ck.pt", "ck.safetensors"])
-def test_killed_saves_leave_one_temporary_at_most(tmp_path, name):
-    """Each save reaps the temporary files killed saves of the same target left."""
+def test_killed_saves_leave_one_temporary_at_most(tmp_path, name, durable):
+    """Each save reaps the temporary files killed saves of the same target
+    left, and a kill mid-write leaves the previous checkpoint whole, durable
+    or not (durable=False skips only the fsyncs, not the rename)."""
     path = tmp_path / name
     seen = []
     rounds = 0
@@ -195,13 +208,16 @@ def test_killed_saves_leave_one_temporary_at_most(tmp_path, name):
     while len(seen) < 4:
         rounds += 1
         assert rounds <= 15, f"only {len(seen)} of {rounds} kills landed mid-write"
-        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(path)], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(path),
+                                 "durable" if durable else "fast"], stdout=subprocess.PIPE)
         try:
             assert proc.stdout.readline().strip() == b"ready"
             assert _wait_for_temp(proc, tmp_path, name, seen) is not None, "the saver never wrote a temporary file"
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        if path.exists():  # (the first saver may die in its first save)
+            _assert_whole_checkpoint(path)
         left = temps(tmp_path, name)
         # the killed save's temporary may be there; every earlier one was reaped
         assert len(left) <= 1 and not set(left) & set(seen), (left, seen)
@@ -355,6 +371,109 @@ def test_fsync_file_then_rename_then_fsync_folder(tmp_path):
         sync = first(rf"f(data)?sync\(\d+<{tmp}>\) += 0", lock)
         move = first(rf"rename(at2?)?\(.*\"{tmp}\", .*\"{re.escape(folder + '/' + name)}\"", sync)
         first(rf"fsync\(\d+<{re.escape(folder)}>\) += 0", move)
+
+
+SYNC_CALLS = "fsync,fdatasync,sync_file_range,syncfs,sync"  # (sync_file_range2: other architectures)
+_BIG_WRITES = (
+    "import sys, numpy as np\n"
+    "from mlutils.io import json_write, torch_save\n"
+    "d, durable = sys.argv[1], sys.argv[2] == 'durable'\n"
+    "big = {'w%d' % i: np.full((1024, 1024), i, np.float32) for i in range(17)}  # 68 MiB\n"
+    "json_write({'a': [1, 2.5], 'pad': 'x' * 100000}, d + '/m.json', durable=durable)\n"
+    "torch_save({'module': big, 'step': 1}, d + '/c.pt', durable=durable)\n"
+    "torch_save({'module': big, 'step': 1}, d + '/c.safetensors', durable=durable)\n"
+)
+
+
+def _trace_big_writes(tmp_path, durable):
+    """(folder, strace lines) of _BIG_WRITES run with `durable`: every sync
+    call, rename and flock; 68 MiB is past the writeback step of .pt (64 MiB)
+    and of safetensors (32 MiB)."""
+    out = tmp_path / ("durable" if durable else "fast")
+    out.mkdir()
+    folder = os.path.realpath(out)
+    log = tmp_path / (out.name + ".trace")
+    subprocess.run(["strace", "-f", "-y", "-o", str(log), "-e",
+                    "trace=" + SYNC_CALLS + ",rename,renameat,renameat2,flock",
+                    sys.executable, "-c", _BIG_WRITES, folder, out.name], check=True, capture_output=True,
+                   timeout=300)
+    return folder, log.read_text().splitlines()
+
+
+def test_not_durable_renames_without_any_fsync(tmp_path):
+    """durable=False: each writer still locks its temporary file and renames
+    it over the target, but no fsync, fdatasync or sync_file_range happens at
+    all; the files are byte-identical to durable ones."""
+    why = _strace_usable()
+    if why:
+        pytest.skip(why)
+    fast, fast_lines = _trace_big_writes(tmp_path, False)
+    slow, slow_lines = _trace_big_writes(tmp_path, True)
+    sync_re = re.compile(r"\b(f(data)?sync|sync_file_range2?|syncfs|sync)\(")
+    assert [ln for ln in fast_lines if sync_re.search(ln)] == []
+    for name in ("m.json", "c.pt", "c.safetensors"):
+        for folder, lines in ((fast, fast_lines), (slow, slow_lines)):
+            tmp = re.escape(folder) + "/" + TEMP_RE.format(name=re.escape(name))
+            assert any(re.search(rf"flock\(\d+<{tmp}>, LOCK_EX\) += 0", ln) for ln in lines), name
+            assert any(re.search(rf"rename(at2?)?\(.*\"{tmp}\", .*\"{re.escape(folder + '/' + name)}\"\) += 0", ln)
+                       for ln in lines), name
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "durable" / name).read_bytes(), name
+    assert sorted(os.listdir(fast)) == ["c.pt", "c.safetensors", "m.json"]
+    # the same trace does see the durable writes' calls: writeback started
+    # on the big temporary files, each fsynced, and the folder fsynced
+    for name in ("c.pt", "c.safetensors"):
+        tmp = re.escape(slow) + "/" + TEMP_RE.format(name=re.escape(name))
+        assert any(re.search(rf"sync_file_range2?\(\d+<{tmp}>", ln) for ln in slow_lines), name
+        assert any(re.search(rf"f(data)?sync\(\d+<{tmp}>\) += 0", ln) for ln in slow_lines), name
+    assert any(re.search(rf"fsync\(\d+<{re.escape(slow)}>\) += 0", ln) for ln in slow_lines)
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+@pytest.mark.parametrize("bad", ["yes", 1, None, np.bool_(True)])
+def test_durable_must_be_a_bool(tmp_path, kind, bad):
+    name, _write, _ = WRITERS[kind]
+    path = tmp_path / name
+    with pytest.raises(TypeError, match="durable must be True or False"):
+        if kind == "json":
+            json_write(JSON_VALUE, path, durable=bad)
+        else:
+            torch_save({"module": TENSORS, "step": 3}, path, durable=bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_durable_is_keyword_only_and_checked_in_every_layer(tmp_path):
+    from mlutils import _core, _safetensors
+
+    with pytest.raises(TypeError):
+        torch_save({"module": TENSORS}, tmp_path / "a.pt", None, False)
+    with pytest.raises(TypeError, match="durable must be True or False"):
+        _safetensors.save_file(TENSORS, tmp_path / "a.sft", durable="no")
+    with pytest.raises(TypeError, match="durable must be True or False"):
+        _ptsave.save(TENSORS, tmp_path / "a.pt", durable="no")
+    # the C entry points refuse a non-bool too (a str would read as true)
+    with pytest.raises(TypeError):
+        _core.write_file_atomic(str(tmp_path / "a.json"), b"1", durable="no")
+    with pytest.raises(TypeError):
+        _core.st_serialize([], None, str(tmp_path / "a.sft"), durable=0)
+    with pytest.raises(TypeError):
+        _core.write_file_atomic(str(tmp_path / "a.json"), b"1", False)  # keyword only
+    assert os.listdir(tmp_path) == []
+    _core.write_file_atomic(str(tmp_path / "a.json"), b"[1]", durable=False)
+    assert json_read(tmp_path / "a.json") == [1]
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_not_durable_writes_the_same_bytes(tmp_path, kind):
+    name, _write, _ = WRITERS[kind]
+    for durable in (True, False):
+        (tmp_path / str(durable)).mkdir()
+        if kind == "json":
+            json_write(JSON_VALUE, tmp_path / str(durable) / name, durable=durable)
+        else:
+            torch_save({"module": TENSORS, "step": 3}, tmp_path / str(durable) / name, durable=durable)
+    assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes()
+    assert (tmp_path / "False" / name).read_bytes() == expected_bytes(kind, tmp_path)
+    assert os.listdir(tmp_path / "False") == [name]
 
 
 def test_concurrent_writers_of_one_target_all_succeed(tmp_path):

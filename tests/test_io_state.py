@@ -153,24 +153,27 @@ def test_device_and_framework(tmp_path, torch):
         np.testing.assert_array_equal(x, np.ones(2, np.float32))
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not_durable"])
 @pytest.mark.parametrize("suffix", [".pt", ".sft"])
-def test_kill_mid_save_keeps_previous_file(tmp_path, suffix):
-    """A real SIGKILL while torch_save rewrites a checkpoint never damages it."""
+def test_kill_mid_save_keeps_previous_file(tmp_path, suffix, durable):
+    """A real SIGKILL while torch_save rewrites a checkpoint never damages it,
+    durable or not (durable=False skips the fsyncs, not the rename)."""
     path = tmp_path / ("ck" + suffix)
     code = (
         "import sys, numpy as np\n"
         "from mlutils.io import torch_save\n"
-        "path = sys.argv[1]\n"
+        "path, durable = sys.argv[1], sys.argv[2] == 'durable'\n"
         "big = {'w%d' % i: np.full((256, 1024), i, np.float32) for i in range(32)}\n"  # 32 MiB
         "i = 0\n"
         "while True:\n"
-        "    torch_save({'module': big, 'gen': i}, path)\n"
+        "    torch_save({'module': big, 'gen': i}, path, durable=durable)\n"
         "    i += 1\n"
         "    if i == 2: print('ready', flush=True)\n"
     )
     rng = np.random.default_rng(1)
     for _round in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path), "durable" if durable else "fast"],
+                                stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(float(rng.uniform(0.0, 0.4)))
         proc.send_signal(signal.SIGKILL)

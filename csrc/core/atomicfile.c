@@ -1,5 +1,6 @@
-/* atomicfile.c: sibling temp file, fsync, rename, fsync the folder (see
- * atomicfile.h for what is replaced and how stale temp files are reaped). */
+/* atomicfile.c: sibling temp file, fsync, rename, fsync the folder (the
+ * fsyncs only with MLU_AFILE_DURABLE; see atomicfile.h for what is replaced
+ * and how stale temp files are reaped). */
 #define _GNU_SOURCE
 #include "atomicfile.h"
 #include "alloc.h"
@@ -187,7 +188,7 @@ done:
     return st;
 }
 
-mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
+mlu_status mlu_afile_open(mlu_afile *f, const char *target, unsigned flags, mlu_error *err)
 {
     mlu_status st = MLU_ENOMEM;
     const char *base = strrchr(target, '/');
@@ -201,7 +202,13 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err)
     f->target = NULL;
     f->tmp = NULL;
     f->direct = 0;
+    f->flags = flags;
     f->written = 0;
+    if ((flags & ~MLU_AFILE_ALL_FLAGS) != 0) {
+        st = mlu_error_set(err, MLU_EINVAL, -1, "unknown atomic file flags 0x%x",
+                           flags & ~MLU_AFILE_ALL_FLAGS);
+        goto error;
+    }
     base = base ? base + 1 : target;
     if (*base == '\0') {
         st = mlu_error_set(err, MLU_EINVAL, -1, "path '%s' names a folder, not a file", target);
@@ -344,7 +351,7 @@ mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err)
         st = mlu_error_set(err, MLU_EINVAL, -1, "atomic file is not open");
         goto done;
     }
-    if (fsync(f->fd) != 0) {
+    if ((f->flags & MLU_AFILE_DURABLE) && fsync(f->fd) != 0) {
         st = mlu_error_errno(err, errno, "cannot flush '%s' to disk", f->target);
         goto done;
     }
@@ -362,6 +369,10 @@ mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err)
         goto done;
     }
     f->fd = -1;
+    if (!(f->flags & MLU_AFILE_DURABLE)) {
+        st = MLU_OK; /* atomic, not durable: no fsync of the folder either */
+        goto done;
+    }
     /* Make the rename itself durable.  Some filesystems refuse to fsync a
      * folder (EINVAL): the data is already safe then, so only real I/O
      * errors count. */
@@ -404,10 +415,11 @@ void mlu_afile_abort(mlu_afile *f)
     f->target = NULL;
 }
 
-mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, mlu_error *err)
+mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, unsigned flags,
+                                 mlu_error *err)
 {
     mlu_afile f;
-    mlu_status st = mlu_afile_open(&f, path, err);
+    mlu_status st = mlu_afile_open(&f, path, flags, err);
 
     if (st != MLU_OK)
         goto done; /* open released everything it took */

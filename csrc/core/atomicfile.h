@@ -2,13 +2,24 @@
  * one, never a half-written one.
  *
  *   mlu_afile f;
- *   mlu_afile_open(&f, "ckpt.pt", &err);      sibling temp file, mode 0666 & ~umask
+ *   mlu_afile_open(&f, "ckpt.pt", MLU_AFILE_DURABLE, &err);
+ *                                              sibling temp file, mode 0666 & ~umask
  *                                              (a replaced file's own permissions)
  *   mlu_afile_write(&f, p, n, &err) ...        (or pwrite through f.fd, unless f.direct)
  *   mlu_afile_commit(&f, &err);                fsync, rename over the target, fsync the folder
  *   mlu_afile_abort(&f);                       on any failure: close and unlink the temp file
  *
  * commit and abort are each safe to call once; abort after commit is a no-op.
+ *
+ * Durability.  With MLU_AFILE_DURABLE the commit fsyncs the temp file before
+ * the rename and the folder after it, so a committed file survives a power
+ * loss; writers that start writeback as they go (sync_file_range) do so only
+ * then.  Without it (flags 0) the commit only renames: the write is still
+ * atomic (readers and a crashed or killed writer never leave a half-written
+ * target, and the temp files are locked and reaped alike), but after a power
+ * loss or an OS crash the target may be the old file or, on some
+ * filesystems, empty or short.  A FIFO or device written in place is flushed
+ * either way.
  *
  * What is replaced.  Only a regular file (or a missing one) is replaced
  * atomically.  A symbolic link is followed, as open() follows it.  A FIFO or
@@ -40,21 +51,31 @@
 
 #include "../mlu.h"
 
+/* Flags of mlu_afile_open and mlu_write_file_atomic (bits; 0: none). */
+typedef enum mlu_afile_flags {
+    MLU_AFILE_DURABLE = 1u << 0 /* fsync the file before the rename, the folder after it */
+} mlu_afile_flags;
+
+#define MLU_AFILE_ALL_FLAGS ((unsigned)MLU_AFILE_DURABLE)
+
 typedef struct mlu_afile {
     int fd;             /* -1 when closed */
     char *target;       /* owned */
     char *tmp;          /* owned; NULL once renamed or removed, and when direct */
     int direct;         /* 1: a FIFO or device written in place (no temp file) */
+    unsigned flags;     /* mlu_afile_flags given to mlu_afile_open */
     uint64_t written;   /* bytes written through mlu_afile_write */
 } mlu_afile;
 
-mlu_status mlu_afile_open(mlu_afile *f, const char *target, mlu_error *err);
+/* flags: MLU_AFILE_DURABLE or 0; an unknown bit is MLU_EINVAL. */
+mlu_status mlu_afile_open(mlu_afile *f, const char *target, unsigned flags, mlu_error *err);
 mlu_status mlu_afile_write(mlu_afile *f, const void *p, size_t n, mlu_error *err);
 mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err);
 void mlu_afile_abort(mlu_afile *f);
 
 /* Whole-file helpers. */
-mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, mlu_error *err);
+mlu_status mlu_write_file_atomic(const char *path, const void *p, size_t n, unsigned flags,
+                                 mlu_error *err);
 /* Reads a whole file into a new buffer (free with mlu_free); a NUL is added
  * after the data but not counted in *len.  A regular file is read up to the
  * size fstat gives (open, fstat, read, close); other files to EOF. */

@@ -808,7 +808,8 @@ error:
 }
 
 /* Starts writeback of what was written so far every WRITEBACK_STEP bytes,
- * so the final fsync overlaps with copying instead of following it. */
+ * so the final fsync overlaps with copying instead of following it (durable
+ * writes only: without the fsync it would only slow the write down). */
 #define WRITEBACK_STEP ((uint64_t)32 << 20)
 
 static mlu_status write_chunked(mlu_afile *f, const uint8_t *p, uint64_t n, uint64_t *flushed,
@@ -825,24 +826,26 @@ static mlu_status write_chunked(mlu_afile *f, const uint8_t *p, uint64_t n, uint
         if (st == MLU_OK && f->written - *flushed >= WRITEBACK_STEP) {
 #ifdef SYNC_FILE_RANGE_WRITE
             /* Advisory: a filesystem that refuses it only loses the overlap. */
-            (void)sync_file_range(f->fd, (off64_t)*flushed, (off64_t)(f->written - *flushed),
-                                  SYNC_FILE_RANGE_WRITE);
+            if (f->flags & MLU_AFILE_DURABLE)
+                (void)sync_file_range(f->fd, (off64_t)*flushed, (off64_t)(f->written - *flushed),
+                                      SYNC_FILE_RANGE_WRITE);
 #endif
-            *flushed = f->written;
+            *flushed = f->written; /* the next step's chunk starts here, durable or not */
         }
     }
     return st;
 }
 
 mlu_status mlu_st_write_file(const char *path, const void *header, size_t header_len,
-                             const mlu_st_entry *entries, size_t n, mlu_error *err)
+                             const mlu_st_entry *entries, size_t n, unsigned afile_flags,
+                             mlu_error *err)
 {
     mlu_status st;
     mlu_afile f;
     uint64_t flushed = 0;
     size_t i;
 
-    st = mlu_afile_open(&f, path, err);
+    st = mlu_afile_open(&f, path, afile_flags, err);
     if (st != MLU_OK)
         goto done;
     st = write_chunked(&f, header, header_len, &flushed, err);

@@ -705,19 +705,24 @@ done:
     return res;
 }
 
-/* write_file_atomic(path, data): temp file beside path, fsync, rename, fsync folder. */
-static PyObject *py_write_file_atomic(PyObject *m, PyObject *args)
+/* write_file_atomic(path, data, *, durable=True): temp file beside path,
+ * fsync, rename, fsync folder (no fsyncs unless durable). */
+static PyObject *py_write_file_atomic(PyObject *m, PyObject *args, PyObject *kwargs)
 {
-    PyObject *path = NULL, *res = NULL;
+    static char *kwlist[] = {"path", "data", "durable", NULL};
+    PyObject *path = NULL, *res = NULL, *durable = Py_True; /* borrowed */
     Py_buffer view;
     mlu_error err;
     mlu_status rc;
+    unsigned flags;
 
-    if (!PyArg_ParseTuple(args, "O&y*:write_file_atomic", PyUnicode_FSConverter, &path, &view))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&y*|$O!:write_file_atomic", kwlist,
+                                     PyUnicode_FSConverter, &path, &view, &PyBool_Type, &durable))
         return NULL;
+    flags = durable == Py_True ? MLU_AFILE_DURABLE : 0u;
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
-    rc = mlu_write_file_atomic(PyBytes_AS_STRING(path), view.buf, (size_t)view.len, &err);
+    rc = mlu_write_file_atomic(PyBytes_AS_STRING(path), view.buf, (size_t)view.len, flags, &err);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (rc != MLU_OK) {
@@ -750,8 +755,10 @@ int mlu_json_module_init(PyObject *m)
          "json_read_file(path) -> object: the parsed JSON file; OSError when it cannot be read."},
         {"truncate_json", py_truncate_json, METH_O,
          "truncate_json(text) -> text with numbers of 8+ fractional digits rounded to 4"},
-        {"write_file_atomic", py_write_file_atomic, METH_VARARGS,
-         "write_file_atomic(path, data): replace path with data atomically (fsynced)."},
+        {"write_file_atomic", (PyCFunction)(void (*)(void))py_write_file_atomic,
+         METH_VARARGS | METH_KEYWORDS,
+         "write_file_atomic(path, data, *, durable=True): replace path with data atomically "
+         "(fsynced when durable)."},
         {NULL, NULL, 0, NULL},
     };
     return PyModule_AddFunctions(m, methods);

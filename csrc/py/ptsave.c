@@ -903,13 +903,16 @@ static int saver_init(saver *s, PyObject *tensor_type, PyObject *describe)
     return 0;
 }
 
-/* _ptsave_write(obj, path, archive, tensor_type, describe, storage_bytes, zip64_limit=0xFFFFFFFF)
- * path: bytes (the file, written atomically) or None (return the bytes). */
+/* _ptsave_write(obj, path, archive, tensor_type, describe, storage_bytes, zip64_limit=0xFFFFFFFF,
+ *               *, durable=True)
+ * path: bytes (the file, written atomically; fsynced when durable) or None
+ * (return the bytes). */
 static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"obj", "path", "archive", "tensor_type", "describe", "storage_bytes",
-                             "zip64_limit", NULL};
+                             "zip64_limit", "durable", NULL};
     PyObject *obj, *path, *tensor_type, *describe, *storage_bytes, *res = NULL;
+    PyObject *durable = Py_True; /* borrowed */
     const char *archive;
     unsigned long long limit = MLU_ZIP64_LIMIT;
     saver s;
@@ -921,8 +924,9 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     mlu_status st;
 
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsOOO|K:_ptsave_write", kwlist, &obj, &path,
-                                     &archive, &tensor_type, &describe, &storage_bytes, &limit))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsOOO|K$O!:_ptsave_write", kwlist, &obj, &path,
+                                     &archive, &tensor_type, &describe, &storage_bytes, &limit,
+                                     &PyBool_Type, &durable))
         return NULL;
     if (path != Py_None && !PyBytes_Check(path)) {
         PyErr_SetString(PyExc_TypeError, "path must be bytes or None");
@@ -942,7 +946,7 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
         const char *p = PyBytes_AS_STRING(path);
         Py_BEGIN_ALLOW_THREADS
         fs.flushed = 0;
-        st = mlu_afile_open(&fs.f, p, &s.err);
+        st = mlu_afile_open(&fs.f, p, durable == Py_True ? MLU_AFILE_DURABLE : 0u, &s.err);
         Py_END_ALLOW_THREADS
         if (st != MLU_OK) {
             core_fail(&s);
@@ -1008,8 +1012,10 @@ static PyObject *ptsave_padding(PyObject *module, PyObject *args)
 
 static PyMethodDef ptsave_methods[] = {
     {"_ptsave_write", (PyCFunction)(void (*)(void))ptsave_write, METH_VARARGS | METH_KEYWORDS,
-     "_ptsave_write(obj, path, archive, tensor_type, describe, storage_bytes, zip64_limit=0xFFFFFFFF)\n"
-     "--\n\nWrites obj as a torch.save zip archive to path (atomically), or returns the bytes when path is None."},
+     "_ptsave_write(obj, path, archive, tensor_type, describe, storage_bytes, zip64_limit=0xFFFFFFFF, *, "
+     "durable=True)\n"
+     "--\n\nWrites obj as a torch.save zip archive to path (atomically; fsynced when durable), or returns "
+     "the bytes when path is None."},
     {"_ptsave_padding", ptsave_padding, METH_VARARGS,
      "_ptsave_padding(offset, name_len, size, alignment=64, zip64_limit=0xFFFFFFFF)\n"
      "--\n\nThe FB padding torch puts in a record's local header."},

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "../core/alloc.h"
+#include "../core/atomicfile.h"
 #include "../core/safetensors.h"
 
 #define MAP_SLOT MLU_SLOT_SAFETENSORS_0
@@ -489,11 +490,13 @@ static int ser_metadata(ser_job *j, PyObject *meta)
     return 0;
 }
 
-/* st_serialize(entries, metadata, path=None) -> bytes (no path) or None. */
+/* st_serialize(entries, metadata, path=None, *, durable=True) -> bytes (no
+ * path) or None; durable: the file is fsynced (atomicfile.h). */
 static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"entries", "metadata", "path", NULL};
+    static char *kwlist[] = {"entries", "metadata", "path", "durable", NULL};
     PyObject *entries, *meta, *pathobj = Py_None, *path = NULL, *seq = NULL, *res = NULL;
+    PyObject *durable = Py_True; /* borrowed */
     ser_job j;
     mlu_buf hdr = MLU_BUF_INIT;
     uint64_t data_len = 0, total;
@@ -502,8 +505,8 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
     size_t i;
 
     memset(&j, 0, sizeof(j));
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:st_serialize", kwlist, &entries, &meta,
-                                     &pathobj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O$O!:st_serialize", kwlist, &entries, &meta,
+                                     &pathobj, &PyBool_Type, &durable))
         return NULL;
     if (meta != Py_None && !PyDict_Check(meta)) {
         PyErr_Format(PyExc_TypeError, "metadata must be a dict or None, not %.100s",
@@ -529,7 +532,8 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
     }
     if (path != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        rc = mlu_st_write_file(PyBytes_AS_STRING(path), hdr.data, hdr.len, j.entries, j.n, &err);
+        rc = mlu_st_write_file(PyBytes_AS_STRING(path), hdr.data, hdr.len, j.entries, j.n,
+                               durable == Py_True ? MLU_AFILE_DURABLE : 0u, &err);
         Py_END_ALLOW_THREADS
         if (rc != MLU_OK) {
             mlu_raise(mlu_get_state(module), &err, format_exc_of(module));

@@ -90,17 +90,32 @@ static void test_atomic(void)
     CHECK(mkdtemp(dir) != NULL);
     snprintf(path, sizeof(path), "%s/out.json", dir);
     mlu_error_clear(&err);
-    CHECK(mlu_write_file_atomic(path, "old", 3, &err) == MLU_OK);
+    CHECK(mlu_write_file_atomic(path, "old", 3, MLU_AFILE_DURABLE, &err) == MLU_OK);
     /* an aborted write leaves the old file and no temp file behind */
-    CHECK(mlu_afile_open(&f, path, &err) == MLU_OK);
+    CHECK(mlu_afile_open(&f, path, MLU_AFILE_DURABLE, &err) == MLU_OK);
     CHECK(mlu_afile_write(&f, "new!", 4, &err) == MLU_OK);
     mlu_afile_abort(&f);
     CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
     CHECK(len == 3 && memcmp(data, "old", 3) == 0);
     mlu_free(data);
-    CHECK(mlu_write_file_atomic(path, "new!", 4, &err) == MLU_OK);
+    CHECK(mlu_write_file_atomic(path, "new!", 4, MLU_AFILE_DURABLE, &err) == MLU_OK);
     CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
     CHECK(len == 4 && memcmp(data, "new!", 4) == 0);
+    mlu_free(data);
+    /* not durable: still atomic (an aborted write leaves the old file), same bytes */
+    CHECK(mlu_afile_open(&f, path, 0, &err) == MLU_OK);
+    CHECK(f.flags == 0);
+    CHECK(mlu_afile_write(&f, "lost", 4, &err) == MLU_OK);
+    mlu_afile_abort(&f);
+    CHECK(mlu_write_file_atomic(path, "fast!", 5, 0, &err) == MLU_OK);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 5 && memcmp(data, "fast!", 5) == 0);
+    mlu_free(data);
+    /* an unknown flag is the caller's error, before anything is written */
+    mlu_error_clear(&err);
+    CHECK(mlu_write_file_atomic(path, "bad", 3, 0x80u, &err) == MLU_EINVAL);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 5 && memcmp(data, "fast!", 5) == 0);
     mlu_free(data);
     unlink(path);
     rmdir(dir);
@@ -151,12 +166,12 @@ static void test_atomic_reap_and_special(void)
     hfd = open(held, O_RDONLY);
     CHECK(hfd >= 0 && flock(hfd, LOCK_EX) == 0);
     mlu_error_clear(&err);
-    CHECK(mlu_write_file_atomic(path, "new", 3, &err) == MLU_OK);
+    CHECK(mlu_write_file_atomic(path, "new", 3, MLU_AFILE_DURABLE, &err) == MLU_OK);
     CHECK(!exists(dir, ".out.json.aB3xY9.tmp"));
     CHECK(exists(dir, ".out.json.aB3xY.tmp") && exists(dir, ".out.jsonX.aB3xY9.tmp"));
     CHECK(exists(dir, ".out.json.hEld00.tmp"));
     close(hfd);
-    CHECK(mlu_write_file_atomic(path, "new", 3, &err) == MLU_OK);
+    CHECK(mlu_write_file_atomic(path, "new", 3, MLU_AFILE_DURABLE, &err) == MLU_OK);
     CHECK(!exists(dir, ".out.json.hEld00.tmp"));
 
     /* a FIFO with a reader: written into, still a FIFO */
@@ -164,14 +179,14 @@ static void test_atomic_reap_and_special(void)
     CHECK(mkfifo(fifo, 0600) == 0);
     rfd = open(fifo, O_RDONLY | O_NONBLOCK);
     CHECK(rfd >= 0);
-    CHECK(mlu_write_file_atomic(fifo, "fifo!", 5, &err) == MLU_OK);
+    CHECK(mlu_write_file_atomic(fifo, "fifo!", 5, 0, &err) == MLU_OK);
     got = read(rfd, buf, sizeof(buf));
     CHECK(got == 5 && memcmp(buf, "fifo!", 5) == 0);
     CHECK(lstat(fifo, &sb) == 0 && S_ISFIFO(sb.st_mode));
     close(rfd);
     /* a folder is refused before anything is written */
     mlu_error_clear(&err);
-    CHECK(mlu_write_file_atomic(dir, "x", 1, &err) == MLU_EIO && err.sys_errno == EISDIR);
+    CHECK(mlu_write_file_atomic(dir, "x", 1, 0, &err) == MLU_EIO && err.sys_errno == EISDIR);
 
     unlink(fifo);
     unlink(path);
