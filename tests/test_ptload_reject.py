@@ -54,7 +54,6 @@ def check(tmp_path, data, exc, words):
 PICKLE_CASES = {
     # tensor rebuilds
     "storage-not-storage": (v2(H.pint(1), H.pint(0), INTS, F, OD), ["storage argument is a", "byte"]),
-    "untyped-with-v2": (v2(UPID, H.pint(0), INTS, F, OD), ["untyped storage needs _rebuild_tensor_v3"]),
     "offset-not-int": (v2(PID, H.ustr("x"), INTS, F, OD), ["storage offset is not an int"]),
     "size-stride-lengths": (v2(PID, H.pint(0), H.ints((3, 4)), H.ints((1,)), F, OD), ["size and stride"]),
     "extent-overflow": (v2(PID, H.pint(0), H.ints((2 ** 40,)), H.ints((2 ** 40,)), F, OD), ["overflows"]),
@@ -106,6 +105,33 @@ PICKLE_CASES = {
 def test_pickle_rejections(tmp_path, name):
     body, words = PICKLE_CASES[name]
     check(tmp_path, H.pt_file(H.proto() + body + H.STOP, {"0": F32}), TorchFormatError, words)
+
+
+def test_untyped_storage_with_v2_reads_as_uint8_like_torch(tmp_path, torch):
+    """torch.load types an UntypedStorage declaration as uint8, also for a
+    _rebuild_tensor_v2 tensor (no dtype of its own): so do we."""
+    p = tmp_path / "u.pt"
+    p.write_bytes(H.pt_file(H.proto() + v2(UPID, H.pint(0), INTS, F, OD) + H.STOP, {"0": F32}))
+    want = torch.load(p, weights_only=True)
+    assert want.dtype == torch.uint8
+    got = _ptload.load(p)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert np.array_equal(_ptload.load(p, framework="np"), want.numpy())
+    _ptload.verify(p)
+
+
+def test_uint16_tensor_and_its_uint8_view_like_torch(tmp_path, torch):
+    """A genuine torch.save file: one storage declared UntypedStorage (uint16,
+    v3) first and ByteStorage (uint8 view, v2) after it."""
+    a = torch.tensor([1, 2, 300, 4], dtype=torch.int32).view(torch.uint16)
+    for order in (("a", "b"), ("b", "a")):
+        p = tmp_path / ("".join(order) + ".pt")
+        torch.save({k: {"a": a, "b": a.view(torch.uint8)}[k] for k in order}, p)
+        want = torch.load(p, weights_only=True)
+        got = _ptload.load(p)
+        for k in order:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (order, k)
+        _ptload.verify(p)
 
 
 def test_from_type_v2_of_other_types_is_unsafe(tmp_path):

@@ -1372,17 +1372,14 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     }
     /* torch.load keeps the first declaration of a key (one typed storage):
      * a tensor rebuilt without a dtype of its own (not v3) takes that
-     * declaration's dtype, whatever storage class its own pid names */
+     * declaration's dtype, whatever storage class its own pid names; an
+     * UntypedStorage declaration is loaded as uint8 (a uint16 tensor and a
+     * uint8 view of its bytes, saved in that order, come back so) */
     for (i = 0; i < vm->n_tensors; i++) {
         mlu_pk_tensor *t = &vm->tensors[i];
         mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
         if (t->dtype < 0)
-            t->dtype = s->dtype;
-        if (t->dtype < 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)t->at, "tensor rebuild at byte %zu: an untyped storage needs "
-                               "_rebuild_tensor_v3", t->at);
-            goto done;
-        }
+            t->dtype = s->dtype >= 0 ? s->dtype : mlu_pk_dtype_find("uint8", 5);
         if ((st = check_view(vm, t, err)) != MLU_OK)
             goto done;
     }
