@@ -92,13 +92,11 @@ def main() -> None:
             fsync_path(os.path.dirname(theirs))
 
         def ours_plain():
-            data = _ptsave.save_bytes(sd)
-            with open(ours, "wb") as f:
-                f.write(data)
+            _ptsave.save(sd, ours, durable=False)
 
         cases = [("mlutils save(path) (atomic, fsync)", lambda: _ptsave.save(sd, ours)),
                  ("torch.save(path) + fsync of file and folder", torch_save_durable),
-                 ("mlutils save_bytes + write", ours_plain),
+                 ("mlutils save(path, durable=False)", ours_plain),
                  ("torch.save(path)", lambda: torch.save(sd, theirs)),
                  ("mlutils save_bytes", lambda: _ptsave.save_bytes(sd)),
                  ("torch.save(BytesIO)", lambda: torch.save(sd, io.BytesIO()))]
