@@ -1,6 +1,7 @@
 /* pickle_read.c: the restricted pickle VM (see pickle_read.h). */
 #include "pickle_read.h"
 #include "alloc.h"
+#include "pickle_ops.h"
 
 #include <string.h>
 
@@ -194,20 +195,20 @@ static void compat_module(const char **mod, size_t *len)
 
 #define VM_FAIL(code, off, ...) (st = mlu_error_set(err, (code), (int64_t)(off), __VA_ARGS__))
 
-static const char *kind_names[MLU_PK_KIND_COUNT] = {
+static const char *kind_names[MLU_PKN_KIND_COUNT] = {
     "None", "bool", "int", "int", "float", "complex", "str", "bytes", "bytearray", "tuple", "list",
     "dict", "set", "torch.Size", "torch.device", "torch.dtype", "global", "storage", "tensor",
 };
 
 const char *mlu_pk_kind_name(int kind)
 {
-    return kind >= 0 && kind < MLU_PK_KIND_COUNT ? kind_names[kind] : "?";
+    return kind >= 0 && kind < MLU_PKN_KIND_COUNT ? kind_names[kind] : "?";
 }
 
 static int is_container(uint8_t k)
 {
-    return k == MLU_PK_TUPLE || k == MLU_PK_LIST || k == MLU_PK_DICT || k == MLU_PK_SET || k == MLU_PK_SIZE ||
-           k == MLU_PK_BYTEARRAY;
+    return k == MLU_PKN_TUPLE || k == MLU_PKN_LIST || k == MLU_PKN_DICT || k == MLU_PKN_SET || k == MLU_PKN_SIZE ||
+           k == MLU_PKN_BYTEARRAY;
 }
 
 void mlu_pk_vm_init(mlu_pk_vm *vm)
@@ -302,7 +303,7 @@ static int charge(mlu_pk_vm *vm, uint64_t cost)
 static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
 {
     mlu_pk_node *n;
-    if (charge(vm, is_container(kind) || kind == MLU_PK_DICT ? PK_COST_CONTAINER : PK_COST_SCALAR) < 0 ||
+    if (charge(vm, is_container(kind) || kind == MLU_PKN_DICT ? PK_COST_CONTAINER : PK_COST_SCALAR) < 0 ||
         vm->n_nodes >= UINT32_MAX - 2 ||
         grow((void **)&vm->nodes, &vm->cap_nodes, (uint64_t)vm->n_nodes + 1, sizeof(*vm->nodes)) < 0)
         return MLU_PK_NONE_ID;
@@ -318,7 +319,7 @@ static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
  * allocate a node per byte. */
 static uint32_t const_node(mlu_pk_vm *vm, uint8_t kind, int64_t value)
 {
-    uint32_t *slot = kind == MLU_PK_NONE ? &vm->const_ids[0] : kind == MLU_PK_TUPLE ? &vm->const_ids[1]
+    uint32_t *slot = kind == MLU_PKN_NONE ? &vm->const_ids[0] : kind == MLU_PKN_TUPLE ? &vm->const_ids[1]
                      : value ? &vm->const_ids[2] : &vm->const_ids[3];
     if (*slot == MLU_PK_NONE_ID || *slot == 0) {
         uint32_t id = new_node(vm, kind);
@@ -347,7 +348,7 @@ static mlu_status new_tensor(mlu_pk_vm *vm, size_t at, const mlu_pk_tensor *t, u
     if (charge(vm, PK_COST_TENSOR) < 0)
         return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (too many tensor records)", at);
     if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
-        (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID) {
+        (node = new_node(vm, MLU_PKN_TENSOR)) == MLU_PK_NONE_ID) {
         if (vm->over_budget)
             return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);
         return (st = fail_nomem(vm, at, err));
@@ -394,7 +395,7 @@ static mlu_pk_node *N(mlu_pk_vm *vm, uint32_t id) { return &vm->nodes[id]; }
 static int as_int(mlu_pk_vm *vm, uint32_t id, int64_t *out)
 {
     mlu_pk_node *n = N(vm, id);
-    if (n->kind == MLU_PK_INT || n->kind == MLU_PK_BOOL) {
+    if (n->kind == MLU_PKN_INT || n->kind == MLU_PKN_BOOL) {
         *out = n->u.i;
         return 0;
     }
@@ -406,12 +407,12 @@ static int int_tuple(mlu_pk_vm *vm, uint32_t id, int64_t *v)
 {
     mlu_pk_node *n = N(vm, id);
     uint32_t i;
-    if (n->kind != MLU_PK_TUPLE && n->kind != MLU_PK_SIZE && n->kind != MLU_PK_LIST)
+    if (n->kind != MLU_PKN_TUPLE && n->kind != MLU_PKN_SIZE && n->kind != MLU_PKN_LIST)
         return -1;
     if (n->len > MLU_PK_MAX_NDIM)
         return -1;
     for (i = 0; i < n->len; i++) {
-        if (N(vm, n->u.items[i])->kind != MLU_PK_INT)
+        if (N(vm, n->u.items[i])->kind != MLU_PKN_INT)
             return -1;
         v[i] = N(vm, n->u.items[i])->u.i;
         if (v[i] < 0)
@@ -423,7 +424,7 @@ static int int_tuple(mlu_pk_vm *vm, uint32_t id, int64_t *v)
 static int is_empty_dict_or_none(mlu_pk_vm *vm, uint32_t id)
 {
     mlu_pk_node *n = N(vm, id);
-    return n->kind == MLU_PK_NONE || (n->kind == MLU_PK_DICT && n->len == 0 && n->attrs == MLU_PK_NONE_ID);
+    return n->kind == MLU_PKN_NONE || (n->kind == MLU_PKN_DICT && n->len == 0 && n->attrs == MLU_PK_NONE_ID);
 }
 
 /* ------------------------------------------------------------ tensor build */
@@ -442,7 +443,7 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
     uint32_t node;
 
     memset(&t, 0, sizeof(t));
-    if (N(vm, storage)->kind != MLU_PK_STORAGE)
+    if (N(vm, storage)->kind != MLU_PKN_STORAGE)
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage argument is a %s, not a storage", at,
                        mlu_pk_kind_name(N(vm, storage)->kind));
     if (as_int(vm, offset_n, &off) < 0 || off < 0)
@@ -514,7 +515,7 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
 static int bool_arg(mlu_pk_vm *vm, uint32_t id, int *out)
 {
     mlu_pk_node *n = N(vm, id);
-    if (n->kind == MLU_PK_BOOL || (n->kind == MLU_PK_INT && (n->u.i == 0 || n->u.i == 1))) {
+    if (n->kind == MLU_PKN_BOOL || (n->kind == MLU_PKN_INT && (n->u.i == 0 || n->u.i == 1))) {
         *out = (int)n->u.i;
         return 0;
     }
@@ -530,26 +531,26 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
     uint32_t n = a->len, *v = a->u.items, node, i;
     int gid = N(vm, fn)->sub, rg = 0;
 
-    if (a->kind != MLU_PK_TUPLE)
+    if (a->kind != MLU_PKN_TUPLE)
         return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: arguments are a %s, not a tuple", at, mlu_pk_kind_name(a->kind));
     switch (gid) {
     case G_ORDERED_DICT:
     case G_COUNTER:
-        if ((node = new_node(vm, MLU_PK_DICT)) == MLU_PK_NONE_ID)
+        if ((node = new_node(vm, MLU_PKN_DICT)) == MLU_PK_NONE_ID)
             goto nomem;
         a = N(vm, args);
         v = a->u.items;
         N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
-        if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PK_DICT) {
+        if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PKN_DICT) {
             uint32_t src = v[0];
             for (i = 0; i < N(vm, src)->len; i++)
                 if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
                     goto nomem;
-        } else if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
+        } else if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
             uint32_t src = v[0];
             for (i = 0; i < N(vm, src)->len; i++) {
                 uint32_t pair = N(vm, src)->u.items[i];
-                if ((N(vm, pair)->kind != MLU_PK_TUPLE && N(vm, pair)->kind != MLU_PK_LIST) || N(vm, pair)->len != 2)
+                if ((N(vm, pair)->kind != MLU_PKN_TUPLE && N(vm, pair)->kind != MLU_PKN_LIST) || N(vm, pair)->len != 2)
                     return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
                 if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
                     goto nomem;
@@ -560,10 +561,10 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         }
         break;
     case G_SET:
-        if ((node = new_node(vm, MLU_PK_SET)) == MLU_PK_NONE_ID)
+        if ((node = new_node(vm, MLU_PKN_SET)) == MLU_PK_NONE_ID)
             goto nomem;
         v = N(vm, args)->u.items;
-        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
+        if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
             uint32_t src = v[0];
             for (i = 0; i < N(vm, src)->len; i++)
                 if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
@@ -573,14 +574,14 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         }
         break;
     case G_SIZE:
-        if ((node = new_node(vm, MLU_PK_SIZE)) == MLU_PK_NONE_ID)
+        if ((node = new_node(vm, MLU_PKN_SIZE)) == MLU_PK_NONE_ID)
             goto nomem;
         v = N(vm, args)->u.items;
-        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_TUPLE || N(vm, v[0])->kind == MLU_PK_LIST)) {
+        if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_TUPLE || N(vm, v[0])->kind == MLU_PKN_LIST)) {
             uint32_t src = v[0];
             for (i = 0; i < N(vm, src)->len; i++) {
                 uint32_t it = N(vm, src)->u.items[i];
-                if (N(vm, it)->kind != MLU_PK_INT)
+                if (N(vm, it)->kind != MLU_PKN_INT)
                     return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes ints", at);
                 if (add_item(vm, node, it) < 0)
                     goto nomem;
@@ -591,10 +592,10 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         break;
     case G_DEVICE: {
         int64_t idx = -1;
-        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_STR ||
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_STR ||
             (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
-        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_DEVICE)) == MLU_PK_NONE_ID)
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_DEVICE)) == MLU_PK_NONE_ID)
             goto nomem;
         v = N(vm, args)->u.items;
         N(vm, node)->u.s = N(vm, v[0])->u.s;
@@ -602,27 +603,27 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         break;
     }
     case G_CODECS_ENCODE:
-        if (n != 2 || N(vm, v[0])->kind != MLU_PK_STR || N(vm, v[1])->kind != MLU_PK_STR ||
+        if (n != 2 || N(vm, v[0])->kind != MLU_PKN_STR || N(vm, v[1])->kind != MLU_PKN_STR ||
             !(name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
               name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
         /* a new bytes object per call, even of one memoised str */
-        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
             goto nomem;
         N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
         break;
     case G_BYTEARRAY:
         if (n == 0) {
-            if ((node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
+            if ((node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
                 goto nomem;
-        } else if ((n == 1 && N(vm, v[0])->kind == MLU_PK_BYTES) ||
-                   (n == 2 && N(vm, v[0])->kind == MLU_PK_STR && N(vm, v[1])->kind == MLU_PK_STR &&
+        } else if ((n == 1 && N(vm, v[0])->kind == MLU_PKN_BYTES) ||
+                   (n == 2 && N(vm, v[0])->kind == MLU_PKN_STR && N(vm, v[1])->kind == MLU_PKN_STR &&
                     (name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
                      name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))) {
             uint32_t b;
-            if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
+            if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
                 goto nomem;
-            if ((b = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
+            if ((b = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
                 goto nomem;
             N(vm, b)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
             if (add_item(vm, node, b) < 0)
@@ -635,16 +636,16 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         double p[2] = {0, 0};
         for (i = 0; i < n && i < 2; i++) {
             mlu_pk_node *x = N(vm, v[i]);
-            if (x->kind == MLU_PK_FLOAT)
+            if (x->kind == MLU_PKN_FLOAT)
                 p[i] = x->u.f;
-            else if (x->kind == MLU_PK_INT)
+            else if (x->kind == MLU_PKN_INT)
                 p[i] = (double)x->u.i;
             else
                 n = 99;
         }
         if (n > 2)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: complex takes two numbers", at);
-        if ((node = new_node(vm, MLU_PK_COMPLEX)) == MLU_PK_NONE_ID)
+        if ((node = new_node(vm, MLU_PKN_COMPLEX)) == MLU_PK_NONE_ID)
             goto nomem;
         N(vm, node)->u.c.re = p[0];
         N(vm, node)->u.c.im = p[1];
@@ -666,10 +667,10 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
                            gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
         if (bool_arg(vm, v[4], &rg) < 0)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
-        if (N(vm, v[5])->kind != MLU_PK_DICT || N(vm, v[5])->len != 0)
+        if (N(vm, v[5])->kind != MLU_PKN_DICT || N(vm, v[5])->len != 0)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
         if (gid == G_REBUILD_V3) {
-            if (N(vm, v[6])->kind != MLU_PK_DTYPE)
+            if (N(vm, v[6])->kind != MLU_PKN_DTYPE)
                 return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
             dt = N(vm, v[6])->sub;
         }
@@ -682,11 +683,11 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
     }
     case G_REBUILD_PARAM:
     case G_REBUILD_PARAM_STATE:
-        if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PK_TENSOR || bool_arg(vm, v[1], &rg) < 0)
+        if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PKN_TENSOR || bool_arg(vm, v[1], &rg) < 0)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
-        if (N(vm, v[2])->kind != MLU_PK_DICT || N(vm, v[2])->len != 0)
+        if (N(vm, v[2])->kind != MLU_PKN_DICT || N(vm, v[2])->len != 0)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
-        if (n == 4 && N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+        if (n == 4 && N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
         /* a new tensor record: same view, marked as a parameter */
         if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
@@ -696,20 +697,20 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         break;
     case G_REBUILD_FROM_TYPE_V2: {
         int tg;
-        if (n != 4 || N(vm, v[0])->kind != MLU_PK_GLOBAL || N(vm, v[1])->kind != MLU_PK_GLOBAL ||
-            N(vm, v[2])->kind != MLU_PK_TUPLE)
+        if (n != 4 || N(vm, v[0])->kind != MLU_PKN_GLOBAL || N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
+            N(vm, v[2])->kind != MLU_PKN_TUPLE)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
         tg = N(vm, v[1])->sub;
         if (tg != G_TENSOR && tg != G_PARAMETER)
             return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
-        if (N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
+        if (N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
         if (depth > 4)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
         st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
         if (st != MLU_OK)
             return st;
-        if (N(vm, node)->kind != MLU_PK_TENSOR)
+        if (N(vm, node)->kind != MLU_PKN_TENSOR)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
         if (tg == G_PARAMETER)
             vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
@@ -722,7 +723,7 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
     }
     case G_PARAMETER: /* torch.nn.Parameter(tensor[, requires_grad]) */
         rg = 1;
-        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
         if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
             return st;
@@ -750,23 +751,23 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
     int64_t numel;
     uint64_t isz;
 
-    if (t->kind != MLU_PK_TUPLE || t->len < 1)
+    if (t->kind != MLU_PKN_TUPLE || t->len < 1)
         return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id is a %s, not a tuple", at, mlu_pk_kind_name(t->kind));
     v = t->u.items;
-    if (N(vm, v[0])->kind != MLU_PK_STR || !name_eq(N(vm, v[0])->u.s.p, N(vm, v[0])->u.s.n, "storage"))
+    if (N(vm, v[0])->kind != MLU_PKN_STR || !name_eq(N(vm, v[0])->u.s.p, N(vm, v[0])->u.s.n, "storage"))
         return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id typename is not 'storage'", at);
     if (t->len != want)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: persistent id has %u fields, expected %u", at, t->len, want);
     memset(&pid, 0, sizeof(pid));
-    if (N(vm, v[1])->kind != MLU_PK_GLOBAL ||
+    if (N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
         (N(vm, v[1])->sub != G_STORAGE_CLASS && N(vm, v[1])->sub != G_UNTYPED_STORAGE))
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage type is not a storage class", at);
     pid.dtype = N(vm, v[1])->sub == G_STORAGE_CLASS ? (int)N(vm, v[1])->u.i : -1;
-    if (N(vm, v[2])->kind != MLU_PK_STR || N(vm, v[3])->kind != MLU_PK_STR)
+    if (N(vm, v[2])->kind != MLU_PKN_STR || N(vm, v[3])->kind != MLU_PKN_STR)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key and location must be strings", at);
-    if (as_int(vm, v[4], &numel) < 0 || numel < 0 || N(vm, v[4])->kind != MLU_PK_INT)
+    if (as_int(vm, v[4], &numel) < 0 || numel < 0 || N(vm, v[4])->kind != MLU_PKN_INT)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size is not an int >= 0", at);
-    if (vm->legacy && N(vm, v[5])->kind != MLU_PK_NONE)
+    if (vm->legacy && N(vm, v[5])->kind != MLU_PKN_NONE)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: legacy storage views (view_metadata) are not supported", at);
     isz = pid.dtype >= 0 ? mlu_pk_dtypes[pid.dtype].itemsize : 1;
     if (mlu_mul_overflow_u64((uint64_t)numel, isz, &pid.nbytes) || pid.nbytes > (uint64_t)INT64_MAX)
@@ -780,7 +781,7 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key '%.*s' is not a plain name", at,
                        (int)pid.key_len, pid.key);
     if (grow((void **)&vm->pids, &vm->cap_pids, (uint64_t)vm->n_pids + 1, sizeof(*vm->pids)) < 0 ||
-        (node = new_node(vm, MLU_PK_STORAGE)) == MLU_PK_NONE_ID)
+        (node = new_node(vm, MLU_PKN_STORAGE)) == MLU_PK_NONE_ID)
         return (st = fail_nomem(vm, at, err));
     pid.storage = (uint32_t)at; /* byte offset until mlu_pk_finish resolves it */
     vm->pids[vm->n_pids] = pid;
@@ -796,7 +797,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
 {
     mlu_status st = MLU_OK;
     size_t i;
-    int gid = 0, dt = -1, kind = MLU_PK_GLOBAL;
+    int gid = 0, dt = -1, kind = MLU_PKN_GLOBAL;
     uint32_t node;
     const char *m0 = mod;
     size_t ml0 = ml;
@@ -807,12 +808,12 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
             gid = allowed_globals[i].id;
     if (gid == 0 && name_eq(mod, ml, "torch")) {
         if ((dt = mlu_pk_dtype_find(name, nl)) >= 0) {
-            kind = MLU_PK_DTYPE;
+            kind = MLU_PKN_DTYPE;
         } else if ((dt = storage_class_find(name, nl)) >= 0) {
             gid = G_STORAGE_CLASS;
         }
     }
-    if (gid == 0 && kind == MLU_PK_GLOBAL) {
+    if (gid == 0 && kind == MLU_PKN_GLOBAL) {
         for (i = 0; i < N_UNSUPPORTED; i++)
             if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
                 return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
@@ -822,7 +823,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
     }
     if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
         return (st = fail_nomem(vm, at, err));
-    N(vm, node)->sub = (uint16_t)(kind == MLU_PK_DTYPE ? dt : gid);
+    N(vm, node)->sub = (uint16_t)(kind == MLU_PKN_DTYPE ? dt : gid);
     N(vm, node)->u.i = dt;
     *out = node;
     return st;
@@ -952,7 +953,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
         op = data[pos++];
         base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
         switch (op) {
-        case 0x80: /* PROTO */
+        case MLU_PKOP_PROTO:
             NEED(1);
             if (data[pos] > 5) {
                 VM_FAIL(MLU_EFORMAT, at, "unsupported pickle protocol %u at byte %zu", data[pos], at);
@@ -960,41 +961,41 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             }
             pos += 1;
             break;
-        case '.': /* STOP */
+        case MLU_PKOP_STOP:
             base = 0;
             POPN(1);
             *root = TOP(1);
             *ppos = pos;
             st = MLU_OK;
             goto done;
-        case 'N':
-            PUSH(const_node(vm, MLU_PK_NONE, 0));
+        case MLU_PKOP_NONE:
+            PUSH(const_node(vm, MLU_PKN_NONE, 0));
             break;
-        case 0x88: /* NEWTRUE */
-        case 0x89: /* NEWFALSE */
-            PUSH(const_node(vm, MLU_PK_BOOL, op == 0x88));
+        case MLU_PKOP_NEWTRUE:
+        case MLU_PKOP_NEWFALSE:
+            PUSH(const_node(vm, MLU_PKN_BOOL, op == MLU_PKOP_NEWTRUE));
             break;
-        case 'K':
-        case 'M':
-        case 'J': {
-            size_t k = op == 'K' ? 1 : op == 'M' ? 2 : 4;
+        case MLU_PKOP_BININT1:
+        case MLU_PKOP_BININT2:
+        case MLU_PKOP_BININT: {
+            size_t k = op == MLU_PKOP_BININT1 ? 1 : op == MLU_PKOP_BININT2 ? 2 : 4;
             int64_t v;
             NEED(k);
-            if (op == 'K')
+            if (op == MLU_PKOP_BININT1)
                 v = data[pos];
-            else if (op == 'M')
+            else if (op == MLU_PKOP_BININT2)
                 v = data[pos] | (data[pos + 1] << 8);
             else
                 v = (int32_t)rd32(data + pos);
             pos += k;
-            node = new_node(vm, MLU_PK_INT);
+            node = new_node(vm, MLU_PKN_INT);
             if (node == MLU_PK_NONE_ID)
                 OOM();
             N(vm, node)->u.i = v;
             PUSH(node);
             break;
         }
-        case 0x8a: { /* LONG1 */
+        case MLU_PKOP_LONG1: {
             size_t k, j;
             NEED(1);
             k = data[pos++];
@@ -1005,12 +1006,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                     u |= (uint64_t)data[pos + j] << (8 * j);
                 if (k > 0 && k < 8 && (data[pos + k - 1] & 0x80))
                     u |= ~(uint64_t)0 << (8 * k);
-                node = new_node(vm, MLU_PK_INT);
+                node = new_node(vm, MLU_PKN_INT);
                 if (node == MLU_PK_NONE_ID)
                     OOM();
                 N(vm, node)->u.i = (int64_t)u;
             } else {
-                node = new_node(vm, MLU_PK_BIGINT);
+                node = new_node(vm, MLU_PKN_BIGINT);
                 if (node == MLU_PK_NONE_ID)
                     OOM();
                 N(vm, node)->u.s.p = (const char *)data + pos;
@@ -1020,7 +1021,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case 'G': { /* BINFLOAT, big-endian */
+        case MLU_PKOP_BINFLOAT: { /* BINFLOAT, big-endian */
             uint64_t u = 0;
             size_t j;
             double d;
@@ -1029,17 +1030,17 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                 u = (u << 8) | data[pos + j];
             memcpy(&d, &u, 8);
             pos += 8;
-            node = new_node(vm, MLU_PK_FLOAT);
+            node = new_node(vm, MLU_PKN_FLOAT);
             if (node == MLU_PK_NONE_ID)
                 OOM();
             N(vm, node)->u.f = d;
             PUSH(node);
             break;
         }
-        case 'X':   /* BINUNICODE */
-        case 'U': { /* SHORT_BINSTRING */
+        case MLU_PKOP_BINUNICODE:
+        case MLU_PKOP_SHORT_BINSTRING: {
             uint32_t n;
-            if (op == 'X') {
+            if (op == MLU_PKOP_BINUNICODE) {
                 NEED(4);
                 n = rd32(data + pos);
                 pos += 4;
@@ -1050,11 +1051,11 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             NEED(n);
             /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
              * UTF-8 while unpickling: every string, used or not */
-            if (!mlu_pk_utf8_valid(data + pos, n, op == 'X')) {
+            if (!mlu_pk_utf8_valid(data + pos, n, op == MLU_PKOP_BINUNICODE)) {
                 VM_FAIL(MLU_EFORMAT, at, "string at byte %zu is not valid UTF-8", at);
                 goto error;
             }
-            node = new_node(vm, MLU_PK_STR);
+            node = new_node(vm, MLU_PKN_STR);
             if (node == MLU_PK_NONE_ID)
                 OOM();
             N(vm, node)->u.s.p = (const char *)data + pos;
@@ -1063,29 +1064,29 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case ')':
-            PUSH(const_node(vm, MLU_PK_TUPLE, 0));
+        case MLU_PKOP_EMPTY_TUPLE:
+            PUSH(const_node(vm, MLU_PKN_TUPLE, 0));
             break;
-        case ']':
-            PUSH(new_node(vm, MLU_PK_LIST));
+        case MLU_PKOP_EMPTY_LIST:
+            PUSH(new_node(vm, MLU_PKN_LIST));
             break;
-        case '}':
-            PUSH(new_node(vm, MLU_PK_DICT));
+        case MLU_PKOP_EMPTY_DICT:
+            PUSH(new_node(vm, MLU_PKN_DICT));
             break;
-        case 0x8f: /* EMPTY_SET */
-            PUSH(new_node(vm, MLU_PK_SET));
+        case MLU_PKOP_EMPTY_SET:
+            PUSH(new_node(vm, MLU_PKN_SET));
             break;
-        case '(': /* MARK */
+        case MLU_PKOP_MARK:
             if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
                 OOM();
             vm->marks[vm->n_marks++] = vm->n_stack;
             break;
-        case 0x85:
-        case 0x86:
-        case 0x87: { /* TUPLE1..3 */
-            size_t k = (size_t)(op - 0x84), j;
+        case MLU_PKOP_TUPLE1:
+        case MLU_PKOP_TUPLE2:
+        case MLU_PKOP_TUPLE3: {
+            size_t k = (size_t)(op - MLU_PKOP_TUPLE1 + 1), j;
             POPN(k);
-            node = new_node(vm, MLU_PK_TUPLE);
+            node = new_node(vm, MLU_PKN_TUPLE);
             if (node == MLU_PK_NONE_ID)
                 OOM();
             for (j = k; j > 0; j--)
@@ -1095,9 +1096,9 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case 't':   /* TUPLE */
-        case 'e':   /* APPENDS */
-        case 'u': { /* SETITEMS */
+        case MLU_PKOP_TUPLE:
+        case MLU_PKOP_APPENDS:
+        case MLU_PKOP_SETITEMS: {
             size_t j, k;
             uint32_t target = 0;
             if (vm->n_marks == 0) {
@@ -1105,27 +1106,27 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                 goto error;
             }
             k = vm->n_stack - base;
-            if (op != 't') {
+            if (op != MLU_PKOP_TUPLE) {
                 size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
                 if (base <= outer) {
                     VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode '%c' at byte %zu has no target", op, at);
                     goto error;
                 }
                 target = vm->stack[base - 1];
-                if (op == 'e' && N(vm, target)->kind != MLU_PK_LIST) {
+                if (op == MLU_PKOP_APPENDS && N(vm, target)->kind != MLU_PKN_LIST) {
                     VM_FAIL(MLU_EUNSAFE, at, "APPENDS at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
                     goto error;
                 }
-                if (op == 'u' && N(vm, target)->kind != MLU_PK_DICT) {
+                if (op == MLU_PKOP_SETITEMS && N(vm, target)->kind != MLU_PKN_DICT) {
                     VM_FAIL(MLU_EUNSAFE, at, "SETITEMS at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
                     goto error;
                 }
-                if (op == 'u' && (k % 2) != 0) {
+                if (op == MLU_PKOP_SETITEMS && (k % 2) != 0) {
                     VM_FAIL(MLU_EFORMAT, at, "SETITEMS at byte %zu with an odd number of items", at);
                     goto error;
                 }
             } else {
-                target = new_node(vm, MLU_PK_TUPLE);
+                target = new_node(vm, MLU_PKN_TUPLE);
                 if (target == MLU_PK_NONE_ID)
                     OOM();
             }
@@ -1134,21 +1135,21 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                     OOM();
             vm->n_stack = base;
             vm->n_marks--;
-            if (op == 't')
+            if (op == MLU_PKOP_TUPLE)
                 PUSH(target);
             break;
         }
-        case 'a':   /* APPEND */
-        case 's': { /* SETITEM */
-            size_t k = op == 'a' ? 1 : 2, j;
+        case MLU_PKOP_APPEND:
+        case MLU_PKOP_SETITEM: {
+            size_t k = op == MLU_PKOP_APPEND ? 1 : 2, j;
             uint32_t target;
             POPN(k + 1);
             target = TOP(k + 1);
-            if (op == 'a' && N(vm, target)->kind != MLU_PK_LIST) {
+            if (op == MLU_PKOP_APPEND && N(vm, target)->kind != MLU_PKN_LIST) {
                 VM_FAIL(MLU_EUNSAFE, at, "APPEND at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
                 goto error;
             }
-            if (op == 's' && N(vm, target)->kind != MLU_PK_DICT) {
+            if (op == MLU_PKOP_SETITEM && N(vm, target)->kind != MLU_PKN_DICT) {
                 VM_FAIL(MLU_EUNSAFE, at, "SETITEM at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
                 goto error;
             }
@@ -1158,12 +1159,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             vm->n_stack -= k;
             break;
         }
-        case 'q':
-        case 'r': { /* BINPUT, LONG_BINPUT */
+        case MLU_PKOP_BINPUT:
+        case MLU_PKOP_LONG_BINPUT: {
             size_t idx;
-            NEED(op == 'q' ? 1 : 4);
-            idx = op == 'q' ? data[pos] : rd32(data + pos);
-            pos += op == 'q' ? 1 : 4;
+            NEED(op == MLU_PKOP_BINPUT ? 1 : 4);
+            idx = op == MLU_PKOP_BINPUT ? data[pos] : rd32(data + pos);
+            pos += op == MLU_PKOP_BINPUT ? 1 : 4;
             POPN(1);
             if (idx > size) {
                 VM_FAIL(MLU_EFORMAT, at, "memo index %zu at byte %zu is larger than the pickle", idx, at);
@@ -1181,12 +1182,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             vm->memo[idx] = TOP(1);
             break;
         }
-        case 'h':
-        case 'j': { /* BINGET, LONG_BINGET */
+        case MLU_PKOP_BINGET:
+        case MLU_PKOP_LONG_BINGET: {
             size_t idx;
-            NEED(op == 'h' ? 1 : 4);
-            idx = op == 'h' ? data[pos] : rd32(data + pos);
-            pos += op == 'h' ? 1 : 4;
+            NEED(op == MLU_PKOP_BINGET ? 1 : 4);
+            idx = op == MLU_PKOP_BINGET ? data[pos] : rd32(data + pos);
+            pos += op == MLU_PKOP_BINGET ? 1 : 4;
             if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
                 VM_FAIL(MLU_EFORMAT, at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, at);
                 goto error;
@@ -1194,7 +1195,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(vm->memo[idx]);
             break;
         }
-        case 'c': { /* GLOBAL */
+        case MLU_PKOP_GLOBAL: {
             const char *mod, *name;
             size_t ml, nl;
             if (read_line(data, size, &pos, &mod, &ml) < 0 || read_line(data, size, &pos, &name, &nl) < 0) {
@@ -1207,12 +1208,12 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case 'R': { /* REDUCE */
+        case MLU_PKOP_REDUCE: {
             uint32_t fn, args;
             POPN(2);
             fn = TOP(2);
             args = TOP(1);
-            if (N(vm, fn)->kind != MLU_PK_GLOBAL) {
+            if (N(vm, fn)->kind != MLU_PKN_GLOBAL) {
                 VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu calls a %s, not an allowed global", at, mlu_pk_kind_name(N(vm, fn)->kind));
                 goto error;
             }
@@ -1222,20 +1223,20 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case 0x81: { /* NEWOBJ */
+        case MLU_PKOP_NEWOBJ: {
             uint32_t cls, args, *v;
             int rg = 1;
             POPN(2);
             cls = TOP(2);
             args = TOP(1);
-            if (N(vm, cls)->kind != MLU_PK_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
+            if (N(vm, cls)->kind != MLU_PKN_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
                 VM_FAIL(MLU_EUNSAFE, at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", at,
                         mlu_pk_kind_name(N(vm, cls)->kind));
                 goto error;
             }
             v = N(vm, args)->u.items;
-            if (N(vm, args)->kind != MLU_PK_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
-                N(vm, v[0])->kind != MLU_PK_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
+            if (N(vm, args)->kind != MLU_PKN_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
+                N(vm, v[0])->kind != MLU_PKN_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
                 VM_FAIL(MLU_EFORMAT, at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", at);
                 goto error;
             }
@@ -1245,20 +1246,20 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             PUSH(node);
             break;
         }
-        case 'b': { /* BUILD */
+        case MLU_PKOP_BUILD: {
             uint32_t inst, state;
             POPN(2);
             inst = TOP(2);
             state = TOP(1);
-            if (N(vm, inst)->kind != MLU_PK_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
-                if (N(vm, inst)->kind == MLU_PK_TENSOR) {
+            if (N(vm, inst)->kind != MLU_PKN_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
+                if (N(vm, inst)->kind == MLU_PKN_TENSOR) {
                     VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: tensor state is not supported by this loader", at);
                     goto error;
                 }
                 VM_FAIL(MLU_EUNSAFE, at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", at, mlu_pk_kind_name(N(vm, inst)->kind));
                 goto error;
             }
-            if (N(vm, state)->kind != MLU_PK_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
+            if (N(vm, state)->kind != MLU_PKN_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
                 VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: OrderedDict state must be one dict", at);
                 goto error;
             }
@@ -1266,7 +1267,7 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
             vm->n_stack -= 1;
             break;
         }
-        case 'Q': { /* BINPERSID */
+        case MLU_PKOP_BINPERSID: {
             POPN(1);
             if (persistent_load(vm, at, TOP(1), &node, err) != MLU_OK)
                 goto error;

@@ -368,21 +368,21 @@ static mlu_status legacy_pickles(mlu_pt *pt, const uint8_t *head, size_t len, si
         goto done;
     st = MLU_EFORMAT;
     n = node(pt, magic);
-    if (n->kind != MLU_PK_BIGINT || n->u.s.n != 10 || memcmp(n->u.s.p, legacy_magic, 10) != 0) {
+    if (n->kind != MLU_PKN_BIGINT || n->u.s.n != 10 || memcmp(n->u.s.p, legacy_magic, 10) != 0) {
         mlu_error_set(err, MLU_EFORMAT, 0, "invalid magic number: not a PyTorch legacy file");
         goto done;
     }
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &proto, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (node(pt, proto)->kind != MLU_PK_INT || node(pt, proto)->u.i != 1001) {
+    if (node(pt, proto)->kind != MLU_PKN_INT || node(pt, proto)->u.i != 1001) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "invalid protocol version in a legacy PyTorch file");
         goto done;
     }
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &info, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (node(pt, info)->kind != MLU_PK_DICT) {
+    if (node(pt, info)->kind != MLU_PKN_DICT) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "legacy sys_info is not a dict");
         goto done;
     }
@@ -443,7 +443,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
     st = MLU_EFORMAT;
     pos = ppos;
     n = node(pt, keys);
-    if (n->kind != MLU_PK_LIST) {
+    if (n->kind != MLU_PKN_LIST) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list is not a list");
         goto done;
     }
@@ -460,7 +460,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         uint64_t nbytes;
         uint8_t cbuf[8];
         const mlu_pk_storage *ps;
-        if (k->kind != MLU_PK_STR) {
+        if (k->kind != MLU_PKN_STR) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list holds a %s", mlu_pk_kind_name(k->kind));
             goto done;
         }

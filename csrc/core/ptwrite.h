@@ -31,6 +31,7 @@
 #define MLU_PTWRITE_H
 
 #include "../mlu.h"
+#include "pickle_write.h"
 #include "zipwrite.h"
 #include "atomicfile.h"
 
@@ -63,10 +64,8 @@ typedef struct mlu_ptw_storage {
     const void *data;     /* borrowed, or NULL: the bytes come with mlu_ptw_archive_storage */
 } mlu_ptw_storage;
 
-struct mlu_pkw; /* pickle_write.h; kept out of this header, whose users may also read pickles */
-
 typedef struct mlu_ptw {
-    struct mlu_pkw *pk;        /* owned: data.pkl so far */
+    mlu_pkw pk;                /* owned: data.pkl so far */
     int64_t gmemo[MLU_PTW_GLOBALS]; /* memo index of each global, -1 before its first use */
     mlu_ptw_storage *st;       /* owned */
     size_t nst, cap;

@@ -226,28 +226,28 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         goto done;
     }
     switch (n->kind) {
-    case MLU_PK_NONE:
+    case MLU_PKN_NONE:
         o = Py_NewRef(Py_None);
         break;
-    case MLU_PK_BOOL:
+    case MLU_PKN_BOOL:
         o = PyBool_FromLong((long)n->u.i);
         break;
-    case MLU_PK_INT:
+    case MLU_PKN_INT:
         o = PyLong_FromLongLong(n->u.i);
         break;
-    case MLU_PK_BIGINT:
+    case MLU_PKN_BIGINT:
         o = make_bigint(n);
         break;
-    case MLU_PK_FLOAT:
+    case MLU_PKN_FLOAT:
         o = PyFloat_FromDouble(n->u.f);
         break;
-    case MLU_PK_COMPLEX:
+    case MLU_PKN_COMPLEX:
         o = PyComplex_FromDoubles(n->u.c.re, n->u.c.im);
         break;
-    case MLU_PK_STR:
+    case MLU_PKN_STR:
         o = make_str(c, n);
         break;
-    case MLU_PK_BYTES: {
+    case MLU_PKN_BYTES: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
             break;
@@ -259,7 +259,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         }
         break;
     }
-    case MLU_PK_BYTEARRAY:
+    case MLU_PKN_BYTEARRAY:
         if (n->len == 0) {
             o = PyByteArray_FromStringAndSize("", 0);
         } else {
@@ -269,8 +269,8 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             Py_XDECREF(b);
         }
         break;
-    case MLU_PK_TUPLE:
-    case MLU_PK_SIZE:
+    case MLU_PKN_TUPLE:
+    case MLU_PKN_SIZE:
         items = PyTuple_New(n->len);
         if (items == NULL)
             break;
@@ -280,7 +280,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                 goto error;
             PyTuple_SET_ITEM(items, i, x);  /* steals x */
         }
-        if (n->kind == MLU_PK_TUPLE) {
+        if (n->kind == MLU_PKN_TUPLE) {
             if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
                 o = Py_NewRef(c->memo[id]);
                 goto done;
@@ -293,7 +293,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                 wrap_error(c, "cannot build a torch.Size", NULL);
         }
         break;
-    case MLU_PK_LIST:
+    case MLU_PKN_LIST:
         o = PyList_New(0);
         if (o == NULL)
             break;
@@ -307,7 +307,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             Py_DECREF(x);
         }
         break;
-    case MLU_PK_SET:
+    case MLU_PKN_SET:
         o = PySet_New(NULL);
         if (o == NULL)
             break;
@@ -325,7 +325,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             }
         }
         break;
-    case MLU_PK_DICT:
+    case MLU_PKN_DICT:
         if (n->flags & MLU_PK_F_ORDERED)
             o = PyObject_CallNoArgs(c->odict);
         else if (n->flags & MLU_PK_F_COUNTER)
@@ -340,7 +340,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
             goto error;
         break;
-    case MLU_PK_DEVICE: {
+    case MLU_PKN_DEVICE: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
             break;
@@ -353,18 +353,18 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             wrap_error(c, "cannot build a torch.device", NULL);
         break;
     }
-    case MLU_PK_DTYPE:
+    case MLU_PKN_DTYPE:
         o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
         if (o == NULL)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
-    case MLU_PK_TENSOR:
+    case MLU_PKN_TENSOR:
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
         /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
         if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
             goto error;
         break;
-    case MLU_PK_STORAGE:
+    case MLU_PKN_STORAGE:
         fmt_error(c, "a bare storage (not inside a tensor) is not supported");
         break;
     default:

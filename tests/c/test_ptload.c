@@ -99,7 +99,7 @@ static void test_good(void)
         return;
     }
     root = &pt.vm.nodes[pt.root];
-    CHECK(root->kind == MLU_PK_DICT && root->len == 2);
+    CHECK(root->kind == MLU_PKN_DICT && root->len == 2);
     CHECK(pt.vm.n_tensors == 1 && pt.vm.n_storages == 1);
     t = &pt.vm.tensors[0];
     CHECK(t->ndim == 2 && t->shape[0] == 2 && t->stride[0] == 2 && t->end_bytes == 16);

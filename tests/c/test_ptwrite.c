@@ -502,7 +502,7 @@ static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id)
 static int str_is(const mlu_pt *pt, uint32_t id, const char *s)
 {
     const mlu_pk_node *n = node(pt, id);
-    return n->kind == MLU_PK_STR && n->u.s.n == strlen(s) && memcmp(n->u.s.p, s, n->u.s.n) == 0;
+    return n->kind == MLU_PKN_STR && n->u.s.n == strlen(s) && memcmp(n->u.s.p, s, n->u.s.n) == 0;
 }
 
 static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
@@ -523,9 +523,9 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
     CHECK(pt.is_zip && !pt.big_endian);
     CHECK(pt.vm.n_storages == c->nst);
     root = node(&pt, pt.root);
-    CHECK(root->kind == MLU_PK_DICT && (root->flags & MLU_PK_F_ORDERED) && root->len == 2 * (c->nt + 1));
+    CHECK(root->kind == MLU_PKN_DICT && (root->flags & MLU_PK_F_ORDERED) && root->len == 2 * (c->nt + 1));
     CHECK(root->attrs != MLU_PK_NONE_ID);
-    if (root->kind != MLU_PK_DICT || root->len != 2 * (c->nt + 1)) {
+    if (root->kind != MLU_PKN_DICT || root->len != 2 * (c->nt + 1)) {
         mlu_pt_close(&pt);
         return;
     }
@@ -536,8 +536,8 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
         const mlu_pk_storage *s;
         int ok;
         CHECK(str_is(&pt, root->u.items[2 * i], b->name));
-        CHECK(v->kind == MLU_PK_TENSOR);
-        if (v->kind != MLU_PK_TENSOR)
+        CHECK(v->kind == MLU_PKN_TENSOR);
+        if (v->kind != MLU_PKN_TENSOR)
             continue;
         t = &pt.vm.tensors[v->u.ref];
         s = &pt.vm.storages[pt.vm.pids[t->pid].storage];
@@ -585,23 +585,23 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
     {
         const mlu_pk_node *nest = node(&pt, root->u.items[2 * c->nt + 1]);
         CHECK(str_is(&pt, root->u.items[2 * c->nt], "nested"));
-        CHECK(nest->kind == MLU_PK_DICT && !(nest->flags & MLU_PK_F_ORDERED) && nest->len == 8);
-        if (nest->kind == MLU_PK_DICT && nest->len == 8) {
+        CHECK(nest->kind == MLU_PKN_DICT && !(nest->flags & MLU_PK_F_ORDERED) && nest->len == 8);
+        if (nest->kind == MLU_PKN_DICT && nest->len == 8) {
             const mlu_pk_node *l = node(&pt, nest->u.items[1]);
             CHECK(nest->u.items[1] == nest->u.items[3]); /* the memo repeat is the same node */
-            CHECK(l->kind == MLU_PK_LIST && l->len == 10);
-            if (l->kind == MLU_PK_LIST && l->len == 10) {
+            CHECK(l->kind == MLU_PKN_LIST && l->len == 10);
+            if (l->kind == MLU_PKN_LIST && l->len == 10) {
                 CHECK(node(&pt, l->u.items[0])->u.i == 1 && node(&pt, l->u.items[1])->u.i == -1);
                 CHECK(node(&pt, l->u.items[2])->u.i == (int64_t)1 << 40);
-                CHECK(node(&pt, l->u.items[3])->kind == MLU_PK_FLOAT && node(&pt, l->u.items[3])->u.f == 1.5);
-                CHECK(node(&pt, l->u.items[4])->kind == MLU_PK_BOOL && node(&pt, l->u.items[5])->kind == MLU_PK_NONE);
+                CHECK(node(&pt, l->u.items[3])->kind == MLU_PKN_FLOAT && node(&pt, l->u.items[3])->u.f == 1.5);
+                CHECK(node(&pt, l->u.items[4])->kind == MLU_PKN_BOOL && node(&pt, l->u.items[5])->kind == MLU_PKN_NONE);
                 CHECK(str_is(&pt, l->u.items[6], "s"));
-                CHECK(node(&pt, l->u.items[7])->kind == MLU_PK_TUPLE && node(&pt, l->u.items[7])->len == 4);
-                CHECK(node(&pt, l->u.items[8])->kind == MLU_PK_TUPLE && node(&pt, l->u.items[8])->len == 0);
+                CHECK(node(&pt, l->u.items[7])->kind == MLU_PKN_TUPLE && node(&pt, l->u.items[7])->len == 4);
+                CHECK(node(&pt, l->u.items[8])->kind == MLU_PKN_TUPLE && node(&pt, l->u.items[8])->len == 0);
                 CHECK(node(&pt, l->u.items[9])->len == 1 && node(&pt, node(&pt, l->u.items[9])->u.items[0])->u.i == 7);
             }
-            CHECK(node(&pt, nest->u.items[5])->kind == MLU_PK_LIST && node(&pt, nest->u.items[5])->len == c->list_len);
-            CHECK(node(&pt, nest->u.items[7])->kind == MLU_PK_DICT && node(&pt, nest->u.items[7])->len == 2 * c->dict_len);
+            CHECK(node(&pt, nest->u.items[5])->kind == MLU_PKN_LIST && node(&pt, nest->u.items[5])->len == c->list_len);
+            CHECK(node(&pt, nest->u.items[7])->kind == MLU_PKN_DICT && node(&pt, nest->u.items[7])->len == 2 * c->dict_len);
         }
     }
     mlu_pt_close(&pt);
