@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "zipfmt.h"
 #include "zipwrite.h"
 
 #include <errno.h>
@@ -133,11 +134,11 @@ static mlu_status check_computed_offsets(mlu_pt *pt, const char *prefix, size_t 
             want = e->data_offset;
         } else {
             size_t full = pl + 1 + 5 + s->key_len;  /* "<prefix>/data/<key>" */
-            uint64_t extra = 4;
+            uint64_t extra = MLU_ZIP_EXTRA_HEAD;  /* the padding extra field */
             lfh = cur;
             if (s->nbytes >= MLU_ZIP64_LIMIT || cur >= MLU_ZIP64_LIMIT)
-                extra += 4 + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
-            want = cur + 30 + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
+                extra += MLU_ZIP_EXTRA_HEAD + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
+            want = cur + MLU_ZIP_LFH_SIZE + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
             if (want != e->data_offset) {
                 st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset,
                                    "record 'data/%.*s' starts at byte %llu, but torch computes byte %llu from "
@@ -520,7 +521,8 @@ mlu_status mlu_pt_open(mlu_pt *pt, const mlu_rd *rd, int verify, mlu_error *err)
     pt->rd = *rd;
     if (rd->size >= 4 && (st = mlu_rd_read(rd, 0, magic, 4, "the file magic", err)) != MLU_OK)
         goto done;
-    if (rd->size >= 4 && memcmp(magic, "PK\x03\x04", 4) == 0) {
+    if (rd->size >= 4 && ((uint32_t)magic[0] | (uint32_t)magic[1] << 8 | (uint32_t)magic[2] << 16 |
+                          (uint32_t)magic[3] << 24) == MLU_ZIP_LFH_SIG) {
         pt->is_zip = 1;
         st = open_zip(pt, verify, err);
     } else {
