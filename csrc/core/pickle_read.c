@@ -522,117 +522,116 @@ static int bool_arg(mlu_pk_vm *vm, uint32_t id, int *out)
     return -1;
 }
 
-/* Applies the allowed callable `gid` (a GLOBAL node `fn`) to the args tuple. */
-static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, uint32_t *out, int depth,
-                        mlu_error *err)
+/* The REDUCE of an allowed global, one function per family of callables
+ * (as _pickle.c has one load_* per opcode family).  Each builds the result in
+ * *out, or fails naming the callable and the byte offset of the REDUCE. */
+
+static mlu_status apply_nomem(mlu_pk_vm *vm, size_t at, mlu_error *err)
+{
+    mlu_status st;
+    if (vm->over_budget)
+        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
+    return (st = fail_nomem(vm, at, err));
+}
+
+/* OrderedDict(), Counter(), set(), torch.Size(): containers from an optional iterable. */
+static mlu_status apply_container(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     mlu_pk_node *a = N(vm, args);
-    uint32_t n = a->len, *v = a->u.items, node, i;
-    int gid = N(vm, fn)->sub, rg = 0;
+    uint32_t n = a->len, *v, node, i, src;
 
-    if (a->kind != MLU_PKN_TUPLE)
-        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: arguments are a %s, not a tuple", at, mlu_pk_kind_name(a->kind));
-    switch (gid) {
-    case G_ORDERED_DICT:
-    case G_COUNTER:
-        if ((node = new_node(vm, MLU_PKN_DICT)) == MLU_PK_NONE_ID)
-            goto nomem;
-        a = N(vm, args);
-        v = a->u.items;
-        N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
-        if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PKN_DICT) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++)
-                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
-                    goto nomem;
-        } else if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++) {
-                uint32_t pair = N(vm, src)->u.items[i];
-                if ((N(vm, pair)->kind != MLU_PKN_TUPLE && N(vm, pair)->kind != MLU_PKN_LIST) || N(vm, pair)->len != 2)
-                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
-                if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
-                    goto nomem;
-            }
-        } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to %s", at,
-                           gid == G_ORDERED_DICT ? "OrderedDict" : "Counter");
-        }
-        break;
-    case G_SET:
-        if ((node = new_node(vm, MLU_PKN_SET)) == MLU_PK_NONE_ID)
-            goto nomem;
-        v = N(vm, args)->u.items;
+    if ((node = new_node(vm, gid == G_SET ? MLU_PKN_SET : gid == G_SIZE ? MLU_PKN_SIZE : MLU_PKN_DICT)) == MLU_PK_NONE_ID)
+        return apply_nomem(vm, at, err);
+    a = N(vm, args);
+    v = a->u.items;
+    if (gid == G_SET || gid == G_SIZE) {
         if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++)
-                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
-                    goto nomem;
-        } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: set() takes a list", at);
-        }
-        break;
-    case G_SIZE:
-        if ((node = new_node(vm, MLU_PKN_SIZE)) == MLU_PK_NONE_ID)
-            goto nomem;
-        v = N(vm, args)->u.items;
-        if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_TUPLE || N(vm, v[0])->kind == MLU_PKN_LIST)) {
-            uint32_t src = v[0];
+            src = v[0];
             for (i = 0; i < N(vm, src)->len; i++) {
                 uint32_t it = N(vm, src)->u.items[i];
-                if (N(vm, it)->kind != MLU_PKN_INT)
+                if (gid == G_SIZE && N(vm, it)->kind != MLU_PKN_INT)
                     return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes ints", at);
                 if (add_item(vm, node, it) < 0)
-                    goto nomem;
+                    return apply_nomem(vm, at, err);
             }
         } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes one tuple", at);
+            return VM_FAIL(MLU_EFORMAT, at, gid == G_SET ? "REDUCE at byte %zu: set() takes a list"
+                                                         : "REDUCE at byte %zu: torch.Size takes one tuple", at);
         }
-        break;
-    case G_DEVICE: {
+        *out = node;
+        return st;
+    }
+    N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
+    if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PKN_DICT) {
+        src = v[0];
+        for (i = 0; i < N(vm, src)->len; i++)
+            if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
+                return apply_nomem(vm, at, err);
+    } else if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
+        src = v[0];
+        for (i = 0; i < N(vm, src)->len; i++) {
+            uint32_t pair = N(vm, src)->u.items[i];
+            if ((N(vm, pair)->kind != MLU_PKN_TUPLE && N(vm, pair)->kind != MLU_PKN_LIST) || N(vm, pair)->len != 2)
+                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
+            if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
+                return apply_nomem(vm, at, err);
+        }
+    } else if (n != 0) {
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to %s", at,
+                       gid == G_ORDERED_DICT ? "OrderedDict" : "Counter");
+    }
+    *out = node;
+    return st;
+}
+
+static int is_latin1_name(mlu_pk_vm *vm, uint32_t id)
+{
+    return name_eq(N(vm, id)->u.s.p, N(vm, id)->u.s.n, "latin1") || name_eq(N(vm, id)->u.s.p, N(vm, id)->u.s.n, "latin-1");
+}
+
+/* torch.device(), _codecs.encode(), bytearray(), complex(): scalar values. */
+static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items, node, i;
+
+    if (gid == G_DEVICE) {
         int64_t idx = -1;
         if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_STR ||
             (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
         if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_DEVICE)) == MLU_PK_NONE_ID)
-            goto nomem;
+            return apply_nomem(vm, at, err);
         v = N(vm, args)->u.items;
         N(vm, node)->u.s = N(vm, v[0])->u.s;
         N(vm, node)->u.s.index = (int32_t)idx;
-        break;
-    }
-    case G_CODECS_ENCODE:
-        if (n != 2 || N(vm, v[0])->kind != MLU_PKN_STR || N(vm, v[1])->kind != MLU_PKN_STR ||
-            !(name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
-              name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))
+    } else if (gid == G_CODECS_ENCODE) {
+        if (n != 2 || N(vm, v[0])->kind != MLU_PKN_STR || N(vm, v[1])->kind != MLU_PKN_STR || !is_latin1_name(vm, v[1]))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
         /* a new bytes object per call, even of one memoised str */
         if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
-            goto nomem;
+            return apply_nomem(vm, at, err);
         N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
-        break;
-    case G_BYTEARRAY:
+    } else if (gid == G_BYTEARRAY) {
         if (n == 0) {
             if ((node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
-                goto nomem;
+                return apply_nomem(vm, at, err);
         } else if ((n == 1 && N(vm, v[0])->kind == MLU_PKN_BYTES) ||
                    (n == 2 && N(vm, v[0])->kind == MLU_PKN_STR && N(vm, v[1])->kind == MLU_PKN_STR &&
-                    (name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
-                     name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))) {
+                    is_latin1_name(vm, v[1]))) {
             uint32_t b;
             if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
-                goto nomem;
+                return apply_nomem(vm, at, err);
             if ((b = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
-                goto nomem;
+                return apply_nomem(vm, at, err);
             N(vm, b)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
             if (add_item(vm, node, b) < 0)
-                goto nomem;
+                return apply_nomem(vm, at, err);
         } else {
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to bytearray", at);
         }
-        break;
-    case G_COMPLEX: {
+    } else { /* G_COMPLEX */
         double p[2] = {0, 0};
         for (i = 0; i < n && i < 2; i++) {
             mlu_pk_node *x = N(vm, v[i]);
@@ -646,98 +645,142 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
         if (n > 2)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: complex takes two numbers", at);
         if ((node = new_node(vm, MLU_PKN_COMPLEX)) == MLU_PK_NONE_ID)
-            goto nomem;
+            return apply_nomem(vm, at, err);
         N(vm, node)->u.c.re = p[0];
         N(vm, node)->u.c.im = p[1];
-        break;
     }
-    case G_REBUILD_TENSOR:
+    *out = node;
+    return st;
+}
+
+/* _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3. */
+static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
+    uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
+    int dt = -1, rg = 0;
+
+    if (gid == G_REBUILD_TENSOR) {
         if (n != 4)
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor takes 4 arguments, got %u", at, n);
-        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], 0, -1, &node, err);
-        if (st != MLU_OK)
-            return st;
-        break;
-    case G_REBUILD_V2:
-    case G_REBUILD_V3: {
-        uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
-        int dt = -1;
-        if (n != want && n != want + 1)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v%d takes %u or %u arguments, got %u", at,
-                           gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
-        if (bool_arg(vm, v[4], &rg) < 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
-        if (N(vm, v[5])->kind != MLU_PKN_DICT || N(vm, v[5])->len != 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
-        if (gid == G_REBUILD_V3) {
-            if (N(vm, v[6])->kind != MLU_PKN_DTYPE)
-                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
-            dt = N(vm, v[6])->sub;
-        }
-        if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
-        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, &node, err);
-        if (st != MLU_OK)
-            return st;
-        break;
+        return make_tensor(vm, at, v[0], v[1], v[2], v[3], 0, -1, out, err);
     }
-    case G_REBUILD_PARAM:
-    case G_REBUILD_PARAM_STATE:
-        if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PKN_TENSOR || bool_arg(vm, v[1], &rg) < 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
-        if (N(vm, v[2])->kind != MLU_PKN_DICT || N(vm, v[2])->len != 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
-        if (n == 4 && N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
-        /* a new tensor record: same view, marked as a parameter */
-        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
-            return st;
-        if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
-            N(vm, node)->attrs = v[3];
-        break;
-    case G_REBUILD_FROM_TYPE_V2: {
-        int tg;
-        if (n != 4 || N(vm, v[0])->kind != MLU_PKN_GLOBAL || N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
-            N(vm, v[2])->kind != MLU_PKN_TUPLE)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
-        tg = N(vm, v[1])->sub;
-        if (tg != G_TENSOR && tg != G_PARAMETER)
-            return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
-        if (N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
-        if (depth > 4)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
-        st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
-        if (st != MLU_OK)
-            return st;
-        if (N(vm, node)->kind != MLU_PKN_TENSOR)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
-        if (tg == G_PARAMETER)
-            vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
-        if (!is_empty_dict_or_none(vm, v[3])) {
-            if (N(vm, node)->attrs != MLU_PK_NONE_ID)
-                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
-            N(vm, node)->attrs = v[3];
-        }
-        break;
+    if (n != want && n != want + 1)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v%d takes %u or %u arguments, got %u", at,
+                       gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
+    if (bool_arg(vm, v[4], &rg) < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
+    if (N(vm, v[5])->kind != MLU_PKN_DICT || N(vm, v[5])->len != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
+    if (gid == G_REBUILD_V3) {
+        if (N(vm, v[6])->kind != MLU_PKN_DTYPE)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
+        dt = N(vm, v[6])->sub;
     }
-    case G_PARAMETER: /* torch.nn.Parameter(tensor[, requires_grad]) */
+    if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
+    return make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err);
+}
+
+/* _rebuild_parameter, _rebuild_parameter_with_state, torch.nn.Parameter(). */
+static mlu_status apply_parameter(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
+    int rg = 0;
+
+    if (gid == G_PARAMETER) { /* torch.nn.Parameter(tensor[, requires_grad]) */
         rg = 1;
         if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
-        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
-            return st;
-        break;
+        return param_copy(vm, at, v[0], rg, out, err);
+    }
+    if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PKN_TENSOR || bool_arg(vm, v[1], &rg) < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
+    if (N(vm, v[2])->kind != MLU_PKN_DICT || N(vm, v[2])->len != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
+    if (n == 4 && N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
+    /* a new tensor record: same view, marked as a parameter */
+    if ((st = param_copy(vm, at, v[0], rg, out, err)) != MLU_OK)
+        return st;
+    if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
+        N(vm, *out)->attrs = v[3];
+    return st;
+}
+
+static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, uint32_t *out, int depth,
+                        mlu_error *err);
+
+/* torch._utils._rebuild_from_type_v2(func, Tensor or Parameter, args, state). */
+static mlu_status apply_from_type(mlu_pk_vm *vm, size_t at, uint32_t args, uint32_t *out, int depth, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items, node;
+    int tg;
+
+    if (n != 4 || N(vm, v[0])->kind != MLU_PKN_GLOBAL || N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
+        N(vm, v[2])->kind != MLU_PKN_TUPLE)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
+    tg = N(vm, v[1])->sub;
+    if (tg != G_TENSOR && tg != G_PARAMETER)
+        return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
+    if (N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
+    if (depth > 4)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
+    st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
+    if (st != MLU_OK)
+        return st;
+    if (N(vm, node)->kind != MLU_PKN_TENSOR)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
+    if (tg == G_PARAMETER)
+        vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
+    if (!is_empty_dict_or_none(vm, v[3])) {
+        if (N(vm, node)->attrs != MLU_PK_NONE_ID)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
+        N(vm, node)->attrs = v[3];
+    }
+    *out = node;
+    return st;
+}
+
+/* Applies the allowed callable `gid` (a GLOBAL node `fn`) to the args tuple. */
+static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, uint32_t *out, int depth,
+                        mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    mlu_pk_node *a = N(vm, args);
+    int gid = N(vm, fn)->sub;
+
+    if (a->kind != MLU_PKN_TUPLE)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: arguments are a %s, not a tuple", at, mlu_pk_kind_name(a->kind));
+    switch (gid) {
+    case G_ORDERED_DICT:
+    case G_COUNTER:
+    case G_SET:
+    case G_SIZE:
+        return apply_container(vm, at, gid, args, out, err);
+    case G_DEVICE:
+    case G_CODECS_ENCODE:
+    case G_BYTEARRAY:
+    case G_COMPLEX:
+        return apply_value(vm, at, gid, args, out, err);
+    case G_REBUILD_TENSOR:
+    case G_REBUILD_V2:
+    case G_REBUILD_V3:
+        return apply_rebuild_tensor(vm, at, gid, args, out, err);
+    case G_REBUILD_PARAM:
+    case G_REBUILD_PARAM_STATE:
+    case G_PARAMETER:
+        return apply_parameter(vm, at, gid, args, out, err);
+    case G_REBUILD_FROM_TYPE_V2:
+        return apply_from_type(vm, at, args, out, depth, err);
     default: /* torch.Tensor(...), storage classes: allowed by torch, not built here */
         return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: calling this torch class is allowed by torch but not "
                        "supported by this loader", at);
     }
-    *out = node;
-    return st;
-nomem:
-    if (vm->over_budget)
-        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
-    return (st = fail_nomem(vm, at, err));
 }
 
 /* ------------------------------------------------------------ persistent id */
@@ -844,19 +887,40 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
     return 0;
 }
 
+/* One run of the VM: the input and where it stands.  Each opcode family has
+ * one load_* function (as CPython's _pickle.c has), called with the opcode
+ * in c->op and c->pos just past it; it moves c->pos past its argument and
+ * returns MLU_OK, or fails with err set (naming the opcode's byte offset). */
+typedef struct pk_run {
+    mlu_pk_vm *vm;
+    const uint8_t *data;  /* borrowed */
+    size_t size;
+    size_t pos;           /* the next byte to read */
+    size_t at;            /* byte offset of the current opcode */
+    size_t base;          /* stack index of the innermost MARK (0 without one) */
+    uint8_t op;
+    int stopped;          /* STOP seen: root holds the result */
+    uint32_t root;
+    mlu_error *err;
+} pk_run;
+
+typedef mlu_status (*pk_load_fn)(pk_run *c);
+
+/* In a load_* function with `vm`, `err` and `st` in scope and an error: label. */
 #define NEED(k)                                                                                         \
     do {                                                                                                \
-        if (size - pos < (size_t)(k)) {                                                                 \
+        if (c->size - c->pos < (size_t)(k)) {                                                           \
             vm->truncated = 1;                                                                          \
-            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", op, at, \
-                    (size_t)(k));                                                                       \
+            VM_FAIL(MLU_EFORMAT, c->at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", c->op, \
+                    c->at, (size_t)(k));                                                                \
             goto error;                                                                                 \
         }                                                                                               \
     } while (0)
 #define POPN(k)                                                                                         \
     do {                                                                                                \
-        if (vm->n_stack < (size_t)(k) + base) {                                                         \
-            VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode 0x%02x ('%c') at byte %zu", op, op >= 32 && op < 127 ? op : '?', at); \
+        if (vm->n_stack < (size_t)(k) + c->base) {                                                      \
+            VM_FAIL(MLU_EFORMAT, c->at, "stack underflow: opcode 0x%02x ('%c') at byte %zu", c->op,     \
+                    c->op >= 32 && c->op < 127 ? c->op : '?', c->at);                                   \
             goto error;                                                                                 \
         }                                                                                               \
     } while (0)
@@ -864,9 +928,9 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
 #define OOM()                                                                                           \
     do {                                                                                                \
         if (vm->over_budget)                                                                            \
-            VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);                 \
+            VM_FAIL(MLU_EFORMAT, c->at, "pickle expands beyond its size at byte %zu", c->at);           \
         else                                                                                            \
-            VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");                                \
+            VM_FAIL(MLU_ENOMEM, c->at, "out of memory reading the pickle");                             \
         goto error;                                                                                     \
     } while (0)
 #define PUSH(id)                                                                                        \
@@ -875,6 +939,19 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
         if (id_ == MLU_PK_NONE_ID || push(vm, id_) < 0)                                                 \
             OOM();                                                                                      \
     } while (0)
+/* Declarations and the exit every load_* function shares. */
+#define LOAD_BEGIN                                                                                      \
+    mlu_pk_vm *vm = c->vm;                                                                              \
+    mlu_error *err = c->err;                                                                            \
+    mlu_status st = MLU_EFORMAT
+#define LOAD_END                                                                                        \
+    st = MLU_OK;                                                                                        \
+    goto done;                                                                                          \
+error:                                                                                                  \
+    if (st == MLU_OK)                                                                                   \
+        st = MLU_EFORMAT;                                                                               \
+done:                                                                                                   \
+    return st
 
 /* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
  * surrogates only with `surrogates` (Python's "surrogatepass"). */
@@ -921,21 +998,478 @@ static uint32_t rd32(const uint8_t *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+/* PROTO: protocols up to 5 (no FRAME follows in what torch writes; FRAME is refused). */
+static mlu_status load_proto(pk_run *c)
+{
+    LOAD_BEGIN;
+    NEED(1);
+    if (c->data[c->pos] > 5) {
+        VM_FAIL(MLU_EFORMAT, c->at, "unsupported pickle protocol %u at byte %zu", c->data[c->pos], c->at);
+        goto error;
+    }
+    c->pos += 1;
+    LOAD_END;
+}
+
+/* STOP: the top of the whole stack is the result. */
+static mlu_status load_stop(pk_run *c)
+{
+    LOAD_BEGIN;
+    c->base = 0;
+    POPN(1);
+    c->root = TOP(1);
+    c->stopped = 1;
+    LOAD_END;
+}
+
+/* NONE, NEWTRUE, NEWFALSE: shared constant nodes. */
+static mlu_status load_const(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (c->op == MLU_PKOP_NONE)
+        PUSH(const_node(vm, MLU_PKN_NONE, 0));
+    else
+        PUSH(const_node(vm, MLU_PKN_BOOL, c->op == MLU_PKOP_NEWTRUE));
+    LOAD_END;
+}
+
+/* BININT1, BININT2, BININT: little-endian ints of 1, 2 (unsigned) and 4 (signed) bytes. */
+static mlu_status load_binint(pk_run *c)
+{
+    LOAD_BEGIN;
+    const uint8_t *data = c->data;
+    size_t pos = c->pos, k = c->op == MLU_PKOP_BININT1 ? 1 : c->op == MLU_PKOP_BININT2 ? 2 : 4;
+    uint32_t node;
+    int64_t v;
+
+    NEED(k);
+    if (c->op == MLU_PKOP_BININT1)
+        v = data[pos];
+    else if (c->op == MLU_PKOP_BININT2)
+        v = data[pos] | (data[pos + 1] << 8);
+    else
+        v = (int32_t)rd32(data + pos);
+    c->pos += k;
+    node = new_node(vm, MLU_PKN_INT);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.i = v;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* LONG1: two's complement of up to 255 bytes; over 8 bytes kept as bytes (BIGINT). */
+static mlu_status load_long1(pk_run *c)
+{
+    LOAD_BEGIN;
+    const uint8_t *data = c->data;
+    size_t k, j;
+    uint32_t node;
+
+    NEED(1);
+    k = data[c->pos++];
+    NEED(k);
+    if (k <= 8) {
+        uint64_t u = 0;
+        for (j = 0; j < k; j++)
+            u |= (uint64_t)data[c->pos + j] << (8 * j);
+        if (k > 0 && k < 8 && (data[c->pos + k - 1] & 0x80))
+            u |= ~(uint64_t)0 << (8 * k);
+        node = new_node(vm, MLU_PKN_INT);
+        if (node == MLU_PK_NONE_ID)
+            OOM();
+        N(vm, node)->u.i = (int64_t)u;
+    } else {
+        node = new_node(vm, MLU_PKN_BIGINT);
+        if (node == MLU_PK_NONE_ID)
+            OOM();
+        N(vm, node)->u.s.p = (const char *)data + c->pos;
+        N(vm, node)->u.s.n = (uint32_t)k;
+    }
+    c->pos += k;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BINFLOAT: a big-endian IEEE double. */
+static mlu_status load_binfloat(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint64_t u = 0;
+    size_t j;
+    double d;
+    uint32_t node;
+
+    NEED(8);
+    for (j = 0; j < 8; j++)
+        u = (u << 8) | c->data[c->pos + j];
+    memcpy(&d, &u, 8);
+    c->pos += 8;
+    node = new_node(vm, MLU_PKN_FLOAT);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.f = d;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BINUNICODE (4-byte length), SHORT_BINSTRING (1-byte length): str nodes. */
+static mlu_status load_string(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t n, node;
+
+    if (c->op == MLU_PKOP_BINUNICODE) {
+        NEED(4);
+        n = rd32(c->data + c->pos);
+        c->pos += 4;
+    } else {
+        NEED(1);
+        n = c->data[c->pos++];
+    }
+    NEED(n);
+    /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
+     * UTF-8 while unpickling: every string, used or not */
+    if (!mlu_pk_utf8_valid(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE)) {
+        VM_FAIL(MLU_EFORMAT, c->at, "string at byte %zu is not valid UTF-8", c->at);
+        goto error;
+    }
+    node = new_node(vm, MLU_PKN_STR);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.s.p = (const char *)c->data + c->pos;
+    N(vm, node)->u.s.n = n;
+    c->pos += n;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* EMPTY_TUPLE (shared), EMPTY_LIST, EMPTY_DICT, EMPTY_SET. */
+static mlu_status load_empty(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (c->op == MLU_PKOP_EMPTY_TUPLE)
+        PUSH(const_node(vm, MLU_PKN_TUPLE, 0));
+    else
+        PUSH(new_node(vm, c->op == MLU_PKOP_EMPTY_LIST ? MLU_PKN_LIST
+                          : c->op == MLU_PKOP_EMPTY_DICT ? MLU_PKN_DICT : MLU_PKN_SET));
+    LOAD_END;
+}
+
+static mlu_status load_mark(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
+        OOM();
+    vm->marks[vm->n_marks++] = vm->n_stack;
+    LOAD_END;
+}
+
+/* TUPLE1, TUPLE2, TUPLE3: a tuple of the top 1..3 items. */
+static mlu_status load_small_tuple(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t k = (size_t)(c->op - MLU_PKOP_TUPLE1 + 1), j;
+    uint32_t node;
+
+    POPN(k);
+    node = new_node(vm, MLU_PKN_TUPLE);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    for (j = k; j > 0; j--)
+        if (add_item(vm, node, TOP(j)) < 0)
+            OOM();
+    vm->n_stack -= k;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* TUPLE, APPENDS, SETITEMS: the items above the innermost MARK, into a new
+ * tuple or the list / dict below that MARK. */
+static mlu_status load_marked(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t j, k, base = c->base;
+    uint8_t op = c->op;
+    uint32_t target = 0;
+
+    if (vm->n_marks == 0) {
+        VM_FAIL(MLU_EFORMAT, c->at, "opcode '%c' at byte %zu without a MARK", op, c->at);
+        goto error;
+    }
+    k = vm->n_stack - base;
+    if (op != MLU_PKOP_TUPLE) {
+        size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
+        if (base <= outer) {
+            VM_FAIL(MLU_EFORMAT, c->at, "stack underflow: opcode '%c' at byte %zu has no target", op, c->at);
+            goto error;
+        }
+        target = vm->stack[base - 1];
+        if (op == MLU_PKOP_APPENDS && N(vm, target)->kind != MLU_PKN_LIST) {
+            VM_FAIL(MLU_EUNSAFE, c->at, "APPENDS at byte %zu on a %s (only lists allowed)", c->at,
+                    mlu_pk_kind_name(N(vm, target)->kind));
+            goto error;
+        }
+        if (op == MLU_PKOP_SETITEMS && N(vm, target)->kind != MLU_PKN_DICT) {
+            VM_FAIL(MLU_EUNSAFE, c->at, "SETITEMS at byte %zu on a %s (only dicts allowed)", c->at,
+                    mlu_pk_kind_name(N(vm, target)->kind));
+            goto error;
+        }
+        if (op == MLU_PKOP_SETITEMS && (k % 2) != 0) {
+            VM_FAIL(MLU_EFORMAT, c->at, "SETITEMS at byte %zu with an odd number of items", c->at);
+            goto error;
+        }
+    } else {
+        target = new_node(vm, MLU_PKN_TUPLE);
+        if (target == MLU_PK_NONE_ID)
+            OOM();
+    }
+    for (j = 0; j < k; j++)
+        if (add_item(vm, target, vm->stack[base + j]) < 0)
+            OOM();
+    vm->n_stack = base;
+    vm->n_marks--;
+    if (op == MLU_PKOP_TUPLE)
+        PUSH(target);
+    LOAD_END;
+}
+
+/* APPEND, SETITEM: one item (pair) into the list (dict) below it. */
+static mlu_status load_append(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t k = c->op == MLU_PKOP_APPEND ? 1 : 2, j;
+    uint32_t target;
+
+    POPN(k + 1);
+    target = TOP(k + 1);
+    if (c->op == MLU_PKOP_APPEND && N(vm, target)->kind != MLU_PKN_LIST) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "APPEND at byte %zu on a %s (only lists allowed)", c->at,
+                mlu_pk_kind_name(N(vm, target)->kind));
+        goto error;
+    }
+    if (c->op == MLU_PKOP_SETITEM && N(vm, target)->kind != MLU_PKN_DICT) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "SETITEM at byte %zu on a %s (only dicts allowed)", c->at,
+                mlu_pk_kind_name(N(vm, target)->kind));
+        goto error;
+    }
+    for (j = k; j > 0; j--)
+        if (add_item(vm, target, TOP(j)) < 0)
+            OOM();
+    vm->n_stack -= k;
+    LOAD_END;
+}
+
+/* BINPUT, LONG_BINPUT: memo[idx] = top of the stack. */
+static mlu_status load_put(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t idx, w = c->op == MLU_PKOP_BINPUT ? 1 : 4;
+
+    NEED(w);
+    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    c->pos += w;
+    POPN(1);
+    if (idx > c->size) {
+        VM_FAIL(MLU_EFORMAT, c->at, "memo index %zu at byte %zu is larger than the pickle", idx, c->at);
+        goto error;
+    }
+    if (idx >= vm->n_memo) {
+        size_t cap = vm->n_memo, j;
+        if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0 ||
+            charge(vm, (uint64_t)(cap - vm->n_memo) * PK_COST_MEMO) < 0)
+            OOM();
+        for (j = vm->n_memo; j < cap; j++)
+            vm->memo[j] = MLU_PK_NONE_ID;
+        vm->n_memo = cap;
+    }
+    vm->memo[idx] = TOP(1);
+    LOAD_END;
+}
+
+/* BINGET, LONG_BINGET: push memo[idx]. */
+static mlu_status load_get(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t idx, w = c->op == MLU_PKOP_BINGET ? 1 : 4;
+
+    NEED(w);
+    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    c->pos += w;
+    if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, c->at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, c->at);
+        goto error;
+    }
+    PUSH(vm->memo[idx]);
+    LOAD_END;
+}
+
+/* GLOBAL "module\nname\n": only names on the allowlist. */
+static mlu_status load_global(pk_run *c)
+{
+    LOAD_BEGIN;
+    const char *mod, *name;
+    size_t ml, nl;
+    uint32_t node = MLU_PK_NONE_ID;
+
+    if (read_line(c->data, c->size, &c->pos, &mod, &ml) < 0 || read_line(c->data, c->size, &c->pos, &name, &nl) < 0) {
+        vm->truncated = 1;
+        VM_FAIL(MLU_EFORMAT, c->at, "pickle is truncated: GLOBAL at byte %zu", c->at);
+        goto error;
+    }
+    if (do_global(vm, c->at, mod, ml, name, nl, &node, err) != MLU_OK)
+        goto error;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* REDUCE: an allowed global applied to a tuple. */
+static mlu_status load_reduce(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t fn, args, node = MLU_PK_NONE_ID;
+
+    POPN(2);
+    fn = TOP(2);
+    args = TOP(1);
+    if (N(vm, fn)->kind != MLU_PKN_GLOBAL) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "REDUCE at byte %zu calls a %s, not an allowed global", c->at,
+                mlu_pk_kind_name(N(vm, fn)->kind));
+        goto error;
+    }
+    if (apply(vm, c->at, fn, args, &node, 0, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 2;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* NEWOBJ: torch.nn.Parameter.__new__(Parameter, tensor[, requires_grad]) only. */
+static mlu_status load_newobj(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t cls, args, *v, node = MLU_PK_NONE_ID;
+    int rg = 1;
+
+    POPN(2);
+    cls = TOP(2);
+    args = TOP(1);
+    if (N(vm, cls)->kind != MLU_PKN_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", c->at,
+                mlu_pk_kind_name(N(vm, cls)->kind));
+        goto error;
+    }
+    v = N(vm, args)->u.items;
+    if (N(vm, args)->kind != MLU_PKN_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
+        N(vm, v[0])->kind != MLU_PKN_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
+        VM_FAIL(MLU_EFORMAT, c->at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", c->at);
+        goto error;
+    }
+    if (param_copy(vm, c->at, v[0], rg, &node, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 2;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BUILD: an OrderedDict's attribute dict; nothing else has state here. */
+static mlu_status load_build(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t inst, state;
+
+    POPN(2);
+    inst = TOP(2);
+    state = TOP(1);
+    if (N(vm, inst)->kind != MLU_PKN_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
+        if (N(vm, inst)->kind == MLU_PKN_TENSOR) {
+            VM_FAIL(MLU_EFORMAT, c->at, "BUILD at byte %zu: tensor state is not supported by this loader", c->at);
+            goto error;
+        }
+        VM_FAIL(MLU_EUNSAFE, c->at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", c->at,
+                mlu_pk_kind_name(N(vm, inst)->kind));
+        goto error;
+    }
+    if (N(vm, state)->kind != MLU_PKN_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, c->at, "BUILD at byte %zu: OrderedDict state must be one dict", c->at);
+        goto error;
+    }
+    N(vm, inst)->attrs = state;
+    vm->n_stack -= 1;
+    LOAD_END;
+}
+
+/* BINPERSID: a storage reference ('storage', cls, key, location, numel[, ...]). */
+static mlu_status load_binpersid(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t node = MLU_PK_NONE_ID;
+
+    POPN(1);
+    if (persistent_load(vm, c->at, TOP(1), &node, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 1;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* The opcodes a weights-only pickle may use; every other one is refused. */
+static const pk_load_fn dispatch[256] = {
+    [MLU_PKOP_PROTO] = load_proto,
+    [MLU_PKOP_STOP] = load_stop,
+    [MLU_PKOP_NONE] = load_const,
+    [MLU_PKOP_NEWTRUE] = load_const,
+    [MLU_PKOP_NEWFALSE] = load_const,
+    [MLU_PKOP_BININT1] = load_binint,
+    [MLU_PKOP_BININT2] = load_binint,
+    [MLU_PKOP_BININT] = load_binint,
+    [MLU_PKOP_LONG1] = load_long1,
+    [MLU_PKOP_BINFLOAT] = load_binfloat,
+    [MLU_PKOP_BINUNICODE] = load_string,
+    [MLU_PKOP_SHORT_BINSTRING] = load_string,
+    [MLU_PKOP_EMPTY_TUPLE] = load_empty,
+    [MLU_PKOP_EMPTY_LIST] = load_empty,
+    [MLU_PKOP_EMPTY_DICT] = load_empty,
+    [MLU_PKOP_EMPTY_SET] = load_empty,
+    [MLU_PKOP_MARK] = load_mark,
+    [MLU_PKOP_TUPLE1] = load_small_tuple,
+    [MLU_PKOP_TUPLE2] = load_small_tuple,
+    [MLU_PKOP_TUPLE3] = load_small_tuple,
+    [MLU_PKOP_TUPLE] = load_marked,
+    [MLU_PKOP_APPENDS] = load_marked,
+    [MLU_PKOP_SETITEMS] = load_marked,
+    [MLU_PKOP_APPEND] = load_append,
+    [MLU_PKOP_SETITEM] = load_append,
+    [MLU_PKOP_BINPUT] = load_put,
+    [MLU_PKOP_LONG_BINPUT] = load_put,
+    [MLU_PKOP_BINGET] = load_get,
+    [MLU_PKOP_LONG_BINGET] = load_get,
+    [MLU_PKOP_GLOBAL] = load_global,
+    [MLU_PKOP_REDUCE] = load_reduce,
+    [MLU_PKOP_NEWOBJ] = load_newobj,
+    [MLU_PKOP_BUILD] = load_build,
+    [MLU_PKOP_BINPERSID] = load_binpersid,
+};
+
 mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *ppos, int legacy, uint32_t *root,
                       mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    size_t pos = *ppos, at = pos, base = 0;
-    uint8_t op = 0;
-    uint32_t node;
+    pk_run c = {0};
+    pk_load_fn load;
 
+    c.vm = vm;
+    c.data = data;
+    c.size = size;
+    c.pos = c.at = *ppos;
+    c.err = err;
     vm->data = data;
     vm->size = size;
     vm->legacy = legacy;
     vm->over_budget = 0;
     vm->truncated = 0;
     {
-        uint64_t extra = PK_COST_PER_BYTE * (uint64_t)(size - pos) + PK_COST_BASE;
+        uint64_t extra = PK_COST_PER_BYTE * (uint64_t)(size - c.pos) + PK_COST_BASE;
         vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
     }
     vm->n_stack = 0;
@@ -943,347 +1477,31 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     mlu_free(vm->memo);
     vm->memo = NULL;
     vm->n_memo = 0;
-    for (;;) {
-        at = pos;
-        if (pos >= size) {
+    while (!c.stopped) {
+        c.at = c.pos;
+        if (c.pos >= size) {
             vm->truncated = 1;
-            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: no STOP opcode before byte %zu", at);
+            VM_FAIL(MLU_EFORMAT, c.at, "pickle is truncated: no STOP opcode before byte %zu", c.at);
             goto error;
         }
-        op = data[pos++];
-        base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
-        switch (op) {
-        case MLU_PKOP_PROTO:
-            NEED(1);
-            if (data[pos] > 5) {
-                VM_FAIL(MLU_EFORMAT, at, "unsupported pickle protocol %u at byte %zu", data[pos], at);
-                goto error;
-            }
-            pos += 1;
-            break;
-        case MLU_PKOP_STOP:
-            base = 0;
-            POPN(1);
-            *root = TOP(1);
-            *ppos = pos;
-            st = MLU_OK;
-            goto done;
-        case MLU_PKOP_NONE:
-            PUSH(const_node(vm, MLU_PKN_NONE, 0));
-            break;
-        case MLU_PKOP_NEWTRUE:
-        case MLU_PKOP_NEWFALSE:
-            PUSH(const_node(vm, MLU_PKN_BOOL, op == MLU_PKOP_NEWTRUE));
-            break;
-        case MLU_PKOP_BININT1:
-        case MLU_PKOP_BININT2:
-        case MLU_PKOP_BININT: {
-            size_t k = op == MLU_PKOP_BININT1 ? 1 : op == MLU_PKOP_BININT2 ? 2 : 4;
-            int64_t v;
-            NEED(k);
-            if (op == MLU_PKOP_BININT1)
-                v = data[pos];
-            else if (op == MLU_PKOP_BININT2)
-                v = data[pos] | (data[pos + 1] << 8);
-            else
-                v = (int32_t)rd32(data + pos);
-            pos += k;
-            node = new_node(vm, MLU_PKN_INT);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.i = v;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_LONG1: {
-            size_t k, j;
-            NEED(1);
-            k = data[pos++];
-            NEED(k);
-            if (k <= 8) {
-                uint64_t u = 0;
-                for (j = 0; j < k; j++)
-                    u |= (uint64_t)data[pos + j] << (8 * j);
-                if (k > 0 && k < 8 && (data[pos + k - 1] & 0x80))
-                    u |= ~(uint64_t)0 << (8 * k);
-                node = new_node(vm, MLU_PKN_INT);
-                if (node == MLU_PK_NONE_ID)
-                    OOM();
-                N(vm, node)->u.i = (int64_t)u;
-            } else {
-                node = new_node(vm, MLU_PKN_BIGINT);
-                if (node == MLU_PK_NONE_ID)
-                    OOM();
-                N(vm, node)->u.s.p = (const char *)data + pos;
-                N(vm, node)->u.s.n = (uint32_t)k;
-            }
-            pos += k;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_BINFLOAT: { /* BINFLOAT, big-endian */
-            uint64_t u = 0;
-            size_t j;
-            double d;
-            NEED(8);
-            for (j = 0; j < 8; j++)
-                u = (u << 8) | data[pos + j];
-            memcpy(&d, &u, 8);
-            pos += 8;
-            node = new_node(vm, MLU_PKN_FLOAT);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.f = d;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_BINUNICODE:
-        case MLU_PKOP_SHORT_BINSTRING: {
-            uint32_t n;
-            if (op == MLU_PKOP_BINUNICODE) {
-                NEED(4);
-                n = rd32(data + pos);
-                pos += 4;
-            } else {
-                NEED(1);
-                n = data[pos++];
-            }
-            NEED(n);
-            /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
-             * UTF-8 while unpickling: every string, used or not */
-            if (!mlu_pk_utf8_valid(data + pos, n, op == MLU_PKOP_BINUNICODE)) {
-                VM_FAIL(MLU_EFORMAT, at, "string at byte %zu is not valid UTF-8", at);
-                goto error;
-            }
-            node = new_node(vm, MLU_PKN_STR);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.s.p = (const char *)data + pos;
-            N(vm, node)->u.s.n = n;
-            pos += n;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_EMPTY_TUPLE:
-            PUSH(const_node(vm, MLU_PKN_TUPLE, 0));
-            break;
-        case MLU_PKOP_EMPTY_LIST:
-            PUSH(new_node(vm, MLU_PKN_LIST));
-            break;
-        case MLU_PKOP_EMPTY_DICT:
-            PUSH(new_node(vm, MLU_PKN_DICT));
-            break;
-        case MLU_PKOP_EMPTY_SET:
-            PUSH(new_node(vm, MLU_PKN_SET));
-            break;
-        case MLU_PKOP_MARK:
-            if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
-                OOM();
-            vm->marks[vm->n_marks++] = vm->n_stack;
-            break;
-        case MLU_PKOP_TUPLE1:
-        case MLU_PKOP_TUPLE2:
-        case MLU_PKOP_TUPLE3: {
-            size_t k = (size_t)(op - MLU_PKOP_TUPLE1 + 1), j;
-            POPN(k);
-            node = new_node(vm, MLU_PKN_TUPLE);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            for (j = k; j > 0; j--)
-                if (add_item(vm, node, TOP(j)) < 0)
-                    OOM();
-            vm->n_stack -= k;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_TUPLE:
-        case MLU_PKOP_APPENDS:
-        case MLU_PKOP_SETITEMS: {
-            size_t j, k;
-            uint32_t target = 0;
-            if (vm->n_marks == 0) {
-                VM_FAIL(MLU_EFORMAT, at, "opcode '%c' at byte %zu without a MARK", op, at);
-                goto error;
-            }
-            k = vm->n_stack - base;
-            if (op != MLU_PKOP_TUPLE) {
-                size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
-                if (base <= outer) {
-                    VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode '%c' at byte %zu has no target", op, at);
-                    goto error;
-                }
-                target = vm->stack[base - 1];
-                if (op == MLU_PKOP_APPENDS && N(vm, target)->kind != MLU_PKN_LIST) {
-                    VM_FAIL(MLU_EUNSAFE, at, "APPENDS at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                    goto error;
-                }
-                if (op == MLU_PKOP_SETITEMS && N(vm, target)->kind != MLU_PKN_DICT) {
-                    VM_FAIL(MLU_EUNSAFE, at, "SETITEMS at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                    goto error;
-                }
-                if (op == MLU_PKOP_SETITEMS && (k % 2) != 0) {
-                    VM_FAIL(MLU_EFORMAT, at, "SETITEMS at byte %zu with an odd number of items", at);
-                    goto error;
-                }
-            } else {
-                target = new_node(vm, MLU_PKN_TUPLE);
-                if (target == MLU_PK_NONE_ID)
-                    OOM();
-            }
-            for (j = 0; j < k; j++)
-                if (add_item(vm, target, vm->stack[base + j]) < 0)
-                    OOM();
-            vm->n_stack = base;
-            vm->n_marks--;
-            if (op == MLU_PKOP_TUPLE)
-                PUSH(target);
-            break;
-        }
-        case MLU_PKOP_APPEND:
-        case MLU_PKOP_SETITEM: {
-            size_t k = op == MLU_PKOP_APPEND ? 1 : 2, j;
-            uint32_t target;
-            POPN(k + 1);
-            target = TOP(k + 1);
-            if (op == MLU_PKOP_APPEND && N(vm, target)->kind != MLU_PKN_LIST) {
-                VM_FAIL(MLU_EUNSAFE, at, "APPEND at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                goto error;
-            }
-            if (op == MLU_PKOP_SETITEM && N(vm, target)->kind != MLU_PKN_DICT) {
-                VM_FAIL(MLU_EUNSAFE, at, "SETITEM at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                goto error;
-            }
-            for (j = k; j > 0; j--)
-                if (add_item(vm, target, TOP(j)) < 0)
-                    OOM();
-            vm->n_stack -= k;
-            break;
-        }
-        case MLU_PKOP_BINPUT:
-        case MLU_PKOP_LONG_BINPUT: {
-            size_t idx;
-            NEED(op == MLU_PKOP_BINPUT ? 1 : 4);
-            idx = op == MLU_PKOP_BINPUT ? data[pos] : rd32(data + pos);
-            pos += op == MLU_PKOP_BINPUT ? 1 : 4;
-            POPN(1);
-            if (idx > size) {
-                VM_FAIL(MLU_EFORMAT, at, "memo index %zu at byte %zu is larger than the pickle", idx, at);
-                goto error;
-            }
-            if (idx >= vm->n_memo) {
-                size_t cap = vm->n_memo, j;
-                if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0 ||
-                    charge(vm, (uint64_t)(cap - vm->n_memo) * PK_COST_MEMO) < 0)
-                    OOM();
-                for (j = vm->n_memo; j < cap; j++)
-                    vm->memo[j] = MLU_PK_NONE_ID;
-                vm->n_memo = cap;
-            }
-            vm->memo[idx] = TOP(1);
-            break;
-        }
-        case MLU_PKOP_BINGET:
-        case MLU_PKOP_LONG_BINGET: {
-            size_t idx;
-            NEED(op == MLU_PKOP_BINGET ? 1 : 4);
-            idx = op == MLU_PKOP_BINGET ? data[pos] : rd32(data + pos);
-            pos += op == MLU_PKOP_BINGET ? 1 : 4;
-            if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
-                VM_FAIL(MLU_EFORMAT, at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, at);
-                goto error;
-            }
-            PUSH(vm->memo[idx]);
-            break;
-        }
-        case MLU_PKOP_GLOBAL: {
-            const char *mod, *name;
-            size_t ml, nl;
-            if (read_line(data, size, &pos, &mod, &ml) < 0 || read_line(data, size, &pos, &name, &nl) < 0) {
-                vm->truncated = 1;
-                VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: GLOBAL at byte %zu", at);
-                goto error;
-            }
-            if (do_global(vm, at, mod, ml, name, nl, &node, err) != MLU_OK)
-                goto error;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_REDUCE: {
-            uint32_t fn, args;
-            POPN(2);
-            fn = TOP(2);
-            args = TOP(1);
-            if (N(vm, fn)->kind != MLU_PKN_GLOBAL) {
-                VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu calls a %s, not an allowed global", at, mlu_pk_kind_name(N(vm, fn)->kind));
-                goto error;
-            }
-            if (apply(vm, at, fn, args, &node, 0, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 2;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_NEWOBJ: {
-            uint32_t cls, args, *v;
-            int rg = 1;
-            POPN(2);
-            cls = TOP(2);
-            args = TOP(1);
-            if (N(vm, cls)->kind != MLU_PKN_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
-                VM_FAIL(MLU_EUNSAFE, at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", at,
-                        mlu_pk_kind_name(N(vm, cls)->kind));
-                goto error;
-            }
-            v = N(vm, args)->u.items;
-            if (N(vm, args)->kind != MLU_PKN_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
-                N(vm, v[0])->kind != MLU_PKN_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
-                VM_FAIL(MLU_EFORMAT, at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", at);
-                goto error;
-            }
-            if (param_copy(vm, at, v[0], rg, &node, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 2;
-            PUSH(node);
-            break;
-        }
-        case MLU_PKOP_BUILD: {
-            uint32_t inst, state;
-            POPN(2);
-            inst = TOP(2);
-            state = TOP(1);
-            if (N(vm, inst)->kind != MLU_PKN_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
-                if (N(vm, inst)->kind == MLU_PKN_TENSOR) {
-                    VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: tensor state is not supported by this loader", at);
-                    goto error;
-                }
-                VM_FAIL(MLU_EUNSAFE, at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", at, mlu_pk_kind_name(N(vm, inst)->kind));
-                goto error;
-            }
-            if (N(vm, state)->kind != MLU_PKN_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
-                VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: OrderedDict state must be one dict", at);
-                goto error;
-            }
-            N(vm, inst)->attrs = state;
-            vm->n_stack -= 1;
-            break;
-        }
-        case MLU_PKOP_BINPERSID: {
-            POPN(1);
-            if (persistent_load(vm, at, TOP(1), &node, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 1;
-            PUSH(node);
-            break;
-        }
-        default:
-            VM_FAIL(MLU_EUNSAFE, at, "unsupported opcode 0x%02x ('%c') at byte %zu: not allowed in a weights-only pickle",
-                    op, op >= 32 && op < 127 ? op : '?', at);
+        c.op = data[c.pos++];
+        c.base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
+        load = dispatch[c.op];
+        if (load == NULL) {
+            VM_FAIL(MLU_EUNSAFE, c.at, "unsupported opcode 0x%02x ('%c') at byte %zu: not allowed in a weights-only pickle",
+                    c.op, c.op >= 32 && c.op < 127 ? c.op : '?', c.at);
             goto error;
         }
+        if (load(&c) != MLU_OK)
+            goto error;
     }
+    *root = c.root;
+    *ppos = c.pos;
+    st = MLU_OK;
+    goto done;
 error:
     if (st == MLU_OK || err == NULL || err->code == MLU_OK)
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "malformed pickle at byte %zu", at);
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)c.at, "malformed pickle at byte %zu", c.at);
     else
         st = err->code;
 done:
