@@ -5,63 +5,9 @@
 
 #include <string.h>
 
-/* ------------------------------------------------------------------ dtypes */
-
-const mlu_pk_dtype_info mlu_pk_dtypes[] = {
-    {"float64", "DoubleStorage", 8, 8},
-    {"float32", "FloatStorage", 4, 4},
-    {"float16", "HalfStorage", 2, 2},
-    {"bfloat16", "BFloat16Storage", 2, 2},
-    {"int64", "LongStorage", 8, 8},
-    {"int32", "IntStorage", 4, 4},
-    {"int16", "ShortStorage", 2, 2},
-    {"int8", "CharStorage", 1, 1},
-    {"uint8", "ByteStorage", 1, 1},
-    {"bool", "BoolStorage", 1, 1},
-    {"complex64", "ComplexFloatStorage", 8, 4},
-    {"complex128", "ComplexDoubleStorage", 16, 8},
-    {"complex32", NULL, 4, 2},
-    {"float8_e5m2", NULL, 1, 1},
-    {"float8_e4m3fn", NULL, 1, 1},
-    {"float8_e5m2fnuz", NULL, 1, 1},
-    {"float8_e4m3fnuz", NULL, 1, 1},
-    {"float8_e8m0fnu", NULL, 1, 1},
-    {"float4_e2m1fn_x2", NULL, 1, 1},
-    {"uint16", NULL, 2, 2},
-    {"uint32", NULL, 4, 4},
-    {"uint64", NULL, 8, 8},
-    {"bits8", NULL, 1, 1},
-    {"bits16", NULL, 2, 2},
-    {"bits1x8", NULL, 1, 1},
-    {"bits2x4", NULL, 1, 1},
-    {"bits4x2", NULL, 1, 1},
-};
-const int mlu_pk_dtype_count = (int)(sizeof(mlu_pk_dtypes) / sizeof(mlu_pk_dtypes[0]));
-
 static int name_eq(const char *p, size_t n, const char *lit)
 {
     return strlen(lit) == n && memcmp(p, lit, n) == 0;
-}
-
-/* Canonical torch names only: torch's weights-only allowlist is keyed by
- * str(dtype) ("torch.float32"), so GLOBAL torch.float or torch.half is
- * refused there, and here. */
-int mlu_pk_dtype_find(const char *name, size_t len)
-{
-    int i;
-    for (i = 0; i < mlu_pk_dtype_count; i++)
-        if (name_eq(name, len, mlu_pk_dtypes[i].name))
-            return i;
-    return -1;
-}
-
-static int storage_class_find(const char *name, size_t len)
-{
-    int i;
-    for (i = 0; i < mlu_pk_dtype_count; i++)
-        if (mlu_pk_dtypes[i].storage_class != NULL && name_eq(name, len, mlu_pk_dtypes[i].storage_class))
-            return i;
-    return -1;
 }
 
 /* ----------------------------------------------------------------- globals */
@@ -152,20 +98,20 @@ int mlu_pk_allowlist(size_t i, const char **module, const char **name)
         return MLU_PK_ALLOWED;
     }
     k -= N_ALLOWED;
-    if (k < (size_t)mlu_pk_dtype_count) {
+    if (k < (size_t)MLU_TORCH_N_DTYPES) {
         *module = "torch";
-        *name = mlu_pk_dtypes[k].name;
+        *name = mlu_torch_dtypes[k].name;
         return MLU_PK_ALLOWED;
     }
-    k -= (size_t)mlu_pk_dtype_count;
+    k -= (size_t)MLU_TORCH_N_DTYPES;
     {
         size_t j, seen = 0;
-        for (j = 0; j < (size_t)mlu_pk_dtype_count; j++) {
-            if (mlu_pk_dtypes[j].storage_class == NULL)
+        for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
+            if (mlu_torch_dtypes[j].storage_class == NULL)
                 continue;
             if (seen++ == k) {
                 *module = "torch";
-                *name = mlu_pk_dtypes[j].storage_class;
+                *name = mlu_torch_dtypes[j].storage_class;
                 return MLU_PK_ALLOWED;
             }
         }
@@ -475,7 +421,7 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
     mlu_status st = MLU_OK;
     const mlu_pk_pid *pid = &vm->pids[t->pid];
     const mlu_pk_storage *s = &vm->storages[pid->storage];
-    uint64_t last = 0, end, tmp, isz = mlu_pk_dtypes[t->dtype].itemsize;
+    uint64_t last = 0, end, tmp, isz = mlu_torch_dtypes[t->dtype].itemsize;
     int64_t numel = 1;
     int i, empty = 0;
     size_t at = t->at;
@@ -487,11 +433,11 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
             return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
                            "(torch: numel overflow)", at);
     }
-    if (t->requires_grad && strncmp(mlu_pk_dtypes[t->dtype].name, "float", 5) != 0 &&
-        strncmp(mlu_pk_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_pk_dtypes[t->dtype].name, "complex", 7) != 0)
+    if (t->requires_grad && strncmp(mlu_torch_dtypes[t->dtype].name, "float", 5) != 0 &&
+        strncmp(mlu_torch_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_torch_dtypes[t->dtype].name, "complex", 7) != 0)
         return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
                        "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
-                       mlu_pk_dtypes[t->dtype].name);
+                       mlu_torch_dtypes[t->dtype].name);
     if (empty) {  /* torch loads an empty view with any offset (an int64, checked when read) */
         t->end_bytes = 0;
         return st;
@@ -812,7 +758,7 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size is not an int >= 0", at);
     if (vm->legacy && N(vm, v[5])->kind != MLU_PKN_NONE)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: legacy storage views (view_metadata) are not supported", at);
-    isz = pid.dtype >= 0 ? mlu_pk_dtypes[pid.dtype].itemsize : 1;
+    isz = pid.dtype >= 0 ? mlu_torch_dtypes[pid.dtype].itemsize : 1;
     if (mlu_mul_overflow_u64((uint64_t)numel, isz, &pid.nbytes) || pid.nbytes > (uint64_t)INT64_MAX)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size overflows", at);
     pid.numel = (uint64_t)numel;
@@ -850,9 +796,12 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
         if (name_eq(mod, ml, allowed_globals[i].module) && name_eq(name, nl, allowed_globals[i].name))
             gid = allowed_globals[i].id;
     if (gid == 0 && name_eq(mod, ml, "torch")) {
-        if ((dt = mlu_pk_dtype_find(name, nl)) >= 0) {
+        /* canonical torch names only: torch's weights-only allowlist is keyed by
+         * str(dtype) ("torch.float32"), so GLOBAL torch.float or torch.half is
+         * refused there, and here */
+        if ((dt = mlu_torch_dtype_find(name, nl)) >= 0) {
             kind = MLU_PKN_DTYPE;
-        } else if ((dt = storage_class_find(name, nl)) >= 0) {
+        } else if ((dt = mlu_torch_storage_class_find(name, nl)) >= 0) {
             gid = G_STORAGE_CLASS;
         }
     }
@@ -1584,7 +1533,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         s->legacy_numel = first->numel;
         s->dtype = first->dtype;
         s->first_offset = first->storage;
-        s->swap_unit = first->dtype >= 0 ? mlu_pk_dtypes[first->dtype].swap_unit : 0;
+        s->swap_unit = first->dtype >= 0 ? mlu_torch_dtypes[first->dtype].swap_unit : 0;
         for (k = i; k < j; k++)
             vm->pids[order[k]].storage = vm->n_storages;
         vm->n_storages++;
@@ -1608,7 +1557,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     /* untyped storages byte-swap by the element of the first tensor that views them */
     for (i = 0; i < vm->n_tensors; i++) {
         mlu_pk_storage *s = &vm->storages[vm->pids[vm->tensors[i].pid].storage];
-        int unit = mlu_pk_dtypes[vm->tensors[i].dtype].swap_unit;
+        int unit = mlu_torch_dtypes[vm->tensors[i].dtype].swap_unit;
         if (s->swap_unit == 0)
             s->swap_unit = unit;
         else if (s->dtype < 0 && s->swap_unit != unit)

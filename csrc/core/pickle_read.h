@@ -11,6 +11,7 @@
 #define MLU_PICKLE_READ_H
 
 #include "../mlu.h"
+#include "torch_dtypes.h"
 
 #define MLU_PK_NONE_ID UINT32_MAX
 #define MLU_PK_MAX_NDIM 64
@@ -31,7 +32,7 @@ typedef enum mlu_pk_kind {
     MLU_PKN_SET,       /* items */
     MLU_PKN_SIZE,      /* torch.Size: items are INT nodes */
     MLU_PKN_DEVICE,    /* u.s: type string; u.s.index: -1 or the index */
-    MLU_PKN_DTYPE,     /* sub: dtype id */
+    MLU_PKN_DTYPE,     /* sub: dtype id (index in mlu_torch_dtypes) */
     MLU_PKN_GLOBAL,    /* sub: mlu_pk_global id (an allowed global that is not a value by itself) */
     MLU_PKN_STORAGE,   /* sub-table index in u.ref (mlu_pk_vm.pids) */
     MLU_PKN_TENSOR,    /* u.ref: index in mlu_pk_vm.tensors */
@@ -40,18 +41,6 @@ typedef enum mlu_pk_kind {
 
 #define MLU_PK_F_ORDERED 1u
 #define MLU_PK_F_COUNTER 2u
-
-/* Torch dtypes the loader knows (ids index mlu_pk_dtypes). */
-typedef struct mlu_pk_dtype_info {
-    const char *name;          /* torch name: "float32", "bfloat16", ... */
-    const char *storage_class; /* legacy "FloatStorage", or NULL */
-    uint8_t itemsize;
-    uint8_t swap_unit;         /* byte swap granularity (complex: half the item) */
-} mlu_pk_dtype_info;
-
-extern const mlu_pk_dtype_info mlu_pk_dtypes[];
-extern const int mlu_pk_dtype_count;
-int mlu_pk_dtype_find(const char *name, size_t len);  /* id of a canonical torch name, or -1 */
 
 /* The globals allowlist, entry i (0, 1, 2... until MLU_PK_FORBIDDEN): sets
  * *module and *name (static strings) and returns MLU_PK_ALLOWED (built by

@@ -18,52 +18,9 @@
 
 /* ------------------------------------------------------------------ dtypes */
 
-const mlu_ptw_dtype mlu_ptw_dtypes[MLU_PTW_N_DTYPES] = {
-    {"float64", "DoubleStorage", 8},
-    {"float32", "FloatStorage", 4},
-    {"float16", "HalfStorage", 2},
-    {"bfloat16", "BFloat16Storage", 2},
-    {"int64", "LongStorage", 8},
-    {"int32", "IntStorage", 4},
-    {"int16", "ShortStorage", 2},
-    {"int8", "CharStorage", 1},
-    {"uint8", "ByteStorage", 1},
-    {"bool", "BoolStorage", 1},
-    {"complex64", "ComplexFloatStorage", 8},
-    {"complex128", "ComplexDoubleStorage", 16},
-    {"uint16", NULL, 2},
-    {"uint32", NULL, 4},
-    {"uint64", NULL, 8},
-    {"float8_e4m3fn", NULL, 1},
-    {"float8_e5m2", NULL, 1},
-    {"float8_e4m3fnuz", NULL, 1},
-    {"float8_e5m2fnuz", NULL, 1},
-    {"float8_e8m0fnu", NULL, 1},
-    {"float4_e2m1fn_x2", NULL, 1},
-    {"complex32", NULL, 4},
-    {"bits8", NULL, 1},
-    {"bits16", NULL, 2},
-    {"bits1x8", NULL, 1},
-    {"bits2x4", NULL, 1},
-    {"bits4x2", NULL, 1},
-};
-const int mlu_ptw_dtype_count = MLU_PTW_N_DTYPES;
-
-#define DTYPE_UINT8 8 /* untyped storages are typed as uint8, as torch does */
-
-int mlu_ptw_dtype_find(const char *name)
-{
-    int i, found = -1;
-
-    for (i = 0; i < MLU_PTW_N_DTYPES && found < 0; i++)
-        if (strcmp(mlu_ptw_dtypes[i].name, name) == 0)
-            found = i;
-    return found;
-}
-
 static int dtype_ok(int dtype)
 {
-    return dtype >= 0 && dtype < MLU_PTW_N_DTYPES;
+    return dtype >= 0 && dtype < MLU_TORCH_N_DTYPES;
 }
 
 /* Globals the pickle can name; each is memoized once, as pickle does. */
@@ -74,8 +31,8 @@ enum {
     G_REBUILD_PARAM,
     G_UNTYPED,
     G_STORAGE0,                             /* + dtype index: torch.<X>Storage */
-    G_DTYPE0 = G_STORAGE0 + MLU_PTW_N_DTYPES, /* + dtype index: torch.<dtype> */
-    G_COUNT = G_DTYPE0 + MLU_PTW_N_DTYPES
+    G_DTYPE0 = G_STORAGE0 + MLU_TORCH_N_DTYPES, /* + dtype index: torch.<dtype> */
+    G_COUNT = G_DTYPE0 + MLU_TORCH_N_DTYPES
 };
 
 typedef char globals_fit[G_COUNT == MLU_PTW_GLOBALS ? 1 : -1];
@@ -134,7 +91,7 @@ static mlu_status put_global(mlu_ptw *w, int g, mlu_error *err)
         name = "UntypedStorage";
         break;
     default:
-        name = g < G_DTYPE0 ? mlu_ptw_dtypes[g - G_STORAGE0].storage : mlu_ptw_dtypes[g - G_DTYPE0].name;
+        name = g < G_DTYPE0 ? mlu_torch_dtypes[g - G_STORAGE0].storage_class : mlu_torch_dtypes[g - G_DTYPE0].name;
         break;
     }
     st = mlu_pkw_global(&w->pk, module, name, err);
@@ -316,14 +273,14 @@ mlu_status mlu_ptw_odict_state(mlu_ptw *w, mlu_error *err)
 
 static int storage_dtype(int dtype)
 {
-    return mlu_ptw_dtypes[dtype].storage != NULL ? dtype : DTYPE_UINT8;
+    return mlu_torch_dtypes[dtype].storage_class != NULL ? dtype : MLU_TORCH_DTYPE_UINT8;
 }
 
 static mlu_status check_whole(int dtype, uint64_t nbytes, mlu_error *err)
 {
-    const mlu_ptw_dtype *d = &mlu_ptw_dtypes[dtype];
+    const mlu_torch_dtype *d = &mlu_torch_dtypes[dtype];
 
-    if (d->storage != NULL && nbytes % (uint64_t)d->elsize != 0)
+    if (d->storage_class != NULL && nbytes % (uint64_t)d->itemsize != 0)
         return mlu_error_set(err, MLU_EINVAL, -1, "storage of %llu bytes is not a whole number of %s elements",
                              (unsigned long long)nbytes, d->name);
     return MLU_OK;
@@ -367,7 +324,7 @@ mlu_status mlu_ptw_storage_check(const mlu_ptw *w, size_t index, int dtype, uint
     if (st == MLU_OK && w->st[index].dtype != storage_dtype(dtype))
         st = mlu_error_set(err, MLU_EINVAL, -1,
                            "cannot save tensors that view the same storage as different types (%s and %s)",
-                           mlu_ptw_dtypes[w->st[index].dtype].name, mlu_ptw_dtypes[storage_dtype(dtype)].name);
+                           mlu_torch_dtypes[w->st[index].dtype].name, mlu_torch_dtypes[storage_dtype(dtype)].name);
     if (st == MLU_OK && w->st[index].nbytes != nbytes)
         st = mlu_error_set(err, MLU_EINVAL, -1, "a shared storage changed size while saving");
     return st;
@@ -404,7 +361,7 @@ static mlu_status pid_str(mlu_ptw *w, const char *s, uint32_t *memo, mlu_error *
 mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pid_memo[MLU_PTW_PID_COUNT],
                                 mlu_error *err)
 {
-    const mlu_ptw_dtype *d;
+    const mlu_torch_dtype *d;
     const mlu_ptw_storage *s;
     uint64_t numel;
     char key[24];
@@ -413,11 +370,11 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
 
     if (!dtype_ok(t->dtype) || t->storage >= w->nst)
         return mlu_error_set(err, MLU_EINVAL, -1, "pt writer: no storage %zu or dtype %d", t->storage, t->dtype);
-    d = &mlu_ptw_dtypes[t->dtype];
+    d = &mlu_torch_dtypes[t->dtype];
     s = &w->st[t->storage];
-    v3 = d->storage == NULL;
+    v3 = d->storage_class == NULL;
     /* the pid's numel: bytes for UntypedStorage, elements for the legacy classes */
-    numel = v3 ? s->nbytes : s->nbytes / (uint64_t)d->elsize;
+    numel = v3 ? s->nbytes : s->nbytes / (uint64_t)d->itemsize;
     if (numel > (uint64_t)INT64_MAX)
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "storage of %llu bytes is too large",
                              (unsigned long long)s->nbytes);

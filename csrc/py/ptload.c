@@ -143,7 +143,7 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 
     if (shape != NULL && stride != NULL)
         res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
-                                    mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
+                                    mlu_torch_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
                                     t->requires_grad, t->is_parameter);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);
@@ -354,7 +354,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         break;
     }
     case MLU_PKN_DTYPE:
-        o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
+        o = PyObject_CallFunction(c->hooks[1], "s", mlu_torch_dtypes[n->sub].name);
         if (o == NULL)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
@@ -610,14 +610,93 @@ done:
     return res;
 }
 
+/* ------------------------------------------------------------ dtype table */
+
+static PyStructSequence_Field torch_dtype_fields[] = {
+    {"name", "torch's name: torch.<name>"},
+    {"storage_class", "the legacy storage class (torch.<storage_class>), or None"},
+    {"itemsize", "bytes per element"},
+    {"numpy", "NumPy's little-endian dtype string, or None when NumPy has none"},
+    {"ml_dtypes", "the ml_dtypes type of that name, or None"},
+    {"safetensors", "the safetensors dtype, or None when safetensors has none"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc torch_dtype_desc = {
+    "mlutils._core.TorchDtype",
+    "One torch dtype as the .pt reader and writer know it (csrc/core/torch_dtypes.c).",
+    torch_dtype_fields,
+    6,
+};
+
+/* New ref: a str, or None for NULL. */
+static PyObject *str_or_none(const char *s)
+{
+    return s != NULL ? PyUnicode_FromString(s) : Py_NewRef(Py_None);
+}
+
+/* torch_dtypes(): the dtype table as a tuple of TorchDtype rows (new ref). */
+static PyObject *py_torch_dtypes(PyObject *module, PyObject *unused)
+{
+    PyObject *type = NULL, *res = NULL, *out = NULL, *row;
+    int i, k;
+
+    (void)unused;
+    type = PyObject_GetAttrString(module, "TorchDtype");
+    if (type == NULL)
+        goto done;
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "mlutils._core.TorchDtype is not a type");
+        goto done;
+    }
+    if ((res = PyTuple_New(MLU_TORCH_N_DTYPES)) == NULL)
+        goto done;
+    for (i = 0; i < MLU_TORCH_N_DTYPES; i++) {
+        const mlu_torch_dtype *d = &mlu_torch_dtypes[i];
+        PyObject *v[6];
+        if ((row = PyStructSequence_New((PyTypeObject *)type)) == NULL)
+            goto done;
+        PyTuple_SET_ITEM(res, i, row);  /* steals */
+        v[0] = PyUnicode_FromString(d->name);
+        v[1] = str_or_none(d->storage_class);
+        v[2] = PyLong_FromLong(d->itemsize);
+        v[3] = str_or_none(d->numpy);
+        v[4] = str_or_none(d->ml_dtypes);
+        v[5] = str_or_none(d->safetensors);
+        for (k = 0; k < 6; k++)
+            PyStructSequence_SetItem(row, k, v[k]);  /* steals; NULL left on failure */
+        for (k = 0; k < 6; k++)
+            if (v[k] == NULL)
+                goto done;
+    }
+    out = res;
+    res = NULL;
+done:
+    Py_XDECREF(res);
+    Py_XDECREF(type);
+    return out;
+}
+
 int mlu_ptload_module_init(PyObject *m)
 {
+    PyTypeObject *dtype_type;
+    int rc;
     static PyMethodDef methods[] = {
+        {"torch_dtypes", py_torch_dtypes, METH_NOARGS,
+         "torch_dtypes(): the torch dtypes the .pt reader and writer know, as a tuple of TorchDtype rows\n"
+         "(name, storage_class, itemsize, numpy, ml_dtypes, safetensors), from the one C table."},
         {"_pt_load", (PyCFunction)(void (*)(void))py_pt_load, METH_FASTCALL,
          "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
          "mode 0: storages map the file where possible; 1: storages are copies; 2: no storages (index);\n"
          "3: like 2, and deflated records are inflated to check them.  hooks = (tensor, dtype, size, device) callables."},
         {NULL, NULL, 0, NULL},
     };
+    dtype_type = PyStructSequence_NewType(&torch_dtype_desc);
+    if (dtype_type == NULL)
+        return -1;
+    rc = PyModule_AddObjectRef(m, "TorchDtype", (PyObject *)dtype_type);
+    Py_DECREF(dtype_type);
+    if (rc < 0)
+        return -1;
     return PyModule_AddFunctions(m, methods);
 }
