@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "pickle_ops.h"
 #include "zipfmt.h"
 #include "zipwrite.h"
 
@@ -416,7 +417,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
     if (size >= 2 && (st = mlu_rd_read(&pt->rd, 0, &first, 1, "the first byte", err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (size < 2 || first != 0x80) {
+    if (size < 2 || first != MLU_PKOP_PROTO) {
         mlu_error_set(err, MLU_EFORMAT, 0, "not a PyTorch file: neither a zip archive nor a pickle stream");
         goto done;
     }
