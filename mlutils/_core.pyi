@@ -118,6 +118,18 @@ def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: in
 #          dtype(name), size(tuple), device(type, index_or_None))
 def _pt_load(path: Any, mode: int, hooks: tuple[Any, Any, Any, Any]) -> Any: ...
 
+class TorchDtype(tuple[Any, ...]):
+    """One torch dtype as the .pt reader and writer know it."""
+    name: str
+    storage_class: _Optional[str]
+    itemsize: int
+    numpy: _Optional[str]
+    ml_dtypes: _Optional[str]
+    safetensors: _Optional[str]
+
+# the torch dtype table of csrc/core/torch_dtypes.c
+def torch_dtypes() -> tuple[TorchDtype, ...]: ...
+
 # --- ptsave ---
 def _ptsave_write(obj: Any, path: Union[bytes, None], archive: str, tensor_type: Any, describe: Any,
                   storage_bytes: Any, zip64_limit: int = 0xFFFFFFFF, *, durable: bool = True) -> Union[bytes, None]: ...

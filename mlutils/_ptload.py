@@ -41,34 +41,24 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _MODE_MMAP, _MODE_COPY, _MODE_INDEX, _MODE_VERIFY = 0, 1, 2, 3
 
-_ITEMSIZE = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-    "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "complex32": 4,
-    "float8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2fnuz": 1, "float8_e4m3fnuz": 1,
-    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
-    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
-}
-_NP_NATIVE = {
-    "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-    "int8": "i1", "uint8": "u1", "bool": "?", "complex64": "<c8", "complex128": "<c16",
-    "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
-}
-_ML_DTYPES = ("bfloat16", "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu")
+# The torch dtype table lives in C (csrc/core/torch_dtypes.c), shared with the reader and writer.
+_DTYPES = {row.name: row for row in _core.torch_dtypes()}
 _RAW = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8", 16: "<c16"}
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """NumPy dtype for a torch dtype name: native, ml_dtypes when installed, else a same-size unsigned view."""
-    if name in _NP_NATIVE:
-        return np.dtype(_NP_NATIVE[name])
-    if name in _ML_DTYPES:
+    row = _DTYPES[name]
+    if row.numpy is not None:
+        return np.dtype(row.numpy)
+    if row.ml_dtypes is not None:
         try:
             import ml_dtypes
 
-            return np.dtype(getattr(ml_dtypes, name))
+            return np.dtype(getattr(ml_dtypes, row.ml_dtypes))
         except (ImportError, AttributeError):
             pass
-    return np.dtype(_RAW[_ITEMSIZE[name]])
+    return np.dtype(_RAW[row.itemsize])
 
 
 def _np_array(storage: np.ndarray, name: str, offset: int, shape: tuple, stride: tuple) -> np.ndarray:
@@ -95,7 +85,7 @@ class _NumpyHooks:
     def dtype(name: str) -> Any:
         """A torch dtype value as a NumPy dtype where NumPy (or ml_dtypes) has one, else its torch name."""
         dt = numpy_dtype(name)
-        return dt if name in _NP_NATIVE or dt.name == name else name
+        return dt if _DTYPES[name].numpy is not None or dt.name == name else name
 
     @staticmethod
     def device(kind: str, index: Any) -> str:
@@ -121,7 +111,7 @@ class _TorchHooks:
                 base = base.to(self.device)
             self.bases[key] = base
         dt = getattr(torch, name)
-        isz = _ITEMSIZE[name]
+        isz = _DTYPES[name].itemsize
         n = base.numel() - base.numel() % isz
         if n == 0:
             flat = torch.empty(0, dtype=dt, device=base.device)
@@ -212,7 +202,7 @@ def _index_hooks() -> tuple:
         numel = 1
         for s in shape:
             numel *= s
-        info = _IndexedTensor(key, name, tuple(shape), numel * _ITEMSIZE[name])
+        info = _IndexedTensor(key, name, tuple(shape), numel * _DTYPES[name].itemsize)
         info.__dict__["_flags"] = (requires_grad, is_parameter)
         return info
 

@@ -1,66 +1,13 @@
 /* pickle_read.c: the restricted pickle VM (see pickle_read.h). */
 #include "pickle_read.h"
 #include "alloc.h"
+#include "pickle_ops.h"
 
 #include <string.h>
-
-/* ------------------------------------------------------------------ dtypes */
-
-const mlu_pk_dtype_info mlu_pk_dtypes[] = {
-    {"float64", "DoubleStorage", 8, 8},
-    {"float32", "FloatStorage", 4, 4},
-    {"float16", "HalfStorage", 2, 2},
-    {"bfloat16", "BFloat16Storage", 2, 2},
-    {"int64", "LongStorage", 8, 8},
-    {"int32", "IntStorage", 4, 4},
-    {"int16", "ShortStorage", 2, 2},
-    {"int8", "CharStorage", 1, 1},
-    {"uint8", "ByteStorage", 1, 1},
-    {"bool", "BoolStorage", 1, 1},
-    {"complex64", "ComplexFloatStorage", 8, 4},
-    {"complex128", "ComplexDoubleStorage", 16, 8},
-    {"complex32", NULL, 4, 2},
-    {"float8_e5m2", NULL, 1, 1},
-    {"float8_e4m3fn", NULL, 1, 1},
-    {"float8_e5m2fnuz", NULL, 1, 1},
-    {"float8_e4m3fnuz", NULL, 1, 1},
-    {"float8_e8m0fnu", NULL, 1, 1},
-    {"float4_e2m1fn_x2", NULL, 1, 1},
-    {"uint16", NULL, 2, 2},
-    {"uint32", NULL, 4, 4},
-    {"uint64", NULL, 8, 8},
-    {"bits8", NULL, 1, 1},
-    {"bits16", NULL, 2, 2},
-    {"bits1x8", NULL, 1, 1},
-    {"bits2x4", NULL, 1, 1},
-    {"bits4x2", NULL, 1, 1},
-};
-const int mlu_pk_dtype_count = (int)(sizeof(mlu_pk_dtypes) / sizeof(mlu_pk_dtypes[0]));
 
 static int name_eq(const char *p, size_t n, const char *lit)
 {
     return strlen(lit) == n && memcmp(p, lit, n) == 0;
-}
-
-/* Canonical torch names only: torch's weights-only allowlist is keyed by
- * str(dtype) ("torch.float32"), so GLOBAL torch.float or torch.half is
- * refused there, and here. */
-int mlu_pk_dtype_find(const char *name, size_t len)
-{
-    int i;
-    for (i = 0; i < mlu_pk_dtype_count; i++)
-        if (name_eq(name, len, mlu_pk_dtypes[i].name))
-            return i;
-    return -1;
-}
-
-static int storage_class_find(const char *name, size_t len)
-{
-    int i;
-    for (i = 0; i < mlu_pk_dtype_count; i++)
-        if (mlu_pk_dtypes[i].storage_class != NULL && name_eq(name, len, mlu_pk_dtypes[i].storage_class))
-            return i;
-    return -1;
 }
 
 /* ----------------------------------------------------------------- globals */
@@ -151,20 +98,20 @@ int mlu_pk_allowlist(size_t i, const char **module, const char **name)
         return MLU_PK_ALLOWED;
     }
     k -= N_ALLOWED;
-    if (k < (size_t)mlu_pk_dtype_count) {
+    if (k < (size_t)MLU_TORCH_N_DTYPES) {
         *module = "torch";
-        *name = mlu_pk_dtypes[k].name;
+        *name = mlu_torch_dtypes[k].name;
         return MLU_PK_ALLOWED;
     }
-    k -= (size_t)mlu_pk_dtype_count;
+    k -= (size_t)MLU_TORCH_N_DTYPES;
     {
         size_t j, seen = 0;
-        for (j = 0; j < (size_t)mlu_pk_dtype_count; j++) {
-            if (mlu_pk_dtypes[j].storage_class == NULL)
+        for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
+            if (mlu_torch_dtypes[j].storage_class == NULL)
                 continue;
             if (seen++ == k) {
                 *module = "torch";
-                *name = mlu_pk_dtypes[j].storage_class;
+                *name = mlu_torch_dtypes[j].storage_class;
                 return MLU_PK_ALLOWED;
             }
         }
@@ -194,20 +141,20 @@ static void compat_module(const char **mod, size_t *len)
 
 #define VM_FAIL(code, off, ...) (st = mlu_error_set(err, (code), (int64_t)(off), __VA_ARGS__))
 
-static const char *kind_names[MLU_PK_KIND_COUNT] = {
+static const char *kind_names[MLU_PKN_KIND_COUNT] = {
     "None", "bool", "int", "int", "float", "complex", "str", "bytes", "bytearray", "tuple", "list",
     "dict", "set", "torch.Size", "torch.device", "torch.dtype", "global", "storage", "tensor",
 };
 
 const char *mlu_pk_kind_name(int kind)
 {
-    return kind >= 0 && kind < MLU_PK_KIND_COUNT ? kind_names[kind] : "?";
+    return kind >= 0 && kind < MLU_PKN_KIND_COUNT ? kind_names[kind] : "?";
 }
 
 static int is_container(uint8_t k)
 {
-    return k == MLU_PK_TUPLE || k == MLU_PK_LIST || k == MLU_PK_DICT || k == MLU_PK_SET || k == MLU_PK_SIZE ||
-           k == MLU_PK_BYTEARRAY;
+    return k == MLU_PKN_TUPLE || k == MLU_PKN_LIST || k == MLU_PKN_DICT || k == MLU_PKN_SET || k == MLU_PKN_SIZE ||
+           k == MLU_PKN_BYTEARRAY;
 }
 
 void mlu_pk_vm_init(mlu_pk_vm *vm)
@@ -302,7 +249,7 @@ static int charge(mlu_pk_vm *vm, uint64_t cost)
 static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
 {
     mlu_pk_node *n;
-    if (charge(vm, is_container(kind) || kind == MLU_PK_DICT ? PK_COST_CONTAINER : PK_COST_SCALAR) < 0 ||
+    if (charge(vm, is_container(kind) || kind == MLU_PKN_DICT ? PK_COST_CONTAINER : PK_COST_SCALAR) < 0 ||
         vm->n_nodes >= UINT32_MAX - 2 ||
         grow((void **)&vm->nodes, &vm->cap_nodes, (uint64_t)vm->n_nodes + 1, sizeof(*vm->nodes)) < 0)
         return MLU_PK_NONE_ID;
@@ -318,7 +265,7 @@ static uint32_t new_node(mlu_pk_vm *vm, uint8_t kind)
  * allocate a node per byte. */
 static uint32_t const_node(mlu_pk_vm *vm, uint8_t kind, int64_t value)
 {
-    uint32_t *slot = kind == MLU_PK_NONE ? &vm->const_ids[0] : kind == MLU_PK_TUPLE ? &vm->const_ids[1]
+    uint32_t *slot = kind == MLU_PKN_NONE ? &vm->const_ids[0] : kind == MLU_PKN_TUPLE ? &vm->const_ids[1]
                      : value ? &vm->const_ids[2] : &vm->const_ids[3];
     if (*slot == MLU_PK_NONE_ID || *slot == 0) {
         uint32_t id = new_node(vm, kind);
@@ -347,7 +294,7 @@ static mlu_status new_tensor(mlu_pk_vm *vm, size_t at, const mlu_pk_tensor *t, u
     if (charge(vm, PK_COST_TENSOR) < 0)
         return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (too many tensor records)", at);
     if (grow((void **)&vm->tensors, &vm->cap_tensors, (uint64_t)vm->n_tensors + 1, sizeof(*vm->tensors)) < 0 ||
-        (node = new_node(vm, MLU_PK_TENSOR)) == MLU_PK_NONE_ID) {
+        (node = new_node(vm, MLU_PKN_TENSOR)) == MLU_PK_NONE_ID) {
         if (vm->over_budget)
             return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);
         return (st = fail_nomem(vm, at, err));
@@ -394,7 +341,7 @@ static mlu_pk_node *N(mlu_pk_vm *vm, uint32_t id) { return &vm->nodes[id]; }
 static int as_int(mlu_pk_vm *vm, uint32_t id, int64_t *out)
 {
     mlu_pk_node *n = N(vm, id);
-    if (n->kind == MLU_PK_INT || n->kind == MLU_PK_BOOL) {
+    if (n->kind == MLU_PKN_INT || n->kind == MLU_PKN_BOOL) {
         *out = n->u.i;
         return 0;
     }
@@ -406,12 +353,12 @@ static int int_tuple(mlu_pk_vm *vm, uint32_t id, int64_t *v)
 {
     mlu_pk_node *n = N(vm, id);
     uint32_t i;
-    if (n->kind != MLU_PK_TUPLE && n->kind != MLU_PK_SIZE && n->kind != MLU_PK_LIST)
+    if (n->kind != MLU_PKN_TUPLE && n->kind != MLU_PKN_SIZE && n->kind != MLU_PKN_LIST)
         return -1;
     if (n->len > MLU_PK_MAX_NDIM)
         return -1;
     for (i = 0; i < n->len; i++) {
-        if (N(vm, n->u.items[i])->kind != MLU_PK_INT)
+        if (N(vm, n->u.items[i])->kind != MLU_PKN_INT)
             return -1;
         v[i] = N(vm, n->u.items[i])->u.i;
         if (v[i] < 0)
@@ -423,7 +370,7 @@ static int int_tuple(mlu_pk_vm *vm, uint32_t id, int64_t *v)
 static int is_empty_dict_or_none(mlu_pk_vm *vm, uint32_t id)
 {
     mlu_pk_node *n = N(vm, id);
-    return n->kind == MLU_PK_NONE || (n->kind == MLU_PK_DICT && n->len == 0 && n->attrs == MLU_PK_NONE_ID);
+    return n->kind == MLU_PKN_NONE || (n->kind == MLU_PKN_DICT && n->len == 0 && n->attrs == MLU_PK_NONE_ID);
 }
 
 /* ------------------------------------------------------------ tensor build */
@@ -442,7 +389,7 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
     uint32_t node;
 
     memset(&t, 0, sizeof(t));
-    if (N(vm, storage)->kind != MLU_PK_STORAGE)
+    if (N(vm, storage)->kind != MLU_PKN_STORAGE)
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage argument is a %s, not a storage", at,
                        mlu_pk_kind_name(N(vm, storage)->kind));
     if (as_int(vm, offset_n, &off) < 0 || off < 0)
@@ -474,7 +421,7 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
     mlu_status st = MLU_OK;
     const mlu_pk_pid *pid = &vm->pids[t->pid];
     const mlu_pk_storage *s = &vm->storages[pid->storage];
-    uint64_t last = 0, end, tmp, isz = mlu_pk_dtypes[t->dtype].itemsize;
+    uint64_t last = 0, end, tmp, isz = mlu_torch_dtypes[t->dtype].itemsize;
     int64_t numel = 1;
     int i, empty = 0;
     size_t at = t->at;
@@ -486,11 +433,11 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
             return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
                            "(torch: numel overflow)", at);
     }
-    if (t->requires_grad && strncmp(mlu_pk_dtypes[t->dtype].name, "float", 5) != 0 &&
-        strncmp(mlu_pk_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_pk_dtypes[t->dtype].name, "complex", 7) != 0)
+    if (t->requires_grad && strncmp(mlu_torch_dtypes[t->dtype].name, "float", 5) != 0 &&
+        strncmp(mlu_torch_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_torch_dtypes[t->dtype].name, "complex", 7) != 0)
         return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
                        "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
-                       mlu_pk_dtypes[t->dtype].name);
+                       mlu_torch_dtypes[t->dtype].name);
     if (empty) {  /* torch loads an empty view with any offset (an int64, checked when read) */
         t->end_bytes = 0;
         return st;
@@ -514,11 +461,235 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
 static int bool_arg(mlu_pk_vm *vm, uint32_t id, int *out)
 {
     mlu_pk_node *n = N(vm, id);
-    if (n->kind == MLU_PK_BOOL || (n->kind == MLU_PK_INT && (n->u.i == 0 || n->u.i == 1))) {
+    if (n->kind == MLU_PKN_BOOL || (n->kind == MLU_PKN_INT && (n->u.i == 0 || n->u.i == 1))) {
         *out = (int)n->u.i;
         return 0;
     }
     return -1;
+}
+
+/* The REDUCE of an allowed global, one function per family of callables
+ * (as _pickle.c has one load_* per opcode family).  Each builds the result in
+ * *out, or fails naming the callable and the byte offset of the REDUCE. */
+
+static mlu_status apply_nomem(mlu_pk_vm *vm, size_t at, mlu_error *err)
+{
+    mlu_status st;
+    if (vm->over_budget)
+        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
+    return (st = fail_nomem(vm, at, err));
+}
+
+/* OrderedDict(), Counter(), set(), torch.Size(): containers from an optional iterable. */
+static mlu_status apply_container(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    mlu_pk_node *a = N(vm, args);
+    uint32_t n = a->len, *v, node, i, src;
+
+    if ((node = new_node(vm, gid == G_SET ? MLU_PKN_SET : gid == G_SIZE ? MLU_PKN_SIZE : MLU_PKN_DICT)) == MLU_PK_NONE_ID)
+        return apply_nomem(vm, at, err);
+    a = N(vm, args);
+    v = a->u.items;
+    if (gid == G_SET || gid == G_SIZE) {
+        if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
+            src = v[0];
+            for (i = 0; i < N(vm, src)->len; i++) {
+                uint32_t it = N(vm, src)->u.items[i];
+                if (gid == G_SIZE && N(vm, it)->kind != MLU_PKN_INT)
+                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes ints", at);
+                if (add_item(vm, node, it) < 0)
+                    return apply_nomem(vm, at, err);
+            }
+        } else if (n != 0) {
+            return VM_FAIL(MLU_EFORMAT, at, gid == G_SET ? "REDUCE at byte %zu: set() takes a list"
+                                                         : "REDUCE at byte %zu: torch.Size takes one tuple", at);
+        }
+        *out = node;
+        return st;
+    }
+    N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
+    if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PKN_DICT) {
+        src = v[0];
+        for (i = 0; i < N(vm, src)->len; i++)
+            if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
+                return apply_nomem(vm, at, err);
+    } else if (n == 1 && (N(vm, v[0])->kind == MLU_PKN_LIST || N(vm, v[0])->kind == MLU_PKN_TUPLE)) {
+        src = v[0];
+        for (i = 0; i < N(vm, src)->len; i++) {
+            uint32_t pair = N(vm, src)->u.items[i];
+            if ((N(vm, pair)->kind != MLU_PKN_TUPLE && N(vm, pair)->kind != MLU_PKN_LIST) || N(vm, pair)->len != 2)
+                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
+            if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
+                return apply_nomem(vm, at, err);
+        }
+    } else if (n != 0) {
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to %s", at,
+                       gid == G_ORDERED_DICT ? "OrderedDict" : "Counter");
+    }
+    *out = node;
+    return st;
+}
+
+static int is_latin1_name(mlu_pk_vm *vm, uint32_t id)
+{
+    return name_eq(N(vm, id)->u.s.p, N(vm, id)->u.s.n, "latin1") || name_eq(N(vm, id)->u.s.p, N(vm, id)->u.s.n, "latin-1");
+}
+
+/* torch.device(), _codecs.encode(), bytearray(), complex(): scalar values. */
+static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items, node, i;
+
+    if (gid == G_DEVICE) {
+        int64_t idx = -1;
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_STR ||
+            (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_DEVICE)) == MLU_PK_NONE_ID)
+            return apply_nomem(vm, at, err);
+        v = N(vm, args)->u.items;
+        N(vm, node)->u.s = N(vm, v[0])->u.s;
+        N(vm, node)->u.s.index = (int32_t)idx;
+    } else if (gid == G_CODECS_ENCODE) {
+        if (n != 2 || N(vm, v[0])->kind != MLU_PKN_STR || N(vm, v[1])->kind != MLU_PKN_STR || !is_latin1_name(vm, v[1]))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
+        /* a new bytes object per call, even of one memoised str */
+        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
+            return apply_nomem(vm, at, err);
+        N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
+    } else if (gid == G_BYTEARRAY) {
+        if (n == 0) {
+            if ((node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
+                return apply_nomem(vm, at, err);
+        } else if ((n == 1 && N(vm, v[0])->kind == MLU_PKN_BYTES) ||
+                   (n == 2 && N(vm, v[0])->kind == MLU_PKN_STR && N(vm, v[1])->kind == MLU_PKN_STR &&
+                    is_latin1_name(vm, v[1]))) {
+            uint32_t b;
+            if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PKN_BYTEARRAY)) == MLU_PK_NONE_ID)
+                return apply_nomem(vm, at, err);
+            if ((b = new_node(vm, MLU_PKN_BYTES)) == MLU_PK_NONE_ID)
+                return apply_nomem(vm, at, err);
+            N(vm, b)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
+            if (add_item(vm, node, b) < 0)
+                return apply_nomem(vm, at, err);
+        } else {
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to bytearray", at);
+        }
+    } else { /* G_COMPLEX */
+        double p[2] = {0, 0};
+        for (i = 0; i < n && i < 2; i++) {
+            mlu_pk_node *x = N(vm, v[i]);
+            if (x->kind == MLU_PKN_FLOAT)
+                p[i] = x->u.f;
+            else if (x->kind == MLU_PKN_INT)
+                p[i] = (double)x->u.i;
+            else
+                n = 99;
+        }
+        if (n > 2)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: complex takes two numbers", at);
+        if ((node = new_node(vm, MLU_PKN_COMPLEX)) == MLU_PK_NONE_ID)
+            return apply_nomem(vm, at, err);
+        N(vm, node)->u.c.re = p[0];
+        N(vm, node)->u.c.im = p[1];
+    }
+    *out = node;
+    return st;
+}
+
+/* _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3. */
+static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
+    uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
+    int dt = -1, rg = 0;
+
+    if (gid == G_REBUILD_TENSOR) {
+        if (n != 4)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor takes 4 arguments, got %u", at, n);
+        return make_tensor(vm, at, v[0], v[1], v[2], v[3], 0, -1, out, err);
+    }
+    if (n != want && n != want + 1)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v%d takes %u or %u arguments, got %u", at,
+                       gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
+    if (bool_arg(vm, v[4], &rg) < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
+    if (N(vm, v[5])->kind != MLU_PKN_DICT || N(vm, v[5])->len != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
+    if (gid == G_REBUILD_V3) {
+        if (N(vm, v[6])->kind != MLU_PKN_DTYPE)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
+        dt = N(vm, v[6])->sub;
+    }
+    if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
+    return make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err);
+}
+
+/* _rebuild_parameter, _rebuild_parameter_with_state, torch.nn.Parameter(). */
+static mlu_status apply_parameter(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
+    int rg = 0;
+
+    if (gid == G_PARAMETER) { /* torch.nn.Parameter(tensor[, requires_grad]) */
+        rg = 1;
+        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PKN_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
+        return param_copy(vm, at, v[0], rg, out, err);
+    }
+    if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PKN_TENSOR || bool_arg(vm, v[1], &rg) < 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
+    if (N(vm, v[2])->kind != MLU_PKN_DICT || N(vm, v[2])->len != 0)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
+    if (n == 4 && N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
+    /* a new tensor record: same view, marked as a parameter */
+    if ((st = param_copy(vm, at, v[0], rg, out, err)) != MLU_OK)
+        return st;
+    if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
+        N(vm, *out)->attrs = v[3];
+    return st;
+}
+
+static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, uint32_t *out, int depth,
+                        mlu_error *err);
+
+/* torch._utils._rebuild_from_type_v2(func, Tensor or Parameter, args, state). */
+static mlu_status apply_from_type(mlu_pk_vm *vm, size_t at, uint32_t args, uint32_t *out, int depth, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items, node;
+    int tg;
+
+    if (n != 4 || N(vm, v[0])->kind != MLU_PKN_GLOBAL || N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
+        N(vm, v[2])->kind != MLU_PKN_TUPLE)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
+    tg = N(vm, v[1])->sub;
+    if (tg != G_TENSOR && tg != G_PARAMETER)
+        return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
+    if (N(vm, v[3])->kind != MLU_PKN_NONE && N(vm, v[3])->kind != MLU_PKN_DICT)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
+    if (depth > 4)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
+    st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
+    if (st != MLU_OK)
+        return st;
+    if (N(vm, node)->kind != MLU_PKN_TENSOR)
+        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
+    if (tg == G_PARAMETER)
+        vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
+    if (!is_empty_dict_or_none(vm, v[3])) {
+        if (N(vm, node)->attrs != MLU_PK_NONE_ID)
+            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
+        N(vm, node)->attrs = v[3];
+    }
+    *out = node;
+    return st;
 }
 
 /* Applies the allowed callable `gid` (a GLOBAL node `fn`) to the args tuple. */
@@ -527,216 +698,35 @@ static mlu_status apply(mlu_pk_vm *vm, size_t at, uint32_t fn, uint32_t args, ui
 {
     mlu_status st = MLU_OK;
     mlu_pk_node *a = N(vm, args);
-    uint32_t n = a->len, *v = a->u.items, node, i;
-    int gid = N(vm, fn)->sub, rg = 0;
+    int gid = N(vm, fn)->sub;
 
-    if (a->kind != MLU_PK_TUPLE)
+    if (a->kind != MLU_PKN_TUPLE)
         return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: arguments are a %s, not a tuple", at, mlu_pk_kind_name(a->kind));
     switch (gid) {
     case G_ORDERED_DICT:
     case G_COUNTER:
-        if ((node = new_node(vm, MLU_PK_DICT)) == MLU_PK_NONE_ID)
-            goto nomem;
-        a = N(vm, args);
-        v = a->u.items;
-        N(vm, node)->flags = gid == G_ORDERED_DICT ? MLU_PK_F_ORDERED : MLU_PK_F_COUNTER;
-        if (n == 1 && gid == G_COUNTER && N(vm, v[0])->kind == MLU_PK_DICT) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++)
-                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
-                    goto nomem;
-        } else if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++) {
-                uint32_t pair = N(vm, src)->u.items[i];
-                if ((N(vm, pair)->kind != MLU_PK_TUPLE && N(vm, pair)->kind != MLU_PK_LIST) || N(vm, pair)->len != 2)
-                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: OrderedDict items must be pairs", at);
-                if (add_item(vm, node, N(vm, pair)->u.items[0]) < 0 || add_item(vm, node, N(vm, pair)->u.items[1]) < 0)
-                    goto nomem;
-            }
-        } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to %s", at,
-                           gid == G_ORDERED_DICT ? "OrderedDict" : "Counter");
-        }
-        break;
     case G_SET:
-        if ((node = new_node(vm, MLU_PK_SET)) == MLU_PK_NONE_ID)
-            goto nomem;
-        v = N(vm, args)->u.items;
-        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_LIST || N(vm, v[0])->kind == MLU_PK_TUPLE)) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++)
-                if (add_item(vm, node, N(vm, src)->u.items[i]) < 0)
-                    goto nomem;
-        } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: set() takes a list", at);
-        }
-        break;
     case G_SIZE:
-        if ((node = new_node(vm, MLU_PK_SIZE)) == MLU_PK_NONE_ID)
-            goto nomem;
-        v = N(vm, args)->u.items;
-        if (n == 1 && (N(vm, v[0])->kind == MLU_PK_TUPLE || N(vm, v[0])->kind == MLU_PK_LIST)) {
-            uint32_t src = v[0];
-            for (i = 0; i < N(vm, src)->len; i++) {
-                uint32_t it = N(vm, src)->u.items[i];
-                if (N(vm, it)->kind != MLU_PK_INT)
-                    return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes ints", at);
-                if (add_item(vm, node, it) < 0)
-                    goto nomem;
-            }
-        } else if (n != 0) {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.Size takes one tuple", at);
-        }
-        break;
-    case G_DEVICE: {
-        int64_t idx = -1;
-        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_STR ||
-            (n == 2 && (as_int(vm, v[1], &idx) < 0 || idx < 0 || idx > INT32_MAX)))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: torch.device takes (str[, int])", at);
-        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_DEVICE)) == MLU_PK_NONE_ID)
-            goto nomem;
-        v = N(vm, args)->u.items;
-        N(vm, node)->u.s = N(vm, v[0])->u.s;
-        N(vm, node)->u.s.index = (int32_t)idx;
-        break;
-    }
+        return apply_container(vm, at, gid, args, out, err);
+    case G_DEVICE:
     case G_CODECS_ENCODE:
-        if (n != 2 || N(vm, v[0])->kind != MLU_PK_STR || N(vm, v[1])->kind != MLU_PK_STR ||
-            !(name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
-              name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _codecs.encode takes (str, 'latin1')", at);
-        /* a new bytes object per call, even of one memoised str */
-        if (charge(vm, N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
-            goto nomem;
-        N(vm, node)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
-        break;
     case G_BYTEARRAY:
-        if (n == 0) {
-            if ((node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
-                goto nomem;
-        } else if ((n == 1 && N(vm, v[0])->kind == MLU_PK_BYTES) ||
-                   (n == 2 && N(vm, v[0])->kind == MLU_PK_STR && N(vm, v[1])->kind == MLU_PK_STR &&
-                    (name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin1") ||
-                     name_eq(N(vm, v[1])->u.s.p, N(vm, v[1])->u.s.n, "latin-1")))) {
-            uint32_t b;
-            if (charge(vm, 2 * (uint64_t)N(vm, v[0])->u.s.n) < 0 || (node = new_node(vm, MLU_PK_BYTEARRAY)) == MLU_PK_NONE_ID)
-                goto nomem;
-            if ((b = new_node(vm, MLU_PK_BYTES)) == MLU_PK_NONE_ID)
-                goto nomem;
-            N(vm, b)->u.s = N(vm, N(vm, args)->u.items[0])->u.s;
-            if (add_item(vm, node, b) < 0)
-                goto nomem;
-        } else {
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unsupported arguments to bytearray", at);
-        }
-        break;
-    case G_COMPLEX: {
-        double p[2] = {0, 0};
-        for (i = 0; i < n && i < 2; i++) {
-            mlu_pk_node *x = N(vm, v[i]);
-            if (x->kind == MLU_PK_FLOAT)
-                p[i] = x->u.f;
-            else if (x->kind == MLU_PK_INT)
-                p[i] = (double)x->u.i;
-            else
-                n = 99;
-        }
-        if (n > 2)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: complex takes two numbers", at);
-        if ((node = new_node(vm, MLU_PK_COMPLEX)) == MLU_PK_NONE_ID)
-            goto nomem;
-        N(vm, node)->u.c.re = p[0];
-        N(vm, node)->u.c.im = p[1];
-        break;
-    }
+    case G_COMPLEX:
+        return apply_value(vm, at, gid, args, out, err);
     case G_REBUILD_TENSOR:
-        if (n != 4)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor takes 4 arguments, got %u", at, n);
-        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], 0, -1, &node, err);
-        if (st != MLU_OK)
-            return st;
-        break;
     case G_REBUILD_V2:
-    case G_REBUILD_V3: {
-        uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
-        int dt = -1;
-        if (n != want && n != want + 1)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v%d takes %u or %u arguments, got %u", at,
-                           gid == G_REBUILD_V2 ? 2 : 3, want, want + 1, n);
-        if (bool_arg(vm, v[4], &rg) < 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: requires_grad is not a bool", at);
-        if (N(vm, v[5])->kind != MLU_PK_DICT || N(vm, v[5])->len != 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: backward hooks must be an empty OrderedDict", at);
-        if (gid == G_REBUILD_V3) {
-            if (N(vm, v[6])->kind != MLU_PK_DTYPE)
-                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
-            dt = N(vm, v[6])->sub;
-        }
-        if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
-        st = make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, &node, err);
-        if (st != MLU_OK)
-            return st;
-        break;
-    }
+    case G_REBUILD_V3:
+        return apply_rebuild_tensor(vm, at, gid, args, out, err);
     case G_REBUILD_PARAM:
     case G_REBUILD_PARAM_STATE:
-        if (n != (gid == G_REBUILD_PARAM ? 3u : 4u) || N(vm, v[0])->kind != MLU_PK_TENSOR || bool_arg(vm, v[1], &rg) < 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_parameter takes (tensor, bool, hooks)", at);
-        if (N(vm, v[2])->kind != MLU_PK_DICT || N(vm, v[2])->len != 0)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter backward hooks must be empty", at);
-        if (n == 4 && N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: parameter state must be a dict of attributes", at);
-        /* a new tensor record: same view, marked as a parameter */
-        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
-            return st;
-        if (n == 4 && !is_empty_dict_or_none(vm, v[3]))
-            N(vm, node)->attrs = v[3];
-        break;
-    case G_REBUILD_FROM_TYPE_V2: {
-        int tg;
-        if (n != 4 || N(vm, v[0])->kind != MLU_PK_GLOBAL || N(vm, v[1])->kind != MLU_PK_GLOBAL ||
-            N(vm, v[2])->kind != MLU_PK_TUPLE)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 takes (func, type, args, state)", at);
-        tg = N(vm, v[1])->sub;
-        if (tg != G_TENSOR && tg != G_PARAMETER)
-            return VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu: _rebuild_from_type_v2 of a type other than Tensor/Parameter", at);
-        if (N(vm, v[3])->kind != MLU_PK_NONE && N(vm, v[3])->kind != MLU_PK_DICT)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state must be a dict of attributes", at);
-        if (depth > 4)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: nested _rebuild_from_type_v2", at);
-        st = apply(vm, at, v[0], v[2], &node, depth + 1, err);
-        if (st != MLU_OK)
-            return st;
-        if (N(vm, node)->kind != MLU_PK_TENSOR)
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_from_type_v2 did not make a tensor", at);
-        if (tg == G_PARAMETER)
-            vm->tensors[N(vm, node)->u.ref].is_parameter = 1;
-        if (!is_empty_dict_or_none(vm, v[3])) {
-            if (N(vm, node)->attrs != MLU_PK_NONE_ID)
-                return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor state given twice", at);
-            N(vm, node)->attrs = v[3];
-        }
-        break;
-    }
-    case G_PARAMETER: /* torch.nn.Parameter(tensor[, requires_grad]) */
-        rg = 1;
-        if (n < 1 || n > 2 || N(vm, v[0])->kind != MLU_PK_TENSOR || (n == 2 && bool_arg(vm, v[1], &rg) < 0))
-            return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: Parameter takes (tensor[, bool])", at);
-        if ((st = param_copy(vm, at, v[0], rg, &node, err)) != MLU_OK)
-            return st;
-        break;
+    case G_PARAMETER:
+        return apply_parameter(vm, at, gid, args, out, err);
+    case G_REBUILD_FROM_TYPE_V2:
+        return apply_from_type(vm, at, args, out, depth, err);
     default: /* torch.Tensor(...), storage classes: allowed by torch, not built here */
         return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: calling this torch class is allowed by torch but not "
                        "supported by this loader", at);
     }
-    *out = node;
-    return st;
-nomem:
-    if (vm->over_budget)
-        return VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu (repeated copies of a large container)", at);
-    return (st = fail_nomem(vm, at, err));
 }
 
 /* ------------------------------------------------------------ persistent id */
@@ -750,25 +740,25 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
     int64_t numel;
     uint64_t isz;
 
-    if (t->kind != MLU_PK_TUPLE || t->len < 1)
+    if (t->kind != MLU_PKN_TUPLE || t->len < 1)
         return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id is a %s, not a tuple", at, mlu_pk_kind_name(t->kind));
     v = t->u.items;
-    if (N(vm, v[0])->kind != MLU_PK_STR || !name_eq(N(vm, v[0])->u.s.p, N(vm, v[0])->u.s.n, "storage"))
+    if (N(vm, v[0])->kind != MLU_PKN_STR || !name_eq(N(vm, v[0])->u.s.p, N(vm, v[0])->u.s.n, "storage"))
         return VM_FAIL(MLU_EUNSAFE, at, "BINPERSID at byte %zu: persistent id typename is not 'storage'", at);
     if (t->len != want)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: persistent id has %u fields, expected %u", at, t->len, want);
     memset(&pid, 0, sizeof(pid));
-    if (N(vm, v[1])->kind != MLU_PK_GLOBAL ||
+    if (N(vm, v[1])->kind != MLU_PKN_GLOBAL ||
         (N(vm, v[1])->sub != G_STORAGE_CLASS && N(vm, v[1])->sub != G_UNTYPED_STORAGE))
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage type is not a storage class", at);
     pid.dtype = N(vm, v[1])->sub == G_STORAGE_CLASS ? (int)N(vm, v[1])->u.i : -1;
-    if (N(vm, v[2])->kind != MLU_PK_STR || N(vm, v[3])->kind != MLU_PK_STR)
+    if (N(vm, v[2])->kind != MLU_PKN_STR || N(vm, v[3])->kind != MLU_PKN_STR)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key and location must be strings", at);
-    if (as_int(vm, v[4], &numel) < 0 || numel < 0 || N(vm, v[4])->kind != MLU_PK_INT)
+    if (as_int(vm, v[4], &numel) < 0 || numel < 0 || N(vm, v[4])->kind != MLU_PKN_INT)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size is not an int >= 0", at);
-    if (vm->legacy && N(vm, v[5])->kind != MLU_PK_NONE)
+    if (vm->legacy && N(vm, v[5])->kind != MLU_PKN_NONE)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: legacy storage views (view_metadata) are not supported", at);
-    isz = pid.dtype >= 0 ? mlu_pk_dtypes[pid.dtype].itemsize : 1;
+    isz = pid.dtype >= 0 ? mlu_torch_dtypes[pid.dtype].itemsize : 1;
     if (mlu_mul_overflow_u64((uint64_t)numel, isz, &pid.nbytes) || pid.nbytes > (uint64_t)INT64_MAX)
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage size overflows", at);
     pid.numel = (uint64_t)numel;
@@ -780,7 +770,7 @@ static mlu_status persistent_load(mlu_pk_vm *vm, size_t at, uint32_t tup, uint32
         return VM_FAIL(MLU_EFORMAT, at, "BINPERSID at byte %zu: storage key '%.*s' is not a plain name", at,
                        (int)pid.key_len, pid.key);
     if (grow((void **)&vm->pids, &vm->cap_pids, (uint64_t)vm->n_pids + 1, sizeof(*vm->pids)) < 0 ||
-        (node = new_node(vm, MLU_PK_STORAGE)) == MLU_PK_NONE_ID)
+        (node = new_node(vm, MLU_PKN_STORAGE)) == MLU_PK_NONE_ID)
         return (st = fail_nomem(vm, at, err));
     pid.storage = (uint32_t)at; /* byte offset until mlu_pk_finish resolves it */
     vm->pids[vm->n_pids] = pid;
@@ -796,7 +786,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
 {
     mlu_status st = MLU_OK;
     size_t i;
-    int gid = 0, dt = -1, kind = MLU_PK_GLOBAL;
+    int gid = 0, dt = -1, kind = MLU_PKN_GLOBAL;
     uint32_t node;
     const char *m0 = mod;
     size_t ml0 = ml;
@@ -806,13 +796,16 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
         if (name_eq(mod, ml, allowed_globals[i].module) && name_eq(name, nl, allowed_globals[i].name))
             gid = allowed_globals[i].id;
     if (gid == 0 && name_eq(mod, ml, "torch")) {
-        if ((dt = mlu_pk_dtype_find(name, nl)) >= 0) {
-            kind = MLU_PK_DTYPE;
-        } else if ((dt = storage_class_find(name, nl)) >= 0) {
+        /* canonical torch names only: torch's weights-only allowlist is keyed by
+         * str(dtype) ("torch.float32"), so GLOBAL torch.float or torch.half is
+         * refused there, and here */
+        if ((dt = mlu_torch_dtype_find(name, nl)) >= 0) {
+            kind = MLU_PKN_DTYPE;
+        } else if ((dt = mlu_torch_storage_class_find(name, nl)) >= 0) {
             gid = G_STORAGE_CLASS;
         }
     }
-    if (gid == 0 && kind == MLU_PK_GLOBAL) {
+    if (gid == 0 && kind == MLU_PKN_GLOBAL) {
         for (i = 0; i < N_UNSUPPORTED; i++)
             if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
                 return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
@@ -822,7 +815,7 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
     }
     if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
         return (st = fail_nomem(vm, at, err));
-    N(vm, node)->sub = (uint16_t)(kind == MLU_PK_DTYPE ? dt : gid);
+    N(vm, node)->sub = (uint16_t)(kind == MLU_PKN_DTYPE ? dt : gid);
     N(vm, node)->u.i = dt;
     *out = node;
     return st;
@@ -843,19 +836,40 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
     return 0;
 }
 
+/* One run of the VM: the input and where it stands.  Each opcode family has
+ * one load_* function (as CPython's _pickle.c has), called with the opcode
+ * in c->op and c->pos just past it; it moves c->pos past its argument and
+ * returns MLU_OK, or fails with err set (naming the opcode's byte offset). */
+typedef struct pk_run {
+    mlu_pk_vm *vm;
+    const uint8_t *data;  /* borrowed */
+    size_t size;
+    size_t pos;           /* the next byte to read */
+    size_t at;            /* byte offset of the current opcode */
+    size_t base;          /* stack index of the innermost MARK (0 without one) */
+    uint8_t op;
+    int stopped;          /* STOP seen: root holds the result */
+    uint32_t root;
+    mlu_error *err;
+} pk_run;
+
+typedef mlu_status (*pk_load_fn)(pk_run *c);
+
+/* In a load_* function with `vm`, `err` and `st` in scope and an error: label. */
 #define NEED(k)                                                                                         \
     do {                                                                                                \
-        if (size - pos < (size_t)(k)) {                                                                 \
+        if (c->size - c->pos < (size_t)(k)) {                                                           \
             vm->truncated = 1;                                                                          \
-            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", op, at, \
-                    (size_t)(k));                                                                       \
+            VM_FAIL(MLU_EFORMAT, c->at, "pickle is truncated: opcode 0x%02x at byte %zu needs %zu more bytes", c->op, \
+                    c->at, (size_t)(k));                                                                \
             goto error;                                                                                 \
         }                                                                                               \
     } while (0)
 #define POPN(k)                                                                                         \
     do {                                                                                                \
-        if (vm->n_stack < (size_t)(k) + base) {                                                         \
-            VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode 0x%02x ('%c') at byte %zu", op, op >= 32 && op < 127 ? op : '?', at); \
+        if (vm->n_stack < (size_t)(k) + c->base) {                                                      \
+            VM_FAIL(MLU_EFORMAT, c->at, "stack underflow: opcode 0x%02x ('%c') at byte %zu", c->op,     \
+                    c->op >= 32 && c->op < 127 ? c->op : '?', c->at);                                   \
             goto error;                                                                                 \
         }                                                                                               \
     } while (0)
@@ -863,9 +877,9 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
 #define OOM()                                                                                           \
     do {                                                                                                \
         if (vm->over_budget)                                                                            \
-            VM_FAIL(MLU_EFORMAT, at, "pickle expands beyond its size at byte %zu", at);                 \
+            VM_FAIL(MLU_EFORMAT, c->at, "pickle expands beyond its size at byte %zu", c->at);           \
         else                                                                                            \
-            VM_FAIL(MLU_ENOMEM, at, "out of memory reading the pickle");                                \
+            VM_FAIL(MLU_ENOMEM, c->at, "out of memory reading the pickle");                             \
         goto error;                                                                                     \
     } while (0)
 #define PUSH(id)                                                                                        \
@@ -874,6 +888,19 @@ static int read_line(const uint8_t *d, size_t size, size_t *pos, const char **p,
         if (id_ == MLU_PK_NONE_ID || push(vm, id_) < 0)                                                 \
             OOM();                                                                                      \
     } while (0)
+/* Declarations and the exit every load_* function shares. */
+#define LOAD_BEGIN                                                                                      \
+    mlu_pk_vm *vm = c->vm;                                                                              \
+    mlu_error *err = c->err;                                                                            \
+    mlu_status st = MLU_EFORMAT
+#define LOAD_END                                                                                        \
+    st = MLU_OK;                                                                                        \
+    goto done;                                                                                          \
+error:                                                                                                  \
+    if (st == MLU_OK)                                                                                   \
+        st = MLU_EFORMAT;                                                                               \
+done:                                                                                                   \
+    return st
 
 /* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
  * surrogates only with `surrogates` (Python's "surrogatepass"). */
@@ -920,21 +947,478 @@ static uint32_t rd32(const uint8_t *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+/* PROTO: protocols up to 5 (no FRAME follows in what torch writes; FRAME is refused). */
+static mlu_status load_proto(pk_run *c)
+{
+    LOAD_BEGIN;
+    NEED(1);
+    if (c->data[c->pos] > 5) {
+        VM_FAIL(MLU_EFORMAT, c->at, "unsupported pickle protocol %u at byte %zu", c->data[c->pos], c->at);
+        goto error;
+    }
+    c->pos += 1;
+    LOAD_END;
+}
+
+/* STOP: the top of the whole stack is the result. */
+static mlu_status load_stop(pk_run *c)
+{
+    LOAD_BEGIN;
+    c->base = 0;
+    POPN(1);
+    c->root = TOP(1);
+    c->stopped = 1;
+    LOAD_END;
+}
+
+/* NONE, NEWTRUE, NEWFALSE: shared constant nodes. */
+static mlu_status load_const(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (c->op == MLU_PKOP_NONE)
+        PUSH(const_node(vm, MLU_PKN_NONE, 0));
+    else
+        PUSH(const_node(vm, MLU_PKN_BOOL, c->op == MLU_PKOP_NEWTRUE));
+    LOAD_END;
+}
+
+/* BININT1, BININT2, BININT: little-endian ints of 1, 2 (unsigned) and 4 (signed) bytes. */
+static mlu_status load_binint(pk_run *c)
+{
+    LOAD_BEGIN;
+    const uint8_t *data = c->data;
+    size_t pos = c->pos, k = c->op == MLU_PKOP_BININT1 ? 1 : c->op == MLU_PKOP_BININT2 ? 2 : 4;
+    uint32_t node;
+    int64_t v;
+
+    NEED(k);
+    if (c->op == MLU_PKOP_BININT1)
+        v = data[pos];
+    else if (c->op == MLU_PKOP_BININT2)
+        v = data[pos] | (data[pos + 1] << 8);
+    else
+        v = (int32_t)rd32(data + pos);
+    c->pos += k;
+    node = new_node(vm, MLU_PKN_INT);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.i = v;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* LONG1: two's complement of up to 255 bytes; over 8 bytes kept as bytes (BIGINT). */
+static mlu_status load_long1(pk_run *c)
+{
+    LOAD_BEGIN;
+    const uint8_t *data = c->data;
+    size_t k, j;
+    uint32_t node;
+
+    NEED(1);
+    k = data[c->pos++];
+    NEED(k);
+    if (k <= 8) {
+        uint64_t u = 0;
+        for (j = 0; j < k; j++)
+            u |= (uint64_t)data[c->pos + j] << (8 * j);
+        if (k > 0 && k < 8 && (data[c->pos + k - 1] & 0x80))
+            u |= ~(uint64_t)0 << (8 * k);
+        node = new_node(vm, MLU_PKN_INT);
+        if (node == MLU_PK_NONE_ID)
+            OOM();
+        N(vm, node)->u.i = (int64_t)u;
+    } else {
+        node = new_node(vm, MLU_PKN_BIGINT);
+        if (node == MLU_PK_NONE_ID)
+            OOM();
+        N(vm, node)->u.s.p = (const char *)data + c->pos;
+        N(vm, node)->u.s.n = (uint32_t)k;
+    }
+    c->pos += k;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BINFLOAT: a big-endian IEEE double. */
+static mlu_status load_binfloat(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint64_t u = 0;
+    size_t j;
+    double d;
+    uint32_t node;
+
+    NEED(8);
+    for (j = 0; j < 8; j++)
+        u = (u << 8) | c->data[c->pos + j];
+    memcpy(&d, &u, 8);
+    c->pos += 8;
+    node = new_node(vm, MLU_PKN_FLOAT);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.f = d;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BINUNICODE (4-byte length), SHORT_BINSTRING (1-byte length): str nodes. */
+static mlu_status load_string(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t n, node;
+
+    if (c->op == MLU_PKOP_BINUNICODE) {
+        NEED(4);
+        n = rd32(c->data + c->pos);
+        c->pos += 4;
+    } else {
+        NEED(1);
+        n = c->data[c->pos++];
+    }
+    NEED(n);
+    /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
+     * UTF-8 while unpickling: every string, used or not */
+    if (!mlu_pk_utf8_valid(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE)) {
+        VM_FAIL(MLU_EFORMAT, c->at, "string at byte %zu is not valid UTF-8", c->at);
+        goto error;
+    }
+    node = new_node(vm, MLU_PKN_STR);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    N(vm, node)->u.s.p = (const char *)c->data + c->pos;
+    N(vm, node)->u.s.n = n;
+    c->pos += n;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* EMPTY_TUPLE (shared), EMPTY_LIST, EMPTY_DICT, EMPTY_SET. */
+static mlu_status load_empty(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (c->op == MLU_PKOP_EMPTY_TUPLE)
+        PUSH(const_node(vm, MLU_PKN_TUPLE, 0));
+    else
+        PUSH(new_node(vm, c->op == MLU_PKOP_EMPTY_LIST ? MLU_PKN_LIST
+                          : c->op == MLU_PKOP_EMPTY_DICT ? MLU_PKN_DICT : MLU_PKN_SET));
+    LOAD_END;
+}
+
+static mlu_status load_mark(pk_run *c)
+{
+    LOAD_BEGIN;
+    if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
+        OOM();
+    vm->marks[vm->n_marks++] = vm->n_stack;
+    LOAD_END;
+}
+
+/* TUPLE1, TUPLE2, TUPLE3: a tuple of the top 1..3 items. */
+static mlu_status load_small_tuple(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t k = (size_t)(c->op - MLU_PKOP_TUPLE1 + 1), j;
+    uint32_t node;
+
+    POPN(k);
+    node = new_node(vm, MLU_PKN_TUPLE);
+    if (node == MLU_PK_NONE_ID)
+        OOM();
+    for (j = k; j > 0; j--)
+        if (add_item(vm, node, TOP(j)) < 0)
+            OOM();
+    vm->n_stack -= k;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* TUPLE, APPENDS, SETITEMS: the items above the innermost MARK, into a new
+ * tuple or the list / dict below that MARK. */
+static mlu_status load_marked(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t j, k, base = c->base;
+    uint8_t op = c->op;
+    uint32_t target = 0;
+
+    if (vm->n_marks == 0) {
+        VM_FAIL(MLU_EFORMAT, c->at, "opcode '%c' at byte %zu without a MARK", op, c->at);
+        goto error;
+    }
+    k = vm->n_stack - base;
+    if (op != MLU_PKOP_TUPLE) {
+        size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
+        if (base <= outer) {
+            VM_FAIL(MLU_EFORMAT, c->at, "stack underflow: opcode '%c' at byte %zu has no target", op, c->at);
+            goto error;
+        }
+        target = vm->stack[base - 1];
+        if (op == MLU_PKOP_APPENDS && N(vm, target)->kind != MLU_PKN_LIST) {
+            VM_FAIL(MLU_EUNSAFE, c->at, "APPENDS at byte %zu on a %s (only lists allowed)", c->at,
+                    mlu_pk_kind_name(N(vm, target)->kind));
+            goto error;
+        }
+        if (op == MLU_PKOP_SETITEMS && N(vm, target)->kind != MLU_PKN_DICT) {
+            VM_FAIL(MLU_EUNSAFE, c->at, "SETITEMS at byte %zu on a %s (only dicts allowed)", c->at,
+                    mlu_pk_kind_name(N(vm, target)->kind));
+            goto error;
+        }
+        if (op == MLU_PKOP_SETITEMS && (k % 2) != 0) {
+            VM_FAIL(MLU_EFORMAT, c->at, "SETITEMS at byte %zu with an odd number of items", c->at);
+            goto error;
+        }
+    } else {
+        target = new_node(vm, MLU_PKN_TUPLE);
+        if (target == MLU_PK_NONE_ID)
+            OOM();
+    }
+    for (j = 0; j < k; j++)
+        if (add_item(vm, target, vm->stack[base + j]) < 0)
+            OOM();
+    vm->n_stack = base;
+    vm->n_marks--;
+    if (op == MLU_PKOP_TUPLE)
+        PUSH(target);
+    LOAD_END;
+}
+
+/* APPEND, SETITEM: one item (pair) into the list (dict) below it. */
+static mlu_status load_append(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t k = c->op == MLU_PKOP_APPEND ? 1 : 2, j;
+    uint32_t target;
+
+    POPN(k + 1);
+    target = TOP(k + 1);
+    if (c->op == MLU_PKOP_APPEND && N(vm, target)->kind != MLU_PKN_LIST) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "APPEND at byte %zu on a %s (only lists allowed)", c->at,
+                mlu_pk_kind_name(N(vm, target)->kind));
+        goto error;
+    }
+    if (c->op == MLU_PKOP_SETITEM && N(vm, target)->kind != MLU_PKN_DICT) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "SETITEM at byte %zu on a %s (only dicts allowed)", c->at,
+                mlu_pk_kind_name(N(vm, target)->kind));
+        goto error;
+    }
+    for (j = k; j > 0; j--)
+        if (add_item(vm, target, TOP(j)) < 0)
+            OOM();
+    vm->n_stack -= k;
+    LOAD_END;
+}
+
+/* BINPUT, LONG_BINPUT: memo[idx] = top of the stack. */
+static mlu_status load_put(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t idx, w = c->op == MLU_PKOP_BINPUT ? 1 : 4;
+
+    NEED(w);
+    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    c->pos += w;
+    POPN(1);
+    if (idx > c->size) {
+        VM_FAIL(MLU_EFORMAT, c->at, "memo index %zu at byte %zu is larger than the pickle", idx, c->at);
+        goto error;
+    }
+    if (idx >= vm->n_memo) {
+        size_t cap = vm->n_memo, j;
+        if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0 ||
+            charge(vm, (uint64_t)(cap - vm->n_memo) * PK_COST_MEMO) < 0)
+            OOM();
+        for (j = vm->n_memo; j < cap; j++)
+            vm->memo[j] = MLU_PK_NONE_ID;
+        vm->n_memo = cap;
+    }
+    vm->memo[idx] = TOP(1);
+    LOAD_END;
+}
+
+/* BINGET, LONG_BINGET: push memo[idx]. */
+static mlu_status load_get(pk_run *c)
+{
+    LOAD_BEGIN;
+    size_t idx, w = c->op == MLU_PKOP_BINGET ? 1 : 4;
+
+    NEED(w);
+    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    c->pos += w;
+    if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, c->at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, c->at);
+        goto error;
+    }
+    PUSH(vm->memo[idx]);
+    LOAD_END;
+}
+
+/* GLOBAL "module\nname\n": only names on the allowlist. */
+static mlu_status load_global(pk_run *c)
+{
+    LOAD_BEGIN;
+    const char *mod, *name;
+    size_t ml, nl;
+    uint32_t node = MLU_PK_NONE_ID;
+
+    if (read_line(c->data, c->size, &c->pos, &mod, &ml) < 0 || read_line(c->data, c->size, &c->pos, &name, &nl) < 0) {
+        vm->truncated = 1;
+        VM_FAIL(MLU_EFORMAT, c->at, "pickle is truncated: GLOBAL at byte %zu", c->at);
+        goto error;
+    }
+    if (do_global(vm, c->at, mod, ml, name, nl, &node, err) != MLU_OK)
+        goto error;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* REDUCE: an allowed global applied to a tuple. */
+static mlu_status load_reduce(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t fn, args, node = MLU_PK_NONE_ID;
+
+    POPN(2);
+    fn = TOP(2);
+    args = TOP(1);
+    if (N(vm, fn)->kind != MLU_PKN_GLOBAL) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "REDUCE at byte %zu calls a %s, not an allowed global", c->at,
+                mlu_pk_kind_name(N(vm, fn)->kind));
+        goto error;
+    }
+    if (apply(vm, c->at, fn, args, &node, 0, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 2;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* NEWOBJ: torch.nn.Parameter.__new__(Parameter, tensor[, requires_grad]) only. */
+static mlu_status load_newobj(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t cls, args, *v, node = MLU_PK_NONE_ID;
+    int rg = 1;
+
+    POPN(2);
+    cls = TOP(2);
+    args = TOP(1);
+    if (N(vm, cls)->kind != MLU_PKN_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
+        VM_FAIL(MLU_EUNSAFE, c->at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", c->at,
+                mlu_pk_kind_name(N(vm, cls)->kind));
+        goto error;
+    }
+    v = N(vm, args)->u.items;
+    if (N(vm, args)->kind != MLU_PKN_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
+        N(vm, v[0])->kind != MLU_PKN_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
+        VM_FAIL(MLU_EFORMAT, c->at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", c->at);
+        goto error;
+    }
+    if (param_copy(vm, c->at, v[0], rg, &node, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 2;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* BUILD: an OrderedDict's attribute dict; nothing else has state here. */
+static mlu_status load_build(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t inst, state;
+
+    POPN(2);
+    inst = TOP(2);
+    state = TOP(1);
+    if (N(vm, inst)->kind != MLU_PKN_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
+        if (N(vm, inst)->kind == MLU_PKN_TENSOR) {
+            VM_FAIL(MLU_EFORMAT, c->at, "BUILD at byte %zu: tensor state is not supported by this loader", c->at);
+            goto error;
+        }
+        VM_FAIL(MLU_EUNSAFE, c->at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", c->at,
+                mlu_pk_kind_name(N(vm, inst)->kind));
+        goto error;
+    }
+    if (N(vm, state)->kind != MLU_PKN_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, c->at, "BUILD at byte %zu: OrderedDict state must be one dict", c->at);
+        goto error;
+    }
+    N(vm, inst)->attrs = state;
+    vm->n_stack -= 1;
+    LOAD_END;
+}
+
+/* BINPERSID: a storage reference ('storage', cls, key, location, numel[, ...]). */
+static mlu_status load_binpersid(pk_run *c)
+{
+    LOAD_BEGIN;
+    uint32_t node = MLU_PK_NONE_ID;
+
+    POPN(1);
+    if (persistent_load(vm, c->at, TOP(1), &node, err) != MLU_OK)
+        goto error;
+    vm->n_stack -= 1;
+    PUSH(node);
+    LOAD_END;
+}
+
+/* The opcodes a weights-only pickle may use; every other one is refused. */
+static const pk_load_fn dispatch[256] = {
+    [MLU_PKOP_PROTO] = load_proto,
+    [MLU_PKOP_STOP] = load_stop,
+    [MLU_PKOP_NONE] = load_const,
+    [MLU_PKOP_NEWTRUE] = load_const,
+    [MLU_PKOP_NEWFALSE] = load_const,
+    [MLU_PKOP_BININT1] = load_binint,
+    [MLU_PKOP_BININT2] = load_binint,
+    [MLU_PKOP_BININT] = load_binint,
+    [MLU_PKOP_LONG1] = load_long1,
+    [MLU_PKOP_BINFLOAT] = load_binfloat,
+    [MLU_PKOP_BINUNICODE] = load_string,
+    [MLU_PKOP_SHORT_BINSTRING] = load_string,
+    [MLU_PKOP_EMPTY_TUPLE] = load_empty,
+    [MLU_PKOP_EMPTY_LIST] = load_empty,
+    [MLU_PKOP_EMPTY_DICT] = load_empty,
+    [MLU_PKOP_EMPTY_SET] = load_empty,
+    [MLU_PKOP_MARK] = load_mark,
+    [MLU_PKOP_TUPLE1] = load_small_tuple,
+    [MLU_PKOP_TUPLE2] = load_small_tuple,
+    [MLU_PKOP_TUPLE3] = load_small_tuple,
+    [MLU_PKOP_TUPLE] = load_marked,
+    [MLU_PKOP_APPENDS] = load_marked,
+    [MLU_PKOP_SETITEMS] = load_marked,
+    [MLU_PKOP_APPEND] = load_append,
+    [MLU_PKOP_SETITEM] = load_append,
+    [MLU_PKOP_BINPUT] = load_put,
+    [MLU_PKOP_LONG_BINPUT] = load_put,
+    [MLU_PKOP_BINGET] = load_get,
+    [MLU_PKOP_LONG_BINGET] = load_get,
+    [MLU_PKOP_GLOBAL] = load_global,
+    [MLU_PKOP_REDUCE] = load_reduce,
+    [MLU_PKOP_NEWOBJ] = load_newobj,
+    [MLU_PKOP_BUILD] = load_build,
+    [MLU_PKOP_BINPERSID] = load_binpersid,
+};
+
 mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *ppos, int legacy, uint32_t *root,
                       mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    size_t pos = *ppos, at = pos, base = 0;
-    uint8_t op = 0;
-    uint32_t node;
+    pk_run c = {0};
+    pk_load_fn load;
 
+    c.vm = vm;
+    c.data = data;
+    c.size = size;
+    c.pos = c.at = *ppos;
+    c.err = err;
     vm->data = data;
     vm->size = size;
     vm->legacy = legacy;
     vm->over_budget = 0;
     vm->truncated = 0;
     {
-        uint64_t extra = PK_COST_PER_BYTE * (uint64_t)(size - pos) + PK_COST_BASE;
+        uint64_t extra = PK_COST_PER_BYTE * (uint64_t)(size - c.pos) + PK_COST_BASE;
         vm->budget = vm->budget > UINT64_MAX - extra ? UINT64_MAX : vm->budget + extra;
     }
     vm->n_stack = 0;
@@ -942,347 +1426,31 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
     mlu_free(vm->memo);
     vm->memo = NULL;
     vm->n_memo = 0;
-    for (;;) {
-        at = pos;
-        if (pos >= size) {
+    while (!c.stopped) {
+        c.at = c.pos;
+        if (c.pos >= size) {
             vm->truncated = 1;
-            VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: no STOP opcode before byte %zu", at);
+            VM_FAIL(MLU_EFORMAT, c.at, "pickle is truncated: no STOP opcode before byte %zu", c.at);
             goto error;
         }
-        op = data[pos++];
-        base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
-        switch (op) {
-        case 0x80: /* PROTO */
-            NEED(1);
-            if (data[pos] > 5) {
-                VM_FAIL(MLU_EFORMAT, at, "unsupported pickle protocol %u at byte %zu", data[pos], at);
-                goto error;
-            }
-            pos += 1;
-            break;
-        case '.': /* STOP */
-            base = 0;
-            POPN(1);
-            *root = TOP(1);
-            *ppos = pos;
-            st = MLU_OK;
-            goto done;
-        case 'N':
-            PUSH(const_node(vm, MLU_PK_NONE, 0));
-            break;
-        case 0x88: /* NEWTRUE */
-        case 0x89: /* NEWFALSE */
-            PUSH(const_node(vm, MLU_PK_BOOL, op == 0x88));
-            break;
-        case 'K':
-        case 'M':
-        case 'J': {
-            size_t k = op == 'K' ? 1 : op == 'M' ? 2 : 4;
-            int64_t v;
-            NEED(k);
-            if (op == 'K')
-                v = data[pos];
-            else if (op == 'M')
-                v = data[pos] | (data[pos + 1] << 8);
-            else
-                v = (int32_t)rd32(data + pos);
-            pos += k;
-            node = new_node(vm, MLU_PK_INT);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.i = v;
-            PUSH(node);
-            break;
-        }
-        case 0x8a: { /* LONG1 */
-            size_t k, j;
-            NEED(1);
-            k = data[pos++];
-            NEED(k);
-            if (k <= 8) {
-                uint64_t u = 0;
-                for (j = 0; j < k; j++)
-                    u |= (uint64_t)data[pos + j] << (8 * j);
-                if (k > 0 && k < 8 && (data[pos + k - 1] & 0x80))
-                    u |= ~(uint64_t)0 << (8 * k);
-                node = new_node(vm, MLU_PK_INT);
-                if (node == MLU_PK_NONE_ID)
-                    OOM();
-                N(vm, node)->u.i = (int64_t)u;
-            } else {
-                node = new_node(vm, MLU_PK_BIGINT);
-                if (node == MLU_PK_NONE_ID)
-                    OOM();
-                N(vm, node)->u.s.p = (const char *)data + pos;
-                N(vm, node)->u.s.n = (uint32_t)k;
-            }
-            pos += k;
-            PUSH(node);
-            break;
-        }
-        case 'G': { /* BINFLOAT, big-endian */
-            uint64_t u = 0;
-            size_t j;
-            double d;
-            NEED(8);
-            for (j = 0; j < 8; j++)
-                u = (u << 8) | data[pos + j];
-            memcpy(&d, &u, 8);
-            pos += 8;
-            node = new_node(vm, MLU_PK_FLOAT);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.f = d;
-            PUSH(node);
-            break;
-        }
-        case 'X':   /* BINUNICODE */
-        case 'U': { /* SHORT_BINSTRING */
-            uint32_t n;
-            if (op == 'X') {
-                NEED(4);
-                n = rd32(data + pos);
-                pos += 4;
-            } else {
-                NEED(1);
-                n = data[pos++];
-            }
-            NEED(n);
-            /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
-             * UTF-8 while unpickling: every string, used or not */
-            if (!mlu_pk_utf8_valid(data + pos, n, op == 'X')) {
-                VM_FAIL(MLU_EFORMAT, at, "string at byte %zu is not valid UTF-8", at);
-                goto error;
-            }
-            node = new_node(vm, MLU_PK_STR);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            N(vm, node)->u.s.p = (const char *)data + pos;
-            N(vm, node)->u.s.n = n;
-            pos += n;
-            PUSH(node);
-            break;
-        }
-        case ')':
-            PUSH(const_node(vm, MLU_PK_TUPLE, 0));
-            break;
-        case ']':
-            PUSH(new_node(vm, MLU_PK_LIST));
-            break;
-        case '}':
-            PUSH(new_node(vm, MLU_PK_DICT));
-            break;
-        case 0x8f: /* EMPTY_SET */
-            PUSH(new_node(vm, MLU_PK_SET));
-            break;
-        case '(': /* MARK */
-            if (grow_size((void **)&vm->marks, &vm->cap_marks, vm->n_marks + 1, sizeof(size_t)) < 0)
-                OOM();
-            vm->marks[vm->n_marks++] = vm->n_stack;
-            break;
-        case 0x85:
-        case 0x86:
-        case 0x87: { /* TUPLE1..3 */
-            size_t k = (size_t)(op - 0x84), j;
-            POPN(k);
-            node = new_node(vm, MLU_PK_TUPLE);
-            if (node == MLU_PK_NONE_ID)
-                OOM();
-            for (j = k; j > 0; j--)
-                if (add_item(vm, node, TOP(j)) < 0)
-                    OOM();
-            vm->n_stack -= k;
-            PUSH(node);
-            break;
-        }
-        case 't':   /* TUPLE */
-        case 'e':   /* APPENDS */
-        case 'u': { /* SETITEMS */
-            size_t j, k;
-            uint32_t target = 0;
-            if (vm->n_marks == 0) {
-                VM_FAIL(MLU_EFORMAT, at, "opcode '%c' at byte %zu without a MARK", op, at);
-                goto error;
-            }
-            k = vm->n_stack - base;
-            if (op != 't') {
-                size_t outer = vm->n_marks >= 2 ? vm->marks[vm->n_marks - 2] : 0;
-                if (base <= outer) {
-                    VM_FAIL(MLU_EFORMAT, at, "stack underflow: opcode '%c' at byte %zu has no target", op, at);
-                    goto error;
-                }
-                target = vm->stack[base - 1];
-                if (op == 'e' && N(vm, target)->kind != MLU_PK_LIST) {
-                    VM_FAIL(MLU_EUNSAFE, at, "APPENDS at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                    goto error;
-                }
-                if (op == 'u' && N(vm, target)->kind != MLU_PK_DICT) {
-                    VM_FAIL(MLU_EUNSAFE, at, "SETITEMS at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                    goto error;
-                }
-                if (op == 'u' && (k % 2) != 0) {
-                    VM_FAIL(MLU_EFORMAT, at, "SETITEMS at byte %zu with an odd number of items", at);
-                    goto error;
-                }
-            } else {
-                target = new_node(vm, MLU_PK_TUPLE);
-                if (target == MLU_PK_NONE_ID)
-                    OOM();
-            }
-            for (j = 0; j < k; j++)
-                if (add_item(vm, target, vm->stack[base + j]) < 0)
-                    OOM();
-            vm->n_stack = base;
-            vm->n_marks--;
-            if (op == 't')
-                PUSH(target);
-            break;
-        }
-        case 'a':   /* APPEND */
-        case 's': { /* SETITEM */
-            size_t k = op == 'a' ? 1 : 2, j;
-            uint32_t target;
-            POPN(k + 1);
-            target = TOP(k + 1);
-            if (op == 'a' && N(vm, target)->kind != MLU_PK_LIST) {
-                VM_FAIL(MLU_EUNSAFE, at, "APPEND at byte %zu on a %s (only lists allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                goto error;
-            }
-            if (op == 's' && N(vm, target)->kind != MLU_PK_DICT) {
-                VM_FAIL(MLU_EUNSAFE, at, "SETITEM at byte %zu on a %s (only dicts allowed)", at, mlu_pk_kind_name(N(vm, target)->kind));
-                goto error;
-            }
-            for (j = k; j > 0; j--)
-                if (add_item(vm, target, TOP(j)) < 0)
-                    OOM();
-            vm->n_stack -= k;
-            break;
-        }
-        case 'q':
-        case 'r': { /* BINPUT, LONG_BINPUT */
-            size_t idx;
-            NEED(op == 'q' ? 1 : 4);
-            idx = op == 'q' ? data[pos] : rd32(data + pos);
-            pos += op == 'q' ? 1 : 4;
-            POPN(1);
-            if (idx > size) {
-                VM_FAIL(MLU_EFORMAT, at, "memo index %zu at byte %zu is larger than the pickle", idx, at);
-                goto error;
-            }
-            if (idx >= vm->n_memo) {
-                size_t cap = vm->n_memo, j;
-                if (grow_size((void **)&vm->memo, &cap, idx + 1, sizeof(uint32_t)) < 0 ||
-                    charge(vm, (uint64_t)(cap - vm->n_memo) * PK_COST_MEMO) < 0)
-                    OOM();
-                for (j = vm->n_memo; j < cap; j++)
-                    vm->memo[j] = MLU_PK_NONE_ID;
-                vm->n_memo = cap;
-            }
-            vm->memo[idx] = TOP(1);
-            break;
-        }
-        case 'h':
-        case 'j': { /* BINGET, LONG_BINGET */
-            size_t idx;
-            NEED(op == 'h' ? 1 : 4);
-            idx = op == 'h' ? data[pos] : rd32(data + pos);
-            pos += op == 'h' ? 1 : 4;
-            if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
-                VM_FAIL(MLU_EFORMAT, at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, at);
-                goto error;
-            }
-            PUSH(vm->memo[idx]);
-            break;
-        }
-        case 'c': { /* GLOBAL */
-            const char *mod, *name;
-            size_t ml, nl;
-            if (read_line(data, size, &pos, &mod, &ml) < 0 || read_line(data, size, &pos, &name, &nl) < 0) {
-                vm->truncated = 1;
-                VM_FAIL(MLU_EFORMAT, at, "pickle is truncated: GLOBAL at byte %zu", at);
-                goto error;
-            }
-            if (do_global(vm, at, mod, ml, name, nl, &node, err) != MLU_OK)
-                goto error;
-            PUSH(node);
-            break;
-        }
-        case 'R': { /* REDUCE */
-            uint32_t fn, args;
-            POPN(2);
-            fn = TOP(2);
-            args = TOP(1);
-            if (N(vm, fn)->kind != MLU_PK_GLOBAL) {
-                VM_FAIL(MLU_EUNSAFE, at, "REDUCE at byte %zu calls a %s, not an allowed global", at, mlu_pk_kind_name(N(vm, fn)->kind));
-                goto error;
-            }
-            if (apply(vm, at, fn, args, &node, 0, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 2;
-            PUSH(node);
-            break;
-        }
-        case 0x81: { /* NEWOBJ */
-            uint32_t cls, args, *v;
-            int rg = 1;
-            POPN(2);
-            cls = TOP(2);
-            args = TOP(1);
-            if (N(vm, cls)->kind != MLU_PK_GLOBAL || N(vm, cls)->sub != G_PARAMETER) {
-                VM_FAIL(MLU_EUNSAFE, at, "NEWOBJ at byte %zu on a %s (only torch.nn.Parameter allowed)", at,
-                        mlu_pk_kind_name(N(vm, cls)->kind));
-                goto error;
-            }
-            v = N(vm, args)->u.items;
-            if (N(vm, args)->kind != MLU_PK_TUPLE || N(vm, args)->len < 1 || N(vm, args)->len > 2 ||
-                N(vm, v[0])->kind != MLU_PK_TENSOR || (N(vm, args)->len == 2 && bool_arg(vm, v[1], &rg) < 0)) {
-                VM_FAIL(MLU_EFORMAT, at, "NEWOBJ at byte %zu: Parameter takes (tensor[, bool])", at);
-                goto error;
-            }
-            if (param_copy(vm, at, v[0], rg, &node, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 2;
-            PUSH(node);
-            break;
-        }
-        case 'b': { /* BUILD */
-            uint32_t inst, state;
-            POPN(2);
-            inst = TOP(2);
-            state = TOP(1);
-            if (N(vm, inst)->kind != MLU_PK_DICT || !(N(vm, inst)->flags & MLU_PK_F_ORDERED)) {
-                if (N(vm, inst)->kind == MLU_PK_TENSOR) {
-                    VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: tensor state is not supported by this loader", at);
-                    goto error;
-                }
-                VM_FAIL(MLU_EUNSAFE, at, "BUILD at byte %zu on a %s (only OrderedDict allowed)", at, mlu_pk_kind_name(N(vm, inst)->kind));
-                goto error;
-            }
-            if (N(vm, state)->kind != MLU_PK_DICT || N(vm, inst)->attrs != MLU_PK_NONE_ID) {
-                VM_FAIL(MLU_EFORMAT, at, "BUILD at byte %zu: OrderedDict state must be one dict", at);
-                goto error;
-            }
-            N(vm, inst)->attrs = state;
-            vm->n_stack -= 1;
-            break;
-        }
-        case 'Q': { /* BINPERSID */
-            POPN(1);
-            if (persistent_load(vm, at, TOP(1), &node, err) != MLU_OK)
-                goto error;
-            vm->n_stack -= 1;
-            PUSH(node);
-            break;
-        }
-        default:
-            VM_FAIL(MLU_EUNSAFE, at, "unsupported opcode 0x%02x ('%c') at byte %zu: not allowed in a weights-only pickle",
-                    op, op >= 32 && op < 127 ? op : '?', at);
+        c.op = data[c.pos++];
+        c.base = vm->n_marks ? vm->marks[vm->n_marks - 1] : 0;
+        load = dispatch[c.op];
+        if (load == NULL) {
+            VM_FAIL(MLU_EUNSAFE, c.at, "unsupported opcode 0x%02x ('%c') at byte %zu: not allowed in a weights-only pickle",
+                    c.op, c.op >= 32 && c.op < 127 ? c.op : '?', c.at);
             goto error;
         }
+        if (load(&c) != MLU_OK)
+            goto error;
     }
+    *root = c.root;
+    *ppos = c.pos;
+    st = MLU_OK;
+    goto done;
 error:
     if (st == MLU_OK || err == NULL || err->code == MLU_OK)
-        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "malformed pickle at byte %zu", at);
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)c.at, "malformed pickle at byte %zu", c.at);
     else
         st = err->code;
 done:
@@ -1365,7 +1533,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         s->legacy_numel = first->numel;
         s->dtype = first->dtype;
         s->first_offset = first->storage;
-        s->swap_unit = first->dtype >= 0 ? mlu_pk_dtypes[first->dtype].swap_unit : 0;
+        s->swap_unit = first->dtype >= 0 ? mlu_torch_dtypes[first->dtype].swap_unit : 0;
         for (k = i; k < j; k++)
             vm->pids[order[k]].storage = vm->n_storages;
         vm->n_storages++;
@@ -1386,7 +1554,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     /* untyped storages byte-swap by the element of the first tensor that views them */
     for (i = 0; i < vm->n_tensors; i++) {
         mlu_pk_storage *s = &vm->storages[vm->pids[vm->tensors[i].pid].storage];
-        int unit = mlu_pk_dtypes[vm->tensors[i].dtype].swap_unit;
+        int unit = mlu_torch_dtypes[vm->tensors[i].dtype].swap_unit;
         if (s->swap_unit == 0)
             s->swap_unit = unit;
         else if (s->dtype < 0 && s->swap_unit != unit)

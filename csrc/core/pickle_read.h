@@ -11,47 +11,36 @@
 #define MLU_PICKLE_READ_H
 
 #include "../mlu.h"
+#include "torch_dtypes.h"
 
 #define MLU_PK_NONE_ID UINT32_MAX
 #define MLU_PK_MAX_NDIM 64
 
 typedef enum mlu_pk_kind {
-    MLU_PK_NONE = 0,
-    MLU_PK_BOOL,      /* u.i = 0/1 */
-    MLU_PK_INT,       /* u.i */
-    MLU_PK_BIGINT,    /* u.s: little-endian two's complement bytes (LONG1 over 8 bytes) */
-    MLU_PK_FLOAT,     /* u.f */
-    MLU_PK_COMPLEX,   /* u.c */
-    MLU_PK_STR,       /* u.s: UTF-8 (not validated here) */
-    MLU_PK_BYTES,     /* u.s: a str whose code points are the bytes (latin-1, from _codecs.encode) */
-    MLU_PK_BYTEARRAY, /* items[0]: a BYTES node, or no items */
-    MLU_PK_TUPLE,     /* items */
-    MLU_PK_LIST,      /* items */
-    MLU_PK_DICT,      /* items: key, value, key, value...; flags: MLU_PK_F_ORDERED/COUNTER; attrs */
-    MLU_PK_SET,       /* items */
-    MLU_PK_SIZE,      /* torch.Size: items are INT nodes */
-    MLU_PK_DEVICE,    /* u.s: type string; u.s.index: -1 or the index */
-    MLU_PK_DTYPE,     /* sub: dtype id */
-    MLU_PK_GLOBAL,    /* sub: mlu_pk_global id (an allowed global that is not a value by itself) */
-    MLU_PK_STORAGE,   /* sub-table index in u.ref (mlu_pk_vm.pids) */
-    MLU_PK_TENSOR,    /* u.ref: index in mlu_pk_vm.tensors */
-    MLU_PK_KIND_COUNT
+    MLU_PKN_NONE = 0,
+    MLU_PKN_BOOL,      /* u.i = 0/1 */
+    MLU_PKN_INT,       /* u.i */
+    MLU_PKN_BIGINT,    /* u.s: little-endian two's complement bytes (LONG1 over 8 bytes) */
+    MLU_PKN_FLOAT,     /* u.f */
+    MLU_PKN_COMPLEX,   /* u.c */
+    MLU_PKN_STR,       /* u.s: UTF-8 (not validated here) */
+    MLU_PKN_BYTES,     /* u.s: a str whose code points are the bytes (latin-1, from _codecs.encode) */
+    MLU_PKN_BYTEARRAY, /* items[0]: a BYTES node, or no items */
+    MLU_PKN_TUPLE,     /* items */
+    MLU_PKN_LIST,      /* items */
+    MLU_PKN_DICT,      /* items: key, value, key, value...; flags: MLU_PK_F_ORDERED/COUNTER; attrs */
+    MLU_PKN_SET,       /* items */
+    MLU_PKN_SIZE,      /* torch.Size: items are INT nodes */
+    MLU_PKN_DEVICE,    /* u.s: type string; u.s.index: -1 or the index */
+    MLU_PKN_DTYPE,     /* sub: dtype id (index in mlu_torch_dtypes) */
+    MLU_PKN_GLOBAL,    /* sub: mlu_pk_global id (an allowed global that is not a value by itself) */
+    MLU_PKN_STORAGE,   /* sub-table index in u.ref (mlu_pk_vm.pids) */
+    MLU_PKN_TENSOR,    /* u.ref: index in mlu_pk_vm.tensors */
+    MLU_PKN_KIND_COUNT
 } mlu_pk_kind;
 
 #define MLU_PK_F_ORDERED 1u
 #define MLU_PK_F_COUNTER 2u
-
-/* Torch dtypes the loader knows (ids index mlu_pk_dtypes). */
-typedef struct mlu_pk_dtype_info {
-    const char *name;          /* torch name: "float32", "bfloat16", ... */
-    const char *storage_class; /* legacy "FloatStorage", or NULL */
-    uint8_t itemsize;
-    uint8_t swap_unit;         /* byte swap granularity (complex: half the item) */
-} mlu_pk_dtype_info;
-
-extern const mlu_pk_dtype_info mlu_pk_dtypes[];
-extern const int mlu_pk_dtype_count;
-int mlu_pk_dtype_find(const char *name, size_t len);  /* id of a canonical torch name, or -1 */
 
 /* The globals allowlist, entry i (0, 1, 2... until MLU_PK_FORBIDDEN): sets
  * *module and *name (static strings) and returns MLU_PK_ALLOWED (built by

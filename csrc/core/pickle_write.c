@@ -24,7 +24,7 @@ static mlu_status put_bytes(mlu_pkw *w, const void *p, size_t n, mlu_error *err)
 
 mlu_status mlu_pkw_proto(mlu_pkw *w, mlu_error *err)
 {
-    static const unsigned char proto[2] = {0x80, 2};
+    static const unsigned char proto[2] = {MLU_PKOP_PROTO, 2};
     return put_bytes(w, proto, 2, err);
 }
 
@@ -41,7 +41,7 @@ mlu_status mlu_pkw_long_bytes(mlu_pkw *w, const unsigned char *le, size_t n, mlu
     if (n > 255)
         return mlu_error_set(err, MLU_EOVERFLOW, -1,
                              "integer needs %zu bytes; the weights-only format allows 255", n);
-    head[0] = 0x8a;
+    head[0] = MLU_PKOP_LONG1;
     head[1] = (unsigned char)n;
     st = put_bytes(w, head, 2, err);
     if (st == MLU_OK)
@@ -56,19 +56,19 @@ mlu_status mlu_pkw_int(mlu_pkw *w, int64_t v, mlu_error *err)
     uint64_t u;
 
     if (v >= 0 && v <= 0xFF) {
-        b[0] = 'K';
+        b[0] = MLU_PKOP_BININT1;
         b[1] = (unsigned char)v;
         return put_bytes(w, b, 2, err);
     }
     if (v >= 0 && v <= 0xFFFF) {
-        b[0] = 'M';
+        b[0] = MLU_PKOP_BININT2;
         b[1] = (unsigned char)v;
         b[2] = (unsigned char)(v >> 8);
         return put_bytes(w, b, 3, err);
     }
     if (v >= INT32_MIN && v <= INT32_MAX) {
         u = (uint64_t)v;
-        b[0] = 'J';
+        b[0] = MLU_PKOP_BININT;
         for (i = 0; i < 4; i++)
             b[1 + i] = (unsigned char)(u >> (8 * i));
         return put_bytes(w, b, 5, err);
@@ -95,7 +95,7 @@ mlu_status mlu_pkw_float(mlu_pkw *w, double v, mlu_error *err)
     int i;
 
     memcpy(&u, &v, 8);
-    b[0] = 'G';
+    b[0] = MLU_PKOP_BINFLOAT;
     for (i = 0; i < 8; i++)
         b[1 + i] = (unsigned char)(u >> (56 - 8 * i));
     return put_bytes(w, b, 9, err);
@@ -103,7 +103,7 @@ mlu_status mlu_pkw_float(mlu_pkw *w, double v, mlu_error *err)
 
 mlu_status mlu_pkw_bool(mlu_pkw *w, int v, mlu_error *err)
 {
-    return mlu_pkw_op(w, v ? MLU_PK_NEWTRUE : MLU_PK_NEWFALSE, err);
+    return mlu_pkw_op(w, v ? MLU_PKOP_NEWTRUE : MLU_PKOP_NEWFALSE, err);
 }
 
 mlu_status mlu_pkw_unicode(mlu_pkw *w, const char *s, size_t n, mlu_error *err)
@@ -114,7 +114,7 @@ mlu_status mlu_pkw_unicode(mlu_pkw *w, const char *s, size_t n, mlu_error *err)
     if ((uint64_t)n > 0xFFFFFFFFull)
         return mlu_error_set(err, MLU_EOVERFLOW, -1,
                              "string of %zu bytes is too long for pickle protocol 2", n);
-    head[0] = 'X';
+    head[0] = MLU_PKOP_BINUNICODE;
     head[1] = (unsigned char)n;
     head[2] = (unsigned char)(n >> 8);
     head[3] = (unsigned char)(n >> 16);
@@ -134,7 +134,7 @@ mlu_status mlu_pkw_global(mlu_pkw *w, const char *module, const char *name, mlu_
 
     if (strchr(module, '\n') != NULL || strchr(name, '\n') != NULL)
         return mlu_error_set(err, MLU_EINVAL, -1, "global name with a newline");
-    st = mlu_buf_putc(&w->buf, 'c', err);
+    st = mlu_buf_putc(&w->buf, MLU_PKOP_GLOBAL, err);
     if (st == MLU_OK)
         st = mlu_buf_puts(&w->buf, module, err);
     if (st == MLU_OK)
@@ -169,7 +169,7 @@ mlu_status mlu_pkw_put(mlu_pkw *w, uint32_t *index, mlu_error *err)
 
     if (w->memo_next == UINT32_MAX)
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "pickle memo is full");
-    st = memo_op(w, 'q', 'r', w->memo_next, err);
+    st = memo_op(w, MLU_PKOP_BINPUT, MLU_PKOP_LONG_BINPUT, w->memo_next, err);
     if (st != MLU_OK)
         return st;
     if (index != NULL)
@@ -182,5 +182,5 @@ mlu_status mlu_pkw_get(mlu_pkw *w, uint32_t index, mlu_error *err)
 {
     if (index >= w->memo_next)
         return mlu_error_set(err, MLU_EINVAL, -1, "pickle memo index %u was never put", index);
-    return memo_op(w, 'h', 'j', index, err);
+    return memo_op(w, MLU_PKOP_BINGET, MLU_PKOP_LONG_BINGET, index, err);
 }

@@ -9,28 +9,7 @@
 
 #include "../mlu.h"
 #include "buf.h"
-
-enum {
-    MLU_PK_MARK = '(',
-    MLU_PK_STOP = '.',
-    MLU_PK_TUPLE = 't',
-    MLU_PK_TUPLE1 = 0x85,
-    MLU_PK_TUPLE2 = 0x86,
-    MLU_PK_TUPLE3 = 0x87,
-    MLU_PK_EMPTY_TUPLE = ')',
-    MLU_PK_EMPTY_DICT = '}',
-    MLU_PK_SETITEM = 's',
-    MLU_PK_SETITEMS = 'u',
-    MLU_PK_EMPTY_LIST = ']',
-    MLU_PK_APPEND = 'a',
-    MLU_PK_APPENDS = 'e',
-    MLU_PK_NONE = 'N',
-    MLU_PK_NEWTRUE = 0x88,
-    MLU_PK_NEWFALSE = 0x89,
-    MLU_PK_REDUCE = 'R',
-    MLU_PK_BUILD = 'b',
-    MLU_PK_BINPERSID = 'Q'
-};
+#include "pickle_ops.h"
 
 /* Items per MARK ... SETITEMS / APPENDS batch (Python's _BATCHSIZE). */
 #define MLU_PK_BATCH 1000
@@ -44,7 +23,7 @@ void mlu_pkw_init(mlu_pkw *w);
 void mlu_pkw_free(mlu_pkw *w);
 /* PROTO 2. */
 mlu_status mlu_pkw_proto(mlu_pkw *w, mlu_error *err);
-/* One argument-less opcode from the enum above. */
+/* One argument-less opcode (MLU_PKOP_*, pickle_ops.h). */
 mlu_status mlu_pkw_op(mlu_pkw *w, int op, mlu_error *err);
 /* BININT1 / BININT2 / BININT / LONG1, as Python picks them. */
 mlu_status mlu_pkw_int(mlu_pkw *w, int64_t v, mlu_error *err);

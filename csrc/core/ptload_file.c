@@ -2,6 +2,8 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "pickle_ops.h"
+#include "zipfmt.h"
 #include "zipwrite.h"
 
 #include <errno.h>
@@ -133,11 +135,11 @@ static mlu_status check_computed_offsets(mlu_pt *pt, const char *prefix, size_t 
             want = e->data_offset;
         } else {
             size_t full = pl + 1 + 5 + s->key_len;  /* "<prefix>/data/<key>" */
-            uint64_t extra = 4;
+            uint64_t extra = MLU_ZIP_EXTRA_HEAD;  /* the padding extra field */
             lfh = cur;
             if (s->nbytes >= MLU_ZIP64_LIMIT || cur >= MLU_ZIP64_LIMIT)
-                extra += 4 + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
-            want = cur + 30 + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
+                extra += MLU_ZIP_EXTRA_HEAD + (s->nbytes >= MLU_ZIP64_LIMIT ? 16 : 0) + (cur >= MLU_ZIP64_LIMIT ? 8 : 0);
+            want = cur + MLU_ZIP_LFH_SIZE + full + extra + mlu_zip_padding(cur, full, s->nbytes, (uint32_t)align, MLU_ZIP64_LIMIT);
             if (want != e->data_offset) {
                 st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset,
                                    "record 'data/%.*s' starts at byte %llu, but torch computes byte %llu from "
@@ -368,21 +370,21 @@ static mlu_status legacy_pickles(mlu_pt *pt, const uint8_t *head, size_t len, si
         goto done;
     st = MLU_EFORMAT;
     n = node(pt, magic);
-    if (n->kind != MLU_PK_BIGINT || n->u.s.n != 10 || memcmp(n->u.s.p, legacy_magic, 10) != 0) {
+    if (n->kind != MLU_PKN_BIGINT || n->u.s.n != 10 || memcmp(n->u.s.p, legacy_magic, 10) != 0) {
         mlu_error_set(err, MLU_EFORMAT, 0, "invalid magic number: not a PyTorch legacy file");
         goto done;
     }
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &proto, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (node(pt, proto)->kind != MLU_PK_INT || node(pt, proto)->u.i != 1001) {
+    if (node(pt, proto)->kind != MLU_PKN_INT || node(pt, proto)->u.i != 1001) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "invalid protocol version in a legacy PyTorch file");
         goto done;
     }
     if ((st = mlu_pk_run(&pt->vm, head, len, pos, 1, &info, err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (node(pt, info)->kind != MLU_PK_DICT) {
+    if (node(pt, info)->kind != MLU_PKN_DICT) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)*pos, "legacy sys_info is not a dict");
         goto done;
     }
@@ -415,7 +417,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
     if (size >= 2 && (st = mlu_rd_read(&pt->rd, 0, &first, 1, "the first byte", err)) != MLU_OK)
         goto done;
     st = MLU_EFORMAT;
-    if (size < 2 || first != 0x80) {
+    if (size < 2 || first != MLU_PKOP_PROTO) {
         mlu_error_set(err, MLU_EFORMAT, 0, "not a PyTorch file: neither a zip archive nor a pickle stream");
         goto done;
     }
@@ -443,7 +445,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
     st = MLU_EFORMAT;
     pos = ppos;
     n = node(pt, keys);
-    if (n->kind != MLU_PK_LIST) {
+    if (n->kind != MLU_PKN_LIST) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list is not a list");
         goto done;
     }
@@ -460,7 +462,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         uint64_t nbytes;
         uint8_t cbuf[8];
         const mlu_pk_storage *ps;
-        if (k->kind != MLU_PK_STR) {
+        if (k->kind != MLU_PKN_STR) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage key list holds a %s", mlu_pk_kind_name(k->kind));
             goto done;
         }
@@ -520,7 +522,8 @@ mlu_status mlu_pt_open(mlu_pt *pt, const mlu_rd *rd, int verify, mlu_error *err)
     pt->rd = *rd;
     if (rd->size >= 4 && (st = mlu_rd_read(rd, 0, magic, 4, "the file magic", err)) != MLU_OK)
         goto done;
-    if (rd->size >= 4 && memcmp(magic, "PK\x03\x04", 4) == 0) {
+    if (rd->size >= 4 && ((uint32_t)magic[0] | (uint32_t)magic[1] << 8 | (uint32_t)magic[2] << 16 |
+                          (uint32_t)magic[3] << 24) == MLU_ZIP_LFH_SIG) {
         pt->is_zip = 1;
         st = open_zip(pt, verify, err);
     } else {

@@ -18,52 +18,9 @@
 
 /* ------------------------------------------------------------------ dtypes */
 
-const mlu_ptw_dtype mlu_ptw_dtypes[MLU_PTW_N_DTYPES] = {
-    {"float64", "DoubleStorage", 8},
-    {"float32", "FloatStorage", 4},
-    {"float16", "HalfStorage", 2},
-    {"bfloat16", "BFloat16Storage", 2},
-    {"int64", "LongStorage", 8},
-    {"int32", "IntStorage", 4},
-    {"int16", "ShortStorage", 2},
-    {"int8", "CharStorage", 1},
-    {"uint8", "ByteStorage", 1},
-    {"bool", "BoolStorage", 1},
-    {"complex64", "ComplexFloatStorage", 8},
-    {"complex128", "ComplexDoubleStorage", 16},
-    {"uint16", NULL, 2},
-    {"uint32", NULL, 4},
-    {"uint64", NULL, 8},
-    {"float8_e4m3fn", NULL, 1},
-    {"float8_e5m2", NULL, 1},
-    {"float8_e4m3fnuz", NULL, 1},
-    {"float8_e5m2fnuz", NULL, 1},
-    {"float8_e8m0fnu", NULL, 1},
-    {"float4_e2m1fn_x2", NULL, 1},
-    {"complex32", NULL, 4},
-    {"bits8", NULL, 1},
-    {"bits16", NULL, 2},
-    {"bits1x8", NULL, 1},
-    {"bits2x4", NULL, 1},
-    {"bits4x2", NULL, 1},
-};
-const int mlu_ptw_dtype_count = MLU_PTW_N_DTYPES;
-
-#define DTYPE_UINT8 8 /* untyped storages are typed as uint8, as torch does */
-
-int mlu_ptw_dtype_find(const char *name)
-{
-    int i, found = -1;
-
-    for (i = 0; i < MLU_PTW_N_DTYPES && found < 0; i++)
-        if (strcmp(mlu_ptw_dtypes[i].name, name) == 0)
-            found = i;
-    return found;
-}
-
 static int dtype_ok(int dtype)
 {
-    return dtype >= 0 && dtype < MLU_PTW_N_DTYPES;
+    return dtype >= 0 && dtype < MLU_TORCH_N_DTYPES;
 }
 
 /* Globals the pickle can name; each is memoized once, as pickle does. */
@@ -74,8 +31,8 @@ enum {
     G_REBUILD_PARAM,
     G_UNTYPED,
     G_STORAGE0,                             /* + dtype index: torch.<X>Storage */
-    G_DTYPE0 = G_STORAGE0 + MLU_PTW_N_DTYPES, /* + dtype index: torch.<dtype> */
-    G_COUNT = G_DTYPE0 + MLU_PTW_N_DTYPES
+    G_DTYPE0 = G_STORAGE0 + MLU_TORCH_N_DTYPES, /* + dtype index: torch.<dtype> */
+    G_COUNT = G_DTYPE0 + MLU_TORCH_N_DTYPES
 };
 
 typedef char globals_fit[G_COUNT == MLU_PTW_GLOBALS ? 1 : -1];
@@ -89,19 +46,13 @@ mlu_status mlu_ptw_init(mlu_ptw *w, mlu_error *err)
     memset(w, 0, sizeof(*w));
     for (g = 0; g < G_COUNT; g++)
         w->gmemo[g] = -1;
-    w->pk = mlu_malloc(sizeof(*w->pk));
-    if (w->pk == NULL)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
-    mlu_pkw_init(w->pk);
-    return mlu_pkw_proto(w->pk, err);
+    mlu_pkw_init(&w->pk);
+    return mlu_pkw_proto(&w->pk, err);
 }
 
 void mlu_ptw_free(mlu_ptw *w)
 {
-    if (w->pk != NULL)
-        mlu_pkw_free(w->pk);
-    mlu_free(w->pk);
-    w->pk = NULL;
+    mlu_pkw_free(&w->pk);
     mlu_free(w->st);
     w->st = NULL;
     w->nst = w->cap = 0;
@@ -117,7 +68,7 @@ static mlu_status put_global(mlu_ptw *w, int g, mlu_error *err)
     mlu_status st;
 
     if (w->gmemo[g] >= 0)
-        return mlu_pkw_get(w->pk, (uint32_t)w->gmemo[g], err);
+        return mlu_pkw_get(&w->pk, (uint32_t)w->gmemo[g], err);
     switch (g) {
     case G_ODICT:
         module = "collections";
@@ -140,12 +91,12 @@ static mlu_status put_global(mlu_ptw *w, int g, mlu_error *err)
         name = "UntypedStorage";
         break;
     default:
-        name = g < G_DTYPE0 ? mlu_ptw_dtypes[g - G_STORAGE0].storage : mlu_ptw_dtypes[g - G_DTYPE0].name;
+        name = g < G_DTYPE0 ? mlu_torch_dtypes[g - G_STORAGE0].storage_class : mlu_torch_dtypes[g - G_DTYPE0].name;
         break;
     }
-    st = mlu_pkw_global(w->pk, module, name, err);
+    st = mlu_pkw_global(&w->pk, module, name, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, &idx, err);
+        st = mlu_pkw_put(&w->pk, &idx, err);
     if (st == MLU_OK)
         w->gmemo[g] = idx;
     return st;
@@ -153,41 +104,41 @@ static mlu_status put_global(mlu_ptw *w, int g, mlu_error *err)
 
 mlu_status mlu_ptw_none(mlu_ptw *w, mlu_error *err)
 {
-    return mlu_pkw_op(w->pk, MLU_PK_NONE, err);
+    return mlu_pkw_op(&w->pk, MLU_PKOP_NONE, err);
 }
 
 mlu_status mlu_ptw_bool(mlu_ptw *w, int v, mlu_error *err)
 {
-    return mlu_pkw_bool(w->pk, v, err);
+    return mlu_pkw_bool(&w->pk, v, err);
 }
 
 mlu_status mlu_ptw_int(mlu_ptw *w, int64_t v, mlu_error *err)
 {
-    return mlu_pkw_int(w->pk, v, err);
+    return mlu_pkw_int(&w->pk, v, err);
 }
 
 mlu_status mlu_ptw_long_bytes(mlu_ptw *w, const unsigned char *le, size_t n, mlu_error *err)
 {
-    return mlu_pkw_long_bytes(w->pk, le, n, err);
+    return mlu_pkw_long_bytes(&w->pk, le, n, err);
 }
 
 mlu_status mlu_ptw_float(mlu_ptw *w, double v, mlu_error *err)
 {
-    return mlu_pkw_float(w->pk, v, err);
+    return mlu_pkw_float(&w->pk, v, err);
 }
 
 mlu_status mlu_ptw_str(mlu_ptw *w, const char *s, size_t n, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_unicode(w->pk, s, n, err);
+    mlu_status st = mlu_pkw_unicode(&w->pk, s, n, err);
 
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
 mlu_status mlu_ptw_get(mlu_ptw *w, uint32_t memo, mlu_error *err)
 {
-    return mlu_pkw_get(w->pk, memo, err);
+    return mlu_pkw_get(&w->pk, memo, err);
 }
 
 /* The container opcodes torch.save's pickler uses: how many items the batch
@@ -211,10 +162,10 @@ static mlu_status batch_close(mlu_ptw *w, const mlu_ptw_seq *seq, size_t start, 
     int op;
 
     if (seq->kind == MLU_PTW_LIST)
-        op = single ? MLU_PK_APPEND : MLU_PK_APPENDS;
+        op = single ? MLU_PKOP_APPEND : MLU_PKOP_APPENDS;
     else
-        op = single ? MLU_PK_SETITEM : MLU_PK_SETITEMS;
-    return mlu_pkw_op(w->pk, op, err);
+        op = single ? MLU_PKOP_SETITEM : MLU_PKOP_SETITEMS;
+    return mlu_pkw_op(&w->pk, op, err);
 }
 
 static void seq_start(mlu_ptw_seq *seq, int kind, size_t n)
@@ -226,11 +177,11 @@ static void seq_start(mlu_ptw_seq *seq, int kind, size_t n)
 
 mlu_status mlu_ptw_dict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(w->pk, MLU_PK_EMPTY_DICT, err);
+    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_DICT, err);
 
     seq_start(seq, MLU_PTW_DICT, n);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
@@ -241,21 +192,21 @@ mlu_status mlu_ptw_odict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t 
 
     seq_start(seq, MLU_PTW_ODICT, n);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_EMPTY_TUPLE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_REDUCE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
 mlu_status mlu_ptw_list_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(w->pk, MLU_PK_EMPTY_LIST, err);
+    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_LIST, err);
 
     seq_start(seq, MLU_PTW_LIST, n);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
@@ -265,7 +216,7 @@ mlu_status mlu_ptw_tuple_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, mlu_error
 
     seq_start(seq, MLU_PTW_TUPLE, n);
     if (n > 3)
-        st = mlu_pkw_op(w->pk, MLU_PK_MARK, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);
     return st;
 }
 
@@ -279,7 +230,7 @@ mlu_status mlu_ptw_item(mlu_ptw *w, mlu_ptw_seq *seq, mlu_error *err)
         if (seq->i > 0)
             st = batch_close(w, seq, seq->i - MLU_PK_BATCH, err);
         if (st == MLU_OK && !batch_single(seq, seq->i))
-            st = mlu_pkw_op(w->pk, MLU_PK_MARK, err);
+            st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);
     }
     if (st == MLU_OK)
         seq->i++;
@@ -288,26 +239,26 @@ mlu_status mlu_ptw_item(mlu_ptw *w, mlu_ptw_seq *seq, mlu_error *err)
 
 mlu_status mlu_ptw_seq_end(mlu_ptw *w, mlu_ptw_seq *seq, uint32_t *memo, mlu_error *err)
 {
-    static const int small[4] = {MLU_PK_EMPTY_TUPLE, MLU_PK_TUPLE1, MLU_PK_TUPLE2, MLU_PK_TUPLE3};
+    static const int small[4] = {MLU_PKOP_EMPTY_TUPLE, MLU_PKOP_TUPLE1, MLU_PKOP_TUPLE2, MLU_PKOP_TUPLE3};
     mlu_status st = MLU_OK;
 
     if (seq->i != seq->n)
         return mlu_error_set(err, MLU_EINVAL, -1, "pt writer: %zu items of the %zu announced", seq->i, seq->n);
     if (seq->kind == MLU_PTW_TUPLE) {
-        st = mlu_pkw_op(w->pk, seq->n > 3 ? MLU_PK_TUPLE : small[seq->n], err);
+        st = mlu_pkw_op(&w->pk, seq->n > 3 ? MLU_PKOP_TUPLE : small[seq->n], err);
         if (seq->n == 0) {
             if (memo != NULL)
                 *memo = MLU_PTW_NO_MEMO; /* pickle never memoizes the empty tuple */
         } else if (st == MLU_OK) {
-            st = mlu_pkw_put(w->pk, memo, err);
+            st = mlu_pkw_put(&w->pk, memo, err);
         }
     } else if (seq->n > 0) {
         st = batch_close(w, seq, (seq->n - 1) / MLU_PK_BATCH * MLU_PK_BATCH, err);
         /* a dict of an exact multiple of the batch size ends with an empty batch */
         if (st == MLU_OK && seq->kind == MLU_PTW_DICT && seq->n % MLU_PK_BATCH == 0) {
-            st = mlu_pkw_op(w->pk, MLU_PK_MARK, err);
+            st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);
             if (st == MLU_OK)
-                st = mlu_pkw_op(w->pk, MLU_PK_SETITEMS, err);
+                st = mlu_pkw_op(&w->pk, MLU_PKOP_SETITEMS, err);
         }
     }
     return st;
@@ -315,21 +266,21 @@ mlu_status mlu_ptw_seq_end(mlu_ptw *w, mlu_ptw_seq *seq, uint32_t *memo, mlu_err
 
 mlu_status mlu_ptw_odict_state(mlu_ptw *w, mlu_error *err)
 {
-    return mlu_pkw_op(w->pk, MLU_PK_BUILD, err);
+    return mlu_pkw_op(&w->pk, MLU_PKOP_BUILD, err);
 }
 
 /* ------------------------------------------------------------------ storages */
 
 static int storage_dtype(int dtype)
 {
-    return mlu_ptw_dtypes[dtype].storage != NULL ? dtype : DTYPE_UINT8;
+    return mlu_torch_dtypes[dtype].storage_class != NULL ? dtype : MLU_TORCH_DTYPE_UINT8;
 }
 
 static mlu_status check_whole(int dtype, uint64_t nbytes, mlu_error *err)
 {
-    const mlu_ptw_dtype *d = &mlu_ptw_dtypes[dtype];
+    const mlu_torch_dtype *d = &mlu_torch_dtypes[dtype];
 
-    if (d->storage != NULL && nbytes % (uint64_t)d->elsize != 0)
+    if (d->storage_class != NULL && nbytes % (uint64_t)d->itemsize != 0)
         return mlu_error_set(err, MLU_EINVAL, -1, "storage of %llu bytes is not a whole number of %s elements",
                              (unsigned long long)nbytes, d->name);
     return MLU_OK;
@@ -373,7 +324,7 @@ mlu_status mlu_ptw_storage_check(const mlu_ptw *w, size_t index, int dtype, uint
     if (st == MLU_OK && w->st[index].dtype != storage_dtype(dtype))
         st = mlu_error_set(err, MLU_EINVAL, -1,
                            "cannot save tensors that view the same storage as different types (%s and %s)",
-                           mlu_ptw_dtypes[w->st[index].dtype].name, mlu_ptw_dtypes[storage_dtype(dtype)].name);
+                           mlu_torch_dtypes[w->st[index].dtype].name, mlu_torch_dtypes[storage_dtype(dtype)].name);
     if (st == MLU_OK && w->st[index].nbytes != nbytes)
         st = mlu_error_set(err, MLU_EINVAL, -1, "a shared storage changed size while saving");
     return st;
@@ -391,7 +342,7 @@ static mlu_status int_tuple(mlu_ptw *w, const int64_t *v, size_t n, mlu_error *e
     for (i = 0; i < n && st == MLU_OK; i++) {
         st = mlu_ptw_item(w, &seq, err);
         if (st == MLU_OK)
-            st = mlu_pkw_int(w->pk, v[i], err);
+            st = mlu_pkw_int(&w->pk, v[i], err);
     }
     if (st == MLU_OK)
         st = mlu_ptw_seq_end(w, &seq, NULL, err);
@@ -402,7 +353,7 @@ static mlu_status int_tuple(mlu_ptw *w, const int64_t *v, size_t n, mlu_error *e
 static mlu_status pid_str(mlu_ptw *w, const char *s, uint32_t *memo, mlu_error *err)
 {
     if (*memo != MLU_PTW_NO_MEMO)
-        return mlu_pkw_get(w->pk, *memo, err);
+        return mlu_pkw_get(&w->pk, *memo, err);
     return mlu_ptw_str(w, s, strlen(s), memo, err);
 }
 
@@ -410,7 +361,7 @@ static mlu_status pid_str(mlu_ptw *w, const char *s, uint32_t *memo, mlu_error *
 mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pid_memo[MLU_PTW_PID_COUNT],
                                 mlu_error *err)
 {
-    const mlu_ptw_dtype *d;
+    const mlu_torch_dtype *d;
     const mlu_ptw_storage *s;
     uint64_t numel;
     char key[24];
@@ -419,21 +370,21 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
 
     if (!dtype_ok(t->dtype) || t->storage >= w->nst)
         return mlu_error_set(err, MLU_EINVAL, -1, "pt writer: no storage %zu or dtype %d", t->storage, t->dtype);
-    d = &mlu_ptw_dtypes[t->dtype];
+    d = &mlu_torch_dtypes[t->dtype];
     s = &w->st[t->storage];
-    v3 = d->storage == NULL;
+    v3 = d->storage_class == NULL;
     /* the pid's numel: bytes for UntypedStorage, elements for the legacy classes */
-    numel = v3 ? s->nbytes : s->nbytes / (uint64_t)d->elsize;
+    numel = v3 ? s->nbytes : s->nbytes / (uint64_t)d->itemsize;
     if (numel > (uint64_t)INT64_MAX)
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "storage of %llu bytes is too large",
                              (unsigned long long)s->nbytes);
     snprintf(key, sizeof(key), "%zu", t->storage);
     st = put_global(w, v3 ? G_REBUILD_V3 : G_REBUILD_V2, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_MARK, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);
     /* persistent id ('storage', class, key, 'cpu', numel) */
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_MARK, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);
     if (st == MLU_OK)
         st = pid_str(w, "storage", &pid_memo[MLU_PTW_PID_STORAGE], err);
     if (st == MLU_OK)
@@ -443,30 +394,30 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
     if (st == MLU_OK)
         st = pid_str(w, "cpu", &pid_memo[MLU_PTW_PID_CPU], err);
     if (st == MLU_OK)
-        st = mlu_pkw_int(w->pk, (int64_t)numel, err);
+        st = mlu_pkw_int(&w->pk, (int64_t)numel, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_TUPLE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_TUPLE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, NULL, err);
+        st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_BINPERSID, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_BINPERSID, err);
     if (st == MLU_OK)
-        st = mlu_pkw_int(w->pk, t->offset, err);
+        st = mlu_pkw_int(&w->pk, t->offset, err);
     if (st == MLU_OK)
         st = int_tuple(w, t->shape, t->ndim, err);
     if (st == MLU_OK)
         st = int_tuple(w, t->stride, t->ndim, err);
     if (st == MLU_OK)
-        st = mlu_pkw_bool(w->pk, t->requires_grad, err);
+        st = mlu_pkw_bool(&w->pk, t->requires_grad, err);
     /* backward hooks: OrderedDict() */
     if (st == MLU_OK)
         st = put_global(w, G_ODICT, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_EMPTY_TUPLE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_REDUCE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, NULL, err);
+        st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK && v3)
         st = put_global(w, G_DTYPE0 + t->dtype, err);
     return st;
@@ -474,14 +425,14 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
 
 mlu_status mlu_ptw_tensor_end(mlu_ptw *w, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(w->pk, MLU_PK_TUPLE, err);
+    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_TUPLE, err);
 
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, NULL, err);
+        st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_REDUCE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
@@ -493,24 +444,24 @@ mlu_status mlu_ptw_param_begin(mlu_ptw *w, mlu_error *err)
 /* _rebuild_parameter(data, requires_grad, OrderedDict()) */
 mlu_status mlu_ptw_param_end(mlu_ptw *w, int requires_grad, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_bool(w->pk, requires_grad, err);
+    mlu_status st = mlu_pkw_bool(&w->pk, requires_grad, err);
 
     if (st == MLU_OK)
         st = put_global(w, G_ODICT, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_EMPTY_TUPLE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_REDUCE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, NULL, err);
+        st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_TUPLE3, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_TUPLE3, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, NULL, err);
+        st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(w->pk, MLU_PK_REDUCE, err);
+        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
     if (st == MLU_OK)
-        st = mlu_pkw_put(w->pk, memo, err);
+        st = mlu_pkw_put(&w->pk, memo, err);
     return st;
 }
 
@@ -520,7 +471,7 @@ mlu_status mlu_ptw_pickle_end(mlu_ptw *w, mlu_error *err)
 
     if (w->pickled)
         return mlu_error_set(err, MLU_EINVAL, -1, "pt writer: the pickle was already ended");
-    st = mlu_pkw_op(w->pk, MLU_PK_STOP, err);
+    st = mlu_pkw_op(&w->pk, MLU_PKOP_STOP, err);
     if (st == MLU_OK)
         w->pickled = 1;
     return st;
@@ -528,8 +479,8 @@ mlu_status mlu_ptw_pickle_end(mlu_ptw *w, mlu_error *err)
 
 const char *mlu_ptw_pickle(const mlu_ptw *w, size_t *len)
 {
-    *len = w->pk != NULL ? w->pk->buf.len : 0;
-    return w->pk != NULL ? w->pk->buf.data : NULL;
+    *len = w->pk.buf.len;
+    return w->pk.buf.data;
 }
 
 /* ------------------------------------------------------------------ archive */
@@ -554,7 +505,7 @@ mlu_status mlu_ptw_archive_bound(const mlu_ptw *w, size_t archive_len, size_t *o
     /* end records (98 bytes) and FIXED_RECORDS records, a little to spare */
     bad |= mlu_mul_overflow_size(per, FIXED_RECORDS, &total);
     bad |= mlu_add_overflow_size(total, MLU_ZIP_EOCD64_SIZE + MLU_ZIP_LOC64_SIZE + MLU_ZIP_EOCD_SIZE + 16, &total);
-    bad |= mlu_add_overflow_size(total, w->pk->buf.len, &total);
+    bad |= mlu_add_overflow_size(total, w->pk.buf.len, &total);
     for (i = 0; i < w->nst && !bad; i++) {
         bad |= w->st[i].nbytes > (uint64_t)SIZE_MAX;
         bad |= mlu_add_overflow_size((size_t)w->st[i].nbytes, per, &add);
@@ -582,7 +533,7 @@ mlu_status mlu_ptw_archive_begin(mlu_ptw *w, const char *archive, mlu_zipw_sink 
     w->zip.zip64_limit = zip64_limit;
     w->next_storage = 0;
     if (st == MLU_OK)
-        st = mlu_zipw_record(&w->zip, "data.pkl", w->pk->buf.data, w->pk->buf.len, err);
+        st = mlu_zipw_record(&w->zip, "data.pkl", w->pk.buf.data, w->pk.buf.len, err);
     if (st == MLU_OK)
         st = mlu_zipw_record(&w->zip, ".format_version", "1", 1, err);
     if (st == MLU_OK)

@@ -31,28 +31,16 @@
 #define MLU_PTWRITE_H
 
 #include "../mlu.h"
+#include "pickle_write.h"
+#include "torch_dtypes.h"
 #include "zipwrite.h"
 #include "atomicfile.h"
-
-/* ------------------------------------------------------------------ dtypes */
-
-typedef struct mlu_ptw_dtype {
-    const char *name;     /* torch's name: torch.<name> */
-    const char *storage;  /* legacy storage class (torch.<storage>); NULL: UntypedStorage + _rebuild_tensor_v3 */
-    int elsize;
-} mlu_ptw_dtype;
-
-extern const mlu_ptw_dtype mlu_ptw_dtypes[];
-extern const int mlu_ptw_dtype_count;
-/* Index of torch dtype `name` ("float32"), -1 when the writer has none. */
-int mlu_ptw_dtype_find(const char *name);
 
 /* ------------------------------------------------------------------ writer */
 
 #define MLU_PTW_NO_MEMO UINT32_MAX
 /* The globals the pickle names: 5 fixed ones + a storage class and a dtype per dtype. */
-#define MLU_PTW_N_DTYPES 27
-#define MLU_PTW_GLOBALS (5 + 2 * MLU_PTW_N_DTYPES)
+#define MLU_PTW_GLOBALS (5 + 2 * MLU_TORCH_N_DTYPES)
 
 /* The strings of a persistent id that the caller may have memoized already. */
 enum { MLU_PTW_PID_STORAGE = 0, MLU_PTW_PID_KEY, MLU_PTW_PID_CPU, MLU_PTW_PID_COUNT };
@@ -63,10 +51,8 @@ typedef struct mlu_ptw_storage {
     const void *data;     /* borrowed, or NULL: the bytes come with mlu_ptw_archive_storage */
 } mlu_ptw_storage;
 
-struct mlu_pkw; /* pickle_write.h; kept out of this header, whose users may also read pickles */
-
 typedef struct mlu_ptw {
-    struct mlu_pkw *pk;        /* owned: data.pkl so far */
+    mlu_pkw pk;                /* owned: data.pkl so far */
     int64_t gmemo[MLU_PTW_GLOBALS]; /* memo index of each global, -1 before its first use */
     mlu_ptw_storage *st;       /* owned */
     size_t nst, cap;
@@ -93,7 +79,7 @@ typedef struct mlu_ptw_seq {
 
 /* A tensor as torch describes it; sizes in elements. */
 typedef struct mlu_ptw_tensor {
-    int dtype;              /* index in mlu_ptw_dtypes */
+    int dtype;              /* index in mlu_torch_dtypes (torch_dtypes.h) */
     size_t ndim;
     const int64_t *shape;   /* borrowed, ndim entries */
     const int64_t *stride;  /* borrowed, ndim entries */

@@ -1,5 +1,5 @@
 /* zipfmt.h: the zip format's fixed numbers (signatures, header sizes, flags,
- * the zip64 extra id), shared by the zip writer and, in time, the reader. */
+ * the zip64 extra id), shared by the zip reader and writer. */
 #ifndef MLU_ZIPFMT_H
 #define MLU_ZIPFMT_H
 
@@ -20,7 +20,10 @@
 #define MLU_ZIP_EXTRA_HEAD 4u           /* id + length of an extra field */
 #define MLU_ZIP64_EXTRA_ID 0x0001u
 
+#define MLU_ZIP_FLAG_ENCRYPTED 0x0001u
 #define MLU_ZIP_FLAG_DESCRIPTOR 0x0008u
+#define MLU_ZIP_FLAG_STRONG_ENCRYPTION 0x0040u
+#define MLU_ZIP_FLAG_MASKED_HEADER 0x2000u
 #define MLU_ZIP_FLAG_UTF8 0x0800u
 
 #endif

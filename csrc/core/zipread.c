@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "zipread.h"
 #include "alloc.h"
+#include "zipfmt.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -10,11 +11,11 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#define EOCD_SIZE 22u
-#define EOCD64_MIN 56u
-#define LOCATOR_SIZE 20u
-#define CDH_SIZE 46u
-#define LFH_SIZE 30u
+#define EOCD_SIZE MLU_ZIP_EOCD_SIZE
+#define EOCD64_MIN MLU_ZIP_EOCD64_SIZE
+#define LOCATOR_SIZE MLU_ZIP_LOC64_SIZE
+#define CDH_SIZE MLU_ZIP_CDH_SIZE
+#define LFH_SIZE MLU_ZIP_LFH_SIZE
 /* DEFLATE cannot expand beyond about 1032:1; a declared size above this is a bomb. */
 #define DEFLATE_MAX_RATIO 1032u
 
@@ -33,16 +34,16 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
     mlu_status st = MLU_OK;
     size_t pos = 0;
 
-    while (pos + 4 <= ex_len) {
+    while (pos + MLU_ZIP_EXTRA_HEAD <= ex_len) {
         uint16_t id = rd16(ex + pos), len = rd16(ex + pos + 2);
-        const uint8_t *f = ex + pos + 4;
+        const uint8_t *f = ex + pos + MLU_ZIP_EXTRA_HEAD;
         size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
 
-        if (pos + 4 + len > ex_len) {
+        if (pos + MLU_ZIP_EXTRA_HEAD + len > ex_len) {
             st = mlu_error_set(err, MLU_EFORMAT, where, "zip extra field runs past its entry at byte %lld", (long long)where);
             goto done;
         }
-        if (id == 0x0001) {
+        if (id == MLU_ZIP64_EXTRA_ID) {
             if (len < need) {
                 st = mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short at byte %lld", (long long)where);
                 goto done;
@@ -52,7 +53,7 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
             if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
             goto done;
         }
-        pos += 4 + (size_t)len;
+        pos += MLU_ZIP_EXTRA_HEAD + (size_t)len;
     }
     if (need_u || need_c || need_o)
         st = mlu_error_set(err, MLU_EFORMAT, where, "zip entry at byte %lld needs a zip64 extra field but has none",
@@ -149,7 +150,7 @@ done:
     return st;
 }
 
-/* The EOCD is within the last 22 + 65535 bytes, and a zip64 locator right
+/* The EOCD is within the last EOCD_SIZE + 65535 bytes, and a zip64 locator right
  * before it: this many tail bytes hold both. */
 #define TAIL_MAX (EOCD_SIZE + 0xFFFFu + LOCATOR_SIZE)
 
@@ -231,7 +232,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
     /* scan backwards for the EOCD whose comment ends within the file */
     lo = tail_len > EOCD_SIZE + 0xFFFFu ? tail_len - EOCD_SIZE - 0xFFFFu : 0;
     for (i = tail_len - EOCD_SIZE + 1; i-- > lo;) {
-        if (tail[i] == 'P' && tail[i + 1] == 'K' && tail[i + 2] == 5 && tail[i + 3] == 6 &&
+        if (rd32(tail + i) == MLU_ZIP_EOCD_SIG &&
             i + EOCD_SIZE + rd16(tail + i + 20) <= tail_len) {
             eocd = tail_start + i;
             found = 1;
@@ -254,7 +255,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         cd_off = rd32(ep + 16);
     }
     /* the locator, when present, lies in the tail (TAIL_MAX leaves room for it) */
-    if (eocd >= tail_start + LOCATOR_SIZE && memcmp(tail + (eocd - tail_start) - LOCATOR_SIZE, "PK\x06\x07", 4) == 0) {
+    if (eocd >= tail_start + LOCATOR_SIZE && rd32(tail + (eocd - tail_start) - LOCATOR_SIZE) == MLU_ZIP_LOC64_SIG) {
         uint64_t loc_at = eocd - LOCATOR_SIZE;
         uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
         if (rd32(tail + (loc_at - tail_start) + 4) != 0 || rd32(tail + (loc_at - tail_start) + 16) != 1) {
@@ -269,7 +270,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if ((st = mlu_rd_read(rd, off64, e64, EOCD64_MIN, "the zip64 end record", err)) != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (memcmp(e64, "PK\x06\x06", 4) != 0) {
+        if (rd32(e64) != MLU_ZIP_EOCD64_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
                           (unsigned long long)off64);
             goto error;
@@ -297,7 +298,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory lies outside the file (truncated file?)");
         goto error;
     }
-    /* each entry takes at least 46 bytes: never allocate from the count alone */
+    /* each entry takes at least CDH_SIZE bytes: never allocate from the count alone */
     if (count > cd_size / CDH_SIZE) {
         mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory claims %llu entries in %llu bytes",
                       (unsigned long long)count, (unsigned long long)cd_size);
@@ -331,7 +332,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         uint32_t c32, u32, o32;
         size_t nl, xl, cl;
 
-        if (cd_size - pos < CDH_SIZE || memcmp(h, "PK\x01\x02", 4) != 0) {
+        if (cd_size - pos < CDH_SIZE || rd32(h) != MLU_ZIP_CDH_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu at byte %llu is corrupt", i,
                           (unsigned long long)at);
             goto error;
@@ -372,7 +373,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
             goto error;
         }
         /* encrypted, strongly encrypted, masked local headers (refused by torch's miniz too) */
-        if (e->flags & (0x0001u | 0x0040u | 0x2000u)) {
+        if (e->flags & (MLU_ZIP_FLAG_ENCRYPTED | MLU_ZIP_FLAG_STRONG_ENCRYPTION | MLU_ZIP_FLAG_MASKED_HEADER)) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", (int)nl, e->name);
             goto error;
         }
@@ -399,7 +400,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if ((st = mlu_rd_read(rd, e->lfh_offset, lfh, LFH_SIZE + nl, "a local file header", err)) != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (memcmp(lfh, "PK\x03\x04", 4) != 0) {
+        if (rd32(lfh) != MLU_ZIP_LFH_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header at byte %llu", (int)nl,
                           e->name, (unsigned long long)e->lfh_offset);
             goto error;

@@ -365,7 +365,7 @@ mlu_status mlu_zipw_finish(mlu_zipw *w, mlu_error *err)
         return st;
     cd_size = w->pos - cd_start;
     {
-        unsigned char t[56 + 20 + 22];
+        unsigned char t[MLU_ZIP_EOCD64_SIZE + MLU_ZIP_LOC64_SIZE + MLU_ZIP_EOCD_SIZE];
         uint64_t eocd64 = w->pos;
         memset(t, 0, sizeof(t));
         put32(t, EOCD64_SIG);
@@ -376,10 +376,10 @@ mlu_status mlu_zipw_finish(mlu_zipw *w, mlu_error *err)
         put64(t + 32, (uint64_t)w->count);
         put64(t + 40, cd_size);
         put64(t + 48, cd_start);
-        put32(t + 56, LOC64_SIG);
+        put32(t + MLU_ZIP_EOCD64_SIZE, LOC64_SIG);
         put64(t + 64, eocd64);
         put32(t + 72, 1);
-        put32(t + 76, EOCD_SIG);
+        put32(t + MLU_ZIP_EOCD64_SIZE + MLU_ZIP_LOC64_SIZE, EOCD_SIG);
         put16(t + 84, (uint16_t)(w->count > 0xFFFF ? 0xFFFF : w->count));
         put16(t + 86, (uint16_t)(w->count > 0xFFFF ? 0xFFFF : w->count));
         put32(t + 88, field32(w, cd_size));

@@ -143,7 +143,7 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 
     if (shape != NULL && stride != NULL)
         res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
-                                    mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
+                                    mlu_torch_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
                                     t->requires_grad, t->is_parameter);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);
@@ -226,28 +226,28 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         goto done;
     }
     switch (n->kind) {
-    case MLU_PK_NONE:
+    case MLU_PKN_NONE:
         o = Py_NewRef(Py_None);
         break;
-    case MLU_PK_BOOL:
+    case MLU_PKN_BOOL:
         o = PyBool_FromLong((long)n->u.i);
         break;
-    case MLU_PK_INT:
+    case MLU_PKN_INT:
         o = PyLong_FromLongLong(n->u.i);
         break;
-    case MLU_PK_BIGINT:
+    case MLU_PKN_BIGINT:
         o = make_bigint(n);
         break;
-    case MLU_PK_FLOAT:
+    case MLU_PKN_FLOAT:
         o = PyFloat_FromDouble(n->u.f);
         break;
-    case MLU_PK_COMPLEX:
+    case MLU_PKN_COMPLEX:
         o = PyComplex_FromDoubles(n->u.c.re, n->u.c.im);
         break;
-    case MLU_PK_STR:
+    case MLU_PKN_STR:
         o = make_str(c, n);
         break;
-    case MLU_PK_BYTES: {
+    case MLU_PKN_BYTES: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
             break;
@@ -259,7 +259,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         }
         break;
     }
-    case MLU_PK_BYTEARRAY:
+    case MLU_PKN_BYTEARRAY:
         if (n->len == 0) {
             o = PyByteArray_FromStringAndSize("", 0);
         } else {
@@ -269,8 +269,8 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             Py_XDECREF(b);
         }
         break;
-    case MLU_PK_TUPLE:
-    case MLU_PK_SIZE:
+    case MLU_PKN_TUPLE:
+    case MLU_PKN_SIZE:
         items = PyTuple_New(n->len);
         if (items == NULL)
             break;
@@ -280,7 +280,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                 goto error;
             PyTuple_SET_ITEM(items, i, x);  /* steals x */
         }
-        if (n->kind == MLU_PK_TUPLE) {
+        if (n->kind == MLU_PKN_TUPLE) {
             if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
                 o = Py_NewRef(c->memo[id]);
                 goto done;
@@ -293,7 +293,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
                 wrap_error(c, "cannot build a torch.Size", NULL);
         }
         break;
-    case MLU_PK_LIST:
+    case MLU_PKN_LIST:
         o = PyList_New(0);
         if (o == NULL)
             break;
@@ -307,7 +307,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             Py_DECREF(x);
         }
         break;
-    case MLU_PK_SET:
+    case MLU_PKN_SET:
         o = PySet_New(NULL);
         if (o == NULL)
             break;
@@ -325,7 +325,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             }
         }
         break;
-    case MLU_PK_DICT:
+    case MLU_PKN_DICT:
         if (n->flags & MLU_PK_F_ORDERED)
             o = PyObject_CallNoArgs(c->odict);
         else if (n->flags & MLU_PK_F_COUNTER)
@@ -340,7 +340,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
             goto error;
         break;
-    case MLU_PK_DEVICE: {
+    case MLU_PKN_DEVICE: {
         PyObject *s = make_str(c, n);
         if (s == NULL)
             break;
@@ -353,18 +353,18 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             wrap_error(c, "cannot build a torch.device", NULL);
         break;
     }
-    case MLU_PK_DTYPE:
-        o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
+    case MLU_PKN_DTYPE:
+        o = PyObject_CallFunction(c->hooks[1], "s", mlu_torch_dtypes[n->sub].name);
         if (o == NULL)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
-    case MLU_PK_TENSOR:
+    case MLU_PKN_TENSOR:
         o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
         /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
         if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
             goto error;
         break;
-    case MLU_PK_STORAGE:
+    case MLU_PKN_STORAGE:
         fmt_error(c, "a bare storage (not inside a tensor) is not supported");
         break;
     default:
@@ -610,14 +610,93 @@ done:
     return res;
 }
 
+/* ------------------------------------------------------------ dtype table */
+
+static PyStructSequence_Field torch_dtype_fields[] = {
+    {"name", "torch's name: torch.<name>"},
+    {"storage_class", "the legacy storage class (torch.<storage_class>), or None"},
+    {"itemsize", "bytes per element"},
+    {"numpy", "NumPy's little-endian dtype string, or None when NumPy has none"},
+    {"ml_dtypes", "the ml_dtypes type of that name, or None"},
+    {"safetensors", "the safetensors dtype, or None when safetensors has none"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc torch_dtype_desc = {
+    "mlutils._core.TorchDtype",
+    "One torch dtype as the .pt reader and writer know it (csrc/core/torch_dtypes.c).",
+    torch_dtype_fields,
+    6,
+};
+
+/* New ref: a str, or None for NULL. */
+static PyObject *str_or_none(const char *s)
+{
+    return s != NULL ? PyUnicode_FromString(s) : Py_NewRef(Py_None);
+}
+
+/* torch_dtypes(): the dtype table as a tuple of TorchDtype rows (new ref). */
+static PyObject *py_torch_dtypes(PyObject *module, PyObject *unused)
+{
+    PyObject *type = NULL, *res = NULL, *out = NULL, *row;
+    int i, k;
+
+    (void)unused;
+    type = PyObject_GetAttrString(module, "TorchDtype");
+    if (type == NULL)
+        goto done;
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "mlutils._core.TorchDtype is not a type");
+        goto done;
+    }
+    if ((res = PyTuple_New(MLU_TORCH_N_DTYPES)) == NULL)
+        goto done;
+    for (i = 0; i < MLU_TORCH_N_DTYPES; i++) {
+        const mlu_torch_dtype *d = &mlu_torch_dtypes[i];
+        PyObject *v[6];
+        if ((row = PyStructSequence_New((PyTypeObject *)type)) == NULL)
+            goto done;
+        PyTuple_SET_ITEM(res, i, row);  /* steals */
+        v[0] = PyUnicode_FromString(d->name);
+        v[1] = str_or_none(d->storage_class);
+        v[2] = PyLong_FromLong(d->itemsize);
+        v[3] = str_or_none(d->numpy);
+        v[4] = str_or_none(d->ml_dtypes);
+        v[5] = str_or_none(d->safetensors);
+        for (k = 0; k < 6; k++)
+            PyStructSequence_SetItem(row, k, v[k]);  /* steals; NULL left on failure */
+        for (k = 0; k < 6; k++)
+            if (v[k] == NULL)
+                goto done;
+    }
+    out = res;
+    res = NULL;
+done:
+    Py_XDECREF(res);
+    Py_XDECREF(type);
+    return out;
+}
+
 int mlu_ptload_module_init(PyObject *m)
 {
+    PyTypeObject *dtype_type;
+    int rc;
     static PyMethodDef methods[] = {
+        {"torch_dtypes", py_torch_dtypes, METH_NOARGS,
+         "torch_dtypes(): the torch dtypes the .pt reader and writer know, as a tuple of TorchDtype rows\n"
+         "(name, storage_class, itemsize, numpy, ml_dtypes, safetensors), from the one C table."},
         {"_pt_load", (PyCFunction)(void (*)(void))py_pt_load, METH_FASTCALL,
          "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
          "mode 0: storages map the file where possible; 1: storages are copies; 2: no storages (index);\n"
          "3: like 2, and deflated records are inflated to check them.  hooks = (tensor, dtype, size, device) callables."},
         {NULL, NULL, 0, NULL},
     };
+    dtype_type = PyStructSequence_NewType(&torch_dtype_desc);
+    if (dtype_type == NULL)
+        return -1;
+    rc = PyModule_AddObjectRef(m, "TorchDtype", (PyObject *)dtype_type);
+    Py_DECREF(dtype_type);
+    if (rc < 0)
+        return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -381,7 +381,7 @@ done:
 }
 
 typedef struct tensor_desc {
-    int dt;                 /* dtype index (mlu_ptw_dtypes) */
+    int dt;                 /* dtype index (mlu_torch_dtypes) */
     Py_ssize_t ndim;
     int64_t *size;          /* owned by the caller (ndim entries) */
     int64_t *stride;
@@ -532,7 +532,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
     dname = PyUnicode_AsUTF8(PyTuple_GET_ITEM(desc, 1));
     if (dname == NULL)
         goto done;
-    d.dt = mlu_ptw_dtype_find(dname);
+    d.dt = mlu_torch_dtype_named(dname);
     if (d.dt < 0) {
         mlu_path_fail(PyExc_TypeError, "obj", at, "tensors of dtype torch.%s cannot be saved", dname);
         goto done;
@@ -587,25 +587,25 @@ static int numpy_dtype(PyArray_Descr *descr)
             return -1;
         for (i = 0; i < sizeof(ml) / sizeof(ml[0]); i++)
             if (strcmp(mod + 10, ml[i]) == 0) {
-                int k = mlu_ptw_dtype_find(ml[i]);
-                return k >= 0 && mlu_ptw_dtypes[k].elsize == es ? k : -1;
+                int k = mlu_torch_dtype_named(ml[i]);
+                return k >= 0 && mlu_torch_dtypes[k].itemsize == es ? k : -1;
             }
         return -1;
     }
     switch (descr->kind) {
     case 'b':
-        return es == 1 ? mlu_ptw_dtype_find("bool") : -1;
+        return es == 1 ? mlu_torch_dtype_named("bool") : -1;
     case 'i':
-        return es == 1 ? mlu_ptw_dtype_find("int8") : es == 2 ? mlu_ptw_dtype_find("int16")
-             : es == 4 ? mlu_ptw_dtype_find("int32") : es == 8 ? mlu_ptw_dtype_find("int64") : -1;
+        return es == 1 ? mlu_torch_dtype_named("int8") : es == 2 ? mlu_torch_dtype_named("int16")
+             : es == 4 ? mlu_torch_dtype_named("int32") : es == 8 ? mlu_torch_dtype_named("int64") : -1;
     case 'u':
-        return es == 1 ? mlu_ptw_dtype_find("uint8") : es == 2 ? mlu_ptw_dtype_find("uint16")
-             : es == 4 ? mlu_ptw_dtype_find("uint32") : es == 8 ? mlu_ptw_dtype_find("uint64") : -1;
+        return es == 1 ? mlu_torch_dtype_named("uint8") : es == 2 ? mlu_torch_dtype_named("uint16")
+             : es == 4 ? mlu_torch_dtype_named("uint32") : es == 8 ? mlu_torch_dtype_named("uint64") : -1;
     case 'f':
-        return es == 2 ? mlu_ptw_dtype_find("float16") : es == 4 ? mlu_ptw_dtype_find("float32")
-             : es == 8 ? mlu_ptw_dtype_find("float64") : -1;
+        return es == 2 ? mlu_torch_dtype_named("float16") : es == 4 ? mlu_torch_dtype_named("float32")
+             : es == 8 ? mlu_torch_dtype_named("float64") : -1;
     case 'c':
-        return es == 8 ? mlu_ptw_dtype_find("complex64") : es == 16 ? mlu_ptw_dtype_find("complex128") : -1;
+        return es == 8 ? mlu_torch_dtype_named("complex64") : es == 16 ? mlu_torch_dtype_named("complex128") : -1;
     default:
         return -1;
     }
@@ -631,7 +631,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
         }
         return -1;
     }
-    es = mlu_ptw_dtypes[d.dt].elsize;
+    es = mlu_torch_dtypes[d.dt].itemsize;
     if (!PyArray_ISNOTSWAPPED(a)) {
         /* Byte-swapped data: torch wants native order, so this one is copied. */
         PyArray_Descr *native = PyArray_DescrNewByteorder(descr, NPY_NATIVE); /* new ref */

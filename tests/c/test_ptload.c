@@ -99,11 +99,11 @@ static void test_good(void)
         return;
     }
     root = &pt.vm.nodes[pt.root];
-    CHECK(root->kind == MLU_PK_DICT && root->len == 2);
+    CHECK(root->kind == MLU_PKN_DICT && root->len == 2);
     CHECK(pt.vm.n_tensors == 1 && pt.vm.n_storages == 1);
     t = &pt.vm.tensors[0];
     CHECK(t->ndim == 2 && t->shape[0] == 2 && t->stride[0] == 2 && t->end_bytes == 16);
-    CHECK(strcmp(mlu_pk_dtypes[t->dtype].name, "float32") == 0);
+    CHECK(strcmp(mlu_torch_dtypes[t->dtype].name, "float32") == 0);
     CHECK(mlu_pt_storage_in_place(&pt, 0, 1) == 1);
     CHECK(mlu_pt_storage_fill(&pt, 0, (uint8_t *)out, &err) == MLU_OK);
     CHECK(memcmp(out, VALUES, sizeof(out)) == 0);

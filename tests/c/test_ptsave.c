@@ -63,7 +63,7 @@ static void test_ops_and_memo(void)
     CHECK(mlu_pkw_float(&w, 1.0, &err) == MLU_OK);
     CHECK(mlu_pkw_bool(&w, 0, &err) == MLU_OK);
     CHECK(mlu_pkw_get(&w, 0, &err) == MLU_OK);
-    CHECK(mlu_pkw_op(&w, MLU_PK_STOP, &err) == MLU_OK);
+    CHECK(mlu_pkw_op(&w, MLU_PKOP_STOP, &err) == MLU_OK);
     {
         const char want[] = "\x80\x02" "ccollections\nOrderedDict\n" "q\x00" "X\x01\x00\x00\x00w"
                             "G\x3f\xf0\x00\x00\x00\x00\x00\x00" "\x89" "h\x00" ".";

@@ -65,9 +65,9 @@ static void test_state_dict_pickle(void)
     if (s == MLU_OK)
         s = mlu_ptw_str(&w, "w", 1, &m, &err);
     if (s == MLU_OK)
-        s = mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("float32"), sizeof(data), data, &idx, &err);
+        s = mlu_ptw_storage_add(&w, mlu_torch_dtype_named("float32"), sizeof(data), data, &idx, &err);
     memset(&t, 0, sizeof(t));
-    t.dtype = mlu_ptw_dtype_find("float32");
+    t.dtype = mlu_torch_dtype_named("float32");
     t.ndim = 1;
     t.shape = shape;
     t.stride = stride;
@@ -278,9 +278,9 @@ static void rt_build_case(rt_case *c)
     size_t i, k;
 
     memset(c, 0, sizeof(*c));
-    for (d = 0; d < mlu_ptw_dtype_count; d++) {
+    for (d = 0; d < MLU_TORCH_N_DTYPES; d++) {
         built_tensor *b = &c->t[c->nt++];
-        b->name = mlu_ptw_dtypes[d].name;
+        b->name = mlu_torch_dtypes[d].name;
         b->dtype = d;
         b->ndim = 2;
         b->shape[0] = 2;
@@ -288,7 +288,7 @@ static void rt_build_case(rt_case *c)
         b->stride[0] = 3;
         b->stride[1] = 1;
         b->storage = c->nst;
-        c->nbytes[c->nst++] = (uint64_t)(6 * mlu_ptw_dtypes[d].elsize);
+        c->nbytes[c->nst++] = (uint64_t)(6 * mlu_torch_dtypes[d].itemsize);
     }
     /* float32 storage of 24 elements, seen three ways */
     {
@@ -298,7 +298,7 @@ static void rt_build_case(rt_case *c)
         for (k = 0; k < 3; k++) {
             built_tensor *b = &c->t[c->nt++];
             b->name = names[k];
-            b->dtype = mlu_ptw_dtype_find("float32");
+            b->dtype = mlu_torch_dtype_named("float32");
             b->storage = s;
             b->requires_grad = k == 1;
         }
@@ -321,7 +321,7 @@ static void rt_build_case(rt_case *c)
     {
         built_tensor *b = &c->t[c->nt++]; /* a parameter; a scalar; a 4-d int64; empty storage */
         b->name = "param";
-        b->dtype = mlu_ptw_dtype_find("bfloat16");
+        b->dtype = mlu_torch_dtype_named("bfloat16");
         b->ndim = 1;
         b->shape[0] = 5;
         b->stride[0] = 1;
@@ -331,12 +331,12 @@ static void rt_build_case(rt_case *c)
         c->nbytes[c->nst++] = 10;
         b = &c->t[c->nt++];
         b->name = "scalar";
-        b->dtype = mlu_ptw_dtype_find("float64");
+        b->dtype = mlu_torch_dtype_named("float64");
         b->storage = c->nst;
         c->nbytes[c->nst++] = 8;
         b = &c->t[c->nt++];
         b->name = "four_d";
-        b->dtype = mlu_ptw_dtype_find("int64");
+        b->dtype = mlu_torch_dtype_named("int64");
         b->ndim = 4;
         for (k = 0; k < 4; k++)
             b->shape[k] = 2;
@@ -348,7 +348,7 @@ static void rt_build_case(rt_case *c)
         c->nbytes[c->nst++] = 16 * 8;
         b = &c->t[c->nt++];
         b->name = "empty";
-        b->dtype = mlu_ptw_dtype_find("float16");
+        b->dtype = mlu_torch_dtype_named("float16");
         b->ndim = 1;
         b->stride[0] = 1;
         b->storage = c->nst;
@@ -502,7 +502,7 @@ static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id)
 static int str_is(const mlu_pt *pt, uint32_t id, const char *s)
 {
     const mlu_pk_node *n = node(pt, id);
-    return n->kind == MLU_PK_STR && n->u.s.n == strlen(s) && memcmp(n->u.s.p, s, n->u.s.n) == 0;
+    return n->kind == MLU_PKN_STR && n->u.s.n == strlen(s) && memcmp(n->u.s.p, s, n->u.s.n) == 0;
 }
 
 static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
@@ -523,9 +523,9 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
     CHECK(pt.is_zip && !pt.big_endian);
     CHECK(pt.vm.n_storages == c->nst);
     root = node(&pt, pt.root);
-    CHECK(root->kind == MLU_PK_DICT && (root->flags & MLU_PK_F_ORDERED) && root->len == 2 * (c->nt + 1));
+    CHECK(root->kind == MLU_PKN_DICT && (root->flags & MLU_PK_F_ORDERED) && root->len == 2 * (c->nt + 1));
     CHECK(root->attrs != MLU_PK_NONE_ID);
-    if (root->kind != MLU_PK_DICT || root->len != 2 * (c->nt + 1)) {
+    if (root->kind != MLU_PKN_DICT || root->len != 2 * (c->nt + 1)) {
         mlu_pt_close(&pt);
         return;
     }
@@ -536,12 +536,12 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
         const mlu_pk_storage *s;
         int ok;
         CHECK(str_is(&pt, root->u.items[2 * i], b->name));
-        CHECK(v->kind == MLU_PK_TENSOR);
-        if (v->kind != MLU_PK_TENSOR)
+        CHECK(v->kind == MLU_PKN_TENSOR);
+        if (v->kind != MLU_PKN_TENSOR)
             continue;
         t = &pt.vm.tensors[v->u.ref];
         s = &pt.vm.storages[pt.vm.pids[t->pid].storage];
-        ok = strcmp(mlu_pk_dtypes[t->dtype].name, mlu_ptw_dtypes[b->dtype].name) == 0;
+        ok = strcmp(mlu_torch_dtypes[t->dtype].name, mlu_torch_dtypes[b->dtype].name) == 0;
         ok &= (size_t)t->ndim == b->ndim && t->offset == (uint64_t)b->offset;
         ok &= t->requires_grad == b->requires_grad && t->is_parameter == b->param;
         for (k = 0; k < b->ndim; k++)
@@ -559,8 +559,8 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
     }
     /* the three views share one storage */
     {
-        const mlu_pk_node *a = node(&pt, root->u.items[2 * (mlu_ptw_dtype_count) + 1]);
-        const mlu_pk_node *b = node(&pt, root->u.items[2 * (mlu_ptw_dtype_count + 2) + 1]);
+        const mlu_pk_node *a = node(&pt, root->u.items[2 * (MLU_TORCH_N_DTYPES) + 1]);
+        const mlu_pk_node *b = node(&pt, root->u.items[2 * (MLU_TORCH_N_DTYPES + 2) + 1]);
         CHECK(pt.vm.pids[pt.vm.tensors[a->u.ref].pid].storage == pt.vm.pids[pt.vm.tensors[b->u.ref].pid].storage);
     }
     for (i = 0; i < pt.vm.n_storages; i++) {
@@ -585,23 +585,23 @@ static void rt_check(const rt_case *c, const unsigned char *zip, size_t len)
     {
         const mlu_pk_node *nest = node(&pt, root->u.items[2 * c->nt + 1]);
         CHECK(str_is(&pt, root->u.items[2 * c->nt], "nested"));
-        CHECK(nest->kind == MLU_PK_DICT && !(nest->flags & MLU_PK_F_ORDERED) && nest->len == 8);
-        if (nest->kind == MLU_PK_DICT && nest->len == 8) {
+        CHECK(nest->kind == MLU_PKN_DICT && !(nest->flags & MLU_PK_F_ORDERED) && nest->len == 8);
+        if (nest->kind == MLU_PKN_DICT && nest->len == 8) {
             const mlu_pk_node *l = node(&pt, nest->u.items[1]);
             CHECK(nest->u.items[1] == nest->u.items[3]); /* the memo repeat is the same node */
-            CHECK(l->kind == MLU_PK_LIST && l->len == 10);
-            if (l->kind == MLU_PK_LIST && l->len == 10) {
+            CHECK(l->kind == MLU_PKN_LIST && l->len == 10);
+            if (l->kind == MLU_PKN_LIST && l->len == 10) {
                 CHECK(node(&pt, l->u.items[0])->u.i == 1 && node(&pt, l->u.items[1])->u.i == -1);
                 CHECK(node(&pt, l->u.items[2])->u.i == (int64_t)1 << 40);
-                CHECK(node(&pt, l->u.items[3])->kind == MLU_PK_FLOAT && node(&pt, l->u.items[3])->u.f == 1.5);
-                CHECK(node(&pt, l->u.items[4])->kind == MLU_PK_BOOL && node(&pt, l->u.items[5])->kind == MLU_PK_NONE);
+                CHECK(node(&pt, l->u.items[3])->kind == MLU_PKN_FLOAT && node(&pt, l->u.items[3])->u.f == 1.5);
+                CHECK(node(&pt, l->u.items[4])->kind == MLU_PKN_BOOL && node(&pt, l->u.items[5])->kind == MLU_PKN_NONE);
                 CHECK(str_is(&pt, l->u.items[6], "s"));
-                CHECK(node(&pt, l->u.items[7])->kind == MLU_PK_TUPLE && node(&pt, l->u.items[7])->len == 4);
-                CHECK(node(&pt, l->u.items[8])->kind == MLU_PK_TUPLE && node(&pt, l->u.items[8])->len == 0);
+                CHECK(node(&pt, l->u.items[7])->kind == MLU_PKN_TUPLE && node(&pt, l->u.items[7])->len == 4);
+                CHECK(node(&pt, l->u.items[8])->kind == MLU_PKN_TUPLE && node(&pt, l->u.items[8])->len == 0);
                 CHECK(node(&pt, l->u.items[9])->len == 1 && node(&pt, node(&pt, l->u.items[9])->u.items[0])->u.i == 7);
             }
-            CHECK(node(&pt, nest->u.items[5])->kind == MLU_PK_LIST && node(&pt, nest->u.items[5])->len == c->list_len);
-            CHECK(node(&pt, nest->u.items[7])->kind == MLU_PK_DICT && node(&pt, nest->u.items[7])->len == 2 * c->dict_len);
+            CHECK(node(&pt, nest->u.items[5])->kind == MLU_PKN_LIST && node(&pt, nest->u.items[5])->len == c->list_len);
+            CHECK(node(&pt, nest->u.items[7])->kind == MLU_PKN_DICT && node(&pt, nest->u.items[7])->len == 2 * c->dict_len);
         }
     }
     mlu_pt_close(&pt);
@@ -683,10 +683,10 @@ static void test_storage_rules(void)
     mlu_ptw w;
     mlu_error err;
     size_t i;
-    int f32 = mlu_ptw_dtype_find("float32"), u16 = mlu_ptw_dtype_find("uint16"), u8 = mlu_ptw_dtype_find("uint8");
+    int f32 = mlu_torch_dtype_named("float32"), u16 = mlu_torch_dtype_named("uint16"), u8 = mlu_torch_dtype_named("uint8");
 
-    CHECK(f32 >= 0 && u16 >= 0 && u8 >= 0 && mlu_ptw_dtype_find("qint8") == -1);
-    CHECK(mlu_ptw_dtype_count == MLU_PTW_N_DTYPES);
+    CHECK(f32 >= 0 && u16 >= 0 && u8 >= 0 && mlu_torch_dtype_named("qint8") == -1);
+    CHECK(u8 == MLU_TORCH_DTYPE_UINT8 && mlu_torch_dtypes[u8].storage_class != NULL);
     mlu_error_clear(&err);
     CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
     CHECK(mlu_ptw_storage_add(&w, f32, 6, NULL, &i, &err) == MLU_EINVAL); /* 1.5 floats */
@@ -698,7 +698,7 @@ static void test_storage_rules(void)
     CHECK(mlu_ptw_storage_check(&w, 0, f32, 8, &err) == MLU_EINVAL);
     mlu_error_clear(&err);
     CHECK(mlu_ptw_storage_add(&w, f32, 8, NULL, &i, &err) == MLU_OK && i == 1);
-    CHECK(mlu_ptw_storage_check(&w, 1, mlu_ptw_dtype_find("int32"), 8, &err) == MLU_EINVAL);
+    CHECK(mlu_ptw_storage_check(&w, 1, mlu_torch_dtype_named("int32"), 8, &err) == MLU_EINVAL);
     CHECK(strstr(err.text, "different types (float32 and int32)") != NULL);
     mlu_error_clear(&err);
     CHECK(mlu_ptw_storage_check(&w, 1, f32, 12, &err) == MLU_EINVAL);
@@ -813,7 +813,7 @@ static void test_size_arithmetic(void)
         for (i = 0; i < n; i++) {
             size_t idx;
             sizes[i] = rnd() % (sizeof(zeros) + 1);
-            ok &= mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), sizes[i], zeros, &idx, &err) == MLU_OK;
+            ok &= mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), sizes[i], zeros, &idx, &err) == MLU_OK;
         }
         ok &= mlu_ptw_none(&w, &err) == MLU_OK && mlu_ptw_pickle_end(&w, &err) == MLU_OK;
         ok &= mlu_ptw_archive_bound(&w, strlen(arch), &bound, &err) == MLU_OK;
@@ -839,7 +839,7 @@ static void test_size_arithmetic(void)
             ok = mlu_ptw_init(&w, &err) == MLU_OK;
             for (i = 0; i < n; i++) {
                 size_t idx;
-                ok &= mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), big[k][i], NULL, &idx, &err) == MLU_OK;
+                ok &= mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), big[k][i], NULL, &idx, &err) == MLU_OK;
             }
             ok &= mlu_ptw_none(&w, &err) == MLU_OK && mlu_ptw_pickle_end(&w, &err) == MLU_OK;
             ok &= mlu_ptw_archive_bound(&w, 5, &bound, &err) == MLU_OK;
@@ -864,14 +864,14 @@ static void test_size_arithmetic(void)
         size_t idx;
         mlu_error_clear(&err);
         CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
-        CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), UINT64_MAX - 10, NULL, &idx, &err) == MLU_OK);
+        CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), UINT64_MAX - 10, NULL, &idx, &err) == MLU_OK);
         CHECK(mlu_ptw_archive_bound(&w, 5, &bound, &err) == MLU_EOVERFLOW);
         mlu_error_clear(&err);
         mlu_ptw_free(&w);
         CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
-        CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), (uint64_t)PTRDIFF_MAX / 2, NULL, &idx, &err)
+        CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), (uint64_t)PTRDIFF_MAX / 2, NULL, &idx, &err)
               == MLU_OK);
-        CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), (uint64_t)PTRDIFF_MAX / 2, NULL, &idx, &err)
+        CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), (uint64_t)PTRDIFF_MAX / 2, NULL, &idx, &err)
               == MLU_OK);
         CHECK(mlu_ptw_archive_bound(&w, 5, &bound, &err) == MLU_EOVERFLOW);
         mlu_error_clear(&err);
@@ -909,7 +909,7 @@ static mlu_status random_archive(uint64_t seed, mlu_buf *out, size_t *nst_out, u
     limit = rnd() % 3 == 0 ? 1 + rnd() % 20000 : MLU_ZIP64_LIMIT;
     s = mlu_ptw_init(&w, err);
     for (i = 0; i < nst && s == MLU_OK; i++)
-        s = mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("uint8"), rnd() % 8 == 0 ? 0 : rnd() % (sizeof(pool) - 64),
+        s = mlu_ptw_storage_add(&w, mlu_torch_dtype_named("uint8"), rnd() % 8 == 0 ? 0 : rnd() % (sizeof(pool) - 64),
                                 pool + rnd() % 64, &idx, err);
     if (s == MLU_OK)
         s = mlu_ptw_list_begin(&w, &list, 2 * nst, &m, err);
@@ -917,7 +917,7 @@ static mlu_status random_archive(uint64_t seed, mlu_buf *out, size_t *nst_out, u
         /* tensor i/2 views storage i/2, twice: the second time its key is a memo repeat */
         built_tensor b;
         memset(&b, 0, sizeof(b));
-        b.dtype = mlu_ptw_dtype_find("uint8");
+        b.dtype = mlu_torch_dtype_named("uint8");
         b.ndim = 1;
         b.shape[0] = (int64_t)w.st[i / 2].nbytes;
         b.stride[0] = 1;
@@ -1096,8 +1096,8 @@ static void test_fetch_callback(void)
 
     mlu_error_clear(&err);
     CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
-    CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("int32"), 16, NULL, &idx, &err) == MLU_OK);
-    CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("int32"), 8, NULL, &idx, &err) == MLU_OK);
+    CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("int32"), 16, NULL, &idx, &err) == MLU_OK);
+    CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("int32"), 8, NULL, &idx, &err) == MLU_OK);
     CHECK(mlu_ptw_none(&w, &err) == MLU_OK && mlu_ptw_pickle_end(&w, &err) == MLU_OK);
     CHECK(mlu_ptw_archive_write(&w, "f", to_buf, &b, MLU_ZIP64_LIMIT, fetch_pattern, scratch, &err) == MLU_OK);
     CHECK(fetch_calls == 2);
@@ -1113,7 +1113,7 @@ static void test_fetch_callback(void)
     /* no bytes and no callback: refused */
     mlu_error_clear(&err);
     CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
-    CHECK(mlu_ptw_storage_add(&w, mlu_ptw_dtype_find("int32"), 16, NULL, &idx, &err) == MLU_OK);
+    CHECK(mlu_ptw_storage_add(&w, mlu_torch_dtype_named("int32"), 16, NULL, &idx, &err) == MLU_OK);
     CHECK(mlu_ptw_pickle_end(&w, &err) == MLU_OK);
     CHECK(mlu_ptw_archive_write(&w, "f", to_buf, &b, MLU_ZIP64_LIMIT, NULL, NULL, &err) == MLU_EINVAL);
     mlu_ptw_free(&w);

@@ -81,12 +81,12 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         t.storage = byte(g) % w->nst;
         t.dtype = w->st[t.storage].dtype;
         t.ndim = 1;
-        shape[0] = (int64_t)(w->st[t.storage].nbytes / (uint64_t)mlu_ptw_dtypes[t.dtype].elsize);
+        shape[0] = (int64_t)(w->st[t.storage].nbytes / (uint64_t)mlu_torch_dtypes[t.dtype].itemsize);
         stride[0] = 1;
     } else {
         uint64_t extent = 1, es;
-        t.dtype = (int)(byte(g) % (unsigned)mlu_ptw_dtype_count);
-        es = (uint64_t)mlu_ptw_dtypes[t.dtype].elsize;
+        t.dtype = (int)(byte(g) % (unsigned)MLU_TORCH_N_DTYPES);
+        es = (uint64_t)mlu_torch_dtypes[t.dtype].itemsize;
         t.ndim = byte(g) % 4;
         t.offset = byte(g) % 3;
         for (k = t.ndim; k-- > 0;) {

@@ -1,0 +1,82 @@
+/* pickle_ops.h: the pickle opcodes (Python's Lib/pickle.py names), shared by
+ * the reader (pickle_read.c) and the writers (pickle_write.c, ptwrite.c).
+ * Only the names live here; which opcodes each side accepts or emits is its
+ * own business. */
+#ifndef MLU_PICKLE_OPS_H
+#define MLU_PICKLE_OPS_H
+
+enum {
+    /* protocol 0 and 1 */
+    MLU_PKOP_MARK = '(',
+    MLU_PKOP_STOP = '.',
+    MLU_PKOP_POP = '0',
+    MLU_PKOP_POP_MARK = '1',
+    MLU_PKOP_DUP = '2',
+    MLU_PKOP_FLOAT = 'F',
+    MLU_PKOP_INT = 'I',
+    MLU_PKOP_BININT = 'J',
+    MLU_PKOP_BININT1 = 'K',
+    MLU_PKOP_LONG = 'L',
+    MLU_PKOP_BININT2 = 'M',
+    MLU_PKOP_NONE = 'N',
+    MLU_PKOP_PERSID = 'P',
+    MLU_PKOP_BINPERSID = 'Q',
+    MLU_PKOP_REDUCE = 'R',
+    MLU_PKOP_STRING = 'S',
+    MLU_PKOP_BINSTRING = 'T',
+    MLU_PKOP_SHORT_BINSTRING = 'U',
+    MLU_PKOP_UNICODE = 'V',
+    MLU_PKOP_BINUNICODE = 'X',
+    MLU_PKOP_APPEND = 'a',
+    MLU_PKOP_BUILD = 'b',
+    MLU_PKOP_GLOBAL = 'c',
+    MLU_PKOP_DICT = 'd',
+    MLU_PKOP_EMPTY_DICT = '}',
+    MLU_PKOP_APPENDS = 'e',
+    MLU_PKOP_GET = 'g',
+    MLU_PKOP_BINGET = 'h',
+    MLU_PKOP_INST = 'i',
+    MLU_PKOP_LONG_BINGET = 'j',
+    MLU_PKOP_LIST = 'l',
+    MLU_PKOP_EMPTY_LIST = ']',
+    MLU_PKOP_OBJ = 'o',
+    MLU_PKOP_PUT = 'p',
+    MLU_PKOP_BINPUT = 'q',
+    MLU_PKOP_LONG_BINPUT = 'r',
+    MLU_PKOP_SETITEM = 's',
+    MLU_PKOP_TUPLE = 't',
+    MLU_PKOP_EMPTY_TUPLE = ')',
+    MLU_PKOP_SETITEMS = 'u',
+    MLU_PKOP_BINFLOAT = 'G',
+    /* protocol 2 */
+    MLU_PKOP_PROTO = 0x80,
+    MLU_PKOP_NEWOBJ = 0x81,
+    MLU_PKOP_EXT1 = 0x82,
+    MLU_PKOP_EXT2 = 0x83,
+    MLU_PKOP_EXT4 = 0x84,
+    MLU_PKOP_TUPLE1 = 0x85,
+    MLU_PKOP_TUPLE2 = 0x86,
+    MLU_PKOP_TUPLE3 = 0x87,
+    MLU_PKOP_NEWTRUE = 0x88,
+    MLU_PKOP_NEWFALSE = 0x89,
+    MLU_PKOP_LONG1 = 0x8a,
+    MLU_PKOP_LONG4 = 0x8b,
+    /* protocol 3 and later */
+    MLU_PKOP_BINBYTES = 'B',
+    MLU_PKOP_SHORT_BINBYTES = 'C',
+    MLU_PKOP_SHORT_BINUNICODE = 0x8c,
+    MLU_PKOP_BINUNICODE8 = 0x8d,
+    MLU_PKOP_BINBYTES8 = 0x8e,
+    MLU_PKOP_EMPTY_SET = 0x8f,
+    MLU_PKOP_ADDITEMS = 0x90,
+    MLU_PKOP_FROZENSET = 0x91,
+    MLU_PKOP_NEWOBJ_EX = 0x92,
+    MLU_PKOP_STACK_GLOBAL = 0x93,
+    MLU_PKOP_MEMOIZE = 0x94,
+    MLU_PKOP_FRAME = 0x95,
+    MLU_PKOP_BYTEARRAY8 = 0x96,
+    MLU_PKOP_NEXT_BUFFER = 0x97,
+    MLU_PKOP_READONLY_BUFFER = 0x98
+};
+
+#endif

@@ -1,0 +1,67 @@
+/* torch_dtypes.c: the torch dtype table (see torch_dtypes.h). */
+#include "torch_dtypes.h"
+
+#include <string.h>
+
+const mlu_torch_dtype mlu_torch_dtypes[MLU_TORCH_N_DTYPES] = {
+    /* name, storage class, itemsize, swap unit, numpy, ml_dtypes, safetensors */
+    {"float64", "DoubleStorage", 8, 8, "<f8", NULL, "F64"},
+    {"float32", "FloatStorage", 4, 4, "<f4", NULL, "F32"},
+    {"float16", "HalfStorage", 2, 2, "<f2", NULL, "F16"},
+    {"bfloat16", "BFloat16Storage", 2, 2, NULL, "bfloat16", "BF16"},
+    {"int64", "LongStorage", 8, 8, "<i8", NULL, "I64"},
+    {"int32", "IntStorage", 4, 4, "<i4", NULL, "I32"},
+    {"int16", "ShortStorage", 2, 2, "<i2", NULL, "I16"},
+    {"int8", "CharStorage", 1, 1, "i1", NULL, "I8"},
+    {"uint8", "ByteStorage", 1, 1, "u1", NULL, "U8"},
+    {"bool", "BoolStorage", 1, 1, "?", NULL, "BOOL"},
+    {"complex64", "ComplexFloatStorage", 8, 4, "<c8", NULL, "C64"},
+    {"complex128", "ComplexDoubleStorage", 16, 8, "<c16", NULL, NULL},
+    {"complex32", NULL, 4, 2, NULL, NULL, NULL},
+    {"float8_e5m2", NULL, 1, 1, NULL, "float8_e5m2", "F8_E5M2"},
+    {"float8_e4m3fn", NULL, 1, 1, NULL, "float8_e4m3fn", "F8_E4M3"},
+    {"float8_e5m2fnuz", NULL, 1, 1, NULL, "float8_e5m2fnuz", "F8_E5M2FNUZ"},
+    {"float8_e4m3fnuz", NULL, 1, 1, NULL, "float8_e4m3fnuz", "F8_E4M3FNUZ"},
+    {"float8_e8m0fnu", NULL, 1, 1, NULL, "float8_e8m0fnu", "F8_E8M0"},
+    {"float4_e2m1fn_x2", NULL, 1, 1, NULL, NULL, "F4"},
+    {"uint16", NULL, 2, 2, "<u2", NULL, "U16"},
+    {"uint32", NULL, 4, 4, "<u4", NULL, "U32"},
+    {"uint64", NULL, 8, 8, "<u8", NULL, "U64"},
+    {"bits8", NULL, 1, 1, NULL, NULL, NULL},
+    {"bits16", NULL, 2, 2, NULL, NULL, NULL},
+    {"bits1x8", NULL, 1, 1, NULL, NULL, NULL},
+    {"bits2x4", NULL, 1, 1, NULL, NULL, NULL},
+    {"bits4x2", NULL, 1, 1, NULL, NULL, NULL},
+};
+
+typedef char uint8_id_ok[MLU_TORCH_DTYPE_UINT8 < MLU_TORCH_N_DTYPES ? 1 : -1];
+
+static int name_eq(const char *p, size_t n, const char *lit)
+{
+    return strlen(lit) == n && memcmp(p, lit, n) == 0;
+}
+
+int mlu_torch_dtype_find(const char *name, size_t len)
+{
+    int i, found = -1;
+
+    for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++)
+        if (name_eq(name, len, mlu_torch_dtypes[i].name))
+            found = i;
+    return found;
+}
+
+int mlu_torch_dtype_named(const char *name)
+{
+    return mlu_torch_dtype_find(name, strlen(name));
+}
+
+int mlu_torch_storage_class_find(const char *name, size_t len)
+{
+    int i, found = -1;
+
+    for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++)
+        if (mlu_torch_dtypes[i].storage_class != NULL && name_eq(name, len, mlu_torch_dtypes[i].storage_class))
+            found = i;
+    return found;
+}

@@ -1,0 +1,33 @@
+/* torch_dtypes.h: the torch dtypes the .pt reader and writer know, in one
+ * table: torch's name, its legacy storage class, element size, byte-swap
+ * unit, and its NumPy and safetensors equivalents.  A dtype id is an index
+ * into mlu_torch_dtypes; ids are internal (files and Python see names). */
+#ifndef MLU_TORCH_DTYPES_H
+#define MLU_TORCH_DTYPES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MLU_TORCH_N_DTYPES 27
+#define MLU_TORCH_DTYPE_UINT8 8 /* the id of uint8: untyped storages are typed as uint8, as torch does */
+
+typedef struct mlu_torch_dtype {
+    const char *name;          /* torch's name: torch.<name> ("float32", "bfloat16", ...) */
+    const char *storage_class; /* legacy storage class (torch.<storage_class>), or NULL: UntypedStorage */
+    uint8_t itemsize;          /* bytes per element */
+    uint8_t swap_unit;         /* byte-swap granularity (complex: half the item) */
+    const char *numpy;         /* NumPy's little-endian dtype string ("<f4"), or NULL when NumPy has none */
+    const char *ml_dtypes;     /* the ml_dtypes type of that name ("bfloat16"), or NULL */
+    const char *safetensors;   /* the safetensors dtype ("F32"), or NULL when safetensors has none */
+} mlu_torch_dtype;
+
+extern const mlu_torch_dtype mlu_torch_dtypes[MLU_TORCH_N_DTYPES];
+
+/* The id of torch dtype name[0..len) ("float32"), or -1. */
+int mlu_torch_dtype_find(const char *name, size_t len);
+/* The same for a NUL-terminated name. */
+int mlu_torch_dtype_named(const char *name);
+/* The id of the dtype whose legacy storage class is name[0..len) ("FloatStorage"), or -1. */
+int mlu_torch_storage_class_find(const char *name, size_t len);
+
+#endif
