@@ -1547,7 +1547,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         mlu_pk_tensor *t = &vm->tensors[i];
         mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
         if (t->dtype < 0)
-            t->dtype = s->dtype >= 0 ? s->dtype : mlu_pk_dtype_find("uint8", 5);
+            t->dtype = s->dtype >= 0 ? s->dtype : mlu_torch_dtype_find("uint8", 5);
         if ((st = check_view(vm, t, err)) != MLU_OK)
             goto done;
     }

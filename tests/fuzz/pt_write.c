@@ -101,7 +101,7 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
     }
     if (st == MLU_OK)
         st = mlu_ptw_storage_check(w, t.storage, t.dtype, w->st[t.storage].nbytes, err);
-    if (!can_require_grad(mlu_ptw_dtypes[t.dtype].name))
+    if (!can_require_grad(mlu_torch_dtypes[t.dtype].name))
         t.requires_grad = 0;
     if (st == MLU_OK && param)
         st = mlu_ptw_param_begin(w, err);
