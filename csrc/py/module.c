@@ -168,38 +168,24 @@ static int mlu_exec(PyObject *m)
 static int mlu_traverse(PyObject *m, visitproc visit, void *arg)
 {
     mlu_state *st = mlu_get_state(m);
-    size_t i;
 
     if (st == NULL)
         return 0;
-    Py_VISIT(st->MlutilsError);
-    Py_VISIT(st->JSONDecodeError);
-    Py_VISIT(st->SafetensorsError);
-    Py_VISIT(st->TorchFormatError);
-    Py_VISIT(st->UnsafePickleError);
-    Py_VISIT(st->SamplerStateError);
-    Py_VISIT(st->PatternError);
-    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
-        Py_VISIT(st->area_objects[i]);
+#define VISIT_FIELD(name, doc) Py_VISIT(st->name);
+    MLU_STATE_FIELDS(VISIT_FIELD)
+#undef VISIT_FIELD
     return 0;
 }
 
 static int mlu_clear(PyObject *m)
 {
     mlu_state *st = mlu_get_state(m);
-    size_t i;
 
     if (st == NULL)
         return 0;
-    Py_CLEAR(st->MlutilsError);
-    Py_CLEAR(st->JSONDecodeError);
-    Py_CLEAR(st->SafetensorsError);
-    Py_CLEAR(st->TorchFormatError);
-    Py_CLEAR(st->UnsafePickleError);
-    Py_CLEAR(st->SamplerStateError);
-    Py_CLEAR(st->PatternError);
-    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
-        Py_CLEAR(st->area_objects[i]);
+#define CLEAR_FIELD(name, doc) Py_CLEAR(st->name);
+    MLU_STATE_FIELDS(CLEAR_FIELD)
+#undef CLEAR_FIELD
     return 0;
 }
 

@@ -8,30 +8,31 @@
 
 #include "../mlu.h"
 
-/* Slots of mlu_state.area_objects, a few per area. */
-enum mlu_slot {
-    MLU_SLOT_SAFETENSORS_0 = 0, MLU_SLOT_SAFETENSORS_1, MLU_SLOT_SAFETENSORS_2, MLU_SLOT_SAFETENSORS_3,
-    MLU_SLOT_PTLOAD_0, MLU_SLOT_PTLOAD_1, MLU_SLOT_PTLOAD_2, MLU_SLOT_PTLOAD_3,
-    MLU_SLOT_PTSAVE_0, MLU_SLOT_PTSAVE_1, MLU_SLOT_PTSAVE_2, MLU_SLOT_PTSAVE_3,
-    MLU_SLOT_SAMPLER_0, MLU_SLOT_SAMPLER_1, MLU_SLOT_SAMPLER_2, MLU_SLOT_SAMPLER_3,
-    MLU_SLOT_PATTERN_0, MLU_SLOT_PATTERN_1, MLU_SLOT_PATTERN_2, MLU_SLOT_PATTERN_3,
-    MLU_SLOT_NCCL_0,
-    MLU_SLOT_COUNT
-};
+/* Every object the module state owns, once: X(field, doc).  The struct,
+ * GC traverse and clear are all generated from this list, so none of them
+ * can miss a field.  Adding an area = its fields here + its init function,
+ * which fills them. */
+#define MLU_STATE_FIELDS(X)                                                    \
+    /* exceptions (module.c) */                                                \
+    X(MlutilsError,       "(Exception)")                                       \
+    X(JSONDecodeError,    "(MlutilsError, json.JSONDecodeError)")              \
+    X(SafetensorsError,   "(MlutilsError, ValueError)")                        \
+    X(TorchFormatError,   "(MlutilsError, ValueError)")                        \
+    X(UnsafePickleError,  "(TorchFormatError, pickle.UnpicklingError)")        \
+    X(SamplerStateError,  "(MlutilsError, ValueError)")                        \
+    X(PatternError,       "(MlutilsError, ValueError, AssertionError)")        \
+    /* heap types, each set by its area's init (safetensors.c, sampler.c, ...) */ \
+    X(safetensors_map_type, "SafetensorsMap")                                  \
+    X(sampler_cursor_type,  "SamplerCursor")                                   \
+    X(pattern_table_type,   "PatternTable")                                    \
+    X(nccl_comm_type,       "NcclComm")
 
-/* One module state; every field is owned by the module (cleared in
- * mlu_state_clear).  Areas add their heap types and cached objects here. */
+/* One module state; every field is a strong reference owned by the module
+ * (NULL until its init ran; cleared in mlu_state_clear). */
 typedef struct mlu_state {
-    /* exceptions */
-    PyObject *MlutilsError;       /* (Exception) */
-    PyObject *JSONDecodeError;    /* (MlutilsError, json.JSONDecodeError) */
-    PyObject *SafetensorsError;   /* (MlutilsError, ValueError) */
-    PyObject *TorchFormatError;   /* (MlutilsError, ValueError) */
-    PyObject *UnsafePickleError;  /* (TorchFormatError, pickle.UnpicklingError) */
-    PyObject *SamplerStateError;  /* (MlutilsError, ValueError) */
-    PyObject *PatternError;       /* (MlutilsError, ValueError) */
-    /* area objects */
-    PyObject *area_objects[MLU_SLOT_COUNT]; /* the areas' heap types and caches, see mlu_slot */
+#define MLU_STATE_FIELD_DECL(name, doc) PyObject *name;
+    MLU_STATE_FIELDS(MLU_STATE_FIELD_DECL)
+#undef MLU_STATE_FIELD_DECL
 } mlu_state;
 
 extern PyModuleDef mlu_module_def;

@@ -5,7 +5,7 @@
 
 #include "../cuda/nccl_comm.h"
 
-#define COMM_TYPE(st) ((PyTypeObject *)(st)->area_objects[MLU_SLOT_NCCL_0])
+#define COMM_TYPE(st) ((PyTypeObject *)(st)->nccl_comm_type)
 #define REPORT_CAP 8192
 
 /* The loaded library is process-wide (dlopen handles are), so it lives here
@@ -486,6 +486,6 @@ int mlu_nccl_module_init(PyObject *m)
     type = PyType_FromModuleAndSpec(m, &comm_spec, NULL); /* new ref */
     if (type == NULL)
         return -1;
-    st->area_objects[MLU_SLOT_NCCL_0] = type; /* owned by the state */
+    st->nccl_comm_type = type; /* owned by the state */
     return PyModule_AddObjectRef(m, "NcclComm", type);
 }

@@ -14,8 +14,6 @@
 #include "../core/alloc.h"
 #include "../core/safetensors.h"
 
-#define MAP_SLOT MLU_SLOT_SAFETENSORS_0
-
 typedef struct {
     PyObject_HEAD
     uint8_t *base;      /* owned mapping (mlu_st_unmap) */
@@ -47,7 +45,7 @@ static void stmap_dealloc(PyObject *self)
 static StMap *stmap_new(PyObject *module)
 {
     mlu_state *st = mlu_get_state(module);
-    PyTypeObject *tp = (PyTypeObject *)st->area_objects[MAP_SLOT];
+    PyTypeObject *tp = (PyTypeObject *)st->safetensors_map_type;
     StMap *m = (StMap *)tp->tp_alloc(tp, 0);
 
     if (m != NULL) {
@@ -611,7 +609,7 @@ int mlu_safetensors_module_init(PyObject *m)
     tp = PyType_FromModuleAndSpec(m, &stmap_spec, NULL); /* new ref */
     if (tp == NULL)
         return -1;
-    st->area_objects[MAP_SLOT] = tp; /* owned by the state */
+    st->safetensors_map_type = tp; /* owned by the state */
     if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);

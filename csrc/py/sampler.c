@@ -683,6 +683,6 @@ int mlu_sampler_module_init(PyObject *m)
     type = PyType_FromModuleAndSpec(m, &cursor_spec, NULL); /* new ref */
     if (type == NULL)
         return -1;
-    st->area_objects[MLU_SLOT_SAMPLER_0] = type; /* owned by the state */
+    st->sampler_cursor_type = type; /* owned by the state */
     return PyModule_AddObjectRef(m, "SamplerCursor", type);
 }
