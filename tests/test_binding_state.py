@@ -16,3 +16,65 @@ def test_module_state_traverse_visits_every_owned_object():
     ids = {id(o) for o in referents}
     missing = [name for name in OWNED if id(getattr(_core, name)) not in ids]
     assert missing == []
+
+
+# ------------------------------------------------- one status -> exception path
+
+import errno
+import os
+
+import pytest
+
+import mlutils
+
+
+@pytest.mark.parametrize("status, domain, cls", [
+    ("ENOMEM", "value", MemoryError),
+    ("EINVAL", "value", ValueError),
+    ("ETYPE", "value", TypeError),
+    ("EOVERFLOW", "value", OverflowError),
+    ("EFORMAT", "value", ValueError),
+    ("EFORMAT", "safetensors", _core.SafetensorsError),
+    ("EFORMAT", "torch", _core.TorchFormatError),
+    ("EFORMAT", "pattern", _core.PatternError),
+    ("EUNSAFE", "torch", _core.UnsafePickleError),
+    ("ENOTSUP", "value", RuntimeError),
+    ("EDEVICE", "value", RuntimeError),
+])
+def test_status_table(status, domain, cls):
+    with pytest.raises(cls) as ei:
+        _core._raise_status(status, "what went wrong", domain=domain)
+    assert str(ei.value) == "what went wrong"
+    if domain == "value" and status == "EFORMAT":
+        assert type(ei.value) is ValueError  # no area: the plain builtin
+    assert issubclass(_core.SafetensorsError, mlutils.MlutilsError)
+
+
+def test_status_ok_is_a_system_error():
+    with pytest.raises(SystemError):
+        _core._raise_status("OK", "nothing")
+
+
+def test_os_error_carries_errno_and_filename(tmp_path):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(FileNotFoundError) as ei:
+        _core._raise_status("EIO", "open", errno=errno.ENOENT, filename=str(missing))
+    assert ei.value.errno == errno.ENOENT
+    assert ei.value.filename == str(missing)
+    assert ei.value.strerror == os.strerror(errno.ENOENT)  # as open() words it
+    with pytest.raises(PermissionError) as ei:
+        _core._raise_status("EIO", "create the temporary file", errno=errno.EACCES)
+    assert ei.value.filename is None
+    assert ei.value.strerror == "create the temporary file: " + os.strerror(errno.EACCES)
+
+
+def test_readers_name_the_file(tmp_path):
+    """json_read_file and the .pt reader raise OSError through the same path:
+    errno, the subclass it picks, and the file name they were given."""
+    from mlutils import io as mio
+    missing = str(tmp_path / "nope")
+    for read in (_core.json_read_file, mio.torch_load):
+        with pytest.raises(FileNotFoundError) as ei:
+            read(missing)
+        assert ei.value.errno == errno.ENOENT
+        assert ei.value.filename == missing

@@ -17,7 +17,7 @@ static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused)
     st = mlu_cuda_device_count(&count, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(mlu_get_state(m), &err, NULL);
+        return mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
     return Py_BuildValue("(is)", count, count > 0 ? "" : err.text);
 }
 
@@ -44,7 +44,7 @@ static PyObject *py_cuda_checksum64(PyObject *m, PyObject *args, PyObject *kw)
                              (void *)(uintptr_t)stream, &out, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(mlu_get_state(m), &err, NULL);
+        return mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
     return PyLong_FromUnsignedLongLong(out);
 }
 

@@ -25,7 +25,9 @@
     X(safetensors_map_type, "SafetensorsMap")                                  \
     X(sampler_cursor_type,  "SamplerCursor")                                   \
     X(pattern_table_type,   "PatternTable")                                    \
-    X(nccl_comm_type,       "NcclComm")
+    X(nccl_comm_type,       "NcclComm")                                        \
+    X(offload_pool_type,    "HostPool")                                        \
+    X(offload_engine_type,  "CudaOffloadEngine")
 
 /* One module state; every field is a strong reference owned by the module
  * (NULL until its init ran; cleared in mlu_state_clear). */
@@ -41,10 +43,26 @@ extern PyModuleDef mlu_module_def;
 mlu_state *mlu_get_state(PyObject *module);
 mlu_state *mlu_state_from_type(PyTypeObject *type);
 
-/* Raises the Python exception matching err->code; MLU_EFORMAT uses
- * format_exc (borrowed; NULL means ValueError).  Always returns NULL so call
- * sites can `return mlu_raise(...)`. */
-PyObject *mlu_raise(mlu_state *st, const mlu_error *err, PyObject *format_exc);
+/* The class MLU_EFORMAT becomes: the format error of the area whose
+ * untrusted bytes were malformed. */
+typedef enum mlu_domain {
+    MLU_DOMAIN_VALUE = 0,    /* ValueError */
+    MLU_DOMAIN_SAFETENSORS,  /* SafetensorsError */
+    MLU_DOMAIN_TORCH,        /* TorchFormatError */
+    MLU_DOMAIN_PATTERN,      /* PatternError */
+    MLU_DOMAIN_COUNT
+} mlu_domain;
+
+/* errors.c, the one status -> exception path: raises the class of
+ * err->code (one table there; MLU_EFORMAT -> the domain's class).  MLU_EIO
+ * becomes OSError(errno, message, filename), its subclass picked by errno;
+ * filename (borrowed) may be NULL.  st (borrowed) must not be NULL.  Always
+ * returns NULL so call sites can `return mlu_raise(...)`. */
+PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *filename);
+
+/* OSError for an errno from a system call made in the binding itself, as
+ * mlu_raise makes it.  Always returns NULL. */
+PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
 
 /* Each area's entry: adds its functions/types to the module (exec phase).
  * Return 0 on success, -1 with an exception set. */

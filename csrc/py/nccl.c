@@ -23,11 +23,13 @@ static PyObject *comm_raise(PyObject *any, const mlu_nccl_comm *comm, const mlu_
 {
     mlu_state *st = PyModule_Check(any) ? mlu_get_state(any) : mlu_state_from_type(Py_TYPE(any));
 
+    if (st == NULL) /* an exception is set */
+        return NULL;
     if (comm != NULL && mlu_nccl_comm_timed_out(comm) && err->code == MLU_EDEVICE) {
         PyErr_SetString(PyExc_TimeoutError, err->text);
         return NULL;
     }
-    return mlu_raise(st, err, NULL);
+    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 static int need_loaded(void)

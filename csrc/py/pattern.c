@@ -18,7 +18,7 @@ typedef struct {
 
 static PyObject *raise_err(mlu_state *st, const mlu_error *err)
 {
-    return mlu_raise(st, err, NULL);
+    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 /* PatternError for EINVAL, as every pattern problem is a ValueError. */
@@ -26,7 +26,7 @@ static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
 {
     if (err->code == MLU_EINVAL)
         err->code = MLU_EFORMAT;
-    return mlu_raise(st, err, st->PatternError);
+    return mlu_raise(st, err, MLU_DOMAIN_PATTERN, NULL);
 }
 
 /* ------------------------------------------------------------------- type */

@@ -442,7 +442,7 @@ static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, in
             Py_END_ALLOW_THREADS
             if (st != MLU_OK) {
                 Py_DECREF(arr);
-                mlu_raise(c->st, &err, c->st->TorchFormatError);
+                mlu_raise(c->st, &err, MLU_DOMAIN_TORCH, NULL);
                 goto done;
             }
         }
@@ -451,17 +451,6 @@ static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, in
     res = 0;
 done:
     return res;
-}
-
-/* Raises the right exception for a core error about `path` (borrowed). */
-static void raise_core(mlu_state *st, const mlu_error *err, PyObject *path)
-{
-    if (err->code == MLU_EIO) {
-        errno = err->sys_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
-    } else {
-        mlu_raise(st, err, st->TorchFormatError);
-    }
 }
 
 /* New ref: a capsule owning a private mapping of fd's first `size` bytes,
@@ -486,11 +475,11 @@ static PyObject *map_file(mlu_state *st, int fd, uint64_t size, PyObject *path)
     frc = rc == MLU_OK ? fstat(fd, &sb) : 0;
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, path);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, path);
         goto error;
     }
     if (frc < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        mlu_raise_errno(st, errno, path);
         goto error;
     }
     /* pages past a shrunken end would raise SIGBUS when touched */
@@ -549,7 +538,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     rc = mlu_file_open_ro(PyBytes_AS_STRING(path_bytes), &fd, &size, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, args[0]);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;
     }
     mlu_rd_fd(&rd, fd, size);
@@ -557,7 +546,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     rc = mlu_pt_open(&pt, &rd, mode == MODE_VERIFY, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, args[0]);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;
     }
     pt_open = 1;

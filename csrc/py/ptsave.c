@@ -31,6 +31,7 @@ typedef struct storage_rec {
 typedef mlu_path path_step; /* see path.h */
 
 typedef struct saver {
+    mlu_state *mst;         /* borrowed: the module's state */
     mlu_ptw w;              /* owned: the format writer (pickle, storages, archive) */
     mlu_error err;
     PyObject *memo;         /* owned dict: id(obj) -> memo index */
@@ -50,7 +51,7 @@ typedef struct saver {
 
 static int core_fail(saver *s)
 {
-    mlu_raise(NULL, &s->err, NULL);
+    mlu_raise(s->mst, &s->err, MLU_DOMAIN_VALUE, NULL);
     return -1;
 }
 
@@ -876,11 +877,12 @@ static void saver_free(saver *s)
     Py_CLEAR(s->odict_type);
 }
 
-static int saver_init(saver *s, PyObject *tensor_type, PyObject *describe)
+static int saver_init(saver *s, mlu_state *mst, PyObject *tensor_type, PyObject *describe)
 {
     PyObject *collections;
 
     memset(s, 0, sizeof(*s));
+    s->mst = mst;
     mlu_error_clear(&s->err);
     if (mlu_ptw_init(&s->w, &s->err) != MLU_OK)
         return core_fail(s);
@@ -920,7 +922,6 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     path_step root = {NULL, NULL, 0, 0};
     mlu_status st;
 
-    (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsOOO|K:_ptsave_write", kwlist, &obj, &path,
                                      &archive, &tensor_type, &describe, &storage_bytes, &limit))
         return NULL;
@@ -932,7 +933,7 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
         PyErr_SetString(PyExc_ValueError, "zip64_limit must be positive");
         return NULL;
     }
-    if (saver_init(&s, tensor_type, describe) < 0)
+    if (saver_init(&s, mlu_get_state(module), tensor_type, describe) < 0)
         goto done;
     if (save_obj(&s, obj, &root) < 0)
         goto error_core;

@@ -56,11 +56,6 @@ static StMap *stmap_new(PyObject *module)
     return m;
 }
 
-static PyObject *format_exc_of(PyObject *module)
-{
-    return mlu_get_state(module)->SafetensorsError;
-}
-
 /* st_open(path) -> SafetensorsMap */
 static PyObject *py_st_open(PyObject *module, PyObject *arg)
 {
@@ -82,7 +77,7 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
         rc = mlu_st_parse(m->base, (uint64_t)m->len, &m->hdr, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     res = (PyObject *)m;
@@ -125,7 +120,7 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     }
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     res = (PyObject *)m;
@@ -522,7 +517,7 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
         /* A tensor or header the format cannot hold is the format's error. */
         if (err.code == MLU_EINVAL)
             err.code = MLU_EFORMAT;
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     if (path != NULL) {
@@ -530,7 +525,7 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
         rc = mlu_st_write_file(PyBytes_AS_STRING(path), hdr.data, hdr.len, j.entries, j.n, &err);
         Py_END_ALLOW_THREADS
         if (rc != MLU_OK) {
-            mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+            mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
             goto error;
         }
         res = Py_NewRef(Py_None);

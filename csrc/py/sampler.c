@@ -61,7 +61,10 @@ static int get_u64(PyObject *o, const char *what, uint64_t *out)
 
 static int raise_core(PyObject *self, const mlu_error *err)
 {
-    mlu_raise(cursor_state(self), err, NULL);
+    mlu_state *st = cursor_state(self); /* borrowed; NULL with an exception set */
+
+    if (st != NULL)
+        mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
     return -1;
 }
 
@@ -246,7 +249,7 @@ static PyObject *cursor_seek(PyObject *op, PyObject *args)
         return NULL;
     mlu_error_clear(&err);
     if (mlu_cursor_seek(&self->c, e, b, k, &err) != MLU_OK)
-        return mlu_raise(cursor_state(op), &err, NULL);
+        return raise_core(op, &err), NULL;
     self->buf_len = 0;
     Py_RETURN_NONE;
 }
@@ -408,7 +411,7 @@ static PyObject *cursor_set_epoch(PyObject *op, PyObject *arg)
     if (e != self->c.epoch) {
         mlu_error_clear(&err);
         if (mlu_cursor_seek(&self->c, e, 0, 0, &err) != MLU_OK)
-            return mlu_raise(cursor_state(op), &err, NULL);
+            return raise_core(op, &err), NULL;
         self->buf_len = 0;
     }
     Py_RETURN_NONE;
@@ -608,7 +611,7 @@ static PyObject *py_batch_pack(PyObject *m, PyObject *args)
                         &off, &nb, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
-        mlu_raise(mlu_get_state(m), &err, NULL);
+        mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
         goto done;
     }
     dims[0] = (npy_intp)nb + 1;
