@@ -7,7 +7,7 @@ from mlutils import _core
 OWNED = [
     "MlutilsError", "JSONDecodeError", "SafetensorsError", "TorchFormatError",
     "UnsafePickleError", "SamplerStateError", "PatternError",
-    "SafetensorsMap", "SamplerCursor", "PatternTable", "NcclComm",
+    "SafetensorsMap", "SamplerCursor", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
 ]
 
 
