@@ -78,3 +78,41 @@ def test_readers_name_the_file(tmp_path):
             read(missing)
         assert ei.value.errno == errno.ENOENT
         assert ei.value.filename == missing
+
+
+# ------------------------------------------------- named contracts across the boundary
+
+def test_ptsave_reads_tensor_descriptions_by_field_name():
+    """The C writer reads what mlutils._ptsave describes by name: any object
+    with those attributes (here in another order, not a tuple) works."""
+    torch = pytest.importorskip("torch")
+    import io
+    import types
+
+    from mlutils import _ptsave
+
+    def describe(t):
+        d = _ptsave._describe(t)
+        if d.kind == "param":
+            return types.SimpleNamespace(requires_grad=d.requires_grad, data=d.data, kind="param")
+        return types.SimpleNamespace(**{f: getattr(d, f) for f in reversed(d._fields)}, kind="tensor")
+
+    def storage_bytes(s):
+        b = _ptsave._storage_bytes(s)
+        return types.SimpleNamespace(nbytes=b.nbytes, address=b.address, owner=b.owner)
+
+    obj = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)[:, 1:],
+           "p": torch.nn.Parameter(torch.ones(3))}
+    data = _core._ptsave_write(obj, None, "archive", torch.Tensor, describe, storage_bytes)
+    assert data == _ptsave.save_bytes(obj)
+    back = torch.load(io.BytesIO(data), weights_only=True)
+    assert torch.equal(back["w"], obj["w"]) and isinstance(back["p"], torch.nn.Parameter)
+
+
+def test_ptsave_description_of_unknown_kind_is_refused():
+    torch = pytest.importorskip("torch")
+    import types
+
+    bad = lambda t: types.SimpleNamespace(kind="sparse")  # noqa: E731
+    with pytest.raises(SystemError, match="kind sparse"):
+        _core._ptsave_write(torch.ones(2), None, "archive", torch.Tensor, bad, None)
