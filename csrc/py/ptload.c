@@ -18,6 +18,8 @@
 #include "../core/ptload_file.h"
 
 enum { MODE_MMAP = 0, MODE_COPY = 1, MODE_INDEX = 2, MODE_VERIFY = 3 };
+/* _pt_load's mode argument: the name of each mode, in enum order. */
+static const char *const mode_names[] = {"mmap", "copy", "index", "verify"};
 #define MAX_DEPTH 1000
 #define MAPPING_CAPSULE "mlutils._ptload.mapping"
 
@@ -27,7 +29,8 @@ typedef struct conv {
     PyObject **memo;      /* owned refs, one slot per node */
     PyObject **storages;  /* owned refs: uint8 arrays (or Py_None in index mode) */
     PyObject *keys;       /* owned: list of storage key strings */
-    PyObject *hooks[4];   /* borrowed: tensor, dtype, size, device */
+    /* owned: the hooks object's callables, read by name (see py_pt_load) */
+    PyObject *hook_tensor, *hook_dtype, *hook_size, *hook_device;
     PyObject *odict;      /* owned: collections.OrderedDict */
     PyObject *counter;    /* owned: collections.Counter */
 } conv;
@@ -142,7 +145,7 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
     PyObject *shape = int_tuple(t->shape, t->ndim), *stride = int_tuple(t->stride, t->ndim), *res = NULL;
 
     if (shape != NULL && stride != NULL)
-        res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
+        res = PyObject_CallFunction(c->hook_tensor, "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
                                     mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
                                     t->requires_grad, t->is_parameter);
     if (res == NULL)
@@ -288,7 +291,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             o = items;
             items = NULL;
         } else {
-            o = PyObject_CallOneArg(c->hooks[2], items);  /* items is released at done */
+            o = PyObject_CallOneArg(c->hook_size, items);  /* items is released at done */
             if (o == NULL)
                 wrap_error(c, "cannot build a torch.Size", NULL);
         }
@@ -345,16 +348,16 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         if (s == NULL)
             break;
         if (n->u.s.index >= 0)
-            o = PyObject_CallFunction(c->hooks[3], "Oi", s, (int)n->u.s.index);
+            o = PyObject_CallFunction(c->hook_device, "Oi", s, (int)n->u.s.index);
         else
-            o = PyObject_CallFunction(c->hooks[3], "OO", s, Py_None);
+            o = PyObject_CallFunction(c->hook_device, "OO", s, Py_None);
         Py_DECREF(s);
         if (o == NULL)
             wrap_error(c, "cannot build a torch.device", NULL);
         break;
     }
     case MLU_PK_DTYPE:
-        o = PyObject_CallFunction(c->hooks[1], "s", mlu_pk_dtypes[n->sub].name);
+        o = PyObject_CallFunction(c->hook_dtype, "s", mlu_pk_dtypes[n->sub].name);
         if (o == NULL)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
@@ -508,7 +511,8 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     PyObject *path_bytes = NULL, *capsule = NULL, *res = NULL, *coll = NULL;
     mlu_pt pt;
     mlu_rd rd;
-    int pt_open = 0, mode = 0, i, fd = -1;
+    int pt_open = 0, mode = 0, fd = -1;
+    const char *mode_name;
     uint64_t size = 0;
     mlu_error err;
     mlu_status rc;
@@ -521,15 +525,25 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "_pt_load(path, mode, hooks) takes 3 arguments");
         goto done;
     }
-    mode = (int)PyLong_AsLong(args[1]);
-    if (mode == -1 && PyErr_Occurred())
+    mode_name = PyUnicode_Check(args[1]) ? PyUnicode_AsUTF8(args[1]) : NULL;
+    if (mode_name == NULL && PyErr_Occurred())
         goto done;
-    if (mode < MODE_MMAP || mode > MODE_VERIFY) {
-        PyErr_SetString(PyExc_ValueError, "_pt_load: mode must be 0..3");
+    for (mode = 0; mode_name != NULL && mode <= MODE_VERIFY; mode++)
+        if (strcmp(mode_name, mode_names[mode]) == 0)
+            break;
+    if (mode_name == NULL || mode > MODE_VERIFY) {
+        PyErr_Format(PyExc_ValueError, "_pt_load: mode must be 'mmap', 'copy', 'index' or 'verify', not %R",
+                     args[1]);
         goto done;
     }
-    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 4) {
-        PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must be a tuple of 4 callables");
+    if ((c.hook_tensor = PyObject_GetAttrString(args[2], "tensor")) == NULL ||
+        (c.hook_dtype = PyObject_GetAttrString(args[2], "dtype")) == NULL ||
+        (c.hook_size = PyObject_GetAttrString(args[2], "size")) == NULL ||
+        (c.hook_device = PyObject_GetAttrString(args[2], "device")) == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must have tensor, dtype, size and device callables");
+        }
         goto done;
     }
     if (!PyUnicode_FSConverter(args[0], &path_bytes))
@@ -554,8 +568,6 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         goto done;
     c.st = st;
     c.pt = &pt;
-    for (i = 0; i < 4; i++)
-        c.hooks[i] = PyTuple_GET_ITEM(args[2], i);
     coll = PyImport_ImportModule("collections");
     if (coll == NULL)
         goto done;
@@ -586,6 +598,10 @@ done:
             Py_XDECREF(c.storages[k]);
         PyMem_Free(c.storages);
     }
+    Py_XDECREF(c.hook_tensor);
+    Py_XDECREF(c.hook_dtype);
+    Py_XDECREF(c.hook_size);
+    Py_XDECREF(c.hook_device);
     Py_XDECREF(c.keys);
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
@@ -604,8 +620,9 @@ int mlu_ptload_module_init(PyObject *m)
     static PyMethodDef methods[] = {
         {"_pt_load", (PyCFunction)(void (*)(void))py_pt_load, METH_FASTCALL,
          "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
-         "mode 0: storages map the file where possible; 1: storages are copies; 2: no storages (index);\n"
-         "3: like 2, and deflated records are inflated to check them.  hooks = (tensor, dtype, size, device) callables."},
+         "mode 'mmap': storages map the file where possible; 'copy': storages are copies; 'index': no storages;\n"
+         "'verify': like 'index', and deflated records are inflated to check them.  hooks: an object with\n"
+         "tensor, dtype, size and device callables."},
         {NULL, NULL, 0, NULL},
     };
     return PyModule_AddFunctions(m, methods);
