@@ -50,6 +50,8 @@ def _fail_alloc_after(n: int) -> None: ...
 def _alloc_count() -> int: ...
 def _json_parse_only(data: bytes) -> bool: ...
 def _pk_allowlist() -> list[tuple[str, str, bool]]: ...
+def _raise_status(status: str, text: str, errno: int = 0, domain: str = "value",
+                  filename: Any = None) -> None: ...
 
 # --- sampler ---
 import numpy as _np
@@ -113,11 +115,15 @@ def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: in
 # --- ptload ---
 # mode 0: storages view the file's private mapping when stored and aligned (else copies);
 # 1: storages are copies (pread); 2: no storage data (index); 3: like 2, deflated records checked.
-# hooks = (tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
-#          dtype(name), size(tuple), device(type, index_or_None))
-def _pt_load(path: Any, mode: int, hooks: tuple[Any, Any, Any, Any]) -> Any: ...
+# mode: "mmap" | "copy" | "index" | "verify"; hooks: an object with the callables
+#   .tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
+#   .dtype(name), .size(tuple), .device(type, index_or_None)  (mlutils._ptload._Hooks)
+def _pt_load(path: Any, mode: str, hooks: Any) -> Any: ...
 
 # --- ptsave ---
+# describe(t) -> an object with kind "tensor" (dtype, size, stride, storage_offset, requires_grad,
+#   storage_id, storage, nbytes, metadata) or kind "param" (data, requires_grad), read by name;
+# storage_bytes(storage) -> an object with owner, address, nbytes  (see mlutils._ptsave)
 def _ptsave_write(obj: Any, path: Union[bytes, None], archive: str, tensor_type: Any, describe: Any,
                   storage_bytes: Any, zip64_limit: int = 0xFFFFFFFF) -> Union[bytes, None]: ...
 def _ptsave_padding(offset: int, name_len: int, size: int, alignment: int = 64,
