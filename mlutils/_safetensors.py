@@ -456,25 +456,24 @@ class _Reader:
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")
         self.entries = m.entries()
-        self.index = {e[0]: i for i, e in enumerate(self.entries)}
+        self.index = {e.name: i for i, e in enumerate(self.entries)}
         self.table = _np_dtypes()[0] if self.framework == "np" else _RAW
 
     def raw(self, i: int) -> np.ndarray:
         """A zero-copy array (the torch path copies misaligned tensors)."""
-        code = self.entries[i][1]
-        return self.map.array(i, self.table[code], self.framework == "pt")
+        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt")
 
     def convert(self, arr: np.ndarray, i: int) -> Any:
         if self.framework == "np":
             return arr
-        name, code, shape = self.entries[i][:3]
-        return _to_torch(arr, code, shape, name, self.device)
+        e = self.entries[i]
+        return _to_torch(arr, e.dtype, e.shape, e.name, self.device)
 
     def tensor(self, i: int) -> Any:
         return self.convert(self.raw(i), i)
 
     def all(self) -> Dict[str, Any]:
-        return {e[0]: self.tensor(i) for i, e in enumerate(self.entries)}
+        return {e.name: self.tensor(i) for i, e in enumerate(self.entries)}
 
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
@@ -497,10 +496,10 @@ class _Slice:
         self._i = i
 
     def get_shape(self) -> List[int]:
-        return list(self._reader.entries[self._i][2])
+        return list(self._reader.entries[self._i].shape)
 
     def get_dtype(self) -> str:
-        return self._reader.entries[self._i][1]
+        return self._reader.entries[self._i].dtype
 
     def __getitem__(self, index: Any) -> Any:
         r = self._reader
@@ -509,7 +508,7 @@ class _Slice:
         return r.convert(part, self._i)
 
     def __repr__(self) -> str:
-        return f"<safetensors slice {self._reader.entries[self._i][0]!r} {self.get_dtype()} {self.get_shape()}>"
+        return f"<safetensors slice {self._reader.entries[self._i].name!r} {self.get_dtype()} {self.get_shape()}>"
 
 
 class safe_open:
@@ -547,7 +546,7 @@ class safe_open:
 
     def offset_keys(self) -> List[str]:
         """Tensor names in file (offset) order."""
-        return [e[0] for e in self._r().entries]
+        return [e.name for e in self._r().entries]
 
     def metadata(self) -> Optional[Dict[str, str]]:
         """The ``__metadata__`` dict, or None when the file has none."""
@@ -567,8 +566,8 @@ def read_header(path: PathLike) -> Tuple[Optional[Dict[str, str]], List[Dict[str
     ``{"name", "dtype", "shape", "data_offsets"}``)."""
     m = _core.st_open(os.fspath(path))
     entries = [
-        {"name": name, "dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
-        for name, dtype, shape, begin, end in m.entries()
+        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+        for e in m.entries()
     ]
     return m.metadata(), entries
 

@@ -7,7 +7,7 @@ from mlutils import _core
 OWNED = [
     "MlutilsError", "JSONDecodeError", "SafetensorsError", "TorchFormatError",
     "UnsafePickleError", "SamplerStateError", "PatternError",
-    "SafetensorsMap", "SamplerCursor", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
+    "SafetensorsMap", "SafetensorsEntry", "SamplerCursor", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
 ]
 
 
@@ -116,3 +116,18 @@ def test_ptsave_description_of_unknown_kind_is_refused():
     bad = lambda t: types.SimpleNamespace(kind="sparse")  # noqa: E731
     with pytest.raises(SystemError, match="kind sparse"):
         _core._ptsave_write(torch.ones(2), None, "archive", torch.Tensor, bad, None)
+
+
+def test_safetensors_entries_have_named_fields():
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save
+
+    data = save({"b": np.ones((2, 3), np.float32), "a": np.zeros(1, np.int8)})
+    entries = _core.st_from_bytes(data).entries()
+    assert all(type(e) is _core.SafetensorsEntry for e in entries)
+    by_name = {e.name: e for e in entries}
+    assert by_name["b"].dtype == "F32" and by_name["b"].shape == (2, 3)
+    assert by_name["b"].end - by_name["b"].begin == 24
+    assert by_name["a"].dtype == "I8" and by_name["a"].shape == (1,)
+    name, dtype, shape, begin, end = entries[0]  # still unpacks as a tuple
+    assert (name, dtype, shape, begin, end) == tuple(entries[0])

@@ -23,6 +23,7 @@
     X(PatternError,       "(MlutilsError, ValueError, AssertionError)")        \
     /* heap types, each set by its area's init (safetensors.c, sampler.c, ...) */ \
     X(safetensors_map_type, "SafetensorsMap")                                  \
+    X(safetensors_entry_type, "SafetensorsEntry (struct sequence)")            \
     X(sampler_cursor_type,  "SamplerCursor")                                   \
     X(pattern_table_type,   "PatternTable")                                    \
     X(nccl_comm_type,       "NcclComm")                                        \

@@ -164,14 +164,35 @@ error:
     return NULL;
 }
 
-/* entries() -> list of (name, dtype, shape, begin, end), in offset order. */
+/* One tensor of a header, as Python sees it: fields by name (also a tuple,
+ * so unpacking works).  The one definition of this contract. */
+enum { ENTRY_NAME, ENTRY_DTYPE, ENTRY_SHAPE, ENTRY_BEGIN, ENTRY_END, ENTRY_NFIELDS };
+static PyStructSequence_Field entry_fields[ENTRY_NFIELDS + 1] = {
+    [ENTRY_NAME] = {"name", "the tensor's name"},
+    [ENTRY_DTYPE] = {"dtype", "its safetensors dtype name (\"F32\", \"BF16\", ...)"},
+    [ENTRY_SHAPE] = {"shape", "tuple of dimensions"},
+    [ENTRY_BEGIN] = {"begin", "first byte in the data section"},
+    [ENTRY_END] = {"end", "end byte (exclusive) in the data section"},
+    [ENTRY_NFIELDS] = {NULL, NULL},
+};
+static PyStructSequence_Desc entry_desc = {
+    "mlutils._core.SafetensorsEntry",
+    "One tensor of a validated safetensors header: name, dtype, shape, begin, end.",
+    entry_fields,
+    ENTRY_NFIELDS,
+};
+
+/* entries() -> list of SafetensorsEntry, in offset order. */
 static PyObject *stmap_entries(PyObject *self, PyObject *unused)
 {
     StMap *m = (StMap *)self;
-    PyObject *list = NULL, *shape = NULL, *item = NULL;
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self)); /* borrowed */
+    PyObject *list = NULL, *shape = NULL, *item = NULL, *v;
     size_t i, k;
 
     (void)unused;
+    if (st == NULL)
+        goto error;
     list = PyList_New((Py_ssize_t)m->hdr.ntensors);
     if (list == NULL)
         goto error;
@@ -186,12 +207,20 @@ static PyObject *stmap_entries(PyObject *self, PyObject *unused)
                 goto error;
             PyTuple_SET_ITEM(shape, (Py_ssize_t)k, d); /* steals d */
         }
-        item = Py_BuildValue("(s#sOKK)", t->name, (Py_ssize_t)t->name_len,
-                             mlu_st_dtype_name(t->dtype), shape,
-                             (unsigned long long)t->begin, (unsigned long long)t->end);
+        item = PyStructSequence_New((PyTypeObject *)st->safetensors_entry_type);
         if (item == NULL)
             goto error;
-        Py_CLEAR(shape);
+        PyStructSequence_SET_ITEM(item, ENTRY_SHAPE, shape); /* steals shape */
+        shape = NULL;
+#define SET(field, expr)                                   \
+        if ((v = (expr)) == NULL)                          \
+            goto error;                                    \
+        PyStructSequence_SET_ITEM(item, field, v) /* steals v */
+        SET(ENTRY_NAME, PyUnicode_DecodeUTF8(t->name, (Py_ssize_t)t->name_len, "strict"));
+        SET(ENTRY_DTYPE, PyUnicode_FromString(mlu_st_dtype_name(t->dtype)));
+        SET(ENTRY_BEGIN, PyLong_FromUnsignedLongLong((unsigned long long)t->begin));
+        SET(ENTRY_END, PyLong_FromUnsignedLongLong((unsigned long long)t->end));
+#undef SET
         PyList_SET_ITEM(list, (Py_ssize_t)i, item); /* steals item */
         item = NULL;
     }
@@ -333,7 +362,7 @@ static PyMethodDef stmap_methods[] = {
     {"metadata", stmap_metadata, METH_NOARGS,
      "metadata() -> dict[str, str] | None: the header's __metadata__."},
     {"entries", stmap_entries, METH_NOARGS,
-     "entries() -> list[(name, dtype, shape, begin, end)] in offset order."},
+     "entries() -> list[SafetensorsEntry (name, dtype, shape, begin, end)] in offset order."},
     {"array", (PyCFunction)(void (*)(void))stmap_array, METH_VARARGS | METH_KEYWORDS,
      "array(index, dtype, copy_unaligned=False) -> ndarray over the mapped bytes."},
     {NULL, NULL, 0, NULL},
@@ -606,6 +635,12 @@ int mlu_safetensors_module_init(PyObject *m)
         return -1;
     st->safetensors_map_type = tp; /* owned by the state */
     if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
+        return -1;
+    tp = (PyObject *)PyStructSequence_NewType(&entry_desc); /* new ref */
+    if (tp == NULL)
+        return -1;
+    st->safetensors_entry_type = tp; /* owned by the state */
+    if (PyModule_AddObjectRef(m, "SafetensorsEntry", tp) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }
