@@ -286,7 +286,16 @@ def _dedupe(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]], dedu
     return kept, meta
 
 
-def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+class _Entry(NamedTuple):
+    """One tensor for _core.st_serialize, which reads these fields by name."""
+
+    name: str
+    dtype: str  # safetensors dtype ("F32", "BF16", ...)
+    shape: Tuple[int, ...]
+    data: Any  # a C-contiguous buffer of the tensor's bytes
+
+
+def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> _Entry:
     dt = a.dtype
     if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
         a = a.astype(dt.newbyteorder("<"))
@@ -300,10 +309,10 @@ def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str
     shape = tuple(a.shape)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    return name, code, shape, a.reshape(-1).view(np.uint8)
+    return _Entry(name=name, dtype=code, shape=shape, data=a.reshape(-1).view(np.uint8))
 
 
-def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
     import torch
 
     code = codes.get(t.dtype)
@@ -323,7 +332,7 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tu
     flat = t.as_strided((t.numel(),), (1,))
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return name, code, shape, flat.numpy()
+    return _Entry(name=name, dtype=code, shape=shape, data=flat.numpy())
 
 
 def _torch_codes() -> Dict[Any, str]:
@@ -366,7 +375,7 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
         if isinstance(t, RawTensor):
             if not isinstance(t.dtype, str) or t.dtype not in _BITS:
                 raise ValueError(f"tensor {name!r}: unknown safetensors dtype {t.dtype!r}")
-            entries.append((name, t.dtype, _raw_shape(name, t.shape), t.data))
+            entries.append(_Entry(name=name, dtype=t.dtype, shape=_raw_shape(name, t.shape), data=t.data))
         elif isinstance(t, np.ndarray):
             entries.append(_np_entry(name, t, np_codes))
         else:

@@ -131,3 +131,19 @@ def test_safetensors_entries_have_named_fields():
     assert by_name["a"].dtype == "I8" and by_name["a"].shape == (1,)
     name, dtype, shape, begin, end = entries[0]  # still unpacks as a tuple
     assert (name, dtype, shape, begin, end) == tuple(entries[0])
+
+
+def test_st_serialize_reads_entries_by_field_name():
+    np = pytest.importorskip("numpy")
+    import types
+
+    from safetensors.numpy import load
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    entry = types.SimpleNamespace(data=a.reshape(-1).view(np.uint8), shape=(2, 3), dtype="F32", name="a")
+    out = load(_core.st_serialize([entry], None))
+    assert np.array_equal(out["a"], a)
+    with pytest.raises(TypeError, match="name, dtype, shape"):
+        _core.st_serialize([("a", "F32", (2, 3), a.reshape(-1).view(np.uint8))], None)  # no positions
+    with pytest.raises(TypeError, match="shape \\(a tuple\\)"):
+        _core.st_serialize([types.SimpleNamespace(name="a", dtype="F32", shape=[2, 3], data=b"")], None)

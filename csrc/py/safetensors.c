@@ -402,6 +402,7 @@ typedef struct {
     size_t nviews;
     size_t nmeta;
     mlu_st_kv *meta;        /* owned (mlu_free) */
+    PyObject *fields;       /* owned list: per entry (name, dtype, shape, data), read by attribute */
 } ser_job;
 
 static void ser_job_release(ser_job *j)
@@ -414,25 +415,48 @@ static void ser_job_release(ser_job *j)
     mlu_free(j->entries);
     mlu_free(j->dims);
     mlu_free(j->meta);
+    Py_XDECREF(j->fields);
     memset(j, 0, sizeof(*j));
 }
 
-/* Fills j from the sequence `seq` of (name, dtype, shape, buffer) tuples. */
+/* The attributes st_serialize reads from each entry (mlutils._safetensors._Entry),
+ * kept in j->fields in this order. */
+static const char *const entry_attrs[4] = {"name", "dtype", "shape", "data"};
+
+/* Fills j from the sequence `seq` of entries: objects with name, dtype,
+ * shape (a tuple) and data (a buffer) attributes. */
 static int ser_collect(ser_job *j, PyObject *seq)
 {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k;
     size_t total_dims = 0, d = 0;
-    PyObject *shape;
+    PyObject *shape, *got[4] = {NULL, NULL, NULL, NULL}, *item = NULL;
+    int a;
 
     j->n = (size_t)n;
+    j->fields = PyList_New(0);
+    if (j->fields == NULL)
+        return -1;
     for (i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 ||
-            !PyTuple_Check(PyTuple_GET_ITEM(item, 2))) {
-            PyErr_SetString(PyExc_TypeError, "entries must be (name, dtype, shape tuple, buffer)");
+        PyObject *entry = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        for (a = 0; a < 4; a++) {
+            got[a] = PyObject_GetAttrString(entry, entry_attrs[a]); /* new ref */
+            if (got[a] == NULL)
+                break;
+        }
+        if (a == 4 && PyTuple_Check(got[2]))
+            item = PyTuple_Pack(4, got[0], got[1], got[2], got[3]);
+        else if (a == 4 || PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "entries must have name, dtype, shape (a tuple) and data (a buffer)");
+        }
+        for (a = 0; a < 4; a++)
+            Py_CLEAR(got[a]);
+        if (item == NULL || PyList_Append(j->fields, item) < 0) {
+            Py_XDECREF(item);
             return -1;
         }
-        total_dims += (size_t)PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 2));
+        Py_CLEAR(item);
+        total_dims += (size_t)PyTuple_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(j->fields, i), 2));
     }
     j->entries = mlu_calloc(j->n, sizeof(mlu_st_entry));
     j->dims = mlu_calloc(total_dims, sizeof(uint64_t));
@@ -442,7 +466,7 @@ static int ser_collect(ser_job *j, PyObject *seq)
         return -1;
     }
     for (i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        PyObject *item = PyList_GET_ITEM(j->fields, i); /* borrowed: (name, dtype, shape, data) */
         mlu_st_entry *e = &j->entries[i];
         Py_ssize_t len;
         const char *s;
@@ -622,7 +646,7 @@ int mlu_safetensors_module_init(PyObject *m)
         {"st_serialize", (PyCFunction)(void (*)(void))py_st_serialize,
          METH_VARARGS | METH_KEYWORDS,
          "st_serialize(entries, metadata, path=None) -> bytes | None: write safetensors "
-         "(atomically to path, or to bytes); entries are (name, dtype, shape, buffer)."},
+         "(atomically to path, or to bytes); entries have name, dtype, shape and data (a buffer)."},
         {"st_dtypes", py_st_dtypes, METH_NOARGS,
          "st_dtypes() -> tuple[(name, bits)]: the safetensors dtypes in declaration order."},
         {NULL, NULL, 0, NULL},
