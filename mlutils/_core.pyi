@@ -65,6 +65,14 @@ def _raise_status(status: str, text: str, errno: int = 0, domain: str = "value",
 import numpy as _np
 from typing import Iterator as _Iterator, List as _List, Optional as _Optional
 
+class SamplerPosition(tuple[int, int, int, int, int, int]):
+    """A cursor's position read in one step (a struct sequence: fields by name, also a tuple)."""
+    seed: int
+    epoch: int
+    base: int
+    index: int
+    count: int
+    consumed: int
 class SamplerCursor:
     n: int
     seed: int
@@ -88,7 +96,7 @@ class SamplerCursor:
     def peek(self, k0: int, n: int) -> _np.ndarray: ...
     def restart(self) -> "SamplerCursor": ...
     def set_epoch(self, epoch: int) -> None: ...
-    def position(self) -> tuple[int, int, int, int, int, int]: ...
+    def position(self) -> "SamplerPosition": ...
     def next_in(self, epoch: int) -> Any: ...
 def batch_pack(durations: Any, max_duration: float, max_batch_size: int, use_max_size: bool,
                drop_last: bool) -> _np.ndarray: ...

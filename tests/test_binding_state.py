@@ -7,7 +7,7 @@ from mlutils import _core
 OWNED = [
     "MlutilsError", "JSONDecodeError", "SafetensorsError", "TorchFormatError",
     "UnsafePickleError", "SamplerStateError", "PatternError",
-    "SafetensorsMap", "SafetensorsEntry", "SamplerCursor", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
+    "SafetensorsMap", "SafetensorsEntry", "SamplerCursor", "SamplerPosition", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
 ]
 
 
@@ -147,3 +147,13 @@ def test_st_serialize_reads_entries_by_field_name():
         _core.st_serialize([("a", "F32", (2, 3), a.reshape(-1).view(np.uint8))], None)  # no positions
     with pytest.raises(TypeError, match="shape \\(a tuple\\)"):
         _core.st_serialize([types.SimpleNamespace(name="a", dtype="F32", shape=[2, 3], data=b"")], None)
+
+
+def test_sampler_position_has_named_fields():
+    c = _core.SamplerCursor(10, seed=7, shuffle=True)
+    c.take(3)
+    pos = c.position()
+    assert type(pos) is _core.SamplerPosition
+    assert (pos.seed, pos.epoch, pos.index, pos.count) == (7, c.epoch, 3, 10)
+    assert (pos.base, pos.consumed) == (c.base, c.consumed)
+    assert tuple(pos) == (pos.seed, pos.epoch, pos.base, pos.index, pos.count, pos.consumed)

@@ -25,6 +25,7 @@
     X(safetensors_map_type, "SafetensorsMap")                                  \
     X(safetensors_entry_type, "SafetensorsEntry (struct sequence)")            \
     X(sampler_cursor_type,  "SamplerCursor")                                   \
+    X(sampler_position_type, "SamplerPosition (struct sequence)")              \
     X(pattern_table_type,   "PatternTable")                                    \
     X(nccl_comm_type,       "NcclComm")                                        \
     X(offload_pool_type,    "HostPool")                                        \
