@@ -7,7 +7,7 @@ from mlutils import _core
 OWNED = [
     "MlutilsError", "JSONDecodeError", "SafetensorsError", "TorchFormatError",
     "UnsafePickleError", "SamplerStateError", "PatternError",
-    "SafetensorsMap", "SafetensorsEntry", "SamplerCursor", "SamplerPosition", "PatternTable", "NcclComm", "HostPool", "CudaOffloadEngine",
+    "SafetensorsMap", "SafetensorsEntry", "SamplerCursor", "SamplerPosition", "PatternTable", "NcclComm", "NcclLibrary", "CudaDeviceCount", "HostPool", "CudaOffloadEngine",
 ]
 
 
@@ -157,3 +157,11 @@ def test_sampler_position_has_named_fields():
     assert (pos.seed, pos.epoch, pos.index, pos.count) == (7, c.epoch, 3, 10)
     assert (pos.base, pos.consumed) == (c.base, c.consumed)
     assert tuple(pos) == (pos.seed, pos.epoch, pos.base, pos.index, pos.count, pos.consumed)
+
+
+def test_cuda_device_count_has_named_fields():
+    devices = _core.cuda_device_count()
+    assert type(devices) is _core.CudaDeviceCount
+    assert devices.count >= 0 and isinstance(devices.reason, str)
+    assert (devices.reason == "") == (devices.count > 0)
+    assert tuple(devices) == (devices.count, devices.reason)

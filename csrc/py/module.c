@@ -2,6 +2,8 @@
  * exceptions, the features set; each area adds itself in its own file. */
 #include "module.h"
 
+#include <string.h>
+
 #define PY_ARRAY_UNIQUE_SYMBOL MLU_ARRAY_API
 #define NPY_NO_DEPRECATED_API NPY_1_20_API_VERSION
 #include <numpy/arrayobject.h>
@@ -23,6 +25,38 @@ mlu_state *mlu_state_from_type(PyTypeObject *type)
 {
     PyObject *m = PyType_GetModuleByDef(type, &mlu_module_def); /* borrowed */
     return m == NULL ? NULL : mlu_get_state(m);
+}
+
+int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field)
+{
+    PyObject *type = (PyObject *)PyStructSequence_NewType(desc); /* new ref */
+    const char *dot = strrchr(desc->name, '.');
+
+    if (type == NULL)
+        return -1;
+    *field = type; /* owned by the state */
+    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : desc->name, type);
+}
+
+PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n)
+{
+    PyObject *res = NULL;
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (values[i] == NULL)
+            goto done;
+    res = PyStructSequence_New((PyTypeObject *)type);
+    if (res == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyStructSequence_SET_ITEM(res, i, values[i]); /* steals */
+        values[i] = NULL;
+    }
+done:
+    for (i = 0; i < n; i++)
+        Py_XDECREF(values[i]);
+    return res;
 }
 
 /* New exception class `name` with the given bases; stored in *slot and added

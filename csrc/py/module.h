@@ -28,6 +28,8 @@
     X(sampler_position_type, "SamplerPosition (struct sequence)")              \
     X(pattern_table_type,   "PatternTable")                                    \
     X(nccl_comm_type,       "NcclComm")                                        \
+    X(nccl_library_type,    "NcclLibrary (struct sequence)")                   \
+    X(cuda_device_count_type, "CudaDeviceCount (struct sequence)")             \
     X(offload_pool_type,    "HostPool")                                        \
     X(offload_engine_type,  "CudaOffloadEngine")
 
@@ -65,6 +67,16 @@ PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyOb
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */
 PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
+
+/* Makes the struct sequence type of desc (named "mlutils._core.<Name>"),
+ * stores it in *field (a state field, which then owns it) and adds it to the
+ * module as <Name>.  Returns 0 or -1. */
+int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field);
+
+/* New ref: an instance of the struct sequence `type` (borrowed) holding
+ * `values`, which it steals (all of them, even on failure; NULL entries mean
+ * that making the value failed, and so does the call). */
+PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n);
 
 /* Each area's entry: adds its functions/types to the module (exec phase).
  * Return 0 on success, -1 with an exception set. */
