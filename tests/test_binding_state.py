@@ -165,3 +165,23 @@ def test_cuda_device_count_has_named_fields():
     assert devices.count >= 0 and isinstance(devices.reason, str)
     assert (devices.reason == "") == (devices.count > 0)
     assert tuple(devices) == (devices.count, devices.reason)
+
+
+def test_pt_load_calls_the_tensor_hook_by_keyword(tmp_path):
+    """The .pt reader passes the tensor hook every argument by name: a hook
+    with keyword-only parameters in another order gets the same values."""
+    np = pytest.importorskip("numpy")
+    from mlutils import _ptload, _ptsave
+
+    p = tmp_path / "m.pt"
+    p.write_bytes(_ptsave.save_bytes({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}))
+    base = _ptload._NumpyHooks().hooks
+    seen = {}
+
+    def tensor(*, is_parameter, requires_grad, stride, shape, offset, name, key, storage):
+        seen.update(name=name, shape=shape, stride=stride, offset=offset, key=key)
+        return base.tensor(storage, key, name, offset, shape, stride, requires_grad, is_parameter)
+
+    out = _core._pt_load(str(p), "copy", base._replace(tensor=tensor))
+    assert seen == {"name": "float32", "shape": (2, 3), "stride": (3, 1), "offset": 0, "key": "0"}
+    assert np.array_equal(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3))

@@ -31,6 +31,7 @@ typedef struct conv {
     PyObject *keys;       /* owned: list of storage key strings */
     /* owned: the hooks object's callables, read by name (see py_pt_load) */
     PyObject *hook_tensor, *hook_dtype, *hook_size, *hook_device;
+    PyObject *tensor_kwnames; /* owned: hooks.tensor's keyword names, made on first use */
     PyObject *odict;      /* owned: collections.OrderedDict */
     PyObject *counter;    /* owned: collections.Counter */
 } conv;
@@ -138,20 +139,47 @@ done:
     return t;
 }
 
-/* New ref: hooks.tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter). */
+/* The keyword arguments of hooks.tensor, in the order of make_tensor's values. */
+enum { TA_STORAGE, TA_KEY, TA_NAME, TA_OFFSET, TA_SHAPE, TA_STRIDE, TA_REQUIRES_GRAD, TA_IS_PARAMETER, TA_COUNT };
+static const char *const tensor_arg_names[TA_COUNT] = {
+    "storage", "key", "name", "offset", "shape", "stride", "requires_grad", "is_parameter",
+};
+
+/* New ref: hooks.tensor(storage=, key=, name= (dtype name), offset=, shape=,
+ * stride=, requires_grad=, is_parameter=), every argument by keyword. */
 static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 {
     uint32_t s = c->pt->vm.pids[t->pid].storage;
-    PyObject *shape = int_tuple(t->shape, t->ndim), *stride = int_tuple(t->stride, t->ndim), *res = NULL;
+    PyObject *v[TA_COUNT] = {NULL}, *res = NULL;
+    int i;
 
-    if (shape != NULL && stride != NULL)
-        res = PyObject_CallFunction(c->hook_tensor, "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
-                                    mlu_pk_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
-                                    t->requires_grad, t->is_parameter);
+    v[TA_STORAGE] = Py_NewRef(c->storages[s]);
+    v[TA_KEY] = Py_NewRef(PyList_GET_ITEM(c->keys, s));
+    v[TA_NAME] = PyUnicode_FromString(mlu_pk_dtypes[t->dtype].name);
+    v[TA_OFFSET] = PyLong_FromUnsignedLongLong((unsigned long long)t->offset);
+    v[TA_SHAPE] = int_tuple(t->shape, t->ndim);
+    v[TA_STRIDE] = int_tuple(t->stride, t->ndim);
+    v[TA_REQUIRES_GRAD] = PyLong_FromLong(t->requires_grad);
+    v[TA_IS_PARAMETER] = PyLong_FromLong(t->is_parameter);
+    for (i = 0; i < TA_COUNT && v[i] != NULL; i++)
+        ;
+    if (i == TA_COUNT && c->tensor_kwnames == NULL) {
+        c->tensor_kwnames = PyTuple_New(TA_COUNT);
+        for (i = 0; c->tensor_kwnames != NULL && i < TA_COUNT; i++) {
+            PyObject *name = PyUnicode_InternFromString(tensor_arg_names[i]); /* new ref */
+            if (name == NULL) {
+                Py_CLEAR(c->tensor_kwnames);
+                break;
+            }
+            PyTuple_SET_ITEM(c->tensor_kwnames, i, name); /* steals name */
+        }
+    }
+    if (i == TA_COUNT && c->tensor_kwnames != NULL)
+        res = PyObject_Vectorcall(c->hook_tensor, v, 0, c->tensor_kwnames);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);
-    Py_XDECREF(shape);
-    Py_XDECREF(stride);
+    for (i = 0; i < TA_COUNT; i++)
+        Py_XDECREF(v[i]);
     return res;
 }
 
@@ -602,6 +630,7 @@ done:
     Py_XDECREF(c.hook_dtype);
     Py_XDECREF(c.hook_size);
     Py_XDECREF(c.hook_device);
+    Py_XDECREF(c.tensor_kwnames);
     Py_XDECREF(c.keys);
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
