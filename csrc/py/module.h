@@ -34,7 +34,7 @@
     X(offload_engine_type,  "CudaOffloadEngine")
 
 /* One module state; every field is a strong reference owned by the module
- * (NULL until its init ran; cleared in mlu_state_clear). */
+ * (NULL until its init ran; visited and cleared in module.c from MLU_STATE_FIELDS). */
 typedef struct mlu_state {
 #define MLU_STATE_FIELD_DECL(name, doc) PyObject *name;
     MLU_STATE_FIELDS(MLU_STATE_FIELD_DECL)
