@@ -41,13 +41,12 @@ def cuda_available() -> bool:
     """True when CUDA code was built in and at least one device is usable now."""
     if not _core.cuda_built():
         return False
-    count, _reason = _core.cuda_device_count()
-    return count > 0
+    return _core.cuda_device_count().count > 0
 
 
 def cuda_status() -> str:
     """A one-line account of why CUDA is or is not usable."""
     if not _core.cuda_built():
         return "mlutils was built without CUDA"
-    count, reason = _core.cuda_device_count()
-    return f"{count} CUDA device(s) usable" if count else reason
+    devices = _core.cuda_device_count()
+    return f"{devices.count} CUDA device(s) usable" if devices.count else devices.reason

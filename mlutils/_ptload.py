@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import numpy as np
 
@@ -39,7 +39,15 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_MODE_MMAP, _MODE_COPY, _MODE_INDEX, _MODE_VERIFY = 0, 1, 2, 3
+
+
+class _Hooks(NamedTuple):
+    """What _core._pt_load calls to build torch values (read there by name)."""
+
+    tensor: Callable[..., Any]  # (storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter)
+    dtype: Callable[[str], Any]  # torch dtype name -> value
+    size: Callable[[tuple], Any]  # shape tuple -> value (torch.Size)
+    device: Callable[[str, Any], Any]  # (kind, index or None) -> value
 
 # The torch dtype table lives in C (csrc/core/torch_dtypes.c), shared with the reader and writer.
 _DTYPES = {row.name: row for row in _core.torch_dtypes()}
@@ -74,7 +82,7 @@ class _NumpyHooks:
     """Builds NumPy values (framework "np", or "pt" without torch)."""
 
     def __init__(self) -> None:
-        self.hooks = (self.tensor, self.dtype, tuple, self.device)
+        self.hooks = _Hooks(tensor=self.tensor, dtype=self.dtype, size=tuple, device=self.device)
 
     @staticmethod
     def tensor(storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
@@ -99,7 +107,7 @@ class _TorchHooks:
         self.torch = torch
         self.device = torch.device(device)
         self.bases: dict[str, Any] = {}
-        self.hooks = (self.tensor, self.dtype, torch.Size, self.make_device)
+        self.hooks = _Hooks(tensor=self.tensor, dtype=self.dtype, size=torch.Size, device=self.make_device)
 
     def tensor(self, storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
                requires_grad: int, is_parameter: int) -> Any:
@@ -150,7 +158,7 @@ def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bo
     """
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
-    mode = _MODE_MMAP if mmap else _MODE_COPY
+    mode = "mmap" if mmap else "copy"
     torch = _import_torch() if framework == "pt" else None
     if torch is None:
         if framework == "pt":
@@ -196,7 +204,7 @@ class _IndexedTensor(_TensorInfo):
         self.__dict__[attr] = value
 
 
-def _index_hooks() -> tuple:
+def _index_hooks() -> _Hooks:
     def tensor(storage: Any, key: str, name: str, offset: int, shape: tuple, stride: tuple,
                requires_grad: int, is_parameter: int) -> _TensorInfo:
         numel = 1
@@ -206,7 +214,7 @@ def _index_hooks() -> tuple:
         info.__dict__["_flags"] = (requires_grad, is_parameter)
         return info
 
-    return (tensor, str, tuple, _NumpyHooks.device)
+    return _Hooks(tensor=tensor, dtype=str, size=tuple, device=_NumpyHooks.device)
 
 
 def _walk(root: Any) -> list:
@@ -251,9 +259,9 @@ def _walk(root: Any) -> list:
 
 def read_index(path: PathLike) -> list[dict]:
     """One dict per tensor {"name", "dtype" (torch name, e.g. "float32"), "shape", "nbytes", "storage"}; reads no tensor data."""
-    return _walk(_core._pt_load(os.fspath(path), _MODE_INDEX, _index_hooks()))
+    return _walk(_core._pt_load(os.fspath(path), "index", _index_hooks()))
 
 
 def verify(path: PathLike) -> None:
     """Validate an untrusted file completely (zip, pickle allowlist, sizes, bounds, deflate streams, CRC-32 unless 0, the storage offsets torch computes from .format_version); raise on any problem."""
-    _core._pt_load(os.fspath(path), _MODE_VERIFY, _index_hooks())
+    _core._pt_load(os.fspath(path), "verify", _index_hooks())

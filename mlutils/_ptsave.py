@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 from . import _core
 
@@ -41,14 +41,45 @@ PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 _ZIP64_LIMIT = 0xFFFFFFFF
 
 
-def _describe(t: Any) -> tuple:
+class _ParameterDescription(NamedTuple):
+    """A ``torch.nn.Parameter`` as the C writer pickles it: ``_rebuild_parameter(data, requires_grad, ...)``."""
+
+    data: Any
+    requires_grad: bool
+    kind = "param"
+
+
+class _TensorDescription(NamedTuple):
+    """A plain tensor as the C writer pickles it (what torch.save records); read by field name."""
+
+    dtype: str  # torch dtype name without "torch."
+    size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    storage_offset: int
+    requires_grad: bool
+    storage_id: int  # identity of the untyped storage (shared storages are written once)
+    storage: Any
+    nbytes: int
+    metadata: Optional[dict]
+    kind = "tensor"
+
+
+class _StorageBytes(NamedTuple):
+    """Where a storage's bytes are on the CPU; ``owner`` keeps them alive."""
+
+    owner: Any
+    address: int
+    nbytes: int
+
+
+def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
     """How the C writer should pickle torch tensor ``t`` (what torch.save records)."""
     import torch
 
     if isinstance(t, torch.nn.Parameter):
         if type(t) is not torch.nn.Parameter or torch._utils._get_obj_state(t):
             raise TypeError(f"{type(t).__qualname__} with Python attributes cannot be saved")
-        return ("param", t.data, bool(t.requires_grad))
+        return _ParameterDescription(data=t.data, requires_grad=bool(t.requires_grad))
     if type(t) is not torch.Tensor:
         raise TypeError(f"tensor subclass {type(t).__module__}.{type(t).__qualname__} cannot be saved")
     if t.layout is not torch.strided:
@@ -61,15 +92,17 @@ def _describe(t: Any) -> tuple:
         raise TypeError("a tensor with Python attributes cannot be saved")
     storage = t.untyped_storage()
     metadata = torch._utils.get_tensor_metadata(t) or None
-    return ("tensor", str(t.dtype)[len("torch."):], tuple(t.shape), t.stride(), t.storage_offset(),
-            bool(t.requires_grad), storage._cdata, storage, storage.nbytes(), metadata)
+    return _TensorDescription(
+        dtype=str(t.dtype)[len("torch."):], size=tuple(t.shape), stride=t.stride(),
+        storage_offset=t.storage_offset(), requires_grad=bool(t.requires_grad),
+        storage_id=storage._cdata, storage=storage, nbytes=storage.nbytes(), metadata=metadata)
 
 
-def _storage_bytes(storage: Any) -> Tuple[Any, int, int]:
-    """(object keeping the bytes alive, address, size) of a storage's bytes on the CPU."""
+def _storage_bytes(storage: Any) -> _StorageBytes:
+    """Where the bytes of ``storage`` are on the CPU (copied there first if need be)."""
     if storage.device.type != "cpu":
         storage = storage.cpu()
-    return storage, storage.data_ptr(), storage.nbytes()
+    return _StorageBytes(owner=storage, address=storage.data_ptr(), nbytes=storage.nbytes())
 
 
 def _tensor_type() -> Optional[type]:

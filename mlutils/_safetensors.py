@@ -286,7 +286,16 @@ def _dedupe(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]], dedu
     return kept, meta
 
 
-def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+class _Entry(NamedTuple):
+    """One tensor for _core.st_serialize, which reads these fields by name."""
+
+    name: str
+    dtype: str  # safetensors dtype ("F32", "BF16", ...)
+    shape: Tuple[int, ...]
+    data: Any  # a C-contiguous buffer of the tensor's bytes
+
+
+def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> _Entry:
     dt = a.dtype
     if dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big"):
         a = a.astype(dt.newbyteorder("<"))
@@ -300,10 +309,10 @@ def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> Tuple[str
     shape = tuple(a.shape)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    return name, code, shape, a.reshape(-1).view(np.uint8)
+    return _Entry(name=name, dtype=code, shape=shape, data=a.reshape(-1).view(np.uint8))
 
 
-def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tuple[int, ...], Any]:
+def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
     import torch
 
     code = codes.get(t.dtype)
@@ -323,7 +332,7 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> Tuple[str, str, Tu
     flat = t.as_strided((t.numel(),), (1,))
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return name, code, shape, flat.numpy()
+    return _Entry(name=name, dtype=code, shape=shape, data=flat.numpy())
 
 
 def _torch_codes() -> Dict[Any, str]:
@@ -366,7 +375,7 @@ def _entries(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], 
         if isinstance(t, RawTensor):
             if not isinstance(t.dtype, str) or t.dtype not in _BITS:
                 raise ValueError(f"tensor {name!r}: unknown safetensors dtype {t.dtype!r}")
-            entries.append((name, t.dtype, _raw_shape(name, t.shape), t.data))
+            entries.append(_Entry(name=name, dtype=t.dtype, shape=_raw_shape(name, t.shape), data=t.data))
         elif isinstance(t, np.ndarray):
             entries.append(_np_entry(name, t, np_codes))
         else:
@@ -463,25 +472,24 @@ class _Reader:
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")
         self.entries = m.entries()
-        self.index = {e[0]: i for i, e in enumerate(self.entries)}
+        self.index = {e.name: i for i, e in enumerate(self.entries)}
         self.table = _np_dtypes()[0] if self.framework == "np" else _RAW
 
     def raw(self, i: int) -> np.ndarray:
         """A zero-copy array (the torch path copies misaligned tensors)."""
-        code = self.entries[i][1]
-        return self.map.array(i, self.table[code], self.framework == "pt")
+        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt")
 
     def convert(self, arr: np.ndarray, i: int) -> Any:
         if self.framework == "np":
             return arr
-        name, code, shape = self.entries[i][:3]
-        return _to_torch(arr, code, shape, name, self.device)
+        e = self.entries[i]
+        return _to_torch(arr, e.dtype, e.shape, e.name, self.device)
 
     def tensor(self, i: int) -> Any:
         return self.convert(self.raw(i), i)
 
     def all(self) -> Dict[str, Any]:
-        return {e[0]: self.tensor(i) for i, e in enumerate(self.entries)}
+        return {e.name: self.tensor(i) for i, e in enumerate(self.entries)}
 
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
@@ -504,10 +512,10 @@ class _Slice:
         self._i = i
 
     def get_shape(self) -> List[int]:
-        return list(self._reader.entries[self._i][2])
+        return list(self._reader.entries[self._i].shape)
 
     def get_dtype(self) -> str:
-        return self._reader.entries[self._i][1]
+        return self._reader.entries[self._i].dtype
 
     def __getitem__(self, index: Any) -> Any:
         r = self._reader
@@ -516,7 +524,7 @@ class _Slice:
         return r.convert(part, self._i)
 
     def __repr__(self) -> str:
-        return f"<safetensors slice {self._reader.entries[self._i][0]!r} {self.get_dtype()} {self.get_shape()}>"
+        return f"<safetensors slice {self._reader.entries[self._i].name!r} {self.get_dtype()} {self.get_shape()}>"
 
 
 class safe_open:
@@ -554,7 +562,7 @@ class safe_open:
 
     def offset_keys(self) -> List[str]:
         """Tensor names in file (offset) order."""
-        return [e[0] for e in self._r().entries]
+        return [e.name for e in self._r().entries]
 
     def metadata(self) -> Optional[Dict[str, str]]:
         """The ``__metadata__`` dict, or None when the file has none."""
@@ -574,8 +582,8 @@ def read_header(path: PathLike) -> Tuple[Optional[Dict[str, str]], List[Dict[str
     ``{"name", "dtype", "shape", "data_offsets"}``)."""
     m = _core.st_open(os.fspath(path))
     entries = [
-        {"name": name, "dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
-        for name, dtype, shape, begin, end in m.entries()
+        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+        for e in m.entries()
     ]
     return m.metadata(), entries
 

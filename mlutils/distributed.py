@@ -568,10 +568,10 @@ def nccl_library() -> Tuple[str, int]:
     from . import _core
 
     try:
-        path, version = _core.nccl_load(_nccl_wheel_dirs())
+        lib = _core.nccl_load(_nccl_wheel_dirs())
     except ImportError as e:
         raise NcclUnavailableError(str(e)) from None
-    return path, version
+    return lib.path, lib.version
 
 
 def _torch_dtype_code(torch, dtype) -> int:

@@ -270,8 +270,8 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
 
     def remaining(self) -> int:
         """Draws this rank has left in the current epoch."""
-        _seed, _epoch, _base, index, count, _consumed = self._cursor.position()
-        return count - index
+        pos = self._cursor.position()
+        return pos.count - pos.index
 
     def __len__(self) -> int:
         """Draws per rank in a full epoch (the length itself with one rank)."""
@@ -307,7 +307,8 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly: a small JSON-serialisable dict."""
         # one read of the position: consistent while other threads draw
-        seed, epoch, base, index, _count, consumed = self._cursor.position()
+        pos = self._cursor.position()
+        seed, epoch, base, index, consumed = pos.seed, pos.epoch, pos.base, pos.index, pos.consumed
         state: Dict[str, Any] = {
             "kind": self._kind,
             "version": STATE_VERSION,

@@ -233,11 +233,14 @@ def test_bad_arguments_to_the_binding(tmp_path):
     p = tmp_path / "m.pt"
     p.write_bytes(simple())
     with pytest.raises(TypeError, match="3 arguments"):
-        _core._pt_load(str(p), 0)
+        _core._pt_load(str(p), "mmap")
     with pytest.raises(ValueError, match="mode must be"):
-        _core._pt_load(str(p), 7, hooks)
-    with pytest.raises(TypeError, match="tuple of 4"):
-        _core._pt_load(str(p), 0, hooks[:3])
+        _core._pt_load(str(p), 0, hooks)  # modes are named, not numbered
+    with pytest.raises(ValueError, match="mode must be"):
+        _core._pt_load(str(p), "bogus", hooks)
+    with pytest.raises(TypeError, match="tensor, dtype, size and device"):
+        _core._pt_load(str(p), "mmap", tuple(hooks))  # hooks are read by name, not position
+    assert _core._pt_load(str(p), "copy", hooks) is not None
     with pytest.raises(ValueError, match="not a regular file"):
         _ptload.load(tmp_path, framework="np")
     with pytest.raises(FileNotFoundError):

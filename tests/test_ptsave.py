@@ -325,7 +325,7 @@ def test_dtype_tables_agree_with_torch(torch):
             assert ("GLOBAL", "torch.storage UntypedStorage") in ops and ("GLOBAL", f"torch {name}") in ops
         else:
             assert ("GLOBAL", f"torch {legacy[name]}") in ops
-        assert _describe(t)[1] == name
+        assert _describe(t).dtype == name
     assert set(ALL_TORCH_DTYPES) == set(legacy) - {"qint8", "qint32", "quint8", "quint4x2", "quint2x4"} | v3
 
 

@@ -253,7 +253,7 @@ def _ours_accepts(blob):
         m = _core.st_from_bytes(blob)
     except mlutils.SafetensorsError:
         return None
-    return {e[0]: list(e[2]) for e in m.entries()}
+    return {e.name: list(e.shape) for e in m.entries()}
 
 
 NUMBER_TOKENS = ["0", "1", "-0", "-1", "00", "01", "-01", "+1", "1.0", "0.0", "-0.0", "1e0", "1E0", "1e+0",

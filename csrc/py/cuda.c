@@ -1,12 +1,26 @@
 /* cuda.c: the Python face of csrc/cuda (device discovery, checksum). */
 #include "module.h"
 
+#include <string.h>
+
 #include "../core/checksum.h"
 #include "../cuda/mlu_cuda.h"
 
-/* cuda_device_count() -> (count, reason): reason is '' when devices exist. */
+/* What cuda_device_count() returns (fields by name, also a tuple). */
+static PyStructSequence_Field device_count_fields[] = {
+    {"count", "usable CUDA devices"},
+    {"reason", "why there are none ('' when count > 0)"},
+    {NULL, NULL},
+};
+static PyStructSequence_Desc device_count_desc = {
+    "mlutils._core.CudaDeviceCount", "Usable CUDA devices, and why none when count is 0.",
+    device_count_fields, 2,
+};
+
+/* cuda_device_count() -> CudaDeviceCount(count, reason). */
 static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused)
 {
+    PyObject *v[2];
     mlu_error err;
     int count = 0;
     mlu_status st;
@@ -17,8 +31,11 @@ static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused)
     st = mlu_cuda_device_count(&count, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(mlu_get_state(m), &err, NULL);
-    return Py_BuildValue("(is)", count, count > 0 ? "" : err.text);
+        return mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
+    v[0] = PyLong_FromLong(count);
+    v[1] = PyUnicode_DecodeUTF8(count > 0 ? "" : err.text, count > 0 ? 0 : (Py_ssize_t)strlen(err.text),
+                                "replace");
+    return mlu_struct_new_steal(mlu_get_state(m)->cuda_device_count_type, v, 2);
 }
 
 /* cuda_checksum64(ptr, nbytes, stream=0) -> int */
@@ -44,7 +61,7 @@ static PyObject *py_cuda_checksum64(PyObject *m, PyObject *args, PyObject *kw)
                              (void *)(uintptr_t)stream, &out, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(mlu_get_state(m), &err, NULL);
+        return mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
     return PyLong_FromUnsignedLongLong(out);
 }
 
@@ -77,7 +94,7 @@ int mlu_cuda_module_init(PyObject *m)
         {"cuda_built", py_cuda_built, METH_NOARGS,
          "cuda_built() -> bool: whether this build carries CUDA code."},
         {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
-         "cuda_device_count() -> (int, str): usable devices, and why none when 0."},
+         "cuda_device_count() -> CudaDeviceCount(count, reason): usable devices, and why none when 0."},
         {"cuda_checksum64", (PyCFunction)(void (*)(void))py_cuda_checksum64,
          METH_VARARGS | METH_KEYWORDS,
          "cuda_checksum64(ptr, nbytes, stream=0) -> int: checksum64 of device memory."},
@@ -85,5 +102,7 @@ int mlu_cuda_module_init(PyObject *m)
          "checksum64(buffer) -> int: sum of b[i]*(2i+1) mod 2**64 over the bytes."},
         {NULL, NULL, 0, NULL},
     };
+    if (mlu_add_struct_type(m, &device_count_desc, &mlu_get_state(m)->cuda_device_count_type) < 0)
+        return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -27,6 +27,7 @@ typedef struct array_frame {
 } array_frame;
 
 typedef struct encoder {
+    mlu_state *st;              /* borrowed: the module's */
     mlu_buf buf;
     mlu_error err;
     int truncate;
@@ -49,7 +50,7 @@ static int fail_at(PyObject *exc, const path_step *at, const char *what, PyObjec
 
 static int core_fail(encoder *e)
 {
-    mlu_raise(NULL, &e->err, NULL);
+    mlu_raise(e->st, &e->err, MLU_DOMAIN_VALUE, NULL);
     return -1;
 }
 
@@ -322,7 +323,6 @@ static PyObject *py_json_dumps(PyObject *m, PyObject *const *args, Py_ssize_t na
     encoder e;
     path_step root = {NULL, NULL, 0, 0, NULL};
 
-    (void)m;
     if (nargs > 4)
         return PyErr_Format(PyExc_TypeError, "json_dumps() takes at most 4 arguments (%zd given)", nargs);
     for (i = 0; i < nargs; i++)
@@ -345,6 +345,7 @@ static PyObject *py_json_dumps(PyObject *m, PyObject *const *args, Py_ssize_t na
             return NULL;
     }
     memset(&e, 0, sizeof(e));
+    e.st = mlu_get_state(m);
     mlu_error_clear(&e.err);
     e.truncate = flags[0];
     e.pretty = flags[1];
@@ -377,6 +378,7 @@ typedef struct key_slot {
 } key_slot;
 
 typedef struct converter {
+    mlu_state *st;              /* borrowed: the module's */
     const mlu_json_doc *doc;
     mlu_error *err;
     key_slot keys[KEY_CACHE_SIZE];
@@ -439,7 +441,7 @@ static PyObject *convert_string(converter *c, json_t *j)
     int r = mlu_json_string_value(c->doc, j, &s, &n, &number, &tmp, c->err);
 
     if (r < 0)
-        mlu_raise(NULL, c->err, NULL);
+        mlu_raise(c->st, c->err, MLU_DOMAIN_VALUE, NULL);
     else if (r == 1)
         res = PyFloat_FromDouble(number);
     else
@@ -526,12 +528,13 @@ static PyObject *convert(converter *c, json_t *j)
 }
 
 /* New ref: the Python value of a parsed document. */
-static PyObject *convert_doc(const mlu_json_doc *doc, mlu_error *err)
+static PyObject *convert_doc(mlu_state *st, const mlu_json_doc *doc, mlu_error *err)
 {
     converter c;
     PyObject *res;
 
     memset(&c, 0, sizeof(c));
+    c.st = st;
     c.doc = doc;
     c.err = err;
     res = convert(&c, doc->root);
@@ -612,10 +615,10 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
         goto done;
     }
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, NULL);
+        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
         goto done;
     }
-    res = convert_doc(&doc, &err);
+    res = convert_doc(st, &doc, &err);
 done:
     mlu_json_doc_free(&doc);
     if (have_view)
@@ -647,8 +650,7 @@ static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
     }
     Py_END_ALLOW_THREADS
     if (rc == MLU_EIO) {
-        errno = err.sys_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        mlu_raise(st, &err, MLU_DOMAIN_VALUE, arg);
         goto done;
     }
     if (rc == MLU_EFORMAT) {
@@ -656,10 +658,10 @@ static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
         goto done;
     }
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, NULL);
+        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
         goto done;
     }
-    res = convert_doc(&doc, &err);
+    res = convert_doc(st, &doc, &err);
 done:
     mlu_json_doc_free(&doc);
     mlu_free(data);
@@ -695,7 +697,7 @@ static PyObject *py_truncate_json(PyObject *m, PyObject *arg)
     rc = mlu_json_truncate_text(text, (size_t)n, &out, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(m), &err, NULL);
+        mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
         goto done;
     }
     res = is_str ? PyUnicode_DecodeUTF8(out.data ? out.data : "", (Py_ssize_t)out.len, "strict")
@@ -726,14 +728,10 @@ static PyObject *py_write_file_atomic(PyObject *m, PyObject *args, PyObject *kwa
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (rc != MLU_OK) {
-        if (rc == MLU_EIO) {
-            PyObject *fn = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(path));
-            errno = err.sys_errno;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, fn);
-            Py_XDECREF(fn);
-        } else {
-            mlu_raise(mlu_get_state(m), &err, NULL);
-        }
+        PyObject *fn = rc == MLU_EIO ? PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(path)) : NULL; /* new ref */
+        if (rc != MLU_EIO || fn != NULL)
+            mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, fn);
+        Py_XDECREF(fn);
         goto done;
     }
     res = Py_NewRef(Py_None);

@@ -2,6 +2,8 @@
  * exceptions, the features set; each area adds itself in its own file. */
 #include "module.h"
 
+#include <string.h>
+
 #define PY_ARRAY_UNIQUE_SYMBOL MLU_ARRAY_API
 #define NPY_NO_DEPRECATED_API NPY_1_20_API_VERSION
 #include <numpy/arrayobject.h>
@@ -23,6 +25,38 @@ mlu_state *mlu_state_from_type(PyTypeObject *type)
 {
     PyObject *m = PyType_GetModuleByDef(type, &mlu_module_def); /* borrowed */
     return m == NULL ? NULL : mlu_get_state(m);
+}
+
+int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field)
+{
+    PyObject *type = (PyObject *)PyStructSequence_NewType(desc); /* new ref */
+    const char *dot = strrchr(desc->name, '.');
+
+    if (type == NULL)
+        return -1;
+    *field = type; /* owned by the state */
+    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : desc->name, type);
+}
+
+PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n)
+{
+    PyObject *res = NULL;
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (values[i] == NULL)
+            goto done;
+    res = PyStructSequence_New((PyTypeObject *)type);
+    if (res == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyStructSequence_SET_ITEM(res, i, values[i]); /* steals */
+        values[i] = NULL;
+    }
+done:
+    for (i = 0; i < n; i++)
+        Py_XDECREF(values[i]);
+    return res;
 }
 
 /* New exception class `name` with the given bases; stored in *slot and added
@@ -168,38 +202,24 @@ static int mlu_exec(PyObject *m)
 static int mlu_traverse(PyObject *m, visitproc visit, void *arg)
 {
     mlu_state *st = mlu_get_state(m);
-    size_t i;
 
     if (st == NULL)
         return 0;
-    Py_VISIT(st->MlutilsError);
-    Py_VISIT(st->JSONDecodeError);
-    Py_VISIT(st->SafetensorsError);
-    Py_VISIT(st->TorchFormatError);
-    Py_VISIT(st->UnsafePickleError);
-    Py_VISIT(st->SamplerStateError);
-    Py_VISIT(st->PatternError);
-    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
-        Py_VISIT(st->area_objects[i]);
+#define VISIT_FIELD(name, doc) Py_VISIT(st->name);
+    MLU_STATE_FIELDS(VISIT_FIELD)
+#undef VISIT_FIELD
     return 0;
 }
 
 static int mlu_clear(PyObject *m)
 {
     mlu_state *st = mlu_get_state(m);
-    size_t i;
 
     if (st == NULL)
         return 0;
-    Py_CLEAR(st->MlutilsError);
-    Py_CLEAR(st->JSONDecodeError);
-    Py_CLEAR(st->SafetensorsError);
-    Py_CLEAR(st->TorchFormatError);
-    Py_CLEAR(st->UnsafePickleError);
-    Py_CLEAR(st->SamplerStateError);
-    Py_CLEAR(st->PatternError);
-    for (i = 0; i < sizeof(st->area_objects) / sizeof(st->area_objects[0]); i++)
-        Py_CLEAR(st->area_objects[i]);
+#define CLEAR_FIELD(name, doc) Py_CLEAR(st->name);
+    MLU_STATE_FIELDS(CLEAR_FIELD)
+#undef CLEAR_FIELD
     return 0;
 }
 

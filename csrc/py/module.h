@@ -8,30 +8,38 @@
 
 #include "../mlu.h"
 
-/* Slots of mlu_state.area_objects, a few per area. */
-enum mlu_slot {
-    MLU_SLOT_SAFETENSORS_0 = 0, MLU_SLOT_SAFETENSORS_1, MLU_SLOT_SAFETENSORS_2, MLU_SLOT_SAFETENSORS_3,
-    MLU_SLOT_PTLOAD_0, MLU_SLOT_PTLOAD_1, MLU_SLOT_PTLOAD_2, MLU_SLOT_PTLOAD_3,
-    MLU_SLOT_PTSAVE_0, MLU_SLOT_PTSAVE_1, MLU_SLOT_PTSAVE_2, MLU_SLOT_PTSAVE_3,
-    MLU_SLOT_SAMPLER_0, MLU_SLOT_SAMPLER_1, MLU_SLOT_SAMPLER_2, MLU_SLOT_SAMPLER_3,
-    MLU_SLOT_PATTERN_0, MLU_SLOT_PATTERN_1, MLU_SLOT_PATTERN_2, MLU_SLOT_PATTERN_3,
-    MLU_SLOT_NCCL_0,
-    MLU_SLOT_COUNT
-};
+/* Every object the module state owns, once: X(field, doc).  The struct,
+ * GC traverse and clear are all generated from this list, so none of them
+ * can miss a field.  Adding an area = its fields here + its init function,
+ * which fills them. */
+#define MLU_STATE_FIELDS(X)                                                    \
+    /* exceptions (module.c) */                                                \
+    X(MlutilsError,       "(Exception)")                                       \
+    X(JSONDecodeError,    "(MlutilsError, json.JSONDecodeError)")              \
+    X(SafetensorsError,   "(MlutilsError, ValueError)")                        \
+    X(TorchFormatError,   "(MlutilsError, ValueError)")                        \
+    X(UnsafePickleError,  "(TorchFormatError, pickle.UnpicklingError)")        \
+    X(SamplerStateError,  "(MlutilsError, ValueError)")                        \
+    X(PatternError,       "(MlutilsError, ValueError, AssertionError)")        \
+    /* heap types, each set by its area's init (safetensors.c, sampler.c, ...) */ \
+    X(safetensors_map_type, "SafetensorsMap")                                  \
+    X(safetensors_entry_type, "SafetensorsEntry (struct sequence)")            \
+    X(sampler_cursor_type,  "SamplerCursor")                                   \
+    X(sampler_position_type, "SamplerPosition (struct sequence)")              \
+    X(pattern_table_type,   "PatternTable")                                    \
+    X(nccl_comm_type,       "NcclComm")                                        \
+    X(nccl_library_type,    "NcclLibrary (struct sequence)")                   \
+    X(cuda_device_count_type, "CudaDeviceCount (struct sequence)")             \
+    X(torch_dtype_type,     "TorchDtype (struct sequence)")                    \
+    X(offload_pool_type,    "HostPool")                                        \
+    X(offload_engine_type,  "CudaOffloadEngine")
 
-/* One module state; every field is owned by the module (cleared in
- * mlu_state_clear).  Areas add their heap types and cached objects here. */
+/* One module state; every field is a strong reference owned by the module
+ * (NULL until its init ran; visited and cleared in module.c from MLU_STATE_FIELDS). */
 typedef struct mlu_state {
-    /* exceptions */
-    PyObject *MlutilsError;       /* (Exception) */
-    PyObject *JSONDecodeError;    /* (MlutilsError, json.JSONDecodeError) */
-    PyObject *SafetensorsError;   /* (MlutilsError, ValueError) */
-    PyObject *TorchFormatError;   /* (MlutilsError, ValueError) */
-    PyObject *UnsafePickleError;  /* (TorchFormatError, pickle.UnpicklingError) */
-    PyObject *SamplerStateError;  /* (MlutilsError, ValueError) */
-    PyObject *PatternError;       /* (MlutilsError, ValueError) */
-    /* area objects */
-    PyObject *area_objects[MLU_SLOT_COUNT]; /* the areas' heap types and caches, see mlu_slot */
+#define MLU_STATE_FIELD_DECL(name, doc) PyObject *name;
+    MLU_STATE_FIELDS(MLU_STATE_FIELD_DECL)
+#undef MLU_STATE_FIELD_DECL
 } mlu_state;
 
 extern PyModuleDef mlu_module_def;
@@ -40,10 +48,36 @@ extern PyModuleDef mlu_module_def;
 mlu_state *mlu_get_state(PyObject *module);
 mlu_state *mlu_state_from_type(PyTypeObject *type);
 
-/* Raises the Python exception matching err->code; MLU_EFORMAT uses
- * format_exc (borrowed; NULL means ValueError).  Always returns NULL so call
- * sites can `return mlu_raise(...)`. */
-PyObject *mlu_raise(mlu_state *st, const mlu_error *err, PyObject *format_exc);
+/* The class MLU_EFORMAT becomes: the format error of the area whose
+ * untrusted bytes were malformed. */
+typedef enum mlu_domain {
+    MLU_DOMAIN_VALUE = 0,    /* ValueError */
+    MLU_DOMAIN_SAFETENSORS,  /* SafetensorsError */
+    MLU_DOMAIN_TORCH,        /* TorchFormatError */
+    MLU_DOMAIN_PATTERN,      /* PatternError */
+    MLU_DOMAIN_COUNT
+} mlu_domain;
+
+/* errors.c, the one status -> exception path: raises the class of
+ * err->code (one table there; MLU_EFORMAT -> the domain's class).  MLU_EIO
+ * becomes OSError(errno, message, filename), its subclass picked by errno;
+ * filename (borrowed) may be NULL.  st (borrowed) must not be NULL.  Always
+ * returns NULL so call sites can `return mlu_raise(...)`. */
+PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *filename);
+
+/* OSError for an errno from a system call made in the binding itself, as
+ * mlu_raise makes it.  Always returns NULL. */
+PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
+
+/* Makes the struct sequence type of desc (named "mlutils._core.<Name>"),
+ * stores it in *field (a state field, which then owns it) and adds it to the
+ * module as <Name>.  Returns 0 or -1. */
+int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field);
+
+/* New ref: an instance of the struct sequence `type` (borrowed) holding
+ * `values`, which it steals (all of them, even on failure; NULL entries mean
+ * that making the value failed, and so does the call). */
+PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n);
 
 /* Each area's entry: adds its functions/types to the module (exec phase).
  * Return 0 on success, -1 with an exception set. */

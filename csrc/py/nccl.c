@@ -5,7 +5,7 @@
 
 #include "../cuda/nccl_comm.h"
 
-#define COMM_TYPE(st) ((PyTypeObject *)(st)->area_objects[MLU_SLOT_NCCL_0])
+#define COMM_TYPE(st) ((PyTypeObject *)(st)->nccl_comm_type)
 #define REPORT_CAP 8192
 
 /* The loaded library is process-wide (dlopen handles are), so it lives here
@@ -23,11 +23,13 @@ static PyObject *comm_raise(PyObject *any, const mlu_nccl_comm *comm, const mlu_
 {
     mlu_state *st = PyModule_Check(any) ? mlu_get_state(any) : mlu_state_from_type(Py_TYPE(any));
 
+    if (st == NULL) /* an exception is set */
+        return NULL;
     if (comm != NULL && mlu_nccl_comm_timed_out(comm) && err->code == MLU_EDEVICE) {
         PyErr_SetString(PyExc_TimeoutError, err->text);
         return NULL;
     }
-    return mlu_raise(st, err, NULL);
+    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 static int need_loaded(void)
@@ -39,7 +41,27 @@ static int need_loaded(void)
     return 0;
 }
 
-/* nccl_load(dirs=()) -> (path, version): loads libnccl.so.2 once. */
+/* What nccl_load() and nccl_loaded() return (fields by name, also a tuple). */
+static PyStructSequence_Field library_fields[] = {
+    {"path", "the libnccl.so.2 that was loaded"},
+    {"version", "its ncclGetVersion() code (e.g. 22703 for 2.27.3)"},
+    {NULL, NULL},
+};
+static PyStructSequence_Desc library_desc = {
+    "mlutils._core.NcclLibrary", "The loaded NCCL library: path and version.", library_fields, 2,
+};
+
+/* New ref: NcclLibrary(path, version) of the loaded library. */
+static PyObject *library_info(PyObject *m)
+{
+    PyObject *v[2];
+
+    v[0] = PyUnicode_DecodeFSDefault(nccl_lib.path);
+    v[1] = PyLong_FromLong((long)nccl_lib.version);
+    return mlu_struct_new_steal(mlu_get_state(m)->nccl_library_type, v, 2);
+}
+
+/* nccl_load(dirs=()) -> NcclLibrary(path, version): loads libnccl.so.2 once. */
 static PyObject *py_nccl_load(PyObject *m, PyObject *args)
 {
     PyObject *dirs_obj = NULL, *seq = NULL, *result = NULL;
@@ -49,11 +71,10 @@ static PyObject *py_nccl_load(PyObject *m, PyObject *args)
     mlu_error err;
     mlu_status st;
 
-    (void)m;
     if (!PyArg_ParseTuple(args, "|O:nccl_load", &dirs_obj))
         return NULL;
     if (nccl_lib.handle != NULL)
-        return Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+        return library_info(m);
     if (dirs_obj != NULL) {
         seq = PySequence_Fast(dirs_obj, "nccl_load: dirs must be a sequence of str"); /* new ref */
         if (seq == NULL)
@@ -89,7 +110,7 @@ static PyObject *py_nccl_load(PyObject *m, PyObject *args)
                      err.text, report);
         goto done;
     }
-    result = Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+    result = library_info(m);
 done:
     PyMem_Free(report);
     PyMem_Free(dirs);
@@ -97,14 +118,13 @@ done:
     return result;
 }
 
-/* nccl_loaded() -> (path, version) or None */
+/* nccl_loaded() -> NcclLibrary(path, version) or None */
 static PyObject *py_nccl_loaded(PyObject *m, PyObject *unused)
 {
-    (void)m;
     (void)unused;
     if (nccl_lib.handle == NULL)
         Py_RETURN_NONE;
-    return Py_BuildValue("(si)", nccl_lib.path, nccl_lib.version);
+    return library_info(m);
 }
 
 /* _nccl_unload(): forget the library (tests load several fakes in turn). */
@@ -466,9 +486,9 @@ int mlu_nccl_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
         {"nccl_load", py_nccl_load, METH_VARARGS,
-         "nccl_load(dirs=()) -> (path, version): load libnccl.so.2 (ImportError naming every "
+         "nccl_load(dirs=()) -> NcclLibrary(path, version): load libnccl.so.2 (ImportError naming every "
          "place tried)."},
-        {"nccl_loaded", py_nccl_loaded, METH_NOARGS, "nccl_loaded() -> (path, version) or None."},
+        {"nccl_loaded", py_nccl_loaded, METH_NOARGS, "nccl_loaded() -> NcclLibrary(path, version) or None."},
         {"_nccl_unload", py_nccl_unload, METH_NOARGS, "_nccl_unload(): forget the library (tests)."},
         {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS,
          "nccl_unique_id() -> bytes: ncclGetUniqueId (128 bytes)."},
@@ -483,9 +503,11 @@ int mlu_nccl_module_init(PyObject *m)
 
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
+    if (mlu_add_struct_type(m, &library_desc, &st->nccl_library_type) < 0)
+        return -1;
     type = PyType_FromModuleAndSpec(m, &comm_spec, NULL); /* new ref */
     if (type == NULL)
         return -1;
-    st->area_objects[MLU_SLOT_NCCL_0] = type; /* owned by the state */
+    st->nccl_comm_type = type; /* owned by the state */
     return PyModule_AddObjectRef(m, "NcclComm", type);
 }

@@ -58,6 +58,14 @@ static int parse_cap(PyObject *obj, size_t *cap)
     return 0;
 }
 
+/* Raises a core error for one of this file's types (borrowed); NULL. */
+static PyObject *raise_for(PyTypeObject *type, const mlu_error *err)
+{
+    mlu_state *st = mlu_state_from_type(type); /* borrowed; NULL with an exception set */
+
+    return st == NULL ? NULL : mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
+}
+
 /* ------------------------------------------------------------------ HostPool */
 
 typedef struct {
@@ -99,7 +107,7 @@ static PyObject *HostPool_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     mlu_error_clear(&err);
     if (mlu_offload_pool_new(&a, cap, &self->pool, &err) != MLU_OK) {
         Py_DECREF(self);
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(type, &err);
     }
     return (PyObject *)self;
 }
@@ -132,7 +140,7 @@ static PyObject *HostPool_acquire(HostPoolObject *self, PyObject *arg)
     }
     mlu_error_clear(&err);
     if (mlu_offload_pool_acquire(self->pool, (size_t)n, &id, &ptr, &size, &err) != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     view = PyMemoryView_FromMemory((char *)ptr, n, PyBUF_WRITE);
     if (view == NULL) {
         mlu_offload_pool_release(self->pool, id, NULL);
@@ -153,7 +161,7 @@ static PyObject *HostPool_release(HostPoolObject *self, PyObject *arg)
         return NULL;
     mlu_error_clear(&err);
     if (mlu_offload_pool_release(self->pool, (int64_t)id, &err) != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
@@ -249,7 +257,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st = mlu_cuda_offload_new(device, cap, &eng, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(type, &err);
     self = (EngineObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         mlu_cuda_offload_destroy(eng);
@@ -288,7 +296,7 @@ static PyObject *Engine_streams(EngineObject *self, PyObject *unused)
         return NULL;
     mlu_error_clear(&err);
     if (mlu_cuda_offload_streams(self->eng, &d2h, &h2d, &err) != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)d2h, (unsigned long long)(uintptr_t)h2d);
 }
 
@@ -317,7 +325,7 @@ static PyObject *Engine_save(EngineObject *self, PyObject *args, PyObject *kw)
                                (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &handle, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     return PyLong_FromLongLong(handle);
 }
 
@@ -345,7 +353,7 @@ static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
                                (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
@@ -367,7 +375,7 @@ static PyObject *Engine_wait(EngineObject *self, PyObject *args, PyObject *kw)
     st = mlu_cuda_offload_wait(self->eng, (int64_t)handle, (void *)(uintptr_t)stream, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
@@ -388,7 +396,7 @@ static PyObject *engine_handle_call(EngineObject *self, PyObject *arg,
     st = fn(self->eng, (int64_t)handle, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
@@ -417,7 +425,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
     st = mlu_cuda_offload_stats(self->eng, &s, &handles, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     return stats_dict(&s, handles);
 }
 
@@ -435,7 +443,7 @@ static PyObject *Engine_trim(EngineObject *self, PyObject *unused)
     st = mlu_cuda_offload_trim(self->eng, &freed, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return mlu_raise(NULL, &err, NULL);
+        return raise_for(Py_TYPE(self), &err);
     return PyLong_FromUnsignedLongLong(freed);
 }
 
@@ -504,16 +512,15 @@ static PyObject *py_offload_packed_size(PyObject *m, PyObject *args)
     return PyLong_FromSize_t(n);
 }
 
-static int add_type(PyObject *m, PyType_Spec *spec)
+/* Makes the type of spec, owned by *field (a module state field), and adds it. */
+static int add_type(PyObject *m, PyType_Spec *spec, PyObject **field)
 {
-    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL);
-    int rc;
+    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL); /* new ref */
 
     if (type == NULL)
         return -1;
-    rc = PyModule_AddObjectRef(m, strrchr(spec->name, '.') + 1, type);
-    Py_DECREF(type);
-    return rc;
+    *field = type; /* owned by the state */
+    return PyModule_AddObjectRef(m, strrchr(spec->name, '.') + 1, type);
 }
 
 int mlu_offload_module_init(PyObject *m)
@@ -524,7 +531,10 @@ int mlu_offload_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
 
-    if (add_type(m, &HostPool_spec) < 0 || add_type(m, &Engine_spec) < 0)
+    mlu_state *st = mlu_get_state(m);
+
+    if (add_type(m, &HostPool_spec, &st->offload_pool_type) < 0 ||
+        add_type(m, &Engine_spec, &st->offload_engine_type) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "OFFLOAD_RAW", MLU_OFFLOAD_RAW) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F32_BF16", MLU_OFFLOAD_F32_BF16) < 0 ||

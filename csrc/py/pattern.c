@@ -14,11 +14,11 @@ typedef struct {
     mlu_pattern pat; /* owned */
 } PatternTableObject;
 
-#define TABLE_TYPE(st) ((PyTypeObject *)(st)->area_objects[MLU_SLOT_PATTERN_0])
+#define TABLE_TYPE(st) ((PyTypeObject *)(st)->pattern_table_type)
 
 static PyObject *raise_err(mlu_state *st, const mlu_error *err)
 {
-    return mlu_raise(st, err, NULL);
+    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 /* PatternError for EINVAL, as every pattern problem is a ValueError. */
@@ -26,7 +26,7 @@ static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
 {
     if (err->code == MLU_EINVAL)
         err->code = MLU_EFORMAT;
-    return mlu_raise(st, err, st->PatternError);
+    return mlu_raise(st, err, MLU_DOMAIN_PATTERN, NULL);
 }
 
 /* ------------------------------------------------------------------- type */
@@ -868,7 +868,7 @@ int mlu_pattern_module_init(PyObject *m)
     tp = PyType_FromModuleAndSpec(m, &table_spec, NULL); /* new ref */
     if (tp == NULL)
         return -1;
-    st->area_objects[MLU_SLOT_PATTERN_0] = tp; /* owned by the state */
+    st->pattern_table_type = tp; /* owned by the state */
     if (PyModule_AddObjectRef(m, "PatternTable", tp) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);

@@ -18,6 +18,8 @@
 #include "../core/ptload_file.h"
 
 enum { MODE_MMAP = 0, MODE_COPY = 1, MODE_INDEX = 2, MODE_VERIFY = 3 };
+/* _pt_load's mode argument: the name of each mode, in enum order. */
+static const char *const mode_names[] = {"mmap", "copy", "index", "verify"};
 #define MAX_DEPTH 1000
 #define MAPPING_CAPSULE "mlutils._ptload.mapping"
 
@@ -27,7 +29,9 @@ typedef struct conv {
     PyObject **memo;      /* owned refs, one slot per node */
     PyObject **storages;  /* owned refs: uint8 arrays (or Py_None in index mode) */
     PyObject *keys;       /* owned: list of storage key strings */
-    PyObject *hooks[4];   /* borrowed: tensor, dtype, size, device */
+    /* owned: the hooks object's callables, read by name (see py_pt_load) */
+    PyObject *hook_tensor, *hook_dtype, *hook_size, *hook_device;
+    PyObject *tensor_kwnames; /* owned: hooks.tensor's keyword names, made on first use */
     PyObject *odict;      /* owned: collections.OrderedDict */
     PyObject *counter;    /* owned: collections.Counter */
 } conv;
@@ -135,20 +139,47 @@ done:
     return t;
 }
 
-/* New ref: hooks.tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter). */
+/* The keyword arguments of hooks.tensor, in the order of make_tensor's values. */
+enum { TA_STORAGE, TA_KEY, TA_NAME, TA_OFFSET, TA_SHAPE, TA_STRIDE, TA_REQUIRES_GRAD, TA_IS_PARAMETER, TA_COUNT };
+static const char *const tensor_arg_names[TA_COUNT] = {
+    "storage", "key", "name", "offset", "shape", "stride", "requires_grad", "is_parameter",
+};
+
+/* New ref: hooks.tensor(storage=, key=, name= (dtype name), offset=, shape=,
+ * stride=, requires_grad=, is_parameter=), every argument by keyword. */
 static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 {
     uint32_t s = c->pt->vm.pids[t->pid].storage;
-    PyObject *shape = int_tuple(t->shape, t->ndim), *stride = int_tuple(t->stride, t->ndim), *res = NULL;
+    PyObject *v[TA_COUNT] = {NULL}, *res = NULL;
+    int i;
 
-    if (shape != NULL && stride != NULL)
-        res = PyObject_CallFunction(c->hooks[0], "OOsKOOii", c->storages[s], PyList_GET_ITEM(c->keys, s),
-                                    mlu_torch_dtypes[t->dtype].name, (unsigned long long)t->offset, shape, stride,
-                                    t->requires_grad, t->is_parameter);
+    v[TA_STORAGE] = Py_NewRef(c->storages[s]);
+    v[TA_KEY] = Py_NewRef(PyList_GET_ITEM(c->keys, s));
+    v[TA_NAME] = PyUnicode_FromString(mlu_torch_dtypes[t->dtype].name);
+    v[TA_OFFSET] = PyLong_FromUnsignedLongLong((unsigned long long)t->offset);
+    v[TA_SHAPE] = int_tuple(t->shape, t->ndim);
+    v[TA_STRIDE] = int_tuple(t->stride, t->ndim);
+    v[TA_REQUIRES_GRAD] = PyLong_FromLong(t->requires_grad);
+    v[TA_IS_PARAMETER] = PyLong_FromLong(t->is_parameter);
+    for (i = 0; i < TA_COUNT && v[i] != NULL; i++)
+        ;
+    if (i == TA_COUNT && c->tensor_kwnames == NULL) {
+        c->tensor_kwnames = PyTuple_New(TA_COUNT);
+        for (i = 0; c->tensor_kwnames != NULL && i < TA_COUNT; i++) {
+            PyObject *name = PyUnicode_InternFromString(tensor_arg_names[i]); /* new ref */
+            if (name == NULL) {
+                Py_CLEAR(c->tensor_kwnames);
+                break;
+            }
+            PyTuple_SET_ITEM(c->tensor_kwnames, i, name); /* steals name */
+        }
+    }
+    if (i == TA_COUNT && c->tensor_kwnames != NULL)
+        res = PyObject_Vectorcall(c->hook_tensor, v, 0, c->tensor_kwnames);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);
-    Py_XDECREF(shape);
-    Py_XDECREF(stride);
+    for (i = 0; i < TA_COUNT; i++)
+        Py_XDECREF(v[i]);
     return res;
 }
 
@@ -288,7 +319,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             o = items;
             items = NULL;
         } else {
-            o = PyObject_CallOneArg(c->hooks[2], items);  /* items is released at done */
+            o = PyObject_CallOneArg(c->hook_size, items);  /* items is released at done */
             if (o == NULL)
                 wrap_error(c, "cannot build a torch.Size", NULL);
         }
@@ -345,16 +376,16 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         if (s == NULL)
             break;
         if (n->u.s.index >= 0)
-            o = PyObject_CallFunction(c->hooks[3], "Oi", s, (int)n->u.s.index);
+            o = PyObject_CallFunction(c->hook_device, "Oi", s, (int)n->u.s.index);
         else
-            o = PyObject_CallFunction(c->hooks[3], "OO", s, Py_None);
+            o = PyObject_CallFunction(c->hook_device, "OO", s, Py_None);
         Py_DECREF(s);
         if (o == NULL)
             wrap_error(c, "cannot build a torch.device", NULL);
         break;
     }
     case MLU_PKN_DTYPE:
-        o = PyObject_CallFunction(c->hooks[1], "s", mlu_torch_dtypes[n->sub].name);
+        o = PyObject_CallFunction(c->hook_dtype, "s", mlu_torch_dtypes[n->sub].name);
         if (o == NULL)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
@@ -442,7 +473,7 @@ static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, in
             Py_END_ALLOW_THREADS
             if (st != MLU_OK) {
                 Py_DECREF(arr);
-                mlu_raise(c->st, &err, c->st->TorchFormatError);
+                mlu_raise(c->st, &err, MLU_DOMAIN_TORCH, NULL);
                 goto done;
             }
         }
@@ -451,17 +482,6 @@ static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, in
     res = 0;
 done:
     return res;
-}
-
-/* Raises the right exception for a core error about `path` (borrowed). */
-static void raise_core(mlu_state *st, const mlu_error *err, PyObject *path)
-{
-    if (err->code == MLU_EIO) {
-        errno = err->sys_errno;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
-    } else {
-        mlu_raise(st, err, st->TorchFormatError);
-    }
 }
 
 /* New ref: a capsule owning a private mapping of fd's first `size` bytes,
@@ -486,11 +506,11 @@ static PyObject *map_file(mlu_state *st, int fd, uint64_t size, PyObject *path)
     frc = rc == MLU_OK ? fstat(fd, &sb) : 0;
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, path);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, path);
         goto error;
     }
     if (frc < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        mlu_raise_errno(st, errno, path);
         goto error;
     }
     /* pages past a shrunken end would raise SIGBUS when touched */
@@ -519,7 +539,8 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     PyObject *path_bytes = NULL, *capsule = NULL, *res = NULL, *coll = NULL;
     mlu_pt pt;
     mlu_rd rd;
-    int pt_open = 0, mode = 0, i, fd = -1;
+    int pt_open = 0, mode = 0, fd = -1;
+    const char *mode_name;
     uint64_t size = 0;
     mlu_error err;
     mlu_status rc;
@@ -532,15 +553,25 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "_pt_load(path, mode, hooks) takes 3 arguments");
         goto done;
     }
-    mode = (int)PyLong_AsLong(args[1]);
-    if (mode == -1 && PyErr_Occurred())
+    mode_name = PyUnicode_Check(args[1]) ? PyUnicode_AsUTF8(args[1]) : NULL;
+    if (mode_name == NULL && PyErr_Occurred())
         goto done;
-    if (mode < MODE_MMAP || mode > MODE_VERIFY) {
-        PyErr_SetString(PyExc_ValueError, "_pt_load: mode must be 0..3");
+    for (mode = 0; mode_name != NULL && mode <= MODE_VERIFY; mode++)
+        if (strcmp(mode_name, mode_names[mode]) == 0)
+            break;
+    if (mode_name == NULL || mode > MODE_VERIFY) {
+        PyErr_Format(PyExc_ValueError, "_pt_load: mode must be 'mmap', 'copy', 'index' or 'verify', not %R",
+                     args[1]);
         goto done;
     }
-    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 4) {
-        PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must be a tuple of 4 callables");
+    if ((c.hook_tensor = PyObject_GetAttrString(args[2], "tensor")) == NULL ||
+        (c.hook_dtype = PyObject_GetAttrString(args[2], "dtype")) == NULL ||
+        (c.hook_size = PyObject_GetAttrString(args[2], "size")) == NULL ||
+        (c.hook_device = PyObject_GetAttrString(args[2], "device")) == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "_pt_load: hooks must have tensor, dtype, size and device callables");
+        }
         goto done;
     }
     if (!PyUnicode_FSConverter(args[0], &path_bytes))
@@ -549,7 +580,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     rc = mlu_file_open_ro(PyBytes_AS_STRING(path_bytes), &fd, &size, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, args[0]);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;
     }
     mlu_rd_fd(&rd, fd, size);
@@ -557,7 +588,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     rc = mlu_pt_open(&pt, &rd, mode == MODE_VERIFY, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        raise_core(st, &err, args[0]);
+        mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;
     }
     pt_open = 1;
@@ -565,8 +596,6 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         goto done;
     c.st = st;
     c.pt = &pt;
-    for (i = 0; i < 4; i++)
-        c.hooks[i] = PyTuple_GET_ITEM(args[2], i);
     coll = PyImport_ImportModule("collections");
     if (coll == NULL)
         goto done;
@@ -597,6 +626,11 @@ done:
             Py_XDECREF(c.storages[k]);
         PyMem_Free(c.storages);
     }
+    Py_XDECREF(c.hook_tensor);
+    Py_XDECREF(c.hook_dtype);
+    Py_XDECREF(c.hook_size);
+    Py_XDECREF(c.hook_device);
+    Py_XDECREF(c.tensor_kwnames);
     Py_XDECREF(c.keys);
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
@@ -638,17 +672,14 @@ static PyObject *str_or_none(const char *s)
 /* torch_dtypes(): the dtype table as a tuple of TorchDtype rows (new ref). */
 static PyObject *py_torch_dtypes(PyObject *module, PyObject *unused)
 {
-    PyObject *type = NULL, *res = NULL, *out = NULL, *row;
+    mlu_state *st = mlu_get_state(module);
+    PyObject *type, *res = NULL, *out = NULL, *row;  /* type: borrowed from the module state */
     int i, k;
 
     (void)unused;
-    type = PyObject_GetAttrString(module, "TorchDtype");
-    if (type == NULL)
+    if (st == NULL)
         goto done;
-    if (!PyType_Check(type)) {
-        PyErr_SetString(PyExc_TypeError, "mlutils._core.TorchDtype is not a type");
-        goto done;
-    }
+    type = st->torch_dtype_type;
     if ((res = PyTuple_New(MLU_TORCH_N_DTYPES)) == NULL)
         goto done;
     for (i = 0; i < MLU_TORCH_N_DTYPES; i++) {
@@ -673,7 +704,6 @@ static PyObject *py_torch_dtypes(PyObject *module, PyObject *unused)
     res = NULL;
 done:
     Py_XDECREF(res);
-    Py_XDECREF(type);
     return out;
 }
 
@@ -687,15 +717,20 @@ int mlu_ptload_module_init(PyObject *m)
          "(name, storage_class, itemsize, numpy, ml_dtypes, safetensors), from the one C table."},
         {"_pt_load", (PyCFunction)(void (*)(void))py_pt_load, METH_FASTCALL,
          "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
-         "mode 0: storages map the file where possible; 1: storages are copies; 2: no storages (index);\n"
-         "3: like 2, and deflated records are inflated to check them.  hooks = (tensor, dtype, size, device) callables."},
+         "mode 'mmap': storages map the file where possible; 'copy': storages are copies; 'index': no storages;\n"
+         "'verify': like 'index', and deflated records are inflated to check them.  hooks: an object with\n"
+         "tensor, dtype, size and device callables."},
         {NULL, NULL, 0, NULL},
     };
+    mlu_state *st = mlu_get_state(m);
+
+    if (st == NULL)
+        return -1;
     dtype_type = PyStructSequence_NewType(&torch_dtype_desc);
     if (dtype_type == NULL)
         return -1;
+    st->torch_dtype_type = (PyObject *)dtype_type;  /* owned by the state */
     rc = PyModule_AddObjectRef(m, "TorchDtype", (PyObject *)dtype_type);
-    Py_DECREF(dtype_type);
     if (rc < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);

@@ -31,6 +31,7 @@ typedef struct storage_rec {
 typedef mlu_path path_step; /* see path.h */
 
 typedef struct saver {
+    mlu_state *mst;         /* borrowed: the module's state */
     mlu_ptw w;              /* owned: the format writer (pickle, storages, archive) */
     mlu_error err;
     PyObject *memo;         /* owned dict: id(obj) -> memo index */
@@ -50,7 +51,7 @@ typedef struct saver {
 
 static int core_fail(saver *s)
 {
-    mlu_raise(NULL, &s->err, NULL);
+    mlu_raise(s->mst, &s->err, MLU_DOMAIN_VALUE, NULL);
     return -1;
 }
 
@@ -491,12 +492,21 @@ static int add_path(const path_step *at)
 
 static int save_torch(saver *s, PyObject *t, const path_step *at);
 
-/* describe(t) -> ("tensor", dtype, size, stride, offset, requires_grad,
- *                 storage_id, storage, nbytes, metadata or None)
- *              | ("param", data, requires_grad) */
+/* New ref: attribute `name` of a description from mlutils._ptsave (a
+ * NamedTuple there: the contract is its field names, never positions). */
+static PyObject *desc_get(PyObject *desc, const char *name)
+{
+    return PyObject_GetAttrString(desc, name);
+}
+
+/* describe(t) -> _TensorDescription (kind "tensor": dtype, size, stride,
+ *                 storage_offset, requires_grad, storage_id, storage, nbytes,
+ *                 metadata or None)
+ *              | _ParameterDescription (kind "param": data, requires_grad) */
 static int save_torch(saver *s, PyObject *t, const path_step *at)
 {
     PyObject *desc = PyObject_CallOneArg(s->describe, t);
+    PyObject *kind_o = NULL, *f = NULL, *f2 = NULL; /* new refs */
     tensor_desc d;
     Py_ssize_t n2 = 0;
     const char *kind, *dname;
@@ -505,69 +515,85 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
     memset(&d, 0, sizeof(d));
     if (desc == NULL)
         return add_path(at);
-    if (!PyTuple_Check(desc) || PyTuple_GET_SIZE(desc) < 3) {
-        PyErr_SetString(PyExc_SystemError, "ptsave: bad tensor description");
+    kind_o = desc_get(desc, "kind");
+    if (kind_o == NULL)
         goto done;
-    }
-    kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(desc, 0));
+    kind = PyUnicode_AsUTF8(kind_o);
     if (kind == NULL)
         goto done;
     if (strcmp(kind, "param") == 0) {
         /* _rebuild_parameter(data, requires_grad, OrderedDict()) */
-        int rg = PyObject_IsTrue(PyTuple_GET_ITEM(desc, 2));
+        int rg = 0;
         uint32_t idx = 0;
-        if (rg < 0 || PK(mlu_ptw_param_begin(&s->w, &s->err)) < 0)
+        if ((f = desc_get(desc, "requires_grad")) == NULL || (rg = PyObject_IsTrue(f)) < 0)
             goto done;
-        if (save_torch(s, PyTuple_GET_ITEM(desc, 1), at) < 0)
+        if (PK(mlu_ptw_param_begin(&s->w, &s->err)) < 0)
+            goto done;
+        if ((f2 = desc_get(desc, "data")) == NULL || save_torch(s, f2, at) < 0)
             goto done;
         if (PK(mlu_ptw_param_end(&s->w, rg, &idx, &s->err)) < 0)
             goto done;
         rc = memo_record(s, t, idx);
         goto done;
     }
-    if (PyTuple_GET_SIZE(desc) != 10) {
-        PyErr_SetString(PyExc_SystemError, "ptsave: bad tensor description");
+    if (strcmp(kind, "tensor") != 0) {
+        PyErr_Format(PyExc_SystemError, "ptsave: bad tensor description kind %s", kind);
         goto done;
     }
-    dname = PyUnicode_AsUTF8(PyTuple_GET_ITEM(desc, 1));
-    if (dname == NULL)
+    if ((f = desc_get(desc, "dtype")) == NULL || (dname = PyUnicode_AsUTF8(f)) == NULL)
         goto done;
     d.dt = mlu_torch_dtype_named(dname);
     if (d.dt < 0) {
         mlu_path_fail(PyExc_TypeError, "obj", at, "tensors of dtype torch.%s cannot be saved", dname);
         goto done;
     }
-    d.size = int_array(PyTuple_GET_ITEM(desc, 2), &d.ndim);
-    if (d.size == NULL)
+    Py_CLEAR(f);
+    if ((f = desc_get(desc, "size")) == NULL || (d.size = int_array(f, &d.ndim)) == NULL)
         goto done;
-    d.stride = int_array(PyTuple_GET_ITEM(desc, 3), &n2);
-    if (d.stride == NULL)
+    Py_CLEAR(f);
+    if ((f = desc_get(desc, "stride")) == NULL || (d.stride = int_array(f, &n2)) == NULL)
         goto done;
+    Py_CLEAR(f);
     if (n2 != d.ndim) {
         PyErr_SetString(PyExc_SystemError, "ptsave: size and stride differ in length");
         goto done;
     }
-    d.offset = PyLong_AsLongLong(PyTuple_GET_ITEM(desc, 4));
+    if ((f = desc_get(desc, "storage_offset")) == NULL)
+        goto done;
+    d.offset = PyLong_AsLongLong(f);
     if (d.offset == -1 && PyErr_Occurred())
         goto done;
-    d.requires_grad = PyObject_IsTrue(PyTuple_GET_ITEM(desc, 5));
-    if (d.requires_grad < 0)
+    Py_CLEAR(f);
+    if ((f = desc_get(desc, "requires_grad")) == NULL || (d.requires_grad = PyObject_IsTrue(f)) < 0)
         goto done;
+    Py_CLEAR(f);
     {
-        unsigned long long nbytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(desc, 8));
+        unsigned long long nbytes;
+        if ((f = desc_get(desc, "nbytes")) == NULL)
+            goto done;
+        nbytes = PyLong_AsUnsignedLongLong(f);
         if (nbytes == (unsigned long long)-1 && PyErr_Occurred())
             goto done;
-        d.storage = find_storage(s, s->tmap, PyTuple_GET_ITEM(desc, 6), PyTuple_GET_ITEM(desc, 7), NULL,
-                                 nbytes, 1, d.dt, at);
+        Py_CLEAR(f);
+        if ((f = desc_get(desc, "storage_id")) == NULL || (f2 = desc_get(desc, "storage")) == NULL)
+            goto done;
+        d.storage = find_storage(s, s->tmap, f, f2, NULL, nbytes, 1, d.dt, at);
         if (d.storage < 0)
             goto done;
+        Py_CLEAR(f);
+        Py_CLEAR(f2);
     }
-    if (PyTuple_GET_ITEM(desc, 9) != Py_None)
-        d.metadata = PyTuple_GET_ITEM(desc, 9);
+    if ((f = desc_get(desc, "metadata")) == NULL)
+        goto done;
+    if (f != Py_None)
+        d.metadata = f; /* borrowed from f, which lives until done */
     rc = emit_tensor(s, t, &d);
 done:
     mlu_free(d.size);
     mlu_free(d.stride);
+    Py_XDECREF(f);
+    Py_XDECREF(f2);
+    Py_XDECREF(kind_o);
     Py_XDECREF(desc);
     return rc;
 }
@@ -802,6 +828,7 @@ static int write_zip(saver *s, const char *archive, mlu_zipw_sink sink, void *ct
                      PyObject *storage_bytes)
 {
     PyObject *got = NULL;  /* owned: the current torch storage's (keepalive, address, nbytes) */
+    PyObject *f = NULL;    /* owned: one field of got */
     Py_ssize_t i;
     mlu_status st;
     int rc = -1;
@@ -822,12 +849,15 @@ static int write_zip(saver *s, const char *archive, mlu_zipw_sink sink, void *ct
             got = PyObject_CallOneArg(storage_bytes, s->st[i].owner);
             if (got == NULL)
                 goto done;
-            if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 3) {
-                PyErr_SetString(PyExc_SystemError, "ptsave: bad storage bytes");
+            /* _StorageBytes (owner, address, nbytes): got keeps owner alive */
+            if ((f = desc_get(got, "address")) == NULL)
                 goto done;
-            }
-            addr = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 1));
-            nb = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 2));
+            addr = PyLong_AsUnsignedLongLong(f);
+            Py_CLEAR(f);
+            if (PyErr_Occurred() || (f = desc_get(got, "nbytes")) == NULL)
+                goto done;
+            nb = PyLong_AsUnsignedLongLong(f);
+            Py_CLEAR(f);
             if (PyErr_Occurred())
                 goto done;
             data = (const void *)(uintptr_t)addr;
@@ -876,11 +906,12 @@ static void saver_free(saver *s)
     Py_CLEAR(s->odict_type);
 }
 
-static int saver_init(saver *s, PyObject *tensor_type, PyObject *describe)
+static int saver_init(saver *s, mlu_state *mst, PyObject *tensor_type, PyObject *describe)
 {
     PyObject *collections;
 
     memset(s, 0, sizeof(*s));
+    s->mst = mst;
     mlu_error_clear(&s->err);
     if (mlu_ptw_init(&s->w, &s->err) != MLU_OK)
         return core_fail(s);
@@ -923,7 +954,6 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     path_step root = {NULL, NULL, 0, 0};
     mlu_status st;
 
-    (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsOOO|K$O!:_ptsave_write", kwlist, &obj, &path,
                                      &archive, &tensor_type, &describe, &storage_bytes, &limit,
                                      &PyBool_Type, &durable))
@@ -936,7 +966,7 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
         PyErr_SetString(PyExc_ValueError, "zip64_limit must be positive");
         return NULL;
     }
-    if (saver_init(&s, tensor_type, describe) < 0)
+    if (saver_init(&s, mlu_get_state(module), tensor_type, describe) < 0)
         goto done;
     if (save_obj(&s, obj, &root) < 0)
         goto error_core;

@@ -15,8 +15,6 @@
 #include "../core/atomicfile.h"
 #include "../core/safetensors.h"
 
-#define MAP_SLOT MLU_SLOT_SAFETENSORS_0
-
 typedef struct {
     PyObject_HEAD
     uint8_t *base;      /* owned mapping (mlu_st_unmap) */
@@ -48,7 +46,7 @@ static void stmap_dealloc(PyObject *self)
 static StMap *stmap_new(PyObject *module)
 {
     mlu_state *st = mlu_get_state(module);
-    PyTypeObject *tp = (PyTypeObject *)st->area_objects[MAP_SLOT];
+    PyTypeObject *tp = (PyTypeObject *)st->safetensors_map_type;
     StMap *m = (StMap *)tp->tp_alloc(tp, 0);
 
     if (m != NULL) {
@@ -57,11 +55,6 @@ static StMap *stmap_new(PyObject *module)
         memset(&m->hdr, 0, sizeof(m->hdr));
     }
     return m;
-}
-
-static PyObject *format_exc_of(PyObject *module)
-{
-    return mlu_get_state(module)->SafetensorsError;
 }
 
 /* st_open(path) -> SafetensorsMap */
@@ -85,7 +78,7 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
         rc = mlu_st_parse(m->base, (uint64_t)m->len, &m->hdr, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     res = (PyObject *)m;
@@ -128,7 +121,7 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     }
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     res = (PyObject *)m;
@@ -172,14 +165,35 @@ error:
     return NULL;
 }
 
-/* entries() -> list of (name, dtype, shape, begin, end), in offset order. */
+/* One tensor of a header, as Python sees it: fields by name (also a tuple,
+ * so unpacking works).  The one definition of this contract. */
+enum { ENTRY_NAME, ENTRY_DTYPE, ENTRY_SHAPE, ENTRY_BEGIN, ENTRY_END, ENTRY_NFIELDS };
+static PyStructSequence_Field entry_fields[ENTRY_NFIELDS + 1] = {
+    [ENTRY_NAME] = {"name", "the tensor's name"},
+    [ENTRY_DTYPE] = {"dtype", "its safetensors dtype name (\"F32\", \"BF16\", ...)"},
+    [ENTRY_SHAPE] = {"shape", "tuple of dimensions"},
+    [ENTRY_BEGIN] = {"begin", "first byte in the data section"},
+    [ENTRY_END] = {"end", "end byte (exclusive) in the data section"},
+    [ENTRY_NFIELDS] = {NULL, NULL},
+};
+static PyStructSequence_Desc entry_desc = {
+    "mlutils._core.SafetensorsEntry",
+    "One tensor of a validated safetensors header: name, dtype, shape, begin, end.",
+    entry_fields,
+    ENTRY_NFIELDS,
+};
+
+/* entries() -> list of SafetensorsEntry, in offset order. */
 static PyObject *stmap_entries(PyObject *self, PyObject *unused)
 {
     StMap *m = (StMap *)self;
-    PyObject *list = NULL, *shape = NULL, *item = NULL;
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self)); /* borrowed */
+    PyObject *list = NULL, *shape = NULL, *item = NULL, *v;
     size_t i, k;
 
     (void)unused;
+    if (st == NULL)
+        goto error;
     list = PyList_New((Py_ssize_t)m->hdr.ntensors);
     if (list == NULL)
         goto error;
@@ -194,12 +208,20 @@ static PyObject *stmap_entries(PyObject *self, PyObject *unused)
                 goto error;
             PyTuple_SET_ITEM(shape, (Py_ssize_t)k, d); /* steals d */
         }
-        item = Py_BuildValue("(s#sOKK)", t->name, (Py_ssize_t)t->name_len,
-                             mlu_st_dtype_name(t->dtype), shape,
-                             (unsigned long long)t->begin, (unsigned long long)t->end);
+        item = PyStructSequence_New((PyTypeObject *)st->safetensors_entry_type);
         if (item == NULL)
             goto error;
-        Py_CLEAR(shape);
+        PyStructSequence_SET_ITEM(item, ENTRY_SHAPE, shape); /* steals shape */
+        shape = NULL;
+#define SET(field, expr)                                   \
+        if ((v = (expr)) == NULL)                          \
+            goto error;                                    \
+        PyStructSequence_SET_ITEM(item, field, v) /* steals v */
+        SET(ENTRY_NAME, PyUnicode_DecodeUTF8(t->name, (Py_ssize_t)t->name_len, "strict"));
+        SET(ENTRY_DTYPE, PyUnicode_FromString(mlu_st_dtype_name(t->dtype)));
+        SET(ENTRY_BEGIN, PyLong_FromUnsignedLongLong((unsigned long long)t->begin));
+        SET(ENTRY_END, PyLong_FromUnsignedLongLong((unsigned long long)t->end));
+#undef SET
         PyList_SET_ITEM(list, (Py_ssize_t)i, item); /* steals item */
         item = NULL;
     }
@@ -341,7 +363,7 @@ static PyMethodDef stmap_methods[] = {
     {"metadata", stmap_metadata, METH_NOARGS,
      "metadata() -> dict[str, str] | None: the header's __metadata__."},
     {"entries", stmap_entries, METH_NOARGS,
-     "entries() -> list[(name, dtype, shape, begin, end)] in offset order."},
+     "entries() -> list[SafetensorsEntry (name, dtype, shape, begin, end)] in offset order."},
     {"array", (PyCFunction)(void (*)(void))stmap_array, METH_VARARGS | METH_KEYWORDS,
      "array(index, dtype, copy_unaligned=False) -> ndarray over the mapped bytes."},
     {NULL, NULL, 0, NULL},
@@ -381,6 +403,7 @@ typedef struct {
     size_t nviews;
     size_t nmeta;
     mlu_st_kv *meta;        /* owned (mlu_free) */
+    PyObject *fields;       /* owned list: per entry (name, dtype, shape, data), read by attribute */
 } ser_job;
 
 static void ser_job_release(ser_job *j)
@@ -393,25 +416,48 @@ static void ser_job_release(ser_job *j)
     mlu_free(j->entries);
     mlu_free(j->dims);
     mlu_free(j->meta);
+    Py_XDECREF(j->fields);
     memset(j, 0, sizeof(*j));
 }
 
-/* Fills j from the sequence `seq` of (name, dtype, shape, buffer) tuples. */
+/* The attributes st_serialize reads from each entry (mlutils._safetensors._Entry),
+ * kept in j->fields in this order. */
+static const char *const entry_attrs[4] = {"name", "dtype", "shape", "data"};
+
+/* Fills j from the sequence `seq` of entries: objects with name, dtype,
+ * shape (a tuple) and data (a buffer) attributes. */
 static int ser_collect(ser_job *j, PyObject *seq)
 {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k;
     size_t total_dims = 0, d = 0;
-    PyObject *shape;
+    PyObject *shape, *got[4] = {NULL, NULL, NULL, NULL}, *item = NULL;
+    int a;
 
     j->n = (size_t)n;
+    j->fields = PyList_New(0);
+    if (j->fields == NULL)
+        return -1;
     for (i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 ||
-            !PyTuple_Check(PyTuple_GET_ITEM(item, 2))) {
-            PyErr_SetString(PyExc_TypeError, "entries must be (name, dtype, shape tuple, buffer)");
+        PyObject *entry = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        for (a = 0; a < 4; a++) {
+            got[a] = PyObject_GetAttrString(entry, entry_attrs[a]); /* new ref */
+            if (got[a] == NULL)
+                break;
+        }
+        if (a == 4 && PyTuple_Check(got[2]))
+            item = PyTuple_Pack(4, got[0], got[1], got[2], got[3]);
+        else if (a == 4 || PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "entries must have name, dtype, shape (a tuple) and data (a buffer)");
+        }
+        for (a = 0; a < 4; a++)
+            Py_CLEAR(got[a]);
+        if (item == NULL || PyList_Append(j->fields, item) < 0) {
+            Py_XDECREF(item);
             return -1;
         }
-        total_dims += (size_t)PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 2));
+        Py_CLEAR(item);
+        total_dims += (size_t)PyTuple_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(j->fields, i), 2));
     }
     j->entries = mlu_calloc(j->n, sizeof(mlu_st_entry));
     j->dims = mlu_calloc(total_dims, sizeof(uint64_t));
@@ -421,7 +467,7 @@ static int ser_collect(ser_job *j, PyObject *seq)
         return -1;
     }
     for (i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        PyObject *item = PyList_GET_ITEM(j->fields, i); /* borrowed: (name, dtype, shape, data) */
         mlu_st_entry *e = &j->entries[i];
         Py_ssize_t len;
         const char *s;
@@ -527,7 +573,7 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
         /* A tensor or header the format cannot hold is the format's error. */
         if (err.code == MLU_EINVAL)
             err.code = MLU_EFORMAT;
-        mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
         goto error;
     }
     if (path != NULL) {
@@ -536,7 +582,7 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
                                durable == Py_True ? MLU_AFILE_DURABLE : 0u, &err);
         Py_END_ALLOW_THREADS
         if (rc != MLU_OK) {
-            mlu_raise(mlu_get_state(module), &err, format_exc_of(module));
+            mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
             goto error;
         }
         res = Py_NewRef(Py_None);
@@ -604,7 +650,7 @@ int mlu_safetensors_module_init(PyObject *m)
         {"st_serialize", (PyCFunction)(void (*)(void))py_st_serialize,
          METH_VARARGS | METH_KEYWORDS,
          "st_serialize(entries, metadata, path=None) -> bytes | None: write safetensors "
-         "(atomically to path, or to bytes); entries are (name, dtype, shape, buffer)."},
+         "(atomically to path, or to bytes); entries have name, dtype, shape and data (a buffer)."},
         {"st_dtypes", py_st_dtypes, METH_NOARGS,
          "st_dtypes() -> tuple[(name, bits)]: the safetensors dtypes in declaration order."},
         {NULL, NULL, 0, NULL},
@@ -615,8 +661,14 @@ int mlu_safetensors_module_init(PyObject *m)
     tp = PyType_FromModuleAndSpec(m, &stmap_spec, NULL); /* new ref */
     if (tp == NULL)
         return -1;
-    st->area_objects[MAP_SLOT] = tp; /* owned by the state */
+    st->safetensors_map_type = tp; /* owned by the state */
     if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
+        return -1;
+    tp = (PyObject *)PyStructSequence_NewType(&entry_desc); /* new ref */
+    if (tp == NULL)
+        return -1;
+    st->safetensors_entry_type = tp; /* owned by the state */
+    if (PyModule_AddObjectRef(m, "SafetensorsEntry", tp) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -61,7 +61,10 @@ static int get_u64(PyObject *o, const char *what, uint64_t *out)
 
 static int raise_core(PyObject *self, const mlu_error *err)
 {
-    mlu_raise(cursor_state(self), err, NULL);
+    mlu_state *st = cursor_state(self); /* borrowed; NULL with an exception set */
+
+    if (st != NULL)
+        mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
     return -1;
 }
 
@@ -246,7 +249,7 @@ static PyObject *cursor_seek(PyObject *op, PyObject *args)
         return NULL;
     mlu_error_clear(&err);
     if (mlu_cursor_seek(&self->c, e, b, k, &err) != MLU_OK)
-        return mlu_raise(cursor_state(op), &err, NULL);
+        return raise_core(op, &err), NULL;
     self->buf_len = 0;
     Py_RETURN_NONE;
 }
@@ -408,23 +411,62 @@ static PyObject *cursor_set_epoch(PyObject *op, PyObject *arg)
     if (e != self->c.epoch) {
         mlu_error_clear(&err);
         if (mlu_cursor_seek(&self->c, e, 0, 0, &err) != MLU_OK)
-            return mlu_raise(cursor_state(op), &err, NULL);
+            return raise_core(op, &err), NULL;
         self->buf_len = 0;
     }
     Py_RETURN_NONE;
 }
 
-/* position() -> (seed, epoch, base, index, count, consumed), read in one
- * step: a state saved while other threads draw is a consistent one. */
+/* What position() returns: fields by name (also a tuple).  The one
+ * definition of this contract. */
+enum { POS_SEED, POS_EPOCH, POS_BASE, POS_INDEX, POS_COUNT, POS_CONSUMED, POS_NFIELDS };
+static PyStructSequence_Field position_fields[POS_NFIELDS + 1] = {
+    [POS_SEED] = {"seed", "seed (mod 2**64)"},
+    [POS_EPOCH] = {"epoch", "current epoch (pool round)"},
+    [POS_BASE] = {"base", "global positions consumed before this segment"},
+    [POS_INDEX] = {"index", "draws this rank made in the segment"},
+    [POS_COUNT] = {"count", "draws this rank has in the segment"},
+    [POS_CONSUMED] = {"consumed", "global positions consumed (capped at n)"},
+    [POS_NFIELDS] = {NULL, NULL},
+};
+static PyStructSequence_Desc position_desc = {
+    "mlutils._core.SamplerPosition",
+    "A sampler cursor's position, read in one step: seed, epoch, base, index, count, consumed.",
+    position_fields,
+    POS_NFIELDS,
+};
+
+/* position() -> SamplerPosition, read in one step: a state saved while
+ * other threads draw is a consistent one. */
 static PyObject *cursor_position(PyObject *op, PyObject *unused)
 {
     CursorObject *self = (CursorObject *)op;
+    mlu_state *st = cursor_state(op); /* borrowed */
+    uint64_t v[POS_NFIELDS];
+    PyObject *res = NULL, *item;
+    int i;
 
     (void)unused;
-    return Py_BuildValue("(KKKKKK)", (unsigned long long)self->c.seed,
-                         (unsigned long long)self->c.epoch, (unsigned long long)self->c.shard.base,
-                         (unsigned long long)self->c.k, (unsigned long long)self->c.shard.count,
-                         (unsigned long long)mlu_cursor_consumed(&self->c));
+    if (st == NULL)
+        return NULL;
+    v[POS_SEED] = self->c.seed;
+    v[POS_EPOCH] = self->c.epoch;
+    v[POS_BASE] = self->c.shard.base;
+    v[POS_INDEX] = self->c.k;
+    v[POS_COUNT] = self->c.shard.count;
+    v[POS_CONSUMED] = mlu_cursor_consumed(&self->c);
+    res = PyStructSequence_New((PyTypeObject *)st->sampler_position_type);
+    if (res == NULL)
+        return NULL;
+    for (i = 0; i < POS_NFIELDS; i++) {
+        item = PyLong_FromUnsignedLongLong((unsigned long long)v[i]);
+        if (item == NULL) {
+            Py_CLEAR(res);
+            break;
+        }
+        PyStructSequence_SET_ITEM(res, i, item); /* steals item */
+    }
+    return res;
 }
 
 /* next_in(epoch) -> the next draw while the cursor is still in `epoch` and
@@ -466,24 +508,30 @@ static PyObject *cursor_peek(PyObject *op, PyObject *args)
     return (PyObject *)fill_array(&snap, k0, (size_t)n);
 }
 
+/* The cursor's read-only attributes, one getter (the closure names the field). */
+enum cursor_field {
+    FIELD_N, FIELD_SEED, FIELD_STREAM, FIELD_EPOCH, FIELD_BASE, FIELD_INDEX, FIELD_COUNT,
+    FIELD_WORLD_SIZE, FIELD_RANK, FIELD_CONSUMED, FIELD_DROP_LAST, FIELD_SHUFFLE
+};
+
 static PyObject *get_u64_field(PyObject *op, void *which)
 {
     CursorObject *self = (CursorObject *)op;
     uint64_t v = 0;
 
     switch ((int)(intptr_t)which) {
-    case 0: v = self->c.shard.n; break;
-    case 1: v = self->c.seed; break;
-    case 2: v = self->c.stream; break;
-    case 3: v = self->c.epoch; break;
-    case 4: v = self->c.shard.base; break;
-    case 5: v = self->c.k; break;
-    case 6: v = self->c.shard.count; break;
-    case 7: v = self->c.shard.world; break;
-    case 8: v = self->c.shard.rank; break;
-    case 9: v = mlu_cursor_consumed(&self->c); break;
-    case 10: v = (uint64_t)self->c.shard.drop_last; break;
-    case 11: v = (uint64_t)self->c.shuffle; break;
+    case FIELD_N: v = self->c.shard.n; break;
+    case FIELD_SEED: v = self->c.seed; break;
+    case FIELD_STREAM: v = self->c.stream; break;
+    case FIELD_EPOCH: v = self->c.epoch; break;
+    case FIELD_BASE: v = self->c.shard.base; break;
+    case FIELD_INDEX: v = self->c.k; break;
+    case FIELD_COUNT: v = self->c.shard.count; break;
+    case FIELD_WORLD_SIZE: v = self->c.shard.world; break;
+    case FIELD_RANK: v = self->c.shard.rank; break;
+    case FIELD_CONSUMED: v = mlu_cursor_consumed(&self->c); break;
+    case FIELD_DROP_LAST: v = (uint64_t)self->c.shard.drop_last; break;
+    case FIELD_SHUFFLE: v = (uint64_t)self->c.shuffle; break;
     default: break;
     }
     return PyLong_FromUnsignedLongLong(v);
@@ -515,18 +563,18 @@ static PyObject *cursor_setstate(PyObject *op, PyObject *state)
 }
 
 static PyGetSetDef cursor_getset[] = {
-    {"n", get_u64_field, NULL, "length of the epoch's order", (void *)0},
-    {"seed", get_u64_field, NULL, "seed (mod 2**64)", (void *)1},
-    {"stream", get_u64_field, NULL, "stream id (kind of sampler)", (void *)2},
-    {"epoch", get_u64_field, NULL, "current epoch (pool round)", (void *)3},
-    {"base", get_u64_field, NULL, "global positions consumed before this segment", (void *)4},
-    {"index", get_u64_field, NULL, "draws this rank made in the segment", (void *)5},
-    {"count", get_u64_field, NULL, "draws this rank has in the segment", (void *)6},
-    {"world_size", get_u64_field, NULL, "ranks", (void *)7},
-    {"rank", get_u64_field, NULL, "this rank", (void *)8},
-    {"consumed", get_u64_field, NULL, "global positions consumed (capped at n)", (void *)9},
-    {"drop_last", get_u64_field, NULL, "1 when the uneven tail is dropped", (void *)10},
-    {"shuffle", get_u64_field, NULL, "1 when the order is the keyed bijection", (void *)11},
+    {"n", get_u64_field, NULL, "length of the epoch's order", (void *)(intptr_t)FIELD_N},
+    {"seed", get_u64_field, NULL, "seed (mod 2**64)", (void *)(intptr_t)FIELD_SEED},
+    {"stream", get_u64_field, NULL, "stream id (kind of sampler)", (void *)(intptr_t)FIELD_STREAM},
+    {"epoch", get_u64_field, NULL, "current epoch (pool round)", (void *)(intptr_t)FIELD_EPOCH},
+    {"base", get_u64_field, NULL, "global positions consumed before this segment", (void *)(intptr_t)FIELD_BASE},
+    {"index", get_u64_field, NULL, "draws this rank made in the segment", (void *)(intptr_t)FIELD_INDEX},
+    {"count", get_u64_field, NULL, "draws this rank has in the segment", (void *)(intptr_t)FIELD_COUNT},
+    {"world_size", get_u64_field, NULL, "ranks", (void *)(intptr_t)FIELD_WORLD_SIZE},
+    {"rank", get_u64_field, NULL, "this rank", (void *)(intptr_t)FIELD_RANK},
+    {"consumed", get_u64_field, NULL, "global positions consumed (capped at n)", (void *)(intptr_t)FIELD_CONSUMED},
+    {"drop_last", get_u64_field, NULL, "1 when the uneven tail is dropped", (void *)(intptr_t)FIELD_DROP_LAST},
+    {"shuffle", get_u64_field, NULL, "1 when the order is the keyed bijection", (void *)(intptr_t)FIELD_SHUFFLE},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -608,7 +656,7 @@ static PyObject *py_batch_pack(PyObject *m, PyObject *args)
                         &off, &nb, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
-        mlu_raise(mlu_get_state(m), &err, NULL);
+        mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, NULL);
         goto done;
     }
     dims[0] = (npy_intp)nb + 1;
@@ -680,9 +728,15 @@ int mlu_sampler_module_init(PyObject *m)
 
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
+    type = (PyObject *)PyStructSequence_NewType(&position_desc); /* new ref */
+    if (type == NULL)
+        return -1;
+    st->sampler_position_type = type; /* owned by the state */
+    if (PyModule_AddObjectRef(m, "SamplerPosition", type) < 0)
+        return -1;
     type = PyType_FromModuleAndSpec(m, &cursor_spec, NULL); /* new ref */
     if (type == NULL)
         return -1;
-    st->area_objects[MLU_SLOT_SAMPLER_0] = type; /* owned by the state */
+    st->sampler_cursor_type = type; /* owned by the state */
     return PyModule_AddObjectRef(m, "SamplerCursor", type);
 }

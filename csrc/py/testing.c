@@ -1,6 +1,8 @@
 /* testing.c: hooks for the test suite only (allocation-failure injection). */
 #include "module.h"
 
+#include <string.h>
+
 #include "../core/alloc.h"
 #include "../core/json.h"
 #include "../core/pickle_read.h"
@@ -70,6 +72,38 @@ done:
     return out;
 }
 
+/* _raise_status(status, text, errno=0, domain="value", filename=None):
+ * raises what mlu_raise makes of that core error, so a test can check the
+ * status -> exception table itself.  status and domain are the names of
+ * mlu.h's and module.h's enums, without their prefixes. */
+static PyObject *py_raise_status(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"status", "text", "errno", "domain", "filename", NULL};
+    static const char *const statuses[MLU_STATUS_COUNT] = {
+        "OK", "ENOMEM", "EINVAL", "ETYPE", "EOVERFLOW", "EIO", "EFORMAT", "EUNSAFE", "ENOTSUP", "EDEVICE",
+    };
+    static const char *const domains[MLU_DOMAIN_COUNT] = {"value", "safetensors", "torch", "pattern"};
+    const char *status, *text, *domain = "value";
+    int sys_errno = 0, code, dom;
+    PyObject *filename = Py_None;
+    mlu_error err;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|isO:_raise_status", kwlist, &status, &text,
+                                     &sys_errno, &domain, &filename))
+        return NULL;
+    for (code = 0; code < MLU_STATUS_COUNT && strcmp(statuses[code], status) != 0; code++)
+        ;
+    for (dom = 0; dom < MLU_DOMAIN_COUNT && strcmp(domains[dom], domain) != 0; dom++)
+        ;
+    if (code == MLU_STATUS_COUNT || dom == MLU_DOMAIN_COUNT)
+        return PyErr_Format(PyExc_ValueError, "unknown status %s or domain %s", status, domain);
+    mlu_error_clear(&err);
+    err.code = (mlu_status)code;
+    err.sys_errno = sys_errno;
+    PyOS_snprintf(err.text, sizeof(err.text), "%s", text);
+    return mlu_raise(mlu_get_state(m), &err, (mlu_domain)dom, filename == Py_None ? NULL : filename);
+}
+
 int mlu_testing_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
@@ -82,6 +116,8 @@ int mlu_testing_module_init(PyObject *m)
         {"_pk_allowlist", py_pk_allowlist, METH_NOARGS,
          "_pk_allowlist() -> [(module, name, supported)]: every GLOBAL the .pt reader accepts (supported) or "
          "refuses as allowed by torch but not built here."},
+        {"_raise_status", (PyCFunction)(void (*)(void))py_raise_status, METH_VARARGS | METH_KEYWORDS,
+         "_raise_status(status, text, errno=0, domain='value', filename=None): raise as the core's status would."},
         {NULL, NULL, 0, NULL},
     };
     return PyModule_AddFunctions(m, methods);
