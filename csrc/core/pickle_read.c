@@ -433,8 +433,7 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
             return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
                            "(torch: numel overflow)", at);
     }
-    if (t->requires_grad && strncmp(mlu_torch_dtypes[t->dtype].name, "float", 5) != 0 &&
-        strncmp(mlu_torch_dtypes[t->dtype].name, "bfloat", 6) != 0 && strncmp(mlu_torch_dtypes[t->dtype].name, "complex", 7) != 0)
+    if (t->requires_grad && !mlu_torch_dtype_can_require_grad(t->dtype))
         return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
                        "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
                        mlu_torch_dtypes[t->dtype].name);
@@ -1547,7 +1546,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         mlu_pk_tensor *t = &vm->tensors[i];
         mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
         if (t->dtype < 0)
-            t->dtype = s->dtype >= 0 ? s->dtype : mlu_torch_dtype_find("uint8", 5);
+            t->dtype = s->dtype >= 0 ? s->dtype : MLU_TORCH_DTYPE_UINT8;
         if ((st = check_view(vm, t, err)) != MLU_OK)
             goto done;
     }

@@ -423,9 +423,11 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
     return st;
 }
 
-mlu_status mlu_ptw_tensor_end(mlu_ptw *w, uint32_t *memo, mlu_error *err)
+/* Closes a call: the argument tuple (tuple_op), memoized, REDUCE, and the
+ * result memoized (its index in *memo when memo is not NULL). */
+static mlu_status close_call(mlu_ptw *w, int tuple_op, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_TUPLE, err);
+    mlu_status st = mlu_pkw_op(&w->pk, tuple_op, err);
 
     if (st == MLU_OK)
         st = mlu_pkw_put(&w->pk, NULL, err);
@@ -434,6 +436,11 @@ mlu_status mlu_ptw_tensor_end(mlu_ptw *w, uint32_t *memo, mlu_error *err)
     if (st == MLU_OK)
         st = mlu_pkw_put(&w->pk, memo, err);
     return st;
+}
+
+mlu_status mlu_ptw_tensor_end(mlu_ptw *w, uint32_t *memo, mlu_error *err)
+{
+    return close_call(w, MLU_PKOP_TUPLE, memo, err);
 }
 
 mlu_status mlu_ptw_param_begin(mlu_ptw *w, mlu_error *err)
@@ -455,13 +462,7 @@ mlu_status mlu_ptw_param_end(mlu_ptw *w, int requires_grad, uint32_t *memo, mlu_
     if (st == MLU_OK)
         st = mlu_pkw_put(&w->pk, NULL, err);
     if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_TUPLE3, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_put(&w->pk, NULL, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_put(&w->pk, memo, err);
+        st = close_call(w, MLU_PKOP_TUPLE3, memo, err);
     return st;
 }
 

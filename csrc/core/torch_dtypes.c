@@ -56,6 +56,16 @@ int mlu_torch_dtype_named(const char *name)
     return mlu_torch_dtype_find(name, strlen(name));
 }
 
+int mlu_torch_dtype_can_require_grad(int id)
+{
+    const char *n;
+
+    if (id < 0 || id >= MLU_TORCH_N_DTYPES)
+        return 0;
+    n = mlu_torch_dtypes[id].name;
+    return strncmp(n, "float", 5) == 0 || strncmp(n, "bfloat", 6) == 0 || strncmp(n, "complex", 7) == 0;
+}
+
 int mlu_torch_storage_class_find(const char *name, size_t len)
 {
     int i, found = -1;

@@ -27,6 +27,9 @@ extern const mlu_torch_dtype mlu_torch_dtypes[MLU_TORCH_N_DTYPES];
 int mlu_torch_dtype_find(const char *name, size_t len);
 /* The same for a NUL-terminated name. */
 int mlu_torch_dtype_named(const char *name);
+/* 1 when a tensor of dtype id may require gradients (floating point and
+ * complex, as torch allows), else 0. */
+int mlu_torch_dtype_can_require_grad(int id);
 /* The id of the dtype whose legacy storage class is name[0..len) ("FloatStorage"), or -1. */
 int mlu_torch_storage_class_find(const char *name, size_t len);
 

@@ -55,13 +55,6 @@ static void remember(prog *g, uint32_t m)
 
 static mlu_status value(mlu_ptw *w, prog *g, int depth, mlu_error *err);
 
-/* torch lets only floating point and complex tensors require gradients (the
- * reader refuses the rest, as torch.load does) */
-static int can_require_grad(const char *name)
-{
-    return strncmp(name, "float", 5) == 0 || strncmp(name, "bfloat", 6) == 0 || strncmp(name, "complex", 7) == 0;
-}
-
 static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
 {
     int64_t shape[3], stride[3];
@@ -101,7 +94,7 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
     }
     if (st == MLU_OK)
         st = mlu_ptw_storage_check(w, t.storage, t.dtype, w->st[t.storage].nbytes, err);
-    if (!can_require_grad(mlu_torch_dtypes[t.dtype].name))
+    if (!mlu_torch_dtype_can_require_grad(t.dtype))  /* the reader refuses the rest, as torch does */
         t.requires_grad = 0;
     if (st == MLU_OK && param)
         st = mlu_ptw_param_begin(w, err);
