@@ -25,6 +25,18 @@ def torch():
 
 
 @pytest.fixture
+def loader_mp():
+    """The multiprocessing_context for a DataLoader with workers: the platform's
+    default (fork on Linux, what users get), except in the sanitizer run.  There,
+    forking a test process that has threads is not safe (the sanitizer runtime's
+    locks are not reset in the child: a worker hung that way), so workers come
+    from a forkserver, a fresh single-threaded process."""
+    import mlutils
+
+    return "forkserver" if "asan" in mlutils.features else None
+
+
+@pytest.fixture
 def fail_alloc():
     """Call fail_alloc(n) to make the core's (n+1)th allocation fail; reset after the test."""
     from mlutils import _core

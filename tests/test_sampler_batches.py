@@ -106,21 +106,25 @@ def test_indexed_dataset_numpy():
         IndexedTensorDataset()
 
 
+class NoItemByItem(IndexedTensorDataset):
+    """Fails if fetched item by item (module level: picklable for workers)."""
+
+    def __getitem__(self, i):
+        raise AssertionError("fetched item by item")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_dataloader_getitems_fast_path(torch, workers):
+def test_dataloader_getitems_fast_path(torch, workers, loader_mp):
     """DataLoader(batch_sampler=sampler.batches(...)) hands each int64 batch to __getitems__ once."""
     from torch.utils.data import DataLoader
-
-    class Counting(IndexedTensorDataset):
-        def __getitem__(self, i):  # the item-by-item path must not be taken
-            raise AssertionError("fetched item by item")
 
     n = 1000
     x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     y = torch.arange(n) * 2
-    ds = Counting(x, y)
+    ds = NoItemByItem(x, y)
     s = RandomSampler(n, seed=11)
-    loader = DataLoader(ds, batch_sampler=s.batches(128), collate_fn=collate_batch, num_workers=workers)
+    loader = DataLoader(ds, batch_sampler=s.batches(128), collate_fn=collate_batch, num_workers=workers,
+                        multiprocessing_context=loader_mp if workers else None)
     assert len(loader) == 8
     expect = list(RandomSampler(n, seed=11).batches(128))
     got = list(loader)

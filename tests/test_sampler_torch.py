@@ -30,12 +30,13 @@ def test_samplers_are_torch_samplers(torch):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_dataloader_sampler_and_resume(torch, workers):
+def test_dataloader_sampler_and_resume(torch, workers, loader_mp):
     from torch.utils.data import DataLoader
 
     n = 40
     s = RandomSampler(n, seed=3)
-    dl = DataLoader(Squares(n), batch_size=4, sampler=s, num_workers=workers)
+    dl = DataLoader(Squares(n), batch_size=4, sampler=s, num_workers=workers,
+                    multiprocessing_context=loader_mp if workers else None)
     assert len(dl) == 10
     first = [b.tolist() for b in dl]
     flat = [v for b in first for v in b]
@@ -52,18 +53,20 @@ def test_dataloader_sampler_and_resume(torch, workers):
     state = t.state_dict()
     u = RandomSampler(n, seed=99)
     u.load_state_dict(state)
-    tail = [b.tolist() for b in DataLoader(Squares(n), batch_size=4, sampler=u, num_workers=workers)]
+    tail = [b.tolist() for b in DataLoader(Squares(n), batch_size=4, sampler=u, num_workers=workers,
+                                           multiprocessing_context=loader_mp if workers else None)]
     assert head + tail == first
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_dataloader_batch_sampler(torch, workers):
+def test_dataloader_batch_sampler(torch, workers, loader_mp):
     from torch.utils.data import DataLoader
 
     buckets = {"short": [(f"s{i}", 1.0 + i / 10) for i in range(12)],
                "long": [(f"l{i}", 5.0 + i) for i in range(6)]}
     bs = BatchedOrderedSampler(buckets, max_duration=12, shuffle=True, seed=4, drop_last=False)
-    dl = DataLoader(Squares(18), batch_sampler=bs, num_workers=workers)
+    dl = DataLoader(Squares(18), batch_sampler=bs, num_workers=workers,
+                    multiprocessing_context=loader_mp if workers else None)
     got = [b.tolist() for b in dl]
     want_batches = BatchedOrderedSampler(buckets, max_duration=12, shuffle=True, seed=4, drop_last=False)
     assert got == [[i * i for i in b] for b in want_batches]
@@ -111,7 +114,7 @@ def test_sampler_of_a_dataset_like_torch(torch):
         [i * i for i in range(30)]
 
 
-def test_workers_leave_the_sampler_ahead_of_the_loop(torch):
+def test_workers_leave_the_sampler_ahead_of_the_loop(torch, loader_mp):
     # what the README says next to the DataLoader example: with workers the
     # sampler's state is ahead of the consumed batches by the prefetched ones
     from torch.utils.data import DataLoader
@@ -119,8 +122,9 @@ def test_workers_leave_the_sampler_ahead_of_the_loop(torch):
     n, bs = 200, 4
     for workers, ahead in ((0, False), (2, True)):
         s = RandomSampler(n, seed=1)
-        it = iter(DataLoader(Squares(n), batch_size=bs, sampler=s, num_workers=workers, prefetch_factor=2
-                             if workers else None))
+        it = iter(DataLoader(Squares(n), batch_size=bs, sampler=s, num_workers=workers,
+                             prefetch_factor=2 if workers else None,
+                             multiprocessing_context=loader_mp if workers else None))
         for _ in range(3):
             next(it)
         assert (s.index() > 3 * bs) == ahead, (workers, s.index())
