@@ -42,10 +42,14 @@ __all__ = [
     "offload_saved_tensors",
     "compression_error",
     "DEFAULT_MIN_BYTES",
+    "DEFAULT_MAX_INFLIGHT",
 ]
 
 #: Tensors smaller than this stay on their device (offloading them costs more than it saves).
 DEFAULT_MIN_BYTES = 1 << 20
+#: Bytes of sources that may wait for their device-to-host copy before the
+#: compute stream waits for the oldest (see OffloadEngine).
+DEFAULT_MAX_INFLIGHT = _core.OFFLOAD_DEFAULT_MAX_INFLIGHT
 
 _MODES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "fp8", "e4m3": "fp8"}
 _E4M3_MAX = 448.0
@@ -148,9 +152,18 @@ class OffloadEngine:
 
     max_bytes caps the host pool (None: no cap; hitting it raises
     :class:`OffloadPoolFullError`); tensors under min_bytes stay on the device.
+
+    max_inflight bounds the device memory held by sources whose copy to the
+    host has not finished (CUDA): an offload never makes the compute stream
+    wait for its own copy, but when the copies queued and not yet done pass
+    max_inflight bytes, the compute stream waits (on the device, the host
+    never blocks) for the oldest ones.  Without the bound, a model that makes
+    activations faster than the link drains them holds all of them on the
+    device until their copies catch up.  None: no bound.
     """
 
-    def __init__(self, device: Any = None, max_bytes: Optional[int] = None, min_bytes: int = 0):
+    def __init__(self, device: Any = None, max_bytes: Optional[int] = None, min_bytes: int = 0,
+                 max_inflight: Optional[int] = DEFAULT_MAX_INFLIGHT):
         torch = _torch("mlutils.offload")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if _cuda_usable(torch) else torch.device("cpu")
@@ -161,7 +174,11 @@ class OffloadEngine:
             raise ValueError(f"OffloadEngine: device {device} is neither cuda nor cpu")
         if not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"OffloadEngine: min_bytes must be an int >= 0, got {min_bytes!r}")
+        if max_inflight is not None and (not isinstance(max_inflight, int) or isinstance(max_inflight, bool)
+                                         or max_inflight < 0):
+            raise ValueError(f"OffloadEngine: max_inflight must be None or an int >= 0, got {max_inflight!r}")
         self.device = device
+        self.max_inflight = max_inflight
         self.min_bytes = min_bytes
         self._lock = threading.RLock()  # handles may be released by GC while it is held
         self._cuda = None
@@ -171,6 +188,7 @@ class OffloadEngine:
                 raise RuntimeError("mlutils was built without CUDA: reinstall it with nvcc available "
                                    "(MLUTILS_CUDA=1) to offload CUDA tensors")
             self._cuda = _core.CudaOffloadEngine(device.index, max_bytes)
+            self._cuda.window(max_inflight=max_inflight)
             d2h, h2d = self._cuda.streams()
             self.d2h_stream = torch.cuda.ExternalStream(d2h, device=device)
             self.h2d_stream = torch.cuda.ExternalStream(h2d, device=device)
@@ -311,9 +329,14 @@ class OffloadEngine:
                 self._pool.release(key[0])
 
     def stats(self) -> Dict[str, int]:
-        """The host pool's counters (bytes reserved, in use, reuses, ...)."""
+        """The host pool's counters (bytes reserved, in use, reuses, ...); on
+        CUDA also ``inflight_waits``, the times the compute stream waited for a
+        copy because max_inflight was reached (0 on the CPU, where copies are
+        done when offload returns)."""
         with self._lock:
-            return self._cuda.stats() if self._cuda is not None else self._pool.stats()
+            if self._cuda is None:
+                return dict(self._pool.stats(), inflight_waits=0)
+            return dict(self._cuda.stats(), inflight_waits=self._cuda.window()["waits"])
 
     def trim(self) -> int:
         """Free the cached host buffers; returns the bytes freed."""

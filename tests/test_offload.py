@@ -615,6 +615,51 @@ def test_offload_saved_tensors_arguments(off, torch):
             pass
 
 
+def test_engine_max_inflight_argument(off, torch):
+    eng = off.OffloadEngine("cpu")
+    assert eng.max_inflight == off.DEFAULT_MAX_INFLIGHT and off.DEFAULT_MAX_INFLIGHT > 0
+    assert off.OffloadEngine("cpu", max_inflight=None).max_inflight is None
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError, match="max_inflight"):
+            off.OffloadEngine("cpu", max_inflight=bad)
+    h = eng.offload(torch.ones(1 << 16))
+    assert eng.stats()["inflight_waits"] == 0  # the CPU engine's copy is done when offload returns
+    h.release()
+
+
+def _cuda_or_skip(torch):
+    if not (mlutils.cuda_available() and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA device")
+
+
+def test_cuda_window_bounds_copies_in_flight(off, torch):
+    """With the compute stream busy, copies queue up; past max_inflight the
+    compute stream is made to wait for the oldest, and every reload is exact."""
+    _cuda_or_skip(torch)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    eng = off.OffloadEngine(dev, max_inflight=8 << 20)
+    assert eng._cuda.window() == {"max_inflight": 8 << 20, "waits": 0}
+    a = torch.randn(4096, 4096, device=dev)
+    handles, refs = [], []
+    for i in range(24):
+        x = (a @ a)[: 256] + i  # 4 MiB made by a kernel still running when the copy is queued
+        handles.append(eng.offload(x))
+        refs.append(x.clone())
+        del x
+    waits = eng.stats()["inflight_waits"]
+    assert waits > 0
+    for h, r in zip(handles, refs):
+        assert torch.equal(h.reload(), r)
+        h.release()
+    unbounded = off.OffloadEngine(dev, max_inflight=None)
+    assert unbounded._cuda.window()["max_inflight"] is None
+    for i in range(8):
+        unbounded.offload((a @ a)[: 256]).release()
+    assert unbounded.stats()["inflight_waits"] == 0
+    with pytest.raises(ValueError, match="max_inflight"):
+        eng._cuda.window(max_inflight=-1)
+
+
 # ---------------------------------------------------------------------------
 # CUDA entry points on a machine without a GPU (or a build without CUDA)
 

@@ -11,6 +11,11 @@
  *    `stream` (dst and scratch were just allocated on it), copies, expands.
  *  - wait: `stream` waits for the load (cudaStreamWaitEvent): any kernel
  *    queued on it after this call sees the reloaded data.
+ *    The copies the caller's stream is not ordered after form a window
+ *    (csrc/core/offload_window.h): when their bytes pass its limit, save makes
+ *    `stream` wait (cudaStreamWaitEvent) for the oldest ones, so the sources
+ *    held for copying stay bounded when activations come faster than the
+ *    link drains them.
  *  - release: the pinned buffer goes back to the pool once every copy that
  *    reads or writes it has finished (checked without blocking, later).
  * Every call returns a status; CUDA failures carry cudaGetErrorString's text. */
@@ -54,6 +59,9 @@ static inline size_t mlu_offload_packed_size(int mode, size_t nelem)
 
 typedef struct mlu_cuda_offload mlu_cuda_offload;
 
+/* The default bound on bytes of sources waiting for their device-to-host copy. */
+#define MLU_OFFLOAD_DEFAULT_WINDOW ((size_t)256 << 20)
+
 /* A new engine on `device` with a pinned pool capped at `cap` bytes
  * (SIZE_MAX: none).  *out set on success only. */
 mlu_status mlu_cuda_offload_new(int device, size_t cap, mlu_cuda_offload **out, mlu_error *err);
@@ -78,6 +86,11 @@ mlu_status mlu_cuda_offload_release(mlu_cuda_offload *eng, int64_t handle, mlu_e
 /* The pool's counters and the number of live handles (released ones still copying included). */
 mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *eng, mlu_pool_stats *out, int64_t *handles,
                                   mlu_error *err);
+/* The copy window: sets its limit in bytes when `limit` is not NULL (SIZE_MAX:
+ * no bound), gives the limit and how many times the caller's stream was made
+ * to wait for a copy. */
+mlu_status mlu_cuda_offload_window(mlu_cuda_offload *eng, const size_t *limit, size_t *cur_limit,
+                                   uint64_t *waits, mlu_error *err);
 /* Frees cached pinned buffers (after finishing pending releases); *freed bytes. */
 mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *eng, uint64_t *freed, mlu_error *err);
 

@@ -13,6 +13,7 @@
 #include "mlu_cuda_offload.h"
 extern "C" {
 #include "../core/alloc.h"
+#include "../core/offload_window.h"
 }
 
 namespace {
@@ -42,6 +43,7 @@ struct mlu_cuda_offload {
     cudaEvent_t caller;      // scratch event recorded on the caller's stream (owned)
     record *recs;            // owned
     int64_t nrecs, caprecs, free_rec, live;
+    mlu_offload_window window;  // device-to-host copies the caller's stream is not ordered after
 };
 
 namespace {
@@ -325,6 +327,51 @@ int64_t take_record(mlu_cuda_offload *e, mlu_error *err)
     return e->nrecs++;
 }
 
+// The live record named by handle, or nullptr (no error: a gone handle's copies are done).
+record *find_quiet(mlu_cuda_offload *e, int64_t handle)
+{
+    int64_t idx = handle & 0xffffffffLL;
+    uint32_t gen = (uint32_t)((uint64_t)handle >> 32);
+
+    if (handle < 0 || idx >= e->nrecs || e->recs[idx].block < 0 || e->recs[idx].gen != gen)
+        return nullptr;
+    return &e->recs[idx];
+}
+
+struct window_ctx {
+    mlu_cuda_offload *e;
+    cudaStream_t caller;
+};
+
+// The window's callbacks: a copy is finished when its `saved` event is (or
+// its record is gone: records are reclaimed only after their copies finish).
+int window_finished(void *ctx, int64_t handle, mlu_error *err)
+{
+    record *r = find_quiet(((window_ctx *)ctx)->e, handle);
+    cudaError_t q;
+
+    if (r == nullptr)
+        return 1;
+    q = cudaEventQuery(r->saved);
+    if (q == cudaSuccess)
+        return 1;
+    if (q == cudaErrorNotReady)
+        return 0;
+    mlu_cuda_status(q, "offload: querying a copy", err);
+    return -1;
+}
+
+mlu_status window_order(void *ctx, int64_t handle, mlu_error *err)
+{
+    window_ctx *w = (window_ctx *)ctx;
+    record *r = find_quiet(w->e, handle);
+
+    if (r == nullptr)
+        return MLU_OK;
+    return mlu_cuda_status(cudaStreamWaitEvent(w->caller, r->saved, 0),
+                           "offload: cudaStreamWaitEvent (bounding the copies in flight)", err);
+}
+
 }  // namespace
 
 extern "C" mlu_status mlu_cuda_offload_new(int device, size_t cap, mlu_cuda_offload **out, mlu_error *err)
@@ -348,6 +395,7 @@ extern "C" mlu_status mlu_cuda_offload_new(int device, size_t cap, mlu_cuda_offl
     }
     e->device = device;
     e->free_rec = -1;
+    mlu_offload_window_init(&e->window, MLU_OFFLOAD_DEFAULT_WINDOW);
     {
         device_guard g(device);
         rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err);
@@ -391,6 +439,7 @@ extern "C" void mlu_cuda_offload_destroy(mlu_cuda_offload *e)
             cudaEventDestroy(e->recs[i].done);
         }
         mlu_free(e->recs);
+        mlu_offload_window_free(&e->window);
         mlu_offload_pool_free(e->pool);
         if (e->caller)
             cudaEventDestroy(e->caller);
@@ -478,6 +527,28 @@ extern "C" mlu_status mlu_cuda_offload_save(mlu_cuda_offload *e, const void *src
     if ((rc = mlu_cuda_status(cudaEventRecord(r->saved, e->d2h), "offload: cudaEventRecord", err)) != MLU_OK)
         goto error_rec;
     *handle = make_handle(idx, r->gen);
+    // the source (and scratch) stay allocated until the copy has read them:
+    // keep that backlog within the window (the caller's stream may wait for
+    // the oldest copies; the host never does)
+    {
+        window_ctx wc = {e, s};
+        size_t held = nbytes;
+        if (mode != MLU_OFFLOAD_RAW && mlu_add_overflow_size(held, packed, &held))
+            held = SIZE_MAX;
+        mlu_error push_err;
+        mlu_error_clear(&push_err);
+        if (mlu_offload_window_push(&e->window, *handle, held, &push_err) != MLU_OK)
+            // no room to remember it: order the caller after this copy now (the bound holds)
+            rc = window_order(&wc, *handle, err);
+        else
+            rc = mlu_offload_window_settle(&e->window, window_finished, window_order, &wc, err);
+        if (rc != MLU_OK) {
+            // the copy is queued: its record is reclaimed once it is done
+            r->released = 1;
+            *handle = -1;
+            goto done;
+        }
+    }
     rc = MLU_OK;
     goto done;
 error_rec:
@@ -596,6 +667,19 @@ extern "C" mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *e, mlu_pool_stats
     mlu_offload_pool_stats(e->pool, out);
     *handles = e->live;
     return rc;
+}
+
+extern "C" mlu_status mlu_cuda_offload_window(mlu_cuda_offload *e, const size_t *limit, size_t *cur_limit,
+                                              uint64_t *waits, mlu_error *err)
+{
+    std::lock_guard<std::mutex> hold(e->lock);
+
+    (void)err;
+    if (limit != nullptr)
+        e->window.limit = *limit;
+    *cur_limit = e->window.limit;
+    *waits = e->window.waits;
+    return MLU_OK;
 }
 
 extern "C" mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *e, uint64_t *freed, mlu_error *err)

@@ -232,6 +232,15 @@ mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *eng, mlu_pool_stats *out, in
     return MLU_NO_CUDA_OFFLOAD(err);
 }
 
+mlu_status mlu_cuda_offload_window(mlu_cuda_offload *eng, const size_t *limit, size_t *cur_limit,
+                                   uint64_t *waits, mlu_error *err)
+{
+    (void)eng, (void)limit;
+    *cur_limit = 0;
+    *waits = 0;
+    return MLU_NO_CUDA_OFFLOAD(err);
+}
+
 mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *eng, uint64_t *freed, mlu_error *err)
 {
     (void)eng;

@@ -41,7 +41,7 @@ static PyObject *stats_dict(const mlu_pool_stats *s, int64_t handles)
 }
 
 /* max_bytes: None (no cap) or an int >= 0 -> *cap. */
-static int parse_cap(PyObject *obj, size_t *cap)
+static int parse_bytes_limit(PyObject *obj, const char *what, size_t *cap)
 {
     if (obj == NULL || obj == Py_None) {
         *cap = SIZE_MAX;
@@ -51,11 +51,16 @@ static int parse_cap(PyObject *obj, size_t *cap)
     if (*cap == (size_t)-1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
-            PyErr_SetString(PyExc_ValueError, "max_bytes must be None or an int >= 0");
+            PyErr_Format(PyExc_ValueError, "%s must be None or an int >= 0", what);
         }
         return -1;
     }
     return 0;
+}
+
+static int parse_cap(PyObject *obj, size_t *cap)
+{
+    return parse_bytes_limit(obj, "max_bytes", cap);
 }
 
 /* Raises a core error for one of this file's types (borrowed); NULL. */
@@ -447,6 +452,33 @@ static PyObject *Engine_trim(EngineObject *self, PyObject *unused)
     return PyLong_FromUnsignedLongLong(freed);
 }
 
+/* window(max_inflight=<keep>) -> {"max_inflight": int or None, "waits": int} */
+static PyObject *Engine_window(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_inflight", NULL};
+    PyObject *limit_obj = NULL;
+    size_t limit, cur = 0;
+    uint64_t waits = 0;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:window", kwlist, &limit_obj))
+        return NULL;
+    if (engine_open(self) < 0)
+        return NULL;
+    if (limit_obj != NULL && parse_bytes_limit(limit_obj, "max_inflight", &limit) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_cuda_offload_window(self->eng, limit_obj != NULL ? &limit : NULL, &cur, &waits, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return raise_for(Py_TYPE(self), &err);
+    if (cur == SIZE_MAX)
+        return Py_BuildValue("{s:O,s:K}", "max_inflight", Py_None, "waits", (unsigned long long)waits);
+    return Py_BuildValue("{s:K,s:K}", "max_inflight", (unsigned long long)cur, "waits", (unsigned long long)waits);
+}
+
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
 {
     mlu_cuda_offload *eng = self->eng;
@@ -471,6 +503,9 @@ static PyMethodDef Engine_methods[] = {
     {"release", (PyCFunction)Engine_release, METH_O, "release(handle): forget it; its buffer returns to the pool."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "stats() -> dict of the pinned pool's counters."},
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, "trim() -> int: free cached pinned buffers."},
+    {"window", (PyCFunction)(void (*)(void))Engine_window, METH_VARARGS | METH_KEYWORDS,
+     "window(max_inflight=<keep>) -> dict: the bound on bytes of sources waiting for their copy "
+     "(None: no bound) and how often the caller's stream waited for one."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "close(): wait for copies and free everything."},
     {NULL, NULL, 0, NULL},
 };
@@ -539,7 +574,8 @@ int mlu_offload_module_init(PyObject *m)
     if (PyModule_AddIntConstant(m, "OFFLOAD_RAW", MLU_OFFLOAD_RAW) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F32_BF16", MLU_OFFLOAD_F32_BF16) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F16_E4M3", MLU_OFFLOAD_F16_E4M3) < 0 ||
-        PyModule_AddIntConstant(m, "OFFLOAD_BF16_E4M3", MLU_OFFLOAD_BF16_E4M3) < 0)
+        PyModule_AddIntConstant(m, "OFFLOAD_BF16_E4M3", MLU_OFFLOAD_BF16_E4M3) < 0 ||
+        PyModule_AddIntConstant(m, "OFFLOAD_DEFAULT_MAX_INFLIGHT", (long)MLU_OFFLOAD_DEFAULT_WINDOW) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }
