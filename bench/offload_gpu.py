@@ -10,9 +10,15 @@
 2. Bandwidth: offload (device->pinned) and reload (pinned->device) of
    --copy-mib against a plain pinned copy (tensor.copy_ into a pinned tensor,
    non_blocking), target >= 90%.
-3. Step time and peak GPU memory of a stack of transformer-like blocks five
+3. Step time and peak GPU memory of a stack of transformer-like blocks six
    ways: no checkpointing, torch checkpoint(use_reentrant=False), our
-   offload_checkpoint, save_on_cpu(pin_memory=True), our offload_saved_tensors.
+   offload_checkpoint, the same with nothing offloaded (min_bytes above every
+   tensor: the cost of the autograd function alone), save_on_cpu(pin_memory=True),
+   our offload_saved_tensors.  The ways run interleaved (one sample of each per
+   round, --rounds rounds of --steps steps; median and spread), so that clock
+   and thermal drift hit them alike.  Peak memory is measured over one step
+   from an emptied cache, both allocated and reserved: memory freed while a
+   copy stream still reads it counts as reserved, not allocated.
 
 Exits 0 with "no GPU" when there is none (or mlutils was built without CUDA).
 """
@@ -28,11 +34,14 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per way (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed sample")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one sample of every way each)")
+    p.add_argument("--ways", default="", help="comma-separated subset of: " + ", ".join(WAYS))
     p.add_argument("--check-steps", type=int, default=100, help="steps of the memory-growth check")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth test tensor")
     p.add_argument("--min-bytes", type=int, default=1 << 20)
     p.add_argument("--skip-speed", action="store_true", help="correctness only")
+    p.add_argument("--skip-correctness", action="store_true", help="speed only")
     return p.parse_args(argv)
 
 
@@ -85,6 +94,10 @@ def run_stack(torch, blocks, x, way, min_bytes):
     elif way == "offload_checkpoint":
         for b in blocks:
             h = offload.offload_checkpoint(b, h)
+    elif way == "offload_checkpoint_kept":
+        # the same autograd function with nothing offloaded: its cost without the copies
+        for b in blocks:
+            h = offload.offload_checkpoint(b, h, min_bytes=1 << 62)
     elif way == "save_on_cpu":
         with torch.autograd.graph.save_on_cpu(pin_memory=True):
             for b in blocks:
@@ -100,7 +113,8 @@ def run_stack(torch, blocks, x, way, min_bytes):
     return h.detach()
 
 
-WAYS = ["none", "torch_checkpoint", "offload_checkpoint", "save_on_cpu", "offload_saved_tensors"]
+WAYS = ["none", "torch_checkpoint", "offload_checkpoint", "offload_checkpoint_kept", "save_on_cpu",
+        "offload_saved_tensors"]
 
 
 def check_correctness(torch, args, dev):
@@ -220,41 +234,76 @@ def bandwidth(torch, args, dev):
 
 
 def speed(torch, args, dev):
+    """Step time (interleaved rounds, median and spread) and peak GPU memory, each way."""
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    import _harness as H
+
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList([make_block(torch, args.hidden, args.heads, torch.bfloat16, dev)
                                   for _ in range(args.layers)])
     x0 = torch.randn(args.batch, args.seq, args.hidden, device=dev, dtype=torch.bfloat16)
-    results = {}
-    for way in WAYS:
-        try:
-            def step():
-                blocks.zero_grad(set_to_none=False)
-                x = x0.clone().requires_grad_(True)
-                run_stack(torch, blocks, x, way, args.min_bytes)
 
-            step()
-            step()
+    def step(way):
+        blocks.zero_grad(set_to_none=False)
+        x = x0.clone().requires_grad_(True)
+        run_stack(torch, blocks, x, way, args.min_bytes)
+
+    ways = [w for w in WAYS if w in args.ways.split(",")] if args.ways else WAYS
+    peaks, dead = {}, set()
+    for way in ways:
+        # peak of one step above what was allocated (reserved) before it, from an emptied cache:
+        # allocated misses memory freed but still being read by a copy stream; reserved does not
+        try:
+            step(way)
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            t = timed(torch, step, args.steps)
-            peak = torch.cuda.max_memory_allocated(dev) - base
-            results[way] = (t, peak)
-        except torch.cuda.OutOfMemoryError:
-            results[way] = (float("nan"), float("nan"))
             torch.cuda.empty_cache()
-    print(f"\n{args.layers} blocks, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, bf16")
-    print(f"{'way':<24} {'step ms':>9} {'peak GiB':>9} {'vs torch ckpt':>14}")
-    ref_t = results["torch_checkpoint"][0]
-    for way in WAYS:
-        t, peak = results[way]
-        print(f"{way:<24} {t * 1e3:>9.1f} {peak / 2 ** 30:>9.2f} {t / ref_t:>13.2f}x")
-    ours, torch_ck = results["offload_checkpoint"], results["torch_checkpoint"]
-    soc, ctx = results["save_on_cpu"], results["offload_saved_tensors"]
-    print(f"\noffload_checkpoint vs torch checkpoint: {ours[0] / torch_ck[0] - 1:+.1%} time (target <= +5%), "
-          f"peak {ours[1] / 2 ** 30:.2f} vs {torch_ck[1] / 2 ** 30:.2f} GiB")
-    print(f"offload_saved_tensors vs save_on_cpu: {ctx[0] / soc[0]:.2f}x time (target < 1), "
-          f"peak {ctx[1] / 2 ** 30:.2f} vs {soc[1] / 2 ** 30:.2f} GiB")
+            torch.cuda.reset_peak_memory_stats(dev)
+            base_a, base_r = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+            step(way)
+            torch.cuda.synchronize()
+            peaks[way] = (torch.cuda.max_memory_allocated(dev) - base_a, torch.cuda.max_memory_reserved(dev) - base_r)
+        except torch.cuda.OutOfMemoryError:
+            dead.add(way)
+            torch.cuda.empty_cache()
+
+    def timed_steps(way):
+        def run():
+            torch.cuda.synchronize()
+            for _ in range(args.steps):
+                step(way)
+            torch.cuda.synchronize()
+        return run
+
+    cases = [(w, timed_steps(w)) for w in ways if w not in dead]
+    for _, fn in cases:  # warm-up
+        fn()
+    times = H.interleaved(cases, repeat=args.rounds)
+    times = {w: [t / args.steps for t in ts] for w, ts in times.items()}
+    print(f"\n{args.layers} blocks, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, bf16; "
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"{'way':<24} {'step ms':>9} {'spread ms':>14} {'peak alloc GiB':>15} {'peak reserved GiB':>18} "
+          f"{'vs torch ckpt':>14}")
+    ref = H.median(times["torch_checkpoint"]) if "torch_checkpoint" in times else float("nan")
+    for way in ways:
+        if way in dead:
+            print(f"{way:<24} {'out of memory':>9}")
+            continue
+        ts = times[way]
+        t = H.median(ts)
+        pa, pr = peaks[way]
+        print(f"{way:<24} {t * 1e3:>9.1f} {min(ts) * 1e3:>6.1f}-{max(ts) * 1e3:<7.1f} {pa / 2 ** 30:>15.2f} "
+              f"{pr / 2 ** 30:>18.2f} {t / ref:>13.3f}x")
+    med = {w: H.median(ts) for w, ts in times.items()}
+    if {"offload_checkpoint", "torch_checkpoint"} <= med.keys():
+        o, c = "offload_checkpoint", "torch_checkpoint"
+        print(f"\noffload_checkpoint vs torch checkpoint: {med[o] / med[c] - 1:+.1%} time (target <= +5%), "
+              f"peak allocated {peaks[o][0] / 2 ** 30:.2f} vs {peaks[c][0] / 2 ** 30:.2f} GiB, "
+              f"reserved {peaks[o][1] / 2 ** 30:.2f} vs {peaks[c][1] / 2 ** 30:.2f} GiB")
+    if {"offload_saved_tensors", "save_on_cpu"} <= med.keys():
+        o, c = "offload_saved_tensors", "save_on_cpu"
+        print(f"offload_saved_tensors vs save_on_cpu: {med[o] / med[c]:.2f}x time (target < 1), "
+              f"peak allocated {peaks[o][0] / 2 ** 30:.2f} vs {peaks[c][0] / 2 ** 30:.2f} GiB, "
+              f"reserved {peaks[o][1] / 2 ** 30:.2f} vs {peaks[c][1] / 2 ** 30:.2f} GiB")
 
 
 def main(argv=None):
@@ -267,7 +316,7 @@ def main(argv=None):
 
     dev = torch.device("cuda", torch.cuda.current_device())
     print(f"device: {torch.cuda.get_device_name(dev)}")
-    ok = check_correctness(torch, args, dev)
+    ok = True if args.skip_correctness else check_correctness(torch, args, dev)
     if not args.skip_speed:
         bandwidth(torch, args, dev)
         speed(torch, args, dev)
