@@ -174,11 +174,12 @@ def test_stdin_at_eof_or_closed_keeps_training(tmp_path, stdin):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_then_resume_is_bit_exact(tmp_path, workers):
+def test_sigterm_then_resume_is_bit_exact(tmp_path, workers, loader_mp):
     total = 60  # 25 batches per epoch (203 items, batch 8, drop_last): crosses two epoch ends
-    ref = run_to_end(["--ckpt", tmp_path / "ref", "--iterations", total, "--workers", workers,
+    mp = ["--mp-context", loader_mp] if workers and loader_mp else []
+    ref = run_to_end(["--ckpt", tmp_path / "ref", "--iterations", total, "--workers", workers, *mp,
                       "--metrics-file", tmp_path / "ref.jsonl"])
-    common = ["--ckpt", tmp_path / "ck", "--iterations", total, "--workers", workers, "--save-frequency", 7,
+    common = ["--ckpt", tmp_path / "ck", "--iterations", total, "--workers", workers, *mp, "--save-frequency", 7,
               "--metrics-file", tmp_path / "run.jsonl"]
     r = Run([*common, "--sleep", 0.03])
     r.wait_step(total // 2)

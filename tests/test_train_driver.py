@@ -17,6 +17,7 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--iterations", type=int, required=True)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--mp-context", default=None, help="the DataLoader's multiprocessing_context (with --workers)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep in every step")
     ap.add_argument("--save-frequency", type=int, default=0)
     ap.add_argument("--eval-frequency", type=int, default=0)
@@ -54,7 +55,8 @@ def main() -> None:
     y = (x[:, :3].sum(1, keepdim=True) > 0).float()
     ds = TensorDataset(x, y)
     sampler = RandomSampler(len(ds), seed=3)
-    dl = DataLoader(ds, batch_size=8, sampler=sampler, drop_last=True, num_workers=args.workers)
+    dl = DataLoader(ds, batch_size=8, sampler=sampler, drop_last=True, num_workers=args.workers,
+                    multiprocessing_context=args.mp_context if args.workers else None)
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.1), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     if args.big_mib:
