@@ -122,11 +122,16 @@ def test_sdist_carries_every_source_the_build_needs(tmp_path):
     assert any(f.endswith(".cu") for f in want) and "csrc/cuda/stub.c" in want
     # CUDA off dropped the .cu files, CUDA on dropped stub.c: check both configurations.
     configs = ["0"] + (["1"] if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") else [])
+    # sdist stages its files in the working directory: build from a copy of the
+    # tree (built extension included, so the no-build-product check means something)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                              ".jdeb", ".hypothesis", "mlutils-*"))
     for cuda in configs:
         out = tmp_path / f"cuda{cuda}"
         out.mkdir()
         r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
-                            "sdist", "--dist-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            "sdist", "--dist-dir", str(out)], cwd=src, capture_output=True, text=True,
                            env={**os.environ, "MLUTILS_CUDA": cuda}, timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
         (sdist,) = out.glob("mlutils-*.tar.gz")
