@@ -4,6 +4,7 @@
 # GPU bench (checksum and pattern kernels, activation offload, NCCL).
 # Prints one table per bench; exits non-zero if the build or a test fails.
 #   GPU_CHECK_SMALL=1   smaller offload stack (fits a short time slot)
+#   OFFLOAD_ARGS="..."  extra arguments for bench/offload_gpu.py (e.g. --rounds 3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,9 +28,10 @@ python3 bench/bench_pattern_cuda.py || status=1
 
 echo "== bench: activation offload"
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
-  python3 bench/offload_gpu.py --hidden 2048 --seq 2048 --layers 8 --steps 3 --check-steps 30 --copy-mib 512 || status=1
+  python3 bench/offload_gpu.py --hidden 2048 --seq 2048 --layers 8 --steps 2 --rounds 3 --check-steps 30 \
+    --copy-mib 512 ${OFFLOAD_ARGS:-} || status=1
 else
-  python3 bench/offload_gpu.py || status=1
+  python3 bench/offload_gpu.py ${OFFLOAD_ARGS:-} || status=1
 fi
 
 echo "== bench: NCCL communicator"
