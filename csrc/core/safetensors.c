@@ -324,18 +324,10 @@ static mlu_status scan_numbers(const uint8_t *text, size_t n, uint8_t **copy, nu
                 if (neg) {
                     put_marker(*copy + start, end - start, 1);
                 } else {
-                    if (nums->nbig == nums->cap) {
-                        size_t cap = nums->cap ? nums->cap : 16, bytes;
-                        big_int *b = NULL;
-                        if (!mlu_mul_overflow_size(cap, 2 * sizeof(big_int), &bytes))
-                            b = mlu_realloc(nums->big, bytes);
-                        if (b == NULL) {
-                            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading the header");
-                            goto error;
-                        }
-                        nums->big = b;
-                        nums->cap = cap * 2;
-                    }
+                    if (nums->nbig == nums->cap &&
+                        (st = mlu_grow((void **)&nums->big, &nums->cap, nums->nbig + 1, sizeof(big_int),
+                                       SIZE_MAX, "the header's large numbers", err)) != MLU_OK)
+                        goto error;
                     nums->big[nums->nbig].value = v;
                     nums->big[nums->nbig].too_big = over;
                     /* 19+ digits always hold "-k" for the k < 10^17 a header can reach */
