@@ -43,17 +43,6 @@ mlu_status mlu_buf_puts(mlu_buf *b, const char *s, mlu_error *err)
     return mlu_buf_append(b, s, strlen(s), err);
 }
 
-char *mlu_buf_steal(mlu_buf *b, size_t *len)
-{
-    char *p = b->data;
-
-    if (len != NULL)
-        *len = b->len;
-    b->data = NULL;
-    b->len = b->cap = 0;
-    return p;
-}
-
 void mlu_buf_free(mlu_buf *b)
 {
     mlu_free(b->data);
