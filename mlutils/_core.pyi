@@ -56,7 +56,16 @@ def st_from_bytes(data: Any) -> SafetensorsMap: ...
 # entries: objects with name, dtype, shape (tuple) and data (buffer) attributes (mlutils._safetensors._Entry)
 def st_serialize(entries: Any, metadata: Union[dict[str, str], None], path: Any = None, *,
                  durable: bool = True) -> Union[bytes, None]: ...
-def st_dtypes() -> tuple[tuple[str, int], ...]: ...
+class SafetensorsDtype(tuple[Any, ...]):
+    """One safetensors dtype: the format's facts and its equivalents elsewhere."""
+    name: str
+    bits: int
+    torch: Union[str, None]
+    numpy: Union[str, None]
+    ml_dtypes: Union[str, None]
+
+# the safetensors dtype table of csrc/core/safetensors.c, in declaration order
+def safetensors_dtypes() -> tuple[SafetensorsDtype, ...]: ...
 
 # --- testing hooks ---
 def _fail_alloc_after(n: int) -> None: ...

@@ -55,48 +55,21 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# The dtype table lives in C (csrc/core/safetensors.c, joined with the torch
+# dtype table of csrc/core/torch_dtypes.c); every map here is built from it.
+_ROWS = _core.safetensors_dtypes()
 #: (name, bits) in the format's declaration order.
-DTYPES: Tuple[Tuple[str, int], ...] = _core.st_dtypes()
+DTYPES: Tuple[Tuple[str, int], ...] = tuple((r.name, r.bits) for r in _ROWS)
 _BITS = dict(DTYPES)
 _SUBBYTE = frozenset(name for name, bits in DTYPES if bits % 8)
-
-_NATIVE = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "I16": np.dtype("<i2"),
-    "U16": np.dtype("<u2"),
-    "I32": np.dtype("<i4"),
-    "U32": np.dtype("<u4"),
-    "I64": np.dtype("<i8"),
-    "U64": np.dtype("<u8"),
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "C64": np.dtype("<c8"),
-}
+# NumPy's own types.
+_NATIVE = {r.name: np.dtype(r.numpy) for r in _ROWS if r.numpy is not None}
 # ml_dtypes names of the types NumPy lacks.
-_ML_NAMES = {
-    "BF16": "bfloat16",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-}
-# Same-size raw views: what the file holds, bit for bit.
-_RAW = dict(_NATIVE)
-_RAW.update({name: np.dtype("<u2") if _BITS[name] == 16 else np.dtype(np.uint8) for name in _ML_NAMES})
-_RAW.update({name: np.dtype(np.uint8) for name in _SUBBYTE})
-
-_TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
-    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F4": "float4_e2m1fn_x2",
-}
+_ML_NAMES = {r.name: r.ml_dtypes for r in _ROWS if r.ml_dtypes is not None}
+# Same-size raw views: what the file holds, bit for bit (sub-byte types: the packed bytes).
+_RAW = {r.name: _NATIVE[r.name] if r.name in _NATIVE else np.dtype(f"<u{r.bits // 8}" if r.bits % 8 == 0 else "u1")
+        for r in _ROWS}
+_TORCH_NAMES = {r.name: r.torch for r in _ROWS if r.torch is not None}
 
 
 class RawTensor(NamedTuple):

@@ -52,6 +52,24 @@ def test_dtype_table_matches_format_order():
     assert sorted(c for c, _, _ in ALL) == sorted(BITS)
 
 
+def test_dtype_rows_match_the_library_and_numpy():
+    rows = _core.safetensors_dtypes()
+    assert all(isinstance(r, _core.SafetensorsDtype) for r in rows)
+    assert [(r.name, r.bits) for r in rows] == list(S.DTYPES)
+    # NumPy's own types: exactly those of the library's numpy table
+    assert {r.name: np.dtype(r.numpy) for r in rows if r.numpy} == {c: np.dtype(t) for c, t in stn._TYPES.items()}
+    for r in rows:
+        if r.numpy is not None:
+            assert np.dtype(r.numpy).itemsize * 8 == r.bits, r.name
+        if r.ml_dtypes is not None:
+            assert r.numpy is None
+            assert np.dtype(getattr(ml_dtypes, r.ml_dtypes)).itemsize * 8 == r.bits, r.name
+        # what each code loads as (ALL) follows from the row
+        want = dict((c, dt) for c, dt, _ in ALL)[r.name]
+        assert S._np_dtypes()[0][r.name] == want, r.name
+        assert S._RAW[r.name].itemsize * 8 == (r.bits if r.bits % 8 == 0 else 8), r.name
+
+
 def rng_array(dt, shape, seed=0):
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape)) * dt.itemsize

@@ -6,27 +6,11 @@
 
 mlu_status mlu_buf_reserve(mlu_buf *b, size_t extra, mlu_error *err)
 {
-    size_t need, cap;
-    char *p;
+    size_t need;
 
     if (mlu_add_overflow_size(b->len, extra, &need))
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "buffer size overflows");
-    if (need <= b->cap)
-        return MLU_OK;
-    cap = b->cap ? b->cap : 64;
-    while (cap < need) {
-        if (cap > SIZE_MAX / 2) {
-            cap = need;
-            break;
-        }
-        cap *= 2;
-    }
-    p = mlu_realloc(b->data, cap);
-    if (p == NULL)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "out of memory growing a buffer to %zu bytes", cap);
-    b->data = p;
-    b->cap = cap;
-    return MLU_OK;
+    return mlu_grow((void **)&b->data, &b->cap, need, 1, SIZE_MAX, "a buffer", err);
 }
 
 mlu_status mlu_buf_append(mlu_buf *b, const void *p, size_t n, mlu_error *err)
@@ -57,17 +41,6 @@ mlu_status mlu_buf_putc(mlu_buf *b, char c, mlu_error *err)
 mlu_status mlu_buf_puts(mlu_buf *b, const char *s, mlu_error *err)
 {
     return mlu_buf_append(b, s, strlen(s), err);
-}
-
-char *mlu_buf_steal(mlu_buf *b, size_t *len)
-{
-    char *p = b->data;
-
-    if (len != NULL)
-        *len = b->len;
-    b->data = NULL;
-    b->len = b->cap = 0;
-    return p;
 }
 
 void mlu_buf_free(mlu_buf *b)

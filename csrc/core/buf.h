@@ -17,8 +17,6 @@ mlu_status mlu_buf_reserve(mlu_buf *b, size_t extra, mlu_error *err);
 mlu_status mlu_buf_append(mlu_buf *b, const void *p, size_t n, mlu_error *err);
 mlu_status mlu_buf_putc(mlu_buf *b, char c, mlu_error *err);
 mlu_status mlu_buf_puts(mlu_buf *b, const char *s, mlu_error *err);
-/* Hands the buffer's memory to the caller (free with mlu_free) and resets b. */
-char *mlu_buf_steal(mlu_buf *b, size_t *len);
 void mlu_buf_free(mlu_buf *b);
 
 #endif

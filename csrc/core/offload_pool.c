@@ -18,7 +18,8 @@ struct mlu_offload_pool {
     mlu_pool_allocator alloc;
     size_t cap;
     pool_block *blocks; /* owned */
-    int64_t nblocks, capblocks;
+    int64_t nblocks;
+    size_t capblocks;
     int64_t free_slots;                   /* unused entries of blocks[] */
     int64_t free_list[MLU_POOL_NCLASSES]; /* cached buffers per class */
     mlu_pool_stats st;
@@ -135,18 +136,10 @@ static int64_t take_slot(mlu_offload_pool *pool)
         pool->free_slots = pool->blocks[id].next;
         goto done;
     }
-    if (pool->nblocks == pool->capblocks) {
-        int64_t ncap = pool->capblocks ? pool->capblocks * 2 : 64;
-        size_t bytes;
-        pool_block *nb;
-        if (mlu_mul_overflow_size((size_t)ncap, sizeof(pool_block), &bytes))
-            goto done;
-        nb = (pool_block *)mlu_realloc(pool->blocks, bytes);
-        if (nb == NULL)
-            goto done;
-        pool->blocks = nb;
-        pool->capblocks = ncap;
-    }
+    if ((size_t)pool->nblocks == pool->capblocks &&
+        mlu_grow((void **)&pool->blocks, &pool->capblocks, pool->capblocks + 1, sizeof(pool_block),
+                 (size_t)INT64_MAX, "pool blocks", NULL) != MLU_OK)
+        goto done;
     id = pool->nblocks++;
 done:
     return id;

@@ -25,32 +25,20 @@ void mlu_pattern_free(mlu_pattern *p)
     p->n_steps = p->n_coords = p->cap_steps = p->cap_coords = 0;
 }
 
-/* Grows *arr (of *cap entries of elsize bytes) to hold at least need entries. */
-static mlu_status grow(void **arr, int64_t *cap, int64_t need, size_t elsize, mlu_error *err)
+static mlu_status too_large(mlu_error *err)
 {
-    int64_t ncap = *cap ? *cap : 64;
-    size_t bytes;
-    void *np;
+    return mlu_error_set(err, MLU_EINVAL, -1,
+                         "pattern too large: more than %lld steps or coordinates",
+                         (long long)MLU_PATTERN_MAX_ENTRIES);
+}
 
-    if (need <= *cap)
-        return MLU_OK;
+/* Grows *arr (of *cap entries of elsize bytes) to hold at least need entries. */
+static mlu_status grow(void **arr, size_t *cap, int64_t need, size_t elsize, mlu_error *err)
+{
     if (need > MLU_PATTERN_MAX_ENTRIES)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "pattern too large: more than %lld steps or coordinates",
-                             (long long)MLU_PATTERN_MAX_ENTRIES);
-    while (ncap < need)
-        ncap *= 2;
-    if (ncap > MLU_PATTERN_MAX_ENTRIES + 1)
-        ncap = MLU_PATTERN_MAX_ENTRIES + 1;
-    if (mlu_mul_overflow_size((size_t)ncap, elsize, &bytes))
-        return mlu_error_set(err, MLU_EOVERFLOW, -1, "pattern table size overflows");
-    np = mlu_realloc(*arr, bytes);
-    if (np == NULL)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for a pattern of %lld entries",
-                             (long long)ncap);
-    *arr = np;
-    *cap = ncap;
-    return MLU_OK;
+        return too_large(err);
+    return mlu_grow(arr, cap, need > 0 ? (size_t)need : 0, elsize, (size_t)MLU_PATTERN_MAX_ENTRIES + 1,
+                    "a pattern table", err);
 }
 
 mlu_status mlu_pattern_add_step(mlu_pattern *p, mlu_error *err)
@@ -71,7 +59,7 @@ mlu_status mlu_pattern_add_step(mlu_pattern *p, mlu_error *err)
 mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error *err)
 {
     mlu_status st;
-    int64_t cap_t = p->cap_coords, cap_q = p->cap_coords;
+    size_t cap_t = p->cap_coords, cap_q = p->cap_coords;
 
     if (p->n_steps == 0)
         return mlu_error_set(err, MLU_EINVAL, -1, "a coordinate outside of any step");
@@ -82,7 +70,7 @@ mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error
     if (t < INT32_MIN || t > INT32_MAX)
         return mlu_error_set(err, MLU_EINVAL, -1, "timestep %lld at step %lld is out of range",
                              (long long)t, (long long)(p->n_steps - 1));
-    if (p->n_coords + 1 > p->cap_coords) {
+    if ((size_t)p->n_coords + 1 > p->cap_coords) {
         st = grow((void **)&p->t, &cap_t, p->n_coords + 1, sizeof(int32_t), err);
         if (st != MLU_OK)
             return st;
@@ -96,13 +84,6 @@ mlu_status mlu_pattern_add_coord(mlu_pattern *p, int64_t t, int64_t q, mlu_error
     p->n_coords++;
     p->step_start[p->n_steps] = p->n_coords;
     return MLU_OK;
-}
-
-static mlu_status too_large(mlu_error *err)
-{
-    return mlu_error_set(err, MLU_EINVAL, -1,
-                         "pattern too large: more than %lld steps or coordinates",
-                         (long long)MLU_PATTERN_MAX_ENTRIES);
 }
 
 /* a * b, or more than the entry limit when it does not fit (a, b >= 0). */
@@ -122,7 +103,7 @@ static int64_t mul_cap(int64_t a, int64_t b)
 static mlu_status reserve(mlu_pattern *p, int64_t steps, int64_t coords, mlu_error *err)
 {
     mlu_status st;
-    int64_t cap_t = p->cap_coords, cap_q = p->cap_coords;
+    size_t cap_t = p->cap_coords, cap_q = p->cap_coords;
 
     if (steps < 0 || coords < 0 || steps > MLU_PATTERN_MAX_ENTRIES - p->n_steps - 1 ||
         coords > MLU_PATTERN_MAX_ENTRIES - p->n_coords)

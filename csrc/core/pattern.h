@@ -25,8 +25,8 @@ typedef struct mlu_pattern {
     int64_t *step_start;  /* owned: [n_steps + 1] */
     int32_t *t;           /* owned: [n_coords] timesteps (every one fits int32) */
     int32_t *q;           /* owned: [n_coords] codebooks */
-    int64_t cap_steps;    /* allocated entries of step_start (builder) */
-    int64_t cap_coords;   /* allocated entries of t and q (builder) */
+    size_t cap_steps;     /* allocated entries of step_start (builder) */
+    size_t cap_coords;    /* allocated entries of t and q (builder) */
     /* set by mlu_pattern_finish */
     int64_t max_delay;    /* max(t + 1 over layout[1:], 0) - timesteps */
     int64_t valid_steps;  /* len(layout[:n_steps - max_delay]) */

@@ -178,46 +178,23 @@ void mlu_pk_vm_free(mlu_pk_vm *vm)
     memset(vm, 0, sizeof(*vm));
 }
 
-/* Grows an array of `elem`-sized items to hold `need`; returns 0 or -1. */
+/* Grows an array whose count is a uint32_t (node, record and item ids are
+ * 32-bit) to hold `need`; returns 0 or -1 (the caller reports the failure:
+ * out of memory, or over the budget). */
 static int grow(void **arr, uint32_t *cap, uint64_t need, size_t elem)
 {
-    uint64_t c = *cap ? *cap : 16;
-    void *p;
-    size_t bytes;
+    size_t c = *cap;
 
-    if (need <= *cap)
-        return 0;
-    while (c < need)
-        c *= 2;
-    if (c > UINT32_MAX - 1)
-        c = UINT32_MAX - 1;
-    if (c < need || mlu_mul_overflow_size((size_t)c, elem, &bytes))
+    if (need > UINT32_MAX - 1 ||
+        mlu_grow(arr, &c, (size_t)need, elem, UINT32_MAX - 1, "a pickle table", NULL) != MLU_OK)
         return -1;
-    p = mlu_realloc(*arr, bytes);
-    if (p == NULL)
-        return -1;
-    *arr = p;
     *cap = (uint32_t)c;
     return 0;
 }
 
 static int grow_size(void **arr, size_t *cap, size_t need, size_t elem)
 {
-    size_t c = *cap ? *cap : 64, bytes;
-    void *p;
-
-    if (need <= *cap)
-        return 0;
-    while (c < need)
-        c *= 2;
-    if (mlu_mul_overflow_size(c, elem, &bytes))
-        return -1;
-    p = mlu_realloc(*arr, bytes);
-    if (p == NULL)
-        return -1;
-    *arr = p;
-    *cap = c;
-    return 0;
+    return mlu_grow(arr, cap, need, elem, SIZE_MAX, "a pickle table", NULL) == MLU_OK ? 0 : -1;
 }
 
 /* The work and memory of a pickle are bounded by its size: every node,

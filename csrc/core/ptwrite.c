@@ -294,17 +294,8 @@ mlu_status mlu_ptw_storage_add(mlu_ptw *w, int dtype, uint64_t nbytes, const voi
     if (!dtype_ok(dtype))
         return mlu_error_set(err, MLU_EINVAL, -1, "pt writer: dtype index %d out of range", dtype);
     st = check_whole(dtype, nbytes, err);
-    if (st == MLU_OK && w->nst == w->cap) {
-        size_t ncap = w->cap ? w->cap : 8, bytes;
-        mlu_ptw_storage *n;
-        if (mlu_mul_overflow_size(ncap, 2, &ncap) || mlu_mul_overflow_size(ncap, sizeof(*n), &bytes))
-            return mlu_error_set(err, MLU_EOVERFLOW, -1, "pt writer: too many storages");
-        n = mlu_realloc(w->st, bytes);
-        if (n == NULL)
-            return mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
-        w->st = n;
-        w->cap = ncap;
-    }
+    if (st == MLU_OK && w->nst == w->cap)
+        st = mlu_grow((void **)&w->st, &w->cap, w->nst + 1, sizeof(*w->st), SIZE_MAX, "pt writer storages", err);
     if (st == MLU_OK) {
         w->st[w->nst].nbytes = nbytes;
         w->st[w->nst].dtype = storage_dtype(dtype);

@@ -17,21 +17,36 @@
 
 /* ------------------------------------------------------------------ dtypes */
 
-static const char *const dtype_names[MLU_ST_DTYPE_COUNT] = {
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
-    "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
-    "F64", "I64", "U64",
-};
-
-static const unsigned char dtype_bits[MLU_ST_DTYPE_COUNT] = {
-    8, 4, 6, 6, 8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32, 64, 64, 64, 64,
+const mlu_st_dtype_info mlu_st_dtypes[MLU_ST_DTYPE_COUNT] = {
+    [MLU_ST_BOOL] = {"BOOL", 8},
+    [MLU_ST_F4] = {"F4", 4},
+    [MLU_ST_F6_E2M3] = {"F6_E2M3", 6},
+    [MLU_ST_F6_E3M2] = {"F6_E3M2", 6},
+    [MLU_ST_U8] = {"U8", 8},
+    [MLU_ST_I8] = {"I8", 8},
+    [MLU_ST_F8_E5M2] = {"F8_E5M2", 8},
+    [MLU_ST_F8_E4M3] = {"F8_E4M3", 8},
+    [MLU_ST_F8_E8M0] = {"F8_E8M0", 8},
+    [MLU_ST_F8_E4M3FNUZ] = {"F8_E4M3FNUZ", 8},
+    [MLU_ST_F8_E5M2FNUZ] = {"F8_E5M2FNUZ", 8},
+    [MLU_ST_I16] = {"I16", 16},
+    [MLU_ST_U16] = {"U16", 16},
+    [MLU_ST_F16] = {"F16", 16},
+    [MLU_ST_BF16] = {"BF16", 16},
+    [MLU_ST_I32] = {"I32", 32},
+    [MLU_ST_U32] = {"U32", 32},
+    [MLU_ST_F32] = {"F32", 32},
+    [MLU_ST_C64] = {"C64", 64},
+    [MLU_ST_F64] = {"F64", 64},
+    [MLU_ST_I64] = {"I64", 64},
+    [MLU_ST_U64] = {"U64", 64},
 };
 
 const char *mlu_st_dtype_name(int dtype)
 {
     if (dtype < 0 || dtype >= MLU_ST_DTYPE_COUNT)
         return NULL;
-    return dtype_names[dtype];
+    return mlu_st_dtypes[dtype].name;
 }
 
 int mlu_st_dtype_from_name(const char *name, size_t n)
@@ -39,7 +54,7 @@ int mlu_st_dtype_from_name(const char *name, size_t n)
     int i;
 
     for (i = 0; i < MLU_ST_DTYPE_COUNT; i++) {
-        if (strlen(dtype_names[i]) == n && memcmp(dtype_names[i], name, n) == 0)
+        if (strlen(mlu_st_dtypes[i].name) == n && memcmp(mlu_st_dtypes[i].name, name, n) == 0)
             return i;
     }
     return -1;
@@ -49,7 +64,7 @@ unsigned mlu_st_dtype_bits(int dtype)
 {
     if (dtype < 0 || dtype >= MLU_ST_DTYPE_COUNT)
         return 0;
-    return dtype_bits[dtype];
+    return mlu_st_dtypes[dtype].bits;
 }
 
 /* ------------------------------------------------------------------ helpers */
@@ -309,18 +324,10 @@ static mlu_status scan_numbers(const uint8_t *text, size_t n, uint8_t **copy, nu
                 if (neg) {
                     put_marker(*copy + start, end - start, 1);
                 } else {
-                    if (nums->nbig == nums->cap) {
-                        size_t cap = nums->cap ? nums->cap : 16, bytes;
-                        big_int *b = NULL;
-                        if (!mlu_mul_overflow_size(cap, 2 * sizeof(big_int), &bytes))
-                            b = mlu_realloc(nums->big, bytes);
-                        if (b == NULL) {
-                            st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading the header");
-                            goto error;
-                        }
-                        nums->big = b;
-                        nums->cap = cap * 2;
-                    }
+                    if (nums->nbig == nums->cap &&
+                        (st = mlu_grow((void **)&nums->big, &nums->cap, nums->nbig + 1, sizeof(big_int),
+                                       SIZE_MAX, "the header's large numbers", err)) != MLU_OK)
+                        goto error;
                     nums->big[nums->nbig].value = v;
                     nums->big[nums->nbig].too_big = over;
                     /* 19+ digits always hold "-k" for the k < 10^17 a header can reach */
@@ -517,13 +524,13 @@ static mlu_status check_layout(mlu_st_header *h, uint64_t size, mlu_error *err)
                                  "tensor '%.*s%s': misaligned slice: %" PRIu64 " elements of %s are %"
                                  PRIu64 " bits, not a whole number of bytes",
                                  SHOW(t->name, t->name_len), ELLIPSIS(t->name_len), nelem,
-                                 dtype_names[t->dtype], nbits);
+                                 mlu_st_dtypes[t->dtype].name, nbits);
         if (t->end - t->begin != nbits / 8)
             return mlu_error_set(err, MLU_EFORMAT, (int64_t)(h->data_start + t->begin),
                                  "tensor '%.*s%s': shape and dtype %s need %" PRIu64
                                  " bytes but data_offsets [%" PRIu64 ", %" PRIu64 "] hold %" PRIu64,
                                  SHOW(t->name, t->name_len), ELLIPSIS(t->name_len),
-                                 dtype_names[t->dtype], nbits / 8, t->begin, t->end,
+                                 mlu_st_dtypes[t->dtype].name, nbits / 8, t->begin, t->end,
                                  t->end - t->begin);
         prev_end = t->end;
     }
@@ -697,13 +704,13 @@ static mlu_status check_entry(const mlu_st_entry *e, mlu_error *err)
         return mlu_error_set(err, MLU_EINVAL, -1,
                              "tensor '%.*s%s': %" PRIu64 " elements of %s are not a whole number of bytes",
                              SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), nelem,
-                             dtype_names[e->dtype]);
+                             mlu_st_dtypes[e->dtype].name);
     if (nbits / 8 != e->nbytes)
         return mlu_error_set(err, MLU_EINVAL, -1,
                              "tensor '%.*s%s': shape and dtype %s need %" PRIu64
                              " bytes but the data has %" PRIu64,
                              SHOW(e->name, e->name_len), ELLIPSIS(e->name_len),
-                             dtype_names[e->dtype], nbits / 8, e->nbytes);
+                             mlu_st_dtypes[e->dtype].name, nbits / 8, e->nbytes);
     return MLU_OK;
 }
 
@@ -758,7 +765,7 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
         if ((!first && (st = mlu_buf_putc(out, ',', err)) != MLU_OK) ||
             (st = mlu_json_put_string(out, e->name, e->name_len, err)) != MLU_OK ||
             (st = mlu_buf_puts(out, ":{\"dtype\":\"", err)) != MLU_OK ||
-            (st = mlu_buf_puts(out, dtype_names[e->dtype], err)) != MLU_OK ||
+            (st = mlu_buf_puts(out, mlu_st_dtypes[e->dtype].name, err)) != MLU_OK ||
             (st = mlu_buf_puts(out, "\",\"shape\":[", err)) != MLU_OK)
             goto error;
         first = 0;

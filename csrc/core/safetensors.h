@@ -41,11 +41,23 @@ typedef enum mlu_st_dtype {
 /* Largest header (N) a reader accepts and a writer produces. */
 #define MLU_ST_MAX_HEADER 100000000u
 
+/* One safetensors dtype, as the format defines it.  What it is in torch,
+ * NumPy and ml_dtypes is not repeated here: torch_dtypes.c's table names the
+ * safetensors dtype of each torch dtype, and mlu_torch_dtype_of_safetensors
+ * joins the two (tests/c/test_safetensors.c checks that they agree). */
+typedef struct mlu_st_dtype_info {
+    const char *name;  /* the header's name ("F32") */
+    uint8_t bits;      /* bits per element: 4 (F4), 6 (F6_*), 8, 16, 32 or 64 */
+} mlu_st_dtype_info;
+
+/* The table, indexed by mlu_st_dtype code. */
+extern const mlu_st_dtype_info mlu_st_dtypes[MLU_ST_DTYPE_COUNT];
+
 /* The code's name ("F32"), or NULL for an out-of-range code. */
 const char *mlu_st_dtype_name(int dtype);
 /* The code of a name of n bytes, or -1 when unknown. */
 int mlu_st_dtype_from_name(const char *name, size_t n);
-/* Bits per element (4, 6, 8, 16, 32 or 64). */
+/* Bits per element (4, 6, 8, 16, 32 or 64), or 0 for an out-of-range code. */
 unsigned mlu_st_dtype_bits(int dtype);
 
 /* One tensor of a parsed header. */

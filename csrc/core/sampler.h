@@ -66,7 +66,10 @@ typedef struct mlu_perm {
 } mlu_perm;
 
 void mlu_perm_init(mlu_perm *p, uint64_t n, uint64_t seed, uint64_t stream, uint64_t epoch);
-/* The image of x (x < n). */
+/* The image of x (x < n).  The scalar definition of the permutation: the
+ * library itself only calls mlu_perm_apply_many, and the C tests
+ * (tests/c/test_sampler.c) and the sampler_pack fuzz harness check that
+ * one against this one, item by item. */
 uint64_t mlu_perm_apply(const mlu_perm *p, uint64_t x);
 /* In place: xs[i] = apply(xs[i]) for every i (each xs[i] < n). */
 void mlu_perm_apply_many(const mlu_perm *p, uint64_t *xs, size_t count);

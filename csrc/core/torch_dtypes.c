@@ -75,3 +75,13 @@ int mlu_torch_storage_class_find(const char *name, size_t len)
             found = i;
     return found;
 }
+
+int mlu_torch_dtype_of_safetensors(const char *name)
+{
+    int i, found = -1;
+
+    for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++)
+        if (mlu_torch_dtypes[i].safetensors != NULL && strcmp(name, mlu_torch_dtypes[i].safetensors) == 0)
+            found = i;
+    return found;
+}

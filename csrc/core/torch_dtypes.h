@@ -32,5 +32,10 @@ int mlu_torch_dtype_named(const char *name);
 int mlu_torch_dtype_can_require_grad(int id);
 /* The id of the dtype whose legacy storage class is name[0..len) ("FloatStorage"), or -1. */
 int mlu_torch_storage_class_find(const char *name, size_t len);
+/* The id of the dtype whose safetensors dtype is the NUL-terminated name
+ * ("F32"), or -1 when safetensors' dtype has no torch equivalent (F6_*).
+ * This column is the one statement of which safetensors dtype is which torch,
+ * NumPy and ml_dtypes type (_core.safetensors_dtypes joins through it). */
+int mlu_torch_dtype_of_safetensors(const char *name);
 
 #endif

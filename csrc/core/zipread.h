@@ -19,6 +19,9 @@ typedef struct mlu_rd {
     uint64_t size;         /* input size (for a file: what fstat reported) */
 } mlu_rd;
 
+/* A source of bytes in memory.  The binding reads files (mlu_rd_fd); the C
+ * tests and the fuzz harnesses (pt_zip, pt_pickle, pt_write) read archives
+ * they built in memory through this, so the reader is tested without files. */
 void mlu_rd_mem(mlu_rd *r, const uint8_t *data, size_t size);
 void mlu_rd_fd(mlu_rd *r, int fd, uint64_t size);
 

@@ -143,15 +143,10 @@ mlu_status mlu_zipw_begin(mlu_zipw *w, const char *name, uint64_t size, mlu_erro
     if (mlu_add_overflow_size(w->prefix_len, rec_len, &full_len) || full_len > 0xFFFF)
         return mlu_error_set(err, MLU_EINVAL, -1, "zip writer: record name '%s' is too long", name);
     if (w->count == w->cap) {
-        size_t ncap = w->cap ? w->cap * 2 : 16, bytes;
-        mlu_zipw_entry *ne;
-        if (mlu_mul_overflow_size(ncap, sizeof(*ne), &bytes))
-            return mlu_error_set(err, MLU_EOVERFLOW, -1, "zip writer: too many records");
-        ne = mlu_realloc(w->entries, bytes);
-        if (ne == NULL)
-            return mlu_error_set(err, MLU_ENOMEM, -1, "out of memory");
-        w->entries = ne;
-        w->cap = ncap;
+        st = mlu_grow((void **)&w->entries, &w->cap, w->count + 1, sizeof(*w->entries), SIZE_MAX,
+                      "zip writer records", err);
+        if (st != MLU_OK)
+            return st;
     }
     e = &w->entries[w->count];
     e->name = mlu_malloc(full_len + 1);

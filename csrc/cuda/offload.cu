@@ -299,19 +299,11 @@ int64_t take_record(mlu_cuda_offload *e, mlu_error *err)
         return i;
     }
     if (e->nrecs == e->caprecs) {
-        int64_t ncap = e->caprecs ? e->caprecs * 2 : 256;
-        record *nr;
-        if (ncap > 0x7fffffffLL) {
-            mlu_error_set(err, MLU_ENOMEM, -1, "offload: too many live handles");
+        size_t cap = (size_t)e->caprecs;  /* handle indices fit 31 bits */
+        if (mlu_grow((void **)&e->recs, &cap, cap + 1, sizeof(record), 0x7fffffff, "the offload handle table",
+                     err) != MLU_OK)
             return -1;
-        }
-        nr = (record *)mlu_realloc(e->recs, (size_t)ncap * sizeof(record));
-        if (nr == nullptr) {
-            mlu_error_set(err, MLU_ENOMEM, -1, "offload: out of memory for the handle table");
-            return -1;
-        }
-        e->recs = nr;
-        e->caprecs = ncap;
+        e->caprecs = (int64_t)cap;
     }
     record *r = &e->recs[e->nrecs];
     memset(r, 0, sizeof(*r));

@@ -24,6 +24,7 @@
     /* heap types, each set by its area's init (safetensors.c, sampler.c, ...) */ \
     X(safetensors_map_type, "SafetensorsMap")                                  \
     X(safetensors_entry_type, "SafetensorsEntry (struct sequence)")            \
+    X(safetensors_dtype_type, "SafetensorsDtype (struct sequence)")            \
     X(sampler_cursor_type,  "SamplerCursor")                                   \
     X(sampler_position_type, "SamplerPosition (struct sequence)")              \
     X(pattern_table_type,   "PatternTable")                                    \

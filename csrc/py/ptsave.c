@@ -39,7 +39,8 @@ typedef struct saver {
     PyObject *tmap;         /* owned dict: torch storage identity -> storage index */
     PyObject *nmap;         /* owned dict: id(NumPy root) -> storage index */
     storage_rec *st;        /* owned; st[i] goes with the writer's storage i */
-    Py_ssize_t nst, cap;
+    Py_ssize_t nst;
+    size_t cap;             /* allocated entries of st */
     PyObject *s_storage;    /* owned, interned "storage" */
     PyObject *s_cpu;        /* owned, interned "cpu" */
     PyObject *odict_type;   /* owned: collections.OrderedDict */
@@ -346,15 +347,10 @@ static Py_ssize_t find_storage(saver *s, PyObject *map, PyObject *ident, PyObjec
     }
     if (PyErr_Occurred())
         return -1;
-    if (s->nst == s->cap) {
-        Py_ssize_t ncap = s->cap ? s->cap * 2 : 16;
-        storage_rec *n = mlu_realloc(s->st, (size_t)ncap * sizeof(*n));
-        if (n == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        s->st = n;
-        s->cap = ncap;
+    if ((size_t)s->nst == s->cap && mlu_grow((void **)&s->st, &s->cap, s->cap + 1, sizeof(*s->st),
+                                             (size_t)PY_SSIZE_T_MAX, "storages", NULL) != MLU_OK) {
+        PyErr_NoMemory();
+        return -1;
     }
     /* The key is str(len(...)), exactly as torch makes it (the writer writes
      * the same digits; this object is what pickle's memo sees). */

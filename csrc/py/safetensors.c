@@ -4,6 +4,7 @@
  *   st_from_bytes(data) -> SafetensorsMap  a private copy of bytes, header validated
  *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False)
  *   st_serialize(entries, metadata, path=None) -> bytes | None
+ *   safetensors_dtypes() -> tuple of SafetensorsDtype rows
  *
  * Arrays made by .array() point into the mapping and hold a reference to the
  * SafetensorsMap, which unmaps when the last of them (and itself) goes. */
@@ -14,6 +15,7 @@
 #include "../core/alloc.h"
 #include "../core/atomicfile.h"
 #include "../core/safetensors.h"
+#include "../core/torch_dtypes.h"
 
 typedef struct {
     PyObject_HEAD
@@ -618,26 +620,64 @@ done:
     return res;
 }
 
-/* st_dtypes() -> tuple of (name, bits) in the format's declaration order. */
-static PyObject *py_st_dtypes(PyObject *module, PyObject *unused)
+/* One safetensors dtype as Python sees it: the format's facts
+ * (mlu_st_dtypes) joined with the torch dtype table's row that names it. */
+enum { SD_NAME, SD_BITS, SD_TORCH, SD_NUMPY, SD_ML_DTYPES, SD_NFIELDS };
+static PyStructSequence_Field sd_fields[SD_NFIELDS + 1] = {
+    [SD_NAME] = {"name", "the header's name (\"F32\")"},
+    [SD_BITS] = {"bits", "bits per element (4 for F4, 6 for F6_*, else 8 x bytes)"},
+    [SD_TORCH] = {"torch", "the torch dtype (torch.<torch>), or None when torch has none"},
+    [SD_NUMPY] = {"numpy", "NumPy's little-endian dtype string, or None when NumPy has none"},
+    [SD_ML_DTYPES] = {"ml_dtypes", "the ml_dtypes type of that name, or None"},
+    [SD_NFIELDS] = {NULL, NULL},
+};
+static PyStructSequence_Desc sd_desc = {
+    "mlutils._core.SafetensorsDtype",
+    "One safetensors dtype: name, bits, and its torch, NumPy and ml_dtypes equivalents.",
+    sd_fields,
+    SD_NFIELDS,
+};
+
+/* New ref: a str, or None for NULL. */
+static PyObject *str_or_none(const char *s)
 {
-    PyObject *t;
+    return s != NULL ? PyUnicode_FromString(s) : Py_NewRef(Py_None);
+}
+
+/* safetensors_dtypes() -> tuple of SafetensorsDtype in the format's
+ * declaration order (new ref). */
+static PyObject *py_safetensors_dtypes(PyObject *module, PyObject *unused)
+{
+    mlu_state *st = mlu_get_state(module); /* borrowed */
+    PyObject *res = NULL, *out = NULL, *row, *v;
     int i;
 
-    (void)module;
     (void)unused;
-    t = PyTuple_New(MLU_ST_DTYPE_COUNT);
-    if (t == NULL)
-        return NULL;
+    if (st == NULL || (res = PyTuple_New(MLU_ST_DTYPE_COUNT)) == NULL)
+        goto done;
     for (i = 0; i < MLU_ST_DTYPE_COUNT; i++) {
-        PyObject *item = Py_BuildValue("(sI)", mlu_st_dtype_name(i), mlu_st_dtype_bits(i));
-        if (item == NULL) {
-            Py_DECREF(t);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, i, item); /* steals item */
+        const mlu_st_dtype_info *d = &mlu_st_dtypes[i];
+        int t = mlu_torch_dtype_of_safetensors(d->name);
+        const mlu_torch_dtype *td = t >= 0 ? &mlu_torch_dtypes[t] : NULL;
+        if ((row = PyStructSequence_New((PyTypeObject *)st->safetensors_dtype_type)) == NULL)
+            goto done;
+        PyTuple_SET_ITEM(res, i, row); /* steals row */
+#define SET(field, expr)                                   \
+        if ((v = (expr)) == NULL)                          \
+            goto done;                                     \
+        PyStructSequence_SET_ITEM(row, field, v) /* steals v */
+        SET(SD_NAME, PyUnicode_FromString(d->name));
+        SET(SD_BITS, PyLong_FromLong(d->bits));
+        SET(SD_TORCH, str_or_none(td != NULL ? td->name : NULL));
+        SET(SD_NUMPY, str_or_none(td != NULL ? td->numpy : NULL));
+        SET(SD_ML_DTYPES, str_or_none(td != NULL ? td->ml_dtypes : NULL));
+#undef SET
     }
-    return t;
+    out = res;
+    res = NULL;
+done:
+    Py_XDECREF(res);
+    return out;
 }
 
 int mlu_safetensors_module_init(PyObject *m)
@@ -651,8 +691,9 @@ int mlu_safetensors_module_init(PyObject *m)
          METH_VARARGS | METH_KEYWORDS,
          "st_serialize(entries, metadata, path=None) -> bytes | None: write safetensors "
          "(atomically to path, or to bytes); entries have name, dtype, shape and data (a buffer)."},
-        {"st_dtypes", py_st_dtypes, METH_NOARGS,
-         "st_dtypes() -> tuple[(name, bits)]: the safetensors dtypes in declaration order."},
+        {"safetensors_dtypes", py_safetensors_dtypes, METH_NOARGS,
+         "safetensors_dtypes() -> tuple of SafetensorsDtype rows (name, bits, torch, numpy, ml_dtypes):\n"
+         "the safetensors dtypes in the format's declaration order, from the one C table."},
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
@@ -669,6 +710,12 @@ int mlu_safetensors_module_init(PyObject *m)
         return -1;
     st->safetensors_entry_type = tp; /* owned by the state */
     if (PyModule_AddObjectRef(m, "SafetensorsEntry", tp) < 0)
+        return -1;
+    tp = (PyObject *)PyStructSequence_NewType(&sd_desc); /* new ref */
+    if (tp == NULL)
+        return -1;
+    st->safetensors_dtype_type = tp; /* owned by the state */
+    if (PyModule_AddObjectRef(m, "SafetensorsDtype", tp) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

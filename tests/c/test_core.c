@@ -217,6 +217,85 @@ static void test_alloc_failures(void)
     }
 }
 
+static void test_grow(void)
+{
+    mlu_error err;
+    size_t cap = 0, i;
+    int32_t *a = NULL;
+    char *bytes = NULL;
+    void *p;
+
+    /* the first growth gives the minimum: 16 entries, and 64 bytes' worth */
+    mlu_error_clear(&err);
+    CHECK(mlu_grow((void **)&a, &cap, 1, sizeof(*a), SIZE_MAX, "ints", &err) == MLU_OK);
+    CHECK(a != NULL && cap == MLU_GROW_MIN);
+    for (i = 0; i < cap; i++)
+        a[i] = (int32_t)i;
+    cap = 0;
+    CHECK(mlu_grow((void **)&bytes, &cap, 3, 1, SIZE_MAX, "bytes", &err) == MLU_OK && cap == MLU_GROW_MIN_BYTES);
+    mlu_free(bytes);
+
+    /* need <= cap: nothing allocated */
+    cap = MLU_GROW_MIN;
+    mlu_alloc_fail_after(0);
+    CHECK(mlu_grow((void **)&a, &cap, MLU_GROW_MIN, sizeof(*a), SIZE_MAX, "ints", &err) == MLU_OK);
+    CHECK(mlu_alloc_count() == 0 && cap == MLU_GROW_MIN);
+
+    /* an allocation failure leaves the array and its capacity alone */
+    CHECK(mlu_grow((void **)&a, &cap, MLU_GROW_MIN + 1, sizeof(*a), SIZE_MAX, "ints", &err) == MLU_ENOMEM);
+    mlu_alloc_fail_after(-1);
+    CHECK(cap == MLU_GROW_MIN && a[MLU_GROW_MIN - 1] == MLU_GROW_MIN - 1);
+    CHECK(strstr(err.text, "out of memory growing ints to 32 entries (128 bytes)") != NULL);
+
+    /* doubling, enough for need, contents kept */
+    mlu_error_clear(&err);
+    CHECK(mlu_grow((void **)&a, &cap, MLU_GROW_MIN + 1, sizeof(*a), SIZE_MAX, "ints", &err) == MLU_OK);
+    CHECK(cap == 2 * MLU_GROW_MIN && a[5] == 5 && a[MLU_GROW_MIN - 1] == MLU_GROW_MIN - 1);
+    CHECK(mlu_grow((void **)&a, &cap, 100, sizeof(*a), SIZE_MAX, "ints", &err) == MLU_OK && cap == 128);
+
+    /* max bounds the capacity and need */
+    CHECK(mlu_grow((void **)&a, &cap, 129, sizeof(*a), 200, "ints", &err) == MLU_OK && cap == 200);
+    CHECK(mlu_grow((void **)&a, &cap, 201, sizeof(*a), 200, "ints", &err) == MLU_EOVERFLOW);
+    CHECK(cap == 200 && a[5] == 5);
+    CHECK(strstr(err.text, "ints: 201 entries of 4 bytes are more than the 200 it can hold") != NULL);
+
+    /* need * elsize overflows size_t: refused before any allocation */
+    mlu_error_clear(&err);
+    mlu_alloc_fail_after(0);
+    CHECK(mlu_grow((void **)&a, &cap, SIZE_MAX / 8 + 1, 8, SIZE_MAX, "ints", &err) == MLU_EOVERFLOW);
+    CHECK(mlu_grow((void **)&a, &cap, SIZE_MAX, sizeof(*a), SIZE_MAX, "ints", NULL) == MLU_EOVERFLOW);
+    CHECK(mlu_alloc_count() == 0 && cap == 200);
+
+    /* doubling past SIZE_MAX / 2 stops at the largest count that fits (the
+     * allocation is made to fail, so no such memory is asked of the system) */
+    mlu_error_clear(&err);
+    p = a;
+    cap = SIZE_MAX / 2 + 1;
+    CHECK(mlu_grow(&p, &cap, SIZE_MAX / 2 + 2, 1, SIZE_MAX, "bytes", &err) == MLU_ENOMEM);
+    CHECK(mlu_alloc_count() == 1 && p == a && cap == SIZE_MAX / 2 + 1);
+    {
+        char want[96];
+        snprintf(want, sizeof(want), "to %zu entries (%zu bytes)", (size_t)SIZE_MAX, (size_t)SIZE_MAX);
+        CHECK(strstr(err.text, want) != NULL);
+    }
+    mlu_error_clear(&err);
+    mlu_alloc_fail_after(0);
+    cap = SIZE_MAX / 16 + 1;  /* 8-byte entries: doubling would pass SIZE_MAX / 8 */
+    CHECK(mlu_grow(&p, &cap, cap + 1, 8, SIZE_MAX, "longs", &err) == MLU_ENOMEM);
+    {
+        char want[96];
+        snprintf(want, sizeof(want), "to %zu entries", (size_t)SIZE_MAX / 8);
+        CHECK(strstr(err.text, want) != NULL);
+    }
+    mlu_alloc_fail_after(-1);
+
+    /* 0-byte entries are a caller's mistake */
+    mlu_error_clear(&err);
+    cap = 0;
+    CHECK(mlu_grow(&p, &cap, 1, 0, SIZE_MAX, "nothing", &err) == MLU_EINVAL && p == a);
+    mlu_free(a);
+}
+
 static void test_parse_out_of_memory(void)
 {
     /* jansson's own allocations fail in turn.  It says nothing at all when
@@ -260,6 +339,7 @@ int main(void)
     test_atomic();
     test_atomic_reap_and_special();
     test_alloc_failures();
+    test_grow();
     test_parse_out_of_memory();
     test_checksum();
     return TEST_DONE("test_core");

@@ -7,6 +7,7 @@
 #include "core/alloc.h"
 #include "core/buf.h"
 #include "core/safetensors.h"
+#include "core/torch_dtypes.h"
 
 /* A file from an 8-byte length, the header text padded to 8, then data. */
 static uint8_t *make_file(const char *json, const void *data, size_t dlen, size_t *size)
@@ -31,6 +32,48 @@ static void test_dtypes(void)
     CHECK(mlu_st_dtype_from_name("BF1", 3) == -1);
     CHECK(mlu_st_dtype_bits(MLU_ST_F6_E3M2) == 6 && mlu_st_dtype_bits(MLU_ST_C64) == 64);
     CHECK(mlu_st_dtype_name(-1) == NULL && mlu_st_dtype_bits(99) == 0);
+}
+
+/* The safetensors table and the torch table's safetensors column state
+ * different facts about the same dtypes: they must agree. */
+static void test_dtype_table_and_torch_column_agree(void)
+{
+    int i, id, joined = 0;
+
+    for (i = 0; i < MLU_ST_DTYPE_COUNT; i++) {
+        const mlu_st_dtype_info *d = &mlu_st_dtypes[i];
+        unsigned b = d->bits;
+        CHECK(d->name != NULL);  /* every code has its row */
+        if (d->name == NULL)
+            continue;
+        CHECK(mlu_st_dtype_from_name(d->name, strlen(d->name)) == i);  /* names unique */
+        CHECK(b == 4 || b == 6 || b == 8 || b == 16 || b == 32 || b == 64);
+        id = mlu_torch_dtype_of_safetensors(d->name);
+        if (id < 0)
+            continue;
+        joined++;
+        CHECK_STR(mlu_torch_dtypes[id].safetensors, d->name);
+        /* whole elements: one torch item is one element; sub-byte types:
+         * one torch item packs whole elements (F4: float4_e2m1fn_x2) */
+        if (b % 8 == 0)
+            CHECK(8u * mlu_torch_dtypes[id].itemsize == b);
+        else
+            CHECK((8u * mlu_torch_dtypes[id].itemsize) % b == 0);
+    }
+    /* every safetensors name of the torch table is a format dtype, named once */
+    for (id = 0; id < MLU_TORCH_N_DTYPES; id++) {
+        const char *st = mlu_torch_dtypes[id].safetensors;
+        if (st == NULL)
+            continue;
+        CHECK(mlu_st_dtype_from_name(st, strlen(st)) >= 0);
+        CHECK(mlu_torch_dtype_of_safetensors(st) == id);
+        joined--;
+    }
+    CHECK(joined == 0);
+    CHECK(mlu_torch_dtype_of_safetensors("F6_E2M3") == -1);
+    CHECK(mlu_torch_dtype_of_safetensors("F4") == mlu_torch_dtype_named("float4_e2m1fn_x2"));
+    CHECK(mlu_torch_dtype_of_safetensors("BF16") == mlu_torch_dtype_named("bfloat16"));
+    CHECK(mlu_torch_dtype_of_safetensors("bfloat16") == -1);
 }
 
 static void test_parse_valid(void)
@@ -365,6 +408,7 @@ static void test_map_file(void)
 int main(void)
 {
     test_dtypes();
+    test_dtype_table_and_torch_column_agree();
     test_parse_valid();
     test_parse_invalid();
     test_parse_numbers();
