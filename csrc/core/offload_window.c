@@ -17,25 +17,19 @@ void mlu_offload_window_free(mlu_offload_window *w)
     memset(w, 0, sizeof(*w));
 }
 
-/* Doubles the ring, unrolling it so that the front is at index 0. */
+/* Grows the ring; the entries that ran from head to the old end move to the
+ * new end, so the ring stays in order. */
 static mlu_status grow(mlu_offload_window *w, mlu_error *err)
 {
-    size_t ncap = w->cap ? w->cap : 32, bytes, i;
-    mlu_window_entry *nr;
+    size_t old = w->cap, upper;
+    mlu_status st = mlu_grow((void **)&w->ring, &w->cap, w->len + 1, sizeof(*w->ring), SIZE_MAX,
+                             "the offload copy window", err);
 
-    if (w->cap && mlu_mul_overflow_size(w->cap, 2, &ncap))
-        return mlu_error_set(err, MLU_ENOMEM, -1, "offload: too many copies in flight");
-    if (mlu_mul_overflow_size(ncap, sizeof(*nr), &bytes))
-        return mlu_error_set(err, MLU_ENOMEM, -1, "offload: too many copies in flight");
-    nr = mlu_malloc(bytes);
-    if (nr == NULL)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "offload: out of memory for the copy window");
-    for (i = 0; i < w->len; i++)
-        nr[i] = w->ring[(w->head + i) % w->cap];
-    mlu_free(w->ring);
-    w->ring = nr;
-    w->cap = ncap;
-    w->head = 0;
+    if (st != MLU_OK || old == 0 || w->head == 0)
+        return st;
+    upper = old - w->head;
+    memmove(w->ring + (w->cap - upper), w->ring + w->head, upper * sizeof(*w->ring));
+    w->head = w->cap - upper;
     return MLU_OK;
 }
 

@@ -100,6 +100,22 @@ static void test_errors(void)
     CHECK(strstr(err.text, "stream wait") != NULL && w.len == 2);  /* nothing dropped on failure */
     mlu_offload_window_free(&w);
 
+    /* the ring grows while wrapped around: order and contents kept */
+    memset(&g, 0, sizeof(g));
+    mlu_offload_window_init(&w, SIZE_MAX);
+    mlu_error_clear(&err);
+    for (i = 0; i < 20; i++)
+        CHECK(mlu_offload_window_push(&w, i, (size_t)i + 1, &err) == MLU_OK);
+    for (i = 0; i < 15; i++)
+        g.done[i] = 1;
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(w.len == 5 && w.head > 0);
+    for (i = 20; i < 200; i++)  /* wraps, then grows several times */
+        CHECK(mlu_offload_window_push(&w, i, (size_t)i + 1, &err) == MLU_OK);
+    for (i = 0; i < (int)w.len; i++)
+        CHECK(w.ring[(w.head + (size_t)i) % w.cap].handle == 15 + i);
+    mlu_offload_window_free(&w);
+
     /* growing the ring fails cleanly and keeps what it had */
     mlu_offload_window_init(&w, SIZE_MAX);
     mlu_error_clear(&err);
