@@ -186,3 +186,38 @@ def test_pt_load_calls_the_tensor_hook_by_keyword(tmp_path):
     out = _core._pt_load(str(p), "copy", base._replace(tensor=tensor))
     assert seen == {"name": "float32", "shape": (2, 3), "stride": (3, 1), "offset": 0, "key": "0"}
     assert np.array_equal(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_pt_load_calls_the_device_hook_by_keyword(tmp_path):
+    """torch.device values reach the device hook as keywords type= and index=
+    (None when the pickle gave no index), never as a positional pair."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _pthelpers as H
+    from mlutils import _ptload
+
+    body = (H.proto() + b"}(" +
+            H.ustr("a") + H.glob("torch", "device") + H.tup(H.ustr("cuda"), H.pint(1)) + H.REDUCE +
+            H.ustr("b") + H.glob("torch", "device") + H.tup(H.ustr("cpu")) + H.REDUCE +
+            H.ustr("c") + H.glob("torch", "device") + H.tup(H.ustr("cuda:2")) + H.REDUCE +
+            b"u.")
+    p = tmp_path / "dev.pt"
+    p.write_bytes(H.pt_file(body))
+    calls = []
+
+    def device(*, index, type):
+        calls.append((type, index))
+        return f"{type}|{index}"
+
+    hooks = _ptload._NumpyHooks().hooks
+    out = _core._pt_load(str(p), "copy", hooks._replace(device=device))
+    assert out == {"a": "cuda|1", "b": "cpu|None", "c": "cuda:2|None"}
+    assert sorted(calls) == [("cpu", None), ("cuda", 1), ("cuda:2", None)]
+    # the hooks mlutils passes take the same keywords (and refuse a positional pair)
+    assert _core._pt_load(str(p), "copy", hooks) == {"a": "cuda:1", "b": "cpu", "c": "cuda:2"}
+    with pytest.raises(TypeError):
+        hooks.device("cuda", 1)
+    torch = pytest.importorskip("torch")
+    got = _ptload.load(p)
+    assert got == {"a": torch.device("cuda", 1), "b": torch.device("cpu"), "c": torch.device("cuda", 2)}
