@@ -40,6 +40,11 @@ import mlutils
     ("EUNSAFE", "torch", _core.UnsafePickleError),
     ("ENOTSUP", "value", RuntimeError),
     ("EDEVICE", "value", RuntimeError),
+    ("ETIMEDOUT", "value", TimeoutError),
+    ("ENOTSUP", "library", ImportError),
+    ("EFORMAT", "self_check", AssertionError),
+    ("EINVAL", "json", ValueError),
+    ("ENOMEM", "library", MemoryError),
 ])
 def test_status_table(status, domain, cls):
     with pytest.raises(cls) as ei:
@@ -58,7 +63,7 @@ def test_status_ok_is_a_system_error():
 def test_os_error_carries_errno_and_filename(tmp_path):
     missing = tmp_path / "missing.json"
     with pytest.raises(FileNotFoundError) as ei:
-        _core._raise_status("EIO", "open", errno=errno.ENOENT, filename=str(missing))
+        _core._raise_status("EIO", "open", errno=errno.ENOENT, subject=str(missing))
     assert ei.value.errno == errno.ENOENT
     assert ei.value.filename == str(missing)
     assert ei.value.strerror == os.strerror(errno.ENOENT)  # as open() words it
@@ -66,6 +71,29 @@ def test_os_error_carries_errno_and_filename(tmp_path):
         _core._raise_status("EIO", "create the temporary file", errno=errno.EACCES)
     assert ei.value.filename is None
     assert ei.value.strerror == "create the temporary file: " + os.strerror(errno.EACCES)
+
+
+def test_json_domain_builds_a_decode_error_from_the_document():
+    """MLU_EFORMAT in the JSON domain: JSONDecodeError(msg, doc, pos) as json.loads makes it,
+    the byte offset turned into a character index of the document."""
+    import json
+
+    doc = "[\"\u00e9\u20ac\",\n x]"
+    at = len(doc[:doc.index("x")].encode())
+    with pytest.raises(_core.JSONDecodeError) as ei:
+        _core._raise_status("EFORMAT", "bad token", domain="json", subject=doc.encode(), offset=at)
+    err = ei.value
+    assert isinstance(err, json.JSONDecodeError) and isinstance(err, mlutils.MlutilsError)
+    assert (err.msg, err.doc, err.pos, err.lineno, err.colno) == ("bad token", doc, doc.index("x"), 2, 2)
+    with pytest.raises(json.JSONDecodeError) as ei:  # no document: still the class, at 0
+        _core._raise_status("EFORMAT", "bad", domain="json")
+    assert (ei.value.doc, ei.value.pos) == ("", 0)
+
+
+def test_library_domain_appends_what_was_tried():
+    with pytest.raises(ImportError) as ei:
+        _core._raise_status("ENOTSUP", "libx could not be loaded", domain="library", subject="Looked in: here")
+    assert str(ei.value) == "libx could not be loaded. Looked in: here"
 
 
 def test_readers_name_the_file(tmp_path):

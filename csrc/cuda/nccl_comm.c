@@ -48,9 +48,9 @@ static mlu_status settle(mlu_nccl_comm *c, const char *what, int rc, mlu_error *
                 c->timed_out = 1;
                 (void)c->lib->api.CommAbort(c->comm);
                 c->comm = NULL;
-                mlu_error_set(err, MLU_EDEVICE, -1,
-                              "%s did not complete within the timeout of %g s; "
-                              "the communicator was aborted", what, c->timeout_s);
+                status = mlu_error_set(err, MLU_ETIMEDOUT, -1,
+                                       "%s did not complete within the timeout of %g s; "
+                                       "the communicator was aborted", what, c->timeout_s);
                 goto done;
             }
             nap();

@@ -542,25 +542,16 @@ static PyObject *convert_doc(mlu_state *st, const mlu_json_doc *doc, mlu_error *
     return res;
 }
 
-/* Sets mlutils.JSONDecodeError for a parse failure of text[0:n]. */
-static void raise_decode_error(mlu_state *st, const char *text, size_t n, const mlu_error *err)
+/* Raises a failed parse of text[0:n]: malformed text becomes
+ * mlutils.JSONDecodeError, which carries the document and the position. */
+static void raise_parse_error(mlu_state *st, const mlu_error *err, const char *text, size_t n)
 {
-    /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
-    PyObject *s = NULL, *head = NULL, *msg = NULL, *exc = NULL;
+    PyObject *doc = NULL; /* new ref: the document, when the error is in it */
 
-    s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
-    head = s ? PyUnicode_DecodeUTF8(text, (Py_ssize_t)err->offset, "replace") : NULL;
-    /* jansson quotes the bytes near the problem, which may be cut
-     * inside a UTF-8 sequence: decode them leniently too */
-    msg = head ? PyUnicode_DecodeUTF8(err->text, (Py_ssize_t)strlen(err->text), "replace") : NULL;
-    if (msg != NULL)
-        exc = PyObject_CallFunction(st->JSONDecodeError, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
-    if (exc != NULL)
-        PyErr_SetObject(st->JSONDecodeError, exc);
-    Py_XDECREF(exc);
-    Py_XDECREF(msg);
-    Py_XDECREF(head);
-    Py_XDECREF(s);
+    if (err->code == MLU_EFORMAT && (doc = PyBytes_FromStringAndSize(text, (Py_ssize_t)n)) == NULL)
+        return;
+    mlu_raise(st, err, MLU_DOMAIN_JSON, doc);
+    Py_XDECREF(doc);
 }
 
 /* A UTF-8 byte order mark: json.loads(bytes) accepts it. */
@@ -610,12 +601,8 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_json_parse(text, (size_t)n, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
     Py_END_ALLOW_THREADS
-    if (rc == MLU_EFORMAT) {
-        raise_decode_error(st, text, (size_t)n, &err);
-        goto done;
-    }
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
+        raise_parse_error(st, &err, text, (size_t)n);
         goto done;
     }
     res = convert_doc(st, &doc, &err);
@@ -653,12 +640,8 @@ static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
         mlu_raise(st, &err, MLU_DOMAIN_VALUE, arg);
         goto done;
     }
-    if (rc == MLU_EFORMAT) {
-        raise_decode_error(st, data + bom, len - bom, &err);
-        goto done;
-    }
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
+        raise_parse_error(st, &err, data + bom, len - bom);
         goto done;
     }
     res = convert_doc(st, &doc, &err);

@@ -18,18 +18,12 @@ typedef struct {
     mlu_nccl_comm *comm; /* owned; NULL only while being built */
 } CommObject;
 
-/* Raises for a failed call: TimeoutError after a timeout, else by status. */
-static PyObject *comm_raise(PyObject *any, const mlu_nccl_comm *comm, const mlu_error *err)
+/* Raises for a failed call (a timeout is MLU_ETIMEDOUT: TimeoutError). */
+static PyObject *comm_raise(PyObject *any, const mlu_error *err)
 {
     mlu_state *st = PyModule_Check(any) ? mlu_get_state(any) : mlu_state_from_type(Py_TYPE(any));
 
-    if (st == NULL) /* an exception is set */
-        return NULL;
-    if (comm != NULL && mlu_nccl_comm_timed_out(comm) && err->code == MLU_EDEVICE) {
-        PyErr_SetString(PyExc_TimeoutError, err->text);
-        return NULL;
-    }
-    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
+    return st == NULL ? NULL : mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 static int need_loaded(void)
@@ -103,11 +97,13 @@ static PyObject *py_nccl_load(PyObject *m, PyObject *args)
     st = mlu_nccl_open(&nccl_lib, dirs, (size_t)n, report, REPORT_CAP, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
-        PyErr_Format(PyExc_ImportError,
-                     "%s. Looked in:\n%sInstall it with `pip install nvidia-nccl-cu13` "
-                     "(nvidia-nccl-cu12 for CUDA 12), or set MLUTILS_NCCL_PATH to a "
-                     "libnccl.so.2 (2.18 or later)",
-                     err.text, report);
+        PyObject *tried = PyUnicode_FromFormat( /* new ref */
+            "Looked in:\n%sInstall it with `pip install nvidia-nccl-cu13` "
+            "(nvidia-nccl-cu12 for CUDA 12), or set MLUTILS_NCCL_PATH to a "
+            "libnccl.so.2 (2.18 or later)", report);
+        if (tried != NULL)
+            mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_LIBRARY, tried);
+        Py_XDECREF(tried);
         goto done;
     }
     result = library_info(m);
@@ -156,7 +152,7 @@ static PyObject *py_nccl_unique_id(PyObject *m, PyObject *unused)
     st = mlu_nccl_unique_id_new(&nccl_lib, &id, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return comm_raise(m, NULL, &err);
+        return comm_raise(m, &err);
     return PyBytes_FromStringAndSize(id.internal, sizeof(id.internal));
 }
 
@@ -209,11 +205,7 @@ static PyObject *py_nccl_comm_init(PyObject *m, PyObject *args)
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
         Py_DECREF(self);
-        if (st == MLU_EDEVICE && strstr(err.text, "did not complete within the timeout") != NULL) {
-            PyErr_SetString(PyExc_TimeoutError, err.text);
-            return NULL;
-        }
-        return comm_raise(m, NULL, &err);
+        return comm_raise(m, &err);
     }
     self->comm = comm;
     nccl_live_comms++;
@@ -244,7 +236,7 @@ static void comm_dealloc(PyObject *op)
         st = (call);                               \
         Py_END_ALLOW_THREADS                       \
         if (st != MLU_OK)                          \
-            return comm_raise(op, self->comm, &err); \
+            return comm_raise(op, &err); \
         Py_RETURN_NONE;                            \
     } while (0)
 
@@ -414,7 +406,7 @@ static PyObject *comm_async_error(PyObject *op, PyObject *unused)
     mlu_error_clear(&err);
     st = mlu_nccl_comm_async_error(self->comm, &result, &err);
     if (st != MLU_OK)
-        return comm_raise(op, self->comm, &err);
+        return comm_raise(op, &err);
     if (result != MLU_NCCL_SUCCESS && result != MLU_NCCL_IN_PROGRESS) {
         mlu_error_clear(&err);
         (void)mlu_nccl_fail(&nccl_lib, NULL, "the communicator", result, &err);

@@ -192,15 +192,19 @@ static PyObject *HostPool_set_cap(HostPoolObject *self, PyObject *arg)
 
 static PyObject *HostPool_check(HostPoolObject *self, PyObject *unused)
 {
-    mlu_error err;
+    mlu_error err, broken;
+    mlu_state *st;
 
     (void)unused;
     mlu_error_clear(&err);
-    if (mlu_offload_pool_check(self->pool, &err) != MLU_OK) {
-        PyErr_Format(PyExc_AssertionError, "offload pool invariant broken: %s", err.text);
+    if (mlu_offload_pool_check(self->pool, &err) == MLU_OK)
+        Py_RETURN_NONE;
+    st = mlu_state_from_type(Py_TYPE(self)); /* borrowed; NULL with an exception set */
+    if (st == NULL)
         return NULL;
-    }
-    Py_RETURN_NONE;
+    mlu_error_clear(&broken);
+    mlu_error_set(&broken, err.code, err.offset, "offload pool invariant broken: %s", err.text);
+    return mlu_raise(st, &broken, MLU_DOMAIN_SELF_CHECK, NULL);
 }
 
 static PyMethodDef HostPool_methods[] = {
