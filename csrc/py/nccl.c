@@ -228,170 +228,119 @@ static void comm_dealloc(PyObject *op)
     Py_DECREF(tp);
 }
 
-/* The collectives share one shape: parse, release the GIL, call, raise. */
-#define RUN(call)                                  \
-    do {                                           \
-        mlu_error_clear(&err);                     \
-        Py_BEGIN_ALLOW_THREADS                     \
-        st = (call);                               \
-        Py_END_ALLOW_THREADS                       \
-        if (st != MLU_OK)                          \
-            return comm_raise(op, &err); \
-        Py_RETURN_NONE;                            \
-    } while (0)
-
 #define PTR(x) ((void *)(uintptr_t)(x))
 
-static int check_count(Py_ssize_t count)
-{
-    if (count < 0) {
-        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
-        return -1;
-    }
-    return 0;
-}
+/* The communicator's calls that answer None: each parses its arguments into
+ * call_args (by the shape of its kind) and runs the one core call of its kind. */
+typedef enum call_kind {
+    CALL_ALL_REDUCE, CALL_BROADCAST, CALL_REDUCE_SCATTER, /* send, recv, count, dtype, arg, stream */
+    CALL_ALL_GATHER,                                       /* send, recv, count, dtype, stream */
+    CALL_SEND,                                             /* send, count, dtype, arg (peer), stream */
+    CALL_RECV,                                             /* recv, count, dtype, arg (peer), stream */
+    CALL_GROUP_START, CALL_GROUP_END, CALL_ABORT, CALL_DESTROY, /* no arguments */
+    CALL_KIND_COUNT
+} call_kind;
 
-/* all_reduce(send, recv, count, dtype, op, stream) */
-static PyObject *comm_all_reduce(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, red;
-    mlu_error err;
-    mlu_status st;
+/* PyArg_ParseTuple formats (NULL: METH_NOARGS). */
+static const char *const call_formats[CALL_KIND_COUNT] = {
+    [CALL_ALL_REDUCE] = "KKniiK:all_reduce",
+    [CALL_BROADCAST] = "KKniiK:broadcast",
+    [CALL_REDUCE_SCATTER] = "KKniiK:reduce_scatter",
+    [CALL_ALL_GATHER] = "KKniK:all_gather",
+    [CALL_SEND] = "KniiK:send",
+    [CALL_RECV] = "KniiK:recv",
+};
 
-    if (!PyArg_ParseTuple(args, "KKniiK:all_reduce", &send, &recv, &count, &dtype, &red, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_all_reduce(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
-                                 PTR(stream), &err));
-}
-
-/* broadcast(send, recv, count, dtype, root, stream) */
-static PyObject *comm_broadcast(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, root;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KKniiK:broadcast", &send, &recv, &count, &dtype, &root, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_broadcast(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, root,
-                                PTR(stream), &err));
-}
-
-/* all_gather(send, recv, sendcount, dtype, stream) */
-static PyObject *comm_all_gather(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
+/* A call's arguments by name; buffers and the stream are device addresses. */
+typedef struct call_args {
     unsigned long long send, recv, stream;
     Py_ssize_t count;
     int dtype;
+    int arg; /* the reduction (op), the root or the peer */
+} call_args;
+
+static mlu_status run_call(mlu_nccl_comm *comm, call_kind kind, const call_args *a, mlu_error *err)
+{
+    size_t n = (size_t)a->count;
+
+    switch (kind) {
+    case CALL_ALL_REDUCE:
+        return mlu_nccl_comm_all_reduce(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_BROADCAST:
+        return mlu_nccl_comm_broadcast(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_REDUCE_SCATTER:
+        return mlu_nccl_comm_reduce_scatter(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream),
+                                            err);
+    case CALL_ALL_GATHER:
+        return mlu_nccl_comm_all_gather(comm, PTR(a->send), PTR(a->recv), n, a->dtype, PTR(a->stream), err);
+    case CALL_SEND:
+        return mlu_nccl_comm_send(comm, PTR(a->send), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_RECV:
+        return mlu_nccl_comm_recv(comm, PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_GROUP_START:
+        return mlu_nccl_comm_group_start(comm, err);
+    case CALL_GROUP_END:
+        return mlu_nccl_comm_group_end(comm, err);
+    case CALL_ABORT:
+        return mlu_nccl_comm_abort(comm, err);
+    case CALL_DESTROY:
+        return mlu_nccl_comm_destroy(comm, err);
+    default:
+        return mlu_error_set(err, MLU_EINVAL, -1, "unknown NCCL call %d", (int)kind);
+    }
+}
+
+/* Parses args (NULL for the calls without arguments) as `kind` takes them,
+ * runs the call without the GIL, raises or returns None. */
+static PyObject *comm_call(PyObject *op, PyObject *args, call_kind kind)
+{
+    CommObject *self = (CommObject *)op;
+    const char *fmt = call_formats[kind];
+    call_args a = {0, 0, 0, 0, 0, 0};
     mlu_error err;
     mlu_status st;
+    int ok = 1;
 
-    if (!PyArg_ParseTuple(args, "KKniK:all_gather", &send, &recv, &count, &dtype, &stream) ||
-        check_count(count) < 0)
+    if (kind == CALL_ALL_GATHER)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.stream);
+    else if (kind == CALL_SEND)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.count, &a.dtype, &a.arg, &a.stream);
+    else if (kind == CALL_RECV)
+        ok = PyArg_ParseTuple(args, fmt, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
+    else if (fmt != NULL)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
+    if (!ok)
         return NULL;
-    RUN(mlu_nccl_comm_all_gather(self->comm, PTR(send), PTR(recv), (size_t)count, dtype,
-                                 PTR(stream), &err));
-}
-
-/* reduce_scatter(send, recv, recvcount, dtype, op, stream) */
-static PyObject *comm_reduce_scatter(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, red;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KKniiK:reduce_scatter", &send, &recv, &count, &dtype, &red,
-                          &stream) ||
-        check_count(count) < 0)
+    if (a.count < 0) {
+        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
         return NULL;
-    RUN(mlu_nccl_comm_reduce_scatter(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
-                                     PTR(stream), &err));
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = run_call(self->comm, kind, &a, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return comm_raise(op, &err);
+    Py_RETURN_NONE;
 }
 
-/* send(buf, count, dtype, peer, stream) */
-static PyObject *comm_send(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long buf, stream;
-    Py_ssize_t count;
-    int dtype, peer;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KniiK:send", &buf, &count, &dtype, &peer, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_send(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
-}
-
-/* recv(buf, count, dtype, peer, stream) */
-static PyObject *comm_recv(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long buf, stream;
-    Py_ssize_t count;
-    int dtype, peer;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KniiK:recv", &buf, &count, &dtype, &peer, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_recv(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
-}
-
-static PyObject *comm_group_start(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_group_start(self->comm, &err));
-}
-
-static PyObject *comm_group_end(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_group_end(self->comm, &err));
-}
-
-static PyObject *comm_abort(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_abort(self->comm, &err));
-}
-
-static PyObject *comm_destroy(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_destroy(self->comm, &err));
-}
-#undef RUN
+/* The method of each call kind (a PyMethodDef cannot carry the kind). */
+#define COMM_METHOD(name, kind)                                  \
+    static PyObject *comm_##name(PyObject *op, PyObject *args)   \
+    {                                                            \
+        return comm_call(op, args, kind);                        \
+    }
+COMM_METHOD(all_reduce, CALL_ALL_REDUCE)
+COMM_METHOD(broadcast, CALL_BROADCAST)
+COMM_METHOD(reduce_scatter, CALL_REDUCE_SCATTER)
+COMM_METHOD(all_gather, CALL_ALL_GATHER)
+COMM_METHOD(send, CALL_SEND)
+COMM_METHOD(recv, CALL_RECV)
+COMM_METHOD(group_start, CALL_GROUP_START)
+COMM_METHOD(group_end, CALL_GROUP_END)
+COMM_METHOD(abort, CALL_ABORT)
+COMM_METHOD(destroy, CALL_DESTROY)
+#undef COMM_METHOD
 
 /* async_error() -> (code, text): ncclCommGetAsyncError, 0 when none. */
 static PyObject *comm_async_error(PyObject *op, PyObject *unused)
