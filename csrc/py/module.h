@@ -81,6 +81,11 @@ PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
  * module as <Name>.  Returns 0 or -1. */
 int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field);
 
+/* Makes the heap type of spec (named "mlutils._core.<Name>") for module m,
+ * stores it in *field (a state field, which then owns it) and adds it to the
+ * module as <Name>.  Returns 0 or -1. */
+int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field);
+
 /* New ref: an instance of the struct sequence `type` (borrowed) holding
  * `values`, which it steals (all of them, even on failure; NULL entries mean
  * that making the value failed, and so does the call). */

@@ -440,15 +440,10 @@ int mlu_nccl_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *type;
 
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
     if (mlu_add_struct_type(m, &library_desc, &st->nccl_library_type) < 0)
         return -1;
-    type = PyType_FromModuleAndSpec(m, &comm_spec, NULL); /* new ref */
-    if (type == NULL)
-        return -1;
-    st->nccl_comm_type = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, "NcclComm", type);
+    return mlu_add_heap_type(m, &comm_spec, &st->nccl_comm_type);
 }

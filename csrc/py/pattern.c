@@ -863,13 +863,8 @@ int mlu_pattern_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *tp;
 
-    tp = PyType_FromModuleAndSpec(m, &table_spec, NULL); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->pattern_table_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "PatternTable", tp) < 0)
+    if (mlu_add_heap_type(m, &table_spec, &st->pattern_table_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }
