@@ -37,6 +37,7 @@ import mlutils
     ("EFORMAT", "safetensors", _core.SafetensorsError),
     ("EFORMAT", "torch", _core.TorchFormatError),
     ("EFORMAT", "pattern", _core.PatternError),
+    ("EINVAL", "pattern", _core.PatternError),
     ("EUNSAFE", "torch", _core.UnsafePickleError),
     ("ENOTSUP", "value", RuntimeError),
     ("EDEVICE", "value", RuntimeError),

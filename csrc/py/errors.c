@@ -49,7 +49,8 @@ static const exc_rule status_class[MLU_STATUS_COUNT] = {
 static const exc_rule domain_class[MLU_DOMAIN_COUNT][MLU_STATUS_COUNT] = {
     [MLU_DOMAIN_SAFETENSORS] = {[MLU_EFORMAT] = STATE(SafetensorsError, TEXT)},
     [MLU_DOMAIN_TORCH] = {[MLU_EFORMAT] = STATE(TorchFormatError, TEXT)},
-    [MLU_DOMAIN_PATTERN] = {[MLU_EFORMAT] = STATE(PatternError, TEXT)},
+    /* every pattern problem is a PatternError (a ValueError), bad arguments included */
+    [MLU_DOMAIN_PATTERN] = {[MLU_EINVAL] = STATE(PatternError, TEXT), [MLU_EFORMAT] = STATE(PatternError, TEXT)},
     [MLU_DOMAIN_JSON] = {[MLU_EFORMAT] = STATE(JSONDecodeError, DOCUMENT)},
     [MLU_DOMAIN_LIBRARY] = {[MLU_ENOTSUP] = BUILTIN(ImportError, DETAIL)},
     [MLU_DOMAIN_SELF_CHECK] = {[MLU_EFORMAT] = BUILTIN(AssertionError, TEXT)},

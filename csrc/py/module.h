@@ -55,7 +55,7 @@ typedef enum mlu_domain {
     MLU_DOMAIN_VALUE = 0,    /* none: the status's class (MLU_EFORMAT: ValueError) */
     MLU_DOMAIN_SAFETENSORS,  /* MLU_EFORMAT: SafetensorsError */
     MLU_DOMAIN_TORCH,        /* MLU_EFORMAT: TorchFormatError */
-    MLU_DOMAIN_PATTERN,      /* MLU_EFORMAT: PatternError */
+    MLU_DOMAIN_PATTERN,      /* MLU_EINVAL, MLU_EFORMAT: PatternError */
     MLU_DOMAIN_JSON,         /* MLU_EFORMAT: JSONDecodeError(msg, doc, pos); subject: the document */
     MLU_DOMAIN_LIBRARY,      /* loading a native library: MLU_ENOTSUP: ImportError("text. subject") */
     MLU_DOMAIN_SELF_CHECK,   /* an object's own invariants: MLU_EFORMAT: AssertionError */
