@@ -137,8 +137,9 @@ def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: in
 # mode 0: storages view the file's private mapping when stored and aligned (else copies);
 # 1: storages are copies (pread); 2: no storage data (index); 3: like 2, deflated records checked.
 # mode: "mmap" | "copy" | "index" | "verify"; hooks: an object with the callables
-#   .tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
-#   .dtype(name), .size(tuple), .device(type, index_or_None)  (mlutils._ptload._Hooks)
+#   .tensor(*, storage, key, name, offset, shape, stride, requires_grad, is_parameter),
+#   .dtype(name), .size(tuple), .device(*, type, index)  (keywords only where * stands;
+#   index is None when the pickle gave none; mlutils._ptload._Hooks)
 def _pt_load(path: Any, mode: str, hooks: Any) -> Any: ...
 
 class TorchDtype(tuple[Any, ...]):
