@@ -25,6 +25,7 @@ typedef enum mlu_status {
     MLU_EUNSAFE,    /* untrusted bytes ask for something forbidden   -> UnsafePickleError */
     MLU_ENOTSUP,    /* not built in / not available on this machine  -> RuntimeError */
     MLU_EDEVICE,    /* an accelerator call failed                    -> RuntimeError */
+    MLU_ETIMEDOUT,  /* a wait ran past its deadline                  -> TimeoutError */
     MLU_STATUS_COUNT
 } mlu_status;
 

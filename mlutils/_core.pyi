@@ -73,7 +73,7 @@ def _alloc_count() -> int: ...
 def _json_parse_only(data: bytes) -> bool: ...
 def _pk_allowlist() -> list[tuple[str, str, bool]]: ...
 def _raise_status(status: str, text: str, errno: int = 0, domain: str = "value",
-                  filename: Any = None) -> None: ...
+                  subject: Any = None, offset: int = -1) -> None: ...
 
 # --- sampler ---
 import numpy as _np
@@ -146,8 +146,9 @@ def cuda_pattern_gather(indexes: int, n_out: int, src: int, outer: int, n_in: in
 # mode 0: storages view the file's private mapping when stored and aligned (else copies);
 # 1: storages are copies (pread); 2: no storage data (index); 3: like 2, deflated records checked.
 # mode: "mmap" | "copy" | "index" | "verify"; hooks: an object with the callables
-#   .tensor(storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter),
-#   .dtype(name), .size(tuple), .device(type, index_or_None)  (mlutils._ptload._Hooks)
+#   .tensor(*, storage, key, name, offset, shape, stride, requires_grad, is_parameter),
+#   .dtype(name), .size(tuple), .device(*, type, index)  (keywords only where * stands;
+#   index is None when the pickle gave none; mlutils._ptload._Hooks)
 def _pt_load(path: Any, mode: str, hooks: Any) -> Any: ...
 
 class TorchDtype(tuple[Any, ...]):

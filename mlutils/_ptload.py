@@ -42,12 +42,18 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class _Hooks(NamedTuple):
-    """What _core._pt_load calls to build torch values (read there by name)."""
+    """What _core._pt_load calls to build torch values (read there by name).
 
-    tensor: Callable[..., Any]  # (storage, key, dtype_name, offset, shape, stride, requires_grad, is_parameter)
+    ``tensor`` and ``device`` are called with keyword arguments only (csrc/py/ptload.c names them
+    in one table each); ``dtype`` and ``size`` with their one value."""
+
+    # tensor(*, storage, key, name (dtype name), offset, shape, stride, requires_grad, is_parameter)
+    tensor: Callable[..., Any]
     dtype: Callable[[str], Any]  # torch dtype name -> value
     size: Callable[[tuple], Any]  # shape tuple -> value (torch.Size)
-    device: Callable[[str, Any], Any]  # (kind, index or None) -> value
+    # device(*, type, index): torch.device's arguments in the pickle: type "cuda" (or "cuda:1"),
+    # index an int or None when the pickle gave none
+    device: Callable[..., Any]
 
 # The torch dtype table lives in C (csrc/core/torch_dtypes.c), shared with the reader and writer.
 _DTYPES = {row.name: row for row in _core.torch_dtypes()}
@@ -96,8 +102,8 @@ class _NumpyHooks:
         return dt if _DTYPES[name].numpy is not None or dt.name == name else name
 
     @staticmethod
-    def device(kind: str, index: Any) -> str:
-        return kind if index is None else f"{kind}:{index}"
+    def device(*, type: str, index: Any) -> str:  # noqa: A002 (torch.device's own name)
+        return type if index is None else f"{type}:{index}"
 
 
 class _TorchHooks:
@@ -138,8 +144,9 @@ class _TorchHooks:
     def dtype(self, name: str) -> Any:
         return getattr(self.torch, name)
 
-    def make_device(self, kind: str, index: Any) -> Any:
-        return self.torch.device(kind) if index is None else self.torch.device(kind, index)
+    def make_device(self, *, type: str, index: Any) -> Any:  # noqa: A002 (torch.device's own name)
+        # torch.device("cuda:1") parses the index out of type; given index=None it refuses that
+        return self.torch.device(type) if index is None else self.torch.device(type, index)
 
 
 def _import_torch() -> Any:

@@ -37,9 +37,15 @@ import mlutils
     ("EFORMAT", "safetensors", _core.SafetensorsError),
     ("EFORMAT", "torch", _core.TorchFormatError),
     ("EFORMAT", "pattern", _core.PatternError),
+    ("EINVAL", "pattern", _core.PatternError),
     ("EUNSAFE", "torch", _core.UnsafePickleError),
     ("ENOTSUP", "value", RuntimeError),
     ("EDEVICE", "value", RuntimeError),
+    ("ETIMEDOUT", "value", TimeoutError),
+    ("ENOTSUP", "library", ImportError),
+    ("EFORMAT", "self_check", AssertionError),
+    ("EINVAL", "json", ValueError),
+    ("ENOMEM", "library", MemoryError),
 ])
 def test_status_table(status, domain, cls):
     with pytest.raises(cls) as ei:
@@ -58,7 +64,7 @@ def test_status_ok_is_a_system_error():
 def test_os_error_carries_errno_and_filename(tmp_path):
     missing = tmp_path / "missing.json"
     with pytest.raises(FileNotFoundError) as ei:
-        _core._raise_status("EIO", "open", errno=errno.ENOENT, filename=str(missing))
+        _core._raise_status("EIO", "open", errno=errno.ENOENT, subject=str(missing))
     assert ei.value.errno == errno.ENOENT
     assert ei.value.filename == str(missing)
     assert ei.value.strerror == os.strerror(errno.ENOENT)  # as open() words it
@@ -66,6 +72,29 @@ def test_os_error_carries_errno_and_filename(tmp_path):
         _core._raise_status("EIO", "create the temporary file", errno=errno.EACCES)
     assert ei.value.filename is None
     assert ei.value.strerror == "create the temporary file: " + os.strerror(errno.EACCES)
+
+
+def test_json_domain_builds_a_decode_error_from_the_document():
+    """MLU_EFORMAT in the JSON domain: JSONDecodeError(msg, doc, pos) as json.loads makes it,
+    the byte offset turned into a character index of the document."""
+    import json
+
+    doc = "[\"\u00e9\u20ac\",\n x]"
+    at = len(doc[:doc.index("x")].encode())
+    with pytest.raises(_core.JSONDecodeError) as ei:
+        _core._raise_status("EFORMAT", "bad token", domain="json", subject=doc.encode(), offset=at)
+    err = ei.value
+    assert isinstance(err, json.JSONDecodeError) and isinstance(err, mlutils.MlutilsError)
+    assert (err.msg, err.doc, err.pos, err.lineno, err.colno) == ("bad token", doc, doc.index("x"), 2, 2)
+    with pytest.raises(json.JSONDecodeError) as ei:  # no document: still the class, at 0
+        _core._raise_status("EFORMAT", "bad", domain="json")
+    assert (ei.value.doc, ei.value.pos) == ("", 0)
+
+
+def test_library_domain_appends_what_was_tried():
+    with pytest.raises(ImportError) as ei:
+        _core._raise_status("ENOTSUP", "libx could not be loaded", domain="library", subject="Looked in: here")
+    assert str(ei.value) == "libx could not be loaded. Looked in: here"
 
 
 def test_readers_name_the_file(tmp_path):
@@ -186,3 +215,38 @@ def test_pt_load_calls_the_tensor_hook_by_keyword(tmp_path):
     out = _core._pt_load(str(p), "copy", base._replace(tensor=tensor))
     assert seen == {"name": "float32", "shape": (2, 3), "stride": (3, 1), "offset": 0, "key": "0"}
     assert np.array_equal(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_pt_load_calls_the_device_hook_by_keyword(tmp_path):
+    """torch.device values reach the device hook as keywords type= and index=
+    (None when the pickle gave no index), never as a positional pair."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _pthelpers as H
+    from mlutils import _ptload
+
+    body = (H.proto() + b"}(" +
+            H.ustr("a") + H.glob("torch", "device") + H.tup(H.ustr("cuda"), H.pint(1)) + H.REDUCE +
+            H.ustr("b") + H.glob("torch", "device") + H.tup(H.ustr("cpu")) + H.REDUCE +
+            H.ustr("c") + H.glob("torch", "device") + H.tup(H.ustr("cuda:2")) + H.REDUCE +
+            b"u.")
+    p = tmp_path / "dev.pt"
+    p.write_bytes(H.pt_file(body))
+    calls = []
+
+    def device(*, index, type):
+        calls.append((type, index))
+        return f"{type}|{index}"
+
+    hooks = _ptload._NumpyHooks().hooks
+    out = _core._pt_load(str(p), "copy", hooks._replace(device=device))
+    assert out == {"a": "cuda|1", "b": "cpu|None", "c": "cuda:2|None"}
+    assert sorted(calls) == [("cpu", None), ("cuda", 1), ("cuda:2", None)]
+    # the hooks mlutils passes take the same keywords (and refuse a positional pair)
+    assert _core._pt_load(str(p), "copy", hooks) == {"a": "cuda:1", "b": "cpu", "c": "cuda:2"}
+    with pytest.raises(TypeError):
+        hooks.device("cuda", 1)
+    torch = pytest.importorskip("torch")
+    got = _ptload.load(p)
+    assert got == {"a": torch.device("cuda", 1), "b": torch.device("cpu"), "c": torch.device("cuda", 2)}

@@ -551,6 +551,23 @@ def test_nccl_timeout_aborts_a_communicator_that_never_forms(nccl_env, fake_nccl
     assert time.monotonic() - start < 5
 
 
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="the communicator needs a CUDA build")
+def test_nccl_timeout_aborts_a_collective_that_never_finishes(nccl_env, fake_nccl):
+    """A timed-out call is TimeoutError from the core's status (the same path as a timed-out
+    initialisation), and the communicator is aborted."""
+    nccl_env.setenv("MLUTILS_NCCL_PATH", fake_nccl("-DFAKE_HANG_CALLS"))
+    comm = D.Communicator.from_unique_id(D.Communicator.unique_id(), 0, 2, timeout=0.2)
+    h = comm.handle
+    f32, total = D.NCCL_DTYPES["float32"], D.NCCL_OPS["sum"]
+    with pytest.raises(TimeoutError, match="ncclAllReduce did not complete within the timeout of 0.2 s"):
+        h.all_reduce(0, 0, 4, f32, total, 0)
+    assert comm.closed and h.timed_out
+    with pytest.raises(ValueError, match="aborted after a timeout"):
+        h.all_reduce(0, 0, 4, f32, total, 0)
+    del comm, h
+
+
 EXCHANGE = textwrap.dedent("""
     import json, os, sys
     import mlutils.distributed as D

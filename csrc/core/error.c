@@ -55,7 +55,7 @@ const char *mlu_status_name(mlu_status code)
     static const char *const names[MLU_STATUS_COUNT] = {
         "ok", "out of memory", "invalid argument", "wrong type", "overflow",
         "I/O error", "malformed input", "unsafe input", "not supported",
-        "device error",
+        "device error", "timed out",
     };
     if ((int)code < 0 || code >= MLU_STATUS_COUNT)
         return "unknown status";

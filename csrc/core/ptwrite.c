@@ -175,22 +175,12 @@ static void seq_start(mlu_ptw_seq *seq, int kind, size_t n)
     seq->i = 0;
 }
 
-mlu_status mlu_ptw_dict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
+/* OrderedDict() as OrderedDict.__reduce__ has it made: the global, () and
+ * REDUCE, memoized (its index in *memo when memo is not NULL). */
+static mlu_status new_odict(mlu_ptw *w, uint32_t *memo, mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_DICT, err);
-
-    seq_start(seq, MLU_PTW_DICT, n);
-    if (st == MLU_OK)
-        st = mlu_pkw_put(&w->pk, memo, err);
-    return st;
-}
-
-mlu_status mlu_ptw_odict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
-{
-    /* OrderedDict() by REDUCE, then its items, as OrderedDict.__reduce__ gives them */
     mlu_status st = put_global(w, G_ODICT, err);
 
-    seq_start(seq, MLU_PTW_ODICT, n);
     if (st == MLU_OK)
         st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
     if (st == MLU_OK)
@@ -200,14 +190,33 @@ mlu_status mlu_ptw_odict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t 
     return st;
 }
 
-mlu_status mlu_ptw_list_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
+/* An empty container (made by op, memoized) of `kind` whose n items follow. */
+static mlu_status container_begin(mlu_ptw *w, mlu_ptw_seq *seq, int kind, int op, size_t n, uint32_t *memo,
+                                  mlu_error *err)
 {
-    mlu_status st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_LIST, err);
+    mlu_status st = mlu_pkw_op(&w->pk, op, err);
 
-    seq_start(seq, MLU_PTW_LIST, n);
+    seq_start(seq, kind, n);
     if (st == MLU_OK)
         st = mlu_pkw_put(&w->pk, memo, err);
     return st;
+}
+
+mlu_status mlu_ptw_dict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
+{
+    return container_begin(w, seq, MLU_PTW_DICT, MLU_PKOP_EMPTY_DICT, n, memo, err);
+}
+
+mlu_status mlu_ptw_odict_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
+{
+    /* OrderedDict(), then its items, as OrderedDict.__reduce__ gives them */
+    seq_start(seq, MLU_PTW_ODICT, n);
+    return new_odict(w, memo, err);
+}
+
+mlu_status mlu_ptw_list_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, uint32_t *memo, mlu_error *err)
+{
+    return container_begin(w, seq, MLU_PTW_LIST, MLU_PKOP_EMPTY_LIST, n, memo, err);
 }
 
 mlu_status mlu_ptw_tuple_begin(mlu_ptw *w, mlu_ptw_seq *seq, size_t n, mlu_error *err)
@@ -402,13 +411,7 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
         st = mlu_pkw_bool(&w->pk, t->requires_grad, err);
     /* backward hooks: OrderedDict() */
     if (st == MLU_OK)
-        st = put_global(w, G_ODICT, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_put(&w->pk, NULL, err);
+        st = new_odict(w, NULL, err);
     if (st == MLU_OK && v3)
         st = put_global(w, G_DTYPE0 + t->dtype, err);
     return st;
@@ -445,13 +448,7 @@ mlu_status mlu_ptw_param_end(mlu_ptw *w, int requires_grad, uint32_t *memo, mlu_
     mlu_status st = mlu_pkw_bool(&w->pk, requires_grad, err);
 
     if (st == MLU_OK)
-        st = put_global(w, G_ODICT, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_EMPTY_TUPLE, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_op(&w->pk, MLU_PKOP_REDUCE, err);
-    if (st == MLU_OK)
-        st = mlu_pkw_put(&w->pk, NULL, err);
+        st = new_odict(w, NULL, err); /* backward hooks */
     if (st == MLU_OK)
         st = close_call(w, MLU_PKOP_TUPLE3, memo, err);
     return st;

@@ -48,9 +48,9 @@ static mlu_status settle(mlu_nccl_comm *c, const char *what, int rc, mlu_error *
                 c->timed_out = 1;
                 (void)c->lib->api.CommAbort(c->comm);
                 c->comm = NULL;
-                mlu_error_set(err, MLU_EDEVICE, -1,
-                              "%s did not complete within the timeout of %g s; "
-                              "the communicator was aborted", what, c->timeout_s);
+                status = mlu_error_set(err, MLU_ETIMEDOUT, -1,
+                                       "%s did not complete within the timeout of %g s; "
+                                       "the communicator was aborted", what, c->timeout_s);
                 goto done;
             }
             nap();
@@ -280,7 +280,10 @@ mlu_status mlu_nccl_comm_async_error(mlu_nccl_comm *c, int *result, mlu_error *e
     return MLU_OK;
 }
 
-mlu_status mlu_nccl_comm_abort(mlu_nccl_comm *c, mlu_error *err)
+/* Closes the NCCL communicator with close_fn (ncclCommAbort or
+ * ncclCommDestroy, named `what`); nothing when it is closed already. */
+static mlu_status close_with(mlu_nccl_comm *c, int (*close_fn)(mlu_nccl_handle), const char *what,
+                             mlu_error *err)
 {
     int rc;
     mlu_nccl_handle comm = c->comm;
@@ -288,24 +291,20 @@ mlu_status mlu_nccl_comm_abort(mlu_nccl_comm *c, mlu_error *err)
     if (comm == NULL)
         return MLU_OK;
     c->comm = NULL;
-    rc = c->lib->api.CommAbort(comm);
+    rc = close_fn(comm);
     if (rc != MLU_NCCL_SUCCESS)
-        return mlu_nccl_fail(c->lib, NULL, "ncclCommAbort", rc, err);
+        return mlu_nccl_fail(c->lib, NULL, what, rc, err);
     return MLU_OK;
+}
+
+mlu_status mlu_nccl_comm_abort(mlu_nccl_comm *c, mlu_error *err)
+{
+    return close_with(c, c->lib->api.CommAbort, "ncclCommAbort", err);
 }
 
 mlu_status mlu_nccl_comm_destroy(mlu_nccl_comm *c, mlu_error *err)
 {
-    int rc;
-    mlu_nccl_handle comm = c->comm;
-
-    if (comm == NULL)
-        return MLU_OK;
-    c->comm = NULL;
-    rc = c->lib->api.CommDestroy(comm);
-    if (rc != MLU_NCCL_SUCCESS)
-        return mlu_nccl_fail(c->lib, NULL, "ncclCommDestroy", rc, err);
-    return MLU_OK;
+    return close_with(c, c->lib->api.CommDestroy, "ncclCommDestroy", err);
 }
 
 void mlu_nccl_comm_free(mlu_nccl_comm *c)

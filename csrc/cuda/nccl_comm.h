@@ -4,7 +4,8 @@
  * stub.c (every call answers MLU_ENOTSUP, "built without CUDA") when not.
  * Buffers are device addresses and streams cudaStream_t, both as void*.
  * With a timeout the communicator is non-blocking: each call is polled
- * through ncclCommGetAsyncError and aborted when the time is up. */
+ * through ncclCommGetAsyncError and aborted when the time is up, which the
+ * call reports as MLU_ETIMEDOUT. */
 #ifndef MLU_NCCL_COMM_H
 #define MLU_NCCL_COMM_H
 

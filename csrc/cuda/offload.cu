@@ -247,6 +247,25 @@ record *find(mlu_cuda_offload *e, int64_t handle, mlu_error *err)
     return &e->recs[idx];
 }
 
+// One call into the engine: holds its lock and selects its device for the
+// scope (restoring the caller's at the end).
+struct engine_call {
+    std::lock_guard<std::mutex> hold;
+    device_guard device;
+    explicit engine_call(mlu_cuda_offload *e) : hold(e->lock), device(e->device) {}
+    // MLU_OK, or the failure to select the device (into err)
+    mlu_status status(mlu_error *err) const
+    {
+        return mlu_cuda_status(device.rc, "offload: cudaSetDevice", err);
+    }
+    // The record of a live handle; nullptr with err set when the device could
+    // not be selected or the handle is not live.
+    record *lookup(mlu_cuda_offload *e, int64_t handle, mlu_error *err) const
+    {
+        return status(err) == MLU_OK ? find(e, handle, err) : nullptr;
+    }
+};
+
 // Returns the record's buffer to the pool when its copies are done (or
 // always, after waiting, when `block` is set).
 mlu_status reclaim(mlu_cuda_offload *e, int64_t idx, int block, int *freed, mlu_error *err)
@@ -455,8 +474,7 @@ extern "C" mlu_status mlu_cuda_offload_streams(mlu_cuda_offload *e, void **d2h, 
 extern "C" mlu_status mlu_cuda_offload_save(mlu_cuda_offload *e, const void *src, size_t nbytes, int mode,
                                             void *scratch, void *stream, int64_t *handle, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
+    engine_call call(e);
     cudaStream_t s = (cudaStream_t)stream;
     mlu_status rc = MLU_EINVAL;
     size_t packed = nbytes;
@@ -465,7 +483,7 @@ extern "C" mlu_status mlu_cuda_offload_save(mlu_cuda_offload *e, const void *src
     size_t hsize = 0;
     record *r;
 
-    if ((rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err)) != MLU_OK)
+    if ((rc = call.status(err)) != MLU_OK)
         goto done;
     if (nbytes == 0 || src == nullptr) {
         rc = mlu_error_set(err, MLU_EINVAL, -1, "offload: nothing to save (%zu bytes at %p)", nbytes, src);
@@ -563,17 +581,14 @@ done:
 extern "C" mlu_status mlu_cuda_offload_load(mlu_cuda_offload *e, int64_t handle, void *dst, size_t nbytes,
                                             void *scratch, void *stream, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
+    engine_call call(e);
     cudaStream_t s = (cudaStream_t)stream;
     mlu_status rc;
-    record *r;
+    record *r = call.lookup(e, handle, err);
     void *host;
 
-    if ((rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err)) != MLU_OK)
-        return rc;
-    if ((r = find(e, handle, err)) == nullptr)
-        return MLU_EINVAL;
+    if (r == nullptr)
+        return err->code;
     if (nbytes != r->nbytes || dst == nullptr)
         return mlu_error_set(err, MLU_EINVAL, -1, "offload: load into %zu bytes of a %zu-byte tensor",
                              nbytes, r->nbytes);
@@ -600,15 +615,11 @@ extern "C" mlu_status mlu_cuda_offload_load(mlu_cuda_offload *e, int64_t handle,
 
 extern "C" mlu_status mlu_cuda_offload_wait(mlu_cuda_offload *e, int64_t handle, void *stream, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
-    record *r;
-    mlu_status rc;
+    engine_call call(e);
+    record *r = call.lookup(e, handle, err);
 
-    if ((rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err)) != MLU_OK)
-        return rc;
-    if ((r = find(e, handle, err)) == nullptr)
-        return MLU_EINVAL;
+    if (r == nullptr)
+        return err->code;
     if (!r->loaded)
         return mlu_error_set(err, MLU_EINVAL, -1, "offload: wait on handle %lld, which was never loaded",
                              (long long)handle);
@@ -618,15 +629,12 @@ extern "C" mlu_status mlu_cuda_offload_wait(mlu_cuda_offload *e, int64_t handle,
 
 extern "C" mlu_status mlu_cuda_offload_sync(mlu_cuda_offload *e, int64_t handle, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
-    record *r;
+    engine_call call(e);
+    record *r = call.lookup(e, handle, err);
     mlu_status rc;
 
-    if ((rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err)) != MLU_OK)
-        return rc;
-    if ((r = find(e, handle, err)) == nullptr)
-        return MLU_EINVAL;
+    if (r == nullptr)
+        return err->code;
     rc = mlu_cuda_status(cudaEventSynchronize(r->saved), "offload: cudaEventSynchronize", err);
     if (rc == MLU_OK && r->loaded)
         rc = mlu_cuda_status(cudaEventSynchronize(r->done), "offload: cudaEventSynchronize", err);
@@ -635,16 +643,12 @@ extern "C" mlu_status mlu_cuda_offload_sync(mlu_cuda_offload *e, int64_t handle,
 
 extern "C" mlu_status mlu_cuda_offload_release(mlu_cuda_offload *e, int64_t handle, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
-    record *r;
+    engine_call call(e);
+    record *r = call.lookup(e, handle, err);
     int freed;
-    mlu_status rc;
 
-    if ((rc = mlu_cuda_status(g.rc, "offload: cudaSetDevice", err)) != MLU_OK)
-        return rc;
-    if ((r = find(e, handle, err)) == nullptr)
-        return MLU_EINVAL;
+    if (r == nullptr)
+        return err->code;
     r->released = 1;
     return reclaim(e, handle & 0xffffffffLL, 0, &freed, err);
 }
@@ -652,10 +656,11 @@ extern "C" mlu_status mlu_cuda_offload_release(mlu_cuda_offload *e, int64_t hand
 extern "C" mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *e, mlu_pool_stats *out, int64_t *handles,
                                              mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
-    mlu_status rc = sweep(e, 0, err);
+    engine_call call(e);
+    mlu_status rc = call.status(err);
 
+    if (rc == MLU_OK)
+        rc = sweep(e, 0, err);
     mlu_offload_pool_stats(e->pool, out);
     *handles = e->live;
     return rc;
@@ -676,9 +681,11 @@ extern "C" mlu_status mlu_cuda_offload_window(mlu_cuda_offload *e, const size_t 
 
 extern "C" mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *e, uint64_t *freed, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
-    device_guard g(e->device);
-    mlu_status rc = sweep(e, 1, err);
+    engine_call call(e);
+    mlu_status rc = call.status(err);
+
+    if (rc == MLU_OK)
+        rc = sweep(e, 1, err);
 
     *freed = rc == MLU_OK ? mlu_offload_pool_trim(e->pool) : 0;
     return rc;

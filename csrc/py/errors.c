@@ -1,65 +1,84 @@
 /* errors.c: the one path from a core status to a Python exception.
  *
- * Which class each status becomes is in one table (status_class); the
- * class of MLU_EFORMAT depends on the area (domain_format); OSError is
- * built in one place (raise_os_error), with errno and, when the caller knows
- * it, the file name. */
+ * Which class each status becomes is in one table (status_class); where an
+ * area's errors differ (the format error of each format, ImportError for a
+ * library that cannot be loaded, ...) a second table says so
+ * (domain_class).  Each entry also names how its exception is built from
+ * the error and the caller's subject (build_*): OSError with errno and the
+ * file name, JSONDecodeError with the document and position, or the text. */
 #include "module.h"
 
 #include <assert.h>
 #include <stddef.h>
 #include <string.h>
 
-#define FROM_DOMAIN ((ptrdiff_t)-1) /* the domain's format class */
-#define NO_FIELD ((ptrdiff_t)-2)    /* a builtin class */
+/* How an exception is made from the error and the subject (see mlu_raise). */
+typedef enum build_kind {
+    BUILD_TEXT = 0,   /* class(text); the subject is not used */
+    BUILD_OS_ERROR,   /* OSError(errno, text[, subject as the file name]) */
+    BUILD_DOCUMENT,   /* class(text, document, position): subject = the document (bytes) */
+    BUILD_DETAIL,     /* class("text. subject") when the subject is a str */
+} build_kind;
 
-/* A class: a builtin (*builtin) or a field of the module state. */
-typedef struct exc_ref {
-    PyObject **builtin;
-    ptrdiff_t state_field; /* offsetof(mlu_state, ...), NO_FIELD or FROM_DOMAIN */
-} exc_ref;
+/* A class: a builtin (*builtin) or a field of the module state, and how it is built. */
+typedef struct exc_rule {
+    PyObject **builtin;     /* NULL: state_field names it */
+    ptrdiff_t state_field;  /* offsetof(mlu_state, ...) */
+    build_kind build;
+    int set;                /* 0: no rule (domain_class: as status_class) */
+} exc_rule;
 
-#define BUILTIN(name) {&PyExc_##name, NO_FIELD}
-#define STATE(name) {NULL, (ptrdiff_t)offsetof(mlu_state, name)}
+#define BUILTIN(name, how) {&PyExc_##name, 0, BUILD_##how, 1}
+#define STATE(name, how) {NULL, (ptrdiff_t)offsetof(mlu_state, name), BUILD_##how, 1}
 
 /* status -> class; MLU_OK has none (raising it is a SystemError). */
-static const exc_ref status_class[MLU_STATUS_COUNT] = {
-    [MLU_OK] = {NULL, NO_FIELD},
-    [MLU_ENOMEM] = BUILTIN(MemoryError),
-    [MLU_EINVAL] = BUILTIN(ValueError),
-    [MLU_ETYPE] = BUILTIN(TypeError),
-    [MLU_EOVERFLOW] = BUILTIN(OverflowError),
-    [MLU_EIO] = BUILTIN(OSError), /* its subclass picked by errno */
-    [MLU_EFORMAT] = {NULL, FROM_DOMAIN},
-    [MLU_EUNSAFE] = STATE(UnsafePickleError),
-    [MLU_ENOTSUP] = BUILTIN(RuntimeError),
-    [MLU_EDEVICE] = BUILTIN(RuntimeError),
+static const exc_rule status_class[MLU_STATUS_COUNT] = {
+    [MLU_ENOMEM] = BUILTIN(MemoryError, TEXT),
+    [MLU_EINVAL] = BUILTIN(ValueError, TEXT),
+    [MLU_ETYPE] = BUILTIN(TypeError, TEXT),
+    [MLU_EOVERFLOW] = BUILTIN(OverflowError, TEXT),
+    [MLU_EIO] = BUILTIN(OSError, OS_ERROR), /* its subclass picked by errno */
+    [MLU_EFORMAT] = BUILTIN(ValueError, TEXT), /* each format's own class below */
+    [MLU_EUNSAFE] = STATE(UnsafePickleError, TEXT),
+    [MLU_ENOTSUP] = BUILTIN(RuntimeError, TEXT),
+    [MLU_EDEVICE] = BUILTIN(RuntimeError, TEXT),
+    [MLU_ETIMEDOUT] = BUILTIN(TimeoutError, TEXT),
 };
 
-/* domain -> the class of MLU_EFORMAT there. */
-static const exc_ref domain_format[MLU_DOMAIN_COUNT] = {
-    [MLU_DOMAIN_VALUE] = BUILTIN(ValueError),
-    [MLU_DOMAIN_SAFETENSORS] = STATE(SafetensorsError),
-    [MLU_DOMAIN_TORCH] = STATE(TorchFormatError),
-    [MLU_DOMAIN_PATTERN] = STATE(PatternError),
+/* domain -> the classes that differ there from status_class. */
+static const exc_rule domain_class[MLU_DOMAIN_COUNT][MLU_STATUS_COUNT] = {
+    [MLU_DOMAIN_SAFETENSORS] = {[MLU_EFORMAT] = STATE(SafetensorsError, TEXT)},
+    [MLU_DOMAIN_TORCH] = {[MLU_EFORMAT] = STATE(TorchFormatError, TEXT)},
+    /* every pattern problem is a PatternError (a ValueError), bad arguments included */
+    [MLU_DOMAIN_PATTERN] = {[MLU_EINVAL] = STATE(PatternError, TEXT), [MLU_EFORMAT] = STATE(PatternError, TEXT)},
+    [MLU_DOMAIN_JSON] = {[MLU_EFORMAT] = STATE(JSONDecodeError, DOCUMENT)},
+    [MLU_DOMAIN_LIBRARY] = {[MLU_ENOTSUP] = BUILTIN(ImportError, DETAIL)},
+    [MLU_DOMAIN_SELF_CHECK] = {[MLU_EFORMAT] = BUILTIN(AssertionError, TEXT)},
 };
 
 #undef BUILTIN
 #undef STATE
 
-/* Borrowed: the class ref names. */
-static PyObject *resolve(mlu_state *st, exc_ref ref)
+/* Borrowed: the class rule names. */
+static PyObject *resolve(mlu_state *st, const exc_rule *rule)
 {
-    if (ref.builtin != NULL)
-        return *ref.builtin;
-    return *(PyObject **)((char *)st + ref.state_field);
+    if (rule->builtin != NULL)
+        return *rule->builtin;
+    return *(PyObject **)((char *)st + rule->state_field);
+}
+
+/* New ref: text as a str; the core's text may quote input cut inside a
+ * UTF-8 sequence, so it is decoded leniently. */
+static PyObject *text_str(const char *text)
+{
+    return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
 /* OSError(errno, message[, filename]); OSError's constructor picks the
  * subclass (FileNotFoundError, PermissionError, ...) from errno.  With a
  * file name the message is strerror alone, as open() raises it; without,
  * "what we did: strerror". */
-static void raise_os_error(int sys_errno, const char *text, PyObject *filename)
+static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObject *filename)
 {
     char msg[MLU_ERROR_TEXT + 128];
     PyObject *umsg = NULL, *args = NULL;
@@ -70,7 +89,7 @@ static void raise_os_error(int sys_errno, const char *text, PyObject *filename)
         PyOS_snprintf(msg, sizeof(msg), "%s: %s", text, strerror(sys_errno));
     else
         PyOS_snprintf(msg, sizeof(msg), "%s", text);
-    umsg = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace"); /* new ref */
+    umsg = text_str(msg); /* new ref */
     if (umsg == NULL)
         goto done;
     if (filename != NULL)
@@ -78,15 +97,43 @@ static void raise_os_error(int sys_errno, const char *text, PyObject *filename)
     else
         args = Py_BuildValue("(iO)", sys_errno, umsg);
     if (args != NULL)
-        PyErr_SetObject(PyExc_OSError, args);
+        PyErr_SetObject(exc, args);
 done:
     Py_XDECREF(args);
     Py_XDECREF(umsg);
 }
 
-PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *filename)
+/* exc(message, document, position), as json.JSONDecodeError takes them: the
+ * document (the bytes parsed, borrowed; none: "") as a str, and the
+ * character index of err->offset in it. */
+static void build_document_error(PyObject *exc, const mlu_error *err, const char *text, PyObject *document)
+{
+    const char *doc = "";
+    Py_ssize_t n = 0, at;
+    PyObject *s = NULL, *head = NULL, *msg = NULL, *value = NULL;
+
+    if (document != NULL && PyBytes_Check(document)) {
+        doc = PyBytes_AS_STRING(document);
+        n = PyBytes_GET_SIZE(document);
+    }
+    at = err->offset < 0 ? 0 : err->offset > (int64_t)n ? n : (Py_ssize_t)err->offset;
+    s = PyUnicode_DecodeUTF8(doc, n, "replace");
+    head = s != NULL ? PyUnicode_DecodeUTF8(doc, at, "replace") : NULL;
+    msg = head != NULL ? text_str(text) : NULL;
+    if (msg != NULL)
+        value = PyObject_CallFunction(exc, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
+    if (value != NULL)
+        PyErr_SetObject(exc, value);
+    Py_XDECREF(value);
+    Py_XDECREF(msg);
+    Py_XDECREF(head);
+    Py_XDECREF(s);
+}
+
+PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *subject)
 {
     const char *text = err->text[0] ? err->text : mlu_status_name(err->code);
+    const exc_rule *rule;
     PyObject *exc; /* borrowed */
 
     assert(st != NULL);
@@ -96,15 +143,25 @@ PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyOb
                      (int)err->code, (int)domain);
         return NULL;
     }
-    if (err->code == MLU_EIO) {
-        raise_os_error(err->sys_errno, text, filename);
-        return NULL;
+    rule = domain_class[domain][err->code].set ? &domain_class[domain][err->code] : &status_class[err->code];
+    exc = resolve(st, rule);
+    switch (rule->build) {
+    case BUILD_OS_ERROR:
+        build_os_error(exc, err->sys_errno, text, subject);
+        break;
+    case BUILD_DOCUMENT:
+        build_document_error(exc, err, text, subject);
+        break;
+    case BUILD_DETAIL:
+        if (subject != NULL && PyUnicode_Check(subject))
+            PyErr_Format(exc, "%s. %U", text, subject);
+        else
+            PyErr_Format(exc, "%s", text);
+        break;
+    default:
+        PyErr_Format(exc, "%s", text);
+        break;
     }
-    if (status_class[err->code].state_field == FROM_DOMAIN)
-        exc = resolve(st, domain_format[domain]);
-    else
-        exc = resolve(st, status_class[err->code]);
-    PyErr_Format(exc, "%s", text);
     return NULL;
 }
 

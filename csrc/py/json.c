@@ -166,26 +166,47 @@ static int check_cycle(encoder *e, PyObject *o, const path_step *at)
     return 0;
 }
 
+/* The frame of a non-empty container: open writes the bracket (after the
+ * cycle check) and indents, each item starts with item_start, close
+ * dedents and writes the closing bracket. */
+static int container_open(encoder *e, PyObject *o, const path_step *at, const char *bracket)
+{
+    if (check_cycle(e, o, at) < 0 || put(e, bracket, 1) < 0)
+        return -1;
+    e->depth++;
+    return 0;
+}
+
+static int item_start(encoder *e, Py_ssize_t i)
+{
+    if (i > 0 && put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) < 0)
+        return -1;
+    return e->pretty ? newline_indent(e) : 0;
+}
+
+static int container_close(encoder *e, const char *bracket)
+{
+    e->depth--;
+    if (e->pretty && newline_indent(e) < 0)
+        return -1;
+    return put(e, bracket, 1);
+}
+
 static int encode_dict(encoder *e, PyObject *d, const path_step *at)
 {
     Py_ssize_t pos = 0, i = 0;
     PyObject *k, *v;
-    int rc = -1;
+    int rc;
 
     if (PyDict_GET_SIZE(d) == 0)
         return put(e, "{}", 2);
-    if (check_cycle(e, d, at) < 0)
+    if (container_open(e, d, at, "{") < 0)
         return -1;
-    if (put(e, "{", 1) < 0)
-        return -1;
-    e->depth++;
     while (PyDict_Next(d, &pos, &k, &v)) {
         path_step step = {at, k, i, 0, d};
         Py_INCREF(k);
         Py_INCREF(v);
-        rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
-        if (rc == 0 && e->pretty)
-            rc = newline_indent(e);
+        rc = item_start(e, i);
         if (rc == 0)
             rc = put_key(e, k, &step);
         if (rc == 0)
@@ -195,47 +216,34 @@ static int encode_dict(encoder *e, PyObject *d, const path_step *at)
         Py_DECREF(k);
         Py_DECREF(v);
         if (rc < 0)
-            goto done;
+            return -1;
         i++;
     }
-    e->depth--;
-    if (e->pretty && newline_indent(e) < 0)
-        goto done;
-    rc = put(e, "}", 1);
-done:
-    return rc;
+    return container_close(e, "}");
 }
 
 static int encode_seq(encoder *e, PyObject *s, const path_step *at)
 {
     int is_list = PyList_Check(s);
     Py_ssize_t i;
-    int rc = 0;
+    int rc;
 
     if (Py_SIZE(s) == 0)
         return put(e, "[]", 2);
-    if (check_cycle(e, s, at) < 0)
+    if (container_open(e, s, at, "[") < 0)
         return -1;
-    if (put(e, "[", 1) < 0)
-        return -1;
-    e->depth++;
     for (i = 0; i < Py_SIZE(s); i++) {
         PyObject *item = is_list ? PyList_GET_ITEM(s, i) : PyTuple_GET_ITEM(s, i);
         path_step step = {at, NULL, i, 0, s};
         Py_INCREF(item);
-        rc = (i > 0 ? put(e, e->pretty ? "," : ", ", e->pretty ? 1 : 2) : 0);
-        if (rc == 0 && e->pretty)
-            rc = newline_indent(e);
+        rc = item_start(e, i);
         if (rc == 0)
             rc = encode(e, item, &step);
         Py_DECREF(item);
         if (rc < 0)
             return -1;
     }
-    e->depth--;
-    if (e->pretty && newline_indent(e) < 0)
-        return -1;
-    return put(e, "]", 1);
+    return container_close(e, "]");
 }
 
 /* numpy scalars and arrays: converted to the Python values they stand for.
@@ -542,25 +550,16 @@ static PyObject *convert_doc(mlu_state *st, const mlu_json_doc *doc, mlu_error *
     return res;
 }
 
-/* Sets mlutils.JSONDecodeError for a parse failure of text[0:n]. */
-static void raise_decode_error(mlu_state *st, const char *text, size_t n, const mlu_error *err)
+/* Raises a failed parse of text[0:n]: malformed text becomes
+ * mlutils.JSONDecodeError, which carries the document and the position. */
+static void raise_parse_error(mlu_state *st, const mlu_error *err, const char *text, size_t n)
 {
-    /* json.JSONDecodeError(msg, doc, pos) wants a str and a character index. */
-    PyObject *s = NULL, *head = NULL, *msg = NULL, *exc = NULL;
+    PyObject *doc = NULL; /* new ref: the document, when the error is in it */
 
-    s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)n, "replace");
-    head = s ? PyUnicode_DecodeUTF8(text, (Py_ssize_t)err->offset, "replace") : NULL;
-    /* jansson quotes the bytes near the problem, which may be cut
-     * inside a UTF-8 sequence: decode them leniently too */
-    msg = head ? PyUnicode_DecodeUTF8(err->text, (Py_ssize_t)strlen(err->text), "replace") : NULL;
-    if (msg != NULL)
-        exc = PyObject_CallFunction(st->JSONDecodeError, "OOn", msg, s, PyUnicode_GET_LENGTH(head));
-    if (exc != NULL)
-        PyErr_SetObject(st->JSONDecodeError, exc);
-    Py_XDECREF(exc);
-    Py_XDECREF(msg);
-    Py_XDECREF(head);
-    Py_XDECREF(s);
+    if (err->code == MLU_EFORMAT && (doc = PyBytes_FromStringAndSize(text, (Py_ssize_t)n)) == NULL)
+        return;
+    mlu_raise(st, err, MLU_DOMAIN_JSON, doc);
+    Py_XDECREF(doc);
 }
 
 /* A UTF-8 byte order mark: json.loads(bytes) accepts it. */
@@ -570,21 +569,39 @@ static size_t bom_length(const char *text, size_t n)
             (unsigned char)text[2] == 0xBF) ? 3 : 0;
 }
 
-/* json_loads(str | bytes | bytearray | memoryview) -> object */
-static PyObject *py_json_loads(PyObject *m, PyObject *arg)
+/* New ref: the value of the JSON text[0:n] (a leading UTF-8 BOM skipped),
+ * parsed without the GIL; JSONDecodeError when it is malformed.  text must
+ * stay unchanged while the GIL is released (immutable, or held by a buffer). */
+static PyObject *parse_text(mlu_state *st, const char *text, size_t n)
 {
-    mlu_state *st = mlu_get_state(m);
-    const char *text;
-    Py_ssize_t n;
-    Py_buffer view = {0};
-    int have_view = 0;
     mlu_json_doc doc = {NULL, 0};
     mlu_error err;
     mlu_status rc;
     PyObject *res = NULL;
-    size_t bom;
+    size_t bom = bom_length(text, n);
 
+    text += bom;
+    n -= bom;
     mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    rc = mlu_json_parse(text, n, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK)
+        raise_parse_error(st, &err, text, n);
+    else
+        res = convert_doc(st, &doc, &err);
+    mlu_json_doc_free(&doc);
+    return res;
+}
+
+/* json_loads(str | bytes | bytearray | memoryview) -> object */
+static PyObject *py_json_loads(PyObject *m, PyObject *arg)
+{
+    const char *text;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    PyObject *res;
+
     if (PyUnicode_Check(arg)) {
         text = PyUnicode_AsUTF8AndSize(arg, &n);
         if (text == NULL) {
@@ -594,48 +611,27 @@ static PyObject *py_json_loads(PyObject *m, PyObject *arg)
             }
             return NULL;
         }
-    } else if (PyObject_CheckBuffer(arg)) {
-        if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
-            return NULL;
-        have_view = 1;
-        text = view.buf;
-        n = view.len;
-    } else {
+        return parse_text(mlu_get_state(m), text, (size_t)n);
+    }
+    if (!PyObject_CheckBuffer(arg))
         return PyErr_Format(PyExc_TypeError, "JSON text must be str or bytes, not %s",
                             Py_TYPE(arg)->tp_name);
-    }
-    bom = bom_length(text, (size_t)n);
-    text += bom;
-    n -= (Py_ssize_t)bom;
-    Py_BEGIN_ALLOW_THREADS
-    rc = mlu_json_parse(text, (size_t)n, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
-    Py_END_ALLOW_THREADS
-    if (rc == MLU_EFORMAT) {
-        raise_decode_error(st, text, (size_t)n, &err);
-        goto done;
-    }
-    if (rc != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
-        goto done;
-    }
-    res = convert_doc(st, &doc, &err);
-done:
-    mlu_json_doc_free(&doc);
-    if (have_view)
-        PyBuffer_Release(&view);
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    res = parse_text(mlu_get_state(m), view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
     return res;
 }
 
-/* json_read_file(path) -> object: one open, fstat and read of the whole file
- * and the parse, all without the GIL; OSError (FileNotFoundError, ...) names
- * the path. */
+/* json_read_file(path) -> object: one open, fstat and read of the whole file,
+ * then the parse, each without the GIL; OSError (FileNotFoundError, ...)
+ * names the path. */
 static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
 {
     mlu_state *st = mlu_get_state(m);
     PyObject *path = NULL, *res = NULL; /* path: new ref (bytes) */
     char *data = NULL;                  /* owned (mlu_free) */
-    size_t len = 0, bom = 0;
-    mlu_json_doc doc = {NULL, 0};
+    size_t len = 0;
     mlu_error err;
     mlu_status rc;
 
@@ -644,26 +640,11 @@ static PyObject *py_json_read_file(PyObject *m, PyObject *arg)
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_read_file(PyBytes_AS_STRING(path), &data, &len, &err);
-    if (rc == MLU_OK) {
-        bom = bom_length(data, len);
-        rc = mlu_json_parse(data + bom, len - bom, MLU_JSON_ALLOW_NONFINITE, &doc, &err);
-    }
     Py_END_ALLOW_THREADS
-    if (rc == MLU_EIO) {
+    if (rc != MLU_OK)
         mlu_raise(st, &err, MLU_DOMAIN_VALUE, arg);
-        goto done;
-    }
-    if (rc == MLU_EFORMAT) {
-        raise_decode_error(st, data + bom, len - bom, &err);
-        goto done;
-    }
-    if (rc != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_VALUE, NULL);
-        goto done;
-    }
-    res = convert_doc(st, &doc, &err);
-done:
-    mlu_json_doc_free(&doc);
+    else
+        res = parse_text(st, data, len);
     mlu_free(data);
     Py_DECREF(path);
     return res;

@@ -38,6 +38,17 @@ int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **fie
     return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : desc->name, type);
 }
 
+int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field)
+{
+    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL); /* new ref */
+    const char *dot = strrchr(spec->name, '.');
+
+    if (type == NULL)
+        return -1;
+    *field = type; /* owned by the state */
+    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : spec->name, type);
+}
+
 PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n)
 {
     PyObject *res = NULL;

@@ -49,22 +49,29 @@ extern PyModuleDef mlu_module_def;
 mlu_state *mlu_get_state(PyObject *module);
 mlu_state *mlu_state_from_type(PyTypeObject *type);
 
-/* The class MLU_EFORMAT becomes: the format error of the area whose
- * untrusted bytes were malformed. */
+/* The area an error comes from, where its class differs from the status's
+ * (the table domain_class in errors.c): mostly the format error of the area
+ * whose untrusted bytes were malformed. */
 typedef enum mlu_domain {
-    MLU_DOMAIN_VALUE = 0,    /* ValueError */
-    MLU_DOMAIN_SAFETENSORS,  /* SafetensorsError */
-    MLU_DOMAIN_TORCH,        /* TorchFormatError */
-    MLU_DOMAIN_PATTERN,      /* PatternError */
+    MLU_DOMAIN_VALUE = 0,    /* none: the status's class (MLU_EFORMAT: ValueError) */
+    MLU_DOMAIN_SAFETENSORS,  /* MLU_EFORMAT: SafetensorsError */
+    MLU_DOMAIN_TORCH,        /* MLU_EFORMAT: TorchFormatError */
+    MLU_DOMAIN_PATTERN,      /* MLU_EINVAL, MLU_EFORMAT: PatternError */
+    MLU_DOMAIN_JSON,         /* MLU_EFORMAT: JSONDecodeError(msg, doc, pos); subject: the document */
+    MLU_DOMAIN_LIBRARY,      /* loading a native library: MLU_ENOTSUP: ImportError("text. subject") */
+    MLU_DOMAIN_SELF_CHECK,   /* an object's own invariants: MLU_EFORMAT: AssertionError */
     MLU_DOMAIN_COUNT
 } mlu_domain;
 
 /* errors.c, the one status -> exception path: raises the class of
- * err->code (one table there; MLU_EFORMAT -> the domain's class).  MLU_EIO
- * becomes OSError(errno, message, filename), its subclass picked by errno;
- * filename (borrowed) may be NULL.  st (borrowed) must not be NULL.  Always
- * returns NULL so call sites can `return mlu_raise(...)`. */
-PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *filename);
+ * err->code (one table there; a domain may name another, see mlu_domain).
+ * subject (borrowed, may be NULL) is what the error is about, used where the
+ * class takes it: for MLU_EIO the file name (OSError(errno, message,
+ * filename), its subclass picked by errno); in MLU_DOMAIN_JSON the document
+ * as bytes, which err->offset indexes; in MLU_DOMAIN_LIBRARY a str appended
+ * to the message; elsewhere it is not used.  st (borrowed) must not be
+ * NULL.  Always returns NULL so call sites can `return mlu_raise(...)`. */
+PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *subject);
 
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */
@@ -74,6 +81,11 @@ PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
  * stores it in *field (a state field, which then owns it) and adds it to the
  * module as <Name>.  Returns 0 or -1. */
 int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field);
+
+/* Makes the heap type of spec (named "mlutils._core.<Name>") for module m,
+ * stores it in *field (a state field, which then owns it) and adds it to the
+ * module as <Name>.  Returns 0 or -1. */
+int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field);
 
 /* New ref: an instance of the struct sequence `type` (borrowed) holding
  * `values`, which it steals (all of them, even on failure; NULL entries mean

@@ -18,18 +18,12 @@ typedef struct {
     mlu_nccl_comm *comm; /* owned; NULL only while being built */
 } CommObject;
 
-/* Raises for a failed call: TimeoutError after a timeout, else by status. */
-static PyObject *comm_raise(PyObject *any, const mlu_nccl_comm *comm, const mlu_error *err)
+/* Raises for a failed call (a timeout is MLU_ETIMEDOUT: TimeoutError). */
+static PyObject *comm_raise(PyObject *any, const mlu_error *err)
 {
     mlu_state *st = PyModule_Check(any) ? mlu_get_state(any) : mlu_state_from_type(Py_TYPE(any));
 
-    if (st == NULL) /* an exception is set */
-        return NULL;
-    if (comm != NULL && mlu_nccl_comm_timed_out(comm) && err->code == MLU_EDEVICE) {
-        PyErr_SetString(PyExc_TimeoutError, err->text);
-        return NULL;
-    }
-    return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
+    return st == NULL ? NULL : mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
 static int need_loaded(void)
@@ -103,11 +97,13 @@ static PyObject *py_nccl_load(PyObject *m, PyObject *args)
     st = mlu_nccl_open(&nccl_lib, dirs, (size_t)n, report, REPORT_CAP, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
-        PyErr_Format(PyExc_ImportError,
-                     "%s. Looked in:\n%sInstall it with `pip install nvidia-nccl-cu13` "
-                     "(nvidia-nccl-cu12 for CUDA 12), or set MLUTILS_NCCL_PATH to a "
-                     "libnccl.so.2 (2.18 or later)",
-                     err.text, report);
+        PyObject *tried = PyUnicode_FromFormat( /* new ref */
+            "Looked in:\n%sInstall it with `pip install nvidia-nccl-cu13` "
+            "(nvidia-nccl-cu12 for CUDA 12), or set MLUTILS_NCCL_PATH to a "
+            "libnccl.so.2 (2.18 or later)", report);
+        if (tried != NULL)
+            mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_LIBRARY, tried);
+        Py_XDECREF(tried);
         goto done;
     }
     result = library_info(m);
@@ -156,7 +152,7 @@ static PyObject *py_nccl_unique_id(PyObject *m, PyObject *unused)
     st = mlu_nccl_unique_id_new(&nccl_lib, &id, &err);
     Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return comm_raise(m, NULL, &err);
+        return comm_raise(m, &err);
     return PyBytes_FromStringAndSize(id.internal, sizeof(id.internal));
 }
 
@@ -209,11 +205,7 @@ static PyObject *py_nccl_comm_init(PyObject *m, PyObject *args)
     Py_END_ALLOW_THREADS
     if (st != MLU_OK) {
         Py_DECREF(self);
-        if (st == MLU_EDEVICE && strstr(err.text, "did not complete within the timeout") != NULL) {
-            PyErr_SetString(PyExc_TimeoutError, err.text);
-            return NULL;
-        }
-        return comm_raise(m, NULL, &err);
+        return comm_raise(m, &err);
     }
     self->comm = comm;
     nccl_live_comms++;
@@ -236,170 +228,119 @@ static void comm_dealloc(PyObject *op)
     Py_DECREF(tp);
 }
 
-/* The collectives share one shape: parse, release the GIL, call, raise. */
-#define RUN(call)                                  \
-    do {                                           \
-        mlu_error_clear(&err);                     \
-        Py_BEGIN_ALLOW_THREADS                     \
-        st = (call);                               \
-        Py_END_ALLOW_THREADS                       \
-        if (st != MLU_OK)                          \
-            return comm_raise(op, self->comm, &err); \
-        Py_RETURN_NONE;                            \
-    } while (0)
-
 #define PTR(x) ((void *)(uintptr_t)(x))
 
-static int check_count(Py_ssize_t count)
-{
-    if (count < 0) {
-        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
-        return -1;
-    }
-    return 0;
-}
+/* The communicator's calls that answer None: each parses its arguments into
+ * call_args (by the shape of its kind) and runs the one core call of its kind. */
+typedef enum call_kind {
+    CALL_ALL_REDUCE, CALL_BROADCAST, CALL_REDUCE_SCATTER, /* send, recv, count, dtype, arg, stream */
+    CALL_ALL_GATHER,                                       /* send, recv, count, dtype, stream */
+    CALL_SEND,                                             /* send, count, dtype, arg (peer), stream */
+    CALL_RECV,                                             /* recv, count, dtype, arg (peer), stream */
+    CALL_GROUP_START, CALL_GROUP_END, CALL_ABORT, CALL_DESTROY, /* no arguments */
+    CALL_KIND_COUNT
+} call_kind;
 
-/* all_reduce(send, recv, count, dtype, op, stream) */
-static PyObject *comm_all_reduce(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, red;
-    mlu_error err;
-    mlu_status st;
+/* PyArg_ParseTuple formats (NULL: METH_NOARGS). */
+static const char *const call_formats[CALL_KIND_COUNT] = {
+    [CALL_ALL_REDUCE] = "KKniiK:all_reduce",
+    [CALL_BROADCAST] = "KKniiK:broadcast",
+    [CALL_REDUCE_SCATTER] = "KKniiK:reduce_scatter",
+    [CALL_ALL_GATHER] = "KKniK:all_gather",
+    [CALL_SEND] = "KniiK:send",
+    [CALL_RECV] = "KniiK:recv",
+};
 
-    if (!PyArg_ParseTuple(args, "KKniiK:all_reduce", &send, &recv, &count, &dtype, &red, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_all_reduce(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
-                                 PTR(stream), &err));
-}
-
-/* broadcast(send, recv, count, dtype, root, stream) */
-static PyObject *comm_broadcast(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, root;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KKniiK:broadcast", &send, &recv, &count, &dtype, &root, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_broadcast(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, root,
-                                PTR(stream), &err));
-}
-
-/* all_gather(send, recv, sendcount, dtype, stream) */
-static PyObject *comm_all_gather(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
+/* A call's arguments by name; buffers and the stream are device addresses. */
+typedef struct call_args {
     unsigned long long send, recv, stream;
     Py_ssize_t count;
     int dtype;
+    int arg; /* the reduction (op), the root or the peer */
+} call_args;
+
+static mlu_status run_call(mlu_nccl_comm *comm, call_kind kind, const call_args *a, mlu_error *err)
+{
+    size_t n = (size_t)a->count;
+
+    switch (kind) {
+    case CALL_ALL_REDUCE:
+        return mlu_nccl_comm_all_reduce(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_BROADCAST:
+        return mlu_nccl_comm_broadcast(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_REDUCE_SCATTER:
+        return mlu_nccl_comm_reduce_scatter(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream),
+                                            err);
+    case CALL_ALL_GATHER:
+        return mlu_nccl_comm_all_gather(comm, PTR(a->send), PTR(a->recv), n, a->dtype, PTR(a->stream), err);
+    case CALL_SEND:
+        return mlu_nccl_comm_send(comm, PTR(a->send), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_RECV:
+        return mlu_nccl_comm_recv(comm, PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
+    case CALL_GROUP_START:
+        return mlu_nccl_comm_group_start(comm, err);
+    case CALL_GROUP_END:
+        return mlu_nccl_comm_group_end(comm, err);
+    case CALL_ABORT:
+        return mlu_nccl_comm_abort(comm, err);
+    case CALL_DESTROY:
+        return mlu_nccl_comm_destroy(comm, err);
+    default:
+        return mlu_error_set(err, MLU_EINVAL, -1, "unknown NCCL call %d", (int)kind);
+    }
+}
+
+/* Parses args (NULL for the calls without arguments) as `kind` takes them,
+ * runs the call without the GIL, raises or returns None. */
+static PyObject *comm_call(PyObject *op, PyObject *args, call_kind kind)
+{
+    CommObject *self = (CommObject *)op;
+    const char *fmt = call_formats[kind];
+    call_args a = {0, 0, 0, 0, 0, 0};
     mlu_error err;
     mlu_status st;
+    int ok = 1;
 
-    if (!PyArg_ParseTuple(args, "KKniK:all_gather", &send, &recv, &count, &dtype, &stream) ||
-        check_count(count) < 0)
+    if (kind == CALL_ALL_GATHER)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.stream);
+    else if (kind == CALL_SEND)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.count, &a.dtype, &a.arg, &a.stream);
+    else if (kind == CALL_RECV)
+        ok = PyArg_ParseTuple(args, fmt, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
+    else if (fmt != NULL)
+        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
+    if (!ok)
         return NULL;
-    RUN(mlu_nccl_comm_all_gather(self->comm, PTR(send), PTR(recv), (size_t)count, dtype,
-                                 PTR(stream), &err));
-}
-
-/* reduce_scatter(send, recv, recvcount, dtype, op, stream) */
-static PyObject *comm_reduce_scatter(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype, red;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KKniiK:reduce_scatter", &send, &recv, &count, &dtype, &red,
-                          &stream) ||
-        check_count(count) < 0)
+    if (a.count < 0) {
+        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
         return NULL;
-    RUN(mlu_nccl_comm_reduce_scatter(self->comm, PTR(send), PTR(recv), (size_t)count, dtype, red,
-                                     PTR(stream), &err));
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = run_call(self->comm, kind, &a, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK)
+        return comm_raise(op, &err);
+    Py_RETURN_NONE;
 }
 
-/* send(buf, count, dtype, peer, stream) */
-static PyObject *comm_send(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long buf, stream;
-    Py_ssize_t count;
-    int dtype, peer;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KniiK:send", &buf, &count, &dtype, &peer, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_send(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
-}
-
-/* recv(buf, count, dtype, peer, stream) */
-static PyObject *comm_recv(PyObject *op, PyObject *args)
-{
-    CommObject *self = (CommObject *)op;
-    unsigned long long buf, stream;
-    Py_ssize_t count;
-    int dtype, peer;
-    mlu_error err;
-    mlu_status st;
-
-    if (!PyArg_ParseTuple(args, "KniiK:recv", &buf, &count, &dtype, &peer, &stream) ||
-        check_count(count) < 0)
-        return NULL;
-    RUN(mlu_nccl_comm_recv(self->comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err));
-}
-
-static PyObject *comm_group_start(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_group_start(self->comm, &err));
-}
-
-static PyObject *comm_group_end(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_group_end(self->comm, &err));
-}
-
-static PyObject *comm_abort(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_abort(self->comm, &err));
-}
-
-static PyObject *comm_destroy(PyObject *op, PyObject *unused)
-{
-    CommObject *self = (CommObject *)op;
-    mlu_error err;
-    mlu_status st;
-
-    (void)unused;
-    RUN(mlu_nccl_comm_destroy(self->comm, &err));
-}
-#undef RUN
+/* The method of each call kind (a PyMethodDef cannot carry the kind). */
+#define COMM_METHOD(name, kind)                                  \
+    static PyObject *comm_##name(PyObject *op, PyObject *args)   \
+    {                                                            \
+        return comm_call(op, args, kind);                        \
+    }
+COMM_METHOD(all_reduce, CALL_ALL_REDUCE)
+COMM_METHOD(broadcast, CALL_BROADCAST)
+COMM_METHOD(reduce_scatter, CALL_REDUCE_SCATTER)
+COMM_METHOD(all_gather, CALL_ALL_GATHER)
+COMM_METHOD(send, CALL_SEND)
+COMM_METHOD(recv, CALL_RECV)
+COMM_METHOD(group_start, CALL_GROUP_START)
+COMM_METHOD(group_end, CALL_GROUP_END)
+COMM_METHOD(abort, CALL_ABORT)
+COMM_METHOD(destroy, CALL_DESTROY)
+#undef COMM_METHOD
 
 /* async_error() -> (code, text): ncclCommGetAsyncError, 0 when none. */
 static PyObject *comm_async_error(PyObject *op, PyObject *unused)
@@ -414,7 +355,7 @@ static PyObject *comm_async_error(PyObject *op, PyObject *unused)
     mlu_error_clear(&err);
     st = mlu_nccl_comm_async_error(self->comm, &result, &err);
     if (st != MLU_OK)
-        return comm_raise(op, self->comm, &err);
+        return comm_raise(op, &err);
     if (result != MLU_NCCL_SUCCESS && result != MLU_NCCL_IN_PROGRESS) {
         mlu_error_clear(&err);
         (void)mlu_nccl_fail(&nccl_lib, NULL, "the communicator", result, &err);
@@ -499,15 +440,10 @@ int mlu_nccl_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *type;
 
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
     if (mlu_add_struct_type(m, &library_desc, &st->nccl_library_type) < 0)
         return -1;
-    type = PyType_FromModuleAndSpec(m, &comm_spec, NULL); /* new ref */
-    if (type == NULL)
-        return -1;
-    st->nccl_comm_type = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, "NcclComm", type);
+    return mlu_add_heap_type(m, &comm_spec, &st->nccl_comm_type);
 }

@@ -71,6 +71,23 @@ static PyObject *raise_for(PyTypeObject *type, const mlu_error *err)
     return st == NULL ? NULL : mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
+/* The slots and spec of one of this file's types: <prefix>_new, _dealloc and
+ * _methods, its name under mlutils._core (tpname) and its docstring. */
+#define OFFLOAD_TYPE(prefix, object, tpname, doc)                              \
+    static PyType_Slot prefix##_slots[] = {                                    \
+        {Py_tp_new, (void *)prefix##_new},                                     \
+        {Py_tp_dealloc, (void *)prefix##_dealloc},                             \
+        {Py_tp_methods, prefix##_methods},                                     \
+        {Py_tp_doc, doc},                                                      \
+        {0, NULL},                                                             \
+    };                                                                         \
+    static PyType_Spec prefix##_spec = {                                       \
+        .name = "mlutils._core." tpname,                                       \
+        .basicsize = sizeof(object),                                           \
+        .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,                \
+        .slots = prefix##_slots,                                               \
+    };
+
 /* ------------------------------------------------------------------ HostPool */
 
 typedef struct {
@@ -197,15 +214,19 @@ static PyObject *HostPool_set_cap(HostPoolObject *self, PyObject *arg)
 
 static PyObject *HostPool_check(HostPoolObject *self, PyObject *unused)
 {
-    mlu_error err;
+    mlu_error err, broken;
+    mlu_state *st;
 
     (void)unused;
     mlu_error_clear(&err);
-    if (mlu_offload_pool_check(self->pool, &err) != MLU_OK) {
-        PyErr_Format(PyExc_AssertionError, "offload pool invariant broken: %s", err.text);
+    if (mlu_offload_pool_check(self->pool, &err) == MLU_OK)
+        Py_RETURN_NONE;
+    st = mlu_state_from_type(Py_TYPE(self)); /* borrowed; NULL with an exception set */
+    if (st == NULL)
         return NULL;
-    }
-    Py_RETURN_NONE;
+    mlu_error_clear(&broken);
+    mlu_error_set(&broken, err.code, err.offset, "offload pool invariant broken: %s", err.text);
+    return mlu_raise(st, &broken, MLU_DOMAIN_SELF_CHECK, NULL);
 }
 
 static PyMethodDef HostPool_methods[] = {
@@ -219,20 +240,8 @@ static PyMethodDef HostPool_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyType_Slot HostPool_slots[] = {
-    {Py_tp_new, (void *)HostPool_new},
-    {Py_tp_dealloc, (void *)HostPool_dealloc},
-    {Py_tp_methods, HostPool_methods},
-    {Py_tp_doc, "HostPool(max_bytes=None): size-classed, capped pool of host buffers."},
-    {0, NULL},
-};
-
-static PyType_Spec HostPool_spec = {
-    .name = "mlutils._core.HostPool",
-    .basicsize = sizeof(HostPoolObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
-    .slots = HostPool_slots,
-};
+OFFLOAD_TYPE(HostPool, HostPoolObject, "HostPool",
+             "HostPool(max_bytes=None): size-classed, capped pool of host buffers.")
 
 /* --------------------------------------------------------- CudaOffloadEngine */
 
@@ -282,83 +291,121 @@ static void Engine_dealloc(EngineObject *self)
     Py_DECREF(tp);
 }
 
-static int engine_open(EngineObject *self)
+/* The engine's calls: each method parses into engine_args and runs one core
+ * call of its kind through engine_call (open check, no GIL, raise). */
+typedef enum engine_op {
+    OP_STREAMS, OP_SAVE, OP_LOAD, OP_WAIT, OP_SYNC, OP_RELEASE, OP_STATS, OP_TRIM, OP_COUNT
+} engine_op;
+
+static const char *const op_names[OP_COUNT] = {
+    "streams", "save", "load", "wait", "sync", "release", "stats", "trim",
+};
+
+/* A call's arguments and results, by name; addresses are device pointers and cudaStream_t. */
+typedef struct engine_args {
+    long long handle;                        /* in; out of save */
+    unsigned long long ptr, scratch, stream; /* in */
+    Py_ssize_t nbytes;                       /* in: save, load (> 0) */
+    int mode;                                /* in: save */
+    void *d2h, *h2d;                         /* out: streams */
+    mlu_pool_stats stats;                    /* out: stats */
+    int64_t handles;                         /* out: stats */
+    uint64_t freed;                          /* out: trim */
+} engine_args;
+
+#define PTR(x) ((void *)(uintptr_t)(x))
+
+static mlu_status engine_run(mlu_cuda_offload *eng, engine_op op, engine_args *a, mlu_error *err)
 {
+    int64_t handle = (int64_t)a->handle;
+    mlu_status st;
+
+    switch (op) {
+    case OP_STREAMS:
+        return mlu_cuda_offload_streams(eng, &a->d2h, &a->h2d, err);
+    case OP_SAVE:
+        st = mlu_cuda_offload_save(eng, PTR(a->ptr), (size_t)a->nbytes, a->mode, PTR(a->scratch), PTR(a->stream),
+                                   &handle, err);
+        a->handle = (long long)handle;
+        return st;
+    case OP_LOAD:
+        return mlu_cuda_offload_load(eng, handle, PTR(a->ptr), (size_t)a->nbytes, PTR(a->scratch), PTR(a->stream),
+                                     err);
+    case OP_WAIT:
+        return mlu_cuda_offload_wait(eng, handle, PTR(a->stream), err);
+    case OP_SYNC:
+        return mlu_cuda_offload_sync(eng, handle, err);
+    case OP_RELEASE:
+        return mlu_cuda_offload_release(eng, handle, err);
+    case OP_STATS:
+        return mlu_cuda_offload_stats(eng, &a->stats, &a->handles, err);
+    case OP_TRIM:
+        return mlu_cuda_offload_trim(eng, &a->freed, err);
+    default:
+        return mlu_error_set(err, MLU_EINVAL, -1, "unknown offload call %d", (int)op);
+    }
+}
+
+/* Runs op on the open engine without the GIL: 0, or -1 with an exception set. */
+static int engine_call(EngineObject *self, engine_op op, engine_args *a)
+{
+    mlu_error err;
+    mlu_status st;
+
     if (self->eng == NULL) {
         PyErr_SetString(PyExc_ValueError, "CudaOffloadEngine is closed");
+        return -1;
+    }
+    if ((op == OP_SAVE || op == OP_LOAD) && a->nbytes <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: nbytes must be > 0, got %zd", op_names[op], a->nbytes);
+        return -1;
+    }
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = engine_run(self->eng, op, a, &err);
+    Py_END_ALLOW_THREADS
+    if (st != MLU_OK) {
+        raise_for(Py_TYPE(self), &err);
         return -1;
     }
     return 0;
 }
 
+#define ENGINE_ARGS_INIT {-1, 0, 0, 0, 0, 0, NULL, NULL, {0}, 0, 0}
+
 static PyObject *Engine_streams(EngineObject *self, PyObject *unused)
 {
-    void *d2h = NULL, *h2d = NULL;
-    mlu_error err;
+    engine_args a = ENGINE_ARGS_INIT;
 
     (void)unused;
-    if (engine_open(self) < 0)
+    if (engine_call(self, OP_STREAMS, &a) < 0)
         return NULL;
-    mlu_error_clear(&err);
-    if (mlu_cuda_offload_streams(self->eng, &d2h, &h2d, &err) != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
-    return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)d2h, (unsigned long long)(uintptr_t)h2d);
+    return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)a.d2h, (unsigned long long)(uintptr_t)a.h2d);
 }
 
 /* save(ptr, nbytes, mode=0, scratch=0, stream=0) -> handle */
 static PyObject *Engine_save(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ptr", "nbytes", "mode", "scratch", "stream", NULL};
-    unsigned long long ptr = 0, scratch = 0, stream = 0;
-    Py_ssize_t nbytes = 0;
-    int mode = 0;
-    int64_t handle = -1;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kn|iKK:save", kwlist, &ptr, &nbytes, &mode, &scratch, &stream))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kn|iKK:save", kwlist, &a.ptr, &a.nbytes, &a.mode, &a.scratch,
+                                     &a.stream) ||
+        engine_call(self, OP_SAVE, &a) < 0)
         return NULL;
-    if (engine_open(self) < 0)
-        return NULL;
-    if (nbytes <= 0) {
-        PyErr_Format(PyExc_ValueError, "save: nbytes must be > 0, got %zd", nbytes);
-        return NULL;
-    }
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_save(self->eng, (const void *)(uintptr_t)ptr, (size_t)nbytes, mode,
-                               (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &handle, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
-    return PyLong_FromLongLong(handle);
+    return PyLong_FromLongLong(a.handle);
 }
 
 /* load(handle, ptr, nbytes, scratch=0, stream=0) */
 static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"handle", "ptr", "nbytes", "scratch", "stream", NULL};
-    unsigned long long ptr = 0, scratch = 0, stream = 0;
-    long long handle = -1;
-    Py_ssize_t nbytes = 0;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LKn|KK:load", kwlist, &handle, &ptr, &nbytes, &scratch, &stream))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LKn|KK:load", kwlist, &a.handle, &a.ptr, &a.nbytes, &a.scratch,
+                                     &a.stream) ||
+        engine_call(self, OP_LOAD, &a) < 0)
         return NULL;
-    if (engine_open(self) < 0)
-        return NULL;
-    if (nbytes <= 0) {
-        PyErr_Format(PyExc_ValueError, "load: nbytes must be > 0, got %zd", nbytes);
-        return NULL;
-    }
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_load(self->eng, (int64_t)handle, (void *)(uintptr_t)ptr, (size_t)nbytes,
-                               (void *)(uintptr_t)scratch, (void *)(uintptr_t)stream, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
@@ -366,90 +413,53 @@ static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
 static PyObject *Engine_wait(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"handle", "stream", NULL};
-    unsigned long long stream = 0;
-    long long handle = -1;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|K:wait", kwlist, &handle, &stream))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|K:wait", kwlist, &a.handle, &a.stream) ||
+        engine_call(self, OP_WAIT, &a) < 0)
         return NULL;
-    if (engine_open(self) < 0)
-        return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_wait(self->eng, (int64_t)handle, (void *)(uintptr_t)stream, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
 /* sync(handle) / release(handle): one handle argument. */
-static PyObject *engine_handle_call(EngineObject *self, PyObject *arg,
-                                    mlu_status (*fn)(mlu_cuda_offload *, int64_t, mlu_error *))
+static PyObject *engine_handle_call(EngineObject *self, PyObject *arg, engine_op op)
 {
-    long long handle = PyLong_AsLongLong(arg);
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
-    if (handle == -1 && PyErr_Occurred())
+    a.handle = PyLong_AsLongLong(arg);
+    if ((a.handle == -1 && PyErr_Occurred()) || engine_call(self, op, &a) < 0)
         return NULL;
-    if (engine_open(self) < 0)
-        return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = fn(self->eng, (int64_t)handle, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_sync(EngineObject *self, PyObject *arg)
 {
-    return engine_handle_call(self, arg, mlu_cuda_offload_sync);
+    return engine_handle_call(self, arg, OP_SYNC);
 }
 
 static PyObject *Engine_release(EngineObject *self, PyObject *arg)
 {
-    return engine_handle_call(self, arg, mlu_cuda_offload_release);
+    return engine_handle_call(self, arg, OP_RELEASE);
 }
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 {
-    mlu_pool_stats s;
-    int64_t handles = 0;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
     (void)unused;
-    if (engine_open(self) < 0)
+    if (engine_call(self, OP_STATS, &a) < 0)
         return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_stats(self->eng, &s, &handles, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
-    return stats_dict(&s, handles);
+    return stats_dict(&a.stats, a.handles);
 }
 
 static PyObject *Engine_trim(EngineObject *self, PyObject *unused)
 {
-    uint64_t freed = 0;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
     (void)unused;
-    if (engine_open(self) < 0)
+    if (engine_call(self, OP_TRIM, &a) < 0)
         return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_trim(self->eng, &freed, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
-    return PyLong_FromUnsignedLongLong(freed);
+    return PyLong_FromUnsignedLongLong(a.freed);
 }
 
 /* window(max_inflight=<keep>) -> {"max_inflight": int or None, "waits": int} */
@@ -510,20 +520,8 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyType_Slot Engine_slots[] = {
-    {Py_tp_new, (void *)Engine_new},
-    {Py_tp_dealloc, (void *)Engine_dealloc},
-    {Py_tp_methods, Engine_methods},
-    {Py_tp_doc, "CudaOffloadEngine(device=0, max_bytes=None): pinned pool, copy streams, events."},
-    {0, NULL},
-};
-
-static PyType_Spec Engine_spec = {
-    .name = "mlutils._core.CudaOffloadEngine",
-    .basicsize = sizeof(EngineObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
-    .slots = Engine_slots,
-};
+OFFLOAD_TYPE(Engine, EngineObject, "CudaOffloadEngine",
+             "CudaOffloadEngine(device=0, max_bytes=None): pinned pool, copy streams, events.")
 
 /* offload_packed_size(mode, nelem) -> int: host bytes of a packed tensor. */
 static PyObject *py_offload_packed_size(PyObject *m, PyObject *args)
@@ -547,17 +545,6 @@ static PyObject *py_offload_packed_size(PyObject *m, PyObject *args)
     return PyLong_FromSize_t(n);
 }
 
-/* Makes the type of spec, owned by *field (a module state field), and adds it. */
-static int add_type(PyObject *m, PyType_Spec *spec, PyObject **field)
-{
-    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL); /* new ref */
-
-    if (type == NULL)
-        return -1;
-    *field = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, strrchr(spec->name, '.') + 1, type);
-}
-
 int mlu_offload_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
@@ -568,8 +555,8 @@ int mlu_offload_module_init(PyObject *m)
 
     mlu_state *st = mlu_get_state(m);
 
-    if (add_type(m, &HostPool_spec, &st->offload_pool_type) < 0 ||
-        add_type(m, &Engine_spec, &st->offload_engine_type) < 0)
+    if (mlu_add_heap_type(m, &HostPool_spec, &st->offload_pool_type) < 0 ||
+        mlu_add_heap_type(m, &Engine_spec, &st->offload_engine_type) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "OFFLOAD_RAW", MLU_OFFLOAD_RAW) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F32_BF16", MLU_OFFLOAD_F32_BF16) < 0 ||

@@ -21,11 +21,9 @@ static PyObject *raise_err(mlu_state *st, const mlu_error *err)
     return mlu_raise(st, err, MLU_DOMAIN_VALUE, NULL);
 }
 
-/* PatternError for EINVAL, as every pattern problem is a ValueError. */
-static PyObject *raise_pattern(mlu_state *st, mlu_error *err)
+/* PatternError for a bad pattern (MLU_EINVAL or MLU_EFORMAT: errors.c's table). */
+static PyObject *raise_pattern(mlu_state *st, const mlu_error *err)
 {
-    if (err->code == MLU_EINVAL)
-        err->code = MLU_EFORMAT;
     return mlu_raise(st, err, MLU_DOMAIN_PATTERN, NULL);
 }
 
@@ -230,8 +228,7 @@ static PyObject *tables_result(mlu_state *st, PyObject *idx, PyObject *mask, mlu
     PyObject *runs = NULL, *res = NULL;
 
     if (rc != MLU_OK) {
-        mlu_error e = *err;
-        raise_pattern(st, &e);
+        raise_pattern(st, err);
         goto done;
     }
     runs = runs_array((const int64_t *)PyArray_DATA((PyArrayObject *)idx),
@@ -260,11 +257,7 @@ static PyObject *table_build_indexes(PyObject *self, PyObject *args)
     if (st == NULL || !PyArg_ParseTuple(args, "LLp:build_indexes", &t_in, &k, &valid))
         return NULL;
     mlu_error_clear(&err);
-    if (k != p->n_q) { /* checked first so that the shape below is sane */
-        rc = mlu_pattern_build_indexes(p, t_in, k, valid, NULL, NULL, &err);
-        return raise_pattern(st, &err);
-    }
-    if (t_in < 0 || t_in > p->timesteps) {
+    if (k != p->n_q || t_in < 0 || t_in > p->timesteps) { /* the core's reason, before any shape is made */
         rc = mlu_pattern_build_indexes(p, t_in, k, valid, NULL, NULL, &err);
         return raise_pattern(st, &err);
     }
@@ -416,7 +409,7 @@ error:
 
 /* Finishes a constructor: table on success, PatternError otherwise. */
 static PyObject *table_or_raise(mlu_state *st, PatternTableObject *tab, mlu_status rc,
-                                mlu_error *err)
+                                const mlu_error *err)
 {
     if (rc != MLU_OK) {
         Py_DECREF(tab);
@@ -425,185 +418,140 @@ static PyObject *table_or_raise(mlu_state *st, PatternTableObject *tab, mlu_stat
     return (PyObject *)tab;
 }
 
-typedef mlu_status (*delays_check)(int64_t n_q, const int64_t *delays, int64_t n_delays,
-                                   mlu_error *err);
+/* The providers: pattern_check_<name>(n_q, lists...) validates the
+ * arguments, pattern_<name>(n_q, ..., timesteps) builds the table.  Each
+ * parses into provider_args by the shape of its kind (provider_parse), then
+ * one function checks, builds and raises for all (provider_call). */
+typedef enum provider {
+    P_DELAYED,      /* (n_q, delays[, flatten_first, empty_initial, timesteps]) */
+    P_UNROLLED,     /* (n_q, flattening, delays[, timesteps]) */
+    P_COARSE_FIRST, /* (n_q, delays[, timesteps]) */
+    P_MUSICLM,      /* (n_q, group_by, timesteps): nothing to check apart */
+} provider;
 
-/* (n_q, delays) -> None, or PatternError with the reason `check` gives. */
-static PyObject *check_delays(PyObject *m, PyObject *args, const char *format, delays_check check)
+/* A provider's arguments by name; the lists are owned (mlu_free). */
+typedef struct provider_args {
+    long long n_q, timesteps, flatten_first, empty_initial, group_by;
+    int64_t *flattening, *delays;
+    int64_t n_flat, n_delays;
+} provider_args;
+
+/* Parses args for provider p (with timesteps and the build options when
+ * `build`): 0, or -1 with an exception set (lists made so far stay in a). */
+static int provider_parse(provider p, int build, PyObject *args, provider_args *a)
 {
-    long long n_q;
-    PyObject *delays_obj, *res = NULL;
-    int64_t *delays = NULL, nd; /* delays: owned */
-    mlu_error err;
+    PyObject *flat = NULL, *delays = NULL; /* borrowed */
+    int ok = 0;
 
-    if (!PyArg_ParseTuple(args, format, &n_q, &delays_obj))
-        goto done;
-    if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        goto done;
-    mlu_error_clear(&err);
-    if (check(n_q, delays, nd, &err) != MLU_OK)
-        raise_pattern(mlu_get_state(m), &err);
-    else
-        res = Py_NewRef(Py_None);
-done:
-    mlu_free(delays);
-    return res;
+    switch (p) {
+    case P_DELAYED:
+        ok = build ? PyArg_ParseTuple(args, "LOLLL:pattern_delayed", &a->n_q, &delays, &a->flatten_first,
+                                      &a->empty_initial, &a->timesteps)
+                   : PyArg_ParseTuple(args, "LO:pattern_check_delayed", &a->n_q, &delays);
+        break;
+    case P_UNROLLED:
+        ok = build ? PyArg_ParseTuple(args, "LOOL:pattern_unrolled", &a->n_q, &flat, &delays, &a->timesteps)
+                   : PyArg_ParseTuple(args, "LOO:pattern_check_unrolled", &a->n_q, &flat, &delays);
+        break;
+    case P_COARSE_FIRST:
+        ok = build ? PyArg_ParseTuple(args, "LOL:pattern_coarse_first", &a->n_q, &delays, &a->timesteps)
+                   : PyArg_ParseTuple(args, "LO:pattern_check_coarse_first", &a->n_q, &delays);
+        break;
+    case P_MUSICLM:
+        ok = PyArg_ParseTuple(args, "LLL:pattern_musiclm", &a->n_q, &a->group_by, &a->timesteps);
+        break;
+    }
+    if (!ok)
+        return -1;
+    if (flat != NULL && int_list(flat, "flattening", &a->flattening, &a->n_flat) < 0)
+        return -1;
+    if (delays != NULL && int_list(delays, "delays", &a->delays, &a->n_delays) < 0)
+        return -1;
+    return 0;
 }
 
-/* pattern_check_delayed(n_q, delays) -> None */
-static PyObject *py_check_delayed(PyObject *m, PyObject *args)
+static mlu_status provider_check(provider p, const provider_args *a, mlu_error *err)
 {
-    return check_delays(m, args, "LO:pattern_check_delayed", mlu_pattern_check_delayed);
+    switch (p) {
+    case P_DELAYED:
+        return mlu_pattern_check_delayed(a->n_q, a->delays, a->n_delays, err);
+    case P_UNROLLED:
+        return mlu_pattern_check_unrolled(a->n_q, a->flattening, a->n_flat, a->delays, a->n_delays, err);
+    case P_COARSE_FIRST:
+        return mlu_pattern_check_coarse_first(a->n_q, a->delays, a->n_delays, err);
+    default:
+        return MLU_OK;
+    }
 }
 
-/* pattern_check_coarse_first(n_q, delays) -> None */
-static PyObject *py_check_coarse_first(PyObject *m, PyObject *args)
+static mlu_status provider_build(provider p, mlu_pattern *pat, const provider_args *a, mlu_error *err)
 {
-    return check_delays(m, args, "LO:pattern_check_coarse_first", mlu_pattern_check_coarse_first);
+    switch (p) {
+    case P_DELAYED:
+        return mlu_pattern_delayed(pat, a->delays, a->flatten_first, a->empty_initial, err);
+    case P_UNROLLED:
+        return mlu_pattern_unrolled(pat, a->flattening, a->delays, err);
+    case P_COARSE_FIRST:
+        return mlu_pattern_coarse_first(pat, a->delays, err);
+    default:
+        return mlu_pattern_musiclm(pat, a->group_by, err);
+    }
 }
 
-static PyObject *py_check_unrolled(PyObject *m, PyObject *args)
-{
-    long long n_q;
-    PyObject *flat_obj, *delays_obj, *res = NULL;
-    int64_t *flat = NULL, *delays = NULL, nf, nd;
-    mlu_error err;
-
-    if (!PyArg_ParseTuple(args, "LOO:pattern_check_unrolled", &n_q, &flat_obj, &delays_obj))
-        return NULL;
-    if (int_list(flat_obj, "flattening", &flat, &nf) < 0)
-        goto done;
-    if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        goto done;
-    mlu_error_clear(&err);
-    if (mlu_pattern_check_unrolled(n_q, flat, nf, delays, nd, &err) != MLU_OK)
-        raise_pattern(mlu_get_state(m), &err);
-    else
-        res = Py_NewRef(Py_None);
-done:
-    mlu_free(flat);
-    mlu_free(delays);
-    return res;
-}
-
-/* pattern_delayed(n_q, delays, flatten_first, empty_initial, timesteps) -> PatternTable */
-static PyObject *py_delayed(PyObject *m, PyObject *args)
+/* New ref: None after a check (build 0), or the built PatternTable;
+ * PatternError with the reason the core gives. */
+static PyObject *provider_call(PyObject *m, PyObject *args, provider p, int build)
 {
     mlu_state *st = mlu_get_state(m);
-    long long n_q, ff, ei, T;
-    PyObject *delays_obj;
-    int64_t *delays = NULL, nd;
-    PatternTableObject *tab = NULL;
+    provider_args a;
+    PatternTableObject *tab;
     PyObject *res = NULL;
     mlu_error err;
     mlu_status rc;
 
-    if (!PyArg_ParseTuple(args, "LOLLL:pattern_delayed", &n_q, &delays_obj, &ff, &ei, &T))
-        return NULL;
-    if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        return NULL;
+    memset(&a, 0, sizeof(a));
+    if (provider_parse(p, build, args, &a) < 0)
+        goto done;
     mlu_error_clear(&err);
-    if (mlu_pattern_check_delayed(n_q, delays, nd, &err) != MLU_OK) {
+    if (provider_check(p, &a, &err) != MLU_OK) {
         raise_pattern(st, &err);
         goto done;
     }
-    tab = table_new(st, n_q, T);
-    if (tab == NULL)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    rc = mlu_pattern_delayed(&tab->pat, delays, ff, ei, &err);
-    Py_END_ALLOW_THREADS
-    res = table_or_raise(st, tab, rc, &err);
-done:
-    mlu_free(delays);
-    return res;
-}
-
-/* pattern_unrolled(n_q, flattening, delays, timesteps) -> PatternTable */
-static PyObject *py_unrolled(PyObject *m, PyObject *args)
-{
-    mlu_state *st = mlu_get_state(m);
-    long long n_q, T;
-    PyObject *flat_obj, *delays_obj, *res = NULL;
-    int64_t *flat = NULL, *delays = NULL, nf, nd;
-    PatternTableObject *tab = NULL;
-    mlu_error err;
-    mlu_status rc;
-
-    if (!PyArg_ParseTuple(args, "LOOL:pattern_unrolled", &n_q, &flat_obj, &delays_obj, &T))
-        return NULL;
-    if (int_list(flat_obj, "flattening", &flat, &nf) < 0 ||
-        int_list(delays_obj, "delays", &delays, &nd) < 0)
-        goto done;
-    mlu_error_clear(&err);
-    if (mlu_pattern_check_unrolled(n_q, flat, nf, delays, nd, &err) != MLU_OK) {
-        raise_pattern(st, &err);
+    if (!build) {
+        res = Py_NewRef(Py_None);
         goto done;
     }
-    tab = table_new(st, n_q, T);
+    tab = table_new(st, a.n_q, a.timesteps);
     if (tab == NULL)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    rc = mlu_pattern_unrolled(&tab->pat, flat, delays, &err);
+    rc = provider_build(p, &tab->pat, &a, &err);
     Py_END_ALLOW_THREADS
     res = table_or_raise(st, tab, rc, &err);
 done:
-    mlu_free(flat);
-    mlu_free(delays);
+    mlu_free(a.flattening);
+    mlu_free(a.delays);
     return res;
 }
 
-/* pattern_coarse_first(n_q, delays, timesteps) -> PatternTable */
-static PyObject *py_coarse_first(PyObject *m, PyObject *args)
-{
-    mlu_state *st = mlu_get_state(m);
-    long long n_q, T;
-    PyObject *delays_obj, *res = NULL;
-    int64_t *delays = NULL, nd;
-    PatternTableObject *tab = NULL;
-    mlu_error err;
-    mlu_status rc;
-
-    if (!PyArg_ParseTuple(args, "LOL:pattern_coarse_first", &n_q, &delays_obj, &T))
-        return NULL;
-    if (int_list(delays_obj, "delays", &delays, &nd) < 0)
-        return NULL;
-    mlu_error_clear(&err);
-    if (mlu_pattern_check_coarse_first(n_q, delays, nd, &err) != MLU_OK) {
-        raise_pattern(st, &err);
-        goto done;
+/* The module functions of each provider (a PyMethodDef cannot carry p). */
+#define PROVIDER_FUNCTIONS(name, p)                                  \
+    static PyObject *py_check_##name(PyObject *m, PyObject *args)    \
+    {                                                                \
+        return provider_call(m, args, p, 0);                         \
+    }                                                                \
+    static PyObject *py_##name(PyObject *m, PyObject *args)          \
+    {                                                                \
+        return provider_call(m, args, p, 1);                         \
     }
-    tab = table_new(st, n_q, T);
-    if (tab == NULL)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    rc = mlu_pattern_coarse_first(&tab->pat, delays, &err);
-    Py_END_ALLOW_THREADS
-    res = table_or_raise(st, tab, rc, &err);
-done:
-    mlu_free(delays);
-    return res;
-}
+PROVIDER_FUNCTIONS(delayed, P_DELAYED)
+PROVIDER_FUNCTIONS(unrolled, P_UNROLLED)
+PROVIDER_FUNCTIONS(coarse_first, P_COARSE_FIRST)
+#undef PROVIDER_FUNCTIONS
 
-/* pattern_musiclm(n_q, group_by, timesteps) -> PatternTable */
 static PyObject *py_musiclm(PyObject *m, PyObject *args)
 {
-    mlu_state *st = mlu_get_state(m);
-    long long n_q, g, T;
-    PatternTableObject *tab;
-    mlu_error err;
-    mlu_status rc;
-
-    if (!PyArg_ParseTuple(args, "LLL:pattern_musiclm", &n_q, &g, &T))
-        return NULL;
-    tab = table_new(st, n_q, T);
-    if (tab == NULL)
-        return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    rc = mlu_pattern_musiclm(&tab->pat, g, &err);
-    Py_END_ALLOW_THREADS
-    return table_or_raise(st, tab, rc, &err);
+    return provider_call(m, args, P_MUSICLM, 1);
 }
 
 /* Reads one coordinate (a (t, q) pair: LayoutCoord or any 2-sequence).
@@ -863,13 +811,8 @@ int mlu_pattern_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *tp;
 
-    tp = PyType_FromModuleAndSpec(m, &table_spec, NULL); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->pattern_table_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "PatternTable", tp) < 0)
+    if (mlu_add_heap_type(m, &table_spec, &st->pattern_table_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -5,9 +5,10 @@
  * storage checks; no metadata is read through a mapping), makes one uint8
  * NumPy array per storage (in mode 0 a view of a private mapping of the file
  * when the record is stored and aligned, else a copy read with pread) and
- * converts the node tree to Python objects.  Torch-specific values go through `hooks`, a tuple of
- * callables (tensor, dtype, size, device) supplied by mlutils/_ptload.py, so
- * this file never imports torch. */
+ * converts the node tree to Python objects.  Torch-specific values go through `hooks`, an object
+ * with tensor, dtype, size and device callables (read by name) supplied by mlutils/_ptload.py, so
+ * this file never imports torch.  hooks.tensor and hooks.device take every argument by keyword
+ * (their names are in one table each below); hooks.dtype and hooks.size take one value. */
 #include "npy.h"
 
 #include <errno.h>
@@ -32,6 +33,7 @@ typedef struct conv {
     /* owned: the hooks object's callables, read by name (see py_pt_load) */
     PyObject *hook_tensor, *hook_dtype, *hook_size, *hook_device;
     PyObject *tensor_kwnames; /* owned: hooks.tensor's keyword names, made on first use */
+    PyObject *device_kwnames; /* owned: hooks.device's keyword names, made on first use */
     PyObject *odict;      /* owned: collections.OrderedDict */
     PyObject *counter;    /* owned: collections.Counter */
 } conv;
@@ -139,6 +141,33 @@ done:
     return t;
 }
 
+/* New ref: hook(**{names[i]: values[i]}), every argument by keyword.
+ * *kwnames (owned by the conv) is the tuple of names, made on first use;
+ * values are borrowed, and a NULL among them (making it failed) fails the call. */
+static PyObject *call_by_name(PyObject *hook, PyObject **kwnames, const char *const *names,
+                              PyObject *const *values, Py_ssize_t n)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < n; i++)
+        if (values[i] == NULL)
+            return NULL;
+    if (*kwnames == NULL) {
+        PyObject *t = PyTuple_New(n); /* new ref */
+        for (i = 0; t != NULL && i < n; i++) {
+            PyObject *name = PyUnicode_InternFromString(names[i]); /* new ref */
+            if (name == NULL)
+                Py_CLEAR(t);
+            else
+                PyTuple_SET_ITEM(t, i, name); /* steals name */
+        }
+        if (t == NULL)
+            return NULL;
+        *kwnames = t;
+    }
+    return PyObject_Vectorcall(hook, values, 0, *kwnames);
+}
+
 /* The keyword arguments of hooks.tensor, in the order of make_tensor's values. */
 enum { TA_STORAGE, TA_KEY, TA_NAME, TA_OFFSET, TA_SHAPE, TA_STRIDE, TA_REQUIRES_GRAD, TA_IS_PARAMETER, TA_COUNT };
 static const char *const tensor_arg_names[TA_COUNT] = {
@@ -150,7 +179,7 @@ static const char *const tensor_arg_names[TA_COUNT] = {
 static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 {
     uint32_t s = c->pt->vm.pids[t->pid].storage;
-    PyObject *v[TA_COUNT] = {NULL}, *res = NULL;
+    PyObject *v[TA_COUNT] = {NULL}, *res;
     int i;
 
     v[TA_STORAGE] = Py_NewRef(c->storages[s]);
@@ -161,25 +190,31 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
     v[TA_STRIDE] = int_tuple(t->stride, t->ndim);
     v[TA_REQUIRES_GRAD] = PyLong_FromLong(t->requires_grad);
     v[TA_IS_PARAMETER] = PyLong_FromLong(t->is_parameter);
-    for (i = 0; i < TA_COUNT && v[i] != NULL; i++)
-        ;
-    if (i == TA_COUNT && c->tensor_kwnames == NULL) {
-        c->tensor_kwnames = PyTuple_New(TA_COUNT);
-        for (i = 0; c->tensor_kwnames != NULL && i < TA_COUNT; i++) {
-            PyObject *name = PyUnicode_InternFromString(tensor_arg_names[i]); /* new ref */
-            if (name == NULL) {
-                Py_CLEAR(c->tensor_kwnames);
-                break;
-            }
-            PyTuple_SET_ITEM(c->tensor_kwnames, i, name); /* steals name */
-        }
-    }
-    if (i == TA_COUNT && c->tensor_kwnames != NULL)
-        res = PyObject_Vectorcall(c->hook_tensor, v, 0, c->tensor_kwnames);
+    res = call_by_name(c->hook_tensor, &c->tensor_kwnames, tensor_arg_names, v, TA_COUNT);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);
     for (i = 0; i < TA_COUNT; i++)
         Py_XDECREF(v[i]);
+    return res;
+}
+
+/* The keyword arguments of hooks.device: torch.device(type, index). */
+enum { DA_TYPE, DA_INDEX, DA_COUNT };
+static const char *const device_arg_names[DA_COUNT] = {"type", "index"};
+
+/* New ref: hooks.device(type= (str, e.g. "cuda"), index= (int, or None when
+ * the pickle gave none)), every argument by keyword. */
+static PyObject *make_device(conv *c, const mlu_pk_node *n)
+{
+    PyObject *v[DA_COUNT], *res;
+
+    v[DA_TYPE] = make_str(c, n);
+    v[DA_INDEX] = n->u.s.index >= 0 ? PyLong_FromLongLong((long long)n->u.s.index) : Py_NewRef(Py_None);
+    res = call_by_name(c->hook_device, &c->device_kwnames, device_arg_names, v, DA_COUNT);
+    if (res == NULL)
+        wrap_error(c, "cannot build a torch.device", NULL);
+    Py_XDECREF(v[DA_TYPE]);
+    Py_XDECREF(v[DA_INDEX]);
     return res;
 }
 
@@ -371,19 +406,9 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
             goto error;
         break;
-    case MLU_PKN_DEVICE: {
-        PyObject *s = make_str(c, n);
-        if (s == NULL)
-            break;
-        if (n->u.s.index >= 0)
-            o = PyObject_CallFunction(c->hook_device, "Oi", s, (int)n->u.s.index);
-        else
-            o = PyObject_CallFunction(c->hook_device, "OO", s, Py_None);
-        Py_DECREF(s);
-        if (o == NULL)
-            wrap_error(c, "cannot build a torch.device", NULL);
+    case MLU_PKN_DEVICE:
+        o = make_device(c, n);
         break;
-    }
     case MLU_PKN_DTYPE:
         o = PyObject_CallFunction(c->hook_dtype, "s", mlu_torch_dtypes[n->sub].name);
         if (o == NULL)
@@ -631,6 +656,7 @@ done:
     Py_XDECREF(c.hook_size);
     Py_XDECREF(c.hook_device);
     Py_XDECREF(c.tensor_kwnames);
+    Py_XDECREF(c.device_kwnames);
     Py_XDECREF(c.keys);
     Py_XDECREF(c.odict);
     Py_XDECREF(c.counter);
@@ -719,7 +745,7 @@ int mlu_ptload_module_init(PyObject *m)
          "_pt_load(path, mode, hooks): parse a PyTorch checkpoint with the restricted unpickler.\n"
          "mode 'mmap': storages map the file where possible; 'copy': storages are copies; 'index': no storages;\n"
          "'verify': like 'index', and deflated records are inflated to check them.  hooks: an object with\n"
-         "tensor, dtype, size and device callables."},
+         "tensor, dtype, size and device callables; tensor and device are called with keyword arguments only."},
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);

@@ -72,24 +72,29 @@ done:
     return out;
 }
 
-/* _raise_status(status, text, errno=0, domain="value", filename=None):
+/* _raise_status(status, text, errno=0, domain="value", subject=None, offset=-1):
  * raises what mlu_raise makes of that core error, so a test can check the
- * status -> exception table itself.  status and domain are the names of
- * mlu.h's and module.h's enums, without their prefixes. */
+ * status -> exception tables themselves.  status and domain are the names of
+ * mlu.h's and module.h's enums, without their prefixes, in lower case for
+ * the domain. */
 static PyObject *py_raise_status(PyObject *m, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"status", "text", "errno", "domain", "filename", NULL};
+    static char *kwlist[] = {"status", "text", "errno", "domain", "subject", "offset", NULL};
     static const char *const statuses[MLU_STATUS_COUNT] = {
         "OK", "ENOMEM", "EINVAL", "ETYPE", "EOVERFLOW", "EIO", "EFORMAT", "EUNSAFE", "ENOTSUP", "EDEVICE",
+        "ETIMEDOUT",
     };
-    static const char *const domains[MLU_DOMAIN_COUNT] = {"value", "safetensors", "torch", "pattern"};
+    static const char *const domains[MLU_DOMAIN_COUNT] = {
+        "value", "safetensors", "torch", "pattern", "json", "library", "self_check",
+    };
     const char *status, *text, *domain = "value";
     int sys_errno = 0, code, dom;
-    PyObject *filename = Py_None;
+    long long offset = -1;
+    PyObject *subject = Py_None;
     mlu_error err;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|isO:_raise_status", kwlist, &status, &text,
-                                     &sys_errno, &domain, &filename))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|isOL:_raise_status", kwlist, &status, &text,
+                                     &sys_errno, &domain, &subject, &offset))
         return NULL;
     for (code = 0; code < MLU_STATUS_COUNT && strcmp(statuses[code], status) != 0; code++)
         ;
@@ -100,8 +105,9 @@ static PyObject *py_raise_status(PyObject *m, PyObject *args, PyObject *kw)
     mlu_error_clear(&err);
     err.code = (mlu_status)code;
     err.sys_errno = sys_errno;
+    err.offset = (int64_t)offset;
     PyOS_snprintf(err.text, sizeof(err.text), "%s", text);
-    return mlu_raise(mlu_get_state(m), &err, (mlu_domain)dom, filename == Py_None ? NULL : filename);
+    return mlu_raise(mlu_get_state(m), &err, (mlu_domain)dom, subject == Py_None ? NULL : subject);
 }
 
 int mlu_testing_module_init(PyObject *m)
@@ -117,7 +123,8 @@ int mlu_testing_module_init(PyObject *m)
          "_pk_allowlist() -> [(module, name, supported)]: every GLOBAL the .pt reader accepts (supported) or "
          "refuses as allowed by torch but not built here."},
         {"_raise_status", (PyCFunction)(void (*)(void))py_raise_status, METH_VARARGS | METH_KEYWORDS,
-         "_raise_status(status, text, errno=0, domain='value', filename=None): raise as the core's status would."},
+         "_raise_status(status, text, errno=0, domain='value', subject=None, offset=-1): raise as the core's "
+         "status would."},
         {NULL, NULL, 0, NULL},
     };
     return PyModule_AddFunctions(m, methods);

@@ -6,7 +6,9 @@
  *   -DFAKE_NO_LASTERROR  leave out the optional ncclGetLastError
  *   -DFAKE_WORKING       communicators initialise and every call succeeds
  *   -DFAKE_HANG          non-blocking initialisation never completes
- *                        (ncclCommGetAsyncError keeps answering ncclInProgress) */
+ *                        (ncclCommGetAsyncError keeps answering ncclInProgress)
+ *   -DFAKE_HANG_CALLS    communicators initialise; an ncclAllReduce never
+ *                        completes (ncclInProgress from then on) */
 #include <stddef.h>
 #include <string.h>
 
@@ -48,12 +50,13 @@ EXPORT const char *ncclGetLastError(void *comm)
 }
 #endif
 
-#if defined(FAKE_WORKING) || defined(FAKE_HANG)
+#if defined(FAKE_WORKING) || defined(FAKE_HANG) || defined(FAKE_HANG_CALLS)
 static int fake_comm_storage;
-#ifdef FAKE_WORKING
-#define INIT_RESULT 0
-#else
+static int fake_pending; /* an ncclAllReduce is in progress for ever (FAKE_HANG_CALLS) */
+#ifdef FAKE_HANG
 #define INIT_RESULT 7
+#else
+#define INIT_RESULT 0
 #endif
 EXPORT int ncclCommInitRank(void **comm, int nranks, char id[128], int rank)
 {
@@ -70,7 +73,7 @@ EXPORT int ncclCommInitRankConfig(void **comm, int nranks, char id[128], int ran
 EXPORT int ncclCommGetAsyncError(void *comm, int *result)
 {
     (void)comm;
-    *result = INIT_RESULT;
+    *result = fake_pending ? 7 : INIT_RESULT;
     return 0;
 }
 #define OK_STUB(name) EXPORT int name(void) { return 0; }
@@ -79,7 +82,15 @@ OK_STUB(ncclCommAbort)
 OK_STUB(ncclCommFinalize)
 OK_STUB(ncclCommCount)
 OK_STUB(ncclCommUserRank)
+#ifdef FAKE_HANG_CALLS
+EXPORT int ncclAllReduce(void)
+{
+    fake_pending = 1;
+    return 7;
+}
+#else
 OK_STUB(ncclAllReduce)
+#endif
 OK_STUB(ncclBroadcast)
 OK_STUB(ncclAllGather)
 OK_STUB(ncclReduceScatter)
