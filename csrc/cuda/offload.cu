@@ -669,14 +669,14 @@ extern "C" mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *e, mlu_pool_stats
 extern "C" mlu_status mlu_cuda_offload_window(mlu_cuda_offload *e, const size_t *limit, size_t *cur_limit,
                                               uint64_t *waits, mlu_error *err)
 {
-    std::lock_guard<std::mutex> hold(e->lock);
+    engine_call call(e);
+    mlu_status rc = call.status(err);
 
-    (void)err;
-    if (limit != nullptr)
+    if (rc == MLU_OK && limit != nullptr)
         e->window.limit = *limit;
     *cur_limit = e->window.limit;
     *waits = e->window.waits;
-    return MLU_OK;
+    return rc;
 }
 
 extern "C" mlu_status mlu_cuda_offload_trim(mlu_cuda_offload *e, uint64_t *freed, mlu_error *err)

@@ -294,11 +294,11 @@ static void Engine_dealloc(EngineObject *self)
 /* The engine's calls: each method parses into engine_args and runs one core
  * call of its kind through engine_call (open check, no GIL, raise). */
 typedef enum engine_op {
-    OP_STREAMS, OP_SAVE, OP_LOAD, OP_WAIT, OP_SYNC, OP_RELEASE, OP_STATS, OP_TRIM, OP_COUNT
+    OP_STREAMS, OP_SAVE, OP_LOAD, OP_WAIT, OP_SYNC, OP_RELEASE, OP_STATS, OP_TRIM, OP_WINDOW, OP_COUNT
 } engine_op;
 
 static const char *const op_names[OP_COUNT] = {
-    "streams", "save", "load", "wait", "sync", "release", "stats", "trim",
+    "streams", "save", "load", "wait", "sync", "release", "stats", "trim", "window",
 };
 
 /* A call's arguments and results, by name; addresses are device pointers and cudaStream_t. */
@@ -311,6 +311,9 @@ typedef struct engine_args {
     mlu_pool_stats stats;                    /* out: stats */
     int64_t handles;                         /* out: stats */
     uint64_t freed;                          /* out: trim */
+    int set_window;                          /* in: window (0: only read it) */
+    size_t window;                           /* in/out: window's limit (SIZE_MAX: none) */
+    uint64_t waits;                          /* out: window */
 } engine_args;
 
 #define PTR(x) ((void *)(uintptr_t)(x))
@@ -341,6 +344,8 @@ static mlu_status engine_run(mlu_cuda_offload *eng, engine_op op, engine_args *a
         return mlu_cuda_offload_stats(eng, &a->stats, &a->handles, err);
     case OP_TRIM:
         return mlu_cuda_offload_trim(eng, &a->freed, err);
+    case OP_WINDOW:
+        return mlu_cuda_offload_window(eng, a->set_window ? &a->window : NULL, &a->window, &a->waits, err);
     default:
         return mlu_error_set(err, MLU_EINVAL, -1, "unknown offload call %d", (int)op);
     }
@@ -371,7 +376,7 @@ static int engine_call(EngineObject *self, engine_op op, engine_args *a)
     return 0;
 }
 
-#define ENGINE_ARGS_INIT {-1, 0, 0, 0, 0, 0, NULL, NULL, {0}, 0, 0}
+#define ENGINE_ARGS_INIT {-1, 0, 0, 0, 0, 0, NULL, NULL, {0}, 0, 0, 0, 0, 0}
 
 static PyObject *Engine_streams(EngineObject *self, PyObject *unused)
 {
@@ -467,26 +472,19 @@ static PyObject *Engine_window(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"max_inflight", NULL};
     PyObject *limit_obj = NULL;
-    size_t limit, cur = 0;
-    uint64_t waits = 0;
-    mlu_error err;
-    mlu_status st;
+    engine_args a = ENGINE_ARGS_INIT;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:window", kwlist, &limit_obj))
         return NULL;
-    if (engine_open(self) < 0)
+    if (limit_obj != NULL && parse_bytes_limit(limit_obj, "max_inflight", &a.window) < 0)
         return NULL;
-    if (limit_obj != NULL && parse_bytes_limit(limit_obj, "max_inflight", &limit) < 0)
+    a.set_window = limit_obj != NULL;
+    if (engine_call(self, OP_WINDOW, &a) < 0)
         return NULL;
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = mlu_cuda_offload_window(self->eng, limit_obj != NULL ? &limit : NULL, &cur, &waits, &err);
-    Py_END_ALLOW_THREADS
-    if (st != MLU_OK)
-        return raise_for(Py_TYPE(self), &err);
-    if (cur == SIZE_MAX)
-        return Py_BuildValue("{s:O,s:K}", "max_inflight", Py_None, "waits", (unsigned long long)waits);
-    return Py_BuildValue("{s:K,s:K}", "max_inflight", (unsigned long long)cur, "waits", (unsigned long long)waits);
+    if (a.window == SIZE_MAX)
+        return Py_BuildValue("{s:O,s:K}", "max_inflight", Py_None, "waits", (unsigned long long)a.waits);
+    return Py_BuildValue("{s:K,s:K}", "max_inflight", (unsigned long long)a.window, "waits",
+                         (unsigned long long)a.waits);
 }
 
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)
