@@ -1,8 +1,9 @@
-/* safetensors.c: header validation, byte-identical header writing, file mappings. */
+/* safetensors.c: header validation, byte-identical header writing, reading a header from a file. */
 #define _GNU_SOURCE
 #include "safetensors.h"
 #include "alloc.h"
 #include "atomicfile.h"
+#include "file.h"
 #include "json.h"
 
 #include <errno.h>
@@ -859,67 +860,39 @@ done:
     return st;
 }
 
-/* ------------------------------------------------------------------ mappings */
+/* ------------------------------------------------------------------ files */
 
-mlu_status mlu_st_map_file(const char *path, uint8_t **base, size_t *len, mlu_error *err)
+mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error *err)
 {
-    mlu_status st = MLU_EIO;
-    struct stat sb;
-    int fd;
-    void *p;
+    mlu_status st;
+    uint8_t prefix[8] = {0};
+    uint8_t *head = NULL;
+    uint64_t n = 0;
+    size_t k;
 
-    *base = NULL;
-    *len = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        st = mlu_error_errno(err, errno, "cannot open '%s'", path);
+    memset(h, 0, sizeof(*h));
+    if (size < 8) {
+        st = mlu_st_parse(prefix, size, h, err); /* too short: the parser says so in its words */
         goto done;
     }
-    if (fstat(fd, &sb) != 0) {
-        st = mlu_error_errno(err, errno, "cannot stat '%s'", path);
+    if ((st = mlu_file_read_at(fd, 0, prefix, 8, "the header length", err)) != MLU_OK)
+        goto done;
+    for (k = 0; k < 8; k++)
+        n |= (uint64_t)prefix[k] << (8 * k);
+    if (n > MLU_ST_MAX_HEADER || 8 + n > size) {
+        st = mlu_st_parse(prefix, size, h, err); /* refused from the 8 bytes alone */
         goto done;
     }
-    if (S_ISDIR(sb.st_mode)) {
-        st = mlu_error_errno(err, EISDIR, "'%s' is a folder", path);
+    head = mlu_malloc((size_t)(8 + n));
+    if (head == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "cannot allocate the %" PRIu64 "-byte header", n);
         goto done;
     }
-    if (!S_ISREG(sb.st_mode)) {
-        st = mlu_error_errno(err, EINVAL, "'%s' is not a regular file", path);
+    memcpy(head, prefix, 8);
+    if ((st = mlu_file_read_at(fd, 8, head + 8, (size_t)n, "the header", err)) != MLU_OK)
         goto done;
-    }
-    if (sb.st_size < 0 || (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
-        st = mlu_error_set(err, MLU_EOVERFLOW, -1, "'%s' is too large to map", path);
-        goto done;
-    }
-    if (sb.st_size > 0) {
-        p = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            st = mlu_error_errno(err, errno, "cannot map '%s'", path);
-            goto done;
-        }
-        *base = p;
-        *len = (size_t)sb.st_size;
-    }
-    st = MLU_OK;
+    st = mlu_st_parse(head, size, h, err);
 done:
-    if (fd >= 0)
-        close(fd);
+    mlu_free(head);
     return st;
-}
-
-mlu_status mlu_st_map_anon(size_t len, uint8_t **base, mlu_error *err)
-{
-    void *p = mmap(NULL, len ? len : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-    *base = NULL;
-    if (p == MAP_FAILED)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "cannot map %zu bytes of memory", len);
-    *base = p;
-    return MLU_OK;
-}
-
-void mlu_st_unmap(uint8_t *base, size_t len)
-{
-    if (base != NULL)
-        munmap(base, len ? len : 1);
 }
