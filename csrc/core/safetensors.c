@@ -808,50 +808,26 @@ error:
     return st;
 }
 
-/* Starts writeback of what was written so far every WRITEBACK_STEP bytes,
- * so the final fsync overlaps with copying instead of following it (durable
- * writes only: without the fsync it would only slow the write down). */
-#define WRITEBACK_STEP ((uint64_t)32 << 20)
-
-static mlu_status write_chunked(mlu_afile *f, const uint8_t *p, uint64_t n, uint64_t *flushed,
-                                mlu_error *err)
-{
-    mlu_status st = MLU_OK;
-
-    while (n > 0 && st == MLU_OK) {
-        uint64_t room = *flushed + WRITEBACK_STEP - f->written;
-        size_t chunk = (size_t)(n < room ? n : room);
-        st = mlu_afile_write(f, p, chunk, err);
-        p += chunk;
-        n -= chunk;
-        if (st == MLU_OK && f->written - *flushed >= WRITEBACK_STEP) {
-#ifdef SYNC_FILE_RANGE_WRITE
-            /* Advisory: a filesystem that refuses it only loses the overlap. */
-            if (f->flags & MLU_AFILE_DURABLE)
-                (void)sync_file_range(f->fd, (off64_t)*flushed, (off64_t)(f->written - *flushed),
-                                      SYNC_FILE_RANGE_WRITE);
-#endif
-            *flushed = f->written; /* the next step's chunk starts here, durable or not */
-        }
-    }
-    return st;
-}
-
 mlu_status mlu_st_write_file(const char *path, const void *header, size_t header_len,
                              const mlu_st_entry *entries, size_t n, unsigned afile_flags,
                              mlu_error *err)
 {
     mlu_status st;
     mlu_afile f;
-    uint64_t flushed = 0;
     size_t i;
 
     st = mlu_afile_open(&f, path, afile_flags, err);
     if (st != MLU_OK)
         goto done;
-    st = write_chunked(&f, header, header_len, &flushed, err);
-    for (i = 0; i < n && st == MLU_OK; i++)
-        st = write_chunked(&f, entries[i].data, entries[i].nbytes, &flushed, err);
+    st = mlu_afile_write(&f, header, header_len, err);
+    for (i = 0; i < n && st == MLU_OK; i++) {
+        if (entries[i].nbytes > (uint64_t)SIZE_MAX) {
+            st = mlu_error_set(err, MLU_EOVERFLOW, -1, "tensor '%.*s' is too large for this machine",
+                               (int)entries[i].name_len, entries[i].name);
+            break;
+        }
+        st = mlu_afile_write(&f, entries[i].data, (size_t)entries[i].nbytes, err);
+    }
     if (st == MLU_OK)
         st = mlu_afile_commit(&f, err);
     else

@@ -119,7 +119,7 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
 
 /* Writes header + each entry's bytes (in the order given) to `path`
  * atomically; afile_flags are mlu_afile_open's (MLU_AFILE_DURABLE: fsynced,
- * with writeback started every 32 MiB).  Touches no Python: callers may
+ * with writeback started as it goes).  Touches no Python: callers may
  * release the GIL. */
 mlu_status mlu_st_write_file(const char *path, const void *header, size_t header_len,
                              const mlu_st_entry *entries, size_t n, unsigned afile_flags,

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
-/* Unit tests of core/file (open and check, read at, size check, mappings). */
+/* Unit tests of core/file (open and check, read at, size check, mappings)
+ * and of the durable writer's writeback pacing (core/atomicfile). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 
 #include "mlu_test.h"
 #include "core/alloc.h"
+#include "core/atomicfile.h"
 #include "core/file.h"
 
 static char dir[64];
@@ -139,6 +141,53 @@ static void test_regular(void)
     CHECK(mlu_file_map_anon(&m, 0, &err) == MLU_OK && m.data == NULL);
 }
 
+/* Durable writes start writeback at every MLU_AFILE_WRITEBACK_STEP
+ * boundary (flushed follows it), whatever the sizes of the writes; plain
+ * ones never; the bytes are the same. */
+static void test_writeback_pacing(void)
+{
+    const size_t step = (size_t)MLU_AFILE_WRITEBACK_STEP;
+    const size_t total = 2 * step + 12345;
+    size_t piece, off, n;
+    char p[128];
+    uint8_t *data = mlu_malloc(total), *back = NULL;
+    mlu_afile f;
+    mlu_error err;
+    unsigned flags;
+    size_t len = 0;
+
+    CHECK(data != NULL);
+    if (data == NULL)
+        return;
+    for (off = 0; off < total; off++)
+        data[off] = (uint8_t)(off * 131 + (off >> 13));
+    path_in(p, sizeof(p), "paced.bin");
+    for (flags = 0; flags <= MLU_AFILE_DURABLE; flags += MLU_AFILE_DURABLE) {
+        /* one write of everything, writes of 3 MiB + 1 (never on a boundary), and 1 byte then the rest */
+        for (piece = 0; piece < 3; piece++) {
+            mlu_error_clear(&err);
+            CHECK(mlu_afile_open(&f, p, flags, &err) == MLU_OK);
+            CHECK(f.written == 0 && f.flushed == 0);
+            for (off = 0; off < total; off += n) {
+                n = piece == 0 ? total : piece == 1 ? (size_t)(3 << 20) + 1 : (off == 0 ? 1 : total - 1);
+                if (n > total - off)
+                    n = total - off;
+                CHECK(mlu_afile_write(&f, data + off, n, &err) == MLU_OK);
+                /* flushed: the last whole step written (durable), never past written */
+                CHECK(f.written == off + n);
+                CHECK(f.flushed == (flags ? (off + n) / step * step : 0));
+            }
+            CHECK(mlu_afile_commit(&f, &err) == MLU_OK);
+            CHECK(mlu_read_file(p, (char **)&back, &len, &err) == MLU_OK);
+            CHECK(len == total && back != NULL && memcmp(back, data, total) == 0);
+            mlu_free(back);
+            back = NULL;
+        }
+    }
+    unlink(p);
+    mlu_free(data);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof(dir), "/tmp/mlu_test_file.XXXXXX");
@@ -148,6 +197,7 @@ int main(void)
     }
     test_open_kinds();
     test_regular();
+    test_writeback_pacing();
     rmdir(dir);
     return TEST_DONE("test_file");
 }
