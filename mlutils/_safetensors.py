@@ -482,9 +482,10 @@ class _Reader:
         self.index = {e.name: i for i, e in enumerate(self.entries)}
         self.table = _np_dtypes()[0] if self.framework == "np" else _RAW
 
-    def raw(self, i: int) -> np.ndarray:
-        """A zero-copy array (the torch path copies misaligned tensors)."""
-        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt")
+    def raw(self, i: int, check: bool = True) -> np.ndarray:
+        """A zero-copy array (the torch path copies misaligned tensors); check=False: the caller
+        called map.check() (the file has not shrunk) itself."""
+        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt", check)
 
     def convert(self, arr: np.ndarray, i: int) -> Any:
         if self.framework == "np":
@@ -496,7 +497,8 @@ class _Reader:
         return self.convert(self.raw(i), i)
 
     def all(self) -> Dict[str, Any]:
-        return {e.name: self.tensor(i) for i, e in enumerate(self.entries)}
+        self.map.check()  # once, not per tensor: a file cut before now is an error, not SIGBUS
+        return {e.name: self.convert(self.raw(i, False), i) for i, e in enumerate(self.entries)}
 
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
@@ -554,7 +556,9 @@ class _Slice:
         lo = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s < 0)
         hi = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s > 0) + sel.itemsize
         part = np.ndarray(sel.shape, sel.dtype, r.map.read(self._i, lo, hi), first - lo, sel.strides)
-        return r.convert(np.array(part, copy=True, order="C"), self._i)
+        if not (part.flags.c_contiguous and part.nbytes == hi - lo):  # else the bytes read are the result
+            part = np.array(part, copy=True, order="C")
+        return r.convert(part, self._i)
 
     def __repr__(self) -> str:
         return f"<safetensors slice {self._reader.entries[self._i].name!r} {self.get_dtype()} {self.get_shape()}>"

@@ -2,7 +2,8 @@
  *
  *   st_open(path) -> SafetensorsMap        the file mapped privately, header validated
  *   st_from_bytes(data) -> SafetensorsMap  a private copy of bytes, header validated
- *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False)
+ *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False, check=True)
+ *   SafetensorsMap.read(index, start, stop) / .check() / .close()
  *   st_serialize(entries, metadata, path=None) -> bytes | None
  *
  * Arrays made by .array() point into the mapping and hold a reference to the
@@ -300,22 +301,24 @@ error:
     return NULL;
 }
 
-/* array(index, dtype, copy_unaligned=False) -> ndarray
+/* array(index, dtype, copy_unaligned=False, check=True) -> ndarray
  *
  * dtype: a NumPy dtype whose item size is the tensor's element size, or any
  * 1-byte dtype for the sub-byte types (F4, F6_*), whose shape becomes the
  * header's with the last dimension scaled by bits/8 when that is whole, else
  * one dimension of the packed byte count.  The array points into the mapping
  * (writable, copy-on-write) unless it is misaligned for dtype and
- * copy_unaligned is set, in which case it is a copy. */
+ * copy_unaligned is set, in which case it is a copy (read with pread).  A
+ * view is made after checking the file has not shrunk, unless check is
+ * false (the caller called check() itself, once for many arrays). */
 static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"index", "dtype", "copy_unaligned", NULL};
+    static char *kwlist[] = {"index", "dtype", "copy_unaligned", "check", NULL};
     StMap *m = (StMap *)self;
     mlu_state *st = mlu_state_from_type(Py_TYPE(self));
     Py_ssize_t index;
     PyArray_Descr *descr = NULL;
-    int copy_unaligned = 0, nd, aligned, k;
+    int copy_unaligned = 0, check = 1, nd, aligned, k;
     npy_intp dims[NPY_MAXDIMS];
     const mlu_st_tensor *t;
     unsigned bits;
@@ -324,9 +327,9 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     uint64_t nbytes;
     PyObject *arr = NULL;
 
-    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|p:array", kwlist, &index,
+    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|pp:array", kwlist, &index,
                                                    PyArray_DescrConverter, &descr,
-                                                   &copy_unaligned))
+                                                   &copy_unaligned, &check))
         return NULL;
     /* from here descr is a new reference */
     if (index < 0 || (size_t)index >= m->hdr.ntensors) {
@@ -392,7 +395,11 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
             goto error;
         goto done;
     }
-    if (stmap_check(m, st) < 0)
+    if (m->closed) {
+        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        goto error;
+    }
+    if (check && stmap_check(m, st) < 0)
         goto error;
     /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
     arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr,
@@ -450,6 +457,18 @@ done:
     return arr;
 }
 
+/* check(): raises SafetensorsError when the file has shrunk since it was
+ * opened (or is closed): then views of the mapping must not be made. */
+static PyObject *stmap_check_py(PyObject *self, PyObject *unused)
+{
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self));
+
+    (void)unused;
+    if (st == NULL || stmap_check((StMap *)self, st) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* close(): closes the file; arrays already made stay valid (they keep the
  * mapping), new ones and reads raise SafetensorsError. */
 static PyObject *stmap_close(PyObject *self, PyObject *unused)
@@ -482,7 +501,9 @@ static PyMethodDef stmap_methods[] = {
     {"entries", stmap_entries, METH_NOARGS,
      "entries() -> list[SafetensorsEntry (name, dtype, shape, begin, end)] in offset order."},
     {"array", (PyCFunction)(void (*)(void))stmap_array, METH_VARARGS | METH_KEYWORDS,
-     "array(index, dtype, copy_unaligned=False) -> ndarray over the mapped bytes."},
+     "array(index, dtype, copy_unaligned=False, check=True) -> ndarray over the mapped bytes."},
+    {"check", stmap_check_py, METH_NOARGS,
+     "check() -> None: SafetensorsError if the file has shrunk since it was opened."},
     {"read", stmap_read, METH_VARARGS,
      "read(index, start, stop) -> uint8 ndarray: bytes [start, stop) of a tensor, read from the file."},
     {"close", stmap_close, METH_NOARGS,
