@@ -11,6 +11,13 @@ write, since jansson cannot hold them) and returns
 NumPy arrays that point into a private copy-on-write mapping of the file:
 writable, zero-copy, and the file itself never changes.
 
+A file cut by another process while it is read raises SafetensorsError,
+never SIGBUS: the header, slices (``get_slice``) and copies are read with
+pread, and before an array views the mapping the file is checked to still
+have every byte it had when opened.  The one hazard left is
+``torch.load(mmap=True)``'s: if the file is cut while such arrays are alive,
+touching their vanished pages raises SIGBUS.
+
 dtypes on the NumPy side
     BOOL U8 I8 U16 I16 U32 I32 U64 I64 F16 F32 F64 C64 are NumPy's own.
     BF16 and the F8 types are ``ml_dtypes`` types when it is installed, else
@@ -448,9 +455,10 @@ class _Reader:
         self.index = {e.name: i for i, e in enumerate(self.entries)}
         self.table = _np_dtypes()[0] if self.framework == "np" else _RAW
 
-    def raw(self, i: int) -> np.ndarray:
-        """A zero-copy array (the torch path copies misaligned tensors)."""
-        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt")
+    def raw(self, i: int, check: bool = True) -> np.ndarray:
+        """A zero-copy array (the torch path copies misaligned tensors); check=False: the caller
+        called map.check() (the file has not shrunk) itself."""
+        return self.map.array(i, self.table[self.entries[i].dtype], self.framework == "pt", check)
 
     def convert(self, arr: np.ndarray, i: int) -> Any:
         if self.framework == "np":
@@ -462,19 +470,31 @@ class _Reader:
         return self.convert(self.raw(i), i)
 
     def all(self) -> Dict[str, Any]:
-        return {e.name: self.tensor(i) for i, e in enumerate(self.entries)}
+        self.map.check()  # once, not per tensor: a file cut before now is an error, not SIGBUS
+        return {e.name: self.convert(self.raw(i, False), i) for i, e in enumerate(self.entries)}
 
 
 def load_file(path: PathLike, framework: str = "np", device: str = "cpu") -> Dict[str, Any]:
     """Every tensor of the file, in offset order: NumPy arrays over a private
     mapping ("np"), or torch tensors ("pt"/"torch") moved to ``device``
     (without torch, "pt" raises :class:`TorchNotInstalledError`)."""
-    return _Reader(_core.st_open(os.fspath(path)), framework, device).all()
+    m = _core.st_open(os.fspath(path))
+    try:
+        return _Reader(m, framework, device).all()
+    finally:
+        m.close()  # the arrays keep the mapping, not the file descriptor
 
 
 def load(data: bytes, framework: str = "np") -> Dict[str, Any]:
     """Like :func:`load_file` over the bytes of a file (copied once)."""
     return _Reader(_core.st_from_bytes(data), framework).all()
+
+
+def _basic_index(i: Any) -> bool:
+    """An index item NumPy applies as a view (no element read): int, slice, None, Ellipsis."""
+    if i is None or i is Ellipsis or isinstance(i, slice):
+        return True
+    return isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
 
 
 class _Slice:
@@ -491,9 +511,26 @@ class _Slice:
         return self._reader.entries[self._i].dtype
 
     def __getitem__(self, index: Any) -> Any:
+        # Reads only the bytes the selection spans, with pread (a file cut by
+        # another process is then a SafetensorsError, never SIGBUS), and
+        # copies the selection out of them; nothing is read through the mapping.
         r = self._reader
-        full = r.map.array(self._i, r.table[self.get_dtype()], False)  # no bytes read yet
-        part = np.array(full[index], copy=True, order="C")  # reads only the selected pages
+        full = r.map.array(self._i, r.table[self.get_dtype()], False)  # a view: no bytes read yet
+        idx = index if isinstance(index, tuple) else (index,)
+        if not all(_basic_index(i) for i in idx):  # advanced indexing reads: from a copy of the tensor
+            whole = np.ndarray(full.shape, full.dtype, r.map.read(self._i, 0, full.nbytes))
+            return r.convert(np.array(whole[index], copy=True, order="C"), self._i)
+        if not any(i is Ellipsis for i in idx):
+            idx += (Ellipsis,)  # integers then give a 0-d view, not an element read from the mapping
+        sel = full[idx]
+        if sel.size == 0:
+            return r.convert(np.empty(sel.shape, sel.dtype), self._i)
+        first = sel.__array_interface__["data"][0] - full.__array_interface__["data"][0]
+        lo = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s < 0)
+        hi = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s > 0) + sel.itemsize
+        part = np.ndarray(sel.shape, sel.dtype, r.map.read(self._i, lo, hi), first - lo, sel.strides)
+        if not (part.flags.c_contiguous and part.nbytes == hi - lo):  # else the bytes read are the result
+            part = np.array(part, copy=True, order="C")
         return r.convert(part, self._i)
 
     def __repr__(self) -> str:
@@ -514,7 +551,9 @@ class safe_open:
         self.close()
 
     def close(self) -> None:
-        """Forget the file; tensors already returned stay valid."""
+        """Close the file; tensors already returned stay valid."""
+        if self._reader is not None:
+            self._reader.map.close()
         self._reader = None
 
     def _r(self) -> _Reader:
@@ -554,6 +593,7 @@ def read_header(path: PathLike) -> Tuple[Optional[Dict[str, str]], List[Dict[str
     """Validated header: (metadata or None, entries in offset order, each
     ``{"name", "dtype", "shape", "data_offsets"}``)."""
     m = _core.st_open(os.fspath(path))
+    m.close()
     entries = [
         {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
         for e in m.entries()
@@ -563,4 +603,4 @@ def read_header(path: PathLike) -> Tuple[Optional[Dict[str, str]], List[Dict[str
 
 def verify(path: PathLike) -> None:
     """Raise :class:`SafetensorsError` unless ``path`` is a valid safetensors file."""
-    _core.st_open(os.fspath(path))
+    _core.st_open(os.fspath(path)).close()

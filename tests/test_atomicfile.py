@@ -387,8 +387,8 @@ _BIG_WRITES = (
 
 def _trace_big_writes(tmp_path, durable):
     """(folder, strace lines) of _BIG_WRITES run with `durable`: every sync
-    call, rename and flock; 68 MiB is past the writeback step of .pt (64 MiB)
-    and of safetensors (32 MiB)."""
+    call, rename and flock; 68 MiB is past the writers' writeback step (32 MiB,
+    MLU_AFILE_WRITEBACK_STEP, the same for .pt and safetensors)."""
     out = tmp_path / ("durable" if durable else "fast")
     out.mkdir()
     folder = os.path.realpath(out)

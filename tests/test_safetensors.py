@@ -287,6 +287,40 @@ def test_unaligned_tensors_read_correctly(tmp_path):
         np.testing.assert_array_equal(f.get_slice("d")[1:], want["d"][1:])
 
 
+@pytest.mark.parametrize("framework", ["np", "pt"])
+def test_slices_read_what_numpy_indexing_selects(tmp_path, framework):
+    """get_slice reads the bytes a selection spans with pread and copies the
+    selection out of them: every kind of index (negative steps, integers,
+    None, Ellipsis, empty, lists and masks) gives NumPy's values, C-ordered
+    and writable; the library agrees where it takes the index."""
+    if framework == "pt":
+        pytest.importorskip("torch")
+    a = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    odd = np.arange(13, dtype=np.uint8)
+    p = tmp_path / "s.safetensors"
+    S.save_file({"a": a, "odd": odd}, p)
+    basic = [4, (1, 2), (1, 2, 3), slice(1, 3), slice(None, None, -1), (slice(None), 2), (Ellipsis, 3), (),
+             (slice(4, 1, -2), slice(None), slice(None, None, -3)), (np.int64(2), slice(1, 3)), (slice(3, 3),),
+             (0, slice(None), slice(0, 1)), (-1, -2)]
+    with S.safe_open(p, framework=framework) as f, safetensors.safe_open(str(p), framework) as g:
+        sl, gl = f.get_slice("a"), g.get_slice("a")
+        for idx in basic + [(None, 1), ([0, 2],), (a[:, 0, 0] > 50,), (Ellipsis,)]:
+            got = np.asarray(sl[idx])
+            want = np.array(a[idx], copy=True)
+            assert got.shape == want.shape and np.array_equal(got, want), idx
+            assert got.flags.c_contiguous and got.flags.writeable, idx
+        compared = 0
+        for idx in basic:
+            try:
+                lib = np.asarray(gl[idx])
+            except Exception:  # an index the library does not take (negative steps)
+                continue
+            assert np.array_equal(np.asarray(sl[idx]), lib), idx
+            compared += 1
+        assert compared >= 10
+        np.testing.assert_array_equal(np.asarray(f.get_slice("odd")[::-3]), odd[::-3])
+
+
 def test_safe_open_lazy_api(tmp_path):
     a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     p = tmp_path / "s.safetensors"
@@ -484,3 +518,21 @@ def test_map_is_a_gc_heap_type():
     # an instance is tracked and reports the reference to its heap type
     m = _core.st_from_bytes(S.save({"a": np.zeros(2)}))
     assert gc.is_tracked(m) and type(m) in gc.get_referents(m)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_arrays_keep_the_mapping_not_the_file(tmp_path):
+    """The reader keeps the file open only while it may still read it: arrays
+    from load_file, read_header, verify and a closed safe_open hold no file
+    descriptor (thousands of loaded shards must not run out of them)."""
+    p = tmp_path / "s.safetensors"
+    S.save_file({"a": np.arange(10, dtype=np.float32)}, p)
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [S.load_file(p) for _ in range(50)]
+    S.read_header(p)
+    S.verify(p)
+    with S.safe_open(p) as f:
+        kept.append(f.get_tensor("a"))
+        assert len(os.listdir("/proc/self/fd")) == before + 1  # open while safe_open is
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert all(float(k["a"][9]) == 9.0 for k in kept[:-1]) and float(kept[-1][9]) == 9.0

@@ -356,3 +356,245 @@ def test_header_size_limit_both_sides_like_the_library(tmp_path):
     at = struct.pack("<Q", limit) + text[:-1]
     assert _ours_accepts(at) == _lib_accepts(at, tmp_path) == {}
     assert _ours_accepts(blob) == {}
+
+
+# ---------------------------------------------------------------- the same problem, the same class, both formats
+
+def _path_readers():
+    """(id, suffix, call) for every reader that takes a path, of both formats."""
+    from mlutils import _ptload
+    from mlutils import io as mio
+    from mlutils.__main__ import describe
+
+    return [
+        ("st.load_file", ".safetensors", lambda p: S.load_file(p)),
+        ("st.safe_open", ".safetensors", lambda p: S.safe_open(p)),
+        ("st.read_header", ".safetensors", lambda p: S.read_header(p)),
+        ("st.verify", ".safetensors", lambda p: S.verify(p)),
+        ("st.torch_load", ".safetensors", lambda p: mio.torch_load(p, framework="np")),
+        ("st.describe", ".safetensors", lambda p: describe(str(p))),
+        ("pt.load", ".pt", lambda p: _ptload.load(p, framework="np")),
+        ("pt.load-copy", ".pt", lambda p: _ptload.load(p, framework="np", mmap=False)),
+        ("pt.read_index", ".pt", lambda p: _ptload.read_index(p)),
+        ("pt.verify", ".pt", lambda p: _ptload.verify(p)),
+        ("pt.torch_load", ".pt", lambda p: mio.torch_load(p, framework="np")),
+        ("pt.describe", ".pt", lambda p: describe(str(p))),
+    ]
+
+
+def _make(kind, tmp_path, suffix, cleanup):
+    """A path of `kind` named with `suffix`; (path, what the message must say).
+    cleanup: a list that gets the callables that remove what lies outside tmp_path."""
+    import socket
+    import tempfile
+
+    p = tmp_path / ("x" + suffix)
+    if kind == "missing":
+        return p, "No such file"
+    if kind == "directory":
+        p.mkdir()
+        return p, "Is a directory"
+    if kind == "fifo":
+        os.mkfifo(p)  # no writer: opening it must not wait for one
+        return p, "is a FIFO, not a regular file"
+    if kind == "device":
+        p.symlink_to("/dev/null")  # followed, as open() follows it
+        return p, "is a character device, not a regular file"
+    if kind == "socket":
+        short = pathlib.Path(tempfile.mkdtemp(dir="/tmp")) / "s"  # AF_UNIX paths are short
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(short))
+        cleanup += [s.close, short.unlink, short.parent.rmdir]
+        p.symlink_to(short)
+        return p, "is a socket, not a regular file"
+    p.write_bytes({"empty": b"", "short": b"\x01\x00\x00"}[kind])
+    return p, ""
+
+
+# What each problem raises, whatever the format: the path's kind is an OSError
+# where Python has one (as open() raises it) and a ValueError otherwise; bad
+# bytes are the format's own error (a ValueError).
+SAME_CLASS = {"missing": FileNotFoundError, "directory": IsADirectoryError, "fifo": ValueError,
+              "device": ValueError, "socket": ValueError, "empty": "format", "short": "format"}
+
+
+@pytest.mark.parametrize("kind", sorted(SAME_CLASS))
+def test_same_problem_same_exception_for_both_formats(tmp_path, kind):
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError(f"reading a {kind} hung")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    cleanup = []
+    try:
+        for name, suffix, call in _path_readers():
+            d = tmp_path / name
+            d.mkdir()
+            p, words = _make(kind, d, suffix, cleanup)
+            signal.alarm(20)
+            try:
+                with pytest.raises(Exception) as ei:
+                    call(p)
+            finally:
+                signal.alarm(0)
+            e = ei.value
+            want = SAME_CLASS[kind]
+            if want == "format":
+                want = mlutils.SafetensorsError if suffix == ".safetensors" else mlutils.TorchFormatError
+                assert isinstance(e, ValueError), (name, e)
+            assert type(e) is want, (name, type(e), e)
+            assert words in str(e), (name, e)
+            if kind in ("fifo", "device", "socket"):
+                assert str(p) in str(e), (name, e)  # the message names the path
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        for f in cleanup:
+            f()
+
+
+# ---------------------------------------------------------------- a file cut under an open reader
+
+_CUT_CHILD = """
+import os, sys
+import numpy as np
+from mlutils import SafetensorsError
+from mlutils import _safetensors as S
+path, framework = sys.argv[1], sys.argv[2]
+f = S.safe_open(path, framework=framework)
+os.truncate(path, os.path.getsize(path) // 2)  # another process cuts the file
+for what, call in [("get_tensor", lambda: f.get_tensor("w")), ("odd", lambda: f.get_tensor("odd")),
+                   ("get_slice", lambda: f.get_slice("w")[1:3]), ("get_slice-all", lambda: f.get_slice("w")[:]),
+                   ("get_slice-fancy", lambda: f.get_slice("w")[[0, 5]])]:
+    try:
+        t = call()
+        print(what, "ok", float(t.sum()))  # touches every byte
+    except SafetensorsError as e:
+        print(what, "SafetensorsError", e)
+    sys.stdout.flush()
+print("metadata", f.metadata())
+"""
+
+
+def _misaligned_file(path):
+    """F32 'w' (64 KiB, aligned) and F32 'odd' at an odd offset (the torch path copies it)."""
+    w = np.arange(1 << 14, dtype="<f4")
+    odd = np.arange(4, dtype="<f4")
+    hdr = ('{"__metadata__":{"k":"v"},"w":{"dtype":"F32","shape":[128,128],"data_offsets":[0,%d]},'
+           '"pad":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]},'
+           '"odd":{"dtype":"F32","shape":[4],"data_offsets":[%d,%d]}}'
+           % (w.nbytes, w.nbytes, w.nbytes + 1, w.nbytes + 1, w.nbytes + 17)).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    path.write_bytes(struct.pack("<Q", len(hdr)) + hdr + w.tobytes() + b"\x07" + odd.tobytes())
+
+
+@pytest.mark.parametrize("framework", ["np", "pt"])
+def test_file_cut_after_safe_open_is_an_error_not_sigbus(tmp_path, framework):
+    """safe_open, then another process truncates the file, then tensors are
+    read: each read raises SafetensorsError naming the cut (it used to kill
+    the process with SIGBUS: the reads went through the mapping)."""
+    if framework == "pt":
+        pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    p = tmp_path / "m.safetensors"
+    _misaligned_file(p)
+    assert S.load_file(p)["odd"].tolist() == [0, 1, 2, 3]
+    r = subprocess.run([sys.executable, "-c", _CUT_CHILD, str(p), framework], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["get_tensor", "odd", "get_slice", "get_slice-all", "get_slice-fancy",
+                                               "metadata"]
+    for ln in lines[:-1]:
+        assert "SafetensorsError" in ln and "shrank" in ln, ln
+    assert lines[-1] == "metadata {'k': 'v'}"
+
+
+def test_file_cut_then_restored_reads_again(tmp_path):
+    """The check is of the size the file had when opened: a file cut and
+    restored (same inode) reads again; closing keeps arrays valid."""
+    p = tmp_path / "m.safetensors"
+    _misaligned_file(p)
+    data = p.read_bytes()
+    f = S.safe_open(p)
+    with open(p, "r+b") as fh:
+        fh.truncate(100)
+        with pytest.raises(mlutils.SafetensorsError, match="shrank from %d to 100 bytes" % len(data)):
+            f.get_tensor("w")
+        fh.seek(0)
+        fh.write(data)
+    w = f.get_tensor("w")
+    f.close()
+    assert w[127, 127] == (1 << 14) - 1
+    with pytest.raises(mlutils.SafetensorsError, match="closed"):
+        f.get_tensor("w")
+
+
+_RACE_CHILD = """
+import sys, time
+import numpy as np
+from mlutils import SafetensorsError
+from mlutils import _safetensors as S
+from mlutils.__main__ import describe
+path, seconds = sys.argv[1], float(sys.argv[2])
+want = np.arange(1 << 14, dtype="<f4").reshape(128, 128)
+ok = bad = 0
+
+def sliced():
+    with S.safe_open(path) as f:
+        f.get_tensor("w")  # a view, checked but never touched here: the file may be cut after
+        part = f.get_slice("w")[3:100]  # a copy: safe to touch
+        assert np.array_equal(part, want[3:100])
+
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for fn in (lambda: S.verify(path), lambda: S.read_header(path), lambda: describe(path),
+               lambda: S.load_file(path), sliced):
+        try:
+            fn()
+        except SafetensorsError:
+            bad += 1
+        else:
+            ok += 1
+print(ok, bad)
+"""
+
+
+def test_file_cut_by_another_process_during_reads(tmp_path):
+    """A writer keeps cutting and restoring the file (same inode) while a
+    child process opens and reads it: every call succeeds with the right
+    values or raises SafetensorsError; no SIGBUS (the header was read
+    through the mapping, and slices copied from it)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    p = tmp_path / "m.safetensors"
+    _misaligned_file(p)
+    data = p.read_bytes()
+    stop = threading.Event()
+    rng = np.random.default_rng(0)
+
+    def cutter():
+        with open(p, "r+b") as f:
+            while not stop.is_set():
+                f.truncate(int(rng.integers(0, len(data))))
+                time.sleep(0)
+                f.seek(0)
+                f.write(data)
+                f.flush()
+
+    t = threading.Thread(target=cutter)
+    t.start()
+    try:
+        r = subprocess.run([sys.executable, "-c", _RACE_CHILD, str(p), "1.5"], capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        stop.set()
+        t.join()
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    ok, bad = map(int, r.stdout.split())
+    assert ok + bad > 0

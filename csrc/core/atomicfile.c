@@ -204,6 +204,7 @@ mlu_status mlu_afile_open(mlu_afile *f, const char *target, unsigned flags, mlu_
     f->direct = 0;
     f->flags = flags;
     f->written = 0;
+    f->flushed = 0;
     if ((flags & ~MLU_AFILE_ALL_FLAGS) != 0) {
         st = mlu_error_set(err, MLU_EINVAL, -1, "unknown atomic file flags 0x%x",
                            flags & ~MLU_AFILE_ALL_FLAGS);
@@ -298,21 +299,37 @@ done:
 
 mlu_status mlu_afile_write(mlu_afile *f, const void *p, size_t n, mlu_error *err)
 {
+    mlu_status st = MLU_OK;
     const char *c = p;
+    int pace = (f->flags & MLU_AFILE_DURABLE) && !f->direct;
 
     while (n > 0) {
         size_t chunk = n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n;
-        ssize_t w = write(f->fd, c, chunk);
+        ssize_t w;
+        /* durable: stop at the next step boundary, so each step is whole */
+        if (pace && f->flushed + MLU_AFILE_WRITEBACK_STEP - f->written < chunk)
+            chunk = (size_t)(f->flushed + MLU_AFILE_WRITEBACK_STEP - f->written);
+        w = write(f->fd, c, chunk);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            return mlu_error_errno(err, errno, "cannot write '%s'", f->target);
+            st = mlu_error_errno(err, errno, "cannot write '%s'", f->target);
+            goto done;
         }
         c += w;
         n -= (size_t)w;
         f->written += (uint64_t)w;
+        if (pace && f->written - f->flushed >= MLU_AFILE_WRITEBACK_STEP) {
+#ifdef SYNC_FILE_RANGE_WRITE
+            /* advisory: a filesystem that refuses it only leaves the fsync all the work */
+            (void)sync_file_range(f->fd, (off64_t)f->flushed, (off64_t)(f->written - f->flushed),
+                                  SYNC_FILE_RANGE_WRITE);
+#endif
+            f->flushed = f->written;
+        }
     }
-    return MLU_OK;
+done:
+    return st;
 }
 
 /* A FIFO or device written in place: flushed where that means something

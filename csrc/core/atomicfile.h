@@ -13,8 +13,9 @@
  *
  * Durability.  With MLU_AFILE_DURABLE the commit fsyncs the temp file before
  * the rename and the folder after it, so a committed file survives a power
- * loss; writers that start writeback as they go (sync_file_range) do so only
- * then.  Without it (flags 0) the commit only renames: the write is still
+ * loss, and mlu_afile_write starts the kernel's writeback of every
+ * MLU_AFILE_WRITEBACK_STEP bytes as they are written (sync_file_range), so
+ * the fsync at commit finds most of the file already on its way to the disk.  Without it (flags 0) the commit only renames: the write is still
  * atomic (readers and a crashed or killed writer never leave a half-written
  * target, and the temp files are locked and reaped alike), but after a power
  * loss or an OS crash the target may be the old file or, on some
@@ -58,6 +59,17 @@ typedef enum mlu_afile_flags {
 
 #define MLU_AFILE_ALL_FLAGS ((unsigned)MLU_AFILE_DURABLE)
 
+/* Durable writes start writeback every this many bytes.  32 MiB (the .pt
+ * writer used 64, the safetensors writer 32): the fsync at commit then waits
+ * for at most one step not yet handed to the disk plus what is in flight
+ * (some 15-30 ms of a 1-2 GB/s NVMe drive), the dirty pages a save holds stay
+ * far below the kernel's own background threshold (10% of memory), and 32
+ * calls per GiB cost nothing next to the copy.  A step of a few MiB would cut
+ * the disk's work into small requests; on a fast disk 32 and 64 MiB measure
+ * alike (a 768 MiB write: commit 0.15 s either way, 0.34 s unpaced), so the
+ * smaller tail wins on slower ones. */
+#define MLU_AFILE_WRITEBACK_STEP ((uint64_t)32 << 20)
+
 typedef struct mlu_afile {
     int fd;             /* -1 when closed */
     char *target;       /* owned */
@@ -65,10 +77,14 @@ typedef struct mlu_afile {
     int direct;         /* 1: a FIFO or device written in place (no temp file) */
     unsigned flags;     /* mlu_afile_flags given to mlu_afile_open */
     uint64_t written;   /* bytes written through mlu_afile_write */
+    uint64_t flushed;   /* of those, bytes whose writeback was started (durable only;
+                           a multiple of MLU_AFILE_WRITEBACK_STEP) */
 } mlu_afile;
 
 /* flags: MLU_AFILE_DURABLE or 0; an unknown bit is MLU_EINVAL. */
 mlu_status mlu_afile_open(mlu_afile *f, const char *target, unsigned flags, mlu_error *err);
+/* Appends n bytes (write, retried on EINTR and short writes); durable:
+ * starts writeback at each MLU_AFILE_WRITEBACK_STEP boundary crossed. */
 mlu_status mlu_afile_write(mlu_afile *f, const void *p, size_t n, mlu_error *err);
 mlu_status mlu_afile_commit(mlu_afile *f, mlu_error *err);
 void mlu_afile_abort(mlu_afile *f);

@@ -6,13 +6,8 @@
 #include "zipfmt.h"
 #include "zipwrite.h"
 
-#include <errno.h>
 #include <stdlib.h>
-#include <fcntl.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #define MAX_RECORD_NAME 4096
 #define MAX_VERSION 0xA
@@ -603,68 +598,4 @@ mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, mlu_e
         mlu_pt_byteswap(dst, (size_t)ps->nbytes, ps->swap_unit);
 done:
     return st;
-}
-
-mlu_status mlu_file_open_ro(const char *path, int *fd, uint64_t *size, mlu_error *err)
-{
-    mlu_status st = MLU_OK;
-    struct stat sb;
-    int f;
-
-    *fd = -1;
-    *size = 0;
-    f = open(path, O_RDONLY | O_CLOEXEC);
-    if (f < 0) {
-        st = mlu_error_errno(err, errno, "cannot open %s", path);
-        goto done;
-    }
-    if (fstat(f, &sb) < 0) {
-        st = mlu_error_errno(err, errno, "cannot stat %s", path);
-        goto error;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st = mlu_error_set(err, MLU_EINVAL, -1, "%s is not a regular file", path);
-        goto error;
-    }
-    if (sb.st_size == 0) {
-        st = mlu_error_set(err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", path);
-        goto error;
-    }
-    *fd = f;
-    *size = (uint64_t)sb.st_size;
-    goto done;
-error:
-    close(f);
-done:
-    return st;
-}
-
-mlu_status mlu_file_map_fd(mlu_file_map *m, int fd, uint64_t size, mlu_error *err)
-{
-    mlu_status st = MLU_OK;
-    void *p;
-
-    m->data = NULL;
-    m->size = 0;
-    if (size == 0 || size > SIZE_MAX) {
-        st = mlu_error_set(err, MLU_EINVAL, -1, "cannot map a file of %llu bytes", (unsigned long long)size);
-        goto done;
-    }
-    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-        st = mlu_error_errno(err, errno, "cannot map the file");
-        goto done;
-    }
-    m->data = p;
-    m->size = (size_t)size;
-done:
-    return st;
-}
-
-void mlu_file_map_close(mlu_file_map *m)
-{
-    if (m->data != NULL)
-        munmap(m->data, m->size);
-    m->data = NULL;
-    m->size = 0;
 }

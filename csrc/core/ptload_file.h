@@ -10,11 +10,12 @@
  * counts) is read with pread into owned buffers and checked against the size
  * fstat reported, so a file truncated by another process during the load
  * gives MLU_EFORMAT, never SIGBUS.  Only tensor payloads may be used through
- * a mapping (mlu_file_map), by the caller's choice. */
+ * a mapping (mlu_file_map of file.h), by the caller's choice. */
 #ifndef MLU_PTLOAD_FILE_H
 #define MLU_PTLOAD_FILE_H
 
 #include "../mlu.h"
+#include "file.h"
 #include "pickle_read.h"
 #include "zipread.h"
 
@@ -55,20 +56,5 @@ mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, mlu_e
 
 /* Byte-swaps n bytes in place in units of `unit` bytes (1, 2, 4 or 8). */
 void mlu_pt_byteswap(uint8_t *p, size_t n, int unit);
-
-/* Opens path read-only; *fd (owned by the caller on success) and *size from
- * fstat.  Refuses what is not a regular file, and empty files. */
-mlu_status mlu_file_open_ro(const char *path, int *fd, uint64_t *size, mlu_error *err);
-
-/* A private, writable (copy-on-write) mapping of the first `size` bytes of
- * fd, as torch.load(mmap=True) makes.  The one hazard left: if another
- * process truncates the file while arrays view the mapping, touching their
- * vanished pages raises SIGBUS (torch's mapping has the same hazard). */
-typedef struct mlu_file_map {
-    uint8_t *data;  /* owned: the mapping */
-    size_t size;
-} mlu_file_map;
-mlu_status mlu_file_map_fd(mlu_file_map *m, int fd, uint64_t size, mlu_error *err);
-void mlu_file_map_close(mlu_file_map *m);
 
 #endif

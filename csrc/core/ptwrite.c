@@ -637,26 +637,11 @@ mlu_status mlu_ptw_archive_write(mlu_ptw *w, const char *archive, mlu_zipw_sink 
 
 /* ------------------------------------------------------------------ sinks */
 
-/* Start writeback every this many bytes, so the fsync at commit finds most
- * of the file already on its way to the disk (durable saves only: without
- * the fsync it would only slow the save down). */
-#define WRITEBACK_STEP ((uint64_t)64 << 20)
-
 mlu_status mlu_ptw_sink_file(void *ctx, const void *p, size_t n, mlu_error *err)
 {
     mlu_ptw_filesink *fs = ctx;
-    mlu_status st = mlu_afile_write(&fs->f, p, n, err);
 
-#ifdef __linux__
-    if (st == MLU_OK && (fs->f.flags & MLU_AFILE_DURABLE)
-        && fs->f.written - fs->flushed >= WRITEBACK_STEP) {
-        /* advisory: a failure here only means the fsync does all the work */
-        (void)sync_file_range(fs->f.fd, (off64_t)fs->flushed, (off64_t)(fs->f.written - fs->flushed),
-                              SYNC_FILE_RANGE_WRITE);
-        fs->flushed = fs->f.written;
-    }
-#endif
-    return st;
+    return mlu_afile_write(&fs->f, p, n, err); /* paces durable writeback itself */
 }
 
 mlu_status mlu_ptw_sink_mem(void *ctx, const void *p, size_t n, mlu_error *err)

@@ -174,12 +174,10 @@ mlu_status mlu_ptw_archive_write(mlu_ptw *w, const char *archive, mlu_zipw_sink 
 
 /* ------------------------------------------------------------------ sinks */
 
-/* Into an atomically written file (ctx: mlu_ptw_filesink), starting the
- * kernel's writeback every 64 MiB so the fsync at commit finds most of the
- * file already on its way to the disk. */
+/* Into an atomically written file (ctx: mlu_ptw_filesink); a durable one
+ * starts writeback as it goes (mlu_afile_write). */
 typedef struct mlu_ptw_filesink {
     mlu_afile f;        /* opened by the caller */
-    uint64_t flushed;   /* bytes already handed to writeback */
 } mlu_ptw_filesink;
 mlu_status mlu_ptw_sink_file(void *ctx, const void *p, size_t n, mlu_error *err);
 

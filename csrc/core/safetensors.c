@@ -1,8 +1,9 @@
-/* safetensors.c: header validation, byte-identical header writing, file mappings. */
+/* safetensors.c: header validation, byte-identical header writing, reading a header from a file. */
 #define _GNU_SOURCE
 #include "safetensors.h"
 #include "alloc.h"
 #include "atomicfile.h"
+#include "file.h"
 #include "json.h"
 
 #include <errno.h>
@@ -814,50 +815,26 @@ error:
     return st;
 }
 
-/* Starts writeback of what was written so far every WRITEBACK_STEP bytes,
- * so the final fsync overlaps with copying instead of following it (durable
- * writes only: without the fsync it would only slow the write down). */
-#define WRITEBACK_STEP ((uint64_t)32 << 20)
-
-static mlu_status write_chunked(mlu_afile *f, const uint8_t *p, uint64_t n, uint64_t *flushed,
-                                mlu_error *err)
-{
-    mlu_status st = MLU_OK;
-
-    while (n > 0 && st == MLU_OK) {
-        uint64_t room = *flushed + WRITEBACK_STEP - f->written;
-        size_t chunk = (size_t)(n < room ? n : room);
-        st = mlu_afile_write(f, p, chunk, err);
-        p += chunk;
-        n -= chunk;
-        if (st == MLU_OK && f->written - *flushed >= WRITEBACK_STEP) {
-#ifdef SYNC_FILE_RANGE_WRITE
-            /* Advisory: a filesystem that refuses it only loses the overlap. */
-            if (f->flags & MLU_AFILE_DURABLE)
-                (void)sync_file_range(f->fd, (off64_t)*flushed, (off64_t)(f->written - *flushed),
-                                      SYNC_FILE_RANGE_WRITE);
-#endif
-            *flushed = f->written; /* the next step's chunk starts here, durable or not */
-        }
-    }
-    return st;
-}
-
 mlu_status mlu_st_write_file(const char *path, const void *header, size_t header_len,
                              const mlu_st_entry *entries, size_t n, unsigned afile_flags,
                              mlu_error *err)
 {
     mlu_status st;
     mlu_afile f;
-    uint64_t flushed = 0;
     size_t i;
 
     st = mlu_afile_open(&f, path, afile_flags, err);
     if (st != MLU_OK)
         goto done;
-    st = write_chunked(&f, header, header_len, &flushed, err);
-    for (i = 0; i < n && st == MLU_OK; i++)
-        st = write_chunked(&f, entries[i].data, entries[i].nbytes, &flushed, err);
+    st = mlu_afile_write(&f, header, header_len, err);
+    for (i = 0; i < n && st == MLU_OK; i++) {
+        if (entries[i].nbytes > (uint64_t)SIZE_MAX) {
+            st = mlu_error_set(err, MLU_EOVERFLOW, -1, "tensor '%.*s' is too large for this machine",
+                               (int)entries[i].name_len, entries[i].name);
+            break;
+        }
+        st = mlu_afile_write(&f, entries[i].data, (size_t)entries[i].nbytes, err);
+    }
     if (st == MLU_OK)
         st = mlu_afile_commit(&f, err);
     else
@@ -866,67 +843,39 @@ done:
     return st;
 }
 
-/* ------------------------------------------------------------------ mappings */
+/* ------------------------------------------------------------------ files */
 
-mlu_status mlu_st_map_file(const char *path, uint8_t **base, size_t *len, mlu_error *err)
+mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error *err)
 {
-    mlu_status st = MLU_EIO;
-    struct stat sb;
-    int fd;
-    void *p;
+    mlu_status st;
+    uint8_t prefix[8] = {0};
+    uint8_t *head = NULL;
+    uint64_t n = 0;
+    size_t k;
 
-    *base = NULL;
-    *len = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        st = mlu_error_errno(err, errno, "cannot open '%s'", path);
+    memset(h, 0, sizeof(*h));
+    if (size < 8) {
+        st = mlu_st_parse(prefix, size, h, err); /* too short: the parser says so in its words */
         goto done;
     }
-    if (fstat(fd, &sb) != 0) {
-        st = mlu_error_errno(err, errno, "cannot stat '%s'", path);
+    if ((st = mlu_file_read_at(fd, 0, prefix, 8, "the header length", err)) != MLU_OK)
+        goto done;
+    for (k = 0; k < 8; k++)
+        n |= (uint64_t)prefix[k] << (8 * k);
+    if (n > MLU_ST_MAX_HEADER || 8 + n > size) {
+        st = mlu_st_parse(prefix, size, h, err); /* refused from the 8 bytes alone */
         goto done;
     }
-    if (S_ISDIR(sb.st_mode)) {
-        st = mlu_error_errno(err, EISDIR, "'%s' is a folder", path);
+    head = mlu_malloc((size_t)(8 + n));
+    if (head == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "cannot allocate the %" PRIu64 "-byte header", n);
         goto done;
     }
-    if (!S_ISREG(sb.st_mode)) {
-        st = mlu_error_errno(err, EINVAL, "'%s' is not a regular file", path);
+    memcpy(head, prefix, 8);
+    if ((st = mlu_file_read_at(fd, 8, head + 8, (size_t)n, "the header", err)) != MLU_OK)
         goto done;
-    }
-    if (sb.st_size < 0 || (uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
-        st = mlu_error_set(err, MLU_EOVERFLOW, -1, "'%s' is too large to map", path);
-        goto done;
-    }
-    if (sb.st_size > 0) {
-        p = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            st = mlu_error_errno(err, errno, "cannot map '%s'", path);
-            goto done;
-        }
-        *base = p;
-        *len = (size_t)sb.st_size;
-    }
-    st = MLU_OK;
+    st = mlu_st_parse(head, size, h, err);
 done:
-    if (fd >= 0)
-        close(fd);
+    mlu_free(head);
     return st;
-}
-
-mlu_status mlu_st_map_anon(size_t len, uint8_t **base, mlu_error *err)
-{
-    void *p = mmap(NULL, len ? len : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-    *base = NULL;
-    if (p == MAP_FAILED)
-        return mlu_error_set(err, MLU_ENOMEM, -1, "cannot map %zu bytes of memory", len);
-    *base = p;
-    return MLU_OK;
-}
-
-void mlu_st_unmap(uint8_t *base, size_t len)
-{
-    if (base != NULL)
-        munmap(base, len ? len : 1);
 }

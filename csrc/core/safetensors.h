@@ -90,7 +90,9 @@ typedef struct mlu_st_header {
 } mlu_st_header;
 
 /* Parses and validates the file whose `size` bytes are at `data`: every rule
- * of the reference reader, plus duplicate keys rejected.  On failure err has
+ * of the reference reader, plus duplicate keys rejected.  Only the first
+ * 8 + N bytes are read (N the header length, checked against size first:
+ * when it is refused, only the first 8), so `data` may hold just those.  On failure err has
  * MLU_EFORMAT (or MLU_ENOMEM) and the byte offset in the file when known; h
  * is left empty.  Free h with mlu_st_header_free on success. */
 mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, mlu_error *err);
@@ -129,20 +131,17 @@ mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta,
 
 /* Writes header + each entry's bytes (in the order given) to `path`
  * atomically; afile_flags are mlu_afile_open's (MLU_AFILE_DURABLE: fsynced,
- * with writeback started every 32 MiB).  Touches no Python: callers may
+ * with writeback started as it goes).  Touches no Python: callers may
  * release the GIL. */
 mlu_status mlu_st_write_file(const char *path, const void *header, size_t header_len,
                              const mlu_st_entry *entries, size_t n, unsigned afile_flags,
                              mlu_error *err);
 
-/* ------------------------------------------------------------------ mappings */
+/* ------------------------------------------------------------------ files */
 
-/* Maps the whole file at `path` privately (copy-on-write: writable pages,
- * the file never changes).  An empty file gives *base == NULL, *len == 0.
- * Release with mlu_st_unmap. */
-mlu_status mlu_st_map_file(const char *path, uint8_t **base, size_t *len, mlu_error *err);
-/* An anonymous private mapping of len (> 0) bytes. */
-mlu_status mlu_st_map_anon(size_t len, uint8_t **base, mlu_error *err);
-void mlu_st_unmap(uint8_t *base, size_t len);
+/* Reads and validates the header of the file open on fd, whose size is
+ * `size` (mlu_file_open_ro's), with pread: a file that shrank meanwhile is
+ * MLU_EFORMAT, never SIGBUS.  As mlu_st_parse otherwise. */
+mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error *err);
 
 #endif

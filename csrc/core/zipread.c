@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "zipread.h"
 #include "alloc.h"
+#include "file.h"
 #include "zipfmt.h"
 
 #include <errno.h>
@@ -117,7 +118,6 @@ mlu_status mlu_rd_read(const mlu_rd *r, uint64_t off, void *dst, size_t n, const
 {
     mlu_status st = MLU_OK;
     uint64_t end;
-    size_t done = 0;
 
     if (mlu_add_overflow_u64(off, n, &end) || end > r->size) {
         st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off, "%s at byte %llu runs past the end of the file (%llu bytes; truncated file?)",
@@ -129,23 +129,7 @@ mlu_status mlu_rd_read(const mlu_rd *r, uint64_t off, void *dst, size_t n, const
             memcpy(dst, r->mem + off, n);
         goto done;
     }
-    while (done < n) {
-        size_t chunk = n - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : n - done;
-        ssize_t got = pread(r->fd, (uint8_t *)dst + done, chunk, (off_t)(off + done));
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got < 0) {
-            st = mlu_error_errno(err, errno, "cannot read %s at byte %llu", what, (unsigned long long)(off + done));
-            goto done;
-        }
-        if (got == 0) {
-            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(off + done),
-                               "file shrank while reading %s: no byte %llu (truncated by another process?)", what,
-                               (unsigned long long)(off + done));
-            goto done;
-        }
-        done += (size_t)got;
-    }
+    st = mlu_file_read_at(r->fd, off, dst, n, what, err);
 done:
     return st;
 }

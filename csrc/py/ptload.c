@@ -510,15 +510,14 @@ done:
 }
 
 /* New ref: a capsule owning a private mapping of fd's first `size` bytes,
- * after checking that the file still has them. */
+ * after checking that the file still has them (pages past a shrunken end
+ * would raise SIGBUS when touched). */
 static PyObject *map_file(mlu_state *st, int fd, uint64_t size, PyObject *path)
 {
     PyObject *capsule = NULL;
     mlu_file_map *map = NULL;
-    struct stat sb;
     mlu_error err;
     mlu_status rc;
-    int frc;
 
     mlu_error_clear(&err);
     map = mlu_calloc(1, sizeof(*map));
@@ -528,20 +527,11 @@ static PyObject *map_file(mlu_state *st, int fd, uint64_t size, PyObject *path)
     }
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_file_map_fd(map, fd, size, &err);
-    frc = rc == MLU_OK ? fstat(fd, &sb) : 0;
+    if (rc == MLU_OK)
+        rc = mlu_file_check_size(fd, size, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
         mlu_raise(st, &err, MLU_DOMAIN_TORCH, path);
-        goto error;
-    }
-    if (frc < 0) {
-        mlu_raise_errno(st, errno, path);
-        goto error;
-    }
-    /* pages past a shrunken end would raise SIGBUS when touched */
-    if ((uint64_t)sb.st_size < size) {
-        PyErr_Format(st->TorchFormatError, "file shrank from %llu to %llu bytes while it was loaded (truncated by another process?)",
-                     (unsigned long long)size, (unsigned long long)sb.st_size);
         goto error;
     }
     /* the capsule owns the mapping from here on */
@@ -604,6 +594,8 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_file_open_ro(PyBytes_AS_STRING(path_bytes), &fd, &size, &err);
     Py_END_ALLOW_THREADS
+    if (rc == MLU_OK && size == 0)
+        rc = mlu_error_set(&err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", PyBytes_AS_STRING(path_bytes));
     if (rc != MLU_OK) {
         mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;

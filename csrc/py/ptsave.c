@@ -971,7 +971,6 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
     if (path != Py_None) {
         const char *p = PyBytes_AS_STRING(path);
         Py_BEGIN_ALLOW_THREADS
-        fs.flushed = 0;
         st = mlu_afile_open(&fs.f, p, durable == Py_True ? MLU_AFILE_DURABLE : 0u, &s.err);
         Py_END_ALLOW_THREADS
         if (st != MLU_OK) {

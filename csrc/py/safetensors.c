@@ -2,27 +2,88 @@
  *
  *   st_open(path) -> SafetensorsMap        the file mapped privately, header validated
  *   st_from_bytes(data) -> SafetensorsMap  a private copy of bytes, header validated
- *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False)
+ *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False, check=True)
+ *   SafetensorsMap.read(index, start, stop) / .check() / .close()
  *   st_serialize(entries, metadata, path=None) -> bytes | None
  *   safetensors_dtypes() -> tuple of SafetensorsDtype rows
  *
  * Arrays made by .array() point into the mapping and hold a reference to the
- * SafetensorsMap, which unmaps when the last of them (and itself) goes. */
+ * SafetensorsMap, which unmaps when the last of them (and itself) goes.
+ *
+ * A file cut by another process must not crash the reader (pages past its
+ * new end raise SIGBUS): the header is read with pread, copies are read with
+ * pread, and before an array views the mapping the file is checked to still
+ * have every byte it had when opened (core/file.h); a file that shrank is a
+ * SafetensorsError.  The descriptor stays open for that until close(). */
 #include "npy.h"
 
 #include <string.h>
 
 #include "../core/alloc.h"
 #include "../core/atomicfile.h"
+#include "../core/file.h"
 #include "../core/safetensors.h"
 #include "../core/torch_dtypes.h"
 
+#include <unistd.h>
+
 typedef struct {
     PyObject_HEAD
-    uint8_t *base;      /* owned mapping (mlu_st_unmap) */
-    size_t len;
+    mlu_file_map map;   /* owned: the file's private mapping, or a private copy of bytes */
+    int fd;             /* owned: the file, until close(); -1 for bytes or once closed */
+    uint64_t file_size; /* the file's size when opened (map.size) */
     mlu_st_header hdr;  /* owned */
+    int closed;         /* close() was called: no more arrays or reads */
 } StMap;
+
+/* 0 when the mapping may be read or viewed: a map of bytes always, a file's
+ * while it is open and still has every byte it had when opened (a page past
+ * a shrunken end would raise SIGBUS when touched).  Else -1, an exception set. */
+static int stmap_check(StMap *m, mlu_state *st)
+{
+    mlu_error err;
+
+    if (m->closed) {
+        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        return -1;
+    }
+    if (m->fd < 0)
+        return 0;
+    mlu_error_clear(&err);
+    if (mlu_file_check_size(m->fd, m->file_size, &err) != MLU_OK) {
+        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+/* Copies n bytes at file offset off into dst: with pread from a file (one
+ * that shrank is a SafetensorsError, not SIGBUS), from memory for bytes.
+ * Releases the GIL.  0, or -1 with an exception set. */
+static int stmap_copy(StMap *m, mlu_state *st, uint64_t off, void *dst, size_t n)
+{
+    mlu_error err;
+    mlu_status rc = MLU_OK;
+
+    if (m->closed) {
+        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    if (m->fd >= 0)
+        rc = mlu_file_read_at(m->fd, off, dst, n, "tensor data", &err);
+    else
+        memcpy(dst, m->map.data + off, n);
+    Py_END_ALLOW_THREADS
+    if (rc != MLU_OK) {
+        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, NULL);
+        return -1;
+    }
+    return 0;
+}
 
 /* GC support: the only reference an instance holds is to its (heap) type. */
 static int stmap_traverse(PyObject *self, visitproc visit, void *arg)
@@ -38,8 +99,10 @@ static void stmap_dealloc(PyObject *self)
 
     PyObject_GC_UnTrack(self);
     mlu_st_header_free(&m->hdr);
-    mlu_st_unmap(m->base, m->len);
-    m->base = NULL;
+    mlu_file_map_close(&m->map);
+    if (m->fd >= 0)
+        close(m->fd);
+    m->fd = -1;
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -52,8 +115,11 @@ static StMap *stmap_new(PyObject *module)
     StMap *m = (StMap *)tp->tp_alloc(tp, 0);
 
     if (m != NULL) {
-        m->base = NULL;
-        m->len = 0;
+        m->map.data = NULL;
+        m->map.size = 0;
+        m->fd = -1;
+        m->file_size = 0;
+        m->closed = 0;
         memset(&m->hdr, 0, sizeof(m->hdr));
     }
     return m;
@@ -75,12 +141,14 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
         goto error;
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
-    rc = mlu_st_map_file(PyBytes_AS_STRING(path), &m->base, &m->len, &err);
+    rc = mlu_file_open_ro(PyBytes_AS_STRING(path), &m->fd, &m->file_size, &err);
     if (rc == MLU_OK)
-        rc = mlu_st_parse(m->base, (uint64_t)m->len, &m->hdr, &err);
+        rc = mlu_st_read_header(m->fd, m->file_size, &m->hdr, &err);
+    if (rc == MLU_OK)
+        rc = mlu_file_map_fd(&m->map, m->fd, m->file_size, &err);
     Py_END_ALLOW_THREADS
     if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
+        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, arg);
         goto error;
     }
     res = (PyObject *)m;
@@ -115,10 +183,10 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_st_parse(view.buf, (uint64_t)view.len, &m->hdr, &err);
     if (rc == MLU_OK) {
-        rc = mlu_st_map_anon((size_t)view.len, &m->base, &err);
+        rc = mlu_file_map_anon(&m->map, (size_t)view.len, &err);
         if (rc == MLU_OK) {
-            m->len = (size_t)view.len;
-            memcpy(m->base, view.buf, m->len);
+            m->file_size = (uint64_t)view.len;
+            memcpy(m->map.data, view.buf, m->map.size);
         }
     }
     Py_END_ALLOW_THREADS
@@ -235,22 +303,24 @@ error:
     return NULL;
 }
 
-/* array(index, dtype, copy_unaligned=False) -> ndarray
+/* array(index, dtype, copy_unaligned=False, check=True) -> ndarray
  *
  * dtype: a NumPy dtype whose item size is the tensor's element size, or any
  * 1-byte dtype for the sub-byte types (F4, F6_*), whose shape becomes the
  * header's with the last dimension scaled by bits/8 when that is whole, else
  * one dimension of the packed byte count.  The array points into the mapping
  * (writable, copy-on-write) unless it is misaligned for dtype and
- * copy_unaligned is set, in which case it is a copy. */
+ * copy_unaligned is set, in which case it is a copy (read with pread).  A
+ * view is made after checking the file has not shrunk, unless check is
+ * false (the caller called check() itself, once for many arrays). */
 static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"index", "dtype", "copy_unaligned", NULL};
+    static char *kwlist[] = {"index", "dtype", "copy_unaligned", "check", NULL};
     StMap *m = (StMap *)self;
     mlu_state *st = mlu_state_from_type(Py_TYPE(self));
     Py_ssize_t index;
     PyArray_Descr *descr = NULL;
-    int copy_unaligned = 0, nd, aligned, k;
+    int copy_unaligned = 0, check = 1, nd, aligned, k;
     npy_intp dims[NPY_MAXDIMS];
     const mlu_st_tensor *t;
     unsigned bits;
@@ -259,9 +329,9 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     uint64_t nbytes;
     PyObject *arr = NULL;
 
-    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|p:array", kwlist, &index,
+    if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|pp:array", kwlist, &index,
                                                    PyArray_DescrConverter, &descr,
-                                                   &copy_unaligned))
+                                                   &copy_unaligned, &check))
         return NULL;
     /* from here descr is a new reference */
     if (index < 0 || (size_t)index >= m->hdr.ntensors) {
@@ -313,7 +383,7 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
             dims[0] = (npy_intp)nbytes;
         }
     }
-    ptr = m->base + m->hdr.data_start + t->begin;
+    ptr = m->map.data + m->hdr.data_start + t->begin;
     align = (npy_intp)PyDataType_ALIGNMENT(descr);
     aligned = align <= 1 || ((uintptr_t)ptr % (uintptr_t)align) == 0;
     if (!aligned && copy_unaligned) {
@@ -322,14 +392,17 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         descr = NULL; /* stolen */
         if (arr == NULL)
             goto error;
-        if (nbytes > 0) {
-            void *dst = PyArray_DATA((PyArrayObject *)arr);
-            Py_BEGIN_ALLOW_THREADS
-            memcpy(dst, ptr, (size_t)nbytes);
-            Py_END_ALLOW_THREADS
-        }
+        if (stmap_copy(m, st, m->hdr.data_start + t->begin, PyArray_DATA((PyArrayObject *)arr),
+                       (size_t)nbytes) < 0)
+            goto error;
         goto done;
     }
+    if (m->closed) {
+        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        goto error;
+    }
+    if (check && stmap_check(m, st) < 0)
+        goto error;
     /* zero-copy; NumPy handles an array whose ALIGNED flag is clear */
     arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr,
                                NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE |
@@ -349,10 +422,73 @@ done:
     return arr;
 }
 
+/* read(index, start, stop) -> a new uint8 ndarray of bytes [start, stop) of
+ * tensor `index`'s data, read with pread (get_slice's reads). */
+static PyObject *stmap_read(PyObject *self, PyObject *args)
+{
+    StMap *m = (StMap *)self;
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self));
+    Py_ssize_t index, start, stop;
+    const mlu_st_tensor *t;
+    npy_intp dim;
+    PyObject *arr = NULL;
+
+    if (st == NULL || !PyArg_ParseTuple(args, "nnn:read", &index, &start, &stop))
+        goto error;
+    if (index < 0 || (size_t)index >= m->hdr.ntensors) {
+        PyErr_SetString(PyExc_IndexError, "tensor index out of range");
+        goto error;
+    }
+    t = &m->hdr.tensors[index];
+    if (start < 0 || stop < start || (uint64_t)stop > t->end - t->begin) {
+        PyErr_Format(PyExc_ValueError, "read: bytes [%zd, %zd) are not within tensor '%s' (%llu bytes)",
+                     start, stop, t->name, (unsigned long long)(t->end - t->begin));
+        goto error;
+    }
+    dim = (npy_intp)(stop - start);
+    arr = PyArray_SimpleNew(1, &dim, NPY_UINT8);
+    if (arr == NULL)
+        goto error;
+    if (stmap_copy(m, st, m->hdr.data_start + t->begin + (uint64_t)start, PyArray_DATA((PyArrayObject *)arr),
+                   (size_t)dim) < 0)
+        goto error;
+    goto done;
+error:
+    Py_CLEAR(arr);
+done:
+    return arr;
+}
+
+/* check(): raises SafetensorsError when the file has shrunk since it was
+ * opened (or is closed): then views of the mapping must not be made. */
+static PyObject *stmap_check_py(PyObject *self, PyObject *unused)
+{
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self));
+
+    (void)unused;
+    if (st == NULL || stmap_check((StMap *)self, st) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* close(): closes the file; arrays already made stay valid (they keep the
+ * mapping), new ones and reads raise SafetensorsError. */
+static PyObject *stmap_close(PyObject *self, PyObject *unused)
+{
+    StMap *m = (StMap *)self;
+
+    (void)unused;
+    if (m->fd >= 0)
+        close(m->fd);
+    m->fd = -1;
+    m->closed = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *stmap_get_size(PyObject *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromSize_t(((StMap *)self)->len);
+    return PyLong_FromUnsignedLongLong(((StMap *)self)->file_size);
 }
 
 static PyObject *stmap_get_data_start(PyObject *self, void *closure)
@@ -367,7 +503,13 @@ static PyMethodDef stmap_methods[] = {
     {"entries", stmap_entries, METH_NOARGS,
      "entries() -> list[SafetensorsEntry (name, dtype, shape, begin, end)] in offset order."},
     {"array", (PyCFunction)(void (*)(void))stmap_array, METH_VARARGS | METH_KEYWORDS,
-     "array(index, dtype, copy_unaligned=False) -> ndarray over the mapped bytes."},
+     "array(index, dtype, copy_unaligned=False, check=True) -> ndarray over the mapped bytes."},
+    {"check", stmap_check_py, METH_NOARGS,
+     "check() -> None: SafetensorsError if the file has shrunk since it was opened."},
+    {"read", stmap_read, METH_VARARGS,
+     "read(index, start, stop) -> uint8 ndarray: bytes [start, stop) of a tensor, read from the file."},
+    {"close", stmap_close, METH_NOARGS,
+     "close() -> None: close the file; arrays already made stay valid."},
     {NULL, NULL, 0, NULL},
 };
 
