@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one go, for a machine with an NVIDIA GPU:
-# builds the extension with CUDA, runs the tests that need a device, then each
-# GPU bench (checksum and pattern kernels, activation offload, NCCL).
+# builds the extension with CUDA, runs the offload bench (the longest, first so a
+# short time slot still gets its table), the tests that need a device, then the
+# other GPU benches (pattern kernels, NCCL).
 # Prints one table per bench; exits non-zero if the build or a test fails.
 #   GPU_CHECK_SMALL=1   smaller offload stack (fits a short time slot)
 #   OFFLOAD_ARGS="..."  extra arguments for bench/offload_gpu.py (e.g. --rounds 3)
@@ -18,14 +19,6 @@ echo "== build (CUDA)"
 MLUTILS_CUDA=1 python3 setup.py -q build_ext --inplace -j "$(nproc)" || exit 1
 python3 -c 'import mlutils; print("features", sorted(mlutils.features), "cuda_available", mlutils.cuda_available(), mlutils.cuda_status())' || exit 1
 
-echo "== tests that use the device"
-python3 -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" -m "not slow" \
-  tests/test_package.py tests/test_pattern_torch.py tests/test_offload.py tests/test_distributed.py \
-  tests/test_ptsave.py -k "cuda or CUDA or nccl or Nccl or Communicator or offload or checksum" || status=1
-
-echo "== bench: pattern gather kernel"
-python3 bench/bench_pattern_cuda.py || status=1
-
 echo "== bench: activation offload"
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
   python3 bench/offload_gpu.py --hidden 2048 --seq 2048 --layers 8 --steps 2 --rounds 3 --check-steps 30 \
@@ -33,6 +26,14 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
 else
   python3 bench/offload_gpu.py ${OFFLOAD_ARGS:-} || status=1
 fi
+
+echo "== tests that use the device"
+python3 -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" -m "not slow" \
+  tests/test_package.py tests/test_pattern_torch.py tests/test_offload.py tests/test_distributed.py \
+  tests/test_ptsave.py -k "cuda or CUDA or nccl or Nccl or Communicator or offload or checksum" || status=1
+
+echo "== bench: pattern gather kernel"
+python3 bench/bench_pattern_cuda.py || status=1
 
 echo "== bench: NCCL communicator"
 python3 bench/distributed_gpu.py || status=1
