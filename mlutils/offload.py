@@ -8,10 +8,13 @@ complete before any kernel queued after it on the caller's stream reads it).
 CPU tensors go through the same Python logic with a CPU engine that copies
 into pooled host buffers, so everything here also runs without a GPU.
 
-* :func:`offload_checkpoint` / :class:`OffloadedCheckpoint`: the original's
-  offloaded gradient checkpointing (forward keeps only an offloaded copy of
-  the hidden states, backward reloads them, prefetching the previous block's,
-  recomputes with RNG and autocast state restored, and backpropagates).
+* :func:`offload_checkpoint`: the original's offloaded gradient
+  checkpointing, as torch's non-reentrant checkpoint whose saved copy of the
+  hidden states lives in host memory (backward reloads it, prefetching the
+  previous block's, and recomputes only as far as backward needs).
+* :class:`OffloadedCheckpoint`: the original's autograd-function form
+  (``mlutils.unsloth``): forward keeps an offloaded copy of the hidden
+  states, backward reloads them and reruns the whole function.
 * :func:`enable_offloaded_gradient_checkpointing`: installs it as a Hugging
   Face style model's checkpointing function.
 * :func:`offload_saved_tensors`: a context manager offloading every tensor
@@ -47,8 +50,8 @@ __all__ = [
 
 #: Tensors smaller than this stay on their device (offloading them costs more than it saves).
 DEFAULT_MIN_BYTES = 1 << 20
-#: Bytes of sources that may wait for their device-to-host copy before the
-#: compute stream waits for the oldest (see OffloadEngine).
+#: Bytes of sources that may wait for their device-to-host copy before
+#: ``offload`` waits for the oldest (see OffloadEngine).
 DEFAULT_MAX_INFLIGHT = _core.OFFLOAD_DEFAULT_MAX_INFLIGHT
 
 _MODES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "fp8", "e4m3": "fp8"}
@@ -155,11 +158,12 @@ class OffloadEngine:
 
     max_inflight bounds the device memory held by sources whose copy to the
     host has not finished (CUDA): an offload never makes the compute stream
-    wait for its own copy, but when the copies queued and not yet done pass
-    max_inflight bytes, the compute stream waits (on the device, the host
-    never blocks) for the oldest ones.  Without the bound, a model that makes
-    activations faster than the link drains them holds all of them on the
-    device until their copies catch up.  None: no bound.
+    wait for its copy, but when the copies queued and not yet done pass
+    max_inflight bytes, ``offload`` waits (the calling thread, GIL released)
+    for the oldest ones.  Without the bound, a model that makes activations
+    faster than the link drains them keeps all of them in torch's caching
+    allocator until their copies catch up: it reuses a copied source's memory
+    only once the host has seen the copy finish.  None: no bound.
     """
 
     def __init__(self, device: Any = None, max_bytes: Optional[int] = None, min_bytes: int = 0,
@@ -330,9 +334,9 @@ class OffloadEngine:
 
     def stats(self) -> Dict[str, int]:
         """The host pool's counters (bytes reserved, in use, reuses, ...); on
-        CUDA also ``inflight_waits``, the times the compute stream waited for a
-        copy because max_inflight was reached (0 on the CPU, where copies are
-        done when offload returns)."""
+        CUDA also ``inflight_waits``, the copies ``offload`` waited for because
+        max_inflight was reached (0 on the CPU, where copies are done when
+        offload returns)."""
         with self._lock:
             if self._cuda is None:
                 return dict(self._pool.stats(), inflight_waits=0)
@@ -548,15 +552,56 @@ def _kwargs_call(fn: Callable, nargs: int, keys: Tuple[str, ...]) -> Callable:
     return call
 
 
+class _InputOffload:
+    """The saved-tensor hooks offload_checkpoint puts around torch's checkpoint.
+
+    torch.utils.checkpoint (use_reentrant=False) saves its inputs for the
+    recomputation as saved tensors, before it installs its own hooks for the
+    function's saved tensors; so these hooks see exactly the inputs, and
+    offload `hidden_states` among them.  The recomputation unpacks it: the
+    reload, and the prefetch of the checkpoint saved before this one (whose
+    backward comes next)."""
+
+    __slots__ = ("hidden", "compress", "min_bytes")
+
+    def __init__(self, hidden: Any, compress: Optional[str], min_bytes: int):
+        self.hidden = hidden
+        self.compress = compress
+        self.min_bytes = min_bytes
+
+    def pack(self, tensor: Any) -> Any:
+        if tensor is not self.hidden:
+            return tensor
+        self.hidden = None  # once: the same tensor passed twice is kept the second time
+        handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
+        if not handle.offloaded:
+            return tensor
+        _register(handle)
+        return handle
+
+    @staticmethod
+    def unpack(packed: Any) -> Any:
+        if not isinstance(packed, OffloadHandle):
+            return packed
+        out = packed.reload()
+        _unregister_and_prefetch_previous(packed)
+        return out
+
+
 def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
                        min_bytes: int = 0, compress: Optional[str] = None,
                        preserve_rng_state: bool = True, use_reentrant: Any = None, **kwargs: Any) -> Any:
     """function(hidden_states, *args, **kwargs), keeping only an offloaded copy of
     hidden_states for the backward pass, which recomputes the function.
 
-    Tensor args and kwargs get their gradients; parameters used inside get
-    theirs even when no input requires grad.  Without grad mode it just calls
-    the function.  `use_reentrant` is accepted (and ignored) so that this can
+    Built on torch.utils.checkpoint's non-reentrant form: the recomputation
+    stops as soon as the last tensor backward needs is made (the function's
+    last layers are not rerun), RNG and autocast state are restored,
+    torch.autograd.grad and retain_graph work, and parameters get gradients
+    even when no input requires grad.  Only the checkpoint's saved copy of
+    hidden_states moves: it goes to host memory on the forward and comes back,
+    prefetched by the backward of the checkpoint after it, for the
+    recomputation.  `use_reentrant` is accepted (and ignored) so that this can
     stand in for torch.utils.checkpoint.checkpoint.
     """
     torch = _torch("mlutils.offload_checkpoint")
@@ -564,20 +609,16 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"offload_checkpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
     compress = _check_compress(compress)
+    if not isinstance(min_bytes, int) or min_bytes < 0:
+        raise ValueError(f"offload_checkpoint: min_bytes must be an int >= 0, got {min_bytes!r}")
     if not torch.is_grad_enabled():
         return function(hidden_states, *args, **kwargs)
-    keys = tuple(kwargs)
-    fn = _kwargs_call(function, len(args), keys) if keys else function
-    rest = list(args) + [kwargs[k] for k in keys]
-    options = {"compress": compress, "min_bytes": min_bytes, "preserve_rng_state": preserve_rng_state}
-    anchor = []
-    if not (hidden_states.requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad for a in rest)):
-        # an input that requires grad makes autograd call backward, so the
-        # parameters inside get their gradients (the original lost them)
-        anchor = [torch.empty(0, requires_grad=True)]
-        inner = fn
-        fn = lambda h, *r: inner(h, *r[:-1])  # noqa: E731
-    return _checkpoint_class().apply(fn, options, hidden_states, *rest, *anchor)
+    from torch.utils.checkpoint import checkpoint
+
+    hooks = _InputOffload(hidden_states, compress, min_bytes)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        return checkpoint(function, hidden_states, *args, use_reentrant=False,
+                          preserve_rng_state=preserve_rng_state, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ static void drop_front(mlu_offload_window *w)
 }
 
 mlu_status mlu_offload_window_settle(mlu_offload_window *w, mlu_window_finished_fn finished,
-                                     mlu_window_order_fn order, void *ctx, mlu_error *err)
+                                     mlu_window_wait_fn wait, void *ctx, mlu_error *err)
 {
     mlu_status st = MLU_OK;
 
@@ -70,7 +70,7 @@ mlu_status mlu_offload_window_settle(mlu_offload_window *w, mlu_window_finished_
         drop_front(w);
     }
     while (w->len > 1 && w->bytes > w->limit) {
-        st = order(ctx, w->ring[w->head].handle, err);
+        st = wait(ctx, w->ring[w->head].handle, err);
         if (st != MLU_OK)
             return st;
         w->waits++;

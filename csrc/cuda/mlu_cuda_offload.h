@@ -11,11 +11,12 @@
  *    `stream` (dst and scratch were just allocated on it), copies, expands.
  *  - wait: `stream` waits for the load (cudaStreamWaitEvent): any kernel
  *    queued on it after this call sees the reloaded data.
- *    The copies the caller's stream is not ordered after form a window
- *    (csrc/core/offload_window.h): when their bytes pass its limit, save makes
- *    `stream` wait (cudaStreamWaitEvent) for the oldest ones, so the sources
+ *    The copies not yet known to be done form a window
+ *    (csrc/core/offload_window.h): when their bytes pass its limit, save
+ *    blocks the calling thread until the oldest ones are done, so the sources
  *    held for copying stay bounded when activations come faster than the
- *    link drains them.
+ *    link drains them (the caching allocator reuses memory by what the host
+ *    knows to be done, so the host is what must wait).
  *  - release: the pinned buffer goes back to the pool once every copy that
  *    reads or writes it has finished (checked without blocking, later).
  * Every call returns a status; CUDA failures carry cudaGetErrorString's text. */
@@ -87,8 +88,8 @@ mlu_status mlu_cuda_offload_release(mlu_cuda_offload *eng, int64_t handle, mlu_e
 mlu_status mlu_cuda_offload_stats(mlu_cuda_offload *eng, mlu_pool_stats *out, int64_t *handles,
                                   mlu_error *err);
 /* The copy window: sets its limit in bytes when `limit` is not NULL (SIZE_MAX:
- * no bound), gives the limit and how many times the caller's stream was made
- * to wait for a copy. */
+ * no bound), gives the limit and how many copies save waited for because the
+ * window was full. */
 mlu_status mlu_cuda_offload_window(mlu_cuda_offload *eng, const size_t *limit, size_t *cur_limit,
                                    uint64_t *waits, mlu_error *err);
 /* Frees cached pinned buffers (after finishing pending releases); *freed bytes. */

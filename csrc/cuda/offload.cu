@@ -351,7 +351,6 @@ record *find_quiet(mlu_cuda_offload *e, int64_t handle)
 
 struct window_ctx {
     mlu_cuda_offload *e;
-    cudaStream_t caller;
 };
 
 // The window's callbacks: a copy is finished when its `saved` event is (or
@@ -372,15 +371,14 @@ int window_finished(void *ctx, int64_t handle, mlu_error *err)
     return -1;
 }
 
-mlu_status window_order(void *ctx, int64_t handle, mlu_error *err)
+mlu_status window_wait(void *ctx, int64_t handle, mlu_error *err)
 {
-    window_ctx *w = (window_ctx *)ctx;
-    record *r = find_quiet(w->e, handle);
+    record *r = find_quiet(((window_ctx *)ctx)->e, handle);
 
     if (r == nullptr)
         return MLU_OK;
-    return mlu_cuda_status(cudaStreamWaitEvent(w->caller, r->saved, 0),
-                           "offload: cudaStreamWaitEvent (bounding the copies in flight)", err);
+    return mlu_cuda_status(cudaEventSynchronize(r->saved), "offload: waiting for a copy (the copy window is full)",
+                           err);
 }
 
 }  // namespace
@@ -538,20 +536,20 @@ extern "C" mlu_status mlu_cuda_offload_save(mlu_cuda_offload *e, const void *src
         goto error_rec;
     *handle = make_handle(idx, r->gen);
     // the source (and scratch) stay allocated until the copy has read them:
-    // keep that backlog within the window (the caller's stream may wait for
-    // the oldest copies; the host never does)
+    // keep that backlog within the window (this thread may wait for the
+    // oldest copies; the caller's stream never waits)
     {
-        window_ctx wc = {e, s};
+        window_ctx wc = {e};
         size_t held = nbytes;
         if (mode != MLU_OFFLOAD_RAW && mlu_add_overflow_size(held, packed, &held))
             held = SIZE_MAX;
         mlu_error push_err;
         mlu_error_clear(&push_err);
         if (mlu_offload_window_push(&e->window, *handle, held, &push_err) != MLU_OK)
-            // no room to remember it: order the caller after this copy now (the bound holds)
-            rc = window_order(&wc, *handle, err);
+            // no room to remember it: wait for this copy now (the bound holds)
+            rc = window_wait(&wc, *handle, err);
         else
-            rc = mlu_offload_window_settle(&e->window, window_finished, window_order, &wc, err);
+            rc = mlu_offload_window_settle(&e->window, window_finished, window_wait, &wc, err);
         if (rc != MLU_OK) {
             // the copy is queued: its record is reclaimed once it is done
             r->released = 1;

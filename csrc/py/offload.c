@@ -513,7 +513,7 @@ static PyMethodDef Engine_methods[] = {
     {"trim", (PyCFunction)Engine_trim, METH_NOARGS, "trim() -> int: free cached pinned buffers."},
     {"window", (PyCFunction)(void (*)(void))Engine_window, METH_VARARGS | METH_KEYWORDS,
      "window(max_inflight=<keep>) -> dict: the bound on bytes of sources waiting for their copy "
-     "(None: no bound) and how often the caller's stream waited for one."},
+     "(None: no bound) and how many copies a save waited for because the window was full."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "close(): wait for copies and free everything."},
     {NULL, NULL, 0, NULL},
 };

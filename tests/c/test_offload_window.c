@@ -1,7 +1,7 @@
 /* test_offload_window.c: the bound on copies in flight, against fake copies
  * that finish when the test says: finished ones leave from the front, the
- * caller is ordered after the oldest ones only while over the limit, never
- * after the newest alone, handles are waited on oldest first, a failing
+ * oldest ones are waited for only while over the limit, never the newest
+ * alone, handles are waited on oldest first, a failing
  * callback's error comes back, allocation failure while growing is clean,
  * and a randomised run checks the bound after every push. */
 #include <stdint.h>
@@ -14,11 +14,11 @@
 
 typedef struct fake {
     int done[MAXH];        /* the copy of handle i finished */
-    int ordered[MAXH];     /* the caller was made to wait for it */
+    int ordered[MAXH];     /* it was waited for */
     int64_t order_log[MAXH];
     int n_order;
     int fail_finished;     /* finished() fails */
-    int fail_order;        /* order() fails */
+    int fail_wait;         /* wait() fails */
 } fake;
 
 static int fake_finished(void *ctx, int64_t h, mlu_error *err)
@@ -31,11 +31,11 @@ static int fake_finished(void *ctx, int64_t h, mlu_error *err)
     return f->done[h];
 }
 
-static mlu_status fake_order(void *ctx, int64_t h, mlu_error *err)
+static mlu_status fake_wait(void *ctx, int64_t h, mlu_error *err)
 {
     fake *f = (fake *)ctx;
-    if (f->fail_order)
-        return mlu_error_set(err, MLU_EIO, -1, "fake stream wait failed");
+    if (f->fail_wait)
+        return mlu_error_set(err, MLU_EIO, -1, "fake event wait failed");
     f->ordered[h] = 1;
     f->order_log[f->n_order++] = h;
     return MLU_OK;
@@ -53,28 +53,28 @@ static void test_basics(void)
     mlu_offload_window_init(&w, 100);
     /* under the limit: nobody waits */
     CHECK(mlu_offload_window_push(&w, 0, 40, &err) == MLU_OK);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(mlu_offload_window_push(&w, 1, 60, &err) == MLU_OK);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(g.n_order == 0 && w.bytes == 100 && w.len == 2);
     /* 130 > 100: the oldest (0) is waited for, then 90 <= 100 */
     CHECK(mlu_offload_window_push(&w, 2, 30, &err) == MLU_OK);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(g.n_order == 1 && g.order_log[0] == 0 && w.bytes == 90 && w.len == 2 && w.waits == 1);
     /* finished copies leave without a wait, from the front only */
     g.done[2] = 1;  /* not at the front: stays */
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(w.len == 2 && w.bytes == 90);
     g.done[1] = 1;
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(w.len == 0 && w.bytes == 0 && g.n_order == 1);
     /* one copy larger than the limit: never waited on alone */
     CHECK(mlu_offload_window_push(&w, 3, 500, &err) == MLU_OK);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(g.n_order == 1 && w.len == 1);
     /* the next one pushes the big one out (oldest first) */
     CHECK(mlu_offload_window_push(&w, 4, 10, &err) == MLU_OK);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(g.n_order == 2 && g.order_log[1] == 3 && w.len == 1 && w.bytes == 10);
     mlu_offload_window_free(&w);
 }
@@ -91,13 +91,13 @@ static void test_errors(void)
     CHECK(mlu_offload_window_push(&w, 0, 8, &err) == MLU_OK);
     CHECK(mlu_offload_window_push(&w, 1, 8, &err) == MLU_OK);
     g.fail_finished = 1;
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_EIO);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_EIO);
     CHECK(strstr(err.text, "event query") != NULL && w.len == 2);
     g.fail_finished = 0;
-    g.fail_order = 1;
+    g.fail_wait = 1;
     mlu_error_clear(&err);
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_EIO);
-    CHECK(strstr(err.text, "stream wait") != NULL && w.len == 2);  /* nothing dropped on failure */
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_EIO);
+    CHECK(strstr(err.text, "event wait") != NULL && w.len == 2);  /* nothing dropped on failure */
     mlu_offload_window_free(&w);
 
     /* the ring grows while wrapped around: order and contents kept */
@@ -108,7 +108,7 @@ static void test_errors(void)
         CHECK(mlu_offload_window_push(&w, i, (size_t)i + 1, &err) == MLU_OK);
     for (i = 0; i < 15; i++)
         g.done[i] = 1;
-    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+    CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
     CHECK(w.len == 5 && w.head > 0);
     for (i = 20; i < 200; i++)  /* wraps, then grows several times */
         CHECK(mlu_offload_window_push(&w, i, (size_t)i + 1, &err) == MLU_OK);
@@ -164,7 +164,7 @@ static void test_random(void)
                 break;
             }
         CHECK(mlu_offload_window_push(&w, h, sizes[h], &err) == MLU_OK);
-        CHECK(mlu_offload_window_settle(&w, fake_finished, fake_order, &g, &err) == MLU_OK);
+        CHECK(mlu_offload_window_settle(&w, fake_finished, fake_wait, &g, &err) == MLU_OK);
         /* the bound: what is left is within the limit, or is the newest alone */
         for (i = 0; i < w.len; i++)
             sum += w.ring[(w.head + i) % w.cap].nbytes;
