@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--min-bytes", type=int, default=1 << 20)
     p.add_argument("--skip-speed", action="store_true", help="correctness only")
     p.add_argument("--skip-correctness", action="store_true", help="speed only")
+    p.add_argument("--peaks", choices=["process", "inline"], default="process",
+                   help="measure each way's peak memory in a fresh process (default) or in this one")
+    p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # the child of --peaks process
     return p.parse_args(argv)
 
 
@@ -234,6 +237,51 @@ def bandwidth(torch, args, dev):
         print(f"{what:<16} {a:>10.1f} {b:>18.1f} {r:>6.0%}{'' if r >= 0.9 else '  (target 90%)'}")
 
 
+def peak_of(torch, args, dev, way, blocks=None, x0=None):
+    """(peak allocated, peak reserved) of one step of `way`, each above what
+    was allocated before the step (parameters, gradients, input), or None when
+    it runs out of memory.  Allocated misses memory that was freed while a
+    copy stream still reads it; reserved counts it."""
+    if blocks is None:
+        torch.manual_seed(0)
+        blocks = torch.nn.ModuleList([make_block(torch, args.hidden, args.heads, torch.bfloat16, dev)
+                                      for _ in range(args.layers)])
+        x0 = torch.randn(args.batch, args.seq, args.hidden, device=dev, dtype=torch.bfloat16)
+    try:
+        for _ in range(2):
+            blocks.zero_grad(set_to_none=False)
+            run_stack(torch, blocks, x0.clone().requires_grad_(True), way, args.min_bytes)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        blocks.zero_grad(set_to_none=False)
+        x = x0.clone().requires_grad_(True)
+        base = torch.cuda.memory_allocated(dev)
+        run_stack(torch, blocks, x, way, args.min_bytes)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(dev) - base, torch.cuda.max_memory_reserved(dev) - base
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def peak_in_process(args, way):
+    """peak_of in a fresh process, so that no other way's cached segments count."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--peak-of", way, "--hidden", str(args.hidden), "--seq", str(args.seq),
+           "--layers", str(args.layers), "--batch", str(args.batch), "--heads", str(args.heads),
+           "--min-bytes", str(args.min_bytes)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        print(f"peak of {way}: failed ({r.returncode}): {r.stderr[-500:]}")
+        return None
+    got = json.loads(lines[-1])
+    return None if got is None else tuple(got)
+
+
 def speed(torch, args, dev):
     """Step time (interleaved rounds, median and spread) and peak GPU memory, each way."""
     sys.path.insert(0, __import__("os").path.dirname(__file__))
@@ -252,20 +300,11 @@ def speed(torch, args, dev):
     ways = [w for w in WAYS if w in args.ways.split(",")] if args.ways else WAYS
     peaks, dead = {}, set()
     for way in ways:
-        # peak of one step above what was allocated (reserved) before it, from an emptied cache:
-        # allocated misses memory freed but still being read by a copy stream; reserved does not
-        try:
-            step(way)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            base_a, base_r = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
-            step(way)
-            torch.cuda.synchronize()
-            peaks[way] = (torch.cuda.max_memory_allocated(dev) - base_a, torch.cuda.max_memory_reserved(dev) - base_r)
-        except torch.cuda.OutOfMemoryError:
+        peak = peak_in_process(args, way) if args.peaks == "process" else peak_of(torch, args, dev, way, blocks, x0)
+        if peak is None:
             dead.add(way)
-            torch.cuda.empty_cache()
+        else:
+            peaks[way] = peak
 
     def timed_steps(way):
         def run():
@@ -282,6 +321,8 @@ def speed(torch, args, dev):
     times = {w: [t / args.steps for t in ts] for w, ts in times.items()}
     print(f"\n{args.layers} blocks, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, bf16; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print("peak GiB: the highest allocated / reserved during one step above what was allocated before it, "
+          "each way in a fresh process" if args.peaks == "process" else "peak GiB: in this process")
     print(f"{'way':<24} {'step ms':>9} {'spread ms':>14} {'peak alloc GiB':>15} {'peak reserved GiB':>18} "
           f"{'vs torch ckpt':>14}")
     ref = H.median(times["torch_checkpoint"]) if "torch_checkpoint" in times else float("nan")
@@ -316,6 +357,11 @@ def main(argv=None):
     import torch
 
     dev = torch.device("cuda", torch.cuda.current_device())
+    if args.peak_of:
+        import json
+
+        print(json.dumps(peak_of(torch, args, dev, args.peak_of)))
+        return 0
     print(f"device: {torch.cuda.get_device_name(dev)}")
     ok = True if args.skip_correctness else check_correctness(torch, args, dev)
     if not args.skip_speed:
