@@ -4,17 +4,15 @@ The metadata is read with pread (not through the mapping), so only tensor
 bytes touched after the load can still meet a vanished page, as with
 torch.load(mmap=True)."""
 import os
-import subprocess
 import sys
 import textwrap
-import threading
-import time
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _pthelpers as H  # noqa: E402
+from _race import run_while_cutting  # noqa: E402
 
 from mlutils import TorchFormatError, _ptload  # noqa: E402
 
@@ -91,25 +89,4 @@ def test_file_cut_by_another_process_during_loads(tmp_path):
     data = H.pt_file(pkl, {"0": F32.tobytes(), "1": big.tobytes()})
     p = tmp_path / "m.pt"
     p.write_bytes(data)
-    stop = threading.Event()
-    rng = np.random.default_rng(0)
-
-    def cutter():
-        with open(p, "r+b") as f:
-            while not stop.is_set():
-                f.truncate(int(rng.integers(0, len(data))))
-                time.sleep(0)
-                f.seek(0)
-                f.write(data)
-                f.flush()
-
-    t = threading.Thread(target=cutter)
-    t.start()
-    try:
-        r = subprocess.run([sys.executable, "-c", CHILD, str(p), "1.5"], capture_output=True, text=True, timeout=120)
-    finally:
-        stop.set()
-        t.join()
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    ok, bad = map(int, r.stdout.split())
-    assert ok + bad > 0
+    run_while_cutting(p, CHILD)

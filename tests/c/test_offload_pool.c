@@ -195,10 +195,7 @@ static void test_alloc_failures(void)
 static uint64_t rng_state = 88172645463325252ULL;
 static uint64_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
+    return mlu_test_rand(&rng_state);
 }
 
 /* Random acquire/release/trim/cap changes; invariants after every step, and

@@ -25,10 +25,7 @@ static mlu_status to_buf(void *ctx, const void *p, size_t n, mlu_error *err)
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
 static uint64_t rnd(void)
 {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
+    return mlu_test_rand(&rng);
 }
 
 /* ------------------------------------------------------------------ pickle bytes */
