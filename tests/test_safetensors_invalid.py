@@ -1,5 +1,6 @@
 """Untrusted safetensors input: the invalid corpus, hypothesis round trips
 and mutations, allocation failures."""
+import json
 import os
 import pathlib
 import struct
@@ -572,3 +573,52 @@ def test_file_cut_by_another_process_during_reads(tmp_path):
     p = tmp_path / "m.safetensors"
     _misaligned_file(p)
     run_while_cutting(p, _RACE_CHILD)
+
+
+def test_close_while_another_thread_reads(tmp_path):
+    """close() during a read running without the GIL: the read finishes on its
+    own file (the descriptor is closed after it, so its number cannot be
+    reused meanwhile by a file opened in between); later reads raise."""
+    import threading
+    import time
+
+    from mlutils import _core
+
+    n = (1 << 30) + (1 << 20)  # reads go in 1 GiB calls: the second one comes after close()
+    h = json.dumps({"a": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    h += b" " * (-len(h) % 8)
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        f.truncate(8 + len(h) + n)  # sparse: zeros
+    other = tmp_path / "other.bin"
+    with open(other, "wb") as f:
+        f.seek(1 << 30)
+        f.write(b"\xab" * (2 << 20))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        m = _core.st_open(str(big))
+        out = {}
+
+        def reader():
+            try:
+                out["r"] = m.read(0, 0, n)
+            except Exception as e:  # noqa: BLE001 - recorded and checked below
+                out["e"] = e
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.02)
+        m.close()
+        fd = os.open(other, os.O_RDONLY)  # likely the number the map's file had
+        t.join()
+        os.close(fd)
+        if "e" in out:  # only when close() came first
+            assert isinstance(out["e"], mlutils.SafetensorsError) and "closed" in str(out["e"]), out["e"]
+        else:
+            r = np.frombuffer(out["r"], dtype=np.uint8)
+            assert r.size == n and not r.any(), "the read saw another file's bytes"
+        with pytest.raises(mlutils.SafetensorsError, match="closed"):
+            m.read(0, 0, 16)
+        del m
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # no descriptor left open

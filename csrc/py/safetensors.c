@@ -34,6 +34,7 @@ typedef struct {
     uint64_t file_size; /* the file's size when opened (map.size) */
     mlu_st_header hdr;  /* owned */
     int closed;         /* close() was called: no more arrays or reads */
+    int readers;        /* reads running without the GIL: the last one closes fd after close() */
 } StMap;
 
 /* 0 when the mapping may be read or viewed: a map of bytes always, a file's
@@ -57,6 +58,16 @@ static int stmap_check(StMap *m, mlu_state *st)
     return 0;
 }
 
+/* Closes the file once no read is running without the GIL (close() and
+ * the last such read call it). */
+static void stmap_close_fd(StMap *m)
+{
+    if (m->readers == 0 && m->fd >= 0) {
+        close(m->fd);
+        m->fd = -1;
+    }
+}
+
 /* Copies n bytes at file offset off into dst: with pread from a file (one
  * that shrank is a SafetensorsError, not SIGBUS), from memory for bytes.
  * Releases the GIL.  0, or -1 with an exception set. */
@@ -64,6 +75,7 @@ static int stmap_copy(StMap *m, mlu_state *st, uint64_t off, void *dst, size_t n
 {
     mlu_error err;
     mlu_status rc = MLU_OK;
+    int fd = m->fd;
 
     if (m->closed) {
         PyErr_SetString(st->SafetensorsError, "the file is closed");
@@ -72,12 +84,18 @@ static int stmap_copy(StMap *m, mlu_state *st, uint64_t off, void *dst, size_t n
     if (n == 0)
         return 0;
     mlu_error_clear(&err);
+    /* another thread may close() meanwhile: the descriptor stays open (and
+     * its number cannot be reused by another file) until this read is done */
+    m->readers++;
     Py_BEGIN_ALLOW_THREADS
-    if (m->fd >= 0)
-        rc = mlu_file_read_at(m->fd, off, dst, n, "tensor data", &err);
+    if (fd >= 0)
+        rc = mlu_file_read_at(fd, off, dst, n, "tensor data", &err);
     else
         memcpy(dst, m->map.data + off, n);
     Py_END_ALLOW_THREADS
+    m->readers--;
+    if (m->closed)
+        stmap_close_fd(m);
     if (rc != MLU_OK) {
         mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, NULL);
         return -1;
@@ -120,6 +138,7 @@ static StMap *stmap_new(PyObject *module)
         m->fd = -1;
         m->file_size = 0;
         m->closed = 0;
+        m->readers = 0;
         memset(&m->hdr, 0, sizeof(m->hdr));
     }
     return m;
@@ -478,10 +497,8 @@ static PyObject *stmap_close(PyObject *self, PyObject *unused)
     StMap *m = (StMap *)self;
 
     (void)unused;
-    if (m->fd >= 0)
-        close(m->fd);
-    m->fd = -1;
     m->closed = 1;
+    stmap_close_fd(m);
     Py_RETURN_NONE;
 }
 
