@@ -46,6 +46,8 @@ __all__ = [
     "compression_error",
     "DEFAULT_MIN_BYTES",
     "DEFAULT_MAX_INFLIGHT",
+    "set_pool_limit",
+    "set_max_inflight",
 ]
 
 #: Tensors smaller than this stay on their device (offloading them costs more than it saves).
@@ -361,6 +363,7 @@ def _cuda_usable(torch: Any) -> bool:
 _engines: Dict[str, OffloadEngine] = {}
 _engines_lock = threading.Lock()
 _pool_limit: Optional[int] = None
+_max_inflight: Optional[int] = DEFAULT_MAX_INFLIGHT
 
 
 def get_engine(device: Any) -> OffloadEngine:
@@ -373,7 +376,7 @@ def get_engine(device: Any) -> OffloadEngine:
     with _engines_lock:
         eng = _engines.get(key)
         if eng is None:
-            eng = OffloadEngine(device, max_bytes=_pool_limit)
+            eng = OffloadEngine(device, max_bytes=_pool_limit, max_inflight=_max_inflight)
             _engines[key] = eng
         return eng
 
@@ -386,6 +389,21 @@ def set_pool_limit(max_bytes: Optional[int]) -> None:
     with _engines_lock:
         _pool_limit = max_bytes
         _engines.clear()
+
+
+def set_max_inflight(max_inflight: Optional[int]) -> None:
+    """Bound the copies in flight of every shared engine (get_engine), those
+    made already included: see OffloadEngine (None: no bound)."""
+    global _max_inflight
+    if max_inflight is not None and (not isinstance(max_inflight, int) or isinstance(max_inflight, bool)
+                                     or max_inflight < 0):
+        raise ValueError(f"max_inflight must be None or an int >= 0, got {max_inflight!r}")
+    with _engines_lock:
+        _max_inflight = max_inflight
+        for eng in _engines.values():
+            eng.max_inflight = max_inflight
+            if eng._cuda is not None:
+                eng._cuda.window(max_inflight=max_inflight)
 
 
 def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
@@ -411,12 +429,17 @@ def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
 _seq = itertools.count(1)
 _live_lock = threading.Lock()
 _live: "Dict[int, weakref.ref]" = {}  # seq -> handle of a checkpoint waiting for its backward
+_live_pruned = [0]  # its size after the last pruning
 
 
 def _register(handle: OffloadHandle) -> None:
     handle.seq = next(_seq)
     with _live_lock:
         _live[handle.seq] = weakref.ref(handle)
+        if len(_live) > 2 * _live_pruned[0] + 64:  # forwards without a backward leave dead entries
+            for seq in [k for k, ref in _live.items() if ref() is None or ref().released]:
+                del _live[seq]
+            _live_pruned[0] = len(_live)
 
 
 def _unregister_and_prefetch_previous(handle: OffloadHandle) -> None:
@@ -552,6 +575,30 @@ def _kwargs_call(fn: Callable, nargs: int, keys: Tuple[str, ...]) -> Callable:
     return call
 
 
+class _PackedInput:
+    """A saved tensor as the hooks packed it: its offloaded copy, and what
+    tells whether the tensor was modified in place since (autograd skips its
+    own version check for tensors saved through hooks; on a GPU the copy may
+    even race the modification)."""
+
+    __slots__ = ("handle", "ref", "version")
+
+    def __init__(self, handle: OffloadHandle, tensor: Any):
+        self.handle = handle
+        self.ref = weakref.ref(tensor)
+        self.version = tensor._version
+
+    def modified(self) -> bool:
+        t = self.ref()
+        return t is not None and t._version != self.version
+
+
+_MODIFIED = ("offload_checkpoint: hidden_states was modified by an inplace operation after it was "
+             "offloaded (the offloaded copy would not match it); clone it before modifying it")
+_MODIFIED_SAVED = ("offload_saved_tensors: a tensor saved for backward was modified by an inplace operation "
+                   "after it was offloaded (autograd would refuse it too); clone it before modifying it")
+
+
 class _InputOffload:
     """The saved-tensor hooks offload_checkpoint puts around torch's checkpoint.
 
@@ -562,29 +609,35 @@ class _InputOffload:
     reload, and the prefetch of the checkpoint saved before this one (whose
     backward comes next)."""
 
-    __slots__ = ("hidden", "compress", "min_bytes")
+    __slots__ = ("hidden", "compress", "min_bytes", "packed")
 
     def __init__(self, hidden: Any, compress: Optional[str], min_bytes: int):
         self.hidden = hidden
         self.compress = compress
         self.min_bytes = min_bytes
+        self.packed: Optional[_PackedInput] = None
 
     def pack(self, tensor: Any) -> Any:
         if tensor is not self.hidden:
             return tensor
         self.hidden = None  # once: the same tensor passed twice is kept the second time
+        if tensor.device.type not in ("cuda", "cpu") or (tensor.device.type == "cuda" and not _core.cuda_built()):
+            return tensor  # no engine for it: kept, as offload_saved_tensors does
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
             return tensor
         _register(handle)
-        return handle
+        self.packed = _PackedInput(handle, tensor)
+        return self.packed
 
     @staticmethod
     def unpack(packed: Any) -> Any:
-        if not isinstance(packed, OffloadHandle):
+        if not isinstance(packed, _PackedInput):
             return packed
-        out = packed.reload()
-        _unregister_and_prefetch_previous(packed)
+        if packed.modified():
+            raise RuntimeError(_MODIFIED)
+        out = packed.handle.reload()
+        _unregister_and_prefetch_previous(packed.handle)
         return out
 
 
@@ -615,10 +668,17 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
         return function(hidden_states, *args, **kwargs)
     from torch.utils.checkpoint import checkpoint
 
+    # kwargs travel as positional args: checkpoint would take context_fn,
+    # determinism_check or debug for itself
+    keys = tuple(kwargs)
+    fn = _kwargs_call(function, len(args), keys) if keys else function
     hooks = _InputOffload(hidden_states, compress, min_bytes)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-        return checkpoint(function, hidden_states, *args, use_reentrant=False,
-                          preserve_rng_state=preserve_rng_state, **kwargs)
+        out = checkpoint(fn, hidden_states, *args, *(kwargs[k] for k in keys), use_reentrant=False,
+                         preserve_rng_state=preserve_rng_state)
+    if hooks.packed is not None and hooks.packed.modified():
+        raise RuntimeError(_MODIFIED)  # by the function itself: the copy may have raced it on a GPU
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -628,7 +688,7 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
 def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
     def gradient_checkpointing_func(function: Callable, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_reentrant", None)
-        kwargs.pop("preserve_rng_state", None)
+        kwargs.setdefault("preserve_rng_state", True)
         if not args:
             raise TypeError("offloaded gradient checkpointing: the layer got no hidden states")
         return offload_checkpoint(function, *args, min_bytes=min_bytes, compress=compress, **kwargs)
@@ -722,11 +782,14 @@ class _SavedTensorOffload:
             return tensor
         handle.seq = len(self.order)
         self.order.append(weakref.ref(handle))
-        return handle
+        return _PackedInput(handle, tensor)
 
     def unpack(self, packed: Any) -> Any:
-        if not isinstance(packed, OffloadHandle):
+        if not isinstance(packed, _PackedInput):
             return packed
+        if packed.modified():
+            raise RuntimeError(_MODIFIED_SAVED)
+        packed = packed.handle
         out = packed.reload()
         # start the next reloads in backward order: the nearest earlier saved
         # tensors that are neither reloaded nor on their way yet

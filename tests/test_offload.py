@@ -434,6 +434,78 @@ def test_checkpoint_retain_graph_and_autograd_grad(off, torch):
         torch.testing.assert_close(g, w)
 
 
+def test_checkpoint_inplace_change_of_the_input_is_an_error(off, torch):
+    """Autograd skips its version check for tensors saved through hooks: ours
+    checks, as torch's checkpoint does, since on a GPU the copy could race it."""
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        off.offload_checkpoint(lambda t: lin(t.mul_(2)), x * 2)  # by the function
+    h = x * 2
+    out = off.offload_checkpoint(lin, h)
+    h.mul_(3)  # after it, before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_saved_tensors_inplace_change_is_an_error(off, torch):
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(64, 64)
+    with off.offload_saved_tensors(min_bytes=0):
+        y = x @ w  # saves x
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # as autograd itself says without offload
+    y = x @ w
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_checkpoint_on_devices_without_an_engine_keeps_the_input(off, torch):
+    lin = torch.nn.Linear(8, 8, device="meta")
+    x = torch.empty(4, 8, device="meta", requires_grad=True)
+    out = off.offload_checkpoint(lin, x)
+    assert out.device.type == "meta" and out.shape == (4, 8)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.device.type == "meta"
+
+
+def test_checkpoint_kwargs_checkpoint_would_take_reach_the_function(off, torch):
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    seen = {}
+
+    def fn(t, debug=None, context_fn=None, determinism_check=None):
+        seen.update(debug=debug, context_fn=context_fn, determinism_check=determinism_check)
+        return lin(t) * debug
+
+    off.offload_checkpoint(fn, x, debug=torch.full((1,), 2.0), context_fn="c", determinism_check="d").sum().backward()
+    assert seen["context_fn"] == "c" and seen["determinism_check"] == "d" and seen["debug"].item() == 2.0
+    torch.testing.assert_close(x.grad, 2 * lin.weight.sum(0).expand(4, 8))
+
+
+def test_shared_engines_max_inflight(off, torch):
+    eng = off.get_engine("cpu")
+    try:
+        off.set_max_inflight(1 << 20)
+        assert eng.max_inflight == 1 << 20 and off.get_engine("cpu") is eng
+        off.set_max_inflight(None)
+        assert eng.max_inflight is None
+        with pytest.raises(ValueError, match="max_inflight"):
+            off.set_max_inflight(-5)
+    finally:
+        off.set_max_inflight(off.DEFAULT_MAX_INFLIGHT)
+
+
+def test_forwards_without_backward_do_not_grow_the_registry(off, torch):
+    lin = torch.nn.Linear(8, 8)
+    for _ in range(500):
+        off.offload_checkpoint(lin, torch.randn(2, 8, requires_grad=True))  # graph dropped at once
+    assert len(off._live) < 200
+
+
 def test_checkpoint_recomputation_stops_early(off, torch):
     """Backward reruns the function only up to the last tensor it saved, as
     torch's non-reentrant checkpoint does: the final matmul, whose output
