@@ -38,9 +38,20 @@ mlu_status mlu_file_open_ro(const char *path, int *fd, uint64_t *size, mlu_error
 
     *fd = -1;
     *size = 0;
-    /* O_NONBLOCK: a FIFO opens without waiting for a writer (and is then
-     * refused); it is cleared again for a regular file. */
+    /* What is not a regular file is refused before it is opened: opening a
+     * device can have effects of its own. */
+    if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+        st = not_regular(path, sb.st_mode, err);
+        goto done;
+    }
+    /* O_NONBLOCK: should the path become a FIFO after the stat, it opens
+     * without waiting for a writer (and is then refused); cleared again for a
+     * regular file.  A regular file someone holds a lease on answers
+     * EWOULDBLOCK instead of waiting for the lease's break: then it is
+     * opened as open() would, waiting. */
     f = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (f < 0 && (errno == EWOULDBLOCK || errno == EAGAIN))
+        f = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
     if (f < 0) {
         int e = errno;
         /* a socket cannot be opened (ENXIO): name it as the other kinds */

@@ -247,7 +247,9 @@ OFFLOAD_TYPE(HostPool, HostPoolObject, "HostPool",
 
 typedef struct {
     PyObject_HEAD
-    mlu_cuda_offload *eng; /* owned; NULL after close() */
+    mlu_cuda_offload *eng;     /* owned; NULL after close() */
+    mlu_cuda_offload *closing; /* owned: closed while calls were running; the last one frees it */
+    int busy;                  /* calls running without the GIL */
     int device;
 } EngineObject;
 
@@ -287,10 +289,10 @@ static void Engine_dealloc(EngineObject *self)
     PyTypeObject *tp = Py_TYPE(self);
 
     mlu_cuda_offload_destroy(self->eng);
+    mlu_cuda_offload_destroy(self->closing);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
-
 /* The engine's calls: each method parses into engine_args and runs one core
  * call of its kind through engine_call (open check, no GIL, raise). */
 typedef enum engine_op {
@@ -354,6 +356,7 @@ static mlu_status engine_run(mlu_cuda_offload *eng, engine_op op, engine_args *a
 /* Runs op on the open engine without the GIL: 0, or -1 with an exception set. */
 static int engine_call(EngineObject *self, engine_op op, engine_args *a)
 {
+    mlu_cuda_offload *eng;
     mlu_error err;
     mlu_status st;
 
@@ -366,9 +369,18 @@ static int engine_call(EngineObject *self, engine_op op, engine_args *a)
         return -1;
     }
     mlu_error_clear(&err);
+    eng = self->eng;
+    self->busy++; /* close() from another thread meanwhile leaves eng to us */
     Py_BEGIN_ALLOW_THREADS
-    st = engine_run(self->eng, op, a, &err);
+    st = engine_run(eng, op, a, &err);
     Py_END_ALLOW_THREADS
+    if (--self->busy == 0 && self->closing != NULL) {
+        mlu_cuda_offload *closing = self->closing;
+        self->closing = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        mlu_cuda_offload_destroy(closing);
+        Py_END_ALLOW_THREADS
+    }
     if (st != MLU_OK) {
         raise_for(Py_TYPE(self), &err);
         return -1;
@@ -493,12 +505,16 @@ static PyObject *Engine_close(EngineObject *self, PyObject *unused)
 
     (void)unused;
     self->eng = NULL;
+    if (self->busy > 0) { /* a call running without the GIL uses it: the last one frees it */
+        if (eng != NULL)
+            self->closing = eng;
+        Py_RETURN_NONE;
+    }
     Py_BEGIN_ALLOW_THREADS
     mlu_cuda_offload_destroy(eng);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
 static PyMethodDef Engine_methods[] = {
     {"streams", (PyCFunction)Engine_streams, METH_NOARGS, "streams() -> (d2h, h2d) cudaStream_t values."},
     {"save", (PyCFunction)(void (*)(void))Engine_save, METH_VARARGS | METH_KEYWORDS,
