@@ -490,6 +490,26 @@ def load(data: bytes, framework: str = "np") -> Dict[str, Any]:
     return _Reader(_core.st_from_bytes(data), framework).all()
 
 
+_ROW_CHUNK = 16 << 20  # bytes of rows a sparse selection reads at a time
+
+
+def _rows_applicable(idx: Tuple[Any, ...], ndim: int) -> bool:
+    """Whether idx is (first-axis key, basic items...): the first key an int,
+    a slice, or a list/array of ints or bools (one dimension for bools)."""
+    if ndim == 0 or not idx or not all(_basic_index(i) for i in idx[1:]):
+        return False
+    k = idx[0]
+    if k is None or k is Ellipsis:
+        return False
+    if _basic_index(k):
+        return True
+    try:
+        a = np.asarray(k)
+    except Exception:  # noqa: BLE001 - anything NumPy cannot take: the general path decides
+        return False
+    return a.dtype.kind in "iu" or (a.dtype == np.bool_ and a.ndim == 1)
+
+
 def _basic_index(i: Any) -> bool:
     """An index item NumPy applies as a view (no element read): int, slice, None, Ellipsis."""
     if i is None or i is Ellipsis or isinstance(i, slice):
@@ -511,13 +531,18 @@ class _Slice:
         return self._reader.entries[self._i].dtype
 
     def __getitem__(self, index: Any) -> Any:
-        # Reads only the bytes the selection spans, with pread (a file cut by
-        # another process is then a SafetensorsError, never SIGBUS), and
-        # copies the selection out of them; nothing is read through the mapping.
+        # Reads with pread (a file cut by another process is then a
+        # SafetensorsError, never SIGBUS) and copies the selection out of what
+        # it read; nothing is read through the mapping.  A selection that spans
+        # far more bytes than it keeps (rows picked out of a large table, a
+        # column) is read row by row in bounded chunks.
         r = self._reader
         full = r.map.array(self._i, r.table[self.get_dtype()], False)  # a view: no bytes read yet
         idx = index if isinstance(index, tuple) else (index,)
-        if not all(_basic_index(i) for i in idx):  # advanced indexing reads: from a copy of the tensor
+        basic = all(_basic_index(i) for i in idx)
+        if not basic or full.size == 0:
+            if full.size and _rows_applicable(idx, full.ndim):
+                return r.convert(self._by_rows(full, idx[0], idx[1:]), self._i)
             whole = np.ndarray(full.shape, full.dtype, r.map.read(self._i, 0, full.nbytes))
             return r.convert(np.array(whole[index], copy=True, order="C"), self._i)
         if not any(i is Ellipsis for i in idx):
@@ -528,10 +553,37 @@ class _Slice:
         first = sel.__array_interface__["data"][0] - full.__array_interface__["data"][0]
         lo = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s < 0)
         hi = first + sum(s * (n - 1) for s, n in zip(sel.strides, sel.shape) if s > 0) + sel.itemsize
+        if hi - lo > 4 * sel.nbytes + _ROW_CHUNK and _rows_applicable(idx, full.ndim):
+            return r.convert(self._by_rows(full, idx[0], idx[1:]), self._i)
         part = np.ndarray(sel.shape, sel.dtype, r.map.read(self._i, lo, hi), first - lo, sel.strides)
         if not (part.flags.c_contiguous and part.nbytes == hi - lo):  # else the bytes read are the result
             part = np.array(part, copy=True, order="C")
         return r.convert(part, self._i)
+
+    def _by_rows(self, full: np.ndarray, key0: Any, rest: Tuple[Any, ...]) -> np.ndarray:
+        """full[(key0,) + rest], reading only the rows key0 picks, at most
+        _ROW_CHUNK bytes of them at a time (rest is basic indexing)."""
+        r = self._reader
+        rows = np.arange(full.shape[0])[key0]  # NumPy's own rules (and IndexError) for the first axis
+        flat = rows.reshape(-1)
+        uniq = np.unique(flat)
+        row_bytes = full.nbytes // full.shape[0]
+        per = max(1, _ROW_CHUNK // row_bytes)
+        pieces = []
+        for b in range(0, len(uniq), per):
+            batch = uniq[b:b + per]
+            buf = np.empty((len(batch),) + full.shape[1:], full.dtype)
+            raw = buf.reshape(-1).view(np.uint8)
+            # one read per run of consecutive rows
+            breaks = np.flatnonzero(np.diff(batch) != 1) + 1
+            for run in np.split(np.arange(len(batch)), breaks):
+                a, n = int(batch[run[0]]), len(run)
+                raw[run[0] * row_bytes:(run[0] + n) * row_bytes] = r.map.read(self._i, a * row_bytes,
+                                                                              (a + n) * row_bytes)
+            pieces.append(np.array(buf[(slice(None),) + rest], copy=True))
+        sub = np.concatenate(pieces, axis=0)
+        out = sub[np.searchsorted(uniq, flat)]
+        return np.ascontiguousarray(out.reshape(rows.shape + sub.shape[1:]))
 
     def __repr__(self) -> str:
         return f"<safetensors slice {self._reader.entries[self._i].name!r} {self.get_dtype()} {self.get_shape()}>"

@@ -4,6 +4,8 @@ import gc
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -536,3 +538,51 @@ def test_arrays_keep_the_mapping_not_the_file(tmp_path):
         assert len(os.listdir("/proc/self/fd")) == before + 1  # open while safe_open is
     assert len(os.listdir("/proc/self/fd")) == before
     assert all(float(k["a"][9]) == 9.0 for k in kept[:-1]) and float(kept[-1][9]) == 9.0
+
+
+_SLICE_KEYS = [0, -1, 5, slice(None), slice(3, 250, 7), slice(None, None, -3), [0, -1, 5, 5, 2], np.array([299, 0, 1]),
+               np.array([[1, 2], [3, 4]]), np.arange(300) % 3 == 0, (slice(None), 0), (slice(None), 2, 1),
+               ([4, 2], slice(1, 3)), ([4, 2], None, 1), (slice(10, 20), Ellipsis, 2), (7, Ellipsis),
+               (slice(0, 300, 100), slice(None, None, -1)), (np.array([3, 3, 1]), 1, slice(None, None, 2)), ([],),
+               (slice(5, 5),)]
+
+
+@pytest.mark.parametrize("chunk", [64, 16 << 20])
+def test_slices_read_by_rows_equal_numpy(tmp_path, monkeypatch, chunk):
+    """Selections of rows (lists, bools, strided slices, a column) are read
+    row by row in bounded chunks; every form gives NumPy's result."""
+    import safetensors.numpy as SN
+
+    from mlutils import _safetensors as S
+
+    monkeypatch.setattr(S, "_ROW_CHUNK", chunk)
+    a = np.random.default_rng(0).standard_normal((300, 7, 5)).astype(np.float32)
+    p = tmp_path / "a.safetensors"
+    SN.save_file({"a": a}, str(p))
+    with S.safe_open(str(p), framework="np") as f:
+        sl = f.get_slice("a")
+        for k in _SLICE_KEYS:
+            got, want = sl[k], a[k]
+            assert got.shape == want.shape and np.array_equal(got, want), k
+        for bad in ([300], np.arange(299) > 0, (0, 0, 0, 0)):
+            with pytest.raises(IndexError):
+                sl[bad]
+
+
+def test_sparse_slice_reads_only_its_rows(tmp_path):
+    """Picking two rows, every 1000th row or one column out of a 200 MB table
+    costs tens of MiB, not the table (peak RSS of a fresh process)."""
+    import safetensors.numpy as SN
+
+    p = tmp_path / "t.safetensors"
+    SN.save_file({"t": np.zeros((50000, 1000), np.float32)}, str(p))
+    code = ("import resource, sys\nfrom mlutils._safetensors import safe_open\n"
+            "with safe_open(sys.argv[1], framework='np') as f:\n"
+            "    sl = f.get_slice('t')\n"
+            "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "    x, y, z = sl[[0, -1]], sl[::1000], sl[:, 0]\n"
+            "    assert x.shape == (2, 1000) and y.shape == (50, 1000) and z.shape == (50000,)\n"
+            "    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 80, f"peak RSS grew {out.stdout.strip()} MiB for a selection under 1 MiB"
