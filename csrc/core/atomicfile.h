@@ -5,7 +5,8 @@
  *   mlu_afile_open(&f, "ckpt.pt", MLU_AFILE_DURABLE, &err);
  *                                              sibling temp file, mode 0666 & ~umask
  *                                              (a replaced file's own permissions)
- *   mlu_afile_write(&f, p, n, &err) ...        (or pwrite through f.fd, unless f.direct)
+ *   mlu_afile_write(&f, p, n, &err) ...        the only way in: it keeps `written` and
+ *                                              the writeback pacing (see below)
  *   mlu_afile_commit(&f, &err);                fsync, rename over the target, fsync the folder
  *   mlu_afile_abort(&f);                       on any failure: close and unlink the temp file
  *
@@ -15,7 +16,8 @@
  * the rename and the folder after it, so a committed file survives a power
  * loss, and mlu_afile_write starts the kernel's writeback of every
  * MLU_AFILE_WRITEBACK_STEP bytes as they are written (sync_file_range), so
- * the fsync at commit finds most of the file already on its way to the disk.  Without it (flags 0) the commit only renames: the write is still
+ * the fsync at commit finds most of the file already on its way to the
+ * disk.  Without it (flags 0) the commit only renames: the write is still
  * atomic (readers and a crashed or killed writer never leave a half-written
  * target, and the temp files are locked and reaped alike), but after a power
  * loss or an OS crash the target may be the old file or, on some
