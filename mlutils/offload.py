@@ -75,6 +75,12 @@ def _check_compress(compress: Optional[str]) -> Optional[str]:
     return _MODES[compress.lower()]
 
 
+def _check_bytes_limit(value: Any, what: str) -> None:
+    """A byte limit: None (no limit) or an int >= 0; ValueError naming `what` otherwise."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{what} must be None or an int >= 0, got {value!r}")
+
+
 def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     """The engine mode for a tensor of `dtype`: float32 -> bf16 under either
     compression, float16/bfloat16 -> e4m3 under 'fp8', everything else raw."""
@@ -180,9 +186,7 @@ class OffloadEngine:
             raise ValueError(f"OffloadEngine: device {device} is neither cuda nor cpu")
         if not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"OffloadEngine: min_bytes must be an int >= 0, got {min_bytes!r}")
-        if max_inflight is not None and (not isinstance(max_inflight, int) or isinstance(max_inflight, bool)
-                                         or max_inflight < 0):
-            raise ValueError(f"OffloadEngine: max_inflight must be None or an int >= 0, got {max_inflight!r}")
+        _check_bytes_limit(max_inflight, "OffloadEngine: max_inflight")
         self.device = device
         self.max_inflight = max_inflight
         self.min_bytes = min_bytes
@@ -384,8 +388,7 @@ def get_engine(device: Any) -> OffloadEngine:
 def set_pool_limit(max_bytes: Optional[int]) -> None:
     """Cap the host pool of every engine created from now on (None: no cap)."""
     global _pool_limit
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}")
+    _check_bytes_limit(max_bytes, "max_bytes")
     with _engines_lock:
         _pool_limit = max_bytes
         _engines.clear()
@@ -395,9 +398,7 @@ def set_max_inflight(max_inflight: Optional[int]) -> None:
     """Bound the copies in flight of every shared engine (get_engine), those
     made already included: see OffloadEngine (None: no bound)."""
     global _max_inflight
-    if max_inflight is not None and (not isinstance(max_inflight, int) or isinstance(max_inflight, bool)
-                                     or max_inflight < 0):
-        raise ValueError(f"max_inflight must be None or an int >= 0, got {max_inflight!r}")
+    _check_bytes_limit(max_inflight, "max_inflight")
     with _engines_lock:
         _max_inflight = max_inflight
         for eng in _engines.values():
