@@ -622,3 +622,19 @@ def test_close_while_another_thread_reads(tmp_path):
             m.read(0, 0, 16)
         del m
     assert len(os.listdir("/proc/self/fd")) == fds_before  # no descriptor left open
+
+
+@pytest.mark.parametrize("name,data", [("g.safetensors", b"garbage" * 10), ("e.safetensors", b""),
+                                       ("g.pt", b"garbage" * 10), ("e.pt", b"")])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_format_errors_name_the_file(tmp_path, name, data, as_path):
+    """A bad file's format error says which file, in both formats, for a str or an os.PathLike path."""
+    from mlutils import io
+
+    p = tmp_path / name
+    p.write_bytes(data)
+    exc = mlutils.SafetensorsError if name.endswith(".safetensors") else mlutils.TorchFormatError
+    with pytest.raises(exc) as e:
+        io.torch_load(p if as_path else str(p), framework="np")
+    assert str(e.value).startswith(f"'{p}': "), str(e.value)
+    assert str(p) not in str(e.value)[len(str(p)) + 4:]  # named once

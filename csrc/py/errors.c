@@ -14,7 +14,7 @@
 
 /* How an exception is made from the error and the subject (see mlu_raise). */
 typedef enum build_kind {
-    BUILD_TEXT = 0,   /* class(text); the subject is not used */
+    BUILD_TEXT = 0,   /* class(text), or class("'path': text") with the file's path as subject */
     BUILD_OS_ERROR,   /* OSError(errno, text[, subject as the file name]) */
     BUILD_DOCUMENT,   /* class(text, document, position): subject = the document (bytes) */
     BUILD_DETAIL,     /* class("text. subject") when the subject is a str */
@@ -103,6 +103,33 @@ done:
     Py_XDECREF(umsg);
 }
 
+/* exc(text); when path (the subject: str, bytes or os.PathLike; may be NULL)
+ * names the file the error is about and the text does not name it already,
+ * exc("'path': text"), so that a format error says which file it is in. */
+static void build_text_error(PyObject *exc, const char *text, PyObject *path)
+{
+    PyObject *fs = NULL, *str = NULL;
+    const char *u;
+
+    if (path != NULL && (PyUnicode_Check(path) || PyBytes_Check(path) || PyObject_HasAttrString(path, "__fspath__"))) {
+        fs = PyOS_FSPath(path); /* new ref: str or bytes */
+        if (fs != NULL && PyBytes_Check(fs))
+            str = PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(fs), PyBytes_GET_SIZE(fs));
+        else if (fs != NULL)
+            str = Py_NewRef(fs);
+        PyErr_Clear(); /* a path that cannot be shown: the text alone */
+    }
+    u = str != NULL ? PyUnicode_AsUTF8(str) : NULL;
+    if (u == NULL)
+        PyErr_Clear();
+    if (u != NULL && u[0] != '\0' && strstr(text, u) == NULL)
+        PyErr_Format(exc, "'%U': %s", str, text);
+    else
+        PyErr_Format(exc, "%s", text);
+    Py_XDECREF(str);
+    Py_XDECREF(fs);
+}
+
 /* exc(message, document, position), as json.JSONDecodeError takes them: the
  * document (the bytes parsed, borrowed; none: "") as a str, and the
  * character index of err->offset in it. */
@@ -159,7 +186,7 @@ PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyOb
             PyErr_Format(exc, "%s", text);
         break;
     default:
-        PyErr_Format(exc, "%s", text);
+        build_text_error(exc, text, subject);
         break;
     }
     return NULL;

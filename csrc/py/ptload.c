@@ -595,7 +595,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     rc = mlu_file_open_ro(PyBytes_AS_STRING(path_bytes), &fd, &size, &err);
     Py_END_ALLOW_THREADS
     if (rc == MLU_OK && size == 0)
-        rc = mlu_error_set(&err, MLU_EFORMAT, 0, "%s is empty: not a PyTorch file", PyBytes_AS_STRING(path_bytes));
+        rc = mlu_error_set(&err, MLU_EFORMAT, 0, "the file is empty: not a PyTorch file");
     if (rc != MLU_OK) {
         mlu_raise(st, &err, MLU_DOMAIN_TORCH, args[0]);
         goto done;
