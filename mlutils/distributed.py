@@ -40,7 +40,7 @@ import socket
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from ._core import MlutilsError
 
@@ -126,8 +126,16 @@ def _slurm_tasks_per_node(name: str) -> Optional[int]:
     return counts[node]
 
 
-def _launcher_env() -> Tuple[str, int, int, int, int]:
-    """(launcher, rank, local_rank, world_size, local_world_size) from the environment, checked."""
+class _LauncherEnv(NamedTuple):
+    launcher: str  # "torchrun", "SLURM", "Open MPI" or "none"
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+
+def _launcher_env() -> _LauncherEnv:
+    """What the launcher's environment says about this process, checked."""
     env = os.environ
     if any(env.get(n, "").strip() for n in _TORCHRUN):
         names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -162,7 +170,7 @@ def _launcher_env() -> Tuple[str, int, int, int, int]:
         world = _int_var(names[2], 1)
         local_world = _int_var(names[3], 1)
     else:
-        return "none", 0, 0, 1, 1
+        return _LauncherEnv("none", 0, 0, 1, 1)
     n_rank, n_local, n_world, n_lw = names
     rank = 0 if rank is None else rank
     local = 0 if local is None else local
@@ -180,7 +188,7 @@ def _launcher_env() -> Tuple[str, int, int, int, int]:
             raise ValueError(f"environment variable {n_lw}={local_world} exceeds {world_text}")
         if local >= local_world:
             raise ValueError(f"environment variable {n_local}={local} is not below {n_lw}={local_world}")
-    return launcher, rank, local, world, local_world
+    return _LauncherEnv(launcher, rank, local, world, local_world)
 
 
 def _dist_if_initialized():
@@ -229,12 +237,12 @@ def global_rank() -> int:
     dist = _dist_if_initialized()
     if dist is not None:
         return int(dist.get_rank())
-    return _launcher_env()[1]
+    return _launcher_env().rank
 
 
 def local_rank() -> int:
     """This process's rank on its node (the CUDA device it uses)."""
-    return _launcher_env()[2]
+    return _launcher_env().local_rank
 
 
 def world_size() -> int:
@@ -242,12 +250,12 @@ def world_size() -> int:
     dist = _dist_if_initialized()
     if dist is not None:
         return int(dist.get_world_size())
-    return _launcher_env()[3]
+    return _launcher_env().world_size
 
 
 def local_world_size() -> int:
     """The number of processes on this node."""
-    return _launcher_env()[4]
+    return _launcher_env().local_world_size
 
 
 def is_local_leader() -> bool:
@@ -384,7 +392,8 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
     if _dist_if_initialized() is not None:
         _STATE["ran"] = True
         return None
-    launcher, rank, _local, world, _lw = _launcher_env()
+    env = _launcher_env()
+    launcher, rank, world = env.launcher, env.rank, env.world_size
     master_addr = os.environ.get("MASTER_ADDR", "").strip()
     if world == 1 and not master_addr:
         _STATE["ran"] = True
@@ -461,7 +470,7 @@ def _group_for(what: str):
     dist = _dist_if_initialized()
     if dist is not None:
         return dist
-    world = _launcher_env()[3]
+    world = _launcher_env().world_size
     if world == 1:
         return None
     _import_torch_dist(what)
