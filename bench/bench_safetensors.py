@@ -107,19 +107,12 @@ LOADERS = {
 
 PEAK = r"""
 import sys
-import numpy as np
-import torch
+sys.path.insert(0, sys.argv[3])
+from bench_safetensors import touch  # numpy and torch with it, in the baseline too
 {imports}
 p = sys.argv[1]
 if sys.argv[2] == "load":
-    d = {expr}
-    s = 0
-    for a in d.values():
-        if isinstance(a, torch.Tensor):
-            if a.numel():
-                s += int(a.reshape(-1).view(torch.uint8)[::4096].sum())
-        elif a.nbytes:
-            s += int(a.reshape(-1).view(np.uint8)[::4096].sum())
+    touch({expr})
 """
 
 
@@ -180,8 +173,8 @@ def main():
             cases.append((name + "|copy", lambda fn=fn: copy_into(params, fn())))
         load = H.interleaved(cases, args.repeat)
         del params
-        base = H.peak_rss(PEAK.format(imports="", expr="None"), [ours_p, "base"])
-        peaks = {name: H.peak_rss(PEAK.format(imports=imp, expr=expr), [ours_p, "load"])
+        base = H.peak_rss(PEAK.format(imports="", expr="None"), [ours_p, "base", HERE])
+        peaks = {name: H.peak_rss(PEAK.format(imports=imp, expr=expr), [ours_p, "load", HERE])
                  for name, (imp, expr) in LOADERS.items()}
     finally:
         for p in (ours_p, theirs_p):
