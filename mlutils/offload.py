@@ -820,7 +820,12 @@ def offload_saved_tensors(min_bytes: int = DEFAULT_MIN_BYTES, compress: Optional
     """Within this block, every tensor autograd saves for backward (of at least
     min_bytes, parameters excepted) is offloaded through the engine and
     reloaded when backward needs it, with the next `prefetch` ones started
-    early.  Host buffers return to the pool when the graph is freed."""
+    early.  Host buffers return to the pool when the graph is freed.
+
+    A prefetched tensor is on the device while the node before it in backward
+    runs: prefetch=1 overlaps each reload with compute and peaks up to one
+    saved tensor above ``save_on_cpu``; prefetch=0 reloads on demand, as
+    ``save_on_cpu`` does, and holds no more saved tensors on the device."""
     torch = _torch("mlutils.offload.offload_saved_tensors")
     compress = _check_compress(compress)
     if not isinstance(min_bytes, int) or min_bytes < 0:
