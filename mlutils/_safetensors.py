@@ -38,7 +38,7 @@ import logging
 import operator
 import os
 import sys
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -414,22 +414,24 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = Non
 
 # ---------------------------------------------------------------- reading
 
-def _torch_dtype(code: str, name: str) -> Any:
+def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any:
     import torch
 
     tname = _TORCH_NAMES.get(code)
     dt = getattr(torch, tname, None) if tname else None
     if dt is None:
-        raise SafetensorsError(f"tensor {name!r}: dtype {code} has no torch equivalent in torch {torch.__version__}")
+        raise error(f"tensor {name!r}: dtype {code} has no torch equivalent in torch {torch.__version__}")
     return dt
 
 
-def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str) -> Any:
+def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str,
+              error: Callable[[str], Exception]) -> Any:
+    """arr as a torch tensor of the file's dtype on device; error(text): the exception naming the file."""
     import torch
 
-    dt = _torch_dtype(code, name)
+    dt = _torch_dtype(code, name, error)
     if code == "F4" and (not shape or shape[-1] % 2):
-        raise SafetensorsError(
+        raise error(
             f"tensor {name!r}: F4 shape {list(shape)} has an odd last dimension: torch's float4_e2m1fn_x2 holds pairs"
         )
     t = torch.from_numpy(arr)
@@ -464,7 +466,7 @@ class _Reader:
         if self.framework == "np":
             return arr
         e = self.entries[i]
-        return _to_torch(arr, e.dtype, e.shape, e.name, self.device)
+        return _to_torch(arr, e.dtype, e.shape, e.name, self.device, self.map.error)
 
     def tensor(self, i: int) -> Any:
         return self.convert(self.raw(i), i)
@@ -594,7 +596,8 @@ class safe_open:
     view of a file; only the tensors (or slices) asked for are read."""
 
     def __init__(self, filename: PathLike, framework: str = "np", device: str = "cpu") -> None:
-        self._reader: Optional[_Reader] = _Reader(_core.st_open(os.fspath(filename)), framework, device)
+        self._map = _core.st_open(os.fspath(filename))  # kept after close(): its errors name the file
+        self._reader: Optional[_Reader] = _Reader(self._map, framework, device)
 
     def __enter__(self) -> "safe_open":
         return self
@@ -610,7 +613,7 @@ class safe_open:
 
     def _r(self) -> _Reader:
         if self._reader is None:
-            raise SafetensorsError("the file is closed")
+            raise self._map.error("the file is closed")
         return self._reader
 
     def _at(self, name: str) -> int:
@@ -618,7 +621,7 @@ class safe_open:
         try:
             return r.index[name]
         except KeyError:
-            raise SafetensorsError(f"no tensor named {name!r} in the file") from None
+            raise r.map.error(f"no tensor named {name!r} in the file") from None
 
     def keys(self) -> List[str]:
         """Tensor names, sorted."""

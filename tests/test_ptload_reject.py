@@ -245,3 +245,42 @@ def test_bad_arguments_to_the_binding(tmp_path):
         _ptload.load(tmp_path, framework="np")
     with pytest.raises(FileNotFoundError):
         _ptload.load(tmp_path / "missing.pt", framework="np")
+
+
+def _corrupt_deflated_storage():
+    """A valid file whose deflated storage record holds no deflate stream: the open (zip, pickle)
+    passes, reading the storage fails."""
+    data = bytearray(H.pt_file(H.state_dict_pickle([("w", "torch.FloatStorage", "0", 12, 0, (3, 4), (4, 1))]),
+                               {"0": F32}, deflate=("data/0",)))
+    h = bytes(data).index(b"archive/data/0") - 30  # its local header
+    csize, = struct.unpack_from("<I", data, h + 18)
+    n, m = struct.unpack_from("<HH", data, h + 26)
+    data[h + 30 + n + m:h + 30 + n + m + csize] = b"\xff" * csize
+    return bytes(data)
+
+
+# Rejections made after the file was opened and its pickle read: while building the values
+# (what fails there names the value) and while reading the storages.
+AFTER_OPEN = {name: PICKLE_CASES[name] for name in ("attr-name-not-str", "codecs-above-255", "set-unhashable",
+                                                     "bare-storage")}
+AFTER_OPEN["dict-key-unhashable"] = (b"}" + lst() + H.pint(1) + b"s", ["not hashable"])
+
+
+@pytest.mark.parametrize("name", list(AFTER_OPEN) + ["deflated-storage"])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_rejections_after_the_open_name_the_file(tmp_path, name, as_path):
+    """As the open's errors, those found later in a load name the file: "'path': text"."""
+    if name == "deflated-storage":
+        data, words, calls = _corrupt_deflated_storage(), ["is corrupt"], ("mmap", "copy")
+    else:
+        body, words = AFTER_OPEN[name]
+        data, calls = H.pt_file(H.proto() + body + H.STOP, {"0": F32}), ("mmap", "copy", "index")
+    p = tmp_path / "rank3.pt"
+    p.write_bytes(data)
+    for call in calls:
+        fn = _ptload.read_index if call == "index" else lambda q: _ptload.load(q, framework="np", mmap=call == "mmap")
+        with pytest.raises(TorchFormatError) as ei:
+            fn(p if as_path else str(p))
+        msg = str(ei.value)
+        assert msg.startswith(f"'{p}': ") and all(w in msg for w in words), (call, msg)
+        assert str(p) not in msg[len(str(p)) + 4:], msg  # named once

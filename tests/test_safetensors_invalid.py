@@ -638,3 +638,172 @@ def test_format_errors_name_the_file(tmp_path, name, data, as_path):
         io.torch_load(p if as_path else str(p), framework="np")
     assert str(e.value).startswith(f"'{p}': "), str(e.value)
     assert str(p) not in str(e.value)[len(str(p)) + 4:]  # named once
+
+
+# ---- errors of an open map name its file, as the open's errors do
+
+def _lib_file(path):
+    """A file written by the safetensors library: two tensors and metadata; the data section's
+    length (the file is cut inside it)."""
+    stn.save_file({"w": np.arange(64, dtype=np.float32).reshape(8, 8), "b": np.arange(8, dtype=np.float64)},
+                  str(path), metadata={"k": "v"})
+    return 64 * 4 + 8 * 8
+
+
+def _names(e, p):
+    """The message is "'p': text", p named once."""
+    msg = str(e.value)
+    assert msg.startswith(f"'{p}': "), msg
+    assert str(p) not in msg[len(str(p)) + 4:], msg
+
+
+AFTER_CUT = {
+    "get_tensor": lambda f: f.get_tensor("w"),
+    "get_slice-basic": lambda f: f.get_slice("w")[1:3, ::2],
+    "get_slice-int": lambda f: f.get_slice("b")[2],
+    "get_slice-rows": lambda f: f.get_slice("w")[[0, 5]],
+    "get_slice-mask": lambda f: f.get_slice("b")[np.arange(8) % 2 == 0],
+}
+
+
+@pytest.mark.parametrize("what", list(AFTER_CUT))
+@pytest.mark.parametrize("framework", ["np", "pt"])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_reads_after_the_file_shrank_name_it(tmp_path, what, framework, as_path):
+    """A file cut after safe_open (str or os.PathLike path): each read's SafetensorsError names it."""
+    if framework == "pt":
+        pytest.importorskip("torch")
+    from mlutils import io
+
+    p = tmp_path / "shard-00003-of-00020.safetensors"
+    data_len = _lib_file(p)
+    with io.safe_open(p if as_path else str(p), framework=framework) as f:
+        os.truncate(p, os.path.getsize(p) - data_len + 16)
+        with pytest.raises(mlutils.SafetensorsError, match="shrank") as e:
+            AFTER_CUT[what](f)
+        _names(e, p)
+
+
+CLOSED = {
+    "get_tensor": lambda f, s: f.get_tensor("w"),
+    "get_slice": lambda f, s: f.get_slice("w"),
+    "slice-taken-before": lambda f, s: s[0],
+    "keys": lambda f, s: f.keys(),
+    "offset_keys": lambda f, s: f.offset_keys(),
+    "metadata": lambda f, s: f.metadata(),
+}
+
+
+@pytest.mark.parametrize("what", list(CLOSED))
+@pytest.mark.parametrize("as_path", [False, True])
+def test_a_closed_map_names_its_file(tmp_path, what, as_path):
+    from mlutils import io
+
+    p = tmp_path / "m.safetensors"
+    _lib_file(p)
+    f = io.safe_open(p if as_path else str(p), framework="np")
+    s = f.get_slice("w")
+    f.close()
+    with pytest.raises(mlutils.SafetensorsError, match="closed") as e:
+        CLOSED[what](f, s)
+    _names(e, p)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_a_missing_tensor_names_the_file(tmp_path, as_path):
+    from mlutils import io
+
+    p = tmp_path / "m.safetensors"
+    _lib_file(p)
+    with io.safe_open(p if as_path else str(p), framework="np") as f:
+        for fn in (lambda: f.get_tensor("zz"), lambda: f.get_slice("zz")):
+            with pytest.raises(mlutils.SafetensorsError, match="no tensor named 'zz'") as e:
+                fn()
+            _names(e, p)
+
+
+def _map_errors(m, cut):
+    """(call, exception type, words) of every error a SafetensorsMap raises after it was opened;
+    cut: the file has shrunk (else it is closed at the end)."""
+    out = [(lambda: m.read(5, 0, 1), IndexError, "out of range"),
+           (lambda: m.array(-1, np.float64), IndexError, "out of range"),
+           (lambda: m.read(0, 0, 10 ** 6), ValueError, "not within tensor"),
+           (lambda: m.array(0, np.float32), ValueError, "8-byte dtype"),
+           (lambda: m.array(0, object), TypeError, "Python objects")]
+    if cut:
+        out += [(lambda: m.read(0, 0, 64), mlutils.SafetensorsError, "shrank while reading tensor data"),
+                (lambda: m.array(0, np.float64), mlutils.SafetensorsError, "shrank from"),
+                (m.check, mlutils.SafetensorsError, "shrank from")]
+    else:
+        out += [(m.close, None, None),
+                (lambda: m.read(0, 0, 8), mlutils.SafetensorsError, "the file is closed"),
+                (lambda: m.array(0, np.float64), mlutils.SafetensorsError, "the file is closed"),
+                (lambda: m.array(0, np.float64, copy_unaligned=True), mlutils.SafetensorsError, "the file is closed"),
+                (m.check, mlutils.SafetensorsError, "the file is closed")]
+    return out
+
+
+@pytest.mark.parametrize("cut", [True, False])
+@pytest.mark.parametrize("as_path", [False, True])
+def test_map_errors_after_the_open_name_the_file(tmp_path, cut, as_path):
+    """The binding's map: short pread, shrunk file, closed map and bad arguments, each in its own
+    exception type, each naming the file; error() words the wrapper's errors the same way."""
+    p = tmp_path / "m.safetensors"
+    _lib_file(p)
+    m = _core.st_open(p if as_path else str(p))
+    assert m.entries()[0].name == "b"  # offset order: F64 first
+    if cut:
+        os.truncate(p, m.data_start + 16)
+    for call, exc, words in _map_errors(m, cut):
+        if exc is None:
+            call()
+            continue
+        with pytest.raises(exc, match=words) as e:
+            call()
+        _names(e, p)
+    e = m.error("text")
+    assert type(e) is mlutils.SafetensorsError and str(e) == f"'{p}': text"
+    assert str(m.error(f"in {p} already")) == f"in {p} already"  # a text naming the file keeps its words
+
+
+def test_maps_of_bytes_keep_their_messages(tmp_path):
+    """A map made from bytes has no file: the same errors, worded as before."""
+    m = _core.st_from_bytes(S.save({"b": np.arange(8, dtype=np.float64)}))
+    want = {"out of range": "tensor index out of range",
+            "not within tensor": "read: bytes [0, 1000000) are not within tensor 'b' (64 bytes)",
+            "8-byte dtype": "tensor 'b' is F64: a 8-byte dtype is needed, not dtype('float32')",
+            "Python objects": "a tensor cannot be read as dtype('O'): it holds Python objects",
+            "the file is closed": "the file is closed"}
+    for call, exc, words in _map_errors(m, cut=False):
+        if exc is None:
+            call()
+            continue
+        with pytest.raises(exc) as e:
+            call()
+        assert str(e.value) == want[words]
+    assert str(m.error("text")) == "text"
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_conversion_errors_name_the_file(tmp_path, torch, as_path):
+    """What a valid file holds but NumPy or torch cannot take, found at get_tensor: named too."""
+    from mlutils import io
+
+    cases = [("f6", S.RawTensor("F6_E2M3", (4,), b"\0\0\0"), "pt", "no torch equivalent"),
+             ("f4", S.RawTensor("F4", (2, 3), b"\0\0\0"), "pt", "odd last dimension"),
+             ("huge", S.RawTensor("U8", (0, 2 ** 63), b""), "np", r"at most 2\^63-1"),
+             ("deep", S.RawTensor("U8", (1,) * 65, b"\0"), "np", "NumPy allows 64")]
+    for name, t, framework, words in cases:
+        p = tmp_path / f"{name}.safetensors"
+        S.save_file({"t": t}, p)
+        with io.safe_open(p if as_path else str(p), framework=framework) as f:
+            with pytest.raises(mlutils.SafetensorsError, match=words) as e:
+                f.get_tensor("t")
+            _names(e, p)
+        if framework == "pt":
+            with pytest.raises(mlutils.SafetensorsError, match=words) as e:
+                S.load_file(p if as_path else str(p), framework="pt")
+            _names(e, p)
+            with pytest.raises(mlutils.SafetensorsError, match=words) as e:
+                S.load(p.read_bytes(), framework="pt")
+            assert not str(e.value).startswith("'"), str(e.value)  # bytes: no file to name

@@ -9,6 +9,7 @@
 #include "module.h"
 
 #include <assert.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -128,6 +129,22 @@ static void build_text_error(PyObject *exc, const char *text, PyObject *path)
         PyErr_Format(exc, "%s", text);
     Py_XDECREF(str);
     Py_XDECREF(fs);
+}
+
+PyObject *mlu_raise_about(PyObject *exc, PyObject *path, const char *fmt, ...)
+{
+    va_list ap;
+    PyObject *msg;
+    const char *text;
+
+    va_start(ap, fmt);
+    msg = PyUnicode_FromFormatV(fmt, ap); /* new ref */
+    va_end(ap);
+    text = msg != NULL ? PyUnicode_AsUTF8(msg) : NULL;
+    if (text != NULL)
+        build_text_error(exc, text, path);
+    Py_XDECREF(msg);
+    return NULL;
 }
 
 /* exc(message, document, position), as json.JSONDecodeError takes them: the

@@ -69,9 +69,17 @@ typedef enum mlu_domain {
  * class takes it: for MLU_EIO the file name (OSError(errno, message,
  * filename), its subclass picked by errno); in MLU_DOMAIN_JSON the document
  * as bytes, which err->offset indexes; in MLU_DOMAIN_LIBRARY a str appended
- * to the message; elsewhere it is not used.  st (borrowed) must not be
- * NULL.  Always returns NULL so call sites can `return mlu_raise(...)`. */
+ * to the message; elsewhere the file the error is about (str, bytes or
+ * os.PathLike; anything else is not shown), as mlu_raise_about shows it.
+ * st (borrowed) must not be NULL.  Always returns NULL so call sites can
+ * `return mlu_raise(...)`. */
 PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *subject);
+
+/* exc(PyUnicode_FromFormat(fmt, ...)), or exc("'path': text") when path
+ * (borrowed, may be NULL: str, bytes or os.PathLike) names the file the
+ * error is about and the text does not name it already: the one place a
+ * file's name is put in an error's text.  Always returns NULL. */
+PyObject *mlu_raise_about(PyObject *exc, PyObject *path, const char *fmt, ...);
 
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */

@@ -26,6 +26,7 @@ static const char *const mode_names[] = {"mmap", "copy", "index", "verify"};
 
 typedef struct conv {
     mlu_state *st;
+    PyObject *path;       /* borrowed: the caller's path, which every error names */
     const mlu_pt *pt;
     PyObject **memo;      /* owned refs, one slot per node */
     PyObject **storages;  /* owned refs: uint8 arrays (or Py_None in index mode) */
@@ -47,6 +48,7 @@ static void mapping_destructor(PyObject *cap)
     }
 }
 
+/* TorchFormatError("'path': " + PyUnicode_FromFormat(fmt, ...)); NULL. */
 static PyObject *fmt_error(conv *c, const char *fmt, ...)
 {
     va_list ap;
@@ -54,10 +56,9 @@ static PyObject *fmt_error(conv *c, const char *fmt, ...)
     va_start(ap, fmt);
     msg = PyUnicode_FromFormatV(fmt, ap);
     va_end(ap);
-    if (msg != NULL) {
-        PyErr_SetObject(c->st->TorchFormatError, msg);
-        Py_DECREF(msg);
-    }
+    if (msg != NULL)
+        mlu_raise_about(c->st->TorchFormatError, c->path, "%U", msg);
+    Py_XDECREF(msg);
     return NULL;
 }
 
@@ -498,7 +499,7 @@ static int make_storages(conv *c, PyObject *capsule, const mlu_file_map *map, in
             Py_END_ALLOW_THREADS
             if (st != MLU_OK) {
                 Py_DECREF(arr);
-                mlu_raise(c->st, &err, MLU_DOMAIN_TORCH, NULL);
+                mlu_raise(c->st, &err, MLU_DOMAIN_TORCH, c->path);
                 goto done;
             }
         }
@@ -612,6 +613,7 @@ static PyObject *py_pt_load(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     if (mode == MODE_MMAP && any_in_place(&pt) && (capsule = map_file(st, fd, size, args[0])) == NULL)
         goto done;
     c.st = st;
+    c.path = args[0];
     c.pt = &pt;
     coll = PyImport_ImportModule("collections");
     if (coll == NULL)

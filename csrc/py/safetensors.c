@@ -3,7 +3,10 @@
  *   st_open(path) -> SafetensorsMap        the file mapped privately, header validated
  *   st_from_bytes(data) -> SafetensorsMap  a private copy of bytes, header validated
  *   SafetensorsMap.metadata() / .entries() / .array(index, dtype, copy_unaligned=False, check=True)
- *   SafetensorsMap.read(index, start, stop) / .check() / .close()
+ *   SafetensorsMap.read(index, start, stop) / .check() / .error(text) / .close()
+ *
+ * Every error a map raises after the open names its file ("'path': text",
+ * errors.c) when it was opened from a path.
  *   st_serialize(entries, metadata, path=None) -> bytes | None
  *   safetensors_dtypes() -> tuple of SafetensorsDtype rows
  *
@@ -35,6 +38,7 @@ typedef struct {
     mlu_st_header hdr;  /* owned */
     int closed;         /* close() was called: no more arrays or reads */
     int readers;        /* reads running without the GIL: the last one closes fd after close() */
+    PyObject *path;     /* owned: os.fspath of the path opened (str or bytes); NULL for bytes */
 } StMap;
 
 /* 0 when the mapping may be read or viewed: a map of bytes always, a file's
@@ -45,14 +49,14 @@ static int stmap_check(StMap *m, mlu_state *st)
     mlu_error err;
 
     if (m->closed) {
-        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        mlu_raise_about(st->SafetensorsError, m->path, "the file is closed");
         return -1;
     }
     if (m->fd < 0)
         return 0;
     mlu_error_clear(&err);
     if (mlu_file_check_size(m->fd, m->file_size, &err) != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, NULL);
+        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, m->path);
         return -1;
     }
     return 0;
@@ -78,7 +82,7 @@ static int stmap_copy(StMap *m, mlu_state *st, uint64_t off, void *dst, size_t n
     int fd = m->fd;
 
     if (m->closed) {
-        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        mlu_raise_about(st->SafetensorsError, m->path, "the file is closed");
         return -1;
     }
     if (n == 0)
@@ -97,7 +101,7 @@ static int stmap_copy(StMap *m, mlu_state *st, uint64_t off, void *dst, size_t n
     if (m->closed)
         stmap_close_fd(m);
     if (rc != MLU_OK) {
-        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, NULL);
+        mlu_raise(st, &err, MLU_DOMAIN_SAFETENSORS, m->path);
         return -1;
     }
     return 0;
@@ -121,6 +125,7 @@ static void stmap_dealloc(PyObject *self)
     if (m->fd >= 0)
         close(m->fd);
     m->fd = -1;
+    Py_CLEAR(m->path);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -139,6 +144,7 @@ static StMap *stmap_new(PyObject *module)
         m->file_size = 0;
         m->closed = 0;
         m->readers = 0;
+        m->path = NULL;
         memset(&m->hdr, 0, sizeof(m->hdr));
     }
     return m;
@@ -157,6 +163,9 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
         goto error;
     m = stmap_new(module);
     if (m == NULL)
+        goto error;
+    m->path = PyOS_FSPath(arg); /* new ref: str or bytes, for the map's errors */
+    if (m->path == NULL)
         goto error;
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
@@ -354,13 +363,13 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     /* from here descr is a new reference */
     if (index < 0 || (size_t)index >= m->hdr.ntensors) {
-        PyErr_SetString(PyExc_IndexError, "tensor index out of range");
+        mlu_raise_about(PyExc_IndexError, m->path, "tensor index out of range");
         goto error;
     }
     if (PyDataType_FLAGCHK(descr, NPY_ITEM_REFCOUNT)) {
         /* file bytes taken for object pointers would crash the reader */
-        PyErr_Format(PyExc_TypeError, "a tensor cannot be read as %R: it holds Python objects",
-                     (PyObject *)descr);
+        mlu_raise_about(PyExc_TypeError, m->path, "a tensor cannot be read as %R: it holds Python objects",
+                        (PyObject *)descr);
         goto error;
     }
     t = &m->hdr.tensors[index];
@@ -368,31 +377,31 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     elsize = (npy_intp)PyDataType_ELSIZE(descr);
     nbytes = t->end - t->begin;
     if (t->ndim > NPY_MAXDIMS) {
-        PyErr_Format(st->SafetensorsError, "tensor '%s' has %zu dimensions, NumPy allows %d",
-                     t->name, t->ndim, NPY_MAXDIMS);
+        mlu_raise_about(st->SafetensorsError, m->path, "tensor '%s' has %zu dimensions, NumPy allows %d",
+                        t->name, t->ndim, NPY_MAXDIMS);
         goto error;
     }
     nd = (int)t->ndim;
     for (k = 0; k < nd; k++) {
         if (t->shape[k] > (uint64_t)NPY_MAX_INTP) {
-            PyErr_Format(st->SafetensorsError,
-                         "tensor '%s': dimension %d is %llu, NumPy and torch allow at most 2^63-1 "
-                         "(the header is valid: its shapes are in read_header / get_slice().get_shape())",
-                         t->name, k, (unsigned long long)t->shape[k]);
+            mlu_raise_about(st->SafetensorsError, m->path,
+                            "tensor '%s': dimension %d is %llu, NumPy and torch allow at most 2^63-1 "
+                            "(the header is valid: its shapes are in read_header / get_slice().get_shape())",
+                            t->name, k, (unsigned long long)t->shape[k]);
             goto error;
         }
         dims[k] = (npy_intp)t->shape[k];
     }
     if (bits % 8 == 0) {
         if ((uint64_t)elsize * 8 != bits) {
-            PyErr_Format(PyExc_ValueError, "tensor '%s' is %s: a %u-byte dtype is needed, not %R",
-                         t->name, mlu_st_dtype_name(t->dtype), bits / 8, (PyObject *)descr);
+            mlu_raise_about(PyExc_ValueError, m->path, "tensor '%s' is %s: a %u-byte dtype is needed, not %R",
+                            t->name, mlu_st_dtype_name(t->dtype), bits / 8, (PyObject *)descr);
             goto error;
         }
     } else {
         if (elsize != 1) {
-            PyErr_Format(PyExc_ValueError, "tensor '%s' is %s: a 1-byte dtype is needed, not %R",
-                         t->name, mlu_st_dtype_name(t->dtype), (PyObject *)descr);
+            mlu_raise_about(PyExc_ValueError, m->path, "tensor '%s' is %s: a 1-byte dtype is needed, not %R",
+                            t->name, mlu_st_dtype_name(t->dtype), (PyObject *)descr);
             goto error;
         }
         if (nd >= 1 && ((uint64_t)dims[nd - 1] * bits) % 8 == 0) {
@@ -417,7 +426,7 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     if (m->closed) {
-        PyErr_SetString(st->SafetensorsError, "the file is closed");
+        mlu_raise_about(st->SafetensorsError, m->path, "the file is closed");
         goto error;
     }
     if (check && stmap_check(m, st) < 0)
@@ -455,13 +464,13 @@ static PyObject *stmap_read(PyObject *self, PyObject *args)
     if (st == NULL || !PyArg_ParseTuple(args, "nnn:read", &index, &start, &stop))
         goto error;
     if (index < 0 || (size_t)index >= m->hdr.ntensors) {
-        PyErr_SetString(PyExc_IndexError, "tensor index out of range");
+        mlu_raise_about(PyExc_IndexError, m->path, "tensor index out of range");
         goto error;
     }
     t = &m->hdr.tensors[index];
     if (start < 0 || stop < start || (uint64_t)stop > t->end - t->begin) {
-        PyErr_Format(PyExc_ValueError, "read: bytes [%zd, %zd) are not within tensor '%s' (%llu bytes)",
-                     start, stop, t->name, (unsigned long long)(t->end - t->begin));
+        mlu_raise_about(PyExc_ValueError, m->path, "read: bytes [%zd, %zd) are not within tensor '%s' (%llu bytes)",
+                        start, stop, t->name, (unsigned long long)(t->end - t->begin));
         goto error;
     }
     dim = (npy_intp)(stop - start);
@@ -488,6 +497,37 @@ static PyObject *stmap_check_py(PyObject *self, PyObject *unused)
     if (st == NULL || stmap_check((StMap *)self, st) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* error(text) -> SafetensorsError(text) naming the map's file as its own
+ * errors do, returned (not raised): for the errors the Python wrapper
+ * raises about an open map. */
+static PyObject *stmap_error(PyObject *self, PyObject *text)
+{
+    mlu_state *st = mlu_state_from_type(Py_TYPE(self)); /* borrowed */
+    PyObject *type = NULL, *value = NULL, *tb = NULL, *res = NULL;
+
+    if (st == NULL)
+        goto done;
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "error: text must be a str, not %.100s", Py_TYPE(text)->tp_name);
+        goto done;
+    }
+    mlu_raise_about(st->SafetensorsError, ((StMap *)self)->path, "%U", text);
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && PyObject_TypeCheck(value, (PyTypeObject *)st->SafetensorsError)) {
+        res = value; /* the new ref */
+        value = NULL;
+    } else {
+        PyErr_Restore(type, value, tb); /* steals all three: the error making it (MemoryError, ...) */
+        type = value = tb = NULL;
+    }
+done:
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return res;
 }
 
 /* close(): closes the file; arrays already made stay valid (they keep the
@@ -525,6 +565,8 @@ static PyMethodDef stmap_methods[] = {
      "check() -> None: SafetensorsError if the file has shrunk since it was opened."},
     {"read", stmap_read, METH_VARARGS,
      "read(index, start, stop) -> uint8 ndarray: bytes [start, stop) of a tensor, read from the file."},
+    {"error", stmap_error, METH_O,
+     "error(text) -> SafetensorsError naming the file (\"'path': text\"), not raised."},
     {"close", stmap_close, METH_NOARGS,
      "close() -> None: close the file; arrays already made stay valid."},
     {NULL, NULL, 0, NULL},
