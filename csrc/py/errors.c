@@ -78,12 +78,21 @@ static PyObject *text_str(const char *text)
 /* OSError(errno, message[, filename]); OSError's constructor picks the
  * subclass (FileNotFoundError, PermissionError, ...) from errno.  With a
  * file name the message is strerror alone, as open() raises it; without,
- * "what we did: strerror". */
+ * "what we did: strerror".  An os.PathLike file name is given as
+ * os.fspath(filename), as open() gives it. */
 static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObject *filename)
 {
     char msg[MLU_ERROR_TEXT + 128];
-    PyObject *umsg = NULL, *args = NULL;
+    PyObject *umsg = NULL, *args = NULL, *fs = NULL;
 
+    if (filename != NULL && !PyUnicode_Check(filename) && !PyBytes_Check(filename)
+        && PyObject_HasAttrString(filename, "__fspath__")) {
+        fs = PyOS_FSPath(filename); /* new ref: str or bytes */
+        if (fs == NULL)
+            PyErr_Clear(); /* a path that cannot be converted: given as it is */
+        else
+            filename = fs;
+    }
     if (sys_errno != 0 && filename != NULL)
         PyOS_snprintf(msg, sizeof(msg), "%s", strerror(sys_errno));
     else if (sys_errno != 0)
@@ -102,6 +111,7 @@ static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObj
 done:
     Py_XDECREF(args);
     Py_XDECREF(umsg);
+    Py_XDECREF(fs);
 }
 
 /* exc(text); when path (the subject: str, bytes or os.PathLike; may be NULL)
@@ -217,4 +227,9 @@ PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename)
     err.code = MLU_EIO;
     err.sys_errno = sys_errno;
     return mlu_raise(st, &err, MLU_DOMAIN_VALUE, filename);
+}
+
+PyObject *mlu_raise_write(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *path)
+{
+    return mlu_raise(st, err, domain, err->code == MLU_EIO ? path : NULL);
 }
