@@ -107,14 +107,16 @@ def test_open_failures_are_raised_as_open_raises_them(tmp_path, kind, ptype):
         assert (tmp_path / name).is_dir() and not os.listdir(tmp_path / name)
 
 
-_LIMITED_WRITER = """
+_CHILD_WRITER = """
 import json, os, pathlib, resource, signal, sys
 sys.path.insert(0, {tests!r})
 import test_atomicfile_errors as t
 path = sys.argv[1] if sys.argv[2] == "str" else pathlib.Path(sys.argv[1])
 write = t.WRITERS[sys.argv[3]][1]
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+limit = int(sys.argv[4])
+if limit:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 try:
     write(path, big=True)
 except OSError as e:
@@ -124,24 +126,69 @@ else:
 """
 
 
+def _write_in_child(target, ptype, kind, limit=0, prefix=()):
+    """The OSError writer `kind` raises in a child process as
+    [class name, errno, strerror, filename, str], or None when it succeeds."""
+    code = _CHILD_WRITER.format(tests=os.path.dirname(__file__))
+    r = subprocess.run([*prefix, sys.executable, "-c", code, str(target), ptype, kind, str(limit)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _expect(got, cls, code, target):
+    assert got is not None, "the write did not fail"
+    assert got == [cls, code, os.strerror(code), str(target),
+                   f"[Errno {code}] {os.strerror(code)}: {str(target)!r}"]
+
+
 @pytest.mark.parametrize("ptype", ["str", "Path"])
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_a_write_failing_mid_file_names_the_file_and_keeps_the_old_one(tmp_path, kind, ptype):
     name, _ = WRITERS[kind]
     target = tmp_path / name
     target.write_bytes(b"the old file")
-    code = _LIMITED_WRITER.format(tests=os.path.dirname(__file__), limit=SIZE_LIMIT)
-    r = subprocess.run([sys.executable, "-c", code, str(target), ptype, kind],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
-    assert got is not None, "the write did not fail"
-    cls, code_, strerror, filename, text = got
-    assert (cls, code_, strerror) == ("OSError", errno.EFBIG, os.strerror(errno.EFBIG))
-    assert filename == str(target)
-    assert text == f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}: {str(target)!r}"
+    _expect(_write_in_child(target, ptype, kind, limit=SIZE_LIMIT), "OSError", errno.EFBIG, target)
     assert target.read_bytes() == b"the old file"
     assert sorted(os.listdir(tmp_path)) == [name] and not _temps(tmp_path)
+
+
+def _unprivileged():
+    """A command prefix that runs a child without the right to ignore file
+    permissions (root: setpriv drops CAP_DAC_OVERRIDE and its kin), or None."""
+    if os.geteuid() != 0:
+        return ()
+    try:
+        r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner",
+                            "true"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner")
+
+
+@pytest.mark.parametrize("ptype", ["str", "Path"])
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_a_read_only_folder_is_a_permission_error_naming_the_file(tmp_path, kind, ptype):
+    """The temporary file cannot be made beside a file in a read-only folder:
+    PermissionError (EACCES) naming the target, which is left as it was."""
+    prefix = _unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions are not enforced")
+    name, _ = WRITERS[kind]
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    target = folder / name
+    target.write_bytes(b"the old file")
+    folder.chmod(0o555)
+    try:
+        got = _write_in_child(target, ptype, kind, prefix=prefix)
+    finally:
+        folder.chmod(0o755)
+    _expect(got, "PermissionError", errno.EACCES, target)
+    assert target.read_bytes() == b"the old file"
+    assert os.listdir(folder) == [name]
 
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
