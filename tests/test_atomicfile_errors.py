@@ -39,11 +39,8 @@ def _json(path, big=False):
     json_write({"xs": BIG.tolist() if big else [1, 2.5]}, path)
 
 
-def _torch_save_st(path, big=False):
-    torch_save({"w": BIG if big else np.ones(3, np.float32)}, path)
-
-
-def _torch_save_pt(path, big=False):
+def _torch_save(path, big=False):
+    """The suffix picks the format."""
     torch_save({"w": BIG if big else np.ones(3, np.float32)}, path)
 
 
@@ -52,8 +49,8 @@ WRITERS = {
     "save_file": ("out.safetensors", _st),
     "ptsave": ("out.pt", _pt),
     "json_write": ("out.json", _json),
-    "torch_save_st": ("t.safetensors", _torch_save_st),
-    "torch_save_pt": ("t.pt", _torch_save_pt),
+    "torch_save_st": ("t.safetensors", _torch_save),
+    "torch_save_pt": ("t.pt", _torch_save),
 }
 
 PATH_TYPES = {"str": str, "Path": pathlib.Path, "bytes": os.fsencode}
