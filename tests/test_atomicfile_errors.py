@@ -197,3 +197,25 @@ def test_a_path_ending_in_a_slash_stays_a_value_error(tmp_path, kind):
     assert not isinstance(ei.value, OSError)
     assert str(ei.value) == f"path '{given}' names a folder, not a file"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_the_failed_step_is_the_exceptions_note(tmp_path, name):
+    """str(e) is open()'s; what the writer was doing is the note under the
+    traceback (BaseException.add_note), naming the file."""
+    fname, write = WRITERS[name]
+    path = str(tmp_path / "missing" / fname)
+    with pytest.raises(FileNotFoundError) as info:
+        write(path)
+    notes = getattr(info.value, "__notes__", [])
+    assert notes == [f"cannot create a temporary file beside {path!r}"], notes
+    assert str(info.value) == str(_open_error(path))
+
+
+def test_reader_open_failure_note_names_the_step(tmp_path):
+    from mlutils._safetensors import load_file
+
+    path = str(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError) as info:
+        load_file(path)
+    assert info.value.filename == path and info.value.__notes__ == [f"cannot open {path!r}"]

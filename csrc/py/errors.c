@@ -75,11 +75,42 @@ static PyObject *text_str(const char *text)
     return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
+/* Adds `note` to the exception being raised (BaseException.add_note):
+ * shown under its traceback, leaving str(e) and its args as they are.  A
+ * failure to add it leaves the exception as it was. */
+static void add_note_to_raised(const char *note)
+{
+    PyObject *t = NULL, *v = NULL, *tb = NULL, *r;
+
+#if PY_VERSION_HEX >= 0x030C0000
+    v = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+#endif
+    if (v == NULL)
+        goto done;
+    r = PyObject_CallMethod(v, "add_note", "N", text_str(note));
+    if (r == NULL)
+        PyErr_Clear();
+    Py_XDECREF(r);
+done:
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(v);
+    (void)t;
+    (void)tb;
+#else
+    PyErr_Restore(t, v, tb);
+#endif
+}
+
 /* OSError(errno, message[, filename]); OSError's constructor picks the
  * subclass (FileNotFoundError, PermissionError, ...) from errno.  With a
- * file name the message is strerror alone, as open() raises it; without,
- * "what we did: strerror".  An os.PathLike file name is given as
- * os.fspath(filename), as open() gives it. */
+ * file name the message is strerror alone, as open() raises it, and what
+ * we did (`text`: "cannot create a temporary file beside ...") becomes the
+ * exception's note; without, the message is "what we did: strerror".  An
+ * os.PathLike file name is given as os.fspath(filename), as open() gives
+ * it. */
 static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObject *filename)
 {
     char msg[MLU_ERROR_TEXT + 128];
@@ -106,8 +137,11 @@ static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObj
         args = Py_BuildValue("(iOO)", sys_errno, umsg, filename);
     else
         args = Py_BuildValue("(iO)", sys_errno, umsg);
-    if (args != NULL)
+    if (args != NULL) {
         PyErr_SetObject(exc, args);
+        if (sys_errno != 0 && filename != NULL && text != NULL && text[0] != '\0')
+            add_note_to_raised(text);
+    }
 done:
     Py_XDECREF(args);
     Py_XDECREF(umsg);
