@@ -126,7 +126,7 @@ def archive_name(path: PathLike) -> str:
     return base or "archive"
 
 
-def _write(obj: Any, path: Optional[bytes], archive: str, zip64_limit: int,
+def _write(obj: Any, path: Optional[Union[str, bytes]], archive: str, zip64_limit: int,
            durable: bool = True) -> Optional[bytes]:
     return _core._ptsave_write(obj, path, archive, _tensor_type(), _describe, _storage_bytes,
                                zip64_limit, durable=durable)
@@ -141,8 +141,8 @@ def save(obj: Any, path: PathLike, *, durable: bool = True, _zip64_limit: int = 
     """
     if not isinstance(durable, bool):  # "no" would read as true
         raise TypeError(f"save: durable must be True or False, not {type(durable).__name__} {durable!r}")
-    fspath = os.fspath(path)
-    _write(obj, os.fsencode(fspath), archive_name(fspath), _zip64_limit, durable)
+    fspath = os.fspath(path)  # an OSError names the file as given, as open() does
+    _write(obj, fspath, archive_name(fspath), _zip64_limit, durable)
 
 
 def save_bytes(obj: Any, *, _zip64_limit: int = _ZIP64_LIMIT) -> bytes:

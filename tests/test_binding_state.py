@@ -74,6 +74,20 @@ def test_os_error_carries_errno_and_filename(tmp_path):
     assert ei.value.strerror == "create the temporary file: " + os.strerror(errno.EACCES)
 
 
+def test_os_error_gives_a_pathlike_file_name_as_fspath(tmp_path):
+    """open() gives os.fspath of a PathLike as the file name (str stays str, bytes bytes)."""
+    import pathlib
+
+    missing = tmp_path / "missing.json"
+    for given, want in ((pathlib.Path(missing), str(missing)), (os.fsencode(missing), os.fsencode(missing))):
+        with pytest.raises(FileNotFoundError) as ei:
+            _core._raise_status("EIO", "open", errno=errno.ENOENT, subject=given)
+        assert ei.value.filename == want and type(ei.value.filename) is type(want)
+        with pytest.raises(FileNotFoundError) as peer:
+            open(given, "rb")
+        assert str(ei.value) == str(peer.value)
+
+
 def test_json_domain_builds_a_decode_error_from_the_document():
     """MLU_EFORMAT in the JSON domain: JSONDecodeError(msg, doc, pos) as json.loads makes it,
     the byte offset turned into a character index of the document."""

@@ -1,4 +1,5 @@
 """mlutils.train end to end: commands through a pipe, SIGTERM, SIGKILL mid-save, exact resume, rotation."""
+import errno
 import os
 import signal
 import subprocess
@@ -302,6 +303,22 @@ def test_async_save_error_is_raised_at_next_step(tmp_path, monkeypatch):
         mt.train(range(100), e, config=cfg(tmp_path, iterations=50, save_frequency=2))
     assert isinstance(info.value.__cause__, OSError)
     assert 3 <= e.global_step <= 4  # raised at the boundary after the failed write, not at the end
+
+
+def test_a_failed_checkpoint_write_names_its_file(tmp_path):
+    """A real write failure (the rank file's name is taken by a folder): the
+    CheckpointError's cause is the writer's OSError, as open() raises it, with
+    the rank file as its file name, named once in the message."""
+    rank_file = tmp_path / "step-00000002" / "rank-00000-of-00001.pt"
+    rank_file.mkdir(parents=True)
+    e = CountEngine()
+    with pytest.raises(mt.CheckpointError) as info:
+        mt.train(range(100), e, config=cfg(tmp_path, iterations=50, save_frequency=2, resume=False))
+    cause = info.value.__cause__
+    assert isinstance(cause, IsADirectoryError)
+    assert (cause.errno, cause.filename) == (errno.EISDIR, str(rank_file))
+    assert str(info.value).count(str(rank_file)) == 1
+    assert rank_file.is_dir() and not os.listdir(rank_file)
 
 
 def test_async_snapshot_is_taken_before_the_next_step(tmp_path, monkeypatch):

@@ -316,6 +316,10 @@ mlu_status mlu_afile_write(mlu_afile *f, const void *p, size_t n, mlu_error *err
             st = mlu_error_errno(err, errno, "cannot write '%s'", f->target);
             goto done;
         }
+        if (w == 0) { /* nothing written and no error: a retry would spin for ever */
+            st = mlu_error_errno(err, ENOSPC, "cannot write '%s': the file system took no bytes", f->target);
+            goto done;
+        }
         c += w;
         n -= (size_t)w;
         f->written += (uint64_t)w;

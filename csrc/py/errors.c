@@ -75,15 +75,55 @@ static PyObject *text_str(const char *text)
     return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
+/* Adds `note` to the exception being raised (BaseException.add_note):
+ * shown under its traceback, leaving str(e) and its args as they are.  A
+ * failure to add it leaves the exception as it was. */
+static void add_note_to_raised(const char *note)
+{
+    PyObject *t = NULL, *v = NULL, *tb = NULL, *r;
+
+#if PY_VERSION_HEX >= 0x030C0000
+    v = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+#endif
+    if (v == NULL)
+        goto done;
+    r = PyObject_CallMethod(v, "add_note", "N", text_str(note));
+    if (r == NULL)
+        PyErr_Clear();
+    Py_XDECREF(r);
+done:
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(v);
+    (void)t;
+    (void)tb;
+#else
+    PyErr_Restore(t, v, tb);
+#endif
+}
+
 /* OSError(errno, message[, filename]); OSError's constructor picks the
  * subclass (FileNotFoundError, PermissionError, ...) from errno.  With a
- * file name the message is strerror alone, as open() raises it; without,
- * "what we did: strerror". */
+ * file name the message is strerror alone, as open() raises it, and what
+ * we did (`text`: "cannot create a temporary file beside ...") becomes the
+ * exception's note; without, the message is "what we did: strerror".  An
+ * os.PathLike file name is given as os.fspath(filename), as open() gives
+ * it. */
 static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObject *filename)
 {
     char msg[MLU_ERROR_TEXT + 128];
-    PyObject *umsg = NULL, *args = NULL;
+    PyObject *umsg = NULL, *args = NULL, *fs = NULL;
 
+    if (filename != NULL && !PyUnicode_Check(filename) && !PyBytes_Check(filename)
+        && PyObject_HasAttrString(filename, "__fspath__")) {
+        fs = PyOS_FSPath(filename); /* new ref: str or bytes */
+        if (fs == NULL)
+            PyErr_Clear(); /* a path that cannot be converted: given as it is */
+        else
+            filename = fs;
+    }
     if (sys_errno != 0 && filename != NULL)
         PyOS_snprintf(msg, sizeof(msg), "%s", strerror(sys_errno));
     else if (sys_errno != 0)
@@ -97,11 +137,15 @@ static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObj
         args = Py_BuildValue("(iOO)", sys_errno, umsg, filename);
     else
         args = Py_BuildValue("(iO)", sys_errno, umsg);
-    if (args != NULL)
+    if (args != NULL) {
         PyErr_SetObject(exc, args);
+        if (sys_errno != 0 && filename != NULL && text != NULL && text[0] != '\0')
+            add_note_to_raised(text);
+    }
 done:
     Py_XDECREF(args);
     Py_XDECREF(umsg);
+    Py_XDECREF(fs);
 }
 
 /* exc(text); when path (the subject: str, bytes or os.PathLike; may be NULL)
@@ -217,4 +261,9 @@ PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename)
     err.code = MLU_EIO;
     err.sys_errno = sys_errno;
     return mlu_raise(st, &err, MLU_DOMAIN_VALUE, filename);
+}
+
+PyObject *mlu_raise_write(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *path)
+{
+    return mlu_raise(st, err, domain, err->code == MLU_EIO ? path : NULL);
 }

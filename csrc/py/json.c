@@ -693,31 +693,33 @@ done:
 static PyObject *py_write_file_atomic(PyObject *m, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"path", "data", "durable", NULL};
-    PyObject *path = NULL, *res = NULL, *durable = Py_True; /* borrowed */
-    Py_buffer view;
+    PyObject *pathobj, *durable = Py_True; /* borrowed: the path as given, the flag */
+    PyObject *path = NULL, *res = NULL;    /* new refs: the path's bytes, the result */
+    Py_buffer view = {0}; /* view.obj NULL until the buffer is held */
     mlu_error err;
     mlu_status rc;
     unsigned flags;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&y*|$O!:write_file_atomic", kwlist,
-                                     PyUnicode_FSConverter, &path, &view, &PyBool_Type, &durable))
-        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*|$O!:write_file_atomic", kwlist,
+                                     &pathobj, &view, &PyBool_Type, &durable))
+        goto done;
+    if (!PyUnicode_FSConverter(pathobj, &path))
+        goto done;
     flags = durable == Py_True ? MLU_AFILE_DURABLE : 0u;
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_write_file_atomic(PyBytes_AS_STRING(path), view.buf, (size_t)view.len, flags, &err);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
     if (rc != MLU_OK) {
-        PyObject *fn = rc == MLU_EIO ? PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(path)) : NULL; /* new ref */
-        if (rc != MLU_EIO || fn != NULL)
-            mlu_raise(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, fn);
-        Py_XDECREF(fn);
+        /* an OSError names the path as it was given, as open() does */
+        mlu_raise_write(mlu_get_state(m), &err, MLU_DOMAIN_VALUE, pathobj);
         goto done;
     }
     res = Py_NewRef(Py_None);
 done:
-    Py_DECREF(path);
+    if (view.obj != NULL)
+        PyBuffer_Release(&view);
+    Py_XDECREF(path);
     return res;
 }
 

@@ -81,6 +81,14 @@ PyObject *mlu_raise(mlu_state *st, const mlu_error *err, mlu_domain domain, PyOb
  * file's name is put in an error's text.  Always returns NULL. */
 PyObject *mlu_raise_about(PyObject *exc, PyObject *path, const char *fmt, ...);
 
+/* mlu_raise for an error of a writer of the file at path (borrowed: str,
+ * bytes or os.PathLike, as the caller was given it): an OSError carries
+ * os.fspath(path) as its file name, errno and strerror as open() raises
+ * them ("[Errno 2] No such file or directory: 'path'"), whichever step
+ * failed (temp file, write, fsync, rename); any other error is raised as
+ * without a subject.  Always returns NULL. */
+PyObject *mlu_raise_write(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *path);
+
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */
 PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);

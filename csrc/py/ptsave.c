@@ -46,13 +46,15 @@ typedef struct saver {
     PyObject *odict_type;   /* owned: collections.OrderedDict */
     PyObject *tensor_type;  /* borrowed: torch.Tensor, or NULL when torch is not loaded */
     PyObject *describe;     /* borrowed */
+    PyObject *file;         /* borrowed: the path as given once the file is being written, else NULL */
 } saver;
 
 /* ------------------------------------------------------------------ errors */
 
+/* An OSError of the file being written names it as open() does. */
 static int core_fail(saver *s)
 {
-    mlu_raise(s->mst, &s->err, MLU_DOMAIN_VALUE, NULL);
+    mlu_raise_write(s->mst, &s->err, MLU_DOMAIN_VALUE, s->file);
     return -1;
 }
 
@@ -932,13 +934,14 @@ static int saver_init(saver *s, mlu_state *mst, PyObject *tensor_type, PyObject 
 
 /* _ptsave_write(obj, path, archive, tensor_type, describe, storage_bytes, zip64_limit=0xFFFFFFFF,
  *               *, durable=True)
- * path: bytes (the file, written atomically; fsynced when durable) or None
- * (return the bytes). */
+ * path: str, bytes or os.PathLike (the file, written atomically; fsynced when
+ * durable; an OSError's file name is os.fspath(path)) or None (return the bytes). */
 static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"obj", "path", "archive", "tensor_type", "describe", "storage_bytes",
                              "zip64_limit", "durable", NULL};
     PyObject *obj, *path, *tensor_type, *describe, *storage_bytes, *res = NULL;
+    PyObject *fspath = NULL, *pathb = NULL; /* new refs: os.fspath(path), its bytes */
     PyObject *durable = Py_True; /* borrowed */
     const char *archive;
     unsigned long long limit = MLU_ZIP64_LIMIT;
@@ -954,22 +957,24 @@ static PyObject *ptsave_write(PyObject *module, PyObject *args, PyObject *kwargs
                                      &archive, &tensor_type, &describe, &storage_bytes, &limit,
                                      &PyBool_Type, &durable))
         return NULL;
-    if (path != Py_None && !PyBytes_Check(path)) {
-        PyErr_SetString(PyExc_TypeError, "path must be bytes or None");
-        return NULL;
-    }
     if (limit < 1) {
         PyErr_SetString(PyExc_ValueError, "zip64_limit must be positive");
         return NULL;
     }
     if (saver_init(&s, mlu_get_state(module), tensor_type, describe) < 0)
         goto done;
+    if (path != Py_None) {
+        fspath = PyOS_FSPath(path);
+        if (fspath == NULL || !PyUnicode_FSConverter(fspath, &pathb))
+            goto done;
+    }
     if (save_obj(&s, obj, &root) < 0)
         goto error_core;
     if (mlu_ptw_pickle_end(&s.w, &s.err) != MLU_OK)
         goto error_core;
-    if (path != Py_None) {
-        const char *p = PyBytes_AS_STRING(path);
+    if (pathb != NULL) {
+        const char *p = PyBytes_AS_STRING(pathb);
+        s.file = fspath;
         Py_BEGIN_ALLOW_THREADS
         st = mlu_afile_open(&fs.f, p, durable == Py_True ? MLU_AFILE_DURABLE : 0u, &s.err);
         Py_END_ALLOW_THREADS
@@ -1016,6 +1021,8 @@ done:
         mlu_afile_abort(&fs.f);
     Py_XDECREF(out);
     saver_free(&s);
+    Py_XDECREF(pathb);
+    Py_XDECREF(fspath);
     return res;
 }
 

@@ -785,7 +785,7 @@ static PyObject *py_st_serialize(PyObject *module, PyObject *args, PyObject *kw)
                                durable == Py_True ? MLU_AFILE_DURABLE : 0u, &err);
         Py_END_ALLOW_THREADS
         if (rc != MLU_OK) {
-            mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
+            mlu_raise_write(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, pathobj);
             goto error;
         }
         res = Py_NewRef(Py_None);
