@@ -95,6 +95,15 @@ def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     return _core.OFFLOAD_RAW
 
 
+def _offloadable(torch: Any, tensor: Any) -> bool:
+    """Whether the engine can copy `tensor` out and give it back as it was: a
+    plain dense tensor (or a parameter).  Sparse, nested and quantized tensors
+    and other tensor subclasses stay where they are (a reload would lose
+    their layout or type)."""
+    return (tensor.layout == torch.strided and not tensor.is_sparse and not tensor.is_nested
+            and not tensor.is_quantized and type(tensor) in (torch.Tensor, torch.nn.Parameter))
+
+
 def _raise_pool_error(e: MemoryError) -> None:
     if "is full" in str(e):
         raise OffloadPoolFullError(str(e)) from e
@@ -115,7 +124,7 @@ class OffloadHandle:
 
     def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
         self.engine = engine
-        self.shape = tuple(tensor.shape)
+        self.shape = None if tensor.is_nested else tuple(tensor.shape)  # a nested tensor (kept) has no sizes
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.nbytes = tensor.numel() * tensor.element_size()
@@ -218,7 +227,7 @@ class OffloadEngine:
         compress = _check_compress(compress)
         limit = self.min_bytes if min_bytes is None else min_bytes
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or nbytes < limit or tensor.layout != torch.strided or tensor.is_sparse:
+        if not _offloadable(torch, tensor) or nbytes == 0 or nbytes < limit:
             return OffloadHandle(self, tensor, _core.OFFLOAD_RAW, None, kept=tensor)
         mode = _mode_for(torch, tensor.dtype, compress)
         src = tensor.detach()
@@ -241,24 +250,38 @@ class OffloadEngine:
             scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
         handle = self._cuda.save(src.data_ptr(), nbytes, mode,
                                  scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
-        # the caching allocator must not hand these to anyone before the copy stream is done
-        src.record_stream(self.d2h_stream)
-        if scratch is not None:
-            scratch.record_stream(self.d2h_stream)
+        try:
+            # the caching allocator must not hand these to anyone before the copy stream is done
+            src.record_stream(self.d2h_stream)
+            if scratch is not None:
+                scratch.record_stream(self.d2h_stream)
+        except BaseException:
+            with self._lock:
+                self._cuda.release(handle)  # no handle owns it yet
+            raise
         return handle
 
     def _save_cpu(self, torch: Any, src: Any, nbytes: int, mode: int) -> Tuple[int, Any]:
         flat = src.reshape(-1)
-        if mode == _core.OFFLOAD_RAW:
-            bid, view = self._pool.acquire(nbytes)
-            buf = torch.frombuffer(view, dtype=torch.uint8)
-            buf.view(src.dtype).copy_(flat)
-            return bid, buf
         n = flat.numel()
-        packed = _core.offload_packed_size(mode, n)
-        bid, view = self._pool.acquire(packed)
-        buf = torch.frombuffer(view, dtype=torch.uint8)
-        if mode == _core.OFFLOAD_F32_BF16:
+        size = nbytes if mode == _core.OFFLOAD_RAW else _core.offload_packed_size(mode, n)
+        bid, view = self._pool.acquire(size)
+        try:
+            buf = torch.frombuffer(view, dtype=torch.uint8)
+            self._pack_cpu(torch, flat, buf, mode)
+        except BaseException:
+            with self._lock:
+                self._pool.release(bid)  # the buffer is no handle's: back to the pool
+            raise
+        return bid, buf
+
+    @staticmethod
+    def _pack_cpu(torch: Any, flat: Any, buf: Any, mode: int) -> None:
+        """Copy (or pack, under compression) the flat tensor into the host buffer."""
+        n, packed = flat.numel(), buf.numel()
+        if mode == _core.OFFLOAD_RAW:
+            buf.view(flat.dtype).copy_(flat)
+        elif mode == _core.OFFLOAD_F32_BF16:
             buf.view(torch.bfloat16).copy_(flat)
         else:
             amax = flat.abs().max().float() if n else torch.zeros((), dtype=torch.float32)
@@ -267,13 +290,22 @@ class OffloadEngine:
             scale = _e4m3_scale(torch, amax)
             buf[:n].view(torch.float8_e4m3fn).copy_(
                 (flat.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn))
-        return bid, buf
 
     # -- reload
+
+    def _own(self, handle: Any, what: str) -> None:
+        """TypeError unless `handle` is an OffloadHandle; ValueError unless this engine made it
+        (its buffer id means nothing to another engine's pool)."""
+        if not isinstance(handle, OffloadHandle):
+            raise TypeError(f"{what}: expected an OffloadHandle, got {type(handle).__name__}")
+        if handle.engine is not self:
+            raise ValueError(f"{what}: the handle belongs to another engine (of {handle.engine.device}); "
+                             f"call handle.{what}() or that engine's {what}()")
 
     def prefetch(self, handle: OffloadHandle) -> None:
         """Start the copy back now (on the caller's current stream's device)."""
         torch = _torch("mlutils.offload")
+        self._own(handle, "prefetch")
         with self._lock:
             if handle.kept is not None or handle.prefetched is not None:
                 return
@@ -313,6 +345,7 @@ class OffloadEngine:
         """The tensor back on its device; on CUDA, ready for every kernel queued
         on the caller's current stream from now on."""
         torch = _torch("mlutils.offload")
+        self._own(handle, "reload")
         if handle.kept is not None:
             return handle.kept
         self.prefetch(handle)
@@ -327,6 +360,7 @@ class OffloadEngine:
 
     def release(self, handle: OffloadHandle) -> None:
         """Forget the offloaded copy (its buffer returns to the pool)."""
+        self._own(handle, "release")
         with self._lock:
             handle.kept = None
             handle.prefetched = None
@@ -773,8 +807,8 @@ class _SavedTensorOffload:
 
     def pack(self, tensor: Any) -> Any:
         torch = self.torch
-        if (tensor.device.type not in ("cuda", "cpu") or tensor.numel() * tensor.element_size() < self.min_bytes
-                or tensor.layout != torch.strided or tensor.is_sparse or _is_parameter(torch, tensor)):
+        if (tensor.device.type not in ("cuda", "cpu") or not _offloadable(torch, tensor)
+                or tensor.numel() * tensor.element_size() < self.min_bytes or _is_parameter(torch, tensor)):
             return tensor
         if tensor.device.type == "cuda" and not _core.cuda_built():
             return tensor
