@@ -81,6 +81,25 @@ def _check_bytes_limit(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be None or an int >= 0, got {value!r}")
 
 
+def _check_count(value: Any, what: str) -> None:
+    """A size or count (min_bytes, prefetch): an int >= 0 (not a bool); ValueError naming `what` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+
+
+def _cuda_device(torch: Any, device: Any) -> Any:
+    """`device` with its index: the current CUDA device for a bare "cuda"
+    (RuntimeError, not torch's AssertionError, where there is none)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if not _core.cuda_built():
+        raise RuntimeError(f"mlutils was built without CUDA: reinstall it with nvcc available "
+                           f"(MLUTILS_CUDA=1) to offload CUDA tensors (device {device})")
+    if not _cuda_usable(torch):
+        raise RuntimeError(f"offload: no CUDA device for {device} (torch.cuda.is_available() is False)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     """The engine mode for a tensor of `dtype`: float32 -> bf16 under either
     compression, float16/bfloat16 -> e4m3 under 'fp8', everything else raw."""
@@ -189,13 +208,12 @@ class OffloadEngine:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if _cuda_usable(torch) else torch.device("cpu")
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"OffloadEngine: device {device} is neither cuda nor cpu")
-        if not isinstance(min_bytes, int) or min_bytes < 0:
-            raise ValueError(f"OffloadEngine: min_bytes must be an int >= 0, got {min_bytes!r}")
+        _check_count(min_bytes, "OffloadEngine: min_bytes")
+        _check_bytes_limit(max_bytes, "OffloadEngine: max_bytes")
         _check_bytes_limit(max_inflight, "OffloadEngine: max_inflight")
+        device = _cuda_device(torch, device)
         self.device = device
         self.max_inflight = max_inflight
         self.min_bytes = min_bytes
@@ -225,6 +243,8 @@ class OffloadEngine:
         if tensor.device != self.device:
             raise ValueError(f"offload: tensor on {tensor.device}, engine on {self.device}")
         compress = _check_compress(compress)
+        if min_bytes is not None:
+            _check_count(min_bytes, "offload: min_bytes")
         limit = self.min_bytes if min_bytes is None else min_bytes
         nbytes = tensor.numel() * tensor.element_size()
         if not _offloadable(torch, tensor) or nbytes == 0 or nbytes < limit:
@@ -348,6 +368,8 @@ class OffloadEngine:
         self._own(handle, "reload")
         if handle.kept is not None:
             return handle.kept
+        if handle.key is None:
+            raise ValueError("reload: the handle was released")
         self.prefetch(handle)
         with self._lock:
             out, handle.prefetched = handle.prefetched, None
@@ -407,9 +429,7 @@ _max_inflight: Optional[int] = DEFAULT_MAX_INFLIGHT
 def get_engine(device: Any) -> OffloadEngine:
     """The shared engine of `device` (one per device, created on first use)."""
     torch = _torch("mlutils.offload")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _cuda_device(torch, torch.device(device))
     key = str(device)
     with _engines_lock:
         eng = _engines.get(key)
@@ -445,12 +465,16 @@ def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
     """The error of offloading `tensor` with `compress` (the same rounding as the
     CUDA kernels, done here with torch ops): max and RMS absolute error, and the
     RMS error relative to the tensor's RMS."""
-    _torch("mlutils.offload")  # a clear ImportError without torch
+    torch = _torch("mlutils.offload")  # a clear ImportError without torch
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"compression_error: expected a tensor, got {type(tensor).__name__}")
     eng = OffloadEngine("cpu")
     x = tensor.detach().cpu()
     h = eng.offload(x, compress=compress)
     y = h.reload()
     h.release()
+    if x.numel() == 0:  # nothing to round
+        return {"max_abs": 0.0, "rms_abs": 0.0, "rms_rel": 0.0}
     d = (y.double() - x.double())
     rms = x.double().pow(2).mean().sqrt().item()
     out = {"max_abs": d.abs().max().item(), "rms_abs": d.pow(2).mean().sqrt().item()}
@@ -697,8 +721,7 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"offload_checkpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
     compress = _check_compress(compress)
-    if not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"offload_checkpoint: min_bytes must be an int >= 0, got {min_bytes!r}")
+    _check_count(min_bytes, "offload_checkpoint: min_bytes")
     if not torch.is_grad_enabled():
         return function(hidden_states, *args, **kwargs)
     from torch.utils.checkpoint import checkpoint
@@ -742,6 +765,7 @@ def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, comp
     """
     _torch("mlutils.offload.enable_offloaded_gradient_checkpointing")
     compress = _check_compress(compress)
+    _check_count(min_bytes, "enable_offloaded_gradient_checkpointing: min_bytes")
     if not getattr(model, "supports_gradient_checkpointing", True) or not (
             hasattr(model, "gradient_checkpointing_enable") or hasattr(model, "_set_gradient_checkpointing")):
         raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
@@ -857,10 +881,8 @@ def offload_saved_tensors(min_bytes: int = DEFAULT_MIN_BYTES, compress: Optional
     early.  Host buffers return to the pool when the graph is freed."""
     torch = _torch("mlutils.offload.offload_saved_tensors")
     compress = _check_compress(compress)
-    if not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
-    if not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    _check_count(min_bytes, "offload_saved_tensors: min_bytes")
+    _check_count(prefetch, "offload_saved_tensors: prefetch")
     hooks = _SavedTensorOffload(torch, min_bytes, compress, prefetch)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield

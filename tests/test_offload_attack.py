@@ -95,3 +95,71 @@ def test_tensors_the_engine_cannot_copy_stay(off, torch):
     y.sum().backward()
     ref = torch.nested.to_padded_tensor(nt * nt, 0.0).detach().sum((0, 1))
     torch.testing.assert_close(w.grad, ref.unsqueeze(1).expand(4, 4))
+
+
+# ---------------------------------------------------------------------------
+# arguments
+
+
+def _fake_hf_model(torch):
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.gradient_checkpointing = False
+
+    return Layer()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8", True, None])
+def test_sizes_and_counts_are_checked_where_given(off, torch, bad):
+    """min_bytes given per call was not checked at all (a string failed deep
+    inside with "'<' not supported", -1 was taken), True passed as 1 and a
+    float max_bytes gave "an integer is required" without naming it; a bad
+    min_bytes given to enable_offloaded_gradient_checkpointing surfaced only at
+    the first training step."""
+    eng = off.OffloadEngine("cpu")
+    x = torch.randn(100)
+    calls = [
+        ("OffloadEngine: min_bytes", lambda: off.OffloadEngine("cpu", min_bytes=bad)),
+        ("offload: min_bytes", lambda: eng.offload(x, min_bytes=bad)),
+        ("offload_checkpoint: min_bytes", lambda: off.offload_checkpoint(torch.tanh, x, min_bytes=bad)),
+        ("offload_saved_tensors: min_bytes", lambda: off.offload_saved_tensors(min_bytes=bad).__enter__()),
+        ("offload_saved_tensors: prefetch", lambda: off.offload_saved_tensors(prefetch=bad).__enter__()),
+        ("enable_offloaded_gradient_checkpointing: min_bytes",
+         lambda: off.enable_offloaded_gradient_checkpointing(_fake_hf_model(torch), min_bytes=bad)),
+    ]
+    if bad is not None:
+        calls.append(("OffloadEngine: max_bytes", lambda: off.OffloadEngine("cpu", max_bytes=bad)))
+    for what, call in calls:
+        if bad is None and what == "offload: min_bytes":
+            continue  # None: the engine's own
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert eng.stats()["in_use"] == 0
+
+
+def test_bare_cuda_device_without_cuda_is_a_clear_error(off, torch):
+    """OffloadEngine("cuda") / get_engine("cuda") raised torch's
+    AssertionError ("Torch not compiled with CUDA enabled")."""
+    import mlutils
+
+    if mlutils.cuda_available() and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for make in (off.OffloadEngine, off.get_engine):
+        with pytest.raises(RuntimeError, match="without CUDA|no CUDA device"):
+            make("cuda")
+
+
+def test_compression_error_edges(off, torch):
+    """An empty tensor raised max()'s "Expected reduction dim"; a list, an AttributeError."""
+    for compress in ("bf16", "fp8"):
+        assert off.compression_error(torch.empty(0, dtype=torch.float16), compress) == {
+            "max_abs": 0.0, "rms_abs": 0.0, "rms_rel": 0.0}
+    with pytest.raises(TypeError, match="expected a tensor"):
+        off.compression_error([1.0, 2.0], "bf16")
+    # what it reports is what a round trip through the engine does
+    x = torch.randn(5000, dtype=torch.bfloat16) * 7
+    eng = off.OffloadEngine("cpu")
+    y = eng.offload(x, compress="fp8").reload()
+    assert off.compression_error(x, "fp8")["max_abs"] == (y.double() - x.double()).abs().max().item()
