@@ -347,6 +347,15 @@ class OffloadEngine:
                 self._load_cpu(torch, handle, out)
             handle.prefetched = out
 
+    def _prefetch_if_live(self, handle: OffloadHandle) -> None:
+        """prefetch() of a neighbour's handle (the next one backward needs),
+        which its owner may release or reload meanwhile, in another thread or
+        through garbage collection: nothing then."""
+        with self._lock:
+            if handle.key is None or handle.reloaded:
+                return
+            self.prefetch(handle)
+
     def _load_cpu(self, torch: Any, handle: OffloadHandle, out: Any) -> None:
         _bid, buf = handle.key
         flat = out.view(-1)
@@ -516,7 +525,7 @@ def _unregister_and_prefetch_previous(handle: OffloadHandle) -> None:
                 prev = h
                 break
     if prev is not None:
-        prev.prefetch()
+        prev.engine._prefetch_if_live(prev)
 
 
 def _autocast_state(torch: Any) -> List[Tuple[str, bool, Any]]:
@@ -856,7 +865,7 @@ class _SavedTensorOffload:
         while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
             h = self.order[k]()
             if h is not None and not h.released and not h.reloaded and h.prefetched is None:
-                h.prefetch()
+                h.engine._prefetch_if_live(h)
                 started += 1
             k -= 1
         return out

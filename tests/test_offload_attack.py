@@ -163,3 +163,102 @@ def test_compression_error_edges(off, torch):
     eng = off.OffloadEngine("cpu")
     y = eng.offload(x, compress="fp8").reload()
     assert off.compression_error(x, "fp8")["max_abs"] == (y.double() - x.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+
+class _SignallingLock:
+    """An RLock that says when a thread starts waiting for it."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.waiting = threading.Event()
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_prefetch_of_a_neighbour_released_meanwhile_is_quiet(off, torch):
+    """The backward of a checkpoint prefetches the checkpoint saved before it;
+    when another thread released that one between the registry lookup and the
+    prefetch, prefetch's "the handle was released" ValueError broke this
+    thread's backward (seen with models trained in several threads)."""
+    eng = off.OffloadEngine("cpu")
+    eng._lock = _SignallingLock()
+    prev = eng.offload(torch.randn(1000))
+    off._register(prev)
+    cur = eng.offload(torch.randn(1000))
+    off._register(cur)
+    errors = []
+
+    def backward_of_cur():
+        try:
+            off._unregister_and_prefetch_previous(cur)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with eng._lock:  # the other thread holds the engine...
+        t = threading.Thread(target=backward_of_cur)
+        t.start()
+        assert eng._lock.waiting.wait(10)  # ...while this one found `prev` live and waits to prefetch it
+        prev.release()
+    t.join(10)
+    assert not errors, errors
+    assert prev.prefetched is None and eng.stats()["in_use"] == 4096
+    cur.release()
+
+
+def test_threads_train_separate_models_at_once(off, torch):
+    """Forward and backward of separate models in several threads at once,
+    through each way of offloading: every gradient as without offload, no
+    error, every buffer back."""
+    from mlutils.unsloth import Unsloth_Offloaded_Gradient_Checkpointer as U
+
+    eng = off.get_engine("cpu")
+    before = _in_use(eng)
+    errors = []
+
+    def worker(seed, how):
+        try:
+            torch.manual_seed(seed)
+            blocks = [torch.nn.Linear(32, 32) for _ in range(4)]
+            params = [p for b in blocks for p in b.parameters()]
+            x0 = torch.randn(8, 32)
+
+            def step(wrap):
+                for p in params:
+                    p.grad = None
+                x = x0.clone().requires_grad_(True)
+                h = x
+                for b in blocks:
+                    h = wrap(lambda t, b=b: torch.tanh(b(t)), h)
+                h.pow(2).sum().backward()
+                return [p.grad.clone() for p in params] + [x.grad]
+
+            ref = step(lambda f, t: f(t))
+            for _ in range(8):
+                if how == "saved":
+                    with off.offload_saved_tensors(min_bytes=0):
+                        got = step(lambda f, t: f(t))
+                else:
+                    got = step(off.offload_checkpoint if how == "ckpt" else U.apply)
+                for g, r in zip(got, ref):
+                    torch.testing.assert_close(g, r)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((how, e))
+
+    threads = [threading.Thread(target=worker, args=(k, how)) for k in range(3) for how in ("ckpt", "U", "saved")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert _in_use(eng) == before
