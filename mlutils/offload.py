@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -546,6 +547,13 @@ def _restored_autocast(torch: Any, state: List[Tuple[str, bool, Any]], cache: bo
         yield
 
 
+def _has_engine(tensor: Any) -> bool:
+    """Whether an engine can offload tensors of `tensor`'s device (the CPU, or
+    CUDA in a build with it); elsewhere (meta, ...) they stay where they are."""
+    kind = tensor.device.type
+    return kind == "cpu" or (kind == "cuda" and _core.cuda_built())
+
+
 def _cuda_devices(torch: Any, tensors: List[Any]) -> List[int]:
     return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
 
@@ -561,16 +569,27 @@ def _function_class() -> Any:
 
         @staticmethod
         def forward(ctx: Any, forward_function: Callable, options: Dict[str, Any], hidden_states: Any, *args: Any) -> Any:
+            if not isinstance(hidden_states, torch.Tensor):
+                raise TypeError(f"OffloadedCheckpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
             ctx.forward_function = forward_function
             ctx.options = options
             ctx.hs_requires_grad = hidden_states.requires_grad
-            eng = get_engine(hidden_states.device)
-            ctx.handle = eng.offload(hidden_states, compress=options["compress"], min_bytes=options["min_bytes"])
-            _register(ctx.handle)
             tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            if not ctx.hs_requires_grad and not any(args[i].requires_grad for i in tensor_idx):
+                warnings.warn("OffloadedCheckpoint: none of the inputs requires grad, so the function's parameters "
+                              "get no gradients from it (offload_checkpoint gives them theirs)", stacklevel=3)
             ctx.tensor_idx = tensor_idx
             ctx.others = [None if i in tensor_idx else a for i, a in enumerate(args)]
-            ctx.save_for_backward(*[args[i] for i in tensor_idx])
+            ctx.done = False
+            ctx.handle = ctx.packed = None
+            if _has_engine(hidden_states):
+                eng = get_engine(hidden_states.device)
+                ctx.handle = eng.offload(hidden_states, compress=options["compress"], min_bytes=options["min_bytes"])
+                _register(ctx.handle)
+                ctx.packed = _PackedInput(ctx.handle, hidden_states)  # its version, checked at backward
+                ctx.save_for_backward(*[args[i] for i in tensor_idx])
+            else:  # no engine for its device (meta, ...): kept as a saved tensor
+                ctx.save_for_backward(hidden_states, *[args[i] for i in tensor_idx])
             ctx.autocast = _autocast_state(torch)
             ctx.autocast_cache = torch.is_autocast_cache_enabled()
             ctx.rng = None
@@ -579,6 +598,8 @@ def _function_class() -> Any:
                 ctx.rng = (torch.get_rng_state(), devs, [torch.cuda.get_rng_state(d) for d in devs])
             with torch.no_grad():
                 out = forward_function(hidden_states, *args)
+            if ctx.packed is not None and ctx.packed.modified():
+                raise RuntimeError(_MODIFIED)  # by the function itself: the copy may have raced it on a GPU
             return out
 
         @staticmethod
@@ -586,16 +607,22 @@ def _function_class() -> Any:
             if not torch.autograd._is_checkpoint_valid():
                 raise RuntimeError("offload_checkpoint does not support torch.autograd.grad(); "
                                    "use .backward() (or torch.utils.checkpoint with use_reentrant=False)")
-            handle = ctx.handle
-            if handle is None:
+            if ctx.done:
                 raise RuntimeError("offload_checkpoint: backward ran twice through the same checkpoint; "
                                    "retain_graph=True is not supported")
-            hidden = handle.reload()
-            ctx.handle = None
-            _unregister_and_prefetch_previous(handle)
-            handle.release()
-            hidden = hidden.detach().requires_grad_(ctx.hs_requires_grad)
+            handle, packed = ctx.handle, ctx.packed
+            if packed is not None and packed.modified():
+                raise RuntimeError(_MODIFIED)
             saved = ctx.saved_tensors
+            ctx.done = True
+            if handle is not None:
+                hidden = handle.reload()
+                ctx.handle = ctx.packed = None
+                _unregister_and_prefetch_previous(handle)
+                handle.release()
+            else:
+                hidden, saved = saved[0], saved[1:]
+            hidden = hidden.detach().requires_grad_(ctx.hs_requires_grad)
             args = list(ctx.others)
             for i, t in zip(ctx.tensor_idx, saved):
                 args[i] = t.detach().requires_grad_(t.requires_grad)
@@ -689,7 +716,7 @@ class _InputOffload:
         if tensor is not self.hidden:
             return tensor
         self.hidden = None  # once: the same tensor passed twice is kept the second time
-        if tensor.device.type not in ("cuda", "cpu") or (tensor.device.type == "cuda" and not _core.cuda_built()):
+        if not _has_engine(tensor):
             return tensor  # no engine for it: kept, as offload_saved_tensors does
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
@@ -840,10 +867,8 @@ class _SavedTensorOffload:
 
     def pack(self, tensor: Any) -> Any:
         torch = self.torch
-        if (tensor.device.type not in ("cuda", "cpu") or not _offloadable(torch, tensor)
+        if (not _has_engine(tensor) or not _offloadable(torch, tensor)
                 or tensor.numel() * tensor.element_size() < self.min_bytes or _is_parameter(torch, tensor)):
-            return tensor
-        if tensor.device.type == "cuda" and not _core.cuda_built():
             return tensor
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:

@@ -262,3 +262,96 @@ def test_threads_train_separate_models_at_once(off, torch):
         t.join(60)
     assert not errors, errors[:3]
     assert _in_use(eng) == before
+
+
+# ---------------------------------------------------------------------------
+# the autograd-function form (the original's contract)
+
+
+@pytest.fixture
+def U(torch):
+    from mlutils.unsloth import Unsloth_Offloaded_Gradient_Checkpointer
+
+    return Unsloth_Offloaded_Gradient_Checkpointer
+
+
+def test_function_form_refuses_inplace_changes_of_the_input(off, torch, U):
+    """offload_checkpoint raised when hidden_states changed in place after it
+    was offloaded (the copy races the change on a GPU); the function form
+    silently went on with whatever the copy held."""
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(8, 64, requires_grad=True)
+    h = x * 2
+    out = U.apply(lin, h)
+    h.mul_(3)  # after it, before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        U.apply(lambda t: lin(t.mul_(2)), x * 2)  # by the function
+    small = x[:1, :4] * 1  # under min_bytes the engine keeps the tensor itself: the change would be seen
+    out = off._checkpoint_class().apply(lambda t: t.exp(), {"compress": None, "min_bytes": 1 << 20,
+                                                            "preserve_rng_state": True}, small)
+    small.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_function_form_keeps_inputs_on_devices_without_an_engine(off, torch, U):
+    """offload_checkpoint keeps meta (and, without a CUDA build, CUDA)
+    tensors; the function form raised OffloadEngine's "neither cuda nor cpu"."""
+    x = torch.randn(4, 8, device="meta", requires_grad=True)
+    out = U.apply(lambda t: t * 2, x)
+    assert out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (4, 8)
+
+
+def test_function_form_warns_when_no_input_requires_grad(off, torch, U):
+    """As torch's reentrant checkpoint warns: the function's parameters get no
+    gradient through it (the original's silent loss)."""
+    lin = torch.nn.Linear(8, 8)
+    with pytest.warns(UserWarning, match="none of the inputs requires grad"):
+        U.apply(lin, torch.randn(2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        U.apply(lambda t, k: lin(t) * k, torch.randn(2, 8), torch.ones(1, requires_grad=True))  # one does
+        U.apply(lin, torch.randn(2, 8, requires_grad=True))
+
+
+@pytest.mark.parametrize("case", ["tuple", "alias", "same", "dropout", "intarg", "noncontig", "empty"])
+def test_function_form_matches_torch_reentrant_checkpoint(off, torch, U, case):
+    from torch.utils.checkpoint import checkpoint
+
+    lin = torch.nn.Linear(32, 32)
+    fns = {
+        "tuple": (lambda h: (lin(h), 3, None), lambda o: o[0].pow(2).sum()),
+        "alias": (lambda h: (lin(h), h), lambda o: o[0].sum() + o[1].pow(2).sum()),
+        "same": (lambda h, a: lin(h) * a, lambda o: o.pow(2).sum()),
+        "dropout": (lambda h: torch.nn.functional.dropout(lin(h), 0.5), lambda o: o.pow(2).sum()),
+        "intarg": (lambda h, i: lin(h)[i], lambda o: o.pow(2).sum()),
+        "noncontig": (lambda h: lin(h), lambda o: o.pow(2).sum()),
+        "empty": (lambda h: lin(h), lambda o: o.sum() + lin.weight.sum()),
+    }
+    fn, loss = fns[case]
+
+    def inputs():
+        torch.manual_seed(7)
+        if case == "noncontig":
+            return ((torch.randn(32, 6, requires_grad=True) * 1).t(),)
+        x = torch.randn(0 if case == "empty" else 6, 32, requires_grad=True)
+        return {"same": (x, x), "intarg": (x, torch.tensor([0, 3]))}.get(case, (x,))
+
+    res = {}
+    for how in ("plain", "torch", "ours"):
+        lin.zero_grad(set_to_none=True)
+        inp = inputs()
+        for t in inp:
+            t.retain_grad() if t.requires_grad else None
+        torch.manual_seed(3)
+        out = fn(*inp) if how == "plain" else (checkpoint(fn, *inp, use_reentrant=True) if how == "torch"
+                                               else U.apply(fn, *inp))
+        loss(out).backward()
+        res[how] = [lin.weight.grad, lin.bias.grad] + [t.grad for t in inp if t.requires_grad]
+    for how in ("torch", "ours"):
+        for g, r in zip(res[how], res["plain"]):
+            torch.testing.assert_close(g, r)
