@@ -854,16 +854,22 @@ def disable_offloaded_gradient_checkpointing(model: Any) -> Any:
 
 
 class _SavedTensorOffload:
-    """The pack/unpack hooks of offload_saved_tensors: handles in pack order,
-    and a prefetch of the next ones (in backward order) at each unpack."""
+    """The pack/unpack hooks of offload_saved_tensors: handles by pack order,
+    and a prefetch of the next ones (in backward order) at each unpack.
+
+    A block may run a whole training loop: the handles of graphs already
+    backwarded or freed are dropped from `order` as it grows (amortised), so
+    it holds about as many as are waiting for a backward."""
 
     def __init__(self, torch: Any, min_bytes: int, compress: Optional[str], prefetch: int):
         self.torch = torch
         self.min_bytes = min_bytes
         self.compress = compress
         self.prefetch_depth = prefetch
-        self.order: List["weakref.ref"] = []
-        self.index: Dict[int, int] = {}
+        self.order: Dict[int, "weakref.ref"] = {}  # pack number -> handle
+        self.packed = 0  # handles packed so far
+        self.pruned = 0  # len(order) after the last pruning
+        self.lock = threading.Lock()  # unpack may run in autograd's device threads
 
     def pack(self, tensor: Any) -> Any:
         torch = self.torch
@@ -873,8 +879,14 @@ class _SavedTensorOffload:
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
             return tensor
-        handle.seq = len(self.order)
-        self.order.append(weakref.ref(handle))
+        with self.lock:
+            handle.seq = self.packed
+            self.packed += 1
+            self.order[handle.seq] = weakref.ref(handle)
+            if len(self.order) > 2 * self.pruned + 64:
+                for seq in [k for k, ref in self.order.items() if _done(ref())]:
+                    del self.order[seq]
+                self.pruned = len(self.order)
         return _PackedInput(handle, tensor)
 
     def unpack(self, packed: Any) -> Any:
@@ -888,12 +900,18 @@ class _SavedTensorOffload:
         # tensors that are neither reloaded nor on their way yet
         started, k = 0, packed.seq - 1
         while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
-            h = self.order[k]()
-            if h is not None and not h.released and not h.reloaded and h.prefetched is None:
+            ref = self.order.get(k)
+            h = ref() if ref is not None else None
+            if not _done(h) and h.prefetched is None:
                 h.engine._prefetch_if_live(h)
                 started += 1
             k -= 1
         return out
+
+
+def _done(handle: Optional[OffloadHandle]) -> bool:
+    """A handle no backward will prefetch: gone, released or reloaded already."""
+    return handle is None or handle.released or handle.reloaded
 
 
 def _is_parameter(torch: Any, tensor: Any) -> bool:
