@@ -809,10 +809,11 @@ def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, comp
                         "or supports_gradient_checkpointing is False)")
     func = _hf_checkpoint_func(min_bytes, compress)
     if hasattr(model, "gradient_checkpointing_enable"):
-        try:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        except TypeError:  # older signature without kwargs
-            model.gradient_checkpointing_enable()
+        with _no_checkpointing_is_a_type_error(model):
+            try:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            except TypeError:  # older signature without kwargs
+                model.gradient_checkpointing_enable()
     _install(model, func)
     model.mlutils_offloaded_checkpointing = True
     return model
@@ -838,10 +839,35 @@ def _install(model: Any, func: Optional[Callable] = None) -> None:
     model.mlutils_offloaded_checkpointing = True
 
 
+def _checkpointing_modules(model: Any) -> List[Any]:
+    """model's modules (itself included) with a ``gradient_checkpointing`` attribute."""
+    modules = model.modules() if callable(getattr(model, "modules", None)) else [model]
+    return [m for m in modules if hasattr(m, "gradient_checkpointing")]
+
+
+@contextlib.contextmanager
+def _no_checkpointing_is_a_type_error(model: Any) -> Iterator[None]:
+    """Hugging Face's gradient_checkpointing_enable/_disable raise ValueError
+    for a model none of whose modules has gradient checkpointing: our TypeError
+    for that case (their error chained), their ValueError otherwise."""
+    try:
+        yield
+    except ValueError as e:
+        if _checkpointing_modules(model):
+            raise
+        raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
+                        f"(no module with a gradient_checkpointing attribute): {e}") from e
+
+
 def disable_offloaded_gradient_checkpointing(model: Any) -> Any:
-    """Turn gradient checkpointing off again; returns the model."""
+    """Turn gradient checkpointing off again; returns the model.  TypeError
+    when the model has no gradient checkpointing to turn off."""
+    if not hasattr(model, "gradient_checkpointing_disable") and not _checkpointing_modules(model):
+        raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
+                        "(no gradient_checkpointing_disable, no module with a gradient_checkpointing attribute)")
     if hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+        with _no_checkpointing_is_a_type_error(model):
+            model.gradient_checkpointing_disable()
     for module in model.modules() if hasattr(model, "modules") else [model]:
         if getattr(getattr(module, "_gradient_checkpointing_func", None), "mlutils_offload", False):
             module.gradient_checkpointing = False

@@ -415,3 +415,150 @@ def test_saved_tensors_prefetch_depths_and_double_backward(off, torch, depth):
                          grads(contextlib.nullcontext())):
         torch.testing.assert_close(got, want)
     assert _in_use(eng) == before
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face style models
+
+
+def _hf_classes(torch):
+    """A stand-in for transformers: PreTrainedModel's gradient_checkpointing_enable /
+    _set_gradient_checkpointing / gradient_checkpointing_disable as it has them,
+    and layers as GradientCheckpointingLayer calls its checkpointing function."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    nn = torch.nn
+
+    class PreTrainedModel(nn.Module):
+        supports_gradient_checkpointing = True
+
+        @property
+        def is_gradient_checkpointing(self):
+            return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            if not self.supports_gradient_checkpointing:
+                raise ValueError(f"{type(self).__name__} does not support gradient checkpointing.")
+            kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+            self._set_gradient_checkpointing(True, functools.partial(checkpoint, **kwargs))
+
+        def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint):
+            found = False
+            for m in self.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m._gradient_checkpointing_func = gradient_checkpointing_func
+                    m.gradient_checkpointing = enable
+                    found = True
+            if not found:
+                raise ValueError(f"{type(self).__name__} is not compatible with gradient checkpointing.")
+
+        def gradient_checkpointing_disable(self):
+            if self.supports_gradient_checkpointing:
+                self._set_gradient_checkpointing(enable=False)
+
+    class GradientCheckpointingLayer(nn.Module):
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+    class Layer(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(16, 16), nn.Dropout(0.2)
+
+        def forward(self, h, attention_mask=None, position_embeddings=None):
+            cos, sin = position_embeddings
+            return (h + self.drop(torch.tanh(self.lin(h * cos + sin))) + attention_mask,)
+
+    class Model(PreTrainedModel):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer() for _ in range(3)])
+
+        def forward(self, h, mask):
+            pe = (torch.cos(torch.arange(16.0)), torch.sin(torch.arange(16.0)))
+            for layer in self.layers:
+                h = layer(h, attention_mask=mask, position_embeddings=pe)[0]
+            return h
+
+    class NoCheckpointing(PreTrainedModel):  # supports it on paper, no module has it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    return PreTrainedModel, Model, NoCheckpointing
+
+
+def test_hf_layers_enable_twice_disable_enable(off, torch):
+    _, Model, _ = _hf_classes(torch)
+    torch.manual_seed(0)
+    model = Model()
+    x, mask = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    eng = off.get_engine("cpu")
+
+    def step():
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        acquires = eng.stats()["acquires"]
+        model(x, mask).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()], eng.stats()["acquires"] - acquires
+
+    ref, n = step()
+    assert n == 0
+    for _ in range(2):  # enabling twice is enabling once
+        assert off.enable_offloaded_gradient_checkpointing(model, compress=None) is model
+    grads, n = step()
+    assert n == 3 and model.is_gradient_checkpointing  # each layer's input went through the engine
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+    assert off.disable_offloaded_gradient_checkpointing(model) is model
+    assert not model.is_gradient_checkpointing and step()[1] == 0
+    off.enable_offloaded_gradient_checkpointing(model)
+    grads, n = step()
+    assert n == 3
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+    model.eval()
+    assert step()[1] == 0  # HF checkpoints only in training
+
+
+def test_hf_model_without_checkpointing_is_a_type_error(off, torch):
+    """transformers' own ValueError ("is not compatible with gradient
+    checkpointing") escaped enable; disable took any object, a model without
+    checkpointing or None alike (None: AttributeError)."""
+    _, _, NoCheckpointing = _hf_classes(torch)
+    for model in (NoCheckpointing(), torch.nn.Linear(2, 2), None):
+        with pytest.raises(TypeError, match="has no gradient checkpointing"):
+            off.enable_offloaded_gradient_checkpointing(model)
+        with pytest.raises(TypeError, match="has no gradient checkpointing"):
+            off.disable_offloaded_gradient_checkpointing(model)
+
+
+def test_unsloth_monkey_patch_on_a_transformers_stand_in(off, torch, monkeypatch):
+    import sys
+    import types
+
+    from mlutils import unsloth
+
+    PreTrainedModel, Model, _ = _hf_classes(torch)
+    original = PreTrainedModel.gradient_checkpointing_enable
+    tf = types.ModuleType("transformers")
+    tf.modeling_utils = types.ModuleType("transformers.modeling_utils")
+    tf.modeling_utils.PreTrainedModel = PreTrainedModel
+    monkeypatch.setitem(sys.modules, "transformers", tf)
+    monkeypatch.setitem(sys.modules, "transformers.modeling_utils", tf.modeling_utils)
+    unsloth.apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()
+    unsloth.apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()  # once is enough
+    assert PreTrainedModel.gradient_checkpointing_enable.__mlutils_original__ is original
+    model = Model()
+    model.gradient_checkpointing_enable()
+    assert all(layer._gradient_checkpointing_func.mlutils_offload for layer in model.layers)
+    x = torch.randn(4, 16, requires_grad=True)
+    acquires = off.get_engine("cpu").stats()["acquires"]
+    model(x, torch.zeros(4, 16)).sum().backward()
+    assert off.get_engine("cpu").stats()["acquires"] == acquires + 3 and x.grad is not None
