@@ -305,12 +305,15 @@ class OffloadEngine:
         elif mode == _core.OFFLOAD_F32_BF16:
             buf.view(torch.bfloat16).copy_(flat)
         else:
-            amax = flat.abs().max().float() if n else torch.zeros((), dtype=torch.float32)
-            amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
+            # the scale comes from the finite values; e4m3 has no infinity, so
+            # infinities travel as NaN (non-finite stays non-finite)
+            x = flat.float()
+            finite = torch.isfinite(x)
+            amax = torch.where(finite, x.abs(), torch.zeros_like(x)).max() if n else torch.zeros(())
             buf[packed - 16:packed - 12].view(torch.float32).copy_(amax.reshape(1))
-            scale = _e4m3_scale(torch, amax)
-            buf[:n].view(torch.float8_e4m3fn).copy_(
-                (flat.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn))
+            q = (x * _e4m3_scale(torch, amax)).clamp(-_E4M3_MAX, _E4M3_MAX)
+            q = torch.where(torch.isinf(x), torch.full_like(q, float("nan")), q)
+            buf[:n].view(torch.float8_e4m3fn).copy_(q.to(torch.float8_e4m3fn))
 
     # -- reload
 

@@ -562,3 +562,27 @@ def test_unsloth_monkey_patch_on_a_transformers_stand_in(off, torch, monkeypatch
     acquires = off.get_engine("cpu").stats()["acquires"]
     model(x, torch.zeros(4, 16)).sum().backward()
     assert off.get_engine("cpu").stats()["acquires"] == acquires + 3 and x.grad is not None
+
+
+# ---------------------------------------------------------------------------
+# compression
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fp8_infinities_stay_non_finite_and_do_not_flatten_the_rest(off, torch, dtype):
+    """An infinity made amax infinite, so the scale fell back to 1: the
+    infinity came back as 448 (finite: an overflow a GradScaler must see was
+    hidden) and every finite value above 448 was clamped to 448."""
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    x = (torch.randn(4096) * 300).to(dt)
+    x[0], x[1], x[2] = float("inf"), -float("inf"), float("nan")
+    x[3] = 1000.0
+    y = off.OffloadEngine("cpu").offload(x, compress="fp8").reload()
+    assert not torch.isfinite(y[:3]).any()  # e4m3 has no infinity: NaN
+    finite = torch.isfinite(x)
+    assert torch.isfinite(y[finite]).all()
+    xf, yf = x[finite].float(), y[finite].float()
+    big = xf.abs() > xf.abs().max() / 64  # normal e4m3 range: 3 mantissa bits
+    assert ((yf - xf).abs() / xf.abs())[big].max() <= 2 ** -4 + 1e-3
+    assert y[3].item() == pytest.approx(1000.0, rel=2 ** -4)
