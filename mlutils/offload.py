@@ -677,18 +677,25 @@ class _PackedInput:
     """A saved tensor as the hooks packed it: its offloaded copy, and what
     tells whether the tensor was modified in place since (autograd skips its
     own version check for tensors saved through hooks; on a GPU the copy may
-    even race the modification)."""
+    even race the modification).
 
-    __slots__ = ("handle", "ref", "version")
+    The version is read through a probe: a detached alias of the tensor (which
+    shares its version counter) whose memory is swapped for an empty tensor
+    (``.data`` keeps the counter), so it sees every later in-place change,
+    also one made before the tensor's last Python reference went away or
+    through another view, without keeping the tensor's memory alive."""
+
+    __slots__ = ("handle", "probe", "version")
 
     def __init__(self, handle: OffloadHandle, tensor: Any):
         self.handle = handle
-        self.ref = weakref.ref(tensor)
         self.version = tensor._version
+        probe = tensor.detach()
+        probe.data = probe.new_empty(0)
+        self.probe = probe
 
     def modified(self) -> bool:
-        t = self.ref()
-        return t is not None and t._version != self.version
+        return self.probe._version != self.version
 
 
 _MODIFIED = ("offload_checkpoint: hidden_states was modified by an inplace operation after it was "

@@ -586,3 +586,49 @@ def test_fp8_infinities_stay_non_finite_and_do_not_flatten_the_rest(off, torch, 
     big = xf.abs() > xf.abs().max() / 64  # normal e4m3 range: 3 mantissa bits
     assert ((yf - xf).abs() / xf.abs())[big].max() <= 2 ** -4 + 1e-3
     assert y[3].item() == pytest.approx(1000.0, rel=2 ** -4)
+
+
+# ---------------------------------------------------------------------------
+# in-place changes after the offload
+
+
+def test_inplace_change_before_the_tensor_is_dropped_is_still_an_error(off, torch, U):
+    """The version check held only a weak reference to the saved tensor: a
+    change in place followed by the tensor's last reference going away (a
+    local of the block) was never seen, and backward silently used the
+    offloaded copy where autograd without offload raises."""
+    lin, lin2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def block(x):
+        y = torch.tanh(lin(x))  # tanh saves its output y
+        y[:2] = 0.0  # ...which is then changed; y itself is a local
+        return lin2(y)
+
+    import contextlib
+
+    for ctx in (contextlib.nullcontext(), off.offload_saved_tensors(min_bytes=0)):
+        x = torch.randn(8, 64, requires_grad=True)
+        with ctx:
+            out = block(x)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+    for run in (off.offload_checkpoint, U.apply):
+        h = torch.randn(8, 64, requires_grad=True) * 2
+        out = run(lin, h)
+        h.mul_(3)
+        del h  # the only reference to the changed input
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+def test_version_probe_holds_no_memory(off, torch):
+    t = torch.randn(1 << 16)
+    eng = off.OffloadEngine("cpu")
+    packed = off._PackedInput(eng.offload(t), t)
+    assert packed.probe.untyped_storage().nbytes() == 0 and t.untyped_storage().nbytes() == 4 << 16
+    assert not packed.modified()
+    view = t[10:20]
+    del t
+    view.add_(1)  # through a view, the tensor's own reference gone
+    assert packed.modified()
