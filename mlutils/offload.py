@@ -88,9 +88,12 @@ def _check_count(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be an int >= 0, got {value!r}")
 
 
-def _cuda_device(torch: Any, device: Any) -> Any:
-    """`device` with its index: the current CUDA device for a bare "cuda"
-    (RuntimeError, not torch's AssertionError, where there is none)."""
+def _engine_device(torch: Any, device: Any) -> Any:
+    """The device an engine is keyed by: "cpu" for any CPU index (CPU tensors
+    say "cpu"), a CUDA device with its index, the current one for a bare
+    "cuda" (RuntimeError, not torch's AssertionError, where there is none)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type != "cuda" or device.index is not None:
         return device
     if not _core.cuda_built():
@@ -214,7 +217,7 @@ class OffloadEngine:
         _check_count(min_bytes, "OffloadEngine: min_bytes")
         _check_bytes_limit(max_bytes, "OffloadEngine: max_bytes")
         _check_bytes_limit(max_inflight, "OffloadEngine: max_inflight")
-        device = _cuda_device(torch, device)
+        device = _engine_device(torch, device)
         self.device = device
         self.max_inflight = max_inflight
         self.min_bytes = min_bytes
@@ -442,7 +445,7 @@ _max_inflight: Optional[int] = DEFAULT_MAX_INFLIGHT
 def get_engine(device: Any) -> OffloadEngine:
     """The shared engine of `device` (one per device, created on first use)."""
     torch = _torch("mlutils.offload")
-    device = _cuda_device(torch, torch.device(device))
+    device = _engine_device(torch, torch.device(device))
     key = str(device)
     with _engines_lock:
         eng = _engines.get(key)

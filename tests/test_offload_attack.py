@@ -151,6 +151,15 @@ def test_bare_cuda_device_without_cuda_is_a_clear_error(off, torch):
             make("cuda")
 
 
+def test_cpu_device_with_an_index_is_the_cpu(off, torch):
+    """OffloadEngine("cpu:0") refused every CPU tensor ("tensor on cpu, engine
+    on cpu:0") and get_engine("cpu:0") made a second CPU engine."""
+    eng = off.OffloadEngine("cpu:0")
+    x = torch.randn(100)
+    assert eng.device == torch.device("cpu") and torch.equal(eng.offload(x).reload(), x)
+    assert off.get_engine("cpu:0") is off.get_engine("cpu")
+
+
 def test_compression_error_edges(off, torch):
     """An empty tensor raised max()'s "Expected reduction dim"; a list, an AttributeError."""
     for compress in ("bf16", "fp8"):
