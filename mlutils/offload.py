@@ -560,6 +560,25 @@ def _has_engine(tensor: Any) -> bool:
     return kind == "cpu" or (kind == "cuda" and _core.cuda_built())
 
 
+_CHECKPOINT_OPTIONS = {"compress": None, "min_bytes": 0, "preserve_rng_state": True}
+
+
+def _checkpoint_options(options: Any) -> Dict[str, Any]:
+    """OffloadedCheckpoint's options with their defaults filled in and checked
+    (TypeError for a non-dict or an unknown key, ValueError for a bad value)."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"OffloadedCheckpoint: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(_CHECKPOINT_OPTIONS), key=str)
+    if unknown:
+        raise TypeError(f"OffloadedCheckpoint: unknown option(s) {unknown}; known: {sorted(_CHECKPOINT_OPTIONS)}")
+    out = dict(_CHECKPOINT_OPTIONS, **options)
+    out["compress"] = _check_compress(out["compress"])
+    _check_count(out["min_bytes"], "OffloadedCheckpoint: min_bytes")
+    return out
+
+
 def _cuda_devices(torch: Any, tensors: List[Any]) -> List[int]:
     return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
 
@@ -578,7 +597,7 @@ def _function_class() -> Any:
             if not isinstance(hidden_states, torch.Tensor):
                 raise TypeError(f"OffloadedCheckpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
             ctx.forward_function = forward_function
-            ctx.options = options
+            ctx.options = options = _checkpoint_options(options)
             ctx.hs_requires_grad = hidden_states.requires_grad
             tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             if not ctx.hs_requires_grad and not any(args[i].requires_grad for i in tensor_idx):

@@ -641,3 +641,24 @@ def test_version_probe_holds_no_memory(off, torch):
     del t
     view.add_(1)  # through a view, the tensor's own reference gone
     assert packed.modified()
+
+
+def test_function_form_options_are_checked(off, torch):
+    """options missing a key failed with KeyError 'compress' inside forward;
+    bad values surfaced as whatever the engine made of them."""
+    C = off.OffloadedCheckpoint
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    C.apply(lin, {}, x).sum().backward()  # defaults
+    want = x.grad.clone()
+    x.grad = None
+    C.apply(lin, {"compress": "bf16"}, x).sum().backward()
+    torch.testing.assert_close(x.grad, want)  # the input itself does not enter this gradient
+    with pytest.raises(TypeError, match="unknown option"):
+        C.apply(lin, {"min_byte": 0}, x)
+    with pytest.raises(TypeError, match="options must be a dict"):
+        C.apply(lin, [0], x)
+    with pytest.raises(ValueError, match="min_bytes"):
+        C.apply(lin, {"min_bytes": -1}, x)
+    with pytest.raises(ValueError, match="compress"):
+        C.apply(lin, {"compress": "int2"}, x)
