@@ -662,3 +662,40 @@ def test_function_form_options_are_checked(off, torch):
         C.apply(lin, {"min_bytes": -1}, x)
     with pytest.raises(ValueError, match="compress"):
         C.apply(lin, {"compress": "int2"}, x)
+
+
+# ---------------------------------------------------------------------------
+# graphs that never see a backward
+
+
+def test_dropped_graphs_and_exceptions_leave_no_buffers(off, torch, U):
+    eng = off.get_engine("cpu")
+    before = _in_use(eng)
+    lin = torch.nn.Linear(64, 64)
+
+    def boom(h):
+        lin(h)
+        raise KeyError("inside the function")
+
+    for run in (off.offload_checkpoint, U.apply):
+        for _ in range(3):
+            with pytest.raises(KeyError):
+                run(boom, torch.randn(8, 64, requires_grad=True))
+        out = run(lin, torch.randn(8, 64, requires_grad=True))
+        assert eng.stats()["in_use"] > before  # the input is in host memory...
+        del out  # ...until its graph goes
+        assert _in_use(eng) == before
+    with off.offload_saved_tensors(min_bytes=0):
+        with pytest.raises(KeyError):
+            boom(torch.randn(8, 64, requires_grad=True))
+        out = torch.tanh(lin(torch.randn(8, 64, requires_grad=True)))
+    assert eng.stats()["in_use"] > before
+    del out
+    assert _in_use(eng) == before
+    live = [ref() for ref in off._live.values()]
+    assert not [h for h in live if h is not None and not h.released]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            x = torch.randn(8, 64)
+            torch.testing.assert_close(off.offload_checkpoint(lin, x), lin(x))
+    assert _in_use(eng) == before
