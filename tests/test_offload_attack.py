@@ -699,3 +699,35 @@ def test_dropped_graphs_and_exceptions_leave_no_buffers(off, torch, U):
             x = torch.randn(8, 64)
             torch.testing.assert_close(off.offload_checkpoint(lin, x), lin(x))
     assert _in_use(eng) == before
+
+
+def test_pool_cap_hit_mid_forward_leaves_nothing(off, torch, U):
+    blocks = [torch.nn.Linear(64, 64) for _ in range(10)]
+    x = torch.randn(64, 64, requires_grad=True)  # 16 KiB a copy: the 4th does not fit
+
+    def ckpt(run, n=10):
+        h = x
+        for b in blocks[:n]:
+            h = run(b, h)
+        return h
+
+    def saved():
+        with off.offload_saved_tensors(min_bytes=0):
+            h = x
+            for b in blocks:
+                h = torch.tanh(b(h))
+        return h
+
+    off.set_pool_limit(64 * 1024)
+    try:
+        eng = off.get_engine("cpu")
+        for run in (lambda: ckpt(off.offload_checkpoint), lambda: ckpt(U.apply), saved):
+            with pytest.raises(off.OffloadPoolFullError, match="raise the cap"):
+                run()
+            assert _in_use(eng) == 0
+        out = ckpt(off.offload_checkpoint, 4)  # fits again once those are back
+    except off.OffloadPoolFullError as e:
+        raise AssertionError(f"buffers were left in use: {e}") from e
+    finally:
+        off.set_pool_limit(None)
+    del out
