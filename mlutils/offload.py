@@ -811,15 +811,32 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
 # Hugging Face style models
 
 
-def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
-    def gradient_checkpointing_func(function: Callable, *args: Any, **kwargs: Any) -> Any:
+class _HFCheckpointFunc:
+    """The ``_gradient_checkpointing_func`` installed on a model's layers:
+    offload_checkpoint with the model's min_bytes and compress.  A class at
+    module level (not a closure) so that a model holding it still pickles
+    (torch.save(model), spawning workers), as with transformers' own
+    ``functools.partial(checkpoint, ...)``."""
+
+    mlutils_offload = True
+
+    def __init__(self, min_bytes: int, compress: Optional[str]):
+        self.min_bytes = min_bytes
+        self.compress = compress
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_reentrant", None)
         kwargs.setdefault("preserve_rng_state", True)
         if not args:
             raise TypeError("offloaded gradient checkpointing: the layer got no hidden states")
-        return offload_checkpoint(function, *args, min_bytes=min_bytes, compress=compress, **kwargs)
-    gradient_checkpointing_func.mlutils_offload = True  # type: ignore[attr-defined]
-    return gradient_checkpointing_func
+        return offload_checkpoint(function, *args, min_bytes=self.min_bytes, compress=self.compress, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"mlutils.offload checkpointing (min_bytes={self.min_bytes}, compress={self.compress!r})"
+
+
+def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
+    return _HFCheckpointFunc(min_bytes, compress)
 
 
 def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, compress: Optional[str] = None) -> Any:

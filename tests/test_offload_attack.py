@@ -500,6 +500,9 @@ def _hf_classes(torch):
             super().__init__()
             self.lin = nn.Linear(2, 2)
 
+    for cls in (PreTrainedModel, GradientCheckpointingLayer, Layer, Model, NoCheckpointing):
+        cls.__qualname__ = cls.__name__  # reachable by name, so that pickle finds the latest ones
+        globals()[cls.__name__] = cls
     return PreTrainedModel, Model, NoCheckpointing
 
 
@@ -731,3 +734,24 @@ def test_pool_cap_hit_mid_forward_leaves_nothing(off, torch, U):
     finally:
         off.set_pool_limit(None)
     del out
+
+
+def test_model_with_offloaded_checkpointing_still_pickles(off, torch):
+    """The installed function was a closure: torch.save(model) (and anything
+    pickling the model, e.g. spawning workers with it) failed with "Can't
+    pickle local object", where transformers' own partial(checkpoint) pickles."""
+    import io
+    import pickle
+
+    _, Model, _ = _hf_classes(torch)
+    pickle.dumps(Model())  # the stand-in itself pickles (module-level classes in a test module)
+    model = off.enable_offloaded_gradient_checkpointing(Model(), min_bytes=0, compress="bf16")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    func = back.layers[0]._gradient_checkpointing_func
+    assert func.mlutils_offload and func.compress == "bf16"
+    acquires = off.get_engine("cpu").stats()["acquires"]
+    back(torch.randn(4, 16, requires_grad=True), torch.zeros(4, 16)).sum().backward()
+    assert off.get_engine("cpu").stats()["acquires"] == acquires + 3
