@@ -251,7 +251,9 @@ class OffloadEngine:
             _check_count(min_bytes, "offload: min_bytes")
         limit = self.min_bytes if min_bytes is None else min_bytes
         nbytes = tensor.numel() * tensor.element_size()
-        if not _offloadable(torch, tensor) or nbytes == 0 or nbytes < limit:
+        if (not _offloadable(torch, tensor) or nbytes == 0 or nbytes < limit
+                or tensor.untyped_storage().nbytes() < nbytes):
+            # the last: an expanded (overlapping) tensor holds less memory than its copy would take
             return OffloadHandle(self, tensor, _core.OFFLOAD_RAW, None, kept=tensor)
         mode = _mode_for(torch, tensor.dtype, compress)
         src = tensor.detach()

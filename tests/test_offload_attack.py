@@ -755,3 +755,26 @@ def test_model_with_offloaded_checkpointing_still_pickles(off, torch):
     acquires = off.get_engine("cpu").stats()["acquires"]
     back(torch.randn(4, 16, requires_grad=True), torch.zeros(4, 16)).sum().backward()
     assert off.get_engine("cpu").stats()["acquires"] == acquires + 3
+
+
+def test_expanded_tensors_stay(off, torch):
+    """An expanded tensor (a broadcast bias, a mask) holds a few bytes; its
+    offload made it contiguous first (on a GPU a full-size device copy, a
+    memory peak) and kept the full size in host memory: offloading cost
+    memory instead of saving it."""
+    eng = off.OffloadEngine("cpu")
+    bias = torch.randn(1, 256)
+    wide = bias.expand(4096, 256)  # 4 MiB seen, 1 KiB held
+    h = eng.offload(wide)
+    assert not h.offloaded and h.reload() is wide and eng.stats()["in_use"] == 0
+    w = torch.randn(256, 256, requires_grad=True)
+    bias.requires_grad_(True)
+    with off.offload_saved_tensors(min_bytes=0):
+        before = off.get_engine("cpu").stats()["acquires"]
+        y = (bias.expand(4096, 256) @ w).sum()  # saves the expanded bias (kept) and w (offloaded)
+        assert off.get_engine("cpu").stats()["acquires"] == before + 1
+    y.backward()
+    torch.testing.assert_close(w.grad, 4096 * bias.detach().t().expand(256, 256), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(bias.grad, 4096 * w.detach().sum(1).unsqueeze(0), rtol=1e-4, atol=1e-3)
+    sliced = torch.randn(64, 64)[:, :8]  # a view with gaps is offloaded (its copy is smaller)
+    assert eng.offload(sliced).offloaded
