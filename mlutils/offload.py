@@ -118,6 +118,17 @@ def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     return _core.OFFLOAD_RAW
 
 
+def _dense(tensor: Any) -> bool:
+    """Whether `tensor`'s elements fill one span of memory without overlap
+    (contiguous in some order of its dimensions), starting at data_ptr()."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _offloadable(torch: Any, tensor: Any) -> bool:
     """Whether the engine can copy `tensor` out and give it back as it was: a
     plain dense tensor (or a parameter).  Sparse, nested and quantized tensors
@@ -139,15 +150,18 @@ def _raise_pool_error(e: MemoryError) -> None:
 
 class OffloadHandle:
     """An offloaded tensor.  ``reload()`` gives it back (a new tensor of the same
-    shape, dtype and device); ``prefetch()`` starts that copy early; ``release()``
+    shape, dtype and device, and the same strides when its elements filled one
+    span, as channels_last or transposed tensors do); ``prefetch()`` starts
+    that copy early; ``release()``
     (or garbage collection) returns its host buffer to the pool."""
 
-    __slots__ = ("engine", "shape", "dtype", "device", "nbytes", "mode", "kept", "key",
+    __slots__ = ("engine", "shape", "stride", "dtype", "device", "nbytes", "mode", "kept", "key",
                  "prefetched", "reloaded", "seq", "__weakref__")
 
     def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
         self.engine = engine
         self.shape = None if tensor.is_nested else tuple(tensor.shape)  # a nested tensor (kept) has no sizes
+        self.stride: Optional[Tuple[int, ...]] = None  # a dense non-contiguous tensor's strides, kept on reload
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.nbytes = tensor.numel() * tensor.element_size()
@@ -257,8 +271,15 @@ class OffloadEngine:
             return OffloadHandle(self, tensor, _core.OFFLOAD_RAW, None, kept=tensor)
         mode = _mode_for(torch, tensor.dtype, compress)
         src = tensor.detach()
+        stride = None
         if not src.is_contiguous():
-            src = src.contiguous()
+            if _dense(src):
+                # one span of memory in another order (channels_last, a transpose):
+                # copied as it lies, given back with the same strides
+                stride = tuple(src.stride())
+                src = src.as_strided((src.numel(),), (1,))
+            else:
+                src = src.contiguous()
         try:
             if self._cuda is not None:
                 key = self._save_cuda(torch, src, nbytes, mode)
@@ -266,7 +287,9 @@ class OffloadEngine:
                 key = self._save_cpu(torch, src, nbytes, mode)
         except MemoryError as e:
             _raise_pool_error(e)
-        return OffloadHandle(self, tensor, mode, key)
+        handle = OffloadHandle(self, tensor, mode, key)
+        handle.stride = stride
+        return handle
 
     def _save_cuda(self, torch: Any, src: Any, nbytes: int, mode: int) -> int:
         stream = torch.cuda.current_stream(self.device)
@@ -340,7 +363,10 @@ class OffloadEngine:
                 return
             if handle.key is None:
                 raise ValueError("prefetch: the handle was released")
-            out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            if handle.stride is None:
+                out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            else:
+                out = torch.empty_strided(handle.shape, handle.stride, dtype=handle.dtype, device=self.device)
             if self._cuda is not None:
                 stream = torch.cuda.current_stream(self.device)
                 scratch = None
@@ -367,7 +393,7 @@ class OffloadEngine:
 
     def _load_cpu(self, torch: Any, handle: OffloadHandle, out: Any) -> None:
         _bid, buf = handle.key
-        flat = out.view(-1)
+        flat = out.as_strided((out.numel(),), (1,))  # its memory in order (out is dense)
         if handle.mode == _core.OFFLOAD_RAW:
             flat.copy_(buf.view(handle.dtype))
         elif handle.mode == _core.OFFLOAD_F32_BF16:

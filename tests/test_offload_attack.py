@@ -778,3 +778,48 @@ def test_expanded_tensors_stay(off, torch):
     torch.testing.assert_close(bias.grad, 4096 * w.detach().sum(1).unsqueeze(0), rtol=1e-4, atol=1e-3)
     sliced = torch.randn(64, 64)[:, :8]  # a view with gaps is offloaded (its copy is smaller)
     assert eng.offload(sliced).offloaded
+
+
+@pytest.mark.parametrize("compress", [None, "bf16", "fp8"])
+def test_dense_non_contiguous_tensors_come_back_with_their_strides(off, torch, compress):
+    """A channels_last activation or a transposed weight came back contiguous
+    (a convolution's backward then converts it again) and was made contiguous
+    on its device first (on a GPU a full-size copy before the copy)."""
+    eng = off.OffloadEngine("cpu")
+    dt = torch.float16 if compress == "fp8" else torch.float32
+    for x in (torch.randn(2, 8, 16, 16).to(memory_format=torch.channels_last), torch.randn(64, 48).t(),
+              torch.randn(4, 6, 8).permute(2, 0, 1)):
+        x = x.to(dt)
+        y = eng.offload(x, compress=compress).reload()
+        assert y.stride() == x.stride()
+        if compress is None:
+            assert torch.equal(y, x)
+        elif compress == "bf16":
+            assert torch.equal(y, x.to(torch.bfloat16).float())
+        else:
+            torch.testing.assert_close(y, x, rtol=2 ** -4, atol=x.abs().max().item() / 64)
+    gappy = torch.randn(64, 64)[:, :8]  # not one span: copied contiguous, as before
+    y = eng.offload(gappy).reload()
+    assert torch.equal(y, gappy) and y.is_contiguous()
+
+
+def test_channels_last_convolution_under_saved_tensor_offload(off, torch):
+    import contextlib
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 16, 16).to(memory_format=torch.channels_last).requires_grad_(True)
+
+    def grads(ctx):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        with ctx:
+            y = conv(torch.relu(conv(x)))
+        y.pow(2).sum().backward()
+        return x.grad, conv.weight.grad
+
+    ref = grads(contextlib.nullcontext())
+    got = grads(off.offload_saved_tensors(min_bytes=0))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+        assert g.stride() == r.stride()
