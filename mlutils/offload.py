@@ -735,10 +735,12 @@ class _PackedInput:
     also one made before the tensor's last Python reference went away or
     through another view, without keeping the tensor's memory alive."""
 
-    __slots__ = ("handle", "probe", "version")
+    __slots__ = ("handle", "probe", "version", "uses", "out", "__weakref__")
 
     def __init__(self, handle: OffloadHandle, tensor: Any):
         self.handle = handle
+        self.uses = 1  # saves sharing this copy whose unpack is still to come (offload_saved_tensors)
+        self.out: Any = None  # the reloaded tensor while some of them are still to unpack it
         self.version = tensor._version
         probe = tensor.detach()
         probe.data = probe.new_empty(0)
@@ -960,9 +962,13 @@ class _SavedTensorOffload:
     """The pack/unpack hooks of offload_saved_tensors: handles by pack order,
     and a prefetch of the next ones (in backward order) at each unpack.
 
+    A tensor saved several times (the input of separate q/k/v projections, of
+    x * x) is offloaded once: its saves share the copy, and the tensor reloaded
+    at the first of their unpacks until the last.
+
     A block may run a whole training loop: the handles of graphs already
-    backwarded or freed are dropped from `order` as it grows (amortised), so
-    it holds about as many as are waiting for a backward."""
+    backwarded or freed are dropped from `order` (and `shared`) as it grows
+    (amortised), so it holds about as many as are waiting for a backward."""
 
     def __init__(self, torch: Any, min_bytes: int, compress: Optional[str], prefetch: int):
         self.torch = torch
@@ -970,6 +976,8 @@ class _SavedTensorOffload:
         self.compress = compress
         self.prefetch_depth = prefetch
         self.order: Dict[int, "weakref.ref"] = {}  # pack number -> handle
+        # id(tensor) -> (tensor, its version, its _PackedInput), all weak: the copy a later save shares
+        self.shared: Dict[int, Tuple["weakref.ref", int, "weakref.ref"]] = {}
         self.packed = 0  # handles packed so far
         self.pruned = 0  # len(order) after the last pruning
         self.lock = threading.Lock()  # unpack may run in autograd's device threads
@@ -979,30 +987,48 @@ class _SavedTensorOffload:
         if (not _has_engine(tensor) or not _offloadable(torch, tensor)
                 or tensor.numel() * tensor.element_size() < self.min_bytes or _is_parameter(torch, tensor)):
             return tensor
+        with self.lock:
+            entry = self.shared.get(id(tensor))
+            if entry is not None:
+                same, version, shared = entry[0](), entry[1], entry[2]()
+                if (same is tensor and version == tensor._version and shared is not None
+                        and not shared.handle.released):
+                    shared.uses += 1  # saved again, unchanged: one copy for both
+                    return shared
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
             return tensor
+        packed = _PackedInput(handle, tensor)
         with self.lock:
             handle.seq = self.packed
             self.packed += 1
             self.order[handle.seq] = weakref.ref(handle)
+            self.shared[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(packed))
             if len(self.order) > 2 * self.pruned + 64:
                 for seq in [k for k, ref in self.order.items() if _done(ref())]:
                     del self.order[seq]
+                for key in [k for k, e in self.shared.items() if e[0]() is None or e[2]() is None]:
+                    del self.shared[key]
                 self.pruned = len(self.order)
-        return _PackedInput(handle, tensor)
+        return packed
 
     def unpack(self, packed: Any) -> Any:
         if not isinstance(packed, _PackedInput):
             return packed
         if packed.modified():
             raise RuntimeError(_MODIFIED_SAVED)
-        packed = packed.handle
-        out = packed.reload()
+        with self.lock:
+            out = packed.out
+        if out is None:
+            out = packed.handle.reload()
+        with self.lock:
+            packed.uses -= 1  # below 0 in a second backward (retain_graph): each reloads
+            packed.out = out if packed.uses > 0 else None
+        handle = packed.handle
         # start the next reloads in backward order: the nearest earlier saved
         # tensors that are neither reloaded nor on their way yet
-        started, k = 0, packed.seq - 1
-        while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
+        started, k = 0, handle.seq - 1
+        while started < self.prefetch_depth and k >= 0 and k >= handle.seq - 8 - self.prefetch_depth:
             ref = self.order.get(k)
             h = ref() if ref is not None else None
             if not _done(h) and h.prefetched is None:

@@ -823,3 +823,69 @@ def test_channels_last_convolution_under_saved_tensor_offload(off, torch):
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r)
         assert g.stride() == r.stride()
+
+
+def test_a_tensor_saved_several_times_is_offloaded_once(off, torch, monkeypatch):
+    """Separate q/k/v (or gate/up) projections each save the block's input,
+    h * h saves h twice: each save made its own copy (here six host copies of
+    the same tensor, six transfers each way)."""
+    import contextlib
+
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(64, 64) for _ in range(3))
+    eng = off.get_engine("cpu")
+    x = torch.randn(32, 64, requires_grad=True)
+    reloads = []
+    orig = off.OffloadEngine.reload
+    monkeypatch.setattr(off.OffloadEngine, "reload", lambda self, hd: reloads.append(hd) or orig(self, hd))
+    counted = {}
+
+    def grads(ctx, retain=False):
+        for m in (q, k, v):
+            m.zero_grad(set_to_none=True)
+        x.grad = None
+        with ctx:
+            h = torch.tanh(x)  # h: saved by tanh (its output), by q, k, v and twice by h * h
+            acquires = eng.stats()["acquires"]
+            hq, hk, hv, hh = q(h), k(h), v(h), h * h
+            counted["acquires"] = eng.stats()["acquires"] - acquires
+            loss = (hq + hk + hv).pow(2).sum() + hh.sum()
+        reloads.clear()
+        loss.backward(retain_graph=retain)
+        counted["reloads"] = len(reloads)
+        return [x.grad.clone()] + [m.weight.grad.clone() for m in (q, k, v)]
+
+    ref = grads(contextlib.nullcontext())
+    before = _in_use(eng)
+    got = grads(off.offload_saved_tensors(min_bytes=0), retain=True)
+    reloads.clear()  # the spy's references to the handles
+    assert _in_use(eng) == before  # the shared copy went with the graph
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+    assert counted["acquires"] == 0  # the five later saves of h share tanh's copy
+    assert counted["reloads"] == 2  # h once for its six unpacks, and what pow saved
+
+
+def test_shared_copy_is_not_used_for_a_changed_tensor(off, torch):
+    """A tensor changed in place between two saves gets a copy of its own for
+    the second, and the first save's check still raises, as autograd does."""
+    import contextlib
+
+    w = torch.randn(16, 16, requires_grad=True)
+    for make in (contextlib.nullcontext, lambda: off.offload_saved_tensors(min_bytes=0)):
+        x = torch.randn(16, 16)
+        with make():
+            a = x @ w  # saves x
+            x.add_(1)
+            b = x @ w  # saves the changed x
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (a + b).sum().backward()
+        w.grad = None
+        x = torch.randn(16, 16)
+        with make():
+            b = x @ w
+            x.add_(1)
+            c = x @ w
+        c.sum().backward()  # only the second save is needed: no error, its own copy
+        torch.testing.assert_close(w.grad, x.sum(0).unsqueeze(1).expand(16, 16))
+        w.grad = None
