@@ -155,7 +155,7 @@ class OffloadHandle:
     that copy early; ``release()``
     (or garbage collection) returns its host buffer to the pool."""
 
-    __slots__ = ("engine", "shape", "stride", "dtype", "device", "nbytes", "mode", "kept", "key",
+    __slots__ = ("engine", "shape", "stride", "dtype", "device", "nbytes", "mode", "kept", "key", "copied",
                  "prefetched", "reloaded", "seq", "__weakref__")
 
     def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
@@ -168,6 +168,7 @@ class OffloadHandle:
         self.mode = mode
         self.key = key          # the engine's handle (int) or the CPU pool's (id, buffer); None when kept
         self.kept = kept        # the tensor itself when it stayed on its device
+        self.copied = kept is None  # it was copied out (stays so once released)
         self.prefetched = None  # the reloaded tensor while a prefetch is outstanding
         self.reloaded = False   # reload() handed the tensor back at least once
         self.seq = 0
@@ -175,7 +176,7 @@ class OffloadHandle:
     @property
     def offloaded(self) -> bool:
         """Whether the tensor was copied out (False: small, it stayed where it was)."""
-        return self.kept is None
+        return self.copied
 
     @property
     def released(self) -> bool:

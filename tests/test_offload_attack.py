@@ -47,6 +47,21 @@ def test_handle_of_another_engine_is_refused(off, torch):
     assert a.stats()["in_use"] == 0
 
 
+def test_handle_state_after_release(off, torch):
+    """A kept handle said offloaded once released."""
+    eng = off.OffloadEngine("cpu", min_bytes=1 << 20)
+    kept, copied = eng.offload(torch.randn(10)), eng.offload(torch.randn(10), min_bytes=0)
+    for h, was in ((kept, False), (copied, True)):
+        assert h.offloaded is was and not h.released
+        h.release()
+        assert h.offloaded is was and h.released and "released" in repr(h)
+        with pytest.raises(ValueError, match="reload: the handle was released"):
+            h.reload()
+        with pytest.raises(ValueError, match="released"):
+            h.prefetch()
+        h.release()  # twice is once
+
+
 def test_failed_copy_gives_the_buffer_back(off, torch, monkeypatch):
     """A copy that fails after the buffer was taken left it in use for good."""
     eng = off.OffloadEngine("cpu", max_bytes=8192)
