@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -81,6 +82,28 @@ def _check_bytes_limit(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be None or an int >= 0, got {value!r}")
 
 
+def _check_count(value: Any, what: str) -> None:
+    """A size or count (min_bytes, prefetch): an int >= 0 (not a bool); ValueError naming `what` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+
+
+def _engine_device(torch: Any, device: Any) -> Any:
+    """The device an engine is keyed by: "cpu" for any CPU index (CPU tensors
+    say "cpu"), a CUDA device with its index, the current one for a bare
+    "cuda" (RuntimeError, not torch's AssertionError, where there is none)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if not _core.cuda_built():
+        raise RuntimeError(f"mlutils was built without CUDA: reinstall it with nvcc available "
+                           f"(MLUTILS_CUDA=1) to offload CUDA tensors (device {device})")
+    if not _cuda_usable(torch):
+        raise RuntimeError(f"offload: no CUDA device for {device} (torch.cuda.is_available() is False)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     """The engine mode for a tensor of `dtype`: float32 -> bf16 under either
     compression, float16/bfloat16 -> e4m3 under 'fp8', everything else raw."""
@@ -95,6 +118,26 @@ def _mode_for(torch: Any, dtype: Any, compress: Optional[str]) -> int:
     return _core.OFFLOAD_RAW
 
 
+def _dense(tensor: Any) -> bool:
+    """Whether `tensor`'s elements fill one span of memory without overlap
+    (contiguous in some order of its dimensions), starting at data_ptr()."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _offloadable(torch: Any, tensor: Any) -> bool:
+    """Whether the engine can copy `tensor` out and give it back as it was: a
+    plain dense tensor (or a parameter).  Sparse, nested and quantized tensors
+    and other tensor subclasses stay where they are (a reload would lose
+    their layout or type)."""
+    return (tensor.layout == torch.strided and not tensor.is_sparse and not tensor.is_nested
+            and not tensor.is_quantized and type(tensor) in (torch.Tensor, torch.nn.Parameter))
+
+
 def _raise_pool_error(e: MemoryError) -> None:
     if "is full" in str(e):
         raise OffloadPoolFullError(str(e)) from e
@@ -107,21 +150,25 @@ def _raise_pool_error(e: MemoryError) -> None:
 
 class OffloadHandle:
     """An offloaded tensor.  ``reload()`` gives it back (a new tensor of the same
-    shape, dtype and device); ``prefetch()`` starts that copy early; ``release()``
+    shape, dtype and device, and the same strides when its elements filled one
+    span, as channels_last or transposed tensors do); ``prefetch()`` starts
+    that copy early; ``release()``
     (or garbage collection) returns its host buffer to the pool."""
 
-    __slots__ = ("engine", "shape", "dtype", "device", "nbytes", "mode", "kept", "key",
+    __slots__ = ("engine", "shape", "stride", "dtype", "device", "nbytes", "mode", "kept", "key", "copied",
                  "prefetched", "reloaded", "seq", "__weakref__")
 
     def __init__(self, engine: "OffloadEngine", tensor: Any, mode: int, key: Any, kept: Any = None):
         self.engine = engine
-        self.shape = tuple(tensor.shape)
+        self.shape = None if tensor.is_nested else tuple(tensor.shape)  # a nested tensor (kept) has no sizes
+        self.stride: Optional[Tuple[int, ...]] = None  # a dense non-contiguous tensor's strides, kept on reload
         self.dtype = tensor.dtype
         self.device = tensor.device
         self.nbytes = tensor.numel() * tensor.element_size()
         self.mode = mode
         self.key = key          # the engine's handle (int) or the CPU pool's (id, buffer); None when kept
         self.kept = kept        # the tensor itself when it stayed on its device
+        self.copied = kept is None  # it was copied out (stays so once released)
         self.prefetched = None  # the reloaded tensor while a prefetch is outstanding
         self.reloaded = False   # reload() handed the tensor back at least once
         self.seq = 0
@@ -129,7 +176,7 @@ class OffloadHandle:
     @property
     def offloaded(self) -> bool:
         """Whether the tensor was copied out (False: small, it stayed where it was)."""
-        return self.kept is None
+        return self.copied
 
     @property
     def released(self) -> bool:
@@ -180,13 +227,12 @@ class OffloadEngine:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if _cuda_usable(torch) else torch.device("cpu")
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"OffloadEngine: device {device} is neither cuda nor cpu")
-        if not isinstance(min_bytes, int) or min_bytes < 0:
-            raise ValueError(f"OffloadEngine: min_bytes must be an int >= 0, got {min_bytes!r}")
+        _check_count(min_bytes, "OffloadEngine: min_bytes")
+        _check_bytes_limit(max_bytes, "OffloadEngine: max_bytes")
         _check_bytes_limit(max_inflight, "OffloadEngine: max_inflight")
+        device = _engine_device(torch, device)
         self.device = device
         self.max_inflight = max_inflight
         self.min_bytes = min_bytes
@@ -216,14 +262,25 @@ class OffloadEngine:
         if tensor.device != self.device:
             raise ValueError(f"offload: tensor on {tensor.device}, engine on {self.device}")
         compress = _check_compress(compress)
+        if min_bytes is not None:
+            _check_count(min_bytes, "offload: min_bytes")
         limit = self.min_bytes if min_bytes is None else min_bytes
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or nbytes < limit or tensor.layout != torch.strided or tensor.is_sparse:
+        if (not _offloadable(torch, tensor) or nbytes == 0 or nbytes < limit
+                or tensor.untyped_storage().nbytes() < nbytes):
+            # the last: an expanded (overlapping) tensor holds less memory than its copy would take
             return OffloadHandle(self, tensor, _core.OFFLOAD_RAW, None, kept=tensor)
         mode = _mode_for(torch, tensor.dtype, compress)
         src = tensor.detach()
+        stride = None
         if not src.is_contiguous():
-            src = src.contiguous()
+            if _dense(src):
+                # one span of memory in another order (channels_last, a transpose):
+                # copied as it lies, given back with the same strides
+                stride = tuple(src.stride())
+                src = src.as_strided((src.numel(),), (1,))
+            else:
+                src = src.contiguous()
         try:
             if self._cuda is not None:
                 key = self._save_cuda(torch, src, nbytes, mode)
@@ -231,7 +288,9 @@ class OffloadEngine:
                 key = self._save_cpu(torch, src, nbytes, mode)
         except MemoryError as e:
             _raise_pool_error(e)
-        return OffloadHandle(self, tensor, mode, key)
+        handle = OffloadHandle(self, tensor, mode, key)
+        handle.stride = stride
+        return handle
 
     def _save_cuda(self, torch: Any, src: Any, nbytes: int, mode: int) -> int:
         stream = torch.cuda.current_stream(self.device)
@@ -241,45 +300,74 @@ class OffloadEngine:
             scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
         handle = self._cuda.save(src.data_ptr(), nbytes, mode,
                                  scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
-        # the caching allocator must not hand these to anyone before the copy stream is done
-        src.record_stream(self.d2h_stream)
-        if scratch is not None:
-            scratch.record_stream(self.d2h_stream)
+        try:
+            # the caching allocator must not hand these to anyone before the copy stream is done
+            src.record_stream(self.d2h_stream)
+            if scratch is not None:
+                scratch.record_stream(self.d2h_stream)
+        except BaseException:
+            with self._lock:
+                self._cuda.release(handle)  # no handle owns it yet
+            raise
         return handle
 
     def _save_cpu(self, torch: Any, src: Any, nbytes: int, mode: int) -> Tuple[int, Any]:
         flat = src.reshape(-1)
-        if mode == _core.OFFLOAD_RAW:
-            bid, view = self._pool.acquire(nbytes)
-            buf = torch.frombuffer(view, dtype=torch.uint8)
-            buf.view(src.dtype).copy_(flat)
-            return bid, buf
         n = flat.numel()
-        packed = _core.offload_packed_size(mode, n)
-        bid, view = self._pool.acquire(packed)
-        buf = torch.frombuffer(view, dtype=torch.uint8)
-        if mode == _core.OFFLOAD_F32_BF16:
-            buf.view(torch.bfloat16).copy_(flat)
-        else:
-            amax = flat.abs().max().float() if n else torch.zeros((), dtype=torch.float32)
-            amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("inf")), amax)
-            buf[packed - 16:packed - 12].view(torch.float32).copy_(amax.reshape(1))
-            scale = _e4m3_scale(torch, amax)
-            buf[:n].view(torch.float8_e4m3fn).copy_(
-                (flat.float() * scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn))
+        size = nbytes if mode == _core.OFFLOAD_RAW else _core.offload_packed_size(mode, n)
+        bid, view = self._pool.acquire(size)
+        try:
+            buf = torch.frombuffer(view, dtype=torch.uint8)
+            self._pack_cpu(torch, flat, buf, mode)
+        except BaseException:
+            with self._lock:
+                self._pool.release(bid)  # the buffer is no handle's: back to the pool
+            raise
         return bid, buf
 
+    @staticmethod
+    def _pack_cpu(torch: Any, flat: Any, buf: Any, mode: int) -> None:
+        """Copy (or pack, under compression) the flat tensor into the host buffer."""
+        n, packed = flat.numel(), buf.numel()
+        if mode == _core.OFFLOAD_RAW:
+            buf.view(flat.dtype).copy_(flat)
+        elif mode == _core.OFFLOAD_F32_BF16:
+            buf.view(torch.bfloat16).copy_(flat)
+        else:
+            # the scale comes from the finite values; e4m3 has no infinity, so
+            # infinities travel as NaN (non-finite stays non-finite)
+            x = flat.float()
+            finite = torch.isfinite(x)
+            amax = torch.where(finite, x.abs(), torch.zeros_like(x)).max() if n else torch.zeros(())
+            buf[packed - 16:packed - 12].view(torch.float32).copy_(amax.reshape(1))
+            q = (x * _e4m3_scale(torch, amax)).clamp(-_E4M3_MAX, _E4M3_MAX)
+            q = torch.where(torch.isinf(x), torch.full_like(q, float("nan")), q)
+            buf[:n].view(torch.float8_e4m3fn).copy_(q.to(torch.float8_e4m3fn))
+
     # -- reload
+
+    def _own(self, handle: Any, what: str) -> None:
+        """TypeError unless `handle` is an OffloadHandle; ValueError unless this engine made it
+        (its buffer id means nothing to another engine's pool)."""
+        if not isinstance(handle, OffloadHandle):
+            raise TypeError(f"{what}: expected an OffloadHandle, got {type(handle).__name__}")
+        if handle.engine is not self:
+            raise ValueError(f"{what}: the handle belongs to another engine (of {handle.engine.device}); "
+                             f"call handle.{what}() or that engine's {what}()")
 
     def prefetch(self, handle: OffloadHandle) -> None:
         """Start the copy back now (on the caller's current stream's device)."""
         torch = _torch("mlutils.offload")
+        self._own(handle, "prefetch")
         with self._lock:
             if handle.kept is not None or handle.prefetched is not None:
                 return
             if handle.key is None:
                 raise ValueError("prefetch: the handle was released")
-            out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            if handle.stride is None:
+                out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            else:
+                out = torch.empty_strided(handle.shape, handle.stride, dtype=handle.dtype, device=self.device)
             if self._cuda is not None:
                 stream = torch.cuda.current_stream(self.device)
                 scratch = None
@@ -295,9 +383,18 @@ class OffloadEngine:
                 self._load_cpu(torch, handle, out)
             handle.prefetched = out
 
+    def _prefetch_if_live(self, handle: OffloadHandle) -> None:
+        """prefetch() of a neighbour's handle (the next one backward needs),
+        which its owner may release or reload meanwhile, in another thread or
+        through garbage collection: nothing then."""
+        with self._lock:
+            if handle.key is None or handle.reloaded:
+                return
+            self.prefetch(handle)
+
     def _load_cpu(self, torch: Any, handle: OffloadHandle, out: Any) -> None:
         _bid, buf = handle.key
-        flat = out.view(-1)
+        flat = out.as_strided((out.numel(),), (1,))  # its memory in order (out is dense)
         if handle.mode == _core.OFFLOAD_RAW:
             flat.copy_(buf.view(handle.dtype))
         elif handle.mode == _core.OFFLOAD_F32_BF16:
@@ -313,8 +410,11 @@ class OffloadEngine:
         """The tensor back on its device; on CUDA, ready for every kernel queued
         on the caller's current stream from now on."""
         torch = _torch("mlutils.offload")
+        self._own(handle, "reload")
         if handle.kept is not None:
             return handle.kept
+        if handle.key is None:
+            raise ValueError("reload: the handle was released")
         self.prefetch(handle)
         with self._lock:
             out, handle.prefetched = handle.prefetched, None
@@ -327,6 +427,7 @@ class OffloadEngine:
 
     def release(self, handle: OffloadHandle) -> None:
         """Forget the offloaded copy (its buffer returns to the pool)."""
+        self._own(handle, "release")
         with self._lock:
             handle.kept = None
             handle.prefetched = None
@@ -373,9 +474,7 @@ _max_inflight: Optional[int] = DEFAULT_MAX_INFLIGHT
 def get_engine(device: Any) -> OffloadEngine:
     """The shared engine of `device` (one per device, created on first use)."""
     torch = _torch("mlutils.offload")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _engine_device(torch, torch.device(device))
     key = str(device)
     with _engines_lock:
         eng = _engines.get(key)
@@ -411,12 +510,16 @@ def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
     """The error of offloading `tensor` with `compress` (the same rounding as the
     CUDA kernels, done here with torch ops): max and RMS absolute error, and the
     RMS error relative to the tensor's RMS."""
-    _torch("mlutils.offload")  # a clear ImportError without torch
+    torch = _torch("mlutils.offload")  # a clear ImportError without torch
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"compression_error: expected a tensor, got {type(tensor).__name__}")
     eng = OffloadEngine("cpu")
     x = tensor.detach().cpu()
     h = eng.offload(x, compress=compress)
     y = h.reload()
     h.release()
+    if x.numel() == 0:  # nothing to round
+        return {"max_abs": 0.0, "rms_abs": 0.0, "rms_rel": 0.0}
     d = (y.double() - x.double())
     rms = x.double().pow(2).mean().sqrt().item()
     out = {"max_abs": d.abs().max().item(), "rms_abs": d.pow(2).mean().sqrt().item()}
@@ -458,7 +561,7 @@ def _unregister_and_prefetch_previous(handle: OffloadHandle) -> None:
                 prev = h
                 break
     if prev is not None:
-        prev.prefetch()
+        prev.engine._prefetch_if_live(prev)
 
 
 def _autocast_state(torch: Any) -> List[Tuple[str, bool, Any]]:
@@ -479,6 +582,32 @@ def _restored_autocast(torch: Any, state: List[Tuple[str, bool, Any]], cache: bo
         yield
 
 
+def _has_engine(tensor: Any) -> bool:
+    """Whether an engine can offload tensors of `tensor`'s device (the CPU, or
+    CUDA in a build with it); elsewhere (meta, ...) they stay where they are."""
+    kind = tensor.device.type
+    return kind == "cpu" or (kind == "cuda" and _core.cuda_built())
+
+
+_CHECKPOINT_OPTIONS = {"compress": None, "min_bytes": 0, "preserve_rng_state": True}
+
+
+def _checkpoint_options(options: Any) -> Dict[str, Any]:
+    """OffloadedCheckpoint's options with their defaults filled in and checked
+    (TypeError for a non-dict or an unknown key, ValueError for a bad value)."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"OffloadedCheckpoint: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(_CHECKPOINT_OPTIONS), key=str)
+    if unknown:
+        raise TypeError(f"OffloadedCheckpoint: unknown option(s) {unknown}; known: {sorted(_CHECKPOINT_OPTIONS)}")
+    out = dict(_CHECKPOINT_OPTIONS, **options)
+    out["compress"] = _check_compress(out["compress"])
+    _check_count(out["min_bytes"], "OffloadedCheckpoint: min_bytes")
+    return out
+
+
 def _cuda_devices(torch: Any, tensors: List[Any]) -> List[int]:
     return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
 
@@ -494,16 +623,27 @@ def _function_class() -> Any:
 
         @staticmethod
         def forward(ctx: Any, forward_function: Callable, options: Dict[str, Any], hidden_states: Any, *args: Any) -> Any:
+            if not isinstance(hidden_states, torch.Tensor):
+                raise TypeError(f"OffloadedCheckpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
             ctx.forward_function = forward_function
-            ctx.options = options
+            ctx.options = options = _checkpoint_options(options)
             ctx.hs_requires_grad = hidden_states.requires_grad
-            eng = get_engine(hidden_states.device)
-            ctx.handle = eng.offload(hidden_states, compress=options["compress"], min_bytes=options["min_bytes"])
-            _register(ctx.handle)
             tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            if not ctx.hs_requires_grad and not any(args[i].requires_grad for i in tensor_idx):
+                warnings.warn("OffloadedCheckpoint: none of the inputs requires grad, so the function's parameters "
+                              "get no gradients from it (offload_checkpoint gives them theirs)", stacklevel=3)
             ctx.tensor_idx = tensor_idx
             ctx.others = [None if i in tensor_idx else a for i, a in enumerate(args)]
-            ctx.save_for_backward(*[args[i] for i in tensor_idx])
+            ctx.done = False
+            ctx.handle = ctx.packed = None
+            if _has_engine(hidden_states):
+                eng = get_engine(hidden_states.device)
+                ctx.handle = eng.offload(hidden_states, compress=options["compress"], min_bytes=options["min_bytes"])
+                _register(ctx.handle)
+                ctx.packed = _PackedInput(ctx.handle, hidden_states)  # its version, checked at backward
+                ctx.save_for_backward(*[args[i] for i in tensor_idx])
+            else:  # no engine for its device (meta, ...): kept as a saved tensor
+                ctx.save_for_backward(hidden_states, *[args[i] for i in tensor_idx])
             ctx.autocast = _autocast_state(torch)
             ctx.autocast_cache = torch.is_autocast_cache_enabled()
             ctx.rng = None
@@ -512,6 +652,8 @@ def _function_class() -> Any:
                 ctx.rng = (torch.get_rng_state(), devs, [torch.cuda.get_rng_state(d) for d in devs])
             with torch.no_grad():
                 out = forward_function(hidden_states, *args)
+            if ctx.packed is not None and ctx.packed.modified():
+                raise RuntimeError(_MODIFIED)  # by the function itself: the copy may have raced it on a GPU
             return out
 
         @staticmethod
@@ -519,16 +661,22 @@ def _function_class() -> Any:
             if not torch.autograd._is_checkpoint_valid():
                 raise RuntimeError("offload_checkpoint does not support torch.autograd.grad(); "
                                    "use .backward() (or torch.utils.checkpoint with use_reentrant=False)")
-            handle = ctx.handle
-            if handle is None:
+            if ctx.done:
                 raise RuntimeError("offload_checkpoint: backward ran twice through the same checkpoint; "
                                    "retain_graph=True is not supported")
-            hidden = handle.reload()
-            ctx.handle = None
-            _unregister_and_prefetch_previous(handle)
-            handle.release()
-            hidden = hidden.detach().requires_grad_(ctx.hs_requires_grad)
+            handle, packed = ctx.handle, ctx.packed
+            if packed is not None and packed.modified():
+                raise RuntimeError(_MODIFIED)
             saved = ctx.saved_tensors
+            ctx.done = True
+            if handle is not None:
+                hidden = handle.reload()
+                ctx.handle = ctx.packed = None
+                _unregister_and_prefetch_previous(handle)
+                handle.release()
+            else:
+                hidden, saved = saved[0], saved[1:]
+            hidden = hidden.detach().requires_grad_(ctx.hs_requires_grad)
             args = list(ctx.others)
             for i, t in zip(ctx.tensor_idx, saved):
                 args[i] = t.detach().requires_grad_(t.requires_grad)
@@ -580,18 +728,27 @@ class _PackedInput:
     """A saved tensor as the hooks packed it: its offloaded copy, and what
     tells whether the tensor was modified in place since (autograd skips its
     own version check for tensors saved through hooks; on a GPU the copy may
-    even race the modification)."""
+    even race the modification).
 
-    __slots__ = ("handle", "ref", "version")
+    The version is read through a probe: a detached alias of the tensor (which
+    shares its version counter) whose memory is swapped for an empty tensor
+    (``.data`` keeps the counter), so it sees every later in-place change,
+    also one made before the tensor's last Python reference went away or
+    through another view, without keeping the tensor's memory alive."""
+
+    __slots__ = ("handle", "probe", "version", "uses", "out", "__weakref__")
 
     def __init__(self, handle: OffloadHandle, tensor: Any):
         self.handle = handle
-        self.ref = weakref.ref(tensor)
+        self.uses = 1  # saves sharing this copy whose unpack is still to come (offload_saved_tensors)
+        self.out: Any = None  # the reloaded tensor while some of them are still to unpack it
         self.version = tensor._version
+        probe = tensor.detach()
+        probe.data = probe.new_empty(0)
+        self.probe = probe
 
     def modified(self) -> bool:
-        t = self.ref()
-        return t is not None and t._version != self.version
+        return self.probe._version != self.version
 
 
 _MODIFIED = ("offload_checkpoint: hidden_states was modified by an inplace operation after it was "
@@ -622,7 +779,7 @@ class _InputOffload:
         if tensor is not self.hidden:
             return tensor
         self.hidden = None  # once: the same tensor passed twice is kept the second time
-        if tensor.device.type not in ("cuda", "cpu") or (tensor.device.type == "cuda" and not _core.cuda_built()):
+        if not _has_engine(tensor):
             return tensor  # no engine for it: kept, as offload_saved_tensors does
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
@@ -663,8 +820,7 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"offload_checkpoint: hidden_states must be a tensor, got {type(hidden_states).__name__}")
     compress = _check_compress(compress)
-    if not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"offload_checkpoint: min_bytes must be an int >= 0, got {min_bytes!r}")
+    _check_count(min_bytes, "offload_checkpoint: min_bytes")
     if not torch.is_grad_enabled():
         return function(hidden_states, *args, **kwargs)
     from torch.utils.checkpoint import checkpoint
@@ -686,15 +842,32 @@ def offload_checkpoint(function: Callable, hidden_states: Any, *args: Any,
 # Hugging Face style models
 
 
-def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
-    def gradient_checkpointing_func(function: Callable, *args: Any, **kwargs: Any) -> Any:
+class _HFCheckpointFunc:
+    """The ``_gradient_checkpointing_func`` installed on a model's layers:
+    offload_checkpoint with the model's min_bytes and compress.  A class at
+    module level (not a closure) so that a model holding it still pickles
+    (torch.save(model), spawning workers), as with transformers' own
+    ``functools.partial(checkpoint, ...)``."""
+
+    mlutils_offload = True
+
+    def __init__(self, min_bytes: int, compress: Optional[str]):
+        self.min_bytes = min_bytes
+        self.compress = compress
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("use_reentrant", None)
         kwargs.setdefault("preserve_rng_state", True)
         if not args:
             raise TypeError("offloaded gradient checkpointing: the layer got no hidden states")
-        return offload_checkpoint(function, *args, min_bytes=min_bytes, compress=compress, **kwargs)
-    gradient_checkpointing_func.mlutils_offload = True  # type: ignore[attr-defined]
-    return gradient_checkpointing_func
+        return offload_checkpoint(function, *args, min_bytes=self.min_bytes, compress=self.compress, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"mlutils.offload checkpointing (min_bytes={self.min_bytes}, compress={self.compress!r})"
+
+
+def _hf_checkpoint_func(min_bytes: int, compress: Optional[str]) -> Callable:
+    return _HFCheckpointFunc(min_bytes, compress)
 
 
 def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, compress: Optional[str] = None) -> Any:
@@ -708,6 +881,7 @@ def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, comp
     """
     _torch("mlutils.offload.enable_offloaded_gradient_checkpointing")
     compress = _check_compress(compress)
+    _check_count(min_bytes, "enable_offloaded_gradient_checkpointing: min_bytes")
     if not getattr(model, "supports_gradient_checkpointing", True) or not (
             hasattr(model, "gradient_checkpointing_enable") or hasattr(model, "_set_gradient_checkpointing")):
         raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
@@ -715,10 +889,11 @@ def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, comp
                         "or supports_gradient_checkpointing is False)")
     func = _hf_checkpoint_func(min_bytes, compress)
     if hasattr(model, "gradient_checkpointing_enable"):
-        try:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        except TypeError:  # older signature without kwargs
-            model.gradient_checkpointing_enable()
+        with _no_checkpointing_is_a_type_error(model):
+            try:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            except TypeError:  # older signature without kwargs
+                model.gradient_checkpointing_enable()
     _install(model, func)
     model.mlutils_offloaded_checkpointing = True
     return model
@@ -744,10 +919,35 @@ def _install(model: Any, func: Optional[Callable] = None) -> None:
     model.mlutils_offloaded_checkpointing = True
 
 
+def _checkpointing_modules(model: Any) -> List[Any]:
+    """model's modules (itself included) with a ``gradient_checkpointing`` attribute."""
+    modules = model.modules() if callable(getattr(model, "modules", None)) else [model]
+    return [m for m in modules if hasattr(m, "gradient_checkpointing")]
+
+
+@contextlib.contextmanager
+def _no_checkpointing_is_a_type_error(model: Any) -> Iterator[None]:
+    """Hugging Face's gradient_checkpointing_enable/_disable raise ValueError
+    for a model none of whose modules has gradient checkpointing: our TypeError
+    for that case (their error chained), their ValueError otherwise."""
+    try:
+        yield
+    except ValueError as e:
+        if _checkpointing_modules(model):
+            raise
+        raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
+                        f"(no module with a gradient_checkpointing attribute): {e}") from e
+
+
 def disable_offloaded_gradient_checkpointing(model: Any) -> Any:
-    """Turn gradient checkpointing off again; returns the model."""
+    """Turn gradient checkpointing off again; returns the model.  TypeError
+    when the model has no gradient checkpointing to turn off."""
+    if not hasattr(model, "gradient_checkpointing_disable") and not _checkpointing_modules(model):
+        raise TypeError(f"{type(model).__name__} has no gradient checkpointing "
+                        "(no gradient_checkpointing_disable, no module with a gradient_checkpointing attribute)")
     if hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+        with _no_checkpointing_is_a_type_error(model):
+            model.gradient_checkpointing_disable()
     for module in model.modules() if hasattr(model, "modules") else [model]:
         if getattr(getattr(module, "_gradient_checkpointing_func", None), "mlutils_offload", False):
             module.gradient_checkpointing = False
@@ -760,48 +960,88 @@ def disable_offloaded_gradient_checkpointing(model: Any) -> Any:
 
 
 class _SavedTensorOffload:
-    """The pack/unpack hooks of offload_saved_tensors: handles in pack order,
-    and a prefetch of the next ones (in backward order) at each unpack."""
+    """The pack/unpack hooks of offload_saved_tensors: handles by pack order,
+    and a prefetch of the next ones (in backward order) at each unpack.
+
+    A tensor saved several times (the input of separate q/k/v projections, of
+    x * x) is offloaded once: its saves share the copy, and the tensor reloaded
+    at the first of their unpacks until the last.
+
+    A block may run a whole training loop: the handles of graphs already
+    backwarded or freed are dropped from `order` (and `shared`) as it grows
+    (amortised), so it holds about as many as are waiting for a backward."""
 
     def __init__(self, torch: Any, min_bytes: int, compress: Optional[str], prefetch: int):
         self.torch = torch
         self.min_bytes = min_bytes
         self.compress = compress
         self.prefetch_depth = prefetch
-        self.order: List["weakref.ref"] = []
-        self.index: Dict[int, int] = {}
+        self.order: Dict[int, "weakref.ref"] = {}  # pack number -> handle
+        # id(tensor) -> (tensor, its version, its _PackedInput), all weak: the copy a later save shares
+        self.shared: Dict[int, Tuple["weakref.ref", int, "weakref.ref"]] = {}
+        self.packed = 0  # handles packed so far
+        self.pruned = 0  # len(order) after the last pruning
+        self.lock = threading.Lock()  # unpack may run in autograd's device threads
 
     def pack(self, tensor: Any) -> Any:
         torch = self.torch
-        if (tensor.device.type not in ("cuda", "cpu") or tensor.numel() * tensor.element_size() < self.min_bytes
-                or tensor.layout != torch.strided or tensor.is_sparse or _is_parameter(torch, tensor)):
+        if (not _has_engine(tensor) or not _offloadable(torch, tensor)
+                or tensor.numel() * tensor.element_size() < self.min_bytes or _is_parameter(torch, tensor)):
             return tensor
-        if tensor.device.type == "cuda" and not _core.cuda_built():
-            return tensor
+        with self.lock:
+            entry = self.shared.get(id(tensor))
+            if entry is not None:
+                same, version, shared = entry[0](), entry[1], entry[2]()
+                if (same is tensor and version == tensor._version and shared is not None
+                        and not shared.handle.released):
+                    shared.uses += 1  # saved again, unchanged: one copy for both
+                    return shared
         handle = get_engine(tensor.device).offload(tensor, compress=self.compress, min_bytes=self.min_bytes)
         if not handle.offloaded:
             return tensor
-        handle.seq = len(self.order)
-        self.order.append(weakref.ref(handle))
-        return _PackedInput(handle, tensor)
+        packed = _PackedInput(handle, tensor)
+        with self.lock:
+            handle.seq = self.packed
+            self.packed += 1
+            self.order[handle.seq] = weakref.ref(handle)
+            self.shared[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(packed))
+            if len(self.order) > 2 * self.pruned + 64:
+                for seq in [k for k, ref in self.order.items() if _done(ref())]:
+                    del self.order[seq]
+                for key in [k for k, e in self.shared.items() if e[0]() is None or e[2]() is None]:
+                    del self.shared[key]
+                self.pruned = len(self.order)
+        return packed
 
     def unpack(self, packed: Any) -> Any:
         if not isinstance(packed, _PackedInput):
             return packed
         if packed.modified():
             raise RuntimeError(_MODIFIED_SAVED)
-        packed = packed.handle
-        out = packed.reload()
+        with self.lock:
+            out = packed.out
+        if out is None:
+            out = packed.handle.reload()
+        with self.lock:
+            packed.uses -= 1  # below 0 in a second backward (retain_graph): each reloads
+            packed.out = out if packed.uses > 0 else None
+        handle = packed.handle
         # start the next reloads in backward order: the nearest earlier saved
         # tensors that are neither reloaded nor on their way yet
-        started, k = 0, packed.seq - 1
-        while started < self.prefetch_depth and k >= 0 and k >= packed.seq - 8 - self.prefetch_depth:
-            h = self.order[k]()
-            if h is not None and not h.released and not h.reloaded and h.prefetched is None:
-                h.prefetch()
+        started, k = 0, handle.seq - 1
+        while started < self.prefetch_depth and k >= 0 and k >= handle.seq - 8 - self.prefetch_depth:
+            ref = self.order.get(k)
+            h = ref() if ref is not None else None
+            if not _done(h) and h.prefetched is None:
+                h.engine._prefetch_if_live(h)
                 started += 1
             k -= 1
         return out
+
+
+def _done(handle: Optional[OffloadHandle]) -> bool:
+    """A handle no backward will prefetch: gone, released or reloaded already."""
+    return handle is None or handle.released or handle.reloaded
 
 
 def _is_parameter(torch: Any, tensor: Any) -> bool:
@@ -828,10 +1068,8 @@ def offload_saved_tensors(min_bytes: int = DEFAULT_MIN_BYTES, compress: Optional
     ``save_on_cpu`` does, and holds no more saved tensors on the device."""
     torch = _torch("mlutils.offload.offload_saved_tensors")
     compress = _check_compress(compress)
-    if not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
-    if not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    _check_count(min_bytes, "offload_saved_tensors: min_bytes")
+    _check_count(prefetch, "offload_saved_tensors: prefetch")
     hooks = _SavedTensorOffload(torch, min_bytes, compress, prefetch)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield

@@ -35,7 +35,8 @@ enum mlu_offload_mode {
     MLU_OFFLOAD_RAW = 0,        /* nbytes copied as they are */
     MLU_OFFLOAD_F32_BF16 = 1,   /* float32 -> bfloat16 (round to nearest even) */
     MLU_OFFLOAD_F16_E4M3 = 2,   /* float16 -> float8 e4m3, per-tensor scale 448/amax */
-    MLU_OFFLOAD_BF16_E4M3 = 3,  /* bfloat16 -> float8 e4m3, per-tensor scale 448/amax */
+    MLU_OFFLOAD_BF16_E4M3 = 3,  /* bfloat16 -> float8 e4m3, per-tensor scale 448/amax
+                                 * (amax of the finite values; +-inf and NaN -> NaN) */
     MLU_OFFLOAD_MODES
 };
 

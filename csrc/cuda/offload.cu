@@ -104,7 +104,8 @@ __global__ void expand_bf16_kernel(const __nv_bfloat16 *__restrict__ src, float 
         dst[i] = __bfloat162float(src[i]);
 }
 
-// amax over |x| into *amax (zeroed before): non-negative floats order as their bits.
+// amax over the finite |x| into *amax (zeroed before): non-negative floats
+// order as their bits.  Infinities and NaN do not count: they travel as NaN.
 template <typename T>
 __global__ void amax_kernel(const T *__restrict__ src, long long n, unsigned int *amax)
 {
@@ -113,8 +114,8 @@ __global__ void amax_kernel(const T *__restrict__ src, long long n, unsigned int
     long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         float v = fabsf(load_f(src, i));
-        if (v > m || v != v)
-            m = (v != v) ? __int_as_float(0x7f800000) : v;  // NaN counts as inf: scale 0 flags it
+        if (v > m && isfinite(v))
+            m = v;
     }
     red[threadIdx.x] = m;
     __syncthreads();
@@ -139,8 +140,12 @@ __global__ void pack_e4m3_kernel(const T *__restrict__ src, __nv_fp8_storage_t *
 {
     float scale = e4m3_scale(*amax);
     long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        dst[i] = __nv_cvt_float_to_fp8(load_f(src, i) * scale, __NV_SATFINITE, __NV_E4M3);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v = load_f(src, i);
+        // e4m3 has no infinity: an infinity travels as NaN (0x7f), not as the
+        // largest finite value saturation would make of it
+        dst[i] = isinf(v) ? (__nv_fp8_storage_t)0x7f : __nv_cvt_float_to_fp8(v * scale, __NV_SATFINITE, __NV_E4M3);
+    }
 }
 
 template <typename T>
