@@ -197,6 +197,31 @@ def check_correctness(torch, args, D):
         print(f"compress {str(dtype):<15} {comp}: {dev.type} vs CPU engine max diff {diff:.2e}, "
               f"rms rel error {err['rms_rel']:.2e}  {'ok' if good else 'FAIL'}")
 
+    # fp8 with non-finite values: the scale comes from the finite ones, and
+    # infinities and NaN come back as NaN (e4m3 has no infinity), as on the CPU
+    for dtype in (torch.float16, torch.bfloat16):
+        t = (torch.randn(1 << 16, device=dev) * 7).to(dtype)
+        t[::97], t[1::97], t[2::97] = float("inf"), float("-inf"), float("nan")
+        g = offload.get_engine(dev).offload(t, compress="fp8").reload().cpu().float()
+        c = offload.OffloadEngine("cpu").offload(t.cpu(), compress="fp8").reload().float()
+        bad = ~torch.isfinite(t.cpu().float())
+        nan_ok = torch.equal(torch.isnan(g), bad) and torch.equal(torch.isnan(c), bad)
+        diff = (g[~bad] - c[~bad]).abs().max().item()
+        good = nan_ok and diff <= 1e-2 * t.cpu().float()[~bad].abs().max().item()
+        ok &= good
+        print(f"compress {str(dtype):<15} fp8 with inf/nan: non-finite -> NaN {'yes' if nan_ok else 'NO'}, "
+              f"{dev.type} vs CPU engine max diff {diff:.2e}  {'ok' if good else 'FAIL'}")
+
+    # a bf16 tensor so small that 448 / amax overflows: scale 1, zeros stay zeros
+    t = torch.zeros(1 << 16, device=dev, dtype=torch.bfloat16)
+    t[::7] = 1e-39
+    g = offload.get_engine(dev).offload(t, compress="fp8").reload().cpu()
+    c = offload.OffloadEngine("cpu").offload(t.cpu(), compress="fp8").reload()
+    good = bool(torch.isfinite(g).all()) and torch.equal(g, c)
+    ok &= good
+    print(f"compress torch.bfloat16  fp8 of a tensor of max 1e-39: finite and equal to the CPU engine's  "
+          f"{'ok' if good else 'FAIL'}")
+
     # stream ordering: the copy sees the kernel that made its source, the source's
     # memory is not handed out again before the copy read it, and a reload is
     # complete for the kernels queued after it

@@ -456,9 +456,13 @@ class OffloadEngine:
 
 
 def _e4m3_scale(torch: Any, amax: Any) -> Any:
+    """448 / amax, or 1 where that is not a finite positive number (amax 0,
+    non-finite, or so small that the quotient overflows float32: a scale of
+    inf would make 0 * inf = NaN of every zero)."""
     amax = amax.float()
     ok = torch.isfinite(amax) & (amax > 0)
-    return torch.where(ok, _E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    scale = _E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax))
+    return torch.where(ok & torch.isfinite(scale), scale, torch.ones_like(amax))
 
 
 def _cuda_usable(torch: Any) -> bool:

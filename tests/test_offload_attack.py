@@ -904,3 +904,20 @@ def test_shared_copy_is_not_used_for_a_changed_tensor(off, torch):
         c.sum().backward()  # only the second save is needed: no error, its own copy
         torch.testing.assert_close(w.grad, x.sum(0).unsqueeze(1).expand(16, 16))
         w.grad = None
+
+
+def test_fp8_tiny_amax_keeps_zeros_zero(torch):
+    """A bf16 tensor whose largest magnitude is so small that 448 / amax
+    overflows float32: the scale falls back to 1, so zeros stay zeros (an
+    infinite scale made every zero 0 * inf = NaN) and nothing non-finite
+    appears; the CUDA kernel uses the same rule (bench/offload_gpu.py)."""
+    from mlutils import offload as off
+
+    eng = off.OffloadEngine("cpu")
+    for tiny in (1e-39, 1e-38, 1e-30):
+        x = torch.zeros(4096, dtype=torch.bfloat16)
+        x[0], x[1] = tiny, -tiny
+        y = eng.offload(x, compress="fp8").reload()
+        assert torch.isfinite(y).all(), tiny
+        assert torch.equal(y[2:], x[2:])
+        assert (y[:2].float() - x[:2].float()).abs().max().item() <= abs(float(x[0]))

@@ -35,7 +35,9 @@ def test_dry_run_covers_every_step_and_way(torch):
     out = _run(SMALL + ["--peaks", "inline"])
     assert "dry run" in out
     for check in ("gradients offload_checkpoint", "gradients offload_saved_tensors", "compress torch.float32",
-                  "compress torch.bfloat16", "stream ordering", "4 steps: host pool"):
+                  "compress torch.bfloat16", "compress torch.float16   fp8 with inf/nan",
+                  "compress torch.bfloat16  fp8 with inf/nan", "compress torch.bfloat16  fp8 of a tensor of max",
+                  "stream ordering", "4 steps: host pool"):
         line = next((ln for ln in out.splitlines() if ln.startswith(check)), None)
         assert line is not None and line.endswith("ok"), (check, out)
     assert re.search(r"^offload \(D2H\) +\d", out, re.M) and re.search(r"^reload \(H2D\) +\d", out, re.M)

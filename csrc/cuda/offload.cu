@@ -130,8 +130,11 @@ __global__ void amax_kernel(const T *__restrict__ src, long long n, unsigned int
 
 __device__ __forceinline__ float e4m3_scale(float amax)
 {
-    // values are stored as x * scale; scale maps amax to e4m3's largest finite value
-    return (amax > 0.0f && isfinite(amax)) ? kE4M3Max / amax : 1.0f;
+    // values are stored as x * scale; scale maps amax to e4m3's largest finite
+    // value.  1 when that is not finite (amax 0, or so small that the quotient
+    // overflows: an infinite scale would turn every zero into 0 * inf = NaN)
+    float scale = (amax > 0.0f && isfinite(amax)) ? kE4M3Max / amax : 1.0f;
+    return isfinite(scale) ? scale : 1.0f;
 }
 
 template <typename T>
