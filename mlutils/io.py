@@ -240,7 +240,7 @@ def _safetensors_load(path: str, device: str, framework: str, unsafe: bool, load
     metadata = metadata or {}
     if module_key in metadata:
         raise _safetensors.SafetensorsError(
-            f"{path}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
+            f"{os.fspath(path)!r}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
             f"tensors under: it would replace them. Pass another module_key, or "
             "load_metadata=False for the tensors alone (safe_open(path).metadata() reads the metadata)")
     out = {module_key: tensors}

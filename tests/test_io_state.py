@@ -273,3 +273,17 @@ def test_without_torch_suite_switch_runs(tmp_path):
                           "tests/test_io_state.py::test_without_torch_under_the_suite_switch"],
                          capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("as_path", [str, __import__("pathlib").Path])
+def test_metadata_entry_named_like_module_key_names_the_file(tmp_path, as_path):
+    """A safetensors file (written by the safetensors library) whose metadata
+    has an entry named like torch_load's module_key: the error names the file
+    as every format error does ("'path': ...")."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file({"w": np.ones(3, np.float32)}, str(path), metadata={"module": "x"})
+    with pytest.raises(mlutils.SafetensorsError) as info:
+        torch_load(as_path(path), framework="np")
+    assert str(info.value).startswith(f"{str(path)!r}: the metadata has an entry named 'module'")
+    assert set(torch_load(as_path(path), framework="np", load_metadata=False)) == {"w"}
