@@ -321,7 +321,7 @@ class Format:
     flat: bool = False
 
     def matches(self, path: PathLike) -> bool:
-        return os.fspath(path).lower().endswith(self.suffixes)
+        return os.fsdecode(path).lower().endswith(self.suffixes)
 
 
 SAFETENSORS = Format("safetensors", SAFETENSORS_SUFFIXES, _safetensors_save, _safetensors_load,

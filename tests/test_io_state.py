@@ -287,3 +287,22 @@ def test_metadata_entry_named_like_module_key_names_the_file(tmp_path, as_path):
         torch_load(as_path(path), framework="np")
     assert str(info.value).startswith(f"{str(path)!r}: the metadata has an entry named 'module'")
     assert set(torch_load(as_path(path), framework="np", load_metadata=False)) == {"w"}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_bytes_paths_pick_the_format_and_round_trip(tmp_path, suffix):
+    """A bytes path (os.PathLike's other form) picks its format by suffix as a
+    str does (it was a TypeError about bytes and str)."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "b").mkdir()
+    str_path = str(tmp_path / "s" / ("m" + suffix))  # the same name: a .pt archive is named after it
+    bytes_path = os.fsencode(str(tmp_path / "b" / ("m" + suffix)))
+    data = {"w": np.arange(6, dtype=np.float32)}
+    torch_save(data, str_path)
+    torch_save(data, bytes_path)
+    assert is_safetensors_path(bytes_path) == (suffix == ".safetensors")
+    with open(str_path, "rb") as a, open(bytes_path, "rb") as b:
+        assert a.read() == b.read()
+    got = torch_load(bytes_path, framework="np")
+    want = torch_load(str_path, framework="np")
+    assert got.keys() == want.keys()
