@@ -69,6 +69,7 @@ COMMANDS = ("save", "export", "eval", "quit", "eval_quit", "lr", "time", "event"
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _RANK_FILE = re.compile(r"^rank-(\d{5,})-of-(\d{5,})\.pt$")
+_DIGITS = re.compile(r"^[0-9]+$")
 
 
 class CheckpointError(RuntimeError):
@@ -604,10 +605,22 @@ class _StdinReader:
     across the fork of DataLoader workers, which close ``sys.stdin`` when they
     start: they would wait for that lock forever.  Reading the raw descriptor
     from the loop avoids both the thread and the lock.  EOF, a closed or
-    unreadable stdin end the reading; training goes on."""
+    unreadable stdin end the reading; training goes on.
+
+    A stdin that is always ready (a file, ``/dev/zero``, ``yes save |``) is
+    read one slice per poll (``MAX_READ`` bytes), at most ``MAX_LINES`` lines
+    are handed out per poll (the rest wait for the next), and a line longer
+    than ``MAX_LINE`` bytes is dropped with a warning: the step goes on and
+    memory stays bounded whatever arrives."""
+
+    MAX_READ = 1 << 16
+    MAX_LINE = 4096
+    MAX_LINES = 256
 
     def __init__(self) -> None:
         self._buf = b""
+        self._lines: List[str] = []
+        self._dropping = False  # inside an overlong line: discard up to its end
         self._fd: Optional[int] = None
         try:
             import select  # noqa: F401
@@ -619,30 +632,56 @@ class _StdinReader:
             log.debug("no commands: stdin is not readable (%s)", exc)
             self._fd = None
 
+    def _line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").strip()
+        if text:
+            self._lines.append(text)
+
+    def _too_long(self) -> None:
+        log.warning("a command line longer than %d bytes was dropped (too long)", self.MAX_LINE)
+
+    def _feed(self, chunk: bytes) -> None:
+        buf = self._buf + chunk
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            if self._dropping:
+                self._dropping = False
+            elif end - start > self.MAX_LINE:
+                self._too_long()
+            else:
+                self._line(buf[start:end])
+            start = end + 1
+        rest = buf[start:]
+        if self._dropping:
+            rest = b""
+        elif len(rest) > self.MAX_LINE:
+            self._too_long()
+            self._dropping, rest = True, b""
+        self._buf = rest
+
     def poll(self) -> List[str]:
-        """The complete lines that arrived since the last call (never blocks)."""
+        """The complete lines that arrived since the last call (never blocks, bounded work per call)."""
         import select
 
-        out: List[str] = []
-        while self._fd is not None:
+        if len(self._lines) < self.MAX_LINES and self._fd is not None:
             try:
                 ready, _, _ = select.select([self._fd], [], [], 0)
-                if not ready:
-                    break
-                chunk = os.read(self._fd, 65536)
+                chunk = os.read(self._fd, self.MAX_READ) if ready else None
             except (OSError, ValueError) as exc:
                 log.debug("stdin unreadable (%s): no more commands", exc)
                 chunk = b""
-            if not chunk:
+            if chunk == b"":
                 log.debug("stdin reached EOF: no more commands")
                 self._fd = None
-                if self._buf.strip():
-                    out.append(self._buf.decode("utf-8", "replace").strip())
-                self._buf = b""
-                break
-            self._buf += chunk
-            *lines, self._buf = self._buf.split(b"\n")
-            out.extend(t for t in (x.decode("utf-8", "replace").strip() for x in lines) if t)
+                if not self._dropping:
+                    self._line(self._buf)
+                self._buf, self._dropping = b"", False
+            elif chunk:
+                self._feed(chunk)
+        out, self._lines = self._lines[:self.MAX_LINES], self._lines[self.MAX_LINES:]
         return out
 
 
@@ -676,7 +715,7 @@ def _parse(line: str) -> Tuple[Optional[Tuple[str, ...]], Optional[int], Optiona
             return None, None, f"lr needs a number, got {args[0]!r}"
         if not rate >= 0 or rate == float("inf"):
             return None, None, f"lr must be a finite number >= 0, got {args[0]!r}"
-    elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to" and args[1].isdigit())):
+    elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to" and _DIGITS.match(args[1]))):
         pass
     elif cmd == "event" and len(args) == 1 and args[0] in ("show", "clear") and at is None:
         pass
@@ -810,9 +849,11 @@ class _Loop:
             "rng": _rng_state(),
         }
 
-    def save(self, sync: bool) -> None:
-        """Checkpoint the current step (asynchronously unless `sync` or config says otherwise)."""
+    def save(self, sync: bool, explicit: bool = False) -> None:
+        """Checkpoint the current step (asynchronously unless `sync` or config says otherwise); `explicit`: a command asked."""
         ckdir = self.cfg.checkpoint_dir
+        if ckdir is None and explicit and self.leader:
+            log.warning("save: no checkpoint_dir configured")
         if ckdir is None or self.last_saved_step == self.step:
             return
         self.saver.wait()
@@ -935,7 +976,7 @@ class _Loop:
                 return None
         cmd = words[0]
         if cmd == "save":
-            self.save(sync=False)
+            self.save(sync=False, explicit=True)
         elif cmd == "export":
             self.export()
         elif cmd == "eval":
@@ -970,8 +1011,11 @@ class _Loop:
             return
         per = sum(recent) / len(recent)
         left = max(target - self.step, 0)
-        log.info("time: %.3f s/step; step %d -> %d in about %.0f s (%s)", per, self.step, target, per * left,
-                 time.strftime("%H:%M:%S", time.localtime(time.time() + per * left)))
+        try:
+            at = time.strftime("%H:%M:%S", time.localtime(time.time() + per * left))
+        except (OverflowError, OSError, ValueError):  # beyond what the clock can show
+            at = "beyond the calendar"
+        log.info("time: %.3f s/step; step %d -> %d in about %.0f s (%s)", per, self.step, target, per * left, at)
 
     def export(self) -> None:
         """Write the engines' weights as safetensors (global leader)."""
