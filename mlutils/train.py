@@ -40,6 +40,8 @@ synchronous.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import random
@@ -49,6 +51,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
                     runtime_checkable)
@@ -70,6 +73,8 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _RANK_FILE = re.compile(r"^rank-(\d{5,})-of-(\d{5,})\.pt$")
 _DIGITS = re.compile(r"^[0-9]+$")
+#: Keys of the metrics line the loop itself writes.
+_LOOP_KEYS = ("step", "epoch", "eval")
 
 
 class CheckpointError(RuntimeError):
@@ -176,9 +181,18 @@ class Engines:
         return min(int(e.global_step) for e in self.engines.values())
 
     def train_step(self, batch: Any) -> Dict[str, Any]:
-        """Step every engine on `batch`; their metrics, prefixed by name when there are several."""
+        """Step every engine on `batch`; their metrics, prefixed by name when there are several.
+
+        With one engine, a metric named like one of the loop's own keys
+        (``step``, ``epoch``, ``eval``) is prefixed by the engine's name too,
+        so that it does not replace the loop's value in the metrics line."""
         if len(self.engines) == 1:
-            return dict(next(iter(self.engines.values())).train_step(batch))
+            name, engine = next(iter(self.engines.items()))
+            out1 = dict(engine.train_step(batch))
+            for k in _LOOP_KEYS:
+                if k in out1:
+                    out1[f"{name}/{k}"] = out1.pop(k)
+            return out1
         out: Dict[str, Any] = {}
         for name, e in self.engines.items():
             out.update({f"{name}/{k}": v for k, v in e.train_step(batch).items()})
@@ -406,6 +420,22 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
         if self.log_every < 1:
             raise ValueError("TrainConfig.log_every must be >= 1")
+        for name in ("async_save", "save_at_end", "metrics_stdout", "progress", "read_commands", "handle_signals"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"TrainConfig.{name} must be True or False, got {type(v).__name__} {v!r}")
+        for name in ("checkpoint_dir", "export_dir", "metrics_file"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str) and not (isinstance(v, os.PathLike)
+                                                                 and isinstance(os.fspath(v), str)):
+                raise TypeError(f"TrainConfig.{name} must be a str path or None, got {type(v).__name__} {v!r}")
+        r = self.resume
+        if not (r is None or isinstance(r, (bool, str))
+                or (isinstance(r, os.PathLike) and isinstance(os.fspath(r), str))):
+            raise TypeError(f"TrainConfig.resume must be 'auto', a checkpoint folder, True, False or None; "
+                            f"got {type(r).__name__} {r!r}")
+        if not isinstance(self.events, (list, tuple)) or not all(isinstance(e, str) for e in self.events):
+            raise TypeError(f"TrainConfig.events must be a list of command strings, got {self.events!r}")
 
 
 @dataclass
@@ -475,9 +505,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _rotate(checkpoint_dir: str, keep_last: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last` and partial ones older than the newest complete."""
-    complete = find_checkpoints(checkpoint_dir)
+def _rotate(checkpoint_dir: str, keep_last: int, upto: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` and partial ones older than the newest complete.
+
+    Only checkpoints up to step `upto` (the one just written) count: newer ones
+    (left by a run this one rolled back from) are neither counted nor removed."""
+    complete = [(s, p) for s, p in find_checkpoints(checkpoint_dir) if s <= upto]
     if not complete:
         return
     newest = complete[-1][0]
@@ -510,6 +543,11 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
         return buf
     if isinstance(obj, np.ndarray):
         return obj.copy()
+    if isinstance(obj, OrderedDict):  # what state_dict() returns, with the module versions in _metadata
+        out = OrderedDict((k, _host_copy(v, cache, key + (k,))) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, Mapping):
         return {k: _host_copy(v, cache, key + (k,)) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -738,13 +776,42 @@ def _stateful_sampler(loader: Any) -> Tuple[Any, int]:
     return None, 1
 
 
+def _plain(obj: Any) -> Any:
+    """`obj` with what JSON cannot hold made plain: tensors and numpy values as numbers or lists, ints past
+    64 bits as floats, other objects as their str (a metrics line must never stop training)."""
+    if obj is None or isinstance(obj, (bool, float, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj if -(1 << 63) <= obj < (1 << 63) else float(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _plain(obj.item())
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if "torch" in sys.modules:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu()
+            return _plain(t.item() if t.numel() == 1 else t.tolist())
+    return str(obj)
+
+
 class _Loop:
     def __init__(self, loader: Iterable[Any], engines: Engines, eval_fn: Optional[Callable[..., Any]],
                  cfg: TrainConfig) -> None:
         self.loader = loader
         self.engines = engines
         self.eval_fn = eval_fn
-        self.cfg = cfg
+        # paths fixed now: a chdir during training (in a step, in eval_fn) must not move the checkpoints
+        fixed = {name: os.path.abspath(getattr(cfg, name))
+                 for name in ("checkpoint_dir", "export_dir", "metrics_file") if getattr(cfg, name) is not None}
+        if isinstance(cfg.resume, (str, os.PathLike)) and cfg.resume != "auto":
+            fixed["resume"] = os.path.abspath(cfg.resume)
+        self.cfg = dataclasses.replace(cfg, **fixed)
         self.dist = _dist()
         self.rank = int(self.dist.global_rank())
         self.world = int(self.dist.world_size())
@@ -800,7 +867,7 @@ class _Loop:
     def _emit(self, record: Mapping[str, Any]) -> None:
         if not self.leader:
             return
-        line = json_stringify(record, truncate=True)
+        line = json_stringify(_plain(record), truncate=True)
         if self.metrics_fh is not None:
             self.metrics_fh.write(line + "\n")
             self.metrics_fh.flush()
@@ -871,7 +938,7 @@ class _Loop:
             _fsync_dir(ckdir)
             torch_save(state, path)
             if leader:
-                _rotate(ckdir, keep)
+                _rotate(ckdir, keep, step)
                 log.info("saved checkpoint %s (step %d)", folder, step)
 
         if use_async:
@@ -882,7 +949,7 @@ class _Loop:
             write()
             self.dist.barrier()
             if leader:
-                _rotate(ckdir, keep)
+                _rotate(ckdir, keep, step)
         self.last_saved_step = step
         self.last_checkpoint = folder
 
@@ -937,6 +1004,12 @@ class _Loop:
             log.info("the data loader has no mlutils sampler: skipping %d batches to the resumed position",
                      self._skip)
         self.pending_rng = state["rng"]
+        later = [p for s, p in find_checkpoints(self.cfg.checkpoint_dir) if s > self.step] \
+            if self.leader and self.cfg.checkpoint_dir is not None else []
+        if later:
+            log.warning("resuming step %d while later checkpoints exist (%s): they are kept, and resume='auto' "
+                        "would pick %s; remove them to continue this run from its own checkpoints",
+                        self.step, ", ".join(later), later[-1])
         self.last_saved_step = self.step
         self.last_checkpoint = folder
         self.resumed_from = folder
@@ -1156,8 +1229,9 @@ class _Loop:
                     self._emit({"step": self.step, "epoch": self.epoch, **metrics})
                 if self.bar is not None:
                     self.bar.update(1)
-                    if "loss" in metrics:
-                        self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+                    loss = _plain(metrics.get("loss"))
+                    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                        self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
                 outcome = self._boundary()
                 if outcome is not None:
                     return outcome

@@ -50,7 +50,8 @@ class CountEngine:
 def cfg(tmp_path, **kw):
     kw.setdefault("checkpoint_dir", str(tmp_path))
     kw.setdefault("read_commands", False)
-    return mt.TrainConfig(progress=False, metrics_stdout=False, **kw)
+    kw.setdefault("progress", False)
+    return mt.TrainConfig(metrics_stdout=False, **kw)
 
 
 def load_rank0(folder):
@@ -133,3 +134,111 @@ def test_save_command_without_checkpoint_dir_says_so(stdin_from, caplog):
                                                              read_commands=True))
     assert res.status == "quit" and res.checkpoint is None
     assert any("save: no checkpoint_dir" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class OddMetrics(CountEngine):
+    def train_step(self, batch):
+        super().train_step(batch)
+        return {"loss": torch.tensor(0.5), "hist": torch.tensor([1.0, 2.0]), "n": np.int64(3),
+                "big": 10 ** 30, "nan": float("nan"), "step": 1000 + self._step, "epoch": "mine", "eval": 7}
+
+
+def test_odd_metrics_are_logged_and_do_not_take_the_loop_keys(tmp_path):
+    """A tensor or an int past 64 bits in the metrics stopped training (TypeError/OverflowError from the JSON
+    writer); an engine's own 'step' / 'epoch' / 'eval' overwrote the loop's and broke the resumed log."""
+    log_file = tmp_path / "m.jsonl"
+    res = mt.train(range(100), OddMetrics(), config=cfg(tmp_path, iterations=4, metrics_file=str(log_file),
+                                                         progress=True))
+    assert res.status == "completed"
+    recs = [json_parse(x) for x in log_file.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and {r["epoch"] for r in recs} == {0}
+    r = recs[-1]
+    assert r["loss"] == 0.5 and r["hist"] == [1.0, 2.0] and r["n"] == 3 and r["big"] == float(10 ** 30)
+    assert r["nan"] != r["nan"] and "eval" not in r
+    assert r["model/step"] == 1004 and r["model/epoch"] == "mine" and r["model/eval"] == 7
+    assert res.last_metrics["model/step"] == 1004 and "step" not in res.last_metrics
+    # the resumed run keeps the log as one run
+    res2 = mt.train(range(100), OddMetrics(), config=cfg(tmp_path, iterations=6, metrics_file=str(log_file)))
+    assert res2.resumed_from is not None
+    assert [json_parse(x)["step"] for x in log_file.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("field,value,exc", [
+    ("checkpoint_dir", 3, TypeError), ("checkpoint_dir", b"ck", TypeError), ("export_dir", 1.5, TypeError),
+    ("metrics_file", 7, TypeError), ("events", "quit@5", TypeError), ("events", [5], TypeError),
+    ("async_save", "no", TypeError), ("progress", None, TypeError), ("resume", 1, TypeError),
+    ("resume", 0, TypeError), ("iterations", 2.0, ValueError), ("save_frequency", True, ValueError),
+])
+def test_config_of_the_wrong_type_names_the_field(field, value, exc):
+    """checkpoint_dir=3 went through os.listdir(3) (a file descriptor) and failed only at the final save."""
+    with pytest.raises(exc, match=f"TrainConfig.{field}"):
+        mt.TrainConfig(**{field: value})
+
+
+def test_path_like_config_works(tmp_path):
+    res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, checkpoint_dir=tmp_path / "ck", iterations=3,
+                                                         metrics_file=tmp_path / "m.jsonl"))
+    assert res.checkpoint == str(tmp_path / "ck" / "step-00000003")
+
+
+def test_relative_checkpoint_dir_is_fixed_at_start(tmp_path, monkeypatch):
+    """A relative checkpoint_dir followed the process's working folder: a chdir during training (in a
+    step, in eval_fn) scattered checkpoints over two folders and resume="auto" missed them."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+
+    class Wanderer(CountEngine):
+        def train_step(self, batch):
+            if self._step == 3:
+                os.chdir(tmp_path / "b")
+            return super().train_step(batch)
+
+    res = mt.train(range(100), Wanderer(), config=cfg(tmp_path, checkpoint_dir="ck", export_dir="ex",
+                                                      iterations=6, save_frequency=2, keep_last=0,
+                                                      events=["export@5"]))
+    assert not os.listdir(tmp_path / "b")
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path / "a" / "ck"))] == [2, 4, 6]
+    assert os.listdir(tmp_path / "a" / "ex") == ["export-00000005.safetensors"]
+    assert res.checkpoint == str(tmp_path / "a" / "ck" / "step-00000006")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_async_checkpoint_equals_sync_checkpoint(tmp_path):
+    """The asynchronous snapshot turned the OrderedDicts of model.state_dict() into plain dicts and lost their
+    _metadata (the module versions load_state_dict reads): async and sync checkpoints differed."""
+    def run(sub, use_async):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        e = mt.TorchEngine(model, opt, lambda m, b: m(b).pow(2).mean())
+        data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+        mt.train(data, e, config=cfg(tmp_path / sub, iterations=4, save_frequency=2, async_save=use_async,
+                                     save_at_end=False))
+        return load_rank0(tmp_path / sub / "step-00000002")["engines"]["model"]["model"]
+
+    a, s = run("async", True), run("sync", False)
+    assert type(a) is type(s) and a._metadata == s._metadata and a._metadata
+    assert a.keys() == s.keys() and all(torch.equal(a[k], s[k]) for k in a)
+
+
+def test_resuming_an_older_checkpoint_keeps_what_it_saves(tmp_path):
+    """Resuming from an older checkpoint (a rollback) while newer ones exist: rotation counted the newer
+    ones and deleted the checkpoint just written, and the result named a folder that was gone."""
+    first = CountEngine()
+    mt.train(range(100), first, config=cfg(tmp_path, iterations=20, save_frequency=5, keep_last=2))
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [15, 20]
+    e = CountEngine()
+    res = mt.train(range(100), e, config=cfg(tmp_path, iterations=18, save_frequency=1, keep_last=1,
+                                             resume=str(tmp_path / "step-00000015")))
+    assert res.resumed_from == str(tmp_path / "step-00000015") and res.step == 18
+    assert os.path.isdir(res.checkpoint) and load_rank0(res.checkpoint)["step"] == 18
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [18, 20]  # the later run's 20 left alone
