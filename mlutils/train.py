@@ -58,6 +58,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Prot
 
 import numpy as np
 
+from . import _core
 from .io import json_stringify, torch_load, torch_save
 
 __all__ = ["Engine", "Engines", "TorchEngine", "TrainConfig", "TrainResult", "train",
@@ -468,7 +469,7 @@ def _is_complete(path: str) -> bool:
     if len(worlds) != 1:
         return False
     w = worlds.pop()
-    return all(_rank_file(w, r) in names for r in range(w))
+    return all(os.path.isfile(os.path.join(path, _rank_file(w, r))) for r in range(w))
 
 
 def find_checkpoints(checkpoint_dir: str, complete_only: bool = True) -> List[Tuple[int, str]]:
@@ -519,6 +520,25 @@ def _rotate(checkpoint_dir: str, keep_last: int, upto: int) -> None:
         if step < newest and path not in keep:
             log.debug("removing checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_state(state: Any, path: str) -> None:
+    """CheckpointError naming what is missing when `state` is not a whole checkpoint of this format."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    loop = state.get("loop")
+    bad = [name for name, ok in (
+        ("engines", isinstance(state.get("engines"), Mapping)),
+        ("step", isinstance(state.get("step"), int)),
+        ("rng", isinstance(state.get("rng"), Mapping)),
+        ("loop", isinstance(loop, Mapping)),
+        ("loop.epoch", isinstance(loop, Mapping) and isinstance(loop.get("epoch"), int)),
+        ("loop.batches_in_epoch", isinstance(loop, Mapping) and isinstance(loop.get("batches_in_epoch"), int)),
+        ("loop.events", isinstance(loop, Mapping) and isinstance(loop.get("events"), (list, tuple))),
+    ) if not ok]
+    if bad:
+        raise CheckpointError(f"{path} is a damaged {CHECKPOINT_FORMAT} checkpoint: {', '.join(bad)} "
+                              f"missing or of the wrong type")
 
 
 def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any, ...] = ()) -> Any:
@@ -886,7 +906,7 @@ class _Loop:
             # drop lines past the resumed step: the log reads as one uninterrupted run
             from .io import json_parse
             keep = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:  # a torn line may end mid-character
                 for line in f:
                     try:
                         rec = json_parse(line)
@@ -894,8 +914,8 @@ class _Loop:
                         continue
                     if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step:
                         keep.append(line if line.endswith("\n") else line + "\n")
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
+            # replaced atomically: a failure or a kill while rewriting leaves the old log whole
+            _core.write_file_atomic(path, "".join(keep).encode("utf-8"), durable=True)
         elif self.step == 0 and os.path.exists(path):
             open(path, "w").close()
         self.metrics_fh = open(path, "a", encoding="utf-8")
@@ -976,9 +996,12 @@ class _Loop:
             have = sorted(n for n in os.listdir(folder) if _RANK_FILE.match(n))
             raise CheckpointError(f"{folder} was saved by another number of processes ({have}); "
                                   f"this run has {self.world}")
-        state = torch_load(path)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        try:
+            state = torch_load(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}; resume from an older "
+                                  f"checkpoint (TrainConfig.resume=<its folder>) or remove this one") from exc
+        _check_state(state, path)
         self.engines.load_state_dict(state["engines"])
         self.step = int(state["step"])
         loop = state["loop"]

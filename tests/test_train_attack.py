@@ -242,3 +242,73 @@ def test_resuming_an_older_checkpoint_keeps_what_it_saves(tmp_path):
     assert res.resumed_from == str(tmp_path / "step-00000015") and res.step == 18
     assert os.path.isdir(res.checkpoint) and load_rank0(res.checkpoint)["step"] == 18
     assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [18, 20]  # the later run's 20 left alone
+
+
+def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
+    """On resume the log was cut back with open(path, 'w') then a write: a failure in between (disk full,
+    a file size limit, a kill) left it empty or half written.  Now the old log stays whole."""
+    import resource
+    import signal
+
+    log_file = tmp_path / "m.jsonl"
+    mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=40, save_frequency=20, save_at_end=False,
+                                                   metrics_file=str(log_file)))
+    before = log_file.read_bytes()
+    assert len(before.splitlines()) == 40 and len(before) > 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300, hard))
+    try:
+        with pytest.raises(OSError):
+            mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=50, metrics_file=str(log_file)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert log_file.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "step-00000020"]  # no temporary file left
+    # a torn last line (cut inside a character) is dropped, not a UnicodeDecodeError
+    with open(log_file, "ab") as f:
+        f.write(b'{"step": 41, "x": "\xc3')
+    res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=22, metrics_file=str(log_file)))
+    assert res.resumed_from == str(tmp_path / "step-00000020")
+    assert [json_parse(x)["step"] for x in log_file.read_text().splitlines()] == list(range(1, 23))
+
+
+def _damage(folder, how):
+    rank = folder / "rank-00000-of-00001.pt"
+    if how == "truncated":
+        data = rank.read_bytes()
+        rank.write_bytes(data[:len(data) // 2])
+    elif how == "empty":
+        rank.write_bytes(b"")
+    elif how == "not a checkpoint":
+        torch.save({"a": 1}, rank)
+    elif how == "fields missing":
+        torch.save({"format": mt.CHECKPOINT_FORMAT, "engines": {"model": {}}}, rank)
+
+
+@pytest.mark.parametrize("how,match", [("truncated", "cannot read the checkpoint file"),
+                                       ("empty", "cannot read the checkpoint file"),
+                                       ("not a checkpoint", "is not a mlutils.train/1 checkpoint"),
+                                       ("fields missing", "damaged .*step, rng, loop")])
+def test_damaged_newest_checkpoint_is_a_checkpoint_error(tmp_path, how, match):
+    """A damaged rank file raised the reader's TorchFormatError or a bare KeyError('step'); now a
+    CheckpointError names the file and the way out, and the engine is left as it was."""
+    mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=4, save_frequency=2, keep_last=0))
+    _damage(tmp_path / "step-00000004", how)
+    e = CountEngine()
+    with pytest.raises(mt.CheckpointError, match=match) as info:
+        mt.train(range(100), e, config=cfg(tmp_path, iterations=6))
+    assert "step-00000004" in str(info.value) and e.global_step == 0 and e.seen == []
+    res = mt.train(range(100), e, config=cfg(tmp_path, iterations=6, resume=str(tmp_path / "step-00000002")))
+    assert res.status == "completed" and e.seen == [0, 1, 2, 3, 4, 5]
+
+
+def test_folder_named_like_a_rank_file_is_not_a_checkpoint(tmp_path):
+    mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=4, save_frequency=2, keep_last=0))
+    (tmp_path / "step-00000010" / "rank-00000-of-00001.pt").mkdir(parents=True)
+    (tmp_path / "step-xxx").write_text("junk")
+    (tmp_path / "step-00000011").write_text("junk")
+    assert mt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step-00000004")
+    res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=6))
+    assert res.resumed_from == str(tmp_path / "step-00000004") and res.step == 6
