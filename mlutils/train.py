@@ -1147,8 +1147,8 @@ class _Loop:
         if due:
             self.events = [(at, cmd) for at, cmd in self.events if at != self.step]
         outcome: Optional[str] = None
-        for line in due + lines:
-            if outcome is None and self._run_command(line) == "quit":
+        for line in due + lines:  # all of them: a command after 'quit' at the same boundary still runs
+            if self._run_command(line) == "quit":
                 outcome = "quit"
         if stop:
             return "signal"
@@ -1190,28 +1190,29 @@ class _Loop:
             self.resume()
             if self.step == 0:
                 self.step = self.engines.global_step
+            quit_now = False
             for line in self.cfg.events:
-                self._run_command(line)
+                at = _parse(line)[1]
+                if at is not None and at == self.step and self.resumed_from is not None:
+                    continue  # the run that wrote this checkpoint ran it before saving
+                if self._run_command(line) == "quit":
+                    quit_now = True
             self._open_metrics()
             if self.leader and self.cfg.progress:
                 from tqdm import tqdm
                 self.bar = tqdm(total=self.cfg.iterations, initial=self.step, dynamic_ncols=True,
                                 file=sys.stderr, leave=False)
-            status = "completed" if self.step >= self.cfg.iterations else self._epochs()
+            if quit_now:
+                status = "quit"
+            else:
+                status = "completed" if self.step >= self.cfg.iterations else self._epochs()
             if self.cfg.save_at_end:
                 self.save(sync=True)
             self.saver.wait()
-        finally:
-            try:
-                self.saver.wait()
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-                if self.bar is not None:
-                    self.bar.close()
-                if self.metrics_fh is not None:
-                    self.metrics_fh.close()
-                self.engines.quit()
+        except BaseException:
+            self._cleanup(previous, failing=True)
+            raise
+        self._cleanup(previous, failing=False)
         if self.leader:
             log.info("training %s at step %d%s", status, self.step,
                      f" ({self.signal_name})" if status == "signal" else "")
@@ -1219,6 +1220,32 @@ class _Loop:
                            signal=self.signal_name if status == "signal" else None,
                            checkpoint=self.last_checkpoint, resumed_from=self.resumed_from,
                            last_metrics=self.last_metrics, eval_metrics=self.eval_metrics)
+
+    def _cleanup(self, previous: Dict[int, Any], failing: bool) -> None:
+        """Wait for the write in flight, restore the signal handlers, close the outputs, tell the engines.
+
+        Every part runs whatever the others do.  The first error is raised,
+        unless `failing` (an error is already on its way out: the one that
+        stopped training stays the one the caller sees; these are logged)."""
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        parts = (self.saver.wait, restore,
+                 lambda: self.bar.close() if self.bar is not None else None,
+                 lambda: self.metrics_fh.close() if self.metrics_fh is not None else None,
+                 self.engines.quit)
+        first: Optional[BaseException] = None
+        for part in parts:
+            try:
+                part()
+            except BaseException as exc:  # noqa: PERF203  (each part must run)
+                if failing:
+                    log.error("while stopping after an error: %s: %s", type(exc).__name__, exc)
+                elif first is None:
+                    first = exc
+        if first is not None:
+            raise first
 
     def _epochs(self) -> str:
         while True:

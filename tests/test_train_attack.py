@@ -2,6 +2,7 @@
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -312,3 +313,77 @@ def test_folder_named_like_a_rank_file_is_not_a_checkpoint(tmp_path):
     assert mt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step-00000004")
     res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=6))
     assert res.resumed_from == str(tmp_path / "step-00000004") and res.step == 6
+
+
+# ---------------------------------------------------------------- events from the config
+
+
+def test_config_events_at_the_start_step(tmp_path):
+    """'quit@0' in TrainConfig.events ran 'quit' and dropped its result: the run trained to the end.  On a
+    resume at step S, '<command>@S' had already run before the checkpoint of step S was written and ran again."""
+    evals = []
+    res = mt.train(range(100), CountEngine(), eval_fn=lambda step, stop: evals.append(step),
+                   config=cfg(tmp_path, iterations=10, events=["quit@0"]))
+    assert res.status == "quit" and res.step == 0
+    events = ["eval@4", "quit@4", "lr 0.5@4"]
+    e = CountEngine()
+    res = mt.train(range(100), e, eval_fn=lambda step, stop: evals.append(step),
+                   config=cfg(tmp_path, iterations=10, events=events, resume=False))
+    assert res.status == "quit" and res.step == 4 and evals == [4] and e.lr == 0.5
+    e2 = CountEngine()
+    res2 = mt.train(range(100), e2, eval_fn=lambda step, stop: evals.append(step),
+                    config=cfg(tmp_path, iterations=10, events=events))
+    assert res2.resumed_from == str(tmp_path / "step-00000004")
+    assert res2.status == "completed" and res2.step == 10 and evals == [4]
+
+
+# ---------------------------------------------------------------- failures
+
+
+class Boom(Exception):
+    pass
+
+
+def test_engine_error_wins_over_a_failed_background_write(tmp_path, monkeypatch):
+    """When a step raised while the background write also failed, the cleanup raised the CheckpointError
+    instead: the engine's error (the cause of the stop) was only its __context__."""
+    gate = threading.Event()
+
+    def failing(obj, path):
+        gate.wait(10)
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(mt, "torch_save", failing)
+    before = {s: __import__("signal").getsignal(s) for s in (2, 15)}
+
+    class Breaks(CountEngine):
+        def train_step(self, batch):
+            if self._step == 3:
+                gate.set()
+                raise Boom("the step failed")
+            return super().train_step(batch)
+
+    with pytest.raises(Boom, match="the step failed"):
+        mt.train(range(100), Breaks(), config=cfg(tmp_path, iterations=50, save_frequency=2))
+    assert {s: __import__("signal").getsignal(s) for s in (2, 15)} == before
+
+
+def test_engine_error_keeps_the_pending_checkpoint_whole(tmp_path, monkeypatch):
+    real = mt.torch_save
+
+    def slow(obj, path):
+        time.sleep(0.3)
+        real(obj, path)
+
+    monkeypatch.setattr(mt, "torch_save", slow)
+
+    class Breaks(CountEngine):
+        def train_step(self, batch):
+            if self._step == 3:
+                raise Boom("the step failed")
+            return super().train_step(batch)
+
+    with pytest.raises(Boom):
+        mt.train(range(100), Breaks(), config=cfg(tmp_path, iterations=50, save_frequency=2))
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [2]
+    assert load_rank0(tmp_path / "step-00000002")["engines"]["model"]["seen"] == [0, 1]
