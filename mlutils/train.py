@@ -973,6 +973,16 @@ class _Loop:
         self.last_saved_step = step
         self.last_checkpoint = folder
 
+    def _make_checkpoint_dir(self) -> None:
+        """Create checkpoint_dir now (global leader): one that cannot be a folder fails before training, not at the first save."""
+        ckdir = self.cfg.checkpoint_dir
+        if ckdir is None or not self.leader:
+            return
+        try:
+            os.makedirs(ckdir, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"TrainConfig.checkpoint_dir {ckdir!r} cannot be used as a folder: {exc}") from exc
+
     def _resume_path(self) -> Optional[str]:
         r = self.cfg.resume
         if r is None or r is False or self.cfg.checkpoint_dir is None and r in ("auto", True):
@@ -1187,6 +1197,7 @@ class _Loop:
         try:
             if self.cfg.read_commands and self.leader:
                 self.reader = _StdinReader()
+            self._make_checkpoint_dir()
             self.resume()
             if self.step == 0:
                 self.step = self.engines.global_step

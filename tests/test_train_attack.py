@@ -387,3 +387,63 @@ def test_engine_error_keeps_the_pending_checkpoint_whole(tmp_path, monkeypatch):
         mt.train(range(100), Breaks(), config=cfg(tmp_path, iterations=50, save_frequency=2))
     assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [2]
     assert load_rank0(tmp_path / "step-00000002")["engines"]["model"]["seen"] == [0, 1]
+
+
+def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path):
+    """With resume=False the run trained every step and failed only at the final save."""
+    target = tmp_path / "ck"
+    target.write_text("not a folder")
+    e = CountEngine()
+    with pytest.raises(mt.CheckpointError, match="checkpoint_dir") as info:
+        mt.train(range(100), e, config=cfg(tmp_path, checkpoint_dir=str(target), iterations=20, resume=False))
+    assert isinstance(info.value.__cause__, OSError) and str(target) in str(info.value)
+    assert e.global_step == 0
+    e2 = CountEngine()
+    with pytest.raises(mt.CheckpointError, match="checkpoint_dir"):
+        mt.train(range(100), e2, config=cfg(tmp_path, checkpoint_dir=str(target / "sub"), iterations=20))
+    assert e2.global_step == 0
+
+
+def _same(a, b, where="state"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), where
+
+
+def test_async_checkpoint_is_the_state_at_save_time_bit_for_bit(tmp_path, monkeypatch):
+    """A slow background write while later steps change the model and AdamW's moments in place: the
+    checkpoint must equal, bit for bit and key for key, what a synchronous save of the same step writes."""
+    real = mt.torch_save
+
+    def slow(obj, path):
+        time.sleep(0.15)
+        real(obj, path)
+
+    monkeypatch.setattr(mt, "torch_save", slow)
+
+    def run(sub, use_async):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+        e = mt.TorchEngine(model, opt, lambda m, b: m(b).pow(2).mean(), sched, clip_grad_norm=1.0)
+        data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        mt.train(data, e, config=cfg(tmp_path / sub, iterations=9, save_frequency=3, keep_last=0,
+                                     async_save=use_async))
+        return {s: load_rank0(p) for s, p in mt.find_checkpoints(str(tmp_path / sub))}
+
+    a, s = run("async", True), run("sync", False)
+    assert list(a) == list(s) == [3, 6, 9]
+    for step in a:
+        _same(a[step], s[step], f"step {step}")
+        assert a[step]["engines"]["model"]["model"]._metadata == s[step]["engines"]["model"]["model"]._metadata
