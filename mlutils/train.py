@@ -138,7 +138,7 @@ class Engine(Protocol):
         """Optimizer steps done so far (restored by load_state_dict)."""
 
     def train_step(self, batch: Any) -> Mapping[str, Any]:
-        """One optimizer step on `batch`; returns its metrics (numbers)."""
+        """One optimizer step on `batch`; returns its metrics (numbers), or None for none."""
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly (tensors, numbers, strings, containers)."""
@@ -154,6 +154,16 @@ class Engine(Protocol):
 
     def quit(self) -> None:
         """Called once when the loop ends."""
+
+
+def _metrics_of(name: str, engine: Any, metrics: Any) -> Dict[str, Any]:
+    """An engine's train_step result as a dict (None: no metrics); TypeError naming the engine otherwise."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"engine {name!r} ({type(engine).__name__}).train_step returned {type(metrics).__name__} "
+                        f"{metrics!r}; it must return a mapping of metrics (or None)")
+    return dict(metrics)
 
 
 class Engines:
@@ -189,14 +199,14 @@ class Engines:
         so that it does not replace the loop's value in the metrics line."""
         if len(self.engines) == 1:
             name, engine = next(iter(self.engines.items()))
-            out1 = dict(engine.train_step(batch))
+            out1 = _metrics_of(name, engine, engine.train_step(batch))
             for k in _LOOP_KEYS:
                 if k in out1:
                     out1[f"{name}/{k}"] = out1.pop(k)
             return out1
         out: Dict[str, Any] = {}
         for name, e in self.engines.items():
-            out.update({f"{name}/{k}": v for k, v in e.train_step(batch).items()})
+            out.update({f"{name}/{k}": v for k, v in _metrics_of(name, e, e.train_step(batch)).items()})
         return out
 
     def state_dict(self) -> Dict[str, Any]:

@@ -447,3 +447,87 @@ def test_async_checkpoint_is_the_state_at_save_time_bit_for_bit(tmp_path, monkey
     for step in a:
         _same(a[step], s[step], f"step {step}")
         assert a[step]["engines"]["model"]["model"]._metadata == s[step]["engines"]["model"]["model"]._metadata
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_second_sigint_interrupts_and_everything_is_restored(tmp_path, monkeypatch):
+    import signal
+
+    real = mt.torch_save
+
+    def slow(obj, path):
+        time.sleep(0.2)
+        real(obj, path)
+
+    monkeypatch.setattr(mt, "torch_save", slow)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+    class TwoInterrupts(CountEngine):
+        def train_step(self, batch):
+            if self._step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().train_step(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        mt.train(range(100), TwoInterrupts(), config=cfg(tmp_path, iterations=50, save_frequency=2))
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [2]  # the write in flight finished
+    assert load_rank0(tmp_path / "step-00000002")["step"] == 2
+
+
+def test_sigterm_while_a_background_write_runs(tmp_path, monkeypatch):
+    import signal
+
+    real = mt.torch_save
+
+    def slow(obj, path):
+        time.sleep(0.2)
+        real(obj, path)
+
+    monkeypatch.setattr(mt, "torch_save", slow)
+
+    class Term(CountEngine):
+        def train_step(self, batch):
+            if self._step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().train_step(batch)
+
+    res = mt.train(range(100), Term(), config=cfg(tmp_path, iterations=50, save_frequency=2))
+    assert res.status == "signal" and res.signal == "SIGTERM" and res.step == 3
+    assert [s for s, _ in mt.find_checkpoints(str(tmp_path))] == [2, 3]
+    e = CountEngine()
+    res2 = mt.train(range(100), e, config=cfg(tmp_path, iterations=5))
+    assert res2.resumed_from == str(tmp_path / "step-00000003") and e.seen == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- engines
+
+
+class Quiet(CountEngine):
+    def train_step(self, batch):
+        super().train_step(batch)
+        return None
+
+
+class Scalar(CountEngine):
+    def train_step(self, batch):
+        super().train_step(batch)
+        return 0.5
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_engine_metrics_none_or_not_a_mapping(tmp_path, several):
+    """An engine returning None (no metrics) stopped training with "'NoneType' object is not iterable"
+    (or "has no attribute 'items'" with several engines); a number gave an error that named no engine."""
+    def engines(cls):
+        return {"a": cls(), "b": CountEngine()} if several else {"a": cls()}
+
+    res = mt.train(range(100), engines(Quiet), config=cfg(tmp_path, iterations=3, resume=False))
+    assert res.status == "completed" and res.step == 3
+    assert res.last_metrics == ({"b/loss": 1 / 3, "b/lr": 1.0} if several else {})
+    with pytest.raises(TypeError, match=r"engine 'a' \(Scalar\)\.train_step returned float"):
+        mt.train(range(100), engines(Scalar), config=cfg(tmp_path, iterations=3, resume=False))
