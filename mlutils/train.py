@@ -1154,6 +1154,9 @@ class _Loop:
                 log.warning("eval: no eval_fn given to train()")
             return
         result = self.eval_fn(self.step, self.should_stop)
+        if result is not None and not isinstance(result, Mapping):
+            raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a mapping of "
+                            f"metrics (or None)")
         if result is not None:
             self.eval_metrics = dict(result)
             self._emit({"step": self.step, "eval": self.eval_metrics})

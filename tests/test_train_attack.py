@@ -531,3 +531,23 @@ def test_engine_metrics_none_or_not_a_mapping(tmp_path, several):
     assert res.last_metrics == ({"b/loss": 1 / 3, "b/lr": 1.0} if several else {})
     with pytest.raises(TypeError, match=r"engine 'a' \(Scalar\)\.train_step returned float"):
         mt.train(range(100), engines(Scalar), config=cfg(tmp_path, iterations=3, resume=False))
+
+
+def test_eval_fn_results(tmp_path):
+    """eval_fn returning a number gave "'float' object is not iterable"; tensors in its metrics stopped
+    training at the JSON line; an error inside eval_fn is raised as it is."""
+    log_file = tmp_path / "m.jsonl"
+    res = mt.train(range(100), CountEngine(), eval_fn=lambda step, stop: {"acc": torch.tensor(0.25)},
+                   config=cfg(tmp_path, iterations=2, eval_frequency=2, metrics_file=str(log_file), resume=False))
+    assert res.eval_metrics == {"acc": torch.tensor(0.25)}
+    assert json_parse(log_file.read_text().splitlines()[-1]) == {"step": 2, "eval": {"acc": 0.25}}
+    with pytest.raises(TypeError, match="eval_fn returned float 0.5; it must return a mapping"):
+        mt.train(range(100), CountEngine(), eval_fn=lambda step, stop: 0.5,
+                 config=cfg(tmp_path, iterations=2, eval_frequency=2, resume=False))
+
+    def broken(step, stop):
+        raise Boom("eval failed")
+
+    with pytest.raises(Boom, match="eval failed"):
+        mt.train(range(100), CountEngine(), eval_fn=broken,
+                 config=cfg(tmp_path, iterations=4, eval_frequency=2, resume=False))
