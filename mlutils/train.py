@@ -17,6 +17,8 @@ step boundary without blocking: ``select`` on the descriptor; shared with
 every rank):
 ``save``, ``export``, ``eval``, ``quit``, ``eval_quit``, ``lr <rate>``,
 ``time [to <step>]``, ``<command>@<step>``, ``event show``, ``event clear``.
+Every command of a boundary runs, ``quit`` stops after them.  Standard input
+is read in bounded slices (see :class:`_StdinReader`): a flood cannot stall a step.
 
 Signals.  SIGTERM, SIGINT and SIGUSR1 only set a flag; at the next step
 boundary (or when ``eval_fn`` asks ``should_stop()``) all ranks agree, save a
