@@ -35,7 +35,8 @@ states, the step counters, every RNG state (python, numpy, torch CPU and
 CUDA) and the data position: the sampler's state at the start of the epoch
 and the number of batches the loop consumed since, so a resume is exact even
 when DataLoader workers had prefetched ahead.  ``keep_last`` complete
-checkpoints are kept.  With ``async_save`` the step waits only for a copy of
+checkpoints are kept (only those up to the one just written count: after
+resuming an older checkpoint, newer ones are left alone).  With ``async_save`` the step waits only for a copy of
 the state in host memory; the write runs in a background thread (one at a
 time; an error is raised at the next step boundary).  The final save is
 synchronous.
