@@ -860,6 +860,7 @@ class _Loop:
         self.step = 0
         self.bar: Any = None
         self.metrics_fh: Any = None
+        self._stdout_dead = False
         self.last_metrics: Dict[str, Any] = {}
         self.eval_metrics: Optional[Dict[str, Any]] = None
         self.last_saved_step = -1
@@ -904,12 +905,31 @@ class _Loop:
         if self.metrics_fh is not None:
             self.metrics_fh.write(line + "\n")
             self.metrics_fh.flush()
-        if self.cfg.metrics_stdout:
-            if self.bar is not None and not self.bar.disable:
-                self.bar.write(line, file=sys.stdout)
-            else:
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
+        if self.cfg.metrics_stdout and not self._stdout_dead:
+            out = sys.stdout
+            try:
+                if out is None:
+                    raise ValueError("sys.stdout is None (standard output was closed)")
+                if self.bar is not None and not self.bar.disable:
+                    self.bar.write(line, file=out)
+                else:
+                    out.write(line + "\n")
+                out.flush()
+            except (OSError, ValueError) as exc:  # `| head`, a closed stdout: training goes on
+                self._stdout_dead = True
+                log.warning("metrics on stdout stopped: %s: %s%s", type(exc).__name__, exc,
+                            "" if self.metrics_fh is not None else " (no metrics_file: the metrics are not kept)")
+
+    def _bar_call(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the progress bar; a bar that cannot write (stderr or stdout closed, a broken pipe: tqdm
+        flushes both) is dropped with a warning, training goes on."""
+        try:
+            fn()
+        except (OSError, ValueError) as exc:
+            log.warning("progress bar stopped: %s: %s", type(exc).__name__, exc)
+            bar, self.bar = self.bar, None
+            if bar is not None:
+                bar.disable = True  # close() must not write either
 
     def _open_metrics(self) -> None:
         path = self.cfg.metrics_file
@@ -1227,8 +1247,9 @@ class _Loop:
             self._open_metrics()
             if self.leader and self.cfg.progress:
                 from tqdm import tqdm
-                self.bar = tqdm(total=self.cfg.iterations, initial=self.step, dynamic_ncols=True,
-                                file=sys.stderr, leave=False)
+                self._bar_call(lambda: setattr(self, "bar", tqdm(total=self.cfg.iterations, initial=self.step,
+                                                                 dynamic_ncols=True, file=sys.stderr,
+                                                                 leave=False)))
             if quit_now:
                 status = "quit"
             else:
@@ -1305,10 +1326,10 @@ class _Loop:
                 if self.step % self.cfg.log_every == 0:
                     self._emit({"step": self.step, "epoch": self.epoch, **metrics})
                 if self.bar is not None:
-                    self.bar.update(1)
+                    self._bar_call(lambda: self.bar.update(1))
                     loss = _plain(metrics.get("loss"))
                     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-                        self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                        self._bar_call(lambda: self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False))
                 outcome = self._boundary()
                 if outcome is not None:
                     return outcome

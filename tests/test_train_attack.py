@@ -551,3 +551,36 @@ def test_eval_fn_results(tmp_path):
     with pytest.raises(Boom, match="eval failed"):
         mt.train(range(100), CountEngine(), eval_fn=broken,
                  config=cfg(tmp_path, iterations=4, eval_frequency=2, resume=False))
+
+
+# ---------------------------------------------------------------- stdout
+
+
+@pytest.mark.parametrize("how", ["broken pipe", "none", "closed"])
+@pytest.mark.parametrize("progress", [False, True])
+def test_metrics_on_a_dead_stdout_do_not_stop_training(tmp_path, monkeypatch, caplog, how, progress):
+    """`train.py | head -3`: once the reader left, the next metrics line raised BrokenPipeError and training
+    stopped; with stdout closed at start (sys.stdout is None) it stopped at the first step."""
+    if how == "broken pipe":
+        r, w = os.pipe()
+        os.close(r)
+        out = os.fdopen(w, "w")
+    elif how == "closed":
+        out = open(tmp_path / "o.txt", "w")
+        out.close()
+    else:
+        out = None
+    monkeypatch.setattr("sys.stdout", out)
+    log_file = tmp_path / "m.jsonl"
+    with caplog.at_level(logging.WARNING, logger="mlutils.train"):
+        res = mt.train(range(100), CountEngine(), config=mt.TrainConfig(
+            iterations=5, checkpoint_dir=str(tmp_path / "ck"), metrics_file=str(log_file), read_commands=False,
+            progress=progress))
+    assert res.status == "completed" and res.step == 5
+    assert len(log_file.read_text().splitlines()) == 5
+    assert sum("metrics on stdout stopped" in r.getMessage() for r in caplog.records) == 1
+    if how == "broken pipe":  # let what its buffer holds go somewhere when it is closed
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, out.fileno())
+        os.close(null)
+        out.close()
