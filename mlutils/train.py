@@ -1045,7 +1045,12 @@ class _Loop:
             raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}; resume from an older "
                                   f"checkpoint (TrainConfig.resume=<its folder>) or remove this one") from exc
         _check_state(state, path)
-        self.engines.load_state_dict(state["engines"])
+        try:
+            self.engines.load_state_dict(state["engines"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path} does not fit the engines: {type(exc).__name__}: {exc}") from exc
         self.step = int(state["step"])
         loop = state["loop"]
         self.epoch = int(loop["epoch"])

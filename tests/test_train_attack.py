@@ -584,3 +584,17 @@ def test_metrics_on_a_dead_stdout_do_not_stop_training(tmp_path, monkeypatch, ca
         os.dup2(null, out.fileno())
         os.close(null)
         out.close()
+
+
+def test_checkpoint_of_another_model_names_the_checkpoint(tmp_path):
+    """A checkpoint whose weights do not fit the model raised torch's bare size-mismatch RuntimeError, which
+    did not say which checkpoint (resume="auto" chose it)."""
+    def engine(width):
+        m = torch.nn.Linear(4, width)
+        return mt.TorchEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda mod, b: mod(b).pow(2).mean())
+
+    data = [torch.randn(2, 4) for _ in range(3)]
+    mt.train(data, engine(3), config=cfg(tmp_path, iterations=2))
+    with pytest.raises(mt.CheckpointError, match=r"(?s)step-00000002.*does not fit the engines.*size mismatch") as info:
+        mt.train(data, engine(5), config=cfg(tmp_path, iterations=4))
+    assert isinstance(info.value.__cause__, RuntimeError)
