@@ -867,6 +867,8 @@ class _Loop:
         self.last_checkpoint: Optional[str] = None
         self.step_times: List[float] = []
         self.pending_rng: Optional[Mapping[str, Any]] = None
+        self.eval_pending_rng: Optional[Mapping[str, Any]] = None  # RNGs before an evaluation a signal cut short
+        self.redo_eval = False  # the checkpoint resumed asks for its step's evaluation again
         self.resumed_from: Optional[str] = None
         self._held: List[str] = []
         self._skip = 0
@@ -963,10 +965,11 @@ class _Loop:
             "world_size": self.world,
             "engines": self.engines.state_dict(),
             "loop": {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                     "events": [[at, cmd] for at, cmd in self.events]},
+                     "events": [[at, cmd] for at, cmd in self.events],
+                     "eval_pending": self.eval_pending_rng is not None},
             "sampler": None if s is None else {"epoch_start": self.epoch_start_state,
                                                "draws": self.batches_in_epoch * self.draws_per_batch},
-            "rng": _rng_state(),
+            "rng": _rng_state() if self.eval_pending_rng is None else self.eval_pending_rng,
         }
 
     def save(self, sync: bool, explicit: bool = False) -> None:
@@ -974,7 +977,7 @@ class _Loop:
         ckdir = self.cfg.checkpoint_dir
         if ckdir is None and explicit and self.leader:
             log.warning("save: no checkpoint_dir configured")
-        if ckdir is None or self.last_saved_step == self.step:
+        if ckdir is None or (self.last_saved_step == self.step and self.eval_pending_rng is None):
             return
         self.saver.wait()
         folder = os.path.join(ckdir, f"step-{self.step:08d}")
@@ -1056,6 +1059,7 @@ class _Loop:
         self.epoch = int(loop["epoch"])
         self.batches_in_epoch = int(loop["batches_in_epoch"])
         self.events = [(int(at), str(cmd)) for at, cmd in loop["events"]]
+        self.redo_eval = bool(loop.get("eval_pending", False))
         samp = state.get("sampler")
         if self.sampler is not None and samp is not None and samp.get("epoch_start") is not None:
             self.sampler.load_state_dict(samp["epoch_start"])
@@ -1100,7 +1104,7 @@ class _Loop:
         return list(lines), stop
 
     def _run_command(self, line: str) -> Optional[str]:
-        """Run one command now; returns 'quit' when the loop must stop."""
+        """Run one command now; returns 'quit' when the loop must stop, 'signal' when a signal cut an evaluation short."""
         words, at, err = _parse(line)
         if err is not None or words is None:
             if self.leader:
@@ -1124,12 +1128,12 @@ class _Loop:
         elif cmd == "export":
             self.export()
         elif cmd == "eval":
-            self.evaluate()
+            if self.evaluate():
+                return "signal"
         elif cmd == "quit":
             return "quit"
         elif cmd == "eval_quit":
-            self.evaluate()
-            return "quit"
+            return "signal" if self.evaluate() else "quit"
         elif cmd == "lr":
             self.engines.set_lr(float(words[1]))
             if self.leader:
@@ -1175,19 +1179,34 @@ class _Loop:
             torch_save({"module": tensors, "step": self.step}, path)
             log.info("exported %d tensors to %s", len(tensors), path)
 
-    def evaluate(self) -> None:
-        """Run eval_fn(step, should_stop) and log its metrics as a JSON line {"step", "eval": {...}}."""
+    def evaluate(self) -> bool:
+        """Run eval_fn(step, should_stop) and log its metrics as a JSON line {"step", "eval": {...}}.
+
+        Returns True when a stop signal came during it (a collective: every
+        rank evaluates at the same points).  Such an evaluation may be cut
+        short: its line says ``"interrupted": true``, and the checkpoint the
+        loop then writes holds the RNG states from before it and asks the
+        resumed run to evaluate this step again first, so the resumed run
+        continues exactly as an uninterrupted one."""
         if self.eval_fn is None:
             if self.leader:
                 log.warning("eval: no eval_fn given to train()")
-            return
+            return False
+        rng_before = _rng_state()
         result = self.eval_fn(self.step, self.should_stop)
         if result is not None and not isinstance(result, Mapping):
             raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a mapping of "
                             f"metrics (or None)")
+        interrupted = self.should_stop()
+        if interrupted:
+            self.eval_pending_rng = rng_before
         if result is not None:
             self.eval_metrics = dict(result)
-            self._emit({"step": self.step, "eval": self.eval_metrics})
+            record: Dict[str, Any] = {"step": self.step, "eval": self.eval_metrics}
+            if interrupted:
+                record["interrupted"] = True
+            self._emit(record)
+        return interrupted
 
     # ---- the loop
     def _boundary(self) -> Optional[str]:
@@ -1199,19 +1218,22 @@ class _Loop:
             self.events = [(at, cmd) for at, cmd in self.events if at != self.step]
         outcome: Optional[str] = None
         for line in due + lines:  # all of them: a command after 'quit' at the same boundary still runs
-            if self._run_command(line) == "quit":
+            r = self._run_command(line)
+            if r == "signal":  # an evaluation cut short by a signal: stop now (its state is what is saved)
+                return "signal"
+            if r == "quit":
                 outcome = "quit"
         if stop:
             return "signal"
         if outcome is not None:
             return outcome
         c = self.cfg
+        # evaluate before the periodic save: the checkpoint then holds the RNG states the next step starts
+        # from (an eval_fn may draw from them), and a kill during the evaluation resumes before it
+        if c.eval_frequency and self.step % c.eval_frequency == 0 and self.evaluate():
+            return "signal"
         if c.save_frequency and self.step % c.save_frequency == 0 and self.step < c.iterations:
             self.save(sync=False)
-        if c.eval_frequency and self.step % c.eval_frequency == 0:
-            self.evaluate()
-            if self.should_stop():  # a signal during evaluation (collective: every rank evaluates here)
-                return "signal"
         if self.step >= c.iterations:
             return "completed"
         return None
@@ -1242,21 +1264,28 @@ class _Loop:
             self.resume()
             if self.step == 0:
                 self.step = self.engines.global_step
-            quit_now = False
+            self._open_metrics()  # before any command: an evaluation at the start is logged there too
+            start_outcome: Optional[str] = None
+            if self.redo_eval and self.step >= self.cfg.iterations:  # no step left: the evaluation only
+                if self.pending_rng is not None:
+                    _set_rng_state(self.pending_rng)
+                    self.pending_rng = None
+                if self._redo_eval():
+                    start_outcome = "signal"
             for line in self.cfg.events:
                 at = _parse(line)[1]
                 if at is not None and at == self.step and self.resumed_from is not None:
                     continue  # the run that wrote this checkpoint ran it before saving
-                if self._run_command(line) == "quit":
-                    quit_now = True
-            self._open_metrics()
+                r = self._run_command(line)
+                if r in ("quit", "signal") and start_outcome != "signal":
+                    start_outcome = r
             if self.leader and self.cfg.progress:
                 from tqdm import tqdm
                 self._bar_call(lambda: setattr(self, "bar", tqdm(total=self.cfg.iterations, initial=self.step,
                                                                  dynamic_ncols=True, file=sys.stderr,
                                                                  leave=False)))
-            if quit_now:
-                status = "quit"
+            if start_outcome is not None:
+                status = start_outcome
             else:
                 status = "completed" if self.step >= self.cfg.iterations else self._epochs()
             if self.cfg.save_at_end:
@@ -1300,6 +1329,16 @@ class _Loop:
         if first is not None:
             raise first
 
+    def _redo_eval(self) -> bool:
+        """The evaluation a signal cut short in the run that wrote the resumed checkpoint, run again where
+        that run ran it (the RNG states just restored are those from before it); True if cut short again."""
+        if not self.redo_eval:
+            return False
+        self.redo_eval = False
+        if self.leader:
+            log.info("evaluating step %d again: a signal cut it short before the checkpoint", self.step)
+        return self.evaluate()
+
     def _epochs(self) -> str:
         while True:
             self._epoch_start()
@@ -1308,6 +1347,8 @@ class _Loop:
             if self.pending_rng is not None and self.batches_in_epoch == 0:
                 _set_rng_state(self.pending_rng)
                 self.pending_rng = None
+                if self._redo_eval():
+                    return "signal"
             if getattr(self.loader, "num_workers", 0) and self.saver.busy():
                 # workers are forked now: no writer thread may hold a lock (a stream's, logging's) across it
                 self.saver.wait()
@@ -1315,6 +1356,8 @@ class _Loop:
             if self.pending_rng is not None:
                 _set_rng_state(self.pending_rng)
                 self.pending_rng = None
+                if self._redo_eval():
+                    return "signal"
             got = 0
             for batch in it:
                 got += 1

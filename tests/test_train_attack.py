@@ -598,3 +598,67 @@ def test_checkpoint_of_another_model_names_the_checkpoint(tmp_path):
     with pytest.raises(mt.CheckpointError, match=r"(?s)step-00000002.*does not fit the engines.*size mismatch") as info:
         mt.train(data, engine(5), config=cfg(tmp_path, iterations=4))
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# ---------------------------------------------------------------- evaluation and exact resume
+
+
+def _rng_run(tmp_path, sub, iterations, eval_fn, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    e = mt.TorchEngine(model, opt, lambda m, b: m(b).pow(2).mean())
+    data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    return mt.train(data, e, eval_fn=eval_fn, config=cfg(tmp_path / sub, iterations=iterations, eval_frequency=3,
+                                                          save_frequency=3, keep_last=0, **kw))
+
+
+def _drawing_eval(calls, stop_at=None, crash_at=None):
+    """An evaluation that draws from torch's RNG (as a shuffled or augmented eval loader does)."""
+    def eval_fn(step, should_stop):
+        calls.append(step)
+        total = 0.0
+        for i in range(4):
+            if i == 2 and step == stop_at and calls.count(step) == 1:
+                os.kill(os.getpid(), __import__("signal").SIGTERM)
+            if i == 2 and step == crash_at and calls.count(step) == 1:
+                raise Boom("killed during the evaluation")
+            if should_stop():
+                break
+            total += float(torch.rand(()))
+        return {"total": total, "parts": i + 1}
+    return eval_fn
+
+
+def test_signal_during_eval_resumes_bit_exact_and_evaluates_again(tmp_path):
+    """The periodic save ran before the evaluation of the same step, and a signal during that evaluation
+    saved nothing more: the resumed run restored the RNGs from before the evaluation, skipped it, and drew
+    different dropout masks than an uninterrupted run; the cut-short evaluation was logged as the real one."""
+    ref_calls, calls = [], []
+    _rng_run(tmp_path, "ref", 9, _drawing_eval(ref_calls))
+    log_file = tmp_path / "m.jsonl"
+    res = _rng_run(tmp_path, "run", 9, _drawing_eval(calls, stop_at=6), metrics_file=str(log_file))
+    assert res.status == "signal" and res.step == 6
+    res2 = _rng_run(tmp_path, "run", 9, _drawing_eval(calls, stop_at=6), metrics_file=str(log_file))
+    assert res2.status == "completed" and ref_calls == [3, 6, 9] and calls == [3, 6, 6, 9]
+    evals = [json_parse(x) for x in log_file.read_text().splitlines() if '"eval"' in x]
+    assert [(r["step"], r.get("interrupted", False), r["eval"]["parts"]) for r in evals] == \
+        [(3, False, 4), (6, True, 3), (6, False, 4), (9, False, 4)]
+    ref = dict(mt.find_checkpoints(str(tmp_path / "ref")))
+    run = dict(mt.find_checkpoints(str(tmp_path / "run")))
+    _same(load_rank0(ref[9])["engines"], load_rank0(run[9])["engines"])
+    _same(load_rank0(ref[9])["rng"], load_rank0(run[9])["rng"])
+
+
+def test_crash_during_eval_resumes_bit_exact(tmp_path):
+    """A crash (or SIGKILL) during the evaluation of a step that also saved left that step's checkpoint with
+    the RNGs from before the evaluation: the resumed run skipped the evaluation and diverged."""
+    ref_calls, calls = [], []
+    _rng_run(tmp_path, "ref", 9, _drawing_eval(ref_calls))
+    with pytest.raises(Boom):
+        _rng_run(tmp_path, "run", 9, _drawing_eval(calls, crash_at=6))
+    res = _rng_run(tmp_path, "run", 9, _drawing_eval(calls, crash_at=6))
+    assert res.resumed_from == str(tmp_path / "run" / "step-00000003") and calls == [3, 6, 6, 9]
+    ref = dict(mt.find_checkpoints(str(tmp_path / "ref")))
+    run = dict(mt.find_checkpoints(str(tmp_path / "run")))
+    _same(load_rank0(ref[9])["engines"], load_rank0(run[9])["engines"])
