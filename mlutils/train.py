@@ -547,7 +547,9 @@ def _check_state(state: Any, path: str) -> None:
         ("loop", isinstance(loop, Mapping)),
         ("loop.epoch", isinstance(loop, Mapping) and isinstance(loop.get("epoch"), int)),
         ("loop.batches_in_epoch", isinstance(loop, Mapping) and isinstance(loop.get("batches_in_epoch"), int)),
-        ("loop.events", isinstance(loop, Mapping) and isinstance(loop.get("events"), (list, tuple))),
+        ("loop.events", isinstance(loop, Mapping) and isinstance(loop.get("events"), (list, tuple))
+         and all(isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], int) and isinstance(e[1], str)
+                 for e in loop["events"])),
     ) if not ok]
     if bad:
         raise CheckpointError(f"{path} is a damaged {CHECKPOINT_FORMAT} checkpoint: {', '.join(bad)} "
@@ -1010,14 +1012,18 @@ class _Loop:
         self.last_checkpoint = folder
 
     def _make_checkpoint_dir(self) -> None:
-        """Create checkpoint_dir now (global leader): one that cannot be a folder fails before training, not at the first save."""
-        ckdir = self.cfg.checkpoint_dir
-        if ckdir is None or not self.leader:
+        """Create checkpoint_dir and export_dir now (global leader): one that cannot be a folder fails before
+        training, not at the first save or export."""
+        if not self.leader:
             return
-        try:
-            os.makedirs(ckdir, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(f"TrainConfig.checkpoint_dir {ckdir!r} cannot be used as a folder: {exc}") from exc
+        for name in ("checkpoint_dir", "export_dir"):
+            folder = getattr(self.cfg, name)
+            if folder is None:
+                continue
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointError(f"TrainConfig.{name} {folder!r} cannot be used as a folder: {exc}") from exc
 
     def _resume_path(self) -> Optional[str]:
         r = self.cfg.resume

@@ -286,12 +286,17 @@ def _damage(folder, how):
         torch.save({"a": 1}, rank)
     elif how == "fields missing":
         torch.save({"format": mt.CHECKPOINT_FORMAT, "engines": {"model": {}}}, rank)
+    elif how == "bad events":
+        state = torch.load(rank, weights_only=True)
+        state["loop"]["events"] = [["soon", "quit"]]
+        torch.save(state, rank)
 
 
 @pytest.mark.parametrize("how,match", [("truncated", "cannot read the checkpoint file"),
                                        ("empty", "cannot read the checkpoint file"),
                                        ("not a checkpoint", "is not a mlutils.train/1 checkpoint"),
-                                       ("fields missing", "damaged .*step, rng, loop")])
+                                       ("fields missing", "damaged .*step, rng, loop"),
+                                       ("bad events", "damaged .*: loop.events missing or of the wrong type")])
 def test_damaged_newest_checkpoint_is_a_checkpoint_error(tmp_path, how, match):
     """A damaged rank file raised the reader's TorchFormatError or a bare KeyError('step'); now a
     CheckpointError names the file and the way out, and the engine is left as it was."""
@@ -401,6 +406,10 @@ def test_checkpoint_dir_that_is_a_file_fails_before_training(tmp_path):
     e2 = CountEngine()
     with pytest.raises(mt.CheckpointError, match="checkpoint_dir"):
         mt.train(range(100), e2, config=cfg(tmp_path, checkpoint_dir=str(target / "sub"), iterations=20))
+    assert e2.global_step == 0
+    with pytest.raises(mt.CheckpointError, match="TrainConfig.export_dir"):  # an export failed mid-run
+        mt.train(range(100), e2, config=cfg(tmp_path, checkpoint_dir=str(tmp_path / "ck2"), export_dir=str(target),
+                                            iterations=20, events=["export@10"]))
     assert e2.global_step == 0
 
 
