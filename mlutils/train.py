@@ -694,6 +694,7 @@ class _StdinReader:
         self._buf = b""
         self._lines: List[str] = []
         self._dropping = False  # inside an overlong line: discard up to its end
+        self._tty: Optional[bool] = None
         self._fd: Optional[int] = None
         try:
             import select  # noqa: F401
@@ -704,6 +705,18 @@ class _StdinReader:
         except (ImportError, OSError, ValueError, AttributeError) as exc:
             log.debug("no commands: stdin is not readable (%s)", exc)
             self._fd = None
+
+    def _foreground(self) -> bool:
+        """False while stdin is a terminal this process is in the background of (``train.py &``): reading
+        it then would stop the process (SIGTTIN).  Input typed meanwhile is the shell's."""
+        if self._tty is None:
+            self._tty = os.isatty(self._fd) if self._fd is not None else False
+        if not self._tty:
+            return True
+        try:
+            return os.tcgetpgrp(self._fd) == os.getpgrp()
+        except OSError:  # a terminal that is not our controlling one: no SIGTTIN, read it
+            return True
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").strip()
@@ -739,7 +752,7 @@ class _StdinReader:
         """The complete lines that arrived since the last call (never blocks, bounded work per call)."""
         import select
 
-        if len(self._lines) < self.MAX_LINES and self._fd is not None:
+        if len(self._lines) < self.MAX_LINES and self._fd is not None and self._foreground():
             try:
                 ready, _, _ = select.select([self._fd], [], [], 0)
                 chunk = os.read(self._fd, self.MAX_READ) if ready else None

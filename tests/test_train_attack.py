@@ -671,3 +671,45 @@ def test_crash_during_eval_resumes_bit_exact(tmp_path):
     ref = dict(mt.find_checkpoints(str(tmp_path / "ref")))
     run = dict(mt.find_checkpoints(str(tmp_path / "run")))
     _same(load_rank0(ref[9])["engines"], load_rank0(run[9])["engines"])
+
+
+_BACKGROUND_CHILD = r"""
+import fcntl, os, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is this session's terminal; this process's group is its foreground
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)  # like `python train.py &`: a group of its own, in the background
+    import mlutils.train as mt
+    sys.path.insert(0, sys.argv[1])
+    from test_train_attack import CountEngine
+    res = mt.train(range(100), CountEngine(), config=mt.TrainConfig(
+        iterations=30, checkpoint_dir=None, read_commands=True, progress=False, metrics_stdout=False))
+    print("RESULT", res.status, res.step, flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, os.WUNTRACED)
+if os.WIFSTOPPED(status):
+    print("STOPPED by", os.WSTOPSIG(status), flush=True)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_background_job_does_not_read_its_terminal(tmp_path):
+    """`python train.py &` then typing in the shell: the loop read the terminal from a background process
+    group, the kernel sent SIGTTIN and the training process stopped ('[1]+ Stopped')."""
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"time\n")  # typed at the shell, waiting in the terminal's input queue
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH"))
+                                                          if p))
+        out = subprocess.run([sys.executable, "-c", _BACKGROUND_CHILD, os.path.dirname(__file__)], stdin=slave,
+                             capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert "RESULT completed 30" in out.stdout, out.stdout + out.stderr
