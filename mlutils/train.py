@@ -265,7 +265,7 @@ class TorchEngine:
     """An engine for a plain torch model: loss_fn(model, batch) -> loss or (loss, metrics).
 
     ``accumulate`` splits each batch into that many micro-batches (gradients
-    summed, weighted by size); ``clip_grad_norm`` clips the global norm;
+    summed, weighted by size; a batch of fewer items into one per item); ``clip_grad_norm`` clips the global norm;
     ``amp_dtype`` runs the forward pass under autocast (``torch.float16``
     adds a GradScaler); ``scheduler`` steps after every optimizer step."""
 
@@ -326,7 +326,9 @@ class TorchEngine:
         import torch
 
         self.model.train()
-        parts = _split_batch(batch, self.accumulate) if self.accumulate > 1 else [batch]
+        n = self._batch_size(batch)
+        pieces = min(self.accumulate, n) if n > 0 else self.accumulate  # a short last batch: fewer, not an error
+        parts = _split_batch(batch, pieces) if pieces > 1 else [batch]
         sizes = [self._batch_size(p) for p in parts]
         total = sum(sizes) or len(parts)
         loss_sum = 0.0

@@ -713,3 +713,22 @@ def test_background_job_does_not_read_its_terminal(tmp_path):
         os.close(slave)
         os.close(master)
     assert "RESULT completed 30" in out.stdout, out.stdout + out.stderr
+
+
+def test_accumulation_on_a_batch_smaller_than_its_parts():
+    """accumulate=4 and the last batch of an epoch holding 3 items (drop_last=False): the step raised
+    'cannot be split into 4 micro-batches' and training stopped at the end of the first epoch."""
+    def make(accumulate):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        return m, mt.TorchEngine(m, opt, lambda mod, b: torch.nn.functional.mse_loss(mod(b[0]), b[1]),
+                                 accumulate=accumulate)
+
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    m1, e1 = make(1)
+    m4, e4 = make(4)
+    a, b = e1.train_step((x, y)), e4.train_step((x, y))
+    assert abs(a["loss"] - b["loss"]) < 1e-6
+    for p, q in zip(m1.parameters(), m4.parameters()):
+        torch.testing.assert_close(p, q)
