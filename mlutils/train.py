@@ -36,10 +36,10 @@ CUDA) and the data position: the sampler's state at the start of the epoch
 and the number of batches the loop consumed since, so a resume is exact even
 when DataLoader workers had prefetched ahead.  ``keep_last`` complete
 checkpoints are kept (only those up to the one just written count: after
-resuming an older checkpoint, newer ones are left alone).  With ``async_save`` the step waits only for a copy of
-the state in host memory; the write runs in a background thread (one at a
-time; an error is raised at the next step boundary).  The final save is
-synchronous.
+resuming an older checkpoint, newer ones are left alone).  With
+``async_save`` the step waits only for a copy of the state in host memory;
+the write runs in a background thread (one at a time; an error is raised at
+the next step boundary).  The final save is synchronous.
 """
 from __future__ import annotations
 
@@ -265,9 +265,10 @@ class TorchEngine:
     """An engine for a plain torch model: loss_fn(model, batch) -> loss or (loss, metrics).
 
     ``accumulate`` splits each batch into that many micro-batches (gradients
-    summed, weighted by size; a batch of fewer items into one per item); ``clip_grad_norm`` clips the global norm;
-    ``amp_dtype`` runs the forward pass under autocast (``torch.float16``
-    adds a GradScaler); ``scheduler`` steps after every optimizer step."""
+    summed, weighted by size; a batch of fewer items into one per item);
+    ``clip_grad_norm`` clips the global norm; ``amp_dtype`` runs the forward
+    pass under autocast (``torch.float16`` adds a GradScaler); ``scheduler``
+    steps after every optimizer step."""
 
     def __init__(self, model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], scheduler: Any = None, *,
                  accumulate: int = 1, clip_grad_norm: Optional[float] = None, amp_dtype: Any = None,
@@ -990,7 +991,9 @@ class _Loop:
         }
 
     def save(self, sync: bool, explicit: bool = False) -> None:
-        """Checkpoint the current step (asynchronously unless `sync` or config says otherwise); `explicit`: a command asked."""
+        """Checkpoint the current step (asynchronously unless `sync` or the config says otherwise).
+
+        `explicit`: a command asked for it (said so when there is no checkpoint_dir)."""
         ckdir = self.cfg.checkpoint_dir
         if ckdir is None and explicit and self.leader:
             log.warning("save: no checkpoint_dir configured")
@@ -1125,7 +1128,7 @@ class _Loop:
         return list(lines), stop
 
     def _run_command(self, line: str) -> Optional[str]:
-        """Run one command now; returns 'quit' when the loop must stop, 'signal' when a signal cut an evaluation short."""
+        """Run one command now: 'quit' when the loop must stop, 'signal' when a signal cut an evaluation short."""
         words, at, err = _parse(line)
         if err is not None or words is None:
             if self.leader:
