@@ -559,17 +559,35 @@ def _check_state(state: Any, path: str) -> None:
                               f"missing or of the wrong type")
 
 
-def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any, ...] = ()) -> Any:
+def _view_key(t: Any) -> Optional[Tuple[Any, ...]]:
+    """What makes two tensors the same view of the same memory (tied weights), or None when not strided."""
+    import torch
+
+    if t.layout != torch.strided:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any, ...] = (),
+               memo: Optional[Dict[Any, Any]] = None) -> Any:
     """A deep copy whose tensors are detached CPU copies (the snapshot an asynchronous save writes).
 
     With `cache` (a dict kept between saves), tensors are copied into the CPU
     buffers of the previous snapshot when shape and dtype match: no new memory
     to fault in, so the copy runs at memory speed.  The caller guarantees that
-    the previous snapshot is no longer being written."""
+    the previous snapshot is no longer being written.  Tensors that are the
+    same view of the same memory (tied weights) get one copy, shared as in
+    the state: the file holds them once, as a synchronous save does."""
     import torch
 
+    if memo is None:
+        memo = {}
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
+        ident = _view_key(src)
+        if ident is not None and ident in memo:
+            return memo[ident]
         buf = cache.get(key) if cache is not None else None
         if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
                 or buf.layout != src.layout or not src.is_contiguous() or src.layout != torch.strided):
@@ -578,20 +596,22 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
                 cache[key] = buf
         else:
             buf.copy_(src)
+        if ident is not None:
+            memo[ident] = buf
         return buf
     if isinstance(obj, np.ndarray):
         return obj.copy()
     if isinstance(obj, OrderedDict):  # what state_dict() returns, with the module versions in _metadata
-        out = OrderedDict((k, _host_copy(v, cache, key + (k,))) for k, v in obj.items())
+        out = OrderedDict((k, _host_copy(v, cache, key + (k,), memo)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
             out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
         return out
     if isinstance(obj, Mapping):
-        return {k: _host_copy(v, cache, key + (k,)) for k, v in obj.items()}
+        return {k: _host_copy(v, cache, key + (k,), memo) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj)]
+        return [_host_copy(v, cache, key + (i,), memo) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_host_copy(v, cache, key + (i,)) for i, v in enumerate(obj))
+        return tuple(_host_copy(v, cache, key + (i,), memo) for i, v in enumerate(obj))
     return obj
 
 

@@ -732,3 +732,26 @@ def test_accumulation_on_a_batch_smaller_than_its_parts():
     assert abs(a["loss"] - b["loss"]) < 1e-6
     for p, q in zip(m1.parameters(), m4.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_async_checkpoint_keeps_tied_weights_shared(tmp_path):
+    """The asynchronous snapshot copied each state_dict entry on its own: tied weights (an embedding shared
+    with the output layer) were written twice, the file twice the size of a synchronous save's, and came
+    back as two tensors."""
+    def run(sub, use_async):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
+        model[1].weight = model[0].weight
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        e = mt.TorchEngine(model, opt, lambda m, b: m(b).logsumexp(-1).mean())
+        data = [torch.randint(0, 64, (4, 3), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+        mt.train(data, e, config=cfg(tmp_path / sub, iterations=4, save_frequency=1, async_save=use_async,
+                                     save_at_end=False, keep_last=0))  # saves 2 and 3 reuse the buffers of 1
+        return tmp_path / sub / "step-00000003" / "rank-00000-of-00001.pt"
+
+    a, s = run("async", True), run("sync", False)
+    assert os.path.getsize(a) < 1.2 * os.path.getsize(s)
+    for path in (a, s):
+        w = torch.load(path, weights_only=True)["engines"]["model"]["model"]
+        assert w["0.weight"].untyped_storage().data_ptr() == w["1.weight"].untyped_storage().data_ptr()
+    _same(torch.load(a, weights_only=True), torch.load(s, weights_only=True))
