@@ -1042,7 +1042,10 @@ class _Loop:
             log.debug("checkpoint step %d: snapshot in %.3f s, writing in the background",
                       step, time.perf_counter() - t0)
         else:
-            write()
+            try:
+                write()
+            except Exception as exc:  # as the background writer reports it
+                raise CheckpointError(f"writing a checkpoint failed: {exc}") from exc
             self.dist.barrier()
             if leader:
                 _rotate(ckdir, keep, step)

@@ -755,3 +755,17 @@ def test_async_checkpoint_keeps_tied_weights_shared(tmp_path):
         w = torch.load(path, weights_only=True)["engines"]["model"]["model"]
         assert w["0.weight"].untyped_storage().data_ptr() == w["1.weight"].untyped_storage().data_ptr()
     _same(torch.load(a, weights_only=True), torch.load(s, weights_only=True))
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+def test_a_failed_write_is_a_checkpoint_error_sync_or_async(tmp_path, use_async):
+    """A synchronous save (async_save=False, or the final save) let the writer's OSError out as it was,
+    while the same failure in the background was a CheckpointError: one except clause could not catch both."""
+    rank_file = tmp_path / "step-00000002" / "rank-00000-of-00001.pt"
+    rank_file.mkdir(parents=True)
+    e = CountEngine()
+    with pytest.raises(mt.CheckpointError, match="writing a checkpoint failed") as info:
+        mt.train(range(100), e, config=cfg(tmp_path, iterations=50, save_frequency=2, resume=False,
+                                           async_save=use_async))
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+    assert info.value.__cause__.filename == str(rank_file)
