@@ -910,6 +910,8 @@ class _Loop:
         self.resumed_from: Optional[str] = None
         self._held: List[str] = []
         self._skip = 0
+        self.epoch_rng: Optional[Mapping[str, Any]] = None  # RNG states at this epoch's iter(loader) (no sampler)
+        self.skip_epoch_rng: Optional[Mapping[str, Any]] = None  # those of the resumed epoch, to read it again
         self._snapshot_cache: Dict[Any, Any] = {}
         self.reader: Optional[_StdinReader] = None
 
@@ -1004,7 +1006,8 @@ class _Loop:
             "engines": self.engines.state_dict(),
             "loop": {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                      "events": [[at, cmd] for at, cmd in self.events],
-                     "eval_pending": self.eval_pending_rng is not None},
+                     "eval_pending": self.eval_pending_rng is not None,
+                     "epoch_rng": self.epoch_rng},
             "sampler": None if s is None else {"epoch_start": self.epoch_start_state,
                                                "draws": self.batches_in_epoch * self.draws_per_batch},
             "rng": _rng_state() if self.eval_pending_rng is None else self.eval_pending_rng,
@@ -1123,6 +1126,7 @@ class _Loop:
         elif self.batches_in_epoch:
             # no sampler that can seek: the first epoch's consumed batches are read again and skipped
             self._skip = self.batches_in_epoch
+            self.skip_epoch_rng = loop.get("epoch_rng")
             log.info("the data loader has no mlutils sampler: skipping %d batches to the resumed position",
                      self._skip)
         self.pending_rng = state["rng"]
@@ -1396,11 +1400,17 @@ class _Loop:
                 self.pending_rng = None
                 if self._redo_eval():
                     return "signal"
+            elif self._skip and self.skip_epoch_rng is not None:
+                # a loader that cannot seek is read again from the start of the epoch: with the RNG states
+                # it started from, it draws the same order (torch's RandomSampler) and worker seeds
+                _set_rng_state(self.skip_epoch_rng)
+            self.skip_epoch_rng = None
             if getattr(self.loader, "num_workers", 0) and self.saver.busy():
                 # workers are forked now: no writer thread may hold a lock (a stream's, logging's) across it
                 self.saver.wait()
+            self.epoch_rng = _rng_state() if self.sampler is None else None
             it = iter(self.loader)
-            if self.pending_rng is not None:
+            if self.pending_rng is not None and not self._skip:
                 _set_rng_state(self.pending_rng)
                 self.pending_rng = None
                 if self._redo_eval():
@@ -1410,6 +1420,11 @@ class _Loop:
                 got += 1
                 if self._skip:
                     self._skip -= 1
+                    if not self._skip and self.pending_rng is not None:  # at the resumed position now
+                        _set_rng_state(self.pending_rng)
+                        self.pending_rng = None
+                        if self._redo_eval():
+                            return "signal"
                     continue
                 t0 = time.perf_counter()
                 metrics = self.engines.train_step(batch)

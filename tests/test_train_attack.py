@@ -769,3 +769,40 @@ def test_a_failed_write_is_a_checkpoint_error_sync_or_async(tmp_path, use_async)
                                            async_save=use_async))
     assert isinstance(info.value.__cause__, IsADirectoryError)
     assert info.value.__cause__.filename == str(rank_file)
+
+
+class Recorder(CountEngine):
+    """Records each batch and the random number its step draws (as dropout would)."""
+
+    def train_step(self, batch):
+        self.seen.append((batch.tolist(), float(torch.rand(()))))
+        self._step += 1
+        return {}
+
+    def state_dict(self):
+        return {"step": self._step, "seen": [list(b) + [r] for b, r in self.seen]}
+
+    def load_state_dict(self, s):
+        self._step, self.seen = int(s["step"]), [(list(x[:-1]), x[-1]) for x in s["seen"]]
+
+
+def test_resume_with_a_plain_shuffling_dataloader_is_exact(tmp_path):
+    """A torch DataLoader(shuffle=True) (no mlutils sampler) is read again from the epoch start and the
+    consumed batches skipped; iter() ran with the RNG states of the save, not of the epoch start, so the
+    reread epoch came in another order: items seen twice, others never, and a different run."""
+    from torch.utils.data import DataLoader
+
+    def dl():
+        return DataLoader(list(range(40)), batch_size=4, shuffle=True)
+
+    torch.manual_seed(0)
+    ref = Recorder()
+    mt.train(dl(), ref, config=cfg(tmp_path / "ref", iterations=25))
+    torch.manual_seed(0)
+    mt.train(dl(), Recorder(), config=cfg(tmp_path / "run", iterations=25, events=["quit@6"]))
+    torch.manual_seed(123)  # a new process: other RNG states until the resume sets them
+    again = Recorder()
+    res = mt.train(dl(), again, config=cfg(tmp_path / "run", iterations=25, events=["quit@6"]))
+    assert res.resumed_from == str(tmp_path / "run" / "step-00000006") and res.step == 25
+    assert [b for b, _ in again.seen] == [b for b, _ in ref.seen]
+    assert again.seen == ref.seen
