@@ -1261,7 +1261,7 @@ class _Loop:
 
     # ---- the loop
     def _boundary(self) -> Optional[str]:
-        """After a step: commands, signals, saves, evaluation; 'quit', 'signal', 'completed' or None."""
+        """After a step: commands, signals, evaluation, saves; 'quit', 'signal', 'completed' or None."""
         self.saver.check()
         lines, stop = self._gather_commands()
         due = [cmd for at, cmd in self.events if at == self.step]
