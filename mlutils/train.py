@@ -931,8 +931,14 @@ class _Loop:
             return previous
         for name in _STOP_SIGNALS:
             sig = getattr(signal, name, None)
-            if sig is not None:
-                previous[sig] = signal.signal(sig, self._on_signal)
+            if sig is None:
+                continue
+            if signal.getsignal(sig) is None:
+                # a handler set outside Python (a host embedding it) could not be put back: leave it alone
+                log.warning("%s has a handler not set from Python: left in place, it does not stop training "
+                            "cleanly", name)
+                continue
+            previous[sig] = signal.signal(sig, self._on_signal)
         return previous
 
     def should_stop(self) -> bool:

@@ -806,3 +806,30 @@ def test_resume_with_a_plain_shuffling_dataloader_is_exact(tmp_path):
     assert res.resumed_from == str(tmp_path / "run" / "step-00000006") and res.step == 25
     assert [b for b, _ in again.seen] == [b for b, _ in ref.seen]
     assert again.seen == ref.seen
+
+
+def test_a_signal_handler_set_outside_python_is_left_alone(tmp_path, monkeypatch, caplog):
+    """signal.signal() returns None for a handler that was not set from Python (a host embedding Python):
+    the loop stored that None and 'restored' it with signal.signal(sig, None), a TypeError that came out of
+    train() after a finished run."""
+    import signal
+
+    real_signal, real_getsignal = signal.signal, signal.getsignal
+    set_calls = []
+
+    def fake_signal(sig, handler):
+        set_calls.append((sig, handler))
+        old = real_signal(sig, handler)
+        return None if sig == signal.SIGUSR1 else old
+
+    monkeypatch.setattr(signal, "signal", fake_signal)
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None if sig == signal.SIGUSR1 else real_getsignal(sig))
+    before = real_getsignal(signal.SIGUSR1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlutils.train"):
+            res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=3))
+    finally:
+        real_signal(signal.SIGUSR1, before)
+    assert res.status == "completed" and res.step == 3
+    assert all(sig != signal.SIGUSR1 for sig, _ in set_calls)
+    assert any("SIGUSR1 has a handler not set from Python" in r.getMessage() for r in caplog.records)
