@@ -1183,7 +1183,12 @@ class _Loop:
         if cmd == "save":
             self.save(sync=False, explicit=True)
         elif cmd == "export":
-            self.export()
+            try:
+                self.export()
+            except (OSError, ValueError, TypeError) as exc:
+                # an export is a copy of the weights on the side: its failure (a full disk, a name taken
+                # by a folder, weights safetensors cannot hold) is reported, training goes on
+                log.error("export at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
         elif cmd == "eval":
             if self.evaluate():
                 return "signal"

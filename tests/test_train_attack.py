@@ -833,3 +833,20 @@ def test_a_signal_handler_set_outside_python_is_left_alone(tmp_path, monkeypatch
     assert res.status == "completed" and res.step == 3
     assert all(sig != signal.SIGUSR1 for sig, _ in set_calls)
     assert any("SIGUSR1 has a handler not set from Python" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_export_command_is_reported_and_training_goes_on(tmp_path, caplog):
+    """An `export` whose file cannot be written (its name taken by a folder here; a full disk alike) stopped
+    the whole run with the raw error; it is logged, the run goes on, and a later export works."""
+    export_dir = tmp_path / "exports"
+    (export_dir / "export-00000002.safetensors").mkdir(parents=True)
+    with caplog.at_level(logging.ERROR, logger="mlutils.train"):
+        res = mt.train(range(100), CountEngine(), config=cfg(tmp_path / "ck", iterations=6, export_dir=str(export_dir),
+                                                             events=["export@2", "export@4"]))
+    assert res.status == "completed" and res.step == 6
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "export at step 2 failed: IsADirectoryError" in errors[0], errors
+    from mlutils.io import torch_load
+
+    got = torch_load(str(export_dir / "export-00000004.safetensors"), framework="np")
+    assert np.array_equal(got["module"]["w"], np.full(3, 0 + 1 + 2 + 3, np.float32))
