@@ -15,6 +15,7 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
 
 import mlutils.train as mt  # noqa: E402
 from mlutils.io import json_parse  # noqa: E402
+from _train_helpers import CountEngine, cfg, load_rank0  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "test_train_driver.py")
@@ -100,10 +101,6 @@ def run_to_end(args, timeout=120):
     r = Run(args, stdin=subprocess.DEVNULL)
     assert r.finish(timeout) == 0, "\n".join(r.err[-30:])
     return r
-
-
-def load_rank0(folder):
-    return torch.load(os.path.join(folder, "rank-00000-of-00001.pt"), weights_only=True)
 
 
 def assert_same_weights(a, b):
@@ -233,45 +230,6 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- in-process
-
-
-class CountEngine:
-    """A minimal Engine: records its batches, state is a tensor and the step."""
-
-    def __init__(self, fail_state=False):
-        self.seen, self.lr, self._step = [], 1.0, 0
-        self.w = torch.zeros(3)
-        self.quitted = False
-
-    @property
-    def global_step(self):
-        return self._step
-
-    def train_step(self, batch):
-        self.seen.append(int(batch))
-        self.w += batch
-        self._step += 1
-        return {"loss": 1.0 / self._step, "lr": self.lr}
-
-    def state_dict(self):
-        return {"w": self.w, "step": self._step, "seen": list(self.seen)}
-
-    def load_state_dict(self, s):
-        self.w, self._step, self.seen = s["w"].clone(), int(s["step"]), list(s["seen"])
-
-    def export(self):
-        return {"w": self.w.clone()}
-
-    def set_lr(self, lr):
-        self.lr = lr
-
-    def quit(self):
-        self.quitted = True
-
-
-def cfg(tmp_path, **kw):
-    kw.setdefault("checkpoint_dir", str(tmp_path))
-    return mt.TrainConfig(read_commands=False, progress=False, metrics_stdout=False, **kw)
 
 
 def test_rotation_keeps_last_k_and_auto_resume_ignores_partial(tmp_path):

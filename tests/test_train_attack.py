@@ -13,50 +13,7 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
 
 import mlutils.train as mt  # noqa: E402
 from mlutils.io import json_parse  # noqa: E402
-
-
-class CountEngine:
-    """A minimal Engine: state is a tensor, the step and the batches seen."""
-
-    def __init__(self):
-        self.seen, self.lr, self._step = [], 1.0, 0
-        self.w = torch.zeros(3)
-
-    @property
-    def global_step(self):
-        return self._step
-
-    def train_step(self, batch):
-        self.seen.append(int(batch))
-        self.w += batch
-        self._step += 1
-        return {"loss": 1.0 / self._step, "lr": self.lr}
-
-    def state_dict(self):
-        return {"w": self.w, "step": self._step, "seen": list(self.seen)}
-
-    def load_state_dict(self, s):
-        self.w, self._step, self.seen = s["w"].clone(), int(s["step"]), list(s["seen"])
-
-    def export(self):
-        return {"w": self.w.clone()}
-
-    def set_lr(self, lr):
-        self.lr = lr
-
-    def quit(self):
-        pass
-
-
-def cfg(tmp_path, **kw):
-    kw.setdefault("checkpoint_dir", str(tmp_path))
-    kw.setdefault("read_commands", False)
-    kw.setdefault("progress", False)
-    return mt.TrainConfig(metrics_stdout=False, **kw)
-
-
-def load_rank0(folder):
-    return torch.load(os.path.join(folder, "rank-00000-of-00001.pt"), weights_only=True)
+from _train_helpers import CountEngine, cfg, load_rank0  # noqa: E402
 
 
 @pytest.fixture
@@ -682,7 +639,7 @@ if pid == 0:
     os.setpgid(0, 0)  # like `python train.py &`: a group of its own, in the background
     import mlutils.train as mt
     sys.path.insert(0, sys.argv[1])
-    from test_train_attack import CountEngine
+    from _train_helpers import CountEngine
     res = mt.train(range(100), CountEngine(), config=mt.TrainConfig(
         iterations=30, checkpoint_dir=None, read_commands=True, progress=False, metrics_stdout=False))
     print("RESULT", res.status, res.step, flush=True)
