@@ -75,33 +75,63 @@ static PyObject *text_str(const char *text)
     return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
 }
 
+PyObject *mlu_take_raised(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *t = NULL, *v = NULL, *tb = NULL;
+
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+#endif
+}
+
+void mlu_restore_raised(PyObject *exc)
+{
+    if (exc == NULL)
+        return;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
 /* Adds `note` to the exception being raised (BaseException.add_note):
  * shown under its traceback, leaving str(e) and its args as they are.  A
  * failure to add it leaves the exception as it was. */
 static void add_note_to_raised(const char *note)
 {
-    PyObject *t = NULL, *v = NULL, *tb = NULL, *r;
+    PyObject *v = mlu_take_raised(), *r;
 
-#if PY_VERSION_HEX >= 0x030C0000
-    v = PyErr_GetRaisedException();
-#else
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
-#endif
     if (v == NULL)
-        goto done;
+        return;
     r = PyObject_CallMethod(v, "add_note", "N", text_str(note));
     if (r == NULL)
         PyErr_Clear();
     Py_XDECREF(r);
-done:
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(v);
-    (void)t;
-    (void)tb;
-#else
-    PyErr_Restore(t, v, tb);
-#endif
+    mlu_restore_raised(v);
+}
+
+/* New ref: os.fspath(path) (str or bytes) when path is a str, bytes or
+ * os.PathLike; NULL, with no error set, for anything else or a path whose
+ * __fspath__ fails. */
+static PyObject *as_fspath(PyObject *path)
+{
+    PyObject *fs;
+
+    if (path == NULL || !(PyUnicode_Check(path) || PyBytes_Check(path) || PyObject_HasAttrString(path, "__fspath__")))
+        return NULL;
+    fs = PyOS_FSPath(path);
+    if (fs == NULL)
+        PyErr_Clear();
+    return fs;
 }
 
 /* OSError(errno, message[, filename]); OSError's constructor picks the
@@ -114,16 +144,11 @@ done:
 static void build_os_error(PyObject *exc, int sys_errno, const char *text, PyObject *filename)
 {
     char msg[MLU_ERROR_TEXT + 128];
-    PyObject *umsg = NULL, *args = NULL, *fs = NULL;
+    PyObject *umsg = NULL, *args = NULL;
+    PyObject *fs = as_fspath(filename); /* new ref, or NULL: the file name given as it is */
 
-    if (filename != NULL && !PyUnicode_Check(filename) && !PyBytes_Check(filename)
-        && PyObject_HasAttrString(filename, "__fspath__")) {
-        fs = PyOS_FSPath(filename); /* new ref: str or bytes */
-        if (fs == NULL)
-            PyErr_Clear(); /* a path that cannot be converted: given as it is */
-        else
-            filename = fs;
-    }
+    if (fs != NULL)
+        filename = fs;
     if (sys_errno != 0 && filename != NULL)
         PyOS_snprintf(msg, sizeof(msg), "%s", strerror(sys_errno));
     else if (sys_errno != 0)
@@ -153,17 +178,15 @@ done:
  * exc("'path': text"), so that a format error says which file it is in. */
 static void build_text_error(PyObject *exc, const char *text, PyObject *path)
 {
-    PyObject *fs = NULL, *str = NULL;
+    PyObject *fs = as_fspath(path), *str = NULL; /* new refs */
     const char *u;
 
-    if (path != NULL && (PyUnicode_Check(path) || PyBytes_Check(path) || PyObject_HasAttrString(path, "__fspath__"))) {
-        fs = PyOS_FSPath(path); /* new ref: str or bytes */
-        if (fs != NULL && PyBytes_Check(fs))
-            str = PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(fs), PyBytes_GET_SIZE(fs));
-        else if (fs != NULL)
-            str = Py_NewRef(fs);
+    if (fs != NULL && PyBytes_Check(fs))
+        str = PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(fs), PyBytes_GET_SIZE(fs));
+    else if (fs != NULL)
+        str = Py_NewRef(fs);
+    if (str == NULL)
         PyErr_Clear(); /* a path that cannot be shown: the text alone */
-    }
     u = str != NULL ? PyUnicode_AsUTF8(str) : NULL;
     if (u == NULL)
         PyErr_Clear();

@@ -89,6 +89,12 @@ PyObject *mlu_raise_about(PyObject *exc, PyObject *path, const char *fmt, ...);
  * without a subject.  Always returns NULL. */
 PyObject *mlu_raise_write(mlu_state *st, const mlu_error *err, mlu_domain domain, PyObject *path);
 
+/* The exception being raised, taken: a new ref (normalized, its traceback
+ * attached) with the error indicator cleared; NULL when none is set. */
+PyObject *mlu_take_raised(void);
+/* Raises exc again (steals the ref; nothing when NULL). */
+void mlu_restore_raised(PyObject *exc);
+
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */
 PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);

@@ -505,7 +505,7 @@ static PyObject *stmap_check_py(PyObject *self, PyObject *unused)
 static PyObject *stmap_error(PyObject *self, PyObject *text)
 {
     mlu_state *st = mlu_state_from_type(Py_TYPE(self)); /* borrowed */
-    PyObject *type = NULL, *value = NULL, *tb = NULL, *res = NULL;
+    PyObject *res = NULL;
 
     if (st == NULL)
         goto done;
@@ -514,19 +514,12 @@ static PyObject *stmap_error(PyObject *self, PyObject *text)
         goto done;
     }
     mlu_raise_about(st->SafetensorsError, ((StMap *)self)->path, "%U", text);
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && PyObject_TypeCheck(value, (PyTypeObject *)st->SafetensorsError)) {
-        res = value; /* the new ref */
-        value = NULL;
-    } else {
-        PyErr_Restore(type, value, tb); /* steals all three: the error making it (MemoryError, ...) */
-        type = value = tb = NULL;
+    res = mlu_take_raised(); /* new ref */
+    if (res != NULL && !PyObject_TypeCheck(res, (PyTypeObject *)st->SafetensorsError)) {
+        mlu_restore_raised(res); /* the error making it (MemoryError, ...) */
+        res = NULL;
     }
 done:
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
     return res;
 }
 
