@@ -540,14 +540,23 @@ _live: "Dict[int, weakref.ref]" = {}  # seq -> handle of a checkpoint waiting fo
 _live_pruned = [0]  # its size after the last pruning
 
 
+def _prune(entries: Dict[Any, Any], pruned: int, dead: Callable[[Any], bool]) -> int:
+    """Drops the entries `dead` says are finished, once `entries` has grown
+    past twice its size after the last pruning (`pruned`), so that pruning
+    costs O(1) per entry over time; returns the size to pass next time."""
+    if len(entries) <= 2 * pruned + 64:
+        return pruned
+    for key in [k for k, v in entries.items() if dead(v)]:
+        del entries[key]
+    return len(entries)
+
+
 def _register(handle: OffloadHandle) -> None:
     handle.seq = next(_seq)
     with _live_lock:
         _live[handle.seq] = weakref.ref(handle)
-        if len(_live) > 2 * _live_pruned[0] + 64:  # forwards without a backward leave dead entries
-            for seq in [k for k, ref in _live.items() if ref() is None or ref().released]:
-                del _live[seq]
-            _live_pruned[0] = len(_live)
+        # forwards without a backward leave dead entries
+        _live_pruned[0] = _prune(_live, _live_pruned[0], lambda ref: ref() is None or ref().released)
 
 
 def _unregister_and_prefetch_previous(handle: OffloadHandle) -> None:
@@ -985,6 +994,7 @@ class _SavedTensorOffload:
         self.shared: Dict[int, Tuple["weakref.ref", int, "weakref.ref"]] = {}
         self.packed = 0  # handles packed so far
         self.pruned = 0  # len(order) after the last pruning
+        self.shared_pruned = 0  # len(shared) after the last pruning
         self.lock = threading.Lock()  # unpack may run in autograd's device threads
 
     def pack(self, tensor: Any) -> Any:
@@ -1009,12 +1019,8 @@ class _SavedTensorOffload:
             self.packed += 1
             self.order[handle.seq] = weakref.ref(handle)
             self.shared[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(packed))
-            if len(self.order) > 2 * self.pruned + 64:
-                for seq in [k for k, ref in self.order.items() if _done(ref())]:
-                    del self.order[seq]
-                for key in [k for k, e in self.shared.items() if e[0]() is None or e[2]() is None]:
-                    del self.shared[key]
-                self.pruned = len(self.order)
+            self.pruned = _prune(self.order, self.pruned, lambda ref: _done(ref()))
+            self.shared_pruned = _prune(self.shared, self.shared_pruned, lambda e: e[0]() is None or e[2]() is None)
         return packed
 
     def unpack(self, packed: Any) -> Any:
