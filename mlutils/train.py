@@ -1329,10 +1329,7 @@ class _Loop:
             self._open_metrics()  # before any command: an evaluation at the start is logged there too
             start_outcome: Optional[str] = None
             if self.redo_eval and self.step >= self.cfg.iterations:  # no step left: the evaluation only
-                if self.pending_rng is not None:
-                    _set_rng_state(self.pending_rng)
-                    self.pending_rng = None
-                if self._redo_eval():
+                if self._at_resumed_position():
                     start_outcome = "signal"
             for line in self.cfg.events:
                 at = _parse(line)[1]
@@ -1401,15 +1398,21 @@ class _Loop:
             log.info("evaluating step %d again: a signal cut it short before the checkpoint", self.step)
         return self.evaluate()
 
+    def _at_resumed_position(self) -> bool:
+        """The resumed run is where the saved one stopped: the RNG states it saved are restored now,
+        then the evaluation a signal cut short there runs again; True if a signal cuts it short again."""
+        if self.pending_rng is not None:
+            _set_rng_state(self.pending_rng)
+            self.pending_rng = None
+        return self._redo_eval()
+
     def _epochs(self) -> str:
         while True:
             self._epoch_start()
             # iter(DataLoader) draws a seed from torch's RNG: a mid-epoch resume restores the RNGs after
             # that draw (the saved run had made it before the save), an epoch-boundary resume before it
             if self.pending_rng is not None and self.batches_in_epoch == 0:
-                _set_rng_state(self.pending_rng)
-                self.pending_rng = None
-                if self._redo_eval():
+                if self._at_resumed_position():
                     return "signal"
             elif self._skip and self.skip_epoch_rng is not None:
                 # a loader that cannot seek is read again from the start of the epoch: with the RNG states
@@ -1422,20 +1425,15 @@ class _Loop:
             self.epoch_rng = _rng_state() if self.sampler is None else None
             it = iter(self.loader)
             if self.pending_rng is not None and not self._skip:
-                _set_rng_state(self.pending_rng)
-                self.pending_rng = None
-                if self._redo_eval():
+                if self._at_resumed_position():
                     return "signal"
             got = 0
             for batch in it:
                 got += 1
                 if self._skip:
                     self._skip -= 1
-                    if not self._skip and self.pending_rng is not None:  # at the resumed position now
-                        _set_rng_state(self.pending_rng)
-                        self.pending_rng = None
-                        if self._redo_eval():
-                            return "signal"
+                    if not self._skip and self.pending_rng is not None and self._at_resumed_position():
+                        return "signal"
                     continue
                 t0 = time.perf_counter()
                 metrics = self.engines.train_step(batch)
