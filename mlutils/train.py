@@ -32,9 +32,13 @@ per rank written atomically (temporary file, fsync, rename) by
 file is there, so a kill at any moment leaves the previous complete one, and
 ``resume="auto"`` picks the newest complete one.  Each holds the engines'
 states, the step counters, every RNG state (python, numpy, torch CPU and
-CUDA) and the data position: the sampler's state at the start of the epoch
-and the number of batches the loop consumed since, so a resume is exact even
-when DataLoader workers had prefetched ahead.  ``keep_last`` complete
+CUDA, the loader's own generator) and the data position: the sampler's state
+at the start of the epoch and the number of batches the loop consumed since,
+so a resume is exact even when DataLoader workers had prefetched ahead.  An
+mlutils sampler the loop can seek (``sampler=``, ``batch_sampler=`` a sampler
+or ``sampler.batches(n)``) is moved to the batch reached; anything else (a
+batch sampler of the user's, torch's shuffling) is read again from the epoch
+start with that start's RNG states and the consumed batches are skipped.  ``keep_last`` complete
 checkpoints are kept (only those up to the one just written count: after
 resuming an older checkpoint, newer ones are left alone).  With
 ``async_save`` the step waits only for a copy of the state in host memory;
@@ -77,6 +81,8 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _RANK_FILE = re.compile(r"^rank-(\d{5,})-of-(\d{5,})\.pt$")
 _DIGITS = re.compile(r"^[0-9]+$")
+#: Steps and counts a checkpoint holds are int64: 0 <= n < _I64.
+_I64 = 1 << 63
 #: Keys of the metrics line the loop itself writes.
 _LOOP_KEYS = ("step", "epoch", "eval")
 
@@ -241,21 +247,47 @@ class Engines:
             e.quit()
 
 
-def _split_batch(batch: Any, parts: int) -> List[Any]:
-    """`batch` cut into `parts` micro-batches along dim 0 of every tensor/array (containers followed)."""
+def _batch_len(batch: Any) -> int:
+    """The batch size: dim 0 of the first tensor or array (containers followed) that has a dimension, else 0.
+
+    Values without one (a 0-dim tensor such as a per-batch temperature,
+    numbers, strings) do not count."""
+    shape = getattr(batch, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) > 0 else 0
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return 0
+    for v in values:
+        n = _batch_len(v)
+        if n > 0:
+            return n
+    return 0
+
+
+def _split_batch(batch: Any, parts: int, n: Optional[int] = None) -> List[Any]:
+    """`batch` cut into `parts` micro-batches along dim 0 of every tensor/array of `n` rows (the batch size;
+    containers followed).  Values without that batch dimension (0-dim tensors, tensors of another length,
+    numbers, strings) are passed whole to every micro-batch."""
     import torch
 
+    if n is None:
+        n = _batch_len(batch)
     if isinstance(batch, (torch.Tensor, np.ndarray)):
-        n = int(batch.shape[0])
+        if batch.ndim == 0 or int(batch.shape[0]) != n:
+            return [batch] * parts
         if n < parts:
             raise ValueError(f"a batch of {n} cannot be split into {parts} micro-batches")
         bounds = [n * i // parts for i in range(parts + 1)]
         return [batch[bounds[i]:bounds[i + 1]] for i in range(parts)]
     if isinstance(batch, Mapping):
-        cols = {k: _split_batch(v, parts) for k, v in batch.items()}
+        cols = {k: _split_batch(v, parts, n) for k, v in batch.items()}
         return [{k: cols[k][i] for k in batch} for i in range(parts)]
     if isinstance(batch, (list, tuple)):
-        cols2 = [_split_batch(v, parts) for v in batch]
+        cols2 = [_split_batch(v, parts, n) for v in batch]
         return [type(batch)(c[i] for c in cols2) if not hasattr(batch, "_fields")
                 else type(batch)(*(c[i] for c in cols2)) for i in range(parts)]
     return [batch] * parts
@@ -328,8 +360,8 @@ class TorchEngine:
 
         self.model.train()
         n = self._batch_size(batch)
-        pieces = min(self.accumulate, n) if n > 0 else self.accumulate  # a short last batch: fewer, not an error
-        parts = _split_batch(batch, pieces) if pieces > 1 else [batch]
+        pieces = min(self.accumulate, n) if n > 0 else 1  # a short last batch: fewer; nothing to split: one
+        parts = _split_batch(batch, pieces, n) if pieces > 1 else [batch]
         sizes = [self._batch_size(p) for p in parts]
         total = sum(sizes) or len(parts)
         loss_sum = 0.0
@@ -363,14 +395,7 @@ class TorchEngine:
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
-        shape = getattr(batch, "shape", None)
-        if shape is not None and len(shape) > 0:
-            return int(shape[0])
-        if isinstance(batch, Mapping) and batch:
-            return TorchEngine._batch_size(next(iter(batch.values())))
-        if isinstance(batch, (list, tuple)) and batch:
-            return TorchEngine._batch_size(batch[0])
-        return 0
+        return _batch_len(batch)
 
     def state_dict(self) -> Dict[str, Any]:
         """Model, optimizer, scheduler, scaler and the step."""
@@ -433,8 +458,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("iterations", "save_frequency", "eval_frequency", "keep_last", "log_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _I64:
+                raise ValueError(f"TrainConfig.{name} must be an int from 0 to 2**63-1, got {v!r}")
         if self.log_every < 1:
             raise ValueError("TrainConfig.log_every must be >= 1")
         for name in ("async_save", "save_at_end", "metrics_stdout", "progress", "read_commands", "handle_signals"):
@@ -538,25 +563,62 @@ def _rotate(checkpoint_dir: str, keep_last: int, upto: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _count(v: Any) -> bool:
+    """An int a checkpoint can hold as a step or a count: 0 <= v < 2**63."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _I64
+
+
+def _rng_ok(rng: Any) -> bool:
+    """True when `rng` (as _rng_state() makes it) loads into generators: tried on throwaway ones, so a
+    damaged entry is found before anything is restored."""
+    import torch
+
+    if not isinstance(rng, Mapping):
+        return False
+    try:
+        v, internal, gauss = rng["python"]
+        random.Random().setstate((v, tuple(internal), gauss))
+        np.random.RandomState().set_state(tuple(rng["numpy"]))
+        torch.Generator().set_state(rng["torch"])
+        if rng.get("loader_generator") is not None:
+            torch.Generator().set_state(rng["loader_generator"])
+        cuda = rng.get("cuda")
+        if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda)):
+            return False
+    except Exception:  # noqa: BLE001  (whatever a damaged entry makes the setters raise)
+        return False
+    return True
+
+
 def _check_state(state: Any, path: str) -> None:
-    """CheckpointError naming what is missing when `state` is not a whole checkpoint of this format."""
+    """CheckpointError naming what is missing or damaged when `state` is not a whole checkpoint of this
+    format: every field the loop reads is checked here, before anything is loaded."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     loop = state.get("loop")
+    lp: Mapping[str, Any] = loop if isinstance(loop, Mapping) else {}
+    samp = state.get("sampler")
     bad = [name for name, ok in (
         ("engines", isinstance(state.get("engines"), Mapping)),
-        ("step", isinstance(state.get("step"), int)),
-        ("rng", isinstance(state.get("rng"), Mapping)),
+        ("step", _count(state.get("step"))),
+        ("rng", _rng_ok(state.get("rng"))),
         ("loop", isinstance(loop, Mapping)),
-        ("loop.epoch", isinstance(loop, Mapping) and isinstance(loop.get("epoch"), int)),
-        ("loop.batches_in_epoch", isinstance(loop, Mapping) and isinstance(loop.get("batches_in_epoch"), int)),
-        ("loop.events", isinstance(loop, Mapping) and isinstance(loop.get("events"), (list, tuple))
-         and all(isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], int) and isinstance(e[1], str)
-                 for e in loop["events"])),
+        ("loop.epoch", _count(lp.get("epoch"))),
+        ("loop.batches_in_epoch", _count(lp.get("batches_in_epoch"))),
+        ("loop.events", isinstance(lp.get("events"), (list, tuple))
+         and all(isinstance(e, (list, tuple)) and len(e) == 2 and _count(e[0]) and isinstance(e[1], str)
+                 for e in lp["events"])),
+        ("loop.eval_pending", isinstance(lp.get("eval_pending", False), bool)),
+        ("loop.epoch_rng", lp.get("epoch_rng") is None or _rng_ok(lp.get("epoch_rng"))),
+        ("sampler", samp is None or (isinstance(samp, Mapping)
+                                     and (samp.get("epoch_start") is None
+                                          or isinstance(samp.get("epoch_start"), Mapping))
+                                     and (samp.get("draws") is None or _count(samp.get("draws"))))),
     ) if not ok]
     if bad:
         raise CheckpointError(f"{path} is a damaged {CHECKPOINT_FORMAT} checkpoint: {', '.join(bad)} "
-                              f"missing or of the wrong type")
+                              f"missing or of the wrong type or range")
 
 
 def _view_key(t: Any) -> Optional[Tuple[Any, ...]]:
@@ -668,18 +730,21 @@ class _Saver:
 # ---------------------------------------------------------------- RNG states
 
 
-def _rng_state() -> Dict[str, Any]:
-    """Python's, numpy's, torch's CPU and (when initialised) CUDA generator states."""
+def _rng_state(generator: Any = None) -> Dict[str, Any]:
+    """Python's, numpy's, torch's CPU and (when initialised) CUDA generator states, and those of
+    `generator` (a data loader's own torch.Generator) when given."""
     import torch
 
     state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if isinstance(generator, torch.Generator):
+        state["loader_generator"] = generator.get_state()
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def _set_rng_state(state: Mapping[str, Any], generator: Any = None) -> None:
     """Restore what _rng_state() captured."""
     import torch
 
@@ -689,6 +754,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if state.get("loader_generator") is not None and isinstance(generator, torch.Generator):
+        generator.set_state(state["loader_generator"])
 
 
 # ---------------------------------------------------------------- commands
@@ -798,22 +865,37 @@ _USAGE = ("commands: save | export | eval | quit | eval_quit | lr <rate> | time 
           "<command>@<step> | event show | event clear")
 
 
-def _parse(line: str) -> Tuple[Optional[Tuple[str, ...]], Optional[int], Optional[str]]:
-    """(command words, scheduled step or None, error message or None) for one command line."""
+def _step_arg(text: str, line: str, last: int) -> Tuple[Optional[int], Optional[str]]:
+    """(step, None) for a step number 0..last written in decimal digits, else (None, why not)."""
+    text = text.strip()
+    if not _DIGITS.match(text):
+        return None, f"bad step in {_short(line)}: {_short(text)} is not a whole number >= 0"
+    if len(text.lstrip("0")) > len(str(last)) or int(text) > last:
+        return None, f"bad step in {_short(line)}: past the last step ({last}, TrainConfig.iterations)"
+    return int(text), None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """repr(text), cut to about `limit` characters (a command line can be 4 KiB of digits)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _parse(line: str, last: int = _I64 - 1) -> Tuple[Optional[Tuple[str, ...]], Optional[int], Optional[str]]:
+    """(command words, scheduled step or None, error message or None) for one command line.
+
+    Every argument is range-checked here: a step (``@S``, ``time to S``) is
+    0..`last` (the run's iterations), a learning rate a finite number >= 0."""
     text = line.strip()
     at: Optional[int] = None
     if "@" in text:
         text, _, step_text = text.rpartition("@")
         text = text.strip()
-        try:
-            at = int(step_text.strip())
-        except ValueError:
-            return None, None, f"bad step in {line!r}: {step_text!r} is not an integer"
-        if at < 0:
-            return None, None, f"bad step in {line!r}: must be >= 0"
+        at, err = _step_arg(step_text, line, last)
+        if err is not None:
+            return None, None, err
     words = tuple(text.split())
     if not words:
-        return None, None, f"empty command {line!r}; {_USAGE}"
+        return None, None, f"empty command {_short(line)}; {_USAGE}"
     cmd, args = words[0], words[1:]
     if cmd in ("save", "export", "eval", "quit", "eval_quit") and not args:
         pass
@@ -821,30 +903,100 @@ def _parse(line: str) -> Tuple[Optional[Tuple[str, ...]], Optional[int], Optiona
         try:
             rate = float(args[0])
         except ValueError:
-            return None, None, f"lr needs a number, got {args[0]!r}"
+            return None, None, f"lr needs a number, got {_short(args[0])}"
         if not rate >= 0 or rate == float("inf"):
-            return None, None, f"lr must be a finite number >= 0, got {args[0]!r}"
-    elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to" and _DIGITS.match(args[1]))):
-        pass
+            return None, None, f"lr must be a finite number >= 0, got {_short(args[0])}"
+    elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to")):
+        if args:
+            _n, err = _step_arg(args[1], line, last)
+            if err is not None:
+                return None, None, err
     elif cmd == "event" and len(args) == 1 and args[0] in ("show", "clear") and at is None:
         pass
     else:
-        return None, None, f"unknown command {line!r}; {_USAGE}"
+        return None, None, f"unknown command {_short(line)}; {_USAGE}"
     return words, at, None
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def _stateful_sampler(loader: Any) -> Tuple[Any, int]:
-    """(the loader's mlutils-style sampler or None, sampler draws per batch)."""
+_SAMPLER_METHODS = ("state_dict", "load_state_dict", "take", "set_epoch", "remaining")
+
+
+def _is_sampler(obj: Any) -> bool:
+    """True for an mlutils-style sampler: one whose position can be saved, loaded and moved."""
+    return obj is not None and all(callable(getattr(obj, m, None)) for m in _SAMPLER_METHODS)
+
+
+def _find_sampler(obj: Any) -> Any:
+    """The mlutils sampler `obj` is or holds (following ``.sampler`` attributes), or None."""
+    for _ in range(8):
+        if obj is None or _is_sampler(obj):
+            return obj
+        obj = getattr(obj, "sampler", None)
+    return None
+
+
+@dataclass(frozen=True)
+class _DataSource:
+    """How the loop finds its place in a loader's epoch.
+
+    ``sampler``: the mlutils sampler feeding the loader (None: none found);
+    ``draws``: sampler draws per batch when the loop can seek the sampler
+    to a batch exactly, None when the epoch must be read again from its
+    start (``replay``) and the consumed batches skipped; ``drop_last``: a
+    short final batch of the epoch is not yielded."""
+
+    sampler: Any = None
+    draws: Optional[int] = None
+    drop_last: bool = False
+
+    @property
+    def replay(self) -> bool:
+        return self.draws is None
+
+
+def _data_source(loader: Any) -> _DataSource:
+    """Where the loader's batches come from: an mlutils sampler the loop can seek (``sampler=``,
+    ``batch_sampler=`` a sampler or ``sampler.batches(n)``), one it cannot seek (inside a batch sampler of
+    the user's), or none."""
+    from .sampler import Batches
+
     bs = getattr(loader, "batch_sampler", None)
-    if bs is not None and callable(getattr(bs, "state_dict", None)) and callable(getattr(bs, "take", None)):
-        return bs, 1
-    s = getattr(loader, "sampler", None)
-    if s is not None and callable(getattr(s, "state_dict", None)) and callable(getattr(s, "take", None)):
-        return s, int(getattr(loader, "batch_size", None) or 1)
-    return None, 1
+    if bs is None:  # batch_size=None: one sampler draw per item, no batching
+        s = getattr(loader, "sampler", None)
+        if _is_sampler(s):
+            return _DataSource(s, 1)
+        return _DataSource(_find_sampler(s))
+    if _is_sampler(bs):  # a sampler of batches (BatchedOrderedSampler) as the batch_sampler
+        return _DataSource(bs, 1)
+    inner = getattr(bs, "sampler", None)
+    if _is_sampler(inner):
+        size = getattr(bs, "batch_size", None)
+        if isinstance(bs, Batches) or _is_torch_batch_sampler(bs):
+            if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+                return _DataSource(inner, size, bool(getattr(bs, "drop_last", False)))
+    return _DataSource(_find_sampler(bs) or _find_sampler(getattr(loader, "sampler", None)))
+
+
+def _is_torch_batch_sampler(bs: Any) -> bool:
+    """torch's own BatchSampler (what ``DataLoader(sampler=..., batch_size=n)`` builds), not a subclass that
+    may batch differently."""
+    if "torch" not in sys.modules:
+        return False
+    from torch.utils.data import BatchSampler
+
+    return type(bs) is BatchSampler
+
+
+def _loader_len(loader: Any) -> Optional[int]:
+    """Batches in one epoch of `loader` when it can tell (len()), else None."""
+    try:
+        n = len(loader)
+    except Exception:  # noqa: BLE001  (no len, or an IterableDataset's len that raises)
+        return None
+    return n if isinstance(n, int) and n >= 0 else None
 
 
 def _plain(obj: Any) -> Any:
@@ -887,7 +1039,9 @@ class _Loop:
         self.rank = int(self.dist.global_rank())
         self.world = int(self.dist.world_size())
         self.leader = bool(self.dist.is_global_leader())
-        self.sampler, self.draws_per_batch = _stateful_sampler(loader)
+        self.source = _data_source(loader)
+        self.generator = getattr(loader, "generator", None)  # a DataLoader's own torch.Generator
+        self.sampler = self.source.sampler
         self.saver = _Saver()
         self.signal_name: Optional[str] = None
         self._sigint_count = 0
@@ -951,8 +1105,11 @@ class _Loop:
             return
         line = json_stringify(_plain(record), truncate=True)
         if self.metrics_fh is not None:
-            self.metrics_fh.write(line + "\n")
-            self.metrics_fh.flush()
+            try:
+                self.metrics_fh.write(line + "\n")
+                self.metrics_fh.flush()
+            except (OSError, ValueError) as exc:  # a full disk, a quota, /dev/full: training goes on
+                self._drop_metrics_file(exc)
         if self.cfg.metrics_stdout and not self._stdout_dead:
             out = sys.stdout
             try:
@@ -967,6 +1124,18 @@ class _Loop:
                 self._stdout_dead = True
                 log.warning("metrics on stdout stopped: %s: %s%s", type(exc).__name__, exc,
                             "" if self.metrics_fh is not None else " (no metrics_file: the metrics are not kept)")
+
+    def _drop_metrics_file(self, exc: BaseException) -> None:
+        """Stop the metrics_file copy after a failed write, with one warning naming the file."""
+        fh, self.metrics_fh = self.metrics_fh, None
+        log.warning("metrics_file %s stopped at step %d: %s: %s%s", self.cfg.metrics_file, self.step,
+                    type(exc).__name__, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+                    "" if self.cfg.metrics_stdout and not self._stdout_dead else
+                    " (metrics are not kept from now on)")
+        try:
+            fh.close()
+        except (OSError, ValueError):
+            pass  # the buffered line that failed fails again: it is dropped
 
     def _bar_call(self, fn: Callable[[], Any]) -> None:
         """Run fn on the progress bar; a bar that cannot write (stderr or stdout closed, a broken pipe: tqdm
@@ -1014,9 +1183,10 @@ class _Loop:
                      "events": [[at, cmd] for at, cmd in self.events],
                      "eval_pending": self.eval_pending_rng is not None,
                      "epoch_rng": self.epoch_rng},
-            "sampler": None if s is None else {"epoch_start": self.epoch_start_state,
-                                               "draws": self.batches_in_epoch * self.draws_per_batch},
-            "rng": _rng_state() if self.eval_pending_rng is None else self.eval_pending_rng,
+            "sampler": None if s is None else {
+                "epoch_start": self.epoch_start_state,
+                "draws": None if self.source.replay else self.batches_in_epoch * int(self.source.draws or 0)},
+            "rng": _rng_state(self.generator) if self.eval_pending_rng is None else self.eval_pending_rng,
         }
 
     def save(self, sync: bool, explicit: bool = False) -> None:
@@ -1104,6 +1274,10 @@ class _Loop:
             raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}; resume from an older "
                                   f"checkpoint (TrainConfig.resume=<its folder>) or remove this one") from exc
         _check_state(state, path)
+        loop = state["loop"]
+        self.epoch = int(loop["epoch"])
+        self.batches_in_epoch = int(loop["batches_in_epoch"])
+        self._resume_data(state.get("sampler"), loop.get("epoch_rng"), path)  # checked before the engines load
         try:
             self.engines.load_state_dict(state["engines"])
         except CheckpointError as exc:
@@ -1111,30 +1285,8 @@ class _Loop:
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path} does not fit the engines: {type(exc).__name__}: {exc}") from exc
         self.step = int(state["step"])
-        loop = state["loop"]
-        self.epoch = int(loop["epoch"])
-        self.batches_in_epoch = int(loop["batches_in_epoch"])
         self.events = [(int(at), str(cmd)) for at, cmd in loop["events"]]
         self.redo_eval = bool(loop.get("eval_pending", False))
-        samp = state.get("sampler")
-        if self.sampler is not None and samp is not None and samp.get("epoch_start") is not None:
-            self.sampler.load_state_dict(samp["epoch_start"])
-            self.epoch_start_state = samp["epoch_start"]
-            left = int(samp["draws"])
-            while left > 0:  # the position the loop reached, not where prefetching workers were
-                got = self.sampler.take(min(left, 1 << 20))
-                if len(got) == 0:
-                    break
-                left -= len(got)
-            if self._sampler_exhausted():  # saved after the epoch's last batch: the next epoch starts
-                self.epoch += 1
-                self.batches_in_epoch = 0
-        elif self.batches_in_epoch:
-            # no sampler that can seek: the first epoch's consumed batches are read again and skipped
-            self._skip = self.batches_in_epoch
-            self.skip_epoch_rng = loop.get("epoch_rng")
-            log.info("the data loader has no mlutils sampler: skipping %d batches to the resumed position",
-                     self._skip)
         self.pending_rng = state["rng"]
         later = [p for s, p in find_checkpoints(self.cfg.checkpoint_dir) if s > self.step] \
             if self.leader and self.cfg.checkpoint_dir is not None else []
@@ -1147,6 +1299,63 @@ class _Loop:
         self.resumed_from = folder
         log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)",
                  folder, self.step, self.epoch, self.batches_in_epoch)
+
+    def _resume_data(self, samp: Optional[Mapping[str, Any]], epoch_rng: Any, path: str) -> None:
+        """Put the data where the saved run was: the sampler moved to the batch the loop reached (not where
+        prefetching workers were), or, when it cannot be seeked, the epoch read again from its start with
+        that start's RNG states and the consumed batches skipped.  A position the epoch does not have (the
+        data changed) is warned about and the next epoch starts."""
+        start = samp.get("epoch_start") if samp is not None else None
+        if self.sampler is not None and start is not None:
+            try:
+                self.sampler.load_state_dict(start)
+            except (ValueError, TypeError, KeyError, OverflowError) as exc:
+                raise CheckpointError(f"{path}: its sampler state does not fit this data loader's sampler: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            self.epoch_start_state = dict(start)
+        elif self.sampler is not None and self.batches_in_epoch and self.leader:
+            log.warning("%s holds no sampler state: the sampler starts afresh and the position is found by "
+                        "reading the epoch again", path)
+        draws = samp.get("draws") if samp is not None else None
+        if self.sampler is not None and start is not None and not self.source.replay and draws is not None:
+            left = int(draws)
+            while left > 0:
+                got = self.sampler.take(min(left, 1 << 20))
+                if len(got) == 0:
+                    break
+                left -= len(got)
+            if left > 0:
+                self._past_epoch_end(path)
+            elif self._sampler_exhausted():  # saved after the epoch's last batch: the next epoch starts
+                self.epoch += 1
+                self.batches_in_epoch = 0
+            return
+        if not self.batches_in_epoch:
+            return
+        n = _loader_len(self.loader)
+        if n is not None and self.batches_in_epoch > n:
+            self._past_epoch_end(path)
+            return
+        self._skip = self.batches_in_epoch
+        self.skip_epoch_rng = epoch_rng
+        if self.leader:
+            log.info("the data loader cannot be seeked: reading its epoch %d again and skipping %d batches to "
+                     "the resumed position", self.epoch, self._skip)
+
+    def _past_epoch_end(self, path: str) -> None:
+        """The resumed position lies past the end of this loader's epoch: the next epoch starts."""
+        if self.leader:
+            log.warning("%s was saved at batch %d of epoch %d, which this data loader's epoch does not reach "
+                        "(the data changed?): training goes on from the start of epoch %d",
+                        path, self.batches_in_epoch, self.epoch, self.epoch + 1)
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        self._skip = 0
+        self.skip_epoch_rng = None
+        if self.sampler is not None:
+            if not self._sampler_exhausted():
+                self.sampler.set_epoch(int(getattr(self.sampler, "epoch", 0)) + 1)
+            self.epoch_start_state = None  # taken afresh when the next epoch starts
 
     # ---- commands
     def _gather_commands(self) -> Tuple[List[str], bool]:
@@ -1162,7 +1371,7 @@ class _Loop:
 
     def _run_command(self, line: str) -> Optional[str]:
         """Run one command now: 'quit' when the loop must stop, 'signal' when a signal cut an evaluation short."""
-        words, at, err = _parse(line)
+        words, at, err = _parse(line, self.cfg.iterations)
         if err is not None or words is None:
             if self.leader:
                 log.warning("%s", err)
@@ -1222,7 +1431,9 @@ class _Loop:
         per = sum(recent) / len(recent)
         left = max(target - self.step, 0)
         try:
-            at = time.strftime("%H:%M:%S", time.localtime(time.time() + per * left))
+            when = time.localtime(time.time() + per * left)
+            at = ("beyond the calendar" if when.tm_year > 9999 else
+                  time.strftime("%H:%M:%S" if per * left < 86400 else "%Y-%m-%d %H:%M:%S", when))
         except (OverflowError, OSError, ValueError):  # beyond what the clock can show
             at = "beyond the calendar"
         log.info("time: %.3f s/step; step %d -> %d in about %.0f s (%s)", per, self.step, target, per * left, at)
@@ -1254,7 +1465,7 @@ class _Loop:
             if self.leader:
                 log.warning("eval: no eval_fn given to train()")
             return False
-        rng_before = _rng_state()
+        rng_before = _rng_state(self.generator)
         result = self.eval_fn(self.step, self.should_stop)
         if result is not None and not isinstance(result, Mapping):
             raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a mapping of "
@@ -1303,8 +1514,8 @@ class _Loop:
     def _sampler_exhausted(self) -> bool:
         """True when the sampler cannot give the loader another batch this epoch."""
         left = self.sampler.remaining()
-        return left == 0 or (self.draws_per_batch > 1 and bool(getattr(self.loader, "drop_last", False))
-                             and left < self.draws_per_batch)
+        draws = self.source.draws or 1
+        return left == 0 or (draws > 1 and self.source.drop_last and left < draws)
 
     def _epoch_start(self) -> None:
         """Move an exhausted sampler to its next epoch and remember its state there."""
@@ -1328,11 +1539,13 @@ class _Loop:
                 self.step = self.engines.global_step
             self._open_metrics()  # before any command: an evaluation at the start is logged there too
             start_outcome: Optional[str] = None
-            if self.redo_eval and self.step >= self.cfg.iterations:  # no step left: the evaluation only
+            if self.step >= self.cfg.iterations and self.resumed_from is not None:
+                # no step left: the saved RNG states are restored all the same (what the script draws after
+                # train() matches an uninterrupted run), and an evaluation a signal cut short runs again
                 if self._at_resumed_position():
                     start_outcome = "signal"
             for line in self.cfg.events:
-                at = _parse(line)[1]
+                at = _parse(line, self.cfg.iterations)[1]
                 if at is not None and at == self.step and self.resumed_from is not None:
                     continue  # the run that wrote this checkpoint ran it before saving
                 r = self._run_command(line)
@@ -1402,9 +1615,23 @@ class _Loop:
         """The resumed run is where the saved one stopped: the RNG states it saved are restored now,
         then the evaluation a signal cut short there runs again; True if a signal cuts it short again."""
         if self.pending_rng is not None:
-            _set_rng_state(self.pending_rng)
+            _set_rng_state(self.pending_rng, self.generator)
             self.pending_rng = None
         return self._redo_eval()
+
+    def _seed_draw_of_reused_iterator(self) -> None:
+        """A DataLoader with persistent workers builds its iterator once, drawing the workers' base seed
+        from torch's RNG, and later epochs reuse it without that draw; a resumed process builds a new one
+        and draws.  The draw is made here for a reused iterator too, so both runs draw the same at every
+        epoch start (the shuffle order, and everything drawn after, then match)."""
+        ld = self.loader
+        if not (getattr(ld, "persistent_workers", False) and getattr(ld, "num_workers", 0)
+                and getattr(ld, "_iterator", None) is not None):
+            return
+        import torch
+
+        gen = self.generator if isinstance(self.generator, torch.Generator) else None
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
 
     def _epochs(self) -> str:
         while True:
@@ -1417,12 +1644,13 @@ class _Loop:
             elif self._skip and self.skip_epoch_rng is not None:
                 # a loader that cannot seek is read again from the start of the epoch: with the RNG states
                 # it started from, it draws the same order (torch's RandomSampler) and worker seeds
-                _set_rng_state(self.skip_epoch_rng)
+                _set_rng_state(self.skip_epoch_rng, self.generator)
             self.skip_epoch_rng = None
             if getattr(self.loader, "num_workers", 0) and self.saver.busy():
                 # workers are forked now: no writer thread may hold a lock (a stream's, logging's) across it
                 self.saver.wait()
-            self.epoch_rng = _rng_state() if self.sampler is None else None
+            self.epoch_rng = _rng_state(self.generator) if self.source.replay else None
+            self._seed_draw_of_reused_iterator()
             it = iter(self.loader)
             if self.pending_rng is not None and not self._skip:
                 if self._at_resumed_position():
@@ -1452,6 +1680,11 @@ class _Loop:
                 outcome = self._boundary()
                 if outcome is not None:
                     return outcome
+            if self._skip:  # the epoch ended before the resumed position (a loader without len())
+                self._past_epoch_end(self.resumed_from or "the checkpoint")
+                if self.pending_rng is not None and self._at_resumed_position():
+                    return "signal"
+                continue
             if got == 0 and self.batches_in_epoch == 0:
                 raise ValueError("the data loader yielded no batch in a whole epoch: nothing to train on")
             self.epoch += 1

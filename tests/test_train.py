@@ -129,6 +129,7 @@ def test_commands_through_a_pipe(tmp_path):
     r.send("export")
     r.send("time")
     r.send("time to 500")
+    r.send("quit@90000")
     r.send("quit@100000000")
     r.send("event show")
     r.wait_for(lambda: any("events:" in e for e in r.err))
@@ -148,7 +149,8 @@ def test_commands_through_a_pipe(tmp_path):
     assert "unknown command 'frobnicate 3'" in err
     assert "lr needs a number, got 'fast'" in err
     assert "time:" in err and "s/step" in err
-    assert "scheduled 'quit' at step 100000000" in err
+    assert "scheduled 'quit' at step 90000" in err
+    assert "bad step in 'quit@100000000': past the last step (100000, TrainConfig.iterations)" in err
     saved = mt.find_checkpoints(str(ck))
     assert len(saved) == 2 and saved[-1][0] == res["step"] and saved[0][0] < res["step"]
     assert res["checkpoint"] == saved[-1][1]

@@ -74,15 +74,20 @@ def test_stdin_dev_zero_keeps_training(tmp_path, stdin_from):
 
 
 def test_odd_time_commands_are_refused_not_fatal(tmp_path, stdin_from, caplog):
-    """'time to ²' passed str.isdigit() but not int(); a target a clock cannot show overflowed localtime()."""
-    stdin_from(b"time to \xc2\xb2\ntime to 99999999999999999999999999\ntime to -5\ntime to 3\nquit\n")
+    """'time to ²' passed str.isdigit() but not int(); a target a clock cannot show overflowed localtime();
+    a target past what a checkpoint can hold is refused."""
+    last = (1 << 63) - 1
+    stdin_from(f"time to \u00b2\ntime to 99999999999999999999999999\ntime to -5\ntime to 3\ntime to {last}\n"
+               f"quit\n".encode())
     with caplog.at_level(logging.INFO, logger="mlutils.train"):
-        res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=50, read_commands=True))
+        res = mt.train(range(100), CountEngine(), config=cfg(tmp_path, iterations=last, read_commands=True))
     assert res.status == "quit" and res.step == 1
     msgs = [r.getMessage() for r in caplog.records]
-    assert any("unknown command 'time to \u00b2'" in m for m in msgs)
-    assert any("unknown command 'time to -5'" in m for m in msgs)
-    assert sum("time:" in m for m in msgs) == 2
+    assert any("bad step in 'time to \u00b2': '\u00b2' is not a whole number" in m for m in msgs)
+    assert any("bad step in 'time to -5': '-5' is not a whole number" in m for m in msgs)
+    assert any("bad step in 'time to 99999999999999999999999999': past the last step" in m for m in msgs)
+    times = [m for m in msgs if m.startswith("time:")]
+    assert len(times) == 2 and times[1].endswith("(beyond the calendar)")
 
 
 def test_save_command_without_checkpoint_dir_says_so(stdin_from, caplog):
