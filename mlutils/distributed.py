@@ -25,10 +25,14 @@ Open MPI    OMPI_COMM_WORLD_    OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE     O
 ==========  ==================  ====================  =======================  ===========================
 
 Defaults: rank 0, local rank 0, world size 1, local world size 1 (at least
-local rank + 1).  Every value is checked: not an integer, negative, a rank not
-below the world size, or a local world larger than the world raises
-:class:`ValueError` naming the variable.  Once ``torch.distributed`` is initialised,
-:func:`global_rank` and :func:`world_size` come from it.
+local rank + 1).  Every value is checked: not an integer, negative, over
+2**31 - 1 (torch's ranks are 32-bit), a rank not below the world size, or a
+local world larger than the world raises :class:`ValueError` naming the
+variable.  SLURM's compressed task lists (``2(x3),1``) are read group by group
+with running sums, never expanded; a list over 64 KiB, naming over a million
+nodes or giving a node no task is refused the same way.  Once
+``torch.distributed`` is initialised, :func:`global_rank` and
+:func:`world_size` come from it.
 """
 from __future__ import annotations
 
@@ -90,40 +94,80 @@ class DistributedTimeoutError(DistributedError, TimeoutError):
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def _int_var(name: str, minimum: int) -> Optional[int]:
-    """The integer in environment variable ``name`` (None when unset or empty)."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    text = raw.strip()
+#: torch keeps ranks and world sizes in 32-bit ints.
+_MAX_RANK = 2 ** 31 - 1
+#: The most nodes a SLURM task list may name, and its longest text: SLURM
+#: compresses runs of equal counts (``8(x4096)``), so a real list is short.
+_SLURM_MAX_NODES = 1_000_000
+_SLURM_MAX_TEXT = 65536
+_SLURM_GROUP = re.compile(r"\s*([0-9]+)(?:\(x([0-9]+)\))?\s*")
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``repr(text)`` for a message, an overlong text cut short (its length said)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit // 2]!r}... ({len(text)} characters)"
+
+
+def _checked_int(text: str, what: str, minimum: int, maximum: int) -> int:
+    """The integer ``text`` (ASCII digits, an optional sign) within [minimum, maximum].
+
+    ``what`` starts the ValueError's message.  The number is compared without
+    converting more digits than the bounds need (int() refuses over 4300).
+    """
+    text = text.strip()
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer")
-    value = int(text)
+        raise ValueError(f"{what} is not an integer")
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    sign = -1 if text.startswith("-") else 1
+    # Beyond 18 digits the value is past any bound here: only its sign matters.
+    value = sign * (int(digits) if len(digits) <= 18 else 10 ** 18)
     if value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r} must be >= {minimum}")
+        raise ValueError(f"{what} must be >= {minimum}")
+    if value > maximum:
+        raise ValueError(f"{what} must be <= {maximum}")
     return value
 
 
-def _slurm_tasks_per_node(name: str) -> Optional[int]:
-    """This node's task count from a SLURM list such as ``4(x2),3`` (indexed by SLURM_NODEID)."""
+def _int_var(name: str, minimum: int, maximum: int = _MAX_RANK) -> Optional[int]:
+    """The integer in environment variable ``name`` (None when unset or empty), within the bounds."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return None
-    counts = []
-    for part in raw.strip().split(","):
-        m = re.fullmatch(r"\s*([0-9]+)(?:\(x([0-9]+)\))?\s*", part)
-        if not m:
-            raise ValueError(f"environment variable {name}={raw!r} is not a SLURM task list like '4(x2),3'")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-        if len(counts) > 1_000_000:
-            raise ValueError(f"environment variable {name}={raw!r} names too many nodes")
+    return _checked_int(raw, f"environment variable {name}={_cut(raw)}", minimum, maximum)
+
+
+def _slurm_tasks_per_node(name: str) -> Optional[int]:
+    """This node's task count from a SLURM list such as ``4(x2),3`` (indexed by SLURM_NODEID).
+
+    The list is read group by group with a running count of the nodes named so
+    far, never expanded: its text, each count and the nodes in all are bounded.
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    shown = f"environment variable {name}={_cut(raw)}"
+    if len(raw) > _SLURM_MAX_TEXT:
+        raise ValueError(f"{shown} is longer than a SLURM task list can be ({_SLURM_MAX_TEXT} characters)")
     node = _int_var("SLURM_NODEID", 0) or 0
-    if node >= len(counts):
-        raise ValueError(
-            f"environment variable SLURM_NODEID={node} is past the {len(counts)} node(s) of {name}={raw!r}")
-    if counts[node] < 1:
-        raise ValueError(f"environment variable {name}={raw!r} gives node {node} no task")
-    return counts[node]
+    nodes = 0  # nodes named by the groups read so far
+    count = None  # this node's tasks, once its group is read
+    for part in raw.split(","):
+        m = _SLURM_GROUP.fullmatch(part)
+        if not m:
+            raise ValueError(f"{shown} is not a SLURM task list like '4(x2),3' (at {_cut(part.strip())})")
+        group = f"{shown}: group {_cut(part.strip())}"
+        tasks = _checked_int(m.group(1), f"{group}: the task count", 1, _MAX_RANK)
+        repeat = _checked_int(m.group(2) or "1", f"{group}: the node count", 1, _SLURM_MAX_NODES)
+        if nodes + repeat > _SLURM_MAX_NODES:
+            raise ValueError(f"{shown} names more than {_SLURM_MAX_NODES} nodes")
+        if nodes <= node < nodes + repeat:
+            count = tasks
+        nodes += repeat
+    if count is None:
+        raise ValueError(f"environment variable SLURM_NODEID={node} is past the {nodes} node(s) of {name}={_cut(raw)}")
+    return count
 
 
 class _LauncherEnv(NamedTuple):
