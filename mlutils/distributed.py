@@ -448,10 +448,15 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
             f"init_distributed: {world} processes ({launcher}) but MASTER_ADDR/MASTER_PORT are not set; "
             "torchrun sets them, under SLURM export them in the job script, e.g. "
             "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500")
+    port = _int_var("MASTER_PORT", 0, 65535)
+    if port == 0 and world > 1:
+        raise ValueError(
+            f"environment variable MASTER_PORT=0 lets rank 0 listen on any port, which the other {world - 1} "
+            "rank(s) cannot know: set the same fixed port (e.g. 29500) on every rank")
     _set_device(torch)
     backend = "nccl" if _cuda_usable(torch) else "gloo"
     extra = {} if td is None else {"timeout": td}
-    where = f"{master_addr}:{os.environ.get('MASTER_PORT')}"
+    where = f"{master_addr}:{port}"
     start = time.monotonic()
     try:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **extra)

@@ -1,6 +1,6 @@
 """mlutils.distributed: hostile launcher values.  SLURM's compressed task lists
-are read arithmetically (never expanded), and every rank, world size and task
-list that is not usable raises ValueError naming the variable,
+are read arithmetically (never expanded), and every rank, world size, task
+list and MASTER_PORT that is not usable raises ValueError naming the variable,
 in bounded time and memory, with a message of bounded length."""
 import json
 import os
@@ -138,3 +138,27 @@ def test_largest_rank_torch_takes_is_accepted(env):
     top = 2 ** 31 - 1
     env(RANK=top - 1, WORLD_SIZE=top, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1)
     assert (D.global_rank(), D.world_size()) == (top - 1, top)
+
+
+# ---------------------------------------------------------------- MASTER_PORT
+
+@pytest.mark.parametrize("port", ["abc", "70000", "-1", "0", "9" * 5000, "29500x"],
+                         ids=["abc", "70000", "-1", "0", "5000-digits", "29500x"])
+def test_bad_master_port_raises_before_any_rendezvous(env, port):
+    pytest.importorskip("torch")
+    # Port 0 lets rank 0 listen anywhere: the other ranks could never find it.
+    env(RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    with pytest.raises(ValueError, match="MASTER_PORT") as info:
+        D.init_distributed(timeout=3)
+    assert len(str(info.value)) < 400
+    assert not D.distributed_initialized()
+
+
+def test_master_port_zero_is_fine_for_one_process(env):
+    pytest.importorskip("torch")
+    env(MASTER_ADDR="127.0.0.1", MASTER_PORT=0)
+    try:
+        D.init_distributed(timeout=30)
+        assert D.distributed_initialized() and D.world_size() == 1
+    finally:
+        D.cleanup_distributed()
