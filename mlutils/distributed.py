@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
 import re
 import socket
 import sys
@@ -509,9 +510,16 @@ def ddp_model(model: Any, **kwargs: Any) -> Any:
     return DistributedDataParallel(model, **kwargs)
 
 
-def _on_cuda(dist) -> bool:
-    backend = str(dist.get_backend())
+def _on_cuda(dist, group: Any = None) -> bool:
+    backend = str(dist.get_backend(group))
     return backend == "nccl"
+
+
+def _device(dist, group: Any = None):
+    """Where the tensors of a collective over ``group`` live: the current CUDA device under NCCL, else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist, group) else torch.device("cpu")
 
 
 def _group_for(what: str):
@@ -541,8 +549,93 @@ def barrier() -> None:
         dist.barrier()
 
 
+# A collective whose input is made on one rank (pickled, asked of NCCL, ...) can
+# fail there before anything is sent.  That rank must still take part, saying
+# that it failed, or every other rank waits out the whole process-group
+# timeout (or, worse, pairs with the next collective): so the failure travels
+# in the same collectives as the answer and every rank raises at once.
+
+_SENT, _FAILED = 1, 2  # header of _broadcast_bytes: the payload is the bytes / the error's text
+_ERROR_TEXT_MAX = 2000
+
+
+def _error_text(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= _ERROR_TEXT_MAX else text[:_ERROR_TEXT_MAX] + "..."
+
+
+def _broadcast_bytes(dist, produce: Callable[[], bytes], src: int, group: Any, what: str, failure: str) -> bytes:
+    """``produce()`` run on global rank ``src`` only, its bytes returned on every rank of ``group``.
+
+    The source runs ``produce`` first, then broadcasts a header (sent or
+    failed, length) and the payload: the bytes, or the text of produce's
+    exception.  When produce fails every rank raises :class:`DistributedError`
+    ("{what}: rank {src} {failure}: {error}"; on the source the exception is
+    chained), and the group stays in step.
+    """
+    import torch
+
+    device = _device(dist, group)
+    is_src = dist.get_rank() == src
+    error: Optional[Exception] = None
+    payload = b""
+    header = torch.zeros(2, dtype=torch.int64)
+    if is_src:
+        try:
+            payload = bytes(produce())
+            header[0] = _SENT
+        except Exception as e:  # anything produce raises is reported to every rank
+            error = e
+            payload = _error_text(e).encode("utf-8", "replace")
+            header[0] = _FAILED
+        header[1] = len(payload)
+    header = header.to(device)
+    dist.broadcast(header, src=src, group=group)
+    status, length = (int(v) for v in header.tolist())
+    if status not in (_SENT, _FAILED) or length < 0:
+        raise DistributedError(
+            f"{what}: rank {src} sent no header of this call (read {status}, {length}); "
+            "do all ranks call the same collectives in the same order?")
+    if length:
+        if is_src:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        else:
+            data = torch.empty(length, dtype=torch.uint8, device=device)
+        dist.broadcast(data, src=src, group=group)
+        if not is_src:
+            payload = data.cpu().numpy().tobytes()
+    if status == _FAILED:
+        raise DistributedError(f"{what}: rank {src} {failure}: {payload.decode('utf-8', 'replace')}") from error
+    return payload
+
+
+def _agree(dist, group: Any, error: Optional[BaseException], what: str, failure: str,
+           exc_type: Optional[type] = None) -> None:
+    """Raise on every rank of ``group`` when ``error`` is set on any of them (one all_reduce).
+
+    The message names the lowest failing global rank ("{what}: {failure} on
+    rank N"), with this rank's own error when it failed (chained).
+    """
+    import torch
+
+    exc_type = exc_type or DistributedError
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = torch.tensor([world - rank if error is not None else 0], dtype=torch.int64, device=_device(dist, group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    failed = int(t.item())
+    if failed:
+        msg = f"{what}: {failure} on rank {world - failed}"
+        if error is not None:
+            msg += f" (on this rank, {rank}: {_error_text(error)})"
+        raise exc_type(msg) from error
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Return rank ``src``'s ``obj`` on every rank (pickled; identity for one process)."""
+    """Return rank ``src``'s ``obj`` on every rank (pickled; identity for one process).
+
+    An object that cannot be pickled raises :class:`DistributedError` on every
+    rank at once, naming ``src`` and pickle's error (chained on ``src``).
+    """
     if isinstance(src, bool) or not isinstance(src, int):
         raise TypeError(f"broadcast_object: src must be an int rank, got {type(src).__name__}")
     dist = _group_for("broadcast_object")
@@ -551,22 +644,45 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         raise ValueError(f"broadcast_object: src={src} is not a rank of a world of {world}")
     if dist is None:
         return obj
-    box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    rank = dist.get_rank()
+    payload = _broadcast_bytes(dist, lambda: pickle.dumps(obj), src, None,
+                               "broadcast_object", "could not pickle the object")
+    if rank == src:
+        return obj
+    try:
+        return pickle.loads(payload)
+    except Exception as e:
+        raise DistributedError(
+            f"broadcast_object: the object from rank {src} could not be unpickled on rank {rank}: "
+            f"{_error_text(e)}") from e
 
 
 def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
-    value = bool(flag)
     dist = _group_for(what)
     if dist is None:
-        return value
+        return bool(flag)
     import torch
 
-    device = torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist) else torch.device("cpu")
-    t = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.MIN)
-    return bool(t.item())
+    error: Optional[Exception] = None
+    try:
+        value = bool(flag)
+    except Exception as e:  # e.g. a tensor or array of several elements: reported to every rank
+        error, value = e, False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # One all_reduce(MAX) of [witness, failure]: any_rank is the MAX of the
+    # flags, all_ranks the negation of the MAX of their negations; the failure
+    # is world - rank on a failing rank, so its MAX names the lowest of them.
+    witness = value if maximum else not value
+    t = torch.tensor([1 if witness else 0, world - rank if error is not None else 0],
+                     dtype=torch.int32, device=_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    seen, failed = (int(v) for v in t.tolist())
+    if failed:
+        msg = f"{what}: the flag on rank {world - failed} has no truth value"
+        if error is not None:
+            msg += f" (on this rank, {rank}: {_error_text(error)})"
+        raise DistributedError(msg) from error
+    return bool(seen) if maximum else not seen
 
 
 def any_rank(flag: Any) -> bool:
@@ -679,23 +795,32 @@ class Communicator:
     def exchange_unique_id(group: Any = None) -> bytes:
         """Make an id on the group's first rank and return it on every rank of ``group``."""
         _torch, dist = _import_torch_dist("Communicator")
+        what = "Communicator.exchange_unique_id"
         if not dist.is_initialized():
-            raise DistributedError("Communicator.from_process_group: torch.distributed is not initialised; "
+            raise DistributedError(f"{what}: torch.distributed is not initialised; "
                                    "call mlutils.distributed.init_distributed() first")
-        nccl_library()
+        if group is not None and dist.get_rank(group) < 0:
+            raise DistributedError(f"{what}: rank {dist.get_rank()} is not in the group; "
+                                   "call it on the group's ranks only")
         src = 0 if group is None else dist.get_global_rank(group, 0)
-        uid = Communicator.unique_id() if dist.get_rank() == src else None
-        box = [uid]
-        dist.broadcast_object_list(box, src=src, group=group)
-        uid = box[0]
-        if not isinstance(uid, bytes) or len(uid) != 128:
-            raise DistributedError(f"the NCCL unique id received from rank {src} is not 128 bytes")
+        # NCCL is needed on every rank: one rank without it stops all of them,
+        # with the same exception everywhere (so they take the same branch).
+        error: Optional[Exception] = None
+        try:
+            nccl_library()
+        except Exception as e:
+            error = e
+        _agree(dist, group, error, what, "NCCL could not be loaded", NcclUnavailableError)
+        uid = _broadcast_bytes(dist, Communicator.unique_id, src, group, what, "could not make the NCCL unique id")
+        if len(uid) != 128:
+            raise DistributedError(f"{what}: the NCCL unique id received from rank {src} is {len(uid)} bytes, not 128")
         return uid
 
     @classmethod
     def from_process_group(cls, group: Any = None, timeout: Union[float, timedelta, None] = None) -> "Communicator":
         """One communicator over the ranks of a torch.distributed ``group`` (default: the world)."""
         _torch, dist = _import_torch_dist("Communicator")
+        _as_timedelta(timeout)  # a bad timeout is refused before any rank waits for another
         uid = cls.exchange_unique_id(group)
         return cls.from_unique_id(uid, dist.get_rank(group), dist.get_world_size(group), timeout=timeout)
 
