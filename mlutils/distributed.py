@@ -25,16 +25,21 @@ Open MPI    OMPI_COMM_WORLD_    OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE     O
 ==========  ==================  ====================  =======================  ===========================
 
 Defaults: rank 0, local rank 0, world size 1, local world size 1 (at least
-local rank + 1).  Every value is checked: not an integer, negative, a rank not
-below the world size, or a local world larger than the world raises
-:class:`ValueError` naming the variable.  Once ``torch.distributed`` is initialised,
-:func:`global_rank` and :func:`world_size` come from it.
+local rank + 1).  Every value is checked: not an integer, negative, over
+2**31 - 1 (torch's ranks are 32-bit), a rank not below the world size, or a
+local world larger than the world raises :class:`ValueError` naming the
+variable.  SLURM's compressed task lists (``2(x3),1``) are read group by group
+with running sums, never expanded; a list over 64 KiB, naming over a million
+nodes or giving a node no task is refused the same way.  Once
+``torch.distributed`` is initialised, :func:`global_rank` and
+:func:`world_size` come from it.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import pickle
 import re
 import socket
 import sys
@@ -90,40 +95,80 @@ class DistributedTimeoutError(DistributedError, TimeoutError):
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def _int_var(name: str, minimum: int) -> Optional[int]:
-    """The integer in environment variable ``name`` (None when unset or empty)."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    text = raw.strip()
+#: torch keeps ranks and world sizes in 32-bit ints.
+_MAX_RANK = 2 ** 31 - 1
+#: The most nodes a SLURM task list may name, and its longest text: SLURM
+#: compresses runs of equal counts (``8(x4096)``), so a real list is short.
+_SLURM_MAX_NODES = 1_000_000
+_SLURM_MAX_TEXT = 65536
+_SLURM_GROUP = re.compile(r"\s*([0-9]+)(?:\(x([0-9]+)\))?\s*")
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``repr(text)`` for a message, an overlong text cut short (its length said)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit // 2]!r}... ({len(text)} characters)"
+
+
+def _checked_int(text: str, what: str, minimum: int, maximum: int) -> int:
+    """The integer ``text`` (ASCII digits, an optional sign) within [minimum, maximum].
+
+    ``what`` starts the ValueError's message.  The number is compared without
+    converting more digits than the bounds need (int() refuses over 4300).
+    """
+    text = text.strip()
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer")
-    value = int(text)
+        raise ValueError(f"{what} is not an integer")
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    sign = -1 if text.startswith("-") else 1
+    # Beyond 18 digits the value is past any bound here: only its sign matters.
+    value = sign * (int(digits) if len(digits) <= 18 else 10 ** 18)
     if value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r} must be >= {minimum}")
+        raise ValueError(f"{what} must be >= {minimum}")
+    if value > maximum:
+        raise ValueError(f"{what} must be <= {maximum}")
     return value
 
 
-def _slurm_tasks_per_node(name: str) -> Optional[int]:
-    """This node's task count from a SLURM list such as ``4(x2),3`` (indexed by SLURM_NODEID)."""
+def _int_var(name: str, minimum: int, maximum: int = _MAX_RANK) -> Optional[int]:
+    """The integer in environment variable ``name`` (None when unset or empty), within the bounds."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return None
-    counts = []
-    for part in raw.strip().split(","):
-        m = re.fullmatch(r"\s*([0-9]+)(?:\(x([0-9]+)\))?\s*", part)
-        if not m:
-            raise ValueError(f"environment variable {name}={raw!r} is not a SLURM task list like '4(x2),3'")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-        if len(counts) > 1_000_000:
-            raise ValueError(f"environment variable {name}={raw!r} names too many nodes")
+    return _checked_int(raw, f"environment variable {name}={_cut(raw)}", minimum, maximum)
+
+
+def _slurm_tasks_per_node(name: str) -> Optional[int]:
+    """This node's task count from a SLURM list such as ``4(x2),3`` (indexed by SLURM_NODEID).
+
+    The list is read group by group with a running count of the nodes named so
+    far, never expanded: its text, each count and the nodes in all are bounded.
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    shown = f"environment variable {name}={_cut(raw)}"
+    if len(raw) > _SLURM_MAX_TEXT:
+        raise ValueError(f"{shown} is longer than a SLURM task list can be ({_SLURM_MAX_TEXT} characters)")
     node = _int_var("SLURM_NODEID", 0) or 0
-    if node >= len(counts):
-        raise ValueError(
-            f"environment variable SLURM_NODEID={node} is past the {len(counts)} node(s) of {name}={raw!r}")
-    if counts[node] < 1:
-        raise ValueError(f"environment variable {name}={raw!r} gives node {node} no task")
-    return counts[node]
+    nodes = 0  # nodes named by the groups read so far
+    count = None  # this node's tasks, once its group is read
+    for part in raw.split(","):
+        m = _SLURM_GROUP.fullmatch(part)
+        if not m:
+            raise ValueError(f"{shown} is not a SLURM task list like '4(x2),3' (at {_cut(part.strip())})")
+        group = f"{shown}: group {_cut(part.strip())}"
+        tasks = _checked_int(m.group(1), f"{group}: the task count", 1, _MAX_RANK)
+        repeat = _checked_int(m.group(2) or "1", f"{group}: the node count", 1, _SLURM_MAX_NODES)
+        if nodes + repeat > _SLURM_MAX_NODES:
+            raise ValueError(f"{shown} names more than {_SLURM_MAX_NODES} nodes")
+        if nodes <= node < nodes + repeat:
+            count = tasks
+        nodes += repeat
+    if count is None:
+        raise ValueError(f"environment variable SLURM_NODEID={node} is past the {nodes} node(s) of {name}={_cut(raw)}")
+    return count
 
 
 class _LauncherEnv(NamedTuple):
@@ -404,10 +449,15 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
             f"init_distributed: {world} processes ({launcher}) but MASTER_ADDR/MASTER_PORT are not set; "
             "torchrun sets them, under SLURM export them in the job script, e.g. "
             "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500")
+    port = _int_var("MASTER_PORT", 0, 65535)
+    if port == 0 and world > 1:
+        raise ValueError(
+            f"environment variable MASTER_PORT=0 lets rank 0 listen on any port, which the other {world - 1} "
+            "rank(s) cannot know: set the same fixed port (e.g. 29500) on every rank")
     _set_device(torch)
     backend = "nccl" if _cuda_usable(torch) else "gloo"
     extra = {} if td is None else {"timeout": td}
-    where = f"{master_addr}:{os.environ.get('MASTER_PORT')}"
+    where = f"{master_addr}:{port}"
     start = time.monotonic()
     try:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **extra)
@@ -460,9 +510,16 @@ def ddp_model(model: Any, **kwargs: Any) -> Any:
     return DistributedDataParallel(model, **kwargs)
 
 
-def _on_cuda(dist) -> bool:
-    backend = str(dist.get_backend())
+def _on_cuda(dist, group: Any = None) -> bool:
+    backend = str(dist.get_backend(group))
     return backend == "nccl"
+
+
+def _device(dist, group: Any = None):
+    """Where the tensors of a collective over ``group`` live: the current CUDA device under NCCL, else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist, group) else torch.device("cpu")
 
 
 def _group_for(what: str):
@@ -492,8 +549,93 @@ def barrier() -> None:
         dist.barrier()
 
 
+# A collective whose input is made on one rank (pickled, asked of NCCL, ...) can
+# fail there before anything is sent.  That rank must still take part, saying
+# that it failed, or every other rank waits out the whole process-group
+# timeout (or, worse, pairs with the next collective): so the failure travels
+# in the same collectives as the answer and every rank raises at once.
+
+_SENT, _FAILED = 1, 2  # header of _broadcast_bytes: the payload is the bytes / the error's text
+_ERROR_TEXT_MAX = 2000
+
+
+def _error_text(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= _ERROR_TEXT_MAX else text[:_ERROR_TEXT_MAX] + "..."
+
+
+def _broadcast_bytes(dist, produce: Callable[[], bytes], src: int, group: Any, what: str, failure: str) -> bytes:
+    """``produce()`` run on global rank ``src`` only, its bytes returned on every rank of ``group``.
+
+    The source runs ``produce`` first, then broadcasts a header (sent or
+    failed, length) and the payload: the bytes, or the text of produce's
+    exception.  When produce fails every rank raises :class:`DistributedError`
+    ("{what}: rank {src} {failure}: {error}"; on the source the exception is
+    chained), and the group stays in step.
+    """
+    import torch
+
+    device = _device(dist, group)
+    is_src = dist.get_rank() == src
+    error: Optional[Exception] = None
+    payload = b""
+    header = torch.zeros(2, dtype=torch.int64)
+    if is_src:
+        try:
+            payload = bytes(produce())
+            header[0] = _SENT
+        except Exception as e:  # anything produce raises is reported to every rank
+            error = e
+            payload = _error_text(e).encode("utf-8", "replace")
+            header[0] = _FAILED
+        header[1] = len(payload)
+    header = header.to(device)
+    dist.broadcast(header, src=src, group=group)
+    status, length = (int(v) for v in header.tolist())
+    if status not in (_SENT, _FAILED) or length < 0:
+        raise DistributedError(
+            f"{what}: rank {src} sent no header of this call (read {status}, {length}); "
+            "do all ranks call the same collectives in the same order?")
+    if length:
+        if is_src:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        else:
+            data = torch.empty(length, dtype=torch.uint8, device=device)
+        dist.broadcast(data, src=src, group=group)
+        if not is_src:
+            payload = data.cpu().numpy().tobytes()
+    if status == _FAILED:
+        raise DistributedError(f"{what}: rank {src} {failure}: {payload.decode('utf-8', 'replace')}") from error
+    return payload
+
+
+def _agree(dist, group: Any, error: Optional[BaseException], what: str, failure: str,
+           exc_type: Optional[type] = None) -> None:
+    """Raise on every rank of ``group`` when ``error`` is set on any of them (one all_reduce).
+
+    The message names the lowest failing global rank ("{what}: {failure} on
+    rank N"), with this rank's own error when it failed (chained).
+    """
+    import torch
+
+    exc_type = exc_type or DistributedError
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = torch.tensor([world - rank if error is not None else 0], dtype=torch.int64, device=_device(dist, group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    failed = int(t.item())
+    if failed:
+        msg = f"{what}: {failure} on rank {world - failed}"
+        if error is not None:
+            msg += f" (on this rank, {rank}: {_error_text(error)})"
+        raise exc_type(msg) from error
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Return rank ``src``'s ``obj`` on every rank (pickled; identity for one process)."""
+    """Return rank ``src``'s ``obj`` on every rank (pickled; identity for one process).
+
+    An object that cannot be pickled raises :class:`DistributedError` on every
+    rank at once, naming ``src`` and pickle's error (chained on ``src``).
+    """
     if isinstance(src, bool) or not isinstance(src, int):
         raise TypeError(f"broadcast_object: src must be an int rank, got {type(src).__name__}")
     dist = _group_for("broadcast_object")
@@ -502,22 +644,45 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         raise ValueError(f"broadcast_object: src={src} is not a rank of a world of {world}")
     if dist is None:
         return obj
-    box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    rank = dist.get_rank()
+    payload = _broadcast_bytes(dist, lambda: pickle.dumps(obj), src, None,
+                               "broadcast_object", "could not pickle the object")
+    if rank == src:
+        return obj
+    try:
+        return pickle.loads(payload)
+    except Exception as e:
+        raise DistributedError(
+            f"broadcast_object: the object from rank {src} could not be unpickled on rank {rank}: "
+            f"{_error_text(e)}") from e
 
 
 def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
-    value = bool(flag)
     dist = _group_for(what)
     if dist is None:
-        return value
+        return bool(flag)
     import torch
 
-    device = torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist) else torch.device("cpu")
-    t = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.MIN)
-    return bool(t.item())
+    error: Optional[Exception] = None
+    try:
+        value = bool(flag)
+    except Exception as e:  # e.g. a tensor or array of several elements: reported to every rank
+        error, value = e, False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # One all_reduce(MAX) of [witness, failure]: any_rank is the MAX of the
+    # flags, all_ranks the negation of the MAX of their negations; the failure
+    # is world - rank on a failing rank, so its MAX names the lowest of them.
+    witness = value if maximum else not value
+    t = torch.tensor([1 if witness else 0, world - rank if error is not None else 0],
+                     dtype=torch.int32, device=_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    seen, failed = (int(v) for v in t.tolist())
+    if failed:
+        msg = f"{what}: the flag on rank {world - failed} has no truth value"
+        if error is not None:
+            msg += f" (on this rank, {rank}: {_error_text(error)})"
+        raise DistributedError(msg) from error
+    return bool(seen) if maximum else not seen
 
 
 def any_rank(flag: Any) -> bool:
@@ -630,23 +795,32 @@ class Communicator:
     def exchange_unique_id(group: Any = None) -> bytes:
         """Make an id on the group's first rank and return it on every rank of ``group``."""
         _torch, dist = _import_torch_dist("Communicator")
+        what = "Communicator.exchange_unique_id"
         if not dist.is_initialized():
-            raise DistributedError("Communicator.from_process_group: torch.distributed is not initialised; "
+            raise DistributedError(f"{what}: torch.distributed is not initialised; "
                                    "call mlutils.distributed.init_distributed() first")
-        nccl_library()
+        if group is not None and dist.get_rank(group) < 0:
+            raise DistributedError(f"{what}: rank {dist.get_rank()} is not in the group; "
+                                   "call it on the group's ranks only")
         src = 0 if group is None else dist.get_global_rank(group, 0)
-        uid = Communicator.unique_id() if dist.get_rank() == src else None
-        box = [uid]
-        dist.broadcast_object_list(box, src=src, group=group)
-        uid = box[0]
-        if not isinstance(uid, bytes) or len(uid) != 128:
-            raise DistributedError(f"the NCCL unique id received from rank {src} is not 128 bytes")
+        # NCCL is needed on every rank: one rank without it stops all of them,
+        # with the same exception everywhere (so they take the same branch).
+        error: Optional[Exception] = None
+        try:
+            nccl_library()
+        except Exception as e:
+            error = e
+        _agree(dist, group, error, what, "NCCL could not be loaded", NcclUnavailableError)
+        uid = _broadcast_bytes(dist, Communicator.unique_id, src, group, what, "could not make the NCCL unique id")
+        if len(uid) != 128:
+            raise DistributedError(f"{what}: the NCCL unique id received from rank {src} is {len(uid)} bytes, not 128")
         return uid
 
     @classmethod
     def from_process_group(cls, group: Any = None, timeout: Union[float, timedelta, None] = None) -> "Communicator":
         """One communicator over the ranks of a torch.distributed ``group`` (default: the world)."""
         _torch, dist = _import_torch_dist("Communicator")
+        _as_timedelta(timeout)  # a bad timeout is refused before any rank waits for another
         uid = cls.exchange_unique_id(group)
         return cls.from_unique_id(uid, dist.get_rank(group), dist.get_world_size(group), timeout=timeout)
 

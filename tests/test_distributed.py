@@ -286,6 +286,35 @@ def _child_env(**extra):
     return e
 
 
+def run_ranks(script, world, args=(), rank_env=None, timeout=60):
+    """Start ``script`` once per rank (RANK, WORLD_SIZE, ... set as torchrun would, on loopback),
+    without torchrun's start-up; return each rank's (returncode, stdout, stderr).
+    ``rank_env(rank)`` gives a rank's extra variables.  Every rank still running
+    after ``timeout`` seconds is killed and the test fails."""
+    port = D.get_free_port()
+    procs = []
+    try:
+        for rank in range(world):
+            extra = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            extra.update(rank_env(rank) if rank_env else {})
+            procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=_child_env(**extra),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        for rank, p in enumerate(procs):
+            try:
+                out, err = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} of {world} still runs after {timeout} s")
+            results.append((p.returncode, out, err))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     import torch
