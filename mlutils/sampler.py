@@ -43,6 +43,8 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
 * **Batches.**  ``sampler.batches(batch_size)`` yields the draws as int64
   index arrays (``take(batch_size)`` each) for ``DataLoader(batch_sampler=...)``;
   :class:`IndexedTensorDataset` fetches such a batch in one gather per tensor.
+  ``batches(batch_size, keyed=True)`` yields ``(epoch, index)`` pairs instead,
+  the keys of :class:`mlutils.seeding.SeededItems` (exact random augmentation).
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
