@@ -43,6 +43,8 @@ behaviour (``PoolSampler``, ``OrderedSampler``, ``BatchedOrderedSampler``,
 * **Batches.**  ``sampler.batches(batch_size)`` yields the draws as int64
   index arrays (``take(batch_size)`` each) for ``DataLoader(batch_sampler=...)``;
   :class:`IndexedTensorDataset` fetches such a batch in one gather per tensor.
+  ``batches(batch_size, keyed=True)`` yields ``(epoch, index)`` pairs instead,
+  the keys of :class:`mlutils.seeding.SeededItems` (exact random augmentation).
 * **torch.**  When torch is importable (and ``MLUTILS_NO_TORCH`` is not
   ``1``) the samplers are ``torch.utils.data.Sampler`` instances, usable as
   ``DataLoader(sampler=...)`` or, for ``BatchedOrderedSampler``,
@@ -72,7 +74,7 @@ import logging
 import math
 import operator
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -282,19 +284,27 @@ class _Sharded(_Base):  # type: ignore[misc,valid-type]
         """The rest of the current epoch; an exhausted sampler starts the next epoch."""
         return self._cursor.restart()  # check and move in one step (threads)
 
+    def _epoch_draws(self) -> Tuple[int, Iterator[Any]]:
+        """(epoch, draws): what iter() covers, every draw made in that epoch (see mlutils.seeding.Keyed)."""
+        c = self._cursor.restart()
+        e = c.epoch
+        return e, iter(functools.partial(c.next_in, e), None)
+
     def take(self, n: int) -> Any:
         """The next `n` draws of the current epoch (fewer at its end) as an int64 array, advancing as iteration does."""
         return self._cursor.take(_length_arg(n, "n"))
 
-    def batches(self, batch_size: int, drop_last: bool = False) -> "Batches":
+    def batches(self, batch_size: int, drop_last: bool = False, keyed: bool = False) -> "Batches":
         """This sampler's draws in int64 index arrays of `batch_size`: ``DataLoader(batch_sampler=...)``.
 
         The batches are ``take(batch_size)`` calls, so they hold exactly the
         draws iteration would give, and the sampler's position is the batch
         iterator's: a ``state_dict()`` taken after ``k`` batches resumes at
         batch ``k + 1``.  With ``drop_last`` a short final batch is not
-        yielded (its draws are consumed)."""
-        return Batches(self, batch_size, drop_last)
+        yielded (its draws are consumed).  With ``keyed`` a batch is a list
+        of ``(epoch, index)`` pairs instead, the keys of
+        :class:`mlutils.seeding.SeededItems`."""
+        return Batches(self, batch_size, drop_last, keyed)
 
     def _batch_left(self) -> int:
         """Draws the next batch iteration covers (starting the next epoch when this one is done)."""
@@ -458,11 +468,15 @@ class PoolSampler(_Sharded):
 
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current round: samples until the bag is empty (it is then refilled)."""
-        c = self._cursor
+        _, it = self._epoch_draws()
+        return map(self.global_pool.__getitem__, it) if self.global_pool is not None else it
+
+    def _epoch_draws(self) -> Tuple[int, Iterator[Any]]:
         # bound to the round, not to a count: threads iterating together
         # stop when the round is used up, whoever drew its last item
-        it = iter(functools.partial(c.next_in, c.epoch), None)
-        return map(self.global_pool.__getitem__, it) if self.global_pool is not None else it
+        c = self._cursor
+        e = c.epoch
+        return e, iter(functools.partial(c.next_in, e), None)
 
     def _ready(self, cursor: Any) -> None:
         # a round found finished (elastic resume) is refilled at once, as sample() does
@@ -577,33 +591,42 @@ class BatchedOrderedSampler(_Sharded):
 class Batches:
     """A sampler's draws in batches: an iterable of int64 index arrays with a length.
 
-    Made by ``sampler.batches(batch_size, drop_last=False)``; pass it as
-    ``DataLoader(dataset, batch_sampler=...)``.  Each ``iter()`` covers the
-    rest of the sampler's current epoch (round, for a PoolSampler), starting
-    the next one when it is finished, as iterating the sampler does.  The
-    position lives in the sampler: save and load ``sampler.state_dict()``.
-    ``len()`` is the number of batches of a full epoch on this rank."""
+    Made by ``sampler.batches(batch_size, drop_last=False, keyed=False)``; pass
+    it as ``DataLoader(dataset, batch_sampler=...)``.  Each ``iter()`` covers
+    the rest of the sampler's current epoch (round, for a PoolSampler),
+    starting the next one when it is finished, as iterating the sampler does.
+    The position lives in the sampler: save and load ``sampler.state_dict()``.
+    ``len()`` is the number of batches of a full epoch on this rank.  With
+    ``keyed`` each batch is a list of ``(epoch, index)`` pairs of ints, the
+    epoch being the sampler's when the batch was drawn; the draws and the
+    sampler's position are the same as without it."""
 
-    def __init__(self, sampler: "_Sharded", batch_size: int, drop_last: bool = False) -> None:
+    def __init__(self, sampler: "_Sharded", batch_size: int, drop_last: bool = False,
+                 keyed: bool = False) -> None:
         bs = _int_arg(batch_size, "batch_size")
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
         self.sampler = sampler
         self.batch_size = bs
         self.drop_last = bool(drop_last)
+        self.keyed = bool(keyed)
 
     def __len__(self) -> int:
         n, bs = len(self.sampler), self.batch_size
         return n // bs if self.drop_last else -(-n // bs)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Union[np.ndarray, List[Tuple[int, int]]]]:
         left = self.sampler._batch_left()
         return self._run(left)
 
-    def _run(self, left: int) -> Iterator[np.ndarray]:
-        take = self.sampler._cursor.take
-        bs, drop = self.batch_size, self.drop_last
+    def _run(self, left: int) -> Iterator[Any]:
+        c = self.sampler._cursor
+        take = c.take
+        bs, drop, keyed = self.batch_size, self.drop_last, self.keyed
         while left > 0:
+            # a batch never crosses an epoch (at most `left` draws); the epoch is read before the
+            # take, since a PoolSampler refills (starts its next round) right after the last draw
+            epoch = c.epoch
             a = take(bs if bs < left else left)
             got = len(a)
             if got == 0:
@@ -611,10 +634,11 @@ class Batches:
             left -= got
             if got < bs and drop:
                 return
-            yield a
+            yield [(epoch, i) for i in a.tolist()] if keyed else a
 
     def __repr__(self) -> str:
-        return f"Batches({self.sampler!r}, batch_size={self.batch_size}, drop_last={self.drop_last})"
+        keyed = ", keyed=True" if self.keyed else ""
+        return f"Batches({self.sampler!r}, batch_size={self.batch_size}, drop_last={self.drop_last}{keyed})"
 
 
 def _dataset_base() -> type:
