@@ -429,3 +429,71 @@ def test_table_is_a_gc_heap_type():
 
     t = DelayedPatternProvider(2).get_pattern(3)._table
     assert gc.is_tracked(t) and type(t) in gc.get_referents(t)
+
+
+# --- valid steps at the edges, written out by hand ------------------------------
+#
+# The reference (audiocraft's codebooks_patterns.Pattern): max_delay is the
+# largest t + 1 over layout[1:] minus timesteps, and keep_only_valid_steps
+# builds from valid_layout = layout[:len(layout) - max_delay] (a Python
+# slice: a negative stop counts from the end, below -len it is empty).  The
+# layout below has len(layout) = 4 steps and timesteps = 2; its last step's
+# codebook-0 timestep x sets max_delay = max(x + 1, 2) - 2.  z is
+# [[10, 11], [20, 21]] (K = 2, T = 2), S the special token; every step in
+# full: q0 [S, 10, 11, z0(x)], q1 [S, S, 20, 21], z0(x) = 11 for x = 1, else S.
+
+S = -1
+EDGE_Z = np.array([[[10, 11], [20, 21]]])
+
+
+def edge_layout(x):
+    C = LayoutCoord
+    return [[], [C(0, 0)], [C(1, 0), C(0, 1)], [C(x, 0), C(1, 1)]]
+
+
+@pytest.mark.parametrize("x,max_delay,n_valid,values,mask,indexes", [
+    # max_delay 0: every step is valid
+    (1, 0, 4, [[S, 10, 11, 11], [S, S, 20, 21]],
+     [[0, 1, 1, 1], [0, 0, 1, 1]], [[4, 0, 1, 1], [4, 4, 2, 3]]),
+    # max_delay = len(layout) - 1 = 3: one step
+    (4, 3, 1, [[S], [S]], [[0], [0]], [[4], [4]]),
+    # max_delay = len(layout) = 4: none
+    (5, 4, 0, [[], []], [[], []], [[], []]),
+    # max_delay = len(layout) + 1 = 5: layout[:-1], three steps (the slice counts from the end)
+    (6, 5, 3, [[S, 10, 11], [S, S, 20]], [[0, 1, 1], [0, 0, 1]], [[4, 0, 1], [4, 4, 2]]),
+    # max_delay = 2 len(layout) - 1 = 7: layout[:-3], one step
+    (8, 7, 1, [[S], [S]], [[0], [0]], [[4], [4]]),
+    # max_delay = 2 len(layout) = 8: layout[:-4], none; and past it, still none
+    (9, 8, 0, [[], []], [[], []], [[], []]),
+    (10, 9, 0, [[], []], [[], []], [[], []]),
+])
+def test_valid_steps_at_the_edges_by_hand(x, max_delay, n_valid, values, mask, indexes):
+    p = Pattern(edge_layout(x), timesteps=2, n_q=2)
+    assert p.max_delay == max_delay and len(p) == 4
+    assert len(p.valid_layout) == n_valid
+    assert plain(p.valid_layout) == plain(edge_layout(x))[:n_valid]
+    v, i, m = p.build_pattern_sequence(EDGE_Z, S, keep_only_valid_steps=True)
+    assert v.shape == (1, 2, n_valid) and i.shape == m.shape == (2, n_valid)
+    assert v.tolist() == [values]
+    assert m.astype(int).tolist() == mask
+    assert i.tolist() == indexes
+    # the whole layout whatever max_delay is: the first n_valid steps are the ones above
+    v, i, m = p.build_pattern_sequence(EDGE_Z, S, keep_only_valid_steps=False)
+    z0x = 11 if x == 1 else S
+    assert v.tolist() == [[[S, 10, 11, z0x], [S, S, 20, 21]]]
+    assert v[..., :n_valid].tolist() == [values]
+    # and back: the valid steps alone give the timesteps they hold, the rest special
+    r, _, _ = p.revert_pattern_sequence(v[..., :n_valid], S, keep_only_valid_steps=True)
+    assert r.shape == (1, 2, 2)
+    want = {1: [[10, 11], [20, 21]], 4: [[S, S], [S, S]], 5: [[S, S], [S, S]],
+            6: [[10, 11], [20, S]], 8: [[S, S], [S, S]], 9: [[S, S], [S, S]], 10: [[S, S], [S, S]]}
+    assert r.tolist() == [want[x]]
+
+
+def test_negative_max_delay_keeps_every_step():
+    """Timesteps beyond every coordinate: max_delay < 0, len(layout) - max_delay > len(layout)."""
+    p = Pattern([[], [LayoutCoord(0, 0)], [LayoutCoord(0, 1)]], timesteps=5, n_q=2)
+    assert p.max_delay == -4 and len(p.valid_layout) == 3
+    z = np.array([[[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]])
+    v, _, _ = p.build_pattern_sequence(z, S, keep_only_valid_steps=True)
+    assert v.tolist() == [[[S, 1, S], [S, S, 6]]]

@@ -370,12 +370,11 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
         return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage argument is a %s, not a storage", at,
                        mlu_pk_kind_name(N(vm, storage)->kind));
     if (as_int(vm, offset_n, &off) < 0 || off < 0)
-        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: storage offset is not an int >= 0", at);
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: " MLU_PT_RULE_OFFSET, at);
     nd = int_tuple(vm, size_n, t.shape);
     ns = int_tuple(vm, stride_n, t.stride);
     if (nd < 0 || ns < 0 || nd != ns)
-        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: size and stride must be tuples of equal length "
-                       "(<= %d) of ints >= 0", at, MLU_PK_MAX_NDIM);
+        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: " MLU_PT_RULE_SHAPE, at);
     t.pid = N(vm, storage)->u.ref;
     t.dtype = dtype;
     t.ndim = nd;
@@ -388,49 +387,27 @@ static mlu_status make_tensor(mlu_pk_vm *vm, size_t at, uint32_t storage, uint32
     return st;
 }
 
-/* Checks tensor t's view (dtype resolved) against its storage of `nbytes`:
- * the element count must fit int64 (torch: "numel: integer multiplication
- * overflow"), a non-empty view must lie inside the storage; an empty view
- * may have any offset, and a stride-0 view any byte size (torch loads
- * both). */
+/* Checks tensor t's view (dtype resolved) against its storage: the rules of
+ * ptview.h, which the writer keeps too, in their words after the tensor's
+ * place in the pickle. */
 static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     const mlu_pk_pid *pid = &vm->pids[t->pid];
     const mlu_pk_storage *s = &vm->storages[pid->storage];
-    uint64_t last = 0, end, tmp, isz = mlu_torch_dtypes[t->dtype].itemsize;
-    int64_t numel = 1;
-    int i, empty = 0;
+    mlu_pt_view v;
+    mlu_error why;
     size_t at = t->at;
 
-    for (i = 0; i < t->ndim; i++) {
-        if (t->shape[i] == 0)
-            empty = 1;
-        if (!empty && mlu_mul_overflow_i64(numel, t->shape[i], &numel))
-            return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: its shape has more than 2**63 elements "
-                           "(torch: numel overflow)", at);
-    }
-    if (t->requires_grad && !mlu_torch_dtype_can_require_grad(t->dtype))
-        return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu over storage '%.*s' requires grad but is %s (torch: only "
-                       "floating point and complex tensors can require gradients)", at, (int)s->key_len, s->key,
-                       mlu_torch_dtypes[t->dtype].name);
-    if (empty) {  /* torch loads an empty view with any offset (an int64, checked when read) */
-        t->end_bytes = 0;
-        return st;
-    }
-    for (i = 0; i < t->ndim; i++) {
-        if (mlu_mul_overflow_u64((uint64_t)(t->shape[i] - 1), (uint64_t)t->stride[i], &tmp) ||
-            mlu_add_overflow_u64(last, tmp, &last))
-            return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
-    }
-    if (mlu_add_overflow_u64(last, t->offset, &last) || mlu_add_overflow_u64(last, 1, &end) ||
-        mlu_mul_overflow_u64(end, isz, &end))
-        return VM_FAIL(MLU_EFORMAT, at, "tensor rebuild at byte %zu: view extent overflows", at);
-    if (end > s->nbytes)
-        return VM_FAIL(MLU_EFORMAT, at, "tensor view at byte %zu is out of bounds: it needs %llu bytes of storage "
-                       "'%.*s' which holds %llu", at, (unsigned long long)end, (int)s->key_len, s->key,
-                       (unsigned long long)s->nbytes);
-    t->end_bytes = end;
+    v.dtype = t->dtype;
+    v.ndim = (size_t)t->ndim;
+    v.shape = t->shape;
+    v.stride = t->stride;
+    v.offset = (int64_t)t->offset; /* an int64 >= 0 when read */
+    v.requires_grad = t->requires_grad;
+    mlu_error_clear(&why);
+    if (mlu_pt_view_check(&v, s->key, s->key_len, s->nbytes, &t->end_bytes, &why) != MLU_OK)
+        return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: %s", at, why.text);
     return st;
 }
 

@@ -11,10 +11,15 @@
 #define MLU_PICKLE_READ_H
 
 #include "../mlu.h"
+#include "ptview.h"
 #include "torch_dtypes.h"
 
 #define MLU_PK_NONE_ID UINT32_MAX
-#define MLU_PK_MAX_NDIM 64
+#define MLU_PK_MAX_NDIM MLU_PT_MAX_NDIM
+/* The loader converts no object nested deeper than this below the root (its
+ * walk is recursive), and the writer writes none: both say so in these words. */
+#define MLU_PK_MAX_DEPTH 1000
+#define MLU_PK_DEPTH_RULE "objects in the pickle are nested deeper than " MLU_PT_STR(MLU_PK_MAX_DEPTH) " levels"
 
 typedef enum mlu_pk_kind {
     MLU_PKN_NONE = 0,

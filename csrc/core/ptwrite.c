@@ -4,6 +4,7 @@
 #include "alloc.h"
 #include "pickle_write.h"
 #include "ptsave_id.h"
+#include "ptview.h"
 #include "zipfmt.h"
 
 #include <fcntl.h>
@@ -363,7 +364,8 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
 {
     const mlu_torch_dtype *d;
     const mlu_ptw_storage *s;
-    uint64_t numel;
+    mlu_pt_view view;
+    uint64_t numel, end;
     char key[24];
     int v3;
     mlu_status st;
@@ -373,12 +375,21 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
     d = &mlu_torch_dtypes[t->dtype];
     s = &w->st[t->storage];
     v3 = d->storage_class == NULL;
+    snprintf(key, sizeof(key), "%zu", t->storage);
+    /* nothing the reader would refuse (a storage cut after its view was made, 65 dimensions) */
+    view.dtype = t->dtype;
+    view.ndim = t->ndim;
+    view.shape = t->shape;
+    view.stride = t->stride;
+    view.offset = t->offset;
+    view.requires_grad = t->requires_grad;
+    if ((st = mlu_pt_view_check(&view, key, strlen(key), s->nbytes, &end, err)) != MLU_OK)
+        return st;
     /* the pid's numel: bytes for UntypedStorage, elements for the legacy classes */
     numel = v3 ? s->nbytes : s->nbytes / (uint64_t)d->itemsize;
     if (numel > (uint64_t)INT64_MAX)
         return mlu_error_set(err, MLU_EOVERFLOW, -1, "storage of %llu bytes is too large",
                              (unsigned long long)s->nbytes);
-    snprintf(key, sizeof(key), "%zu", t->storage);
     st = put_global(w, v3 ? G_REBUILD_V3 : G_REBUILD_V2, err);
     if (st == MLU_OK)
         st = mlu_pkw_op(&w->pk, MLU_PKOP_MARK, err);

@@ -132,7 +132,9 @@ mlu_status mlu_ptw_storage_check(const mlu_ptw *w, size_t index, int dtype, uint
  * the caller already has for 'storage', the storage's key and 'cpu'
  * (MLU_PTW_NO_MEMO: write it), and gets the ones used.  With metadata, the
  * caller writes the metadata dict between mlu_ptw_tensor_begin and
- * mlu_ptw_tensor_end.  The tensor is memoized at end (*memo). */
+ * mlu_ptw_tensor_end.  The tensor is memoized at end (*memo).  A tensor
+ * the reader would refuse (ptview.h's rules: more than 64 dimensions, a
+ * view outside its storage, ...) is refused: MLU_EINVAL in the rule's words. */
 mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pid_memo[MLU_PTW_PID_COUNT],
                                 mlu_error *err);
 mlu_status mlu_ptw_tensor_end(mlu_ptw *w, uint32_t *memo, mlu_error *err);

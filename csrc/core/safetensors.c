@@ -487,16 +487,51 @@ static int tensor_offset_cmp(const void *pa, const void *pb)
     return name_cmp(a->name, a->name_len, b->name, b->name_len);
 }
 
+/* The bit size of a tensor of `shape` and `dtype` (a valid code) in *nbits,
+ * with the header rules' words for what is refused: an element count or
+ * bit size beyond 64 bits, a size that is not whole bytes.  code: the
+ * status of a refusal (MLU_EFORMAT reading, MLU_EINVAL writing). */
+static mlu_status shape_bits(const char *name, size_t name_len, int dtype, size_t ndim,
+                             const uint64_t *shape, mlu_status code, uint64_t *nbits, mlu_error *err)
+{
+    mlu_status st = code;
+    uint64_t nelem = 1;
+    size_t k;
+
+    for (k = 0; k < ndim; k++) {
+        if (mlu_mul_overflow_u64(nelem, shape[k], &nelem)) {
+            mlu_error_set(err, code, -1, "tensor '%.*s%s': the element count of its shape overflows 64 bits",
+                          SHOW(name, name_len), ELLIPSIS(name_len));
+            goto done;
+        }
+    }
+    if (mlu_mul_overflow_u64(nelem, mlu_st_dtype_bits(dtype), nbits)) {
+        mlu_error_set(err, code, -1, "tensor '%.*s%s': the bit size of its shape overflows 64 bits",
+                      SHOW(name, name_len), ELLIPSIS(name_len));
+        goto done;
+    }
+    if (*nbits % 8 != 0) {
+        mlu_error_set(err, code, -1,
+                      "tensor '%.*s%s': misaligned slice: %" PRIu64 " elements of %s are %" PRIu64
+                      " bits, not a whole number of bytes",
+                      SHOW(name, name_len), ELLIPSIS(name_len), nelem, mlu_st_dtypes[dtype].name, *nbits);
+        goto done;
+    }
+    st = MLU_OK;
+done:
+    return st;
+}
+
 /* The offset rules, in the reference's order, over tensors sorted by offset. */
 static mlu_status check_layout(mlu_st_header *h, uint64_t size, mlu_error *err)
 {
     uint64_t prev_end = 0, total;
-    size_t i, k;
+    mlu_status st;
+    size_t i;
 
     for (i = 0; i < h->ntensors; i++) {
         const mlu_st_tensor *t = &h->tensors[i];
-        uint64_t nelem = 1, nbits;
-        unsigned bits = mlu_st_dtype_bits(t->dtype);
+        uint64_t nbits;
         if (t->begin == prev_end && t->end < t->begin)
             return mlu_error_set(err, MLU_EFORMAT, (int64_t)h->data_start,
                                  "tensor '%.*s%s': invalid data_offsets [%" PRIu64 ", %" PRIu64
@@ -510,22 +545,9 @@ static mlu_status check_layout(mlu_st_header *h, uint64_t size, mlu_error *err)
                                  " (tensors must be contiguous from 0, without gaps or overlaps)",
                                  SHOW(t->name, t->name_len), ELLIPSIS(t->name_len), t->begin,
                                  t->end, prev_end);
-        for (k = 0; k < t->ndim; k++) {
-            if (mlu_mul_overflow_u64(nelem, t->shape[k], &nelem))
-                return mlu_error_set(err, MLU_EFORMAT, -1,
-                                     "tensor '%.*s%s': the element count of its shape overflows 64 bits",
-                                     SHOW(t->name, t->name_len), ELLIPSIS(t->name_len));
-        }
-        if (mlu_mul_overflow_u64(nelem, bits, &nbits))
-            return mlu_error_set(err, MLU_EFORMAT, -1,
-                                 "tensor '%.*s%s': the bit size of its shape overflows 64 bits",
-                                 SHOW(t->name, t->name_len), ELLIPSIS(t->name_len));
-        if (nbits % 8 != 0)
-            return mlu_error_set(err, MLU_EFORMAT, -1,
-                                 "tensor '%.*s%s': misaligned slice: %" PRIu64 " elements of %s are %"
-                                 PRIu64 " bits, not a whole number of bytes",
-                                 SHOW(t->name, t->name_len), ELLIPSIS(t->name_len), nelem,
-                                 mlu_st_dtypes[t->dtype].name, nbits);
+        if ((st = shape_bits(t->name, t->name_len, t->dtype, t->ndim, t->shape, MLU_EFORMAT, &nbits,
+                             err)) != MLU_OK)
+            return st;
         if (t->end - t->begin != nbits / 8)
             return mlu_error_set(err, MLU_EFORMAT, (int64_t)(h->data_start + t->begin),
                                  "tensor '%.*s%s': shape and dtype %s need %" PRIu64
@@ -649,6 +671,71 @@ done:
     return st;
 }
 
+/* ------------------------------------------------------------------ arrays */
+
+mlu_status mlu_st_array_shape(const char *name, size_t name_len, int dtype, size_t ndim,
+                              const uint64_t *shape, uint64_t dims[MLU_ST_MAX_NDIM], size_t *nd,
+                              unsigned *elsize, uint64_t *nbytes, mlu_error *err)
+{
+    mlu_status st = MLU_EINVAL;
+    unsigned bits = mlu_st_dtype_bits(dtype);
+    uint64_t nbits = 0, size, last;
+    size_t k;
+
+    *nd = 0;
+    if (bits == 0) {
+        mlu_error_set(err, MLU_EINVAL, -1, "tensor '%.*s%s': invalid dtype code %d", SHOW(name, name_len),
+                      ELLIPSIS(name_len), dtype);
+        goto done;
+    }
+    if ((st = shape_bits(name, name_len, dtype, ndim, shape, MLU_EINVAL, &nbits, err)) != MLU_OK)
+        goto done;
+    st = MLU_EINVAL;
+    if (ndim > MLU_ST_MAX_NDIM) {
+        mlu_error_set(err, MLU_EINVAL, -1, "tensor '%.*s%s' has %zu dimensions, NumPy allows %d",
+                      SHOW(name, name_len), ELLIPSIS(name_len), ndim, MLU_ST_MAX_NDIM);
+        goto done;
+    }
+    for (k = 0; k < ndim; k++) {
+        if (shape[k] > (uint64_t)INT64_MAX) {
+            mlu_error_set(err, MLU_EINVAL, -1,
+                          "tensor '%.*s%s': dimension %zu is %" PRIu64 ", NumPy and torch allow at most 2^63-1",
+                          SHOW(name, name_len), ELLIPSIS(name_len), k, shape[k]);
+            goto done;
+        }
+        dims[k] = shape[k];
+    }
+    *nd = ndim;
+    *elsize = bits / 8;
+    if (bits % 8 != 0) {
+        /* bytes: the last dimension scaled when whole (d x bits split as
+         * 8q x bits + r x bits, so nothing wraps at 2^64), else all of them */
+        *elsize = 1;
+        last = ndim > 0 ? dims[ndim - 1] : 1;
+        if (ndim > 0 && (last % 8) * bits % 8 == 0) {
+            dims[ndim - 1] = last / 8 * bits + last % 8 * bits / 8;
+        } else {
+            *nd = 1;
+            dims[0] = nbits / 8;
+        }
+    }
+    /* NumPy's own rule: item size x the non-zero dimensions fits in 2^63-1 */
+    size = *elsize;
+    for (k = 0; k < *nd; k++) {
+        if (dims[k] != 0 && (mlu_mul_overflow_u64(size, dims[k], &size) || size > (uint64_t)INT64_MAX)) {
+            mlu_error_set(err, MLU_EINVAL, -1,
+                          "tensor '%.*s%s': its %s array would span more than 2^63-1 bytes counting its "
+                          "non-zero dimensions, NumPy's limit",
+                          SHOW(name, name_len), ELLIPSIS(name_len), mlu_st_dtypes[dtype].name);
+            goto done;
+        }
+    }
+    *nbytes = nbits / 8;
+    st = MLU_OK;
+done:
+    return st;
+}
+
 /* ------------------------------------------------------------------ writing */
 
 static int entry_order_cmp(const void *pa, const void *pb)
@@ -677,42 +764,43 @@ static mlu_status put_u64(mlu_buf *b, uint64_t v, mlu_error *err)
 
 static mlu_status check_entry(const mlu_st_entry *e, mlu_error *err)
 {
-    uint64_t nelem = 1, nbits;
-    unsigned bits = mlu_st_dtype_bits(e->dtype);
-    size_t k;
+    mlu_status st = MLU_EINVAL;
+    uint64_t dims[MLU_ST_MAX_NDIM], nbytes = 0;
+    unsigned elsize;
+    size_t nd;
 
-    if (bits == 0)
-        return mlu_error_set(err, MLU_EINVAL, -1, "tensor '%.*s%s': invalid dtype code %d",
-                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), e->dtype);
-    if (e->name_len > 0 && memchr(e->name, '\0', e->name_len) != NULL)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "tensor '%.*s%s': a name holding a NUL character cannot be read back "
-                             "(JSON object keys here cannot hold \\u0000)",
-                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len));
-    if (e->name_len == 12 && memcmp(e->name, "__metadata__", 12) == 0)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "'__metadata__' is reserved for the header's metadata and cannot name a tensor");
-    for (k = 0; k < e->ndim; k++) {
-        if (mlu_mul_overflow_u64(nelem, e->shape[k], &nelem))
-            return mlu_error_set(err, MLU_EOVERFLOW, -1,
-                                 "tensor '%.*s%s': the element count overflows 64 bits",
-                                 SHOW(e->name, e->name_len), ELLIPSIS(e->name_len));
+    if (mlu_st_dtype_bits(e->dtype) == 0) {
+        mlu_error_set(err, MLU_EINVAL, -1, "tensor '%.*s%s': invalid dtype code %d",
+                      SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), e->dtype);
+        goto done;
     }
-    if (mlu_mul_overflow_u64(nelem, bits, &nbits))
-        return mlu_error_set(err, MLU_EOVERFLOW, -1, "tensor '%.*s%s': the size overflows 64 bits",
-                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len));
-    if (nbits % 8 != 0)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "tensor '%.*s%s': %" PRIu64 " elements of %s are not a whole number of bytes",
-                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), nelem,
-                             mlu_st_dtypes[e->dtype].name);
-    if (nbits / 8 != e->nbytes)
-        return mlu_error_set(err, MLU_EINVAL, -1,
-                             "tensor '%.*s%s': shape and dtype %s need %" PRIu64
-                             " bytes but the data has %" PRIu64,
-                             SHOW(e->name, e->name_len), ELLIPSIS(e->name_len),
-                             mlu_st_dtypes[e->dtype].name, nbits / 8, e->nbytes);
-    return MLU_OK;
+    if (e->name_len > 0 && memchr(e->name, '\0', e->name_len) != NULL) {
+        mlu_error_set(err, MLU_EINVAL, -1,
+                      "tensor '%.*s%s': a name holding a NUL character cannot be read back "
+                      "(JSON object keys here cannot hold \\u0000)",
+                      SHOW(e->name, e->name_len), ELLIPSIS(e->name_len));
+        goto done;
+    }
+    if (e->name_len == 12 && memcmp(e->name, "__metadata__", 12) == 0) {
+        mlu_error_set(err, MLU_EINVAL, -1,
+                      "'__metadata__' is reserved for the header's metadata and cannot name a tensor");
+        goto done;
+    }
+    /* what the reader refuses, refused in its words */
+    if ((st = mlu_st_array_shape(e->name, e->name_len, e->dtype, e->ndim, e->shape, dims, &nd, &elsize,
+                                 &nbytes, err)) != MLU_OK)
+        goto done;
+    st = MLU_EINVAL;
+    if (nbytes != e->nbytes) {
+        mlu_error_set(err, MLU_EINVAL, -1,
+                      "tensor '%.*s%s': shape and dtype %s need %" PRIu64 " bytes but the data has %" PRIu64,
+                      SHOW(e->name, e->name_len), ELLIPSIS(e->name_len), mlu_st_dtypes[e->dtype].name, nbytes,
+                      e->nbytes);
+        goto done;
+    }
+    st = MLU_OK;
+done:
+    return st;
 }
 
 mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta, size_t nmeta,

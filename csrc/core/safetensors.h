@@ -98,6 +98,28 @@ typedef struct mlu_st_header {
 mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, mlu_error *err);
 void mlu_st_header_free(mlu_st_header *h);
 
+/* ------------------------------------------------------------------ arrays */
+
+/* The most dimensions a tensor read as an array may have: NumPy's
+ * NPY_MAXDIMS (NumPy 2).  The writer refuses more, as the reader does. */
+#define MLU_ST_MAX_NDIM 64
+
+/* The NumPy array the reader makes of a tensor of `shape` and `dtype`: its
+ * elements are bits/8 bytes, and for the sub-byte dtypes (F4, F6_*) single
+ * bytes, the last dimension scaled by bits/8 when that is whole, else one
+ * dimension holding all the packed bytes.  Fills dims[0..*nd), *elsize and
+ * *nbytes (the data's size).  Refuses (MLU_EINVAL) in the reader's words,
+ * in this order: what the header rules refuse (an element count or bit size
+ * beyond 64 bits, a size that is not whole bytes), then what NumPy and
+ * torch cannot hold: more than MLU_ST_MAX_NDIM dimensions, a dimension above
+ * 2^63-1, an array of more than 2^63-1 bytes counting its non-zero
+ * dimensions only (NumPy's rule).  The reader calls it for each array it
+ * makes and the writer for each tensor, so the writer writes nothing the
+ * reader refuses, and says so in the same words. */
+mlu_status mlu_st_array_shape(const char *name, size_t name_len, int dtype, size_t ndim,
+                              const uint64_t *shape, uint64_t dims[MLU_ST_MAX_NDIM], size_t *nd,
+                              unsigned *elsize, uint64_t *nbytes, mlu_error *err);
+
 /* ------------------------------------------------------------------ writing */
 
 /* A tensor to write: everything borrowed from the caller. */
@@ -121,10 +143,10 @@ typedef struct mlu_st_kv {
 } mlu_st_kv;
 
 /* Puts the entries in file order (sorted in place), checks each (reserved
- * name, size = shape x dtype, whole bytes) and writes the 8-byte length and
- * the space-padded JSON header into `out`.  Metadata is written (its keys
- * sorted in place) when has_metadata.  *data_len receives the size of the
- * data buffer. */
+ * name, what mlu_st_array_shape refuses, size = shape x dtype) and writes
+ * the 8-byte length and the space-padded JSON header into `out`.  Metadata
+ * is written (its keys sorted in place) when has_metadata.  *data_len
+ * receives the size of the data buffer. */
 mlu_status mlu_st_build_header(mlu_st_entry *entries, size_t n, mlu_st_kv *meta, size_t nmeta,
                                int has_metadata, mlu_buf *out, uint64_t *data_len,
                                mlu_error *err);

@@ -207,6 +207,8 @@ static int mlu_exec(PyObject *m)
         return -1;
     if (mlu_offload_module_init(m) < 0)
         return -1;
+    if (mlu_sigsave_module_init(m) < 0)
+        return -1;
     return 0;
 }
 

@@ -126,5 +126,6 @@ int mlu_sampler_module_init(PyObject *m);
 int mlu_pattern_module_init(PyObject *m);
 int mlu_nccl_module_init(PyObject *m);
 int mlu_offload_module_init(PyObject *m);
+int mlu_sigsave_module_init(PyObject *m);
 
 #endif

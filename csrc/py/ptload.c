@@ -21,7 +21,6 @@
 enum { MODE_MMAP = 0, MODE_COPY = 1, MODE_INDEX = 2, MODE_VERIFY = 3 };
 /* _pt_load's mode argument: the name of each mode, in enum order. */
 static const char *const mode_names[] = {"mmap", "copy", "index", "verify"};
-#define MAX_DEPTH 1000
 #define MAPPING_CAPSULE "mlutils._ptload.mapping"
 
 typedef struct conv {
@@ -288,8 +287,8 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
         o = Py_NewRef(c->memo[id]);
         goto done;
     }
-    if (depth > MAX_DEPTH) {
-        fmt_error(c, "objects in the pickle are nested deeper than %d levels", MAX_DEPTH);
+    if (depth > MLU_PK_MAX_DEPTH) {
+        fmt_error(c, MLU_PK_DEPTH_RULE);
         goto done;
     }
     switch (n->kind) {

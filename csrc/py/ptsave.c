@@ -18,6 +18,7 @@
 #include "path.h"
 
 #include "../core/alloc.h"
+#include "../core/pickle_read.h"
 #include "../core/ptwrite.h"
 
 /* ------------------------------------------------------------------ state */
@@ -47,7 +48,13 @@ typedef struct saver {
     PyObject *tensor_type;  /* borrowed: torch.Tensor, or NULL when torch is not loaded */
     PyObject *describe;     /* borrowed */
     PyObject *file;         /* borrowed: the path as given once the file is being written, else NULL */
+    int depth;              /* how deep below the root the value being saved is */
+    unsigned met;           /* MET_* of the shared constants saved so far */
 } saver;
+
+/* None, True, False and (): the reader's VM holds one node of each, which it
+ * converts where it first meets it (see save_obj). */
+enum { MET_NONE = 1, MET_TRUE = 2, MET_FALSE = 4, MET_EMPTY_TUPLE = 8 };
 
 /* ------------------------------------------------------------------ errors */
 
@@ -122,6 +129,7 @@ static int memo_get(saver *s, PyObject *obj)
 /* ------------------------------------------------------------------ values */
 
 static int save_obj(saver *s, PyObject *o, const path_step *at);
+static int save_child(saver *s, PyObject *o, const path_step *at);
 
 static int save_str(saver *s, PyObject *o, const path_step *at)
 {
@@ -212,7 +220,7 @@ static int save_items(saver *s, mlu_ptw_seq *seq, PyObject *items, const path_st
         PyObject *kv = PyList_GET_ITEM(items, j);
         PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
         path_step step = {at, k, j, attr};
-        if (PK(mlu_ptw_item(&s->w, seq, &s->err)) < 0 || save_obj(s, k, &step) < 0 || save_obj(s, v, &step) < 0)
+        if (PK(mlu_ptw_item(&s->w, seq, &s->err)) < 0 || save_child(s, k, &step) < 0 || save_child(s, v, &step) < 0)
             return -1;
     }
     return PK(mlu_ptw_seq_end(&s->w, seq, NULL, &s->err));
@@ -290,7 +298,7 @@ static int save_list(saver *s, PyObject *l, const path_step *at)
         Py_INCREF(item);
         rc = PK(mlu_ptw_item(&s->w, &seq, &s->err));
         if (rc == 0)
-            rc = save_obj(s, item, &step);
+            rc = save_child(s, item, &step);
         Py_DECREF(item);
         if (rc < 0)
             return -1;
@@ -309,7 +317,7 @@ static int save_tuple(saver *s, PyObject *t, const path_step *at)
         return -1;
     for (i = 0; i < n; i++) {
         path_step step = {at, NULL, i, 0};
-        if (PK(mlu_ptw_item(&s->w, &seq, &s->err)) < 0 || save_obj(s, PyTuple_GET_ITEM(t, i), &step) < 0)
+        if (PK(mlu_ptw_item(&s->w, &seq, &s->err)) < 0 || save_child(s, PyTuple_GET_ITEM(t, i), &step) < 0)
             return -1;
     }
     r = memo_get(s, t);
@@ -392,7 +400,7 @@ typedef struct tensor_desc {
 
 /* Hands the tensor to the writer; the strings of its persistent id share
  * pickle's memo with equal objects met before, as torch.save's pickler does. */
-static int emit_tensor(saver *s, PyObject *obj, const tensor_desc *d)
+static int emit_tensor(saver *s, PyObject *obj, const tensor_desc *d, const path_step *at)
 {
     PyObject *pid_obj[MLU_PTW_PID_COUNT];
     uint32_t pid_memo[MLU_PTW_PID_COUNT], was[MLU_PTW_PID_COUNT], idx = 0;
@@ -417,8 +425,8 @@ static int emit_tensor(saver *s, PyObject *obj, const tensor_desc *d)
     t.offset = d->offset;
     t.requires_grad = d->requires_grad;
     t.storage = (size_t)d->storage;
-    if (PK(mlu_ptw_tensor_begin(&s->w, &t, pid_memo, &s->err)) < 0)
-        return -1;
+    if (mlu_ptw_tensor_begin(&s->w, &t, pid_memo, &s->err) != MLU_OK)
+        return core_fail_at(s, at); /* a view the reader would refuse: its words, then where */
     for (k = 0; k < MLU_PTW_PID_COUNT; k++)
         if (was[k] == MLU_PTW_NO_MEMO && memo_record(s, pid_obj[k], pid_memo[k]) < 0)
             return -1;
@@ -585,7 +593,7 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
         goto done;
     if (f != Py_None)
         d.metadata = f; /* borrowed from f, which lives until done */
-    rc = emit_tensor(s, t, &d);
+    rc = emit_tensor(s, t, &d, at);
 done:
     mlu_free(d.size);
     mlu_free(d.stride);
@@ -718,7 +726,7 @@ static int save_array(saver *s, PyArrayObject *a, const path_step *at)
             goto done;
         root = copy;
     }
-    rc = emit_tensor(s, (PyObject *)a, &d);
+    rc = emit_tensor(s, (PyObject *)a, &d, at);
 done:
     Py_XDECREF(ident);
     Py_XDECREF(copy);
@@ -806,14 +814,56 @@ static int save_obj_inner(saver *s, PyObject *o, const path_step *at)
     return mlu_path_fail(PyExc_TypeError, "obj", at, "cannot save an object of type %s", tp->tp_name);
 }
 
+/* The MET_* bit of o, 0 when it is not a shared constant. */
+static unsigned met_bit(PyObject *o)
+{
+    if (o == Py_None)
+        return MET_NONE;
+    if (o == Py_True)
+        return MET_TRUE;
+    if (o == Py_False)
+        return MET_FALSE;
+    if (Py_IS_TYPE(o, &PyTuple_Type) && PyTuple_GET_SIZE(o) == 0)
+        return MET_EMPTY_TUPLE;
+    return 0;
+}
+
 static int save_obj(saver *s, PyObject *o, const path_step *at)
+{
+    uint32_t idx;
+    unsigned bit = met_bit(o);
+    int rc = -1, r;
+
+    /* The reader converts nothing deeper than MLU_PK_MAX_DEPTH, except what
+     * it has converted already (memoized objects, shared constants), which it
+     * takes from its memo: so the same rule here, in its words. */
+    if (s->depth > MLU_PK_MAX_DEPTH && !(s->met & bit)) {
+        r = bit != 0 ? 0 : memo_lookup(s, o, &idx);
+        if (r < 0)
+            goto done;
+        if (r == 0) {
+            PyErr_SetString(PyExc_ValueError, MLU_PK_DEPTH_RULE);
+            goto done;
+        }
+    }
+    if (Py_EnterRecursiveCall(" while saving a .pt file"))
+        goto done;
+    rc = save_obj_inner(s, o, at);
+    Py_LeaveRecursiveCall();
+    if (rc == 0)
+        s->met |= bit;
+done:
+    return rc;
+}
+
+/* An item of a container: one level deeper than the container. */
+static int save_child(saver *s, PyObject *o, const path_step *at)
 {
     int rc;
 
-    if (Py_EnterRecursiveCall(" while saving a .pt file"))
-        return -1;
-    rc = save_obj_inner(s, o, at);
-    Py_LeaveRecursiveCall();
+    s->depth++;
+    rc = save_obj(s, o, at);
+    s->depth--;
     return rc;
 }
 

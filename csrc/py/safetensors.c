@@ -28,6 +28,9 @@
 #include "../core/safetensors.h"
 #include "../core/torch_dtypes.h"
 
+/* An array of the most dimensions the core lets through must be one NumPy can make. */
+_Static_assert(MLU_ST_MAX_NDIM <= NPY_MAXDIMS, "MLU_ST_MAX_NDIM exceeds NumPy's NPY_MAXDIMS");
+
 #include <unistd.h>
 
 typedef struct {
@@ -349,12 +352,15 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     Py_ssize_t index;
     PyArray_Descr *descr = NULL;
     int copy_unaligned = 0, check = 1, nd, aligned, k;
-    npy_intp dims[NPY_MAXDIMS];
+    npy_intp dims[MLU_ST_MAX_NDIM];
+    uint64_t shape[MLU_ST_MAX_NDIM];
+    size_t nshape;
     const mlu_st_tensor *t;
-    unsigned bits;
+    unsigned bits, elbytes;
     npy_intp elsize, align;
     uint8_t *ptr;
     uint64_t nbytes;
+    mlu_error err;
     PyObject *arr = NULL;
 
     if (st == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "nO&|pp:array", kwlist, &index,
@@ -375,22 +381,12 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
     t = &m->hdr.tensors[index];
     bits = mlu_st_dtype_bits(t->dtype);
     elsize = (npy_intp)PyDataType_ELSIZE(descr);
-    nbytes = t->end - t->begin;
-    if (t->ndim > NPY_MAXDIMS) {
-        mlu_raise_about(st->SafetensorsError, m->path, "tensor '%s' has %zu dimensions, NumPy allows %d",
-                        t->name, t->ndim, NPY_MAXDIMS);
+    /* the array's shape, or the refusal the writer would have made */
+    mlu_error_clear(&err);
+    if (mlu_st_array_shape(t->name, t->name_len, t->dtype, t->ndim, t->shape, shape, &nshape, &elbytes,
+                           &nbytes, &err) != MLU_OK) {
+        mlu_raise_about(st->SafetensorsError, m->path, "%s", err.text);
         goto error;
-    }
-    nd = (int)t->ndim;
-    for (k = 0; k < nd; k++) {
-        if (t->shape[k] > (uint64_t)NPY_MAX_INTP) {
-            mlu_raise_about(st->SafetensorsError, m->path,
-                            "tensor '%s': dimension %d is %llu, NumPy and torch allow at most 2^63-1 "
-                            "(the header is valid: its shapes are in read_header / get_slice().get_shape())",
-                            t->name, k, (unsigned long long)t->shape[k]);
-            goto error;
-        }
-        dims[k] = (npy_intp)t->shape[k];
     }
     if (bits % 8 == 0) {
         if ((uint64_t)elsize * 8 != bits) {
@@ -398,19 +394,14 @@ static PyObject *stmap_array(PyObject *self, PyObject *args, PyObject *kw)
                             t->name, mlu_st_dtype_name(t->dtype), bits / 8, (PyObject *)descr);
             goto error;
         }
-    } else {
-        if (elsize != 1) {
-            mlu_raise_about(PyExc_ValueError, m->path, "tensor '%s' is %s: a 1-byte dtype is needed, not %R",
-                            t->name, mlu_st_dtype_name(t->dtype), (PyObject *)descr);
-            goto error;
-        }
-        if (nd >= 1 && ((uint64_t)dims[nd - 1] * bits) % 8 == 0) {
-            dims[nd - 1] = (npy_intp)(((uint64_t)dims[nd - 1] * bits) / 8);
-        } else {
-            nd = 1;
-            dims[0] = (npy_intp)nbytes;
-        }
+    } else if (elsize != 1) {
+        mlu_raise_about(PyExc_ValueError, m->path, "tensor '%s' is %s: a 1-byte dtype is needed, not %R",
+                        t->name, mlu_st_dtype_name(t->dtype), (PyObject *)descr);
+        goto error;
     }
+    nd = (int)nshape;
+    for (k = 0; k < nd; k++)
+        dims[k] = (npy_intp)shape[k]; /* each at most 2^63-1 */
     ptr = m->map.data + m->hdr.data_start + t->begin;
     align = (npy_intp)PyDataType_ALIGNMENT(descr);
     aligned = align <= 1 || ((uintptr_t)ptr % (uintptr_t)align) == 0;

@@ -722,6 +722,64 @@ static void test_storage_rules(void)
     mlu_ptw_free(&w);
 }
 
+/* A tensor the reader would refuse is refused by the writer, in the rule's words
+ * (ptview.h); the edge next to each rule is written. */
+static void test_view_rules(void)
+{
+    int f32 = mlu_torch_dtype_named("float32"), i64 = mlu_torch_dtype_named("int64");
+    int64_t shape[MLU_PT_MAX_NDIM + 1], stride[MLU_PT_MAX_NDIM + 1];
+    struct { size_t ndim; int64_t dim0, stride0, offset; int grad, dtype; uint64_t nbytes; mlu_status want;
+             const char *words; } cases[] = {
+        {MLU_PT_MAX_NDIM, 1, 1, 0, 0, 0, 4, MLU_OK, NULL},
+        {MLU_PT_MAX_NDIM + 1, 1, 1, 0, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_SHAPE},
+        {1, 4, 1, 0, 0, 0, 16, MLU_OK, NULL},                  /* exactly the storage */
+        {1, 4, 1, 0, 0, 0, 12, MLU_EINVAL,
+         "its view is out of bounds: it needs 16 bytes of storage '0' which holds 12"},
+        {1, 3, 1, 1, 0, 0, 16, MLU_OK, NULL},                  /* offset + extent == end */
+        {1, 3, 1, 2, 0, 0, 16, MLU_EINVAL, "its view is out of bounds: it needs 20 bytes"},
+        {1, 0, 1, 1000, 0, 0, 0, MLU_OK, NULL},                /* empty: any offset */
+        {1, INT64_MAX, 0, 0, 0, 0, 4, MLU_OK, NULL},           /* stride 0: any size */
+        {1, 2, INT64_MAX, 0, 0, 0, 4, MLU_EINVAL, "its view extent overflows"},
+        {1, 1, 1, -1, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_OFFSET},
+        {1, -1, 1, 0, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_SHAPE},
+        {1, 1, -1, 0, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_SHAPE},
+        {1, 1, 1, 0, 1, 0, 4, MLU_OK, NULL},
+        {1, 1, 1, 0, 1, 1, 8, MLU_EINVAL, "the view of storage '0' requires grad but is int64"},
+    };
+    size_t c, k;
+
+    for (c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        mlu_ptw w;
+        mlu_error err;
+        mlu_ptw_tensor t;
+        uint32_t pid[MLU_PTW_PID_COUNT] = {MLU_PTW_NO_MEMO, MLU_PTW_NO_MEMO, MLU_PTW_NO_MEMO};
+        size_t idx = 0;
+        mlu_status got;
+        for (k = 0; k < cases[c].ndim; k++) {
+            shape[k] = k == 0 ? cases[c].dim0 : 1;
+            stride[k] = k == 0 ? cases[c].stride0 : 1;
+        }
+        memset(&t, 0, sizeof(t));
+        t.dtype = cases[c].dtype ? i64 : f32;
+        t.ndim = cases[c].ndim;
+        t.shape = shape;
+        t.stride = stride;
+        t.offset = cases[c].offset;
+        t.requires_grad = cases[c].grad;
+        mlu_error_clear(&err);
+        CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
+        CHECK(mlu_ptw_storage_add(&w, t.dtype, cases[c].nbytes, NULL, &idx, &err) == MLU_OK);
+        t.storage = idx;
+        got = mlu_ptw_tensor_begin(&w, &t, pid, &err);
+        CHECK(got == cases[c].want);
+        if (got != cases[c].want)
+            fprintf(stderr, "  view case %zu: %s\n", c, err.text);
+        if (cases[c].words != NULL)
+            CHECK(strstr(err.text, cases[c].words) == err.text); /* the rule, nothing before it */
+        mlu_ptw_free(&w);
+    }
+}
+
 /* ------------------------------------------------------------------ size arithmetic */
 
 /* What the zip writer emits for one record whose local header starts at
@@ -1122,6 +1180,7 @@ int main(void)
     test_state_dict_pickle();
     test_batches();
     test_storage_rules();
+    test_view_rules();
     test_round_trip(MLU_ZIP64_LIMIT);
     test_round_trip(1);      /* every record zip64 */
     test_round_trip(3000);   /* offsets past the threshold after the first records */

@@ -230,21 +230,51 @@ static void test_parse_nesting_and_null_metadata(void)
 /* The writer produces nothing its reader refuses: the same limits on both sides. */
 static void test_write_limits_match_reader(void)
 {
-    uint64_t shape[2] = {0, UINT64_MAX};
+    uint64_t shape[2] = {0, INT64_MAX}, dims[MLU_ST_MAX_NDIM], nbytes = 1;
     uint8_t d[1] = {0};
     mlu_st_entry e = {"a", 1, MLU_ST_U8, 2, shape, d, 0, 0};
     mlu_buf out = MLU_BUF_INIT;
     uint64_t dlen = 0;
     mlu_st_header h;
-    mlu_error err;
+    mlu_error err, rerr;
+    unsigned elsize = 0;
+    size_t nd = 0;
 
-    /* the largest dimension: written, and read back as written */
+    /* the largest dimension an array can have: written, and read back as written */
     mlu_error_clear(&err);
     CHECK(mlu_st_build_header(&e, 1, NULL, 0, 0, &out, &dlen, &err) == MLU_OK);
     CHECK(mlu_st_parse((const uint8_t *)out.data, out.len, &h, &err) == MLU_OK);
-    CHECK(h.ntensors == 1 && h.tensors[0].shape[1] == UINT64_MAX);
+    CHECK(h.ntensors == 1 && h.tensors[0].shape[1] == INT64_MAX);
+    CHECK(mlu_st_array_shape(h.tensors[0].name, h.tensors[0].name_len, h.tensors[0].dtype, h.tensors[0].ndim,
+                             h.tensors[0].shape, dims, &nd, &elsize, &nbytes, &err) == MLU_OK);
+    CHECK(nd == 2 && dims[0] == 0 && dims[1] == INT64_MAX && elsize == 1 && nbytes == 0);
     mlu_st_header_free(&h);
     mlu_buf_free(&out);
+    /* one more: the header can say it (the reference reads it), no array can hold it, so
+     * the reader refuses to make one and the writer refuses to write it, in the same words */
+    {
+        static const char hdr[] = "{\"a\":{\"dtype\":\"U8\",\"shape\":[0,9223372036854775808],"
+                                  "\"data_offsets\":[0,0]}}";
+        uint8_t file[8 + sizeof(hdr) - 1];
+        size_t k;
+        for (k = 0; k < 8; k++)
+            file[k] = (uint8_t)(((sizeof(hdr) - 1) >> (8 * k)) & 0xFF);
+        memcpy(file + 8, hdr, sizeof(hdr) - 1);
+        mlu_error_clear(&rerr);
+        CHECK(mlu_st_parse(file, sizeof(file), &h, &rerr) == MLU_OK);
+        CHECK(h.ntensors == 1 && h.tensors[0].shape[1] == (uint64_t)INT64_MAX + 1);
+        CHECK(mlu_st_array_shape(h.tensors[0].name, h.tensors[0].name_len, h.tensors[0].dtype,
+                                 h.tensors[0].ndim, h.tensors[0].shape, dims, &nd, &elsize, &nbytes,
+                                 &rerr) == MLU_EINVAL);
+        CHECK(strstr(rerr.text, "at most 2^63-1") != NULL);
+        mlu_st_header_free(&h);
+        shape[1] = (uint64_t)INT64_MAX + 1;
+        mlu_error_clear(&err);
+        CHECK(mlu_st_build_header(&e, 1, NULL, 0, 0, &out, &dlen, &err) == MLU_EINVAL);
+        CHECK_STR(err.text, rerr.text);
+        mlu_buf_free(&out);
+        shape[1] = INT64_MAX;
+    }
     /* a name holding NUL: the reader cannot take it back, so the writer refuses it */
     {
         mlu_st_entry nul = {"a\0b", 3, MLU_ST_U8, 2, shape, d, 0, 0};

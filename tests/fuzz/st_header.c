@@ -61,7 +61,8 @@ static void check_accepted(const uint8_t *data, size_t size, const mlu_st_header
     mlu_error_clear(&err);
     if (mlu_st_build_header(entries, h->ntensors, meta, h->nmeta, h->has_metadata, &out, &data_len,
                             &err) != MLU_OK) {
-        /* only a name the writer reserves could make it refuse */
+        /* only a reserved name, or a shape no array can hold (mlu_st_array_shape),
+         * could make it refuse */
         if (err.code != MLU_ENOMEM && err.code != MLU_EINVAL)
             abort();
         goto done;
