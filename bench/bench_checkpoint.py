@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mlutils.train as mt  # noqa: E402  (this checkout's build)
+from mlutils.train.loop import _Loop  # noqa: E402
 
 
 def make_model(mib: int) -> torch.nn.Module:
@@ -57,7 +58,7 @@ def main() -> None:
     for name, use_async in (("async", True), ("sync", False)):
         cfg = mt.TrainConfig(checkpoint_dir=os.path.join(root, name), keep_last=1, async_save=use_async,
                              read_commands=False, progress=False, metrics_stdout=False)
-        loops[name] = mt._Loop([], mt.Engines(engine), None, cfg)
+        loops[name] = _Loop([], mt.Engines(engine), None, cfg)
     times: dict = {"async": [], "sync": [], "torch.save": [], "async (background write)": []}
     try:
         for rep in range(args.repeat):
@@ -78,7 +79,7 @@ def main() -> None:
                 loop.save(sync=(name == "sync"))
                 times[name].append(time.perf_counter() - t0)
                 if name == "async":
-                    loop.saver.wait()
+                    loop.ckpt.saver.wait()
                     times["async (background write)"].append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -401,7 +401,9 @@ def test_training_loop_resume_is_exact(torch, tmp_path, loader_mp, mode, workers
     def dl():
         return loader(keyed(RandomSampler(N, seed=5), mode), workers, loader_mp, persistent=bool(workers))
 
-    source = mt._data_source(dl())
+    from mlutils.train.data import data_source
+
+    source = data_source(dl())
     assert source.sampler is not None and not source.replay  # keyed batches are seeked, not read again
 
     def fresh_process():

@@ -14,6 +14,7 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
     pytest.skip("the training loop trains torch models", allow_module_level=True)
 
 import mlutils.train as mt  # noqa: E402
+from mlutils.train import checkpoint as ck  # noqa: E402
 from mlutils.io import json_parse  # noqa: E402
 from _train_helpers import CountEngine, cfg, load_rank0  # noqa: E402
 
@@ -257,7 +258,7 @@ def test_async_save_error_is_raised_at_next_step(tmp_path, monkeypatch):
     def failing(obj, path):
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(mt, "torch_save", failing)
+    monkeypatch.setattr(ck, "torch_save", failing)
     e = CountEngine()
     with pytest.raises(mt.CheckpointError, match="writing a checkpoint failed: .*No space left") as info:
         mt.train(range(100), e, config=cfg(tmp_path, iterations=50, save_frequency=2))
@@ -282,14 +283,14 @@ def test_a_failed_checkpoint_write_names_its_file(tmp_path):
 
 
 def test_async_snapshot_is_taken_before_the_next_step(tmp_path, monkeypatch):
-    real = mt.torch_save
+    real = ck.torch_save
     gate = threading.Event()
 
     def slow(obj, path):
         gate.wait(10)
         real(obj, path)
 
-    monkeypatch.setattr(mt, "torch_save", slow)
+    monkeypatch.setattr(ck, "torch_save", slow)
     e = CountEngine()
     t = threading.Timer(0.3, gate.set)
     t.start()

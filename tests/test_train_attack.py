@@ -13,6 +13,8 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
 
 import mlutils.train as mt  # noqa: E402
 from mlutils.io import json_parse  # noqa: E402
+from mlutils.train import checkpoint as ck  # noqa: E402
+from mlutils.train.commands import StdinReader  # noqa: E402
 from _train_helpers import CountEngine, cfg, load_rank0  # noqa: E402
 
 
@@ -50,7 +52,7 @@ def test_stdin_flood_is_read_in_bounded_slices(tmp_path, stdin_from, caplog):
     lines = b"eval\n" * 200_000
     path.write_bytes(junk + b"\nquit\n" + lines)
     f = stdin_from(path=path)
-    reader = mt._StdinReader()
+    reader = StdinReader()
     with caplog.at_level(logging.WARNING, logger="mlutils.train"):
         first = reader.poll()
         assert first == []
@@ -320,7 +322,7 @@ def test_engine_error_wins_over_a_failed_background_write(tmp_path, monkeypatch)
         gate.wait(10)
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(mt, "torch_save", failing)
+    monkeypatch.setattr(ck, "torch_save", failing)
     before = {s: __import__("signal").getsignal(s) for s in (2, 15)}
 
     class Breaks(CountEngine):
@@ -336,13 +338,13 @@ def test_engine_error_wins_over_a_failed_background_write(tmp_path, monkeypatch)
 
 
 def test_engine_error_keeps_the_pending_checkpoint_whole(tmp_path, monkeypatch):
-    real = mt.torch_save
+    real = ck.torch_save
 
     def slow(obj, path):
         time.sleep(0.3)
         real(obj, path)
 
-    monkeypatch.setattr(mt, "torch_save", slow)
+    monkeypatch.setattr(ck, "torch_save", slow)
 
     class Breaks(CountEngine):
         def train_step(self, batch):
@@ -394,13 +396,13 @@ def _same(a, b, where="state"):
 def test_async_checkpoint_is_the_state_at_save_time_bit_for_bit(tmp_path, monkeypatch):
     """A slow background write while later steps change the model and AdamW's moments in place: the
     checkpoint must equal, bit for bit and key for key, what a synchronous save of the same step writes."""
-    real = mt.torch_save
+    real = ck.torch_save
 
     def slow(obj, path):
         time.sleep(0.15)
         real(obj, path)
 
-    monkeypatch.setattr(mt, "torch_save", slow)
+    monkeypatch.setattr(ck, "torch_save", slow)
 
     def run(sub, use_async):
         torch.manual_seed(0)
@@ -426,13 +428,13 @@ def test_async_checkpoint_is_the_state_at_save_time_bit_for_bit(tmp_path, monkey
 def test_second_sigint_interrupts_and_everything_is_restored(tmp_path, monkeypatch):
     import signal
 
-    real = mt.torch_save
+    real = ck.torch_save
 
     def slow(obj, path):
         time.sleep(0.2)
         real(obj, path)
 
-    monkeypatch.setattr(mt, "torch_save", slow)
+    monkeypatch.setattr(ck, "torch_save", slow)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     class TwoInterrupts(CountEngine):
@@ -452,13 +454,13 @@ def test_second_sigint_interrupts_and_everything_is_restored(tmp_path, monkeypat
 def test_sigterm_while_a_background_write_runs(tmp_path, monkeypatch):
     import signal
 
-    real = mt.torch_save
+    real = ck.torch_save
 
     def slow(obj, path):
         time.sleep(0.2)
         real(obj, path)
 
-    monkeypatch.setattr(mt, "torch_save", slow)
+    monkeypatch.setattr(ck, "torch_save", slow)
 
     class Term(CountEngine):
         def train_step(self, batch):

@@ -16,6 +16,8 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
     pytest.skip("the training loop trains torch models", allow_module_level=True)
 
 import mlutils.train as mt  # noqa: E402
+from mlutils.train import checkpoint as ck, commands  # noqa: E402
+from mlutils.train.loop import _Loop  # noqa: E402
 from _train_helpers import CountEngine, cfg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,18 +79,18 @@ def test_commands_read_from_stdin_are_range_checked(tmp_path, monkeypatch, caplo
 
 
 def _loop(tmp_path, **kw):
-    return mt._Loop(range(1, 100), mt.Engines(CountEngine()), None, cfg(tmp_path, **kw))
+    return _Loop(range(1, 100), mt.Engines(CountEngine()), None, cfg(tmp_path, **kw))
 
 
 def test_time_reports_the_mean_step_time_and_the_arrival(tmp_path, monkeypatch, caplog):
     loop = _loop(tmp_path, iterations=50)
     loop.step = 10
     loop.step_times = [9.0] * 5 + [0.25, 0.75] * 50  # the last 100 steps count: 0.5 s each
-    monkeypatch.setattr(mt.time, "time", lambda: 1_000_000.0)
+    monkeypatch.setattr(commands.time, "time", lambda: 1_000_000.0)
     arrive = {t: time.strftime("%H:%M:%S", time.localtime(1_000_000.0 + 0.5 * (t - 10))) for t in (30, 50)}
     with caplog.at_level(logging.INFO, logger="mlutils.train"):
-        loop._run_command("time to 30")
-        loop._run_command("time")
+        loop.run_command("time to 30")
+        loop.run_command("time")
     got = [m for m in _messages(caplog, logging.INFO) if m.startswith("time:")]
     assert got == [f"time: 0.500 s/step; step 10 -> 30 in about 10 s ({arrive[30]})",
                    f"time: 0.500 s/step; step 10 -> 50 in about 20 s ({arrive[50]})"]
@@ -97,11 +99,11 @@ def test_time_reports_the_mean_step_time_and_the_arrival(tmp_path, monkeypatch, 
 def test_time_before_any_step_and_to_a_past_step(tmp_path, caplog):
     loop = _loop(tmp_path, iterations=50)
     with caplog.at_level(logging.INFO, logger="mlutils.train"):
-        loop._run_command("time")
+        loop.run_command("time")
         loop.step, loop.step_times = 40, [2.0]
-        loop._run_command("time to 30")
+        loop.run_command("time to 30")
         loop.step_times = [9000.0]
-        loop._run_command("time to 50")
+        loop.run_command("time to 50")
     got = [m for m in _messages(caplog, logging.INFO) if m.startswith("time:")]
     assert got[0] == "time: no step timed yet"
     day = time.strftime("%Y-%m-%d", time.localtime(time.time() + 90000))
@@ -170,7 +172,7 @@ def test_a_failed_background_write_is_raised_at_the_very_next_step(tmp_path, mon
                 time.sleep(0.05)  # the writer thread has stored its error
             return super().train_step(batch)
 
-    monkeypatch.setattr(mt, "torch_save", failing)
+    monkeypatch.setattr(ck, "torch_save", failing)
     e = WaitingEngine()
     with pytest.raises(mt.CheckpointError, match="No space left"):
         mt.train(range(100), e, config=cfg(tmp_path, iterations=50, save_frequency=2))
@@ -203,3 +205,27 @@ def test_a_checkpoint_folder_and_its_parent_are_fsynced(tmp_path):
     renamed = first(lambda c: c.startswith("rename") and "rank-00000-of-00001.pt" in c, made)
     step_synced = first(lambda c: c.startswith("fsync(") and f"<{step}>" in c, renamed)
     assert parent_synced and step_synced
+
+
+# ---------------------------------------------------------------- handlers set outside Python
+
+
+def test_a_faulthandler_stack_dump_handler_survives_train(tmp_path):
+    """faulthandler.register(SIGUSR1) is a C-level handler Python cannot name: after train() returns it is
+    still there (SIGUSR1 dumps the stacks instead of killing the process)."""
+    dump = tmp_path / "stacks.txt"
+    script = (
+        "import faulthandler, os, signal, sys; sys.path.insert(0, 'tests')\n"
+        f"f = open({str(dump)!r}, 'w')\n"
+        "faulthandler.register(signal.SIGUSR1, file=f, all_threads=False)\n"
+        "import mlutils.train as mt\n"
+        "from _train_helpers import CountEngine\n"
+        "r = mt.train(range(1, 9), CountEngine(), config=mt.TrainConfig(iterations=3, read_commands=False, "
+        "progress=False, metrics_stdout=False))\n"
+        "assert r.status == 'completed', r\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "f.flush()\n"
+        "print('ALIVE')\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "ALIVE" in p.stdout, (p.returncode, p.stderr[-2000:])
+    assert "Current thread" in dump.read_text() or "Stack (most recent call first)" in dump.read_text()

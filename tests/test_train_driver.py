@@ -87,14 +87,16 @@ def main() -> None:
         return {"loss": total / max(n, 1), "items": n}
 
     if args.announce_writes:
-        real_save = mt.torch_save
+        from mlutils.train import checkpoint as ck
+
+        real_save = ck.torch_save
 
         def announced(obj, path):
             sys.stderr.write(f"WRITING {path}\n")
             sys.stderr.flush()
             real_save(obj, path)
 
-        mt.torch_save = announced
+        ck.torch_save = announced
 
     cfg = mt.TrainConfig(iterations=args.iterations, save_frequency=args.save_frequency,
                          eval_frequency=args.eval_frequency, checkpoint_dir=args.ckpt, keep_last=args.keep_last,

@@ -1,0 +1,311 @@
+"""Engines: what the loop steps.  The :class:`Engine` protocol, :class:`Engines` (several stepped on one
+batch) and :class:`TorchEngine` (a plain torch model), with the cutting of a batch into micro-batches."""
+from __future__ import annotations
+
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
+                    runtime_checkable)
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Engine", "Engines", "TorchEngine", "LOOP_KEYS"]
+
+#: Keys of the metrics line the loop itself writes (an engine's metric of that name is prefixed).
+LOOP_KEYS = ("step", "epoch", "eval")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the loop needs from a trainable thing."""
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done so far (restored by load_state_dict)."""
+
+    def train_step(self, batch: Any) -> Mapping[str, Any]:
+        """One optimizer step on `batch`; returns its metrics (numbers), or None for none."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly (tensors, numbers, strings, containers)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state_dict()."""
+
+    def export(self) -> Dict[str, Any]:
+        """The weights to export: a flat dict name -> tensor."""
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate from now on."""
+
+    def quit(self) -> None:
+        """Called once when the loop ends."""
+
+
+def _metrics_of(name: str, engine: Any, metrics: Any) -> Dict[str, Any]:
+    """An engine's train_step result as a dict (None: no metrics); TypeError naming the engine otherwise."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"engine {name!r} ({type(engine).__name__}).train_step returned {type(metrics).__name__} "
+                        f"{metrics!r}; it must return a mapping of metrics (or None)")
+    return dict(metrics)
+
+
+class Engines:
+    """A named collection of engines stepped on the same batch; metrics are prefixed by name when there are several."""
+
+    def __init__(self, engines: Union[Engine, Mapping[str, Engine]]) -> None:
+        if isinstance(engines, Engines):
+            engines = engines.engines
+        if not isinstance(engines, Mapping):
+            engines = {"model": engines}
+        if not engines:
+            raise ValueError("Engines needs at least one engine")
+        for name, e in engines.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"engine names must be non-empty strings without '.', got {name!r}")
+            missing = [m for m in ("train_step", "state_dict", "load_state_dict", "export", "set_lr", "quit")
+                       if not callable(getattr(e, m, None))]
+            if missing or not hasattr(e, "global_step"):
+                raise TypeError(f"engine {name!r} ({type(e).__name__}) lacks {missing or ['global_step']} "
+                                f"of the mlutils.train.Engine protocol")
+        self.engines: Dict[str, Engine] = dict(engines)
+
+    @property
+    def global_step(self) -> int:
+        """The smallest global step of the engines."""
+        return min(int(e.global_step) for e in self.engines.values())
+
+    def train_step(self, batch: Any) -> Dict[str, Any]:
+        """Step every engine on `batch`; their metrics, prefixed by name when there are several.
+
+        With one engine, a metric named like one of the loop's own keys
+        (``step``, ``epoch``, ``eval``) is prefixed by the engine's name too,
+        so that it does not replace the loop's value in the metrics line."""
+        if len(self.engines) == 1:
+            name, engine = next(iter(self.engines.items()))
+            out1 = _metrics_of(name, engine, engine.train_step(batch))
+            for k in LOOP_KEYS:
+                if k in out1:
+                    out1[f"{name}/{k}"] = out1.pop(k)
+            return out1
+        out: Dict[str, Any] = {}
+        for name, e in self.engines.items():
+            out.update({f"{name}/{k}": v for k, v in _metrics_of(name, e, e.train_step(batch)).items()})
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        """{name: engine state}."""
+        return {name: e.state_dict() for name, e in self.engines.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load every engine's state; CheckpointError when an engine is missing from `state`."""
+        missing = sorted(set(self.engines) - set(state))
+        if missing:
+            raise CheckpointError(f"the checkpoint has no state for engine(s) {missing} (it has {sorted(state)})")
+        for name, e in self.engines.items():
+            e.load_state_dict(state[name])
+
+    def export(self) -> Dict[str, Any]:
+        """The engines' weights, flat; keys prefixed with '<name>.' when there are several."""
+        if len(self.engines) == 1:
+            return dict(next(iter(self.engines.values())).export())
+        return {f"{name}.{k}": v for name, e in self.engines.items() for k, v in e.export().items()}
+
+    def set_lr(self, lr: float) -> None:
+        """Set every engine's learning rate."""
+        for e in self.engines.values():
+            e.set_lr(lr)
+
+    def quit(self) -> None:
+        """Tell every engine the loop ended."""
+        for e in self.engines.values():
+            e.quit()
+
+
+def _batch_len(batch: Any) -> int:
+    """The batch size: dim 0 of the first tensor or array (containers followed) that has a dimension, else 0.
+
+    Values without one (a 0-dim tensor such as a per-batch temperature,
+    numbers, strings) do not count."""
+    shape = getattr(batch, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) > 0 else 0
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return 0
+    for v in values:
+        n = _batch_len(v)
+        if n > 0:
+            return n
+    return 0
+
+
+def _split_batch(batch: Any, parts: int, n: Optional[int] = None) -> List[Any]:
+    """`batch` cut into `parts` micro-batches along dim 0 of every tensor/array of `n` rows (the batch size;
+    containers followed).  Values without that batch dimension (0-dim tensors, tensors of another length,
+    numbers, strings) are passed whole to every micro-batch."""
+    import torch
+
+    if n is None:
+        n = _batch_len(batch)
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        if batch.ndim == 0 or int(batch.shape[0]) != n:
+            return [batch] * parts
+        if n < parts:
+            raise ValueError(f"a batch of {n} cannot be split into {parts} micro-batches")
+        bounds = [n * i // parts for i in range(parts + 1)]
+        return [batch[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    if isinstance(batch, Mapping):
+        cols = {k: _split_batch(v, parts, n) for k, v in batch.items()}
+        return [{k: cols[k][i] for k in batch} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        cols2 = [_split_batch(v, parts, n) for v in batch]
+        return [type(batch)(c[i] for c in cols2) if not hasattr(batch, "_fields")
+                else type(batch)(*(c[i] for c in cols2)) for i in range(parts)]
+    return [batch] * parts
+
+
+class TorchEngine:
+    """An engine for a plain torch model: loss_fn(model, batch) -> loss or (loss, metrics).
+
+    ``accumulate`` splits each batch into that many micro-batches (gradients
+    summed, weighted by size; a batch of fewer items into one per item);
+    ``clip_grad_norm`` clips the global norm; ``amp_dtype`` runs the forward
+    pass under autocast (``torch.float16`` adds a GradScaler); ``scheduler``
+    steps after every optimizer step."""
+
+    def __init__(self, model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], scheduler: Any = None, *,
+                 accumulate: int = 1, clip_grad_norm: Optional[float] = None, amp_dtype: Any = None,
+                 device: Any = None) -> None:
+        import torch
+
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scheduler = scheduler
+        self.accumulate = accumulate
+        self.clip_grad_norm = clip_grad_norm
+        self.amp_dtype = amp_dtype
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None)
+        self._step = 0
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done."""
+        return self._step
+
+    def _to_device(self, batch: Any) -> Any:
+        import torch
+
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, Mapping):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def _forward(self, batch: Any) -> Tuple[Any, Dict[str, Any]]:
+        import torch
+
+        if self.amp_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                out = self.loss_fn(self.model, batch)
+        else:
+            out = self.loss_fn(self.model, batch)
+        if isinstance(out, tuple):
+            loss, metrics = out
+            return loss, dict(metrics)
+        return out, {}
+
+    def train_step(self, batch: Any) -> Dict[str, Any]:
+        """Forward, backward (accumulated), clip, optimizer and scheduler step; returns loss, lr and the loss_fn's metrics."""
+        import torch
+
+        self.model.train()
+        n = self._batch_size(batch)
+        pieces = min(self.accumulate, n) if n > 0 else 1  # a short last batch: fewer; nothing to split: one
+        parts = _split_batch(batch, pieces, n) if pieces > 1 else [batch]
+        sizes = [self._batch_size(p) for p in parts]
+        total = sum(sizes) or len(parts)
+        loss_sum = 0.0
+        extra: Dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for part, size in zip(parts, sizes):
+            loss, metrics = self._forward(self._to_device(part))
+            w = (size / total) if sum(sizes) else 1.0 / len(parts)
+            scaled = loss * w
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += float(loss.detach()) * w
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) * w
+        out: Dict[str, Any] = {"loss": loss_sum}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            out["grad_norm"] = float(norm)
+        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._step += 1
+        out.update(extra)
+        return out
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        return _batch_len(batch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Model, optimizer, scheduler, scaler and the step."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "global_step": self._step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state_dict()."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self._step = int(state["global_step"])
+
+    def export(self) -> Dict[str, Any]:
+        """The model's state dict as contiguous CPU copies (no shared memory, ready for safetensors)."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+
+    def set_lr(self, lr: float) -> None:
+        """Every param group's lr (and the scheduler's base lrs, so the schedule keeps the new scale)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+            if "initial_lr" in g:
+                g["initial_lr"] = lr
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+
+    def quit(self) -> None:
+        """Nothing to release."""

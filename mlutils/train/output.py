@@ -1,0 +1,149 @@
+"""The loop's output: one JSON line of metrics per logged step from the global leader, on stdout (through
+the progress bar's writer) and/or appended to the metrics file, and the progress bar.  A stdout, a bar or a
+metrics file that cannot be written is dropped with one warning: output never stops training."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from .. import _core
+from ..io import json_stringify
+
+__all__ = ["MetricsOutput", "plain"]
+
+log = logging.getLogger("mlutils.train")
+
+
+def plain(obj: Any) -> Any:
+    """`obj` with what JSON cannot hold made plain: tensors and numpy values as numbers or lists, ints past
+    64 bits as floats, other objects as their str (a metrics line must never stop training)."""
+    if obj is None or isinstance(obj, (bool, float, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj if -(1 << 63) <= obj < (1 << 63) else float(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return plain(obj.item())
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if "torch" in sys.modules:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu()
+            return plain(t.item() if t.numel() == 1 else t.tolist())
+    return str(obj)
+
+
+class MetricsOutput:
+    """Metrics lines and the progress bar of the global leader (other ranks write nothing)."""
+
+    def __init__(self, leader: bool, to_stdout: bool, path: Optional[str], progress: bool) -> None:
+        self.leader = leader
+        self.to_stdout = to_stdout
+        self.path = path
+        self.progress = progress
+        self.fh: Any = None
+        self.bar: Any = None
+        self._stdout_dead = False
+
+    def open(self, step: int, total: int) -> None:
+        """Open the metrics file (cut back to `step` on resume, emptied on a fresh start)."""
+        path = self.path
+        if not self.leader or path is None:
+            return
+        if step > 0 and os.path.exists(path):
+            # drop lines past the resumed step: the log reads as one uninterrupted run
+            from ..io import json_parse
+            keep = []
+            with open(path, encoding="utf-8", errors="replace") as f:  # a torn line may end mid-character
+                for line in f:
+                    try:
+                        rec = json_parse(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            # replaced atomically: a failure or a kill while rewriting leaves the old log whole
+            _core.write_file_atomic(path, "".join(keep).encode("utf-8"), durable=True)
+        elif step == 0 and os.path.exists(path):
+            open(path, "w").close()
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def start_bar(self, step: int, total: int) -> None:
+        if self.leader and self.progress:
+            from tqdm import tqdm
+            self._bar_call(lambda: setattr(self, "bar", tqdm(total=total, initial=step, dynamic_ncols=True,
+                                                             file=sys.stderr, leave=False)))
+
+    def emit(self, record: Mapping[str, Any], step: int) -> None:
+        """Write one metrics line."""
+        if not self.leader:
+            return
+        line = json_stringify(plain(record), truncate=True)
+        if self.fh is not None:
+            try:
+                self.fh.write(line + "\n")
+                self.fh.flush()
+            except (OSError, ValueError) as exc:  # a full disk, a quota, /dev/full: training goes on
+                self._drop_file(exc, step)
+        if self.to_stdout and not self._stdout_dead:
+            out = sys.stdout
+            try:
+                if out is None:
+                    raise ValueError("sys.stdout is None (standard output was closed)")
+                if self.bar is not None and not self.bar.disable:
+                    self.bar.write(line, file=out)
+                else:
+                    out.write(line + "\n")
+                out.flush()
+            except (OSError, ValueError) as exc:  # `| head`, a closed stdout: training goes on
+                self._stdout_dead = True
+                log.warning("metrics on stdout stopped: %s: %s%s", type(exc).__name__, exc,
+                            "" if self.fh is not None else " (no metrics_file: the metrics are not kept)")
+
+    def stepped(self, metrics: Mapping[str, Any]) -> None:
+        """Move the bar one step, with the loss."""
+        if self.bar is None:
+            return
+        self._bar_call(lambda: self.bar.update(1))
+        loss = plain(metrics.get("loss"))
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            self._bar_call(lambda: self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False))
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def close_file(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+    def _drop_file(self, exc: BaseException, step: int) -> None:
+        """Stop the metrics_file copy after a failed write, with one warning naming the file."""
+        fh, self.fh = self.fh, None
+        log.warning("metrics_file %s stopped at step %d: %s: %s%s", self.path, step, type(exc).__name__,
+                    exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+                    "" if self.to_stdout and not self._stdout_dead else " (metrics are not kept from now on)")
+        try:
+            fh.close()
+        except (OSError, ValueError):
+            pass  # the buffered line that failed fails again: it is dropped
+
+    def _bar_call(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the progress bar; a bar that cannot write (stderr or stdout closed, a broken pipe: tqdm
+        flushes both) is dropped with a warning, training goes on."""
+        try:
+            fn()
+        except (OSError, ValueError) as exc:
+            log.warning("progress bar stopped: %s: %s", type(exc).__name__, exc)
+            bar, self.bar = self.bar, None
+            if bar is not None:
+                bar.disable = True  # close() must not write either
