@@ -153,7 +153,7 @@ def test_commands_through_a_pipe(tmp_path):
     assert "scheduled 'quit' at step 90000" in err
     assert "bad step in 'quit@100000000': past the last step (100000, TrainConfig.iterations)" in err
     saved = mt.find_checkpoints(str(ck))
-    assert len(saved) == 2 and saved[-1][0] == res["step"] and saved[0][0] < res["step"]
+    assert len(saved) == 3 and saved[-1][0] == res["step"] and saved[0][0] < res["step"]  # save, export, quit
     assert res["checkpoint"] == saved[-1][1]
     ckpt = load_rank0(saved[-1][1])  # what torch.load(weights_only=True) reads
     assert ckpt["step"] == res["step"] and ckpt["engines"]["model"]["global_step"] == res["step"]
@@ -195,9 +195,12 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path, workers, loader_mp):
     assert res["status"] == "completed" and res["resumed_from"] == first["checkpoint"]
     assert [s["step"] for s in second.steps()] == list(range(first["step"] + 1, total + 1))
     assert_same_weights(load_rank0(ref.result()["checkpoint"]), load_rank0(res["checkpoint"]))
-    ref_log = (tmp_path / "ref.jsonl").read_text().splitlines()
-    run_log = (tmp_path / "run.jsonl").read_text().splitlines()
+    ref_log = [json_parse(x) for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    run_log = [json_parse(x) for x in (tmp_path / "run.jsonl").read_text().splitlines()]
+    elapsed = [x.pop("elapsed") for x in run_log]  # wall-clock seconds: carried across the resume
+    [x.pop("elapsed") for x in ref_log]
     assert run_log == ref_log and len(ref_log) == total
+    assert elapsed == sorted(elapsed)
 
 
 def test_sigterm_during_eval_stops_eval_and_saves(tmp_path):

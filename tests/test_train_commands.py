@@ -89,8 +89,8 @@ def test_time_reports_the_mean_step_time_and_the_arrival(tmp_path, monkeypatch, 
     monkeypatch.setattr(commands.time, "time", lambda: 1_000_000.0)
     arrive = {t: time.strftime("%H:%M:%S", time.localtime(1_000_000.0 + 0.5 * (t - 10))) for t in (30, 50)}
     with caplog.at_level(logging.INFO, logger="mlutils.train"):
-        loop.run_command("time to 30")
-        loop.run_command("time")
+        commands.run_command(loop, "time to 30")
+        commands.run_command(loop, "time")
     got = [m for m in _messages(caplog, logging.INFO) if m.startswith("time:")]
     assert got == [f"time: 0.500 s/step; step 10 -> 30 in about 10 s ({arrive[30]})",
                    f"time: 0.500 s/step; step 10 -> 50 in about 20 s ({arrive[50]})"]
@@ -99,11 +99,11 @@ def test_time_reports_the_mean_step_time_and_the_arrival(tmp_path, monkeypatch, 
 def test_time_before_any_step_and_to_a_past_step(tmp_path, caplog):
     loop = _loop(tmp_path, iterations=50)
     with caplog.at_level(logging.INFO, logger="mlutils.train"):
-        loop.run_command("time")
+        commands.run_command(loop, "time")
         loop.step, loop.step_times = 40, [2.0]
-        loop.run_command("time to 30")
+        commands.run_command(loop, "time to 30")
         loop.step_times = [9000.0]
-        loop.run_command("time to 50")
+        commands.run_command(loop, "time to 50")
     got = [m for m in _messages(caplog, logging.INFO) if m.startswith("time:")]
     assert got[0] == "time: no step timed yet"
     day = time.strftime("%Y-%m-%d", time.localtime(time.time() + 90000))

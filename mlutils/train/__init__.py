@@ -56,8 +56,11 @@ from __future__ import annotations
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, ResumePoint, find_checkpoints, latest_checkpoint
 from .commands import COMMANDS
-from .engine import Engine, Engines, TorchEngine
-from .loop import TrainConfig, TrainResult, train
+from .config import TrainConfig, TrainResult
+from .counters import OutOfMemoryStop
+from .engine import Engine, Engines, MicroBatches, TorchEngine
+from .loop import train
 
-__all__ = ["Engine", "Engines", "TorchEngine", "TrainConfig", "TrainResult", "train", "find_checkpoints",
-           "latest_checkpoint", "CheckpointError", "ResumePoint", "COMMANDS", "CHECKPOINT_FORMAT"]
+__all__ = ["Engine", "Engines", "TorchEngine", "MicroBatches", "TrainConfig", "TrainResult", "train",
+           "find_checkpoints", "latest_checkpoint", "CheckpointError", "OutOfMemoryStop", "ResumePoint", "COMMANDS",
+           "CHECKPOINT_FORMAT"]

@@ -96,18 +96,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _rotate(checkpoint_dir: str, keep_last: int, upto: int) -> None:
+def _rotate(checkpoint_dir: str, keep_last: int, upto: int, protect: frozenset = frozenset()) -> None:
     """Delete complete checkpoints beyond the newest `keep_last` and partial ones older than the newest complete.
 
     Only checkpoints up to step `upto` (the one just written) count: newer ones
-    (left by a run this one rolled back from) are neither counted nor removed."""
+    (left by a run this one rolled back from) are neither counted nor removed.
+    The steps in `protect` (the best ones) are never removed."""
     complete = [(s, p) for s, p in find_checkpoints(checkpoint_dir) if s <= upto]
     if not complete:
         return
     newest = complete[-1][0]
     keep = {p for _s, p in complete[-keep_last:]} if keep_last > 0 else {p for _s, p in complete}
     for step, path in find_checkpoints(checkpoint_dir, complete_only=False):
-        if step < newest and path not in keep:
+        if step < newest and path not in keep and step not in protect:
             log.debug("removing checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
 
@@ -160,6 +161,13 @@ def _check_state(state: Any, path: str) -> None:
                  for e in lp["events"])),
         ("loop.eval_pending", isinstance(lp.get("eval_pending", False), bool)),
         ("loop.epoch_rng", lp.get("epoch_rng") is None or _rng_ok(lp.get("epoch_rng"))),
+        ("loop.samples", _count(lp.get("samples", 0))),
+        ("loop.elapsed", isinstance(lp.get("elapsed", 0.0), (int, float)) and not isinstance(lp.get("elapsed"), bool)
+         and 0 <= lp.get("elapsed", 0.0) < float("inf")),
+        ("loop.oom_skipped", _count(lp.get("oom_skipped", 0))),
+        ("loop.best", isinstance(lp.get("best", []), (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, float))
+            and not isinstance(e[0], bool) and _count(e[1]) for e in lp.get("best", []))),
         ("sampler", samp is None or (isinstance(samp, Mapping)
                                      and (samp.get("epoch_start") is None
                                           or isinstance(samp.get("epoch_start"), Mapping))
@@ -349,12 +357,14 @@ class Checkpointer:
         self.last_step = -1  # the step of the last checkpoint written or resumed
         self.last_folder: Optional[str] = None
 
-    def save(self, step: int, state: Dict[str, Any], sync: bool) -> None:
+    def save(self, step: int, state: Dict[str, Any], sync: bool, best: Optional["BestCheckpoints"] = None) -> None:
         """Write `state` as this rank's file of step `step`: in the background from a host snapshot unless
         `sync` (or the config) says otherwise; a failed write is a CheckpointError (a background one at
         the next check)."""
         assert self.dir is not None
         ckdir, leader, keep = self.dir, self.leader, self.keep_last
+        protect = frozenset(best.steps()) if best is not None else frozenset()
+        pointer = best.pointer() if best is not None else None
         self.saver.wait()
         folder = os.path.join(ckdir, f"step-{step:08d}")
         path = os.path.join(folder, _rank_file(self.world, self.rank))
@@ -368,7 +378,8 @@ class Checkpointer:
             _fsync_dir(ckdir)
             torch_save(state, path)
             if leader:
-                _rotate(ckdir, keep, step)
+                _rotate(ckdir, keep, step, protect)
+                write_best_pointer(ckdir, pointer)
                 log.info("saved checkpoint %s (step %d)", folder, step)
 
         if use_async:
@@ -382,7 +393,8 @@ class Checkpointer:
                 raise CheckpointError(f"writing a checkpoint failed: {exc}") from exc
             self.dist.barrier()
             if leader:
-                _rotate(ckdir, keep, step)
+                _rotate(ckdir, keep, step, protect)
+                write_best_pointer(ckdir, pointer)
         self.last_step = step
         self.last_folder = folder
 
@@ -426,3 +438,61 @@ class Checkpointer:
                         step, ", ".join(later), later[-1])
         self.last_step = step
         self.last_folder = folder
+
+
+# ---------------------------------------------------------------- the best checkpoints
+
+
+def write_best_pointer(ckdir: str, step: Optional[int]) -> None:
+    """``<checkpoint_dir>/best``: the folder name of the best checkpoint, replaced atomically."""
+    if step is None:
+        return
+    from .. import _core
+
+    _core.write_file_atomic(os.path.join(ckdir, "best"), f"step-{step:08d}\n".encode(), durable=True)
+
+
+class BestCheckpoints:
+    """The `k` best evaluations by one metric, as [(value, step)] best first; their checkpoints are kept."""
+
+    def __init__(self, k: int, metric: str, mode: str) -> None:
+        self.k = k
+        self.metric = metric
+        self.mode = mode
+        self.best: List[Tuple[float, int]] = []
+
+    def value_of(self, result: Optional[Mapping[str, Any]]) -> Optional[float]:
+        """The metric in an eval_fn result ("a/b" looks into nested dicts), as a float; None when absent."""
+        v: Any = result
+        for part in self.metric.split("/"):
+            if not isinstance(v, Mapping) or part not in v:
+                return None
+            v = v[part]
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return f if f == f else None  # NaN never ranks
+
+    def offer(self, value: float, step: int) -> bool:
+        """Rank (value, step); True when it is among the k best now."""
+        if self.k <= 0:
+            return False
+        sign = 1.0 if self.mode == "min" else -1.0
+        ranked = sorted([(v, s) for v, s in self.best if s != step] + [(value, step)],
+                        key=lambda e: (sign * e[0], e[1]))
+        self.best = ranked[:self.k]
+        return any(s == step for _v, s in self.best)
+
+    def steps(self) -> List[int]:
+        return [s for _v, s in self.best]
+
+    def pointer(self) -> Optional[int]:
+        return self.best[0][1] if self.best else None
+
+    def state(self) -> List[List[Any]]:
+        return [[v, s] for v, s in self.best]
+
+    def load(self, state: Any) -> None:
+        if isinstance(state, (list, tuple)):
+            self.best = [(float(v), int(s)) for v, s in state][: max(self.k, 0)]

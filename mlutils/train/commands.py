@@ -16,7 +16,7 @@ __all__ = ["COMMANDS", "StdinReader", "Commands", "parse"]
 log = logging.getLogger("mlutils.train")
 
 #: The commands the loop understands (each may be scheduled as ``<command>@<step>``).
-COMMANDS = ("save", "export", "eval", "quit", "eval_quit", "lr", "time", "event")
+COMMANDS = ("save", "export", "eval", "quit", "eval_quit", "lr", "loss_scale", "time", "event")
 _DIGITS = re.compile(r"^[0-9]+$")
 
 
@@ -120,8 +120,8 @@ class StdinReader:
         return out
 
 
-_USAGE = ("commands: save | export | eval | quit | eval_quit | lr <rate> | time [to <step>] | "
-          "<command>@<step> | event show | event clear")
+_USAGE = ("commands: save | export | eval | quit | eval_quit | lr <rate> | loss_scale <scale> | "
+          "time [to <step>] | <command>@<step> | event [show] | event clear")
 
 
 def _step_arg(text: str, line: str, last: int) -> Tuple[Optional[int], Optional[str]]:
@@ -165,13 +165,21 @@ def parse(line: str, last: int = I64 - 1) -> Tuple[Optional[Tuple[str, ...]], Op
             return None, None, f"lr needs a number, got {_short(args[0])}"
         if not rate >= 0 or rate == float("inf"):
             return None, None, f"lr must be a finite number >= 0, got {_short(args[0])}"
+    elif cmd == "loss_scale" and len(args) == 1:
+        try:
+            scale = float(args[0])
+        except ValueError:
+            return None, None, f"loss_scale needs a number, got {_short(args[0])}"
+        if not 0 < scale < float("inf"):
+            return None, None, f"loss_scale must be a finite number > 0, got {_short(args[0])}"
     elif cmd == "time" and (not args or (len(args) == 2 and args[0] == "to")):
         if args:
             _n, err = _step_arg(args[1], line, last)
             if err is not None:
                 return None, None, err
-    elif cmd == "event" and len(args) == 1 and args[0] in ("show", "clear") and at is None:
-        pass
+    elif cmd == "event" and (not args or (len(args) == 1 and args[0] in ("show", "clear"))) and at is None:
+        if not args:
+            words = ("event", "show")  # the bare command shows, as the original's did
     else:
         return None, None, f"unknown command {_short(line)}; {_USAGE}"
     return words, at, None
@@ -253,3 +261,40 @@ def report_time(step_times: Sequence[float], step: int, target: int) -> None:
     except (OverflowError, OSError, ValueError):  # beyond what the clock can show
         at = "beyond the calendar"
     log.info("time: %.3f s/step; step %d -> %d in about %.0f s (%s)", per, step, target, per * left, at)
+
+
+def run_command(loop: Any, line: str) -> Optional[str]:
+    """Run one command line on `loop` now: 'quit' when the loop must stop, 'signal' when a signal cut an
+    evaluation short, else None (a bad line is one warning)."""
+    words = loop.commands.parse(line, loop.step)
+    if words is None:
+        return None
+    cmd = words[0]
+    if cmd == "save":
+        loop.save(sync=False, explicit=True)
+    elif cmd == "export":  # a checkpoint with it, as the original's export did
+        if not (loop.save(sync=False) and loop.cfg.export_on_save):  # export_on_save exported with it
+            loop.export()
+    elif cmd in ("eval", "eval_quit"):
+        if loop.evaluate():
+            return "signal"
+        return "quit" if cmd == "eval_quit" else None
+    elif cmd == "quit":
+        return "quit"
+    elif cmd == "lr":
+        loop.engines.set_lr(float(words[1]))
+        if loop.leader:
+            log.info("learning rate set to %s at step %d", words[1], loop.step)
+    elif cmd == "loss_scale":
+        without = loop.engines.set_loss_scale(float(words[1]))
+        if loop.leader:
+            if without:
+                log.warning("loss_scale: engine(s) %s have no loss scale (no float16 GradScaler)", without)
+            if len(without) < len(loop.engines.engines):
+                log.info("loss scale set to %s at step %d", words[1], loop.step)
+    elif cmd == "time":
+        if loop.leader:
+            report_time(loop.step_times, loop.step, int(words[2]) if len(words) == 3 else loop.cfg.iterations)
+    elif cmd == "event":
+        loop.commands.show() if words[1] == "show" else loop.commands.clear()
+    return None

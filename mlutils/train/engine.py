@@ -2,6 +2,7 @@
 batch) and :class:`TorchEngine` (a plain torch model), with the cutting of a batch into micro-batches."""
 from __future__ import annotations
 
+import contextlib
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
                     runtime_checkable)
 
@@ -12,7 +13,7 @@ from .checkpoint import CheckpointError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "Engines", "TorchEngine", "LOOP_KEYS"]
+__all__ = ["Engine", "Engines", "TorchEngine", "MicroBatches", "LOOP_KEYS"]
 
 #: Keys of the metrics line the loop itself writes (an engine's metric of that name is prefixed).
 LOOP_KEYS = ("step", "epoch", "eval")
@@ -43,6 +44,12 @@ class Engine(Protocol):
 
     def quit(self) -> None:
         """Called once when the loop ends."""
+
+
+class MicroBatches(list):
+    """The loader batches of one step (``TrainConfig.accumulate_batches``): an engine accumulates their
+    gradients, weighted by size, into one optimizer step.  An engine that does not know this type gets a
+    list of batches."""
 
 
 def _metrics_of(name: str, engine: Any, metrics: Any) -> Dict[str, Any]:
@@ -126,6 +133,26 @@ class Engines:
         for e in self.engines.values():
             e.quit()
 
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error in a step: every engine that can drops its gradients and caches."""
+        for e in self.engines.values():
+            fn = getattr(e, "recover_from_oom", None)
+            if callable(fn):
+                fn()
+
+    def set_loss_scale(self, scale: float) -> List[str]:
+        """Set the loss scale of every engine that has one; the names of those that do not."""
+        skipped = []
+        for name, e in self.engines.items():
+            fn = getattr(e, "set_loss_scale", None)
+            try:
+                if not callable(fn):
+                    raise ValueError("no set_loss_scale")
+                fn(scale)
+            except ValueError:
+                skipped.append(name)
+        return skipped
+
 
 def _batch_len(batch: Any) -> int:
     """The batch size: dim 0 of the first tensor or array (containers followed) that has a dimension, else 0.
@@ -171,6 +198,12 @@ def _split_batch(batch: Any, parts: int, n: Optional[int] = None) -> List[Any]:
         return [type(batch)(c[i] for c in cols2) if not hasattr(batch, "_fields")
                 else type(batch)(*(c[i] for c in cols2)) for i in range(parts)]
     return [batch] * parts
+
+
+def _several_ranks() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class TorchEngine:
@@ -235,32 +268,60 @@ class TorchEngine:
         return out, {}
 
     def train_step(self, batch: Any) -> Dict[str, Any]:
-        """Forward, backward (accumulated), clip, optimizer and scheduler step; returns loss, lr and the loss_fn's metrics."""
+        """Forward, backward (accumulated), clip, optimizer and scheduler step; returns loss, lr and the
+        loss_fn's metrics.
+
+        `batch` is one loader batch (cut into ``accumulate`` micro-batches) or
+        a :class:`MicroBatches` list of them (``TrainConfig.accumulate_batches``),
+        each weighted by its size.  The loss and the metrics stay on the
+        device, summed there: nothing is read back to the host here (the loop
+        reads them on the steps it logs).  Under DDP or FSDP every micro-batch
+        but the last runs in ``model.no_sync()``: one gradient reduction per
+        step."""
         import torch
 
         self.model.train()
-        n = self._batch_size(batch)
-        pieces = min(self.accumulate, n) if n > 0 else 1  # a short last batch: fewer; nothing to split: one
-        parts = _split_batch(batch, pieces, n) if pieces > 1 else [batch]
+        if isinstance(batch, MicroBatches):
+            parts = list(batch)
+        else:
+            n = self._batch_size(batch)
+            pieces = min(self.accumulate, n) if n > 0 else 1  # a short last batch: fewer; nothing to split: one
+            parts = _split_batch(batch, pieces, n) if pieces > 1 else [batch]
         sizes = [self._batch_size(p) for p in parts]
-        total = sum(sizes) or len(parts)
-        loss_sum = 0.0
-        extra: Dict[str, float] = {}
+        total = sum(sizes)
+        loss_sum: Any = 0.0
+        extra: Dict[str, Any] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for part, size in zip(parts, sizes):
-            loss, metrics = self._forward(self._to_device(part))
-            w = (size / total) if sum(sizes) else 1.0 / len(parts)
-            scaled = loss * w
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += float(loss.detach()) * w
-            for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v) * w
+        no_sync = getattr(self.model, "no_sync", None)
+        oom: Optional[BaseException] = None
+        try:
+            for i, (part, size) in enumerate(zip(parts, sizes)):
+                w = (size / total) if total else 1.0 / len(parts)
+                quiet = callable(no_sync) and i < len(parts) - 1
+                with no_sync() if quiet else contextlib.nullcontext():  # type: ignore[misc]
+                    loss, metrics = self._forward(self._to_device(part))
+                    scaled = loss * w
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                loss_sum = loss_sum + loss.detach() * w
+                for k, v in metrics.items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
+                    extra[k] = extra.get(k, 0.0) + v * w
+        except torch.OutOfMemoryError as exc:
+            oom = exc
+        if _several_ranks():
+            # every rank skips the step when one ran out of memory, before any optimizer steps
+            from .. import distributed
+
+            if distributed.any_rank(oom is not None) and oom is None:
+                oom = torch.OutOfMemoryError("another rank ran out of memory in this step")
+        if oom is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise oom
         out: Dict[str, Any] = {"loss": loss_sum}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-            out["grad_norm"] = float(norm)
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -272,6 +333,32 @@ class TorchEngine:
         self._step += 1
         out.update(extra)
         return out
+
+    def load_weights(self, weights: Mapping[str, Any], strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Load model weights only (fine-tuning); (missing keys, unexpected keys) when not `strict`."""
+        result = self.model.load_state_dict(weights, strict=strict)
+        return list(result.missing_keys), list(result.unexpected_keys)
+
+    def load_optimizer(self, state: Mapping[str, Any]) -> None:
+        """Load the optimizer's state from a state_dict() of this engine (fine-tuning)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error in a step: drop the gradients and the allocator's cache."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Set the GradScaler's scale (float16 training); ValueError without one."""
+        if self.scaler is None:
+            raise ValueError("this engine has no GradScaler (amp_dtype is not torch.float16)")
+        if getattr(self.scaler, "_scale", None) is None:
+            self.scaler._init_scale = float(scale)  # taken when the first loss is scaled
+        else:
+            self.scaler.update(new_scale=float(scale))
 
     @staticmethod
     def _batch_size(batch: Any) -> int:

@@ -6,81 +6,39 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from .. import distributed
-from ..io import torch_save
-from .checkpoint import (CHECKPOINT_FORMAT, I64, CheckpointError, Checkpointer, ResumePoint, rng_state,
-                         set_rng_state)
-from .commands import Commands, StdinReader, parse, report_time
+from .checkpoint import (CHECKPOINT_FORMAT, BestCheckpoints, CheckpointError, Checkpointer, ResumePoint,
+                         write_best_pointer, rng_state, set_rng_state)
+from .commands import Commands, StdinReader, parse, run_command
+from .counters import Counters, OutOfMemoryStop, is_oom
+from .export import write_export
+from .finetune import init_engines
 from .data import DataPosition
-from .engine import Engine, Engines
-from .output import MetricsOutput
+from .config import TrainConfig, TrainResult
+from .engine import Engine, Engines, MicroBatches
+from .output import MetricsOutput, plain
 from .signals import StopSignals
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
+
+def _logger_state(lg: Any) -> Any:
+    fn = getattr(lg, "state_dict", None)
+    return fn() if callable(fn) else None
+
+
+def _resume_logger(lg: Any, state: Any, step: int) -> None:
+    """Give a logger what it saved (wandb: its run id) and the resumed step (TensorBoard: drop later events)."""
+    load = getattr(lg, "load_state_dict", None)
+    if state is not None and callable(load):
+        load(state)
+    fn = getattr(lg, "resume", None)
+    if callable(fn):
+        fn(step)
+
 log = logging.getLogger("mlutils.train")
-
-
-@dataclass
-class TrainConfig:
-    """How the loop runs; 0 disables a frequency."""
-
-    iterations: int = 1000              # stop when the global step reaches this
-    save_frequency: int = 0             # save a checkpoint every N steps (0: only on quit/signal/end)
-    eval_frequency: int = 0             # call eval_fn every M steps (0: only on `eval`)
-    checkpoint_dir: Optional[str] = None  # None: no checkpoints at all
-    keep_last: int = 3                  # complete checkpoints kept (0: all)
-    resume: Union[str, bool, None] = "auto"  # "auto": newest complete checkpoint; a step folder; False/None: fresh
-    async_save: bool = True             # write periodic/command saves in a background thread
-    save_at_end: bool = True            # save when the loop ends (iterations reached, quit, signal)
-    export_dir: Optional[str] = None    # where `export` writes (default: checkpoint_dir)
-    metrics_stdout: bool = True         # the metrics JSON line on stdout (global leader)
-    metrics_file: Optional[str] = None  # and/or appended to this file (lines past a resumed step are dropped)
-    log_every: int = 1                  # a metrics line every N steps
-    progress: bool = True               # a tqdm bar on the global leader (stderr)
-    read_commands: bool = True          # read commands from stdin (global leader)
-    handle_signals: bool = True         # SIGTERM/SIGINT/SIGUSR1 stop the loop cleanly
-    events: List[str] = field(default_factory=list)  # commands to run as if typed first (e.g. "quit@500")
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "save_frequency", "eval_frequency", "keep_last", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < I64:
-                raise ValueError(f"TrainConfig.{name} must be an int from 0 to 2**63-1, got {v!r}")
-        if self.log_every < 1:
-            raise ValueError("TrainConfig.log_every must be >= 1")
-        for name in ("async_save", "save_at_end", "metrics_stdout", "progress", "read_commands", "handle_signals"):
-            v = getattr(self, name)
-            if not isinstance(v, bool):
-                raise TypeError(f"TrainConfig.{name} must be True or False, got {type(v).__name__} {v!r}")
-        for name in ("checkpoint_dir", "export_dir", "metrics_file"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str) and not (isinstance(v, os.PathLike)
-                                                                 and isinstance(os.fspath(v), str)):
-                raise TypeError(f"TrainConfig.{name} must be a str path or None, got {type(v).__name__} {v!r}")
-        r = self.resume
-        if not (r is None or isinstance(r, (bool, str))
-                or (isinstance(r, os.PathLike) and isinstance(os.fspath(r), str))):
-            raise TypeError(f"TrainConfig.resume must be 'auto', a checkpoint folder, True, False or None; "
-                            f"got {type(r).__name__} {r!r}")
-        if not isinstance(self.events, (list, tuple)) or not all(isinstance(e, str) for e in self.events):
-            raise TypeError(f"TrainConfig.events must be a list of command strings, got {self.events!r}")
-
-
-@dataclass
-class TrainResult:
-    """How train() ended: status is 'completed', 'quit' or 'signal'."""
-
-    status: str
-    step: int
-    signal: Optional[str] = None
-    checkpoint: Optional[str] = None
-    resumed_from: Optional[str] = None
-    last_metrics: Dict[str, Any] = field(default_factory=dict)
-    eval_metrics: Optional[Dict[str, Any]] = None
 
 
 class _Loop:
@@ -92,8 +50,8 @@ class _Loop:
         self.engines = engines
         self.eval_fn = eval_fn
         # paths fixed now: a chdir during training (in a step, in eval_fn) must not move the checkpoints
-        fixed = {name: os.path.abspath(getattr(cfg, name))
-                 for name in ("checkpoint_dir", "export_dir", "metrics_file") if getattr(cfg, name) is not None}
+        fixed = {name: os.path.abspath(getattr(cfg, name)) for name in
+                 ("checkpoint_dir", "export_dir", "metrics_file", "init_from") if getattr(cfg, name) is not None}
         if isinstance(cfg.resume, (str, os.PathLike)) and cfg.resume != "auto":
             fixed["resume"] = os.path.abspath(cfg.resume)
         self.cfg = dataclasses.replace(cfg, **fixed)
@@ -101,45 +59,64 @@ class _Loop:
         self.leader = bool(self.dist.is_global_leader())
         self.data = DataPosition(loader)
         self.ckpt = Checkpointer(self.cfg.checkpoint_dir, self.cfg.keep_last, self.cfg.async_save, self.dist)
-        self.out = MetricsOutput(self.leader, self.cfg.metrics_stdout, self.cfg.metrics_file, self.cfg.progress)
+        self.out = MetricsOutput(self.leader, self.cfg.metrics_stdout, self.cfg.metrics_file, self.cfg.progress,
+                                 self.cfg.loggers)
         self.signals = StopSignals()
         self.commands = Commands(self.dist, self.leader, self.cfg.iterations)
+        self.best = BestCheckpoints(self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode)
+        self.counters = Counters(self.dist)
         self.step = 0
         self.last_metrics: Dict[str, Any] = {}
         self.eval_metrics: Optional[Dict[str, Any]] = None
         self.step_times: List[float] = []
         self.eval_pending_rng: Optional[Mapping[str, Any]] = None  # RNGs before an evaluation a signal cut short
         self.at: Optional[ResumePoint] = None  # the resumed position, until the loop has got there
+        self.ooms_in_a_row = 0
 
     def should_stop(self) -> bool:
         """True when a stop signal arrived on any rank (a collective: call it at the same points on every rank)."""
         return bool(self.dist.any_rank(self.signals.name is not None))
 
     # ---- checkpoints
-    def save(self, sync: bool, explicit: bool = False) -> None:
-        """Checkpoint the current step (asynchronously unless `sync` or the config says otherwise).
+    def save(self, sync: bool, explicit: bool = False) -> bool:
+        """Checkpoint the current step (asynchronously unless `sync` or the config says otherwise), and
+        export with it when TrainConfig.export_on_save says so.
 
-        `explicit`: a command asked for it (said so when there is no checkpoint_dir)."""
+        `explicit`: a command asked for it (said so when there is no checkpoint_dir).  True when a
+        checkpoint was written (not when this step's exists already)."""
         if self.cfg.checkpoint_dir is None:
             if explicit and self.leader:
                 log.warning("save: no checkpoint_dir configured")
-            return
+            return False
         if self.ckpt.last_step == self.step and self.eval_pending_rng is None:
-            return
+            return False
         loop, sampler = self.data.state()
         loop.update(events=[[at, cmd] for at, cmd in self.commands.events],
-                    eval_pending=self.eval_pending_rng is not None)
+                    eval_pending=self.eval_pending_rng is not None, best=self.best.state(),
+                    loggers=[_logger_state(lg) for lg in self.out.loggers] if self.leader else [],
+                    **self.counters.state())
         state = {"format": CHECKPOINT_FORMAT, "step": self.step, "rank": self.ckpt.rank,
                  "world_size": self.ckpt.world, "engines": self.engines.state_dict(), "loop": loop,
                  "sampler": sampler,
                  "rng": rng_state(self.data.generator) if self.eval_pending_rng is None else self.eval_pending_rng}
-        self.ckpt.save(self.step, state, sync)
+        self.ckpt.save(self.step, state, sync, self.best if self.best.k else None)
+        if self.cfg.export_on_save:
+            self.export()
+        return True
 
     def resume(self) -> None:
-        """Load the checkpoint config.resume names; the loop applies its ResumePoint when it gets there."""
+        """Load the checkpoint config.resume names; the loop applies its ResumePoint when it gets there.
+        Nothing to resume and TrainConfig.init_from set: the engines start from those weights."""
         folder = self.ckpt.find(self.cfg.resume)
         if folder is None:
+            if self.cfg.init_from is not None:
+                got = init_engines(self.cfg.init_from, self.engines, self.cfg.init_strict, self.cfg.init_optimizer,
+                                   self.ckpt.rank, self.ckpt.world)
+                log.info("started from the weights in %s%s", got, " and its optimizer state"
+                         if self.cfg.init_optimizer else "")
             return
+        if self.cfg.init_from is not None and self.leader:
+            log.info("resuming %s: TrainConfig.init_from is ignored", folder)
         state, path = self.ckpt.read(folder)  # every field checked
         loop = state["loop"]
         skip, epoch_rng = self.data.restore(loop, state.get("sampler"), path, self.leader)  # before the engines
@@ -151,6 +128,12 @@ class _Loop:
             raise CheckpointError(f"{path} does not fit the engines: {type(exc).__name__}: {exc}") from exc
         self.step = int(state["step"])
         self.commands.events = [(int(at), str(cmd)) for at, cmd in loop["events"]]
+        self.best.load(loop.get("best"))
+        self.counters.load(loop)
+        for lg, st in zip(self.out.loggers, loop.get("loggers") or []):
+            _resume_logger(lg, st, self.step)
+        for lg in self.out.loggers[len(loop.get("loggers") or []):]:
+            _resume_logger(lg, None, self.step)
         self.at = ResumePoint(folder, self.step, state["rng"], bool(loop.get("eval_pending", False)), skip,
                               epoch_rng)
         self.ckpt.resumed(folder, self.step)
@@ -172,71 +155,44 @@ class _Loop:
             log.info("evaluating step %d again: a signal cut it short before the checkpoint", self.step)
         return self.evaluate()
 
-    # ---- commands
-    def run_command(self, line: str) -> Optional[str]:
-        """Run one command now: 'quit' when the loop must stop, 'signal' when a signal cut an evaluation short."""
-        words = self.commands.parse(line, self.step)
-        if words is None:
-            return None
-        cmd = words[0]
-        if cmd == "save":
-            self.save(sync=False, explicit=True)
-        elif cmd == "export":
-            try:
-                self.export()
-            except (OSError, ValueError, TypeError) as exc:
-                # an export is a copy of the weights on the side: its failure (a full disk, a name taken
-                # by a folder, weights safetensors cannot hold) is reported, training goes on
-                log.error("export at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
-        elif cmd in ("eval", "eval_quit"):
-            if self.evaluate():
-                return "signal"
-            return "quit" if cmd == "eval_quit" else None
-        elif cmd == "quit":
-            return "quit"
-        elif cmd == "lr":
-            self.engines.set_lr(float(words[1]))
-            if self.leader:
-                log.info("learning rate set to %s at step %d", words[1], self.step)
-        elif cmd == "time":
-            if self.leader:
-                report_time(self.step_times, self.step, int(words[2]) if len(words) == 3 else self.cfg.iterations)
-        elif cmd == "event":
-            self.commands.show() if words[1] == "show" else self.commands.clear()
-        return None
-
     def export(self) -> None:
-        """Write the engines' weights as safetensors (global leader)."""
-        out_dir = self.cfg.export_dir or self.cfg.checkpoint_dir
-        if out_dir is None:
-            if self.leader:
-                log.warning("export: no export_dir or checkpoint_dir configured")
-            return
-        tensors = self.engines.export()
-        if self.leader:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, f"export-{self.step:08d}.safetensors")
-            torch_save({"module": tensors, "step": self.step}, path)
-            log.info("exported %d tensors to %s", len(tensors), path)
+        """Write the engines' weights as safetensors (global leader); a failure is logged, training goes on."""
+        try:
+            write_export(self.engines, self.cfg, self.step, self.leader)
+        except (OSError, ValueError, TypeError) as exc:
+            # an export is a copy of the weights on the side: its failure (a full disk, a name taken
+            # by a folder, weights safetensors cannot hold) is reported, training goes on
+            log.error("export at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
 
     def evaluate(self) -> bool:
         """Run eval_fn(step, should_stop) and log its metrics as a JSON line {"step", "eval": {...}}.
 
         Returns True when a stop signal came during it (a collective: every
-        rank evaluates at the same points).  Such an evaluation may be cut
+        rank gets here at the same points).  Such an evaluation may be cut
         short: its line says ``"interrupted": true``, and the checkpoint the
         loop then writes holds the RNG states from before it and asks the
         resumed run to evaluate this step again first, so the resumed run
-        continues exactly as an uninterrupted one."""
+        continues exactly as an uninterrupted one.  With ``eval_on="leader"``
+        only the global leader runs eval_fn (its should_stop is then local)."""
         if self.eval_fn is None:
             if self.leader:
                 log.warning("eval: no eval_fn given to train()")
             return False
         rng_before = rng_state(self.data.generator)
-        result = self.eval_fn(self.step, self.should_stop)
-        if result is not None and not isinstance(result, Mapping):
-            raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a mapping of "
-                            f"metrics (or None)")
+        result = None
+        if self.cfg.eval_on == "all" or self.leader:
+            stop = self.should_stop if self.cfg.eval_on == "all" else (lambda: self.signals.name is not None)
+            try:
+                result = self.eval_fn(self.step, stop)
+                if result is not None and not isinstance(result, Mapping):
+                    raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a "
+                                    f"mapping of metrics (or None)")
+            except Exception:
+                if self.cfg.eval_errors == "raise":
+                    raise
+                log.exception("eval_fn failed at step %d (TrainConfig.eval_errors='log': training goes on)",
+                              self.step)
+                result = None
         interrupted = self.should_stop()
         if interrupted:
             self.eval_pending_rng = rng_before
@@ -246,23 +202,42 @@ class _Loop:
             if interrupted:
                 record["interrupted"] = True
             self.out.emit(record, self.step)
+        if self.best.k and not interrupted:
+            self._rank_evaluation(result)
         return interrupted
 
+    def _rank_evaluation(self, result: Optional[Mapping[str, Any]]) -> None:
+        """keep_best: the leader's value of best_metric ranks this step; a new best is checkpointed now."""
+        value = self.best.value_of(plain(result)) if self.leader else None
+        if self.ckpt.world > 1:
+            value = self.dist.broadcast_object(value, src=0)
+        if value is not None and self.best.offer(value, self.step):
+            if self.leader:
+                log.info("step %d is among the %d best by %s (%s)", self.step, self.best.k, self.best.metric,
+                         value)
+            if self.ckpt.last_step == self.step:  # its checkpoint exists: only the pointer moves
+                if self.leader and self.cfg.checkpoint_dir is not None:
+                    self.ckpt.saver.wait()
+                    write_best_pointer(self.cfg.checkpoint_dir, self.best.pointer())
+            else:
+                self.save(sync=False)
+
     # ---- the loop
-    def _boundary(self) -> Optional[str]:
-        """After a step: commands, signals, evaluation, saves; 'quit', 'signal', 'completed' or None."""
+    def _boundary(self, stepped: bool = True) -> Optional[str]:
+        """After a step: commands, signals, evaluation, saves; 'quit', 'signal', 'completed' or None.
+        After a skipped step (`stepped` False) only commands and signals: the step did not move."""
         self.ckpt.saver.check()
         lines, stop = self.commands.gather(self.signals.name is not None)
         outcome: Optional[str] = None
-        for line in self.commands.due(self.step) + lines:  # all: a command after 'quit' still runs
-            r = self.run_command(line)
+        for line in (self.commands.due(self.step) if stepped else []) + lines:  # all: after 'quit' too
+            r = run_command(self, line)
             if r == "signal":  # an evaluation cut short by a signal: stop now (its state is what is saved)
                 return "signal"
             if r == "quit":
                 outcome = "quit"
         if stop:
             return "signal"
-        if outcome is not None:
+        if outcome is not None or not stepped:
             return outcome
         c = self.cfg
         # evaluate before the periodic save: the checkpoint then holds the RNG states the next step starts
@@ -295,10 +270,11 @@ class _Loop:
             at = parse(line, self.cfg.iterations)[1]
             if at is not None and at == self.step and self.at is not None:
                 continue  # the run that wrote this checkpoint ran it before saving
-            r = self.run_command(line)
+            r = run_command(self, line)
             if r in ("quit", "signal") and outcome != "signal":
                 outcome = r
         self.out.start_bar(self.step, self.cfg.iterations)
+        self.counters.start()
         return outcome
 
     def run(self) -> TrainResult:
@@ -310,6 +286,8 @@ class _Loop:
                 status = "completed" if self.step >= self.cfg.iterations else self._epochs()
             if self.cfg.save_at_end:
                 self.save(sync=True)
+            if self.cfg.export_on_quit:
+                self.export()
             self.ckpt.saver.wait()
         except BaseException:
             self._cleanup(failing=True)
@@ -320,7 +298,8 @@ class _Loop:
             log.info("training %s at step %d%s", status, self.step, f" ({signal_name})" if signal_name else "")
         return TrainResult(status=status, step=self.step, signal=signal_name, checkpoint=self.ckpt.last_folder,
                            resumed_from=self.at.folder if self.at is not None else None,
-                           last_metrics=self.last_metrics, eval_metrics=self.eval_metrics)
+                           last_metrics=plain(self.last_metrics), eval_metrics=self.eval_metrics,
+                           oom_skipped=self.counters.oom_skipped, best=list(self.best.best))
 
     def _cleanup(self, failing: bool) -> None:
         """Wait for the write in flight, restore the signal handlers, close the outputs, tell the engines.
@@ -330,7 +309,7 @@ class _Loop:
         stopped training stays the one the caller sees; these are logged)."""
         first: Optional[BaseException] = None
         for part in (self.ckpt.saver.wait, self.signals.restore, self.out.close_bar, self.out.close_file,
-                     self.engines.quit):
+                     self.out.close_loggers, self.engines.quit):
             try:
                 part()
             except BaseException as exc:  # noqa: PERF203  (each part must run)
@@ -342,7 +321,7 @@ class _Loop:
             raise first
 
     def _epochs(self) -> str:
-        data, at = self.data, self.at
+        data, at, k = self.data, self.at, self.cfg.accumulate_batches
         while True:
             data.begin_epoch()
             # iter(DataLoader) draws a seed from torch's RNG: a mid-epoch resume restores the RNGs after
@@ -361,6 +340,7 @@ class _Loop:
             if at is not None and not at.skip and self._arrived():
                 return "signal"
             got = 0
+            group: List[Any] = []
             for batch in it:
                 got += 1
                 if at is not None and at.skip:
@@ -368,7 +348,14 @@ class _Loop:
                     if not at.skip and self._arrived():
                         return "signal"
                     continue
-                outcome = self._step(batch)
+                group.append(batch)
+                if len(group) < k:
+                    continue
+                outcome, group = self._step(group), []
+                if outcome is not None:
+                    return outcome
+            if group:  # the epoch's last step takes the batches that are left
+                outcome = self._step(group)
                 if outcome is not None:
                     return outcome
             if at is not None and at.skip:  # the epoch ended before the resumed position (no len())
@@ -381,18 +368,44 @@ class _Loop:
                 raise ValueError("the data loader yielded no batch in a whole epoch: nothing to train on")
             data.next_epoch()
 
-    def _step(self, batch: Any) -> Optional[str]:
+    def _step(self, batches: List[Any]) -> Optional[str]:
+        """One optimizer step on `batches` (one loader batch, or accumulate_batches of them)."""
         t0 = time.perf_counter()
-        metrics = self.engines.train_step(batch)
+        batch = batches[0] if self.cfg.accumulate_batches == 1 else MicroBatches(batches)
+        self.data.batches += len(batches)  # consumed, stepped on or skipped: a resume skips the same
+        try:
+            metrics = self.engines.train_step(batch)
+        except Exception as exc:
+            if self.cfg.oom != "skip" or not is_oom(exc):
+                raise
+            return self._skip_oom(exc)
+        self.ooms_in_a_row = 0
         self.step += 1
-        self.data.batches += 1
+        self.counters.stepped(batches)
         self.step_times.append(time.perf_counter() - t0)
         del self.step_times[:-1000]
-        self.last_metrics = dict(metrics)
+        self.last_metrics = metrics  # kept on the device: read back only on the steps that log
+        loss = None
         if self.step % self.cfg.log_every == 0:
-            self.out.emit({"step": self.step, "epoch": self.data.epoch, **metrics}, self.step)
-        self.out.stepped(metrics)
+            line = {"step": self.step, "epoch": self.data.epoch, **plain(metrics), **self.counters.line()}
+            loss = line.get("loss")
+            self.out.emit(line, self.step)
+        self.out.stepped(loss)
         return self._boundary()
+
+    def _skip_oom(self, exc: BaseException) -> Optional[str]:
+        """An out-of-memory step: gradients and caches dropped, the batch skipped; three in a row stop the
+        run with a checkpoint."""
+        self.engines.recover_from_oom()
+        self.counters.oom_skipped += 1
+        self.ooms_in_a_row += 1
+        log.warning("out of memory in step %d: its batch is skipped (%d in a row, %d in all): %s", self.step + 1,
+                    self.ooms_in_a_row, self.counters.oom_skipped, str(exc).splitlines()[0] if str(exc) else "")
+        if self.ooms_in_a_row >= 3:
+            self.save(sync=True)
+            raise OutOfMemoryStop(f"three steps in a row ran out of memory (the last at step {self.step + 1}); "
+                                  f"the run stopped with a checkpoint at step {self.step}") from exc
+        return self._boundary(stepped=False)
 
 
 def _make_folders(cfg: TrainConfig, leader: bool) -> None:

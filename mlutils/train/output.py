@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional
+import time
+from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -45,8 +46,10 @@ def plain(obj: Any) -> Any:
 class MetricsOutput:
     """Metrics lines and the progress bar of the global leader (other ranks write nothing)."""
 
-    def __init__(self, leader: bool, to_stdout: bool, path: Optional[str], progress: bool) -> None:
+    def __init__(self, leader: bool, to_stdout: bool, path: Optional[str], progress: bool,
+                 loggers: Sequence[Any] = ()) -> None:
         self.leader = leader
+        self.loggers: List[Any] = list(loggers) if leader else []
         self.to_stdout = to_stdout
         self.path = path
         self.progress = progress
@@ -78,16 +81,38 @@ class MetricsOutput:
         self.fh = open(path, "a", encoding="utf-8")
 
     def start_bar(self, step: int, total: int) -> None:
-        if self.leader and self.progress:
-            from tqdm import tqdm
-            self._bar_call(lambda: setattr(self, "bar", tqdm(total=total, initial=step, dynamic_ncols=True,
-                                                             file=sys.stderr, leave=False)))
+        """A tqdm bar on a terminal; plain progress lines when stderr is a file or a pipe (a batch job's log)."""
+        if not (self.leader and self.progress):
+            return
+        err = sys.stderr
+        try:
+            tty = err is not None and err.isatty()
+        except (OSError, ValueError):
+            tty = False
+        if not tty:
+            self.bar = PlainProgress(total, step, err)
+            return
+        from tqdm import tqdm
+        self._bar_call(lambda: setattr(self, "bar", tqdm(total=total, initial=step, dynamic_ncols=True,
+                                                         file=err, leave=False)))
 
     def emit(self, record: Mapping[str, Any], step: int) -> None:
         """Write one metrics line."""
         if not self.leader:
             return
-        line = json_stringify(plain(record), truncate=True)
+        rec = plain(record)
+        line = json_stringify(rec, truncate=True)
+        for lg in list(self.loggers):
+            try:
+                lg.log({k: v for k, v in rec.items() if k != "step"}, step)
+            except Exception as exc:  # noqa: BLE001  (a tracker's failure never stops training)
+                self.loggers.remove(lg)
+                log.warning("logger %s dropped at step %d: %s: %s", type(lg).__name__, step, type(exc).__name__,
+                            exc)
+                try:
+                    lg.close()
+                except Exception:  # noqa: BLE001
+                    pass
         if self.fh is not None:
             try:
                 self.fh.write(line + "\n")
@@ -109,14 +134,22 @@ class MetricsOutput:
                 log.warning("metrics on stdout stopped: %s: %s%s", type(exc).__name__, exc,
                             "" if self.fh is not None else " (no metrics_file: the metrics are not kept)")
 
-    def stepped(self, metrics: Mapping[str, Any]) -> None:
-        """Move the bar one step, with the loss."""
+    def stepped(self, loss: Any = None) -> None:
+        """Move the bar one step; `loss` (a number, given on the steps that read it back) is shown."""
         if self.bar is None:
             return
         self._bar_call(lambda: self.bar.update(1))
-        loss = plain(metrics.get("loss"))
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             self._bar_call(lambda: self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False))
+
+    def close_loggers(self) -> None:
+        """Close every logger; one that fails to is reported."""
+        loggers, self.loggers = self.loggers, []
+        for lg in loggers:
+            try:
+                lg.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("logger %s failed to close: %s: %s", type(lg).__name__, type(exc).__name__, exc)
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -147,3 +180,45 @@ class MetricsOutput:
             bar, self.bar = self.bar, None
             if bar is not None:
                 bar.disable = True  # close() must not write either
+
+
+class PlainProgress:
+    """Progress as plain lines, for a stderr that is not a terminal: a line when another 5% of the run is
+    done or a minute has passed, never carriage-return redraws into a log file."""
+
+    disable = False
+
+    def __init__(self, total: int, step: int, stream: Optional[TextIO], every: float = 60.0) -> None:
+        self.total = max(int(total), 1)
+        self.n = int(step)
+        self.stream = stream
+        self.every = every
+        self.postfix = ""
+        self._last_n = self.n
+        self._last_t = time.monotonic()
+        self._t0 = self._last_t
+        self._n0 = self.n
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if (self.n - self._last_n) * 20 >= self.total or now - self._last_t >= self.every or self.n >= self.total:
+            rate = (now - self._t0) / max(self.n - self._n0, 1)
+            self._print(f"step {self.n}/{self.total} ({100.0 * self.n / self.total:.0f}%), {rate:.3f} s/step"
+                        + (f", {self.postfix}" if self.postfix else ""))
+            self._last_n, self._last_t = self.n, now
+
+    def set_postfix(self, refresh: bool = False, **kw: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def write(self, line: str, file: Any = None) -> None:
+        out = file if file is not None else sys.stdout
+        out.write(line + "\n")
+
+    def close(self) -> None:
+        pass
+
+    def _print(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
