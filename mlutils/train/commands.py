@@ -189,8 +189,9 @@ class Commands:
     """The command lines of a run: read from stdin (global leader), shared with every rank at each step
     boundary, and the events scheduled for later steps."""
 
-    def __init__(self, dist: Any, leader: bool, last_step: int) -> None:
+    def __init__(self, dist: Any, leader: bool, last_step: int, world: int = 2) -> None:
         self.dist = dist
+        self.world = world  # 1: no collectives
         self.leader = leader
         self.last_step = last_step
         self.reader: Optional[StdinReader] = None  # set by the loop when it reads stdin
@@ -201,6 +202,9 @@ class Commands:
         """(command lines every rank runs now, stop requested by a signal on any rank): one collective per step."""
         if self.reader is not None:
             self._held.extend(self.reader.poll())
+        if self.world == 1:
+            lines, self._held = self._held, []
+            return lines, signalled
         if not self.dist.any_rank(signalled or bool(self._held)):
             return [], False
         lines = self.dist.broadcast_object(self._held if self.leader else None, src=0) or []

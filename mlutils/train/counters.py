@@ -28,6 +28,7 @@ class Counters:
 
     def __init__(self, dist: Any) -> None:
         self.dist = dist
+        self.world = int(dist.world_size())
         self.samples = 0          # this rank's items so far (the checkpoint keeps each rank's own)
         self.oom_skipped = 0
         self._elapsed_before = 0.0  # seconds of the runs this one resumed
@@ -50,7 +51,7 @@ class Counters:
                 "oom_skipped": self.oom_skipped}
 
     def _global_samples(self) -> int:
-        if int(self.dist.world_size()) <= 1:
+        if self.world <= 1:
             return self.samples
         import torch
         import torch.distributed as tdist

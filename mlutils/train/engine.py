@@ -54,6 +54,8 @@ class MicroBatches(list):
 
 def _metrics_of(name: str, engine: Any, metrics: Any) -> Dict[str, Any]:
     """An engine's train_step result as a dict (None: no metrics); TypeError naming the engine otherwise."""
+    if type(metrics) is dict:
+        return dict(metrics)
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):

@@ -62,7 +62,7 @@ class _Loop:
         self.out = MetricsOutput(self.leader, self.cfg.metrics_stdout, self.cfg.metrics_file, self.cfg.progress,
                                  self.cfg.loggers)
         self.signals = StopSignals()
-        self.commands = Commands(self.dist, self.leader, self.cfg.iterations)
+        self.commands = Commands(self.dist, self.leader, self.cfg.iterations, self.ckpt.world)
         self.best = BestCheckpoints(self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode)
         self.counters = Counters(self.dist)
         self.step = 0
@@ -75,6 +75,8 @@ class _Loop:
 
     def should_stop(self) -> bool:
         """True when a stop signal arrived on any rank (a collective: call it at the same points on every rank)."""
+        if self.ckpt.world == 1:
+            return self.signals.name is not None
         return bool(self.dist.any_rank(self.signals.name is not None))
 
     # ---- checkpoints
@@ -387,9 +389,9 @@ class _Loop:
         self.last_metrics = metrics  # kept on the device: read back only on the steps that log
         loss = None
         if self.step % self.cfg.log_every == 0:
-            line = {"step": self.step, "epoch": self.data.epoch, **plain(metrics), **self.counters.line()}
-            loss = line.get("loss")
-            self.out.emit(line, self.step)
+            rec = self.out.emit({"step": self.step, "epoch": self.data.epoch, **metrics, **self.counters.line()},
+                                self.step)
+            loss = rec.get("loss") if rec is not None else None
         self.out.stepped(loss)
         return self._boundary()
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -22,7 +22,12 @@ log = logging.getLogger("mlutils.train")
 def plain(obj: Any) -> Any:
     """`obj` with what JSON cannot hold made plain: tensors and numpy values as numbers or lists, ints past
     64 bits as floats, other objects as their str (a metrics line must never stop training)."""
-    if obj is None or isinstance(obj, (bool, float, str)):
+    t = type(obj)
+    if t is float or t is str or t is bool or obj is None:
+        return obj
+    if t is dict:
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (bool, float, str)):
         return obj
     if isinstance(obj, int):
         return obj if -(1 << 63) <= obj < (1 << 63) else float(obj)
@@ -96,10 +101,10 @@ class MetricsOutput:
         self._bar_call(lambda: setattr(self, "bar", tqdm(total=total, initial=step, dynamic_ncols=True,
                                                          file=err, leave=False)))
 
-    def emit(self, record: Mapping[str, Any], step: int) -> None:
-        """Write one metrics line."""
+    def emit(self, record: Mapping[str, Any], step: int) -> Optional[Dict[str, Any]]:
+        """Write one metrics line; the record as written (plain numbers; None on the other ranks)."""
         if not self.leader:
-            return
+            return None
         rec = plain(record)
         line = json_stringify(rec, truncate=True)
         for lg in list(self.loggers):
@@ -133,6 +138,7 @@ class MetricsOutput:
                 self._stdout_dead = True
                 log.warning("metrics on stdout stopped: %s: %s%s", type(exc).__name__, exc,
                             "" if self.fh is not None else " (no metrics_file: the metrics are not kept)")
+        return rec
 
     def stepped(self, loss: Any = None) -> None:
         """Move the bar one step; `loss` (a number, given on the steps that read it back) is shown."""
