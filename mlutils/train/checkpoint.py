@@ -357,10 +357,13 @@ class Checkpointer:
         self.last_step = -1  # the step of the last checkpoint written or resumed
         self.last_folder: Optional[str] = None
 
-    def save(self, step: int, state: Dict[str, Any], sync: bool, best: Optional["BestCheckpoints"] = None) -> None:
+    def save(self, step: int, state: Dict[str, Any], sync: bool, best: Optional["BestCheckpoints"] = None,
+             files: Optional[Callable[[str], None]] = None) -> None:
         """Write `state` as this rank's file of step `step`: in the background from a host snapshot unless
         `sync` (or the config) says otherwise; a failed write is a CheckpointError (a background one at
-        the next check)."""
+        the next check).  `files(folder)`, when given, writes the engines' own files into the step folder
+        first, on every rank and before the rank file (a collective for engines that shard): the folder
+        counts as complete only once every rank's file follows them."""
         assert self.dir is not None
         ckdir, leader, keep = self.dir, self.leader, self.keep_last
         protect = frozenset(best.steps()) if best is not None else frozenset()
@@ -369,6 +372,12 @@ class Checkpointer:
         folder = os.path.join(ckdir, f"step-{step:08d}")
         path = os.path.join(folder, _rank_file(self.world, self.rank))
         t0 = time.perf_counter()
+        if files is not None:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                files(folder)
+            except Exception as exc:
+                raise CheckpointError(f"writing the engines' files into {folder} failed: {exc}") from exc
         use_async = self.async_save and not sync
         if use_async:  # the previous write is done (wait() above): its buffers can be reused
             state = _snapshot(state, self._cache)

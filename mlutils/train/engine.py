@@ -3,6 +3,7 @@ batch) and :class:`TorchEngine` (a plain torch model), with the cutting of a bat
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
                     runtime_checkable)
 
@@ -134,6 +135,25 @@ class Engines:
         """Tell every engine the loop ended."""
         for e in self.engines.values():
             e.quit()
+
+    def has_files(self) -> bool:
+        """True when an engine keeps (part of) its state in files of its own (save_files / load_files)."""
+        return any(callable(getattr(e, "save_files", None)) and getattr(e, "has_files", lambda: True)()
+                   for e in self.engines.values())
+
+    def save_files(self, folder: str) -> None:
+        """Every engine with files of its own writes them into ``<folder>/<name>`` (all ranks)."""
+        for name, e in self.engines.items():
+            fn = getattr(e, "save_files", None)
+            if callable(fn):
+                fn(os.path.join(folder, name))
+
+    def load_files(self, folder: str) -> None:
+        """Every engine with files of its own reads them from ``<folder>/<name>`` (all ranks)."""
+        for name, e in self.engines.items():
+            fn = getattr(e, "load_files", None)
+            if callable(fn):
+                fn(os.path.join(folder, name))
 
     def recover_from_oom(self) -> None:
         """After an out-of-memory error in a step: every engine that can drops its gradients and caches."""

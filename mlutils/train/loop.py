@@ -101,7 +101,8 @@ class _Loop:
                  "world_size": self.ckpt.world, "engines": self.engines.state_dict(), "loop": loop,
                  "sampler": sampler,
                  "rng": rng_state(self.data.generator) if self.eval_pending_rng is None else self.eval_pending_rng}
-        self.ckpt.save(self.step, state, sync, self.best if self.best.k else None)
+        self.ckpt.save(self.step, state, sync, self.best if self.best.k else None,
+                       self.engines.save_files if self.engines.has_files() else None)
         if self.cfg.export_on_save:
             self.export()
         return True
@@ -123,10 +124,11 @@ class _Loop:
         loop = state["loop"]
         skip, epoch_rng = self.data.restore(loop, state.get("sampler"), path, self.leader)  # before the engines
         try:
+            self.engines.load_files(folder)
             self.engines.load_state_dict(state["engines"])
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:
             raise CheckpointError(f"{path} does not fit the engines: {type(exc).__name__}: {exc}") from exc
         self.step = int(state["step"])
         self.commands.events = [(int(at), str(cmd)) for at, cmd in loop["events"]]
