@@ -355,6 +355,7 @@ class Checkpointer:
         self.saver = _Saver()
         self._cache: Dict[Any, Any] = {}
         self.last_step = -1  # the step of the last checkpoint written or resumed
+        self.saved_world = self.world  # the world size of the checkpoint read last
         self.last_folder: Optional[str] = None
 
     def save(self, step: int, state: Dict[str, Any], sync: bool, best: Optional["BestCheckpoints"] = None,
@@ -421,14 +422,19 @@ class Checkpointer:
 
     def read(self, folder: str) -> Tuple[Dict[str, Any], str]:
         """(this rank's checked state, its file) from the step folder; CheckpointError naming the file
-        when it is incomplete, of another world size, unreadable or damaged."""
+        when it is incomplete, unreadable or damaged.  A folder saved by another number of processes gives
+        the file of rank ``rank % saved world`` (``saved_world`` tells the caller to re-deal the data)."""
         if not _is_complete(folder):
             raise CheckpointError(f"{folder} is not a complete checkpoint (a rank's file is missing)")
         path = os.path.join(folder, _rank_file(self.world, self.rank))
+        self.saved_world = self.world
         if not os.path.exists(path):
-            have = sorted(n for n in os.listdir(folder) if _RANK_FILE.match(n))
-            raise CheckpointError(f"{folder} was saved by another number of processes ({have}); "
-                                  f"this run has {self.world}")
+            worlds = {int(m.group(2)) for m in map(_RANK_FILE.match, os.listdir(folder)) if m}
+            self.saved_world = worlds.pop()  # one world: _is_complete checked it
+            path = os.path.join(folder, _rank_file(self.saved_world, self.rank % self.saved_world))
+            if self.leader:
+                log.warning("%s was saved by %d processes and this run has %d: the model and optimizer are "
+                            "resharded, the data position re-dealt", folder, self.saved_world, self.world)
         try:
             state = torch_load(path)
         except (OSError, ValueError) as exc:
@@ -436,6 +442,28 @@ class Checkpointer:
                                   f"checkpoint (TrainConfig.resume=<its folder>) or remove this one") from exc
         _check_state(state, path)
         return state, path
+
+    def replicas(self, engines: Mapping[str, Any], folder: str) -> Dict[str, Any]:
+        """`engines` with every replicated engine's pointer (written off the global leader) replaced by the
+        state in rank 0's file of the step folder."""
+        from .engine import REPLICA
+
+        wanted = [name for name, st in engines.items() if st == REPLICA]
+        if not wanted:
+            return dict(engines)
+        path = os.path.join(folder, _rank_file(self.saved_world, 0))
+        try:
+            leader = torch_load(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read the checkpoint file {path} (rank 0's, which holds the replicated "
+                                  f"state): {exc}") from exc
+        _check_state(leader, path)
+        out = dict(engines)
+        for name in wanted:
+            if name not in leader["engines"] or leader["engines"][name] == REPLICA:
+                raise CheckpointError(f"{path} holds no state for the replicated engine {name!r}")
+            out[name] = leader["engines"][name]
+        return out
 
     def resumed(self, folder: str, step: int) -> None:
         """Count the resumed checkpoint as the last one written; warn about newer ones left alone."""

@@ -84,6 +84,13 @@ def _is_torch_batch_sampler(bs: Any) -> bool:
     return type(bs) is BatchSampler
 
 
+def _world() -> int:
+    """The number of processes of this run."""
+    from .. import distributed
+
+    return int(distributed.world_size())
+
+
 def _loader_len(loader: Any) -> Optional[int]:
     """Batches in one epoch of `loader` when it can tell (len()), else None."""
     try:
@@ -119,7 +126,7 @@ class DataPosition:
         return loop, {"epoch_start": self.start_state, "draws": draws}
 
     def restore(self, loop: Mapping[str, Any], samp: Optional[Mapping[str, Any]], path: str,
-                leader: bool) -> Tuple[int, Optional[Mapping[str, Any]]]:
+                leader: bool, saved_world: Optional[int] = None) -> Tuple[int, Optional[Mapping[str, Any]]]:
         """Put the data where the saved run was: the sampler moved to the batch the loop reached (not where
         prefetching workers were), or, when it cannot be seeked, the epoch to be read again from its start
         with that start's RNG states, the consumed batches skipped.  Returns (batches to skip, the RNG
@@ -128,6 +135,8 @@ class DataPosition:
         self.epoch = int(loop["epoch"])
         self.batches = int(loop["batches_in_epoch"])
         start = samp.get("epoch_start") if samp is not None else None
+        if saved_world is not None and saved_world != _world():
+            return self._redeal(start, samp, saved_world, path, leader)
         if self.sampler is not None and start is not None:
             try:
                 self.sampler.load_state_dict(start)
@@ -161,6 +170,33 @@ class DataPosition:
             log.info("the data loader cannot be seeked: reading its epoch %d again and skipping %d batches to "
                      "the resumed position", self.epoch, self.batches)
         return self.batches, loop.get("epoch_rng")
+
+    def _redeal(self, start: Optional[Mapping[str, Any]], samp: Optional[Mapping[str, Any]], saved_world: int,
+                path: str, leader: bool) -> Tuple[int, None]:
+        """Resume at another world size: a seekable mlutils sampler continues from the global position the
+        saved ranks had reached together (``draws`` on each of them past the epoch start), dealt anew over
+        this world's ranks; any other loader restarts the epoch, with a warning."""
+        draws = samp.get("draws") if samp is not None else None
+        if self.sampler is None or start is None or self.source.replay or draws is None:
+            if leader:
+                log.warning("%s: this data loader cannot be re-dealt to another number of processes: epoch %d "
+                            "starts again from its beginning", path, self.epoch)
+            self.batches = 0
+            return 0, None
+        begun = int(start.get("consumed", 0))
+        length = int(start.get("length", 0)) or begun + int(draws) * saved_world
+        at = min(begun + int(draws) * saved_world, length)
+        state = dict(start, base=at, index=0, consumed=at)
+        try:
+            self.sampler.load_state_dict(state)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+            raise CheckpointError(f"{path}: its sampler state does not fit this data loader's sampler: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        self.batches = 0  # counted from here: the re-dealt position is this run's anchor
+        self.start_state = None
+        if self.exhausted():
+            self.next_epoch()
+        return 0, None
 
     def past_end(self, path: str, leader: bool) -> None:
         """The resumed position lies past the end of this loader's epoch: the next epoch starts."""

@@ -9,6 +9,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
 
 import numpy as np
 
+from . import wrapped
 from .checkpoint import CheckpointError
 
 if TYPE_CHECKING:
@@ -51,6 +52,15 @@ class MicroBatches(list):
     """The loader batches of one step (``TrainConfig.accumulate_batches``): an engine accumulates their
     gradients, weighted by size, into one optimizer step.  An engine that does not know this type gets a
     list of batches."""
+
+
+#: What a rank file holds for a replicated engine off the global leader: read rank 0's instead.
+REPLICA = {"replica_of_rank": 0}
+
+
+def _replicated(engine: Any) -> bool:
+    fn = getattr(engine, "replicated", None)
+    return bool(fn()) if callable(fn) else False
 
 
 def _metrics_of(name: str, engine: Any, metrics: Any) -> Dict[str, Any]:
@@ -108,9 +118,11 @@ class Engines:
             out.update({f"{name}/{k}": v for k, v in _metrics_of(name, e, e.train_step(batch)).items()})
         return out
 
-    def state_dict(self) -> Dict[str, Any]:
-        """{name: engine state}."""
-        return {name: e.state_dict() for name, e in self.engines.items()}
+    def state_dict(self, leader: bool = True) -> Dict[str, Any]:
+        """{name: engine state}; off the global leader, a replicated engine's (DDP) is only a pointer to the
+        leader's file (REPLICA), so the step folder holds one copy of it."""
+        return {name: REPLICA if not leader and _replicated(e) else e.state_dict()
+                for name, e in self.engines.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load every engine's state; CheckpointError when an engine is missing from `state`."""
@@ -259,6 +271,7 @@ class TorchEngine:
         self.device = torch.device(device)
         self.scaler = (torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None)
         self._step = 0
+        self._wrapper: Optional[str] = None
 
     @property
     def global_step(self) -> int:
@@ -343,7 +356,7 @@ class TorchEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm is not None:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
+            out["grad_norm"] = wrapped.clip_grad_norm(self.model, self.clip_grad_norm)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -386,17 +399,49 @@ class TorchEngine:
     def _batch_size(batch: Any) -> int:
         return _batch_len(batch)
 
+    def _kind(self) -> str:
+        if self._wrapper is None:  # the wrapping is done before training: looked up once
+            self._wrapper = wrapped.kind(self.model)
+        return self._wrapper
+
+    def has_files(self) -> bool:
+        """A sharded model (FSDP1, FSDP2) keeps model and optimizer in a DCP folder of the step."""
+        return self._kind() in ("fsdp1", "fsdp2")
+
+    def replicated(self) -> bool:
+        """DDP: every rank holds the same model and optimizer, written once (by the global leader)."""
+        return self._kind() == "ddp"
+
+    def save_files(self, folder: str) -> None:
+        """Sharded state: each rank's shards into the DCP folder `folder` (a collective)."""
+        if self.has_files():
+            wrapped.save_sharded(self.model, self.optimizer, folder)
+
+    def load_files(self, folder: str) -> None:
+        if self.has_files():
+            wrapped.load_sharded(self.model, self.optimizer, folder)
+
     def state_dict(self) -> Dict[str, Any]:
-        """Model, optimizer, scheduler, scaler and the step."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "global_step": self._step}
+        """Model, optimizer (with the model's own names under a wrapper; in the DCP folder when sharded),
+        scheduler, scaler and the step."""
+        k = self._kind()
+        out: Dict[str, Any] = {}
+        if k == "plain":
+            out.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        elif k in ("ddp", "compiled"):
+            out["model"], out["optimizer"] = wrapped.model_optim_state(self.model, self.optimizer)
+        out.update(scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                   scaler=self.scaler.state_dict() if self.scaler is not None else None, global_step=self._step)
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a state_dict()."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a state_dict() (a sharded model's files are loaded by load_files first)."""
+        k = self._kind()
+        if k == "plain":
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif k in ("ddp", "compiled"):
+            wrapped.load_model_optim_state(self.model, self.optimizer, dict(state["model"]), dict(state["optimizer"]))
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -404,8 +449,11 @@ class TorchEngine:
         self._step = int(state["global_step"])
 
     def export(self) -> Dict[str, Any]:
-        """The model's state dict as contiguous CPU copies (no shared memory, ready for safetensors)."""
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        """The model's weights as contiguous CPU copies with the model's own names (no ``module.``,
+        ``_orig_mod.`` or FSDP prefixes), gathered to the global leader for a sharded model."""
+        if self._kind() == "plain":
+            return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        return wrapped.full_weights(self.model)
 
     def set_lr(self, lr: float) -> None:
         """Every param group's lr (and the scheduler's base lrs, so the schedule keeps the new scale)."""

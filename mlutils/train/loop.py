@@ -98,7 +98,7 @@ class _Loop:
                     loggers=[_logger_state(lg) for lg in self.out.loggers] if self.leader else [],
                     **self.counters.state())
         state = {"format": CHECKPOINT_FORMAT, "step": self.step, "rank": self.ckpt.rank,
-                 "world_size": self.ckpt.world, "engines": self.engines.state_dict(), "loop": loop,
+                 "world_size": self.ckpt.world, "engines": self.engines.state_dict(self.leader), "loop": loop,
                  "sampler": sampler,
                  "rng": rng_state(self.data.generator) if self.eval_pending_rng is None else self.eval_pending_rng}
         self.ckpt.save(self.step, state, sync, self.best if self.best.k else None,
@@ -122,10 +122,11 @@ class _Loop:
             log.info("resuming %s: TrainConfig.init_from is ignored", folder)
         state, path = self.ckpt.read(folder)  # every field checked
         loop = state["loop"]
-        skip, epoch_rng = self.data.restore(loop, state.get("sampler"), path, self.leader)  # before the engines
+        skip, epoch_rng = self.data.restore(loop, state.get("sampler"), path, self.leader,
+                                            self.ckpt.saved_world)  # before the engines
         try:
             self.engines.load_files(folder)
-            self.engines.load_state_dict(state["engines"])
+            self.engines.load_state_dict(self.ckpt.replicas(state["engines"], folder))
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:

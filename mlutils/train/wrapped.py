@@ -1,0 +1,94 @@
+"""Model and optimizer state across the wrappers users grow into: a plain module, DDP, FSDP1, FSDP2
+(``fully_shard``) and ``torch.compile``, all through ``torch.distributed.checkpoint.state_dict``
+(``get_state_dict`` / ``set_state_dict``), the one API torch offers for every wrapper.  Sharded state
+(DTensors, FSDP1) goes to a ``torch.distributed.checkpoint`` (DCP) folder, each rank writing its own
+shards; replicated state (DDP) is written by the global leader only."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+__all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "load_sharded", "full_weights",
+           "clip_grad_norm"]
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def kind(model: Any) -> str:
+    """'fsdp1', 'fsdp2' (DTensor parameters: fully_shard, or tensor parallel), 'ddp', 'compiled' or 'plain'."""
+    import torch
+
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover  (torch built without distributed)
+        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
+    if isinstance(model, FullyShardedDataParallel):
+        return "fsdp1"
+    if any(_is_dtensor(p) for p in model.parameters()):
+        return "fsdp2"
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return "ddp"
+    return "compiled" if inner is not model else "plain"
+
+
+def model_optim_state(model: Any, optimizer: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model, optimizer) state dicts with the model's own names (no ``module.`` or ``_orig_mod.``), as
+    ``get_state_dict`` gives them (sharded when the model is)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer)
+
+
+def load_model_optim_state(model: Any, optimizer: Any, model_state: Dict[str, Any], optim_state: Dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
+    """Each rank writes its shards of model and optimizer into the DCP folder `folder` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    msd, osd = model_optim_state(model, optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=folder)
+
+
+def load_sharded(model: Any, optimizer: Any, folder: str) -> None:
+    """Load a DCP folder (ours or one written by plain ``dcp.save``) into this rank's shards, resharding as
+    DCP does when the world size differs."""
+    import torch.distributed.checkpoint as dcp
+
+    msd, osd = model_optim_state(model, optimizer)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=folder)
+    load_model_optim_state(model, optimizer, state["model"], state["optimizer"])
+
+
+def full_weights(model: Any) -> Dict[str, Any]:
+    """The model's full weights as contiguous CPU tensors with its own names; gathered (a collective for a
+    sharded model), given to the global leader only (other ranks get an empty dict then)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload gathers to the leader only; it is for device tensors (on CPU tensors FSDP1 crashes with it)
+    offload = kind(model) in ("fsdp1", "fsdp2") and any(p.device.type != "cpu" for p in model.parameters())
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def clip_grad_norm(model: Any, max_norm: float) -> Any:
+    """Clip the global gradient norm and return it, the same on every rank: FSDP1 by its own method, DTensor
+    gradients (FSDP2) by torch's clipping over DTensors, the norm made a full tensor."""
+    import torch
+
+    if kind(model) == "fsdp1":
+        return model.clip_grad_norm_(max_norm).detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if _is_dtensor(norm):
+        norm = norm.full_tensor()
+    return norm.detach()

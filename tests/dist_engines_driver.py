@@ -1,0 +1,67 @@
+"""Run by tests/test_train_scaleout.py under torchrun (gloo, CPU): a small model wrapped in DDP, FSDP1 or
+FSDP2 trained by mlutils.train with checkpoints; rank 0 saves the full final weights and optimizer state.
+
+    torchrun ... tests/dist_engines_driver.py KIND CKPT ITERATIONS OUT [EVENT ...]
+Prints 'RESULT <rank> <json>' on every rank."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import mlutils.train as mt
+from mlutils.train import wrapped
+
+
+def build(kind):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    if kind == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+    elif kind == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def main():
+    kind, ckpt, iterations, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    events = sys.argv[5:]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = build(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    engine = mt.TorchEngine(model, opt, lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), clip_grad_norm=0.5)
+    g = torch.Generator().manual_seed(100 + rank)
+    data = [(torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)) for _ in range(5)]
+    cfg = mt.TrainConfig(iterations=iterations, checkpoint_dir=ckpt, save_frequency=2, keep_last=0, events=events,
+                         read_commands=False, progress=False, metrics_stdout=False, handle_signals=False,
+                         export_on_quit=True)
+    if os.environ.get("LOADED_WEIGHTS"):  # the weights right after resuming, before any step
+        cfg.iterations = int(os.environ["LOADED_WEIGHTS"])
+        cfg.save_at_end = False
+        cfg.export_on_quit = False
+    res = mt.train(data, engine, config=cfg)
+    weights = wrapped.full_weights(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    if rank == 0:
+        torch.save({"model": weights, "optim": osd}, out)
+    metrics = {k: float(v) for k, v in res.last_metrics.items() if isinstance(v, (int, float))}
+    line = "RESULT %d %s\n" % (rank, json.dumps({"status": res.status, "step": res.step,
+                                                  "resumed_from": res.resumed_from, "metrics": metrics}))
+    os.write(1, line.encode())  # one write: the ranks share stdout
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
