@@ -4,6 +4,9 @@
 # runtime is preloaded).  Leaves a normal build behind when it is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_test_deps  # pytest with pytest-timeout: a hang under the sanitizers must end
 asan_lib=$(gcc -print-file-name=libasan.so)
 ubsan_lib=$(gcc -print-file-name=libubsan.so)
 rm -rf build/asan

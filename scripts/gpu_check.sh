@@ -28,6 +28,9 @@ else
 fi
 
 echo "== tests that use the device"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_test_deps || status=1
 python3 -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" -m "not slow" \
   tests/test_package.py tests/test_pattern_torch.py tests/test_offload.py tests/test_distributed.py \
   tests/test_ptsave.py -k "cuda or CUDA or nccl or Nccl or Communicator or offload or checksum" || status=1

