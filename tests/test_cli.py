@@ -141,14 +141,14 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
     assert out.returncode == 0, out.stderr
     assert "tensors: checkpoint entry 'model'" in out.stdout and "arch, step" in out.stdout
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "step": "7", "arch": "mlp"}
+        assert f.metadata() == {"format": "pt", "step": "7", "arch": '"mlp"', "mlutils.values": '["step", "arch"]'}
         for k, v in model.state_dict().items():
             assert torch.equal(f.get_tensor(k), v)
     # with the optimizer: its tensors cannot be metadata, the advice says what to do, no file
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, tmp_path / "ck.pt")
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "'optimizer' holds tensors" in out.stderr and ".pt" in out.stderr and "--drop" in out.stderr
+    assert "'optimizer' holds a tensor at 'optimizer'['state']" in out.stderr and "--drop optimizer" in out.stderr
     assert not (tmp_path / "ck.safetensors").exists()
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors", "--drop", "optimizer")
     assert out.returncode == 0, out.stderr
@@ -157,7 +157,7 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
     assert all(torch.equal(back["module"][k], v) for k, v in model.state_dict().items())
     # an explicit --module-key still picks the entry, and a wrong one is a clear error
     out = run_cli("convert", tmp_path / "plain.pt", tmp_path / "k.safetensors", "--module-key", "nope")
-    assert out.returncode == 1 and "module_key 'nope' is not in the checkpoint" in out.stderr
+    assert out.returncode == 1 and "--module-key 'nope' is not in the checkpoint" in out.stderr
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "k.safetensors", "--drop", "optim")
     assert out.returncode == 1 and "--drop optim: not in the checkpoint" in out.stderr
 
