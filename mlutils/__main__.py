@@ -2,7 +2,7 @@
 
     mlutils inspect FILE [--json]   names, dtypes, shapes, sizes and metadata
     mlutils convert IN OUT          .pt <-> .safetensors (by suffix) [--module-key K] [--drop K]
-                                    [--flatten]
+                                    [--flatten] [--keep-optimizer]
     mlutils verify FILE             full validation of an untrusted file
 """
 from __future__ import annotations
@@ -101,6 +101,17 @@ class _WriteProgress:
             self.bar.close()
 
 
+def _is_optimizer_state(v: Any) -> bool:
+    """Whether v looks like torch's ``Optimizer.state_dict()``: ``{"state": {...},
+    "param_groups": [{"params": [...], ...}, ...]}``."""
+    from collections.abc import Mapping
+
+    if not isinstance(v, Mapping) or not isinstance(v.get("state"), Mapping):
+        return False
+    groups = v.get("param_groups")
+    return isinstance(groups, (list, tuple)) and all(isinstance(g, Mapping) and "params" in g for g in groups)
+
+
 def _where(path: Sequence[Any]) -> str:
     """A key path as the checkpoint's indexing: 'model'['enc']['w']."""
     return repr(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
@@ -154,12 +165,13 @@ def _json_text(key: str, value: Any, flatten: bool) -> str:
 
 class _Split:
     """A checkpoint split for safetensors: tensors by name, the other entries
-    as JSON text, the dicts --flatten flattened (``tree``, with each name's
-    key path in ``paths``)."""
+    as JSON text, the optimizer states left out, the dicts --flatten
+    flattened (``tree``, with each name's key path in ``paths``)."""
 
     def __init__(self) -> None:
         self.tensors: Dict[str, Any] = {}
         self.values: Dict[str, str] = {}
+        self.optimizers: Dict[str, Any] = {}
         self.tree: Dict[str, Any] = {}
         self.paths: Dict[str, Tuple[str, ...]] = {}  # name -> full key path in the checkpoint
         self.source = ""
@@ -212,12 +224,13 @@ class _Split:
 
 
 def _split_for_flat(data: Any, module_key: Optional[str], flatten: bool) -> _Split:
-    """The tensors and JSON values of a checkpoint for safetensors.
+    """The tensors, JSON values and optimizer states of a checkpoint for safetensors.
 
     Tensors: with --module-key K, entry K; else the top-level tensors, or else
     the first dict of tensors.  With --flatten, every tensor in nested dicts
     under K (names relative to K) or under the top level, by dotted name.
-    Every other entry becomes JSON text."""
+    Every other entry becomes JSON text; an entry like torch's
+    Optimizer.state_dict() is set apart (not with --module-key naming it)."""
     from collections.abc import Mapping
 
     from .io import DEFAULT_MODULE_KEY, _is_tensor, _is_tensor_dict
@@ -230,7 +243,12 @@ def _split_for_flat(data: Any, module_key: Optional[str], flatten: bool) -> _Spl
         if k.startswith("mlutils."):
             raise ValueError(f"convert: checkpoint entry {k!r}: metadata keys starting with 'mlutils.' are "
                              f"reserved for the file's own bookkeeping (--drop {k} leaves the entry out)")
-    rest: Dict[str, Any] = dict(data)
+    rest: Dict[str, Any] = {}
+    for k, v in data.items():
+        if k != module_key and _is_optimizer_state(v):
+            out.optimizers[k] = v
+        else:
+            rest[k] = v
     if module_key is not None and module_key not in rest:
         raise ValueError(f"convert: --module-key {module_key!r} is not in the checkpoint "
                          f"(keys: {', '.join(sorted(data))})")
@@ -281,6 +299,10 @@ def _split_for_flat(data: Any, module_key: Optional[str], flatten: bool) -> _Spl
     return out
 
 
+def _note(text: str) -> None:
+    print(f"mlutils convert: {text}", file=sys.stderr)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from collections.abc import Mapping
 
@@ -294,8 +316,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if src_fmt is dst_fmt:
         raise ValueError("convert: one side must be .pt/.pth and the other .safetensors/.sft")
     if not dst_fmt.flat:
-        if args.flatten:
-            raise ValueError(f"convert: --flatten applies when writing safetensors, not {dst_fmt.name}")
+        for flag, on in (("--flatten", args.flatten), ("--keep-optimizer", args.keep_optimizer)):
+            if on:
+                raise ValueError(f"convert: {flag} applies when writing safetensors, not {dst_fmt.name}")
     total = sum(t["nbytes"] for t in src_fmt.describe(src)["tensors"])
     load_key = args.module_key or DEFAULT_MODULE_KEY
     # numpy arrays over a private mapping of the input: tensors stream from the
@@ -321,15 +344,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not isinstance(data, Mapping):
         raise ValueError(f"convert: {src} holds a {type(data).__name__}, not a dict: it cannot be safetensors")
     split = _split_for_flat(data, args.module_key, args.flatten)
+    opt_path = os.path.splitext(dst)[0] + ".optimizer.pt"
+    if args.keep_optimizer:
+        if not split.optimizers:
+            raise ValueError("convert: --keep-optimizer: no optimizer state in the checkpoint (an entry like "
+                             "torch's Optimizer.state_dict(): 'state' and 'param_groups')")
+        if os.path.exists(opt_path) and os.path.samefile(opt_path, src):
+            raise ValueError(f"convert: --keep-optimizer would write {opt_path}, the input file")
     metadata = dict(split.values)
     metadata.setdefault("format", "pt")
     metadata[VALUES_KEY] = cast(str, json_stringify(list(split.values)))
     if args.flatten:
         metadata[NESTED_KEY] = cast(str, json_stringify(split.tree))
     print(f"tensors: {split.source}; metadata: {', '.join(sorted(split.values)) or 'none'}")
+    for k in split.optimizers:
+        if args.keep_optimizer:
+            _note(f"optimizer state {k!r} goes to {opt_path}")
+        else:
+            _note(f"left out {k!r}, an optimizer state (--keep-optimizer writes it to {opt_path})")
     with _WriteProgress(dst, total):
         save_file(split.tensors, dst, metadata=metadata)
     print(f"wrote {dst} ({_human(os.path.getsize(dst))})")
+    if args.keep_optimizer:
+        torch_save(split.optimizers, opt_path)
+        print(f"wrote {opt_path} ({_human(os.path.getsize(opt_path))})")
     return 0
 
 
@@ -360,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flatten", action="store_true",
                    help="to safetensors: write the tensors of nested dicts under dotted names (model.encoder.w); "
                         "torch_load(..., unflatten=True) nests them again")
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="to safetensors: write the optimizer state (left out otherwise) to OUT's stem + "
+                        "'.optimizer.pt'")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="fully validate an untrusted file")
     p.add_argument("file")

@@ -144,12 +144,16 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
         assert f.metadata() == {"format": "pt", "step": "7", "arch": '"mlp"', "mlutils.values": '["step", "arch"]'}
         for k, v in model.state_dict().items():
             assert torch.equal(f.get_tensor(k), v)
-    # with the optimizer: its tensors cannot be metadata, the advice says what to do, no file
+    # with the optimizer: left out with a note (tests/test_convert.py has --keep-optimizer)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, tmp_path / "ck.pt")
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors")
+    assert out.returncode == 0 and "left out 'optimizer'" in out.stderr
+    # an entry holding tensors that is no optimizer: the advice says what to do, no file
+    torch.save({"model": model.state_dict(), "swa": {"n": 1, "avg": [torch.ones(1)]}}, tmp_path / "swa.pt")
+    out = run_cli("convert", tmp_path / "swa.pt", tmp_path / "swa.safetensors")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "'optimizer' holds a tensor at 'optimizer'['state']" in out.stderr and "--drop optimizer" in out.stderr
-    assert not (tmp_path / "ck.safetensors").exists()
+    assert "'swa' holds a tensor at 'swa'['avg'][0]" in out.stderr and "--drop swa" in out.stderr
+    assert not (tmp_path / "swa.safetensors").exists()
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors", "--drop", "optimizer")
     assert out.returncode == 0, out.stderr
     back = torch_load(tmp_path / "ck.safetensors")

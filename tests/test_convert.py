@@ -175,6 +175,67 @@ def test_unflatten_without_a_record(tmp_path, torch):
         torch_load(tmp_path / "x.pt", unflatten=True)
 
 
+def _trained(torch):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_optimizer_state_left_out_or_kept(tmp_path, torch):
+    model, opt = _trained(torch)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, tmp_path / "ck.pt")
+    out = convert(tmp_path / "ck.pt", tmp_path / "ck.safetensors")
+    assert out.returncode == 0, out.stderr
+    assert "left out 'optimizer', an optimizer state (--keep-optimizer writes it to" in out.stderr
+    assert not (tmp_path / "ck.optimizer.pt").exists()
+    back = torch_load(tmp_path / "ck.safetensors")
+    assert set(back) == {"module", "step"} and back["step"] == 7
+    same_tensors(back["module"], model.state_dict(), torch)
+
+    out = convert(tmp_path / "ck.pt", tmp_path / "ck.safetensors", "--keep-optimizer")
+    assert out.returncode == 0, out.stderr
+    assert "'optimizer' goes to" in out.stderr and "ck.optimizer.pt" in out.stdout
+    assert sorted(os.listdir(tmp_path)) == ["ck.optimizer.pt", "ck.pt", "ck.safetensors"]  # no temporary left
+    kept = torch.load(tmp_path / "ck.optimizer.pt", weights_only=True)
+    assert set(kept) == {"optimizer"}
+    want = opt.state_dict()
+    assert kept["optimizer"]["param_groups"] == want["param_groups"]
+    for i, st in want["state"].items():
+        same_tensors(kept["optimizer"]["state"][i], st, torch)
+    model2, opt2 = _trained(torch)
+    opt2.load_state_dict(kept["optimizer"])  # the real optimizer takes it back
+
+    # two optimizers beside top-level tensors, one kept file for both
+    d_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3)).sum().backward()
+    d_opt.step()
+    torch.save({"w": torch.ones(2), "opt_g": opt.state_dict(), "opt_d": d_opt.state_dict()}, tmp_path / "gan.pt")
+    out = convert(tmp_path / "gan.pt", tmp_path / "gan.sft", "--keep-optimizer")
+    assert out.returncode == 0, out.stderr
+    assert set(torch.load(tmp_path / "gan.optimizer.pt", weights_only=True)) == {"opt_g", "opt_d"}
+
+
+def test_keep_optimizer_refusals(tmp_path, torch):
+    model, opt = _trained(torch)
+    torch.save({"model": model.state_dict(), "step": 1}, tmp_path / "noopt.pt")
+    refused(convert(tmp_path / "noopt.pt", tmp_path / "a.safetensors", "--keep-optimizer"), "no optimizer state")
+    assert not (tmp_path / "a.safetensors").exists()
+    # the kept file would be the input
+    src = tmp_path / "x.optimizer.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, src)
+    before = src.read_bytes()
+    refused(convert(src, tmp_path / "x.safetensors", "--keep-optimizer"), "the input file")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert src.read_bytes() == before
+    # the flags write safetensors only
+    torch.save({"x": torch.ones(1)}, tmp_path / "t.pt")
+    assert convert(tmp_path / "t.pt", tmp_path / "t.sft").returncode == 0
+    refused(convert(tmp_path / "t.sft", tmp_path / "t2.pt", "--keep-optimizer"), "--keep-optimizer applies")
+    refused(convert(tmp_path / "t.sft", tmp_path / "t2.pt", "--flatten"), "--flatten applies")
+
+
 def test_values_that_are_not_json_name_the_key(tmp_path, torch):
     deep_tensor = torch.ones(1)
     for _ in range(100):  # deeper than any fixed-depth search for tensors
