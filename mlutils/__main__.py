@@ -299,6 +299,25 @@ def _split_for_flat(data: Any, module_key: Optional[str], flatten: bool) -> _Spl
     return out
 
 
+def _copy_shared(tensors: Dict[str, Any]) -> List[str]:
+    """Make tensors that share memory separate copies (safetensors has no
+    shared storage); one line per group of names for stderr."""
+    import numpy as np
+
+    from ._safetensors import _shared_groups
+
+    notes = []
+    for group in _shared_groups(tensors):
+        names = sorted(a.name for a in group)
+        keep = next((n for n in names if any(a.name == n and a.complete for a in group)), None)
+        for n in names:
+            if n != keep:
+                tensors[n] = np.array(tensors[n], copy=True, order="C")
+        notes.append(f"{', '.join(map(repr, names))} share memory: each is written as its own copy "
+                     "(safetensors has no shared storage)")
+    return notes
+
+
 def _note(text: str) -> None:
     print(f"mlutils convert: {text}", file=sys.stderr)
 
@@ -351,6 +370,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              "torch's Optimizer.state_dict(): 'state' and 'param_groups')")
         if os.path.exists(opt_path) and os.path.samefile(opt_path, src):
             raise ValueError(f"convert: --keep-optimizer would write {opt_path}, the input file")
+    for note in _copy_shared(split.tensors):
+        _note(note)
     metadata = dict(split.values)
     metadata.setdefault("format", "pt")
     metadata[VALUES_KEY] = cast(str, json_stringify(list(split.values)))

@@ -259,6 +259,31 @@ def test_values_that_are_not_json_name_the_key(tmp_path, torch):
         assert not (tmp_path / "ck.safetensors").exists()
 
 
+def test_shared_and_strided_tensors_are_written_as_copies(tmp_path, torch):
+    """safetensors has no shared storage: the library's save_file refuses shared
+    and non-contiguous tensors; convert writes each name as its own copy."""
+    import safetensors.torch as st
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    big = torch.arange(40, dtype=torch.float16).reshape(4, 10)
+    ck = {"w": base, "tied": base, "wT": base.t(), "col": base[:, 1], "strided": big[:, ::3], "other": torch.ones(2),
+          "step": 3}
+    tensors = {k: v for k, v in ck.items() if k != "step"}
+    with pytest.raises(RuntimeError, match="share memory"):
+        st.save_file({"w": base, "tied": base}, str(tmp_path / "lib.safetensors"))
+    with pytest.raises(ValueError, match="non contiguous"):
+        st.save_file({"strided": big[:, ::3]}, str(tmp_path / "lib.safetensors"))
+    torch.save(ck, tmp_path / "ck.pt")
+    out = convert(tmp_path / "ck.pt", tmp_path / "ck.safetensors")
+    assert out.returncode == 0, out.stderr
+    assert "'col', 'tied', 'w', 'wT' share memory: each is written as its own copy" in out.stderr
+    got = st.load_file(str(tmp_path / "ck.safetensors"))
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].is_contiguous() and torch.equal(got[k], v), k
+    assert torch_load(tmp_path / "ck.safetensors")["step"] == 3
+
+
 def test_deep_nesting(tmp_path, torch):
     """Values and dicts as deep as a .pt may be (1000 levels): converted and
     read back without recursion; deeper is the reader's clear error."""
