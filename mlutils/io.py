@@ -27,6 +27,15 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".safetensor", ".sft")
 #: The key torch_load puts a safetensors file's tensors under by default.
 DEFAULT_MODULE_KEY = "module"
 
+#: safetensors metadata keys ``mlutils convert`` writes (checkpoint entries
+#: cannot take names starting with "mlutils."): VALUES_KEY lists, as a JSON
+#: array, the metadata keys that hold a checkpoint entry as JSON text;
+#: NESTED_KEY holds, as a JSON object of objects, the dicts ``--flatten``
+#: flattened into dotted tensor names, so ``unflatten=True`` splits each name
+#: exactly where the dicts were.
+VALUES_KEY = "mlutils.values"
+NESTED_KEY = "mlutils.nested"
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -187,14 +196,26 @@ def torch_load(
     unsafe: bool = False,
     load_metadata: bool = True,
     module_key: str = DEFAULT_MODULE_KEY,
+    *,
+    unflatten: bool = False,
 ) -> Any:
     """Load what :func:`torch_save` (or ``torch.save`` / ``safetensors``) wrote.
 
     safetensors: with ``load_metadata`` the result is ``{module_key: tensors,
-    **metadata}`` with each metadata value JSON-parsed when it parses (the
-    ``format`` marker is dropped), else just the tensors; a metadata key equal
-    to ``module_key`` raises :class:`SafetensorsError` (it would replace the
-    tensors).  ``.pt``: our own restricted unpickler, which accepts only what
+    **metadata}``, else just the tensors; a metadata key equal to
+    ``module_key`` raises :class:`SafetensorsError` (it would replace the
+    tensors).  A file ``mlutils convert`` wrote lists its checkpoint entries
+    under ``"mlutils.values"``: exactly those are JSON-parsed (a listed value
+    that does not parse is a SafetensorsError) and any other metadata stays a
+    string; in a file without that list each value is JSON-parsed when it
+    parses.  The ``format: pt`` marker and those two keys are dropped.
+    ``unflatten=True`` nests the tensors by their dotted names
+    (``{"a": {"b": t}}`` for ``"a.b"``), split where ``convert --flatten``
+    recorded the dicts (``"mlutils.nested"``) or else at every dot; a name
+    that is also a prefix of another (``"a"`` and ``"a.b"``) is a
+    SafetensorsError; a ``.pt`` file keeps its own nesting and refuses it.
+
+    ``.pt``: our own restricted unpickler, which accepts only what
     ``torch.load(weights_only=True)`` accepts; ``unsafe=True`` is the explicit
     opt-in that hands the file to ``torch.load(weights_only=False)`` (it warns:
     that can run any code the file holds).
@@ -209,8 +230,93 @@ def torch_load(
     fw = _safetensors._framework(framework)
     if fw == "pt":
         _safetensors.require_torch("torch_load(framework='pt')")
-    return format_for(path).load(path, device=device, framework=fw, unsafe=unsafe,
-                                 load_metadata=load_metadata, module_key=module_key)
+    fmt = format_for(path)
+    if unflatten and not fmt.flat:
+        raise ValueError(f"torch_load: unflatten=True applies to flat formats (safetensors), not {fmt.name}: "
+                         "a .pt file keeps its nesting")
+    out = fmt.load(path, device=device, framework=fw, unsafe=unsafe,
+                   load_metadata=load_metadata, module_key=module_key)
+    if unflatten:
+        tree = _nested_tree(path, fmt.describe(path)["metadata"] or {})
+        if load_metadata:
+            out[module_key] = _unflatten(out[module_key], tree, path)
+        else:
+            out = _unflatten(out, tree, path)
+    return out
+
+
+def _nested_tree(path: str, metadata: Mapping[str, str]) -> Optional[dict]:
+    """The NESTED_KEY tree of a file's metadata (validated: objects of objects), or None."""
+    from ._safetensors import SafetensorsError
+
+    if NESTED_KEY not in metadata:
+        return None
+    try:
+        tree = json_parse(metadata[NESTED_KEY])
+    except ValueError as exc:
+        raise SafetensorsError(f"{path!r}: metadata {NESTED_KEY!r} is not JSON: {exc}") from exc
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            raise SafetensorsError(f"{path!r}: metadata {NESTED_KEY!r} must be JSON objects of objects")
+        stack.extend(node.values())
+    return tree
+
+
+def _split_name(name: str, tree: Optional[Mapping[str, Any]], lengths: dict) -> list:
+    """The key path a flattened tensor name stands for: ``name.split(".")``
+    without a tree; with one (NESTED_KEY's dicts), at each level the longest
+    recorded dict whose name and a dot start what is left, the rest the leaf.
+    ``lengths`` caches each dict's key lengths between calls (by id)."""
+    if tree is None:
+        return name.split(".")
+    path, pos = [], 0
+    while tree:
+        ns = lengths.get(id(tree))
+        if ns is None:
+            ns = lengths[id(tree)] = sorted({len(k) for k in tree}, reverse=True)
+        for n in ns:
+            end = pos + n
+            if end < len(name) and name[end] == "." and name[pos:end] in tree:
+                path.append(name[pos:end])
+                tree, pos = tree[name[pos:end]], end + 1
+                break
+        else:
+            break
+    path.append(name[pos:])
+    return path
+
+
+def _unflatten(tensors: Mapping[str, Any], tree: Optional[dict], path: str) -> dict:
+    """Nested dicts from flat dotted names (see :func:`_split_name`); every dict
+    in the tree is made, empty ones included; a clash is a SafetensorsError."""
+    from ._safetensors import SafetensorsError
+
+    out: dict = {}
+    lengths: dict = {}
+    todo = [(tree or {}, out)]
+    while todo:
+        node, made = todo.pop()
+        for k, sub in node.items():
+            made[k] = {}
+            todo.append((sub, made[k]))
+    for name, t in tensors.items():
+        keys = _split_name(name, tree, lengths)
+        at = out
+        for i, k in enumerate(keys):
+            if i == len(keys) - 1:
+                clash = k in at
+            else:
+                at = at.setdefault(k, {})
+                clash = not isinstance(at, dict)
+            if clash:
+                raise SafetensorsError(
+                    f"{path!r}: unflatten: tensor {name!r} clashes with another name at "
+                    f"{'.'.join(keys[:i + 1])!r} (one name is a prefix of the other); load with unflatten=False")
+            if i == len(keys) - 1:
+                at[k] = t
+    return out
 
 
 # ------------------------------------------------------------ format registry
@@ -243,15 +349,44 @@ def _safetensors_load(path: str, device: str, framework: str, unsafe: bool, load
             f"{os.fspath(path)!r}: the metadata has an entry named {module_key!r}, the key torch_load puts the "
             f"tensors under: it would replace them. Pass another module_key, or "
             "load_metadata=False for the tensors alone (safe_open(path).metadata() reads the metadata)")
-    out = {module_key: tensors}
+    out: dict[str, Any] = {module_key: tensors}
+    listed = _listed_values(path, metadata)
     for k, v in metadata.items():
-        if k == "format" and v == "pt":
+        if k in (VALUES_KEY, NESTED_KEY) or (k == "format" and v == "pt" and k not in listed):
             continue
-        try:
-            out[k] = json_parse(v)
-        except ValueError:
+        if k in listed:
+            try:
+                out[k] = json_parse(v)
+            except ValueError as exc:
+                raise _safetensors.SafetensorsError(
+                    f"{path!r}: metadata {k!r} is listed in {VALUES_KEY!r} but is not JSON text: {exc}") from exc
+        elif VALUES_KEY in metadata:
             out[k] = v
+        else:  # a file without the list: JSON when it parses, as the original helpers read it
+            try:
+                out[k] = json_parse(v)
+            except ValueError:
+                out[k] = v
     return out
+
+
+def _listed_values(path: str, metadata: Mapping[str, str]) -> frozenset:
+    """The metadata keys VALUES_KEY lists (validated), empty without it."""
+    from ._safetensors import SafetensorsError
+
+    if VALUES_KEY not in metadata:
+        return frozenset()
+    try:
+        keys = json_parse(metadata[VALUES_KEY])
+    except ValueError as exc:
+        raise SafetensorsError(f"{path!r}: metadata {VALUES_KEY!r} is not JSON: {exc}") from exc
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise SafetensorsError(f"{path!r}: metadata {VALUES_KEY!r} must be a JSON array of strings")
+    missing = [k for k in keys if k not in metadata or k in (VALUES_KEY, NESTED_KEY)]
+    if missing:
+        raise SafetensorsError(f"{path!r}: metadata {VALUES_KEY!r} lists {missing[0]!r}, "
+                               "which the metadata does not hold as an entry")
+    return frozenset(keys)
 
 
 def _safetensors_describe(path: str) -> dict:

@@ -141,15 +141,19 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
     assert out.returncode == 0, out.stderr
     assert "tensors: checkpoint entry 'model'" in out.stdout and "arch, step" in out.stdout
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "step": "7", "arch": "mlp"}
+        assert f.metadata() == {"format": "pt", "step": "7", "arch": '"mlp"', "mlutils.values": '["step", "arch"]'}
         for k, v in model.state_dict().items():
             assert torch.equal(f.get_tensor(k), v)
-    # with the optimizer: its tensors cannot be metadata, the advice says what to do, no file
+    # with the optimizer: left out with a note (tests/test_convert.py has --keep-optimizer)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}, tmp_path / "ck.pt")
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors")
+    assert out.returncode == 0 and "left out 'optimizer'" in out.stderr
+    # an entry holding tensors that is no optimizer: the advice says what to do, no file
+    torch.save({"model": model.state_dict(), "swa": {"n": 1, "avg": [torch.ones(1)]}}, tmp_path / "swa.pt")
+    out = run_cli("convert", tmp_path / "swa.pt", tmp_path / "swa.safetensors")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "'optimizer' holds tensors" in out.stderr and ".pt" in out.stderr and "--drop" in out.stderr
-    assert not (tmp_path / "ck.safetensors").exists()
+    assert "'swa' holds a tensor at 'swa'['avg'][0]" in out.stderr and "--drop swa" in out.stderr
+    assert not (tmp_path / "swa.safetensors").exists()
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "ck.safetensors", "--drop", "optimizer")
     assert out.returncode == 0, out.stderr
     back = torch_load(tmp_path / "ck.safetensors")
@@ -157,7 +161,7 @@ def test_convert_checkpoint_without_module_key(tmp_path, torch):
     assert all(torch.equal(back["module"][k], v) for k, v in model.state_dict().items())
     # an explicit --module-key still picks the entry, and a wrong one is a clear error
     out = run_cli("convert", tmp_path / "plain.pt", tmp_path / "k.safetensors", "--module-key", "nope")
-    assert out.returncode == 1 and "module_key 'nope' is not in the checkpoint" in out.stderr
+    assert out.returncode == 1 and "--module-key 'nope' is not in the checkpoint" in out.stderr
     out = run_cli("convert", tmp_path / "ck.pt", tmp_path / "k.safetensors", "--drop", "optim")
     assert out.returncode == 1 and "--drop optim: not in the checkpoint" in out.stderr
 
