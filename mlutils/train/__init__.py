@@ -49,15 +49,19 @@ Layout: ``engine`` (the Engine protocol, Engines, TorchEngine), ``checkpoint``
 (folder format, snapshots, RNG states, save and read, :class:`ResumePoint`),
 ``data`` (the sampler behind a loader and the epoch position), ``commands``
 (stdin, parsing, events), ``signals``, ``output`` (metrics lines, progress
-bar) and ``loop`` (TrainConfig, TrainResult, train); this package re-exports
-the public names.
+bar), ``loggers`` (experiment trackers: the Logger protocol, TensorBoard;
+tensorboard imported only when a logger is made) and
+``loop`` (TrainConfig, TrainResult, train); this package re-exports the
+public names.
 """
 from __future__ import annotations
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, ResumePoint, find_checkpoints, latest_checkpoint
 from .commands import COMMANDS
 from .engine import Engine, Engines, TorchEngine
+from .loggers import Logger, LoggerDependencyError, TensorBoardLogger, flatten
 from .loop import TrainConfig, TrainResult, train
 
 __all__ = ["Engine", "Engines", "TorchEngine", "TrainConfig", "TrainResult", "train", "find_checkpoints",
-           "latest_checkpoint", "CheckpointError", "ResumePoint", "COMMANDS", "CHECKPOINT_FORMAT"]
+           "latest_checkpoint", "CheckpointError", "ResumePoint", "COMMANDS", "CHECKPOINT_FORMAT",
+           "Logger", "TensorBoardLogger", "LoggerDependencyError", "flatten"]
