@@ -1,17 +1,21 @@
 """mlutils.train.loggers against the real trackers: TensorBoard event files read back with TensorBoard's own
-readers.  Tests of a tracker skip when it is not installed (``pip install 'mlutils[tensorboard]'``)."""
+readers, W&B runs in offline mode read back from their transaction log with W&B's own protobuf schema.
+Tests of a tracker skip when it is not installed (``pip install 'mlutils[tensorboard,wandb]'``)."""
 import fractions
+import glob
 import logging
 import math
 import os
+import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import mlutils
-from mlutils.train import Logger, LoggerDependencyError, TensorBoardLogger, flatten
+from mlutils.train import Logger, LoggerDependencyError, TensorBoardLogger, WandbLogger, flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +58,7 @@ def test_importing_mlutils_train_needs_no_tracker():
     code = ("import sys\n"
             "sys.modules['tensorboard'] = sys.modules['wandb'] = None\n"
             "import mlutils.train\n"
-            "from mlutils.train import TensorBoardLogger, Logger, flatten\n"
+            "from mlutils.train import TensorBoardLogger, WandbLogger, Logger, flatten\n"
             "sys.modules.pop('tensorboard'); sys.modules.pop('wandb')\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'wandb')\n"
             "             or m.startswith('torch.utils.tensorboard'))\n"
@@ -63,6 +67,7 @@ def test_importing_mlutils_train_needs_no_tracker():
 
 
 @pytest.mark.parametrize("blocked,make,extra", [
+    (("wandb",), lambda tmp: WandbLogger(project="p"), "wandb"),
     (("torch.utils.tensorboard", "tensorboard"), lambda tmp: TensorBoardLogger(tmp), "tensorboard"),
     (("torch",), lambda tmp: TensorBoardLogger(tmp), "torch"),
 ])
@@ -202,3 +207,147 @@ def test_tensorboard_resume_checks(tensorboard, tmp_path):
     logger.close()
     with pytest.raises(RuntimeError, match="closed"):
         logger.resume(3)
+
+
+# ---------------------------------------------------------------------------
+# Weights & Biases (offline)
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path):
+    """wandb writing only under tmp_path, offline; its service process ended after the test."""
+    wandb = pytest.importorskip("wandb")
+    for var, value in {"WANDB_MODE": "offline", "WANDB_DIR": tmp_path, "WANDB_SILENT": "true",
+                       "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_CACHE_DIR": tmp_path / "cache",
+                       "WANDB_DATA_DIR": tmp_path / "data", "WANDB_CONSOLE": "off",
+                       "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true"}.items():
+        monkeypatch.setenv(var, str(value))
+    yield wandb
+    wandb.teardown()
+
+
+def _wandb_records(path):
+    """The records of a run's transaction log (``run-<id>.wandb``): a ':W&B' header, then LevelDB-log
+    framing (32 KiB blocks; 7-byte chunk headers: crc, length, type full/first/middle/last), each record a
+    ``wandb_internal_pb2.Record``.  A torn tail (a log still being written) ends the list."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if len(chunk) < length or kind == 0:
+            break
+        assert kind in (1, 2, 3, 4), (path, pos, kind, length)
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def _finished_records(path, timeout=30.0):
+    """The records of a finished run's log.  run.finish() returns once wandb's service has the exit
+    record; the service writes the log out when it closes the run's stream, just after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s ({len(records)} records)"
+        time.sleep(0.05)
+
+
+def _offline_runs(root):
+    """[(run id, {step: {key: value}})] for each offline run folder under root, in order of start."""
+    import json
+
+    runs = []
+    for path in glob.glob(os.path.join(str(root), "wandb", "offline-run-*", "run-*.wandb")):
+        run_id, start, rows = None, None, {}
+        for record in _finished_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id, start = record.run.run_id, record.run.start_time.ToNanoseconds()
+            elif kind == "history":
+                row = rows.setdefault(record.history.step.num, {})
+                for item in record.history.item:
+                    key = item.key or "/".join(item.nested_key)
+                    if not key.startswith("_"):
+                        row[key] = json.loads(item.value_json)
+        runs.append((start, run_id, rows))
+    return [(run_id, rows) for _start, run_id, rows in sorted(runs, key=lambda r: r[0])]
+
+
+def test_wandb_lines_read_back(wandb_offline, tmp_path, caplog):
+    logger = WandbLogger(project="mlutils-test", config={"lr": 1e-3})
+    assert isinstance(logger, Logger)
+    run_id = logger.state_dict()["run_id"]  # chosen before the run starts
+    with caplog.at_level(logging.WARNING, logger="mlutils.train"):
+        for step in (10, 20):
+            logger.log({"step": step, "epoch": 0, "loss": 1 / step, "lr": 1e-3, "phase": "warmup"}, step)
+            logger.log({"step": step, "eval": {"loss": 2 / step, "acc": np.float32(0.5)}}, step)
+    assert logger.run.id == run_id
+    logger.close()
+    logger.close()  # again: nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        logger.log({"loss": 1.0}, 30)
+    assert [r.getMessage() for r in caplog.records if "phase" in r.getMessage()] == [
+        "WandbLogger: 'phase' at step 10 not a number: not logged (said once per key)"]
+    [(read_id, rows)] = _offline_runs(tmp_path)
+    assert read_id == run_id
+    # the training line and the evaluation line of a step fill one row at that step
+    assert rows == {10: {"epoch": 0, "loss": 0.1, "lr": 1e-3, "eval/loss": 0.2, "eval/acc": 0.5},
+                    20: {"epoch": 0, "loss": 0.05, "lr": 1e-3, "eval/loss": 0.1, "eval/acc": 0.5}}
+
+
+def test_wandb_resume_continues_the_run_of_the_checkpoint(wandb_offline, tmp_path):
+    first = WandbLogger(project="mlutils-test")
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)}, step)
+    state = first.state_dict()
+    first.close()
+    assert state == {"run_id": first.run_id}
+
+    resumed = WandbLogger(project="mlutils-test")  # a new process: a new id until the checkpoint's is loaded
+    assert resumed.state_dict() != state
+    resumed.load_state_dict(state)
+    resumed.load_state_dict(dict(state))  # again, same id: nothing
+    run = resumed.start()
+    assert run.id == state["run_id"] and run.settings.resume == "allow"
+    with pytest.raises(RuntimeError, match="already started"):
+        resumed.load_state_dict({"run_id": "otherrun"})
+    for step in range(6, 9):
+        resumed.log({"step": step, "loss": 10.0 + step}, step)
+    assert resumed.state_dict() == state
+    resumed.close()
+
+    runs = _offline_runs(tmp_path)  # one offline folder per process, the same run id
+    assert [r[0] for r in runs] == [state["run_id"]] * 2
+    assert runs[0][1] == {s: {"loss": float(s)} for s in range(1, 6)}
+    assert runs[1][1] == {s: {"loss": 10.0 + s} for s in range(6, 9)}
+
+
+def test_wandb_start_with_a_state_and_a_resume_of_the_caller(wandb_offline, tmp_path):
+    logger = WandbLogger(project="mlutils-test", resume="must", fork_from="abc?_step=3")
+    run = logger.start({"run_id": "given-run_1"})
+    assert run.id == "given-run_1" and run.settings.resume == "must" and run.settings.fork_from is None
+    logger.close()
+
+
+@pytest.mark.parametrize("state", [None, {}, {"run": "x"}, {"run_id": ""}, {"run_id": 5}, {"run_id": "a/b"},
+                                   {"run_id": " a"}, {"run_id": "a\n"}, {"run_id": "x" * 129}, ["run_id"]])
+def test_wandb_bad_state_is_a_value_error(wandb_offline, state):
+    logger = WandbLogger(project="mlutils-test")
+    with pytest.raises(ValueError, match="WandbLogger"):
+        logger.load_state_dict(state)
+    assert logger.run is None
+    with pytest.raises(ValueError, match="id= argument"):
+        WandbLogger(id="a:b")

@@ -49,8 +49,8 @@ Layout: ``engine`` (the Engine protocol, Engines, TorchEngine), ``checkpoint``
 (folder format, snapshots, RNG states, save and read, :class:`ResumePoint`),
 ``data`` (the sampler behind a loader and the epoch position), ``commands``
 (stdin, parsing, events), ``signals``, ``output`` (metrics lines, progress
-bar), ``loggers`` (experiment trackers: the Logger protocol, TensorBoard;
-tensorboard imported only when a logger is made) and
+bar), ``loggers`` (experiment trackers: the Logger protocol, TensorBoard,
+Weights & Biases; tensorboard and wandb imported only when one is made) and
 ``loop`` (TrainConfig, TrainResult, train); this package re-exports the
 public names.
 """
@@ -59,9 +59,9 @@ from __future__ import annotations
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, ResumePoint, find_checkpoints, latest_checkpoint
 from .commands import COMMANDS
 from .engine import Engine, Engines, TorchEngine
-from .loggers import Logger, LoggerDependencyError, TensorBoardLogger, flatten
+from .loggers import Logger, LoggerDependencyError, TensorBoardLogger, WandbLogger, flatten
 from .loop import TrainConfig, TrainResult, train
 
 __all__ = ["Engine", "Engines", "TorchEngine", "TrainConfig", "TrainResult", "train", "find_checkpoints",
            "latest_checkpoint", "CheckpointError", "ResumePoint", "COMMANDS", "CHECKPOINT_FORMAT",
-           "Logger", "TensorBoardLogger", "LoggerDependencyError", "flatten"]
+           "Logger", "TensorBoardLogger", "WandbLogger", "LoggerDependencyError", "flatten"]

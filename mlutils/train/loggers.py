@@ -1,5 +1,5 @@
-"""Experiment trackers for the loop's metrics lines: the :class:`Logger` protocol, :func:`flatten`, and a
-logger for TensorBoard (:class:`TensorBoardLogger`).
+"""Experiment trackers for the loop's metrics lines: the :class:`Logger` protocol, :func:`flatten`, and loggers
+for TensorBoard (:class:`TensorBoardLogger`) and Weights & Biases (:class:`WandbLogger`).
 
 The loop calls, on the global leader only, ``logger.log(line, step)`` for every metrics line (each logged
 step and each evaluation: ``{"step": 10, "epoch": 0, "loss": 0.5}``, ``{"step": 10, "eval": {"loss": 0.4}}``)
@@ -8,10 +8,11 @@ and ``logger.close()`` when it ends.  Two optional hooks serve a resume, both ca
 
 * ``state_dict() -> dict`` / ``load_state_dict(state)``: the logger's own state, kept in the global
   leader's rank file of each checkpoint (plain strings: ``torch.load(weights_only=True)`` reads it);
+  :class:`WandbLogger` keeps its run id there, to continue the same run;
 * ``resume(step)``: the checkpoint's step; :class:`TensorBoardLogger` drops what a crashed run logged
   after it.
 
-tensorboard is imported when a logger is constructed, never by ``import mlutils.train``; a
+tensorboard and wandb are imported when a logger is constructed, never by ``import mlutils.train``; a
 missing one is a :class:`LoggerDependencyError` naming the pip extra.
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import re
+import secrets
+import string
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Set, Union, runtime_checkable
 
@@ -26,7 +30,7 @@ import numpy as np
 
 from .._core import MlutilsError
 
-__all__ = ["Logger", "flatten", "TensorBoardLogger", "LoggerDependencyError"]
+__all__ = ["Logger", "flatten", "TensorBoardLogger", "WandbLogger", "LoggerDependencyError"]
 
 log = logging.getLogger("mlutils.train")
 
@@ -34,7 +38,7 @@ Number = Union[int, float]
 
 
 class LoggerDependencyError(MlutilsError, ImportError):
-    """A logger's package (torch, tensorboard) cannot be imported; the message names the pip extra."""
+    """A logger's package (torch, tensorboard, wandb) cannot be imported; the message names the pip extra."""
 
 
 @runtime_checkable
@@ -203,3 +207,107 @@ class TensorBoardLogger:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
+
+
+# ---------------------------------------------------------------------------
+# Weights & Biases
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_BAD_ID = re.compile(r"[:;,#?/'\x00-\x1f\x7f]|^\s|\s$")  # what W&B refuses in a run id (and control characters)
+
+
+def _new_run_id() -> str:
+    """A run id in W&B's own format (8 of [a-z0-9]), chosen before the run starts so that a checkpoint
+    written before the first log already names it."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
+
+class WandbLogger:
+    """Metrics into a W&B run made by ``wandb.init(**init_kwargs)`` (``project``, ``name``, ``config``,
+    ``dir``, ``mode``...) at the first log, or at :meth:`start`.
+
+    Each line goes to ``run.log(flatten(line), step=step)``: W&B's step is the training step, and the
+    training line and the evaluation line of a step fill one row.  :meth:`state_dict` holds the run id
+    (chosen at construction unless ``id=`` is given); after :meth:`load_state_dict` the run starts as
+    ``wandb.init(id=<that id>, resume="allow")`` (a ``resume=`` of `init_kwargs` is kept), so a resumed
+    training run continues the same W&B run.  W&B ignores a step below the run's last one (with its own
+    warning): steps a crashed run had logged past its checkpoint keep that run's values online.  In
+    offline mode each process writes its own ``offline-run-*`` folder with the same id;
+    ``wandb sync`` uploads them in order."""
+
+    def __init__(self, **init_kwargs: Any) -> None:
+        self._wandb = _require("wandb", "WandbLogger", "wandb")
+        self.init_kwargs = dict(init_kwargs)
+        given = self.init_kwargs.get("id")
+        self.run_id: str = _checked_id(given, "the id= argument") if given is not None else _new_run_id()
+        self.run: Any = None  # the wandb Run once started, owned by self
+        self._resumed = False
+        self._closed = False
+        self._skips = _SkipReport("WandbLogger")
+
+    def state_dict(self) -> Dict[str, str]:
+        """{"run_id": ...}: what a resumed training run needs to continue this W&B run."""
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run a :meth:`state_dict` names (before the run starts; again with the same id:
+        nothing).  ValueError for a state without a valid ``run_id``."""
+        if not isinstance(state, Mapping) or "run_id" not in state:
+            raise ValueError(f"WandbLogger.load_state_dict: expected {{'run_id': str}}, got {state!r}")
+        run_id = _checked_id(state["run_id"], "the state's run_id")
+        if self.run is not None:
+            if run_id != self.run.id:
+                raise RuntimeError(f"WandbLogger.load_state_dict: the run {self.run.id!r} has already started; "
+                                   f"it cannot become run {run_id!r} (load the state before the first log "
+                                   f"or start())")
+            return
+        if self.init_kwargs.get("id") not in (None, run_id):
+            log.warning("WandbLogger: the checkpoint's run %r is resumed, not the id=%r given",
+                        run_id, self.init_kwargs["id"])
+        self.run_id = run_id
+        self._resumed = True
+
+    def start(self, state: Optional[Mapping[str, Any]] = None) -> Any:
+        """Start the W&B run now (after ``load_state_dict(state)`` when `state` is given); returns the run.
+        Starting early makes a setup error (no API key, say) show before training."""
+        if self._closed:
+            raise RuntimeError("WandbLogger is closed")
+        if state is not None:
+            self.load_state_dict(state)
+        if self.run is None:
+            kwargs = dict(self.init_kwargs, id=self.run_id)
+            if self._resumed:
+                # the run exists (or was logged offline): continue it; fork/rewind applied to its first start
+                kwargs.pop("fork_from", None)
+                kwargs.pop("resume_from", None)
+                if kwargs.get("resume") is None:
+                    kwargs["resume"] = "allow"
+            run = self._wandb.init(**kwargs)
+            if run.id != self.run_id:  # reinit="return_previous" hands back a run already active
+                log.warning("WandbLogger: wandb.init returned the active run %r, not %r: logging to it",
+                            run.id, self.run_id)
+                self.run_id = run.id
+            self.run = run
+        return self.run
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """The line's numbers (:func:`flatten`) as one ``run.log`` at `step`."""
+        if self._closed:
+            raise RuntimeError("WandbLogger is closed")
+        flat = self._skips.flatten(metrics, step)
+        if flat:
+            self.start().log(flat, step=int(step))
+
+    def close(self) -> None:
+        """Finish the run (again, or never started: nothing)."""
+        self._closed = True
+        if self.run is not None:
+            run, self.run = self.run, None
+            run.finish()
+
+
+def _checked_id(run_id: Any, what: str) -> str:
+    if not isinstance(run_id, str) or not run_id or len(run_id) > 128 or _BAD_ID.search(run_id):
+        raise ValueError(f"WandbLogger: {what} must be a W&B run id (1 to 128 characters, none of "
+                         f":;,#?/' or control characters, no space at either end), got {run_id!r}")
+    return run_id
