@@ -49,8 +49,10 @@ Layout: ``engine`` (the Engine protocol, Engines, TorchEngine), ``checkpoint``
 (folder format, snapshots, RNG states, save and read, :class:`ResumePoint`),
 ``data`` (the sampler behind a loader and the epoch position), ``commands``
 (stdin, parsing, events), ``signals``, ``output`` (metrics lines, progress
-bar) and ``loop`` (TrainConfig, TrainResult, train); this package re-exports
-the public names.
+bar), ``loggers`` (experiment trackers: the Logger protocol, TensorBoard,
+Weights & Biases; tensorboard and wandb imported only when one is made) and
+``loop`` (TrainConfig, TrainResult, train); this package re-exports the
+public names.
 """
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ from .commands import COMMANDS
 from .config import TrainConfig, TrainResult
 from .counters import OutOfMemoryStop
 from .engine import Engine, Engines, MicroBatches, TorchEngine
+from .loggers import Logger, LoggerDependencyError, TensorBoardLogger, WandbLogger, flatten
 from .loop import train
 
 __all__ = ["Engine", "Engines", "TorchEngine", "MicroBatches", "TrainConfig", "TrainResult", "train",
            "find_checkpoints", "latest_checkpoint", "CheckpointError", "OutOfMemoryStop", "ResumePoint", "COMMANDS",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "Logger", "TensorBoardLogger", "WandbLogger", "LoggerDependencyError", "flatten"]
