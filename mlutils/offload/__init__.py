@@ -32,8 +32,8 @@ import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from . import _core
-from .utils import _torch
+from .. import _core
+from ..utils import _torch
 
 __all__ = [
     "OffloadEngine",
@@ -58,7 +58,6 @@ DEFAULT_MIN_BYTES = 1 << 20
 DEFAULT_MAX_INFLIGHT = _core.OFFLOAD_DEFAULT_MAX_INFLIGHT
 
 _MODES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "fp8", "e4m3": "fp8"}
-_E4M3_MAX = 448.0
 
 CudaOffloadEngine = _core.CudaOffloadEngine  # the raw-pointer engine: save(ptr, nbytes, mode, scratch, stream)
 HostPool = _core.HostPool
@@ -339,8 +338,8 @@ class OffloadEngine:
             x = flat.float()
             finite = torch.isfinite(x)
             amax = torch.where(finite, x.abs(), torch.zeros_like(x)).max() if n else torch.zeros(())
-            buf[packed - 16:packed - 12].view(torch.float32).copy_(amax.reshape(1))
-            q = (x * _e4m3_scale(torch, amax)).clamp(-_E4M3_MAX, _E4M3_MAX)
+            _e4m3_amax(torch, buf).copy_(amax.reshape(1))
+            q = (x * _e4m3_scale(torch, amax)).clamp(-_core.OFFLOAD_E4M3_MAX, _core.OFFLOAD_E4M3_MAX)
             q = torch.where(torch.isinf(x), torch.full_like(q, float("nan")), q)
             buf[:n].view(torch.float8_e4m3fn).copy_(q.to(torch.float8_e4m3fn))
 
@@ -401,8 +400,7 @@ class OffloadEngine:
             flat.copy_(buf.view(torch.bfloat16))
         else:
             n = flat.numel()
-            packed = buf.numel()
-            amax = buf[packed - 16:packed - 12].view(torch.float32)[0]
+            amax = _e4m3_amax(torch, buf)[0]
             inv = 1.0 / _e4m3_scale(torch, amax)
             flat.copy_(buf[:n].view(torch.float8_e4m3fn).float() * inv)
 
@@ -455,13 +453,20 @@ class OffloadEngine:
             return self._cuda.trim() if self._cuda is not None else self._pool.trim()
 
 
+def _e4m3_amax(torch: Any, buf: Any) -> Any:
+    """The float32 amax in a packed e4m3 buffer (a one-element view), where
+    csrc/core/offload_layout.h puts it: in the trailer after the payload."""
+    at = buf.numel() - _core.OFFLOAD_E4M3_TRAILER + _core.OFFLOAD_E4M3_AMAX_AT
+    return buf[at:at + 4].view(torch.float32)
+
+
 def _e4m3_scale(torch: Any, amax: Any) -> Any:
-    """448 / amax, or 1 where that is not a finite positive number (amax 0,
-    non-finite, or so small that the quotient overflows float32: a scale of
-    inf would make 0 * inf = NaN of every zero)."""
+    """OFFLOAD_E4M3_MAX (448) / amax, or 1 where that is not a finite positive
+    number (amax 0, non-finite, or so small that the quotient overflows
+    float32: a scale of inf would make 0 * inf = NaN of every zero)."""
     amax = amax.float()
     ok = torch.isfinite(amax) & (amax > 0)
-    scale = _E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax))
+    scale = _core.OFFLOAD_E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax))
     return torch.where(ok & torch.isfinite(scale), scale, torch.ones_like(amax))
 
 
