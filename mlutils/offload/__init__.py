@@ -30,10 +30,12 @@ import itertools
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 from .. import _core
 from ..utils import _torch
+from ._cpu import _CpuBackend
+from ._cuda import _CudaBackend
 
 __all__ = [
     "OffloadEngine",
@@ -202,10 +204,42 @@ class OffloadHandle:
         return f"OffloadHandle({state}, shape={self.shape}, dtype={self.dtype}, device={self.device})"
 
 
+class _Backend(Protocol):
+    """What OffloadEngine asks of the copies of its device (``_CudaBackend``,
+    ``_CpuBackend``); the engine keeps the handles and calls these under its
+    lock.  A key is the backend's name for one offloaded copy."""
+
+    def save(self, src: Any, nbytes: int, mode: int) -> Any:
+        """Start the copy (packed per `mode`) of dense `src`; its key.  MemoryError when the pool is full."""
+
+    def load(self, key: Any, mode: int, nbytes: int, out: Any) -> None:
+        """Start the copy of `key` back into the dense tensor `out`."""
+
+    def wait(self, key: Any) -> None:
+        """Order the caller's current stream after the load of `key`."""
+
+    def sync(self, key: Any) -> None:
+        """Block until the copies of `key` are done."""
+
+    def release(self, key: Any) -> None:
+        """The copy's buffer goes back to the pool (once its copies are done)."""
+
+    def stats(self) -> Dict[str, int]:
+        """The pool's counters and ``inflight_waits``."""
+
+    def trim(self) -> int:
+        """Free the cached buffers; the bytes freed."""
+
+    def set_max_inflight(self, max_inflight: Optional[int]) -> None:
+        """The bound on bytes of sources waiting for their copy (see OffloadEngine)."""
+
+
 class OffloadEngine:
     """Offloads tensors of one device: ``offload`` -> handle, ``prefetch``,
-    ``reload``, ``release``.  CUDA devices use the C/CUDA engine (pinned pool,
-    copy streams, events); the CPU device copies into pooled host buffers.
+    ``reload``, ``release``.  The copies go through a backend chosen once,
+    by the device: the C/CUDA engine on CUDA devices (pinned pool, copy
+    streams, events; ``_cuda.py``), pooled host buffers on the CPU
+    (``_cpu.py``).  The engine keeps the handles' state under one lock.
 
     max_bytes caps the host pool (None: no cap; hitting it raises
     :class:`OffloadPoolFullError`); tensors under min_bytes stay on the device.
@@ -236,19 +270,24 @@ class OffloadEngine:
         self.max_inflight = max_inflight
         self.min_bytes = min_bytes
         self._lock = threading.RLock()  # handles may be released by GC while it is held
-        self._cuda = None
-        self._pool = None
-        if device.type == "cuda":
-            if not _core.cuda_built():
-                raise RuntimeError("mlutils was built without CUDA: reinstall it with nvcc available "
-                                   "(MLUTILS_CUDA=1) to offload CUDA tensors")
-            self._cuda = _core.CudaOffloadEngine(device.index, max_bytes)
-            self._cuda.window(max_inflight=max_inflight)
-            d2h, h2d = self._cuda.streams()
-            self.d2h_stream = torch.cuda.ExternalStream(d2h, device=device)
-            self.h2d_stream = torch.cuda.ExternalStream(h2d, device=device)
-        else:
-            self._pool = _core.HostPool(max_bytes)
+        backend = _CudaBackend if device.type == "cuda" else _CpuBackend
+        self._backend: _Backend = backend(torch, device, max_bytes, max_inflight, self._lock)
+
+    @property
+    def _cuda(self) -> Any:
+        """The raw ``_core.CudaOffloadEngine`` of a CUDA engine, None on the CPU
+        (for checks that look inside it: the tests, the bench)."""
+        return getattr(self._backend, "raw", None)
+
+    @property
+    def d2h_stream(self) -> Any:
+        """The device-to-host copy stream (CUDA engines only)."""
+        return self._backend.d2h_stream  # type: ignore[attr-defined]
+
+    @property
+    def h2d_stream(self) -> Any:
+        """The host-to-device copy stream (CUDA engines only)."""
+        return self._backend.h2d_stream  # type: ignore[attr-defined]
 
     # -- offload
 
@@ -281,67 +320,12 @@ class OffloadEngine:
             else:
                 src = src.contiguous()
         try:
-            if self._cuda is not None:
-                key = self._save_cuda(torch, src, nbytes, mode)
-            else:
-                key = self._save_cpu(torch, src, nbytes, mode)
+            key = self._backend.save(src, nbytes, mode)
         except MemoryError as e:
             _raise_pool_error(e)
         handle = OffloadHandle(self, tensor, mode, key)
         handle.stride = stride
         return handle
-
-    def _save_cuda(self, torch: Any, src: Any, nbytes: int, mode: int) -> int:
-        stream = torch.cuda.current_stream(self.device)
-        scratch = None
-        if mode != _core.OFFLOAD_RAW:
-            packed = _core.offload_packed_size(mode, src.numel())
-            scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
-        handle = self._cuda.save(src.data_ptr(), nbytes, mode,
-                                 scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
-        try:
-            # the caching allocator must not hand these to anyone before the copy stream is done
-            src.record_stream(self.d2h_stream)
-            if scratch is not None:
-                scratch.record_stream(self.d2h_stream)
-        except BaseException:
-            with self._lock:
-                self._cuda.release(handle)  # no handle owns it yet
-            raise
-        return handle
-
-    def _save_cpu(self, torch: Any, src: Any, nbytes: int, mode: int) -> Tuple[int, Any]:
-        flat = src.reshape(-1)
-        n = flat.numel()
-        size = nbytes if mode == _core.OFFLOAD_RAW else _core.offload_packed_size(mode, n)
-        bid, view = self._pool.acquire(size)
-        try:
-            buf = torch.frombuffer(view, dtype=torch.uint8)
-            self._pack_cpu(torch, flat, buf, mode)
-        except BaseException:
-            with self._lock:
-                self._pool.release(bid)  # the buffer is no handle's: back to the pool
-            raise
-        return bid, buf
-
-    @staticmethod
-    def _pack_cpu(torch: Any, flat: Any, buf: Any, mode: int) -> None:
-        """Copy (or pack, under compression) the flat tensor into the host buffer."""
-        n, packed = flat.numel(), buf.numel()
-        if mode == _core.OFFLOAD_RAW:
-            buf.view(flat.dtype).copy_(flat)
-        elif mode == _core.OFFLOAD_F32_BF16:
-            buf.view(torch.bfloat16).copy_(flat)
-        else:
-            # the scale comes from the finite values; e4m3 has no infinity, so
-            # infinities travel as NaN (non-finite stays non-finite)
-            x = flat.float()
-            finite = torch.isfinite(x)
-            amax = torch.where(finite, x.abs(), torch.zeros_like(x)).max() if n else torch.zeros(())
-            _e4m3_amax(torch, buf).copy_(amax.reshape(1))
-            q = (x * _e4m3_scale(torch, amax)).clamp(-_core.OFFLOAD_E4M3_MAX, _core.OFFLOAD_E4M3_MAX)
-            q = torch.where(torch.isinf(x), torch.full_like(q, float("nan")), q)
-            buf[:n].view(torch.float8_e4m3fn).copy_(q.to(torch.float8_e4m3fn))
 
     # -- reload
 
@@ -367,19 +351,7 @@ class OffloadEngine:
                 out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
             else:
                 out = torch.empty_strided(handle.shape, handle.stride, dtype=handle.dtype, device=self.device)
-            if self._cuda is not None:
-                stream = torch.cuda.current_stream(self.device)
-                scratch = None
-                if handle.mode != _core.OFFLOAD_RAW:
-                    packed = _core.offload_packed_size(handle.mode, out.numel())
-                    scratch = torch.empty(packed, dtype=torch.uint8, device=self.device)
-                self._cuda.load(handle.key, out.data_ptr(), handle.nbytes,
-                                scratch.data_ptr() if scratch is not None else 0, stream.cuda_stream)
-                out.record_stream(self.h2d_stream)
-                if scratch is not None:
-                    scratch.record_stream(self.h2d_stream)
-            else:
-                self._load_cpu(torch, handle, out)
+            self._backend.load(handle.key, handle.mode, handle.nbytes, out)
             handle.prefetched = out
 
     def _prefetch_if_live(self, handle: OffloadHandle) -> None:
@@ -391,23 +363,9 @@ class OffloadEngine:
                 return
             self.prefetch(handle)
 
-    def _load_cpu(self, torch: Any, handle: OffloadHandle, out: Any) -> None:
-        _bid, buf = handle.key
-        flat = out.as_strided((out.numel(),), (1,))  # its memory in order (out is dense)
-        if handle.mode == _core.OFFLOAD_RAW:
-            flat.copy_(buf.view(handle.dtype))
-        elif handle.mode == _core.OFFLOAD_F32_BF16:
-            flat.copy_(buf.view(torch.bfloat16))
-        else:
-            n = flat.numel()
-            amax = _e4m3_amax(torch, buf)[0]
-            inv = 1.0 / _e4m3_scale(torch, amax)
-            flat.copy_(buf[:n].view(torch.float8_e4m3fn).float() * inv)
-
     def reload(self, handle: OffloadHandle) -> Any:
         """The tensor back on its device; on CUDA, ready for every kernel queued
         on the caller's current stream from now on."""
-        torch = _torch("mlutils.offload")
         self._own(handle, "reload")
         if handle.kept is not None:
             return handle.kept
@@ -419,8 +377,7 @@ class OffloadEngine:
             handle.reloaded = True
             if out is None:  # pragma: no cover - a concurrent reload took it
                 raise RuntimeError("reload: the handle was reloaded concurrently")
-            if self._cuda is not None:
-                self._cuda.wait(handle.key, torch.cuda.current_stream(self.device).cuda_stream)
+            self._backend.wait(handle.key)
         return out
 
     def release(self, handle: OffloadHandle) -> None:
@@ -432,10 +389,7 @@ class OffloadEngine:
             key, handle.key = handle.key, None
             if key is None:
                 return
-            if self._cuda is not None:
-                self._cuda.release(key)
-            else:
-                self._pool.release(key[0])
+            self._backend.release(key)
 
     def stats(self) -> Dict[str, int]:
         """The host pool's counters (bytes reserved, in use, reuses, ...); on
@@ -443,31 +397,12 @@ class OffloadEngine:
         max_inflight was reached (0 on the CPU, where copies are done when
         offload returns)."""
         with self._lock:
-            if self._cuda is None:
-                return dict(self._pool.stats(), inflight_waits=0)
-            return dict(self._cuda.stats(), inflight_waits=self._cuda.window()["waits"])
+            return self._backend.stats()
 
     def trim(self) -> int:
         """Free the cached host buffers; returns the bytes freed."""
         with self._lock:
-            return self._cuda.trim() if self._cuda is not None else self._pool.trim()
-
-
-def _e4m3_amax(torch: Any, buf: Any) -> Any:
-    """The float32 amax in a packed e4m3 buffer (a one-element view), where
-    csrc/core/offload_layout.h puts it: in the trailer after the payload."""
-    at = buf.numel() - _core.OFFLOAD_E4M3_TRAILER + _core.OFFLOAD_E4M3_AMAX_AT
-    return buf[at:at + 4].view(torch.float32)
-
-
-def _e4m3_scale(torch: Any, amax: Any) -> Any:
-    """OFFLOAD_E4M3_MAX (448) / amax, or 1 where that is not a finite positive
-    number (amax 0, non-finite, or so small that the quotient overflows
-    float32: a scale of inf would make 0 * inf = NaN of every zero)."""
-    amax = amax.float()
-    ok = torch.isfinite(amax) & (amax > 0)
-    scale = _core.OFFLOAD_E4M3_MAX / torch.where(ok, amax, torch.ones_like(amax))
-    return torch.where(ok & torch.isfinite(scale), scale, torch.ones_like(amax))
+            return self._backend.trim()
 
 
 def _cuda_usable(torch: Any) -> bool:
@@ -511,8 +446,7 @@ def set_max_inflight(max_inflight: Optional[int]) -> None:
         _max_inflight = max_inflight
         for eng in _engines.values():
             eng.max_inflight = max_inflight
-            if eng._cuda is not None:
-                eng._cuda.window(max_inflight=max_inflight)
+            eng._backend.set_max_inflight(max_inflight)
 
 
 def compression_error(tensor: Any, compress: str) -> Dict[str, float]:
