@@ -391,12 +391,12 @@ def test_saved_tensors_block_over_a_training_loop_does_not_grow(off, torch, monk
     (10^8 entries over a long run), never dropped."""
     made = []
 
-    class Recorded(off._SavedTensorOffload):
+    class Recorded(off._saved._SavedTensorOffload):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(off, "_SavedTensorOffload", Recorded)
+    monkeypatch.setattr(off._saved, "_SavedTensorOffload", Recorded)
     lin = torch.nn.Linear(16, 16)
     x = torch.randn(8, 16, requires_grad=True)
     with off.offload_saved_tensors(min_bytes=0):
