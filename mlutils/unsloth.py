@@ -23,7 +23,7 @@ _OPTIONS = {"compress": None, "min_bytes": 0, "preserve_rng_state": True}
 @functools.lru_cache(maxsize=None)
 def _class() -> Any:
     torch = _torch("mlutils.unsloth")
-    base = _offload._checkpoint_class()
+    base = _offload.OffloadedCheckpoint
 
     class Unsloth_Offloaded_Gradient_Checkpointer(torch.autograd.Function):
         """forward(ctx, forward_function, hidden_states, *args): the original's

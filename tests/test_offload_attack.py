@@ -313,7 +313,7 @@ def test_function_form_refuses_inplace_changes_of_the_input(off, torch, U):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         U.apply(lambda t: lin(t.mul_(2)), x * 2)  # by the function
     small = x[:1, :4] * 1  # under min_bytes the engine keeps the tensor itself: the change would be seen
-    out = off._checkpoint_class().apply(lambda t: t.exp(), {"compress": None, "min_bytes": 1 << 20,
+    out = off.OffloadedCheckpoint.apply(lambda t: t.exp(), {"compress": None, "min_bytes": 1 << 20,
                                                             "preserve_rng_state": True}, small)
     small.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
