@@ -41,8 +41,12 @@ from ._engine import (
     set_max_inflight,
     set_pool_limit,
 )
-from ._hf import _install, disable_offloaded_gradient_checkpointing, enable_offloaded_gradient_checkpointing
-from ._hf import _HFCheckpointFunc  # noqa: F401 - models pickled before offload was a package name it here
+from ._hf import (
+    _HFCheckpointFunc,  # noqa: F401 - models pickled before offload was a package name it here
+    disable_offloaded_gradient_checkpointing,
+    enable_offloaded_gradient_checkpointing,
+    install_offloaded_checkpointing,
+)
 from ._saved import offload_saved_tensors
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "offload_checkpoint",
     "enable_offloaded_gradient_checkpointing",
     "disable_offloaded_gradient_checkpointing",
+    "install_offloaded_checkpointing",
     "offload_saved_tensors",
     "compression_error",
     "DEFAULT_MIN_BYTES",
@@ -61,8 +66,9 @@ __all__ = [
     "set_max_inflight",
 ]
 
-#: The names of the torch-only _autograd module, imported on first use.
-_AUTOGRAD = ("OffloadedCheckpoint",)
+#: The names of the torch-only _autograd module, imported on first use:
+#: OffloadedCheckpoint, and the original's form that mlutils.unsloth gives.
+_AUTOGRAD = ("OffloadedCheckpoint", "Unsloth_Offloaded_Gradient_Checkpointer")
 
 
 def __getattr__(name: str) -> Any:

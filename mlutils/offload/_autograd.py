@@ -1,9 +1,11 @@
 """The autograd-function form of offloaded checkpointing (torch only).
 
-:class:`OffloadedCheckpoint` is defined at module level, as torch's own
-autograd Functions are; this module imports torch, so the package imports
-it when one of its names is first asked for (``mlutils.offload``'s module
-``__getattr__``), and ``import mlutils.offload`` works without torch.
+:class:`OffloadedCheckpoint` (and ``Unsloth_Offloaded_Gradient_Checkpointer``,
+its form with the original's signature, which ``mlutils.unsloth`` gives)
+are defined at module level, as torch's own autograd Functions are; this
+module imports torch, so the package imports it when one of its names is
+first asked for (``mlutils.offload``'s module ``__getattr__``), and
+``import mlutils.offload`` works without torch.
 """
 from __future__ import annotations
 
@@ -144,3 +146,17 @@ class OffloadedCheckpoint(torch.autograd.Function):
             arg_grads[i] = args[i].grad if args[i].requires_grad else None
         ctx.forward_function = None
         return (None, None, hidden.grad if ctx.hs_requires_grad else None, *arg_grads)
+
+
+class Unsloth_Offloaded_Gradient_Checkpointer(torch.autograd.Function):
+    """forward(ctx, forward_function, hidden_states, *args): the original's
+    name and signature (``mlutils.unsloth`` gives it under that name):
+    OffloadedCheckpoint with the default options."""
+
+    @staticmethod
+    def forward(ctx: Any, forward_function: Any, hidden_states: Any, *args: Any) -> Any:
+        return OffloadedCheckpoint.forward(ctx, forward_function, dict(_CHECKPOINT_OPTIONS), hidden_states, *args)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        return OffloadedCheckpoint.backward(ctx, *grads)[1:]

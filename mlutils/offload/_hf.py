@@ -3,7 +3,8 @@
 :func:`enable_offloaded_gradient_checkpointing` turns a model's gradient
 checkpointing on and installs :func:`offload_checkpoint` as the
 checkpointing function of its layers; :func:`disable_offloaded_gradient_checkpointing`
-turns it off.  ``transformers`` is not needed: any model with
+turns it off; :func:`install_offloaded_checkpointing` only installs it, on a
+model whose checkpointing is on.  ``transformers`` is not needed: any model with
 ``gradient_checkpointing_enable`` / ``_set_gradient_checkpointing`` or
 modules with a ``gradient_checkpointing`` attribute will do.
 """
@@ -73,9 +74,21 @@ def enable_offloaded_gradient_checkpointing(model: Any, min_bytes: int = 0, comp
     return model
 
 
-def _install(model: Any, func: Optional[Callable] = None) -> None:
-    """Install `func` (default: offload_checkpoint) as the checkpointing function of model's layers."""
-    func = func if func is not None else _hf_checkpoint_func(0, None)
+def install_offloaded_checkpointing(model: Any, min_bytes: int = 0, compress: Optional[str] = None) -> Any:
+    """Install :func:`offload_checkpoint` as the checkpointing function of the
+    layers of `model`, whose gradient checkpointing is on already; returns the
+    model.  What enable_offloaded_gradient_checkpointing does once it has
+    turned checkpointing on, for code that turns it on itself (such as the
+    ``gradient_checkpointing_enable`` that mlutils.unsloth's monkey patch
+    wraps).  TypeError when no module of the model has ``gradient_checkpointing``."""
+    compress = _check_compress(compress)
+    _check_count(min_bytes, "install_offloaded_checkpointing: min_bytes")
+    _install(model, _hf_checkpoint_func(min_bytes, compress))
+    return model
+
+
+def _install(model: Any, func: Callable) -> None:
+    """Install `func` as the checkpointing function of model's layers."""
     if hasattr(model, "_set_gradient_checkpointing"):
         try:
             model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
