@@ -147,7 +147,7 @@ def test_engine_cap_raises_pool_full(off, torch):
     h = eng.offload(torch.randn(3000))
     with pytest.raises(off.OffloadPoolFullError, match="raise the cap") as ei:
         eng.offload(torch.randn(3000))
-    assert isinstance(ei.value, MemoryError)
+    assert isinstance(ei.value, MemoryError) and isinstance(ei.value, mlutils.MlutilsError)
     h.release()
     eng.offload(torch.randn(3000)).release()
 

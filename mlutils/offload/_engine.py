@@ -33,7 +33,7 @@ CudaOffloadEngine = _core.CudaOffloadEngine  # the raw-pointer engine: save(ptr,
 HostPool = _core.HostPool
 
 
-class OffloadPoolFullError(MemoryError):
+class OffloadPoolFullError(_core.MlutilsError, MemoryError):
     """The offload pool's byte cap (``max_bytes``) was reached."""
 
 
