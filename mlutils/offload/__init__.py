@@ -16,9 +16,22 @@ into pooled host buffers, so everything here also runs without a GPU.
   (``mlutils.unsloth``): forward keeps an offloaded copy of the hidden
   states, backward reloads them and reruns the whole function.
 * :func:`enable_offloaded_gradient_checkpointing`: installs it as a Hugging
-  Face style model's checkpointing function.
+  Face style model's checkpointing function (:func:`install_offloaded_checkpointing`
+  on a model whose checkpointing is on already).
 * :func:`offload_saved_tensors`: a context manager offloading every tensor
   autograd saves (the shape of ``torch.autograd.graph.save_on_cpu``).
+
+One concept per module; this one only gathers the public names:
+
+* ``_engine``: the engine interface (OffloadEngine, OffloadHandle, the
+  engines shared by device), over a backend chosen once per engine:
+* ``_cuda``: the C/CUDA engine;  ``_cpu``: pooled host buffers, packing with
+  torch ops in the layout the kernels use (``csrc/core/offload_layout.h``);
+* ``_checkpoint``: offload_checkpoint, and the registry through which the
+  backward of a checkpoint prefetches the one saved before it;
+* ``_saved``: offload_saved_tensors;  ``_hf``: Hugging Face style models;
+* ``_autograd``: the autograd Functions, the one module that imports torch,
+  imported when one of them is first asked for.
 
 PyTorch is imported when a function needs it, never at import.
 """
