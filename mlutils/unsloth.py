@@ -17,32 +17,11 @@ from .utils import _torch
 
 __all__ = ["Unsloth_Offloaded_Gradient_Checkpointer", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch"]
 
-_OPTIONS = {"compress": None, "min_bytes": 0, "preserve_rng_state": True}
-
-
-@functools.lru_cache(maxsize=None)
-def _class() -> Any:
-    torch = _torch("mlutils.unsloth")
-    base = _offload._checkpoint_class()
-
-    class Unsloth_Offloaded_Gradient_Checkpointer(torch.autograd.Function):
-        """forward(ctx, forward_function, hidden_states, *args): the original's
-        signature over mlutils.offload's OffloadedCheckpoint."""
-
-        @staticmethod
-        def forward(ctx: Any, forward_function: Any, hidden_states: Any, *args: Any) -> Any:
-            return base.forward(ctx, forward_function, dict(_OPTIONS), hidden_states, *args)
-
-        @staticmethod
-        def backward(ctx: Any, *grads: Any) -> Any:
-            return base.backward(ctx, *grads)[1:]
-
-    return Unsloth_Offloaded_Gradient_Checkpointer
-
 
 def __getattr__(name: str) -> Any:
     if name == "Unsloth_Offloaded_Gradient_Checkpointer":
-        return _class()
+        _torch("mlutils.unsloth")  # without torch: ImportError naming what needs it
+        return _offload.Unsloth_Offloaded_Gradient_Checkpointer  # defined in the torch-only offload/_autograd.py
     raise AttributeError(f"module 'mlutils.unsloth' has no attribute {name!r}")
 
 
@@ -62,7 +41,7 @@ def apply_unsloth_offloaded_gradient_checkpoint_monkey_patch() -> None:
         @functools.wraps(original)
         def gradient_checkpointing_enable(self: Any, gradient_checkpointing_kwargs: Any = None) -> None:
             original(self, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-            _offload._install(self)
+            _offload.install_offloaded_checkpointing(self)
 
         gradient_checkpointing_enable.__mlutils_original__ = original  # type: ignore[attr-defined]
         cls.gradient_checkpointing_enable = gradient_checkpointing_enable

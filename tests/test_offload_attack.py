@@ -218,14 +218,14 @@ def test_prefetch_of_a_neighbour_released_meanwhile_is_quiet(off, torch):
     eng = off.OffloadEngine("cpu")
     eng._lock = _SignallingLock()
     prev = eng.offload(torch.randn(1000))
-    off._register(prev)
+    off._checkpoint._register(prev)
     cur = eng.offload(torch.randn(1000))
-    off._register(cur)
+    off._checkpoint._register(cur)
     errors = []
 
     def backward_of_cur():
         try:
-            off._unregister_and_prefetch_previous(cur)
+            off._checkpoint._unregister_and_prefetch_previous(cur)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -313,7 +313,7 @@ def test_function_form_refuses_inplace_changes_of_the_input(off, torch, U):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         U.apply(lambda t: lin(t.mul_(2)), x * 2)  # by the function
     small = x[:1, :4] * 1  # under min_bytes the engine keeps the tensor itself: the change would be seen
-    out = off._checkpoint_class().apply(lambda t: t.exp(), {"compress": None, "min_bytes": 1 << 20,
+    out = off.OffloadedCheckpoint.apply(lambda t: t.exp(), {"compress": None, "min_bytes": 1 << 20,
                                                             "preserve_rng_state": True}, small)
     small.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -391,12 +391,12 @@ def test_saved_tensors_block_over_a_training_loop_does_not_grow(off, torch, monk
     (10^8 entries over a long run), never dropped."""
     made = []
 
-    class Recorded(off._SavedTensorOffload):
+    class Recorded(off._saved._SavedTensorOffload):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(off, "_SavedTensorOffload", Recorded)
+    monkeypatch.setattr(off._saved, "_SavedTensorOffload", Recorded)
     lin = torch.nn.Linear(16, 16)
     x = torch.randn(8, 16, requires_grad=True)
     with off.offload_saved_tensors(min_bytes=0):
@@ -652,7 +652,7 @@ def test_inplace_change_before_the_tensor_is_dropped_is_still_an_error(off, torc
 def test_version_probe_holds_no_memory(off, torch):
     t = torch.randn(1 << 16)
     eng = off.OffloadEngine("cpu")
-    packed = off._PackedInput(eng.offload(t), t)
+    packed = off._checkpoint._PackedInput(eng.offload(t), t)
     assert packed.probe.untyped_storage().nbytes() == 0 and t.untyped_storage().nbytes() == 4 << 16
     assert not packed.modified()
     view = t[10:20]
@@ -710,7 +710,7 @@ def test_dropped_graphs_and_exceptions_leave_no_buffers(off, torch, U):
     assert eng.stats()["in_use"] > before
     del out
     assert _in_use(eng) == before
-    live = [ref() for ref in off._live.values()]
+    live = [ref() for ref in off._checkpoint._live.values()]
     assert not [h for h in live if h is not None and not h.released]
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():

@@ -24,40 +24,12 @@
 #define MLU_CUDA_OFFLOAD_H
 
 #include "../mlu.h"
+#include "../core/offload_layout.h"
 #include "../core/offload_pool.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* How a tensor travels: as it is, or packed by a kernel before the copy. */
-enum mlu_offload_mode {
-    MLU_OFFLOAD_RAW = 0,        /* nbytes copied as they are */
-    MLU_OFFLOAD_F32_BF16 = 1,   /* float32 -> bfloat16 (round to nearest even) */
-    MLU_OFFLOAD_F16_E4M3 = 2,   /* float16 -> float8 e4m3, per-tensor scale 448/amax */
-    MLU_OFFLOAD_BF16_E4M3 = 3,  /* bfloat16 -> float8 e4m3, per-tensor scale 448/amax
-                                 * (amax of the finite values; +-inf and NaN -> NaN) */
-    MLU_OFFLOAD_MODES
-};
-
-/* Bytes of the packed form of nelem elements (the scratch and host size):
- * bf16: 2 per element; e4m3: 1 per element, padded to 16, then a float32
- * amax.  0 for a bad mode or an overflow. */
-static inline size_t mlu_offload_packed_size(int mode, size_t nelem)
-{
-    size_t n;
-    switch (mode) {
-    case MLU_OFFLOAD_F32_BF16:
-        return mlu_mul_overflow_size(nelem, 2, &n) ? 0 : n;
-    case MLU_OFFLOAD_F16_E4M3:
-    case MLU_OFFLOAD_BF16_E4M3:
-        if (mlu_add_overflow_size(nelem, 15 + 16, &n))
-            return 0;
-        return n / 16 * 16;
-    default:
-        return 0;
-    }
-}
 
 typedef struct mlu_cuda_offload mlu_cuda_offload;
 

@@ -18,8 +18,6 @@ extern "C" {
 
 namespace {
 
-constexpr float kE4M3Max = 448.0f;
-
 struct record {
     int64_t block;      // pool id, -1 when the record is free
     size_t nbytes;      // bytes of the tensor
@@ -133,7 +131,7 @@ __device__ __forceinline__ float e4m3_scale(float amax)
     // values are stored as x * scale; scale maps amax to e4m3's largest finite
     // value.  1 when that is not finite (amax 0, or so small that the quotient
     // overflows: an infinite scale would turn every zero into 0 * inf = NaN)
-    float scale = (amax > 0.0f && isfinite(amax)) ? kE4M3Max / amax : 1.0f;
+    float scale = (amax > 0.0f && isfinite(amax)) ? MLU_OFFLOAD_E4M3_MAX / amax : 1.0f;
     return isfinite(scale) ? scale : 1.0f;
 }
 
@@ -196,8 +194,8 @@ mlu_status launch_pack(int mode, const void *src, size_t nbytes, void *scratch, 
 {
     long long n = (long long)(nbytes / elem_size(mode));
     unsigned g = grid_for(n);
-    size_t amax_off = mlu_offload_packed_size(mode, (size_t)n) - 16;
-    float *amax = (float *)((char *)scratch + amax_off);
+    char *trailer = (char *)scratch + mlu_offload_e4m3_trailer_at((size_t)n);  // e4m3 only
+    float *amax = (float *)(trailer + MLU_OFFLOAD_E4M3_AMAX_AT);
     __nv_fp8_storage_t *q = (__nv_fp8_storage_t *)scratch;
     mlu_status rc;
 
@@ -205,7 +203,8 @@ mlu_status launch_pack(int mode, const void *src, size_t nbytes, void *scratch, 
         pack_bf16_kernel<<<g, 256, 0, s>>>((const float *)src, (__nv_bfloat16 *)scratch, n);
         return mlu_cuda_status(cudaGetLastError(), "offload: bfloat16 pack kernel launch", err);
     }
-    rc = mlu_cuda_status(cudaMemsetAsync(amax, 0, 16, s), "offload: cudaMemsetAsync of the amax", err);
+    rc = mlu_cuda_status(cudaMemsetAsync(trailer, 0, MLU_OFFLOAD_E4M3_TRAILER, s),
+                         "offload: cudaMemsetAsync of the amax", err);
     if (rc != MLU_OK)
         return rc;
     if (mode == MLU_OFFLOAD_F16_E4M3) {
@@ -222,8 +221,8 @@ mlu_status launch_expand(int mode, const void *scratch, void *dst, size_t nbytes
 {
     long long n = (long long)(nbytes / elem_size(mode));
     unsigned g = grid_for(n);
-    size_t amax_off = mlu_offload_packed_size(mode, (size_t)n) - 16;
-    const float *amax = (const float *)((const char *)scratch + amax_off);
+    const char *trailer = (const char *)scratch + mlu_offload_e4m3_trailer_at((size_t)n);  // e4m3 only
+    const float *amax = (const float *)(trailer + MLU_OFFLOAD_E4M3_AMAX_AT);
     const __nv_fp8_storage_t *q = (const __nv_fp8_storage_t *)scratch;
 
     if (mode == MLU_OFFLOAD_F32_BF16)

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/offload_layout.h"
 #include "../core/offload_pool.h"
 #include "../cuda/mlu_cuda_offload.h"
 
@@ -568,15 +569,27 @@ int mlu_offload_module_init(PyObject *m)
     };
 
     mlu_state *st = mlu_get_state(m);
+    PyObject *e4m3_max = NULL; /* new ref */
+    int rc = -1;
 
     if (mlu_add_heap_type(m, &HostPool_spec, &st->offload_pool_type) < 0 ||
         mlu_add_heap_type(m, &Engine_spec, &st->offload_engine_type) < 0)
-        return -1;
+        goto done;
     if (PyModule_AddIntConstant(m, "OFFLOAD_RAW", MLU_OFFLOAD_RAW) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F32_BF16", MLU_OFFLOAD_F32_BF16) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_F16_E4M3", MLU_OFFLOAD_F16_E4M3) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_BF16_E4M3", MLU_OFFLOAD_BF16_E4M3) < 0 ||
         PyModule_AddIntConstant(m, "OFFLOAD_DEFAULT_MAX_INFLIGHT", (long)MLU_OFFLOAD_DEFAULT_WINDOW) < 0)
-        return -1;
-    return PyModule_AddFunctions(m, methods);
+        goto done;
+    /* the e4m3 layout of core/offload_layout.h, for the CPU engine's packing */
+    if (PyModule_AddIntConstant(m, "OFFLOAD_E4M3_TRAILER", MLU_OFFLOAD_E4M3_TRAILER) < 0 ||
+        PyModule_AddIntConstant(m, "OFFLOAD_E4M3_AMAX_AT", MLU_OFFLOAD_E4M3_AMAX_AT) < 0)
+        goto done;
+    e4m3_max = PyFloat_FromDouble(MLU_OFFLOAD_E4M3_MAX);
+    if (e4m3_max == NULL || PyModule_AddObjectRef(m, "OFFLOAD_E4M3_MAX", e4m3_max) < 0)
+        goto done;
+    rc = PyModule_AddFunctions(m, methods);
+done:
+    Py_XDECREF(e4m3_max);
+    return rc;
 }
