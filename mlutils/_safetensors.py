@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import numpy as np
 
 from . import _core
-from ._core import SafetensorsError
+from ._core import MlutilsError, SafetensorsError
 
 __all__ = [
     "RawTensor",
@@ -119,7 +119,7 @@ def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
     return _np_table_cache, _np_code_cache
 
 
-class TorchNotInstalledError(ModuleNotFoundError):
+class TorchNotInstalledError(MlutilsError, ModuleNotFoundError):
     """torch tensors were asked for (``framework="pt"``) but torch cannot be
     imported; ``framework="np"`` gives numpy arrays without it."""
 
