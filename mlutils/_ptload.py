@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _core
 from ._core import TorchFormatError, UnsafePickleError
+from ._torch import optional_torch, require_torch
 
 __all__ = ["load", "load_unsafe", "read_index", "verify", "TorchFormatError", "UnsafePickleError"]
 
@@ -149,14 +150,6 @@ class _TorchHooks:
         return self.torch.device(type) if index is None else self.torch.device(type, index)
 
 
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
     """Load a torch.save file safely (weights-only rules): torch tensors for "pt" (NumPy without torch), arrays for "np"; mmap=False copies tensor bytes.
 
@@ -166,7 +159,7 @@ def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bo
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = "mmap" if mmap else "copy"
-    torch = _import_torch() if framework == "pt" else None
+    torch = optional_torch() if framework == "pt" else None
     if torch is None:
         if framework == "pt":
             log.info("torch is not installed: loading %s as NumPy arrays", path)
@@ -182,8 +175,7 @@ def load_unsafe(path: PathLike, device: str = "cpu") -> Any:
         f"load_unsafe({os.fspath(path)!r}) runs torch.load(weights_only=False): the file can execute arbitrary code",
         stacklevel=2,
     )
-    import torch
-
+    torch = require_torch("load_unsafe")
     return torch.load(os.fspath(path), map_location=device, weights_only=False)
 
 
@@ -201,7 +193,7 @@ class _IndexedTensor(_TensorInfo):
     verify() refuses exactly what a load would refuse."""
 
     def __setattr__(self, attr: str, value: Any) -> None:
-        torch = _import_torch()
+        torch = optional_torch()
         if torch is not None:
             rg, is_param = self.__dict__.get("_flags", (0, 0))
             probe = torch.empty(0, dtype=getattr(torch, self.dtype))

@@ -29,10 +29,10 @@ tests/test_ptsave_compat.py with an emulation of those readers.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 from . import _core
+from ._torch import loaded_torch, require_torch
 
 __all__ = ["save", "save_bytes"]
 
@@ -74,7 +74,7 @@ class _StorageBytes(NamedTuple):
 
 def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
     """How the C writer should pickle torch tensor ``t`` (what torch.save records)."""
-    import torch
+    torch = require_torch("saving torch tensors")
 
     if isinstance(t, torch.nn.Parameter):
         if type(t) is not torch.nn.Parameter or torch._utils._get_obj_state(t):
@@ -107,7 +107,7 @@ def _storage_bytes(storage: Any) -> _StorageBytes:
 
 def _tensor_type() -> Optional[type]:
     # Without torch imported there can be no torch tensor in the object.
-    torch = sys.modules.get("torch")
+    torch = loaded_torch()
     return getattr(torch, "Tensor", None) if torch is not None else None
 
 

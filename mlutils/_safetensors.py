@@ -43,7 +43,8 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import numpy as np
 
 from . import _core
-from ._core import MlutilsError, SafetensorsError
+from ._core import SafetensorsError
+from ._torch import TorchNotInstalledError, loaded_torch, require_torch
 
 __all__ = [
     "RawTensor",
@@ -119,20 +120,8 @@ def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
     return _np_table_cache, _np_code_cache
 
 
-class TorchNotInstalledError(MlutilsError, ModuleNotFoundError):
-    """torch tensors were asked for (``framework="pt"``) but torch cannot be
-    imported; ``framework="np"`` gives numpy arrays without it."""
-
-
-def require_torch(what: str) -> Any:
-    """The torch module, or :class:`TorchNotInstalledError` saying what needed it."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise TorchNotInstalledError(
-            f"{what} returns torch tensors, and torch is not installed ({exc}): install torch, "
-            "or pass framework='np' for numpy arrays", name="torch") from exc
-    return torch
+#: What to do instead when torch tensors were asked for without torch.
+NUMPY_INSTEAD = "pass framework='np' for numpy arrays"
 
 
 def _framework(framework: str) -> str:
@@ -146,7 +135,7 @@ def _framework(framework: str) -> str:
 # ---------------------------------------------------------------- writing
 
 def _is_torch_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    torch = loaded_torch()  # no tensor can exist unless torch was imported
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -211,7 +200,7 @@ def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
 
 
 def _torch_strided() -> Any:
-    import torch
+    torch = require_torch("saving torch tensors")
 
     return torch.strided
 
@@ -293,7 +282,7 @@ def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> _Entry:
 
 
 def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
-    import torch
+    torch = require_torch("saving torch tensors")
 
     code = codes.get(t.dtype)
     if code is None:
@@ -316,7 +305,7 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
 
 
 def _torch_codes() -> Dict[Any, str]:
-    import torch
+    torch = require_torch("saving torch tensors")
 
     out = {}
     for code, tname in _TORCH_NAMES.items():
@@ -415,7 +404,7 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = Non
 # ---------------------------------------------------------------- reading
 
 def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any:
-    import torch
+    torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 
     tname = _TORCH_NAMES.get(code)
     dt = getattr(torch, tname, None) if tname else None
@@ -427,7 +416,7 @@ def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any
 def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str,
               error: Callable[[str], Exception]) -> Any:
     """arr as a torch tensor of the file's dtype on device; error(text): the exception naming the file."""
-    import torch
+    torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 
     dt = _torch_dtype(code, name, error)
     if code == "F4" and (not shape or shape[-1] % 2):
@@ -449,7 +438,7 @@ class _Reader:
         self.map = m
         self.framework = _framework(framework)
         if self.framework == "pt":
-            require_torch("reading safetensors with framework='pt'")
+            require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
         self.device = str(device)
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")

@@ -42,12 +42,12 @@ import os
 import pickle
 import re
 import socket
-import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from ._core import MlutilsError
+from ._torch import loaded_torch, optional_torch, require_torch
 
 __all__ = [
     "DistributedError",
@@ -238,7 +238,7 @@ def _launcher_env() -> _LauncherEnv:
 
 def _dist_if_initialized():
     """``torch.distributed`` when a default process group exists, else None (never imports torch)."""
-    if "torch" not in sys.modules or sys.modules["torch"] is None:
+    if loaded_torch() is None:
         return None
     try:
         import torch.distributed as dist
@@ -358,13 +358,9 @@ _STATE: Dict[str, Any] = {"ran": False, "backend": None}
 
 
 def _import_torch_dist(what: str):
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError as e:
-        raise ImportError(
-            f"{what} needs PyTorch with torch.distributed for {world_size()} processes: "
-            "pip install torch") from e
+    torch = require_torch(f"{what} (torch.distributed, for {world_size()} processes)")
+    import torch.distributed as dist
+
     if not dist.is_available():
         raise ImportError(f"{what}: this PyTorch build has no torch.distributed")
     return torch, dist
@@ -422,10 +418,7 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
     if fn is not None:
         if not callable(fn):
             raise TypeError(f"init_distributed: fn must be callable, got {type(fn).__name__}")
-        try:
-            import torch
-        except ImportError:
-            torch = None
+        torch = optional_torch()
         if torch is not None:
             _set_device(torch)
         if td is not None:
@@ -517,7 +510,7 @@ def _on_cuda(dist, group: Any = None) -> bool:
 
 def _device(dist, group: Any = None):
     """Where the tensors of a collective over ``group`` live: the current CUDA device under NCCL, else the CPU."""
-    import torch
+    torch = require_torch("a collective")
 
     return torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist, group) else torch.device("cpu")
 
@@ -542,8 +535,7 @@ def barrier() -> None:
     if dist is None:
         return
     if _on_cuda(dist):
-        import torch
-
+        torch = require_torch("barrier")
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
@@ -573,7 +565,7 @@ def _broadcast_bytes(dist, produce: Callable[[], bytes], src: int, group: Any, w
     ("{what}: rank {src} {failure}: {error}"; on the source the exception is
     chained), and the group stays in step.
     """
-    import torch
+    torch = require_torch(what)
 
     device = _device(dist, group)
     is_src = dist.get_rank() == src
@@ -616,7 +608,7 @@ def _agree(dist, group: Any, error: Optional[BaseException], what: str, failure:
     The message names the lowest failing global rank ("{what}: {failure} on
     rank N"), with this rank's own error when it failed (chained).
     """
-    import torch
+    torch = require_torch(what)
 
     exc_type = exc_type or DistributedError
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -661,7 +653,7 @@ def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
     dist = _group_for(what)
     if dist is None:
         return bool(flag)
-    import torch
+    torch = require_torch(what)
 
     error: Optional[Exception] = None
     try:
@@ -833,13 +825,9 @@ class Communicator:
         td = _as_timedelta(timeout)
         nccl_library()
         device = None
-        try:
-            import torch
-
-            if _cuda_usable(torch):
-                device = torch.cuda.current_device()
-        except ImportError:
-            pass
+        torch = optional_torch()
+        if torch is not None and _cuda_usable(torch):
+            device = torch.cuda.current_device()
         handle = _call(_core.nccl_comm_init, size, uid, rank, td.total_seconds() if td else 0.0)
         return cls(handle, None if td is None else td.total_seconds(), device)
 
@@ -860,8 +848,7 @@ class Communicator:
     # ---- helpers
     def _stream(self, stream: Any) -> int:
         if stream is None:
-            import torch
-
+            torch = require_torch("Communicator")
             return int(torch.cuda.current_stream().cuda_stream)
         if isinstance(stream, int):
             return stream
@@ -879,8 +866,7 @@ class Communicator:
             raise TypeError(f"tensors of different dtypes: {[str(t.dtype) for t in tensors]}")
 
     def _dtype(self, t: Any) -> int:
-        import torch
-
+        torch = require_torch("Communicator")
         return _torch_dtype_code(torch, t.dtype)
 
     # ---- collectives (tensors)
@@ -939,7 +925,7 @@ class Communicator:
 
     def barrier(self, stream: Any = None) -> None:
         """All ranks meet: a one-element all_reduce, then wait for it."""
-        import torch
+        torch = require_torch("Communicator.barrier")
 
         t = torch.zeros(1, dtype=torch.float32, device=torch.device("cuda", self.device or 0))
         self.all_reduce(t, stream=stream)
@@ -947,7 +933,7 @@ class Communicator:
 
     def synchronize(self, stream: Any = None, timeout: Union[float, timedelta, None] = None) -> None:
         """Wait for the work queued on ``stream``; with a timeout (or the communicator's), poll and abort when late."""
-        import torch
+        torch = require_torch("Communicator.synchronize")
 
         td = _as_timedelta(timeout)
         limit = td.total_seconds() if td is not None else self.timeout

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from . import _core
-from ._safetensors import TorchNotInstalledError, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
+from ._safetensors import NUMPY_INSTEAD, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
+from ._torch import TorchNotInstalledError, require_torch
 
 __all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
            "is_safetensors_path", "Format", "FORMATS", "format_for", "safe_open", "save_file", "load_file", "TorchNotInstalledError"]
@@ -208,7 +209,7 @@ def torch_load(
     path = os.fspath(path)
     fw = _safetensors._framework(framework)
     if fw == "pt":
-        _safetensors.require_torch("torch_load(framework='pt')")
+        require_torch("torch_load(framework='pt')", NUMPY_INSTEAD)
     return format_for(path).load(path, device=device, framework=fw, unsafe=unsafe,
                                  load_metadata=load_metadata, module_key=module_key)
 
@@ -277,10 +278,10 @@ def _pt_save(data: Any, path: str, module_key: Optional[str] = None, **kwargs: A
 
 def _pt_load(path: str, device: str, framework: str, unsafe: bool, load_metadata: bool,
              module_key: str) -> Any:
-    from . import _ptload, _safetensors
+    from . import _ptload
 
     if unsafe:
-        _safetensors.require_torch("torch_load(unsafe=True)")
+        require_torch("torch_load(unsafe=True)")
         return _ptload.load_unsafe(path, device=device)
     return _ptload.load(path, device=device, framework=framework)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _core
 from ._core import PatternError
+from ._torch import loaded_torch
 
 __all__ = [
     "LayoutCoord",
@@ -48,15 +49,8 @@ PatternLayout = tp.List[tp.List[LayoutCoord]]
 _CACHE_SIZE = 100  # tables kept per pattern, as the reference's lru_cache(100)
 
 
-def _torch_module() -> tp.Any:
-    """The torch module when it is already imported (arrays of torch need it), else None."""
-    import sys
-
-    return sys.modules.get("torch")
-
-
 def _is_torch(x: tp.Any) -> bool:
-    torch = _torch_module()
+    torch = loaded_torch()
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -83,7 +77,7 @@ class _Tables:
         key = str(device)
         pair = self.torch.get(key)
         if pair is None:
-            torch = _torch_module()
+            torch = loaded_torch()
             idx = torch.from_numpy(self.indexes)
             mask = torch.from_numpy(self.mask)
             if key != "cpu":
@@ -100,7 +94,7 @@ def _special_torch(src_dtype: tp.Any, special: tp.Any) -> tuple:
     key = (src_dtype, type(special), _special_key(special))
     hit = _special_cache.get(key)
     if hit is None:
-        torch = _torch_module()
+        torch = loaded_torch()
         v = torch.zeros(1, dtype=src_dtype) + special
         hit = (v.dtype, v.view(torch.uint8).numpy().tobytes())
         if len(_special_cache) > 256:
@@ -142,7 +136,7 @@ def _dispatch(x: tp.Any) -> str:
     if isinstance(x, np.ndarray):
         return "numpy"
     if _is_torch(x):
-        torch = _torch_module()
+        torch = loaded_torch()
         if x.requires_grad and torch.is_grad_enabled():
             return "torch"  # keep autograd: the reference's own indexing
         if x.device.type == "cpu":
@@ -168,7 +162,7 @@ def _gather(x: tp.Any, tab: _Tables, special: tp.Any, outer_shape: tuple, out_ta
         _core.pattern_gather(tab.runs, src.reshape(-1).view(np.uint8), outer, n_in, n_out, spec,
                              out.reshape(-1).view(np.uint8))
         return out
-    torch = _torch_module()
+    torch = loaded_torch()
     if path == "torch":
         idx, _ = tab.for_torch(x.device)
         flat = x.reshape(outer_shape + (-1,))

@@ -1,8 +1,9 @@
 """Helpers that need no dedicated module (same names as the original utils).
 
 Nothing here imports torch at import time: functions that need it import it
-when called and raise ImportError saying so when it is missing.
-``MLUTILS_NO_TORCH=1`` makes them behave as if torch were not installed.
+when called (through :mod:`mlutils._torch`) and raise
+:class:`~mlutils.TorchNotInstalledError` (an ImportError) saying so when it is
+missing.  ``MLUTILS_NO_TORCH=1`` makes them behave as if torch were not installed.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import (
 )
 
 from . import _core
+from ._torch import loaded_torch, optional_torch, require_torch
 
 __all__ = [
     "truncate_json",
@@ -75,26 +77,8 @@ def truncate_json(x: T) -> T:
     return _core.truncate_json(x)
 
 
-# ---------------------------------------------------------------------------
-# torch, imported when needed
-
-
-def _torch(what: str) -> Any:
-    """The torch module, or ImportError naming `what` as the thing that needs it."""
-    if os.environ.get("MLUTILS_NO_TORCH") == "1":
-        raise ImportError(f"{what} needs PyTorch (MLUTILS_NO_TORCH=1 hides it)")
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"{what} needs PyTorch: pip install torch") from e
-    return torch
-
-
-def _torch_if_loaded() -> Any:
-    """The torch module if it is already imported (no tensor can exist otherwise), else None."""
-    if os.environ.get("MLUTILS_NO_TORCH") == "1":
-        return None
-    return sys.modules.get("torch")
+# mlutils.offload and mlutils.unsloth import this name from here.
+_torch = require_torch
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +114,7 @@ def _canonical(x: Any, where: str) -> Any:
     np = sys.modules.get("numpy")
     if np is not None and isinstance(x, (np.ndarray, np.generic)):
         return {"__array__": str(x.dtype), "shape": list(np.shape(x)), "data": _canonical(x.tolist(), where)}
-    torch = _torch_if_loaded()
+    torch = loaded_torch()
     if torch is not None and isinstance(x, torch.Tensor):
         t = x.detach().cpu()
         return {"__tensor__": str(t.dtype), "shape": list(t.shape), "data": _canonical(t.tolist(), where)}
@@ -414,9 +398,8 @@ def set_seed(seed: Optional[int] = None) -> int:
     import numpy as np
 
     np.random.seed(seed)
-    try:
-        torch = _torch("set_seed")
-    except ImportError:
+    torch = optional_torch()
+    if torch is None:
         return seed
     torch.manual_seed(seed)  # seeds every CUDA device too
     if torch.cuda.is_available():
@@ -457,7 +440,7 @@ def coerce_dtype(s: Any) -> Any:
     Unknown names raise ValueError naming them (the original quietly gave
     float32); anything else that is not a dtype raises TypeError.
     """
-    torch = _torch("coerce_dtype")
+    torch = require_torch("coerce_dtype")
     if isinstance(s, torch.dtype):
         return s
     if not isinstance(s, str):
@@ -487,7 +470,7 @@ def tree_map(fn: Callable[[Any], Any], x: Any) -> Any:
     generator), namedtuples stay the same namedtuple, OrderedDict and
     defaultdict stay what they were.  Without torch nothing is a tensor.
     """
-    torch = _torch_if_loaded()
+    torch = loaded_torch()
     tensor_type = torch.Tensor if torch is not None else None
 
     def walk(v: Any) -> Any:
@@ -608,7 +591,7 @@ def resize_weight(weight: Any, target: int, dim: int = 0, random: bool = True) -
     and device.  (The
     original drew from uniform [0, 1), whose mean is 0.5, and ignored ``dim``.)
     """
-    torch = _torch("resize_weight")
+    torch = require_torch("resize_weight")
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
         raise ValueError(f"resize_weight: target must be an int >= 0, got {target!r}")
     if not -weight.dim() <= dim < weight.dim():
@@ -634,9 +617,8 @@ def resize_weight(weight: Any, target: int, dim: int = 0, random: bool = True) -
 
 def get_devices() -> List[str]:
     """Usable device names: ``cuda:0`` .. ``cuda:N-1`` then ``cpu`` (just ``cpu`` without torch or CUDA)."""
-    try:
-        torch = _torch("get_devices")
-    except ImportError:
+    torch = optional_torch()
+    if torch is None:
         return ["cpu"]
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(count)] + ["cpu"]
@@ -665,7 +647,7 @@ def get_device_properties(device: Any) -> Dict[str, Any]:
     """``{"name", "total", "free", "props"}`` for a device name: bytes of memory in all and free now."""
     name = str(device)
     if name.startswith("cuda"):
-        torch = _torch("get_device_properties")
+        torch = require_torch("get_device_properties")
         if not torch.cuda.is_available():
             raise ValueError(f"get_device_properties: {name} requested but CUDA is not available")
         props = torch.cuda.get_device_properties(name)

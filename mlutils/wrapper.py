@@ -27,7 +27,8 @@ import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from .utils import _torch, coerce_dtype, offload_model, prune_missing
+from ._torch import require_torch
+from .utils import coerce_dtype, offload_model, prune_missing
 
 __all__ = [
     "Optimizations",
@@ -154,7 +155,7 @@ def _torch_class(name: str) -> Any:
     """torch's own class for a selectable name, even while an injection replaces it."""
     if name in _ORIGINALS:
         return _ORIGINALS[name]
-    torch = _torch("mlutils.wrapper")
+    torch = require_torch("mlutils.wrapper")
     owner, attr = _INJECTABLE[name]
     return getattr(getattr(torch, owner), attr)
 
@@ -267,7 +268,7 @@ def inject(opts: Optional[Optimizations] = None) -> Injection:
     """Overwrite ``torch.nn.Linear``/``Embedding`` and ``torch.optim.Adam``/``AdamW``/``SGD``/``Adagrad``
     with the classes ``opts`` selects (only the kinds in scope, only where they differ)."""
     opts = current() if opts is None else opts
-    torch = _torch("inject")
+    torch = require_torch("inject")
     sel = select(opts)
     scope = {"Linear": opts.linear, "Embedding": opts.embedding}
     changed = []
@@ -289,7 +290,7 @@ def uninject(names: Optional[List[str]] = None) -> None:
     """Restore torch's own classes (all injected ones, or just ``names``)."""
     if not _ORIGINALS:
         return
-    torch = _torch("uninject")
+    torch = require_torch("uninject")
     for name in list(_ORIGINALS if names is None else names):
         if name in _ORIGINALS:
             owner, attr = _INJECTABLE[name]
@@ -424,7 +425,7 @@ def autocast(device_type: Optional[str] = None, dtype: Any = None, enabled: bool
     ``dtype`` may be a name (``"bf16"``).  (The original yielded the autocast
     object without entering it, so nothing was autocast.)
     """
-    torch = _torch("autocast")
+    torch = require_torch("autocast")
     opts = current() if opts is None else opts
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -463,7 +464,7 @@ def _c_compiler_works() -> bool:
 def available_backends() -> List[str]:
     """Names torch.compile accepts here (debug ones such as ``eager`` included), plus ``tensorrt``
     when torch_tensorrt imports."""
-    torch = _torch("available_backends")
+    torch = require_torch("available_backends")
     import torch._dynamo
 
     names = list(torch._dynamo.list_backends(exclude_tags=()))
@@ -487,7 +488,7 @@ def compile_model(model: Any, backend: Optional[str] = "auto", **kwargs: Any) ->
     listing the available ones (the original quietly used the default; its
     ``"auto"`` took the alphabetically first backend).
     """
-    torch = _torch("compile_model")
+    torch = require_torch("compile_model")
     if backend is None or backend == "auto" or backend is True:
         backend = _auto_backend()
     if backend == "tensorrt" and _optional("torch_tensorrt", "torch_tensorrt", "compiling with tensorrt", "the auto backend") is None:
