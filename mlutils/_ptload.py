@@ -26,13 +26,17 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, NamedTuple, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Union
 
 import numpy as np
 
 from . import _core
 from ._core import TorchFormatError, UnsafePickleError
 from ._torch import optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["load", "load_unsafe", "read_index", "verify", "TorchFormatError", "UnsafePickleError"]
 
@@ -110,7 +114,7 @@ class _NumpyHooks:
 class _TorchHooks:
     """Builds torch values: one uint8 tensor per storage, tensors are strided views of it."""
 
-    def __init__(self, torch: Any, device: str) -> None:
+    def __init__(self, torch: ModuleType, device: str) -> None:
         self.torch = torch
         self.device = torch.device(device)
         self.bases: dict[str, Any] = {}
@@ -142,10 +146,10 @@ class _TorchHooks:
             raise TorchFormatError(f"tensor over storage {key!r}: {e}") from e
         return t
 
-    def dtype(self, name: str) -> Any:
+    def dtype(self, name: str) -> torch.dtype:
         return getattr(self.torch, name)
 
-    def make_device(self, *, type: str, index: Any) -> Any:  # noqa: A002 (torch.device's own name)
+    def make_device(self, *, type: str, index: Any) -> torch.device:  # noqa: A002 (torch.device's own name)
         # torch.device("cuda:1") parses the index out of type; given index=None it refuses that
         return self.torch.device(type) if index is None else self.torch.device(type, index)
 

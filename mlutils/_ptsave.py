@@ -29,10 +29,13 @@ tests/test_ptsave_compat.py with an emulation of those readers.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, Union
 
 from . import _core
 from ._torch import loaded_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["save", "save_bytes"]
 
@@ -72,7 +75,7 @@ class _StorageBytes(NamedTuple):
     nbytes: int
 
 
-def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
+def _describe(t: torch.Tensor) -> Union[_TensorDescription, _ParameterDescription]:
     """How the C writer should pickle torch tensor ``t`` (what torch.save records)."""
     torch = require_torch("saving torch tensors")
 
@@ -98,7 +101,7 @@ def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
         storage_id=storage._cdata, storage=storage, nbytes=storage.nbytes(), metadata=metadata)
 
 
-def _storage_bytes(storage: Any) -> _StorageBytes:
+def _storage_bytes(storage: torch.UntypedStorage) -> _StorageBytes:
     """Where the bytes of ``storage`` are on the CPU (copied there first if need be)."""
     if storage.device.type != "cpu":
         storage = storage.cpu()

@@ -38,13 +38,16 @@ import logging
 import operator
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from ._core import SafetensorsError
 from ._torch import TorchNotInstalledError, loaded_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "RawTensor",
@@ -62,6 +65,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: What save_file takes for each name: a NumPy array, a torch tensor or a RawTensor.
+Tensor = Union[np.ndarray, "torch.Tensor", "RawTensor"]
 
 # The dtype table lives in C (csrc/core/safetensors.c, joined with the torch
 # dtype table of csrc/core/torch_dtypes.c); every map here is built from it.
@@ -139,7 +144,7 @@ def _is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_bounds(t: Any, esize: int) -> Tuple[int, int]:
+def _torch_bounds(t: torch.Tensor, esize: int) -> Tuple[int, int]:
     """[start, stop) bytes a torch tensor touches."""
     if t.numel() == 0:
         return t.data_ptr(), t.data_ptr()
@@ -199,7 +204,7 @@ def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
     return groups
 
 
-def _torch_strided() -> Any:
+def _torch_strided() -> torch.layout:
     torch = require_torch("saving torch tensors")
 
     return torch.strided
@@ -281,7 +286,7 @@ def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> _Entry:
     return _Entry(name=name, dtype=code, shape=shape, data=a.reshape(-1).view(np.uint8))
 
 
-def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
+def _torch_entry(name: str, t: torch.Tensor, codes: Dict[torch.dtype, str]) -> _Entry:
     torch = require_torch("saving torch tensors")
 
     code = codes.get(t.dtype)
@@ -304,7 +309,7 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
     return _Entry(name=name, dtype=code, shape=shape, data=flat.numpy())
 
 
-def _torch_codes() -> Dict[Any, str]:
+def _torch_codes() -> Dict[torch.dtype, str]:
     torch = require_torch("saving torch tensors")
 
     out = {}
@@ -374,7 +379,7 @@ def _raw_shape(name: str, shape: Any) -> Tuple[int, ...]:
     return tuple(out)
 
 
-def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
+def save_file(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
               *, dedupe: bool = False, durable: bool = True) -> None:
     """Write ``tensors`` (NumPy arrays / torch tensors on any device) to
     ``path`` atomically, byte-identical to the ``safetensors`` library.
@@ -395,7 +400,7 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Map
     _core.st_serialize(entries, meta, os.fspath(path), durable=durable)
 
 
-def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:
+def save(tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:
     """The bytes :func:`save_file` would write."""
     entries, meta = _entries(tensors, metadata, dedupe)
     return _core.st_serialize(entries, meta)
@@ -403,7 +408,7 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = Non
 
 # ---------------------------------------------------------------- reading
 
-def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any:
+def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> torch.dtype:
     torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 
     tname = _TORCH_NAMES.get(code)
@@ -414,7 +419,7 @@ def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any
 
 
 def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str,
-              error: Callable[[str], Exception]) -> Any:
+              error: Callable[[str], Exception]) -> torch.Tensor:
     """arr as a torch tensor of the file's dtype on device; error(text): the exception naming the file."""
     torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 

@@ -44,10 +44,14 @@ import re
 import socket
 import time
 from datetime import timedelta
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from ._core import MlutilsError
 from ._torch import loaded_torch, optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DistributedError",
@@ -380,14 +384,14 @@ def _as_timedelta(timeout: Union[float, int, timedelta, None]) -> Optional[timed
     return timedelta(seconds=seconds)
 
 
-def _cuda_usable(torch) -> bool:
+def _cuda_usable(torch: ModuleType) -> bool:
     try:
         return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover - a broken driver counts as no CUDA
         return False
 
 
-def _set_device(torch) -> None:
+def _set_device(torch: ModuleType) -> None:
     if _cuda_usable(torch):
         count = torch.cuda.device_count()
         lr = local_rank()
@@ -491,7 +495,7 @@ def cleanup_distributed() -> None:
         _STATE["backend"] = None
 
 
-def ddp_model(model: Any, **kwargs: Any) -> Any:
+def ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """Wrap in DistributedDataParallel when initialised with more than one process, else return ``model``."""
     dist = _dist_if_initialized()
     if dist is None or dist.get_world_size() == 1:
@@ -508,7 +512,7 @@ def _on_cuda(dist, group: Any = None) -> bool:
     return backend == "nccl"
 
 
-def _device(dist, group: Any = None):
+def _device(dist, group: Any = None) -> torch.device:
     """Where the tensors of a collective over ``group`` live: the current CUDA device under NCCL, else the CPU."""
     torch = require_torch("a collective")
 
@@ -740,7 +744,7 @@ def nccl_library() -> Tuple[str, int]:
     return lib.path, lib.version
 
 
-def _torch_dtype_code(torch, dtype) -> int:
+def _torch_dtype_code(torch: ModuleType, dtype: torch.dtype) -> int:
     name = str(dtype).replace("torch.", "")
     code = NCCL_DTYPES.get(name)
     if code is None:
@@ -854,7 +858,7 @@ class Communicator:
             return stream
         return int(stream.cuda_stream)
 
-    def _check(self, *tensors: Any) -> None:
+    def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
             if not getattr(t, "is_cuda", False):
                 raise ValueError(f"NCCL needs CUDA tensors, got one on {getattr(t, 'device', type(t).__name__)}")
@@ -865,12 +869,13 @@ class Communicator:
         if len({t.dtype for t in tensors}) > 1:
             raise TypeError(f"tensors of different dtypes: {[str(t.dtype) for t in tensors]}")
 
-    def _dtype(self, t: Any) -> int:
+    def _dtype(self, t: torch.Tensor) -> int:
         torch = require_torch("Communicator")
         return _torch_dtype_code(torch, t.dtype)
 
     # ---- collectives (tensors)
-    def all_reduce(self, tensor: Any, op: Any = "sum", out: Any = None, stream: Any = None) -> Any:
+    def all_reduce(self, tensor: torch.Tensor, op: Any = "sum", out: Optional[torch.Tensor] = None,
+                   stream: Any = None) -> torch.Tensor:
         """Reduce ``tensor`` over ranks into ``out`` (default: in place); returns the result tensor."""
         out = tensor if out is None else out
         self._check(tensor, out)
@@ -880,14 +885,14 @@ class Communicator:
               self._dtype(tensor), _op_code(op), self._stream(stream))
         return out
 
-    def broadcast(self, tensor: Any, src: int = 0, stream: Any = None) -> Any:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, stream: Any = None) -> torch.Tensor:
         """Rank ``src``'s ``tensor`` into ``tensor`` on every rank (in place)."""
         self._check(tensor)
         _call(self._handle.broadcast, tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
               self._dtype(tensor), src, self._stream(stream))
         return tensor
 
-    def all_gather(self, output: Any, input: Any, stream: Any = None) -> Any:
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, stream: Any = None) -> torch.Tensor:
         """Every rank's ``input`` one after another into ``output`` (size * input.numel() elements)."""
         self._check(output, input)
         if output.numel() != input.numel() * self.size:
@@ -896,7 +901,8 @@ class Communicator:
               self._dtype(input), self._stream(stream))
         return output
 
-    def reduce_scatter(self, output: Any, input: Any, op: Any = "sum", stream: Any = None) -> Any:
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any = "sum",
+                       stream: Any = None) -> torch.Tensor:
         """Reduce ``input`` over ranks; rank r keeps block r in ``output`` (input.numel() / size elements)."""
         self._check(output, input)
         if input.numel() != output.numel() * self.size:
@@ -905,12 +911,12 @@ class Communicator:
               self._dtype(input), _op_code(op), self._stream(stream))
         return output
 
-    def send(self, tensor: Any, peer: int, stream: Any = None) -> None:
+    def send(self, tensor: torch.Tensor, peer: int, stream: Any = None) -> None:
         """Send ``tensor`` to rank ``peer`` (pair with its :meth:`recv`)."""
         self._check(tensor)
         _call(self._handle.send, tensor.data_ptr(), tensor.numel(), self._dtype(tensor), peer, self._stream(stream))
 
-    def recv(self, tensor: Any, peer: int, stream: Any = None) -> Any:
+    def recv(self, tensor: torch.Tensor, peer: int, stream: Any = None) -> torch.Tensor:
         """Receive into ``tensor`` from rank ``peer``."""
         self._check(tensor)
         _call(self._handle.recv, tensor.data_ptr(), tensor.numel(), self._dtype(tensor), peer, self._stream(stream))

@@ -74,13 +74,16 @@ import logging
 import math
 import operator
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from ._core import SamplerStateError
 from ._torch import optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PoolSampler",
@@ -662,7 +665,7 @@ class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
         loader = DataLoader(ds, batch_sampler=sampler.batches(256), collate_fn=collate_batch)
     """
 
-    def __init__(self, *tensors: Any) -> None:
+    def __init__(self, *tensors: Union[np.ndarray, torch.Tensor]) -> None:
         if not tensors:
             raise ValueError("IndexedTensorDataset needs at least one tensor")
         n = None

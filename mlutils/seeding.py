@@ -28,12 +28,15 @@ from __future__ import annotations
 import functools
 import random
 import sys
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ._torch import optional_torch
 from .sampler import BatchedOrderedSampler, _Base, _dataset_base, _int_arg, _seed_arg, _Sharded
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SeededItems", "Keyed", "seed_item"]
 
@@ -43,7 +46,7 @@ _KEYS_HELP = "give the DataLoader Keyed(sampler) or sampler.batches(n, keyed=Tru
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_generator() -> Any:
+def _torch_generator() -> Optional[torch.Generator]:
     """torch's default CPU generator, or None without torch (or with MLUTILS_NO_TORCH=1)."""
     torch = optional_torch()
     return None if torch is None else torch.default_generator

@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -35,6 +36,9 @@ from typing import (
 
 from . import _core
 from ._torch import loaded_torch, optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "truncate_json",
@@ -434,7 +438,7 @@ _DTYPE_ALIASES = {
 }
 
 
-def coerce_dtype(s: Any) -> Any:
+def coerce_dtype(s: Union[str, torch.dtype]) -> torch.dtype:
     """A torch dtype from a name ("float16", "bf16", "fp32", "int8", "torch.half", ...); dtypes pass through.
 
     Unknown names raise ValueError naming them (the original quietly gave
@@ -463,7 +467,7 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
-def tree_map(fn: Callable[[Any], Any], x: Any) -> Any:
+def tree_map(fn: Callable[[torch.Tensor], Any], x: Any) -> Any:
     """Apply ``fn`` to every tensor in nested lists, tuples and dicts; other leaves are kept.
 
     Containers keep their type: tuples stay tuples (the original returned a
@@ -512,7 +516,8 @@ class StateDictReport(NamedTuple):
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]  # (key, model shape, given shape)
 
 
-def load_state_dict_non_strict(model: Any, state_dict: Mapping[str, Any], logger: Optional[Callable[[str], Any]] = None) -> StateDictReport:
+def load_state_dict_non_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                               logger: Optional[Callable[[str], Any]] = None) -> StateDictReport:
     """Load the entries of ``state_dict`` whose key exists in ``model`` with the same shape.
 
     Returns a :class:`StateDictReport`; missing, unexpected and mismatched keys
@@ -544,13 +549,13 @@ def load_state_dict_non_strict(model: Any, state_dict: Mapping[str, Any], logger
     return report
 
 
-def _named_modules_with(module: Any, attrname: str) -> Iterable[Tuple[str, Any]]:
+def _named_modules_with(module: torch.nn.Module, attrname: str) -> Iterable[Tuple[str, torch.nn.Module]]:
     for name, m in module.named_modules():
         if hasattr(m, attrname):
             yield name, m
 
 
-def gather_attribute(module: Any, attrname: str, delete: bool = True, prefix: bool = True) -> Dict[str, Any]:
+def gather_attribute(module: torch.nn.Module, attrname: str, delete: bool = True, prefix: bool = True) -> Dict[str, Any]:
     """Collect ``attrname`` from every submodule that has it, as ``{"attr.sub.name": value}``.
 
     Keys are the submodule names (prefixed with ``attrname`` when ``prefix``;
@@ -575,14 +580,15 @@ def gather_attribute(module: Any, attrname: str, delete: bool = True, prefix: bo
     return ret
 
 
-def dispatch_attribute(module: Any, attrname: str, value: Any, filter_fn: Optional[Callable[[Any], bool]] = None) -> None:
+def dispatch_attribute(module: torch.nn.Module, attrname: str, value: Any,
+                       filter_fn: Optional[Callable[[torch.nn.Module], bool]] = None) -> None:
     """Set ``attrname`` to ``value`` on every submodule that already has it (and passes ``filter_fn``)."""
     for _, m in list(_named_modules_with(module, attrname)):
         if filter_fn is None or filter_fn(m):
             setattr(m, attrname, value)
 
 
-def resize_weight(weight: Any, target: int, dim: int = 0, random: bool = True) -> Any:
+def resize_weight(weight: torch.Tensor, target: int, dim: int = 0, random: bool = True) -> torch.Tensor:
     """``weight`` trimmed or extended to ``target`` entries along ``dim`` (a new tensor when it changes).
 
     New entries are drawn from a normal distribution with the mean and standard
@@ -643,7 +649,7 @@ def _cpu_memory() -> Tuple[int, int]:
         raise OSError("get_device_properties: cannot read the host's memory size") from None
 
 
-def get_device_properties(device: Any) -> Dict[str, Any]:
+def get_device_properties(device: Union[str, torch.device]) -> Dict[str, Any]:
     """``{"name", "total", "free", "props"}`` for a device name: bytes of memory in all and free now."""
     name = str(device)
     if name.startswith("cuda"):
@@ -659,11 +665,11 @@ def get_device_properties(device: Any) -> Dict[str, Any]:
     raise ValueError(f"get_device_properties: unsupported device {name!r} (cuda:N or cpu)")
 
 
-def _tensor_bytes(t: Any) -> int:
+def _tensor_bytes(t: torch.Tensor) -> int:
     return int(t.nelement()) * int(t.element_size())
 
 
-def get_module_size(module: Any, recurse: bool = True) -> int:
+def get_module_size(module: torch.nn.Module, recurse: bool = True) -> int:
     """Bytes held by a module's parameters and buffers (each shared tensor counted once)."""
     seen = set()
     size = 0
@@ -713,7 +719,7 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} bytes ({n / (1 << 20):.2f} MiB)"
 
 
-def _placement_units(module: Any, policy: Mapping[str, Any]) -> List[Tuple[str, int]]:
+def _placement_units(module: torch.nn.Module, policy: Mapping[str, Any]) -> List[Tuple[str, int]]:
     """(name, bytes) of the modules to place, in model order.
 
     A unit is a leaf module, or a parent's own parameters and buffers (moved
@@ -729,7 +735,7 @@ def _placement_units(module: Any, policy: Mapping[str, Any]) -> List[Tuple[str, 
     return units
 
 
-def get_model_offload_policy(module: Any, policy: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+def get_model_offload_policy(module: torch.nn.Module, policy: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
     """Assign a model's leaf modules to devices within memory budgets; the devices that got modules.
 
     ``policy`` keys (all optional):
@@ -821,14 +827,14 @@ def get_model_offload_policy(module: Any, policy: Optional[Mapping[str, Any]] = 
     return [dev for dev in devices if dev["modules"]]
 
 
-def _move_tensors(x: Any, device: Any) -> Any:
+def _move_tensors(x: Any, device: Union[str, torch.device]) -> Any:
     return tree_map(lambda t: t.to(device), x)
 
 
-def _first_tensor_device(x: Any) -> Any:
-    found: List[Any] = []
+def _first_tensor_device(x: Any) -> Optional[torch.device]:
+    found: List[torch.device] = []
 
-    def grab(t: Any) -> Any:
+    def grab(t: torch.Tensor) -> torch.Tensor:
         if not found:
             found.append(t.device)
         return t
@@ -837,7 +843,7 @@ def _first_tensor_device(x: Any) -> Any:
     return found[0] if found else None
 
 
-def offload_model(model: Any, policy: Optional[Mapping[str, Any]] = None) -> Any:
+def offload_model(model: torch.nn.Module, policy: Optional[Mapping[str, Any]] = None) -> torch.nn.Module:
     """Move a model's modules to the devices :func:`get_model_offload_policy` picks; returns the model.
 
     Each placed module gets hooks that move its tensor inputs to its device
@@ -863,11 +869,11 @@ def offload_model(model: Any, policy: Optional[Mapping[str, Any]] = None) -> Any
         else:
             m._apply(lambda t, device=device: t.to(device), recurse=False)
 
-        def pre_hook(mod: Any, args: Any, kwargs: Any, device: str = device) -> Any:
+        def pre_hook(mod: torch.nn.Module, args: Any, kwargs: Any, device: str = device) -> Any:
             mod._mlutils_input_device = _first_tensor_device((args, kwargs))
             return _move_tensors(args, device), _move_tensors(kwargs, device)
 
-        def post_hook(mod: Any, args: Any, output: Any) -> Any:
+        def post_hook(mod: torch.nn.Module, args: Any, output: Any) -> Any:
             back = getattr(mod, "_mlutils_input_device", None)
             return output if back is None else _move_tensors(output, back)
 
