@@ -32,6 +32,7 @@ import os
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, Union
 
 from . import _core
+from ._checks import check_durable
 from ._torch import loaded_torch, require_torch
 
 if TYPE_CHECKING:
@@ -142,8 +143,7 @@ def save(obj: Any, path: PathLike, *, durable: bool = True, _zip64_limit: int = 
     folder after it, so the save survives a power loss; ``durable=False``
     skips both (still atomic: a crash leaves the old file or the new one).
     """
-    if not isinstance(durable, bool):  # "no" would read as true
-        raise TypeError(f"save: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "save")
     fspath = os.fspath(path)  # an OSError names the file as given, as open() does
     _write(obj, fspath, archive_name(fspath), _zip64_limit, durable)
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple
 import numpy as np
 
 from . import _core
+from ._checks import check_durable
 from ._core import SafetensorsError
 from ._torch import TorchNotInstalledError, loaded_torch, require_torch
 
@@ -394,8 +395,7 @@ def save_file(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[
     that covers the whole storage, as ``safetensors.torch.save_model`` does)
     and each dropped name is recorded in the metadata as ``{dropped: kept}``.
     """
-    if not isinstance(durable, bool):
-        raise TypeError(f"save_file: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "save_file")
     entries, meta = _entries(tensors, metadata, dedupe)
     _core.st_serialize(entries, meta, os.fspath(path), durable=durable)
 

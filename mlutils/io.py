@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from . import _core
+from ._checks import check_durable
 from ._safetensors import NUMPY_INSTEAD, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
 from ._torch import TorchNotInstalledError, require_torch
 
@@ -67,8 +68,7 @@ def json_write(data: Any, path: PathLike, *, durable: bool = True, **kwargs: Any
     the old file or the new one, never half of one.  ``durable`` (the default)
     also flushes it to disk before the rename (and the folder after), so the
     write survives a power loss; ``durable=False`` skips those fsyncs."""
-    if not isinstance(durable, bool):
-        raise TypeError(f"json_write: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "json_write")
     kwargs.pop("raw", None)
     text = _core.json_dumps(data, raw=True, **kwargs)
     _core.write_file_atomic(os.fspath(path), text, durable=durable)
@@ -175,8 +175,7 @@ def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None, *, d
     folder after) and survive a power loss, and ``durable=False`` skips the
     fsyncs for about the speed of ``torch.save`` / ``safetensors``.
     """
-    if not isinstance(durable, bool):
-        raise TypeError(f"torch_save: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "torch_save")
     path = os.fspath(path)
     format_for(path).save(data, path, module_key=module_key, durable=durable)
 
