@@ -34,8 +34,8 @@ from typing import (
     Union,
 )
 
-from . import _core
-from ._torch import loaded_torch, optional_torch, require_torch
+from .. import _core
+from .._torch import loaded_torch, optional_torch, require_torch
 
 if TYPE_CHECKING:
     import torch
