@@ -1,4 +1,4 @@
-"""Benchmark of mlutils.pattern against tests/ref_pattern.py, the reference written out from its documented behaviour.
+"""Benchmark of mlutils.pattern against reference/ref_pattern.py, the reference written out from its documented behaviour.
 
 Run: python3 bench/bench_pattern.py [--repeat 5] [--quick]   (markdown table of ratios measured in this run)
 
@@ -16,11 +16,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))  # ref_pattern
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # mlutils, reference/
 
-import ref_pattern as R  # noqa: E402
 import _harness as H  # noqa: E402
+from reference import ref_pattern as R  # noqa: E402
 from mlutils import pattern as P  # noqa: E402
 
 K = 8
@@ -103,7 +102,7 @@ def main():
     rows = construction_rows(args.repeat, args.quick) + gather_rows(args.repeat)
     H.table(["case", "reference", "mlutils", "speed-up"],
             [(name, H.cell(ref), H.cell(ours), H.ratio(ref, ours)) for name, ref, ours in rows],
-            f"torch {torch.__version__}, 1 thread; reference = tests/ref_pattern.py", repeat=args.repeat)
+            f"torch {torch.__version__}, 1 thread; reference = reference/ref_pattern.py", repeat=args.repeat)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ Run: python3 bench/bench_pattern_cuda.py   (exits 0 with a message when there is
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))  # ref_pattern
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # mlutils, reference/
 
 
 def main() -> int:
@@ -25,7 +24,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("torch sees no CUDA device: nothing to measure")
         return 0
-    import ref_pattern as R
+    from reference import ref_pattern as R
 
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)

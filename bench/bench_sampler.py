@@ -2,7 +2,7 @@
 
 Run: python3 bench/bench_sampler.py [--repeat 5] [--items 1000000]
 
-Peers: the original samplers (tests/seed_sampler.py; the pool's list.remove
+Peers: the original samplers (reference/seed_sampler.py; the pool's list.remove
 is quadratic), the fair O(n) ways to draw a permutation (numpy's and torch's),
 torch's RandomSampler / DistributedSampler, and an end-to-end epoch of a torch
 DataLoader (workers 0 and 2, batch_size 256) over a tensor dataset.  Every
@@ -18,13 +18,12 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # seed_sampler: the original samplers
+sys.path.insert(0, os.path.dirname(HERE))  # the repository: mlutils built in place, reference/
 
 import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
-import seed_sampler  # noqa: E402
+from reference import seed_sampler  # noqa: E402  (the original samplers)
 from mlutils.sampler import IndexedTensorDataset, PoolSampler, RandomSampler, collate_batch  # noqa: E402
 
 try:

@@ -2,6 +2,8 @@
 
 ``import mlutils`` never needs a GPU, a driver or PyTorch.
 """
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._version import __version__
 from . import _core
 from ._core import (
@@ -13,11 +15,14 @@ from ._core import (
     TorchFormatError,
     UnsafePickleError,
 )
+from ._torch import TorchNotInstalledError
 
 __all__ = [
     "__version__",
     "features",
     "cuda_available",
+    "cuda_status",
+    # every exception mlutils raises derives from MlutilsError and a builtin
     "MlutilsError",
     "JSONDecodeError",
     "SafetensorsError",
@@ -25,7 +30,44 @@ __all__ = [
     "UnsafePickleError",
     "SamplerStateError",
     "PatternError",
+    "TorchNotInstalledError",
+    "DistributedError",
+    "DistributedTimeoutError",
+    "NcclUnavailableError",
+    "CheckpointError",
+    "OffloadPoolFullError",
 ]
+
+# Exceptions defined in modules that `import mlutils` does not load (they cost
+# imports, socket and the training loop's among them): loaded on first access.
+_LAZY = {
+    "DistributedError": "distributed",
+    "DistributedTimeoutError": "distributed",
+    "NcclUnavailableError": "distributed",
+    "CheckpointError": "train",
+    "OffloadPoolFullError": "offload",
+}
+
+if _TYPE_CHECKING:
+    from .distributed import DistributedError, DistributedTimeoutError, NcclUnavailableError
+    from .offload import OffloadPoolFullError
+    from .train import CheckpointError
+
+
+def __getattr__(name: str) -> object:
+    """The exceptions of :data:`_LAZY`, imported from their module when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
 
 if _core.__version__ != __version__:  # pragma: no cover - a stale build
     raise ImportError(

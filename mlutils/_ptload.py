@@ -26,12 +26,17 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, NamedTuple, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Union
 
 import numpy as np
 
 from . import _core
 from ._core import TorchFormatError, UnsafePickleError
+from ._torch import optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["load", "load_unsafe", "read_index", "verify", "TorchFormatError", "UnsafePickleError"]
 
@@ -109,7 +114,7 @@ class _NumpyHooks:
 class _TorchHooks:
     """Builds torch values: one uint8 tensor per storage, tensors are strided views of it."""
 
-    def __init__(self, torch: Any, device: str) -> None:
+    def __init__(self, torch: ModuleType, device: str) -> None:
         self.torch = torch
         self.device = torch.device(device)
         self.bases: dict[str, Any] = {}
@@ -141,20 +146,12 @@ class _TorchHooks:
             raise TorchFormatError(f"tensor over storage {key!r}: {e}") from e
         return t
 
-    def dtype(self, name: str) -> Any:
+    def dtype(self, name: str) -> torch.dtype:
         return getattr(self.torch, name)
 
-    def make_device(self, *, type: str, index: Any) -> Any:  # noqa: A002 (torch.device's own name)
+    def make_device(self, *, type: str, index: Any) -> torch.device:  # noqa: A002 (torch.device's own name)
         # torch.device("cuda:1") parses the index out of type; given index=None it refuses that
         return self.torch.device(type) if index is None else self.torch.device(type, index)
-
-
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
 
 
 def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bool = True) -> Any:
@@ -166,7 +163,7 @@ def load(path: PathLike, device: str = "cpu", framework: str = "pt", *, mmap: bo
     if framework not in ("pt", "np"):
         raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
     mode = "mmap" if mmap else "copy"
-    torch = _import_torch() if framework == "pt" else None
+    torch = optional_torch() if framework == "pt" else None
     if torch is None:
         if framework == "pt":
             log.info("torch is not installed: loading %s as NumPy arrays", path)
@@ -182,8 +179,7 @@ def load_unsafe(path: PathLike, device: str = "cpu") -> Any:
         f"load_unsafe({os.fspath(path)!r}) runs torch.load(weights_only=False): the file can execute arbitrary code",
         stacklevel=2,
     )
-    import torch
-
+    torch = require_torch("load_unsafe")
     return torch.load(os.fspath(path), map_location=device, weights_only=False)
 
 
@@ -201,7 +197,7 @@ class _IndexedTensor(_TensorInfo):
     verify() refuses exactly what a load would refuse."""
 
     def __setattr__(self, attr: str, value: Any) -> None:
-        torch = _import_torch()
+        torch = optional_torch()
         if torch is not None:
             rg, is_param = self.__dict__.get("_flags", (0, 0))
             probe = torch.empty(0, dtype=getattr(torch, self.dtype))

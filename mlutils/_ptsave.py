@@ -29,10 +29,14 @@ tests/test_ptsave_compat.py with an emulation of those readers.
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, Union
 
 from . import _core
+from ._checks import check_durable
+from ._torch import loaded_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["save", "save_bytes"]
 
@@ -72,9 +76,9 @@ class _StorageBytes(NamedTuple):
     nbytes: int
 
 
-def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
+def _describe(t: torch.Tensor) -> Union[_TensorDescription, _ParameterDescription]:
     """How the C writer should pickle torch tensor ``t`` (what torch.save records)."""
-    import torch
+    torch = require_torch("saving torch tensors")
 
     if isinstance(t, torch.nn.Parameter):
         if type(t) is not torch.nn.Parameter or torch._utils._get_obj_state(t):
@@ -98,7 +102,7 @@ def _describe(t: Any) -> Union[_TensorDescription, _ParameterDescription]:
         storage_id=storage._cdata, storage=storage, nbytes=storage.nbytes(), metadata=metadata)
 
 
-def _storage_bytes(storage: Any) -> _StorageBytes:
+def _storage_bytes(storage: torch.UntypedStorage) -> _StorageBytes:
     """Where the bytes of ``storage`` are on the CPU (copied there first if need be)."""
     if storage.device.type != "cpu":
         storage = storage.cpu()
@@ -107,7 +111,7 @@ def _storage_bytes(storage: Any) -> _StorageBytes:
 
 def _tensor_type() -> Optional[type]:
     # Without torch imported there can be no torch tensor in the object.
-    torch = sys.modules.get("torch")
+    torch = loaded_torch()
     return getattr(torch, "Tensor", None) if torch is not None else None
 
 
@@ -139,8 +143,7 @@ def save(obj: Any, path: PathLike, *, durable: bool = True, _zip64_limit: int = 
     folder after it, so the save survives a power loss; ``durable=False``
     skips both (still atomic: a crash leaves the old file or the new one).
     """
-    if not isinstance(durable, bool):  # "no" would read as true
-        raise TypeError(f"save: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "save")
     fspath = os.fspath(path)  # an OSError names the file as given, as open() does
     _write(obj, fspath, archive_name(fspath), _zip64_limit, durable)
 

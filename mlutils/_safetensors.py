@@ -38,12 +38,17 @@ import logging
 import operator
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
+from ._checks import check_durable
 from ._core import SafetensorsError
+from ._torch import TorchNotInstalledError, loaded_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "RawTensor",
@@ -61,6 +66,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: What save_file takes for each name: a NumPy array, a torch tensor or a RawTensor.
+Tensor = Union[np.ndarray, "torch.Tensor", "RawTensor"]
 
 # The dtype table lives in C (csrc/core/safetensors.c, joined with the torch
 # dtype table of csrc/core/torch_dtypes.c); every map here is built from it.
@@ -119,20 +126,8 @@ def _np_dtypes() -> Tuple[Dict[str, np.dtype], Dict[np.dtype, str]]:
     return _np_table_cache, _np_code_cache
 
 
-class TorchNotInstalledError(ModuleNotFoundError):
-    """torch tensors were asked for (``framework="pt"``) but torch cannot be
-    imported; ``framework="np"`` gives numpy arrays without it."""
-
-
-def require_torch(what: str) -> Any:
-    """The torch module, or :class:`TorchNotInstalledError` saying what needed it."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise TorchNotInstalledError(
-            f"{what} returns torch tensors, and torch is not installed ({exc}): install torch, "
-            "or pass framework='np' for numpy arrays", name="torch") from exc
-    return torch
+#: What to do instead when torch tensors were asked for without torch.
+NUMPY_INSTEAD = "pass framework='np' for numpy arrays"
 
 
 def _framework(framework: str) -> str:
@@ -146,11 +141,11 @@ def _framework(framework: str) -> str:
 # ---------------------------------------------------------------- writing
 
 def _is_torch_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    torch = loaded_torch()  # no tensor can exist unless torch was imported
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_bounds(t: Any, esize: int) -> Tuple[int, int]:
+def _torch_bounds(t: torch.Tensor, esize: int) -> Tuple[int, int]:
     """[start, stop) bytes a torch tensor touches."""
     if t.numel() == 0:
         return t.data_ptr(), t.data_ptr()
@@ -210,8 +205,8 @@ def _areas(tensors: Mapping[str, Any]) -> Dict[Any, List[_Area]]:
     return groups
 
 
-def _torch_strided() -> Any:
-    import torch
+def _torch_strided() -> torch.layout:
+    torch = require_torch("saving torch tensors")
 
     return torch.strided
 
@@ -292,8 +287,8 @@ def _np_entry(name: str, a: np.ndarray, codes: Dict[np.dtype, str]) -> _Entry:
     return _Entry(name=name, dtype=code, shape=shape, data=a.reshape(-1).view(np.uint8))
 
 
-def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
-    import torch
+def _torch_entry(name: str, t: torch.Tensor, codes: Dict[torch.dtype, str]) -> _Entry:
+    torch = require_torch("saving torch tensors")
 
     code = codes.get(t.dtype)
     if code is None:
@@ -315,8 +310,8 @@ def _torch_entry(name: str, t: Any, codes: Dict[Any, str]) -> _Entry:
     return _Entry(name=name, dtype=code, shape=shape, data=flat.numpy())
 
 
-def _torch_codes() -> Dict[Any, str]:
-    import torch
+def _torch_codes() -> Dict[torch.dtype, str]:
+    torch = require_torch("saving torch tensors")
 
     out = {}
     for code, tname in _TORCH_NAMES.items():
@@ -385,7 +380,7 @@ def _raw_shape(name: str, shape: Any) -> Tuple[int, ...]:
     return tuple(out)
 
 
-def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
+def save_file(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
               *, dedupe: bool = False, durable: bool = True) -> None:
     """Write ``tensors`` (NumPy arrays / torch tensors on any device) to
     ``path`` atomically, byte-identical to the ``safetensors`` library.
@@ -400,13 +395,12 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Map
     that covers the whole storage, as ``safetensors.torch.save_model`` does)
     and each dropped name is recorded in the metadata as ``{dropped: kept}``.
     """
-    if not isinstance(durable, bool):
-        raise TypeError(f"save_file: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "save_file")
     entries, meta = _entries(tensors, metadata, dedupe)
     _core.st_serialize(entries, meta, os.fspath(path), durable=durable)
 
 
-def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:
+def save(tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None, *, dedupe: bool = False) -> bytes:
     """The bytes :func:`save_file` would write."""
     entries, meta = _entries(tensors, metadata, dedupe)
     return _core.st_serialize(entries, meta)
@@ -414,8 +408,8 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = Non
 
 # ---------------------------------------------------------------- reading
 
-def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any:
-    import torch
+def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> torch.dtype:
+    torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 
     tname = _TORCH_NAMES.get(code)
     dt = getattr(torch, tname, None) if tname else None
@@ -425,9 +419,9 @@ def _torch_dtype(code: str, name: str, error: Callable[[str], Exception]) -> Any
 
 
 def _to_torch(arr: np.ndarray, code: str, shape: Tuple[int, ...], name: str, device: str,
-              error: Callable[[str], Exception]) -> Any:
+              error: Callable[[str], Exception]) -> torch.Tensor:
     """arr as a torch tensor of the file's dtype on device; error(text): the exception naming the file."""
-    import torch
+    torch = require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
 
     dt = _torch_dtype(code, name, error)
     if code == "F4" and (not shape or shape[-1] % 2):
@@ -449,7 +443,7 @@ class _Reader:
         self.map = m
         self.framework = _framework(framework)
         if self.framework == "pt":
-            require_torch("reading safetensors with framework='pt'")
+            require_torch("reading safetensors with framework='pt'", NUMPY_INSTEAD)
         self.device = str(device)
         if self.framework == "np" and self.device != "cpu":
             raise ValueError(f"NumPy arrays live on the CPU: device {device!r} needs framework='pt'")

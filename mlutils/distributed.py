@@ -42,12 +42,16 @@ import os
 import pickle
 import re
 import socket
-import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from ._core import MlutilsError
+from ._torch import loaded_torch, optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DistributedError",
@@ -238,7 +242,7 @@ def _launcher_env() -> _LauncherEnv:
 
 def _dist_if_initialized():
     """``torch.distributed`` when a default process group exists, else None (never imports torch)."""
-    if "torch" not in sys.modules or sys.modules["torch"] is None:
+    if loaded_torch() is None:
         return None
     try:
         import torch.distributed as dist
@@ -358,13 +362,9 @@ _STATE: Dict[str, Any] = {"ran": False, "backend": None}
 
 
 def _import_torch_dist(what: str):
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError as e:
-        raise ImportError(
-            f"{what} needs PyTorch with torch.distributed for {world_size()} processes: "
-            "pip install torch") from e
+    torch = require_torch(f"{what} (torch.distributed, for {world_size()} processes)")
+    import torch.distributed as dist
+
     if not dist.is_available():
         raise ImportError(f"{what}: this PyTorch build has no torch.distributed")
     return torch, dist
@@ -384,14 +384,14 @@ def _as_timedelta(timeout: Union[float, int, timedelta, None]) -> Optional[timed
     return timedelta(seconds=seconds)
 
 
-def _cuda_usable(torch) -> bool:
+def _cuda_usable(torch: ModuleType) -> bool:
     try:
         return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover - a broken driver counts as no CUDA
         return False
 
 
-def _set_device(torch) -> None:
+def _set_device(torch: ModuleType) -> None:
     if _cuda_usable(torch):
         count = torch.cuda.device_count()
         lr = local_rank()
@@ -422,10 +422,7 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
     if fn is not None:
         if not callable(fn):
             raise TypeError(f"init_distributed: fn must be callable, got {type(fn).__name__}")
-        try:
-            import torch
-        except ImportError:
-            torch = None
+        torch = optional_torch()
         if torch is not None:
             _set_device(torch)
         if td is not None:
@@ -498,7 +495,7 @@ def cleanup_distributed() -> None:
         _STATE["backend"] = None
 
 
-def ddp_model(model: Any, **kwargs: Any) -> Any:
+def ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """Wrap in DistributedDataParallel when initialised with more than one process, else return ``model``."""
     dist = _dist_if_initialized()
     if dist is None or dist.get_world_size() == 1:
@@ -515,9 +512,9 @@ def _on_cuda(dist, group: Any = None) -> bool:
     return backend == "nccl"
 
 
-def _device(dist, group: Any = None):
+def _device(dist, group: Any = None) -> torch.device:
     """Where the tensors of a collective over ``group`` live: the current CUDA device under NCCL, else the CPU."""
-    import torch
+    torch = require_torch("a collective")
 
     return torch.device("cuda", torch.cuda.current_device()) if _on_cuda(dist, group) else torch.device("cpu")
 
@@ -542,8 +539,7 @@ def barrier() -> None:
     if dist is None:
         return
     if _on_cuda(dist):
-        import torch
-
+        torch = require_torch("barrier")
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
@@ -573,7 +569,7 @@ def _broadcast_bytes(dist, produce: Callable[[], bytes], src: int, group: Any, w
     ("{what}: rank {src} {failure}: {error}"; on the source the exception is
     chained), and the group stays in step.
     """
-    import torch
+    torch = require_torch(what)
 
     device = _device(dist, group)
     is_src = dist.get_rank() == src
@@ -616,7 +612,7 @@ def _agree(dist, group: Any, error: Optional[BaseException], what: str, failure:
     The message names the lowest failing global rank ("{what}: {failure} on
     rank N"), with this rank's own error when it failed (chained).
     """
-    import torch
+    torch = require_torch(what)
 
     exc_type = exc_type or DistributedError
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -661,7 +657,7 @@ def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
     dist = _group_for(what)
     if dist is None:
         return bool(flag)
-    import torch
+    torch = require_torch(what)
 
     error: Optional[Exception] = None
     try:
@@ -748,7 +744,7 @@ def nccl_library() -> Tuple[str, int]:
     return lib.path, lib.version
 
 
-def _torch_dtype_code(torch, dtype) -> int:
+def _torch_dtype_code(torch: ModuleType, dtype: torch.dtype) -> int:
     name = str(dtype).replace("torch.", "")
     code = NCCL_DTYPES.get(name)
     if code is None:
@@ -833,13 +829,9 @@ class Communicator:
         td = _as_timedelta(timeout)
         nccl_library()
         device = None
-        try:
-            import torch
-
-            if _cuda_usable(torch):
-                device = torch.cuda.current_device()
-        except ImportError:
-            pass
+        torch = optional_torch()
+        if torch is not None and _cuda_usable(torch):
+            device = torch.cuda.current_device()
         handle = _call(_core.nccl_comm_init, size, uid, rank, td.total_seconds() if td else 0.0)
         return cls(handle, None if td is None else td.total_seconds(), device)
 
@@ -860,14 +852,13 @@ class Communicator:
     # ---- helpers
     def _stream(self, stream: Any) -> int:
         if stream is None:
-            import torch
-
+            torch = require_torch("Communicator")
             return int(torch.cuda.current_stream().cuda_stream)
         if isinstance(stream, int):
             return stream
         return int(stream.cuda_stream)
 
-    def _check(self, *tensors: Any) -> None:
+    def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
             if not getattr(t, "is_cuda", False):
                 raise ValueError(f"NCCL needs CUDA tensors, got one on {getattr(t, 'device', type(t).__name__)}")
@@ -878,13 +869,13 @@ class Communicator:
         if len({t.dtype for t in tensors}) > 1:
             raise TypeError(f"tensors of different dtypes: {[str(t.dtype) for t in tensors]}")
 
-    def _dtype(self, t: Any) -> int:
-        import torch
-
+    def _dtype(self, t: torch.Tensor) -> int:
+        torch = require_torch("Communicator")
         return _torch_dtype_code(torch, t.dtype)
 
     # ---- collectives (tensors)
-    def all_reduce(self, tensor: Any, op: Any = "sum", out: Any = None, stream: Any = None) -> Any:
+    def all_reduce(self, tensor: torch.Tensor, op: Any = "sum", out: Optional[torch.Tensor] = None,
+                   stream: Any = None) -> torch.Tensor:
         """Reduce ``tensor`` over ranks into ``out`` (default: in place); returns the result tensor."""
         out = tensor if out is None else out
         self._check(tensor, out)
@@ -894,14 +885,14 @@ class Communicator:
               self._dtype(tensor), _op_code(op), self._stream(stream))
         return out
 
-    def broadcast(self, tensor: Any, src: int = 0, stream: Any = None) -> Any:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, stream: Any = None) -> torch.Tensor:
         """Rank ``src``'s ``tensor`` into ``tensor`` on every rank (in place)."""
         self._check(tensor)
         _call(self._handle.broadcast, tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
               self._dtype(tensor), src, self._stream(stream))
         return tensor
 
-    def all_gather(self, output: Any, input: Any, stream: Any = None) -> Any:
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, stream: Any = None) -> torch.Tensor:
         """Every rank's ``input`` one after another into ``output`` (size * input.numel() elements)."""
         self._check(output, input)
         if output.numel() != input.numel() * self.size:
@@ -910,7 +901,8 @@ class Communicator:
               self._dtype(input), self._stream(stream))
         return output
 
-    def reduce_scatter(self, output: Any, input: Any, op: Any = "sum", stream: Any = None) -> Any:
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any = "sum",
+                       stream: Any = None) -> torch.Tensor:
         """Reduce ``input`` over ranks; rank r keeps block r in ``output`` (input.numel() / size elements)."""
         self._check(output, input)
         if input.numel() != output.numel() * self.size:
@@ -919,12 +911,12 @@ class Communicator:
               self._dtype(input), _op_code(op), self._stream(stream))
         return output
 
-    def send(self, tensor: Any, peer: int, stream: Any = None) -> None:
+    def send(self, tensor: torch.Tensor, peer: int, stream: Any = None) -> None:
         """Send ``tensor`` to rank ``peer`` (pair with its :meth:`recv`)."""
         self._check(tensor)
         _call(self._handle.send, tensor.data_ptr(), tensor.numel(), self._dtype(tensor), peer, self._stream(stream))
 
-    def recv(self, tensor: Any, peer: int, stream: Any = None) -> Any:
+    def recv(self, tensor: torch.Tensor, peer: int, stream: Any = None) -> torch.Tensor:
         """Receive into ``tensor`` from rank ``peer``."""
         self._check(tensor)
         _call(self._handle.recv, tensor.data_ptr(), tensor.numel(), self._dtype(tensor), peer, self._stream(stream))
@@ -939,7 +931,7 @@ class Communicator:
 
     def barrier(self, stream: Any = None) -> None:
         """All ranks meet: a one-element all_reduce, then wait for it."""
-        import torch
+        torch = require_torch("Communicator.barrier")
 
         t = torch.zeros(1, dtype=torch.float32, device=torch.device("cuda", self.device or 0))
         self.all_reduce(t, stream=stream)
@@ -947,7 +939,7 @@ class Communicator:
 
     def synchronize(self, stream: Any = None, timeout: Union[float, timedelta, None] = None) -> None:
         """Wait for the work queued on ``stream``; with a timeout (or the communicator's), poll and abort when late."""
-        import torch
+        torch = require_torch("Communicator.synchronize")
 
         td = _as_timedelta(timeout)
         limit = td.total_seconds() if td is not None else self.timeout

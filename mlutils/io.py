@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from . import _core
-from ._safetensors import TorchNotInstalledError, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
+from ._checks import check_durable
+from ._safetensors import NUMPY_INSTEAD, load_file, safe_open, save_file  # noqa: F401  (the safetensors library's names)
+from ._torch import TorchNotInstalledError, require_torch
 
 __all__ = ["json_stringify", "json_parse", "json_read", "json_write", "torch_save", "torch_load",
            "is_safetensors_path", "Format", "FORMATS", "format_for", "safe_open", "save_file", "load_file", "TorchNotInstalledError"]
@@ -75,8 +77,7 @@ def json_write(data: Any, path: PathLike, *, durable: bool = True, **kwargs: Any
     the old file or the new one, never half of one.  ``durable`` (the default)
     also flushes it to disk before the rename (and the folder after), so the
     write survives a power loss; ``durable=False`` skips those fsyncs."""
-    if not isinstance(durable, bool):
-        raise TypeError(f"json_write: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "json_write")
     kwargs.pop("raw", None)
     text = _core.json_dumps(data, raw=True, **kwargs)
     _core.write_file_atomic(os.fspath(path), text, durable=durable)
@@ -183,8 +184,7 @@ def torch_save(data: Any, path: PathLike, module_key: Optional[str] = None, *, d
     folder after) and survive a power loss, and ``durable=False`` skips the
     fsyncs for about the speed of ``torch.save`` / ``safetensors``.
     """
-    if not isinstance(durable, bool):
-        raise TypeError(f"torch_save: durable must be True or False, not {type(durable).__name__} {durable!r}")
+    check_durable(durable, "torch_save")
     path = os.fspath(path)
     format_for(path).save(data, path, module_key=module_key, durable=durable)
 
@@ -229,7 +229,7 @@ def torch_load(
     path = os.fspath(path)
     fw = _safetensors._framework(framework)
     if fw == "pt":
-        _safetensors.require_torch("torch_load(framework='pt')")
+        require_torch("torch_load(framework='pt')", NUMPY_INSTEAD)
     fmt = format_for(path)
     if unflatten and not fmt.flat:
         raise ValueError(f"torch_load: unflatten=True applies to flat formats (safetensors), not {fmt.name}: "
@@ -412,10 +412,10 @@ def _pt_save(data: Any, path: str, module_key: Optional[str] = None, **kwargs: A
 
 def _pt_load(path: str, device: str, framework: str, unsafe: bool, load_metadata: bool,
              module_key: str) -> Any:
-    from . import _ptload, _safetensors
+    from . import _ptload
 
     if unsafe:
-        _safetensors.require_torch("torch_load(unsafe=True)")
+        require_torch("torch_load(unsafe=True)")
         return _ptload.load_unsafe(path, device=device)
     return _ptload.load(path, device=device, framework=framework)
 

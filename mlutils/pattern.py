@@ -26,6 +26,13 @@ import numpy as np
 
 from . import _core
 from ._core import PatternError
+from ._torch import loaded_torch
+
+if tp.TYPE_CHECKING:
+    import torch
+
+#: What the pattern methods take and give: a NumPy array or a torch tensor.
+_Array = tp.Union[np.ndarray, "torch.Tensor"]
 
 __all__ = [
     "LayoutCoord",
@@ -48,15 +55,8 @@ PatternLayout = tp.List[tp.List[LayoutCoord]]
 _CACHE_SIZE = 100  # tables kept per pattern, as the reference's lru_cache(100)
 
 
-def _torch_module() -> tp.Any:
-    """The torch module when it is already imported (arrays of torch need it), else None."""
-    import sys
-
-    return sys.modules.get("torch")
-
-
 def _is_torch(x: tp.Any) -> bool:
-    torch = _torch_module()
+    torch = loaded_torch()
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -79,11 +79,11 @@ class _Tables:
         self.n_in = n_in
         self.torch: dict = {}
 
-    def for_torch(self, device: tp.Any) -> tuple:
+    def for_torch(self, device: torch.device) -> tuple:
         key = str(device)
         pair = self.torch.get(key)
         if pair is None:
-            torch = _torch_module()
+            torch = loaded_torch()
             idx = torch.from_numpy(self.indexes)
             mask = torch.from_numpy(self.mask)
             if key != "cpu":
@@ -95,12 +95,12 @@ class _Tables:
 _special_cache: dict = {}
 
 
-def _special_torch(src_dtype: tp.Any, special: tp.Any) -> tuple:
+def _special_torch(src_dtype: torch.dtype, special: tp.Any) -> tuple:
     """(result dtype, bytes of one element) of ``zeros(dtype) + special``, as the reference appends it."""
     key = (src_dtype, type(special), _special_key(special))
     hit = _special_cache.get(key)
     if hit is None:
-        torch = _torch_module()
+        torch = loaded_torch()
         v = torch.zeros(1, dtype=src_dtype) + special
         hit = (v.dtype, v.view(torch.uint8).numpy().tobytes())
         if len(_special_cache) > 256:
@@ -137,12 +137,12 @@ def _check_special(special: tp.Any) -> tp.Any:
     raise TypeError(f"special_token must be an int or a float, got {type(special).__name__}")
 
 
-def _dispatch(x: tp.Any) -> str:
+def _dispatch(x: _Array) -> str:
     """Which gather serves x: 'numpy', 'cpu' (torch, C), 'cuda' (torch, kernel) or 'torch' (torch indexing)."""
     if isinstance(x, np.ndarray):
         return "numpy"
     if _is_torch(x):
-        torch = _torch_module()
+        torch = loaded_torch()
         if x.requires_grad and torch.is_grad_enabled():
             return "torch"  # keep autograd: the reference's own indexing
         if x.device.type == "cpu":
@@ -153,7 +153,7 @@ def _dispatch(x: tp.Any) -> str:
     raise TypeError(f"expected a numpy array or a torch tensor, got {type(x).__name__}")
 
 
-def _gather(x: tp.Any, tab: _Tables, special: tp.Any, outer_shape: tuple, out_tail: tuple) -> tp.Any:
+def _gather(x: _Array, tab: _Tables, special: tp.Any, outer_shape: tuple, out_tail: tuple) -> _Array:
     """values[..., j] = x_flat[..., idx[j]] (special where idx[j] == n_in), shaped outer_shape + out_tail."""
     path = _dispatch(x)
     outer = 1
@@ -168,7 +168,7 @@ def _gather(x: tp.Any, tab: _Tables, special: tp.Any, outer_shape: tuple, out_ta
         _core.pattern_gather(tab.runs, src.reshape(-1).view(np.uint8), outer, n_in, n_out, spec,
                              out.reshape(-1).view(np.uint8))
         return out
-    torch = _torch_module()
+    torch = loaded_torch()
     if path == "torch":
         idx, _ = tab.for_torch(x.device)
         flat = x.reshape(outer_shape + (-1,))
@@ -316,12 +316,12 @@ class Pattern:
             self._cache.popitem(last=False)
         return tab
 
-    def _pair(self, x: tp.Any, tab: _Tables) -> tuple:
+    def _pair(self, x: _Array, tab: _Tables) -> tuple:
         if isinstance(x, np.ndarray):
             return tab.indexes, tab.mask
         return tab.for_torch(x.device)
 
-    def build_pattern_sequence(self, z: tp.Any, special_token: tp.Union[int, float],
+    def build_pattern_sequence(self, z: _Array, special_token: tp.Union[int, float],
                                keep_only_valid_steps: bool = False) -> tuple:
         """z [B, K, T] -> (values [B, K, S], indexes [K, S], mask [K, S]); unfilled positions hold special_token."""
         B, K, T = _shape(z, 3, "z")
@@ -331,7 +331,7 @@ class Pattern:
         values = _gather(z, tab, special_token, (B,), (K, S))
         return (values,) + self._pair(z, tab)
 
-    def revert_pattern_sequence(self, s: tp.Any, special_token: tp.Union[int, float],
+    def revert_pattern_sequence(self, s: _Array, special_token: tp.Union[int, float],
                                 keep_only_valid_steps: bool = False) -> tuple:
         """s [B, K, S] -> (values [B, K, T], indexes [K, T], mask [K, T]), T = timesteps."""
         B, K, S = _shape(s, 3, "s")
@@ -340,7 +340,7 @@ class Pattern:
         values = _gather(s, tab, special_token, (B,), (K, self.timesteps))
         return (values,) + self._pair(s, tab)
 
-    def revert_pattern_logits(self, logits: tp.Any, special_token: tp.Union[int, float],
+    def revert_pattern_logits(self, logits: _Array, special_token: tp.Union[int, float],
                               keep_only_valid_steps: bool = False) -> tuple:
         """logits [B, card, K, S] -> (values [B, card, K, T], indexes [K, T], mask [K, T]), model-output aligned."""
         B, card, K, S = _shape(logits, 4, "logits")

@@ -74,12 +74,16 @@ import logging
 import math
 import operator
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from ._core import SamplerStateError
+from ._torch import optional_torch, require_torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PoolSampler",
@@ -104,12 +108,10 @@ _STREAMS = {"OrderedSampler": 0, "RandomSampler": 1, "PoolSampler": 2, "BatchedO
 
 def _sampler_base() -> type:
     """torch.utils.data.Sampler when torch is importable (and MLUTILS_NO_TORCH != 1), else object."""
-    if os.environ.get("MLUTILS_NO_TORCH") == "1":
+    if optional_torch() is None:
         return object
-    try:
-        from torch.utils.data import Sampler
-    except ImportError:
-        return object
+    from torch.utils.data import Sampler
+
     return Sampler
 
 
@@ -642,12 +644,11 @@ class Batches:
 
 
 def _dataset_base() -> type:
-    if os.environ.get("MLUTILS_NO_TORCH") == "1":
+    """torch.utils.data.Dataset when torch is importable (and MLUTILS_NO_TORCH != 1), else object."""
+    if optional_torch() is None:
         return object
-    try:
-        from torch.utils.data import Dataset
-    except ImportError:
-        return object
+    from torch.utils.data import Dataset
+
     return Dataset
 
 
@@ -664,7 +665,7 @@ class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
         loader = DataLoader(ds, batch_sampler=sampler.batches(256), collate_fn=collate_batch)
     """
 
-    def __init__(self, *tensors: Any) -> None:
+    def __init__(self, *tensors: Union[np.ndarray, torch.Tensor]) -> None:
         if not tensors:
             raise ValueError("IndexedTensorDataset needs at least one tensor")
         n = None
@@ -699,7 +700,7 @@ class IndexedTensorDataset(_dataset_base()):  # type: ignore[misc]
             if isinstance(t, np.ndarray):
                 out.append(np.take(t, idx, axis=0))
             else:
-                import torch
+                torch = require_torch("IndexedTensorDataset of torch tensors")
                 if tidx is None:
                     tidx = torch.from_numpy(idx)
                 # index_select gathers whole rows: about 3x faster than t[tidx] (advanced indexing)

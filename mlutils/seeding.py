@@ -26,14 +26,17 @@ same Mersenne Twister) never share a key.
 from __future__ import annotations
 
 import functools
-import os
 import random
 import sys
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ._torch import optional_torch
 from .sampler import BatchedOrderedSampler, _Base, _dataset_base, _int_arg, _seed_arg, _Sharded
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SeededItems", "Keyed", "seed_item"]
 
@@ -43,15 +46,10 @@ _KEYS_HELP = "give the DataLoader Keyed(sampler) or sampler.batches(n, keyed=Tru
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_generator() -> Any:
+def _torch_generator() -> Optional[torch.Generator]:
     """torch's default CPU generator, or None without torch (or with MLUTILS_NO_TORCH=1)."""
-    if os.environ.get("MLUTILS_NO_TORCH") == "1":
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.default_generator
+    torch = optional_torch()
+    return None if torch is None else torch.default_generator
 
 
 def _in_worker() -> bool:

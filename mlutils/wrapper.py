@@ -25,9 +25,13 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from .utils import _torch, coerce_dtype, offload_model, prune_missing
+from ._torch import require_torch
+from .utils import coerce_dtype, offload_model, prune_missing
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Optimizations",
@@ -154,7 +158,7 @@ def _torch_class(name: str) -> Any:
     """torch's own class for a selectable name, even while an injection replaces it."""
     if name in _ORIGINALS:
         return _ORIGINALS[name]
-    torch = _torch("mlutils.wrapper")
+    torch = require_torch("mlutils.wrapper")
     owner, attr = _INJECTABLE[name]
     return getattr(getattr(torch, owner), attr)
 
@@ -267,7 +271,7 @@ def inject(opts: Optional[Optimizations] = None) -> Injection:
     """Overwrite ``torch.nn.Linear``/``Embedding`` and ``torch.optim.Adam``/``AdamW``/``SGD``/``Adagrad``
     with the classes ``opts`` selects (only the kinds in scope, only where they differ)."""
     opts = current() if opts is None else opts
-    torch = _torch("inject")
+    torch = require_torch("inject")
     sel = select(opts)
     scope = {"Linear": opts.linear, "Embedding": opts.embedding}
     changed = []
@@ -289,7 +293,7 @@ def uninject(names: Optional[List[str]] = None) -> None:
     """Restore torch's own classes (all injected ones, or just ``names``)."""
     if not _ORIGINALS:
         return
-    torch = _torch("uninject")
+    torch = require_torch("uninject")
     for name in list(_ORIGINALS if names is None else names):
         if name in _ORIGINALS:
             owner, attr = _INJECTABLE[name]
@@ -300,7 +304,7 @@ def uninject(names: Optional[List[str]] = None) -> None:
 # replacing modules in place
 
 
-def _placement(module: Any) -> Tuple[Any, Any]:
+def _placement(module: torch.nn.Module) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
     """(device, floating dtype or None) of a module's tensors."""
     device = dtype = None
     for t in list(module.parameters(recurse=True)) + list(module.buffers(recurse=True)):
@@ -311,7 +315,7 @@ def _placement(module: Any) -> Tuple[Any, Any]:
     return device, dtype
 
 
-def _copy_into(old: Any, new: Any, name: str) -> Any:
+def _copy_into(old: torch.nn.Module, new: torch.nn.Module, name: str) -> torch.nn.Module:
     """new with old's weights, trainability, mode, device and dtype."""
     device, dtype = _placement(old)
     if dtype is not None:
@@ -334,7 +338,8 @@ def _copy_into(old: Any, new: Any, name: str) -> Any:
     return new
 
 
-def _replace(model: Any, klass: Any, target: Any, build: Any, verbose: bool) -> Any:
+def _replace(model: torch.nn.Module, klass: type, target: type,
+             build: Callable[[torch.nn.Module], torch.nn.Module], verbose: bool) -> torch.nn.Module:
     """Replace every ``target`` module (that is not already ``klass``) with ``build(old)``."""
     made: Dict[int, Any] = {}  # id(old) -> new, so a module shared under two names stays shared
     found = [
@@ -356,7 +361,7 @@ def _replace(model: Any, klass: Any, target: Any, build: Any, verbose: bool) -> 
     return model
 
 
-def _classes(kind: str, klass: Any, target: Any) -> Tuple[Any, Any]:
+def _classes(kind: str, klass: Optional[type], target: Optional[type]) -> Tuple[type, type]:
     if klass is None:
         klass = getattr(select(), kind)
     if target is None:
@@ -364,7 +369,8 @@ def _classes(kind: str, klass: Any, target: Any) -> Tuple[Any, Any]:
     return klass, target
 
 
-def replace_linear(model: Any, klass: Any = None, target: Any = None, verbose: bool = False) -> Any:
+def replace_linear(model: torch.nn.Module, klass: Optional[type] = None, target: Optional[type] = None,
+                   verbose: bool = False) -> torch.nn.Module:
     """Replace each ``target`` (default torch.nn.Linear) in ``model`` with ``klass`` (default the
     selected Linear), keeping weights, trainability, device and dtype; returns the model.
 
@@ -379,14 +385,15 @@ def replace_linear(model: Any, klass: Any = None, target: Any = None, verbose: b
     return _replace(model, klass, target, lambda m: klass(m.in_features, m.out_features, bias=m.bias is not None), verbose)
 
 
-def replace_embedding(model: Any, klass: Any = None, target: Any = None, verbose: bool = False) -> Any:
+def replace_embedding(model: torch.nn.Module, klass: Optional[type] = None, target: Optional[type] = None,
+                      verbose: bool = False) -> torch.nn.Module:
     """Replace each ``target`` (default torch.nn.Embedding) with ``klass`` (default the selected
     Embedding), keeping weights and ``padding_idx``/``max_norm``; returns the model."""
     klass, target = _classes("Embedding", klass, target)
     if klass is target:
         return model
 
-    def build(m: Any) -> Any:
+    def build(m: torch.nn.Module) -> torch.nn.Module:
         kwargs = {}
         for attr, default in (("padding_idx", None), ("max_norm", None), ("norm_type", 2.0),
                               ("scale_grad_by_freq", False), ("sparse", False)):
@@ -398,11 +405,12 @@ def replace_embedding(model: Any, klass: Any = None, target: Any = None, verbose
     return _replace(model, klass, target, build, verbose)
 
 
-def replace_attention(model: Any, klass: Any, target: Any, mode: str = "math", verbose: bool = False) -> Any:
+def replace_attention(model: torch.nn.Module, klass: type, target: type, mode: str = "math",
+                      verbose: bool = False) -> torch.nn.Module:
     """Replace each ``target`` attention module with ``klass(config=m.config, layer_idx=m.layer_idx,
     mode=mode)`` (Hugging Face style), keeping weights; returns the model."""
 
-    def build(m: Any) -> Any:
+    def build(m: torch.nn.Module) -> torch.nn.Module:
         if not hasattr(m, "config"):
             raise TypeError(f"replace_attention: {type(m).__name__} has no 'config' to build {klass.__name__} from")
         return klass(config=m.config, layer_idx=getattr(m, "layer_idx", None), mode=mode)
@@ -415,7 +423,7 @@ def replace_attention(model: Any, klass: Any, target: Any, mode: str = "math", v
 
 
 @contextlib.contextmanager
-def autocast(device_type: Optional[str] = None, dtype: Any = None, enabled: bool = True,
+def autocast(device_type: Optional[str] = None, dtype: Union[str, torch.dtype, None] = None, enabled: bool = True,
              opts: Optional[Optimizations] = None) -> Iterator[None]:
     """Mixed precision inside the block: transformer_engine's fp8 autocast when ``fp8`` is on and
     installed, else ``torch.autocast(device_type, dtype)``.
@@ -424,7 +432,7 @@ def autocast(device_type: Optional[str] = None, dtype: Any = None, enabled: bool
     ``dtype`` may be a name (``"bf16"``).  (The original yielded the autocast
     object without entering it, so nothing was autocast.)
     """
-    torch = _torch("autocast")
+    torch = require_torch("autocast")
     opts = current() if opts is None else opts
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -463,7 +471,7 @@ def _c_compiler_works() -> bool:
 def available_backends() -> List[str]:
     """Names torch.compile accepts here (debug ones such as ``eager`` included), plus ``tensorrt``
     when torch_tensorrt imports."""
-    torch = _torch("available_backends")
+    torch = require_torch("available_backends")
     import torch._dynamo
 
     names = list(torch._dynamo.list_backends(exclude_tags=()))
@@ -479,7 +487,7 @@ def _auto_backend() -> str:
     return "eager"
 
 
-def compile_model(model: Any, backend: Optional[str] = "auto", **kwargs: Any) -> Any:
+def compile_model(model: torch.nn.Module, backend: Optional[str] = "auto", **kwargs: Any) -> torch.nn.Module:
     """``torch.compile(model, backend=...)``; ``"auto"`` is inductor when a C++ compiler works, else eager.
 
     ``"tensorrt"`` imports torch_tensorrt first and falls back to ``"auto"``
@@ -487,7 +495,7 @@ def compile_model(model: Any, backend: Optional[str] = "auto", **kwargs: Any) ->
     listing the available ones (the original quietly used the default; its
     ``"auto"`` took the alphabetically first backend).
     """
-    torch = _torch("compile_model")
+    torch = require_torch("compile_model")
     if backend is None or backend == "auto" or backend is True:
         backend = _auto_backend()
     if backend == "tensorrt" and _optional("torch_tensorrt", "torch_tensorrt", "compiling with tensorrt", "the auto backend") is None:
@@ -504,7 +512,7 @@ def compile_model(model: Any, backend: Optional[str] = "auto", **kwargs: Any) ->
 # tying it together
 
 
-def enable_activation_offload(model: Any) -> Any:
+def enable_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
     """Turn on ``mlutils.offload``'s offloaded gradient checkpointing for ``model``; warns once and
     skips when that module is not available.  Returns the model."""
     try:
@@ -521,7 +529,7 @@ def enable_activation_offload(model: Any) -> Any:
     return model if result is None else result
 
 
-def apply_optimizations(model: Any, opts: Optional[Optimizations] = None) -> Any:
+def apply_optimizations(model: torch.nn.Module, opts: Optional[Optimizations] = None) -> torch.nn.Module:
     """Apply ``opts`` to ``model`` and make it the current configuration; returns the (maybe compiled) model.
 
     In order: inject classes into torch (``injects``), replace Linear and

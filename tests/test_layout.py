@@ -58,8 +58,69 @@ def test_include_graph_one_way(folder, bad_dirs, bad_system):
 
 
 def test_every_folder_says_what_belongs_there():
-    for folder in ("csrc", "csrc/core", "csrc/py", "csrc/cuda", "tests", "bench"):
+    for folder in ("csrc", "csrc/core", "csrc/py", "csrc/cuda", "tests", "bench", "reference"):
         path = os.path.join(ROOT, folder, "README.md")
         assert os.path.isfile(path), path
         with open(path, encoding="utf-8") as fh:
             assert len(fh.read().strip()) > 40, path
+
+
+# --------------------------------------------------------- tests/ and bench/
+# Neither imports the other: what both need (the oracles and baselines) lives
+# in reference/.  A test may still run a bench script as a subprocess.
+
+# Imports the rework of their test file removes; each entry must still be
+# true, so that it leaves this table with the import.
+IMPORTS_NOT_YET_REMOVED = {("tests/test_offload_bench.py", "offload_gpu")}
+
+
+def _py_files(folder):
+    for dirpath, _dirs, files in os.walk(os.path.join(ROOT, folder)):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                yield os.path.join(dirpath, f)
+
+
+def _imported(path):
+    """Top-level names of the modules a file imports (absolute imports, at any depth)."""
+    import ast
+
+    with open(path, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _module_names(folder):
+    names = {folder}
+    for f in os.listdir(os.path.join(ROOT, folder)):
+        if f.endswith(".py"):
+            names.add(f[:-3])
+    return names
+
+
+@pytest.mark.parametrize("folder,other", [("tests", "bench"), ("bench", "tests")])
+def test_tests_and_bench_do_not_import_each_other(folder, other):
+    theirs = _module_names(other) - {"__init__"}
+    found = set()
+    for path in _py_files(folder):
+        rel = os.path.relpath(path, ROOT)
+        for name in _imported(path) & theirs:
+            found.add((rel, name))
+    for entry in IMPORTS_NOT_YET_REMOVED:
+        if entry[0].startswith(folder + "/"):
+            assert entry in found, f"{entry} is gone: take it out of IMPORTS_NOT_YET_REMOVED"
+    found -= IMPORTS_NOT_YET_REMOVED
+    assert not found, f"{folder}/ imports from {other}/ (share it through reference/ instead): {sorted(found)}"
+
+
+def test_import_scan_sees_imports():
+    # the check above could not fail if the scan missed every import
+    assert "reference" in _imported(os.path.join(ROOT, "tests", "test_sampler.py"))
+    assert "_harness" in _imported(os.path.join(ROOT, "bench", "bench_sampler.py"))
+    assert "_pthelpers" in _imported(os.path.join(ROOT, "tests", "test_ptload_format.py"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import mlutils
-import ref_pattern as R  # tests/ref_pattern.py: the reference's documented behaviour (numpy tables)
+from reference import ref_pattern as R  # the reference's documented behaviour (numpy tables)
 from mlutils import _core
 from mlutils.pattern import (
     CoarseFirstPattern,

@@ -1,5 +1,5 @@
 """mlutils.pattern against the reference's documented behaviour
-(tests/ref_pattern.py) over a grid of providers, arguments and dtypes."""
+(reference/ref_pattern.py) over a grid of providers, arguments and dtypes."""
 import itertools
 
 import numpy as np
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.torch
 
 @pytest.fixture
 def ref(torch):
-    import ref_pattern
+    from reference import ref_pattern
 
     return ref_pattern
 

@@ -20,7 +20,7 @@ from mlutils.sampler import (
     resume_state,
 )
 
-import seed_sampler  # noqa: E402  (tests/seed_sampler.py: the original samplers, re-implemented)
+from reference import seed_sampler  # the original samplers, re-implemented
 
 U64 = (1 << 64) - 1
 

@@ -5,7 +5,7 @@ random.choice + list.remove for PoolSampler (quadratic per round), a whole
 permutation for RandomSampler (torch.randperm when torch is installed, else
 random.shuffle), greedy packing for BatchedOrderedSampler (a limit of 0 means
 no limit, both 0 is an error).  A reference of the tests, and the baseline
-of bench/bench_sampler.py (which imports it from here).
+of bench/bench_sampler.py (both import it from here).
 """
 import random
 
