@@ -372,3 +372,21 @@ def test_loss_scale_and_bare_event_commands(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mlutils.train"):
         mt.train(range(1, 9), CountEngine(), config=cfg(tmp_path / "c", iterations=2, events=["loss_scale 8"]))
     assert any("have no loss scale" in m for m in _messages(caplog))
+
+
+def test_tensorboard_steps_continue_without_duplicates_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "tb"
+    # the first run logs steps 1..5 but its last checkpoint is step 4 (a kill after step 5)
+    mt.train(range(1, 50), CountEngine(), config=cfg(tmp_path / "ck", iterations=5, save_frequency=4,
+                                                     save_at_end=False, loggers=[mt.TensorBoardLogger(str(logs))]))
+    res = mt.train(range(1, 50), CountEngine(), config=cfg(tmp_path / "ck", iterations=7,
+                                                           loggers=[mt.TensorBoardLogger(str(logs))]))
+    assert res.resumed_from.endswith("step-00000004")
+    acc = EventAccumulator(str(logs))
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in loss] == list(range(1, 8))  # step 5 once, from the resumed run
+    assert loss[4][1] == pytest.approx(1.0 / 5)

@@ -165,6 +165,8 @@ def _check_state(state: Any, path: str) -> None:
         ("loop.elapsed", isinstance(lp.get("elapsed", 0.0), (int, float)) and not isinstance(lp.get("elapsed"), bool)
          and 0 <= lp.get("elapsed", 0.0) < float("inf")),
         ("loop.oom_skipped", _count(lp.get("oom_skipped", 0))),
+        ("loop.loggers", isinstance(lp.get("loggers", []), (list, tuple)) and all(
+            e is None or isinstance(e, Mapping) for e in lp.get("loggers", []))),
         ("loop.best", isinstance(lp.get("best", []), (list, tuple)) and all(
             isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, float))
             and not isinstance(e[0], bool) and _count(e[1]) for e in lp.get("best", []))),
