@@ -390,3 +390,51 @@ def test_tensorboard_steps_continue_without_duplicates_after_a_resume(tmp_path):
     loss = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert [s for s, _ in loss] == list(range(1, 8))  # step 5 once, from the resumed run
     assert loss[4][1] == pytest.approx(1.0 / 5)
+
+
+# ---------------------------------------------------------------- requeue on pre-emption
+
+
+def _stub_scontrol(tmp_path, monkeypatch, rc=0):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    stub = bin_dir / "scontrol"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit {rc}\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return record
+
+
+class PreemptedAt(CountEngine):
+    def __init__(self, at, sig="SIGUSR1"):
+        super().__init__()
+        self.at, self.sig = at, sig
+
+    def train_step(self, batch):
+        if self._step + 1 == self.at:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.sig))
+        return super().train_step(batch)
+
+
+def test_preemption_under_slurm_saves_then_requeues(tmp_path, monkeypatch):
+    record = _stub_scontrol(tmp_path, monkeypatch)
+    res = mt.train(range(1, 50), PreemptedAt(3), config=cfg(tmp_path / "ck", iterations=20, save_at_end=False))
+    assert res.status == "requeued" and res.step == 3
+    assert record.read_text() == "requeue 4242\n"
+    assert mt.latest_checkpoint(str(tmp_path / "ck")).endswith("step-00000003")
+
+
+def test_other_signals_and_failed_requeues_do_not_requeue(tmp_path, monkeypatch, caplog):
+    record = _stub_scontrol(tmp_path, monkeypatch, rc=1)
+    res = mt.train(range(1, 50), PreemptedAt(2, "SIGTERM"), config=cfg(tmp_path / "a", iterations=20))
+    assert res.status == "signal" and not record.exists()
+    with caplog.at_level(logging.ERROR, logger="mlutils.train"):
+        res = mt.train(range(1, 50), PreemptedAt(2), config=cfg(tmp_path / "b", iterations=20))
+    assert res.status == "signal" and record.read_text() == "requeue 4242\n"
+    assert any("scontrol requeue 4242` failed" in m for m in _messages(caplog, logging.ERROR))
+    res = mt.train(range(1, 50), PreemptedAt(2), config=cfg(tmp_path / "c", iterations=20, requeue=False))
+    assert res.status == "signal"

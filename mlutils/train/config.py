@@ -62,6 +62,8 @@ class TrainConfig:
     eval_on: str = "all"                # "all" ranks run eval_fn, or the global "leader" only
     eval_errors: str = "raise"          # "log": an eval_fn error is logged with its traceback, training goes on
     loggers: List[Any] = field(default_factory=list)  # objects with log(metrics, step) and close()
+    requeue: Optional[bool] = None      # on the pre-emption signal: save, then `scontrol requeue` (None: under SLURM)
+    requeue_signal: str = "SIGUSR1"     # the pre-emption signal (#SBATCH --signal=USR1@90 sends SIGUSR1)
 
     def __post_init__(self) -> None:
         for name in ("iterations", "save_frequency", "eval_frequency", "keep_last", "log_every",
@@ -87,6 +89,8 @@ class TrainConfig:
         if not isinstance(self.events, (list, tuple)) or not all(isinstance(e, str) for e in self.events):
             raise TypeError(f"TrainConfig.events must be a list of command strings, got {self.events!r}")
         _choice(self, "oom", ("skip", "raise"))
+        _choice(self, "requeue", (None, True, False))
+        _choice(self, "requeue_signal", ("SIGTERM", "SIGINT", "SIGUSR1"))
         _choice(self, "best_mode", ("min", "max"))
         _choice(self, "eval_on", ("all", "leader"))
         _choice(self, "eval_errors", ("raise", "log"))
@@ -119,7 +123,8 @@ def export_dtype(value: Any) -> Any:
 
 @dataclass
 class TrainResult:
-    """How train() ended: status is 'completed', 'quit' or 'signal'."""
+    """How train() ended: status is 'completed', 'quit', 'signal' or 'requeued' (a pre-emption signal under
+    SLURM: the checkpoint is complete on every rank and ``scontrol requeue`` was run)."""
 
     status: str
     step: int

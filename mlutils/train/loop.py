@@ -289,7 +289,7 @@ class _Loop:
             status = self._start()
             if status is None:
                 status = "completed" if self.step >= self.cfg.iterations else self._epochs()
-            if self.cfg.save_at_end:
+            if self.cfg.save_at_end or (status == "signal" and self._requeue_on()):  # a requeue needs it
                 self.save(sync=True)
             if self.cfg.export_on_quit:
                 self.export()
@@ -299,12 +299,45 @@ class _Loop:
             raise
         self._cleanup(failing=False)
         signal_name = self.signals.name if status == "signal" else None
+        if status == "signal" and self._requeue():
+            status = "requeued"
         if self.leader:
             log.info("training %s at step %d%s", status, self.step, f" ({signal_name})" if signal_name else "")
         return TrainResult(status=status, step=self.step, signal=signal_name, checkpoint=self.ckpt.last_folder,
                            resumed_from=self.at.folder if self.at is not None else None,
                            last_metrics=plain(self.last_metrics), eval_metrics=self.eval_metrics,
                            oom_skipped=self.counters.oom_skipped, best=list(self.best.best))
+
+    def _requeue_on(self) -> bool:
+        return self.cfg.requeue if self.cfg.requeue is not None else bool(os.environ.get("SLURM_JOB_ID"))
+
+    def _requeue(self) -> bool:
+        """After a stop by the pre-emption signal with TrainConfig.requeue (default: under SLURM): the
+        checkpoint is complete on every rank (the final save is synchronous, with a barrier); the global
+        leader asks SLURM to requeue the job.  True when it did."""
+        if not self._requeue_on():
+            return False
+        preempted = self.signals.name == self.cfg.requeue_signal
+        if self.ckpt.world > 1:
+            preempted = bool(self.dist.any_rank(preempted))
+        if not preempted:
+            return False
+        if not self.leader:
+            return True
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if not job.isdigit():
+            log.error("requeue: SLURM_JOB_ID is %r, not a job number: the job is not requeued", job)
+            return False
+        try:
+            import subprocess
+
+            subprocess.run(["scontrol", "requeue", job], check=True, timeout=120, capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            log.error("requeue: `scontrol requeue %s` failed: %s", job, str(detail).strip())
+            return False
+        log.info("requeued SLURM job %s after the checkpoint of step %d", job, self.step)
+        return True
 
     def _cleanup(self, failing: bool) -> None:
         """Wait for the write in flight, restore the signal handlers, close the outputs, tell the engines.
