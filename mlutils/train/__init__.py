@@ -45,7 +45,8 @@ resuming an older checkpoint, newer ones are left alone).  With
 the write runs in a background thread (one at a time; an error is raised at
 the next step boundary).  The final save is synchronous.
 
-Layout: ``engine`` (the Engine protocol, Engines, TorchEngine), ``checkpoint``
+Layout: ``engine`` (the Engine protocol, Engines, TorchEngine), ``deepspeed``
+(DeepSpeedEngine, importing DeepSpeed only when one is made), ``checkpoint``
 (folder format, snapshots, RNG states, save and read, :class:`ResumePoint`),
 ``data`` (the sampler behind a loader and the epoch position), ``commands``
 (stdin, parsing, events), ``signals``, ``output`` (metrics lines, progress
@@ -60,10 +61,12 @@ from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, ResumePoint, find_ch
 from .commands import COMMANDS
 from .config import TrainConfig, TrainResult
 from .counters import OutOfMemoryStop
+from .deepspeed import DeepSpeedEngine  # imports deepspeed only when one is made
 from .engine import Engine, Engines, MicroBatches, TorchEngine
 from .loggers import Logger, LoggerDependencyError, TensorBoardLogger, WandbLogger, flatten
 from .loop import train
 
-__all__ = ["Engine", "Engines", "TorchEngine", "MicroBatches", "TrainConfig", "TrainResult", "train",
-           "find_checkpoints", "latest_checkpoint", "CheckpointError", "OutOfMemoryStop", "ResumePoint", "COMMANDS",
-           "CHECKPOINT_FORMAT", "Logger", "TensorBoardLogger", "WandbLogger", "LoggerDependencyError", "flatten"]
+__all__ = ["Engine", "Engines", "TorchEngine", "DeepSpeedEngine", "MicroBatches", "TrainConfig", "TrainResult",
+           "train", "find_checkpoints", "latest_checkpoint", "CheckpointError", "OutOfMemoryStop", "ResumePoint",
+           "COMMANDS", "CHECKPOINT_FORMAT", "Logger", "TensorBoardLogger", "WandbLogger", "LoggerDependencyError",
+           "flatten"]

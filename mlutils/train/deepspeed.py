@@ -1,0 +1,353 @@
+"""A DeepSpeed engine for the loop: :class:`DeepSpeedEngine` wraps what ``deepspeed.initialize`` returns.
+
+DeepSpeed is imported only inside the methods (it is already imported by
+whoever built the engine): importing :mod:`mlutils.train` never imports it.
+
+Steps.  One ``train_step`` is one optimizer step.  Each micro-batch runs
+``loss_fn(engine, micro_batch)``, ``engine.backward(loss)`` and
+``engine.step()``, so DeepSpeed does its own loss scaling (fp16/bf16),
+division by ``gradient_accumulation_steps`` (G), gradient reduction, ZeRO
+partitioning, clipping and scheduler stepping.  A plain loader batch is cut
+into G micro-batches along dim 0 (fewer when it has fewer items); a
+:class:`~mlutils.train.MicroBatches` list (``TrainConfig.accumulate_batches``)
+is taken as it is, one micro-batch per loader batch.  The accumulation
+boundary is set at the step's last micro-batch
+(``set_gradient_accumulation_boundary``): with G micro-batches of equal size
+that is where DeepSpeed's own counter puts it and the step is exactly
+DeepSpeed's, and with another number (the epoch's last step, which takes the
+batches left) the step still ends on an optimizer step, never in the middle
+of an accumulation a checkpoint could not hold.  Micro-batches are weighted
+by size (the gradient is the mean over the step's items, as in
+``TorchEngine``); with G equal ones the weight is 1 and the loss is passed
+to DeepSpeed untouched.
+
+Checkpoints.  DeepSpeed keeps its state (module, fp32 master weights and
+optimizer partitions, scheduler, step counters) in files of its own: the
+loop calls :meth:`DeepSpeedEngine.save_files` on every rank before writing
+its rank files, and a step folder counts as complete only when every rank
+file is there, so a DeepSpeed write cut short (DeepSpeed writes each file in
+place, without a temporary file or fsync) is never taken for a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .checkpoint import CheckpointError
+from .engine import MicroBatches, _batch_len, _split_batch
+
+__all__ = ["DeepSpeedEngine", "CHECKPOINT_TAG"]
+
+log = logging.getLogger("mlutils.train")
+
+#: The tag of the one DeepSpeed checkpoint in ``<step folder>/<engine name>/``.
+CHECKPOINT_TAG = "state"
+
+
+def _to_device(batch: Any, device: Any) -> Any:
+    """`batch` with its tensors moved to `device` (containers followed)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str, rank: int, world: int) -> None:
+    """Make what DeepSpeed wrote under `folder` durable: the ranks share the files (rank r takes every
+    world-th one of the sorted listing), every rank syncs the folders."""
+    files: List[str] = []
+    dirs: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        dirs.append(dirpath)
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames))
+    for i, path in enumerate(files):
+        if i % world == rank:
+            _fsync(path)
+    for path in reversed(dirs):
+        _fsync(path)
+    _fsync(os.path.dirname(os.path.abspath(folder)))
+
+
+def _zero3_state_dict(module: Any, leader: bool) -> Dict[str, Any]:
+    """The full weights of a ZeRO-3 module as CPU tensors named as in its state_dict, one module's
+    parameters gathered at a time (a collective: every rank calls it; only `leader` keeps them)."""
+    import deepspeed
+
+    out: Dict[str, Any] = {}
+
+    def visit(mod: Any, prefix: str) -> None:
+        params = [p for _n, p in mod.named_parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if leader:
+                for name, p in mod.named_parameters(recurse=False):
+                    out[prefix + name] = p.detach().to("cpu", copy=True).contiguous()
+                for name, b in mod.named_buffers(recurse=False):
+                    if name not in getattr(mod, "_non_persistent_buffers_set", ()):
+                        out[prefix + name] = b.detach().to("cpu", copy=True).contiguous()
+        for name, child in mod.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(module, "")
+    return out
+
+
+class DeepSpeedEngine:
+    """An engine for a DeepSpeed engine (what ``deepspeed.initialize`` returns):
+    ``loss_fn(engine, batch) -> loss`` or ``(loss, metrics)``, calling
+    ``engine(...)`` as the model.
+
+    Precision, loss scaling, clipping, ZeRO stages 0-3 and the scheduler are
+    DeepSpeed's, from its config.  ``train_step`` returns ``loss`` (a
+    detached tensor, the size-weighted mean over the step's micro-batches),
+    ``lr`` (the first param group's, as used by this step) and the
+    ``loss_fn``'s metrics.  State lives in DeepSpeed's checkpoint files
+    (:meth:`save_files` / :meth:`load_files`); :meth:`state_dict` holds the
+    step, the learning rates and the ``lr`` command's value."""
+
+    def __init__(self, engine: Any, loss_fn: Callable[[Any, Any], Any]) -> None:
+        import deepspeed
+
+        if not isinstance(engine, deepspeed.DeepSpeedEngine):
+            raise TypeError(f"DeepSpeedEngine wraps the engine deepspeed.initialize returns, got "
+                            f"{type(engine).__name__}")
+        if isinstance(engine, deepspeed.PipelineEngine):
+            raise TypeError("a DeepSpeed PipelineEngine steps itself with train_batch(): it cannot be stepped "
+                            "micro-batch by micro-batch")
+        if engine.optimizer is None:
+            raise ValueError("the DeepSpeed engine has no optimizer (give deepspeed.initialize an optimizer or "
+                             "an \"optimizer\" section in its config)")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.engine = engine
+        self.loss_fn = loss_fn
+        managed = getattr(engine, "managed_gradient_accumulation", None)
+        # managed (the default): DeepSpeed steps at its accumulation boundary, which this engine sets;
+        # unmanaged (managed_gradient_accumulation false): every engine.step() is a boundary
+        self._managed = not callable(managed) or bool(managed())
+        self._lr: Optional[float] = None  # the last set_lr, kept in state_dict (DeepSpeed's schedulers do not)
+        self._checked = False
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done (DeepSpeed's ``global_steps``, restored by its checkpoint)."""
+        return int(self.engine.global_steps)
+
+    # ---- steps
+
+    def _micro_batches(self, batch: Any, gas: int) -> List[Any]:
+        if isinstance(batch, MicroBatches):
+            parts = list(batch)
+        else:
+            n = _batch_len(batch)
+            pieces = min(gas, n) if n > 0 else 1
+            parts = _split_batch(batch, pieces, n) if pieces > 1 else [batch]
+        if not self._checked:
+            self._checked = True
+            micro = getattr(self.engine, "train_micro_batch_size_per_gpu", None)
+            if isinstance(batch, MicroBatches) and len(parts) != gas:
+                log.warning("DeepSpeedEngine: %d micro-batches per step (TrainConfig.accumulate_batches) while "
+                            "DeepSpeed's gradient_accumulation_steps is %d: each step is still one optimizer "
+                            "step over its micro-batches, but DeepSpeed's sample counters assume %d",
+                            len(parts), gas, gas)
+            elif (not isinstance(batch, MicroBatches) and gas > 1 and callable(micro)
+                  and _batch_len(batch) == int(micro())):
+                log.warning("DeepSpeedEngine: a loader batch of %d items (train_micro_batch_size_per_gpu) is cut "
+                            "into %d micro-batches (gradient_accumulation_steps); to accumulate loader batches "
+                            "instead, set TrainConfig.accumulate_batches=%d", _batch_len(batch), gas, gas)
+        return parts
+
+    def _forward(self, batch: Any) -> Tuple[Any, Dict[str, Any]]:
+        out = self.loss_fn(self.engine, batch)
+        if isinstance(out, tuple):
+            loss, metrics = out
+            return loss, dict(metrics)
+        return out, {}
+
+    def train_step(self, batch: Any) -> Dict[str, Any]:
+        """One optimizer step: forward, ``engine.backward`` and ``engine.step`` on each micro-batch, the
+        accumulation boundary at the last; returns loss (on the device), lr and the loss_fn's metrics.
+
+        An out-of-memory error is raised as a RuntimeError: DeepSpeed's
+        partly reduced gradients cannot be dropped, so the step cannot be
+        skipped (``TrainConfig.oom="skip"`` does not apply)."""
+        import torch
+
+        eng = self.engine
+        eng.train()
+        gas = int(eng.gradient_accumulation_steps())
+        parts = self._micro_batches(batch, gas)
+        sizes = [_batch_len(p) for p in parts]
+        total = sum(sizes)
+        last = len(parts) - 1
+        out: Dict[str, Any] = {"lr": float(eng.optimizer.param_groups[0]["lr"])}  # this step's, before the scheduler
+        loss_sum: Any = 0.0
+        extra: Dict[str, Any] = {}
+        i = 0
+        try:
+            for i, (part, size) in enumerate(zip(parts, sizes)):
+                if self._managed:
+                    eng.set_gradient_accumulation_boundary(i == last)
+                loss, metrics = self._forward(_to_device(part, eng.device))
+                # DeepSpeed divides by G: scaled by G * size / total, each micro-batch weighs its share of
+                # the step's items (exactly 1, the loss untouched, for G micro-batches of equal size)
+                num, den = (gas * size, total) if total else (gas, len(parts))
+                eng.backward(loss if num == den else loss * (num / den))
+                if self._managed or i == last:
+                    eng.step()
+                w = size / total if total else 1.0 / len(parts)
+                loss_sum = loss_sum + loss.detach() * w
+                for k, v in metrics.items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
+                    extra[k] = extra.get(k, 0.0) + v * w
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(f"out of memory in a DeepSpeed step (micro-batch {i + 1} of {len(parts)}): "
+                               f"DeepSpeed's accumulated gradients cannot be dropped, so the step cannot be "
+                               f"skipped") from exc
+        out["loss"] = loss_sum
+        out.update(extra)
+        return out
+
+    # ---- the learning rate
+
+    def _set_schedule(self, lr: float) -> bool:
+        """Move the scheduler's peak to `lr` (so that it keeps it); False when it has none this knows."""
+        import torch
+
+        sched = self.engine.lr_scheduler
+        if sched is None:
+            return True
+        n = len(self.engine.optimizer.param_groups)
+        from deepspeed.runtime import lr_schedules
+
+        cosine = getattr(lr_schedules, "WarmupCosineLR", None)  # DeepSpeed 0.14 may lack it
+        if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+            sched.base_lrs = [lr] * len(sched.base_lrs)
+        elif isinstance(sched, lr_schedules.WarmupLR):  # and WarmupDecayLR
+            sched.max_lrs = [lr] * n
+            sched.delta_lrs = [big - small for big, small in zip(sched.max_lrs, sched.min_lrs)]
+        elif cosine is not None and isinstance(sched, cosine):
+            sched.org_lrs = [lr] * n
+        else:
+            return False
+        return True
+
+    def set_lr(self, lr: float) -> None:
+        """Every param group's lr in DeepSpeed's optimizer, and the scheduler's peak (torch schedulers'
+        base lrs, WarmupLR's and WarmupDecayLR's max lr, WarmupCosineLR's lr) so the schedule keeps the new
+        scale.  OneCycle and LRRangeTest set the lr from their own bounds at each step: a warning says so."""
+        lr = float(lr)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+            if "initial_lr" in g:
+                g["initial_lr"] = lr
+        if not self._set_schedule(lr):
+            log.warning("lr: the DeepSpeed scheduler %s sets the learning rate from its own bounds at each step; "
+                        "%s holds only until its next step", type(self.engine.lr_scheduler).__name__, lr)
+        self._lr = lr
+
+    # ---- state
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The step, the param groups' learning rates and the ``lr`` command's value; the rest is in
+        DeepSpeed's files (:meth:`save_files`)."""
+        return {"global_step": self.global_step, "lrs": [float(g["lr"]) for g in self.engine.optimizer.param_groups],
+                "lr_set": self._lr}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """After :meth:`load_files`: check that DeepSpeed's files are of the same step, put back the
+        learning rates (DeepSpeed's schedulers do not save their bounds)."""
+        step = int(state["global_step"])
+        if step != self.global_step:
+            raise CheckpointError(f"DeepSpeed's checkpoint files are of step {self.global_step}, the rank file of "
+                                  f"step {step}: load_files(<step folder>/<engine>) must come first")
+        groups = self.engine.optimizer.param_groups
+        lrs = list(state["lrs"])
+        if len(lrs) != len(groups):
+            raise CheckpointError(f"the checkpoint has learning rates for {len(lrs)} param groups, the optimizer "
+                                  f"has {len(groups)}")
+        lr_set = state.get("lr_set")
+        if lr_set is not None:
+            self._set_schedule(float(lr_set))
+        self._lr = None if lr_set is None else float(lr_set)
+        for g, lr in zip(groups, lrs):
+            g["lr"] = float(lr)
+
+    def has_files(self) -> bool:
+        """True: DeepSpeed's state is in its checkpoint files."""
+        return True
+
+    def save_files(self, folder: str) -> None:
+        """``engine.save_checkpoint(folder, tag="state")`` on every rank (a collective), without DeepSpeed's
+        ``latest`` file, then fsynced.
+
+        ``<folder>/state/`` gets ``mp_rank_00_model_states.pt`` (module,
+        scheduler, counters; written by one rank) and one
+        ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank (ZeRO
+        partitions); ``<folder>`` gets DeepSpeed's ``zero_to_fp32.py``
+        (``python zero_to_fp32.py <folder> <out> --tag state`` makes full fp32
+        weights).  DeepSpeed writes each file in place (no temporary file, no
+        fsync): what an earlier attempt left in `folder` is removed first, and
+        every file is fsynced here before the loop writes its rank files, the
+        marks of a complete checkpoint.  A decoupled (asynchronous) DeepSpeed
+        checkpoint writer is waited for."""
+        from .. import distributed
+
+        eng = self.engine
+        node_local = bool(getattr(eng, "use_node_local_storage", lambda: False)())
+        rank = distributed.local_rank() if node_local else distributed.global_rank()
+        world = distributed.local_world_size() if node_local else distributed.world_size()
+        if rank == 0 and os.path.lexists(folder):
+            # a write of this step cut short before; the other ranks write only after save_checkpoint's barrier
+            shutil.rmtree(folder)
+        eng.save_checkpoint(folder, tag=CHECKPOINT_TAG, save_latest=False)
+        ckpt_engine = getattr(eng, "checkpoint_engine", None)
+        if ckpt_engine is not None and getattr(ckpt_engine, "is_decoupled", lambda: False)():
+            commit = getattr(eng, "_commit_decoupled_checkpoint", None)
+            if not callable(commit):
+                raise CheckpointError("the DeepSpeed checkpoint writer is decoupled and this DeepSpeed has no "
+                                      "way to wait for it")
+            commit()
+        _fsync_tree(folder, rank, max(world, 1))
+
+    def load_files(self, folder: str) -> None:
+        """``engine.load_checkpoint(folder, tag="state")`` on every rank: module, optimizer, scheduler and
+        step; CheckpointError when `folder` holds no DeepSpeed checkpoint."""
+        tag_dir = os.path.join(folder, CHECKPOINT_TAG)
+        if not os.path.isdir(tag_dir):
+            raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint (no {CHECKPOINT_TAG}/ folder)")
+        path, _client = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+
+    # ---- weights
+
+    def export(self) -> Dict[str, Any]:
+        """The module's weights as contiguous CPU copies named as in its state_dict (no ``module.``
+        prefix): with ZeRO 0-2 its state_dict on every rank; with ZeRO-3 gathered one module at a time (a
+        collective), returned on the global leader and empty elsewhere.  These are the weights the model
+        computes with (16-bit under fp16/bf16; the fp32 master weights are in the checkpoint files)."""
+        from .. import distributed
+
+        eng = self.engine
+        if eng.zero_optimization_partition_weights():
+            return _zero3_state_dict(eng.module, distributed.is_global_leader())
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in eng.module.state_dict().items()}
+
+    def quit(self) -> None:
+        """Nothing to release: the DeepSpeed engine stays usable (its ``destroy()`` is the caller's)."""
