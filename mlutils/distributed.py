@@ -33,6 +33,13 @@ with running sums, never expanded; a list over 64 KiB, naming over a million
 nodes or giving a node no task is refused the same way.  Once
 ``torch.distributed`` is initialised, :func:`global_rank` and
 :func:`world_size` come from it.
+
+Under SLURM with several processes, an unset MASTER_ADDR is the first host of
+the step's (else the job's) node list, read from SLURM's host list syntax
+(``rack[1-2]-n[01-04],login3`` gives ``rack1-n01``) in one pass without
+expanding a range, and an unset MASTER_PORT is ``10000 + SLURM_JOB_ID % 50000``;
+a malformed list, one over 64 KiB or a job id that is not a positive 32-bit
+integer raises :class:`ValueError` naming the variable.
 """
 from __future__ import annotations
 
@@ -175,6 +182,104 @@ def _slurm_tasks_per_node(name: str) -> Optional[int]:
     return count
 
 
+#: SLURM's host lists: a group is a name whose digits may be bracketed ranges
+#: (``gpu[01-04,07]-ib``), groups are separated by commas outside brackets.
+_SLURM_HOST_TOKEN = re.compile(r"(?P<name>[A-Za-z0-9._-]+)|(?P<range>\[[^\[\]]*\])|(?P<sep>,)|.", re.S)
+_SLURM_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_SLURM_HOST_MAX = 253  # the longest DNS name
+#: MASTER_PORT from the job id: 10000 + job_id % 50000, in [10000, 59999].
+_SLURM_PORT_BASE = 10000
+_SLURM_PORT_SPAN = 50000
+_SLURM_MAX_JOB_ID = 2 ** 32 - 1  # SLURM's job ids are 32-bit
+
+
+def _digits_le(a: str, b: str) -> bool:
+    """Whether the decimal ``a`` <= ``b``, compared as text (any length, no int())."""
+    a, b = a.lstrip("0") or "0", b.lstrip("0") or "0"
+    return (len(a), a) <= (len(b), b)
+
+
+def _slurm_first_host(name: str, raw: str) -> str:
+    """The first host of SLURM host list ``raw`` (``rack[1-2]-n[01-04],login3`` gives ``rack1-n01``).
+
+    The whole list is checked in one pass over its text, but no range is
+    expanded: the first host is each bracket's first number, as written
+    (zero padding kept), between the group's name parts.
+    """
+    shown = f"environment variable {name}={_cut(raw)}"
+    if len(raw) > _SLURM_MAX_TEXT:
+        raise ValueError(f"{shown} is longer than a SLURM host list can be ({_SLURM_MAX_TEXT} characters)")
+    text = raw.strip()
+    if not text:
+        raise ValueError(f"{shown} is empty (no host)")
+    bad = f"{shown} is not a SLURM host list like 'node[01-04],gpu7'"
+    first: Optional[str] = None
+    parts: list[str] = []  # the group being read (its first host's pieces)
+    for m in _SLURM_HOST_TOKEN.finditer(text + ","):
+        token, at = m.group(), m.start()
+        if m.group("name"):
+            parts.append(token)
+        elif m.group("sep"):
+            if not parts:
+                raise ValueError(f"{bad} (an empty host at character {at})")
+            if first is None:
+                first = "".join(parts)
+            parts = []
+        elif m.group("range"):
+            lows = []
+            for item in token[1:-1].split(","):
+                r = _SLURM_RANGE.fullmatch(item)
+                if not r:
+                    raise ValueError(f"{bad} (range {_cut(item)} is not N or N-M in digits, at character {at})")
+                if r.group(2) is not None and not _digits_le(r.group(1), r.group(2)):
+                    raise ValueError(f"{bad} (range {_cut(item)} ends below its start, at character {at})")
+                lows.append(r.group(1))
+            parts.append(lows[0])
+        elif token in "[]":
+            raise ValueError(f"{bad} (an unbalanced or nested {token!r} at character {at})")
+        else:
+            raise ValueError(f"{bad} (character {token!r} at {at})")
+    assert first is not None  # the text is not empty: its last group ended at the added ","
+    if len(first) > _SLURM_HOST_MAX:
+        raise ValueError(f"{shown}: its first host {_cut(first)} is longer than a host name can be "
+                         f"({_SLURM_HOST_MAX} characters)")
+    return first
+
+
+def _first_present(*names: str) -> Optional[str]:
+    """The first of ``names`` set in the environment (even to ''), else None."""
+    return next((n for n in names if n in os.environ), None)
+
+
+def _slurm_master(world: int) -> Dict[str, str]:
+    """MASTER_ADDR/MASTER_PORT for a SLURM job of ``world`` > 1 processes, only those unset.
+
+    MASTER_ADDR: the first host of SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST,
+    else SLURM_NODELIST (rank 0 of a step runs there).  MASTER_PORT:
+    ``10000 + SLURM_JOB_ID % 50000``, the same on every rank.  A variable that
+    is needed and present but unusable raises ValueError naming it; one that is
+    absent leaves its value unset.
+    """
+    env = os.environ
+    under_slurm = bool(env.get("SLURM_PROCID", "").strip() or env.get("SLURM_JOB_ID", "").strip()
+                       or env.get("SLURM_JOBID", "").strip())
+    if world <= 1 or not under_slurm:
+        return {}
+    values = {}
+    if not env.get("MASTER_ADDR", "").strip():
+        name = _first_present("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+        if name is not None:
+            values["MASTER_ADDR"] = _slurm_first_host(name, env[name])
+    if not env.get("MASTER_PORT", "").strip():
+        name = _first_present("SLURM_JOB_ID", "SLURM_JOBID")
+        if name is not None:
+            raw = env[name]
+            job = _checked_int(raw, f"environment variable {name}={_cut(raw)} (the SLURM job id)",
+                               1, _SLURM_MAX_JOB_ID)
+            values["MASTER_PORT"] = str(_SLURM_PORT_BASE + job % _SLURM_PORT_SPAN)
+    return values
+
+
 class _LauncherEnv(NamedTuple):
     launcher: str  # "torchrun", "SLURM", "Open MPI" or "none"
     rank: int
@@ -261,19 +366,29 @@ def get_free_port() -> int:
 
 
 def fix_unset_envs() -> None:
-    """Fill the torchrun variables for a plain ``python script.py`` run.
+    """Fill the unset torchrun variables (RANK, ..., MASTER_ADDR, MASTER_PORT) from the launcher's.
 
-    When no launcher variable is set (one process): RANK=0, WORLD_SIZE=1,
-    LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR=127.0.0.1 and MASTER_PORT=a
-    free port, each only when unset.  Under SLURM or Open MPI the torchrun
-    variables are filled from that launcher's values; MASTER_ADDR/MASTER_PORT
-    are then left to the job script (every rank must agree on them).
+    A variable already set (not blank) is never changed.  When no launcher
+    variable is set (one process): RANK=0, WORLD_SIZE=1, LOCAL_RANK=0,
+    LOCAL_WORLD_SIZE=1, MASTER_ADDR=127.0.0.1 and MASTER_PORT=a free port.
+    Under SLURM or Open MPI the first four come from that launcher.  Under
+    SLURM (SLURM_PROCID or SLURM_JOB_ID set) with more than one process,
+    MASTER_ADDR is the first host of SLURM_STEP_NODELIST, else
+    SLURM_JOB_NODELIST, else SLURM_NODELIST, and MASTER_PORT is
+    ``10000 + SLURM_JOB_ID % 50000``: every rank computes the same pair.  Two
+    jobs whose ids differ by a multiple of 50000, or two steps of one job,
+    sharing that first node would collide on the port: set MASTER_PORT then.
+    Otherwise MASTER_ADDR/MASTER_PORT for several processes are left to the
+    job script.  A SLURM value that is needed but unusable raises ValueError
+    naming it, before any variable is set.
     """
     launcher, rank, local, world, local_world = _launcher_env()
+    master = _slurm_master(world)
     values = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": local_world}
     for name, value in values.items():
         if not os.environ.get(name, "").strip():
             os.environ[name] = str(value)
+    os.environ.update(master)
     if world == 1:
         if not os.environ.get("MASTER_ADDR", "").strip():
             os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -409,7 +524,8 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
     Without ``fn``: one process with no MASTER_ADDR is a no-op (the collectives
     here are then identities); otherwise the default process group is made with
     NCCL when CUDA is usable (after ``torch.cuda.set_device(local_rank())``),
-    gloo on CPU, through ``env://`` (MASTER_ADDR, MASTER_PORT).  Already
+    gloo on CPU, through ``env://`` (MASTER_ADDR, MASTER_PORT; under SLURM the
+    unset ones are first set as :func:`fix_unset_envs` does).  Already
     initialised: nothing is done.  ``timeout`` (seconds or timedelta) bounds the
     rendezvous and every later collective; a rank that never arrives raises
     :class:`DistributedTimeoutError`.
@@ -436,6 +552,7 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
         return None
     env = _launcher_env()
     launcher, rank, world = env.launcher, env.rank, env.world_size
+    os.environ.update(_slurm_master(world))
     master_addr = os.environ.get("MASTER_ADDR", "").strip()
     if world == 1 and not master_addr:
         _STATE["ran"] = True
@@ -444,7 +561,8 @@ def init_distributed(fn: Optional[Callable] = None, *args: Any,
     if not master_addr or not os.environ.get("MASTER_PORT", "").strip():
         raise DistributedError(
             f"init_distributed: {world} processes ({launcher}) but MASTER_ADDR/MASTER_PORT are not set; "
-            "torchrun sets them, under SLURM export them in the job script, e.g. "
+            "torchrun sets them; under SLURM they come from SLURM_JOB_NODELIST and SLURM_JOB_ID, "
+            "else export them in the job script, e.g. "
             "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500")
     port = _int_var("MASTER_PORT", 0, 65535)
     if port == 0 and world > 1:
