@@ -40,9 +40,24 @@ def main():
     model = build(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     engine = mt.TorchEngine(model, opt, lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), clip_grad_norm=0.5)
+    if os.environ.get("PLAIN_DCP"):  # a checkpoint written by plain dcp.save, not by mlutils: weights + 1
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd}, checkpoint_id=os.environ["PLAIN_DCP"])
+        full = wrapped.full_weights(model)  # a collective: every rank gathers
+        if rank == 0:
+            torch.save({"model": full}, out)
+        dist.destroy_process_group()
+        return
     g = torch.Generator().manual_seed(100 + rank)
     data = [(torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)) for _ in range(5)]
     cfg = mt.TrainConfig(iterations=iterations, checkpoint_dir=ckpt, save_frequency=2, keep_last=0, events=events,
+                         resume=os.environ.get("RESUME", "auto"),
                          read_commands=False, progress=False, metrics_stdout=False, handle_signals=False,
                          export_on_quit=True)
     if os.environ.get("LOADED_WEIGHTS"):  # the weights right after resuming, before any step

@@ -375,8 +375,15 @@ class Checkpointer:
         folder = os.path.join(ckdir, f"step-{step:08d}")
         path = os.path.join(folder, _rank_file(self.world, self.rank))
         t0 = time.perf_counter()
+        if os.path.exists(path):
+            # saving a step folder again (after resuming an older checkpoint, or an evaluation cut short):
+            # the old rank file goes first, so a kill midway never leaves a folder that looks complete
+            # while it mixes two writes
+            os.unlink(path)
+            _fsync_dir(folder)
         if files is not None:
             try:
+                self.dist.barrier()  # every rank's old file is gone before any engine file is rewritten
                 os.makedirs(folder, exist_ok=True)
                 files(folder)
             except Exception as exc:

@@ -160,6 +160,17 @@ class Engines:
             if callable(fn):
                 fn(os.path.join(folder, name))
 
+    def load_dcp(self, folder: str) -> None:
+        """A plain torch.distributed.checkpoint folder (not ours) into the one engine that can take it."""
+        able = [(n, e) for n, e in self.engines.items() if callable(getattr(e, "load_dcp", None))]
+        if len(able) != 1:
+            raise CheckpointError(f"{folder} is a torch.distributed.checkpoint folder: it loads into exactly one "
+                                  f"engine with load_dcp (here {[n for n, _ in able]})")
+        try:
+            able[0][1].load_dcp(folder)
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            raise CheckpointError(f"{folder} does not fit engine {able[0][0]!r}: {type(exc).__name__}: {exc}") from exc
+
     def load_files(self, folder: str) -> None:
         """Every engine with files of its own reads them from ``<folder>/<name>`` (all ranks)."""
         for name, e in self.engines.items():
@@ -420,6 +431,11 @@ class TorchEngine:
     def load_files(self, folder: str) -> None:
         if self.has_files():
             wrapped.load_sharded(self.model, self.optimizer, folder)
+
+    def load_dcp(self, folder: str) -> None:
+        """Model (and optimizer, when the folder has it) from a DCP folder written by plain ``dcp.save`` of
+        ``{"model": ..., "optimizer": ...}``, whatever wraps the model."""
+        wrapped.load_sharded(self.model, self.optimizer, folder, partial=True)
 
     def state_dict(self) -> Dict[str, Any]:
         """Model, optimizer (with the model's own names under a wrapper; in the DCP folder when sharded),

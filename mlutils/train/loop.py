@@ -9,7 +9,9 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from .. import distributed
+from . import wrapped
 from .checkpoint import (CHECKPOINT_FORMAT, BestCheckpoints, CheckpointError, Checkpointer, ResumePoint,
+                         _is_complete,
                          write_best_pointer, rng_state, set_rng_state)
 from .commands import Commands, StdinReader, parse, run_command
 from .counters import Counters, OutOfMemoryStop, is_oom
@@ -120,6 +122,11 @@ class _Loop:
             return
         if self.cfg.init_from is not None and self.leader:
             log.info("resuming %s: TrainConfig.init_from is ignored", folder)
+        if wrapped.is_dcp_folder(folder) and not _is_complete(folder):
+            self.engines.load_dcp(folder)  # a plain dcp.save folder (torchtitan's, yours): weights and optimizer
+            log.info("loaded the torch.distributed.checkpoint folder %s; training starts at step %d", folder,
+                     self.engines.global_step)
+            return
         state, path = self.ckpt.read(folder)  # every field checked
         loop = state["loop"]
         skip, epoch_rng = self.data.restore(loop, state.get("sampler"), path, self.leader,

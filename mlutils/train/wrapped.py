@@ -59,15 +59,24 @@ def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=folder)
 
 
-def load_sharded(model: Any, optimizer: Any, folder: str) -> None:
-    """Load a DCP folder (ours or one written by plain ``dcp.save``) into this rank's shards, resharding as
-    DCP does when the world size differs."""
+def load_sharded(model: Any, optimizer: Any, folder: str, partial: bool = False) -> None:
+    """Load a DCP folder (ours or one written by plain ``dcp.save`` of ``{"model": ..., "optimizer": ...}``)
+    into this rank's shards, resharding as DCP does when the world size differs; `partial`: a folder
+    without the optimizer (or with fewer keys) loads what it has."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
 
     msd, osd = model_optim_state(model, optimizer)
     state = {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=folder)
+    dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=partial))
     load_model_optim_state(model, optimizer, state["model"], state["optimizer"])
+
+
+def is_dcp_folder(folder: str) -> bool:
+    """True for a torch.distributed.checkpoint folder (its ``.metadata`` file)."""
+    import os
+
+    return os.path.isfile(os.path.join(folder, ".metadata"))
 
 
 def full_weights(model: Any) -> Dict[str, Any]:
