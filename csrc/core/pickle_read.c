@@ -1,6 +1,7 @@
 /* pickle_read.c: the restricted pickle VM (see pickle_read.h). */
 #include "pickle_read.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "pickle_ops.h"
 
 #include <string.h>
@@ -895,11 +896,6 @@ int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates)
     return 1;
 }
 
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 /* PROTO: protocols up to 5 (no FRAME follows in what torch writes; FRAME is refused). */
 static mlu_status load_proto(pk_run *c)
 {
@@ -948,9 +944,9 @@ static mlu_status load_binint(pk_run *c)
     if (c->op == MLU_PKOP_BININT1)
         v = data[pos];
     else if (c->op == MLU_PKOP_BININT2)
-        v = data[pos] | (data[pos + 1] << 8);
+        v = mlu_le16(data + pos);
     else
-        v = (int32_t)rd32(data + pos);
+        v = (int32_t)mlu_le32(data + pos);
     c->pos += k;
     node = new_node(vm, MLU_PKN_INT);
     if (node == MLU_PK_NONE_ID)
@@ -1023,7 +1019,7 @@ static mlu_status load_string(pk_run *c)
 
     if (c->op == MLU_PKOP_BINUNICODE) {
         NEED(4);
-        n = rd32(c->data + c->pos);
+        n = mlu_le32(c->data + c->pos);
         c->pos += 4;
     } else {
         NEED(1);
@@ -1169,7 +1165,7 @@ static mlu_status load_put(pk_run *c)
     size_t idx, w = c->op == MLU_PKOP_BINPUT ? 1 : 4;
 
     NEED(w);
-    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
     c->pos += w;
     POPN(1);
     if (idx > c->size) {
@@ -1196,7 +1192,7 @@ static mlu_status load_get(pk_run *c)
     size_t idx, w = c->op == MLU_PKOP_BINGET ? 1 : 4;
 
     NEED(w);
-    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
+    idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
     c->pos += w;
     if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
         VM_FAIL(MLU_EFORMAT, c->at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, c->at);

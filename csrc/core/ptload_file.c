@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "pickle_ops.h"
 #include "zipfmt.h"
 #include "zipwrite.h"
@@ -323,15 +324,6 @@ done:
 
 static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id) { return &pt->vm.nodes[id]; }
 
-static int64_t rd64le(const uint8_t *p)
-{
-    uint64_t v = 0;
-    int i;
-    for (i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return (int64_t)v;
-}
-
 static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
 {
     uint32_t lo = 0, hi = pt->vm.n_storages;
@@ -476,7 +468,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         if ((st = mlu_rd_read(&pt->rd, pos, cbuf, 8, "a legacy storage count", err)) != MLU_OK)
             goto done;
         st = MLU_EFORMAT;
-        count = rd64le(cbuf);
+        count = (int64_t)mlu_le64(cbuf);
         if (count < 0 || (uint64_t)count != ps->legacy_numel) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage '%.*s' holds %lld elements, the pickle says %llu",
                           (int)k->u.s.n, k->u.s.p, (long long)count, (unsigned long long)ps->legacy_numel);
@@ -517,8 +509,7 @@ mlu_status mlu_pt_open(mlu_pt *pt, const mlu_rd *rd, int verify, mlu_error *err)
     pt->rd = *rd;
     if (rd->size >= 4 && (st = mlu_rd_read(rd, 0, magic, 4, "the file magic", err)) != MLU_OK)
         goto done;
-    if (rd->size >= 4 && ((uint32_t)magic[0] | (uint32_t)magic[1] << 8 | (uint32_t)magic[2] << 16 |
-                          (uint32_t)magic[3] << 24) == MLU_ZIP_LFH_SIG) {
+    if (rd->size >= 4 && mlu_le32(magic) == MLU_ZIP_LFH_SIG) {
         pt->is_zip = 1;
         st = open_zip(pt, verify, err);
     } else {

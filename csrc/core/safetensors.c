@@ -3,6 +3,7 @@
 #include "safetensors.h"
 #include "alloc.h"
 #include "atomicfile.h"
+#include "bytes.h"
 #include "file.h"
 #include "json.h"
 
@@ -573,7 +574,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
     numbers nums = {NULL, 0, 0};
     uint8_t *copy = NULL;        /* the header with numbers rewritten, when it had to be */
     uint64_t n = 0;
-    size_t bad, i, cap;
+    size_t bad, cap;
     const char *key;
     size_t klen;
     json_t *val;
@@ -586,8 +587,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
                            size);
         goto error;
     }
-    for (i = 0; i < 8; i++)
-        n |= (uint64_t)data[i] << (8 * i);
+    n = mlu_le64(data);
     if (n > MLU_ST_MAX_HEADER) {
         st = mlu_error_set(err, MLU_EFORMAT, 0,
                            "header too large: it declares %" PRIu64 " bytes, the limit is %u", n,
@@ -939,7 +939,6 @@ mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error
     uint8_t prefix[8] = {0};
     uint8_t *head = NULL;
     uint64_t n = 0;
-    size_t k;
 
     memset(h, 0, sizeof(*h));
     if (size < 8) {
@@ -948,8 +947,7 @@ mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error
     }
     if ((st = mlu_file_read_at(fd, 0, prefix, 8, "the header length", err)) != MLU_OK)
         goto done;
-    for (k = 0; k < 8; k++)
-        n |= (uint64_t)prefix[k] << (8 * k);
+    n = mlu_le64(prefix);
     if (n > MLU_ST_MAX_HEADER || 8 + n > size) {
         st = mlu_st_parse(prefix, size, h, err); /* refused from the 8 bytes alone */
         goto done;

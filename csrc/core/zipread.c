@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "zipread.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "file.h"
 #include "zipfmt.h"
 
@@ -20,13 +21,6 @@
 /* DEFLATE cannot expand beyond about 1032:1; a declared size above this is a bomb. */
 #define DEFLATE_MAX_RATIO 1032u
 
-static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
-
 /* Reads the zip64 extra (id 1) of a central entry: only the fields whose
  * 32-bit value is saturated are present, in the order usize, csize, offset. */
 static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t where, mlu_zip_entry *e,
@@ -36,7 +30,7 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
     size_t pos = 0;
 
     while (pos + MLU_ZIP_EXTRA_HEAD <= ex_len) {
-        uint16_t id = rd16(ex + pos), len = rd16(ex + pos + 2);
+        uint16_t id = mlu_le16(ex + pos), len = mlu_le16(ex + pos + 2);
         const uint8_t *f = ex + pos + MLU_ZIP_EXTRA_HEAD;
         size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
 
@@ -49,9 +43,9 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
                 st = mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short at byte %lld", (long long)where);
                 goto done;
             }
-            if (need_u) { e->usize = rd64(f + k); k += 8; }
-            if (need_c) { e->csize = rd64(f + k); k += 8; }
-            if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
+            if (need_u) { e->usize = mlu_le64(f + k); k += 8; }
+            if (need_c) { e->csize = mlu_le64(f + k); k += 8; }
+            if (need_o) { e->lfh_offset = mlu_le64(f + k); k += 8; }
             goto done;
         }
         pos += MLU_ZIP_EXTRA_HEAD + (size_t)len;
@@ -216,8 +210,8 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
     /* scan backwards for the EOCD whose comment ends within the file */
     lo = tail_len > EOCD_SIZE + 0xFFFFu ? tail_len - EOCD_SIZE - 0xFFFFu : 0;
     for (i = tail_len - EOCD_SIZE + 1; i-- > lo;) {
-        if (rd32(tail + i) == MLU_ZIP_EOCD_SIG &&
-            i + EOCD_SIZE + rd16(tail + i + 20) <= tail_len) {
+        if (mlu_le32(tail + i) == MLU_ZIP_EOCD_SIG &&
+            i + EOCD_SIZE + mlu_le16(tail + i + 20) <= tail_len) {
             eocd = tail_start + i;
             found = 1;
             break;
@@ -230,19 +224,19 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
     }
     {
         const uint8_t *ep = tail + (eocd - tail_start);
-        if (rd16(ep + 4) != 0 || rd16(ep + 6) != 0) {
+        if (mlu_le16(ep + 4) != 0 || mlu_le16(ep + 6) != 0) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "multi-disk zip archives are not supported");
             goto error;
         }
-        count = rd16(ep + 10);
-        cd_size = rd32(ep + 12);
-        cd_off = rd32(ep + 16);
+        count = mlu_le16(ep + 10);
+        cd_size = mlu_le32(ep + 12);
+        cd_off = mlu_le32(ep + 16);
     }
     /* the locator, when present, lies in the tail (TAIL_MAX leaves room for it) */
-    if (eocd >= tail_start + LOCATOR_SIZE && rd32(tail + (eocd - tail_start) - LOCATOR_SIZE) == MLU_ZIP_LOC64_SIG) {
+    if (eocd >= tail_start + LOCATOR_SIZE && mlu_le32(tail + (eocd - tail_start) - LOCATOR_SIZE) == MLU_ZIP_LOC64_SIG) {
         uint64_t loc_at = eocd - LOCATOR_SIZE;
-        uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
-        if (rd32(tail + (loc_at - tail_start) + 4) != 0 || rd32(tail + (loc_at - tail_start) + 16) != 1) {
+        uint64_t off64 = mlu_le64(tail + (loc_at - tail_start) + 8);
+        if (mlu_le32(tail + (loc_at - tail_start) + 4) != 0 || mlu_le32(tail + (loc_at - tail_start) + 16) != 1) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "multi-disk zip archives are not supported (zip64 locator)");
             goto error;
         }
@@ -254,19 +248,19 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if ((st = mlu_rd_read(rd, off64, e64, EOCD64_MIN, "the zip64 end record", err)) != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (rd32(e64) != MLU_ZIP_EOCD64_SIG) {
+        if (mlu_le32(e64) != MLU_ZIP_EOCD64_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
                           (unsigned long long)off64);
             goto error;
         }
-        if (rd32(e64 + 16) != 0 || rd32(e64 + 20) != 0) {
+        if (mlu_le32(e64 + 16) != 0 || mlu_le32(e64 + 20) != 0) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "multi-disk zip archives are not supported (zip64 end record)");
             goto error;
         }
-        count = rd64(e64 + 32);
-        cd_size = rd64(e64 + 40);
-        cd_off = rd64(e64 + 48);
-        if (rd64(e64 + 24) != count) {
+        count = mlu_le64(e64 + 32);
+        cd_size = mlu_le64(e64 + 40);
+        cd_off = mlu_le64(e64 + 48);
+        if (mlu_le64(e64 + 24) != count) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
             goto error;
         }
@@ -316,20 +310,20 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         uint32_t c32, u32, o32;
         size_t nl, xl, cl;
 
-        if (cd_size - pos < CDH_SIZE || rd32(h) != MLU_ZIP_CDH_SIG) {
+        if (cd_size - pos < CDH_SIZE || mlu_le32(h) != MLU_ZIP_CDH_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu at byte %llu is corrupt", i,
                           (unsigned long long)at);
             goto error;
         }
-        e->flags = rd16(h + 8);
-        e->method = rd16(h + 10);
-        e->crc = rd32(h + 16);
-        c32 = rd32(h + 20);
-        u32 = rd32(h + 24);
-        nl = rd16(h + 28);
-        xl = rd16(h + 30);
-        cl = rd16(h + 32);
-        o32 = rd32(h + 42);
+        e->flags = mlu_le16(h + 8);
+        e->method = mlu_le16(h + 10);
+        e->crc = mlu_le32(h + 16);
+        c32 = mlu_le32(h + 20);
+        u32 = mlu_le32(h + 24);
+        nl = mlu_le16(h + 28);
+        xl = mlu_le16(h + 30);
+        cl = mlu_le16(h + 32);
+        o32 = mlu_le32(h + 42);
         if (cd_size - pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu runs past the directory", i);
             goto error;
@@ -344,14 +338,14 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if (st != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (rd16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
+        if (mlu_le16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is on disk %u: multi-disk archives are not supported",
-                          (int)nl, e->name, rd16(h + 34));
+                          (int)nl, e->name, mlu_le16(h + 34));
             goto error;
         }
         /* torch's miniz takes a record whose MS-DOS attributes say "directory" for one, and
          * hands back bytes it never read: refuse it rather than differ */
-        if (rd32(h + 38) & 0x10u) {
+        if (mlu_le32(h + 38) & 0x10u) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is marked as a directory (external attributes)",
                           (int)nl, e->name);
             goto error;
@@ -384,13 +378,13 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         if ((st = mlu_rd_read(rd, e->lfh_offset, lfh, LFH_SIZE + nl, "a local file header", err)) != MLU_OK)
             goto error;
         st = MLU_EFORMAT;
-        if (rd32(lfh) != MLU_ZIP_LFH_SIG) {
+        if (mlu_le32(lfh) != MLU_ZIP_LFH_SIG) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header at byte %llu", (int)nl,
                           e->name, (unsigned long long)e->lfh_offset);
             goto error;
         }
-        e->data_offset = e->lfh_offset + LFH_SIZE + rd16(lfh + 26) + rd16(lfh + 28);
-        if (rd16(lfh + 26) != nl || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, nl) != 0) {
+        e->data_offset = e->lfh_offset + LFH_SIZE + mlu_le16(lfh + 26) + mlu_le16(lfh + 28);
+        if (mlu_le16(lfh + 26) != nl || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, nl) != 0) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
                           (int)nl, e->name);
             goto error;

@@ -1,0 +1,27 @@
+/* bytes.h: what the format readers do to raw bytes, in one place:
+ * little-endian reads of fixed-width integers (zip records, pickle opcodes,
+ * the safetensors header length, legacy .pt counts). */
+#ifndef MLU_BYTES_H
+#define MLU_BYTES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The unsigned little-endian integer in p[0..2), p[0..4) or p[0..8) (p need
+ * not be aligned; the caller has checked that the bytes are there). */
+static inline uint16_t mlu_le16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static inline uint32_t mlu_le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline uint64_t mlu_le64(const uint8_t *p)
+{
+    return (uint64_t)mlu_le32(p) | ((uint64_t)mlu_le32(p + 4) << 32);
+}
+
+#endif
