@@ -1,6 +1,7 @@
 /* bytes.h: what the format readers do to raw bytes, in one place:
  * little-endian reads of fixed-width integers (zip records, pickle opcodes,
- * the safetensors header length, legacy .pt counts). */
+ * the safetensors header length, legacy .pt counts) and UTF-8 validation
+ * (safetensors headers, pickle strings, .pt records). */
 #ifndef MLU_BYTES_H
 #define MLU_BYTES_H
 
@@ -23,5 +24,11 @@ static inline uint64_t mlu_le64(const uint8_t *p)
 {
     return (uint64_t)mlu_le32(p) | ((uint64_t)mlu_le32(p + 4) << 32);
 }
+
+/* The index of the first byte of p[0..n) that does not start a valid UTF-8
+ * sequence (shortest form, at most U+10FFFF), or n when all of it is valid.
+ * Encoded surrogates (U+D800..U+DFFF) are valid only with `surrogates`
+ * (Python's "surrogatepass", as torch decodes pickle BINUNICODE). */
+size_t mlu_utf8_invalid_at(const uint8_t *p, size_t n, int surrogates);
 
 #endif

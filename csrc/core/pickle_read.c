@@ -856,46 +856,6 @@ error:                                                                          
 done:                                                                                                   \
     return st
 
-/* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
- * surrogates only with `surrogates` (Python's "surrogatepass"). */
-int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates)
-{
-    size_t i = 0, k, j;
-    uint32_t c;
-
-    while (i < n) {
-        uint8_t b = p[i];
-        if (b < 0x80) {
-            i++;
-            continue;
-        }
-        if (b >= 0xC2 && b <= 0xDF) {
-            k = 1;
-            c = b & 0x1Fu;
-        } else if (b >= 0xE0 && b <= 0xEF) {
-            k = 2;
-            c = b & 0x0Fu;
-        } else if (b >= 0xF0 && b <= 0xF4) {
-            k = 3;
-            c = b & 0x07u;
-        } else {
-            return 0;
-        }
-        if (n - i - 1 < k)
-            return 0;
-        for (j = 1; j <= k; j++) {
-            if ((p[i + j] & 0xC0) != 0x80)
-                return 0;
-            c = (c << 6) | (p[i + j] & 0x3Fu);
-        }
-        if ((k == 2 && c < 0x800) || (k == 3 && (c < 0x10000 || c > 0x10FFFF)) ||
-            (!surrogates && c >= 0xD800 && c <= 0xDFFF))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
-}
-
 /* PROTO: protocols up to 5 (no FRAME follows in what torch writes; FRAME is refused). */
 static mlu_status load_proto(pk_run *c)
 {
@@ -1028,7 +988,7 @@ static mlu_status load_string(pk_run *c)
     NEED(n);
     /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
      * UTF-8 while unpickling: every string, used or not */
-    if (!mlu_pk_utf8_valid(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE)) {
+    if (mlu_utf8_invalid_at(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE) != n) {
         VM_FAIL(MLU_EFORMAT, c->at, "string at byte %zu is not valid UTF-8", c->at);
         goto error;
     }

@@ -232,7 +232,7 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
         if ((st = small_record(pt, sid, idbuf, sizeof(idbuf), err)) != MLU_OK)
             goto done;
         st = MLU_EFORMAT;
-        if (!mlu_pk_utf8_valid((const uint8_t *)idbuf, (size_t)sid->usize, 0)) {
+        if (mlu_utf8_invalid_at((const uint8_t *)idbuf, (size_t)sid->usize, 0) != (size_t)sid->usize) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
             goto done;
         }

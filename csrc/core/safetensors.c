@@ -90,46 +90,6 @@ static char *dup_bytes(const char *s, size_t n)
     return p;
 }
 
-/* Index of the first byte that is not valid UTF-8, or n when all is valid. */
-static size_t utf8_invalid_at(const uint8_t *s, size_t n)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len, k;
-        uint32_t cp;
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xC2 && c <= 0xDF) {
-            len = 2;
-            cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            len = 3;
-            cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return i;
-        }
-        if (n - i < len)
-            return i;
-        for (k = 1; k < len; k++) {
-            if ((s[i + k] & 0xC0) != 0x80)
-                return i;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-            (cp >= 0xD800 && cp <= 0xDFFF))
-            return i;
-        i += len;
-    }
-    return n;
-}
-
 static const char *json_kind(const json_t *v)
 {
     switch (json_typeof(v)) {
@@ -603,7 +563,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
     }
     h->header_len = n;
     h->data_start = 8 + n;
-    bad = utf8_invalid_at(data + 8, (size_t)n);
+    bad = mlu_utf8_invalid_at(data + 8, (size_t)n, 0);
     if (bad != (size_t)n) {
         st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(8 + bad),
                            "header is not valid UTF-8 (byte offset %" PRIu64 ")",

@@ -1,6 +1,6 @@
 #define _GNU_SOURCE
 /* Unit tests of the shared core pieces: buffer, JSON helpers, atomic files,
- * checksum, allocation-failure injection. */
+ * checksum, allocation-failure injection, byte reads and UTF-8. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -12,6 +12,7 @@
 #include "core/alloc.h"
 #include "core/atomicfile.h"
 #include "core/buf.h"
+#include "core/bytes.h"
 #include "core/checksum.h"
 #include "core/json.h"
 
@@ -331,6 +332,44 @@ static void test_checksum(void)
     CHECK(mlu_checksum64(b, 0) == 0);
 }
 
+static void test_le_reads(void)
+{
+    static const uint8_t b[8] = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xF8};
+    CHECK(mlu_le16(b) == 0x0201u);
+    CHECK(mlu_le32(b) == 0x04030201u);
+    CHECK(mlu_le32(b + 4) == 0xF8070605u);
+    CHECK(mlu_le64(b) == 0xF807060504030201ull);
+}
+
+/* Each case: the bytes, and where the first invalid sequence starts (strict,
+ * then with surrogates allowed); the length when it is all valid. */
+static void test_utf8(void)
+{
+    static const struct { const char *s; size_t n, strict, lax; } cases[] = {
+        {"", 0, 0, 0},
+        {"abc", 3, 3, 3},
+        {"a\xc3\xa9" "b", 4, 4, 4},                      /* U+00E9 */
+        {"\xe2\x82\xac", 3, 3, 3},                    /* U+20AC */
+        {"\xf0\x9f\x98\x80!", 5, 5, 5},              /* U+1F600 */
+        {"ab\x80", 3, 2, 2},                           /* a lone continuation byte */
+        {"\xc0\x80", 2, 0, 0},                         /* overlong NUL */
+        {"\xe0\x80\xaf", 3, 0, 0},                     /* overlong '/' */
+        {"\xf0\x82\x82\xac", 4, 0, 0},                 /* overlong U+20AC */
+        {"\xf4\x90\x80\x80", 4, 0, 0},                 /* above U+10FFFF */
+        {"x\xed\xa0\x80", 4, 1, 4},                    /* a surrogate: only with surrogatepass */
+        {"\xc3", 1, 0, 0},                              /* cut short */
+        {"z\xe2\x82", 3, 1, 1},
+        {"\xc3(", 2, 0, 0},                             /* not a continuation */
+        {"\xff", 1, 0, 0},
+    };
+    size_t i;
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const uint8_t *p = (const uint8_t *)cases[i].s;
+        CHECK(mlu_utf8_invalid_at(p, cases[i].n, 0) == cases[i].strict);
+        CHECK(mlu_utf8_invalid_at(p, cases[i].n, 1) == cases[i].lax);
+    }
+}
+
 int main(void)
 {
     test_put_string();
@@ -342,5 +381,7 @@ int main(void)
     test_grow();
     test_parse_out_of_memory();
     test_checksum();
+    test_le_reads();
+    test_utf8();
     return TEST_DONE("test_core");
 }
