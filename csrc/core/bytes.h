@@ -1,7 +1,9 @@
 /* bytes.h: what the format readers do to raw bytes, in one place:
  * little-endian reads of fixed-width integers (zip records, pickle opcodes,
- * the safetensors header length, legacy .pt counts) and UTF-8 validation
- * (safetensors headers, pickle strings, .pt records). */
+ * the safetensors header length, legacy .pt counts), UTF-8 validation
+ * (safetensors headers, pickle strings, .pt records), and ordering names
+ * (zip record names, pickle storage keys): one comparison of byte strings
+ * and one sort of an index array by it. */
 #ifndef MLU_BYTES_H
 #define MLU_BYTES_H
 
@@ -30,5 +32,17 @@ static inline uint64_t mlu_le64(const uint8_t *p)
  * Encoded surrogates (U+D800..U+DFFF) are valid only with `surrogates`
  * (Python's "surrogatepass", as torch decodes pickle BINUNICODE). */
 size_t mlu_utf8_invalid_at(const uint8_t *p, size_t n, int surrogates);
+
+/* <0, 0 or >0 as a[0..an) sorts before, equal to or after b[0..bn): bytes
+ * compared unsigned, a prefix first (memcmp order, then length). */
+int mlu_bytes_cmp(const void *a, size_t an, const void *b, size_t bn);
+
+/* Compares the things indices x and y stand for, as mlu_bytes_cmp does. */
+typedef int (*mlu_index_cmp)(const void *ctx, size_t x, size_t y);
+
+/* Sorts the indices v[0..n) so that cmp(ctx, v[i], v[i + 1]) <= 0: a heap
+ * sort in place (no allocation, no global state, O(n log n) whatever the
+ * input; not stable). */
+void mlu_sort_indices(size_t *v, size_t n, mlu_index_cmp cmp, const void *ctx);
 
 #endif

@@ -1370,33 +1370,22 @@ done:
 
 static int key_cmp(const mlu_pk_pid *a, const mlu_pk_pid *b)
 {
-    size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
-    int c = memcmp(a->key, b->key, n);
-    if (c != 0)
-        return c;
-    return a->key_len < b->key_len ? -1 : a->key_len > b->key_len;
+    return mlu_bytes_cmp(a->key, a->key_len, b->key, b->key_len);
 }
 
-static void sift_pids(const mlu_pk_pid *p, uint32_t *v, size_t root, size_t n)
+/* The order of pids x and y by key (an mlu_index_cmp over vm->pids). */
+static int pid_cmp(const void *ctx, size_t x, size_t y)
 {
-    for (;;) {
-        size_t c = 2 * root + 1, big = root;
-        uint32_t t;
-        if (c < n && key_cmp(&p[v[c]], &p[v[big]]) > 0)
-            big = c;
-        if (c + 1 < n && key_cmp(&p[v[c + 1]], &p[v[big]]) > 0)
-            big = c + 1;
-        if (big == root)
-            return;
-        t = v[root]; v[root] = v[big]; v[big] = t;
-        root = big;
-    }
+    const mlu_pk_pid *pids = ctx;
+
+    return key_cmp(&pids[x], &pids[y]);
 }
 
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
 {
     mlu_status st = MLU_OK;
-    uint32_t *order = NULL, i, j, t;
+    size_t *order = NULL; /* owned: pid indices sorted by key */
+    uint32_t i, j;
     size_t k;
 
     mlu_free(vm->storages);
@@ -1404,7 +1393,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     vm->n_storages = 0;
     if (vm->n_pids == 0)
         goto done;
-    order = mlu_calloc(vm->n_pids, sizeof(uint32_t));
+    order = mlu_calloc(vm->n_pids, sizeof(*order));
     vm->storages = mlu_calloc(vm->n_pids, sizeof(*vm->storages));
     if (order == NULL || vm->storages == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %u storages", vm->n_pids);
@@ -1413,15 +1402,10 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     for (i = 0; i < vm->n_pids; i++)
         order[i] = i;
     /* stable merge not needed: the first pid (lowest byte offset) is found by scanning each group */
-    for (k = vm->n_pids / 2; k-- > 0;)
-        sift_pids(vm->pids, order, k, vm->n_pids);
-    for (k = vm->n_pids; k-- > 1;) {
-        t = order[0]; order[0] = order[k]; order[k] = t;
-        sift_pids(vm->pids, order, 0, k);
-    }
+    mlu_sort_indices(order, vm->n_pids, pid_cmp, vm->pids);
     for (i = 0; i < vm->n_pids; i = j) {
         mlu_pk_pid *first = &vm->pids[order[i]];
-        uint32_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
+        size_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
         mlu_pk_storage *s = &vm->storages[vm->n_storages];
         for (j = i; j < vm->n_pids && key_cmp(&vm->pids[order[j]], first) == 0; j++) {
             mlu_pk_pid *p = &vm->pids[order[j]];

@@ -330,10 +330,7 @@ static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
         const mlu_pk_storage *s = &pt->vm.storages[mid];
-        size_t n = s->key_len < len ? s->key_len : len;
-        int c = memcmp(s->key, key, n);
-        if (c == 0)
-            c = s->key_len < len ? -1 : s->key_len > len;
+        int c = mlu_bytes_cmp(s->key, s->key_len, key, len);
         if (c == 0)
             return mid;
         if (c < 0)

@@ -57,41 +57,13 @@ done:
     return st;
 }
 
-static int cmp_names(const mlu_zip *z, size_t a, size_t b)
+/* The order of records a and b by name (an mlu_index_cmp over a zip). */
+static int cmp_names(const void *ctx, size_t a, size_t b)
 {
+    const mlu_zip *z = ctx;
     const mlu_zip_entry *x = &z->entries[a], *y = &z->entries[b];
-    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
-    int c = memcmp(x->name, y->name, n);
-    if (c != 0)
-        return c;
-    return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
-}
 
-/* Heap sort of the index array (no global state, so no qsort_r needed). */
-static void sift(const mlu_zip *z, size_t *v, size_t root, size_t n)
-{
-    for (;;) {
-        size_t child = 2 * root + 1, big = root, t;
-        if (child < n && cmp_names(z, v[child], v[big]) > 0)
-            big = child;
-        if (child + 1 < n && cmp_names(z, v[child + 1], v[big]) > 0)
-            big = child + 1;
-        if (big == root)
-            return;
-        t = v[root]; v[root] = v[big]; v[big] = t;
-        root = big;
-    }
-}
-
-static void sort_names(const mlu_zip *z, size_t *v, size_t n)
-{
-    size_t i, t;
-    for (i = n / 2; i-- > 0;)
-        sift(z, v, i, n);
-    for (i = n; i-- > 1;) {
-        t = v[0]; v[0] = v[i]; v[i] = t;
-        sift(z, v, 0, i);
-    }
+    return mlu_bytes_cmp(x->name, x->name_len, y->name, y->name_len);
 }
 
 void mlu_rd_mem(mlu_rd *r, const uint8_t *data, size_t size)
@@ -398,7 +370,7 @@ mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
         pos += CDH_SIZE + nl + xl + cl;
     }
     z->count = (size_t)count;
-    sort_names(z, z->sorted, z->count);
+    mlu_sort_indices(z->sorted, z->count, cmp_names, z);
     for (i = 1; i < z->count; i++) {
         if (cmp_names(z, z->sorted[i - 1], z->sorted[i]) == 0) {
             const mlu_zip_entry *e = &z->entries[z->sorted[i]];
@@ -436,10 +408,7 @@ const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
         const mlu_zip_entry *e = &z->entries[z->sorted[mid]];
-        size_t n = e->name_len < len ? e->name_len : len;
-        int c = memcmp(e->name, name, n);
-        if (c == 0)
-            c = e->name_len < len ? -1 : e->name_len > len;
+        int c = mlu_bytes_cmp(e->name, e->name_len, name, len);
         if (c == 0)
             return e;
         if (c < 0)

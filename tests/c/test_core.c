@@ -1,6 +1,6 @@
 #define _GNU_SOURCE
 /* Unit tests of the shared core pieces: buffer, JSON helpers, atomic files,
- * checksum, allocation-failure injection, byte reads and UTF-8. */
+ * checksum, allocation-failure injection, byte reads, UTF-8, index sort. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -370,6 +370,50 @@ static void test_utf8(void)
     }
 }
 
+static void test_bytes_cmp(void)
+{
+    CHECK(mlu_bytes_cmp("ab", 2, "ab", 2) == 0);
+    CHECK(mlu_bytes_cmp("ab", 2, "abc", 3) < 0);
+    CHECK(mlu_bytes_cmp("abc", 3, "ab", 2) > 0);
+    CHECK(mlu_bytes_cmp("b", 1, "ab", 2) > 0);
+    CHECK(mlu_bytes_cmp("\xff", 1, "\x01", 1) > 0); /* unsigned bytes */
+    CHECK(mlu_bytes_cmp("", 0, "", 0) == 0);
+}
+
+static int cmp_u32(const void *ctx, size_t x, size_t y)
+{
+    const uint32_t *keys = ctx;
+    return keys[x] < keys[y] ? -1 : keys[x] > keys[y];
+}
+
+/* Random keys (many repeated) of every length up to 70: sorted, and each
+ * index once. */
+static void test_sort_indices(void)
+{
+    uint32_t keys[70];
+    size_t v[70], n, i;
+    uint64_t rng = 0x9E3779B97F4A7C15ull;
+    int sorted = 1, perm = 1;
+
+    for (n = 0; n <= 70; n++) {
+        unsigned seen[70] = {0};
+        for (i = 0; i < n; i++) {
+            keys[i] = (uint32_t)(mlu_test_rand(&rng) % (n / 3 + 1));
+            v[i] = i;
+        }
+        mlu_sort_indices(v, n, cmp_u32, keys);
+        for (i = 0; i < n; i++) {
+            seen[v[i]]++;
+            if (i > 0 && keys[v[i - 1]] > keys[v[i]])
+                sorted = 0;
+        }
+        for (i = 0; i < n; i++)
+            perm &= seen[i] == 1;
+    }
+    CHECK(sorted);
+    CHECK(perm);
+}
+
 int main(void)
 {
     test_put_string();
@@ -383,5 +427,7 @@ int main(void)
     test_checksum();
     test_le_reads();
     test_utf8();
+    test_bytes_cmp();
+    test_sort_indices();
     return TEST_DONE("test_core");
 }
