@@ -153,114 +153,131 @@ done:
     return st;
 }
 
-static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
+/* The archive's records all lie in one folder, <prefix>/ (torch's archive
+ * name), and none is TorchScript's: sets *prefix and *pl (borrowed from the
+ * first record's name). */
+static mlu_status check_archive_prefix(const mlu_pt *pt, const char **prefix, size_t *pl, mlu_error *err)
 {
-    mlu_status st = MLU_EFORMAT;
-    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo, *sid;
-    const char *prefix, *slash;
-    size_t pl, i, ppos = 0;
-    const uint8_t *pickle;
-    char small[64];
-    unsigned long version = 0;
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *e0 = &pt->zip.entries[0];
+    const char *slash = memchr(e0->name, '/', e0->name_len);
+    size_t i;
 
-    st = mlu_zip_open(&pt->zip, &pt->rd, err);
-    if (st != MLU_OK)
-        goto done;
-    st = MLU_EFORMAT;
-    e0 = &pt->zip.entries[0];
-    prefix = e0->name;
-    slash = memchr(prefix, '/', e0->name_len);
-    if (slash == NULL || slash == prefix) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)e0->lfh_offset, "file in archive is not in a subdirectory: '%.*s'",
-                      (int)e0->name_len, e0->name);
+    if (slash == NULL || slash == e0->name) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e0->lfh_offset, "file in archive is not in a subdirectory: '%.*s'",
+                           (int)e0->name_len, e0->name);
         goto done;
     }
-    pl = (size_t)(slash - prefix);
+    *prefix = e0->name;
+    *pl = (size_t)(slash - e0->name);
     for (i = 0; i < pt->zip.count; i++) {
         const mlu_zip_entry *e = &pt->zip.entries[i];
-        if (e->name_len <= pl + 1 || memcmp(e->name, prefix, pl + 1) != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' is outside the archive prefix '%.*s/'",
-                          (int)e->name_len, e->name, (int)pl, prefix);
+        if (e->name_len <= *pl + 1 || memcmp(e->name, *prefix, *pl + 1) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' is outside the archive prefix '%.*s/'",
+                               (int)e->name_len, e->name, (int)*pl, *prefix);
             goto done;
         }
-        if (e->name_len >= pl + 6 && memcmp(e->name + pl + 1, "code/", 5) == 0) {
+        if (e->name_len >= *pl + 6 && memcmp(e->name + *pl + 1, "code/", 5) == 0) {
             st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)e->lfh_offset,
                                "TorchScript archive (record '%.*s'): refusing to load it as weights", (int)e->name_len, e->name);
             goto done;
         }
     }
-    if (find_record(pt, prefix, pl, "constants.pkl", 13) != NULL) {
+    if (find_record(pt, *prefix, *pl, "constants.pkl", 13) != NULL)
         st = mlu_error_set(err, MLU_EUNSAFE, -1, "TorchScript archive (record 'constants.pkl'): refusing to load it as weights");
-        goto done;
-    }
-    dver = find_record(pt, prefix, pl, ".data/version", 13);
-    ver = find_record(pt, prefix, pl, "version", 7);
+done:
+    return st;
+}
+
+/* The number in the small record e (named `name` in errors) into *version. */
+static mlu_status read_version(const mlu_pt *pt, const mlu_zip_entry *e, const char *name, unsigned long *version,
+                               mlu_error *err)
+{
+    mlu_status st;
+    char small[64];
+
+    if ((st = small_record(pt, e, small, sizeof(small), err)) == MLU_OK && parse_version(small, version) < 0)
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%s' is not a number", name);
+    return st;
+}
+
+/* The archive's version ('.data/version', else 'version'): one this reader
+ * knows, and not TorchScript's. */
+static mlu_status check_archive_version(const mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *dver = find_record(pt, prefix, pl, ".data/version", 13);
+    const mlu_zip_entry *ver = find_record(pt, prefix, pl, "version", 7);
+    unsigned long version = 0;
+
     if (dver != NULL) {
-        if ((st = small_record(pt, dver, small, sizeof(small), err)) != MLU_OK)
+        if ((st = read_version(pt, dver, ".data/version", &version, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (parse_version(small, &version) < 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)dver->lfh_offset, "record '.data/version' is not a number");
-            goto done;
-        }
         if (version >= 6) {
             st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)dver->lfh_offset,
                                "TorchScript archive ('.data/version' = %lu): refusing to load it as weights", version);
             goto done;
         }
-    }
-    if (ver != NULL && dver == NULL) {
-        if ((st = small_record(pt, ver, small, sizeof(small), err)) != MLU_OK)
+    } else if (ver != NULL) {
+        if ((st = read_version(pt, ver, "version", &version, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (parse_version(small, &version) < 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)ver->lfh_offset, "record 'version' is not a number");
-            goto done;
-        }
-    }
-    if (ver == NULL && dver == NULL) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "failed locating file version: the archive has no 'version' record");
+    } else {
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "failed locating file version: the archive has no 'version' record");
         goto done;
     }
-    if (version < 1 || version > MAX_VERSION) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
-        goto done;
-    }
-    sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
-    if (sid != NULL) {  /* torch.load reads it as a str: it must be UTF-8 */
-        char idbuf[256];
+    if (version < 1 || version > MAX_VERSION)
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
+done:
+    return st;
+}
+
+/* The optional small records: '.data/serialization_id' must be UTF-8 (torch
+ * reads it as a str), 'byteorder' 'little' or 'big' (sets pt->big_endian). */
+static mlu_status check_small_records(mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
+    const mlu_zip_entry *bo = find_record(pt, prefix, pl, "byteorder", 9);
+    char idbuf[256], small[64];
+
+    if (sid != NULL) {
         if ((st = small_record(pt, sid, idbuf, sizeof(idbuf), err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
         if (mlu_utf8_invalid_at((const uint8_t *)idbuf, (size_t)sid->usize, 0) != (size_t)sid->usize) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
             goto done;
         }
     }
-    bo = find_record(pt, prefix, pl, "byteorder", 9);
     if (bo != NULL) {
         if ((st = small_record(pt, bo, small, sizeof(small), err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (strcmp(small, "big") == 0) {
+        if (strcmp(small, "big") == 0)
             pt->big_endian = 1;
-        } else if (strcmp(small, "little") != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)bo->lfh_offset, "record 'byteorder' must be 'little' or 'big'");
-            goto done;
-        }
+        else if (strcmp(small, "little") != 0)
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)bo->lfh_offset, "record 'byteorder' must be 'little' or 'big'");
     }
-    pk = find_record(pt, prefix, pl, "data.pkl", 8);
+done:
+    return st;
+}
+
+/* Reads data.pkl into pt->pickle_owned (checked in full with `verify`) and
+ * runs the pickle VM over it: pt->root and the storages it declares. */
+static mlu_status run_data_pkl(mlu_pt *pt, const char *prefix, size_t pl, int verify, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *pk = find_record(pt, prefix, pl, "data.pkl", 8);
+    size_t ppos = 0;
+
     if (pk == NULL) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
         goto done;
     }
     if (verify && (st = mlu_zip_check(&pt->zip, pk, err)) != MLU_OK)
         goto done;
-    st = MLU_EFORMAT;
     /* an owned copy: the pickle's strings point into it */
     if (pk->usize > SIZE_MAX - 1) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)pk->lfh_offset, "record 'data.pkl' is too large (%llu bytes)",
-                      (unsigned long long)pk->usize);
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pk->lfh_offset, "record 'data.pkl' is too large (%llu bytes)",
+                           (unsigned long long)pk->usize);
         goto done;
     }
     pt->pickle_owned = mlu_malloc(pk->usize ? (size_t)pk->usize : 1);
@@ -270,42 +287,50 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     }
     if ((st = mlu_zip_extract(&pt->zip, pk, pt->pickle_owned, err)) != MLU_OK)
         goto done;
-    pickle = pt->pickle_owned;
-    if ((st = mlu_pk_run(&pt->vm, pickle, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, pt->pickle_owned, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
         goto done;
-    if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
-        goto done;
-    st = MLU_EFORMAT;
+    st = mlu_pk_finish(&pt->vm, err);
+done:
+    return st;
+}
+
+/* Finds the record 'data/<key>' of every storage, of the size the pickle
+ * declares, and fills pt->src (each record checked in full with `verify`). */
+static mlu_status resolve_storages(mlu_pt *pt, const char *prefix, size_t pl, int verify, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    char rest[MAX_RECORD_NAME];
+    uint32_t i;
+
     pt->src = mlu_calloc(pt->vm.n_storages ? pt->vm.n_storages : 1, sizeof(*pt->src));
     if (pt->src == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for storages");
         goto done;
     }
+    memcpy(rest, "data/", 5);
     for (i = 0; i < pt->vm.n_storages; i++) {
         const mlu_pk_storage *s = &pt->vm.storages[i];
-        char rest[MAX_RECORD_NAME];
         const mlu_zip_entry *e;
         if (s->key_len + 5 > sizeof(rest)) {
-            mlu_error_set(err, MLU_EFORMAT, -1, "storage key is too long");
+            st = mlu_error_set(err, MLU_EFORMAT, -1, "storage key is too long");
             goto done;
         }
-        memcpy(rest, "data/", 5);
         memcpy(rest + 5, s->key, s->key_len);
         e = find_record(pt, prefix, pl, rest, 5 + s->key_len);
         if (e == NULL) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)s->first_offset, "storage '%.*s' has no record 'data/%.*s' in the archive",
-                          (int)s->key_len, s->key, (int)s->key_len, s->key);
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)s->first_offset, "storage '%.*s' has no record 'data/%.*s' in the archive",
+                               (int)s->key_len, s->key, (int)s->key_len, s->key);
             goto done;
         }
         if (e->usize != s->nbytes) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record size %llu of 'data/%.*s' mismatch with dst size %llu "
-                          "(numel x element size from the pickle)", (unsigned long long)e->usize, (int)s->key_len, s->key,
-                          (unsigned long long)s->nbytes);
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record size %llu of 'data/%.*s' mismatch with dst size %llu "
+                               "(numel x element size from the pickle)", (unsigned long long)e->usize, (int)s->key_len, s->key,
+                               (unsigned long long)s->nbytes);
             goto done;
         }
         if (pt->big_endian && s->swap_unit < 0) {
-            mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage '%.*s' is viewed with element sizes that disagree",
-                          (int)s->key_len, s->key);
+            st = mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage '%.*s' is viewed with element sizes that disagree",
+                               (int)s->key_len, s->key);
             goto done;
         }
         pt->src[i].kind = e->method == 0 ? MLU_PT_SRC_STORED : MLU_PT_SRC_DEFLATED;
@@ -313,11 +338,26 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
         pt->src[i].entry = e;
         if (verify && (st = mlu_zip_check(&pt->zip, e, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
     }
-    if (verify && (st = check_computed_offsets(pt, prefix, pl, err)) != MLU_OK)
+done:
+    return st;
+}
+
+static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
+{
+    mlu_status st;
+    const char *prefix = NULL;  /* borrowed from the first record's name */
+    size_t pl = 0;
+
+    if ((st = mlu_zip_open(&pt->zip, &pt->rd, err)) != MLU_OK ||
+        (st = check_archive_prefix(pt, &prefix, &pl, err)) != MLU_OK ||
+        (st = check_archive_version(pt, prefix, pl, err)) != MLU_OK ||
+        (st = check_small_records(pt, prefix, pl, err)) != MLU_OK ||
+        (st = run_data_pkl(pt, prefix, pl, verify, err)) != MLU_OK ||
+        (st = resolve_storages(pt, prefix, pl, verify, err)) != MLU_OK)
         goto done;
-    st = MLU_OK;
+    if (verify)
+        st = check_computed_offsets(pt, prefix, pl, err);
 done:
     return st;
 }
