@@ -42,8 +42,9 @@ static const struct { const char *module, *name; int id; } allowed_globals[] = {
 /* On torch's weights_only allowlist (torch._weights_only_unpickler.
  * _get_allowed_globals), but not something this loader builds: a GLOBAL of
  * one of these is a TorchFormatError, any other unknown GLOBAL is unsafe.
- * Exact names only: tests/test_ptload_allowlist.py compares this table and
- * the ones above with torch's, both ways. */
+ * Exact names only: tests/test_ptload_allowlist.py compares this table, the
+ * one above and the names the dtype table adds (mlu_pk_allowlist) with
+ * torch's, both ways. */
 static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch.serialization", "_get_layout"},
     {"torch._utils", "_rebuild_qtensor"},
@@ -80,50 +81,75 @@ static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch.cuda.sparse", "CharTensor"}, {"torch.cuda.sparse", "DoubleTensor"},
     {"torch.cuda.sparse", "FloatTensor"}, {"torch.cuda.sparse", "HalfTensor"}, {"torch.cuda.sparse", "IntTensor"},
     {"torch.cuda.sparse", "LongTensor"}, {"torch.cuda.sparse", "ShortTensor"},
-    /* CUDA storage classes (a CPU-only loader) */
-    {"torch.cuda", "BFloat16Storage"}, {"torch.cuda", "BoolStorage"}, {"torch.cuda", "ByteStorage"},
-    {"torch.cuda", "CharStorage"}, {"torch.cuda", "ComplexDoubleStorage"}, {"torch.cuda", "ComplexFloatStorage"},
-    {"torch.cuda", "DoubleStorage"}, {"torch.cuda", "FloatStorage"}, {"torch.cuda", "HalfStorage"},
-    {"torch.cuda", "IntStorage"}, {"torch.cuda", "LongStorage"}, {"torch.cuda", "ShortStorage"},
+    /* and torch.cuda.<storage class> of every legacy storage class of the
+     * dtype table (a CPU-only loader): CUDA_STORAGE_MODULE below */
 };
+
+/* torch.<storage class> is built; torch.cuda.<storage class> is allowed but
+ * unsupported: both sets come from the dtype table's storage_class column. */
+#define CUDA_STORAGE_MODULE "torch.cuda"
 
 #define N_ALLOWED (sizeof(allowed_globals) / sizeof(allowed_globals[0]))
 #define N_UNSUPPORTED (sizeof(allowed_unsupported) / sizeof(allowed_unsupported[0]))
 
+/* The name of the k-th legacy storage class of the dtype table (k = 0, 1,
+ * ...), or NULL past the last; *count is how many there are. */
+static const char *storage_class_at(size_t k, size_t *count)
+{
+    const char *found = NULL;
+    size_t j, seen = 0;
+
+    for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
+        if (mlu_torch_dtypes[j].storage_class == NULL)
+            continue;
+        if (seen++ == k)
+            found = mlu_torch_dtypes[j].storage_class;
+    }
+    *count = seen;
+    return found;
+}
+
 int mlu_pk_allowlist(size_t i, const char **module, const char **name)
 {
-    size_t k = i;
+    int kind = MLU_PK_FORBIDDEN;
+    size_t k = i, n_classes;
+    const char *sc;
+
     if (k < N_ALLOWED) {
         *module = allowed_globals[k].module;
         *name = allowed_globals[k].name;
-        return MLU_PK_ALLOWED;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
     k -= N_ALLOWED;
     if (k < (size_t)MLU_TORCH_N_DTYPES) {
         *module = "torch";
         *name = mlu_torch_dtypes[k].name;
-        return MLU_PK_ALLOWED;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
     k -= (size_t)MLU_TORCH_N_DTYPES;
-    {
-        size_t j, seen = 0;
-        for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
-            if (mlu_torch_dtypes[j].storage_class == NULL)
-                continue;
-            if (seen++ == k) {
-                *module = "torch";
-                *name = mlu_torch_dtypes[j].storage_class;
-                return MLU_PK_ALLOWED;
-            }
-        }
-        k -= seen;
+    if ((sc = storage_class_at(k, &n_classes)) != NULL) {
+        *module = "torch";
+        *name = sc;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
+    k -= n_classes;
     if (k < N_UNSUPPORTED) {
         *module = allowed_unsupported[k].module;
         *name = allowed_unsupported[k].name;
-        return MLU_PK_ALLOWED_UNSUPPORTED;
+        kind = MLU_PK_ALLOWED_UNSUPPORTED;
+        goto done;
     }
-    return MLU_PK_FORBIDDEN;
+    k -= N_UNSUPPORTED;
+    if ((sc = storage_class_at(k, &n_classes)) != NULL) {
+        *module = CUDA_STORAGE_MODULE;
+        *name = sc;
+        kind = MLU_PK_ALLOWED_UNSUPPORTED;
+    }
+done:
+    return kind;
 }
 
 /* Python 2 module names as protocol 2 writes them (a subset of _compat_pickle). */
@@ -760,18 +786,26 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
         }
     }
     if (gid == 0 && kind == MLU_PKN_GLOBAL) {
+        int unsupported = name_eq(mod, ml, CUDA_STORAGE_MODULE) && mlu_torch_storage_class_find(name, nl) >= 0;
         for (i = 0; i < N_UNSUPPORTED; i++)
             if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
-                return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
-                               (int)ml, mod, (int)nl, name, at);
-        return VM_FAIL(MLU_EUNSAFE, at, "unsupported global: GLOBAL %.*s.%.*s at byte %zu is not on the weights-only allowlist",
-                       (int)ml0, m0, (int)nl, name, at);
+                unsupported = 1;
+        if (unsupported)
+            VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
+                    (int)ml, mod, (int)nl, name, at);
+        else
+            VM_FAIL(MLU_EUNSAFE, at, "unsupported global: GLOBAL %.*s.%.*s at byte %zu is not on the weights-only allowlist",
+                    (int)ml0, m0, (int)nl, name, at);
+        goto done;
     }
-    if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
-        return (st = fail_nomem(vm, at, err));
+    if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID) {
+        st = fail_nomem(vm, at, err);
+        goto done;
+    }
     N(vm, node)->sub = (uint16_t)(kind == MLU_PKN_DTYPE ? dt : gid);
     N(vm, node)->u.i = dt;
     *out = node;
+done:
     return st;
 }
 
