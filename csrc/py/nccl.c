@@ -423,6 +423,27 @@ static PyType_Spec comm_spec = {
     .slots = comm_slots,
 };
 
+/* Adds module attribute `attr`: the dict {names[i]: i for i < n}, in value order. */
+static int add_codes(PyObject *m, const char *attr, const char *const *names, int n)
+{
+    PyObject *d = PyDict_New(), *code = NULL; /* new refs */
+    int i, rc = -1;
+
+    if (d == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        code = PyLong_FromLong(i);
+        if (code == NULL || PyDict_SetItemString(d, names[i], code) < 0)
+            goto done;
+        Py_CLEAR(code);
+    }
+    rc = PyModule_AddObjectRef(m, attr, d);
+done:
+    Py_XDECREF(code);
+    Py_XDECREF(d);
+    return rc;
+}
+
 int mlu_nccl_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
@@ -444,6 +465,9 @@ int mlu_nccl_module_init(PyObject *m)
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
     if (mlu_add_struct_type(m, &library_desc, &st->nccl_library_type) < 0)
+        return -1;
+    if (add_codes(m, "nccl_dtypes", mlu_nccl_dtype_names, MLU_NCCL_DTYPE_COUNT) < 0 ||
+        add_codes(m, "nccl_ops", mlu_nccl_op_names, MLU_NCCL_OP_COUNT) < 0)
         return -1;
     return mlu_add_heap_type(m, &comm_spec, &st->nccl_comm_type);
 }
