@@ -1,5 +1,6 @@
-/* module.c: mlutils._core.  Wires the areas together: module state,
- * exceptions, the features set; each area adds itself in its own file. */
+/* module.c: mlutils._core.  Wires the areas together: the exec step that
+ * fills the module state (state.c) with the exceptions, the features set and
+ * each area, which adds itself in its own file. */
 #include "module.h"
 
 #include <string.h>
@@ -15,60 +16,6 @@
 #ifndef MLU_VERSION
 #error "MLU_VERSION must be defined by the build (setup.py reads mlutils/_version.py)"
 #endif
-
-mlu_state *mlu_get_state(PyObject *module)
-{
-    return (mlu_state *)PyModule_GetState(module);
-}
-
-mlu_state *mlu_state_from_type(PyTypeObject *type)
-{
-    PyObject *m = PyType_GetModuleByDef(type, &mlu_module_def); /* borrowed */
-    return m == NULL ? NULL : mlu_get_state(m);
-}
-
-int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field)
-{
-    PyObject *type = (PyObject *)PyStructSequence_NewType(desc); /* new ref */
-    const char *dot = strrchr(desc->name, '.');
-
-    if (type == NULL)
-        return -1;
-    *field = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : desc->name, type);
-}
-
-int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field)
-{
-    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL); /* new ref */
-    const char *dot = strrchr(spec->name, '.');
-
-    if (type == NULL)
-        return -1;
-    *field = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : spec->name, type);
-}
-
-PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n)
-{
-    PyObject *res = NULL;
-    Py_ssize_t i;
-
-    for (i = 0; i < n; i++)
-        if (values[i] == NULL)
-            goto done;
-    res = PyStructSequence_New((PyTypeObject *)type);
-    if (res == NULL)
-        goto done;
-    for (i = 0; i < n; i++) {
-        PyStructSequence_SET_ITEM(res, i, values[i]); /* steals */
-        values[i] = NULL;
-    }
-done:
-    for (i = 0; i < n; i++)
-        Py_XDECREF(values[i]);
-    return res;
-}
 
 /* New exception class `name` with the given bases; stored in *slot and added
  * to the module.  Returns 0 or -1. */
@@ -212,53 +159,13 @@ static int mlu_exec(PyObject *m)
     return 0;
 }
 
-static int mlu_traverse(PyObject *m, visitproc visit, void *arg)
-{
-    mlu_state *st = mlu_get_state(m);
-
-    if (st == NULL)
-        return 0;
-#define VISIT_FIELD(name, doc) Py_VISIT(st->name);
-    MLU_STATE_FIELDS(VISIT_FIELD)
-#undef VISIT_FIELD
-    return 0;
-}
-
-static int mlu_clear(PyObject *m)
-{
-    mlu_state *st = mlu_get_state(m);
-
-    if (st == NULL)
-        return 0;
-#define CLEAR_FIELD(name, doc) Py_CLEAR(st->name);
-    MLU_STATE_FIELDS(CLEAR_FIELD)
-#undef CLEAR_FIELD
-    return 0;
-}
-
-static void mlu_free_module(void *m)
-{
-    mlu_clear((PyObject *)m);
-}
-
 static PyModuleDef_Slot mlu_slots[] = {
     {Py_mod_exec, (void *)mlu_exec},
     {0, NULL},
 };
 
-PyModuleDef mlu_module_def = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "mlutils._core",
-    .m_doc = "The C core of mlutils (JSON, state-dict IO, samplers, patterns, CUDA).",
-    .m_size = sizeof(mlu_state),
-    .m_methods = NULL,
-    .m_slots = mlu_slots,
-    .m_traverse = mlu_traverse,
-    .m_clear = mlu_clear,
-    .m_free = mlu_free_module,
-};
-
 PyMODINIT_FUNC PyInit__core(void)
 {
+    mlu_module_def.m_slots = mlu_slots; /* the state's definition (state.c) runs this file's exec */
     return PyModuleDef_Init(&mlu_module_def);
 }
