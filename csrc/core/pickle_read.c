@@ -282,6 +282,35 @@ static uint32_t const_node(mlu_pk_vm *vm, uint8_t kind, int64_t value)
     return *slot - 1;
 }
 
+/* New scalar nodes with their value: an INT, a FLOAT, or a STR or BIGINT
+ * (kind) over n bytes at p (borrowed from the pickle); MLU_PK_NONE_ID when out
+ * of memory or over the budget (PUSH reports it). */
+static uint32_t int_node(mlu_pk_vm *vm, int64_t v)
+{
+    uint32_t node = new_node(vm, MLU_PKN_INT);
+    if (node != MLU_PK_NONE_ID)
+        vm->nodes[node].u.i = v;
+    return node;
+}
+
+static uint32_t float_node(mlu_pk_vm *vm, double d)
+{
+    uint32_t node = new_node(vm, MLU_PKN_FLOAT);
+    if (node != MLU_PK_NONE_ID)
+        vm->nodes[node].u.f = d;
+    return node;
+}
+
+static uint32_t bytes_node(mlu_pk_vm *vm, uint8_t kind, const uint8_t *p, uint32_t n)
+{
+    uint32_t node = new_node(vm, kind);
+    if (node != MLU_PK_NONE_ID) {
+        vm->nodes[node].u.s.p = (const char *)p;
+        vm->nodes[node].u.s.n = n;
+    }
+    return node;
+}
+
 /* The error for a failed allocation: over the budget, or out of memory. */
 static mlu_status fail_nomem(mlu_pk_vm *vm, size_t at, mlu_error *err)
 {
@@ -931,7 +960,6 @@ static mlu_status load_binint(pk_run *c)
     LOAD_BEGIN;
     const uint8_t *data = c->data;
     size_t pos = c->pos, k = c->op == MLU_PKOP_BININT1 ? 1 : c->op == MLU_PKOP_BININT2 ? 2 : 4;
-    uint32_t node;
     int64_t v;
 
     NEED(k);
@@ -942,11 +970,7 @@ static mlu_status load_binint(pk_run *c)
     else
         v = (int32_t)mlu_le32(data + pos);
     c->pos += k;
-    node = new_node(vm, MLU_PKN_INT);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.i = v;
-    PUSH(node);
+    PUSH(int_node(vm, v));
     LOAD_END;
 }
 
@@ -967,16 +991,9 @@ static mlu_status load_long1(pk_run *c)
             u |= (uint64_t)data[c->pos + j] << (8 * j);
         if (k > 0 && k < 8 && (data[c->pos + k - 1] & 0x80))
             u |= ~(uint64_t)0 << (8 * k);
-        node = new_node(vm, MLU_PKN_INT);
-        if (node == MLU_PK_NONE_ID)
-            OOM();
-        N(vm, node)->u.i = (int64_t)u;
+        node = int_node(vm, (int64_t)u);
     } else {
-        node = new_node(vm, MLU_PKN_BIGINT);
-        if (node == MLU_PK_NONE_ID)
-            OOM();
-        N(vm, node)->u.s.p = (const char *)data + c->pos;
-        N(vm, node)->u.s.n = (uint32_t)k;
+        node = bytes_node(vm, MLU_PKN_BIGINT, data + c->pos, (uint32_t)k);
     }
     c->pos += k;
     PUSH(node);
@@ -990,18 +1007,13 @@ static mlu_status load_binfloat(pk_run *c)
     uint64_t u = 0;
     size_t j;
     double d;
-    uint32_t node;
 
     NEED(8);
     for (j = 0; j < 8; j++)
         u = (u << 8) | c->data[c->pos + j];
     memcpy(&d, &u, 8);
     c->pos += 8;
-    node = new_node(vm, MLU_PKN_FLOAT);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.f = d;
-    PUSH(node);
+    PUSH(float_node(vm, d));
     LOAD_END;
 }
 
@@ -1026,11 +1038,7 @@ static mlu_status load_string(pk_run *c)
         VM_FAIL(MLU_EFORMAT, c->at, "string at byte %zu is not valid UTF-8", c->at);
         goto error;
     }
-    node = new_node(vm, MLU_PKN_STR);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.s.p = (const char *)c->data + c->pos;
-    N(vm, node)->u.s.n = n;
+    node = bytes_node(vm, MLU_PKN_STR, c->data + c->pos, n);
     c->pos += n;
     PUSH(node);
     LOAD_END;
@@ -1152,15 +1160,24 @@ static mlu_status load_append(pk_run *c)
     LOAD_END;
 }
 
+/* The memo index argument of PUT and GET: 1 byte (w = 1) or 4 (w = 4). */
+static mlu_status memo_index(pk_run *c, size_t w, size_t *idx)
+{
+    LOAD_BEGIN;
+    NEED(w);
+    *idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
+    c->pos += w;
+    LOAD_END;
+}
+
 /* BINPUT, LONG_BINPUT: memo[idx] = top of the stack. */
 static mlu_status load_put(pk_run *c)
 {
     LOAD_BEGIN;
-    size_t idx, w = c->op == MLU_PKOP_BINPUT ? 1 : 4;
+    size_t idx;
 
-    NEED(w);
-    idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
-    c->pos += w;
+    if ((st = memo_index(c, c->op == MLU_PKOP_BINPUT ? 1 : 4, &idx)) != MLU_OK)
+        goto error;
     POPN(1);
     if (idx > c->size) {
         VM_FAIL(MLU_EFORMAT, c->at, "memo index %zu at byte %zu is larger than the pickle", idx, c->at);
@@ -1183,11 +1200,10 @@ static mlu_status load_put(pk_run *c)
 static mlu_status load_get(pk_run *c)
 {
     LOAD_BEGIN;
-    size_t idx, w = c->op == MLU_PKOP_BINGET ? 1 : 4;
+    size_t idx;
 
-    NEED(w);
-    idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
-    c->pos += w;
+    if ((st = memo_index(c, c->op == MLU_PKOP_BINGET ? 1 : 4, &idx)) != MLU_OK)
+        goto error;
     if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
         VM_FAIL(MLU_EFORMAT, c->at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, c->at);
         goto error;
