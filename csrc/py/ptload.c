@@ -765,8 +765,6 @@ done:
 
 int mlu_ptload_module_init(PyObject *m)
 {
-    PyTypeObject *dtype_type;
-    int rc;
     static PyMethodDef methods[] = {
         {"torch_dtypes", py_torch_dtypes, METH_NOARGS,
          "torch_dtypes(): the torch dtypes the .pt reader and writer know, as a tuple of TorchDtype rows\n"
@@ -780,14 +778,7 @@ int mlu_ptload_module_init(PyObject *m)
     };
     mlu_state *st = mlu_get_state(m);
 
-    if (st == NULL)
-        return -1;
-    dtype_type = PyStructSequence_NewType(&torch_dtype_desc);
-    if (dtype_type == NULL)
-        return -1;
-    st->torch_dtype_type = (PyObject *)dtype_type;  /* owned by the state */
-    rc = PyModule_AddObjectRef(m, "TorchDtype", (PyObject *)dtype_type);
-    if (rc < 0)
+    if (mlu_add_struct_type(m, &torch_dtype_desc, &st->torch_dtype_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -882,25 +882,10 @@ int mlu_safetensors_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *tp;
 
-    tp = PyType_FromModuleAndSpec(m, &stmap_spec, NULL); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_map_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
-        return -1;
-    tp = (PyObject *)PyStructSequence_NewType(&entry_desc); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_entry_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsEntry", tp) < 0)
-        return -1;
-    tp = (PyObject *)PyStructSequence_NewType(&sd_desc); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_dtype_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsDtype", tp) < 0)
+    if (mlu_add_heap_type(m, &stmap_spec, &st->safetensors_map_type) < 0 ||
+        mlu_add_struct_type(m, &entry_desc, &st->safetensors_entry_type) < 0 ||
+        mlu_add_struct_type(m, &sd_desc, &st->safetensors_dtype_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }
