@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "mlu_test.h"
@@ -414,6 +415,49 @@ static void test_sort_indices(void)
     CHECK(perm);
 }
 
+/* Files fstat cannot size are read to EOF, the buffer growing: a FIFO fed
+ * 20000 bytes by a child, and an empty regular file. */
+static void test_read_file_to_eof(void)
+{
+    char dir[] = "/tmp/mlu_readXXXXXX", path[256];
+    char *data = NULL;
+    size_t len = 0, i;
+    mlu_error err;
+    pid_t pid;
+    int ok = 1, status = 0;
+
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/fifo", dir);
+    CHECK(mkfifo(path, 0600) == 0);
+    pid = fork();
+    if (pid == 0) {
+        int fd = open(path, O_WRONLY);
+        char chunk[1000];
+        for (i = 0; i < sizeof(chunk); i++)
+            chunk[i] = (char)('a' + i % 26);
+        for (i = 0; fd >= 0 && i < 20; i++)
+            if (write(fd, chunk, sizeof(chunk)) != (ssize_t)sizeof(chunk))
+                _exit(1);
+        _exit(fd >= 0 ? 0 : 1);
+    }
+    mlu_error_clear(&err);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK(len == 20000 && data != NULL && data[len] == '\0');
+    for (i = 0; data != NULL && i < len; i++)
+        ok &= data[i] == (char)('a' + (i % 1000) % 26);
+    CHECK(ok);
+    mlu_free(data);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/empty", dir);
+    CHECK(mlu_write_file_atomic(path, "", 0, 0, &err) == MLU_OK);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 0 && data != NULL && data[0] == '\0');
+    mlu_free(data);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void)
 {
     test_put_string();
@@ -429,5 +473,6 @@ int main(void)
     test_utf8();
     test_bytes_cmp();
     test_sort_indices();
+    test_read_file_to_eof();
     return TEST_DONE("test_core");
 }
