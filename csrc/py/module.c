@@ -37,6 +37,35 @@ static int add_exceptions(PyObject *m, mlu_state *st)
 {
     int rc = -1;
     PyObject *json = NULL, *pickle = NULL, *jde = NULL, *upe = NULL, *bases = NULL;
+    /* Each class after MlutilsError: its slot, name, doc and bases (addresses
+     * of the classes, read when it is made: a base may be made just before). */
+    const struct {
+        PyObject **slot;
+        const char *name, *doc;
+        PyObject **bases[3]; /* NULL after the last */
+    } classes[] = {
+        {&st->JSONDecodeError, "JSONDecodeError",
+         "Invalid JSON text; also a json.JSONDecodeError (lineno, colno, pos).",
+         {&st->MlutilsError, &jde, NULL}},
+        {&st->SafetensorsError, "SafetensorsError",
+         "A malformed or unsupported safetensors file (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        {&st->TorchFormatError, "TorchFormatError",
+         "A malformed or unsupported PyTorch .pt file (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        {&st->UnsafePickleError, "UnsafePickleError",
+         "A pickle asks for a global or operation outside the weights-only allowlist.",
+         {&st->TorchFormatError, &upe, NULL}},
+        {&st->SamplerStateError, "SamplerStateError",
+         "A sampler state of another kind, length or version (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        /* also an AssertionError: the reference validates with assert, and code
+         * written against it catches AssertionError */
+        {&st->PatternError, "PatternError",
+         "An invalid pattern provider or input (also a ValueError and an AssertionError).",
+         {&st->MlutilsError, &PyExc_ValueError, &PyExc_AssertionError}},
+    };
+    size_t i, k, n;
 
     json = PyImport_ImportModule("json");
     pickle = PyImport_ImportModule("pickle");
@@ -49,34 +78,17 @@ static int add_exceptions(PyObject *m, mlu_state *st)
     if (add_exception(m, &st->MlutilsError, "MlutilsError", NULL,
                       "Base class of every error mlutils raises.") < 0)
         goto done;
-#define ADD(slot, name, doc, ...)                                   \
-    do {                                                            \
-        bases = PyTuple_Pack(__VA_ARGS__);                          \
-        if (bases == NULL || add_exception(m, &st->slot, name, bases, doc) < 0) \
-            goto done;                                              \
-        Py_CLEAR(bases);                                            \
-    } while (0)
-    ADD(JSONDecodeError, "JSONDecodeError",
-        "Invalid JSON text; also a json.JSONDecodeError (lineno, colno, pos).",
-        2, st->MlutilsError, jde);
-    ADD(SafetensorsError, "SafetensorsError",
-        "A malformed or unsupported safetensors file (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    ADD(TorchFormatError, "TorchFormatError",
-        "A malformed or unsupported PyTorch .pt file (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    ADD(UnsafePickleError, "UnsafePickleError",
-        "A pickle asks for a global or operation outside the weights-only allowlist.",
-        2, st->TorchFormatError, upe);
-    ADD(SamplerStateError, "SamplerStateError",
-        "A sampler state of another kind, length or version (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    /* also an AssertionError: the reference validates with assert, and code
-     * written against it catches AssertionError */
-    ADD(PatternError, "PatternError",
-        "An invalid pattern provider or input (also a ValueError and an AssertionError).",
-        3, st->MlutilsError, PyExc_ValueError, PyExc_AssertionError);
-#undef ADD
+    for (i = 0; i < sizeof(classes) / sizeof(classes[0]); i++) {
+        for (n = 0; n < 3 && classes[i].bases[n] != NULL; n++)
+            ;
+        if ((bases = PyTuple_New((Py_ssize_t)n)) == NULL)
+            goto done;
+        for (k = 0; k < n; k++)
+            PyTuple_SET_ITEM(bases, k, Py_NewRef(*classes[i].bases[k])); /* steals the new ref */
+        if (add_exception(m, classes[i].slot, classes[i].name, bases, classes[i].doc) < 0)
+            goto done;
+        Py_CLEAR(bases);
+    }
     rc = 0;
 done:
     Py_XDECREF(bases);
