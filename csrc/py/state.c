@@ -58,33 +58,37 @@ done:
     return res;
 }
 
-static int state_traverse(PyObject *m, visitproc visit, void *arg)
+/* Visits every field of the module's state (GC traverse) or, when visit is
+ * NULL, clears each. */
+static int state_fields(PyObject *m, visitproc visit, void *arg)
 {
     mlu_state *st = mlu_get_state(m);
 
     if (st == NULL)
         return 0;
-#define VISIT_FIELD(name, doc) Py_VISIT(st->name);
-    MLU_STATE_FIELDS(VISIT_FIELD)
-#undef VISIT_FIELD
+#define EACH_FIELD(name, doc) \
+    if (visit != NULL)        \
+        Py_VISIT(st->name);   \
+    else                      \
+        Py_CLEAR(st->name);
+    MLU_STATE_FIELDS(EACH_FIELD)
+#undef EACH_FIELD
     return 0;
+}
+
+static int state_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    return state_fields(m, visit, arg);
 }
 
 static int state_clear(PyObject *m)
 {
-    mlu_state *st = mlu_get_state(m);
-
-    if (st == NULL)
-        return 0;
-#define CLEAR_FIELD(name, doc) Py_CLEAR(st->name);
-    MLU_STATE_FIELDS(CLEAR_FIELD)
-#undef CLEAR_FIELD
-    return 0;
+    return state_fields(m, NULL, NULL);
 }
 
 static void state_free(void *m)
 {
-    state_clear((PyObject *)m);
+    state_fields((PyObject *)m, NULL, NULL);
 }
 
 PyModuleDef mlu_module_def = {
