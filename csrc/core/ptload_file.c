@@ -580,32 +580,29 @@ int mlu_pt_storage_in_place(const mlu_pt *pt, uint32_t i, size_t align)
 void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
 {
     size_t i;
-    uint8_t t;
+
+    /* each whole element of `bits` bits, swapped in place */
+#define SWAP_EACH(bits)                                         \
+    for (i = 0; i + (bits) / 8 <= n; i += (bits) / 8) {         \
+        uint##bits##_t v;                                       \
+        memcpy(&v, p + i, sizeof(v));                           \
+        v = __builtin_bswap##bits(v);                           \
+        memcpy(p + i, &v, sizeof(v));                           \
+    }
     switch (unit) {
     case 2:
-        for (i = 0; i + 2 <= n; i += 2) {
-            t = p[i]; p[i] = p[i + 1]; p[i + 1] = t;
-        }
+        SWAP_EACH(16);
         break;
     case 4:
-        for (i = 0; i + 4 <= n; i += 4) {
-            uint32_t v;
-            memcpy(&v, p + i, 4);
-            v = __builtin_bswap32(v);
-            memcpy(p + i, &v, 4);
-        }
+        SWAP_EACH(32);
         break;
     case 8:
-        for (i = 0; i + 8 <= n; i += 8) {
-            uint64_t v;
-            memcpy(&v, p + i, 8);
-            v = __builtin_bswap64(v);
-            memcpy(p + i, &v, 8);
-        }
+        SWAP_EACH(64);
         break;
     default:
         break;
     }
+#undef SWAP_EACH
 }
 
 mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, mlu_error *err)
