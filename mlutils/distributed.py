@@ -54,7 +54,7 @@ from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
-from ._core import MlutilsError
+from ._core import MlutilsError, nccl_dtypes as _nccl_dtypes, nccl_ops as _nccl_ops
 from ._torch import loaded_torch, optional_torch, require_torch
 
 if TYPE_CHECKING:
@@ -817,12 +817,10 @@ class NcclUnavailableError(DistributedError, ImportError):
     """libnccl.so.2 could not be loaded (the message lists every place tried)."""
 
 
-#: Reductions by name, as NCCL numbers them (ncclRedOp_t).
-NCCL_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
-#: Data types by name, as NCCL numbers them (ncclDataType_t).
-NCCL_DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
-               "float16": 6, "float32": 7, "float64": 8, "bfloat16": 9,
-               "float8_e4m3fn": 10, "float8_e5m2": 11}
+#: Reductions by name, as NCCL numbers them (ncclRedOp_t; the C core's enum).
+NCCL_OPS = dict(_nccl_ops)
+#: Data types by name, as NCCL numbers them (ncclDataType_t; the C core's enum).
+NCCL_DTYPES = dict(_nccl_dtypes)
 
 
 def _nccl_wheel_dirs() -> list:

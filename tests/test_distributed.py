@@ -441,6 +441,21 @@ def nccl_env(monkeypatch):
     _core._nccl_unload()
 
 
+def test_nccl_codes_come_from_the_c_enums():
+    from mlutils import _core
+
+    # NCCL's ABI (nccl.h): ncclDataType_t and ncclRedOp_t
+    assert D.NCCL_DTYPES == {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
+                             "float16": 6, "float32": 7, "float64": 8, "bfloat16": 9,
+                             "float8_e4m3fn": 10, "float8_e5m2": 11}
+    assert D.NCCL_OPS == {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
+    assert D.NCCL_DTYPES == _core.nccl_dtypes and D.NCCL_DTYPES is not _core.nccl_dtypes
+    assert D.NCCL_OPS == _core.nccl_ops and D.NCCL_OPS is not _core.nccl_ops
+    # the data types are named as torch names them
+    torch_names = {d.name for d in _core.torch_dtypes()}
+    assert set(D.NCCL_DTYPES) <= torch_names
+
+
 def test_nccl_loads_a_library_at_run_time(nccl_env, fake_nccl):
     path = fake_nccl()
     nccl_env.setenv("MLUTILS_NCCL_PATH", path)

@@ -1,5 +1,6 @@
 """The C include graph runs one way: csrc/core/ is pure C (no Python, NumPy,
-binding or CUDA code), csrc/cuda/ never reaches into the binding or Python."""
+binding or CUDA code), csrc/cuda/ never reaches into the binding or Python;
+and no C or CUDA function grows past MAX_FUNCTION_LINES."""
 import os
 import re
 
@@ -55,6 +56,106 @@ def test_include_parser_sees_includes():
 def test_include_graph_one_way(folder, bad_dirs, bad_system):
     found = _forbidden(folder, bad_dirs, bad_system)
     assert not found, f"csrc/{folder}/ includes what it must not:\n" + "\n".join(found)
+
+
+# ------------------------------------------------------------ function length
+
+MAX_FUNCTION_LINES = 150
+_LITERAL = re.compile(r'/\*.*?\*/|//[^\n]*|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+_DIRECTIVE = re.compile(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", re.M)
+# a block whose functions stand at file level: `namespace x {`, `extern "C" {`
+_TRANSPARENT = re.compile(r'^(?:namespace\b[\w\s:]*|extern\s*"[^"]*")$')
+
+
+def _blank(m):
+    """The match with every character but newlines (and a literal's quotes) made a space."""
+    text = m.group(0)
+    keep = text[0] if text[0] in "\"'" else ""
+    body = re.sub(r"[^\n]", " ", text[len(keep):len(text) - len(keep)])
+    return keep + body + keep
+
+
+def c_functions(text):
+    """(name, first line, last line) of every function defined in C/CUDA source text.
+
+    Comments, string and character literals and preprocessor lines (macro
+    bodies included) are blanked first; a function is a brace at file level
+    (or inside `namespace`/`extern "C"` blocks) whose head ends with the ')'
+    of a parameter list and holds no '=' (initializers, struct bodies and
+    enums are not functions).  A function's lines run from the first line of
+    its head (return type, template line) to its closing brace."""
+    code = _DIRECTIVE.sub(_blank, _LITERAL.sub(_blank, text))
+    found, stack, boundary = [], [], 0
+    for i, ch in enumerate(code):
+        if ch == "{":
+            kind = "inner"
+            if all(k == "transparent" for k in stack):
+                head = code[boundary:i].strip()
+                if _TRANSPARENT.match(head):
+                    kind = "transparent"
+                elif re.search(r"\)\s*(?:const\s*)?$", head) and "=" not in head:
+                    kind = "function"
+                    close = head.rstrip().rstrip("const").rstrip()
+                    depth, j = 0, len(close) - 1
+                    while j >= 0:
+                        depth += {")": 1, "(": -1}.get(close[j], 0)
+                        if depth == 0:
+                            break
+                        j -= 1
+                    name = re.search(r"(\w+)\s*$", close[:j])
+                    start = code.count("\n", 0, code.index(head, boundary)) + 1
+                    found.append([name.group(1) if name else "?", start, None])
+                else:
+                    kind = "other"
+            stack.append(kind)
+            boundary = i + 1
+        elif ch == "}" and stack:
+            if stack.pop() == "function":
+                found[-1][2] = code.count("\n", 0, i) + 1
+            if all(k == "transparent" for k in stack):
+                boundary = i + 1
+        elif ch == ";" and all(k == "transparent" for k in stack):
+            boundary = i + 1
+    return [tuple(f) for f in found if f[2] is not None]
+
+
+def _csrc_functions():
+    out = []
+    for dirpath, _dirs, files in os.walk(CSRC):
+        for f in sorted(files):
+            if f.endswith((".c", ".cu")):
+                path = os.path.join(dirpath, f)
+                with open(path, encoding="utf-8") as fh:
+                    for name, first, last in c_functions(fh.read()):
+                        out.append((os.path.relpath(path, CSRC), name, first, last))
+    return out
+
+
+def test_function_parser_sees_functions():
+    # the check below could not fail if the parser missed every function
+    sample = (
+        '#define BODY(x) {\\\n  return x; \\\n}\n'
+        'static const char *s = "{";\n'
+        'struct point { int x, y; };\n'
+        'static int table[] = {1, 2};\n'
+        'namespace {\n'
+        'template <typename T>\n'
+        '__global__ void kernel(T *p)\n{\n    if (p) { p[0] = 0; } /* } */\n}\n'
+        '}  // namespace\n'
+        'extern "C" int f(int a,\n          int b)\n{\n    return a + \'}\';\n}\n'
+        'int g(void) { return 0; }\n'
+    )
+    assert c_functions(sample) == [("kernel", 8, 12), ("f", 14, 18), ("g", 19, 19)]
+    names = {(src, name) for src, name, _first, _last in _csrc_functions()}
+    assert ("core/zipread.c", "mlu_zip_open") in names
+    assert ("py/module.c", "PyInit__core") in names
+    assert ("cuda/offload.cu", "mlu_cuda_offload_save") in names
+
+
+def test_no_function_is_too_long():
+    long = [f"csrc/{src}:{first}: {name} has {last - first + 1} lines"
+            for src, name, first, last in _csrc_functions() if last - first + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)
 
 
 def test_every_folder_says_what_belongs_there():

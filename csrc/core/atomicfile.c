@@ -488,51 +488,43 @@ mlu_status mlu_read_file(const char *path, char **data, size_t *len, mlu_error *
     }
     /* A regular file is read up to the size fstat gave (one read call for
      * small files); anything else (a pipe, /proc, a file fstat says is
-     * empty) to EOF, growing the buffer. */
+     * empty) to EOF, growing the buffer.  With the buffer full, one byte is
+     * read first (EOF costs no realloc), into `probe`. */
     for (;;) {
+        char probe, *dst = p + got;
+        size_t want = size - got, grown = 0;
         ssize_t r;
         if (got == size && got > 0 && S_ISREG(sb.st_mode) && got == (size_t)sb.st_size)
             break;
         if (got == size) {
-            char *q;
-            size_t ns;
-            if (mlu_mul_overflow_size(size ? size : 4096, 2, &ns) || ns == SIZE_MAX) {
+            if (mlu_mul_overflow_size(size ? size : 4096, 2, &grown) || grown == SIZE_MAX) {
                 st = mlu_error_set(err, MLU_EOVERFLOW, -1, "'%s' is too large to read", path);
                 goto error;
             }
-            /* Probe for EOF first so a regular file costs no realloc. */
-            {
-                char probe;
-                r = read(fd, &probe, 1);
-                if (r == 0)
-                    break;
-                if (r < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    st = mlu_error_errno(err, errno, "cannot read '%s'", path);
-                    goto error;
-                }
-                q = mlu_realloc(p, ns + 1);
-                if (q == NULL) {
-                    st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading '%s'", path);
-                    goto error;
-                }
-                p = q;
-                p[got++] = probe;
-                size = ns;
-                continue;
-            }
+            dst = &probe;
+            want = 1;
         }
-        r = read(fd, p + got, size - got);
-        if (r == 0)
-            break;
+        r = read(fd, dst, want);
+        if (r < 0 && errno == EINTR)
+            continue;
         if (r < 0) {
-            if (errno == EINTR)
-                continue;
             st = mlu_error_errno(err, errno, "cannot read '%s'", path);
             goto error;
         }
-        got += (size_t)r;
+        if (r == 0)
+            break;
+        if (dst == &probe) {
+            char *q = mlu_realloc(p, grown + 1);
+            if (q == NULL) {
+                st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory reading '%s'", path);
+                goto error;
+            }
+            p = q;
+            p[got++] = probe;
+            size = grown;
+        } else {
+            got += (size_t)r;
+        }
     }
     p[got] = '\0';
     *data = p;

@@ -237,24 +237,29 @@ static mlu_status check_n_q(int64_t n_q, mlu_error *err)
     return MLU_OK;
 }
 
-mlu_status mlu_pattern_check_delayed(int64_t n_q, const int64_t *delays, int64_t n_delays,
-                                     mlu_error *err)
+/* check_n_q, then check_list of `what` (v[0..n), want entries). */
+static mlu_status check_n_q_list(int64_t n_q, const char *what, const int64_t *v, int64_t n, int64_t want,
+                                 mlu_error *err)
 {
     mlu_status st = check_n_q(n_q, err);
 
-    if (st != MLU_OK)
-        return st;
-    return check_list("delays", delays, n_delays, n_q, err);
+    if (st == MLU_OK)
+        st = check_list(what, v, n, want, err);
+    return st;
+}
+
+mlu_status mlu_pattern_check_delayed(int64_t n_q, const int64_t *delays, int64_t n_delays,
+                                     mlu_error *err)
+{
+    return check_n_q_list(n_q, "delays", delays, n_delays, n_q, err);
 }
 
 mlu_status mlu_pattern_check_unrolled(int64_t n_q, const int64_t *flattening, int64_t n_flat,
                                       const int64_t *delays, int64_t n_delays, mlu_error *err)
 {
-    mlu_status st = check_n_q(n_q, err);
+    mlu_status st = check_n_q_list(n_q, "flattening", flattening, n_flat, n_q, err);
     int64_t i;
 
-    if (st == MLU_OK)
-        st = check_list("flattening", flattening, n_flat, n_q, err);
     if (st == MLU_OK)
         st = check_list("delays", delays, n_delays, n_q, err);
     if (st != MLU_OK)
@@ -274,11 +279,7 @@ mlu_status mlu_pattern_check_unrolled(int64_t n_q, const int64_t *flattening, in
 mlu_status mlu_pattern_check_coarse_first(int64_t n_q, const int64_t *delays, int64_t n_delays,
                                           mlu_error *err)
 {
-    mlu_status st = check_n_q(n_q, err);
-
-    if (st != MLU_OK)
-        return st;
-    return check_list("delays", delays, n_delays, n_q - 1, err);
+    return check_n_q_list(n_q, "delays", delays, n_delays, n_q - 1, err);
 }
 
 static mlu_status check_timesteps(const mlu_pattern *p, mlu_error *err)

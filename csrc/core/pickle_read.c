@@ -1,6 +1,7 @@
 /* pickle_read.c: the restricted pickle VM (see pickle_read.h). */
 #include "pickle_read.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "pickle_ops.h"
 
 #include <string.h>
@@ -41,8 +42,9 @@ static const struct { const char *module, *name; int id; } allowed_globals[] = {
 /* On torch's weights_only allowlist (torch._weights_only_unpickler.
  * _get_allowed_globals), but not something this loader builds: a GLOBAL of
  * one of these is a TorchFormatError, any other unknown GLOBAL is unsafe.
- * Exact names only: tests/test_ptload_allowlist.py compares this table and
- * the ones above with torch's, both ways. */
+ * Exact names only: tests/test_ptload_allowlist.py compares this table, the
+ * one above and the names the dtype table adds (mlu_pk_allowlist) with
+ * torch's, both ways. */
 static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch.serialization", "_get_layout"},
     {"torch._utils", "_rebuild_qtensor"},
@@ -79,50 +81,75 @@ static const struct { const char *module, *name; } allowed_unsupported[] = {
     {"torch.cuda.sparse", "CharTensor"}, {"torch.cuda.sparse", "DoubleTensor"},
     {"torch.cuda.sparse", "FloatTensor"}, {"torch.cuda.sparse", "HalfTensor"}, {"torch.cuda.sparse", "IntTensor"},
     {"torch.cuda.sparse", "LongTensor"}, {"torch.cuda.sparse", "ShortTensor"},
-    /* CUDA storage classes (a CPU-only loader) */
-    {"torch.cuda", "BFloat16Storage"}, {"torch.cuda", "BoolStorage"}, {"torch.cuda", "ByteStorage"},
-    {"torch.cuda", "CharStorage"}, {"torch.cuda", "ComplexDoubleStorage"}, {"torch.cuda", "ComplexFloatStorage"},
-    {"torch.cuda", "DoubleStorage"}, {"torch.cuda", "FloatStorage"}, {"torch.cuda", "HalfStorage"},
-    {"torch.cuda", "IntStorage"}, {"torch.cuda", "LongStorage"}, {"torch.cuda", "ShortStorage"},
+    /* and torch.cuda.<storage class> of every legacy storage class of the
+     * dtype table (a CPU-only loader): CUDA_STORAGE_MODULE below */
 };
+
+/* torch.<storage class> is built; torch.cuda.<storage class> is allowed but
+ * unsupported: both sets come from the dtype table's storage_class column. */
+#define CUDA_STORAGE_MODULE "torch.cuda"
 
 #define N_ALLOWED (sizeof(allowed_globals) / sizeof(allowed_globals[0]))
 #define N_UNSUPPORTED (sizeof(allowed_unsupported) / sizeof(allowed_unsupported[0]))
 
+/* The name of the k-th legacy storage class of the dtype table (k = 0, 1,
+ * ...), or NULL past the last; *count is how many there are. */
+static const char *storage_class_at(size_t k, size_t *count)
+{
+    const char *found = NULL;
+    size_t j, seen = 0;
+
+    for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
+        if (mlu_torch_dtypes[j].storage_class == NULL)
+            continue;
+        if (seen++ == k)
+            found = mlu_torch_dtypes[j].storage_class;
+    }
+    *count = seen;
+    return found;
+}
+
 int mlu_pk_allowlist(size_t i, const char **module, const char **name)
 {
-    size_t k = i;
+    int kind = MLU_PK_FORBIDDEN;
+    size_t k = i, n_classes;
+    const char *sc;
+
     if (k < N_ALLOWED) {
         *module = allowed_globals[k].module;
         *name = allowed_globals[k].name;
-        return MLU_PK_ALLOWED;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
     k -= N_ALLOWED;
     if (k < (size_t)MLU_TORCH_N_DTYPES) {
         *module = "torch";
         *name = mlu_torch_dtypes[k].name;
-        return MLU_PK_ALLOWED;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
     k -= (size_t)MLU_TORCH_N_DTYPES;
-    {
-        size_t j, seen = 0;
-        for (j = 0; j < (size_t)MLU_TORCH_N_DTYPES; j++) {
-            if (mlu_torch_dtypes[j].storage_class == NULL)
-                continue;
-            if (seen++ == k) {
-                *module = "torch";
-                *name = mlu_torch_dtypes[j].storage_class;
-                return MLU_PK_ALLOWED;
-            }
-        }
-        k -= seen;
+    if ((sc = storage_class_at(k, &n_classes)) != NULL) {
+        *module = "torch";
+        *name = sc;
+        kind = MLU_PK_ALLOWED;
+        goto done;
     }
+    k -= n_classes;
     if (k < N_UNSUPPORTED) {
         *module = allowed_unsupported[k].module;
         *name = allowed_unsupported[k].name;
-        return MLU_PK_ALLOWED_UNSUPPORTED;
+        kind = MLU_PK_ALLOWED_UNSUPPORTED;
+        goto done;
     }
-    return MLU_PK_FORBIDDEN;
+    k -= N_UNSUPPORTED;
+    if ((sc = storage_class_at(k, &n_classes)) != NULL) {
+        *module = CUDA_STORAGE_MODULE;
+        *name = sc;
+        kind = MLU_PK_ALLOWED_UNSUPPORTED;
+    }
+done:
+    return kind;
 }
 
 /* Python 2 module names as protocol 2 writes them (a subset of _compat_pickle). */
@@ -253,6 +280,35 @@ static uint32_t const_node(mlu_pk_vm *vm, uint8_t kind, int64_t value)
         return id;
     }
     return *slot - 1;
+}
+
+/* New scalar nodes with their value: an INT, a FLOAT, or a STR or BIGINT
+ * (kind) over n bytes at p (borrowed from the pickle); MLU_PK_NONE_ID when out
+ * of memory or over the budget (PUSH reports it). */
+static uint32_t int_node(mlu_pk_vm *vm, int64_t v)
+{
+    uint32_t node = new_node(vm, MLU_PKN_INT);
+    if (node != MLU_PK_NONE_ID)
+        vm->nodes[node].u.i = v;
+    return node;
+}
+
+static uint32_t float_node(mlu_pk_vm *vm, double d)
+{
+    uint32_t node = new_node(vm, MLU_PKN_FLOAT);
+    if (node != MLU_PK_NONE_ID)
+        vm->nodes[node].u.f = d;
+    return node;
+}
+
+static uint32_t bytes_node(mlu_pk_vm *vm, uint8_t kind, const uint8_t *p, uint32_t n)
+{
+    uint32_t node = new_node(vm, kind);
+    if (node != MLU_PK_NONE_ID) {
+        vm->nodes[node].u.s.p = (const char *)p;
+        vm->nodes[node].u.s.n = n;
+    }
+    return node;
 }
 
 /* The error for a failed allocation: over the budget, or out of memory. */
@@ -759,18 +815,26 @@ static mlu_status do_global(mlu_pk_vm *vm, size_t at, const char *mod, size_t ml
         }
     }
     if (gid == 0 && kind == MLU_PKN_GLOBAL) {
+        int unsupported = name_eq(mod, ml, CUDA_STORAGE_MODULE) && mlu_torch_storage_class_find(name, nl) >= 0;
         for (i = 0; i < N_UNSUPPORTED; i++)
             if (name_eq(mod, ml, allowed_unsupported[i].module) && name_eq(name, nl, allowed_unsupported[i].name))
-                return VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
-                               (int)ml, mod, (int)nl, name, at);
-        return VM_FAIL(MLU_EUNSAFE, at, "unsupported global: GLOBAL %.*s.%.*s at byte %zu is not on the weights-only allowlist",
-                       (int)ml0, m0, (int)nl, name, at);
+                unsupported = 1;
+        if (unsupported)
+            VM_FAIL(MLU_EFORMAT, at, "GLOBAL %.*s.%.*s at byte %zu is allowed by torch but not supported by this loader",
+                    (int)ml, mod, (int)nl, name, at);
+        else
+            VM_FAIL(MLU_EUNSAFE, at, "unsupported global: GLOBAL %.*s.%.*s at byte %zu is not on the weights-only allowlist",
+                    (int)ml0, m0, (int)nl, name, at);
+        goto done;
     }
-    if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID)
-        return (st = fail_nomem(vm, at, err));
+    if ((node = new_node(vm, (uint8_t)kind)) == MLU_PK_NONE_ID) {
+        st = fail_nomem(vm, at, err);
+        goto done;
+    }
     N(vm, node)->sub = (uint16_t)(kind == MLU_PKN_DTYPE ? dt : gid);
     N(vm, node)->u.i = dt;
     *out = node;
+done:
     return st;
 }
 
@@ -855,51 +919,6 @@ error:                                                                          
 done:                                                                                                   \
     return st
 
-/* 1 when p[0..n) is UTF-8 (shortest forms, up to U+10FFFF); encoded
- * surrogates only with `surrogates` (Python's "surrogatepass"). */
-int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates)
-{
-    size_t i = 0, k, j;
-    uint32_t c;
-
-    while (i < n) {
-        uint8_t b = p[i];
-        if (b < 0x80) {
-            i++;
-            continue;
-        }
-        if (b >= 0xC2 && b <= 0xDF) {
-            k = 1;
-            c = b & 0x1Fu;
-        } else if (b >= 0xE0 && b <= 0xEF) {
-            k = 2;
-            c = b & 0x0Fu;
-        } else if (b >= 0xF0 && b <= 0xF4) {
-            k = 3;
-            c = b & 0x07u;
-        } else {
-            return 0;
-        }
-        if (n - i - 1 < k)
-            return 0;
-        for (j = 1; j <= k; j++) {
-            if ((p[i + j] & 0xC0) != 0x80)
-                return 0;
-            c = (c << 6) | (p[i + j] & 0x3Fu);
-        }
-        if ((k == 2 && c < 0x800) || (k == 3 && (c < 0x10000 || c > 0x10FFFF)) ||
-            (!surrogates && c >= 0xD800 && c <= 0xDFFF))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
-}
-
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 /* PROTO: protocols up to 5 (no FRAME follows in what torch writes; FRAME is refused). */
 static mlu_status load_proto(pk_run *c)
 {
@@ -941,22 +960,17 @@ static mlu_status load_binint(pk_run *c)
     LOAD_BEGIN;
     const uint8_t *data = c->data;
     size_t pos = c->pos, k = c->op == MLU_PKOP_BININT1 ? 1 : c->op == MLU_PKOP_BININT2 ? 2 : 4;
-    uint32_t node;
     int64_t v;
 
     NEED(k);
     if (c->op == MLU_PKOP_BININT1)
         v = data[pos];
     else if (c->op == MLU_PKOP_BININT2)
-        v = data[pos] | (data[pos + 1] << 8);
+        v = mlu_le16(data + pos);
     else
-        v = (int32_t)rd32(data + pos);
+        v = (int32_t)mlu_le32(data + pos);
     c->pos += k;
-    node = new_node(vm, MLU_PKN_INT);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.i = v;
-    PUSH(node);
+    PUSH(int_node(vm, v));
     LOAD_END;
 }
 
@@ -977,16 +991,9 @@ static mlu_status load_long1(pk_run *c)
             u |= (uint64_t)data[c->pos + j] << (8 * j);
         if (k > 0 && k < 8 && (data[c->pos + k - 1] & 0x80))
             u |= ~(uint64_t)0 << (8 * k);
-        node = new_node(vm, MLU_PKN_INT);
-        if (node == MLU_PK_NONE_ID)
-            OOM();
-        N(vm, node)->u.i = (int64_t)u;
+        node = int_node(vm, (int64_t)u);
     } else {
-        node = new_node(vm, MLU_PKN_BIGINT);
-        if (node == MLU_PK_NONE_ID)
-            OOM();
-        N(vm, node)->u.s.p = (const char *)data + c->pos;
-        N(vm, node)->u.s.n = (uint32_t)k;
+        node = bytes_node(vm, MLU_PKN_BIGINT, data + c->pos, (uint32_t)k);
     }
     c->pos += k;
     PUSH(node);
@@ -1000,18 +1007,13 @@ static mlu_status load_binfloat(pk_run *c)
     uint64_t u = 0;
     size_t j;
     double d;
-    uint32_t node;
 
     NEED(8);
     for (j = 0; j < 8; j++)
         u = (u << 8) | c->data[c->pos + j];
     memcpy(&d, &u, 8);
     c->pos += 8;
-    node = new_node(vm, MLU_PKN_FLOAT);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.f = d;
-    PUSH(node);
+    PUSH(float_node(vm, d));
     LOAD_END;
 }
 
@@ -1023,7 +1025,7 @@ static mlu_status load_string(pk_run *c)
 
     if (c->op == MLU_PKOP_BINUNICODE) {
         NEED(4);
-        n = rd32(c->data + c->pos);
+        n = mlu_le32(c->data + c->pos);
         c->pos += 4;
     } else {
         NEED(1);
@@ -1032,15 +1034,11 @@ static mlu_status load_string(pk_run *c)
     NEED(n);
     /* torch decodes BINUNICODE as UTF-8 with surrogatepass and SHORT_BINSTRING as strict
      * UTF-8 while unpickling: every string, used or not */
-    if (!mlu_pk_utf8_valid(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE)) {
+    if (mlu_utf8_invalid_at(c->data + c->pos, n, c->op == MLU_PKOP_BINUNICODE) != n) {
         VM_FAIL(MLU_EFORMAT, c->at, "string at byte %zu is not valid UTF-8", c->at);
         goto error;
     }
-    node = new_node(vm, MLU_PKN_STR);
-    if (node == MLU_PK_NONE_ID)
-        OOM();
-    N(vm, node)->u.s.p = (const char *)c->data + c->pos;
-    N(vm, node)->u.s.n = n;
+    node = bytes_node(vm, MLU_PKN_STR, c->data + c->pos, n);
     c->pos += n;
     PUSH(node);
     LOAD_END;
@@ -1162,15 +1160,24 @@ static mlu_status load_append(pk_run *c)
     LOAD_END;
 }
 
+/* The memo index argument of PUT and GET: 1 byte (w = 1) or 4 (w = 4). */
+static mlu_status memo_index(pk_run *c, size_t w, size_t *idx)
+{
+    LOAD_BEGIN;
+    NEED(w);
+    *idx = w == 1 ? c->data[c->pos] : mlu_le32(c->data + c->pos);
+    c->pos += w;
+    LOAD_END;
+}
+
 /* BINPUT, LONG_BINPUT: memo[idx] = top of the stack. */
 static mlu_status load_put(pk_run *c)
 {
     LOAD_BEGIN;
-    size_t idx, w = c->op == MLU_PKOP_BINPUT ? 1 : 4;
+    size_t idx;
 
-    NEED(w);
-    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
-    c->pos += w;
+    if ((st = memo_index(c, c->op == MLU_PKOP_BINPUT ? 1 : 4, &idx)) != MLU_OK)
+        goto error;
     POPN(1);
     if (idx > c->size) {
         VM_FAIL(MLU_EFORMAT, c->at, "memo index %zu at byte %zu is larger than the pickle", idx, c->at);
@@ -1193,11 +1200,10 @@ static mlu_status load_put(pk_run *c)
 static mlu_status load_get(pk_run *c)
 {
     LOAD_BEGIN;
-    size_t idx, w = c->op == MLU_PKOP_BINGET ? 1 : 4;
+    size_t idx;
 
-    NEED(w);
-    idx = w == 1 ? c->data[c->pos] : rd32(c->data + c->pos);
-    c->pos += w;
+    if ((st = memo_index(c, c->op == MLU_PKOP_BINGET ? 1 : 4, &idx)) != MLU_OK)
+        goto error;
     if (idx >= vm->n_memo || vm->memo[idx] == MLU_PK_NONE_ID) {
         VM_FAIL(MLU_EFORMAT, c->at, "memo misuse: GET of undefined memo entry %zu at byte %zu", idx, c->at);
         goto error;
@@ -1414,33 +1420,22 @@ done:
 
 static int key_cmp(const mlu_pk_pid *a, const mlu_pk_pid *b)
 {
-    size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
-    int c = memcmp(a->key, b->key, n);
-    if (c != 0)
-        return c;
-    return a->key_len < b->key_len ? -1 : a->key_len > b->key_len;
+    return mlu_bytes_cmp(a->key, a->key_len, b->key, b->key_len);
 }
 
-static void sift_pids(const mlu_pk_pid *p, uint32_t *v, size_t root, size_t n)
+/* The order of pids x and y by key (an mlu_index_cmp over vm->pids). */
+static int pid_cmp(const void *ctx, size_t x, size_t y)
 {
-    for (;;) {
-        size_t c = 2 * root + 1, big = root;
-        uint32_t t;
-        if (c < n && key_cmp(&p[v[c]], &p[v[big]]) > 0)
-            big = c;
-        if (c + 1 < n && key_cmp(&p[v[c + 1]], &p[v[big]]) > 0)
-            big = c + 1;
-        if (big == root)
-            return;
-        t = v[root]; v[root] = v[big]; v[big] = t;
-        root = big;
-    }
+    const mlu_pk_pid *pids = ctx;
+
+    return key_cmp(&pids[x], &pids[y]);
 }
 
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
 {
     mlu_status st = MLU_OK;
-    uint32_t *order = NULL, i, j, t;
+    size_t *order = NULL; /* owned: pid indices sorted by key */
+    uint32_t i, j;
     size_t k;
 
     mlu_free(vm->storages);
@@ -1448,7 +1443,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     vm->n_storages = 0;
     if (vm->n_pids == 0)
         goto done;
-    order = mlu_calloc(vm->n_pids, sizeof(uint32_t));
+    order = mlu_calloc(vm->n_pids, sizeof(*order));
     vm->storages = mlu_calloc(vm->n_pids, sizeof(*vm->storages));
     if (order == NULL || vm->storages == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %u storages", vm->n_pids);
@@ -1457,15 +1452,10 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
     for (i = 0; i < vm->n_pids; i++)
         order[i] = i;
     /* stable merge not needed: the first pid (lowest byte offset) is found by scanning each group */
-    for (k = vm->n_pids / 2; k-- > 0;)
-        sift_pids(vm->pids, order, k, vm->n_pids);
-    for (k = vm->n_pids; k-- > 1;) {
-        t = order[0]; order[0] = order[k]; order[k] = t;
-        sift_pids(vm->pids, order, 0, k);
-    }
+    mlu_sort_indices(order, vm->n_pids, pid_cmp, vm->pids);
     for (i = 0; i < vm->n_pids; i = j) {
         mlu_pk_pid *first = &vm->pids[order[i]];
-        uint32_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
+        size_t first_idx = order[i];  /* pids are in pickle order: the lowest index is the first use */
         mlu_pk_storage *s = &vm->storages[vm->n_storages];
         for (j = i; j < vm->n_pids && key_cmp(&vm->pids[order[j]], first) == 0; j++) {
             mlu_pk_pid *p = &vm->pids[order[j]];

@@ -142,10 +142,6 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
  * each pid's `storage`; checks every tensor view against its storage. */
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err);
 
-/* 1 when p[0..n) is valid UTF-8; encoded surrogates pass only with `surrogates`
- * (Python's "surrogatepass", as torch decodes BINUNICODE). */
-int mlu_pk_utf8_valid(const uint8_t *p, size_t n, int surrogates);
-
 /* For the global names used in errors and tests. */
 const char *mlu_pk_kind_name(int kind);
 

@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "ptload_file.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "pickle_ops.h"
 #include "zipfmt.h"
 #include "zipwrite.h"
@@ -152,114 +153,131 @@ done:
     return st;
 }
 
-static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
+/* The archive's records all lie in one folder, <prefix>/ (torch's archive
+ * name), and none is TorchScript's: sets *prefix and *pl (borrowed from the
+ * first record's name). */
+static mlu_status check_archive_prefix(const mlu_pt *pt, const char **prefix, size_t *pl, mlu_error *err)
 {
-    mlu_status st = MLU_EFORMAT;
-    const mlu_zip_entry *e0, *pk, *ver, *dver, *bo, *sid;
-    const char *prefix, *slash;
-    size_t pl, i, ppos = 0;
-    const uint8_t *pickle;
-    char small[64];
-    unsigned long version = 0;
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *e0 = &pt->zip.entries[0];
+    const char *slash = memchr(e0->name, '/', e0->name_len);
+    size_t i;
 
-    st = mlu_zip_open(&pt->zip, &pt->rd, err);
-    if (st != MLU_OK)
-        goto done;
-    st = MLU_EFORMAT;
-    e0 = &pt->zip.entries[0];
-    prefix = e0->name;
-    slash = memchr(prefix, '/', e0->name_len);
-    if (slash == NULL || slash == prefix) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)e0->lfh_offset, "file in archive is not in a subdirectory: '%.*s'",
-                      (int)e0->name_len, e0->name);
+    if (slash == NULL || slash == e0->name) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e0->lfh_offset, "file in archive is not in a subdirectory: '%.*s'",
+                           (int)e0->name_len, e0->name);
         goto done;
     }
-    pl = (size_t)(slash - prefix);
+    *prefix = e0->name;
+    *pl = (size_t)(slash - e0->name);
     for (i = 0; i < pt->zip.count; i++) {
         const mlu_zip_entry *e = &pt->zip.entries[i];
-        if (e->name_len <= pl + 1 || memcmp(e->name, prefix, pl + 1) != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' is outside the archive prefix '%.*s/'",
-                          (int)e->name_len, e->name, (int)pl, prefix);
+        if (e->name_len <= *pl + 1 || memcmp(e->name, *prefix, *pl + 1) != 0) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' is outside the archive prefix '%.*s/'",
+                               (int)e->name_len, e->name, (int)*pl, *prefix);
             goto done;
         }
-        if (e->name_len >= pl + 6 && memcmp(e->name + pl + 1, "code/", 5) == 0) {
+        if (e->name_len >= *pl + 6 && memcmp(e->name + *pl + 1, "code/", 5) == 0) {
             st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)e->lfh_offset,
                                "TorchScript archive (record '%.*s'): refusing to load it as weights", (int)e->name_len, e->name);
             goto done;
         }
     }
-    if (find_record(pt, prefix, pl, "constants.pkl", 13) != NULL) {
+    if (find_record(pt, *prefix, *pl, "constants.pkl", 13) != NULL)
         st = mlu_error_set(err, MLU_EUNSAFE, -1, "TorchScript archive (record 'constants.pkl'): refusing to load it as weights");
-        goto done;
-    }
-    dver = find_record(pt, prefix, pl, ".data/version", 13);
-    ver = find_record(pt, prefix, pl, "version", 7);
+done:
+    return st;
+}
+
+/* The number in the small record e (named `name` in errors) into *version. */
+static mlu_status read_version(const mlu_pt *pt, const mlu_zip_entry *e, const char *name, unsigned long *version,
+                               mlu_error *err)
+{
+    mlu_status st;
+    char small[64];
+
+    if ((st = small_record(pt, e, small, sizeof(small), err)) == MLU_OK && parse_version(small, version) < 0)
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record '%s' is not a number", name);
+    return st;
+}
+
+/* The archive's version ('.data/version', else 'version'): one this reader
+ * knows, and not TorchScript's. */
+static mlu_status check_archive_version(const mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *dver = find_record(pt, prefix, pl, ".data/version", 13);
+    const mlu_zip_entry *ver = find_record(pt, prefix, pl, "version", 7);
+    unsigned long version = 0;
+
     if (dver != NULL) {
-        if ((st = small_record(pt, dver, small, sizeof(small), err)) != MLU_OK)
+        if ((st = read_version(pt, dver, ".data/version", &version, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (parse_version(small, &version) < 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)dver->lfh_offset, "record '.data/version' is not a number");
-            goto done;
-        }
         if (version >= 6) {
             st = mlu_error_set(err, MLU_EUNSAFE, (int64_t)dver->lfh_offset,
                                "TorchScript archive ('.data/version' = %lu): refusing to load it as weights", version);
             goto done;
         }
-    }
-    if (ver != NULL && dver == NULL) {
-        if ((st = small_record(pt, ver, small, sizeof(small), err)) != MLU_OK)
+    } else if (ver != NULL) {
+        if ((st = read_version(pt, ver, "version", &version, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (parse_version(small, &version) < 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)ver->lfh_offset, "record 'version' is not a number");
-            goto done;
-        }
-    }
-    if (ver == NULL && dver == NULL) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "failed locating file version: the archive has no 'version' record");
+    } else {
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "failed locating file version: the archive has no 'version' record");
         goto done;
     }
-    if (version < 1 || version > MAX_VERSION) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
-        goto done;
-    }
-    sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
-    if (sid != NULL) {  /* torch.load reads it as a str: it must be UTF-8 */
-        char idbuf[256];
+    if (version < 1 || version > MAX_VERSION)
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "unsupported archive version %lu (supported: 1..%d)", version, MAX_VERSION);
+done:
+    return st;
+}
+
+/* The optional small records: '.data/serialization_id' must be UTF-8 (torch
+ * reads it as a str), 'byteorder' 'little' or 'big' (sets pt->big_endian). */
+static mlu_status check_small_records(mlu_pt *pt, const char *prefix, size_t pl, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *sid = find_record(pt, prefix, pl, ".data/serialization_id", 22);
+    const mlu_zip_entry *bo = find_record(pt, prefix, pl, "byteorder", 9);
+    char idbuf[256], small[64];
+
+    if (sid != NULL) {
         if ((st = small_record(pt, sid, idbuf, sizeof(idbuf), err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (!mlu_pk_utf8_valid((const uint8_t *)idbuf, (size_t)sid->usize, 0)) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
+        if (mlu_utf8_invalid_at((const uint8_t *)idbuf, (size_t)sid->usize, 0) != (size_t)sid->usize) {
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)sid->lfh_offset, "record '.data/serialization_id' is not valid UTF-8");
             goto done;
         }
     }
-    bo = find_record(pt, prefix, pl, "byteorder", 9);
     if (bo != NULL) {
         if ((st = small_record(pt, bo, small, sizeof(small), err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
-        if (strcmp(small, "big") == 0) {
+        if (strcmp(small, "big") == 0)
             pt->big_endian = 1;
-        } else if (strcmp(small, "little") != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)bo->lfh_offset, "record 'byteorder' must be 'little' or 'big'");
-            goto done;
-        }
+        else if (strcmp(small, "little") != 0)
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)bo->lfh_offset, "record 'byteorder' must be 'little' or 'big'");
     }
-    pk = find_record(pt, prefix, pl, "data.pkl", 8);
+done:
+    return st;
+}
+
+/* Reads data.pkl into pt->pickle_owned (checked in full with `verify`) and
+ * runs the pickle VM over it: pt->root and the storages it declares. */
+static mlu_status run_data_pkl(mlu_pt *pt, const char *prefix, size_t pl, int verify, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_zip_entry *pk = find_record(pt, prefix, pl, "data.pkl", 8);
+    size_t ppos = 0;
+
     if (pk == NULL) {
-        mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
+        st = mlu_error_set(err, MLU_EFORMAT, -1, "the archive has no 'data.pkl' record");
         goto done;
     }
     if (verify && (st = mlu_zip_check(&pt->zip, pk, err)) != MLU_OK)
         goto done;
-    st = MLU_EFORMAT;
     /* an owned copy: the pickle's strings point into it */
     if (pk->usize > SIZE_MAX - 1) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)pk->lfh_offset, "record 'data.pkl' is too large (%llu bytes)",
-                      (unsigned long long)pk->usize);
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)pk->lfh_offset, "record 'data.pkl' is too large (%llu bytes)",
+                           (unsigned long long)pk->usize);
         goto done;
     }
     pt->pickle_owned = mlu_malloc(pk->usize ? (size_t)pk->usize : 1);
@@ -269,42 +287,50 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
     }
     if ((st = mlu_zip_extract(&pt->zip, pk, pt->pickle_owned, err)) != MLU_OK)
         goto done;
-    pickle = pt->pickle_owned;
-    if ((st = mlu_pk_run(&pt->vm, pickle, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
+    if ((st = mlu_pk_run(&pt->vm, pt->pickle_owned, (size_t)pk->usize, &ppos, 0, &pt->root, err)) != MLU_OK)
         goto done;
-    if ((st = mlu_pk_finish(&pt->vm, err)) != MLU_OK)
-        goto done;
-    st = MLU_EFORMAT;
+    st = mlu_pk_finish(&pt->vm, err);
+done:
+    return st;
+}
+
+/* Finds the record 'data/<key>' of every storage, of the size the pickle
+ * declares, and fills pt->src (each record checked in full with `verify`). */
+static mlu_status resolve_storages(mlu_pt *pt, const char *prefix, size_t pl, int verify, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    char rest[MAX_RECORD_NAME];
+    uint32_t i;
+
     pt->src = mlu_calloc(pt->vm.n_storages ? pt->vm.n_storages : 1, sizeof(*pt->src));
     if (pt->src == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for storages");
         goto done;
     }
+    memcpy(rest, "data/", 5);
     for (i = 0; i < pt->vm.n_storages; i++) {
         const mlu_pk_storage *s = &pt->vm.storages[i];
-        char rest[MAX_RECORD_NAME];
         const mlu_zip_entry *e;
         if (s->key_len + 5 > sizeof(rest)) {
-            mlu_error_set(err, MLU_EFORMAT, -1, "storage key is too long");
+            st = mlu_error_set(err, MLU_EFORMAT, -1, "storage key is too long");
             goto done;
         }
-        memcpy(rest, "data/", 5);
         memcpy(rest + 5, s->key, s->key_len);
         e = find_record(pt, prefix, pl, rest, 5 + s->key_len);
         if (e == NULL) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)s->first_offset, "storage '%.*s' has no record 'data/%.*s' in the archive",
-                          (int)s->key_len, s->key, (int)s->key_len, s->key);
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)s->first_offset, "storage '%.*s' has no record 'data/%.*s' in the archive",
+                               (int)s->key_len, s->key, (int)s->key_len, s->key);
             goto done;
         }
         if (e->usize != s->nbytes) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record size %llu of 'data/%.*s' mismatch with dst size %llu "
-                          "(numel x element size from the pickle)", (unsigned long long)e->usize, (int)s->key_len, s->key,
-                          (unsigned long long)s->nbytes);
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "record size %llu of 'data/%.*s' mismatch with dst size %llu "
+                               "(numel x element size from the pickle)", (unsigned long long)e->usize, (int)s->key_len, s->key,
+                               (unsigned long long)s->nbytes);
             goto done;
         }
         if (pt->big_endian && s->swap_unit < 0) {
-            mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage '%.*s' is viewed with element sizes that disagree",
-                          (int)s->key_len, s->key);
+            st = mlu_error_set(err, MLU_EFORMAT, -1, "big-endian storage '%.*s' is viewed with element sizes that disagree",
+                               (int)s->key_len, s->key);
             goto done;
         }
         pt->src[i].kind = e->method == 0 ? MLU_PT_SRC_STORED : MLU_PT_SRC_DEFLATED;
@@ -312,25 +338,31 @@ static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
         pt->src[i].entry = e;
         if (verify && (st = mlu_zip_check(&pt->zip, e, err)) != MLU_OK)
             goto done;
-        st = MLU_EFORMAT;
     }
-    if (verify && (st = check_computed_offsets(pt, prefix, pl, err)) != MLU_OK)
+done:
+    return st;
+}
+
+static mlu_status open_zip(mlu_pt *pt, int verify, mlu_error *err)
+{
+    mlu_status st;
+    const char *prefix = NULL;  /* borrowed from the first record's name */
+    size_t pl = 0;
+
+    if ((st = mlu_zip_open(&pt->zip, &pt->rd, err)) != MLU_OK ||
+        (st = check_archive_prefix(pt, &prefix, &pl, err)) != MLU_OK ||
+        (st = check_archive_version(pt, prefix, pl, err)) != MLU_OK ||
+        (st = check_small_records(pt, prefix, pl, err)) != MLU_OK ||
+        (st = run_data_pkl(pt, prefix, pl, verify, err)) != MLU_OK ||
+        (st = resolve_storages(pt, prefix, pl, verify, err)) != MLU_OK)
         goto done;
-    st = MLU_OK;
+    if (verify)
+        st = check_computed_offsets(pt, prefix, pl, err);
 done:
     return st;
 }
 
 static const mlu_pk_node *node(const mlu_pt *pt, uint32_t id) { return &pt->vm.nodes[id]; }
-
-static int64_t rd64le(const uint8_t *p)
-{
-    uint64_t v = 0;
-    int i;
-    for (i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return (int64_t)v;
-}
 
 static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
 {
@@ -338,10 +370,7 @@ static uint32_t find_storage(const mlu_pt *pt, const char *key, size_t len)
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
         const mlu_pk_storage *s = &pt->vm.storages[mid];
-        size_t n = s->key_len < len ? s->key_len : len;
-        int c = memcmp(s->key, key, n);
-        if (c == 0)
-            c = s->key_len < len ? -1 : s->key_len > len;
+        int c = mlu_bytes_cmp(s->key, s->key_len, key, len);
         if (c == 0)
             return mid;
         if (c < 0)
@@ -476,7 +505,7 @@ static mlu_status open_legacy(mlu_pt *pt, mlu_error *err)
         if ((st = mlu_rd_read(&pt->rd, pos, cbuf, 8, "a legacy storage count", err)) != MLU_OK)
             goto done;
         st = MLU_EFORMAT;
-        count = rd64le(cbuf);
+        count = (int64_t)mlu_le64(cbuf);
         if (count < 0 || (uint64_t)count != ps->legacy_numel) {
             mlu_error_set(err, MLU_EFORMAT, (int64_t)pos, "legacy storage '%.*s' holds %lld elements, the pickle says %llu",
                           (int)k->u.s.n, k->u.s.p, (long long)count, (unsigned long long)ps->legacy_numel);
@@ -517,8 +546,7 @@ mlu_status mlu_pt_open(mlu_pt *pt, const mlu_rd *rd, int verify, mlu_error *err)
     pt->rd = *rd;
     if (rd->size >= 4 && (st = mlu_rd_read(rd, 0, magic, 4, "the file magic", err)) != MLU_OK)
         goto done;
-    if (rd->size >= 4 && ((uint32_t)magic[0] | (uint32_t)magic[1] << 8 | (uint32_t)magic[2] << 16 |
-                          (uint32_t)magic[3] << 24) == MLU_ZIP_LFH_SIG) {
+    if (rd->size >= 4 && mlu_le32(magic) == MLU_ZIP_LFH_SIG) {
         pt->is_zip = 1;
         st = open_zip(pt, verify, err);
     } else {
@@ -552,32 +580,29 @@ int mlu_pt_storage_in_place(const mlu_pt *pt, uint32_t i, size_t align)
 void mlu_pt_byteswap(uint8_t *p, size_t n, int unit)
 {
     size_t i;
-    uint8_t t;
+
+    /* each whole element of `bits` bits, swapped in place */
+#define SWAP_EACH(bits)                                         \
+    for (i = 0; i + (bits) / 8 <= n; i += (bits) / 8) {         \
+        uint##bits##_t v;                                       \
+        memcpy(&v, p + i, sizeof(v));                           \
+        v = __builtin_bswap##bits(v);                           \
+        memcpy(p + i, &v, sizeof(v));                           \
+    }
     switch (unit) {
     case 2:
-        for (i = 0; i + 2 <= n; i += 2) {
-            t = p[i]; p[i] = p[i + 1]; p[i + 1] = t;
-        }
+        SWAP_EACH(16);
         break;
     case 4:
-        for (i = 0; i + 4 <= n; i += 4) {
-            uint32_t v;
-            memcpy(&v, p + i, 4);
-            v = __builtin_bswap32(v);
-            memcpy(p + i, &v, 4);
-        }
+        SWAP_EACH(32);
         break;
     case 8:
-        for (i = 0; i + 8 <= n; i += 8) {
-            uint64_t v;
-            memcpy(&v, p + i, 8);
-            v = __builtin_bswap64(v);
-            memcpy(p + i, &v, 8);
-        }
+        SWAP_EACH(64);
         break;
     default:
         break;
     }
+#undef SWAP_EACH
 }
 
 mlu_status mlu_pt_storage_fill(const mlu_pt *pt, uint32_t i, uint8_t *dst, mlu_error *err)

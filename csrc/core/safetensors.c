@@ -3,6 +3,7 @@
 #include "safetensors.h"
 #include "alloc.h"
 #include "atomicfile.h"
+#include "bytes.h"
 #include "file.h"
 #include "json.h"
 
@@ -87,46 +88,6 @@ static char *dup_bytes(const char *s, size_t n)
         p[n] = '\0';
     }
     return p;
-}
-
-/* Index of the first byte that is not valid UTF-8, or n when all is valid. */
-static size_t utf8_invalid_at(const uint8_t *s, size_t n)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len, k;
-        uint32_t cp;
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xC2 && c <= 0xDF) {
-            len = 2;
-            cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            len = 3;
-            cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return i;
-        }
-        if (n - i < len)
-            return i;
-        for (k = 1; k < len; k++) {
-            if ((s[i + k] & 0xC0) != 0x80)
-                return i;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-            (cp >= 0xD800 && cp <= 0xDFFF))
-            return i;
-        i += len;
-    }
-    return n;
 }
 
 static const char *json_kind(const json_t *v)
@@ -573,7 +534,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
     numbers nums = {NULL, 0, 0};
     uint8_t *copy = NULL;        /* the header with numbers rewritten, when it had to be */
     uint64_t n = 0;
-    size_t bad, i, cap;
+    size_t bad, cap;
     const char *key;
     size_t klen;
     json_t *val;
@@ -586,8 +547,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
                            size);
         goto error;
     }
-    for (i = 0; i < 8; i++)
-        n |= (uint64_t)data[i] << (8 * i);
+    n = mlu_le64(data);
     if (n > MLU_ST_MAX_HEADER) {
         st = mlu_error_set(err, MLU_EFORMAT, 0,
                            "header too large: it declares %" PRIu64 " bytes, the limit is %u", n,
@@ -603,7 +563,7 @@ mlu_status mlu_st_parse(const uint8_t *data, uint64_t size, mlu_st_header *h, ml
     }
     h->header_len = n;
     h->data_start = 8 + n;
-    bad = utf8_invalid_at(data + 8, (size_t)n);
+    bad = mlu_utf8_invalid_at(data + 8, (size_t)n, 0);
     if (bad != (size_t)n) {
         st = mlu_error_set(err, MLU_EFORMAT, (int64_t)(8 + bad),
                            "header is not valid UTF-8 (byte offset %" PRIu64 ")",
@@ -939,7 +899,6 @@ mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error
     uint8_t prefix[8] = {0};
     uint8_t *head = NULL;
     uint64_t n = 0;
-    size_t k;
 
     memset(h, 0, sizeof(*h));
     if (size < 8) {
@@ -948,8 +907,7 @@ mlu_status mlu_st_read_header(int fd, uint64_t size, mlu_st_header *h, mlu_error
     }
     if ((st = mlu_file_read_at(fd, 0, prefix, 8, "the header length", err)) != MLU_OK)
         goto done;
-    for (k = 0; k < 8; k++)
-        n |= (uint64_t)prefix[k] << (8 * k);
+    n = mlu_le64(prefix);
     if (n > MLU_ST_MAX_HEADER || 8 + n > size) {
         st = mlu_st_parse(prefix, size, h, err); /* refused from the 8 bytes alone */
         goto done;

@@ -1,6 +1,7 @@
 /* torch_dtypes.c: the torch dtype table (see torch_dtypes.h). */
 #include "torch_dtypes.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 const mlu_torch_dtype mlu_torch_dtypes[MLU_TORCH_N_DTYPES] = {
@@ -82,6 +83,48 @@ int mlu_torch_dtype_of_safetensors(const char *name)
 
     for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++)
         if (mlu_torch_dtypes[i].safetensors != NULL && strcmp(name, mlu_torch_dtypes[i].safetensors) == 0)
+            found = i;
+    return found;
+}
+
+/* NumPy's kind and item size of a NumPy column entry: "<f4" (a byte order,
+ * the kind, the size), or "?" (bool, one byte). */
+static void numpy_kind_size(const char *np, char *kind, size_t *itemsize)
+{
+    if (strchr("<>|=", np[0]) != NULL)
+        np++;
+    if (strcmp(np, "?") == 0) {
+        *kind = 'b';
+        *itemsize = 1;
+    } else {
+        *kind = np[0];
+        *itemsize = (size_t)strtoul(np + 1, NULL, 10);
+    }
+}
+
+int mlu_torch_dtype_of_numpy(char kind, size_t itemsize)
+{
+    int i, found = -1;
+
+    for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++) {
+        char k;
+        size_t n;
+        if (mlu_torch_dtypes[i].numpy == NULL)
+            continue;
+        numpy_kind_size(mlu_torch_dtypes[i].numpy, &k, &n);
+        if (k == kind && n == itemsize && n == mlu_torch_dtypes[i].itemsize)
+            found = i;
+    }
+    return found;
+}
+
+int mlu_torch_dtype_of_ml_dtypes(const char *name, size_t itemsize)
+{
+    int i, found = -1;
+
+    for (i = 0; i < MLU_TORCH_N_DTYPES && found < 0; i++)
+        if (mlu_torch_dtypes[i].ml_dtypes != NULL && strcmp(name, mlu_torch_dtypes[i].ml_dtypes) == 0 &&
+            mlu_torch_dtypes[i].itemsize == itemsize)
             found = i;
     return found;
 }

@@ -37,5 +37,12 @@ int mlu_torch_storage_class_find(const char *name, size_t len);
  * This column is the one statement of which safetensors dtype is which torch,
  * NumPy and ml_dtypes type (_core.safetensors_dtypes joins through it). */
 int mlu_torch_dtype_of_safetensors(const char *name);
+/* The id of the dtype whose NumPy column is of NumPy kind `kind` (dtype.kind:
+ * 'b' bool, 'i', 'u', 'f', 'c') with `itemsize` bytes, or -1: how a NumPy
+ * array's dtype is matched, whatever its byte order. */
+int mlu_torch_dtype_of_numpy(char kind, size_t itemsize);
+/* The id of the dtype whose ml_dtypes column is the NUL-terminated name
+ * ("bfloat16") with `itemsize` bytes, or -1. */
+int mlu_torch_dtype_of_ml_dtypes(const char *name, size_t itemsize);
 
 #endif

@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE
 #include "zipread.h"
 #include "alloc.h"
+#include "bytes.h"
 #include "file.h"
 #include "zipfmt.h"
 
@@ -20,13 +21,6 @@
 /* DEFLATE cannot expand beyond about 1032:1; a declared size above this is a bomb. */
 #define DEFLATE_MAX_RATIO 1032u
 
-static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
-
 /* Reads the zip64 extra (id 1) of a central entry: only the fields whose
  * 32-bit value is saturated are present, in the order usize, csize, offset. */
 static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t where, mlu_zip_entry *e,
@@ -36,7 +30,7 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
     size_t pos = 0;
 
     while (pos + MLU_ZIP_EXTRA_HEAD <= ex_len) {
-        uint16_t id = rd16(ex + pos), len = rd16(ex + pos + 2);
+        uint16_t id = mlu_le16(ex + pos), len = mlu_le16(ex + pos + 2);
         const uint8_t *f = ex + pos + MLU_ZIP_EXTRA_HEAD;
         size_t need = 8u * (size_t)(need_u + need_c + need_o), k = 0;
 
@@ -49,9 +43,9 @@ static mlu_status read_zip64_extra(const uint8_t *ex, size_t ex_len, int64_t whe
                 st = mlu_error_set(err, MLU_EFORMAT, where, "zip64 extra field is too short at byte %lld", (long long)where);
                 goto done;
             }
-            if (need_u) { e->usize = rd64(f + k); k += 8; }
-            if (need_c) { e->csize = rd64(f + k); k += 8; }
-            if (need_o) { e->lfh_offset = rd64(f + k); k += 8; }
+            if (need_u) { e->usize = mlu_le64(f + k); k += 8; }
+            if (need_c) { e->csize = mlu_le64(f + k); k += 8; }
+            if (need_o) { e->lfh_offset = mlu_le64(f + k); k += 8; }
             goto done;
         }
         pos += MLU_ZIP_EXTRA_HEAD + (size_t)len;
@@ -63,41 +57,13 @@ done:
     return st;
 }
 
-static int cmp_names(const mlu_zip *z, size_t a, size_t b)
+/* The order of records a and b by name (an mlu_index_cmp over a zip). */
+static int cmp_names(const void *ctx, size_t a, size_t b)
 {
+    const mlu_zip *z = ctx;
     const mlu_zip_entry *x = &z->entries[a], *y = &z->entries[b];
-    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
-    int c = memcmp(x->name, y->name, n);
-    if (c != 0)
-        return c;
-    return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
-}
 
-/* Heap sort of the index array (no global state, so no qsort_r needed). */
-static void sift(const mlu_zip *z, size_t *v, size_t root, size_t n)
-{
-    for (;;) {
-        size_t child = 2 * root + 1, big = root, t;
-        if (child < n && cmp_names(z, v[child], v[big]) > 0)
-            big = child;
-        if (child + 1 < n && cmp_names(z, v[child + 1], v[big]) > 0)
-            big = child + 1;
-        if (big == root)
-            return;
-        t = v[root]; v[root] = v[big]; v[big] = t;
-        root = big;
-    }
-}
-
-static void sort_names(const mlu_zip *z, size_t *v, size_t n)
-{
-    size_t i, t;
-    for (i = n / 2; i-- > 0;)
-        sift(z, v, i, n);
-    for (i = n; i-- > 1;) {
-        t = v[0]; v[0] = v[i]; v[i] = t;
-        sift(z, v, 0, i);
-    }
+    return mlu_bytes_cmp(x->name, x->name_len, y->name, y->name_len);
 }
 
 void mlu_rd_mem(mlu_rd *r, const uint8_t *data, size_t size)
@@ -189,237 +155,308 @@ done:
     return st;
 }
 
-mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
+/* Where the central directory is, from the end records. */
+typedef struct zip_dir {
+    uint64_t off, size, count;  /* the directory's offset, size and entry count */
+    uint64_t end;               /* what the directory must end before: the zip64 end record or the EOCD */
+    uint64_t eocd;              /* the EOCD's offset (where errors about the directory point) */
+} zip_dir;
+
+/* The zip64 end record found through the locator at loc_at (its bytes: loc)
+ * overrides the EOCD's 16- and 32-bit fields in *d. */
+static mlu_status read_zip64_end(const mlu_rd *rd, uint64_t loc_at, const uint8_t *loc, zip_dir *d,
+                                 mlu_error *err)
 {
     mlu_status st = MLU_EFORMAT;
-    uint64_t cd_off, cd_size, count, pos, cd_end, size = rd->size, tail_start, eocd = 0;
-    uint8_t *tail = NULL, *lfh = NULL, e64[EOCD64_MIN];
-    size_t tail_len, i, lo;
-    int found = 0;
+    uint64_t off64 = mlu_le64(loc + 8);
+    uint8_t e64[EOCD64_MIN];
 
-    memset(z, 0, sizeof(*z));
-    z->rd = *rd;
+    if (mlu_le32(loc + 4) != 0 || mlu_le32(loc + 16) != 1) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "multi-disk zip archives are not supported (zip64 locator)");
+        goto done;
+    }
+    if (off64 > loc_at || loc_at - off64 < EOCD64_MIN) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "zip64 locator at byte %llu points outside the file",
+                           (unsigned long long)loc_at);
+        goto done;
+    }
+    if ((st = mlu_rd_read(rd, off64, e64, EOCD64_MIN, "the zip64 end record", err)) != MLU_OK)
+        goto done;
+    if (mlu_le32(e64) != MLU_ZIP_EOCD64_SIG) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
+                           (unsigned long long)off64);
+        goto done;
+    }
+    if (mlu_le32(e64 + 16) != 0 || mlu_le32(e64 + 20) != 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "multi-disk zip archives are not supported (zip64 end record)");
+        goto done;
+    }
+    d->count = mlu_le64(e64 + 32);
+    d->size = mlu_le64(e64 + 40);
+    d->off = mlu_le64(e64 + 48);
+    if (mlu_le64(e64 + 24) != d->count) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
+        goto done;
+    }
+    d->end = off64;
+done:
+    return st;
+}
+
+/* Finds the EOCD in the file's last bytes (and the zip64 records it points
+ * to) and fills *d, checked: the directory lies before its end records, and
+ * its count is possible in its size. */
+static mlu_status read_end_records(const mlu_rd *rd, zip_dir *d, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    uint64_t size = rd->size, tail_start, end;
+    uint8_t *tail = NULL;  /* owned: the file's last tail_len bytes */
+    const uint8_t *ep = NULL;
+    size_t tail_len, i, lo;
+
     if (size < EOCD_SIZE) {
         st = mlu_error_set(err, MLU_EFORMAT, 0, "not a zip archive: %llu bytes is too short (truncated file?)",
                            (unsigned long long)size);
-        goto error;
+        goto done;
     }
     tail_len = size > TAIL_MAX ? TAIL_MAX : (size_t)size;
     tail_start = size - tail_len;
     if ((tail = mlu_malloc(tail_len)) == NULL) {
         st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for the zip end records");
-        goto error;
+        goto done;
     }
     if ((st = mlu_rd_read(rd, tail_start, tail, tail_len, "the zip end records", err)) != MLU_OK)
-        goto error;
-    st = MLU_EFORMAT;
+        goto done;
     /* scan backwards for the EOCD whose comment ends within the file */
     lo = tail_len > EOCD_SIZE + 0xFFFFu ? tail_len - EOCD_SIZE - 0xFFFFu : 0;
-    for (i = tail_len - EOCD_SIZE + 1; i-- > lo;) {
-        if (rd32(tail + i) == MLU_ZIP_EOCD_SIG &&
-            i + EOCD_SIZE + rd16(tail + i + 20) <= tail_len) {
-            eocd = tail_start + i;
-            found = 1;
-            break;
-        }
+    for (i = tail_len - EOCD_SIZE + 1; i-- > lo && ep == NULL;)
+        if (mlu_le32(tail + i) == MLU_ZIP_EOCD_SIG && i + EOCD_SIZE + mlu_le16(tail + i + 20) <= tail_len)
+            ep = tail + i;
+    if (ep == NULL) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)size,
+                           "failed finding central directory: no end-of-central-directory record (truncated file?)");
+        goto done;
     }
-    if (!found) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)size,
-                      "failed finding central directory: no end-of-central-directory record (truncated file?)");
-        goto error;
+    d->eocd = tail_start + (uint64_t)(ep - tail);
+    if (mlu_le16(ep + 4) != 0 || mlu_le16(ep + 6) != 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "multi-disk zip archives are not supported");
+        goto done;
     }
-    {
-        const uint8_t *ep = tail + (eocd - tail_start);
-        if (rd16(ep + 4) != 0 || rd16(ep + 6) != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "multi-disk zip archives are not supported");
-            goto error;
-        }
-        count = rd16(ep + 10);
-        cd_size = rd32(ep + 12);
-        cd_off = rd32(ep + 16);
-    }
+    d->count = mlu_le16(ep + 10);
+    d->size = mlu_le32(ep + 12);
+    d->off = mlu_le32(ep + 16);
+    d->end = d->eocd;
     /* the locator, when present, lies in the tail (TAIL_MAX leaves room for it) */
-    if (eocd >= tail_start + LOCATOR_SIZE && rd32(tail + (eocd - tail_start) - LOCATOR_SIZE) == MLU_ZIP_LOC64_SIG) {
-        uint64_t loc_at = eocd - LOCATOR_SIZE;
-        uint64_t off64 = rd64(tail + (loc_at - tail_start) + 8);
-        if (rd32(tail + (loc_at - tail_start) + 4) != 0 || rd32(tail + (loc_at - tail_start) + 16) != 1) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "multi-disk zip archives are not supported (zip64 locator)");
-            goto error;
-        }
-        if (off64 > loc_at || loc_at - off64 < EOCD64_MIN) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)loc_at, "zip64 locator at byte %llu points outside the file",
-                          (unsigned long long)loc_at);
-            goto error;
-        }
-        if ((st = mlu_rd_read(rd, off64, e64, EOCD64_MIN, "the zip64 end record", err)) != MLU_OK)
-            goto error;
-        st = MLU_EFORMAT;
-        if (rd32(e64) != MLU_ZIP_EOCD64_SIG) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 end-of-central-directory record is missing at byte %llu",
-                          (unsigned long long)off64);
-            goto error;
-        }
-        if (rd32(e64 + 16) != 0 || rd32(e64 + 20) != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "multi-disk zip archives are not supported (zip64 end record)");
-            goto error;
-        }
-        count = rd64(e64 + 32);
-        cd_size = rd64(e64 + 40);
-        cd_off = rd64(e64 + 48);
-        if (rd64(e64 + 24) != count) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)off64, "zip64 entry counts disagree");
-            goto error;
-        }
-        cd_end = off64;
-    } else {
-        if (count == 0xFFFF || cd_size == 0xFFFFFFFFu || cd_off == 0xFFFFFFFFu) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip needs zip64 records but has none");
-            goto error;
-        }
-        cd_end = eocd;
+    if ((size_t)(ep - tail) >= LOCATOR_SIZE && mlu_le32(ep - LOCATOR_SIZE) == MLU_ZIP_LOC64_SIG) {
+        if ((st = read_zip64_end(rd, d->eocd - LOCATOR_SIZE, ep - LOCATOR_SIZE, d, err)) != MLU_OK)
+            goto done;
+    } else if (d->count == 0xFFFF || d->size == 0xFFFFFFFFu || d->off == 0xFFFFFFFFu) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "zip needs zip64 records but has none");
+        goto done;
     }
-    if (mlu_add_overflow_u64(cd_off, cd_size, &pos) || pos > cd_end) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory lies outside the file (truncated file?)");
-        goto error;
+    if (mlu_add_overflow_u64(d->off, d->size, &end) || end > d->end) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "central directory lies outside the file (truncated file?)");
+        goto done;
     }
     /* each entry takes at least CDH_SIZE bytes: never allocate from the count alone */
-    if (count > cd_size / CDH_SIZE) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory claims %llu entries in %llu bytes",
-                      (unsigned long long)count, (unsigned long long)cd_size);
-        goto error;
+    if (d->count > d->size / CDH_SIZE) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "central directory claims %llu entries in %llu bytes",
+                           (unsigned long long)d->count, (unsigned long long)d->size);
+        goto done;
     }
-    if (count == 0) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "zip archive has no entries");
-        goto error;
+    if (d->count == 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "zip archive has no entries");
+        goto done;
     }
-    if (cd_size > SIZE_MAX - 1) {
-        mlu_error_set(err, MLU_EFORMAT, (int64_t)eocd, "central directory is too large");
-        goto error;
+    if (d->size > SIZE_MAX - 1) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)d->eocd, "central directory is too large");
+        goto done;
     }
-    /* cd_size <= the file size (checked above): a copy no larger than the input */
-    z->cd = mlu_malloc((size_t)cd_size);
-    z->entries = mlu_calloc((size_t)count, sizeof(*z->entries));
-    z->sorted = mlu_calloc((size_t)count, sizeof(*z->sorted));
-    lfh = mlu_malloc(LFH_SIZE + 0xFFFFu);
-    if (z->cd == NULL || z->entries == NULL || z->sorted == NULL || lfh == NULL) {
-        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %llu zip entries", (unsigned long long)count);
-        goto error;
-    }
-    if ((st = mlu_rd_read(rd, cd_off, z->cd, (size_t)cd_size, "the central directory", err)) != MLU_OK)
-        goto error;
-    st = MLU_EFORMAT;
-    pos = 0; /* from here on relative to cd_off */
-    for (i = 0; i < (size_t)count; i++) {
-        const uint8_t *h = z->cd + pos;
-        mlu_zip_entry *e = &z->entries[i];
-        uint64_t at = cd_off + pos, end;
-        uint32_t c32, u32, o32;
-        size_t nl, xl, cl;
+done:
+    mlu_free(tail);
+    return st;
+}
 
-        if (cd_size - pos < CDH_SIZE || rd32(h) != MLU_ZIP_CDH_SIG) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu at byte %llu is corrupt", i,
-                          (unsigned long long)at);
-            goto error;
-        }
-        e->flags = rd16(h + 8);
-        e->method = rd16(h + 10);
-        e->crc = rd32(h + 16);
-        c32 = rd32(h + 20);
-        u32 = rd32(h + 24);
-        nl = rd16(h + 28);
-        xl = rd16(h + 30);
-        cl = rd16(h + 32);
-        o32 = rd32(h + 42);
-        if (cd_size - pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu runs past the directory", i);
-            goto error;
-        }
-        e->name = (const char *)h + CDH_SIZE;
-        e->name_len = nl;
-        e->csize = c32;
-        e->usize = u32;
-        e->lfh_offset = o32;
-        st = read_zip64_extra(h + CDH_SIZE + nl, xl, (int64_t)at, e, u32 == 0xFFFFFFFFu, c32 == 0xFFFFFFFFu,
-                              o32 == 0xFFFFFFFFu, err);
-        if (st != MLU_OK)
-            goto error;
-        st = MLU_EFORMAT;
-        if (rd16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is on disk %u: multi-disk archives are not supported",
-                          (int)nl, e->name, rd16(h + 34));
-            goto error;
-        }
-        /* torch's miniz takes a record whose MS-DOS attributes say "directory" for one, and
-         * hands back bytes it never read: refuse it rather than differ */
-        if (rd32(h + 38) & 0x10u) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is marked as a directory (external attributes)",
-                          (int)nl, e->name);
-            goto error;
-        }
-        /* encrypted, strongly encrypted, masked local headers (refused by torch's miniz too) */
-        if (e->flags & (MLU_ZIP_FLAG_ENCRYPTED | MLU_ZIP_FLAG_STRONG_ENCRYPTION | MLU_ZIP_FLAG_MASKED_HEADER)) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", (int)nl, e->name);
-            goto error;
-        }
-        if (e->method != 0 && e->method != 8) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' uses compression method %u (only stored and deflated are supported)",
-                          (int)nl, e->name, e->method);
-            goto error;
-        }
-        if (e->method == 0 && e->csize != e->usize) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "stored zip entry '%.*s' has different compressed and uncompressed sizes",
-                          (int)nl, e->name);
-            goto error;
-        }
-        if (e->method == 8 && e->usize / DEFLATE_MAX_RATIO > e->csize + 64) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "deflated zip entry '%.*s' declares %llu bytes from %llu: impossible ratio (zip bomb?)",
-                          (int)nl, e->name, (unsigned long long)e->usize, (unsigned long long)e->csize);
-            goto error;
-        }
-        /* the local header must be in the file before the directory and name the same record */
-        if (e->lfh_offset > cd_off || cd_off - e->lfh_offset < LFH_SIZE + (uint64_t)nl) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' has its local header outside the file", (int)nl, e->name);
-            goto error;
-        }
-        if ((st = mlu_rd_read(rd, e->lfh_offset, lfh, LFH_SIZE + nl, "a local file header", err)) != MLU_OK)
-            goto error;
-        st = MLU_EFORMAT;
-        if (rd32(lfh) != MLU_ZIP_LFH_SIG) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header at byte %llu", (int)nl,
-                          e->name, (unsigned long long)e->lfh_offset);
-            goto error;
-        }
-        e->data_offset = e->lfh_offset + LFH_SIZE + rd16(lfh + 26) + rd16(lfh + 28);
-        if (rd16(lfh + 26) != nl || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, nl) != 0) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
-                          (int)nl, e->name);
-            goto error;
-        }
-        if (mlu_add_overflow_u64(e->data_offset, e->csize, &end) || end > cd_off) {
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "zip entry '%.*s' runs past the end of the data (truncated file?)",
-                          (int)nl, e->name);
-            goto error;
-        }
-        z->sorted[i] = i;
-        pos += CDH_SIZE + nl + xl + cl;
+/* Checks what a central directory entry says of its record (at byte `at`):
+ * one disk, not a directory, not encrypted, stored or deflated, sizes that
+ * the method allows. */
+static mlu_status check_entry(const mlu_zip_entry *e, const uint8_t *h, uint64_t at, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    int nl = (int)e->name_len;
+
+    if (mlu_le16(h + 34) != 0) {  /* disk number start: torch (miniz) refuses multi-disk archives */
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is on disk %u: multi-disk archives are not supported",
+                           nl, e->name, mlu_le16(h + 34));
+        goto done;
     }
-    z->count = (size_t)count;
-    sort_names(z, z->sorted, z->count);
-    for (i = 1; i < z->count; i++) {
+    /* torch's miniz takes a record whose MS-DOS attributes say "directory" for one, and
+     * hands back bytes it never read: refuse it rather than differ */
+    if (mlu_le32(h + 38) & 0x10u) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is marked as a directory (external attributes)",
+                           nl, e->name);
+        goto done;
+    }
+    /* encrypted, strongly encrypted, masked local headers (refused by torch's miniz too) */
+    if (e->flags & (MLU_ZIP_FLAG_ENCRYPTED | MLU_ZIP_FLAG_STRONG_ENCRYPTION | MLU_ZIP_FLAG_MASKED_HEADER)) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' is encrypted", nl, e->name);
+        goto done;
+    }
+    if (e->method != 0 && e->method != 8) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' uses compression method %u (only stored and deflated are supported)",
+                           nl, e->name, e->method);
+        goto done;
+    }
+    if (e->method == 0 && e->csize != e->usize) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "stored zip entry '%.*s' has different compressed and uncompressed sizes",
+                           nl, e->name);
+        goto done;
+    }
+    if (e->method == 8 && e->usize / DEFLATE_MAX_RATIO > e->csize + 64) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "deflated zip entry '%.*s' declares %llu bytes from %llu: impossible ratio (zip bomb?)",
+                           nl, e->name, (unsigned long long)e->usize, (unsigned long long)e->csize);
+        goto done;
+    }
+done:
+    return st;
+}
+
+/* Reads the local header of e (whose directory entry is at byte `at`) into
+ * lfh (LFH_SIZE + 0xFFFF bytes) and sets e->data_offset: the header must lie
+ * before the directory (at cd_off), name the same record, and its payload
+ * end before the directory. */
+static mlu_status read_local_header(const mlu_rd *rd, mlu_zip_entry *e, uint64_t at, uint64_t cd_off, uint8_t *lfh,
+                                    mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    int nl = (int)e->name_len;
+    uint64_t end;
+
+    if (e->lfh_offset > cd_off || cd_off - e->lfh_offset < LFH_SIZE + (uint64_t)e->name_len) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "zip entry '%.*s' has its local header outside the file", nl, e->name);
+        goto done;
+    }
+    if ((st = mlu_rd_read(rd, e->lfh_offset, lfh, LFH_SIZE + e->name_len, "a local file header", err)) != MLU_OK)
+        goto done;
+    if (mlu_le32(lfh) != MLU_ZIP_LFH_SIG) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip entry '%.*s' has no local header at byte %llu", nl,
+                           e->name, (unsigned long long)e->lfh_offset);
+        goto done;
+    }
+    e->data_offset = e->lfh_offset + LFH_SIZE + mlu_le16(lfh + 26) + mlu_le16(lfh + 28);
+    if (mlu_le16(lfh + 26) != e->name_len || e->data_offset > cd_off || memcmp(lfh + LFH_SIZE, e->name, e->name_len) != 0) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "local header of zip entry '%.*s' does not match the directory",
+                           nl, e->name);
+        goto done;
+    }
+    if (mlu_add_overflow_u64(e->data_offset, e->csize, &end) || end > cd_off) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->data_offset, "zip entry '%.*s' runs past the end of the data (truncated file?)",
+                           nl, e->name);
+        goto done;
+    }
+done:
+    return st;
+}
+
+/* Parses the central directory entry i, at byte *pos of the directory copy
+ * z->cd, into z->entries[i] (reading its local header into lfh) and moves
+ * *pos past it. */
+static mlu_status read_entry(mlu_zip *z, const zip_dir *d, size_t i, uint64_t *pos, uint8_t *lfh, mlu_error *err)
+{
+    mlu_status st = MLU_EFORMAT;
+    const uint8_t *h = z->cd + *pos;
+    mlu_zip_entry *e = &z->entries[i];
+    uint64_t at = d->off + *pos;
+    uint32_t c32, u32, o32;
+    size_t nl, xl, cl;
+
+    if (d->size - *pos < CDH_SIZE || mlu_le32(h) != MLU_ZIP_CDH_SIG) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu at byte %llu is corrupt", i,
+                           (unsigned long long)at);
+        goto done;
+    }
+    e->flags = mlu_le16(h + 8);
+    e->method = mlu_le16(h + 10);
+    e->crc = mlu_le32(h + 16);
+    c32 = mlu_le32(h + 20);
+    u32 = mlu_le32(h + 24);
+    nl = mlu_le16(h + 28);
+    xl = mlu_le16(h + 30);
+    cl = mlu_le16(h + 32);
+    o32 = mlu_le32(h + 42);
+    if (d->size - *pos - CDH_SIZE < (uint64_t)nl + xl + cl) {
+        st = mlu_error_set(err, MLU_EFORMAT, (int64_t)at, "central directory entry %zu runs past the directory", i);
+        goto done;
+    }
+    e->name = (const char *)h + CDH_SIZE;
+    e->name_len = nl;
+    e->csize = c32;
+    e->usize = u32;
+    e->lfh_offset = o32;
+    st = read_zip64_extra(h + CDH_SIZE + nl, xl, (int64_t)at, e, u32 == 0xFFFFFFFFu, c32 == 0xFFFFFFFFu,
+                          o32 == 0xFFFFFFFFu, err);
+    if (st == MLU_OK)
+        st = check_entry(e, h, at, err);
+    if (st == MLU_OK)
+        st = read_local_header(&z->rd, e, at, d->off, lfh, err);
+    if (st == MLU_OK)
+        *pos += CDH_SIZE + nl + xl + cl;
+done:
+    return st;
+}
+
+/* Refuses two records of the same name (z->sorted in name order). */
+static mlu_status check_unique_names(const mlu_zip *z, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    size_t i;
+
+    for (i = 1; i < z->count && st == MLU_OK; i++) {
         if (cmp_names(z, z->sorted[i - 1], z->sorted[i]) == 0) {
             const mlu_zip_entry *e = &z->entries[z->sorted[i]];
-            mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip holds two records named '%.*s'", (int)e->name_len, e->name);
-            goto error;
+            st = mlu_error_set(err, MLU_EFORMAT, (int64_t)e->lfh_offset, "zip holds two records named '%.*s'",
+                               (int)e->name_len, e->name);
         }
     }
-    if ((st = check_overlap(z, err)) != MLU_OK)
+    return st;
+}
+
+mlu_status mlu_zip_open(mlu_zip *z, const mlu_rd *rd, mlu_error *err)
+{
+    mlu_status st;
+    zip_dir d = {0, 0, 0, 0, 0};
+    uint8_t *lfh = NULL;  /* owned: one local header at a time */
+    uint64_t pos = 0;     /* in the directory */
+    size_t i;
+
+    memset(z, 0, sizeof(*z));
+    z->rd = *rd;
+    if ((st = read_end_records(rd, &d, err)) != MLU_OK)
         goto error;
-    st = MLU_OK;
+    /* d.size <= the file size (checked): a copy no larger than the input */
+    z->cd = mlu_malloc((size_t)d.size);
+    z->entries = mlu_calloc((size_t)d.count, sizeof(*z->entries));
+    z->sorted = mlu_calloc((size_t)d.count, sizeof(*z->sorted));
+    lfh = mlu_malloc(LFH_SIZE + 0xFFFFu);
+    if (z->cd == NULL || z->entries == NULL || z->sorted == NULL || lfh == NULL) {
+        st = mlu_error_set(err, MLU_ENOMEM, -1, "out of memory for %llu zip entries", (unsigned long long)d.count);
+        goto error;
+    }
+    if ((st = mlu_rd_read(rd, d.off, z->cd, (size_t)d.size, "the central directory", err)) != MLU_OK)
+        goto error;
+    for (i = 0; i < (size_t)d.count; i++) {
+        if ((st = read_entry(z, &d, i, &pos, lfh, err)) != MLU_OK)
+            goto error;
+        z->sorted[i] = i;
+    }
+    z->count = (size_t)d.count;
+    mlu_sort_indices(z->sorted, z->count, cmp_names, z);
+    if ((st = check_unique_names(z, err)) != MLU_OK || (st = check_overlap(z, err)) != MLU_OK)
+        goto error;
     goto done;
 error:
     mlu_zip_close(z);
 done:
-    mlu_free(tail);
     mlu_free(lfh);
     return st;
 }
@@ -442,10 +479,7 @@ const mlu_zip_entry *mlu_zip_find(const mlu_zip *z, const char *name, size_t len
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
         const mlu_zip_entry *e = &z->entries[z->sorted[mid]];
-        size_t n = e->name_len < len ? e->name_len : len;
-        int c = memcmp(e->name, name, n);
-        if (c == 0)
-            c = e->name_len < len ? -1 : e->name_len > len;
+        int c = mlu_bytes_cmp(e->name, e->name_len, name, len);
         if (c == 0)
             return e;
         if (c < 0)

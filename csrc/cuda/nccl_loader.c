@@ -12,6 +12,29 @@
 
 #define NCCL_SONAME "libnccl.so.2"
 
+const char *const mlu_nccl_dtype_names[MLU_NCCL_DTYPE_COUNT] = {
+    [MLU_NCCL_INT8] = "int8",
+    [MLU_NCCL_UINT8] = "uint8",
+    [MLU_NCCL_INT32] = "int32",
+    [MLU_NCCL_UINT32] = "uint32",
+    [MLU_NCCL_INT64] = "int64",
+    [MLU_NCCL_UINT64] = "uint64",
+    [MLU_NCCL_FLOAT16] = "float16",
+    [MLU_NCCL_FLOAT32] = "float32",
+    [MLU_NCCL_FLOAT64] = "float64",
+    [MLU_NCCL_BFLOAT16] = "bfloat16",
+    [MLU_NCCL_FLOAT8E4M3] = "float8_e4m3fn",
+    [MLU_NCCL_FLOAT8E5M2] = "float8_e5m2",
+};
+
+const char *const mlu_nccl_op_names[MLU_NCCL_OP_COUNT] = {
+    [MLU_NCCL_SUM] = "sum",
+    [MLU_NCCL_PROD] = "prod",
+    [MLU_NCCL_MAX] = "max",
+    [MLU_NCCL_MIN] = "min",
+    [MLU_NCCL_AVG] = "avg",
+};
+
 /* The one table: every symbol, where it goes, whether the library must have it. */
 static const struct nccl_symbol {
     const char *name;

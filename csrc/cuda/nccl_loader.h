@@ -39,7 +39,8 @@ enum {
     MLU_NCCL_IN_PROGRESS = 7
 };
 
-/* ncclDataType_t values */
+/* ncclDataType_t values: the one statement of them (Python reads them, with
+ * their names, from _core.nccl_dtypes; mlutils.distributed.NCCL_DTYPES) */
 enum mlu_nccl_dtype {
     MLU_NCCL_INT8 = 0,
     MLU_NCCL_UINT8 = 1,
@@ -56,7 +57,7 @@ enum mlu_nccl_dtype {
     MLU_NCCL_DTYPE_COUNT = 12
 };
 
-/* ncclRedOp_t values (built-in operations) */
+/* ncclRedOp_t values (built-in operations; _core.nccl_ops) */
 enum mlu_nccl_op {
     MLU_NCCL_SUM = 0,
     MLU_NCCL_PROD = 1,
@@ -65,6 +66,11 @@ enum mlu_nccl_op {
     MLU_NCCL_AVG = 4,
     MLU_NCCL_OP_COUNT = 5
 };
+
+/* The name of each data type (torch's: "float32", "float8_e4m3fn") and of
+ * each reduction ("sum"), indexed by its value. */
+extern const char *const mlu_nccl_dtype_names[MLU_NCCL_DTYPE_COUNT];
+extern const char *const mlu_nccl_op_names[MLU_NCCL_OP_COUNT];
 
 /* The communicator configuration as NCCL 2.14 first defined it.  The struct
  * is versioned: NCCL starts from its own defaults, copies `size` bytes over

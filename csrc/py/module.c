@@ -1,5 +1,6 @@
-/* module.c: mlutils._core.  Wires the areas together: module state,
- * exceptions, the features set; each area adds itself in its own file. */
+/* module.c: mlutils._core.  Wires the areas together: the exec step that
+ * fills the module state (state.c) with the exceptions, the features set and
+ * each area, which adds itself in its own file. */
 #include "module.h"
 
 #include <string.h>
@@ -15,60 +16,6 @@
 #ifndef MLU_VERSION
 #error "MLU_VERSION must be defined by the build (setup.py reads mlutils/_version.py)"
 #endif
-
-mlu_state *mlu_get_state(PyObject *module)
-{
-    return (mlu_state *)PyModule_GetState(module);
-}
-
-mlu_state *mlu_state_from_type(PyTypeObject *type)
-{
-    PyObject *m = PyType_GetModuleByDef(type, &mlu_module_def); /* borrowed */
-    return m == NULL ? NULL : mlu_get_state(m);
-}
-
-int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field)
-{
-    PyObject *type = (PyObject *)PyStructSequence_NewType(desc); /* new ref */
-    const char *dot = strrchr(desc->name, '.');
-
-    if (type == NULL)
-        return -1;
-    *field = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : desc->name, type);
-}
-
-int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field)
-{
-    PyObject *type = PyType_FromModuleAndSpec(m, spec, NULL); /* new ref */
-    const char *dot = strrchr(spec->name, '.');
-
-    if (type == NULL)
-        return -1;
-    *field = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, dot != NULL ? dot + 1 : spec->name, type);
-}
-
-PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n)
-{
-    PyObject *res = NULL;
-    Py_ssize_t i;
-
-    for (i = 0; i < n; i++)
-        if (values[i] == NULL)
-            goto done;
-    res = PyStructSequence_New((PyTypeObject *)type);
-    if (res == NULL)
-        goto done;
-    for (i = 0; i < n; i++) {
-        PyStructSequence_SET_ITEM(res, i, values[i]); /* steals */
-        values[i] = NULL;
-    }
-done:
-    for (i = 0; i < n; i++)
-        Py_XDECREF(values[i]);
-    return res;
-}
 
 /* New exception class `name` with the given bases; stored in *slot and added
  * to the module.  Returns 0 or -1. */
@@ -90,6 +37,35 @@ static int add_exceptions(PyObject *m, mlu_state *st)
 {
     int rc = -1;
     PyObject *json = NULL, *pickle = NULL, *jde = NULL, *upe = NULL, *bases = NULL;
+    /* Each class after MlutilsError: its slot, name, doc and bases (addresses
+     * of the classes, read when it is made: a base may be made just before). */
+    const struct {
+        PyObject **slot;
+        const char *name, *doc;
+        PyObject **bases[3]; /* NULL after the last */
+    } classes[] = {
+        {&st->JSONDecodeError, "JSONDecodeError",
+         "Invalid JSON text; also a json.JSONDecodeError (lineno, colno, pos).",
+         {&st->MlutilsError, &jde, NULL}},
+        {&st->SafetensorsError, "SafetensorsError",
+         "A malformed or unsupported safetensors file (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        {&st->TorchFormatError, "TorchFormatError",
+         "A malformed or unsupported PyTorch .pt file (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        {&st->UnsafePickleError, "UnsafePickleError",
+         "A pickle asks for a global or operation outside the weights-only allowlist.",
+         {&st->TorchFormatError, &upe, NULL}},
+        {&st->SamplerStateError, "SamplerStateError",
+         "A sampler state of another kind, length or version (also a ValueError).",
+         {&st->MlutilsError, &PyExc_ValueError, NULL}},
+        /* also an AssertionError: the reference validates with assert, and code
+         * written against it catches AssertionError */
+        {&st->PatternError, "PatternError",
+         "An invalid pattern provider or input (also a ValueError and an AssertionError).",
+         {&st->MlutilsError, &PyExc_ValueError, &PyExc_AssertionError}},
+    };
+    size_t i, k, n;
 
     json = PyImport_ImportModule("json");
     pickle = PyImport_ImportModule("pickle");
@@ -102,34 +78,17 @@ static int add_exceptions(PyObject *m, mlu_state *st)
     if (add_exception(m, &st->MlutilsError, "MlutilsError", NULL,
                       "Base class of every error mlutils raises.") < 0)
         goto done;
-#define ADD(slot, name, doc, ...)                                   \
-    do {                                                            \
-        bases = PyTuple_Pack(__VA_ARGS__);                          \
-        if (bases == NULL || add_exception(m, &st->slot, name, bases, doc) < 0) \
-            goto done;                                              \
-        Py_CLEAR(bases);                                            \
-    } while (0)
-    ADD(JSONDecodeError, "JSONDecodeError",
-        "Invalid JSON text; also a json.JSONDecodeError (lineno, colno, pos).",
-        2, st->MlutilsError, jde);
-    ADD(SafetensorsError, "SafetensorsError",
-        "A malformed or unsupported safetensors file (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    ADD(TorchFormatError, "TorchFormatError",
-        "A malformed or unsupported PyTorch .pt file (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    ADD(UnsafePickleError, "UnsafePickleError",
-        "A pickle asks for a global or operation outside the weights-only allowlist.",
-        2, st->TorchFormatError, upe);
-    ADD(SamplerStateError, "SamplerStateError",
-        "A sampler state of another kind, length or version (also a ValueError).",
-        2, st->MlutilsError, PyExc_ValueError);
-    /* also an AssertionError: the reference validates with assert, and code
-     * written against it catches AssertionError */
-    ADD(PatternError, "PatternError",
-        "An invalid pattern provider or input (also a ValueError and an AssertionError).",
-        3, st->MlutilsError, PyExc_ValueError, PyExc_AssertionError);
-#undef ADD
+    for (i = 0; i < sizeof(classes) / sizeof(classes[0]); i++) {
+        for (n = 0; n < 3 && classes[i].bases[n] != NULL; n++)
+            ;
+        if ((bases = PyTuple_New((Py_ssize_t)n)) == NULL)
+            goto done;
+        for (k = 0; k < n; k++)
+            PyTuple_SET_ITEM(bases, k, Py_NewRef(*classes[i].bases[k])); /* steals the new ref */
+        if (add_exception(m, classes[i].slot, classes[i].name, bases, classes[i].doc) < 0)
+            goto done;
+        Py_CLEAR(bases);
+    }
     rc = 0;
 done:
     Py_XDECREF(bases);
@@ -212,53 +171,13 @@ static int mlu_exec(PyObject *m)
     return 0;
 }
 
-static int mlu_traverse(PyObject *m, visitproc visit, void *arg)
-{
-    mlu_state *st = mlu_get_state(m);
-
-    if (st == NULL)
-        return 0;
-#define VISIT_FIELD(name, doc) Py_VISIT(st->name);
-    MLU_STATE_FIELDS(VISIT_FIELD)
-#undef VISIT_FIELD
-    return 0;
-}
-
-static int mlu_clear(PyObject *m)
-{
-    mlu_state *st = mlu_get_state(m);
-
-    if (st == NULL)
-        return 0;
-#define CLEAR_FIELD(name, doc) Py_CLEAR(st->name);
-    MLU_STATE_FIELDS(CLEAR_FIELD)
-#undef CLEAR_FIELD
-    return 0;
-}
-
-static void mlu_free_module(void *m)
-{
-    mlu_clear((PyObject *)m);
-}
-
 static PyModuleDef_Slot mlu_slots[] = {
     {Py_mod_exec, (void *)mlu_exec},
     {0, NULL},
 };
 
-PyModuleDef mlu_module_def = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "mlutils._core",
-    .m_doc = "The C core of mlutils (JSON, state-dict IO, samplers, patterns, CUDA).",
-    .m_size = sizeof(mlu_state),
-    .m_methods = NULL,
-    .m_slots = mlu_slots,
-    .m_traverse = mlu_traverse,
-    .m_clear = mlu_clear,
-    .m_free = mlu_free_module,
-};
-
 PyMODINIT_FUNC PyInit__core(void)
 {
+    mlu_module_def.m_slots = mlu_slots; /* the state's definition (state.c) runs this file's exec */
     return PyModuleDef_Init(&mlu_module_def);
 }

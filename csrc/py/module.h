@@ -1,5 +1,6 @@
-/* module.h: the binding layer's shared declarations: module state, the init
- * entry of each area, and status -> exception conversion. */
+/* module.h: what every file of the binding includes: the module state and
+ * its types (state.h), status -> exception conversion (errors.c), and the
+ * init entry of each area, which module.c calls. */
 #ifndef MLU_PY_MODULE_H
 #define MLU_PY_MODULE_H
 
@@ -7,47 +8,7 @@
 #include <Python.h>
 
 #include "../mlu.h"
-
-/* Every object the module state owns, once: X(field, doc).  The struct,
- * GC traverse and clear are all generated from this list, so none of them
- * can miss a field.  Adding an area = its fields here + its init function,
- * which fills them. */
-#define MLU_STATE_FIELDS(X)                                                    \
-    /* exceptions (module.c) */                                                \
-    X(MlutilsError,       "(Exception)")                                       \
-    X(JSONDecodeError,    "(MlutilsError, json.JSONDecodeError)")              \
-    X(SafetensorsError,   "(MlutilsError, ValueError)")                        \
-    X(TorchFormatError,   "(MlutilsError, ValueError)")                        \
-    X(UnsafePickleError,  "(TorchFormatError, pickle.UnpicklingError)")        \
-    X(SamplerStateError,  "(MlutilsError, ValueError)")                        \
-    X(PatternError,       "(MlutilsError, ValueError, AssertionError)")        \
-    /* heap types, each set by its area's init (safetensors.c, sampler.c, ...) */ \
-    X(safetensors_map_type, "SafetensorsMap")                                  \
-    X(safetensors_entry_type, "SafetensorsEntry (struct sequence)")            \
-    X(safetensors_dtype_type, "SafetensorsDtype (struct sequence)")            \
-    X(sampler_cursor_type,  "SamplerCursor")                                   \
-    X(sampler_position_type, "SamplerPosition (struct sequence)")              \
-    X(pattern_table_type,   "PatternTable")                                    \
-    X(nccl_comm_type,       "NcclComm")                                        \
-    X(nccl_library_type,    "NcclLibrary (struct sequence)")                   \
-    X(cuda_device_count_type, "CudaDeviceCount (struct sequence)")             \
-    X(torch_dtype_type,     "TorchDtype (struct sequence)")                    \
-    X(offload_pool_type,    "HostPool")                                        \
-    X(offload_engine_type,  "CudaOffloadEngine")
-
-/* One module state; every field is a strong reference owned by the module
- * (NULL until its init ran; visited and cleared in module.c from MLU_STATE_FIELDS). */
-typedef struct mlu_state {
-#define MLU_STATE_FIELD_DECL(name, doc) PyObject *name;
-    MLU_STATE_FIELDS(MLU_STATE_FIELD_DECL)
-#undef MLU_STATE_FIELD_DECL
-} mlu_state;
-
-extern PyModuleDef mlu_module_def;
-
-/* Borrowed: the state of the module (from the module, or from one of its heap types). */
-mlu_state *mlu_get_state(PyObject *module);
-mlu_state *mlu_state_from_type(PyTypeObject *type);
+#include "state.h"
 
 /* The area an error comes from, where its class differs from the status's
  * (the table domain_class in errors.c): mostly the format error of the area
@@ -98,21 +59,6 @@ void mlu_restore_raised(PyObject *exc);
 /* OSError for an errno from a system call made in the binding itself, as
  * mlu_raise makes it.  Always returns NULL. */
 PyObject *mlu_raise_errno(mlu_state *st, int sys_errno, PyObject *filename);
-
-/* Makes the struct sequence type of desc (named "mlutils._core.<Name>"),
- * stores it in *field (a state field, which then owns it) and adds it to the
- * module as <Name>.  Returns 0 or -1. */
-int mlu_add_struct_type(PyObject *m, PyStructSequence_Desc *desc, PyObject **field);
-
-/* Makes the heap type of spec (named "mlutils._core.<Name>") for module m,
- * stores it in *field (a state field, which then owns it) and adds it to the
- * module as <Name>.  Returns 0 or -1. */
-int mlu_add_heap_type(PyObject *m, PyType_Spec *spec, PyObject **field);
-
-/* New ref: an instance of the struct sequence `type` (borrowed) holding
- * `values`, which it steals (all of them, even on failure; NULL entries mean
- * that making the value failed, and so does the call). */
-PyObject *mlu_struct_new_steal(PyObject *type, PyObject **values, Py_ssize_t n);
 
 /* Each area's entry: adds its functions/types to the module (exec phase).
  * Return 0 on success, -1 with an exception set. */

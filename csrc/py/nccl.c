@@ -230,117 +230,155 @@ static void comm_dealloc(PyObject *op)
 
 #define PTR(x) ((void *)(uintptr_t)(x))
 
-/* The communicator's calls that answer None: each parses its arguments into
- * call_args (by the shape of its kind) and runs the one core call of its kind. */
-typedef enum call_kind {
-    CALL_ALL_REDUCE, CALL_BROADCAST, CALL_REDUCE_SCATTER, /* send, recv, count, dtype, arg, stream */
-    CALL_ALL_GATHER,                                       /* send, recv, count, dtype, stream */
-    CALL_SEND,                                             /* send, count, dtype, arg (peer), stream */
-    CALL_RECV,                                             /* recv, count, dtype, arg (peer), stream */
-    CALL_GROUP_START, CALL_GROUP_END, CALL_ABORT, CALL_DESTROY, /* no arguments */
-    CALL_KIND_COUNT
-} call_kind;
-
-/* PyArg_ParseTuple formats (NULL: METH_NOARGS). */
-static const char *const call_formats[CALL_KIND_COUNT] = {
-    [CALL_ALL_REDUCE] = "KKniiK:all_reduce",
-    [CALL_BROADCAST] = "KKniiK:broadcast",
-    [CALL_REDUCE_SCATTER] = "KKniiK:reduce_scatter",
-    [CALL_ALL_GATHER] = "KKniK:all_gather",
-    [CALL_SEND] = "KniiK:send",
-    [CALL_RECV] = "KniiK:recv",
-};
-
-/* A call's arguments by name; buffers and the stream are device addresses. */
-typedef struct call_args {
-    unsigned long long send, recv, stream;
-    Py_ssize_t count;
-    int dtype;
-    int arg; /* the reduction (op), the root or the peer */
-} call_args;
-
-static mlu_status run_call(mlu_nccl_comm *comm, call_kind kind, const call_args *a, mlu_error *err)
+/* None, or the exception of a failed call (a timeout: TimeoutError). */
+static PyObject *call_result(PyObject *op, mlu_status st, const mlu_error *err)
 {
-    size_t n = (size_t)a->count;
-
-    switch (kind) {
-    case CALL_ALL_REDUCE:
-        return mlu_nccl_comm_all_reduce(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
-    case CALL_BROADCAST:
-        return mlu_nccl_comm_broadcast(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
-    case CALL_REDUCE_SCATTER:
-        return mlu_nccl_comm_reduce_scatter(comm, PTR(a->send), PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream),
-                                            err);
-    case CALL_ALL_GATHER:
-        return mlu_nccl_comm_all_gather(comm, PTR(a->send), PTR(a->recv), n, a->dtype, PTR(a->stream), err);
-    case CALL_SEND:
-        return mlu_nccl_comm_send(comm, PTR(a->send), n, a->dtype, a->arg, PTR(a->stream), err);
-    case CALL_RECV:
-        return mlu_nccl_comm_recv(comm, PTR(a->recv), n, a->dtype, a->arg, PTR(a->stream), err);
-    case CALL_GROUP_START:
-        return mlu_nccl_comm_group_start(comm, err);
-    case CALL_GROUP_END:
-        return mlu_nccl_comm_group_end(comm, err);
-    case CALL_ABORT:
-        return mlu_nccl_comm_abort(comm, err);
-    case CALL_DESTROY:
-        return mlu_nccl_comm_destroy(comm, err);
-    default:
-        return mlu_error_set(err, MLU_EINVAL, -1, "unknown NCCL call %d", (int)kind);
-    }
-}
-
-/* Parses args (NULL for the calls without arguments) as `kind` takes them,
- * runs the call without the GIL, raises or returns None. */
-static PyObject *comm_call(PyObject *op, PyObject *args, call_kind kind)
-{
-    CommObject *self = (CommObject *)op;
-    const char *fmt = call_formats[kind];
-    call_args a = {0, 0, 0, 0, 0, 0};
-    mlu_error err;
-    mlu_status st;
-    int ok = 1;
-
-    if (kind == CALL_ALL_GATHER)
-        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.stream);
-    else if (kind == CALL_SEND)
-        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.count, &a.dtype, &a.arg, &a.stream);
-    else if (kind == CALL_RECV)
-        ok = PyArg_ParseTuple(args, fmt, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
-    else if (fmt != NULL)
-        ok = PyArg_ParseTuple(args, fmt, &a.send, &a.recv, &a.count, &a.dtype, &a.arg, &a.stream);
-    if (!ok)
-        return NULL;
-    if (a.count < 0) {
-        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
-        return NULL;
-    }
-    mlu_error_clear(&err);
-    Py_BEGIN_ALLOW_THREADS
-    st = run_call(self->comm, kind, &a, &err);
-    Py_END_ALLOW_THREADS
     if (st != MLU_OK)
-        return comm_raise(op, &err);
+        return comm_raise(op, err);
     Py_RETURN_NONE;
 }
 
-/* The method of each call kind (a PyMethodDef cannot carry the kind). */
-#define COMM_METHOD(name, kind)                                  \
-    static PyObject *comm_##name(PyObject *op, PyObject *args)   \
-    {                                                            \
-        return comm_call(op, args, kind);                        \
-    }
-COMM_METHOD(all_reduce, CALL_ALL_REDUCE)
-COMM_METHOD(broadcast, CALL_BROADCAST)
-COMM_METHOD(reduce_scatter, CALL_REDUCE_SCATTER)
-COMM_METHOD(all_gather, CALL_ALL_GATHER)
-COMM_METHOD(send, CALL_SEND)
-COMM_METHOD(recv, CALL_RECV)
-COMM_METHOD(group_start, CALL_GROUP_START)
-COMM_METHOD(group_end, CALL_GROUP_END)
-COMM_METHOD(abort, CALL_ABORT)
-COMM_METHOD(destroy, CALL_DESTROY)
-#undef COMM_METHOD
+/* 0, or -1 with ValueError for a negative element count. */
+static int check_count(Py_ssize_t count)
+{
+    if (count >= 0)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "count must be >= 0");
+    return -1;
+}
+
+/* The core call of all_reduce, broadcast and reduce_scatter: send, recv,
+ * count, dtype, then the reduction or the root. */
+typedef mlu_status (*collective_fn)(mlu_nccl_comm *c, const void *send, void *recv, size_t count, int dtype,
+                                    int op_or_root, void *stream, mlu_error *err);
+
+/* Parses (send, recv, count, dtype, op or root, stream) by fmt and runs fn
+ * without the GIL. */
+static PyObject *collective(PyObject *op, PyObject *args, const char *fmt, collective_fn fn)
+{
+    mlu_nccl_comm *comm = ((CommObject *)op)->comm;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype, arg;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, fmt, &send, &recv, &count, &dtype, &arg, &stream) || check_count(count) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = fn(comm, PTR(send), PTR(recv), (size_t)count, dtype, arg, PTR(stream), &err);
+    Py_END_ALLOW_THREADS
+    return call_result(op, st, &err);
+}
+
+/* all_reduce(send, recv, count, dtype, op, stream) */
+static PyObject *comm_all_reduce(PyObject *op, PyObject *args)
+{
+    return collective(op, args, "KKniiK:all_reduce", mlu_nccl_comm_all_reduce);
+}
+
+/* broadcast(send, recv, count, dtype, root, stream) */
+static PyObject *comm_broadcast(PyObject *op, PyObject *args)
+{
+    return collective(op, args, "KKniiK:broadcast", mlu_nccl_comm_broadcast);
+}
+
+/* reduce_scatter(send, recv, recvcount, dtype, op, stream) */
+static PyObject *comm_reduce_scatter(PyObject *op, PyObject *args)
+{
+    return collective(op, args, "KKniiK:reduce_scatter", mlu_nccl_comm_reduce_scatter);
+}
+
+/* all_gather(send, recv, sendcount, dtype, stream) */
+static PyObject *comm_all_gather(PyObject *op, PyObject *args)
+{
+    mlu_nccl_comm *comm = ((CommObject *)op)->comm;
+    unsigned long long send, recv, stream;
+    Py_ssize_t count;
+    int dtype;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, "KKniK:all_gather", &send, &recv, &count, &dtype, &stream) || check_count(count) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = mlu_nccl_comm_all_gather(comm, PTR(send), PTR(recv), (size_t)count, dtype, PTR(stream), &err);
+    Py_END_ALLOW_THREADS
+    return call_result(op, st, &err);
+}
+
+/* send(buf, count, dtype, peer, stream) or, when not `sending`,
+ * recv(buf, count, dtype, peer, stream), as fmt names it. */
+static PyObject *point_to_point(PyObject *op, PyObject *args, const char *fmt, int sending)
+{
+    mlu_nccl_comm *comm = ((CommObject *)op)->comm;
+    unsigned long long buf, stream;
+    Py_ssize_t count;
+    int dtype, peer;
+    mlu_error err;
+    mlu_status st;
+
+    if (!PyArg_ParseTuple(args, fmt, &buf, &count, &dtype, &peer, &stream) || check_count(count) < 0)
+        return NULL;
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    if (sending)
+        st = mlu_nccl_comm_send(comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err);
+    else
+        st = mlu_nccl_comm_recv(comm, PTR(buf), (size_t)count, dtype, peer, PTR(stream), &err);
+    Py_END_ALLOW_THREADS
+    return call_result(op, st, &err);
+}
+
+static PyObject *comm_send(PyObject *op, PyObject *args)
+{
+    return point_to_point(op, args, "KniiK:send", 1);
+}
+
+static PyObject *comm_recv(PyObject *op, PyObject *args)
+{
+    return point_to_point(op, args, "KniiK:recv", 0);
+}
+
+/* The calls without arguments: group_start, group_end, abort, destroy. */
+static PyObject *no_args_call(PyObject *op, mlu_status (*fn)(mlu_nccl_comm *c, mlu_error *err))
+{
+    mlu_nccl_comm *comm = ((CommObject *)op)->comm;
+    mlu_error err;
+    mlu_status st;
+
+    mlu_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    st = fn(comm, &err);
+    Py_END_ALLOW_THREADS
+    return call_result(op, st, &err);
+}
+
+static PyObject *comm_group_start(PyObject *op, PyObject *unused)
+{
+    (void)unused;
+    return no_args_call(op, mlu_nccl_comm_group_start);
+}
+
+static PyObject *comm_group_end(PyObject *op, PyObject *unused)
+{
+    (void)unused;
+    return no_args_call(op, mlu_nccl_comm_group_end);
+}
+
+static PyObject *comm_abort(PyObject *op, PyObject *unused)
+{
+    (void)unused;
+    return no_args_call(op, mlu_nccl_comm_abort);
+}
+
+static PyObject *comm_destroy(PyObject *op, PyObject *unused)
+{
+    (void)unused;
+    return no_args_call(op, mlu_nccl_comm_destroy);
+}
 
 /* async_error() -> (code, text): ncclCommGetAsyncError, 0 when none. */
 static PyObject *comm_async_error(PyObject *op, PyObject *unused)
@@ -423,6 +461,27 @@ static PyType_Spec comm_spec = {
     .slots = comm_slots,
 };
 
+/* Adds module attribute `attr`: the dict {names[i]: i for i < n}, in value order. */
+static int add_codes(PyObject *m, const char *attr, const char *const *names, int n)
+{
+    PyObject *d = PyDict_New(), *code = NULL; /* new refs */
+    int i, rc = -1;
+
+    if (d == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        code = PyLong_FromLong(i);
+        if (code == NULL || PyDict_SetItemString(d, names[i], code) < 0)
+            goto done;
+        Py_CLEAR(code);
+    }
+    rc = PyModule_AddObjectRef(m, attr, d);
+done:
+    Py_XDECREF(code);
+    Py_XDECREF(d);
+    return rc;
+}
+
 int mlu_nccl_module_init(PyObject *m)
 {
     static PyMethodDef methods[] = {
@@ -444,6 +503,9 @@ int mlu_nccl_module_init(PyObject *m)
     if (PyModule_AddFunctions(m, methods) < 0)
         return -1;
     if (mlu_add_struct_type(m, &library_desc, &st->nccl_library_type) < 0)
+        return -1;
+    if (add_codes(m, "nccl_dtypes", mlu_nccl_dtype_names, MLU_NCCL_DTYPE_COUNT) < 0 ||
+        add_codes(m, "nccl_ops", mlu_nccl_op_names, MLU_NCCL_OP_COUNT) < 0)
         return -1;
     return mlu_add_heap_type(m, &comm_spec, &st->nccl_comm_type);
 }

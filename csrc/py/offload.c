@@ -294,87 +294,42 @@ static void Engine_dealloc(EngineObject *self)
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
-/* The engine's calls: each method parses into engine_args and runs one core
- * call of its kind through engine_call (open check, no GIL, raise). */
-typedef enum engine_op {
-    OP_STREAMS, OP_SAVE, OP_LOAD, OP_WAIT, OP_SYNC, OP_RELEASE, OP_STATS, OP_TRIM, OP_WINDOW, OP_COUNT
-} engine_op;
-
-static const char *const op_names[OP_COUNT] = {
-    "streams", "save", "load", "wait", "sync", "release", "stats", "trim", "window",
-};
-
-/* A call's arguments and results, by name; addresses are device pointers and cudaStream_t. */
-typedef struct engine_args {
-    long long handle;                        /* in; out of save */
-    unsigned long long ptr, scratch, stream; /* in */
-    Py_ssize_t nbytes;                       /* in: save, load (> 0) */
-    int mode;                                /* in: save */
-    void *d2h, *h2d;                         /* out: streams */
-    mlu_pool_stats stats;                    /* out: stats */
-    int64_t handles;                         /* out: stats */
-    uint64_t freed;                          /* out: trim */
-    int set_window;                          /* in: window (0: only read it) */
-    size_t window;                           /* in/out: window's limit (SIZE_MAX: none) */
-    uint64_t waits;                          /* out: window */
-} engine_args;
-
-#define PTR(x) ((void *)(uintptr_t)(x))
-
-static mlu_status engine_run(mlu_cuda_offload *eng, engine_op op, engine_args *a, mlu_error *err)
-{
-    int64_t handle = (int64_t)a->handle;
-    mlu_status st;
-
-    switch (op) {
-    case OP_STREAMS:
-        return mlu_cuda_offload_streams(eng, &a->d2h, &a->h2d, err);
-    case OP_SAVE:
-        st = mlu_cuda_offload_save(eng, PTR(a->ptr), (size_t)a->nbytes, a->mode, PTR(a->scratch), PTR(a->stream),
-                                   &handle, err);
-        a->handle = (long long)handle;
-        return st;
-    case OP_LOAD:
-        return mlu_cuda_offload_load(eng, handle, PTR(a->ptr), (size_t)a->nbytes, PTR(a->scratch), PTR(a->stream),
-                                     err);
-    case OP_WAIT:
-        return mlu_cuda_offload_wait(eng, handle, PTR(a->stream), err);
-    case OP_SYNC:
-        return mlu_cuda_offload_sync(eng, handle, err);
-    case OP_RELEASE:
-        return mlu_cuda_offload_release(eng, handle, err);
-    case OP_STATS:
-        return mlu_cuda_offload_stats(eng, &a->stats, &a->handles, err);
-    case OP_TRIM:
-        return mlu_cuda_offload_trim(eng, &a->freed, err);
-    case OP_WINDOW:
-        return mlu_cuda_offload_window(eng, a->set_window ? &a->window : NULL, &a->window, &a->waits, err);
-    default:
-        return mlu_error_set(err, MLU_EINVAL, -1, "unknown offload call %d", (int)op);
-    }
-}
-
-/* Runs op on the open engine without the GIL: 0, or -1 with an exception set. */
-static int engine_call(EngineObject *self, engine_op op, engine_args *a)
-{
-    mlu_cuda_offload *eng;
+/* One of the engine's calls, run without the GIL between engine_enter and
+ * engine_leave: while one runs, close() from another thread leaves the
+ * engine to the last call out, which frees it. */
+typedef struct engine_call {
+    mlu_cuda_offload *eng; /* borrowed from the engine object while the call runs */
+    mlu_status st;         /* what the core call answered */
     mlu_error err;
-    mlu_status st;
+} engine_call;
+
+/* Begins call c on the open engine: 0, or -1 with ValueError when it is
+ * closed or, for a call that names a size (`what` not NULL), when nbytes is
+ * not > 0. */
+static int engine_enter(EngineObject *self, engine_call *c, const char *what, Py_ssize_t nbytes)
+{
+    int rc = -1;
 
     if (self->eng == NULL) {
         PyErr_SetString(PyExc_ValueError, "CudaOffloadEngine is closed");
-        return -1;
+        goto done;
     }
-    if ((op == OP_SAVE || op == OP_LOAD) && a->nbytes <= 0) {
-        PyErr_Format(PyExc_ValueError, "%s: nbytes must be > 0, got %zd", op_names[op], a->nbytes);
-        return -1;
+    if (what != NULL && nbytes <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: nbytes must be > 0, got %zd", what, nbytes);
+        goto done;
     }
-    mlu_error_clear(&err);
-    eng = self->eng;
-    self->busy++; /* close() from another thread meanwhile leaves eng to us */
-    Py_BEGIN_ALLOW_THREADS
-    st = engine_run(eng, op, a, &err);
-    Py_END_ALLOW_THREADS
+    mlu_error_clear(&c->err);
+    c->st = MLU_OK;
+    c->eng = self->eng;
+    self->busy++;
+    rc = 0;
+done:
+    return rc;
+}
+
+/* Ends call c: 0, or -1 with the call's error raised. */
+static int engine_leave(EngineObject *self, const engine_call *c)
+{
     if (--self->busy == 0 && self->closing != NULL) {
         mlu_cuda_offload *closing = self->closing;
         self->closing = NULL;
@@ -382,47 +337,69 @@ static int engine_call(EngineObject *self, engine_op op, engine_args *a)
         mlu_cuda_offload_destroy(closing);
         Py_END_ALLOW_THREADS
     }
-    if (st != MLU_OK) {
-        raise_for(Py_TYPE(self), &err);
+    if (c->st != MLU_OK) {
+        raise_for(Py_TYPE(self), &c->err);
         return -1;
     }
     return 0;
 }
 
-#define ENGINE_ARGS_INIT {-1, 0, 0, 0, 0, 0, NULL, NULL, {0}, 0, 0, 0, 0, 0}
+#define PTR(x) ((void *)(uintptr_t)(x))
 
+/* streams() -> (d2h, h2d) */
 static PyObject *Engine_streams(EngineObject *self, PyObject *unused)
 {
-    engine_args a = ENGINE_ARGS_INIT;
+    void *d2h = NULL, *h2d = NULL;
+    engine_call c;
 
     (void)unused;
-    if (engine_call(self, OP_STREAMS, &a) < 0)
+    if (engine_enter(self, &c, NULL, 0) < 0)
         return NULL;
-    return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)a.d2h, (unsigned long long)(uintptr_t)a.h2d);
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_streams(c.eng, &d2h, &h2d, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
+        return NULL;
+    return Py_BuildValue("(KK)", (unsigned long long)(uintptr_t)d2h, (unsigned long long)(uintptr_t)h2d);
 }
 
 /* save(ptr, nbytes, mode=0, scratch=0, stream=0) -> handle */
 static PyObject *Engine_save(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ptr", "nbytes", "mode", "scratch", "stream", NULL};
-    engine_args a = ENGINE_ARGS_INIT;
+    unsigned long long ptr, scratch = 0, stream = 0;
+    Py_ssize_t nbytes;
+    int mode = 0;
+    int64_t handle = -1;
+    engine_call c;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kn|iKK:save", kwlist, &a.ptr, &a.nbytes, &a.mode, &a.scratch,
-                                     &a.stream) ||
-        engine_call(self, OP_SAVE, &a) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kn|iKK:save", kwlist, &ptr, &nbytes, &mode, &scratch, &stream) ||
+        engine_enter(self, &c, "save", nbytes) < 0)
         return NULL;
-    return PyLong_FromLongLong(a.handle);
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_save(c.eng, PTR(ptr), (size_t)nbytes, mode, PTR(scratch), PTR(stream), &handle, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
+        return NULL;
+    return PyLong_FromLongLong((long long)handle);
 }
 
 /* load(handle, ptr, nbytes, scratch=0, stream=0) */
 static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"handle", "ptr", "nbytes", "scratch", "stream", NULL};
-    engine_args a = ENGINE_ARGS_INIT;
+    unsigned long long ptr, scratch = 0, stream = 0;
+    long long handle;
+    Py_ssize_t nbytes;
+    engine_call c;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LKn|KK:load", kwlist, &a.handle, &a.ptr, &a.nbytes, &a.scratch,
-                                     &a.stream) ||
-        engine_call(self, OP_LOAD, &a) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LKn|KK:load", kwlist, &handle, &ptr, &nbytes, &scratch, &stream) ||
+        engine_enter(self, &c, "load", nbytes) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_load(c.eng, (int64_t)handle, PTR(ptr), (size_t)nbytes, PTR(scratch), PTR(stream), &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -431,53 +408,82 @@ static PyObject *Engine_load(EngineObject *self, PyObject *args, PyObject *kw)
 static PyObject *Engine_wait(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"handle", "stream", NULL};
-    engine_args a = ENGINE_ARGS_INIT;
+    unsigned long long stream = 0;
+    long long handle;
+    engine_call c;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|K:wait", kwlist, &a.handle, &a.stream) ||
-        engine_call(self, OP_WAIT, &a) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|K:wait", kwlist, &handle, &stream) ||
+        engine_enter(self, &c, NULL, 0) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_wait(c.eng, (int64_t)handle, PTR(stream), &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
-/* sync(handle) / release(handle): one handle argument. */
-static PyObject *engine_handle_call(EngineObject *self, PyObject *arg, engine_op op)
+/* sync(handle) / release(handle): the handle, then fn without the GIL. */
+static PyObject *engine_handle_call(EngineObject *self, PyObject *arg,
+                                    mlu_status (*fn)(mlu_cuda_offload *e, int64_t handle, mlu_error *err))
 {
-    engine_args a = ENGINE_ARGS_INIT;
+    long long handle = PyLong_AsLongLong(arg);
+    engine_call c;
 
-    a.handle = PyLong_AsLongLong(arg);
-    if ((a.handle == -1 && PyErr_Occurred()) || engine_call(self, op, &a) < 0)
+    if ((handle == -1 && PyErr_Occurred()) || engine_enter(self, &c, NULL, 0) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    c.st = fn(c.eng, (int64_t)handle, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_sync(EngineObject *self, PyObject *arg)
 {
-    return engine_handle_call(self, arg, OP_SYNC);
+    return engine_handle_call(self, arg, mlu_cuda_offload_sync);
 }
 
 static PyObject *Engine_release(EngineObject *self, PyObject *arg)
 {
-    return engine_handle_call(self, arg, OP_RELEASE);
+    return engine_handle_call(self, arg, mlu_cuda_offload_release);
 }
 
+/* stats() -> dict of the pinned pool's counters and the live handles */
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 {
-    engine_args a = ENGINE_ARGS_INIT;
+    mlu_pool_stats stats;
+    int64_t handles = 0;
+    engine_call c;
 
     (void)unused;
-    if (engine_call(self, OP_STATS, &a) < 0)
+    memset(&stats, 0, sizeof(stats));
+    if (engine_enter(self, &c, NULL, 0) < 0)
         return NULL;
-    return stats_dict(&a.stats, a.handles);
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_stats(c.eng, &stats, &handles, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
+        return NULL;
+    return stats_dict(&stats, handles);
 }
 
+/* trim() -> bytes freed */
 static PyObject *Engine_trim(EngineObject *self, PyObject *unused)
 {
-    engine_args a = ENGINE_ARGS_INIT;
+    uint64_t freed = 0;
+    engine_call c;
 
     (void)unused;
-    if (engine_call(self, OP_TRIM, &a) < 0)
+    if (engine_enter(self, &c, NULL, 0) < 0)
         return NULL;
-    return PyLong_FromUnsignedLongLong(a.freed);
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_trim(c.eng, &freed, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(freed);
 }
 
 /* window(max_inflight=<keep>) -> {"max_inflight": int or None, "waits": int} */
@@ -485,19 +491,24 @@ static PyObject *Engine_window(EngineObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"max_inflight", NULL};
     PyObject *limit_obj = NULL;
-    engine_args a = ENGINE_ARGS_INIT;
+    size_t limit = 0;
+    uint64_t waits = 0;
+    engine_call c;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:window", kwlist, &limit_obj))
         return NULL;
-    if (limit_obj != NULL && parse_bytes_limit(limit_obj, "max_inflight", &a.window) < 0)
+    if (limit_obj != NULL && parse_bytes_limit(limit_obj, "max_inflight", &limit) < 0)
         return NULL;
-    a.set_window = limit_obj != NULL;
-    if (engine_call(self, OP_WINDOW, &a) < 0)
+    if (engine_enter(self, &c, NULL, 0) < 0)
         return NULL;
-    if (a.window == SIZE_MAX)
-        return Py_BuildValue("{s:O,s:K}", "max_inflight", Py_None, "waits", (unsigned long long)a.waits);
-    return Py_BuildValue("{s:K,s:K}", "max_inflight", (unsigned long long)a.window, "waits",
-                         (unsigned long long)a.waits);
+    Py_BEGIN_ALLOW_THREADS
+    c.st = mlu_cuda_offload_window(c.eng, limit_obj != NULL ? &limit : NULL, &limit, &waits, &c.err);
+    Py_END_ALLOW_THREADS
+    if (engine_leave(self, &c) < 0)
+        return NULL;
+    if (limit == SIZE_MAX)
+        return Py_BuildValue("{s:O,s:K}", "max_inflight", Py_None, "waits", (unsigned long long)waits);
+    return Py_BuildValue("{s:K,s:K}", "max_inflight", (unsigned long long)limit, "waits", (unsigned long long)waits);
 }
 
 static PyObject *Engine_close(EngineObject *self, PyObject *unused)

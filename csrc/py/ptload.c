@@ -276,12 +276,134 @@ done:
     return res;
 }
 
-/* New ref. */
+/* New ref: bytes from a _codecs.encode(str, "latin1") node. */
+static PyObject *make_bytes(conv *c, const mlu_pk_node *n)
+{
+    PyObject *s = make_str(c, n), *o = NULL;
+
+    if (s == NULL)
+        goto done;
+    o = PyUnicode_AsLatin1String(s);
+    if (o == NULL && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        PyErr_Clear();
+        fmt_error(c, "_codecs.encode argument holds code points above 255");
+    }
+done:
+    Py_XDECREF(s);
+    return o;
+}
+
+/* New ref: bytearray(), or bytearray(<its one argument>). */
+static PyObject *make_bytearray(conv *c, const mlu_pk_node *n, int depth)
+{
+    PyObject *b = NULL, *o = NULL;
+
+    if (n->len == 0) {
+        o = PyByteArray_FromStringAndSize("", 0);
+        goto done;
+    }
+    b = convert(c, n->u.items[0], depth + 1);
+    if (b != NULL)
+        o = PyByteArray_FromObject(b);
+done:
+    Py_XDECREF(b);
+    return o;
+}
+
+/* Converts node n's items into o: a new tuple of n->len slots, a list or a
+ * set.  0, or -1 with an exception set (TorchFormatError for an unhashable
+ * set item). */
+static int add_items(conv *c, const mlu_pk_node *n, int depth, PyObject *o)
+{
+    uint32_t i;
+    int rc = 0;
+
+    for (i = 0; i < n->len && rc == 0; i++) {
+        PyObject *x = convert(c, n->u.items[i], depth + 1);
+        if (x == NULL)
+            rc = -1;
+        else if (PyTuple_Check(o))
+            PyTuple_SET_ITEM(o, i, Py_NewRef(x)); /* steals the new ref */
+        else
+            rc = PySet_Check(o) ? PySet_Add(o, x) : PyList_Append(o, x);
+        Py_XDECREF(x);
+    }
+    if (rc < 0 && PySet_Check(o) && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        fmt_error(c, "set item in the pickle is not hashable");
+    }
+    return rc;
+}
+
+/* New ref: the tuple of node id, or hooks.size(tuple) for a torch.Size. */
+static PyObject *make_tuple(conv *c, uint32_t id, int depth)
+{
+    const mlu_pk_node *n = &c->pt->vm.nodes[id];
+    PyObject *items = PyTuple_New(n->len), *o = NULL;
+
+    if (items == NULL || add_items(c, n, depth, items) < 0)
+        goto done;
+    if (n->kind == MLU_PKN_SIZE) {
+        o = PyObject_CallOneArg(c->hook_size, items);
+        if (o == NULL)
+            wrap_error(c, "cannot build a torch.Size", NULL);
+    } else if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
+        o = Py_NewRef(c->memo[id]);
+    } else {
+        o = Py_NewRef(items);
+    }
+done:
+    Py_XDECREF(items);
+    return o;
+}
+
+/* New ref: the list, set or dict (OrderedDict, Counter; with its attributes)
+ * of node id, in the memo before its items (cycles). */
+static PyObject *make_container(conv *c, uint32_t id, int depth)
+{
+    const mlu_pk_node *n = &c->pt->vm.nodes[id];
+    PyObject *o;
+    int rc;
+
+    if (n->kind == MLU_PKN_LIST)
+        o = PyList_New(0);
+    else if (n->kind == MLU_PKN_SET)
+        o = PySet_New(NULL);
+    else if (n->flags & MLU_PK_F_ORDERED)
+        o = PyObject_CallNoArgs(c->odict);
+    else if (n->flags & MLU_PK_F_COUNTER)
+        o = PyObject_CallNoArgs(c->counter);
+    else
+        o = PyDict_New();
+    if (o == NULL)
+        goto done;
+    c->memo[id] = Py_NewRef(o);
+    if (n->kind != MLU_PKN_DICT)
+        rc = add_items(c, n, depth, o);
+    else if ((rc = fill_dict(c, o, n, depth)) == 0 && n->attrs != MLU_PK_NONE_ID)
+        rc = set_attrs(c, o, n->attrs, depth, 1);
+    if (rc < 0)
+        Py_CLEAR(o);
+done:
+    return o;
+}
+
+/* New ref: the tensor of node n with its Python attributes (kept on torch
+ * tensors; NumPy arrays cannot hold them). */
+static PyObject *make_tensor_node(conv *c, const mlu_pk_node *n, int depth)
+{
+    PyObject *o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
+
+    if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
+        Py_CLEAR(o);
+    return o;
+}
+
+/* New ref: the object of node id (made once: the memo keeps it). */
 static PyObject *convert(conv *c, uint32_t id, int depth)
 {
     const mlu_pk_node *n = &c->pt->vm.nodes[id];
-    PyObject *o = NULL, *items = NULL;
-    uint32_t i;
+    PyObject *o = NULL;
 
     if (c->memo[id] != NULL) {
         o = Py_NewRef(c->memo[id]);
@@ -313,98 +435,20 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
     case MLU_PKN_STR:
         o = make_str(c, n);
         break;
-    case MLU_PKN_BYTES: {
-        PyObject *s = make_str(c, n);
-        if (s == NULL)
-            break;
-        o = PyUnicode_AsLatin1String(s);
-        Py_DECREF(s);
-        if (o == NULL && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
-            PyErr_Clear();
-            fmt_error(c, "_codecs.encode argument holds code points above 255");
-        }
+    case MLU_PKN_BYTES:
+        o = make_bytes(c, n);
         break;
-    }
     case MLU_PKN_BYTEARRAY:
-        if (n->len == 0) {
-            o = PyByteArray_FromStringAndSize("", 0);
-        } else {
-            PyObject *b = convert(c, n->u.items[0], depth + 1);
-            if (b != NULL)
-                o = PyByteArray_FromObject(b);
-            Py_XDECREF(b);
-        }
+        o = make_bytearray(c, n, depth);
         break;
     case MLU_PKN_TUPLE:
     case MLU_PKN_SIZE:
-        items = PyTuple_New(n->len);
-        if (items == NULL)
-            break;
-        for (i = 0; i < n->len; i++) {
-            PyObject *x = convert(c, n->u.items[i], depth + 1);
-            if (x == NULL)
-                goto error;
-            PyTuple_SET_ITEM(items, i, x);  /* steals x */
-        }
-        if (n->kind == MLU_PKN_TUPLE) {
-            if (c->memo[id] != NULL) { /* made while converting a cycle through a list */
-                o = Py_NewRef(c->memo[id]);
-                goto done;
-            }
-            o = items;
-            items = NULL;
-        } else {
-            o = PyObject_CallOneArg(c->hook_size, items);  /* items is released at done */
-            if (o == NULL)
-                wrap_error(c, "cannot build a torch.Size", NULL);
-        }
+        o = make_tuple(c, id, depth);
         break;
     case MLU_PKN_LIST:
-        o = PyList_New(0);
-        if (o == NULL)
-            break;
-        c->memo[id] = Py_NewRef(o);
-        for (i = 0; i < n->len; i++) {
-            PyObject *x = convert(c, n->u.items[i], depth + 1);
-            if (x == NULL || PyList_Append(o, x) < 0) {
-                Py_XDECREF(x);
-                goto error;
-            }
-            Py_DECREF(x);
-        }
-        break;
     case MLU_PKN_SET:
-        o = PySet_New(NULL);
-        if (o == NULL)
-            break;
-        c->memo[id] = Py_NewRef(o);
-        for (i = 0; i < n->len; i++) {
-            PyObject *x = convert(c, n->u.items[i], depth + 1);
-            int rc = x != NULL ? PySet_Add(o, x) : -1;
-            Py_XDECREF(x);
-            if (rc < 0) {
-                if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-                    PyErr_Clear();
-                    fmt_error(c, "set item in the pickle is not hashable");
-                }
-                goto error;
-            }
-        }
-        break;
     case MLU_PKN_DICT:
-        if (n->flags & MLU_PK_F_ORDERED)
-            o = PyObject_CallNoArgs(c->odict);
-        else if (n->flags & MLU_PK_F_COUNTER)
-            o = PyObject_CallNoArgs(c->counter);
-        else
-            o = PyDict_New();
-        if (o == NULL)
-            break;
-        c->memo[id] = Py_NewRef(o);
-        if (fill_dict(c, o, n, depth) < 0)
-            goto error;
-        if (n->attrs != MLU_PK_NONE_ID && set_attrs(c, o, n->attrs, depth, 1) < 0)
-            goto error;
+        o = make_container(c, id, depth);
         break;
     case MLU_PKN_DEVICE:
         o = make_device(c, n);
@@ -415,10 +459,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
             wrap_error(c, "cannot build a torch dtype", NULL);
         break;
     case MLU_PKN_TENSOR:
-        o = make_tensor(c, &c->pt->vm.tensors[n->u.ref]);
-        /* Python attributes of a tensor: kept on torch tensors; NumPy arrays cannot hold them */
-        if (o != NULL && n->attrs != MLU_PK_NONE_ID && !PyArray_Check(o) && set_attrs(c, o, n->attrs, depth, 0) < 0)
-            goto error;
+        o = make_tensor_node(c, n, depth);
         break;
     case MLU_PKN_STORAGE:
         fmt_error(c, "a bare storage (not inside a tensor) is not supported");
@@ -430,11 +471,7 @@ static PyObject *convert(conv *c, uint32_t id, int depth)
     /* containers put themselves in the memo before their items (cycles) */
     if (o != NULL && c->memo[id] == NULL)
         c->memo[id] = Py_NewRef(o);
-    goto done;
-error:
-    Py_CLEAR(o);
 done:
-    Py_XDECREF(items);
     return o;
 }
 
@@ -728,8 +765,6 @@ done:
 
 int mlu_ptload_module_init(PyObject *m)
 {
-    PyTypeObject *dtype_type;
-    int rc;
     static PyMethodDef methods[] = {
         {"torch_dtypes", py_torch_dtypes, METH_NOARGS,
          "torch_dtypes(): the torch dtypes the .pt reader and writer know, as a tuple of TorchDtype rows\n"
@@ -743,14 +778,7 @@ int mlu_ptload_module_init(PyObject *m)
     };
     mlu_state *st = mlu_get_state(m);
 
-    if (st == NULL)
-        return -1;
-    dtype_type = PyStructSequence_NewType(&torch_dtype_desc);
-    if (dtype_type == NULL)
-        return -1;
-    st->torch_dtype_type = (PyObject *)dtype_type;  /* owned by the state */
-    rc = PyModule_AddObjectRef(m, "TorchDtype", (PyObject *)dtype_type);
-    if (rc < 0)
+    if (mlu_add_struct_type(m, &torch_dtype_desc, &st->torch_dtype_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

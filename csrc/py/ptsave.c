@@ -604,43 +604,19 @@ done:
     return rc;
 }
 
-/* The dtype index of a NumPy dtype, -1 when torch has no equivalent. */
+/* The dtype index of a NumPy dtype, -1 when torch has no equivalent: by the
+ * dtype table's numpy and ml_dtypes columns. */
 static int numpy_dtype(PyArray_Descr *descr)
 {
-    int es = (int)PyDataType_ELSIZE(descr);
+    size_t es = (size_t)PyDataType_ELSIZE(descr);
+    const char *name = descr->typeobj->tp_name;
+    int dt = -1;
 
-    if (descr->type_num >= NPY_USERDEF) {
-        const char *mod = descr->typeobj->tp_name;
-        static const char *ml[] = {"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                   "float8_e5m2fnuz", "float8_e8m0fnu"};
-        size_t i;
-        /* ml_dtypes' scalar types are named "ml_dtypes.<name>". */
-        if (strncmp(mod, "ml_dtypes.", 10) != 0)
-            return -1;
-        for (i = 0; i < sizeof(ml) / sizeof(ml[0]); i++)
-            if (strcmp(mod + 10, ml[i]) == 0) {
-                int k = mlu_torch_dtype_named(ml[i]);
-                return k >= 0 && mlu_torch_dtypes[k].itemsize == es ? k : -1;
-            }
-        return -1;
-    }
-    switch (descr->kind) {
-    case 'b':
-        return es == 1 ? mlu_torch_dtype_named("bool") : -1;
-    case 'i':
-        return es == 1 ? mlu_torch_dtype_named("int8") : es == 2 ? mlu_torch_dtype_named("int16")
-             : es == 4 ? mlu_torch_dtype_named("int32") : es == 8 ? mlu_torch_dtype_named("int64") : -1;
-    case 'u':
-        return es == 1 ? mlu_torch_dtype_named("uint8") : es == 2 ? mlu_torch_dtype_named("uint16")
-             : es == 4 ? mlu_torch_dtype_named("uint32") : es == 8 ? mlu_torch_dtype_named("uint64") : -1;
-    case 'f':
-        return es == 2 ? mlu_torch_dtype_named("float16") : es == 4 ? mlu_torch_dtype_named("float32")
-             : es == 8 ? mlu_torch_dtype_named("float64") : -1;
-    case 'c':
-        return es == 8 ? mlu_torch_dtype_named("complex64") : es == 16 ? mlu_torch_dtype_named("complex128") : -1;
-    default:
-        return -1;
-    }
+    if (descr->type_num < NPY_USERDEF)
+        dt = mlu_torch_dtype_of_numpy(descr->kind, es);
+    else if (strncmp(name, "ml_dtypes.", 10) == 0) /* ml_dtypes' scalar types are named "ml_dtypes.<name>" */
+        dt = mlu_torch_dtype_of_ml_dtypes(name + 10, es);
+    return dt;
 }
 
 static int save_array(saver *s, PyArrayObject *a, const path_step *at)

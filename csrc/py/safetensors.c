@@ -153,6 +153,21 @@ static StMap *stmap_new(PyObject *module)
     return m;
 }
 
+/* New ref: m, which it steals, when rc (the status of filling it) is
+ * MLU_OK; else NULL with err raised as a SafetensorsError about subject
+ * (borrowed, may be NULL) and m released. */
+static PyObject *stmap_filled_steal(PyObject *module, StMap *m, mlu_status rc, const mlu_error *err,
+                                    PyObject *subject)
+{
+    PyObject *res = (PyObject *)m;
+
+    if (rc != MLU_OK) {
+        mlu_raise(mlu_get_state(module), err, MLU_DOMAIN_SAFETENSORS, subject);
+        Py_CLEAR(res);
+    }
+    return res;
+}
+
 /* st_open(path) -> SafetensorsMap */
 static PyObject *py_st_open(PyObject *module, PyObject *arg)
 {
@@ -163,13 +178,13 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
     mlu_status rc;
 
     if (!PyUnicode_FSConverter(arg, &path))
-        goto error;
+        goto done;
     m = stmap_new(module);
     if (m == NULL)
-        goto error;
+        goto done;
     m->path = PyOS_FSPath(arg); /* new ref: str or bytes, for the map's errors */
     if (m->path == NULL)
-        goto error;
+        goto done;
     mlu_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
     rc = mlu_file_open_ro(PyBytes_AS_STRING(path), &m->fd, &m->file_size, &err);
@@ -178,16 +193,10 @@ static PyObject *py_st_open(PyObject *module, PyObject *arg)
     if (rc == MLU_OK)
         rc = mlu_file_map_fd(&m->map, m->fd, m->file_size, &err);
     Py_END_ALLOW_THREADS
-    if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, arg);
-        goto error;
-    }
-    res = (PyObject *)m;
+    res = stmap_filled_steal(module, m, rc, &err, arg);
     m = NULL;
-    goto done;
-error:
-    Py_XDECREF(m);
 done:
+    Py_XDECREF(m);
     Py_XDECREF(path);
     return res;
 }
@@ -203,11 +212,11 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
     mlu_status rc;
 
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
-        goto error;
+        goto done;
     have_view = 1;
     m = stmap_new(module);
     if (m == NULL)
-        goto error;
+        goto done;
     mlu_error_clear(&err);
     /* Validate first (no copy of a bad input), then copy; pure C on memory
      * the view pins (its size cannot change), so without the GIL. */
@@ -221,16 +230,10 @@ static PyObject *py_st_from_bytes(PyObject *module, PyObject *arg)
         }
     }
     Py_END_ALLOW_THREADS
-    if (rc != MLU_OK) {
-        mlu_raise(mlu_get_state(module), &err, MLU_DOMAIN_SAFETENSORS, NULL);
-        goto error;
-    }
-    res = (PyObject *)m;
+    res = stmap_filled_steal(module, m, rc, &err, NULL);
     m = NULL;
-    goto done;
-error:
-    Py_XDECREF(m);
 done:
+    Py_XDECREF(m);
     if (have_view)
         PyBuffer_Release(&view);
     return res;
@@ -882,25 +885,10 @@ int mlu_safetensors_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *tp;
 
-    tp = PyType_FromModuleAndSpec(m, &stmap_spec, NULL); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_map_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsMap", tp) < 0)
-        return -1;
-    tp = (PyObject *)PyStructSequence_NewType(&entry_desc); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_entry_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsEntry", tp) < 0)
-        return -1;
-    tp = (PyObject *)PyStructSequence_NewType(&sd_desc); /* new ref */
-    if (tp == NULL)
-        return -1;
-    st->safetensors_dtype_type = tp; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SafetensorsDtype", tp) < 0)
+    if (mlu_add_heap_type(m, &stmap_spec, &st->safetensors_map_type) < 0 ||
+        mlu_add_struct_type(m, &entry_desc, &st->safetensors_entry_type) < 0 ||
+        mlu_add_struct_type(m, &sd_desc, &st->safetensors_dtype_type) < 0)
         return -1;
     return PyModule_AddFunctions(m, methods);
 }

@@ -724,19 +724,9 @@ int mlu_sampler_module_init(PyObject *m)
         {NULL, NULL, 0, NULL},
     };
     mlu_state *st = mlu_get_state(m);
-    PyObject *type;
 
-    if (PyModule_AddFunctions(m, methods) < 0)
+    if (PyModule_AddFunctions(m, methods) < 0 ||
+        mlu_add_struct_type(m, &position_desc, &st->sampler_position_type) < 0)
         return -1;
-    type = (PyObject *)PyStructSequence_NewType(&position_desc); /* new ref */
-    if (type == NULL)
-        return -1;
-    st->sampler_position_type = type; /* owned by the state */
-    if (PyModule_AddObjectRef(m, "SamplerPosition", type) < 0)
-        return -1;
-    type = PyType_FromModuleAndSpec(m, &cursor_spec, NULL); /* new ref */
-    if (type == NULL)
-        return -1;
-    st->sampler_cursor_type = type; /* owned by the state */
-    return PyModule_AddObjectRef(m, "SamplerCursor", type);
+    return mlu_add_heap_type(m, &cursor_spec, &st->sampler_cursor_type);
 }

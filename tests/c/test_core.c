@@ -1,17 +1,19 @@
 #define _GNU_SOURCE
 /* Unit tests of the shared core pieces: buffer, JSON helpers, atomic files,
- * checksum, allocation-failure injection. */
+ * checksum, allocation-failure injection, byte reads, UTF-8, index sort. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "mlu_test.h"
 #include "core/alloc.h"
 #include "core/atomicfile.h"
 #include "core/buf.h"
+#include "core/bytes.h"
 #include "core/checksum.h"
 #include "core/json.h"
 
@@ -331,6 +333,131 @@ static void test_checksum(void)
     CHECK(mlu_checksum64(b, 0) == 0);
 }
 
+static void test_le_reads(void)
+{
+    static const uint8_t b[8] = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xF8};
+    CHECK(mlu_le16(b) == 0x0201u);
+    CHECK(mlu_le32(b) == 0x04030201u);
+    CHECK(mlu_le32(b + 4) == 0xF8070605u);
+    CHECK(mlu_le64(b) == 0xF807060504030201ull);
+}
+
+/* Each case: the bytes, and where the first invalid sequence starts (strict,
+ * then with surrogates allowed); the length when it is all valid. */
+static void test_utf8(void)
+{
+    static const struct { const char *s; size_t n, strict, lax; } cases[] = {
+        {"", 0, 0, 0},
+        {"abc", 3, 3, 3},
+        {"a\xc3\xa9" "b", 4, 4, 4},                      /* U+00E9 */
+        {"\xe2\x82\xac", 3, 3, 3},                    /* U+20AC */
+        {"\xf0\x9f\x98\x80!", 5, 5, 5},              /* U+1F600 */
+        {"ab\x80", 3, 2, 2},                           /* a lone continuation byte */
+        {"\xc0\x80", 2, 0, 0},                         /* overlong NUL */
+        {"\xe0\x80\xaf", 3, 0, 0},                     /* overlong '/' */
+        {"\xf0\x82\x82\xac", 4, 0, 0},                 /* overlong U+20AC */
+        {"\xf4\x90\x80\x80", 4, 0, 0},                 /* above U+10FFFF */
+        {"x\xed\xa0\x80", 4, 1, 4},                    /* a surrogate: only with surrogatepass */
+        {"\xc3", 1, 0, 0},                              /* cut short */
+        {"z\xe2\x82", 3, 1, 1},
+        {"\xc3(", 2, 0, 0},                             /* not a continuation */
+        {"\xff", 1, 0, 0},
+    };
+    size_t i;
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const uint8_t *p = (const uint8_t *)cases[i].s;
+        CHECK(mlu_utf8_invalid_at(p, cases[i].n, 0) == cases[i].strict);
+        CHECK(mlu_utf8_invalid_at(p, cases[i].n, 1) == cases[i].lax);
+    }
+}
+
+static void test_bytes_cmp(void)
+{
+    CHECK(mlu_bytes_cmp("ab", 2, "ab", 2) == 0);
+    CHECK(mlu_bytes_cmp("ab", 2, "abc", 3) < 0);
+    CHECK(mlu_bytes_cmp("abc", 3, "ab", 2) > 0);
+    CHECK(mlu_bytes_cmp("b", 1, "ab", 2) > 0);
+    CHECK(mlu_bytes_cmp("\xff", 1, "\x01", 1) > 0); /* unsigned bytes */
+    CHECK(mlu_bytes_cmp("", 0, "", 0) == 0);
+}
+
+static int cmp_u32(const void *ctx, size_t x, size_t y)
+{
+    const uint32_t *keys = ctx;
+    return keys[x] < keys[y] ? -1 : keys[x] > keys[y];
+}
+
+/* Random keys (many repeated) of every length up to 70: sorted, and each
+ * index once. */
+static void test_sort_indices(void)
+{
+    uint32_t keys[70];
+    size_t v[70], n, i;
+    uint64_t rng = 0x9E3779B97F4A7C15ull;
+    int sorted = 1, perm = 1;
+
+    for (n = 0; n <= 70; n++) {
+        unsigned seen[70] = {0};
+        for (i = 0; i < n; i++) {
+            keys[i] = (uint32_t)(mlu_test_rand(&rng) % (n / 3 + 1));
+            v[i] = i;
+        }
+        mlu_sort_indices(v, n, cmp_u32, keys);
+        for (i = 0; i < n; i++) {
+            seen[v[i]]++;
+            if (i > 0 && keys[v[i - 1]] > keys[v[i]])
+                sorted = 0;
+        }
+        for (i = 0; i < n; i++)
+            perm &= seen[i] == 1;
+    }
+    CHECK(sorted);
+    CHECK(perm);
+}
+
+/* Files fstat cannot size are read to EOF, the buffer growing: a FIFO fed
+ * 20000 bytes by a child, and an empty regular file. */
+static void test_read_file_to_eof(void)
+{
+    char dir[] = "/tmp/mlu_readXXXXXX", path[256];
+    char *data = NULL;
+    size_t len = 0, i;
+    mlu_error err;
+    pid_t pid;
+    int ok = 1, status = 0;
+
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/fifo", dir);
+    CHECK(mkfifo(path, 0600) == 0);
+    pid = fork();
+    if (pid == 0) {
+        int fd = open(path, O_WRONLY);
+        char chunk[1000];
+        for (i = 0; i < sizeof(chunk); i++)
+            chunk[i] = (char)('a' + i % 26);
+        for (i = 0; fd >= 0 && i < 20; i++)
+            if (write(fd, chunk, sizeof(chunk)) != (ssize_t)sizeof(chunk))
+                _exit(1);
+        _exit(fd >= 0 ? 0 : 1);
+    }
+    mlu_error_clear(&err);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CHECK(len == 20000 && data != NULL && data[len] == '\0');
+    for (i = 0; data != NULL && i < len; i++)
+        ok &= data[i] == (char)('a' + (i % 1000) % 26);
+    CHECK(ok);
+    mlu_free(data);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/empty", dir);
+    CHECK(mlu_write_file_atomic(path, "", 0, 0, &err) == MLU_OK);
+    CHECK(mlu_read_file(path, &data, &len, &err) == MLU_OK);
+    CHECK(len == 0 && data != NULL && data[0] == '\0');
+    mlu_free(data);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void)
 {
     test_put_string();
@@ -342,5 +469,10 @@ int main(void)
     test_grow();
     test_parse_out_of_memory();
     test_checksum();
+    test_le_reads();
+    test_utf8();
+    test_bytes_cmp();
+    test_sort_indices();
+    test_read_file_to_eof();
     return TEST_DONE("test_core");
 }

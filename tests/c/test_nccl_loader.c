@@ -183,6 +183,25 @@ static void test_version_text(void)
     CHECK_STR(buf, "2.7.8");
 }
 
+/* Every data type and reduction has a name, and no two share one. */
+static void test_names(void)
+{
+    int i, j;
+
+    for (i = 0; i < MLU_NCCL_DTYPE_COUNT; i++) {
+        CHECK(mlu_nccl_dtype_names[i] != NULL);
+        for (j = 0; j < i && mlu_nccl_dtype_names[i] != NULL; j++)
+            CHECK(strcmp(mlu_nccl_dtype_names[i], mlu_nccl_dtype_names[j]) != 0);
+    }
+    for (i = 0; i < MLU_NCCL_OP_COUNT; i++) {
+        CHECK(mlu_nccl_op_names[i] != NULL);
+        for (j = 0; j < i && mlu_nccl_op_names[i] != NULL; j++)
+            CHECK(strcmp(mlu_nccl_op_names[i], mlu_nccl_op_names[j]) != 0);
+    }
+    CHECK_STR(mlu_nccl_dtype_names[MLU_NCCL_FLOAT32], "float32");
+    CHECK_STR(mlu_nccl_op_names[MLU_NCCL_AVG], "avg");
+}
+
 int main(void)
 {
     test_explicit_file();
@@ -195,6 +214,7 @@ int main(void)
     test_report_names_every_place();
     test_small_report_is_cut_safely();
     test_version_text();
+    test_names();
     unsetenv("MLUTILS_NCCL_PATH");
     return TEST_DONE("test_nccl_loader");
 }

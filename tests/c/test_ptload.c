@@ -352,6 +352,32 @@ static void test_byteswap(void)
     CHECK(b[0] == 3 && b[1] == 4);
 }
 
+/* The NumPy and ml_dtypes lookups find each row by its own columns. */
+static void test_dtype_lookups(void)
+{
+    int i, rows = 0;
+    for (i = 0; i < MLU_TORCH_N_DTYPES; i++) {
+        const mlu_torch_dtype *d = &mlu_torch_dtypes[i];
+        if (d->numpy != NULL) {
+            const char *np = d->numpy[0] == '<' ? d->numpy + 1 : d->numpy;
+            char kind = np[0] == '?' ? 'b' : np[0];
+            CHECK(mlu_torch_dtype_of_numpy(kind, d->itemsize) == i);
+            rows++;
+        }
+        if (d->ml_dtypes != NULL) {
+            CHECK(mlu_torch_dtype_of_ml_dtypes(d->ml_dtypes, d->itemsize) == i);
+            CHECK(mlu_torch_dtype_of_ml_dtypes(d->ml_dtypes, d->itemsize + 1) == -1);
+        }
+    }
+    CHECK(rows == 14);
+    CHECK(mlu_torch_dtype_of_numpy('f', 4) == mlu_torch_dtype_named("float32"));
+    CHECK(mlu_torch_dtype_of_numpy('b', 1) == mlu_torch_dtype_named("bool"));
+    CHECK(mlu_torch_dtype_of_numpy('c', 16) == mlu_torch_dtype_named("complex128"));
+    CHECK(mlu_torch_dtype_of_numpy('f', 16) == -1);  /* long double */
+    CHECK(mlu_torch_dtype_of_numpy('M', 8) == -1);   /* datetime64 */
+    CHECK(mlu_torch_dtype_of_ml_dtypes("float4_e2m1fn", 1) == -1);
+}
+
 int main(void)
 {
     test_good();
@@ -362,5 +388,6 @@ int main(void)
     test_record_at_the_directory();
     test_alloc_failures();
     test_byteswap();
+    test_dtype_lookups();
     return TEST_DONE("test_ptload");
 }

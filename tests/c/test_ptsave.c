@@ -6,13 +6,10 @@
 #include "mlu_test.h"
 #include "core/alloc.h"
 #include "core/buf.h"
+#include "core/bytes.h"
 #include "core/pickle_write.h"
 #include "core/ptsave_id.h"
 #include "core/zipwrite.h"
-
-static uint16_t rd16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t rd32(const unsigned char *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
-static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
 
 static int int_bytes(int64_t v, const char *want, size_t n)
 {
@@ -168,52 +165,52 @@ static void test_archive(uint64_t limit)
     eocd = z + b.len - 22;
     loc = eocd - 20;
     e64 = loc - 56;
-    CHECK(rd32(eocd) == 0x06054b50u && rd32(loc) == 0x07064b50u && rd32(e64) == 0x06064b50u);
-    CHECK(rd64(loc + 8) == (uint64_t)(e64 - z) && rd32(loc + 16) == 1);
-    CHECK(rd64(e64 + 4) == 44 && rd16(e64 + 12) == 0x031E && rd16(e64 + 14) == 0x002D);
-    CHECK(rd64(e64 + 24) == 3 && rd64(e64 + 32) == 3 && rd16(eocd + 8) == 3);
-    cd_off = rd64(e64 + 48);
-    cd_size = rd64(e64 + 40);
+    CHECK(mlu_le32(eocd) == 0x06054b50u && mlu_le32(loc) == 0x07064b50u && mlu_le32(e64) == 0x06064b50u);
+    CHECK(mlu_le64(loc + 8) == (uint64_t)(e64 - z) && mlu_le32(loc + 16) == 1);
+    CHECK(mlu_le64(e64 + 4) == 44 && mlu_le16(e64 + 12) == 0x031E && mlu_le16(e64 + 14) == 0x002D);
+    CHECK(mlu_le64(e64 + 24) == 3 && mlu_le64(e64 + 32) == 3 && mlu_le16(eocd + 8) == 3);
+    cd_off = mlu_le64(e64 + 48);
+    cd_size = mlu_le64(e64 + 40);
     CHECK(cd_off + cd_size == (uint64_t)(e64 - z));
     /* the first record: local header at 0, payload at 64 */
-    CHECK(rd32(z) == 0x04034b50u && rd16(z + 4) == 0 && rd16(z + 6) == 0x0808 && rd16(z + 8) == 0);
-    CHECK(rd32(z + 14) == 0 && rd32(z + 18) == 0 && rd32(z + 22) == 0 && rd16(z + 26) == 13);
+    CHECK(mlu_le32(z) == 0x04034b50u && mlu_le16(z + 4) == 0 && mlu_le16(z + 6) == 0x0808 && mlu_le16(z + 8) == 0);
+    CHECK(mlu_le32(z + 14) == 0 && mlu_le32(z + 18) == 0 && mlu_le32(z + 22) == 0 && mlu_le16(z + 26) == 13);
     cd = z + cd_off;
     for (i = 0; i < 3; i++) {
-        uint16_t nlen = rd16(cd + 28), xlen = rd16(cd + 30), lx;
-        uint32_t size32 = rd32(cd + 24), off32 = rd32(cd + 42);
+        uint16_t nlen = mlu_le16(cd + 28), xlen = mlu_le16(cd + 30), lx;
+        uint32_t size32 = mlu_le32(cd + 24), off32 = mlu_le32(cd + 42);
         uint64_t size = size32, start;
         const unsigned char *lfh, *x = cd + 46 + nlen;
         int big, far;
-        CHECK(rd32(cd) == 0x02014b50u);
+        CHECK(mlu_le32(cd) == 0x02014b50u);
         off = off32;
         if (xlen > 0) {
             size_t k = 4;
-            CHECK(rd16(x) == 1 && rd16(x + 2) == xlen - 4);
+            CHECK(mlu_le16(x) == 1 && mlu_le16(x + 2) == xlen - 4);
             if (size32 == 0xFFFFFFFFu) {
-                size = rd64(x + k);
-                CHECK(rd64(x + k + 8) == size);
+                size = mlu_le64(x + k);
+                CHECK(mlu_le64(x + k + 8) == size);
                 k += 16;
             }
             if (off32 == 0xFFFFFFFFu)
-                off = rd64(x + k);
+                off = mlu_le64(x + k);
         }
         big = size >= limit;
         far = off >= limit;
         CHECK((xlen > 0) == (big || far));
         lfh = z + off;
-        CHECK(rd32(lfh) == 0x04034b50u && memcmp(lfh + 30, cd + 46, nlen) == 0);
-        lx = rd16(lfh + 28);
+        CHECK(mlu_le32(lfh) == 0x04034b50u && memcmp(lfh + 30, cd + 46, nlen) == 0);
+        lx = mlu_le16(lfh + 28);
         start = off + 30 + nlen + lx;
         CHECK(start % 64 == 0);
-        CHECK(rd16(lfh + 6) == (size ? 0x0808 : 0x0800) && rd16(cd + 8) == rd16(lfh + 6));
-        CHECK(mlu_crc32(0, z + start, (size_t)size) == rd32(cd + 16));
+        CHECK(mlu_le16(lfh + 6) == (size ? 0x0808 : 0x0800) && mlu_le16(cd + 8) == mlu_le16(lfh + 6));
+        CHECK(mlu_crc32(0, z + start, (size_t)size) == mlu_le32(cd + 16));
         if (big || far)
-            CHECK(rd16(lfh + 30 + nlen) == 1);
+            CHECK(mlu_le16(lfh + 30 + nlen) == 1);
         /* the FB field is last and its padding is all 'Z' */
         {
             const unsigned char *fb = lfh + 30 + nlen + ((big || far) ? 4 + (big ? 16 : 0) + (far ? 8 : 0) : 0);
-            uint16_t pad = rd16(fb + 2);
+            uint16_t pad = mlu_le16(fb + 2);
             int zs = 1, j;
             CHECK(fb[0] == 'F' && fb[1] == 'B' && fb + 4 + pad == z + start);
             for (j = 0; j < pad; j++)
@@ -222,11 +219,11 @@ static void test_archive(uint64_t limit)
         }
         if (size > 0) {
             const unsigned char *dd = z + start + size;
-            CHECK(rd32(dd) == 0x08074b50u && rd32(dd + 4) == rd32(cd + 16));
+            CHECK(mlu_le32(dd) == 0x08074b50u && mlu_le32(dd + 4) == mlu_le32(cd + 16));
             if (big || far)
-                CHECK(rd64(dd + 8) == size && rd64(dd + 16) == size);
+                CHECK(mlu_le64(dd + 8) == size && mlu_le64(dd + 16) == size);
             else
-                CHECK(rd32(dd + 8) == size && rd32(dd + 12) == size);
+                CHECK(mlu_le32(dd + 8) == size && mlu_le32(dd + 12) == size);
         }
         cd += 46 + nlen + xlen;
     }

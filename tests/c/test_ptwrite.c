@@ -9,13 +9,10 @@
 #include "mlu_test.h"
 #include "core/alloc.h"
 #include "core/buf.h"
+#include "core/bytes.h"
 #include "core/ptload_file.h"
 #include "core/ptwrite.h"
 #include "core/zipfmt.h"
-
-static uint16_t rd16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t rd32(const unsigned char *p) { return (uint32_t)rd16(p) | ((uint32_t)rd16(p + 2) << 16); }
-static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32); }
 
 static mlu_status to_buf(void *ctx, const void *p, size_t n, mlu_error *err)
 {
@@ -1032,8 +1029,8 @@ static void test_random_archives(void)
             size_t plen = strlen(archive) + 1;
             ok &= z.count == nst + 6;
             /* the end records point at the central directory, which ends where they begin */
-            ok &= rd32(e64) == MLU_ZIP_EOCD64_SIG && rd64(e64 + 24) == z.count;
-            ok &= rd64(e64 + 48) + rd64(e64 + 40) == (uint64_t)(e64 - zb);
+            ok &= mlu_le32(e64) == MLU_ZIP_EOCD64_SIG && mlu_le64(e64 + 24) == z.count;
+            ok &= mlu_le64(e64 + 48) + mlu_le64(e64 + 40) == (uint64_t)(e64 - zb);
             for (i = 0; i < z.count; i++) {
                 const mlu_zip_entry *e = &z.entries[i];
                 char want[48];
