@@ -124,7 +124,7 @@ class BuildExt(build_ext):
             os.makedirs(self.build_temp, exist_ok=True)
             for src in sorted(glob.glob("csrc/cuda/*.cu")):
                 obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
-                deps = [src] + glob.glob("csrc/cuda/*.h") + ["csrc/mlu.h"]
+                deps = [src] + glob.glob("csrc/cuda/*.h") + glob.glob("csrc/core/*.h") + ["csrc/mlu.h"]
                 if self.force or not os.path.exists(obj) or any(
                         os.path.getmtime(d) > os.path.getmtime(obj) for d in deps):
                     cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",

@@ -284,6 +284,11 @@ OFFLOAD_F16_E4M3: int
 OFFLOAD_BF16_E4M3: int
 # the default bound on bytes of sources waiting for their copy (CudaOffloadEngine.window)
 OFFLOAD_DEFAULT_MAX_INFLIGHT: int
+# the e4m3 packing's trailer (csrc/core/offload_layout.h): its size in bytes, where the amax float sits in
+# it, and the largest finite e4m3 value
+OFFLOAD_E4M3_TRAILER: int
+OFFLOAD_E4M3_AMAX_AT: int
+OFFLOAD_E4M3_MAX: float
 def offload_packed_size(mode: int, nelem: int, /) -> int: ...
 @final
 class HostPool:
