@@ -342,6 +342,16 @@ class ResumePoint:
     epoch_rng: Optional[Mapping[str, Any]] = None
 
 
+def _read_checked(path: str, hint: str) -> Dict[str, Any]:
+    """A rank file's state, every field checked; CheckpointError naming the file (and `hint`) otherwise."""
+    try:
+        state = torch_load(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}{hint}") from exc
+    _check_state(state, path)
+    return state
+
+
 class Checkpointer:
     """This rank's side of the checkpoint folder: writes step folders (in the background unless asked
     otherwise), rotates them, finds and reads the one to resume."""
@@ -375,11 +385,14 @@ class Checkpointer:
         folder = os.path.join(ckdir, f"step-{step:08d}")
         path = os.path.join(folder, _rank_file(self.world, self.rank))
         t0 = time.perf_counter()
-        if os.path.exists(path):
+        if os.path.isfile(path):
             # saving a step folder again (after resuming an older checkpoint, or an evaluation cut short):
             # the old rank file goes first, so a kill midway never leaves a folder that looks complete
             # while it mixes two writes
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise CheckpointError(f"writing a checkpoint failed: cannot replace {path}: {exc}") from exc
             _fsync_dir(folder)
         if files is not None:
             try:
@@ -444,13 +457,8 @@ class Checkpointer:
             if self.leader:
                 log.warning("%s was saved by %d processes and this run has %d: the model and optimizer are "
                             "resharded, the data position re-dealt", folder, self.saved_world, self.world)
-        try:
-            state = torch_load(path)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}; resume from an older "
-                                  f"checkpoint (TrainConfig.resume=<its folder>) or remove this one") from exc
-        _check_state(state, path)
-        return state, path
+        return _read_checked(path, "; resume from an older checkpoint (TrainConfig.resume=<its folder>) or "
+                                   "remove this one"), path
 
     def replicas(self, engines: Mapping[str, Any], folder: str) -> Dict[str, Any]:
         """`engines` with every replicated engine's pointer (written off the global leader) replaced by the
@@ -461,12 +469,7 @@ class Checkpointer:
         if not wanted:
             return dict(engines)
         path = os.path.join(folder, _rank_file(self.saved_world, 0))
-        try:
-            leader = torch_load(path)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read the checkpoint file {path} (rank 0's, which holds the replicated "
-                                  f"state): {exc}") from exc
-        _check_state(leader, path)
+        leader = _read_checked(path, " (rank 0's file holds the replicated state)")
         out = dict(engines)
         for name in wanted:
             if name not in leader["engines"] or leader["engines"][name] == REPLICA:

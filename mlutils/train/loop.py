@@ -20,8 +20,9 @@ from .finetune import init_engines
 from .data import DataPosition
 from .config import TrainConfig, TrainResult
 from .engine import Engine, Engines, MicroBatches
+from .evaluation import evaluate
 from .output import MetricsOutput, plain
-from .signals import StopSignals
+from .signals import StopSignals, requeue, requeue_on
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -177,62 +178,8 @@ class _Loop:
             log.error("export at step %d failed: %s: %s", self.step, type(exc).__name__, exc)
 
     def evaluate(self) -> bool:
-        """Run eval_fn(step, should_stop) and log its metrics as a JSON line {"step", "eval": {...}}.
-
-        Returns True when a stop signal came during it (a collective: every
-        rank gets here at the same points).  Such an evaluation may be cut
-        short: its line says ``"interrupted": true``, and the checkpoint the
-        loop then writes holds the RNG states from before it and asks the
-        resumed run to evaluate this step again first, so the resumed run
-        continues exactly as an uninterrupted one.  With ``eval_on="leader"``
-        only the global leader runs eval_fn (its should_stop is then local)."""
-        if self.eval_fn is None:
-            if self.leader:
-                log.warning("eval: no eval_fn given to train()")
-            return False
-        rng_before = rng_state(self.data.generator)
-        result = None
-        if self.cfg.eval_on == "all" or self.leader:
-            stop = self.should_stop if self.cfg.eval_on == "all" else (lambda: self.signals.name is not None)
-            try:
-                result = self.eval_fn(self.step, stop)
-                if result is not None and not isinstance(result, Mapping):
-                    raise TypeError(f"eval_fn returned {type(result).__name__} {result!r}; it must return a "
-                                    f"mapping of metrics (or None)")
-            except Exception:
-                if self.cfg.eval_errors == "raise":
-                    raise
-                log.exception("eval_fn failed at step %d (TrainConfig.eval_errors='log': training goes on)",
-                              self.step)
-                result = None
-        interrupted = self.should_stop()
-        if interrupted:
-            self.eval_pending_rng = rng_before
-        if result is not None:
-            self.eval_metrics = dict(result)
-            record: Dict[str, Any] = {"step": self.step, "eval": self.eval_metrics}
-            if interrupted:
-                record["interrupted"] = True
-            self.out.emit(record, self.step)
-        if self.best.k and not interrupted:
-            self._rank_evaluation(result)
-        return interrupted
-
-    def _rank_evaluation(self, result: Optional[Mapping[str, Any]]) -> None:
-        """keep_best: the leader's value of best_metric ranks this step; a new best is checkpointed now."""
-        value = self.best.value_of(plain(result)) if self.leader else None
-        if self.ckpt.world > 1:
-            value = self.dist.broadcast_object(value, src=0)
-        if value is not None and self.best.offer(value, self.step):
-            if self.leader:
-                log.info("step %d is among the %d best by %s (%s)", self.step, self.best.k, self.best.metric,
-                         value)
-            if self.ckpt.last_step == self.step:  # its checkpoint exists: only the pointer moves
-                if self.leader and self.cfg.checkpoint_dir is not None:
-                    self.ckpt.saver.wait()
-                    write_best_pointer(self.cfg.checkpoint_dir, self.best.pointer())
-            else:
-                self.save(sync=False)
+        """eval_fn at this step (see mlutils.train.evaluation); True when a stop signal cut it short."""
+        return evaluate(self)
 
     # ---- the loop
     def _boundary(self, stepped: bool = True) -> Optional[str]:
@@ -296,7 +243,7 @@ class _Loop:
             status = self._start()
             if status is None:
                 status = "completed" if self.step >= self.cfg.iterations else self._epochs()
-            if self.cfg.save_at_end or (status == "signal" and self._requeue_on()):  # a requeue needs it
+            if self.cfg.save_at_end or (status == "signal" and requeue_on(self.cfg)):  # a requeue needs it
                 self.save(sync=True)
             if self.cfg.export_on_quit:
                 self.export()
@@ -306,7 +253,7 @@ class _Loop:
             raise
         self._cleanup(failing=False)
         signal_name = self.signals.name if status == "signal" else None
-        if status == "signal" and self._requeue():
+        if status == "signal" and requeue(self):
             status = "requeued"
         if self.leader:
             log.info("training %s at step %d%s", status, self.step, f" ({signal_name})" if signal_name else "")
@@ -314,37 +261,6 @@ class _Loop:
                            resumed_from=self.at.folder if self.at is not None else None,
                            last_metrics=plain(self.last_metrics), eval_metrics=self.eval_metrics,
                            oom_skipped=self.counters.oom_skipped, best=list(self.best.best))
-
-    def _requeue_on(self) -> bool:
-        return self.cfg.requeue if self.cfg.requeue is not None else bool(os.environ.get("SLURM_JOB_ID"))
-
-    def _requeue(self) -> bool:
-        """After a stop by the pre-emption signal with TrainConfig.requeue (default: under SLURM): the
-        checkpoint is complete on every rank (the final save is synchronous, with a barrier); the global
-        leader asks SLURM to requeue the job.  True when it did."""
-        if not self._requeue_on():
-            return False
-        preempted = self.signals.name == self.cfg.requeue_signal
-        if self.ckpt.world > 1:
-            preempted = bool(self.dist.any_rank(preempted))
-        if not preempted:
-            return False
-        if not self.leader:
-            return True
-        job = os.environ.get("SLURM_JOB_ID", "")
-        if not job.isdigit():
-            log.error("requeue: SLURM_JOB_ID is %r, not a job number: the job is not requeued", job)
-            return False
-        try:
-            import subprocess
-
-            subprocess.run(["scontrol", "requeue", job], check=True, timeout=120, capture_output=True, text=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            log.error("requeue: `scontrol requeue %s` failed: %s", job, str(detail).strip())
-            return False
-        log.info("requeued SLURM job %s after the checkpoint of step %d", job, self.step)
-        return True
 
     def _cleanup(self, failing: bool) -> None:
         """Wait for the write in flight, restore the signal handlers, close the outputs, tell the engines.

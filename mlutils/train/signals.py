@@ -4,13 +4,14 @@ are put back when it returns."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any, Dict, Optional, Tuple
 
 from .. import _core
 
-__all__ = ["StopSignals", "STOP_SIGNALS"]
+__all__ = ["StopSignals", "STOP_SIGNALS", "requeue", "requeue_on"]
 
 log = logging.getLogger("mlutils.train")
 
@@ -60,3 +61,40 @@ class StopSignals:
         for sig, (handler, raw) in previous.items():
             signal.signal(sig, handler)
             _core.sigaction_restore(sig, raw)
+
+
+# ---------------------------------------------------------------- requeue on pre-emption (SLURM)
+
+
+def requeue_on(cfg: Any) -> bool:
+    """TrainConfig.requeue, its default (None) meaning: on inside a SLURM job."""
+    return cfg.requeue if cfg.requeue is not None else bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def requeue(loop: Any) -> bool:
+    """After a stop by the pre-emption signal with TrainConfig.requeue (default: under SLURM): the
+    checkpoint is complete on every rank (the final save is synchronous, with a barrier); the global
+    leader asks SLURM to requeue the job.  True when it did."""
+    if not requeue_on(loop.cfg):
+        return False
+    preempted = loop.signals.name == loop.cfg.requeue_signal
+    if loop.ckpt.world > 1:
+        preempted = bool(loop.dist.any_rank(preempted))
+    if not preempted:
+        return False
+    if not loop.leader:
+        return True
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job.isdigit():
+        log.error("requeue: SLURM_JOB_ID is %r, not a job number: the job is not requeued", job)
+        return False
+    try:
+        import subprocess
+
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=120, capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        log.error("requeue: `scontrol requeue %s` failed: %s", job, str(detail).strip())
+        return False
+    log.info("requeued SLURM job %s after the checkpoint of step %d", job, loop.step)
+    return True
