@@ -35,6 +35,8 @@ __all__ = [
     "DistributedTimeoutError",
     "NcclUnavailableError",
     "CheckpointError",
+    "OutOfMemoryStop",
+    "LoggerDependencyError",
     "OffloadPoolFullError",
 ]
 
@@ -45,13 +47,15 @@ _LAZY = {
     "DistributedTimeoutError": "distributed",
     "NcclUnavailableError": "distributed",
     "CheckpointError": "train",
+    "OutOfMemoryStop": "train",
+    "LoggerDependencyError": "train",
     "OffloadPoolFullError": "offload",
 }
 
 if _TYPE_CHECKING:
     from .distributed import DistributedError, DistributedTimeoutError, NcclUnavailableError
     from .offload import OffloadPoolFullError
-    from .train import CheckpointError
+    from .train import CheckpointError, LoggerDependencyError, OutOfMemoryStop
 
 
 def __getattr__(name: str) -> object:
