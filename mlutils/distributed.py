@@ -771,7 +771,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
             f"{_error_text(e)}") from e
 
 
-def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
+def _reduce_flag(flag: Any, what: str, maximum: bool, group: Any = None) -> bool:
     dist = _group_for(what)
     if dist is None:
         return bool(flag)
@@ -782,14 +782,14 @@ def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
         value = bool(flag)
     except Exception as e:  # e.g. a tensor or array of several elements: reported to every rank
         error, value = e, False
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     # One all_reduce(MAX) of [witness, failure]: any_rank is the MAX of the
     # flags, all_ranks the negation of the MAX of their negations; the failure
     # is world - rank on a failing rank, so its MAX names the lowest of them.
     witness = value if maximum else not value
     t = torch.tensor([1 if witness else 0, world - rank if error is not None else 0],
-                     dtype=torch.int32, device=_device(dist))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                     dtype=torch.int32, device=_device(dist, group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     seen, failed = (int(v) for v in t.tolist())
     if failed:
         msg = f"{what}: the flag on rank {world - failed} has no truth value"
@@ -799,14 +799,15 @@ def _reduce_flag(flag: Any, what: str, maximum: bool) -> bool:
     return bool(seen) if maximum else not seen
 
 
-def any_rank(flag: Any) -> bool:
-    """Logical OR of ``flag`` over all ranks (e.g. "some rank asked to stop")."""
-    return _reduce_flag(flag, "any_rank", True)
+def any_rank(flag: Any, group: Any = None) -> bool:
+    """Logical OR of ``flag`` over all ranks (e.g. "some rank asked to stop"); over `group` when given (a
+    gloo group on the CPU keeps the agreement off the GPU: no device sync)."""
+    return _reduce_flag(flag, "any_rank", True, group)
 
 
-def all_ranks(flag: Any) -> bool:
-    """Logical AND of ``flag`` over all ranks."""
-    return _reduce_flag(flag, "all_ranks", False)
+def all_ranks(flag: Any, group: Any = None) -> bool:
+    """Logical AND of ``flag`` over all ranks (of `group` when given)."""
+    return _reduce_flag(flag, "all_ranks", False, group)
 
 
 # --------------------------------------------------------------------------

@@ -185,6 +185,18 @@ def parse(line: str, last: int = I64 - 1) -> Tuple[Optional[Tuple[str, ...]], Op
     return words, at, None
 
 
+def cpu_group(world: int) -> Any:
+    """A gloo group over every rank when the default group is NCCL (so the per-step agreement on commands
+    and signals is a small CPU all-reduce, not a device sync); None otherwise (the default group is used)."""
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "nccl":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 class Commands:
     """The command lines of a run: read from stdin (global leader), shared with every rank at each step
     boundary, and the events scheduled for later steps."""
@@ -192,6 +204,7 @@ class Commands:
     def __init__(self, dist: Any, leader: bool, last_step: int, world: int = 2) -> None:
         self.dist = dist
         self.world = world  # 1: no collectives
+        self.group = cpu_group(world)  # the per-step agreement runs on the CPU
         self.leader = leader
         self.last_step = last_step
         self.reader: Optional[StdinReader] = None  # set by the loop when it reads stdin
@@ -205,11 +218,11 @@ class Commands:
         if self.world == 1:
             lines, self._held = self._held, []
             return lines, signalled
-        if not self.dist.any_rank(signalled or bool(self._held)):
+        if not self.dist.any_rank(signalled or bool(self._held), group=self.group):
             return [], False
         lines = self.dist.broadcast_object(self._held if self.leader else None, src=0) or []
         self._held = []
-        stop = bool(self.dist.any_rank(signalled))
+        stop = bool(self.dist.any_rank(signalled, group=self.group))
         return list(lines), stop
 
     def due(self, step: int) -> List[str]:

@@ -283,6 +283,7 @@ class TorchEngine:
         self.scaler = (torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None)
         self._step = 0
         self._wrapper: Optional[str] = None
+        self._agree: Optional[Tuple[Any]] = None  # the group the ranks agree on an OOM skip over (gloo on CPU)
 
     @property
     def global_step(self) -> int:
@@ -357,8 +358,11 @@ class TorchEngine:
         if _several_ranks():
             # every rank skips the step when one ran out of memory, before any optimizer steps
             from .. import distributed
+            from .commands import cpu_group
 
-            if distributed.any_rank(oom is not None) and oom is None:
+            if self._agree is None:  # made once, by every rank at its first step (new_group is a collective)
+                self._agree = (cpu_group(distributed.world_size()),)
+            if distributed.any_rank(oom is not None, group=self._agree[0]) and oom is None:
                 oom = torch.OutOfMemoryError("another rank ran out of memory in this step")
         if oom is not None:
             self.optimizer.zero_grad(set_to_none=True)

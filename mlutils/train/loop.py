@@ -80,7 +80,7 @@ class _Loop:
         """True when a stop signal arrived on any rank (a collective: call it at the same points on every rank)."""
         if self.ckpt.world == 1:
             return self.signals.name is not None
-        return bool(self.dist.any_rank(self.signals.name is not None))
+        return bool(self.dist.any_rank(self.signals.name is not None, group=self.commands.group))
 
     # ---- checkpoints
     def save(self, sync: bool, explicit: bool = False) -> bool:
