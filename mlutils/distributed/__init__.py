@@ -54,8 +54,8 @@ from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, Union
 
-from ._core import MlutilsError, nccl_dtypes as _nccl_dtypes, nccl_ops as _nccl_ops
-from ._torch import loaded_torch, optional_torch, require_torch
+from .._core import MlutilsError, nccl_dtypes as _nccl_dtypes, nccl_ops as _nccl_ops
+from .._torch import loaded_torch, optional_torch, require_torch
 
 if TYPE_CHECKING:
     import torch
@@ -852,7 +852,7 @@ def nccl_library() -> Tuple[str, int]:
     NCCL 2.18 or later.  Raises :class:`NcclUnavailableError` naming every
     place tried and what to install.
     """
-    from . import _core
+    from .. import _core
 
     try:
         lib = _core.nccl_load(_nccl_wheel_dirs())
@@ -899,7 +899,7 @@ class Communicator:
     @staticmethod
     def unique_id() -> bytes:
         """A new 128-byte NCCL unique id (ncclGetUniqueId; needs no GPU)."""
-        from . import _core
+        from .. import _core
 
         nccl_library()
         return _call(_core.nccl_unique_id)
@@ -941,7 +941,7 @@ class Communicator:
     def from_unique_id(cls, uid: bytes, rank: int, size: int,
                        timeout: Union[float, timedelta, None] = None) -> "Communicator":
         """Join the communicator ``uid`` as ``rank`` of ``size`` on the current CUDA device."""
-        from . import _core
+        from .. import _core
 
         td = _as_timedelta(timeout)
         nccl_library()
