@@ -26,10 +26,20 @@ NOT_YET: set = set()
 TOO_BROAD = {BaseException, Exception, object}
 
 
+#: Modules that are torch-only by design (imported lazily by their package when torch is there).
+TORCH_ONLY = {"mlutils.offload._autograd"}
+
+
 def _modules():
-    """Every module of the package, imported (none may need torch or a GPU to import)."""
+    """Every module of the package, imported (none may need torch or a GPU to import, but the torch-only
+    ones, which are left out when torch is missing)."""
     names = ["mlutils"] + [m.name for m in pkgutil.walk_packages(mlutils.__path__, "mlutils.")]
-    return [importlib.import_module(n) for n in sorted(set(names))]
+    out = []
+    for n in sorted(set(names)):
+        if n in TORCH_ONLY and os.environ.get("MLUTILS_NO_TORCH") == "1":
+            continue
+        out.append(importlib.import_module(n))
+    return out
 
 
 def _exception_classes():
