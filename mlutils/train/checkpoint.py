@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._torch import require_torch
 from .._core import MlutilsError
 from ..io import torch_load, torch_save
 
@@ -121,7 +122,7 @@ def _count(v: Any) -> bool:
 def _rng_ok(rng: Any) -> bool:
     """True when `rng` (as rng_state() makes it) loads into generators: tried on throwaway ones, so a
     damaged entry is found before anything is restored."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if not isinstance(rng, Mapping):
         return False
@@ -185,7 +186,7 @@ def _check_state(state: Any, path: str) -> None:
 
 def _view_key(t: Any) -> Optional[Tuple[Any, ...]]:
     """What makes two tensors the same view of the same memory (tied weights), or None when not strided."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if t.layout != torch.strided:
         return None
@@ -203,7 +204,7 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
     the previous snapshot is no longer being written.  Tensors that are the
     same view of the same memory (tied weights) get one copy, shared as in
     the state: the file holds them once, as a synchronous save does."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if memo is None:
         memo = {}
@@ -242,7 +243,7 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
 def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
     """_host_copy on one intra-op thread: a memory-bound copy gains nothing from more, and on a busy
     machine torch's thread pool waiting for descheduled peers made the copy several times slower."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -295,7 +296,7 @@ class _Saver:
 def rng_state(generator: Any = None) -> Dict[str, Any]:
     """Python's, numpy's, torch's CPU and (when initialised) CUDA generator states, and those of
     `generator` (a data loader's own torch.Generator) when given."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state()}
@@ -308,7 +309,7 @@ def rng_state(generator: Any = None) -> Dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any], generator: Any = None) -> None:
     """Restore what rng_state() captured."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))

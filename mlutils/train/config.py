@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from .._torch import require_torch
 from .checkpoint import I64
 
 __all__ = ["TrainConfig", "TrainResult"]
@@ -112,7 +113,7 @@ class TrainConfig:
 
 def export_dtype(value: Any) -> Any:
     """The torch floating-point dtype `value` names (a torch.dtype or its name, e.g. "bfloat16")."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     dt = getattr(torch, value, None) if isinstance(value, str) else value
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Mapping
 
+from .._torch import require_torch
 from .._core import MlutilsError
 
 __all__ = ["Counters", "OutOfMemoryStop", "is_oom"]
@@ -53,7 +54,7 @@ class Counters:
     def _global_samples(self) -> int:
         if self.world <= 1:
             return self.samples
-        import torch
+        torch = require_torch("mlutils.train")
         import torch.distributed as tdist
 
         t = torch.tensor([self.samples], dtype=torch.int64,

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+from .._torch import require_torch
 from .checkpoint import CheckpointError, rng_state
 
 __all__ = ["DataSource", "DataPosition", "data_source"]
@@ -245,7 +246,7 @@ class DataPosition:
         if not (getattr(ld, "persistent_workers", False) and getattr(ld, "num_workers", 0)
                 and getattr(ld, "_iterator", None) is not None):
             return
-        import torch
+        torch = require_torch("mlutils.train")
 
         gen = self.generator if isinstance(self.generator, torch.Generator) else None
         torch.empty((), dtype=torch.int64).random_(generator=gen)

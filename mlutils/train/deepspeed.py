@@ -35,6 +35,7 @@ import os
 import shutil
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from .._torch import require_torch
 from .checkpoint import CheckpointError
 from .engine import MicroBatches, _batch_len, _split_batch
 
@@ -48,7 +49,7 @@ CHECKPOINT_TAG = "state"
 
 def _to_device(batch: Any, device: Any) -> Any:
     """`batch` with its tensors moved to `device` (containers followed)."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -186,7 +187,7 @@ class DeepSpeedEngine:
         An out-of-memory error is raised as a RuntimeError: DeepSpeed's
         partly reduced gradients cannot be dropped, so the step cannot be
         skipped (``TrainConfig.oom="skip"`` does not apply)."""
-        import torch
+        torch = require_torch("mlutils.train")
 
         eng = self.engine
         eng.train()
@@ -227,7 +228,7 @@ class DeepSpeedEngine:
 
     def _set_schedule(self, lr: float) -> bool:
         """Move the scheduler's peak to `lr` (so that it keeps it); False when it has none this knows."""
-        import torch
+        torch = require_torch("mlutils.train")
 
         sched = self.engine.lr_scheduler
         if sched is None:

@@ -9,6 +9,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
 
 import numpy as np
 
+from .._torch import require_torch
 from . import wrapped
 from .checkpoint import CheckpointError
 
@@ -224,7 +225,7 @@ def _split_batch(batch: Any, parts: int, n: Optional[int] = None) -> List[Any]:
     """`batch` cut into `parts` micro-batches along dim 0 of every tensor/array of `n` rows (the batch size;
     containers followed).  Values without that batch dimension (0-dim tensors, tensors of another length,
     numbers, strings) are passed whole to every micro-batch."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if n is None:
         n = _batch_len(batch)
@@ -263,7 +264,7 @@ class TorchEngine:
     def __init__(self, model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], scheduler: Any = None, *,
                  accumulate: int = 1, clip_grad_norm: Optional[float] = None, amp_dtype: Any = None,
                  device: Any = None) -> None:
-        import torch
+        torch = require_torch("mlutils.train")
 
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
@@ -291,7 +292,7 @@ class TorchEngine:
         return self._step
 
     def _to_device(self, batch: Any) -> Any:
-        import torch
+        torch = require_torch("mlutils.train")
 
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
@@ -302,7 +303,7 @@ class TorchEngine:
         return batch
 
     def _forward(self, batch: Any) -> Tuple[Any, Dict[str, Any]]:
-        import torch
+        torch = require_torch("mlutils.train")
 
         if self.amp_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.amp_dtype):
@@ -325,7 +326,7 @@ class TorchEngine:
         reads them on the steps it logs).  Under DDP or FSDP every micro-batch
         but the last runs in ``model.no_sync()``: one gradient reduction per
         step."""
-        import torch
+        torch = require_torch("mlutils.train")
 
         self.model.train()
         if isinstance(batch, MicroBatches):
@@ -395,7 +396,7 @@ class TorchEngine:
 
     def recover_from_oom(self) -> None:
         """After an out-of-memory error in a step: drop the gradients and the allocator's cache."""
-        import torch
+        torch = require_torch("mlutils.train")
 
         self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available() and torch.cuda.is_initialized():

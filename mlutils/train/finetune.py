@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any, Dict, Mapping
 
+from .._torch import require_torch
 from ..io import torch_load
 from .checkpoint import (_RANK_FILE, _STEP_DIR, CHECKPOINT_FORMAT, CheckpointError, _check_state, _is_complete,
                          _rank_file, latest_checkpoint)
@@ -37,7 +38,7 @@ def _checkpoint_file(path: str, rank: int, world: int) -> str:
 
 def _weights_of(data: Any, path: str) -> Dict[str, Any]:
     """The flat name -> tensor dict of a weights file (a safetensors export, a state dict, {"module": ...})."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if isinstance(data, Mapping):
         if data and all(isinstance(v, torch.Tensor) for v in data.values()):

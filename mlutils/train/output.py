@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextI
 
 import numpy as np
 
+from .._torch import require_torch
 from .. import _core
 from ..io import json_stringify
 
@@ -40,7 +41,7 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return plain(obj.tolist())
     if "torch" in sys.modules:
-        import torch
+        torch = require_torch("mlutils.train")
 
         if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu()

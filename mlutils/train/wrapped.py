@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
+from .._torch import require_torch
+
 __all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "load_sharded", "full_weights",
            "clip_grad_norm"]
 
@@ -21,7 +23,7 @@ def _is_dtensor(t: Any) -> bool:
 
 def kind(model: Any) -> str:
     """'fsdp1', 'fsdp2' (DTensor parameters: fully_shard, or tensor parallel), 'ddp', 'compiled' or 'plain'."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -93,7 +95,7 @@ def full_weights(model: Any) -> Dict[str, Any]:
 def clip_grad_norm(model: Any, max_norm: float) -> Any:
     """Clip the global gradient norm and return it, the same on every rank: FSDP1 by its own method, DTensor
     gradients (FSDP2) by torch's clipping over DTensors, the norm made a full tensor."""
-    import torch
+    torch = require_torch("mlutils.train")
 
     if kind(model) == "fsdp1":
         return model.clip_grad_norm_(max_norm).detach()
