@@ -22,7 +22,7 @@ LD_PRELOAD="$asan_lib $ubsan_lib" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 MLUTILS_NO_TORCH="${MLUTILS_NO_TORCH:-0}" \
-  python3 -m pytest -q -p no:cacheprovider "$@" || status=$?
+  python3 -m pytest -q -p no:cacheprovider -m "not slow and not heavy" "$@" || status=$?
 # back to the normal build
 MLUTILS_WERROR=1 python3 setup.py -q build_ext --inplace --force
 exit $status

@@ -12,6 +12,10 @@ if os.environ.get("MLUTILS_NO_TORCH") == "1":
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
+# several torch processes a test: they exercise torch and the loop, not the C core, so the
+# sanitizer pass leaves them out (scripts/asan.sh)
+pytestmark = pytest.mark.heavy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -11,6 +11,10 @@ import sys
 
 import pytest
 
+# several torch processes a test: they exercise torch and the loop, not the C core, so the
+# sanitizer pass leaves them out (scripts/asan.sh)
+pytestmark = pytest.mark.heavy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "deepspeed_driver.py")
 ITERATIONS, STOP_AT = 7, 4  # as in the driver
