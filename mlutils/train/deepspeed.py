@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._torch import require_torch
 from .checkpoint import CheckpointError
-from .engine import MicroBatches, _batch_len, _split_batch
+from .engine import MicroBatches, _batch_len, _split_batch, to_device as _to_device
 
 __all__ = ["DeepSpeedEngine", "CHECKPOINT_TAG"]
 
@@ -45,19 +45,6 @@ log = logging.getLogger("mlutils.train")
 
 #: The tag of the one DeepSpeed checkpoint in ``<step folder>/<engine name>/``.
 CHECKPOINT_TAG = "state"
-
-
-def _to_device(batch: Any, device: Any) -> Any:
-    """`batch` with its tensors moved to `device` (containers followed)."""
-    torch = require_torch("mlutils.train")
-
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _fsync(path: str) -> None:

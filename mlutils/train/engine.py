@@ -200,6 +200,19 @@ class Engines:
         return skipped
 
 
+def to_device(batch: Any, device: Any) -> Any:
+    """`batch` with its tensors moved to `device` (containers followed, named tuples left whole)."""
+    torch = require_torch("mlutils.train")
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def _batch_len(batch: Any) -> int:
     """The batch size: dim 0 of the first tensor or array (containers followed) that has a dimension, else 0.
 
@@ -292,15 +305,7 @@ class TorchEngine:
         return self._step
 
     def _to_device(self, batch: Any) -> Any:
-        torch = require_torch("mlutils.train")
-
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, Mapping):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-            return type(batch)(self._to_device(v) for v in batch)
-        return batch
+        return to_device(batch, self.device)
 
     def _forward(self, batch: Any) -> Tuple[Any, Dict[str, Any]]:
         torch = require_torch("mlutils.train")
