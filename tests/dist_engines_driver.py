@@ -52,6 +52,7 @@ def main():
         full = wrapped.full_weights(model)  # a collective: every rank gathers
         if rank == 0:
             torch.save({"model": full}, out)
+        dist.barrier()  # every rank done with the group before any tears it down
         dist.destroy_process_group()
         return
     g = torch.Generator().manual_seed(100 + rank)
@@ -75,6 +76,7 @@ def main():
     line = "RESULT %d %s\n" % (rank, json.dumps({"status": res.status, "step": res.step,
                                                   "resumed_from": res.resumed_from, "metrics": metrics}))
     os.write(1, line.encode())  # one write: the ranks share stdout
+    dist.barrier()
     dist.destroy_process_group()
 
 
