@@ -55,6 +55,21 @@ def main():
         dist.barrier()  # every rank done with the group before any tears it down
         dist.destroy_process_group()
         return
+    if os.environ.get("KILL_AT") and rank == 1:  # killed (-9) inside DCP's writer thread of that step's save
+        import signal
+        import threading
+
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        write_data = FileSystemWriter.write_data
+        step_dir = "step-%08d" % int(os.environ["KILL_AT"])
+
+        def dying_write(self, plan, planner):
+            if step_dir in str(self.path) and threading.current_thread() is not threading.main_thread():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write_data(self, plan, planner)
+
+        FileSystemWriter.write_data = dying_write
     g = torch.Generator().manual_seed(100 + rank)
     data = [(torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)) for _ in range(5)]
     cfg = mt.TrainConfig(iterations=iterations, checkpoint_dir=ckpt, save_frequency=2, keep_last=0, events=events,

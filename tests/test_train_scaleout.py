@@ -24,13 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "dist_engines_driver.py")
 
 
-def launch(kind, ranks, ckpt, iterations, out, *events, loaded=None, results=True):
+def launch(kind, ranks, ckpt, iterations, out, *events, loaded=None, results=True, fails=False):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     if loaded is not None:
         env["LOADED_WEIGHTS"] = str(loaded)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                         str(ranks), DRIVER, kind, str(ckpt), str(iterations), str(out), *events],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if fails:
+        assert p.returncode != 0, p.stdout[-2000:]
+        return p
     assert p.returncode == 0, p.stderr[-4000:]
     got = {}
     for line in p.stdout.splitlines():
@@ -122,3 +125,20 @@ def test_a_checkpoint_written_by_plain_dcp_save_loads_through_resume(tmp_path, m
     a = torch.load(tmp_path / "theirs.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "loaded.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_killed_during_an_async_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Rank 1 is killed (-9) inside DCP's background writer while step 4 is saved: that folder never counts
+    as complete, every rank resumes step 2 with resume='auto', and the run ends as an uninterrupted one."""
+    ref = launch("fsdp2", 2, tmp_path / "ref", 6, tmp_path / "ref.pt")
+    monkeypatch.setenv("KILL_AT", "4")
+    launch("fsdp2", 2, tmp_path / "ck", 6, tmp_path / "killed.pt", fails=True)
+    monkeypatch.delenv("KILL_AT")
+    from mlutils.train import find_checkpoints
+
+    assert os.path.isdir(tmp_path / "ck" / "step-00000004" / "model")  # the save had started
+    assert [s for s, _ in find_checkpoints(str(tmp_path / "ck"))] == [2]
+    again = launch("fsdp2", 2, tmp_path / "ck", 6, tmp_path / "again.pt")
+    assert {r["resumed_from"] for r in again.values()} == {str(tmp_path / "ck" / "step-00000002")}
+    same_state(tmp_path / "ref.pt", tmp_path / "again.pt")
+    assert {r["metrics"]["grad_norm"] for r in again.values()} == {r["metrics"]["grad_norm"] for r in ref.values()}

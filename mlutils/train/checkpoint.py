@@ -372,12 +372,13 @@ class Checkpointer:
         self.last_folder: Optional[str] = None
 
     def save(self, step: int, state: Dict[str, Any], sync: bool, best: Optional["BestCheckpoints"] = None,
-             files: Optional[Callable[[str], None]] = None) -> None:
+             files: Optional[Callable[..., Any]] = None) -> None:
         """Write `state` as this rank's file of step `step`: in the background from a host snapshot unless
         `sync` (or the config) says otherwise; a failed write is a CheckpointError (a background one at
-        the next check).  `files(folder)`, when given, writes the engines' own files into the step folder
-        first, on every rank and before the rank file (a collective for engines that shard): the folder
-        counts as complete only once every rank's file follows them."""
+        the next check).  `files(folder, background)`, when given, writes the engines' own files into the
+        step folder first, on every rank and before the rank file (a collective for engines that shard);
+        in the background it returns the futures of the writes it started, and the rank file is written
+        once they are done: the folder counts as complete only once every rank's file follows them."""
         assert self.dir is not None
         ckdir, leader, keep = self.dir, self.leader, self.keep_last
         protect = frozenset(best.steps()) if best is not None else frozenset()
@@ -395,18 +396,25 @@ class Checkpointer:
             except OSError as exc:
                 raise CheckpointError(f"writing a checkpoint failed: cannot replace {path}: {exc}") from exc
             _fsync_dir(folder)
+        use_async = self.async_save and not sync
+        pending: List[Any] = []  # the engines' writes still running
         if files is not None:
             try:
                 self.dist.barrier()  # every rank's old file is gone before any engine file is rewritten
                 os.makedirs(folder, exist_ok=True)
-                files(folder)
+                pending = list(files(folder, use_async) or ())
             except Exception as exc:
                 raise CheckpointError(f"writing the engines' files into {folder} failed: {exc}") from exc
-        use_async = self.async_save and not sync
         if use_async:  # the previous write is done (wait() above): its buffers can be reused
             state = _snapshot(state, self._cache)
 
         def write() -> None:
+            for fut in pending:
+                fut.result()  # raises what failed the engine's write: this rank's file is not written then
+            if pending:
+                for sub in os.listdir(folder):  # their folders' entries made durable before the rank file
+                    if os.path.isdir(os.path.join(folder, sub)):
+                        _fsync_dir(os.path.join(folder, sub))
             os.makedirs(folder, exist_ok=True)
             _fsync_dir(ckdir)
             torch_save(state, path)

@@ -3,6 +3,7 @@ batch) and :class:`TorchEngine` (a plain torch model), with the cutting of a bat
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union,
                     runtime_checkable)
@@ -154,12 +155,24 @@ class Engines:
         return any(callable(getattr(e, "save_files", None)) and getattr(e, "has_files", lambda: True)()
                    for e in self.engines.values())
 
-    def save_files(self, folder: str) -> None:
-        """Every engine with files of its own writes them into ``<folder>/<name>`` (all ranks)."""
+    def save_files(self, folder: str, background: bool = False) -> List[Any]:
+        """Every engine with files of its own writes them into ``<folder>/<name>`` (all ranks).  With
+        `background`, an engine that can (its ``save_files`` takes ``background``) starts the write and
+        returns its future: the futures of the writes still running are returned, and the step folder
+        counts as complete only once they are done."""
+        futures: List[Any] = []
         for name, e in self.engines.items():
             fn = getattr(e, "save_files", None)
-            if callable(fn):
-                fn(os.path.join(folder, name))
+            if not callable(fn):
+                continue
+            path = os.path.join(folder, name)
+            if background and "background" in inspect.signature(fn).parameters:
+                fut = fn(path, background=True)
+                if fut is not None:
+                    futures.append(fut)
+            else:
+                fn(path)
+        return futures
 
     def load_dcp(self, folder: str) -> None:
         """A plain torch.distributed.checkpoint folder (not ours) into the one engine that can take it."""
@@ -298,6 +311,8 @@ class TorchEngine:
         self._step = 0
         self._wrapper: Optional[str] = None
         self._agree: Optional[Tuple[Any]] = None  # the group the ranks agree on an OOM skip over (gloo on CPU)
+        self._saver: Optional[wrapped.ShardedSaver] = None  # background sharded saves, made at the first
+        self._buffers: Optional[bool] = None  # the model has buffers (a forward pass may change them)
 
     @property
     def global_step(self) -> int:
@@ -333,6 +348,10 @@ class TorchEngine:
         step."""
         torch = require_torch("mlutils.train")
 
+        if self._buffers is None:
+            self._buffers = any(True for _ in self.model.buffers())
+        if self._buffers:  # a forward pass may change them (batch norm): the snapshot in flight comes first
+            self._settle()
         self.model.train()
         if isinstance(batch, MicroBatches):
             parts = list(batch)
@@ -374,6 +393,7 @@ class TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
             raise oom
         out: Dict[str, Any] = {"loss": loss_sum}
+        self._settle()  # a background save's copy of the state is taken before the optimizer changes it
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm is not None:
@@ -392,11 +412,13 @@ class TorchEngine:
 
     def load_weights(self, weights: Mapping[str, Any], strict: bool = True) -> Tuple[List[str], List[str]]:
         """Load model weights only (fine-tuning); (missing keys, unexpected keys) when not `strict`."""
+        self._settle()
         result = self.model.load_state_dict(weights, strict=strict)
         return list(result.missing_keys), list(result.unexpected_keys)
 
     def load_optimizer(self, state: Mapping[str, Any]) -> None:
         """Load the optimizer's state from a state_dict() of this engine (fine-tuning)."""
+        self._settle()
         self.optimizer.load_state_dict(state["optimizer"])
 
     def recover_from_oom(self) -> None:
@@ -433,18 +455,35 @@ class TorchEngine:
         """DDP: every rank holds the same model and optimizer, written once (by the global leader)."""
         return self._kind() == "ddp"
 
-    def save_files(self, folder: str) -> None:
-        """Sharded state: each rank's shards into the DCP folder `folder` (a collective)."""
-        if self.has_files():
+    def _settle(self) -> None:
+        """Wait until a background save has its copy of the model and optimizer (they may change after)."""
+        if self._saver is not None:
+            self._saver.settle()
+
+    def save_files(self, folder: str, background: bool = False) -> Any:
+        """Sharded state: each rank's shards into the DCP folder `folder` (a collective).  With `background`
+        the write runs in the background (``dcp.async_save``, the state staged off the training thread):
+        the future of the write is returned, and the next step waits only for the staged copy, just
+        before the optimizer changes the state (before the forward pass when the model has buffers)."""
+        if not self.has_files():
+            return None
+        if not background:
+            self._settle()
             wrapped.save_sharded(self.model, self.optimizer, folder)
+            return None
+        if self._saver is None:
+            self._saver = wrapped.ShardedSaver()
+        return self._saver.save(self.model, self.optimizer, folder)
 
     def load_files(self, folder: str) -> None:
         if self.has_files():
+            self._settle()
             wrapped.load_sharded(self.model, self.optimizer, folder)
 
     def load_dcp(self, folder: str) -> None:
         """Model (and optimizer, when the folder has it) from a DCP folder written by plain ``dcp.save`` of
         ``{"model": ..., "optimizer": ...}``, whatever wraps the model."""
+        self._settle()
         wrapped.load_sharded(self.model, self.optimizer, folder, partial=True)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -462,6 +501,7 @@ class TorchEngine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state_dict() (a sharded model's files are loaded by load_files first)."""
+        self._settle()
         k = self._kind()
         if k == "plain":
             self.model.load_state_dict(state["model"])
@@ -483,6 +523,7 @@ class TorchEngine:
 
     def set_lr(self, lr: float) -> None:
         """Every param group's lr (and the scheduler's base lrs, so the schedule keeps the new scale)."""
+        self._settle()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             if "initial_lr" in g:
@@ -491,4 +532,7 @@ class TorchEngine:
             self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
 
     def quit(self) -> None:
-        """Nothing to release."""
+        """Release the staging buffers of background sharded saves (the loop has waited for the writes)."""
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None

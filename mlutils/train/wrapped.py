@@ -9,8 +9,8 @@ from typing import Any, Dict, Tuple
 
 from .._torch import require_torch
 
-__all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "load_sharded", "full_weights",
-           "clip_grad_norm"]
+__all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "ShardedSaver", "load_sharded",
+           "full_weights", "clip_grad_norm"]
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -59,6 +59,58 @@ def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
 
     msd, osd = model_optim_state(model, optimizer)
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=folder)
+
+
+class ShardedSaver:
+    """Background saves of a sharded model and optimizer with ``dcp.async_save``: the state is staged into
+    host buffers kept between saves (``DefaultStager``, in a background thread: the device-to-host copy
+    leaves the training thread too) and written by DCP's own writer thread, whose collectives run on a
+    gloo group of their own, so they never interleave with the training's collectives.
+
+    :meth:`save` returns the future of the whole write (``.metadata`` included on every rank, since DCP's
+    last collective follows it); :meth:`settle` waits until the staged copy is taken, after which the
+    model and optimizer may change again."""
+
+    def __init__(self) -> None:
+        self._stager: Any = None
+        self._group: Any = None
+        self._staging: Any = None
+
+    def save(self, model: Any, optimizer: Any, folder: str) -> Any:
+        torch = require_torch("mlutils.train")
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.settle()
+        if self._group is None and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # a collective: every rank saves at the same step
+        if self._stager is None:
+            device = torch.accelerator.is_available() and any(p.device.type != "cpu" for p in model.parameters())
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=device and torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=True,
+                                                        use_non_blocking_copy=device))
+        msd, osd = model_optim_state(model, optimizer)
+        response = dcp.async_save({"model": msd, "optimizer": osd}, checkpoint_id=folder, process_group=self._group,
+                                  async_stager=self._stager)
+        self._staging = response.staging_completion
+        return response.upload_completion
+
+    def settle(self) -> None:
+        """Wait until the state being saved is copied out (the model and optimizer may change after).  A
+        failed copy is not raised here: the write's future carries it to the checkpointer."""
+        from concurrent.futures import wait
+
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            wait([staging])
+
+    def close(self) -> None:
+        """Release the staging buffers and thread (after the last write completed)."""
+        self.settle()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
 
 def load_sharded(model: Any, optimizer: Any, folder: str, partial: bool = False) -> None:
