@@ -8,6 +8,7 @@ Resuming one gives a :class:`ResumePoint`: where the saved run was and what
 the loop must do when it gets there."""
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -204,10 +206,12 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
     the previous snapshot is no longer being written.  Tensors that are the
     same view of the same memory (tied weights) get one copy, shared as in
     the state: the file holds them once, as a synchronous save does."""
-    torch = require_torch("mlutils.train")
+    torch = _torch_module()
 
     if memo is None:
         memo = {}
+    if isinstance(obj, _ATOMS):
+        return obj
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
         ident = _view_key(src)
@@ -234,10 +238,25 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
     if isinstance(obj, Mapping):
         return {k: _host_copy(v, cache, key + (k,), memo) for k, v in obj.items()}
     if isinstance(obj, list):
+        if all(isinstance(v, _ATOMS) for v in obj):
+            return list(obj)
         return [_host_copy(v, cache, key + (i,), memo) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
+        if all(isinstance(v, _ATOMS) for v in obj):  # Python's RNG state: 625 ints, immutable as it is
+            return obj
         return tuple(_host_copy(v, cache, key + (i,), memo) for i, v in enumerate(obj))
     return obj
+
+
+#: Values a snapshot keeps as they are (immutable).
+_ATOMS = (int, float, str, bytes, bool, type(None))
+_TORCH: List[Any] = []
+
+
+def _torch_module() -> Any:
+    if not _TORCH:
+        _TORCH.append(require_torch("mlutils.train"))
+    return _TORCH[0]
 
 
 def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
@@ -254,20 +273,27 @@ def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
 
 
 class _Saver:
-    """Writes one checkpoint at a time in a background thread; the error of a write is raised by the next wait()."""
+    """Runs checkpoint writes one at a time in a background thread started at the first and kept until
+    close() (starting a thread per save would cost the training thread that start, each time); the
+    error of a write is raised by the next wait().  The thread is a daemon: a process that ends without
+    close() still finishes the writes submitted (an exit handler drains them)."""
 
     def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: List[Optional[Callable[[], None]]] = []  # None: the thread's end
+        self._running = False
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        with self._cond:
+            return bool(self._jobs) or self._running
 
     def wait(self) -> None:
         """Wait for the write in flight; raise CheckpointError if it (or an earlier one) failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        with self._cond:
+            while self._jobs or self._running:
+                self._cond.wait()
         self.check()
 
     def check(self) -> None:
@@ -279,15 +305,58 @@ class _Saver:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run fn in the background after the previous write."""
         self.wait()
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mlutils-checkpoint", daemon=True)
+                self._thread.start()
+                _LIVE_SAVERS.add(self)
+            self._jobs.append(fn)
+            self._cond.notify_all()
 
-        def run() -> None:
+    def close(self) -> None:
+        """Wait for the writes, end the thread; raise CheckpointError if a write failed."""
+        with self._cond:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._jobs.append(None)
+                self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        _LIVE_SAVERS.discard(self)
+        self.check()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                fn = self._jobs.pop(0)
+                self._running = fn is not None
+            if fn is None:
+                with self._cond:
+                    self._cond.notify_all()
+                return
             try:
                 fn()
             except BaseException as exc:  # surfaced by the next wait()/check()
                 self._error = exc
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
 
-        self._thread = threading.Thread(target=run, name="mlutils-checkpoint", daemon=False)
-        self._thread.start()
+
+_LIVE_SAVERS: "weakref.WeakSet[_Saver]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_savers() -> None:
+    """At exit: the writes still queued are finished (the writer thread is a daemon)."""
+    for saver in list(_LIVE_SAVERS):
+        try:
+            saver.close()
+        except BaseException as exc:  # noqa: BLE001  (nothing is left to raise it to)
+            log.error("a checkpoint write failed at exit: %s", exc)
 
 
 # ---------------------------------------------------------------- RNG states
@@ -375,10 +444,11 @@ class Checkpointer:
              files: Optional[Callable[..., Any]] = None) -> None:
         """Write `state` as this rank's file of step `step`: in the background from a host snapshot unless
         `sync` (or the config) says otherwise; a failed write is a CheckpointError (a background one at
-        the next check).  `files(folder, background)`, when given, writes the engines' own files into the
-        step folder first, on every rank and before the rank file (a collective for engines that shard);
-        in the background it returns the futures of the writes it started, and the rank file is written
-        once they are done: the folder counts as complete only once every rank's file follows them."""
+        the next check).  `files(folder, background, barrier)` (Engines.save_files), when given, writes
+        the engines' own files into the step folder first, on every rank and before the rank file (a
+        collective for engines that shard); in the background it returns what is left of those writes
+        (callables), run by the writer thread before the rank file: the folder counts as complete only
+        once every rank's file follows them."""
         assert self.dir is not None
         ckdir, leader, keep = self.dir, self.leader, self.keep_last
         protect = frozenset(best.steps()) if best is not None else frozenset()
@@ -397,20 +467,22 @@ class Checkpointer:
                 raise CheckpointError(f"writing a checkpoint failed: cannot replace {path}: {exc}") from exc
             _fsync_dir(folder)
         use_async = self.async_save and not sync
-        pending: List[Any] = []  # the engines' writes still running
+        if use_async:  # the previous write is done (wait() above): its buffers can be reused
+            # before the engines' files: a background staging of theirs would hold the GIL against it
+            state = _snapshot(state, self._cache)
+        pending: List[Callable[[], None]] = []  # the rest of the engines' writes, for the writer thread
         if files is not None:
             try:
-                self.dist.barrier()  # every rank's old file is gone before any engine file is rewritten
                 os.makedirs(folder, exist_ok=True)
-                pending = list(files(folder, use_async) or ())
+                # every rank's old file is gone before any engine file is rewritten: a barrier before an
+                # engine writes here, or the collective a deferred write (dcp.save) starts with
+                pending = list(files(folder, use_async, self.dist.barrier) or ())
             except Exception as exc:
                 raise CheckpointError(f"writing the engines' files into {folder} failed: {exc}") from exc
-        if use_async:  # the previous write is done (wait() above): its buffers can be reused
-            state = _snapshot(state, self._cache)
 
         def write() -> None:
-            for fut in pending:
-                fut.result()  # raises what failed the engine's write: this rank's file is not written then
+            for job in pending:
+                job()  # raises what failed the engine's write: this rank's file is not written then
             if pending:
                 for sub in os.listdir(folder):  # their folders' entries made durable before the rank file
                     if os.path.isdir(os.path.join(folder, sub)):
@@ -438,6 +510,10 @@ class Checkpointer:
                 write_best_pointer(ckdir, pointer)
         self.last_step = step
         self.last_folder = folder
+
+    def close(self) -> None:
+        """Wait for the write in flight and end the writer thread; CheckpointError if a write failed."""
+        self.saver.close()
 
     def find(self, resume: Any) -> Optional[str]:
         """The folder TrainConfig.resume names ('auto'/True: the newest complete one, the same on every

@@ -155,24 +155,33 @@ class Engines:
         return any(callable(getattr(e, "save_files", None)) and getattr(e, "has_files", lambda: True)()
                    for e in self.engines.values())
 
-    def save_files(self, folder: str, background: bool = False) -> List[Any]:
+    def save_files(self, folder: str, background: bool = False,
+                   before_sync: Optional[Callable[[], None]] = None) -> List[Any]:
         """Every engine with files of its own writes them into ``<folder>/<name>`` (all ranks).  With
-        `background`, an engine that can (its ``save_files`` takes ``background``) starts the write and
-        returns its future: the futures of the writes still running are returned, and the step folder
-        counts as complete only once they are done."""
-        futures: List[Any] = []
+        `background`, an engine that can (its ``save_files`` takes ``background``) takes what it must on
+        the training thread and returns the rest of its write as a callable: those are returned, for the
+        checkpoint's writer thread to run before the rank file (that write, ``dcp.save``, starts with a
+        collective).  `before_sync` (a barrier) runs once before the first write made here."""
+        jobs: List[Any] = []
         for name, e in self.engines.items():
             fn = getattr(e, "save_files", None)
             if not callable(fn):
                 continue
             path = os.path.join(folder, name)
-            if background and "background" in inspect.signature(fn).parameters:
-                fut = fn(path, background=True)
-                if fut is not None:
-                    futures.append(fut)
+            deferred = background and "background" in inspect.signature(fn).parameters
+            if not deferred and before_sync is not None:
+                before_sync()
+                before_sync = None
+            if deferred:
+                job = fn(path, background=True)
+                if job is not None and not callable(job):
+                    raise TypeError(f"engine {name!r} ({type(e).__name__}).save_files(background=True) returned "
+                                    f"{type(job).__name__}; it must return a callable (the rest of its write) or None")
+                if job is not None:
+                    jobs.append(job)
             else:
                 fn(path)
-        return futures
+        return jobs
 
     def load_dcp(self, folder: str) -> None:
         """A plain torch.distributed.checkpoint folder (not ours) into the one engine that can take it."""
@@ -462,9 +471,10 @@ class TorchEngine:
 
     def save_files(self, folder: str, background: bool = False) -> Any:
         """Sharded state: each rank's shards into the DCP folder `folder` (a collective).  With `background`
-        the write runs in the background (``dcp.async_save``, the state staged off the training thread):
-        the future of the write is returned, and the next step waits only for the staged copy, just
-        before the optimizer changes the state (before the forward pass when the model has buffers)."""
+        the state is staged into host memory off the training thread and the write (``dcp.save`` of the
+        staged copy) is returned as a callable for the checkpoint's writer thread; the next step waits only
+        for the staged copy, just before the optimizer changes the state (before the forward pass when the
+        model has buffers)."""
         if not self.has_files():
             return None
         if not background:

@@ -269,7 +269,7 @@ class _Loop:
         unless `failing` (an error is already on its way out: the one that
         stopped training stays the one the caller sees; these are logged)."""
         first: Optional[BaseException] = None
-        for part in (self.ckpt.saver.wait, self.signals.restore, self.out.close_bar, self.out.close_file,
+        for part in (self.ckpt.close, self.signals.restore, self.out.close_bar, self.out.close_file,
                      self.out.close_loggers, self.engines.quit):
             try:
                 part()

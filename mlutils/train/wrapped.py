@@ -5,7 +5,7 @@
 shards; replicated state (DDP) is written by the global leader only."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from .._torch import require_torch
 
@@ -62,21 +62,22 @@ def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
 
 
 class ShardedSaver:
-    """Background saves of a sharded model and optimizer with ``dcp.async_save``: the state is staged into
-    host buffers kept between saves (``DefaultStager``, in a background thread: the device-to-host copy
-    leaves the training thread too) and written by DCP's own writer thread, whose collectives run on a
-    gloo group of their own, so they never interleave with the training's collectives.
+    """Background saves of a sharded model and optimizer: the state is staged into host buffers kept
+    between saves by DCP's ``DefaultStager``, in its own thread (the device-to-host copy leaves the
+    training thread too), and written by ``dcp.save`` in the caller's writer thread, its collectives on
+    a gloo group of their own so they never interleave with the training's.  This is what
+    ``dcp.async_save`` does, without starting a thread for each save.
 
-    :meth:`save` returns the future of the whole write (``.metadata`` included on every rank, since DCP's
-    last collective follows it); :meth:`settle` waits until the staged copy is taken, after which the
-    model and optimizer may change again."""
+    :meth:`save` returns the write to run off the training thread (it returns once every rank's part
+    and DCP's ``.metadata`` are on disk: DCP's last collective follows them); :meth:`settle` waits until
+    the staged copy is taken, after which the model and optimizer may change again."""
 
     def __init__(self) -> None:
         self._stager: Any = None
         self._group: Any = None
         self._staging: Any = None
 
-    def save(self, model: Any, optimizer: Any, folder: str) -> Any:
+    def save(self, model: Any, optimizer: Any, folder: str) -> Callable[[], None]:
         torch = require_torch("mlutils.train")
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
@@ -91,14 +92,18 @@ class ShardedSaver:
                                                         use_shared_memory=False, use_async_staging=True,
                                                         use_non_blocking_copy=device))
         msd, osd = model_optim_state(model, optimizer)
-        response = dcp.async_save({"model": msd, "optimizer": osd}, checkpoint_id=folder, process_group=self._group,
-                                  async_stager=self._stager)
-        self._staging = response.staging_completion
-        return response.upload_completion
+        staging = self._stager.stage({"model": msd, "optimizer": osd})
+        self._staging = staging
+        group = self._group
+
+        def write() -> None:
+            dcp.save(staging.result(), checkpoint_id=folder, process_group=group)
+
+        return write
 
     def settle(self) -> None:
         """Wait until the state being saved is copied out (the model and optimizer may change after).  A
-        failed copy is not raised here: the write's future carries it to the checkpointer."""
+        failed copy is not raised here: the write raises it, for the checkpointer to report."""
         from concurrent.futures import wait
 
         staging, self._staging = self._staging, None
