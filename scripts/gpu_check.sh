@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one go, for a machine with an NVIDIA GPU:
 # builds the extension with CUDA, runs the offload bench (the longest, first so a
-# short time slot still gets its table), the tests that need a device, then the
-# other GPU benches (pattern kernels, NCCL).
+# short time slot still gets its table), the tests that need a device, the
+# training check (FSDP2 and DeepSpeed resumes with NCCL), then the other GPU
+# benches (pattern kernels, NCCL).
 # Prints one table per bench; exits non-zero if the build or a test fails.
 #   GPU_CHECK_SMALL=1   smaller offload stack (fits a short time slot)
 #   OFFLOAD_ARGS="..."  extra arguments for bench/offload_gpu.py (e.g. --rounds 3)
@@ -34,6 +35,12 @@ ensure_test_deps || status=1
 python3 -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" -m "not slow" \
   tests/test_package.py tests/test_pattern_torch.py tests/test_offload.py tests/test_distributed.py \
   tests/test_ptsave.py -k "cuda or CUDA or nccl or Nccl or Communicator or offload or checksum" || status=1
+
+echo "== train: FSDP2 and DeepSpeed on one GPU with NCCL"
+# each engine trained to step 3 with a checkpoint (quit@3), resumed in new processes to step 6 and compared
+# with an uninterrupted run (full weights); one torchrun rank, NCCL (scripts/gpu_train_check.py --device cpu
+# runs the same with gloo)
+python3 scripts/gpu_train_check.py --device cuda --nproc-per-node 1 || status=1
 
 echo "== bench: pattern gather kernel"
 python3 bench/bench_pattern_cuda.py || status=1

@@ -1,6 +1,8 @@
 """mlutils.train.DeepSpeedEngine over real DeepSpeed (ZeRO-2, torch Adam) on 2 gloo ranks on the CPU, run by
 tests/deepspeed_driver.py under torchrun: an exact resume, the lr command, export(), ZeRO-3's export, the
-checkpoint files; and importing mlutils.train without importing DeepSpeed.
+checkpoint files, fine-tuning from a weights file (ZeRO-2 and ZeRO-3), an out-of-memory error on one rank
+skipped by both, the loss_scale command on an fp16 engine; and importing mlutils.train without importing
+DeepSpeed.
 
 One torchrun launch (about a minute: two processes importing torch and DeepSpeed) serves the fast tests;
 the resume across processes launches twice and is marked slow."""
@@ -53,10 +55,10 @@ def _metrics(out, name):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The driver's fast scenarios, in one launch: reference, stopped and resumed runs in one process, the lr
-    command, ZeRO-3's export, the errors."""
+    command, ZeRO-3's export, the errors, fine-tuning, out-of-memory steps, fp16's loss scale."""
     _needs_deepspeed()
     out = tmp_path_factory.mktemp("deepspeed")
-    _launch(out, "all", "lr", "zero3", "errors")
+    _launch(out, "all", "lr", "zero3", "errors", "finetune", "oom", "fp16")
     return out
 
 
@@ -165,6 +167,105 @@ def test_errors_name_the_problem(run):
     assert "holds no DeepSpeed checkpoint" in got["missing"]
     assert "of step 0, the rank file of step 3" in got["step"]
     assert "deepspeed.initialize" in got["type"]
+    assert "no loss scaler" in got["scale 8.0"] and "fp16" in got["scale 8.0"]  # an fp32 engine
+    assert "finite number > 0" in got["scale 0.0"] and "finite number > 0" in got["scale nan"]
+    assert got["skipped"] == ["model"]  # the loss_scale command warns that this engine has none
+
+
+def _equal(a, b):
+    import torch
+
+    assert sorted(a) == sorted(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_from_a_weights_file_matches_loading_before_initialize(run):
+    # TrainConfig(init_from=...) loads the weights into the DeepSpeed engine (ZeRO-2 from .safetensors, ZeRO-3
+    # from a .pt of {"module": ...}); two steps later weights and fp32 master/Adam partitions are those of a
+    # run whose module held the weights before deepspeed.initialize, on every rank
+    _needs_deepspeed()
+    ranks = [_load(run, "finetune", r) for r in (0, 1)]
+    src = ranks[0]["src"]
+    for stage in (2, 3):
+        for rank, got in enumerate(ranks):
+            tuned, ref = got[f"z{stage}"]["tuned"], got[f"z{stage}"]["ref"]
+            assert tuned["status"] == "completed" and tuned["step"] == 2
+            if stage == 3 and rank == 1:
+                assert tuned["weights"] == ref["weights"] == {}  # ZeRO-3 exports on the leader only
+                continue
+            assert _equal(ref["start"], src)                   # the reference did start from them
+            assert _equal(tuned["weights"], ref["weights"]), (stage, rank)
+            assert not _equal(tuned["weights"], src)           # and the two steps moved them
+            if stage == 2:
+                assert _equal(tuned["optimizer"], ref["optimizer"]), rank  # this rank's fp32 and Adam partition
+        if stage == 2:
+            assert _equal(ranks[0]["z2"]["tuned"]["weights"], ranks[1]["z2"]["tuned"]["weights"])
+
+
+def test_load_weights_refuses_what_does_not_fit(run):
+    _needs_deepspeed()
+    for rank in (0, 1):
+        got = _load(run, "finetune", rank)
+        assert "Unexpected key(s)" in got["z2 extra"] and "extra" in got["z2 extra"]
+        assert got["z2 lenient"] == (["scale"], ["extra"])    # strict=False: (missing, unexpected)
+        assert "Unexpected key(s) in state_dict: 'extra'" in got["z3 extra"]
+        assert "Missing key(s) in state_dict: 'out.bias'" in got["z3 missing"]
+        assert "size mismatch for out.weight" in got["z3 shape"] and "(2, 16)" in got["z3 shape"]
+        if rank == 0:
+            assert got["z3 unchanged"] is True                 # refused before anything was written
+
+
+def test_out_of_memory_on_one_rank_skips_the_step_on_every_rank(run):
+    # loss_fn raises torch.OutOfMemoryError on rank 1 only, in step 2's second micro-batch (after the first
+    # one's backward pass): both ranks skip the step and its gradients, the run completes, and weights and
+    # optimizer partitions are those of a run that never saw that batch; DeepSpeed's micro-step counter
+    # did not keep the dropped micro-batch
+    _needs_deepspeed()
+    ranks = [_load(run, "oom", r) for r in (0, 1)]
+    for stage in (0, 1, 2):
+        for got in ranks:
+            g = got[stage]
+            res, ref = g["run"], g["ref"]
+            assert (res["status"], res["step"], res["oom_skipped"], res["global_steps"]) == ("completed", 4, 1, 4)
+            assert res["micro_steps"] == ref["micro_steps"] == 8
+            assert _equal(res["weights"], ref["weights"]), stage
+            assert _equal(res["optimizer"], ref["optimizer"]), stage
+        assert _equal(ranks[0][stage]["run"]["weights"], ranks[1][stage]["run"]["weights"])
+        lines = _metrics(run, f"oom{stage}")
+        assert [(r["step"], r["oom_skipped"]) for r in lines] == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert ranks[0][0]["optimizer_type"] == "AdamW"          # ZeRO-0: DeepSpeed steps the torch optimizer
+    assert ranks[0][2]["optimizer_type"] == "DeepSpeedZeroOptimizer"
+
+
+def _fp16(run, rank):
+    got = _load(run, "fp16", rank)
+    if got.get("unsupported"):
+        pytest.skip("DeepSpeed's CPU backend has no fp16 on this CPU (no oneDNN fp16 support)")
+    return got
+
+
+def test_loss_scale_command_sets_deepspeeds_fp16_scale(run):
+    _needs_deepspeed()
+    for rank in (0, 1):
+        got = _fp16(run, rank)
+        assert got["plain"]["scale"] == got["plain"]["ds_scale"] == 256 and got["plain"]["skipped_steps"] == 0
+        # "loss_scale 64@2": the scale steps 3 and 4 run with, kept by the dynamic scaler (no overflow)
+        assert got["set"]["scale"] == got["set"]["ds_scale"] == 64 and got["set"]["skipped_steps"] == 0
+        # "loss_scale 1e9@1": the fp16 gradients overflow, so DeepSpeed skips steps and lowers the scale
+        assert got["huge"]["skipped_steps"] >= 1 and got["huge"]["scale"] < 1e9
+    assert [r["scale"] for r in _metrics(run, "fp16set")] == [256, 256, 64, 64]
+
+
+def test_load_weights_in_fp16_keeps_fp32_master_weights(run):
+    import torch
+
+    _needs_deepspeed()
+    for rank in (0, 1):
+        got = _fp16(run, rank)
+        assert sorted(got["master"]) == sorted(k for k in got["src"] if k != "scale")
+        for k, v in got["master"].items():
+            assert got["module"][k].dtype == torch.float16 and torch.equal(got["module"][k], got["src"][k].half())
+            assert v.dtype == torch.float32 and torch.equal(v, got["src"][k]), k  # not the 16-bit copy
 
 
 def test_importing_mlutils_train_does_not_import_deepspeed():

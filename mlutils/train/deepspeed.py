@@ -21,6 +21,23 @@ by size (the gradient is the mean over the step's items, as in
 ``TorchEngine``); with G equal ones the weight is 1 and the loss is passed
 to DeepSpeed untouched.
 
+Out of memory.  A ``torch.OutOfMemoryError`` in a micro-batch's forward
+pass (``loss_fn``) skips the step (``TrainConfig.oom="skip"``): with several
+ranks, after each forward pass the ranks agree on whether one of them ran
+out of memory (one CPU all-reduce per micro-batch, on a gloo group of its
+own under NCCL), before any of them starts the backward pass and its
+gradient reductions; then every rank drops the gradients the step's earlier
+micro-batches accumulated (under ZeRO-1/2 what DeepSpeed's own step drops
+after an fp16 overflow: the parameters' gradients, the reduced partitions,
+the offload buffers; under ZeRO-0 with a torch optimizer the parameters'
+gradients), DeepSpeed's micro-step counters go back to the step's start,
+and the error is raised on every rank for the loop to skip the batch.
+Raised as a RuntimeError instead (the step cannot be skipped): an
+out-of-memory error in ``engine.backward`` or ``engine.step`` (other ranks
+may be inside DeepSpeed's reductions by then), one with several ranks
+under ZeRO-3, MoE or model parallelism (their forward passes communicate),
+and one with DeepSpeed's fp16/bf16 optimizers of ZeRO-0 or ZenFlow's.
+
 Checkpoints.  DeepSpeed keeps its state (module, fp32 master weights and
 optimizer partitions, scheduler, step counters) in files of its own: the
 loop calls :meth:`DeepSpeedEngine.save_files` on every rank before writing
@@ -31,13 +48,14 @@ place, without a temporary file or fsync) is never taken for a checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._torch import require_torch
 from .checkpoint import CheckpointError
-from .engine import MicroBatches, _batch_len, _split_batch, to_device as _to_device
+from .engine import MicroBatches, _batch_len, _several_ranks, _split_batch, to_device as _to_device
 
 __all__ = ["DeepSpeedEngine", "CHECKPOINT_TAG"]
 
@@ -95,6 +113,107 @@ def _zero3_state_dict(module: Any, leader: bool) -> Dict[str, Any]:
     return out
 
 
+def _zero12(optimizer: Any) -> Any:
+    """DeepSpeed's ZeRO-1/2 optimizer module when `optimizer` is one, else None."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    return stage_1_and_2 if isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer) else None
+
+
+def _plain_optimizer(optimizer: Any) -> bool:
+    """A torch optimizer DeepSpeed steps as it is (ZeRO-0 in fp32): its gradients are the parameters'."""
+    torch = require_torch("mlutils.train")
+
+    return isinstance(optimizer, torch.optim.Optimizer)
+
+
+def _drop_gradients(eng: Any) -> None:
+    """Drop the gradients a DeepSpeed engine accumulated since its last optimizer step.  ZeRO-1/2: what its
+    step drops after an overflow (the parameters' gradients, the reduced partitions, the offload buffers)
+    and its micro-step id, so the next backward pass starts a new accumulation."""
+    opt = eng.optimizer
+    stage = _zero12(opt)
+    if stage is not None:
+        opt.zero_grad(set_to_none=True)
+        release = getattr(opt, "_release_preflattened_grad_buffers", None)
+        if callable(release):
+            release()
+        if getattr(opt, "cpu_offload", False):
+            opt.reset_cpu_buffers()
+            if hasattr(opt, "_offload_accumulated_param_ids"):
+                opt._offload_accumulated_param_ids = set()
+        for store in ("averaged_gradients", "all_grad_tensors"):
+            held = getattr(opt, store, None)
+            if isinstance(held, dict):
+                for k in list(held):
+                    held[k] = None
+        opt.micro_step_id = getattr(stage, "INITIAL_MICRO_STEP_ID", -1)
+    elif callable(getattr(opt, "zero_grad", None)):
+        opt.zero_grad(set_to_none=True)
+    eng.zero_grad()
+
+
+def _state_slots(module: Any) -> List[Tuple[str, Any, str, bool]]:
+    """(state_dict name, owning module, attribute, is a parameter) for every parameter and persistent buffer
+    of `module`, named as in its state_dict (a module reached by two paths is listed under both)."""
+    out: List[Tuple[str, Any, str, bool]] = []
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out.append((dot + name, mod, name, True))
+        skip = getattr(mod, "_non_persistent_buffers_set", ())
+        for name, b in mod._buffers.items():
+            if b is not None and name not in skip:
+                out.append((dot + name, mod, name, False))
+    return out
+
+
+def _zero3_load(module: Any, weights: Mapping[str, Any], strict: bool) -> Tuple[List[str], List[str]]:
+    """Load `weights` into a ZeRO-3 module: names and shapes checked first (as ``load_state_dict`` does, a
+    RuntimeError listing what does not fit), then one module's parameters gathered at a time, written on
+    every rank and re-partitioned from rank 0's copy (a collective: every rank calls it with the same
+    weights).  Returns (missing, unexpected)."""
+    import deepspeed
+    torch = require_torch("mlutils.train")
+
+    slots = _state_slots(module)
+    known = {key for key, _m, _n, _p in slots}
+    missing = [key for key, _m, _n, _p in slots if key not in weights]
+    unexpected = [key for key in weights if key not in known]
+    errors: List[str] = []
+    for key, mod, name, is_param in slots:
+        if key not in weights:
+            continue
+        value = weights[key]
+        if not isinstance(value, torch.Tensor):
+            errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+            continue
+        t = mod._parameters[name] if is_param else mod._buffers[name]
+        shape = tuple(getattr(t, "ds_shape", t.shape)) if is_param else tuple(t.shape)
+        if tuple(value.shape) != shape:
+            errors.append(f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, the shape "
+                          f"in the module is {shape}")
+    if strict and unexpected:
+        errors.insert(0, "Unexpected key(s) in state_dict: " + ", ".join(repr(k) for k in unexpected))
+    if strict and missing:
+        errors.insert(0, "Missing key(s) in state_dict: " + ", ".join(repr(k) for k in missing))
+    if errors:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}:\n\t" + "\n\t".join(errors))
+    by_module: Dict[int, Tuple[Any, List[Tuple[str, str, bool]]]] = {}
+    for key, mod, name, is_param in slots:
+        if key in weights:
+            by_module.setdefault(id(mod), (mod, []))[1].append((key, name, is_param))
+    for mod, entries in by_module.values():
+        params = [mod._parameters[name] for _k, name, is_param in entries if is_param]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+            with torch.no_grad():
+                for key, name, is_param in entries:
+                    t = mod._parameters[name] if is_param else mod._buffers[name]
+                    t.copy_(weights[key])
+    return missing, unexpected
+
+
 class DeepSpeedEngine:
     """An engine for a DeepSpeed engine (what ``deepspeed.initialize`` returns):
     ``loss_fn(engine, batch) -> loss`` or ``(loss, metrics)``, calling
@@ -130,6 +249,8 @@ class DeepSpeedEngine:
         self._managed = not callable(managed) or bool(managed())
         self._lr: Optional[float] = None  # the last set_lr, kept in state_dict (DeepSpeed's schedulers do not)
         self._checked = False
+        self._agree: Optional[Tuple[Any]] = None  # the group the ranks agree on an OOM skip over (made at step 1)
+        self._oom_policy: Optional[Tuple[Optional[str], Optional[str]]] = None  # (no agreement, no drop): why
 
     @property
     def global_step(self) -> int:
@@ -171,9 +292,10 @@ class DeepSpeedEngine:
         """One optimizer step: forward, ``engine.backward`` and ``engine.step`` on each micro-batch, the
         accumulation boundary at the last; returns loss (on the device), lr and the loss_fn's metrics.
 
-        An out-of-memory error is raised as a RuntimeError: DeepSpeed's
-        partly reduced gradients cannot be dropped, so the step cannot be
-        skipped (``TrainConfig.oom="skip"`` does not apply)."""
+        A ``torch.OutOfMemoryError`` in a forward pass (on any rank) drops
+        the step's gradients on every rank and is raised on every rank (the
+        loop skips the batch, ``TrainConfig.oom="skip"``); see the module
+        doc for the out-of-memory errors that are raised as RuntimeError."""
         torch = require_torch("mlutils.train")
 
         eng = self.engine
@@ -183,33 +305,171 @@ class DeepSpeedEngine:
         sizes = [_batch_len(p) for p in parts]
         total = sum(sizes)
         last = len(parts) - 1
+        no_agreement, no_drop = self._oom_handling()
+        several = _several_ranks()
+        agree = no_agreement is None and several
+        if agree and self._agree is None:  # made once, by every rank at its first step (new_group is a collective)
+            from .. import distributed
+            from .commands import cpu_group
+
+            self._agree = (cpu_group(distributed.world_size()),)
+        start_micro = int(eng.micro_steps)
         out: Dict[str, Any] = {"lr": float(eng.optimizer.param_groups[0]["lr"])}  # this step's, before the scheduler
         loss_sum: Any = 0.0
         extra: Dict[str, Any] = {}
-        i = 0
-        try:
-            for i, (part, size) in enumerate(zip(parts, sizes)):
-                if self._managed:
-                    eng.set_gradient_accumulation_boundary(i == last)
+        for i, (part, size) in enumerate(zip(parts, sizes)):
+            if self._managed:
+                eng.set_gradient_accumulation_boundary(i == last)
+            oom: Optional[BaseException] = None
+            try:
                 loss, metrics = self._forward(_to_device(part, eng.device))
-                # DeepSpeed divides by G: scaled by G * size / total, each micro-batch weighs its share of
-                # the step's items (exactly 1, the loss untouched, for G micro-batches of equal size)
-                num, den = (gas * size, total) if total else (gas, len(parts))
+            except torch.OutOfMemoryError as exc:
+                oom = exc
+            if agree:
+                # every rank is here, between this micro-batch's forward and backward passes: no gradient
+                # reduction has started, so all of them can leave the step together
+                from .. import distributed
+
+                if distributed.any_rank(oom is not None, group=self._agree[0]) and oom is None:  # type: ignore[index]
+                    oom = torch.OutOfMemoryError(f"another rank ran out of memory in micro-batch {i + 1} of "
+                                                 f"{len(parts)} of this step")
+            if oom is not None:
+                where = f"micro-batch {i + 1} of {len(parts)}"
+                why = no_drop or (no_agreement if several else None)
+                if why is not None:
+                    raise RuntimeError(f"out of memory in a DeepSpeed step ({where}): the step cannot be skipped, "
+                                       f"{why}") from oom
+                self._drop_step(start_micro)
+                raise oom
+            # DeepSpeed divides by G: scaled by G * size / total, each micro-batch weighs its share of
+            # the step's items (exactly 1, the loss untouched, for G micro-batches of equal size)
+            num, den = (gas * size, total) if total else (gas, len(parts))
+            try:
                 eng.backward(loss if num == den else loss * (num / den))
                 if self._managed or i == last:
                     eng.step()
-                w = size / total if total else 1.0 / len(parts)
-                loss_sum = loss_sum + loss.detach() * w
-                for k, v in metrics.items():
-                    v = v.detach() if isinstance(v, torch.Tensor) else v
-                    extra[k] = extra.get(k, 0.0) + v * w
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"out of memory in a DeepSpeed step (micro-batch {i + 1} of {len(parts)}): "
-                               f"DeepSpeed's accumulated gradients cannot be dropped, so the step cannot be "
-                               f"skipped") from exc
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(f"out of memory in DeepSpeed's backward pass or optimizer step (micro-batch "
+                                   f"{i + 1} of {len(parts)}): the other ranks may be inside its gradient "
+                                   f"reductions, so the step cannot be skipped") from exc
+            w = size / total if total else 1.0 / len(parts)
+            loss_sum = loss_sum + loss.detach() * w
+            for k, v in metrics.items():
+                v = v.detach() if isinstance(v, torch.Tensor) else v
+                extra[k] = extra.get(k, 0.0) + v * w
         out["loss"] = loss_sum
         out.update(extra)
         return out
+
+    def _oom_handling(self) -> Tuple[Optional[str], Optional[str]]:
+        """(why the ranks cannot agree on an out-of-memory step, why its gradients cannot be dropped), each
+        None when they can; looked up once."""
+        if self._oom_policy is None:
+            eng = self.engine
+            no_agreement: Optional[str] = None
+            if eng.zero_optimization_partition_weights():
+                no_agreement = "ZeRO-3 gathers parameters inside the forward pass"
+            elif getattr(eng, "has_moe_layers", False):
+                no_agreement = "MoE layers exchange tokens inside the forward pass"
+            elif getattr(eng, "mpu", None) is not None:
+                no_agreement = "model parallelism communicates inside the forward pass"
+            no_drop: Optional[str] = None
+            if _zero12(eng.optimizer) is None and not _plain_optimizer(eng.optimizer):
+                no_drop = (f"this engine cannot drop the gradients DeepSpeed's {type(eng.optimizer).__name__} "
+                           f"accumulated (it can with ZeRO-1/2 and with a torch optimizer under ZeRO-0)")
+            elif getattr(eng, "zenflow", False):
+                no_drop = "this engine cannot drop the gradients ZenFlow's selective updates hold"
+            self._oom_policy = (no_agreement, no_drop)
+        return self._oom_policy
+
+    def _drop_step(self, micro_steps: int) -> None:
+        """Drop what the step's micro-batches accumulated and put DeepSpeed's micro-step counters back to
+        the step's start (`micro_steps`), so the next step starts at an accumulation boundary."""
+        eng = self.engine
+        _drop_gradients(eng)
+        eng.micro_steps = micro_steps
+        if hasattr(eng, "_unmanaged_backward_count"):
+            eng._unmanaged_backward_count = 0
+        if self._managed:
+            eng.set_gradient_accumulation_boundary(True)  # where a completed step leaves it
+
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error in a step: drop the gradients and the accelerator's cache."""
+        _drop_gradients(self.engine)
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().empty_cache()
+
+    # ---- fine-tuning and the loss scale
+
+    def load_weights(self, weights: Mapping[str, Any], strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Load the module's weights (named as in its own state_dict) on every rank and start DeepSpeed's
+        fp32 master weights from them (fine-tuning); returns (missing keys, unexpected keys), raises a
+        RuntimeError naming them when `strict` (and for a shape that does not fit).
+
+        ZeRO 0-2: the module's ``load_state_dict`` on every rank, then the
+        optimizer's ``refresh_fp32_params`` (what DeepSpeed's
+        ``load_checkpoint(load_module_only=True)`` does), and under fp16/bf16
+        with ZeRO-1/2 each parameter's fp32 master fragment set from the
+        given weight itself, so fp32 weights keep their precision.  ZeRO-3:
+        one module's parameters gathered at a time (a collective: every rank
+        calls it with the same weights) and re-partitioned, then the fp32
+        partitions refreshed from them.  Call it before the first step: the
+        optimizer's moments are left as they are."""
+        torch = require_torch("mlutils.train")
+
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping of name -> tensor, got {type(weights).__name__}")
+        eng = self.engine
+        if eng.zero_optimization_partition_weights():
+            missing, unexpected = _zero3_load(eng.module, weights, bool(strict))
+        else:
+            result = eng.module.load_state_dict(weights, strict=bool(strict))
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        refresh = getattr(eng.optimizer, "refresh_fp32_params", None)
+        if callable(refresh):
+            refresh()
+        if not eng.zero_optimization_partition_weights():
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, p in eng.module.named_parameters():
+                value = weights.get(name)
+                if (hasattr(p, "_hp_mapping") and isinstance(value, torch.Tensor)
+                        and value.is_floating_point() and value.dtype != p.dtype
+                        and torch.finfo(value.dtype).bits > torch.finfo(p.dtype).bits):
+                    # the master fragment from the weight itself, not from its 16-bit copy
+                    safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
+        return missing, unexpected
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Set DeepSpeed's fp16 loss scale (the dynamic scaler goes on from it; a static one keeps it);
+        ValueError when the engine has no loss scaler (bf16 and fp32 train without one)."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the loss scale must be a finite number > 0, got {scale!r}")
+        eng = self.engine
+        grad_scaler = getattr(eng, "torch_autocast_z0_gradscaler", None)
+        if grad_scaler is not None:  # torch autocast under ZeRO-0: a torch GradScaler
+            if getattr(grad_scaler, "_scale", None) is None:
+                grad_scaler._init_scale = scale
+            else:
+                grad_scaler.update(new_scale=scale)
+            return
+        if not eng.fp16_enabled():
+            raise ValueError("this DeepSpeed engine has no loss scaler: its config does not enable fp16 (bf16 "
+                             "and fp32 train without loss scaling)")
+        opt = eng.optimizer
+        config = getattr(opt, "loss_scale_config", None)  # the fp16 optimizers of ZeRO-0
+        if config is not None and hasattr(config, "cur_scale"):
+            config.cur_scale = scale
+        else:
+            scaler = getattr(opt, "loss_scaler", None)  # ZeRO 1-3
+            if scaler is None or not hasattr(scaler, "cur_scale"):
+                raise ValueError(f"the DeepSpeed optimizer {type(opt).__name__} has no loss scaler this engine "
+                                 f"can set")
+            scaler.cur_scale = scale
+        if getattr(opt, "custom_loss_scaler", False):  # a scale set with override_loss_scale wins: this one now
+            opt.external_loss_scale = scale
 
     # ---- the learning rate
 
