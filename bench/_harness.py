@@ -147,3 +147,25 @@ def peak_rss(code: str, argv: Sequence[str] = (), env: Optional[Dict[str, str]] 
     out = subprocess.run([sys.executable, "-c", code + "\n" + _HWM, *argv], capture_output=True,
                          text=True, env=e, check=True).stdout
     return int(out.strip().splitlines()[-1].split()[1])
+
+
+def torchrun(script: str, ranks: int, args: Sequence[str], timeout: float = 3600) -> "subprocess.CompletedProcess[str]":
+    """Run `script` under ``python -m torch.distributed.run`` with `ranks` processes on this machine (a
+    free loopback port, one OpenMP thread each, this checkout first on the path, no launcher variables
+    inherited); exits naming the rank count and the end of stderr when it fails."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+           "127.0.0.1", "--master-port", str(port), script, *map(str, args)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        sys.exit(f"{ranks} ranks failed:\n{p.stderr[-4000:]}")
+    return p

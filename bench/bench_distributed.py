@@ -11,13 +11,9 @@ ratio = torch time / mlutils time (above 1: mlutils is faster).
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 WORKER = textwrap.dedent("""
     import json, os, statistics, sys, time
@@ -68,25 +64,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def run(n, iters, tmp):
+    import _harness as H
+
     script = os.path.join(tmp, "worker.py")
     with open(script, "w") as f:
         f.write(WORKER)
     out = os.path.join(tmp, f"res{n}.json")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, out, str(iters)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+    H.torchrun(script, n, [out, iters], timeout=600)
     with open(out) as f:
         return json.load(f)
 

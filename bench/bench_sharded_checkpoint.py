@@ -27,13 +27,9 @@ ratio = peer / mlutils (above 1: mlutils is better), except the bytes row (mluti
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 WORKER = textwrap.dedent("""
     import json, os, shutil, sys, time
@@ -191,28 +187,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def run(n, mib, rounds, tmp):
+    import _harness as H
+
     script = os.path.join(tmp, "worker.py")
     with open(script, "w") as f:
         f.write(WORKER)
     out = os.path.join(tmp, f"res{n}.json")
-    work = os.path.join(tmp, f"ck{n}")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), script, out, str(mib), str(rounds), work]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if p.returncode != 0:
-        sys.exit(f"{n} ranks failed:\n{p.stderr[-4000:]}")
+    H.torchrun(script, n, [out, mib, rounds, os.path.join(tmp, f"ck{n}")])
     with open(out) as f:
         return json.load(f)
 
