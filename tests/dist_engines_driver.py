@@ -70,6 +70,18 @@ def main():
             return write_data(self, plan, planner)
 
         FileSystemWriter.write_data = dying_write
+    if os.environ.get("SLOW_STAGING"):  # the background copy of the state lags: the step must wait for it
+        import time
+
+        from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+        stage = StateDictStager.stage
+
+        def slow_stage(self, *args, **kwargs):
+            time.sleep(0.5)
+            return stage(self, *args, **kwargs)
+
+        StateDictStager.stage = slow_stage
     g = torch.Generator().manual_seed(100 + rank)
     data = [(torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)) for _ in range(5)]
     cfg = mt.TrainConfig(iterations=iterations, checkpoint_dir=ckpt, save_frequency=2, keep_last=0, events=events,

@@ -129,11 +129,14 @@ def test_a_checkpoint_written_by_plain_dcp_save_loads_through_resume(tmp_path, m
 
 def test_a_rank_killed_during_an_async_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """Rank 1 is killed (-9) inside DCP's background writer while step 4 is saved: that folder never counts
-    as complete, every rank resumes step 2 with resume='auto', and the run ends as an uninterrupted one."""
+    as complete, every rank resumes step 2 with resume='auto', and the run ends as an uninterrupted one
+    (step 2's copy was staged slowly in the background: the step after it waited before changing the state)."""
     ref = launch("fsdp2", 2, tmp_path / "ref", 6, tmp_path / "ref.pt")
     monkeypatch.setenv("KILL_AT", "4")
+    monkeypatch.setenv("SLOW_STAGING", "1")  # step 3 must wait for step 2's staged copy before it changes the state
     launch("fsdp2", 2, tmp_path / "ck", 6, tmp_path / "killed.pt", fails=True)
     monkeypatch.delenv("KILL_AT")
+    monkeypatch.delenv("SLOW_STAGING")
     from mlutils.train import find_checkpoints
 
     assert os.path.isdir(tmp_path / "ck" / "step-00000004" / "model")  # the save had started
