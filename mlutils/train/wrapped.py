@@ -64,7 +64,8 @@ def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
 class ShardedSaver:
     """Background saves of a sharded model and optimizer: the state is staged into host buffers kept
     between saves by DCP's ``DefaultStager``, in its own thread (the device-to-host copy leaves the
-    training thread too), and written by ``dcp.save`` in the caller's writer thread, its collectives on
+    training thread too; FSDP1's ShardedTensors by DCP's ``BlockingAsyncStager``, on the training
+    thread), and written by ``dcp.save`` in the caller's writer thread, its collectives on
     a gloo group of their own so they never interleave with the training's.  This is what
     ``dcp.async_save`` does, without starting a thread for each save.
 
@@ -81,23 +82,32 @@ class ShardedSaver:
         torch = require_torch("mlutils.train")
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from concurrent.futures import Future
+
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager, DefaultStager, StagingOptions
 
         self.settle()
         if self._group is None and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")  # a collective: every rank saves at the same step
+        device = torch.accelerator.is_available() and any(p.device.type != "cpu" for p in model.parameters())
         if self._stager is None:
-            device = torch.accelerator.is_available() and any(p.device.type != "cpu" for p in model.parameters())
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=device and torch.cuda.is_available(),
-                                                        use_shared_memory=False, use_async_staging=True,
-                                                        use_non_blocking_copy=device))
+            if kind(model) == "fsdp1":
+                # FSDP1's ShardedTensors are staged by the blocking stager only (DefaultStager cannot copy
+                # them): the copy runs on the training thread, the write still in the background
+                self._stager = BlockingAsyncStager(cache_staged_state_dict=bool(device and torch.cuda.is_available()))
+            else:
+                self._stager = DefaultStager(StagingOptions(use_pinned_memory=device and torch.cuda.is_available(),
+                                                            use_shared_memory=False, use_async_staging=True,
+                                                            use_non_blocking_copy=device))
         msd, osd = model_optim_state(model, optimizer)
-        staging = self._stager.stage({"model": msd, "optimizer": osd})
-        self._staging = staging
+        staged = self._stager.stage({"model": msd, "optimizer": osd})  # a Future when staged in the background
+        if isinstance(staged, Future):
+            self._staging = staged
         group = self._group
 
         def write() -> None:
-            dcp.save(staging.result(), checkpoint_id=folder, process_group=group)
+            state = staged.result() if isinstance(staged, Future) else staged
+            dcp.save(state, checkpoint_id=folder, process_group=group)
 
         return write
 
