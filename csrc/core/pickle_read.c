@@ -467,6 +467,24 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
     return st;
 }
 
+/* Checks tensor t's flags (dtype resolved) as torch would set them: 'conj'
+ * (even False) only on a complex dtype, since torch refuses it on any other;
+ * a True 'neg' only on a dtype torch can negate (torch would load such a
+ * tensor, but could not give its values). */
+static mlu_status check_flags(const mlu_pk_tensor *t, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    size_t at = t->at;
+
+    if ((t->flags & MLU_PK_T_CONJ_KEY) && !mlu_torch_dtype_is_complex(t->dtype))
+        VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: tensor metadata flag 'conj' needs a complex dtype, not %s", at,
+                mlu_torch_dtypes[t->dtype].name);
+    else if ((t->flags & MLU_PK_T_NEG) && !mlu_torch_dtype_can_negate(t->dtype))
+        VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: tensor metadata flag 'neg' on a %s tensor (torch cannot negate %s)",
+                at, mlu_torch_dtypes[t->dtype].name, mlu_torch_dtypes[t->dtype].name);
+    return st;
+}
+
 static int bool_arg(mlu_pk_vm *vm, uint32_t id, int *out)
 {
     mlu_pk_node *n = N(vm, id);
@@ -608,12 +626,70 @@ static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, 
     return st;
 }
 
+/* The longest part of a str from the pickle an error message quotes. */
+#define PK_QUOTE_MAX 40
+
+/* The flags of the metadata argument `md` of _rebuild_tensor_v2/v3 (what
+ * torch's _set_tensor_metadata takes): None, or a dict (an OrderedDict or a
+ * Counter too, as torch takes any dict) whose keys are 'conj' and 'neg'
+ * with bool values.  A key given twice keeps its last value, as the dict
+ * torch builds does.  Which dtype a flag needs is checked by mlu_pk_finish,
+ * when the dtype is known. */
+static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *flags, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_pk_node *d = N(vm, md);
+    unsigned f = 0, bit;
+    uint32_t i;
+
+    if (d->kind == MLU_PKN_NONE)
+        goto done;
+    if (d->kind != MLU_PKN_DICT) {
+        VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata is a %s, not a dict", at,
+                mlu_pk_kind_name(d->kind));
+        goto done;
+    }
+    if (d->attrs != MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata is a dict with attributes", at);
+        goto done;
+    }
+    for (i = 0; i + 1 < d->len; i += 2) {
+        const mlu_pk_node *k = N(vm, d->u.items[i]), *v = N(vm, d->u.items[i + 1]);
+        if (k->kind != MLU_PKN_STR) {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata key is a %s, not a str", at,
+                    mlu_pk_kind_name(k->kind));
+            goto done;
+        }
+        if (name_eq(k->u.s.p, k->u.s.n, "conj")) {
+            bit = MLU_PK_T_CONJ;
+            f |= MLU_PK_T_CONJ_KEY;
+        } else if (name_eq(k->u.s.p, k->u.s.n, "neg")) {
+            bit = MLU_PK_T_NEG;
+        } else {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unknown tensor metadata flag '%.*s%s' (known: 'conj', 'neg')",
+                    at, (int)(k->u.s.n > PK_QUOTE_MAX ? PK_QUOTE_MAX : k->u.s.n), k->u.s.p,
+                    k->u.s.n > PK_QUOTE_MAX ? "..." : "");
+            goto done;
+        }
+        if (v->kind != MLU_PKN_BOOL) {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flag '%s' is a %s, not a bool", at,
+                    bit == MLU_PK_T_CONJ ? "conj" : "neg", mlu_pk_kind_name(v->kind));
+            goto done;
+        }
+        f = v->u.i ? (f | bit) : (f & ~bit);
+    }
+    *flags = f;
+done:
+    return st;
+}
+
 /* _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3. */
 static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
     uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
+    unsigned flags = 0;
     int dt = -1, rg = 0;
 
     if (gid == G_REBUILD_TENSOR) {
@@ -633,9 +709,12 @@ static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
         dt = N(vm, v[6])->sub;
     }
-    if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
-        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
-    return make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err);
+    if (n == want + 1 && (st = tensor_flags(vm, at, v[want], &flags, err)) != MLU_OK)
+        return st;
+    if ((st = make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err)) != MLU_OK)
+        return st;
+    vm->tensors[N(vm, *out)->u.ref].flags = flags;
+    return st;
 }
 
 /* _rebuild_parameter, _rebuild_parameter_with_state, torch.nn.Parameter(). */
@@ -1491,7 +1570,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
         if (t->dtype < 0)
             t->dtype = s->dtype >= 0 ? s->dtype : MLU_TORCH_DTYPE_UINT8;
-        if ((st = check_view(vm, t, err)) != MLU_OK)
+        if ((st = check_view(vm, t, err)) != MLU_OK || (st = check_flags(t, err)) != MLU_OK)
             goto done;
     }
     /* untyped storages byte-swap by the element of the first tensor that views them */
