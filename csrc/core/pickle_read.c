@@ -468,15 +468,15 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
 }
 
 /* Checks tensor t's flags (dtype resolved) as torch would set them: 'conj'
- * (even False) only on a complex dtype, since torch refuses it on any other;
- * a True 'neg' only on a dtype torch can negate (torch would load such a
- * tensor, but could not give its values). */
+ * only on a complex dtype, since torch refuses it on any other; 'neg' only
+ * on a dtype torch can negate (torch would load such a tensor, but could
+ * not give its values). */
 static mlu_status check_flags(const mlu_pk_tensor *t, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     size_t at = t->at;
 
-    if ((t->flags & MLU_PK_T_CONJ_KEY) && !mlu_torch_dtype_is_complex(t->dtype))
+    if ((t->flags & MLU_PK_T_CONJ) && !mlu_torch_dtype_is_complex(t->dtype))
         VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: tensor metadata flag 'conj' needs a complex dtype, not %s", at,
                 mlu_torch_dtypes[t->dtype].name);
     else if ((t->flags & MLU_PK_T_NEG) && !mlu_torch_dtype_can_negate(t->dtype))
@@ -632,9 +632,10 @@ static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, 
 /* The flags of the metadata argument `md` of _rebuild_tensor_v2/v3 (what
  * torch's _set_tensor_metadata takes): None, or a dict (an OrderedDict or a
  * Counter too, as torch takes any dict) whose keys are 'conj' and 'neg'
- * with bool values.  A key given twice keeps its last value, as the dict
- * torch builds does.  Which dtype a flag needs is checked by mlu_pk_finish,
- * when the dtype is known. */
+ * with bool values.  torch sets a bit for its key whatever the value (it
+ * writes only True), and so does this reader: {'conj': False} is a
+ * conjugate view in torch.load, so here too.  Which dtype a flag needs is
+ * checked by mlu_pk_finish, when the dtype is known. */
 static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *flags, mlu_error *err)
 {
     mlu_status st = MLU_OK;
@@ -662,7 +663,6 @@ static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *
         }
         if (name_eq(k->u.s.p, k->u.s.n, "conj")) {
             bit = MLU_PK_T_CONJ;
-            f |= MLU_PK_T_CONJ_KEY;
         } else if (name_eq(k->u.s.p, k->u.s.n, "neg")) {
             bit = MLU_PK_T_NEG;
         } else {
@@ -676,7 +676,7 @@ static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *
                     bit == MLU_PK_T_CONJ ? "conj" : "neg", mlu_pk_kind_name(v->kind));
             goto done;
         }
-        f = v->u.i ? (f | bit) : (f & ~bit);
+        f |= bit;
     }
     *flags = f;
 done:

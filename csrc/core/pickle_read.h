@@ -84,13 +84,11 @@ typedef struct mlu_pk_pid {
 } mlu_pk_pid;
 
 /* Tensor flags: the keys of the metadata dict _rebuild_tensor_v2/v3 take
- * as their last argument (torch's _set_tensor_metadata), True.  The tensor's
+ * as their last argument (torch's _set_tensor_metadata).  The tensor's
  * values are its view's elements conjugated (CONJ) and negated (NEG), as
  * torch's lazy conjugate and negative bits mean. */
 #define MLU_PK_T_CONJ 1u
 #define MLU_PK_T_NEG 2u
-/* 'conj' is a key of the dict (True or False): torch then needs a complex dtype. */
-#define MLU_PK_T_CONJ_KEY 4u
 
 typedef struct mlu_pk_tensor {
     uint32_t pid;         /* index in pids */
@@ -98,7 +96,7 @@ typedef struct mlu_pk_tensor {
     int ndim;
     int requires_grad;
     int is_parameter;
-    unsigned flags;       /* MLU_PK_T_*, checked against the dtype by mlu_pk_finish */
+    unsigned flags;       /* MLU_PK_T_* bits, checked against the dtype by mlu_pk_finish */
     uint64_t offset;      /* in elements of dtype */
     int64_t shape[MLU_PK_MAX_NDIM];
     int64_t stride[MLU_PK_MAX_NDIM];
@@ -150,8 +148,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
 
 /* Merges pids by key into vm->storages (checking that they agree) and fills
  * each pid's `storage`; checks every tensor view against its storage and
- * its flags against its dtype ('conj' on a complex dtype, a True 'neg' on
- * one torch can negate). */
+ * its flags against its dtype ('conj' on a complex dtype, 'neg' on one
+ * torch can negate). */
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err);
 
 /* For the global names used in errors and tests. */
