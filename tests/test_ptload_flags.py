@@ -263,9 +263,10 @@ HOSTILE = {
     "huge-dict": (FLOAT, H.dict_of([(H.ustr("neg"), H.TRUE)] * 5000 + [(H.ustr(f"k{i}"), H.TRUE) for i in range(5000)]),
                   ["unknown tensor metadata flag 'k0'"]),
     # a flag on a dtype it cannot apply to (torch.load refuses 'conj' on a real dtype too)
-    "conj-on-float": (FLOAT, flags_dict(("conj", H.TRUE)), ["'conj' needs a complex dtype, not float32"]),
-    "conj-false-on-float": (FLOAT, flags_dict(("conj", H.FALSE)), ["'conj' needs a complex dtype, not float32"]),
-    "neg-on-bool": (BOOL, flags_dict(("neg", H.TRUE)), ["flag 'neg' on a bool tensor", "cannot negate bool"]),
+    "conj-on-float": (FLOAT, flags_dict(("conj", H.TRUE)), ["tensor at byte", "has the conj flag (a conjugate view) but is float32"]),
+    "conj-false-on-float": (FLOAT, flags_dict(("conj", H.FALSE)), ["has the conj flag (a conjugate view) but is float32"]),
+    "neg-on-bool": (BOOL, flags_dict(("neg", H.TRUE)), ["has the neg flag (a negative view) but is bool",
+                                                         "torch cannot negate bool"]),
     "neg-false-on-bool": (BOOL, flags_dict(("neg", H.FALSE)), ["cannot negate bool"]),
 }
 
@@ -291,7 +292,7 @@ def test_hostile_metadata_is_a_format_error(tmp_path, name):
 @pytest.mark.parametrize("dtype,md,words", [
     ("uint16", flags_dict(("neg", H.TRUE)), ["cannot negate uint16"]),
     ("float8_e4m3fn", flags_dict(("neg", H.TRUE)), ["cannot negate float8_e4m3fn"]),
-    ("bfloat16", flags_dict(("conj", H.TRUE)), ["'conj' needs a complex dtype, not bfloat16"]),
+    ("bfloat16", flags_dict(("conj", H.TRUE)), ["conj flag (a conjugate view) but is bfloat16"]),
     ("complex32", flags_dict(("neg", H.pint(1))), ["flag 'neg' is a int"]),
 ])
 def test_hostile_metadata_v3(tmp_path, dtype, md, words):
@@ -375,3 +376,25 @@ def test_a_shared_flag_dict_flags_each_tensor(torch, tmp_path):
     want = np.frombuffer(C64, dtype="<c8").conj()
     for a in _ptload.load(p, framework="np"):
         np.testing.assert_array_equal(a, want)
+
+
+# ------------------------------------------------------------ the writer's side
+
+def test_writer_refuses_flags_the_reader_refuses(torch, tmp_path, monkeypatch):
+    """A negative view of a dtype torch cannot negate (torch._neg_view makes one): torch.save
+    writes it, our reader refuses it, so torch_save refuses it in the reader's words, naming where
+    in the object; so too a metadata key or value the reader does not take."""
+    bad = neg_view(torch, torch.zeros(3, dtype=torch.bool))
+    assert torch._utils.get_tensor_metadata(bad) == {"neg": True}
+    with pytest.raises(ValueError, match=r"has the neg flag \(a negative view\) but is bool .* at obj\['m'\]\[1\]"):
+        mio.torch_save({"m": [torch.ones(1), bad]}, tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    real = torch.zeros(2)
+    monkeypatch.setattr(torch._utils, "get_tensor_metadata", lambda t: {"conj": True} if t is real else {})
+    with pytest.raises(ValueError, match=r"has the conj flag \(a conjugate view\) but is float32 .* at obj\['r'\]"):
+        _ptsave.save_bytes({"r": real})
+    for md, words in (({"grad": True}, "tensor metadata 'grad': True cannot be saved"),
+                      ({"neg": 1}, "tensor metadata 'neg': 1 cannot be saved")):
+        monkeypatch.setattr(torch._utils, "get_tensor_metadata", lambda t, md=md: md)
+        with pytest.raises(ValueError, match=words):
+            _ptsave.save_bytes({"x": torch.zeros(2)})

@@ -461,27 +461,10 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
     v.stride = t->stride;
     v.offset = (int64_t)t->offset; /* an int64 >= 0 when read */
     v.requires_grad = t->requires_grad;
+    v.flags = t->flags;
     mlu_error_clear(&why);
     if (mlu_pt_view_check(&v, s->key, s->key_len, s->nbytes, &t->end_bytes, &why) != MLU_OK)
         return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: %s", at, why.text);
-    return st;
-}
-
-/* Checks tensor t's flags (dtype resolved) as torch would set them: 'conj'
- * only on a complex dtype, since torch refuses it on any other; 'neg' only
- * on a dtype torch can negate (torch would load such a tensor, but could
- * not give its values). */
-static mlu_status check_flags(const mlu_pk_tensor *t, mlu_error *err)
-{
-    mlu_status st = MLU_OK;
-    size_t at = t->at;
-
-    if ((t->flags & MLU_PK_T_CONJ) && !mlu_torch_dtype_is_complex(t->dtype))
-        VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: tensor metadata flag 'conj' needs a complex dtype, not %s", at,
-                mlu_torch_dtypes[t->dtype].name);
-    else if ((t->flags & MLU_PK_T_NEG) && !mlu_torch_dtype_can_negate(t->dtype))
-        VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: tensor metadata flag 'neg' on a %s tensor (torch cannot negate %s)",
-                at, mlu_torch_dtypes[t->dtype].name, mlu_torch_dtypes[t->dtype].name);
     return st;
 }
 
@@ -635,7 +618,8 @@ static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, 
  * with bool values.  torch sets a bit for its key whatever the value (it
  * writes only True), and so does this reader: {'conj': False} is a
  * conjugate view in torch.load, so here too.  Which dtype a flag needs is
- * checked by mlu_pk_finish, when the dtype is known. */
+ * checked with the view (ptview.h) by mlu_pk_finish, when the dtype is
+ * known. */
 static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *flags, mlu_error *err)
 {
     mlu_status st = MLU_OK;
@@ -662,9 +646,9 @@ static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *
             goto done;
         }
         if (name_eq(k->u.s.p, k->u.s.n, "conj")) {
-            bit = MLU_PK_T_CONJ;
+            bit = MLU_PT_FLAG_CONJ;
         } else if (name_eq(k->u.s.p, k->u.s.n, "neg")) {
-            bit = MLU_PK_T_NEG;
+            bit = MLU_PT_FLAG_NEG;
         } else {
             VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unknown tensor metadata flag '%.*s%s' (known: 'conj', 'neg')",
                     at, (int)(k->u.s.n > PK_QUOTE_MAX ? PK_QUOTE_MAX : k->u.s.n), k->u.s.p,
@@ -673,7 +657,7 @@ static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *
         }
         if (v->kind != MLU_PKN_BOOL) {
             VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flag '%s' is a %s, not a bool", at,
-                    bit == MLU_PK_T_CONJ ? "conj" : "neg", mlu_pk_kind_name(v->kind));
+                    bit == MLU_PT_FLAG_CONJ ? "conj" : "neg", mlu_pk_kind_name(v->kind));
             goto done;
         }
         f |= bit;
@@ -1570,7 +1554,7 @@ mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err)
         mlu_pk_storage *s = &vm->storages[vm->pids[t->pid].storage];
         if (t->dtype < 0)
             t->dtype = s->dtype >= 0 ? s->dtype : MLU_TORCH_DTYPE_UINT8;
-        if ((st = check_view(vm, t, err)) != MLU_OK || (st = check_flags(t, err)) != MLU_OK)
+        if ((st = check_view(vm, t, err)) != MLU_OK)
             goto done;
     }
     /* untyped storages byte-swap by the element of the first tensor that views them */

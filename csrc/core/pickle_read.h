@@ -83,20 +83,13 @@ typedef struct mlu_pk_pid {
     uint32_t storage;     /* index of the unique storage this pid resolves to (after mlu_pk_vm_finish) */
 } mlu_pk_pid;
 
-/* Tensor flags: the keys of the metadata dict _rebuild_tensor_v2/v3 take
- * as their last argument (torch's _set_tensor_metadata).  The tensor's
- * values are its view's elements conjugated (CONJ) and negated (NEG), as
- * torch's lazy conjugate and negative bits mean. */
-#define MLU_PK_T_CONJ 1u
-#define MLU_PK_T_NEG 2u
-
 typedef struct mlu_pk_tensor {
     uint32_t pid;         /* index in pids */
     int dtype;            /* -1 until mlu_pk_finish: the storage's first declaration */
     int ndim;
     int requires_grad;
     int is_parameter;
-    unsigned flags;       /* MLU_PK_T_* bits, checked against the dtype by mlu_pk_finish */
+    unsigned flags;       /* MLU_PT_FLAG_* (ptview.h): the keys of the rebuild's metadata dict */
     uint64_t offset;      /* in elements of dtype */
     int64_t shape[MLU_PK_MAX_NDIM];
     int64_t stride[MLU_PK_MAX_NDIM];
@@ -147,9 +140,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                       uint32_t *root, mlu_error *err);
 
 /* Merges pids by key into vm->storages (checking that they agree) and fills
- * each pid's `storage`; checks every tensor view against its storage and
- * its flags against its dtype ('conj' on a complex dtype, 'neg' on one
- * torch can negate). */
+ * each pid's `storage`; checks every tensor view (flags included) against
+ * its storage. */
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err);
 
 /* For the global names used in errors and tests. */

@@ -195,8 +195,8 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
     v[TA_STRIDE] = int_tuple(t->stride, t->ndim);
     v[TA_REQUIRES_GRAD] = PyLong_FromLong(t->requires_grad);
     v[TA_IS_PARAMETER] = PyLong_FromLong(t->is_parameter);
-    v[TA_CONJ] = PyLong_FromLong((t->flags & MLU_PK_T_CONJ) != 0);
-    v[TA_NEG] = PyLong_FromLong((t->flags & MLU_PK_T_NEG) != 0);
+    v[TA_CONJ] = PyLong_FromLong((t->flags & MLU_PT_FLAG_CONJ) != 0);
+    v[TA_NEG] = PyLong_FromLong((t->flags & MLU_PT_FLAG_NEG) != 0);
     res = call_by_name(c->hook_tensor, &c->tensor_kwnames, tensor_arg_names, v, TA_COUNT);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);

@@ -235,7 +235,7 @@ static void expect_flags_fail(const char *cls, const char *v3, unsigned numel, c
  * are recorded on the tensor; anything else is a format error naming it. */
 static void test_tensor_flags(void)
 {
-    const unsigned C = MLU_PK_T_CONJ;
+    const unsigned C = MLU_PT_FLAG_CONJ;
     char longkey[8 + 200 + 4];
     mlu_error err;
     unsigned flags = 0;
@@ -248,34 +248,34 @@ static void test_tensor_flags(void)
     /* what torch writes: {'conj': True}, {'neg': True}, {'neg': True, 'conj': True} */
     expect_flags("ComplexFloatStorage", 2, S("}" CONJ_T "s"), C);
     expect_flags("ComplexDoubleStorage", 1, S("}" CONJ_T "s"), C);
-    expect_flags("FloatStorage", 4, S("}" NEG_T "s"), MLU_PK_T_NEG);
-    expect_flags("DoubleStorage", 2, S("}" NEG_T "s"), MLU_PK_T_NEG);
-    expect_flags("ComplexFloatStorage", 2, S("}(" NEG_T CONJ_T "u"), C | MLU_PK_T_NEG);
+    expect_flags("FloatStorage", 4, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("DoubleStorage", 2, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("ComplexFloatStorage", 2, S("}(" NEG_T CONJ_T "u"), C | MLU_PT_FLAG_NEG);
     /* torch sets the bit of a key whatever its value: False too, a key given twice too */
     expect_flags("ComplexFloatStorage", 2, S("}" CONJ_F "s"), C);
     expect_flags("ComplexFloatStorage", 2, S("}" CONJ_T "s" CONJ_F "s"), C);
-    expect_flags("FloatStorage", 4, S("}(" NEG_F NEG_F "u"), MLU_PK_T_NEG);
+    expect_flags("FloatStorage", 4, S("}(" NEG_F NEG_F "u"), MLU_PT_FLAG_NEG);
     /* an OrderedDict of flags (torch takes any dict); integers torch can negate */
-    expect_flags("FloatStorage", 4, S("ccollections\nOrderedDict\n)R" NEG_T "s"), MLU_PK_T_NEG);
-    expect_flags("LongStorage", 2, S("}" NEG_T "s"), MLU_PK_T_NEG);
-    expect_flags("ByteStorage", 16, S("}" NEG_T "s"), MLU_PK_T_NEG);
-    expect_flags("FloatStorage", 4, S("}U\x03neg\x88s"), MLU_PK_T_NEG); /* a SHORT_BINSTRING key is a str too */
+    expect_flags("FloatStorage", 4, S("ccollections\nOrderedDict\n)R" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("LongStorage", 2, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("ByteStorage", 16, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("FloatStorage", 4, S("}U\x03neg\x88s"), MLU_PT_FLAG_NEG); /* a SHORT_BINSTRING key is a str too */
     /* v3: the dtype argument decides */
     CHECK(open_flags(NULL, "complex64", 16, S("}" CONJ_T "s"), &flags, &dtype, &err) == MLU_OK && flags == C &&
           strcmp(mlu_torch_dtypes[dtype].name, "complex64") == 0);
     CHECK(open_flags(NULL, "complex32", 16, S("}(" CONJ_T NEG_T "u"), &flags, &dtype, &err) == MLU_OK &&
-          flags == (C | MLU_PK_T_NEG));
-    CHECK(open_flags(NULL, "bfloat16", 16, S("}" NEG_T "s"), &flags, &dtype, &err) == MLU_OK && flags == MLU_PK_T_NEG);
+          flags == (C | MLU_PT_FLAG_NEG));
+    CHECK(open_flags(NULL, "bfloat16", 16, S("}" NEG_T "s"), &flags, &dtype, &err) == MLU_OK && flags == MLU_PT_FLAG_NEG);
 
     /* a flag on a dtype it cannot apply to (v2 resolves the dtype from the storage) */
-    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_T "s"), "'conj' needs a complex dtype, not float32");
-    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_F "s"), "'conj' needs a complex dtype");
-    expect_flags_fail("LongStorage", NULL, 2, S("}" CONJ_T "s"), "not int64");
-    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_T "s"), "torch cannot negate bool");
-    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_F "s"), "torch cannot negate bool");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_T "s"), "has the conj flag (a conjugate view) but is float32");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_F "s"), "has the conj flag (a conjugate view) but is float32");
+    expect_flags_fail("LongStorage", NULL, 2, S("}" CONJ_T "s"), "has the conj flag (a conjugate view) but is int64");
+    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_T "s"), "has the neg flag (a negative view) but is bool (torch cannot negate bool)");
+    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_F "s"), "has the neg flag (a negative view) but is bool (torch cannot negate bool)");
     expect_flags_fail(NULL, "uint16", 16, S("}" NEG_T "s"), "cannot negate uint16");
     expect_flags_fail(NULL, "float8_e4m3fn", 16, S("}" NEG_T "s"), "cannot negate float8_e4m3fn");
-    expect_flags_fail(NULL, "bfloat16", 16, S("}" CONJ_T "s"), "needs a complex dtype, not bfloat16");
+    expect_flags_fail(NULL, "bfloat16", 16, S("}" CONJ_T "s"), "conj flag (a conjugate view) but is bfloat16");
     /* keys and values */
     expect_flags_fail("FloatStorage", NULL, 4, S("}X\x03\x00\x00\x00" "foo\x88s"), "unknown tensor metadata flag 'foo'");
     expect_flags_fail("FloatStorage", NULL, 4, S("}X\x04\x00\x00\x00" "Conj\x88s"), "unknown tensor metadata flag 'Conj'");
@@ -319,7 +319,7 @@ static void test_parameter_flags(void)
     }
     CHECK(pt.vm.n_tensors == 2);
     CHECK(pt.vm.tensors[1].is_parameter && pt.vm.tensors[1].requires_grad);
-    CHECK(pt.vm.tensors[1].flags == MLU_PK_T_CONJ);
+    CHECK(pt.vm.tensors[1].flags == MLU_PT_FLAG_CONJ);
     mlu_pt_close(&pt);
     /* every allocation failing in turn: out of memory, never another error */
     for (n = 0; n < 400 && !ok; n++) {
@@ -330,7 +330,7 @@ static void test_parameter_flags(void)
         CHECK(st == MLU_OK || st == MLU_ENOMEM);
         if (st == MLU_OK) {
             ok = 1;
-            CHECK(pt.vm.tensors[1].flags == MLU_PK_T_CONJ);
+            CHECK(pt.vm.tensors[1].flags == MLU_PT_FLAG_CONJ);
             mlu_pt_close(&pt);
         }
     }

@@ -63,9 +63,10 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
     mlu_ptw_tensor t;
     uint32_t m = 0;
     unsigned flags = byte(g);
-    int param = (flags & 4) != 0, flagged = 0;
+    int param = (flags & 4) != 0;
     mlu_status st = MLU_OK;
-    size_t k;
+    const char *keys[2];
+    size_t k, nk = 0, j;
 
     memset(&t, 0, sizeof(t));
     t.shape = shape;
@@ -98,6 +99,22 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         st = mlu_ptw_storage_check(w, t.storage, t.dtype, w->st[t.storage].nbytes, err);
     if (!mlu_torch_dtype_can_require_grad(t.dtype))  /* the reader refuses the rest, as torch does */
         t.requires_grad = 0;
+    /* tensor metadata: the flags torch writes ('conj' on a complex dtype,
+     * 'neg' on one torch can negate, or both), which the checkpoint reader
+     * loads; on other dtypes a key it refuses, so only in archives that only
+     * the zip reader checks */
+    if (flags & 2) {
+        if (mlu_torch_dtype_is_complex(t.dtype)) {
+            keys[nk++] = "conj";
+            t.flags |= MLU_PT_FLAG_CONJ;
+        }
+        if (mlu_torch_dtype_can_negate(t.dtype) && (nk == 0 || (flags & 32))) {
+            keys[nk++] = "neg";
+            t.flags |= MLU_PT_FLAG_NEG;
+        }
+        if (nk == 0 && g->limit != MLU_ZIP64_LIMIT)
+            keys[nk++] = "k";
+    }
     if (st == MLU_OK && param)
         st = mlu_ptw_param_begin(w, err);
     if (st == MLU_OK) {
@@ -109,35 +126,19 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         g->pid[MLU_PTW_PID_STORAGE] = pid[MLU_PTW_PID_STORAGE];
         g->pid[MLU_PTW_PID_CPU] = pid[MLU_PTW_PID_CPU];
     }
-    /* tensor metadata: the flags torch writes ('conj' on a complex dtype,
-     * 'neg' on one torch negates, or both), which the checkpoint reader
-     * loads; on other dtypes a key it refuses, so only in archives that only
-     * the zip reader checks */
-    if (flags & 2) {
-        const char *keys[2];
-        size_t nk = 0, j;
-        if (mlu_torch_dtype_is_complex(t.dtype))
-            keys[nk++] = "conj";
-        if (mlu_torch_dtype_can_negate(t.dtype) && (nk == 0 || (flags & 32)))
-            keys[nk++] = "neg";
-        if (nk > 0)
-            flagged = 1;
-        else if (g->limit != MLU_ZIP64_LIMIT)
-            keys[nk++] = "k";
-        if (st == MLU_OK && nk > 0) {
-            mlu_ptw_seq seq;
-            uint32_t dm;
-            st = mlu_ptw_dict_begin(w, &seq, nk, &dm, err);
-            for (j = 0; j < nk && st == MLU_OK; j++) {
-                st = mlu_ptw_item(w, &seq, err);
-                if (st == MLU_OK)
-                    st = mlu_ptw_str(w, keys[j], strlen(keys[j]), &dm, err);
-                if (st == MLU_OK)
-                    st = mlu_ptw_bool(w, 1, err);
-            }
+    if (st == MLU_OK && nk > 0) {
+        mlu_ptw_seq seq;
+        uint32_t dm;
+        st = mlu_ptw_dict_begin(w, &seq, nk, &dm, err);
+        for (j = 0; j < nk && st == MLU_OK; j++) {
+            st = mlu_ptw_item(w, &seq, err);
             if (st == MLU_OK)
-                st = mlu_ptw_seq_end(w, &seq, NULL, err);
+                st = mlu_ptw_str(w, keys[j], strlen(keys[j]), &dm, err);
+            if (st == MLU_OK)
+                st = mlu_ptw_bool(w, 1, err);
         }
+        if (st == MLU_OK)
+            st = mlu_ptw_seq_end(w, &seq, NULL, err);
     }
     if (st == MLU_OK)
         st = mlu_ptw_tensor_end(w, &m, err);
@@ -145,7 +146,7 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         st = mlu_ptw_param_end(w, t.requires_grad, &m, err);
     if (st == MLU_OK) {
         g->tensors += param ? 2 : 1; /* the reader records a parameter as a second tensor */
-        g->flagged += flagged ? (param ? 2u : 1u) : 0u;
+        g->flagged += t.flags != 0 ? (param ? 2u : 1u) : 0u;
         remember(g, m);
     }
     return st;
