@@ -44,11 +44,10 @@ typedef struct mlu_pt_view {
  * point and complex tensors require grad, the conj flag only on a complex
  * dtype (torch refuses it elsewhere) and the neg flag only on one torch can
  * negate (elsewhere torch could load the tensor but never give its values),
- * and a non-empty view lies inside
- * the storage (an empty view may have any offset and a stride-0 view any
- * size, as torch loads both).  On success *end_bytes is one past the last
- * byte the view touches (0 when it is empty); on failure err holds the
- * rule's words, MLU_EINVAL. */
+ * and a non-empty view lies inside the storage (an empty view may have any
+ * offset and a stride-0 view any size, as torch loads both).  On success
+ * *end_bytes is one past the last byte the view touches (0 when it is
+ * empty); on failure err holds the rule's words, MLU_EINVAL. */
 mlu_status mlu_pt_view_check(const mlu_pt_view *v, const char *key, size_t key_len, uint64_t nbytes,
                              uint64_t *end_bytes, mlu_error *err);
 

@@ -399,10 +399,11 @@ typedef struct tensor_desc {
     unsigned flags;         /* MLU_PT_FLAG_* of metadata's keys */
 } tensor_desc;
 
-/* The MLU_PT_FLAG_* bits of a tensor's metadata dict (torch's
- * get_tensor_metadata: 'conj' and/or 'neg' with True), written as given;
- * 0 with a ValueError (naming where in the object) for a key or value the
- * reader refuses (the reader's rule, pickle_read.c tensor_flags). */
+/* Sets *flags to the MLU_PT_FLAG_* bits of a tensor's metadata dict
+ * (torch's get_tensor_metadata: 'conj' and/or 'neg' with True, written as
+ * given) and returns 0; -1 with a ValueError naming where in the object for
+ * a key or value the reader refuses (its rule: pickle_read.c tensor_flags),
+ * a TypeError for metadata that is no dict. */
 static int metadata_flags(PyObject *md, unsigned *flags, const path_step *at)
 {
     PyObject *k, *v; /* borrowed */
