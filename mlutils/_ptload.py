@@ -4,7 +4,10 @@ The file is parsed in C (zip or legacy format) by a restricted unpickler that
 accepts only what ``torch.load(weights_only=True)`` accepts; tensors are NumPy
 arrays over the file's private mapping (or copies when the record is
 deflated, misaligned, big-endian or legacy), turned into torch tensors when
-torch is importable and ``framework="pt"``.
+torch is importable and ``framework="pt"``.  A tensor saved as a conjugate
+or negative view (torch's ``conj``/``neg`` bits, in the rebuild's metadata
+dict) comes back with those bits set as torch.load sets them; as a NumPy
+array it is a copy with them applied (NumPy has no such bits).
 
 Everything but tensor bytes (end records, central directory, local headers,
 data.pkl, small records, legacy pickles) is read with pread and checked
@@ -52,7 +55,9 @@ class _Hooks(NamedTuple):
     ``tensor`` and ``device`` are called with keyword arguments only (csrc/py/ptload.c names them
     in one table each); ``dtype`` and ``size`` with their one value."""
 
-    # tensor(*, storage, key, name (dtype name), offset, shape, stride, requires_grad, is_parameter)
+    # tensor(*, storage, key, name (dtype name), offset, shape, stride, requires_grad, is_parameter,
+    # conj, neg): conj and neg (0/1) are torch's conjugate and negative bits (the values are the
+    # view's elements conjugated / negated; the reader has checked that the dtype takes them)
     tensor: Callable[..., Any]
     dtype: Callable[[str], Any]  # torch dtype name -> value
     size: Callable[[tuple], Any]  # shape tuple -> value (torch.Size)
@@ -89,6 +94,23 @@ def _np_array(storage: np.ndarray, name: str, offset: int, shape: tuple, stride:
                       strides=tuple(s * isz for s in stride))
 
 
+def _resolve_flags(a: np.ndarray, name: str, conj: int, neg: int) -> np.ndarray:
+    """A new array of ``a``'s values (dtype ``name``) conjugated and/or negated, bit for bit as torch's resolve_conj/resolve_neg."""
+    out = np.array(a, order="C")  # a copy: views of the same storage keep their own values
+    if name.startswith(("int", "uint")):  # the reader allows neg on signed ints and uint8: wraps, as torch
+        np.negative(out, out=out)
+        return out
+    # floating point and complex (also bfloat16 and complex32 as raw bits): flip sign bits
+    unit = _DTYPES[name].itemsize // (2 if name.startswith("complex") else 1)
+    bits = out.reshape(-1).view(np.dtype(f"<u{unit}"))  # a view: out is a fresh C-ordered array
+    sign = bits.dtype.type(1 << (8 * unit - 1))
+    if neg:
+        bits ^= sign
+    if conj:  # the imaginary halves
+        bits[1::2] ^= sign
+    return out
+
+
 class _NumpyHooks:
     """Builds NumPy values (framework "np", or "pt" without torch)."""
 
@@ -97,8 +119,9 @@ class _NumpyHooks:
 
     @staticmethod
     def tensor(storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
-               requires_grad: int, is_parameter: int) -> np.ndarray:
-        return _np_array(storage, name, offset, shape, stride)
+               requires_grad: int, is_parameter: int, conj: int, neg: int) -> np.ndarray:
+        a = _np_array(storage, name, offset, shape, stride)
+        return _resolve_flags(a, name, conj, neg) if conj or neg else a
 
     @staticmethod
     def dtype(name: str) -> Any:
@@ -121,7 +144,7 @@ class _TorchHooks:
         self.hooks = _Hooks(tensor=self.tensor, dtype=self.dtype, size=torch.Size, device=self.make_device)
 
     def tensor(self, storage: np.ndarray, key: str, name: str, offset: int, shape: tuple, stride: tuple,
-               requires_grad: int, is_parameter: int) -> Any:
+               requires_grad: int, is_parameter: int, conj: int, neg: int) -> Any:
         torch = self.torch
         base = self.bases.get(key)
         if base is None:
@@ -138,6 +161,11 @@ class _TorchHooks:
             flat = (base if n == base.numel() else base[:n]).view(dt)
         t = flat.as_strided(shape, stride, offset)
         try:
+            if conj or neg:  # torch's lazy bits on this view alone, as torch.load sets them
+                flags = {"conj": True} if conj else {}
+                if neg:
+                    flags["neg"] = True
+                torch._utils.set_tensor_metadata(t, flags)
             if is_parameter:
                 return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
             if requires_grad:
@@ -209,7 +237,7 @@ class _IndexedTensor(_TensorInfo):
 
 def _index_hooks() -> _Hooks:
     def tensor(storage: Any, key: str, name: str, offset: int, shape: tuple, stride: tuple,
-               requires_grad: int, is_parameter: int) -> _TensorInfo:
+               requires_grad: int, is_parameter: int, conj: int, neg: int) -> _TensorInfo:
         numel = 1
         for s in shape:
             numel *= s

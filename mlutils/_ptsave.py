@@ -7,7 +7,10 @@ So ``torch.load`` reads it with ``weights_only=True``, with ``mmap=True`` and
 with torch's computed storage offsets.  Accepted values: dicts, ``collections.OrderedDict`` (attributes such
 as a state dict's ``_metadata`` included), lists, tuples, str, int, float,
 bool, None, NumPy scalars (written as Python values), NumPy arrays and torch
-tensors (written as CPU tensors; storage sharing is kept).
+tensors (written as CPU tensors; storage sharing is kept; a conjugate or
+negative view with the flag dict torch writes, ``{'conj': True}`` /
+``{'neg': True}``, unless the reader would refuse it: a negative view of a
+dtype torch cannot negate, such as bool, is a ValueError).
 
 Older readers (torch 2.1-2.6) load these files too.  They find every record
 by name through the zip directory, so the numeric ``data/`` order (older

@@ -222,12 +222,13 @@ def test_pt_load_calls_the_tensor_hook_by_keyword(tmp_path):
     base = _ptload._NumpyHooks().hooks
     seen = {}
 
-    def tensor(*, is_parameter, requires_grad, stride, shape, offset, name, key, storage):
-        seen.update(name=name, shape=shape, stride=stride, offset=offset, key=key)
-        return base.tensor(storage, key, name, offset, shape, stride, requires_grad, is_parameter)
+    def tensor(*, neg, conj, is_parameter, requires_grad, stride, shape, offset, name, key, storage):
+        seen.update(name=name, shape=shape, stride=stride, offset=offset, key=key, conj=conj, neg=neg)
+        return base.tensor(storage, key, name, offset, shape, stride, requires_grad, is_parameter, conj, neg)
 
     out = _core._pt_load(str(p), "copy", base._replace(tensor=tensor))
-    assert seen == {"name": "float32", "shape": (2, 3), "stride": (3, 1), "offset": 0, "key": "0"}
+    assert seen == {"name": "float32", "shape": (2, 3), "stride": (3, 1), "offset": 0, "key": "0", "conj": 0,
+                    "neg": 0}
     assert np.array_equal(out["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
 
 

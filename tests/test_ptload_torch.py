@@ -24,8 +24,8 @@ def save(torch, obj, path, fmt):
 
 
 def raw_bytes(torch, t):
-    """The tensor's logical elements as bytes (independent of strides)."""
-    c = t.detach().contiguous().reshape(-1)
+    """The tensor's logical elements as bytes (independent of strides; conj/neg bits resolved)."""
+    c = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
     if c.numel() == 0:
         return b""
     return bytes(c.view(torch.uint8).numpy().tobytes())
@@ -41,6 +41,7 @@ def assert_same(torch, ours, ref, path="root"):
         assert ours.stride() == ref.stride(), path
         assert ours.storage_offset() == ref.storage_offset(), path
         assert ours.requires_grad == ref.requires_grad, path
+        assert (ours.is_conj(), ours.is_neg()) == (ref.is_conj(), ref.is_neg()), path
         assert ours.untyped_storage().nbytes() == ref.untyped_storage().nbytes(), path
         assert raw_bytes(torch, ours) == raw_bytes(torch, ref), path
         return

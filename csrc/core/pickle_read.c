@@ -461,6 +461,7 @@ static mlu_status check_view(const mlu_pk_vm *vm, mlu_pk_tensor *t, mlu_error *e
     v.stride = t->stride;
     v.offset = (int64_t)t->offset; /* an int64 >= 0 when read */
     v.requires_grad = t->requires_grad;
+    v.flags = t->flags;
     mlu_error_clear(&why);
     if (mlu_pt_view_check(&v, s->key, s->key_len, s->nbytes, &t->end_bytes, &why) != MLU_OK)
         return VM_FAIL(MLU_EFORMAT, at, "tensor at byte %zu: %s", at, why.text);
@@ -608,12 +609,71 @@ static mlu_status apply_value(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, 
     return st;
 }
 
+/* The longest part of a str from the pickle an error message quotes. */
+#define PK_QUOTE_MAX 40
+
+/* The flags of the metadata argument `md` of _rebuild_tensor_v2/v3 (what
+ * torch's _set_tensor_metadata takes): None, or a dict (an OrderedDict or a
+ * Counter too, as torch takes any dict) whose keys are 'conj' and 'neg'
+ * with bool values.  torch sets a bit for its key whatever the value (it
+ * writes only True), and so does this reader: {'conj': False} is a
+ * conjugate view in torch.load, so here too.  Which dtype a flag needs is
+ * checked with the view (ptview.h) by mlu_pk_finish, when the dtype is
+ * known. */
+static mlu_status tensor_flags(mlu_pk_vm *vm, size_t at, uint32_t md, unsigned *flags, mlu_error *err)
+{
+    mlu_status st = MLU_OK;
+    const mlu_pk_node *d = N(vm, md);
+    unsigned f = 0, bit;
+    uint32_t i;
+
+    if (d->kind == MLU_PKN_NONE)
+        goto done;
+    if (d->kind != MLU_PKN_DICT) {
+        VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata is a %s, not a dict", at,
+                mlu_pk_kind_name(d->kind));
+        goto done;
+    }
+    if (d->attrs != MLU_PK_NONE_ID) {
+        VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata is a dict with attributes", at);
+        goto done;
+    }
+    for (i = 0; i + 1 < d->len; i += 2) {
+        const mlu_pk_node *k = N(vm, d->u.items[i]), *v = N(vm, d->u.items[i + 1]);
+        if (k->kind != MLU_PKN_STR) {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata key is a %s, not a str", at,
+                    mlu_pk_kind_name(k->kind));
+            goto done;
+        }
+        if (name_eq(k->u.s.p, k->u.s.n, "conj")) {
+            bit = MLU_PT_FLAG_CONJ;
+        } else if (name_eq(k->u.s.p, k->u.s.n, "neg")) {
+            bit = MLU_PT_FLAG_NEG;
+        } else {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: unknown tensor metadata flag '%.*s%s' (known: 'conj', 'neg')",
+                    at, (int)(k->u.s.n > PK_QUOTE_MAX ? PK_QUOTE_MAX : k->u.s.n), k->u.s.p,
+                    k->u.s.n > PK_QUOTE_MAX ? "..." : "");
+            goto done;
+        }
+        if (v->kind != MLU_PKN_BOOL) {
+            VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flag '%s' is a %s, not a bool", at,
+                    bit == MLU_PT_FLAG_CONJ ? "conj" : "neg", mlu_pk_kind_name(v->kind));
+            goto done;
+        }
+        f |= bit;
+    }
+    *flags = f;
+done:
+    return st;
+}
+
 /* _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3. */
 static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32_t args, uint32_t *out, mlu_error *err)
 {
     mlu_status st = MLU_OK;
     uint32_t n = N(vm, args)->len, *v = N(vm, args)->u.items;
     uint32_t want = gid == G_REBUILD_V2 ? 6 : 7;
+    unsigned flags = 0;
     int dt = -1, rg = 0;
 
     if (gid == G_REBUILD_TENSOR) {
@@ -633,9 +693,12 @@ static mlu_status apply_rebuild_tensor(mlu_pk_vm *vm, size_t at, int gid, uint32
             return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: _rebuild_tensor_v3 needs a torch dtype", at);
         dt = N(vm, v[6])->sub;
     }
-    if (n == want + 1 && !is_empty_dict_or_none(vm, v[want]))
-        return VM_FAIL(MLU_EFORMAT, at, "REDUCE at byte %zu: tensor metadata flags are not supported", at);
-    return make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err);
+    if (n == want + 1 && (st = tensor_flags(vm, at, v[want], &flags, err)) != MLU_OK)
+        return st;
+    if ((st = make_tensor(vm, at, v[0], v[1], v[2], v[3], rg, dt, out, err)) != MLU_OK)
+        return st;
+    vm->tensors[N(vm, *out)->u.ref].flags = flags;
+    return st;
 }
 
 /* _rebuild_parameter, _rebuild_parameter_with_state, torch.nn.Parameter(). */

@@ -89,6 +89,7 @@ typedef struct mlu_pk_tensor {
     int ndim;
     int requires_grad;
     int is_parameter;
+    unsigned flags;       /* MLU_PT_FLAG_* (ptview.h): the keys of the rebuild's metadata dict */
     uint64_t offset;      /* in elements of dtype */
     int64_t shape[MLU_PK_MAX_NDIM];
     int64_t stride[MLU_PK_MAX_NDIM];
@@ -139,7 +140,8 @@ mlu_status mlu_pk_run(mlu_pk_vm *vm, const uint8_t *data, size_t size, size_t *p
                       uint32_t *root, mlu_error *err);
 
 /* Merges pids by key into vm->storages (checking that they agree) and fills
- * each pid's `storage`; checks every tensor view against its storage. */
+ * each pid's `storage`; checks every tensor view (flags included) against
+ * its storage. */
 mlu_status mlu_pk_finish(mlu_pk_vm *vm, mlu_error *err);
 
 /* For the global names used in errors and tests. */

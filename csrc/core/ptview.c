@@ -46,6 +46,20 @@ mlu_status mlu_pt_view_check(const mlu_pt_view *v, const char *key, size_t key_l
                       (int)key_len, key, mlu_torch_dtypes[v->dtype].name);
         goto done;
     }
+    if ((v->flags & MLU_PT_FLAG_CONJ) && !mlu_torch_dtype_is_complex(v->dtype)) {
+        mlu_error_set(err, MLU_EINVAL, -1,
+                      "the view of storage '%.*s' has the conj flag (a conjugate view) but is %s (torch: only "
+                      "complex tensors can be conjugate views)",
+                      (int)key_len, key, mlu_torch_dtypes[v->dtype].name);
+        goto done;
+    }
+    if ((v->flags & MLU_PT_FLAG_NEG) && !mlu_torch_dtype_can_negate(v->dtype)) {
+        mlu_error_set(err, MLU_EINVAL, -1,
+                      "the view of storage '%.*s' has the neg flag (a negative view) but is %s (torch cannot "
+                      "negate %s)",
+                      (int)key_len, key, mlu_torch_dtypes[v->dtype].name, mlu_torch_dtypes[v->dtype].name);
+        goto done;
+    }
     if (!empty) {  /* torch loads an empty view with any offset */
         for (i = 0; i < v->ndim; i++) {
             if (mlu_mul_overflow_u64((uint64_t)(v->shape[i] - 1), (uint64_t)v->stride[i], &tmp) ||

@@ -383,6 +383,7 @@ mlu_status mlu_ptw_tensor_begin(mlu_ptw *w, const mlu_ptw_tensor *t, uint32_t pi
     view.stride = t->stride;
     view.offset = t->offset;
     view.requires_grad = t->requires_grad;
+    view.flags = t->flags;
     if ((st = mlu_pt_view_check(&view, key, strlen(key), s->nbytes, &end, err)) != MLU_OK)
         return st;
     /* the pid's numel: bytes for UntypedStorage, elements for the legacy classes */

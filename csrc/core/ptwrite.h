@@ -85,6 +85,7 @@ typedef struct mlu_ptw_tensor {
     const int64_t *stride;  /* borrowed, ndim entries */
     int64_t offset;
     int requires_grad;
+    unsigned flags;         /* MLU_PT_FLAG_* (ptview.h): the keys of the metadata dict the caller writes */
     size_t storage;         /* from mlu_ptw_storage_add */
 } mlu_ptw_tensor;
 

@@ -67,6 +67,28 @@ int mlu_torch_dtype_can_require_grad(int id)
     return strncmp(n, "float", 5) == 0 || strncmp(n, "bfloat", 6) == 0 || strncmp(n, "complex", 7) == 0;
 }
 
+int mlu_torch_dtype_is_complex(int id)
+{
+    return id >= 0 && id < MLU_TORCH_N_DTYPES && strncmp(mlu_torch_dtypes[id].name, "complex", 7) == 0;
+}
+
+int mlu_torch_dtype_can_negate(int id)
+{
+    /* the dtypes torch's neg kernel covers (resolve_neg on any other fails) */
+    static const char *const negatable[] = {
+        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+        "complex32", "complex64", "complex128",
+    };
+    size_t i;
+    int found = 0;
+
+    if (id < 0 || id >= MLU_TORCH_N_DTYPES)
+        return 0;
+    for (i = 0; i < sizeof(negatable) / sizeof(negatable[0]) && !found; i++)
+        found = strcmp(mlu_torch_dtypes[id].name, negatable[i]) == 0;
+    return found;
+}
+
 int mlu_torch_storage_class_find(const char *name, size_t len)
 {
     int i, found = -1;

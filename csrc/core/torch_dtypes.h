@@ -30,6 +30,13 @@ int mlu_torch_dtype_named(const char *name);
 /* 1 when a tensor of dtype id may require gradients (floating point and
  * complex, as torch allows), else 0. */
 int mlu_torch_dtype_can_require_grad(int id);
+/* 1 when dtype id is complex (complex32/64/128: torch's conjugate bit
+ * applies to it), else 0. */
+int mlu_torch_dtype_is_complex(int id);
+/* 1 when torch can negate a tensor of dtype id (its negative bit resolves:
+ * floating point but float8/float4, complex, signed integers and uint8),
+ * else 0. */
+int mlu_torch_dtype_can_negate(int id);
 /* The id of the dtype whose legacy storage class is name[0..len) ("FloatStorage"), or -1. */
 int mlu_torch_storage_class_find(const char *name, size_t len);
 /* The id of the dtype whose safetensors dtype is the NUL-terminated name

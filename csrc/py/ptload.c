@@ -169,13 +169,18 @@ static PyObject *call_by_name(PyObject *hook, PyObject **kwnames, const char *co
 }
 
 /* The keyword arguments of hooks.tensor, in the order of make_tensor's values. */
-enum { TA_STORAGE, TA_KEY, TA_NAME, TA_OFFSET, TA_SHAPE, TA_STRIDE, TA_REQUIRES_GRAD, TA_IS_PARAMETER, TA_COUNT };
+enum {
+    TA_STORAGE, TA_KEY, TA_NAME, TA_OFFSET, TA_SHAPE, TA_STRIDE, TA_REQUIRES_GRAD, TA_IS_PARAMETER, TA_CONJ, TA_NEG,
+    TA_COUNT
+};
 static const char *const tensor_arg_names[TA_COUNT] = {
-    "storage", "key", "name", "offset", "shape", "stride", "requires_grad", "is_parameter",
+    "storage", "key", "name", "offset", "shape", "stride", "requires_grad", "is_parameter", "conj", "neg",
 };
 
 /* New ref: hooks.tensor(storage=, key=, name= (dtype name), offset=, shape=,
- * stride=, requires_grad=, is_parameter=), every argument by keyword. */
+ * stride=, requires_grad=, is_parameter=, conj=, neg=), every argument by
+ * keyword; conj and neg (0 or 1) are torch's conjugate and negative bits:
+ * the tensor's values are the view's elements conjugated / negated. */
 static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
 {
     uint32_t s = c->pt->vm.pids[t->pid].storage;
@@ -190,6 +195,8 @@ static PyObject *make_tensor(conv *c, const mlu_pk_tensor *t)
     v[TA_STRIDE] = int_tuple(t->stride, t->ndim);
     v[TA_REQUIRES_GRAD] = PyLong_FromLong(t->requires_grad);
     v[TA_IS_PARAMETER] = PyLong_FromLong(t->is_parameter);
+    v[TA_CONJ] = PyLong_FromLong((t->flags & MLU_PT_FLAG_CONJ) != 0);
+    v[TA_NEG] = PyLong_FromLong((t->flags & MLU_PT_FLAG_NEG) != 0);
     res = call_by_name(c->hook_tensor, &c->tensor_kwnames, tensor_arg_names, v, TA_COUNT);
     if (res == NULL)
         wrap_error(c, "cannot build the tensor", NULL);

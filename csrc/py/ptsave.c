@@ -396,7 +396,37 @@ typedef struct tensor_desc {
     int requires_grad;
     Py_ssize_t storage;     /* index */
     PyObject *metadata;     /* borrowed dict or NULL */
+    unsigned flags;         /* MLU_PT_FLAG_* of metadata's keys */
 } tensor_desc;
+
+/* Sets *flags to the MLU_PT_FLAG_* bits of a tensor's metadata dict
+ * (torch's get_tensor_metadata: 'conj' and/or 'neg' with True, written as
+ * given) and returns 0; -1 with a ValueError naming where in the object for
+ * a key or value the reader refuses (its rule: pickle_read.c tensor_flags),
+ * a TypeError for metadata that is no dict. */
+static int metadata_flags(PyObject *md, unsigned *flags, const path_step *at)
+{
+    PyObject *k, *v; /* borrowed */
+    Py_ssize_t pos = 0;
+    unsigned f = 0;
+
+    if (!PyDict_Check(md))
+        return mlu_path_fail(PyExc_TypeError, "obj", at, "tensor metadata is a %s, not a dict", Py_TYPE(md)->tp_name);
+    while (PyDict_Next(md, &pos, &k, &v)) {
+        unsigned bit = 0;
+        if (PyUnicode_Check(k) && PyUnicode_CompareWithASCIIString(k, "conj") == 0)
+            bit = MLU_PT_FLAG_CONJ;
+        else if (PyUnicode_Check(k) && PyUnicode_CompareWithASCIIString(k, "neg") == 0)
+            bit = MLU_PT_FLAG_NEG;
+        if (bit == 0 || !PyBool_Check(v))
+            return mlu_path_fail(PyExc_ValueError, "obj", at,
+                                 "tensor metadata %R: %R cannot be saved (the reader takes only 'conj' and "
+                                 "'neg' with bool values)", k, v);
+        f |= bit;
+    }
+    *flags = f;
+    return 0;
+}
 
 /* Hands the tensor to the writer; the strings of its persistent id share
  * pickle's memo with equal objects met before, as torch.save's pickler does. */
@@ -424,6 +454,7 @@ static int emit_tensor(saver *s, PyObject *obj, const tensor_desc *d, const path
     t.stride = d->stride;
     t.offset = d->offset;
     t.requires_grad = d->requires_grad;
+    t.flags = d->flags;
     t.storage = (size_t)d->storage;
     if (mlu_ptw_tensor_begin(&s->w, &t, pid_memo, &s->err) != MLU_OK)
         return core_fail_at(s, at); /* a view the reader would refuse: its words, then where */
@@ -591,8 +622,11 @@ static int save_torch(saver *s, PyObject *t, const path_step *at)
     }
     if ((f = desc_get(desc, "metadata")) == NULL)
         goto done;
-    if (f != Py_None)
+    if (f != Py_None) {
         d.metadata = f; /* borrowed from f, which lives until done */
+        if (metadata_flags(f, &d.flags, at) < 0)
+            goto done;
+    }
     rc = emit_tensor(s, t, &d, at);
 done:
     mlu_free(d.size);

@@ -145,6 +145,198 @@ static void test_rejections(void)
                 MLU_EFORMAT, "mismatch");
 }
 
+/* ------------------------------------------------ tensor metadata flags */
+
+/* A pickle of one tensor: _rebuild_tensor_v2 over ('storage', torch.<cls>,
+ * '0', 'cpu', numel), offset 0, size (1,), stride (1,), then the pickle
+ * bytes `md` (md_len of them) as the metadata argument, or no metadata
+ * argument when md is NULL.  With `v3` (cls NULL), _rebuild_tensor_v3 over
+ * an UntypedStorage of numel bytes viewed as torch.<v3>. */
+static void flag_pickle(bytes *b, const char *cls, const char *v3, unsigned numel, const char *md, size_t md_len)
+{
+    b->len = 0;
+    put(b, S("\x80\x02"));
+    put(b, S("ctorch._utils\n_rebuild_tensor_v"));
+    put(b, v3 ? "3\n" : "2\n", 2);
+    put(b, S("((X\x07\x00\x00\x00storage"));
+    if (v3) {
+        put(b, S("ctorch.storage\nUntypedStorage\n"));
+    } else {
+        put(b, S("ctorch\n"));
+        put(b, cls, strlen(cls));
+        put(b, S("\n"));
+    }
+    put(b, S("X\x01\x00\x00\x00" "0X\x03\x00\x00\x00" "cpuK"));
+    put(b, &(uint8_t){(uint8_t)numel}, 1);
+    put(b, S("tQK\x00K\x01\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)R"));
+    if (v3) {
+        put(b, S("ctorch\n"));
+        put(b, v3, strlen(v3));
+        put(b, S("\n"));
+    }
+    if (md != NULL)
+        put(b, md, md_len);
+    put(b, S("tR."));
+}
+
+#define CONJ_T "X\x04\x00\x00\x00" "conj\x88"
+#define CONJ_F "X\x04\x00\x00\x00" "conj\x89"
+#define NEG_T "X\x03\x00\x00\x00" "neg\x88"
+#define NEG_F "X\x03\x00\x00\x00" "neg\x89"
+
+/* Opens the one-tensor pickle (over VALUES: 16 bytes) and returns its
+ * status; on success *flags and *dtype are the tensor's. */
+static mlu_status open_flags(const char *cls, const char *v3, unsigned numel, const char *md, size_t md_len,
+                             unsigned *flags, int *dtype, mlu_error *err)
+{
+    static bytes pk, z;
+    mlu_pt pt;
+    mlu_status st;
+
+    flag_pickle(&pk, cls, v3, numel, md, md_len);
+    st = open_pickle(&z, (const char *)pk.data, pk.len, VALUES, sizeof(VALUES), &pt, err);
+    if (st == MLU_OK) {
+        CHECK(pt.vm.n_tensors == 1);
+        *flags = pt.vm.tensors[0].flags;
+        *dtype = pt.vm.tensors[0].dtype;
+        mlu_pt_close(&pt);
+    }
+    return st;
+}
+
+static void expect_flags(const char *cls, unsigned numel, const char *md, size_t md_len, unsigned want)
+{
+    mlu_error err;
+    unsigned flags = 99;
+    int dtype = -1;
+    mlu_status st = open_flags(cls, NULL, numel, md, md_len, &flags, &dtype, &err);
+
+    CHECK(st == MLU_OK);
+    CHECK(flags == want);
+    if (st != MLU_OK || flags != want)
+        fprintf(stderr, "  %s: %s, flags %u (wanted %u)\n", cls, st == MLU_OK ? "ok" : err.text, flags, want);
+}
+
+static void expect_flags_fail(const char *cls, const char *v3, unsigned numel, const char *md, size_t md_len,
+                              const char *word)
+{
+    mlu_error err;
+    unsigned flags = 0;
+    int dtype = -1;
+    mlu_status st = open_flags(cls, v3, numel, md, md_len, &flags, &dtype, &err);
+
+    CHECK(st == MLU_EFORMAT);
+    CHECK(strstr(err.text, word) != NULL);
+    if (st != MLU_EFORMAT || strstr(err.text, word) == NULL)
+        fprintf(stderr, "  got %s: %s (wanted '%s')\n", mlu_status_name(st), err.text, word);
+}
+
+/* The metadata dict of _rebuild_tensor_v2/v3: torch's 'conj' and 'neg' bits
+ * are recorded on the tensor; anything else is a format error naming it. */
+static void test_tensor_flags(void)
+{
+    const unsigned C = MLU_PT_FLAG_CONJ;
+    char longkey[8 + 200 + 4];
+    mlu_error err;
+    unsigned flags = 0;
+    int dtype = -1;
+
+    /* none, None, {} */
+    expect_flags("FloatStorage", 4, NULL, 0, 0);
+    expect_flags("FloatStorage", 4, S("N"), 0);
+    expect_flags("FloatStorage", 4, S("}"), 0);
+    /* what torch writes: {'conj': True}, {'neg': True}, {'neg': True, 'conj': True} */
+    expect_flags("ComplexFloatStorage", 2, S("}" CONJ_T "s"), C);
+    expect_flags("ComplexDoubleStorage", 1, S("}" CONJ_T "s"), C);
+    expect_flags("FloatStorage", 4, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("DoubleStorage", 2, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("ComplexFloatStorage", 2, S("}(" NEG_T CONJ_T "u"), C | MLU_PT_FLAG_NEG);
+    /* torch sets the bit of a key whatever its value: False too, a key given twice too */
+    expect_flags("ComplexFloatStorage", 2, S("}" CONJ_F "s"), C);
+    expect_flags("ComplexFloatStorage", 2, S("}" CONJ_T "s" CONJ_F "s"), C);
+    expect_flags("FloatStorage", 4, S("}(" NEG_F NEG_F "u"), MLU_PT_FLAG_NEG);
+    /* an OrderedDict of flags (torch takes any dict); integers torch can negate */
+    expect_flags("FloatStorage", 4, S("ccollections\nOrderedDict\n)R" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("LongStorage", 2, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("ByteStorage", 16, S("}" NEG_T "s"), MLU_PT_FLAG_NEG);
+    expect_flags("FloatStorage", 4, S("}U\x03neg\x88s"), MLU_PT_FLAG_NEG); /* a SHORT_BINSTRING key is a str too */
+    /* v3: the dtype argument decides */
+    CHECK(open_flags(NULL, "complex64", 16, S("}" CONJ_T "s"), &flags, &dtype, &err) == MLU_OK && flags == C &&
+          strcmp(mlu_torch_dtypes[dtype].name, "complex64") == 0);
+    CHECK(open_flags(NULL, "complex32", 16, S("}(" CONJ_T NEG_T "u"), &flags, &dtype, &err) == MLU_OK &&
+          flags == (C | MLU_PT_FLAG_NEG));
+    CHECK(open_flags(NULL, "bfloat16", 16, S("}" NEG_T "s"), &flags, &dtype, &err) == MLU_OK && flags == MLU_PT_FLAG_NEG);
+
+    /* a flag on a dtype it cannot apply to (v2 resolves the dtype from the storage) */
+    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_T "s"), "has the conj flag (a conjugate view) but is float32");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}" CONJ_F "s"), "has the conj flag (a conjugate view) but is float32");
+    expect_flags_fail("LongStorage", NULL, 2, S("}" CONJ_T "s"), "has the conj flag (a conjugate view) but is int64");
+    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_T "s"), "has the neg flag (a negative view) but is bool (torch cannot negate bool)");
+    expect_flags_fail("BoolStorage", NULL, 16, S("}" NEG_F "s"), "has the neg flag (a negative view) but is bool (torch cannot negate bool)");
+    expect_flags_fail(NULL, "uint16", 16, S("}" NEG_T "s"), "cannot negate uint16");
+    expect_flags_fail(NULL, "float8_e4m3fn", 16, S("}" NEG_T "s"), "cannot negate float8_e4m3fn");
+    expect_flags_fail(NULL, "bfloat16", 16, S("}" CONJ_T "s"), "conj flag (a conjugate view) but is bfloat16");
+    /* keys and values */
+    expect_flags_fail("FloatStorage", NULL, 4, S("}X\x03\x00\x00\x00" "foo\x88s"), "unknown tensor metadata flag 'foo'");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}X\x04\x00\x00\x00" "Conj\x88s"), "unknown tensor metadata flag 'Conj'");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}X\x00\x00\x00\x00\x88s"), "unknown tensor metadata flag ''");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}(" NEG_T "X\x02\x00\x00\x00" "_x\x88u"), "flag '_x'");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}X\x03\x00\x00\x00" "negK\x01s"), "flag 'neg' is a int, not a bool");
+    expect_flags_fail("ComplexFloatStorage", NULL, 2, S("}" "X\x04\x00\x00\x00" "conjNs"), "flag 'conj' is a None");
+    expect_flags_fail("ComplexFloatStorage", NULL, 2, S("}" "X\x04\x00\x00\x00" "conjX\x04\x00\x00\x00Trues"),
+                      "is a str, not a bool");
+    expect_flags_fail("FloatStorage", NULL, 4, S("}K\x01\x88s"), "tensor metadata key is a int, not a str");
+    /* not a dict */
+    expect_flags_fail("FloatStorage", NULL, 4, S("]"), "tensor metadata is a list, not a dict");
+    expect_flags_fail("FloatStorage", NULL, 4, S("K\x01"), "tensor metadata is a int, not a dict");
+    expect_flags_fail("FloatStorage", NULL, 4, S("\x88"), "tensor metadata is a bool");
+    expect_flags_fail("FloatStorage", NULL, 4, S("ccollections\nOrderedDict\n)R}b"), "dict with attributes");
+    /* a long key is quoted in part */
+    memcpy(longkey, "}X\xc8\x00\x00\x00", 6);
+    memset(longkey + 6, 'k', 200);
+    memcpy(longkey + 206, "\x88s", 2);
+    expect_flags_fail("FloatStorage", NULL, 4, longkey, 208, "flag 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...'");
+}
+
+/* A parameter of a flagged tensor keeps the flags (its own record). */
+static void test_parameter_flags(void)
+{
+    static const char pkl[] =
+        "\x80\x02" "ctorch._utils\n_rebuild_parameter\n(" "ctorch._utils\n_rebuild_tensor_v2\n"
+        "((X\x07\x00\x00\x00storagectorch\nComplexFloatStorage\nX\x01\x00\x00\x00" "0X\x03\x00\x00\x00" "cpuK\x02tQ"
+        "K\x00K\x02\x85K\x01\x85\x89" "ccollections\nOrderedDict\n)R}" CONJ_T "stR"
+        "\x88" "ccollections\nOrderedDict\n)RtR.";
+    static bytes z;
+    mlu_pt pt;
+    mlu_error err;
+    long n;
+    int ok = 0;
+
+    CHECK(open_pickle(&z, S(pkl), VALUES, sizeof(VALUES), &pt, &err) == MLU_OK);
+    if (err.code != MLU_OK) {
+        fprintf(stderr, "%s\n", err.text);
+        return;
+    }
+    CHECK(pt.vm.n_tensors == 2);
+    CHECK(pt.vm.tensors[1].is_parameter && pt.vm.tensors[1].requires_grad);
+    CHECK(pt.vm.tensors[1].flags == MLU_PT_FLAG_CONJ);
+    mlu_pt_close(&pt);
+    /* every allocation failing in turn: out of memory, never another error */
+    for (n = 0; n < 400 && !ok; n++) {
+        mlu_status st;
+        mlu_alloc_fail_after(n);
+        st = open_pickle(&z, S(pkl), VALUES, sizeof(VALUES), &pt, &err);
+        mlu_alloc_fail_after(-1);
+        CHECK(st == MLU_OK || st == MLU_ENOMEM);
+        if (st == MLU_OK) {
+            ok = 1;
+            CHECK(pt.vm.tensors[1].flags == MLU_PT_FLAG_CONJ);
+            mlu_pt_close(&pt);
+        }
+    }
+    CHECK(ok && n > 3);
+}
+
 static void test_zip_damage(void)
 {
     static bytes z;
@@ -382,6 +574,8 @@ int main(void)
 {
     test_good();
     test_rejections();
+    test_tensor_flags();
+    test_parameter_flags();
     test_zip_damage();
     test_truncated_after_open();
     test_exact_buffers();

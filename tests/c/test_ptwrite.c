@@ -245,6 +245,7 @@ static mlu_status put_tensor(mlu_ptw *w, const built_tensor *b, uint32_t pid[MLU
     t.stride = b->stride;
     t.offset = b->offset;
     t.requires_grad = b->param ? 0 : b->requires_grad;
+    t.flags = 0;
     t.storage = b->storage;
     if (b->param)
         s = mlu_ptw_param_begin(w, err);
@@ -723,10 +724,11 @@ static void test_storage_rules(void)
  * (ptview.h); the edge next to each rule is written. */
 static void test_view_rules(void)
 {
-    int f32 = mlu_torch_dtype_named("float32"), i64 = mlu_torch_dtype_named("int64");
+    const int dtypes[] = {mlu_torch_dtype_named("float32"), mlu_torch_dtype_named("int64"),
+                          mlu_torch_dtype_named("complex64"), mlu_torch_dtype_named("bool")};
     int64_t shape[MLU_PT_MAX_NDIM + 1], stride[MLU_PT_MAX_NDIM + 1];
     struct { size_t ndim; int64_t dim0, stride0, offset; int grad, dtype; uint64_t nbytes; mlu_status want;
-             const char *words; } cases[] = {
+             const char *words; unsigned flags; } cases[] = {
         {MLU_PT_MAX_NDIM, 1, 1, 0, 0, 0, 4, MLU_OK, NULL},
         {MLU_PT_MAX_NDIM + 1, 1, 1, 0, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_SHAPE},
         {1, 4, 1, 0, 0, 0, 16, MLU_OK, NULL},                  /* exactly the storage */
@@ -742,6 +744,15 @@ static void test_view_rules(void)
         {1, 1, -1, 0, 0, 0, 4, MLU_EINVAL, MLU_PT_RULE_SHAPE},
         {1, 1, 1, 0, 1, 0, 4, MLU_OK, NULL},
         {1, 1, 1, 0, 1, 1, 8, MLU_EINVAL, "the view of storage '0' requires grad but is int64"},
+        /* torch's conj / neg flags (the metadata dict the caller writes) */
+        {1, 1, 1, 0, 0, 0, 4, MLU_OK, NULL, MLU_PT_FLAG_NEG},
+        {1, 1, 1, 0, 0, 2, 8, MLU_OK, NULL, MLU_PT_FLAG_CONJ | MLU_PT_FLAG_NEG},
+        {1, 1, 1, 0, 0, 1, 8, MLU_OK, NULL, MLU_PT_FLAG_NEG},
+        {1, 1, 1, 0, 0, 0, 4, MLU_EINVAL, "the view of storage '0' has the conj flag (a conjugate view) but is float32",
+         MLU_PT_FLAG_CONJ},
+        {1, 1, 1, 0, 0, 1, 8, MLU_EINVAL, "the view of storage '0' has the conj flag", MLU_PT_FLAG_CONJ | MLU_PT_FLAG_NEG},
+        {1, 1, 1, 0, 0, 3, 1, MLU_EINVAL, "the view of storage '0' has the neg flag (a negative view) but is bool "
+         "(torch cannot negate bool)", MLU_PT_FLAG_NEG},
     };
     size_t c, k;
 
@@ -757,12 +768,13 @@ static void test_view_rules(void)
             stride[k] = k == 0 ? cases[c].stride0 : 1;
         }
         memset(&t, 0, sizeof(t));
-        t.dtype = cases[c].dtype ? i64 : f32;
+        t.dtype = dtypes[cases[c].dtype];
         t.ndim = cases[c].ndim;
         t.shape = shape;
         t.stride = stride;
         t.offset = cases[c].offset;
         t.requires_grad = cases[c].grad;
+        t.flags = cases[c].flags;
         mlu_error_clear(&err);
         CHECK(mlu_ptw_init(&w, &err) == MLU_OK);
         CHECK(mlu_ptw_storage_add(&w, t.dtype, cases[c].nbytes, NULL, &idx, &err) == MLU_OK);

@@ -36,7 +36,16 @@ def objects():
                    (torch.bfloat16, torch.float16, torch.int8, torch.bool, torch.complex64, torch.float64)},
         "v3": {"u16": torch.arange(4, dtype=torch.int32).to(torch.uint16), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn)},
         "params": lin.state_dict(keep_vars=True),
+        "flags": flag_views(g),
     }
+
+
+def flag_views(g):
+    """Conjugate and negative views: torch.save gives their rebuilds a metadata dict of flags."""
+    c64 = torch.randn(2, 3, dtype=torch.complex64, generator=g)
+    return {"c64": c64, "conj": c64.conj(), "conj_t": c64.t().conj(),
+            "neg": torch.randn(4, dtype=torch.complex128, generator=g).conj().imag,
+            "conj_neg": torch._neg_view(torch.randn(3, dtype=torch.complex128, generator=g)).conj()}
 
 
 def main():
@@ -62,6 +71,18 @@ def main():
     open(os.path.join(pdir, "os_system.pkl"), "wb").write(
         H.proto() + H.glob("os", "system") + H.tup(H.ustr("true")) + H.REDUCE + H.STOP)
     open(os.path.join(pdir, "setitem_list.pkl"), "wb").write(H.proto() + b"]K\x01K\x02s.")
+    open(os.path.join(pdir, "flags_refused.pkl"), "wb").write(flags_refused())
+
+
+def flags_refused():
+    """Tensor flag dicts the reader refuses: 'conj' on float32 (found once the dtype is known), an
+    unknown key, a non-bool value."""
+    def v2(cls, md):
+        return (H.glob("torch._utils", "_rebuild_tensor_v2") + b"(" + H.pid(cls, "0", 2) + H.pint(0) + H.ints((2,))
+                + H.ints((1,)) + H.FALSE + H.odict() + md + b"t" + H.REDUCE)
+    return (H.proto() + b"(" + v2("torch.FloatStorage", H.dict_of([(H.ustr("conj"), H.TRUE)]))
+            + v2("torch.FloatStorage", H.dict_of([(H.ustr("neg"), H.TRUE), (H.ustr("grad"), H.TRUE)]))
+            + v2("torch.FloatStorage", H.dict_of([(H.ustr("neg"), H.pint(1))])) + b"t" + H.STOP)
 
 
 if __name__ == "__main__":

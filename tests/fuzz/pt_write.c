@@ -2,13 +2,14 @@
  *
  * The input is a program: its bytes choose values (None, bools, ints,
  * floats, strings, lists, dicts, OrderedDicts, tuples, memo repeats, tensors
- * of any dtype on new or shared storages, parameters), batch-sized
- * containers, the archive name and the zip64 threshold.  The writer builds
- * the archive into a buffer of mlu_ptw_archive_bound bytes; then the zip
- * reader must find every record in order, 64-byte aligned, with good CRCs,
- * and (at torch's own zip64 threshold) the checkpoint reader must load it
- * with every tensor and storage.  Run a second time with one allocation
- * failing (fuzz_oom.h): only MLU_ENOMEM, with a message, and no leaks. */
+ * of any dtype on new or shared storages, with conj/neg flags, parameters),
+ * batch-sized containers, the archive name and the zip64 threshold.  The
+ * writer builds the archive into a buffer of mlu_ptw_archive_bound bytes;
+ * then the zip reader must find every record in order, 64-byte aligned, with
+ * good CRCs, and (at torch's own zip64 threshold) the checkpoint reader must
+ * load it with every tensor and storage, the flagged tensors flagged.  Run a
+ * second time with one allocation failing (fuzz_oom.h): only MLU_ENOMEM,
+ * with a message, and no leaks. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,7 @@ typedef struct prog {
     size_t nmemo;
     uint32_t pid[MLU_PTW_PID_COUNT];
     size_t tensors;            /* tensor records the reader will make */
+    size_t flagged;            /* those of them with conj/neg flags */
     size_t values;             /* cap on the values one input makes */
     uint64_t limit;            /* the zip64 threshold of this archive */
 } prog;
@@ -63,7 +65,8 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
     unsigned flags = byte(g);
     int param = (flags & 4) != 0;
     mlu_status st = MLU_OK;
-    size_t k;
+    const char *keys[2];
+    size_t k, nk = 0, j;
 
     memset(&t, 0, sizeof(t));
     t.shape = shape;
@@ -96,6 +99,22 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         st = mlu_ptw_storage_check(w, t.storage, t.dtype, w->st[t.storage].nbytes, err);
     if (!mlu_torch_dtype_can_require_grad(t.dtype))  /* the reader refuses the rest, as torch does */
         t.requires_grad = 0;
+    /* tensor metadata: the flags torch writes ('conj' on a complex dtype,
+     * 'neg' on one torch can negate, or both), which the checkpoint reader
+     * loads; on other dtypes a key it refuses, so only in archives that only
+     * the zip reader checks */
+    if (flags & 2) {
+        if (mlu_torch_dtype_is_complex(t.dtype)) {
+            keys[nk++] = "conj";
+            t.flags |= MLU_PT_FLAG_CONJ;
+        }
+        if (mlu_torch_dtype_can_negate(t.dtype) && (nk == 0 || (flags & 32))) {
+            keys[nk++] = "neg";
+            t.flags |= MLU_PT_FLAG_NEG;
+        }
+        if (nk == 0 && g->limit != MLU_ZIP64_LIMIT)
+            keys[nk++] = "k";
+    }
     if (st == MLU_OK && param)
         st = mlu_ptw_param_begin(w, err);
     if (st == MLU_OK) {
@@ -107,18 +126,17 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         g->pid[MLU_PTW_PID_STORAGE] = pid[MLU_PTW_PID_STORAGE];
         g->pid[MLU_PTW_PID_CPU] = pid[MLU_PTW_PID_CPU];
     }
-    if (st == MLU_OK && (flags & 2) && g->limit != MLU_ZIP64_LIMIT) {
-        /* tensor metadata: a small dict (the checkpoint reader refuses
-         * these, so only in archives that only the zip reader checks) */
+    if (st == MLU_OK && nk > 0) {
         mlu_ptw_seq seq;
         uint32_t dm;
-        st = mlu_ptw_dict_begin(w, &seq, 1, &dm, err);
-        if (st == MLU_OK)
+        st = mlu_ptw_dict_begin(w, &seq, nk, &dm, err);
+        for (j = 0; j < nk && st == MLU_OK; j++) {
             st = mlu_ptw_item(w, &seq, err);
-        if (st == MLU_OK)
-            st = mlu_ptw_str(w, "k", 1, &dm, err);
-        if (st == MLU_OK)
-            st = mlu_ptw_bool(w, 1, err);
+            if (st == MLU_OK)
+                st = mlu_ptw_str(w, keys[j], strlen(keys[j]), &dm, err);
+            if (st == MLU_OK)
+                st = mlu_ptw_bool(w, 1, err);
+        }
         if (st == MLU_OK)
             st = mlu_ptw_seq_end(w, &seq, NULL, err);
     }
@@ -128,6 +146,7 @@ static mlu_status tensor(mlu_ptw *w, prog *g, mlu_error *err)
         st = mlu_ptw_param_end(w, t.requires_grad, &m, err);
     if (st == MLU_OK) {
         g->tensors += param ? 2 : 1; /* the reader records a parameter as a second tensor */
+        g->flagged += t.flags != 0 ? (param ? 2u : 1u) : 0u;
         remember(g, m);
     }
     return st;
@@ -247,7 +266,7 @@ static void check_archive(const prog *g, const mlu_ptw *w, const char *archive, 
     mlu_zip z;
     mlu_pt pt;
     mlu_error err;
-    size_t i;
+    size_t i, n;
 
     mlu_error_clear(&err);
     mlu_rd_mem(&rd, zip, len);
@@ -276,6 +295,10 @@ static void check_archive(const prog *g, const mlu_ptw *w, const char *archive, 
     }
     if (pt.vm.n_tensors != g->tensors)
         FAIL("%u tensors read, %zu written", pt.vm.n_tensors, g->tensors);
+    for (i = 0, n = 0; i < pt.vm.n_tensors; i++)
+        n += pt.vm.tensors[i].flags != 0;
+    if (n != g->flagged)
+        FAIL("%zu flagged tensors read, %zu written", n, g->flagged);
     mlu_pt_close(&pt);
 }
 
