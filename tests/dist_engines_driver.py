@@ -70,6 +70,13 @@ def main():
             return write_data(self, plan, planner)
 
         FileSystemWriter.write_data = dying_write
+    if os.environ.get("NO_BACKGROUND_STAGING"):  # as on a torch without DCP's DefaultStager
+        wrapped.background_saves = lambda: False
+
+        def no_stager(*args, **kwargs):
+            raise AssertionError("a background stager was made")
+
+        wrapped.ShardedSaver = no_stager
     if os.environ.get("SLOW_STAGING"):  # the background copy of the state lags: the step must wait for it
         import time
 

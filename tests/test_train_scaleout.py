@@ -145,3 +145,15 @@ def test_a_rank_killed_during_an_async_sharded_save_leaves_the_previous_checkpoi
     assert {r["resumed_from"] for r in again.values()} == {str(tmp_path / "ck" / "step-00000002")}
     same_state(tmp_path / "ref.pt", tmp_path / "again.pt")
     assert {r["metrics"]["grad_norm"] for r in again.values()} == {r["metrics"]["grad_norm"] for r in ref.values()}
+
+
+def test_without_background_staging_a_sharded_save_is_written_in_place(tmp_path, monkeypatch):
+    """A torch without DCP's DefaultStager (before 2.9): the sharded part of a periodic save is written by
+    dcp.save on the training thread, and the run still resumes exactly."""
+    monkeypatch.setenv("NO_BACKGROUND_STAGING", "1")
+    launch("fsdp2", 1, tmp_path / "ref", 4, tmp_path / "ref.pt")
+    launch("fsdp2", 1, tmp_path / "ck", 4, tmp_path / "cut.pt", "quit@3")
+    assert ".metadata" in os.listdir(tmp_path / "ck" / "step-00000002" / "model")  # the periodic save
+    again = launch("fsdp2", 1, tmp_path / "ck", 4, tmp_path / "again.pt")
+    assert {r["resumed_from"] for r in again.values()} == {str(tmp_path / "ck" / "step-00000003")}
+    same_state(tmp_path / "ref.pt", tmp_path / "again.pt")

@@ -477,7 +477,7 @@ class TorchEngine:
         model has buffers)."""
         if not self.has_files():
             return None
-        if not background:
+        if not background or not wrapped.background_saves():  # a torch without DCP's DefaultStager: in place
             self._settle()
             wrapped.save_sharded(self.model, self.optimizer, folder)
             return None

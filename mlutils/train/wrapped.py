@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Tuple
 
 from .._torch import require_torch
 
-__all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "ShardedSaver", "load_sharded",
+__all__ = ["kind", "model_optim_state", "load_model_optim_state", "save_sharded", "background_saves", "ShardedSaver", "load_sharded",
            "full_weights", "clip_grad_norm"]
 
 
@@ -59,6 +59,17 @@ def save_sharded(model: Any, optimizer: Any, folder: str) -> None:
 
     msd, osd = model_optim_state(model, optimizer)
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=folder)
+
+
+def background_saves() -> bool:
+    """True when this torch stages DCP saves in the background (``DefaultStager``, torch 2.9 and later)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: F401
+    except ImportError:
+        return False
+    import torch
+
+    return hasattr(torch, "accelerator")
 
 
 class ShardedSaver:
