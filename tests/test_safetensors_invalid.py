@@ -653,11 +653,18 @@ def test_format_errors_name_the_file(tmp_path, name, data, as_path):
 
 # ---- errors of an open map name its file, as the open's errors do
 
-def _lib_file(path):
-    """A file written by the safetensors library: two tensors and metadata; the data section's
-    length (the file is cut inside it)."""
-    stn.save_file({"w": np.arange(64, dtype=np.float32).reshape(8, 8), "b": np.arange(8, dtype=np.float64)},
-                  str(path), metadata={"k": "v"})
+def _lib_file(path, writer="numpy"):
+    """A file written by the safetensors library (safetensors.numpy or, writer="torch",
+    safetensors.torch): two tensors and metadata; the data section's length (the file is cut
+    inside it)."""
+    w, b = np.arange(64, dtype=np.float32).reshape(8, 8), np.arange(8, dtype=np.float64)
+    if writer == "torch":
+        torch = pytest.importorskip("torch")
+        from safetensors.torch import save_file as torch_save_file
+
+        torch_save_file({"w": torch.from_numpy(w), "b": torch.from_numpy(b)}, str(path), metadata={"k": "v"})
+    else:
+        stn.save_file({"w": w, "b": b}, str(path), metadata={"k": "v"})
     return 64 * 4 + 8 * 8
 
 
@@ -668,56 +675,79 @@ def _names(e, p):
     assert str(p) not in msg[len(str(p)) + 4:], msg
 
 
-AFTER_CUT = {
-    "get_tensor": lambda f: f.get_tensor("w"),
-    "get_slice-basic": lambda f: f.get_slice("w")[1:3, ::2],
-    "get_slice-int": lambda f: f.get_slice("b")[2],
-    "get_slice-rows": lambda f: f.get_slice("w")[[0, 5]],
-    "get_slice-mask": lambda f: f.get_slice("b")[np.arange(8) % 2 == 0],
+# Every read safe_open offers, through each path get_slice's indexing takes; s: a slice of "w"
+# taken while the file was open and whole.  Each checks the file before touching its mapping.
+READS = {
+    "get_tensor": lambda f, s: f.get_tensor("w"),
+    "get_slice-basic": lambda f, s: f.get_slice("w")[1:3, ::2],
+    "get_slice-int": lambda f, s: f.get_slice("b")[2],
+    "get_slice-rows": lambda f, s: f.get_slice("w")[[0, 5]],
+    "get_slice-mask": lambda f, s: f.get_slice("b")[np.arange(8) % 2 == 0],
+    "get_slice-fancy": lambda f, s: f.get_slice("w")[:, [1, 2]],
+    "get_slice-ellipsis": lambda f, s: f.get_slice("w")[..., 3],
+    "slice-taken-before": lambda f, s: s[0],
+    "slice-taken-before-rows": lambda f, s: s[[1, 7]],
+    "slice-taken-before-fancy": lambda f, s: s[[[0]], [1]],
 }
+AFTER_CUT = READS
 
 
 @pytest.mark.parametrize("what", list(AFTER_CUT))
 @pytest.mark.parametrize("framework", ["np", "pt"])
 @pytest.mark.parametrize("as_path", [False, True])
-def test_reads_after_the_file_shrank_name_it(tmp_path, what, framework, as_path):
+@pytest.mark.parametrize("writer", ["numpy", "torch"])
+def test_reads_after_the_file_shrank_name_it(tmp_path, what, framework, as_path, writer):
     """A file cut after safe_open (str or os.PathLike path): each read's SafetensorsError names it."""
     if framework == "pt":
         pytest.importorskip("torch")
     from mlutils import io
 
     p = tmp_path / "shard-00003-of-00020.safetensors"
-    data_len = _lib_file(p)
+    data_len = _lib_file(p, writer)
     with io.safe_open(p if as_path else str(p), framework=framework) as f:
+        s = f.get_slice("w")
         os.truncate(p, os.path.getsize(p) - data_len + 16)
         with pytest.raises(mlutils.SafetensorsError, match="shrank") as e:
-            AFTER_CUT[what](f)
+            AFTER_CUT[what](f, s)
         _names(e, p)
+        assert f.keys() == ["b", "w"] and f.metadata() == {"k": "v"}  # the header was read at the open
 
 
-CLOSED = {
-    "get_tensor": lambda f, s: f.get_tensor("w"),
+CLOSED = dict(READS, **{
     "get_slice": lambda f, s: f.get_slice("w"),
-    "slice-taken-before": lambda f, s: s[0],
+    "get_slice-missing": lambda f, s: f.get_slice("zz"),
+    "get_tensor-missing": lambda f, s: f.get_tensor("zz"),
     "keys": lambda f, s: f.keys(),
     "offset_keys": lambda f, s: f.offset_keys(),
     "metadata": lambda f, s: f.metadata(),
-}
+})
 
 
 @pytest.mark.parametrize("what", list(CLOSED))
+@pytest.mark.parametrize("framework", ["np", "pt"])
 @pytest.mark.parametrize("as_path", [False, True])
-def test_a_closed_map_names_its_file(tmp_path, what, as_path):
+@pytest.mark.parametrize("writer", ["numpy", "torch"])
+@pytest.mark.parametrize("how", ["close", "with"])
+def test_a_closed_map_names_its_file(tmp_path, what, framework, as_path, writer, how):
+    """close() or the end of the with block, then any call: a SafetensorsError naming the file."""
+    if framework == "pt":
+        pytest.importorskip("torch")
     from mlutils import io
 
     p = tmp_path / "m.safetensors"
-    _lib_file(p)
-    f = io.safe_open(p if as_path else str(p), framework="np")
-    s = f.get_slice("w")
-    f.close()
-    with pytest.raises(mlutils.SafetensorsError, match="closed") as e:
+    _lib_file(p, writer)
+    if how == "with":
+        with io.safe_open(p if as_path else str(p), framework=framework) as f:
+            s = f.get_slice("w")
+    else:
+        f = io.safe_open(p if as_path else str(p), framework=framework)
+        s = f.get_slice("w")
+        f.close()
+    with pytest.raises(mlutils.SafetensorsError, match="the file is closed") as e:
         CLOSED[what](f, s)
     _names(e, p)
+    f.close()  # closing again is no error
+    assert s.get_shape() == [8, 8] and s.get_dtype() == "F32"  # what the header said stays known
 
 
 @pytest.mark.parametrize("as_path", [False, True])
