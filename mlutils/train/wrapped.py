@@ -111,6 +111,14 @@ class ShardedSaver:
                                                             use_shared_memory=False, use_async_staging=True,
                                                             use_non_blocking_copy=device))
         msd, osd = model_optim_state(model, optimizer)
+        if device:
+            # DefaultStager copies on a stream of its own, which does not wait for the kernels still queued
+            # on the training's stream (the last optimizer step): make it wait for them, on the device
+            stream = getattr(self._stager, "_staging_stream", None)
+            if stream is not None:
+                stream.wait_stream(torch.accelerator.current_stream())
+            else:
+                torch.accelerator.synchronize()
         staged = self._stager.stage({"model": msd, "optimizer": osd})  # a Future when staged in the background
         if isinstance(staged, Future):
             self._staging = staged
