@@ -117,8 +117,10 @@ def worker(engine_name: str, phase: str, out: str, device_name: str, steps: int,
                     handle_signals=False, metrics_file=os.path.join(out, f"{engine_name}-{name}-metrics.jsonl"))
         if name == "reference":
             cfg = mt.TrainConfig(resume=None, **base)
-        else:  # the same command line both times, as a requeued job runs it: quit@K is not run again on resume
-            cfg = mt.TrainConfig(checkpoint_dir=ckpt, events=[f"quit@{stop_at}"], **base)
+        else:  # the same command line both times, as a requeued job runs it: quit@K is not run again on resume;
+            # the save command saves in the background (the quit's save then has nothing left to write), so
+            # the resume reads a checkpoint staged off the training thread
+            cfg = mt.TrainConfig(checkpoint_dir=ckpt, events=[f"save@{stop_at}", f"quit@{stop_at}"], **base)
         res = mt.train(_data(torch, rank), engine, config=cfg)
         full = weights()  # a collective: every rank takes part, the leader keeps them
         if rank == 0 and name != "stopped":
