@@ -37,7 +37,7 @@ python3 -m pytest -q -p no:cacheprovider -p no:randomly -o addopts="" -m "not sl
   tests/test_ptsave.py -k "cuda or CUDA or nccl or Nccl or Communicator or offload or checksum" || status=1
 
 echo "== train: FSDP2 and DeepSpeed on one GPU with NCCL"
-# each engine trained to step 3 with a checkpoint (quit@3), resumed in new processes to step 6 and compared
+# each engine trained to step 3 with a background checkpoint (save@3, quit@3), resumed in new processes to step 6 and compared
 # with an uninterrupted run (full weights); one torchrun rank, NCCL (scripts/gpu_train_check.py --device cpu
 # runs the same with gloo)
 python3 scripts/gpu_train_check.py --device cuda --nproc-per-node 1 || status=1
