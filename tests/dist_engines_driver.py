@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import mlutils.train as mt
 from mlutils.train import wrapped
+from _drivers import finish  # this folder: the drivers run as scripts
 
 
 def build(kind):
@@ -52,8 +53,6 @@ def main():
         full = wrapped.full_weights(model)  # a collective: every rank gathers
         if rank == 0:
             torch.save({"model": full}, out)
-        dist.barrier()  # every rank done with the group before any tears it down
-        dist.destroy_process_group()
         return
     if os.environ.get("KILL_AT") and rank == 1:  # killed (-9) inside DCP's writer thread of that step's save
         import signal
@@ -110,15 +109,8 @@ def main():
     line = "RESULT %d %s\n" % (rank, json.dumps({"status": res.status, "step": res.step,
                                                   "resumed_from": res.resumed_from, "metrics": metrics}))
     os.write(1, line.encode())  # one write: the ranks share stdout
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # every rank's work is done and the group destroyed; torch's gloo threads can still hold objects with
-    # Python references when the interpreter finalizes, which now and then aborts the process there
-    # (SIGABRT, "terminate called without an active exception"): leave without finalizing
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()  # barrier, destroy the group, leave without finalizing (tests/_drivers.py)
