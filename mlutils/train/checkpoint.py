@@ -206,12 +206,12 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
     the previous snapshot is no longer being written.  Tensors that are the
     same view of the same memory (tied weights) get one copy, shared as in
     the state: the file holds them once, as a synchronous save does."""
-    torch = _torch_module()
+    if isinstance(obj, _ATOMS):
+        return obj
+    torch = require_torch("mlutils.train")
 
     if memo is None:
         memo = {}
-    if isinstance(obj, _ATOMS):
-        return obj
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
         ident = _view_key(src)
@@ -250,13 +250,6 @@ def _host_copy(obj: Any, cache: Optional[Dict[Any, Any]] = None, key: Tuple[Any,
 
 #: Values a snapshot keeps as they are (immutable).
 _ATOMS = (int, float, str, bytes, bool, type(None))
-_TORCH: List[Any] = []
-
-
-def _torch_module() -> Any:
-    if not _TORCH:
-        _TORCH.append(require_torch("mlutils.train"))
-    return _TORCH[0]
 
 
 def _snapshot(state: Any, cache: Dict[Any, Any]) -> Any:
